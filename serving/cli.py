@@ -1,0 +1,42 @@
+"""The `ldm` command line: one subcommand per module.
+
+Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are
+imported lazily so `ldm generate` does not pay for torch, and a subcommand whose module is not
+present in this checkout is simply not offered.
+"""
+import argparse
+import importlib
+import importlib.util
+import sys
+
+SUBCOMMANDS = {
+    "export": ("export.cli", "export a diffusers checkpoint to ONNX and write the Triton model repository"),
+    "serve": ("serving.serve", "start tritonserver on the model repository"),
+    "generate": ("serving.generate", "ask a running server for an image"),
+    "train": ("training.cli", "train the default model from scratch"),
+    "eval": ("training.eval_cli", "measure prompt adherence of a checkpoint or a running server"),
+    "bench": ("serving.bench", "load-test the server against baselines"),
+}
+
+
+def _available():
+    return {name: spec for name, spec in SUBCOMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion serving on Triton")
+    sub = parser.add_subparsers(dest="command", required=True)
+    available = _available()
+    requested = (argv if argv is not None else sys.argv[1:])[:1]
+    for name, (module_name, help_text) in available.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the requested subcommand's module is imported (its arguments are needed to parse).
+        if name in requested:
+            importlib.import_module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(available[args.command][0])
+    return module.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
