@@ -1,0 +1,41 @@
+"""The shipped default model: loads offline with plain diffusers and generates the right size."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from training.package import MAX_BYTES, folder_bytes
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = StableDiffusionPipeline.from_pretrained(CHECKPOINT, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_checkpoint_is_small_safetensors_with_ddim():
+    assert folder_bytes(CHECKPOINT) <= MAX_BYTES
+    assert not list(CHECKPOINT.rglob("*.bin"))
+    assert len(list(CHECKPOINT.rglob("*.safetensors"))) == 3
+    config = DDIMScheduler.load_config(CHECKPOINT / "scheduler")
+    assert config["_class_name"] == "DDIMScheduler" and config["clip_sample"] is False
+
+
+def test_loads_as_fp32_standard_components(pipe):
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    for name in ("CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL"):
+        module = {"CLIPTextModel": pipe.text_encoder, "UNet2DConditionModel": pipe.unet, "AutoencoderKL": pipe.vae}[name]
+        assert type(module).__name__ == name and module.dtype == torch.float32
+
+
+def test_generates_a_64x64_image_in_a_few_steps(pipe):
+    image = pipe("a large red circle on the left of a black background", height=64, width=64,
+                 num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    assert np.isfinite(image).all() and image.std() > 0.01

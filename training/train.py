@@ -1,0 +1,158 @@
+"""Second stage: the text encoder and the UNet, trained jointly on L_LDM (eq. 3 of the paper).
+
+Latents come from the frozen first-stage VAE; the caption goes through our word-level
+tokenizer and a small CLIPTextModel whose last_hidden_state is the UNet's cross-attention
+context, exactly as diffusers' StableDiffusionPipeline feeds it at inference (padding to
+max_length, no attention mask). Captions are replaced by "" 10% of the time, so the same
+network also learns the unconditional score used by classifier-free guidance.
+"""
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from training.autoencoder import to_tensor
+from training.data import IMAGE_SIZE, eval_scenes, training_batch, vocabulary
+from training.tokenizer import build_word_tokenizer
+
+TEXT_MAX_LENGTH = 16  # the longest caption is 13 tokens with <bos> and <eos>
+TEXT_HIDDEN = 128
+CAPTION_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence per step
+
+
+def build_text_encoder(tokenizer) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    # 16x16 latents: plain ResNet blocks at 16x16 (self-attention over 256 tokens costs most
+    # and buys little here), cross-attention at 8x8 and 4x4 where one cell spans 8-16 pixels.
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    """SD's noise schedule; the DDIM config the pipeline folder ships for inference."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def make_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tokenize(tokenizer, captions) -> torch.Tensor:
+    # The same call StableDiffusionPipeline.encode_prompt makes.
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def grid_prompts():
+    """Fixed prompts for the periodic sample grids: 8 seen, 8 held-out (marked)."""
+    seen = [(s.caption, False) for s in eval_scenes(8, held_out=False, seed=7)]
+    held = [(s.caption, True) for s in eval_scenes(8, held_out=True, seed=7)]
+    return seen + held
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay: float):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_dir: Path,
+              save_every: int, sample_grid, ema_decay: float = 0.999):
+    """Train; every `save_every` steps (and at the end) write the EMA pipeline to
+    out_dir/pipeline and call sample_grid(pipeline, path). Returns the final EMA pipeline."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    tokenizer = build_word_tokenizer(vocabulary(), TEXT_MAX_LENGTH)
+    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
+    ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
+    vae.requires_grad_(False).eval()
+    noise_sched = build_scheduler()
+    alphas_cumprod = noise_sched.alphas_cumprod
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
+    log(f"ldm: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params; {steps} steps x {batch_size}")
+    running = None
+    for step in range(1, steps + 1):
+        images, captions = training_batch(rng, batch_size)
+        captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(to_tensor(images)).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
+        noisy = noise_sched.add_noise(latents, noise, t)
+        context = text_encoder(tokenize(tokenizer, captions)).last_hidden_state
+        pred = unet(noisy, t, context).sample
+        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        # EMA warm-up: a short effective window early on, so early saves are not mostly init.
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_text, text_encoder, decay)
+        ema_update(ema_unet, unet, decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            log(f"ldm step {step}/{steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e}")
+        if step % save_every == 0 or step == steps:
+            pipe = make_pipeline(vae, ema_text, tokenizer, ema_unet)
+            pipe.save_pretrained(out_dir / "pipeline")
+            sample_grid(pipe, out_dir / f"samples-{step:06d}.png")
+            log(f"saved {out_dir / 'pipeline'} and samples at step {step}")
+    return make_pipeline(vae, ema_text, tokenizer, ema_unet)
