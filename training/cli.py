@@ -1,15 +1,17 @@
-"""`ldm train`: the default model from scratch, seeded: VAE, then text encoder + UNet, then the
-shipped checkpoint folder (fp16 safetensors, checked against fp32).
+"""`ldm train`: the default model from scratch, seeded: VAE, then text encoder + UNet, then more
+decoder training (encoder frozen), then the shipped checkpoint folder (fp16 UNet, checked
+against fp32).
 
-Work files (logs, intermediate pipelines, sample grids) go to --work; `--stage ldm` reuses the
-VAE already in --work, `--stage package` only re-packages --work/pipeline into --out.
+Work files (logs, intermediate pipelines, sample grids) go to --work. One stage at a time is
+possible: each reads what the previous ones left in --work (the decoder stage only needs the VAE,
+so it can run beside the ldm stage).
 """
 import time
 from pathlib import Path
 
 import torch
 
-from training.autoencoder import train_vae
+from training.autoencoder import finetune_decoder, train_vae
 from training.package import package_checkpoint
 from training.samples import sample_grid
 from training.train import train_ldm
@@ -18,14 +20,15 @@ from training.train import train_ldm
 def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("checkpoints/ldm-shapes"), help="checkpoint folder to write")
     parser.add_argument("--work", type=Path, default=Path("out/train"), help="logs, sample grids, intermediate weights")
-    parser.add_argument("--stage", choices=("all", "vae", "ldm", "package"), default="all")
+    parser.add_argument("--stage", choices=("all", "vae", "ldm", "decoder", "package"), default="all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=2400)
+    parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=4000, help="text encoder + UNet steps")
+    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=5000, help="text encoder + UNet steps")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--save-every", type=int, default=250, help="steps between saved pipelines and sample grids")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 
@@ -36,7 +39,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    log_file = open(args.work / "train.log", "a")
+    log_file = open(args.work / f"train-{args.stage}.log", "a")
 
     def log(message: str) -> None:
         line = f"[{time.time() - start:7.0f}s] {message}"
@@ -50,8 +53,12 @@ def run(args) -> int:
     if args.stage in ("all", "ldm"):
         vae = AutoencoderKL.from_pretrained(args.work / "vae")
         train_ldm(vae, args.steps, args.batch, args.lr, args.seed, log, args.work, args.save_every, sample_grid)
-    if args.stage != "vae":
-        report = package_checkpoint(args.work / "pipeline", args.out)
+    if args.stage in ("all", "decoder"):
+        vae = AutoencoderKL.from_pretrained(args.work / "vae")
+        vae = finetune_decoder(vae, args.decoder_steps, args.vae_batch, args.vae_lr / 2, args.seed, log)
+        vae.save_pretrained(args.work / "vae-decoder")
+    if args.stage in ("all", "package"):
+        report = package_checkpoint(args.work / "pipeline", args.work / "vae-decoder", args.out)
         log(f"checkpoint written to {args.out}: {report}")
     log(f"done in {(time.time() - start) / 60:.1f} min")
     return 0
