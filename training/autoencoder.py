@@ -2,7 +2,11 @@
 
 64x64x3 images -> 16x16x4 latents (f=4, the paper's sweet spot). The loss is reconstruction
 (L1 + MSE: L1 keeps edges sharp, MSE is what PSNR measures) plus a small KL weight, as in the
-paper's KL-reg models. No patch discriminator: on flat-colour shapes the reconstruction loss
+paper's KL-reg models. Two changes make it learn in the minutes 2 CPU cores allow (measured: without
+them, after 800 steps it drew colourless blobs at 21 dB): object pixels weigh 10x in the
+reconstruction loss (objects are ~5% of the pixels, so a plain mean first learns backgrounds only),
+and the posterior log-variance starts at -6, so sampling noise does not drown the latent before the
+encoder has learnt to use it (the small KL weight lets it grow where it costs nothing). No patch discriminator: on flat-colour shapes the reconstruction loss
 alone already gives sharp edges, and 2 CPU cores cannot afford a second network.
 """
 import math
@@ -14,10 +18,12 @@ from diffusers import AutoencoderKL
 from training.data import IMAGE_SIZE, eval_scenes, render, training_batch
 
 KL_WEIGHT = 1e-6
+OBJECT_WEIGHT = 10.0
+INITIAL_LOGVAR = -6.0
 
 
 def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,  # two downsamplings: f=4
@@ -25,9 +31,22 @@ def build_vae() -> AutoencoderKL:
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        # One group: GroupNorm with many groups subtracts each group's spatial mean, which on a
+        # flat image is the background's value, so backgrounds (and colours in general) became
+        # indistinguishable after the decoder's last norm; one group keeps the channel pattern.
+        norm_num_groups=1,
         sample_size=IMAGE_SIZE,
     )
+    with torch.no_grad():  # quant_conv outputs (mean, logvar) per latent channel
+        vae.quant_conv.bias[vae.config.latent_channels :] = INITIAL_LOGVAR
+    return vae
+
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE, object pixels (anything unlike the corner, which is always background) weighted up."""
+    on_object = (x != x[:, :, :1, :1]).any(dim=1, keepdim=True)
+    weight = 1 + (OBJECT_WEIGHT - 1) * on_object.float()
+    return (weight * ((rec - x).abs() + (rec - x) ** 2)).mean()
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -67,7 +86,7 @@ def latent_scaling_factor(vae: AutoencoderKL, rng: np.random.Generator, count: i
     return float(1.0 / z.std())
 
 
-def train_vae(steps: int, batch_size: int, lr: float, seed: int, log, eval_every: int = 200):
+def train_vae(steps: int, batch_size: int, lr: float, seed: int, log, eval_every: int = 100):
     """Train from scratch; returns the VAE with its scaling_factor set. `log(str)` reports."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -83,7 +102,7 @@ def train_vae(steps: int, batch_size: int, lr: float, seed: int, log, eval_every
         x = to_tensor(images)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + KL_WEIGHT * posterior.kl().mean()
+        loss = reconstruction_loss(rec, x) + KL_WEIGHT * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -117,7 +136,7 @@ def finetune_decoder(vae: AutoencoderKL, steps: int, batch_size: int, lr: float,
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        loss = reconstruction_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

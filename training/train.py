@@ -60,7 +60,7 @@ def build_unet() -> UNet2DConditionModel:
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
-        norm_num_groups=16,
+        norm_num_groups=1,  # flat backgrounds: see build_vae on GroupNorm erasing them
     )
 
 
