@@ -16,6 +16,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--prompts", type=int, default=100, help="prompts per set (seen, held-out)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--grid", type=Path, help="also write a sample grid PNG (checkpoint, g=5, held-out marked)")
     parser.add_argument("--require-targets", action="store_true", help="exit 1 if a target is missed")
 
 
@@ -42,6 +43,11 @@ def run(args) -> int:
     print(f"\n| set | guidance | attribute accuracy | whole-prompt accuracy |\n|---|---|---|---|")
     for (name, g), r in results.items():
         print(f"| {name} | {g:g} | {r['attribute_accuracy']:.1%} | {r['prompt_accuracy']:.1%} |")
+    if args.grid and pipe is not None:
+        from training.samples import sample_grid
+
+        sample_grid(pipe, args.grid, steps=args.steps)
+        print(f"\nsample grid written to {args.grid}")
     psnr_db = vae_psnr(pipe.vae) if pipe is not None else None
     if psnr_db is None:
         print("\nVAE PSNR: needs --checkpoint (the service does not expose its VAE)")
