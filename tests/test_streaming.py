@@ -107,8 +107,11 @@ def test_burst_of_five_times_capacity_every_request_ends(small_server):
     assert set(outcomes) <= {"image", "UNAVAILABLE"}, counts
     assert counts.get("image", 0) >= capacity and counts.get("UNAVAILABLE", 0) >= 1
     # metrics are copied out every 0.5 s
+    def observed():
+        m = metrics(small_server)
+        return m["ldm_images_completed_total"], m["ldm_rejections_total"]
+
     expected = (counts["image"], counts["UNAVAILABLE"])
-    observed = lambda: (lambda m: (m["ldm_images_completed_total"], m["ldm_rejections_total"]))(metrics(small_server))
     assert wait_for(lambda: observed() == expected, timeout=5), (observed(), expected)
     assert urllib.request.urlopen(f"http://{small_server.http_url}/v2/health/ready").status == 200
 
