@@ -31,7 +31,7 @@ def _add_export_options(group, add_export_arguments):
 
 
 def run(args) -> int:
-    from export.cli import pipeline_parameters
+    from export.cli import parameters_from_args
     from export.repository import has_artifacts, write_repository
     from serving.defaults import default_checkpoint
     from serving.triton_server import TritonServer
@@ -43,7 +43,7 @@ def run(args) -> int:
             backend=args.backend,
             gpu=args.gpu,
             max_size=args.max_size,
-            pipeline_parameters=pipeline_parameters(args),
+            pipeline_parameters=parameters_from_args(args),
             unary_instances=args.unary_instances,
         )
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file)
