@@ -19,6 +19,7 @@ def add_arguments(parser):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
     parser.add_argument("--unet", choices=("inprocess", "bls"), default="inprocess")
+    parser.add_argument("--max-active", type=int, default=16, help="requests denoising at once (default: %(default)s)")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop levels (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=48, help="requests per load level (default: %(default)s)")
     parser.add_argument("--load-fractions", default="0.4,0.8", help="open-loop rates as fractions of max throughput")
@@ -34,13 +35,13 @@ def server_rss_mb(server) -> float:
     return sum(p.memory_info().rss for p in [root] + root.children(recursive=True)) / 2**20
 
 
-def prepare_repositories(checkpoint, out: Path, unet: str) -> dict:
+def prepare_repositories(checkpoint, out: Path, unet: str, max_active: int) -> dict:
     """One exported repository, and a copy whose pipeline serves one request at a time."""
     from export.cli import pipeline_parameters
     from export.repository import write_pipeline_config, write_repository
 
     batched = out / "repo-batched"
-    write_repository(checkpoint, batched, pipeline_parameters=pipeline_parameters(unet=unet, max_queue=256), log=lambda *a: None)
+    write_repository(checkpoint, batched, pipeline_parameters=pipeline_parameters(unet=unet, max_active=max_active, max_rows=2 * max_active, max_queue=256), log=lambda *a: None)
     sequential = out / "repo-sequential"
     if sequential.exists():
         shutil.rmtree(sequential)
@@ -72,10 +73,11 @@ def run(args) -> int:
     size = args.size or CheckpointInfo.read(checkpoint).native_size
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]
-    report = {"checkpoint": str(checkpoint), "steps": args.steps, "guidance": args.guidance, "size": size, "unet": args.unet}
-    print(f"bench: {checkpoint}, {size}x{size}, {args.steps} steps, guidance {args.guidance}, unet {args.unet}", flush=True)
+    report = {"checkpoint": str(checkpoint), "steps": args.steps, "guidance": args.guidance, "size": size, "unet": args.unet,
+              "max_active": args.max_active}
+    print(f"bench: {checkpoint}, {size}x{size}, {args.steps} steps, guidance {args.guidance}, unet {args.unet}, max_active {args.max_active}", flush=True)
 
-    repos = prepare_repositories(checkpoint, out, args.unet)
+    repos = prepare_repositories(checkpoint, out, args.unet, args.max_active)
     bare = BareOnnxLoop(repos["batched"])
     bare.latencies(prompts[:1], args.steps, args.guidance, size)  # warm-up
     report["c_bare_onnx_latency_s"] = float(np.median(bare.latencies(prompts, args.steps, args.guidance, size)))
