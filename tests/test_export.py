@@ -7,12 +7,12 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.checkpoint import CheckpointInfo
+from export.cli import pipeline_parameters
 from export.contracts import component_contracts
 from export.onnx_export import TOLERANCE, check_parity, export_component
 from export.repository import MAX_BATCH
 from export.torch_modules import load_module
 from export.triton_config import BACKENDS, component_config, to_pbtxt
-from export.cli import pipeline_parameters
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 

@@ -7,15 +7,14 @@ import time
 import urllib.request
 
 import numpy as np
-
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
 from serving.client import LdmClient, request_arrays
 from serving.triton_server import TritonServer
-from export.cli import pipeline_parameters
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
 
