@@ -5,6 +5,11 @@ from export.triton_config import BACKENDS
 def add_arguments(parser):
     parser.add_argument("checkpoint", help="a diffusers StableDiffusionPipeline folder")
     parser.add_argument("--repo", default="model_repository", help="model repository to write (default: %(default)s)")
+    add_repository_options(parser)
+
+
+def add_repository_options(parser):
+    """How the repository is written; `ldm serve` takes the same options for its export."""
     parser.add_argument("--backend", choices=BACKENDS, default="python",
                         help="python: python-backend models running ONNX Runtime (the PyPI Triton); "
                              "onnxruntime/tensorrt: native backends of the NGC Triton image")

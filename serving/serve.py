@@ -13,21 +13,9 @@ def add_arguments(parser):
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-file", help="write tritonserver's log here instead of the terminal")
-    from export.cli import add_arguments as add_export_arguments  # the same repository options
+    from export.cli import add_repository_options
 
-    export_options = parser.add_argument_group("repository options (used when exporting)")
-    _add_export_options(export_options, add_export_arguments)
-
-
-def _add_export_options(group, add_export_arguments):
-    import argparse
-
-    scratch = argparse.ArgumentParser(add_help=False)
-    add_export_arguments(scratch)
-    for action in scratch._actions:
-        if action.dest in ("checkpoint", "repo"):
-            continue
-        group._add_action(action)
+    add_repository_options(parser.add_argument_group("repository options (used when exporting)"))
 
 
 def run(args) -> int:
