@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny random checkpoint, its model repository, and a real tritonserver."""
+import os
+
+import pytest
+
+from export.cli import pipeline_parameters
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from training.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory, tiny_checkpoint):
+    from export.repository import write_repository
+
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repo, tmp_path_factory):
+    from serving.triton_server import TritonServer
+
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with TritonServer(tiny_repo, log_file=log) as running:
+        yield running
