@@ -116,35 +116,3 @@ def train_vae(steps: int, batch_size: int, lr: float, seed: int, log, eval_every
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, rng))
     return vae
 
-
-def finetune_decoder(vae: AutoencoderKL, steps: int, batch_size: int, lr: float, seed: int, log,
-                     eval_every: int = 200) -> AutoencoderKL:
-    """More decoder training with the encoder frozen (as SD's ft-MSE VAE): the latent space, and
-    so the diffusion model trained on it, stays valid while reconstructions get sharper."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 2)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    test = held_out_images()
-    vae.decoder.train()
-    for step in range(1, steps + 1):
-        images, _ = training_batch(rng, batch_size)
-        x = to_tensor(images)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
-        rec = vae.decode(z).sample
-        loss = reconstruction_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % eval_every == 0 or step == steps:
-            vae.eval()
-            log(f"decoder step {step}/{steps} loss {loss.item():.4f} held-out PSNR {psnr(test, reconstruct(vae, test)):.2f} dB")
-            vae.decoder.train()
-    vae.eval().requires_grad_(True)
-    return vae

@@ -1,17 +1,15 @@
-"""`ldm train`: the default model from scratch, seeded: VAE, then text encoder + UNet, then more
-decoder training (encoder frozen), then the shipped checkpoint folder (fp16 UNet, checked
-against fp32).
+"""`ldm train`: the default model from scratch, seeded: VAE, then text encoder + UNet, then the
+shipped checkpoint folder (fp16 UNet, checked against fp32).
 
 Work files (logs, intermediate pipelines, sample grids) go to --work. One stage at a time is
-possible: each reads what the previous ones left in --work (the decoder stage only needs the VAE,
-so it can run beside the ldm stage).
+possible: each reads what the previous ones left in --work.
 """
 import time
 from pathlib import Path
 
 import torch
 
-from training.autoencoder import finetune_decoder, train_vae
+from training.autoencoder import train_vae
 from training.package import package_checkpoint
 from training.samples import sample_grid
 from training.train import train_ldm
@@ -20,13 +18,13 @@ from training.train import train_ldm
 def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("checkpoints/ldm-shapes"), help="checkpoint folder to write")
     parser.add_argument("--work", type=Path, default=Path("out/train"), help="logs, sample grids, intermediate weights")
-    parser.add_argument("--stage", choices=("all", "vae", "ldm", "decoder", "package"), default="all")
+    parser.add_argument("--stage", choices=("all", "vae", "ldm", "package"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--decoder-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=5000, help="text encoder + UNet steps")
+    parser.add_argument("--stop-after", type=int, help="end the ldm stage at this step (LR schedule still over --steps)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--save-every", type=int, default=250, help="steps between saved pipelines and sample grids")
@@ -52,13 +50,9 @@ def run(args) -> int:
         log(f"vae saved, latent scaling factor {vae.config.scaling_factor:.4f}")
     if args.stage in ("all", "ldm"):
         vae = AutoencoderKL.from_pretrained(args.work / "vae")
-        train_ldm(vae, args.steps, args.batch, args.lr, args.seed, log, args.work, args.save_every, sample_grid)
-    if args.stage in ("all", "decoder"):
-        vae = AutoencoderKL.from_pretrained(args.work / "vae")
-        vae = finetune_decoder(vae, args.decoder_steps, args.vae_batch, args.vae_lr / 2, args.seed, log)
-        vae.save_pretrained(args.work / "vae-decoder")
+        train_ldm(vae, args.steps, args.batch, args.lr, args.seed, log, args.work, args.save_every, sample_grid, args.stop_after)
     if args.stage in ("all", "package"):
-        report = package_checkpoint(args.work / "pipeline", args.work / "vae-decoder", args.out)
+        report = package_checkpoint(args.work / "pipeline", args.out)
         log(f"checkpoint written to {args.out}: {report}")
     log(f"done in {(time.time() - start) / 60:.1f} min")
     return 0

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from training.generate import load_pipeline, pipeline_images
 from training.train import grid_prompts
@@ -21,11 +20,9 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def package_checkpoint(source: Path, vae_dir: Path, out: Path) -> str:
-    """The pipeline at `source` with the (decoder-fine-tuned) VAE from `vae_dir`, written to `out`."""
+def package_checkpoint(source: Path, out: Path) -> str:
     prompts = [p for p, _ in grid_prompts()]
     pipe = load_pipeline(source)
-    pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
     reference = pipeline_images(pipe, prompts, range(len(prompts)), guidance_scale=5.0)
     if out.exists():
         shutil.rmtree(out)

@@ -126,9 +126,12 @@ def encode_pool(vae, rng, size: int, log, chunk: int = 256):
 
 
 def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_dir: Path,
-              save_every: int, sample_grid, pool_size: int = 16384, ema_decay: float = 0.999):
+              save_every: int, sample_grid, stop_after=None, pool_size: int = 16384, ema_decay: float = 0.999):
     """Train; every `save_every` steps (and at the end) write the EMA pipeline to
-    out_dir/pipeline and call sample_grid(pipeline, path). Returns the final EMA pipeline."""
+    out_dir/pipeline and call sample_grid(pipeline, path). `stop_after` ends training early
+    without changing the LR schedule (which is laid out over `steps`): what a run cut short by
+    its time budget did. Returns the final EMA pipeline."""
+    last = min(steps, stop_after or steps)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     tokenizer = build_word_tokenizer(vocabulary(), TEXT_MAX_LENGTH)
@@ -147,7 +150,7 @@ def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_d
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params; {steps} steps x {batch_size}")
     pool_mean, pool_std, pool_captions = encode_pool(vae, rng, pool_size, log)
     running = None
-    for step in range(1, steps + 1):
+    for step in range(1, last + 1):
         index = torch.from_numpy(rng.integers(0, pool_size, batch_size))
         captions = ["" if rng.random() < CAPTION_DROPOUT else pool_captions[i] for i in index.tolist()]
         eps = torch.randn_like(pool_mean[index])
@@ -172,7 +175,7 @@ def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_d
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
             log(f"ldm step {step}/{steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e}")
-        if step % save_every == 0 or step == steps:
+        if step % save_every == 0 or step == last:
             pipe = make_pipeline(vae, ema_text, tokenizer, ema_unet)
             pipe.save_pretrained(out_dir / "pipeline")
             sample_grid(pipe, out_dir / f"samples-{step:06d}.png")
