@@ -126,16 +126,22 @@ def encode_pool(vae, rng, size: int, log, chunk: int = 256):
 
 
 def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_dir: Path,
-              save_every: int, sample_grid, stop_after=None, pool_size: int = 16384, ema_decay: float = 0.999):
+              save_every: int, sample_grid, stop_after=None, resume=None, pool_size: int = 16384,
+              ema_decay: float = 0.999):
     """Train; every `save_every` steps (and at the end) write the EMA pipeline to
     out_dir/pipeline and call sample_grid(pipeline, path). `stop_after` ends training early
-    without changing the LR schedule (which is laid out over `steps`): what a run cut short by
-    its time budget did. Returns the final EMA pipeline."""
+    without changing the LR schedule (which is laid out over `steps`). `resume=(folder, step)`
+    continues a run stopped at `step` from the EMA weights it saved in `folder` (the optimizer
+    state is not saved: AdamW restarts its moments). Returns the final EMA pipeline."""
     last = min(steps, stop_after or steps)
+    first = resume[1] + 1 if resume else 1
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     tokenizer = build_word_tokenizer(vocabulary(), TEXT_MAX_LENGTH)
     text_encoder, unet = build_text_encoder(tokenizer), build_unet()
+    if resume:
+        text_encoder = CLIPTextModel.from_pretrained(Path(resume[0]) / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(Path(resume[0]) / "unet")
     ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     vae.requires_grad_(False).eval()
     noise_sched = build_scheduler()
@@ -143,14 +149,16 @@ def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_d
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
+    def lr_factor(i):
+        s = i + first - 1  # the global step
+        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log(f"ldm: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params; {steps} steps x {batch_size}")
     pool_mean, pool_std, pool_captions = encode_pool(vae, rng, pool_size, log)
     running = None
-    for step in range(1, last + 1):
+    for step in range(first, last + 1):
         index = torch.from_numpy(rng.integers(0, pool_size, batch_size))
         captions = ["" if rng.random() < CAPTION_DROPOUT else pool_captions[i] for i in index.tolist()]
         eps = torch.randn_like(pool_mean[index])
