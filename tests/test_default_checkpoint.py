@@ -28,8 +28,9 @@ def test_checkpoint_is_small_safetensors_with_ddim():
 
 def test_loads_as_fp32_standard_components(pipe):
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    for name in ("CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL"):
-        module = {"CLIPTextModel": pipe.text_encoder, "UNet2DConditionModel": pipe.unet, "AutoencoderKL": pipe.vae}[name]
+    # the classes the exporter reads; fp32 although the UNet ships fp16 weights
+    for module, name in ((pipe.text_encoder, "CLIPTextModel"), (pipe.unet, "UNet2DConditionModel"),
+                         (pipe.vae, "AutoencoderKL")):
         assert type(module).__name__ == name and module.dtype == torch.float32
 
 
