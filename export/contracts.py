@@ -1,0 +1,130 @@
+"""The export contract of each component, declared once.
+
+A contract names the tensors a component takes and returns, which axes are dynamic, how to make
+a valid sample input, and the min/opt/max shapes an optimiser (TensorRT) should build for.
+ONNX export, parity checks, Triton configs and the TensorRT command are all generated from it.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.checkpoint import CheckpointInfo
+
+BATCH = "batch"
+HEIGHT, WIDTH = "height", "width"  # latent cells
+IMAGE_HEIGHT, IMAGE_WIDTH = "image_height", "image_width"  # pixels
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple  # ints, or symbolic names of dynamic axes
+
+
+@dataclass(frozen=True)
+class ComponentContract:
+    name: str
+    folder: str  # the checkpoint subfolder holding its weights
+    inputs: tuple
+    outputs: tuple
+    max_batch_size: int
+    # sizes of symbolic axes: name -> (min, opt, max)
+    axis_ranges: dict
+
+    def dynamic_axes(self) -> dict:
+        """torch.onnx.export's dynamic_axes: tensor name -> {axis index: symbolic name}."""
+        return {
+            spec.name: {i: d for i, d in enumerate(spec.dims) if isinstance(d, str)}
+            for spec in self.inputs + self.outputs
+        }
+
+    def shape(self, spec: TensorSpec, sizes: dict) -> tuple:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in spec.dims)
+
+    def profile(self) -> dict:
+        """Input name -> (min shape, opt shape, max shape)."""
+        return {
+            spec.name: tuple(
+                self.shape(spec, {axis: r[k] for axis, r in self.axis_ranges.items()}) for k in range(3)
+            )
+            for spec in self.inputs
+        }
+
+
+def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: dict) -> dict:
+    """The four exported components of a checkpoint, by Triton model name."""
+    lat_max = max_image_size // info.vae_factor
+    lat_opt = info.native_size // info.vae_factor
+    lat_min = 8 if lat_max >= 8 else lat_max
+    latent = (BATCH, info.latent_channels, HEIGHT, WIDTH)
+    latent_axes = {HEIGHT: (lat_min, lat_opt, lat_max), WIDTH: (lat_min, lat_opt, lat_max)}
+    image_axes = {
+        IMAGE_HEIGHT: tuple(v * info.vae_factor for v in latent_axes[HEIGHT]),
+        IMAGE_WIDTH: tuple(v * info.vae_factor for v in latent_axes[WIDTH]),
+    }
+
+    def batch_axis(name):
+        return {BATCH: (1, min(4, max_batch[name]), max_batch[name])}
+
+    return {
+        "text_encoder": ComponentContract(
+            name="text_encoder",
+            folder="text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", (BATCH, info.text_length)),),
+            outputs=(TensorSpec("last_hidden_state", "float32", (BATCH, info.text_length, info.text_hidden)),),
+            max_batch_size=max_batch["text_encoder"],
+            axis_ranges=batch_axis("text_encoder"),
+        ),
+        "unet": ComponentContract(
+            name="unet",
+            folder="unet",
+            inputs=(
+                TensorSpec("sample", "float32", latent),
+                # one timestep per row: requests at different steps share one call
+                TensorSpec("timestep", "int64", (BATCH,)),
+                TensorSpec("encoder_hidden_states", "float32", (BATCH, info.text_length, info.text_hidden)),
+            ),
+            outputs=(TensorSpec("noise_pred", "float32", latent),),
+            max_batch_size=max_batch["unet"],
+            axis_ranges={**batch_axis("unet"), **latent_axes},
+        ),
+        "vae_decoder": ComponentContract(
+            name="vae_decoder",
+            folder="vae",
+            inputs=(TensorSpec("latents", "float32", latent),),
+            # NHWC in [0, 1]: the pipeline only rounds to uint8
+            outputs=(TensorSpec("images", "float32", (BATCH, IMAGE_HEIGHT, IMAGE_WIDTH, 3)),),
+            max_batch_size=max_batch["vae_decoder"],
+            axis_ranges={**batch_axis("vae_decoder"), **latent_axes},
+        ),
+        "vae_encoder": ComponentContract(
+            name="vae_encoder",
+            folder="vae",
+            inputs=(TensorSpec("images", "float32", (BATCH, IMAGE_HEIGHT, IMAGE_WIDTH, 3)),),
+            # the posterior's mean and standard deviation, already in diffusion (scaled) units
+            outputs=(
+                TensorSpec("latents_mean", "float32", latent),
+                TensorSpec("latents_std", "float32", latent),
+            ),
+            max_batch_size=max_batch["vae_encoder"],
+            axis_ranges={**batch_axis("vae_encoder"), **image_axes},
+        ),
+    }
+
+
+def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict, seed: int) -> dict:
+    """Random inputs in each tensor's valid range, for tracing and parity checks."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in contract.inputs:
+        shape = contract.shape(spec, sizes)
+        if spec.name == "input_ids":
+            out[spec.name] = rng.integers(0, info.vocab_size, shape, dtype=np.int64)
+        elif spec.name == "timestep":
+            out[spec.name] = rng.integers(0, info.scheduler_config.get("num_train_timesteps", 1000), shape)
+        elif spec.name == "images":
+            out[spec.name] = rng.random(shape, dtype=np.float32)
+        else:
+            out[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+    return out

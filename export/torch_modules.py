@@ -1,0 +1,62 @@
+"""torch modules with exactly the inputs and outputs of each export contract."""
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from export.checkpoint import CheckpointInfo
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        # the final (layer-normed) hidden states, as StableDiffusionPipeline conditions on
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+class UNet(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    def __init__(self, vae, scaling_factor):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = scaling_factor
+
+    def forward(self, latents):
+        images = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+class VaeEncoder(torch.nn.Module):
+    def __init__(self, vae, scaling_factor):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = scaling_factor
+
+    def forward(self, images):
+        posterior = self.vae.encode(images.permute(0, 3, 1, 2) * 2 - 1, return_dict=False)[0]
+        return posterior.mean * self.scaling_factor, posterior.std * self.scaling_factor
+
+
+def load_module(name: str, info: CheckpointInfo) -> torch.nn.Module:
+    """The torch module of component `name`, in eval mode, float32."""
+    if name == "text_encoder":
+        module = TextEncoder(CLIPTextModel.from_pretrained(info.path / "text_encoder"))
+    elif name == "unet":
+        module = UNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
+    elif name in ("vae_decoder", "vae_encoder"):
+        vae = AutoencoderKL.from_pretrained(info.path / "vae")
+        wrapper = VaeDecoder if name == "vae_decoder" else VaeEncoder
+        module = wrapper(vae, info.vae_scaling_factor)
+    else:
+        raise KeyError(f"unknown component {name!r}")
+    return module.float().eval()

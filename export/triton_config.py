@@ -1,0 +1,89 @@
+"""Triton model configurations, generated from the export contracts and written as config.pbtxt
+with Triton's own protobuf schema (so a typo cannot produce a config Triton would refuse)."""
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.contracts import ComponentContract
+
+DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "uint8": mc.TYPE_UINT8, "bytes": mc.TYPE_STRING}
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+
+# The pipeline's public tensor contract: (name, dtype, dims, optional).
+PIPELINE_INPUTS = (
+    ("prompt", "bytes", [1], False),
+    ("negative_prompt", "bytes", [1], True),
+    ("seed", "int64", [1], True),
+    ("steps", "int32", [1], True),
+    ("guidance_scale", "float32", [1], True),
+    ("height", "int32", [1], True),
+    ("width", "int32", [1], True),
+    ("eta", "float32", [1], True),
+    ("progress_every", "int32", [1], True),
+    ("preview_every", "int32", [1], True),
+    ("timeout_s", "float32", [1], True),
+)
+PIPELINE_OUTPUTS = (
+    ("image", "uint8", [-1, -1, 3]),
+    ("seed", "int64", [1]),
+    ("step", "int32", [1]),
+    ("total_steps", "int32", [1]),
+    ("preview", "uint8", [-1, -1, 3]),
+)
+UNARY_OUTPUTS = PIPELINE_OUTPUTS[:2]
+
+
+def _dims(contract: ComponentContract, spec) -> list:
+    # Triton adds the batch axis itself when max_batch_size > 0
+    return [-1 if isinstance(d, str) else d for d in spec.dims[1:]]
+
+
+def component_config(contract: ComponentContract, backend: str, gpu: bool) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=contract.name, max_batch_size=contract.max_batch_size)
+    if backend == "python":
+        config.backend = "python"
+    elif backend == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+    elif backend == "tensorrt":
+        config.platform = "tensorrt_plan"
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for spec in contract.inputs:
+        config.input.add(name=spec.name, data_type=DTYPES[spec.dtype], dims=_dims(contract, spec))
+    for spec in contract.outputs:
+        config.output.add(name=spec.name, data_type=DTYPES[spec.dtype], dims=_dims(contract, spec))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.dynamic_batching.SetInParent()
+    return config
+
+
+def pipeline_config(parameters: dict) -> mc.ModelConfig:
+    """The decoupled pipeline model: streams progress and previews, then the image."""
+    config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=0)
+    config.model_transaction_policy.decoupled = True
+    for name, dtype, dims, optional in PIPELINE_INPUTS:
+        config.input.add(name=name, data_type=DTYPES[dtype], dims=dims, optional=optional)
+    for name, dtype, dims in PIPELINE_OUTPUTS:
+        config.output.add(name=name, data_type=DTYPES[dtype], dims=dims)
+    # one instance: its engine batches all requests; several would split the batch
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
+    return config
+
+
+def unary_config(instances: int) -> mc.ModelConfig:
+    """Request/response front of `pipeline` for HTTP and unary gRPC clients."""
+    config = mc.ModelConfig(name="pipeline_unary", backend="python", max_batch_size=0)
+    for name, dtype, dims, optional in PIPELINE_INPUTS:
+        if name in ("progress_every", "preview_every"):
+            continue
+        config.input.add(name=name, data_type=DTYPES[dtype], dims=dims, optional=optional)
+    for name, dtype, dims in UNARY_OUTPUTS:
+        config.output.add(name=name, data_type=DTYPES[dtype], dims=dims)
+    # each instance waits on one request at a time; the pipeline batches them all
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    return config
+
+
+def to_pbtxt(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)

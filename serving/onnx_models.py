@@ -1,0 +1,71 @@
+"""ONNX Runtime sessions for the exported components, usable in any process."""
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def providers() -> list:
+    """CUDA when this onnxruntime build and machine have it, else CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxComponent:
+    def __init__(self, onnx_path, threads: int = 0):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers())
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **inputs) -> dict:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+    def run_batched(self, requests: list) -> list:
+        """Runs several requests' inputs (each batch-first) as one batch per set of non-batch
+        shapes, and splits the outputs back per request."""
+        results = [None] * len(requests)
+        groups = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(r[n].shape[1:] for n in self.input_names), []).append(i)
+        for members in groups.values():
+            if len(members) == 1:
+                results[members[0]] = self(**requests[members[0]])
+                continue
+            merged = self(**{n: np.concatenate([requests[i][n] for i in members]) for n in self.input_names})
+            start = 0
+            for i in members:
+                size = len(requests[i][self.input_names[0]])
+                results[i] = {n: v[start : start + size] for n, v in merged.items()}
+                start += size
+        return results
+
+
+class LocalUnet:
+    """The UNet alone in this process: the pipeline's in-process runner."""
+
+    def __init__(self, onnx_path, threads: int = 0):
+        self.component = OnnxComponent(onnx_path, threads)
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)[
+            "noise_pred"
+        ]
+
+
+class LocalModels:
+    """The components of a model repository, run in this process (the engine's ModelCalls)."""
+
+    def __init__(self, repo_dir, threads: int = 0):
+        repo = Path(repo_dir)
+        self.text_encoder = OnnxComponent(repo / "text_encoder" / "1" / "model.onnx", threads)
+        self.unet = LocalUnet(repo / "unet" / "1" / "model.onnx", threads)
+        self.vae_decoder = OnnxComponent(repo / "vae_decoder" / "1" / "model.onnx", threads)
+
+    def encode_text(self, input_ids):
+        return self.text_encoder(input_ids=input_ids)["last_hidden_state"]
+
+    def decode(self, latents):
+        return self.vae_decoder(latents=latents)["images"]

@@ -1,0 +1,22 @@
+"""Cheap previews: a linear map from latent channels to RGB at latent resolution.
+
+Running the VAE decoder for every preview would cost as much as a denoising step; a per-
+checkpoint linear fit (made at export time, `export/preview_fit.py`) costs a few multiplies.
+"""
+import numpy as np
+
+
+class LatentPreview:
+    def __init__(self, weights, bias):
+        self.weights = np.asarray(weights, dtype=np.float32)  # [C, 3]
+        self.bias = np.asarray(bias, dtype=np.float32)  # [3]
+
+    @classmethod
+    def from_info(cls, info: dict):
+        fit = info.get("preview")
+        return cls(fit["weights"], fit["bias"]) if fit else None
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        """uint8 [h, w, 3] from latents [C, h, w]."""
+        rgb = np.einsum("chw,ck->hwk", latents.astype(np.float32), self.weights) + self.bias
+        return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)

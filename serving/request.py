@@ -1,0 +1,157 @@
+"""Per-request parameters: defaults, limits and validation. Imports nothing from Triton.
+
+Every rejection names the field and the allowed range, so a client can fix its request.
+"""
+from dataclasses import dataclass, field
+import math
+
+import numpy as np
+
+
+class InvalidInput(ValueError):
+    """A request field is missing, malformed or out of range."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Defaults and limits, from the pipeline's config.pbtxt parameters and the checkpoint."""
+
+    size_multiple: int  # pixels; the VAE factor times the UNet's downsampling
+    default_size: int
+    max_size: int
+    max_prompt_tokens: int
+    default_steps: int = 25
+    max_steps: int = 150
+    default_guidance_scale: float = 5.0
+    max_guidance_scale: float = 50.0
+    default_eta: float = 0.0
+    max_timeout_s: float = 3600.0
+
+    @classmethod
+    def from_parameters(cls, params: dict, pipeline_info: dict) -> "Limits":
+        def get(key, cast, default):
+            return cast(params[key]) if key in params and params[key] != "" else default
+
+        return cls(
+            size_multiple=int(pipeline_info["size_multiple"]),
+            default_size=get("default_size", int, int(pipeline_info["native_size"])),
+            max_size=get("max_size", int, int(pipeline_info["max_size"])),
+            max_prompt_tokens=int(pipeline_info["text_length"]),
+            default_steps=get("default_steps", int, cls.default_steps),
+            max_steps=get("max_steps", int, cls.max_steps),
+            default_guidance_scale=get("default_guidance_scale", float, cls.default_guidance_scale),
+            max_guidance_scale=get("max_guidance_scale", float, cls.max_guidance_scale),
+            default_eta=get("default_eta", float, cls.default_eta),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    eta: float
+    # streaming options: 0 means never
+    progress_every: int = 0
+    preview_every: int = 0
+    timeout_s: float = 0.0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def uses_guidance(self) -> bool:
+        # as diffusers: a scale of 1 or less means the conditional prediction alone
+        return self.guidance_scale > 1.0
+
+
+def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
+    """Build a request from named input arrays (missing optional inputs are absent or None)."""
+    prompt = _text(inputs, "prompt", required=True)
+    if not prompt.strip():
+        raise InvalidInput("prompt", "must not be empty")
+    negative = _text(inputs, "negative_prompt", required=False)
+    steps = _integer(inputs, "steps", limits.default_steps, 1, limits.max_steps)
+    guidance = _real(inputs, "guidance_scale", limits.default_guidance_scale, 0.0, limits.max_guidance_scale)
+    eta = _real(inputs, "eta", limits.default_eta, 0.0, 1.0)
+    seed = _integer(inputs, "seed", default_seed, 0, 2**63 - 1)
+    sizes = {}
+    for name in ("height", "width"):
+        value = _integer(inputs, name, limits.default_size, limits.size_multiple, limits.max_size)
+        if value % limits.size_multiple:
+            raise InvalidInput(
+                name, f"must be a multiple of {limits.size_multiple} in [{limits.size_multiple}, {limits.max_size}], got {value}"
+            )
+        sizes[name] = value
+    progress_every = _integer(inputs, "progress_every", 0, 0, limits.max_steps)
+    preview_every = _integer(inputs, "preview_every", 0, 0, limits.max_steps)
+    timeout_s = _real(inputs, "timeout_s", 0.0, 0.0, limits.max_timeout_s)
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        height=sizes["height"],
+        width=sizes["width"],
+        eta=eta,
+        progress_every=progress_every,
+        preview_every=preview_every,
+        timeout_s=timeout_s,
+    )
+
+
+def _scalar(inputs: dict, name: str):
+    value = inputs.get(name)
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.size != 1:
+        raise InvalidInput(name, f"must hold exactly one value, got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def _text(inputs, name, required):
+    value = _scalar(inputs, name)
+    if value is None:
+        if required:
+            raise InvalidInput(name, "is required")
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(name, "must be UTF-8 text") from None
+    if isinstance(value, str):
+        return value
+    raise InvalidInput(name, "must be a string (BYTES)")
+
+
+def _integer(inputs, name, default, low, high):
+    value = _scalar(inputs, name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, np.integer)):
+        raise InvalidInput(name, f"must be an integer in [{low}, {high}]")
+    value = int(value)
+    if not low <= value <= high:
+        raise InvalidInput(name, f"must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _real(inputs, name, default, low, high):
+    value = _scalar(inputs, name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInput(name, f"must be a number in [{low}, {high}]")
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidInput(name, f"must be a finite number in [{low}, {high}], got {value}")
+    return value

@@ -1,0 +1,79 @@
+"""The pipeline behind the Triton `pipeline` model, as plain Python: turns named input arrays
+into validated jobs for the engine. The Triton model only adapts tensors and response senders."""
+from dataclasses import dataclass
+import json
+from pathlib import Path
+import secrets
+
+from serving.engine import Engine
+from serving.job import INVALID_ARG, UNAVAILABLE, Job
+from serving.preview import LatentPreview
+from serving.request import InvalidInput, Limits, parse_request
+from serving.runner import Runner
+from serving.sampler import DDIMSchedule
+from serving.scheduler import QueueFull, SchedulerConfig, StepScheduler
+from serving.text import PromptTokenizer
+
+
+@dataclass(frozen=True)
+class PipelineAssets:
+    """What `ldm export` writes into pipeline/1/: facts about the checkpoint and its tokenizer."""
+
+    info: dict
+    tokenizer_dir: Path
+    scheduler_config: dict
+
+    @classmethod
+    def read(cls, version_dir) -> "PipelineAssets":
+        version_dir = Path(version_dir)
+        return cls(
+            info=json.loads((version_dir / "pipeline.json").read_text()),
+            tokenizer_dir=version_dir / "tokenizer",
+            scheduler_config=json.loads((version_dir / "scheduler_config.json").read_text()),
+        )
+
+
+def scheduler_config(params: dict) -> SchedulerConfig:
+    defaults = SchedulerConfig()
+    return SchedulerConfig(
+        max_rows=int(params.get("max_rows", defaults.max_rows)),
+        max_active=int(params.get("max_active", defaults.max_active)),
+        max_queue=int(params.get("max_queue", defaults.max_queue)),
+        step_batching=params.get("step_batching", "true").lower() == "true",
+    )
+
+
+class PipelineService:
+    def __init__(self, assets: PipelineAssets, params: dict, models):
+        self.limits = Limits.from_parameters(params, assets.info)
+        self.tokenizer = PromptTokenizer(assets.tokenizer_dir, self.limits.max_prompt_tokens)
+        runner = Runner(
+            models,
+            DDIMSchedule.from_config(assets.scheduler_config),
+            self.tokenizer,
+            latent_channels=int(assets.info["latent_channels"]),
+            vae_factor=int(assets.info["vae_factor"]),
+        )
+        preview = LatentPreview.from_info(assets.info)
+        self.engine = Engine(runner, StepScheduler(scheduler_config(params)), preview=preview)
+
+    def start(self) -> "PipelineService":
+        self.engine.start()
+        return self
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def submit(self, inputs: dict, sink) -> None:
+        """Validates and queues one request; a rejected request gets its error through `sink`."""
+        try:
+            request = parse_request(inputs, self.limits, default_seed=secrets.randbelow(2**31))
+            self.tokenizer.check("prompt", request.prompt)
+            self.tokenizer.check("negative_prompt", request.negative_prompt)
+        except InvalidInput as exc:
+            sink.fail(INVALID_ARG, str(exc))
+            return
+        try:
+            self.engine.submit(Job(request, sink))
+        except QueueFull as exc:
+            sink.fail(UNAVAILABLE, f"server overloaded, retry later: {exc}")

@@ -1,0 +1,26 @@
+"""Prompt tokenization with the checkpoint's own tokenizer (CLIP BPE or our word-level one)."""
+import numpy as np
+from transformers import AutoTokenizer
+
+from serving.request import InvalidInput
+
+
+class PromptTokenizer:
+    def __init__(self, tokenizer_dir, max_tokens: int):
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.max_tokens = max_tokens
+
+    def check(self, field: str, text: str) -> None:
+        """Rejects a prompt longer than the text encoder reads (diffusers would truncate it silently)."""
+        count = len(self.tokenizer(text).input_ids)
+        if count > self.max_tokens:
+            raise InvalidInput(
+                field, f"is {count} tokens long; at most {self.max_tokens} tokens (special tokens included)"
+            )
+
+    def encode(self, texts) -> np.ndarray:
+        """int64 [len(texts), max_tokens], padded as StableDiffusionPipeline pads."""
+        ids = self.tokenizer(
+            list(texts), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="np"
+        ).input_ids
+        return ids.astype(np.int64)
