@@ -150,6 +150,10 @@ def test_non_root_and_locked_down(objects, overlay):
     # Writable paths under the read-only root are explicit volumes.
     mounts = {m["mountPath"] for m in _container(objects[overlay])["volumeMounts"]}
     assert {"/tmp", "/dev/shm", "/model-repository"} <= mounts
+    # Exporter and server see the checkpoint at the same path (pipeline.json records it).
+    init = spec["initContainers"][0]
+    assert {m["mountPath"] for m in init["volumeMounts"]} >= {"/checkpoint", "/model-repository"}
+    assert "/checkpoint" in mounts
 
 
 def test_dockerfile_user_matches_security_context(objects):
@@ -175,7 +179,8 @@ def test_gpu_overlay_requests_gpus_and_tolerates_taint(objects):
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", c["name"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     # The TensorRT plans are built by the init container on the node's own GPU.
-    assert "--tensorrt" in spec["initContainers"][0]["args"]
+    args = spec["initContainers"][0]["args"]
+    assert args[args.index("--backend") + 1] == "tensorrt"
     assert "nvidia.com/gpu" not in json.dumps(objects["cpu"])
 
 
