@@ -18,10 +18,20 @@ TEMPLATE = Path(__file__).resolve().parent / "nginx" / "ldm-grpc-lb.conf.templat
 FAIL_TIMEOUT_S = 10
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports (all bound at once, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def render(prefix: Path, listen_port: int, backend_ports: list[int]) -> str:

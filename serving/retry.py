@@ -5,11 +5,12 @@ Why retrying is safe: a generation request is idempotent. Its image is a pure fu
 request's own seed, never from its batch-mates — and it changes no server state. Replaying it
 on another replica returns the same image; the only cost is the compute repeated.
 
-What is retried (InferenceServerException.status()):
-  * gRPC StatusCode.UNAVAILABLE — the replica or the connection to it went away (process
+What is retried (InferenceServerException.status(), compared without tritonclient's
+"StatusCode." prefix, so the pipeline's own coded errors and transport errors match alike):
+  * UNAVAILABLE — the replica or the connection to it went away (process
     killed, pod drained, connection reset), the proxy found no live upstream (nginx / an
     Ingress answers 502/503/504, which gRPC clients see as UNAVAILABLE), or Triton refused
-    the request (server not ready, queue full).
+    the request (server not ready, the pipeline's queue full: `--max-queue`).
   * HTTP 502, 503, 504 — the same conditions over Triton's HTTP protocol.
 What is not:
   * DEADLINE_EXCEEDED — the request may still be computing; a replay would double the load
@@ -34,7 +35,15 @@ from tritonclient.utils import InferenceServerException
 
 T = TypeVar("T")
 
-RETRYABLE_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "502", "503", "504"})
+RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "502", "503", "504"})
+
+
+def status_code(error: BaseException) -> str:
+    """"UNAVAILABLE" for both "StatusCode.UNAVAILABLE" (gRPC transport) and "UNAVAILABLE" (the
+    pipeline's coded errors); the exception's class name for other exceptions."""
+    if isinstance(error, InferenceServerException):
+        return str(error.status()).removeprefix("StatusCode.")
+    return type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class RetryPolicy:
             raise ValueError("max_attempts must be at least 1")
 
     def is_retryable(self, error: BaseException) -> bool:
-        return isinstance(error, InferenceServerException) and str(error.status()) in self.retryable_statuses
+        return isinstance(error, InferenceServerException) and status_code(error) in self.retryable_statuses
 
     def backoff_s(self, retry_number: int, rng: random.Random) -> float:
         """Sleep before retry number `retry_number` (1 = first retry)."""
@@ -93,7 +102,7 @@ def call_with_retry(fn: Callable[[], T], policy: RetryPolicy = RetryPolicy(),
         try:
             result = fn()
         except Exception as error:
-            status = str(error.status()) if isinstance(error, InferenceServerException) else type(error).__name__
+            status = status_code(error)
             with stats._lock:
                 stats.errors[status] = stats.errors.get(status, 0) + 1
             if attempt >= policy.max_attempts or not policy.is_retryable(error):

@@ -22,15 +22,17 @@ def _failing(statuses, result="image"):
 
 def test_unavailable_is_retried_until_success():
     stats, sleeps = RetryStats(), []
-    out = call_with_retry(_failing(["StatusCode.UNAVAILABLE", "502"]), RetryPolicy(), stats, sleeps.append)
+    # gRPC transport form, the pipeline's coded form, and a proxy's HTTP status.
+    out = call_with_retry(_failing(["StatusCode.UNAVAILABLE", "UNAVAILABLE", "502"]), RetryPolicy(), stats,
+                          sleeps.append)
     assert out == "image"
-    assert stats.as_dict() == {"calls": 1, "attempts": 3, "retried": 1, "recovered": 1, "gave_up": 0,
-                               "errors": {"StatusCode.UNAVAILABLE": 1, "502": 1}}
-    assert len(sleeps) == 2
+    assert stats.as_dict() == {"calls": 1, "attempts": 4, "retried": 1, "recovered": 1, "gave_up": 0,
+                               "errors": {"UNAVAILABLE": 2, "502": 1}}
+    assert len(sleeps) == 3
 
 
-@pytest.mark.parametrize("status", ["StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
-                                    "StatusCode.INVALID_ARGUMENT", None])
+@pytest.mark.parametrize("status", ["StatusCode.DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
+                                    "INVALID_ARG", "StatusCode.INTERNAL", None])
 def test_other_errors_are_not_retried(status):
     stats = RetryStats()
     with pytest.raises(InferenceServerException):

@@ -1,0 +1,124 @@
+"""The loopback load-balancing scenario: replicas behind nginx, load spread, one replica
+crashed mid-load. Returns a report (dict) that tests/test_deploy_loadbalance.py asserts on
+and `python -m deploy.lb_demo` prints.
+
+Counts per replica come from each replica's own Triton metric
+nv_inference_request_success{model="pipeline"}; nginx's access log says where each call went
+after the crash (a dead replica has no metrics to ask).
+"""
+import time
+from pathlib import Path
+
+from deploy.lb_load import LoadRun, summarize
+from deploy.nginx_lb import FAIL_TIMEOUT_S, NginxGrpcLB
+from deploy.replicas import Replica, start_replicas, stop_all
+from serving.retry import RetryPolicy
+
+SUCCESS = "nv_inference_request_success"
+PENDING = "nv_inference_pending_request_count"
+
+
+def _counts(replicas: list[Replica], expected_total: int | None = None, timeout_s: float = 10) -> dict:
+    """Per-replica success counters; waits (bounded) until they add up to expected_total."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = {r.name: r.metric(SUCCESS) or 0.0 for r in replicas}
+        if expected_total is None or sum(counts.values()) >= expected_total or time.monotonic() > deadline:
+            return {k: int(v) for k, v in counts.items()}
+        time.sleep(0.2)
+
+
+def _wait_for_victim_busy(run: LoadRun, victim: Replica, min_completed: int, timeout_s: float) -> bool:
+    """Wait until the load is under way and the victim has a request in flight (Triton's pending
+    gauge). Returns whether in-flight work was seen on the victim (else the deadline passed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if run.completed() >= min_completed and (victim.metric(PENDING) or 0) > 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, spread_requests: int = 12,
+                 failover_requests: int = 16, concurrency: int = 4, gen_kwargs: dict | None = None,
+                 policy: RetryPolicy = RetryPolicy(), ready_timeout_s: float = 120,
+                 phase_timeout_s: float = 120, log=print) -> dict:
+    gen_kwargs = gen_kwargs or {}
+    workdir = Path(workdir)
+    replicas: list[Replica] = []
+    lb = None
+    try:
+        t0 = time.monotonic()
+        replicas = start_replicas(n_replicas, Path(repo), workdir / "replicas", ready_timeout_s)
+        lb = NginxGrpcLB(workdir / "nginx", [r.grpc_port for r in replicas]).start()
+        log(f"{n_replicas} replicas ready behind nginx at {lb.url} in {time.monotonic() - t0:.1f}s: "
+            + ", ".join(f"{r.name}=grpc:{r.grpc_port}/metrics:{r.metrics_port}" for r in replicas))
+        make = lambda: make_client(lb.url)  # noqa: E731
+
+        # Phase 1: spread. Every call goes through nginx; each replica counts what it served.
+        before = _counts(replicas)
+        spread = LoadRun(make, spread_requests, concurrency, gen_kwargs, policy).start()
+        finished = spread.join(phase_timeout_s)
+        spread_summary = summarize(spread.records)
+        after = _counts(replicas, before_total(before) + spread_summary["completed"])
+        per_replica = {name: after[name] - before[name] for name in after}
+        log(f"spread: {spread_summary} per replica {per_replica}")
+
+        # Phase 2: crash one replica while calls are running on it.
+        victim, survivors = replicas[-1], replicas[:-1]
+        before = _counts(replicas)
+        failover = LoadRun(make, failover_requests, concurrency, gen_kwargs, policy).start()
+        victim_busy = _wait_for_victim_busy(failover, victim, min_completed=concurrency, timeout_s=phase_timeout_s / 2)
+        victim_before_kill = int(victim.metric(SUCCESS) or 0) - before[victim.name]
+        kill_wall = time.time()
+        victim.crash()
+        kill_done_wall = time.time()
+        log(f"crashed {victim.name} (SIGKILL to its process group) with in-flight work seen: {victim_busy}")
+        failover_finished = failover.join(phase_timeout_s)
+        failover_summary = summarize(failover.records)
+        survivor_after = _counts(survivors, sum(before[s.name] for s in survivors)
+                                 + failover_summary["completed"] - victim_before_kill)
+        failover_per_replica = {s.name: survivor_after[s.name] - before[s.name] for s in survivors}
+        failover_per_replica[victim.name + " (until killed)"] = victim_before_kill
+
+        # Where nginx sent calls after the crash (log lines are written when a call ends).
+        victim_addr = victim.grpc_addr
+        entries = [e for e in lb.log_entries() if e["uri"].endswith("/ModelInfer")
+                   or e["uri"].endswith("/ModelStreamInfer")]
+        after_kill = [e for e in entries if e["t"] >= kill_done_wall]
+        started_after_kill = [r for r in failover.records if r.started >= kill_done_wall]
+        report = {
+            "replicas": [r.name for r in replicas],
+            "spread": {"finished": finished, **spread_summary, "per_replica": per_replica,
+                       "share": _shares(per_replica)},
+            "failover": {
+                "finished": failover_finished, **failover_summary,
+                "victim": victim.name, "victim_busy_at_kill": victim_busy,
+                "per_replica": failover_per_replica, "share": _shares(failover_per_replica),
+                "failed_requests_first_attempt_before_kill": sum(
+                    1 for r in failover.records if r.attempts > 1 and r.started < kill_wall),
+                "started_after_kill": len(started_after_kill),
+                "started_after_kill_needing_retry": sum(r.attempts > 1 for r in started_after_kill),
+                "nginx_calls_ending_after_kill": len(after_kill),
+                "nginx_after_kill_tried_victim": sum(victim_addr in e["upstreams"] for e in after_kill),
+                "nginx_after_kill_served_by_victim": sum(
+                    e["upstreams"][-1:] == [victim_addr] and e["status"] == "200" and e["grpc"] in ("", "0")
+                    for e in after_kill),
+                "nginx_fail_timeout_s": FAIL_TIMEOUT_S,
+                "failover_seconds": time.time() - kill_wall,
+            },
+        }
+        return report
+    finally:
+        if lb is not None:
+            lb.stop()
+        stop_all(replicas)
+
+
+def before_total(counts: dict) -> int:
+    return sum(counts.values())
+
+
+def _shares(per_replica: dict) -> dict:
+    total = sum(per_replica.values()) or 1
+    return {k: round(v / total, 3) for k, v in per_replica.items()}
