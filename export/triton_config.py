@@ -48,7 +48,10 @@ def component_config(contract: ComponentContract, backend: str, gpu: bool) -> mc
     else:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for spec in contract.inputs:
-        config.input.add(name=spec.name, data_type=DTYPES[spec.dtype], dims=_dims(contract, spec))
+        tensor = config.input.add(name=spec.name, data_type=DTYPES[spec.dtype], dims=_dims(contract, spec) or [1])
+        if len(spec.dims) == 1:
+            # one value per row: Triton needs dims, so callers send [B, 1] and the model sees [B]
+            tensor.reshape.SetInParent()
     for spec in contract.outputs:
         config.output.add(name=spec.name, data_type=DTYPES[spec.dtype], dims=_dims(contract, spec))
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU, count=1)

@@ -18,9 +18,12 @@ class OnnxComponent:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, **inputs) -> dict:
+        # a per-row value may arrive as [B, 1] (Triton's config dims); the graph takes [B]
+        inputs = {n: v.reshape(len(v)) if self.input_ranks[n] == 1 else v for n, v in inputs.items()}
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
     def run_batched(self, requests: list) -> list:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from serving.job import coded_message
 from serving.onnx_models import LocalUnet
 from serving.service import PipelineAssets, PipelineService
 
@@ -29,7 +30,7 @@ class BlsModels:
     def unet(self, sample, timestep, encoder_hidden_states):
         if self.unet_local is not None:
             return self.unet_local(sample, timestep, encoder_hidden_states)
-        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states}
         return _call("unet", inputs, "noise_pred")
 
     def decode(self, latents):
@@ -69,7 +70,7 @@ class TritonSink:
         self.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL)
 
     def fail(self, code, message):
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
+        error = pb_utils.TritonError(coded_message(code, message), getattr(pb_utils.TritonError, code))
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def cancelled(self):

@@ -5,6 +5,8 @@ through BLS, so these requests join the same step-level batch as streamed ones.
 Copied by `ldm export` into pipeline_unary/1/model.py."""
 import triton_python_backend_utils as pb_utils
 
+from serving.job import parse_coded_message
+
 OUTPUTS = ("image", "seed")
 
 
@@ -18,8 +20,10 @@ class TritonPythonModel:
         )
         for response in bls.exec(decoupled=True):
             if response.has_error():
-                error = response.error()
-                return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message(), error.code()))
+                # BLS drops the status code of a decoupled model's error; the message carries it
+                code, _ = parse_coded_message(response.error().message())
+                status = getattr(pb_utils.TritonError, code or "INTERNAL", pb_utils.TritonError.INTERNAL)
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(response.error().message(), status))
             tensors = [pb_utils.get_output_tensor_by_name(response, n) for n in OUTPUTS]
             if all(t is not None for t in tensors):
                 return pb_utils.InferenceResponse(tensors)

@@ -1,0 +1,49 @@
+"""`ldm export CHECKPOINT_DIR [--repo model_repository]`."""
+from export.triton_config import BACKENDS
+
+
+def add_arguments(parser):
+    parser.add_argument("checkpoint", help="a diffusers StableDiffusionPipeline folder")
+    parser.add_argument("--repo", default="model_repository", help="model repository to write (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="python",
+                        help="python: python-backend models running ONNX Runtime (the PyPI Triton); "
+                             "onnxruntime/tensorrt: native backends of the NGC Triton image")
+    parser.add_argument("--gpu", action="store_true", help="place component instances on the GPU")
+    parser.add_argument("--max-size", type=int, help="largest image side served (default: twice the native size)")
+    parser.add_argument("--unet", choices=("inprocess", "bls"), default="inprocess",
+                        help="how the pipeline reaches the UNet each step (default: %(default)s; see README)")
+    parser.add_argument("--no-step-batching", action="store_true", help="serve one request at a time (a baseline)")
+    parser.add_argument("--max-rows", type=int, default=32, help="UNet rows per call (default: %(default)s)")
+    parser.add_argument("--max-active", type=int, default=16, help="requests denoising at once (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get UNAVAILABLE (default: %(default)s)")
+    parser.add_argument("--unary-instances", type=int, default=4, help="concurrent unary/HTTP requests (default: %(default)s)")
+
+
+def pipeline_parameters(args) -> dict:
+    return {
+        "unet": args.unet,
+        "step_batching": "false" if args.no_step_batching else "true",
+        "max_rows": args.max_rows,
+        "max_active": args.max_active,
+        "max_queue": args.max_queue,
+        "default_steps": 25,
+        "max_steps": 150,
+        "default_guidance_scale": 5.0,
+        "max_guidance_scale": 50.0,
+        "default_eta": 0.0,
+    }
+
+
+def run(args) -> int:
+    from export.repository import write_repository
+
+    write_repository(
+        args.checkpoint,
+        args.repo,
+        backend=args.backend,
+        gpu=args.gpu,
+        max_size=args.max_size,
+        pipeline_parameters=pipeline_parameters(args),
+        unary_instances=args.unary_instances,
+    )
+    return 0

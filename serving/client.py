@@ -1,0 +1,132 @@
+"""Python client of the service (tritonclient underneath).
+
+gRPC (default) streams from the decoupled `pipeline` model, which also gives progress and
+previews; HTTP, or gRPC with unary=True, calls the request/response `pipeline_unary` model.
+Errors raise tritonclient's InferenceServerException whose status() is the error code
+(INVALID_ARG, UNAVAILABLE, CANCELLED, ...).
+"""
+from dataclasses import dataclass, field
+import queue
+
+import numpy as np
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from serving.job import parse_coded_message
+
+STREAM_MODEL, UNARY_MODEL = "pipeline", "pipeline_unary"
+
+
+@dataclass
+class Generation:
+    image: np.ndarray  # uint8 [H, W, 3]
+    seed: int
+    progress: list = field(default_factory=list)  # (step, total_steps) per progress response
+    previews: list = field(default_factory=list)  # uint8 images
+
+
+def request_arrays(prompt, negative_prompt=None, seed=None, steps=None, guidance_scale=None, height=None,
+                   width=None, eta=None, timeout_s=None, progress_every=None, preview_every=None) -> dict:
+    """The pipeline's input tensors for the given fields; omitted fields take server defaults."""
+    fields = {
+        "prompt": (prompt, np.object_),
+        "negative_prompt": (negative_prompt, np.object_),
+        "seed": (seed, np.int64),
+        "steps": (steps, np.int32),
+        "guidance_scale": (guidance_scale, np.float32),
+        "height": (height, np.int32),
+        "width": (width, np.int32),
+        "eta": (eta, np.float32),
+        "timeout_s": (timeout_s, np.float32),
+        "progress_every": (progress_every, np.int32),
+        "preview_every": (preview_every, np.int32),
+    }
+    arrays = {}
+    for name, (value, dtype) in fields.items():
+        if value is None:
+            continue
+        if dtype is np.object_:
+            value = value.encode("utf-8") if isinstance(value, str) else value
+        arrays[name] = np.array([value], dtype=dtype)
+    return arrays
+
+
+class LdmClient:
+    def __init__(self, url: str, protocol: str = "grpc", unary: bool = False, timeout_s: float = 600.0):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
+        self.protocol = protocol
+        self.unary = unary or protocol == "http"
+        self.timeout_s = timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        self.module = module
+        self.client = module.InferenceServerClient(url, network_timeout=timeout_s) if protocol == "http" else module.InferenceServerClient(url)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def generate(self, prompt, **fields) -> np.ndarray:
+        """uint8 [H, W, 3] image for `prompt`; see request_arrays for the fields."""
+        return self.run(prompt, **fields).image
+
+    def run(self, prompt, on_progress=None, **fields) -> Generation:
+        arrays = request_arrays(prompt, **fields)
+        if self.unary:
+            arrays.pop("progress_every", None)
+            arrays.pop("preview_every", None)
+            try:
+                result = self.client.infer(UNARY_MODEL, self._inputs(arrays), outputs=self._outputs(("image", "seed")))
+            except InferenceServerException as exc:
+                code, message = parse_coded_message(str(exc.message()))
+                raise InferenceServerException(message, status=code or exc.status()) from None
+            return Generation(result.as_numpy("image"), int(result.as_numpy("seed")[0]))
+        return self._stream(arrays, on_progress)
+
+    def _inputs(self, arrays):
+        inputs = []
+        for name, value in arrays.items():
+            tensor = self.module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        return inputs
+
+    def _outputs(self, names):
+        return [self.module.InferRequestedOutput(n) for n in names]
+
+    def _stream(self, arrays, on_progress) -> Generation:
+        responses = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        generation = Generation(None, 0)
+        try:
+            self.client.async_stream_infer(STREAM_MODEL, self._inputs(arrays))
+            while True:
+                try:
+                    result, error = responses.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise InferenceServerException(f"no response within {self.timeout_s} s", status="DEADLINE_EXCEEDED") from None
+                if error is not None:
+                    code, message = parse_coded_message(str(error.message()))
+                    raise InferenceServerException(message, status=code or error.status())
+                image = result.as_numpy("image")
+                if image is not None:
+                    generation.image, generation.seed = image, int(result.as_numpy("seed")[0])
+                    return generation
+                step, total = result.as_numpy("step"), result.as_numpy("total_steps")
+                if step is not None:
+                    generation.progress.append((int(step[0]), int(total[0])))
+                preview = result.as_numpy("preview")
+                if preview is not None:
+                    generation.previews.append(preview)
+                if on_progress is not None:
+                    on_progress(generation)
+        finally:
+            # cancels the request server-side if we leave early (error, Ctrl-C)
+            self.client.stop_stream(cancel_requests=generation.image is None)

@@ -1,0 +1,47 @@
+"""`ldm generate "PROMPT" -o out.png`: one image from a running server."""
+import sys
+import time
+
+
+def add_arguments(parser):
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--output", default="out.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--negative", help="negative prompt")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--url", help="server address (default: localhost:8001 for gRPC, localhost:8000 for HTTP)")
+
+
+def run(args) -> int:
+    from PIL import Image
+    from tritonclient.utils import InferenceServerException
+
+    from serving.client import LdmClient
+
+    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+
+    def show(generation):
+        step, total = generation.progress[-1]
+        print(f"\r  step {step}/{total}", end="", file=sys.stderr, flush=True)
+
+    fields = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+                  height=args.height, width=args.width, eta=args.eta)
+    if args.protocol == "grpc":
+        fields["progress_every"] = 1
+    start = time.perf_counter()
+    try:
+        with LdmClient(url, args.protocol) as client:
+            result = client.run(args.prompt, on_progress=show if args.protocol == "grpc" else None, **fields)
+    except InferenceServerException as exc:
+        print(f"\nerror ({exc.status()}): {exc.message()}", file=sys.stderr)
+        return 2
+    latency = time.perf_counter() - start
+    Image.fromarray(result.image).save(args.output)
+    h, w, _ = result.image.shape
+    print(f"\nwrote {args.output} ({w}x{h}, seed {result.seed}) in {latency * 1000:.0f} ms via {args.protocol} {url}")
+    return 0

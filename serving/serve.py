@@ -1,0 +1,65 @@
+"""`ldm serve`: export the model repository if needed, run tritonserver until Ctrl-C/SIGTERM."""
+import signal
+import threading
+
+from serving.defaults import DEFAULT_REPO
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", help="diffusers checkpoint to serve (default: the shipped model); exported if changed")
+    parser.add_argument("--repo", default=str(DEFAULT_REPO), help="model repository (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log-file", help="write tritonserver's log here instead of the terminal")
+    from export.cli import add_arguments as add_export_arguments  # the same repository options
+
+    export_options = parser.add_argument_group("repository options (used when exporting)")
+    _add_export_options(export_options, add_export_arguments)
+
+
+def _add_export_options(group, add_export_arguments):
+    import argparse
+
+    scratch = argparse.ArgumentParser(add_help=False)
+    add_export_arguments(scratch)
+    for action in scratch._actions:
+        if action.dest in ("checkpoint", "repo"):
+            continue
+        group._add_action(action)
+
+
+def run(args) -> int:
+    from export.cli import pipeline_parameters
+    from export.repository import has_artifacts, write_repository
+    from serving.defaults import default_checkpoint
+    from serving.triton_server import TritonServer
+
+    if args.checkpoint or not has_artifacts(args.repo):
+        write_repository(
+            args.checkpoint or default_checkpoint(),
+            args.repo,
+            backend=args.backend,
+            gpu=args.gpu,
+            max_size=args.max_size,
+            pipeline_parameters=pipeline_parameters(args),
+            unary_instances=args.unary_instances,
+        )
+    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting tritonserver on {args.repo} ...", flush=True)
+    server.start()
+    print(f"ready  gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}", flush=True)
+    print('try:   ldm generate "a red circle" -o out.png', flush=True)
+    try:
+        while not stop.wait(1.0):
+            if server.process.poll() is not None:
+                print(f"tritonserver exited with code {server.process.returncode}", flush=True)
+                return 1
+    finally:
+        print("stopping tritonserver ...", flush=True)
+        server.stop()
+    return 0

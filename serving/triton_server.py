@@ -1,0 +1,161 @@
+"""Starting and stopping a real tritonserver process.
+
+Uses `tritonserver` from PATH when there is one (the NGC image), else the binary inside the
+`nvidia-pytriton` wheel, whose python backend needs the stub for this interpreter's version and
+this interpreter's libpython first on the library path (DESIGN.md section 5).
+"""
+import os
+from pathlib import Path
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pytriton_dir() -> Path:
+    import pytriton  # the nvidia-pytriton wheel
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def _python_backend_dir() -> Path:
+    """A backends/ folder whose python backend has the stub for this Python version."""
+    source = _pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    backends = Path(os.environ.get("LDM_CACHE", Path.home() / ".cache" / "ldm-serving")) / f"backends-py{version}"
+    python = backends / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for item in (source / "backends" / "python").iterdir():
+        if item.is_file() and not (python / item.name).exists():
+            shutil.copy2(item, python / item.name)
+    if not (python / stub.name).exists():
+        shutil.copy2(stub, python / stub.name)
+    return backends
+
+
+def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0):
+    env = dict(os.environ)
+    # the python-backend stub imports the project's code (serving/) from the model files
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    # the stub runs the interpreter found on PATH: this one, with its site-packages
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    binary = shutil.which("tritonserver")
+    extra = []
+    if binary is None:
+        root = _pytriton_dir()
+        binary = str(root / "bin" / "tritonserver")
+        libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "bin")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, libs + [env.get("LD_LIBRARY_PATH")]))
+        extra.append(f"--backend-directory={_python_backend_dir()}")
+    command = [
+        binary,
+        f"--model-repository={Path(repo).resolve()}",
+        f"--http-address={host}",
+        f"--http-port={http_port}",
+        f"--grpc-address={host}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-address={host}",
+        f"--metrics-port={metrics_port}",
+        "--allow-metrics=true",
+        "--exit-timeout-secs=15",
+        f"--log-verbose={log_verbose}",
+        *extra,
+    ]
+    return command, env
+
+
+class TritonServer:
+    """A tritonserver child process on the given (or free) ports."""
+
+    def __init__(self, repo, http_port=None, grpc_port=None, metrics_port=None, host="127.0.0.1", log_file=None):
+        self.repo = Path(repo)
+        self.host = host
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_file = log_file
+        self.process = None
+
+    @property
+    def http_url(self):
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self):
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self):
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        command, env = server_command_and_env(self.repo, self.http_port, self.grpc_port, self.metrics_port, self.host)
+        output = open(self.log_file, "ab") if self.log_file else None
+        # own process group: a Ctrl-C in the terminal reaches us, and we stop the server ourselves
+        self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        if output:
+            output.close()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.host}:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready" + self._log_tail())
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s" + self._log_tail())
+
+    def _log_tail(self) -> str:
+        if not self.log_file or not Path(self.log_file).exists():
+            return ""
+        return "\n--- server log (tail) ---\n" + "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-30:])
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL of its whole process group."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # the python-backend stubs are in the server's process group: no orphans either way
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
