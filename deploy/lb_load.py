@@ -21,6 +21,7 @@ class RequestRecord:
     attempts: int = 0
     errors: dict = field(default_factory=dict)   # status -> failed attempts
     final_error: str | None = None
+    messages: list = field(default_factory=list)  # error text of each failed attempt
 
 
 class LoadRun:
@@ -66,9 +67,15 @@ class LoadRun:
                 with self._lock:
                     self.records.append(record)
                 stats = RetryStats()
+
+                def attempt(index=index, record=record):
+                    try:
+                        return client.generate(self.prompt, seed=index, **self.gen_kwargs)
+                    except Exception as error:
+                        record.messages.append(f"{time.time():.3f} {error}")
+                        raise
                 try:
-                    call_with_retry(lambda: client.generate(self.prompt, seed=index, **self.gen_kwargs),
-                                    self.policy, stats)
+                    call_with_retry(attempt, self.policy, stats)
                     record.ok = True
                 except Exception as error:  # recorded, judged by the caller
                     record.final_error = f"{type(error).__name__}: {error}"

@@ -15,7 +15,6 @@ from deploy.replicas import Replica, start_replicas, stop_all
 from serving.retry import RetryPolicy
 
 SUCCESS = "nv_inference_request_success"
-PENDING = "nv_inference_pending_request_count"
 
 
 def _counts(replicas: list[Replica], expected_total: int | None = None, timeout_s: float = 10) -> dict:
@@ -28,15 +27,27 @@ def _counts(replicas: list[Replica], expected_total: int | None = None, timeout_
         time.sleep(0.2)
 
 
-def _wait_for_victim_busy(run: LoadRun, victim: Replica, min_completed: int, timeout_s: float) -> bool:
-    """Wait until the load is under way and the victim has a request in flight (Triton's pending
-    gauge). Returns whether in-flight work was seen on the victim (else the deadline passed)."""
+def _in_flight(replica: Replica, received_before: int, lb: NginxGrpcLB, since: float) -> int:
+    """Calls running on `replica` now: what it accepted (its Triton counter; the decoupled
+    pipeline counts a request when it is enqueued) minus the calls nginx has logged as ended
+    there (a log line is written when a call ends)."""
+    received = int(replica.metric(SUCCESS) or 0) - received_before
+    ended = sum(1 for e in lb.log_entries() if e["t"] >= since and e["upstreams"][-1:] == [replica.grpc_addr])
+    return received - ended
+
+
+def _wait_for_victim_busy(run: LoadRun, victim: Replica, received_before: int, lb: NginxGrpcLB,
+                          since: float, min_completed: int, timeout_s: float) -> int:
+    """Wait until the load is under way and calls are running on the victim; returns how many
+    (0 if the deadline passed first)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if run.completed() >= min_completed and (victim.metric(PENDING) or 0) > 0:
-            return True
-        time.sleep(0.05)
-    return False
+        if run.completed() >= min_completed:
+            n = _in_flight(victim, received_before, lb, since)
+            if n > 0:
+                return n
+        time.sleep(0.02)
+    return 0
 
 
 def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, spread_requests: int = 12,
@@ -67,13 +78,14 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         # Phase 2: crash one replica while calls are running on it.
         victim, survivors = replicas[-1], replicas[:-1]
         before = _counts(replicas)
+        phase_start = time.time()
         failover = LoadRun(make, failover_requests, concurrency, gen_kwargs, policy).start()
-        victim_busy = _wait_for_victim_busy(failover, victim, min_completed=concurrency, timeout_s=phase_timeout_s / 2)
+        victim_busy = _wait_for_victim_busy(failover, victim, before[victim.name], lb, phase_start,
+                                            min_completed=concurrency, timeout_s=phase_timeout_s / 2)
         victim_before_kill = int(victim.metric(SUCCESS) or 0) - before[victim.name]
         kill_wall = time.time()
-        victim.crash()
-        kill_done_wall = time.time()
-        log(f"crashed {victim.name} (SIGKILL to its process group) with in-flight work seen: {victim_busy}")
+        kill_done_wall = victim.crash()
+        log(f"crashed {victim.name} (SIGKILL to all its processes) with {victim_busy} call(s) running on it")
         failover_finished = failover.join(phase_timeout_s)
         failover_summary = summarize(failover.records)
         survivor_after = _counts(survivors, sum(before[s.name] for s in survivors)
@@ -86,26 +98,35 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         entries = [e for e in lb.log_entries() if e["uri"].endswith("/ModelInfer")
                    or e["uri"].endswith("/ModelStreamInfer")]
         after_kill = [e for e in entries if e["t"] >= kill_done_wall]
+        # Calls that were running on the victim when it died: nginx logs them as 502 (the victim
+        # died before answering) or as 200 without a grpc-status (the image had been streamed,
+        # only the call's trailer was lost: the client already has its result).
+        on_victim_at_kill = [e for e in entries if e["t"] >= kill_wall and e["upstreams"][:1] == [victim_addr]
+                             and (e["status"] != "200" or e["grpc"] in ("", "-"))]
         started_after_kill = [r for r in failover.records if r.started >= kill_done_wall]
         report = {
             "replicas": [r.name for r in replicas],
-            "spread": {"finished": finished, **spread_summary, "per_replica": per_replica,
+            "spread": {"finished": finished, **spread_summary,
+                       "failed_attempt_messages": [m for r in spread.records for m in r.messages], "per_replica": per_replica,
                        "share": _shares(per_replica)},
             "failover": {
                 "finished": failover_finished, **failover_summary,
-                "victim": victim.name, "victim_busy_at_kill": victim_busy,
+                "victim": victim.name, "in_flight_on_victim_at_kill": victim_busy,
                 "per_replica": failover_per_replica, "share": _shares(failover_per_replica),
                 "failed_requests_first_attempt_before_kill": sum(
                     1 for r in failover.records if r.attempts > 1 and r.started < kill_wall),
                 "started_after_kill": len(started_after_kill),
                 "started_after_kill_needing_retry": sum(r.attempts > 1 for r in started_after_kill),
+                "victim_calls_failed_by_kill": sum(e["status"] == "502" for e in on_victim_at_kill),
+                "victim_calls_cut_after_image": sum(e["status"] == "200" for e in on_victim_at_kill),
                 "nginx_calls_ending_after_kill": len(after_kill),
                 "nginx_after_kill_tried_victim": sum(victim_addr in e["upstreams"] for e in after_kill),
                 "nginx_after_kill_served_by_victim": sum(
                     e["upstreams"][-1:] == [victim_addr] and e["status"] == "200" and e["grpc"] in ("", "0")
                     for e in after_kill),
                 "nginx_fail_timeout_s": FAIL_TIMEOUT_S,
-                "failover_seconds": time.time() - kill_wall,
+                "failover_seconds": round(time.time() - kill_wall, 2),
+                "failed_attempt_messages": [m for r in failover.records for m in r.messages],
             },
         }
         return report

@@ -7,6 +7,7 @@ stopping it signals exactly those PIDs.
 """
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,18 +85,25 @@ class Replica:
             pass
         return list(members.values())
 
-    def crash(self) -> None:
-        """SIGKILL the whole replica at once (server, stubs, launcher), as an OOM kill or a lost
-        node would; returns when every process of it is gone."""
+    def crash(self, timeout_s: float = 10) -> float:
+        """SIGKILL every process of the replica at once (server, stubs, launcher), as an OOM kill
+        or a lost node would. Returns time.time() once its gRPC port refuses connections; the
+        dead processes are reaped later, by stop()."""
         members = self._group_members()
         for p in members:
             try:
                 p.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(members, timeout=15)
-        self.proc.wait(timeout=15)
-        self.killed_at = time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.grpc_port), timeout=0.2).close()
+            except OSError:
+                break
+            time.sleep(0.01)
+        self.killed_at = time.time()
+        return self.killed_at
 
     def stop(self, timeout_s: float = 30) -> None:
         """SIGTERM (`ldm serve` shuts tritonserver down), then SIGKILL whatever is left."""

@@ -1,0 +1,98 @@
+"""Real load balancing on loopback: `ldm serve` Triton replicas behind Debian's nginx
+(grpc_pass, the config in deploy/nginx/ that mirrors the Kubernetes Ingress), driven with the
+project's gRPC client through serving.retry.
+
+Checks: calls spread over every replica (each replica's own nv_inference_request_success
+counter, cross-checked with nginx's log); when one replica is SIGKILLed mid-load, only the
+calls running on it fail, with the coded UNAVAILABLE; nginx stops sending to it; calls started
+afterwards succeed at the first attempt; the retry policy recovers the failed ones.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from deploy.lb_scenario import run_scenario
+from deploy.tools import require
+
+N_REPLICAS = 3
+# Tiny random checkpoint (32x32 images): a call takes a fraction of a second here, long enough
+# for several to be running on the replica that is killed.
+GEN = {"steps": 30, "height": 32, "width": 32, "guidance_scale": 5.0}
+
+
+@pytest.fixture(scope="module")
+def model_repository(tmp_path_factory) -> Path:
+    from export.repository import write_repository
+    from training.tiny_checkpoint import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("lb-model")
+    write_tiny_checkpoint(root / "checkpoint")
+    write_repository(root / "checkpoint", root / "repo", log=lambda *a: None)
+    return root / "repo"
+
+
+@pytest.fixture(scope="module")
+def report(model_repository, tmp_path_factory) -> dict:
+    require("nginx")
+    from serving.client import LdmClient
+
+    result = run_scenario(
+        model_repository, tmp_path_factory.mktemp("lb-run"),
+        make_client=lambda url: LdmClient(url, protocol="grpc", timeout_s=60),
+        n_replicas=N_REPLICAS, spread_requests=18, failover_requests=24, concurrency=6,
+        gen_kwargs=GEN, ready_timeout_s=150, phase_timeout_s=90,
+    )
+    print("\nload-balancing report:\n" + json.dumps(result, indent=1))
+    return result
+
+
+def test_calls_spread_over_all_replicas(report):
+    spread = report["spread"]
+    assert spread["finished"] and spread["completed"] == spread["sent"] == 18
+    per_replica = spread["per_replica"]
+    assert set(per_replica) == set(report["replicas"])
+    # Round robin per call: every replica serves a fair part (at least half its equal share).
+    assert all(n >= spread["sent"] / (2 * N_REPLICAS) for n in per_replica.values()), per_replica
+    assert sum(per_replica.values()) == spread["attempts"]
+
+
+def test_crash_fails_only_calls_running_on_the_victim(report):
+    f = report["failover"]
+    assert f["finished"]
+    assert f["in_flight_on_victim_at_kill"] > 0, "the crash must hit running calls"
+    # Every failed attempt is a call nginx saw die on the victim, with the coded error.
+    assert f["failed_attempts"] >= 1
+    assert f["failed_attempts"] == f["victim_calls_failed_by_kill"], f
+    assert set(f["failed_by_status"]) == {"UNAVAILABLE"}, f["failed_attempt_messages"]
+    # At most the calls that can run at once; the survivors' calls never fail.
+    assert f["failed_attempts"] <= 6
+
+
+def test_nginx_stops_sending_to_the_dead_replica(report):
+    f = report["failover"]
+    assert f["nginx_calls_ending_after_kill"] > 0
+    assert f["nginx_after_kill_served_by_victim"] == 0
+    # One failure takes it out for fail_timeout; at most one probe per window afterwards.
+    assert f["nginx_after_kill_tried_victim"] <= 1 + int(f["failover_seconds"] // f["nginx_fail_timeout_s"])
+    assert sum(v for k, v in f["per_replica"].items() if k != f["victim"] + " (until killed)") > 0
+
+
+def test_later_calls_succeed_and_retry_recovers_the_failed(report):
+    f = report["failover"]
+    assert f["started_after_kill"] > 0
+    assert f["started_after_kill_needing_retry"] == 0
+    assert f["completed"] == f["sent"] == 24 and f["failed_finally"] == 0
+    assert f["retried"] == f["recovered_by_retry"] >= 1
+    assert f["attempts"] == f["sent"] + f["failed_attempts"]
+
+
+def test_no_process_left_behind(report, tmp_path_factory):
+    # Every replica process was recorded by PID and reaped or killed by run_scenario.
+    import psutil
+
+    leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline", "status"])
+                 if p.info["status"] != psutil.STATUS_ZOMBIE and p.info["cmdline"]
+                 and any("lb-run" in part or "lb-model" in part for part in p.info["cmdline"])]
+    assert leftovers == []
