@@ -25,7 +25,8 @@ class RequestRecord:
 
 
 class LoadRun:
-    """`concurrency` threads send `n_requests` generations (seeds 0..n-1) through `url`."""
+    """`concurrency` threads send up to `n_requests` generations (seeds 0, 1, ...) through the
+    client; stop_after() ends the run early after a given number of further requests."""
 
     def __init__(self, make_client, n_requests: int, concurrency: int, gen_kwargs: dict,
                  policy: RetryPolicy = RetryPolicy(), prompt: str = "a red circle"):
@@ -37,6 +38,7 @@ class LoadRun:
         self.prompt = prompt
         self.records: list[RequestRecord] = []
         self._lock = threading.Lock()
+        self._cap = n_requests
         self._next = itertools.count()
         self._threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrency)]
 
@@ -52,6 +54,12 @@ class LoadRun:
             t.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
+    def stop_after(self, more: int) -> int:
+        """Let only `more` further requests start (the run then ends); returns the new total."""
+        with self._lock:
+            self._cap = min(self._cap, len(self.records) + more)
+            return self._cap
+
     def completed(self) -> int:
         with self._lock:
             return sum(r.ok for r in self.records)
@@ -60,11 +68,11 @@ class LoadRun:
         client = self.make_client()
         try:
             while True:
-                index = next(self._next)
-                if index >= self.n_requests:
-                    return
-                record = RequestRecord(index=index, started=time.time())
                 with self._lock:
+                    index = next(self._next)
+                    if index >= self._cap:
+                        return
+                    record = RequestRecord(index=index, started=time.time())
                     self.records.append(record)
                 stats = RetryStats()
 

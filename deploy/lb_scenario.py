@@ -30,28 +30,34 @@ def _counts(replicas: list[Replica], expected_total: int | None = None, timeout_
 def _in_flight(replica: Replica, received_before: int, lb: NginxGrpcLB, since: float) -> int:
     """Calls running on `replica` now: what it accepted (its Triton counter; the decoupled
     pipeline counts a request when it is enqueued) minus the calls nginx has logged as ended
-    there (a log line is written when a call ends)."""
-    received = int(replica.metric(SUCCESS) or 0) - received_before
+    there (a log line is written when a call ends). The log is read first and the counter
+    last, so the estimate is as fresh as possible when the caller acts on it."""
     ended = sum(1 for e in lb.log_entries() if e["t"] >= since and e["upstreams"][-1:] == [replica.grpc_addr])
+    received = int(replica.metric(SUCCESS) or 0) - received_before
     return received - ended
 
 
 def _wait_for_victim_busy(run: LoadRun, victim: Replica, received_before: int, lb: NginxGrpcLB,
-                          since: float, min_completed: int, timeout_s: float) -> int:
+                          since: float, min_completed: int, timeout_s: float, want: int = 2,
+                          want_for_s: float = 3.0) -> int:
     """Wait until the load is under way and calls are running on the victim; returns how many
-    (0 if the deadline passed first)."""
+    (0 if the deadline passed first). For `want_for_s` it holds out for `want` running calls,
+    so that the crash still hits one if another ends in the milliseconds before the signal;
+    then one is enough. The load keeps going meanwhile (its cap is far above this wait)."""
+    start = None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if run.completed() >= min_completed:
+            start = start or time.monotonic()
             n = _in_flight(victim, received_before, lb, since)
-            if n > 0:
+            if n >= want or (n > 0 and time.monotonic() - start > want_for_s):
                 return n
-        time.sleep(0.02)
+        time.sleep(0.005)
     return 0
 
 
 def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, spread_requests: int = 12,
-                 failover_requests: int = 16, concurrency: int = 4, gen_kwargs: dict | None = None,
+                 failover_requests: int = 12, concurrency: int = 4, gen_kwargs: dict | None = None,
                  policy: RetryPolicy = RetryPolicy(), ready_timeout_s: float = 120,
                  phase_timeout_s: float = 120, log=print) -> dict:
     gen_kwargs = gen_kwargs or {}
@@ -79,12 +85,15 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         victim, survivors = replicas[-1], replicas[:-1]
         before = _counts(replicas)
         phase_start = time.time()
-        failover = LoadRun(make, failover_requests, concurrency, gen_kwargs, policy).start()
+        # Runs until the crash (bounded by a generous cap), then exactly `failover_requests`
+        # more start: the crash always lands mid-load, with calls before and after it.
+        failover = LoadRun(make, 10 * failover_requests, concurrency, gen_kwargs, policy).start()
         victim_busy = _wait_for_victim_busy(failover, victim, before[victim.name], lb, phase_start,
-                                            min_completed=concurrency, timeout_s=phase_timeout_s / 2)
+                                            min_completed=2 * concurrency, timeout_s=phase_timeout_s / 4)
         victim_before_kill = int(victim.metric(SUCCESS) or 0) - before[victim.name]
         kill_wall = time.time()
         kill_done_wall = victim.crash()
+        failover.stop_after(failover_requests)
         log(f"crashed {victim.name} (SIGKILL to all its processes) with {victim_busy} call(s) running on it")
         failover_finished = failover.join(phase_timeout_s)
         failover_summary = summarize(failover.records)

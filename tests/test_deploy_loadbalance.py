@@ -19,7 +19,8 @@ from deploy.tools import require
 N_REPLICAS = 3
 # Tiny random checkpoint (32x32 images): a call takes a fraction of a second here, long enough
 # for several to be running on the replica that is killed.
-GEN = {"steps": 30, "height": 32, "width": 32, "guidance_scale": 5.0}
+GEN = {"steps": 40, "height": 32, "width": 32, "guidance_scale": 5.0}
+AFTER_CRASH = 12  # calls started after the crash (the load runs until the crash, then these)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def report(model_repository, tmp_path_factory) -> dict:
     result = run_scenario(
         model_repository, tmp_path_factory.mktemp("lb-run"),
         make_client=lambda url: LdmClient(url, protocol="grpc", timeout_s=60),
-        n_replicas=N_REPLICAS, spread_requests=18, failover_requests=24, concurrency=6,
+        n_replicas=N_REPLICAS, spread_requests=18, failover_requests=AFTER_CRASH, concurrency=6,
         gen_kwargs=GEN, ready_timeout_s=150, phase_timeout_s=90,
     )
     print("\nload-balancing report:\n" + json.dumps(result, indent=1))
@@ -81,9 +82,9 @@ def test_nginx_stops_sending_to_the_dead_replica(report):
 
 def test_later_calls_succeed_and_retry_recovers_the_failed(report):
     f = report["failover"]
-    assert f["started_after_kill"] > 0
+    assert f["started_after_kill"] >= AFTER_CRASH
     assert f["started_after_kill_needing_retry"] == 0
-    assert f["completed"] == f["sent"] == 24 and f["failed_finally"] == 0
+    assert f["completed"] == f["sent"] and f["failed_finally"] == 0
     assert f["retried"] == f["recovered_by_retry"] >= 1
     assert f["attempts"] == f["sent"] + f["failed_attempts"]
 
