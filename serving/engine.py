@@ -5,12 +5,12 @@ thread runs iterations of: drop cancelled or expired jobs, admit and text-encode
 one UNet call for the jobs the scheduler picked, report progress, decode and answer finished
 jobs. Every submitted job ends in exactly one finish or fail.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import threading
 import time
 import traceback
 
-from serving.job import CANCELLED, INTERNAL, UNAVAILABLE, Job
+from serving.job import CANCELLED, UNAVAILABLE, Job
 from serving.runner import Runner
 from serving.scheduler import QueueFull, StepScheduler
 
@@ -26,16 +26,17 @@ class EngineStats:
     expired: int = 0
     rejected: int = 0
     failed: int = 0
+    steps: int = 0
+    rows: int = 0  # UNet rows over all steps
+    step_seconds: float = 0.0  # time in UNet steps (model call and DDIM update)
     last_rows: int = 0
     last_step_seconds: float = 0.0
-    steps: int = 0
-    listeners: list = field(default_factory=list)
 
     def on_step(self, rows: int, seconds: float) -> None:
         self.last_rows, self.last_step_seconds = rows, seconds
         self.steps += 1
-        for listener in self.listeners:
-            listener(rows, seconds)
+        self.rows += rows
+        self.step_seconds += seconds
 
 
 class Engine:
@@ -192,5 +193,3 @@ def _fail(job: Job, code: str, message: str) -> None:
     except Exception:
         traceback.print_exc()
 
-
-__all__ = ["Engine", "EngineStats", "QueueFull", "INTERNAL"]

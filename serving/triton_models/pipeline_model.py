@@ -6,11 +6,13 @@ answers through each request's response sender: optional progress/preview respon
 image with the FINAL flag, or one coded error with the FINAL flag."""
 import json
 from pathlib import Path
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.job import coded_message
+from serving.metrics import MetricsExporter
 from serving.onnx_models import LocalUnet
 from serving.service import PipelineAssets, PipelineService
 
@@ -92,7 +94,23 @@ class TritonPythonModel:
             unet_local = LocalUnet(model_dir.parent / "unet" / "1" / "model.onnx")
         assets = PipelineAssets.read(model_dir / args["model_version"])
         self.service = PipelineService(assets, params, BlsModels(unet_local)).start()
-        self.input_names = [i["name"] for i in config["input"]]
+        self.families = []  # a MetricFamily must outlive its metrics
+        self.exporter = MetricsExporter(self._make_metric)
+        self.stop_metrics = threading.Event()
+        self.metrics_thread = threading.Thread(target=self._export_metrics, name="ldm-metrics", daemon=True)
+        self.metrics_thread.start()
+
+    def _make_metric(self, name, help_text, kind):
+        family = pb_utils.MetricFamily(
+            name=name, description=help_text,
+            kind=pb_utils.MetricFamily.GAUGE if kind == "gauge" else pb_utils.MetricFamily.COUNTER,
+        )
+        self.families.append(family)
+        return family.Metric(labels={"model": "pipeline"})
+
+    def _export_metrics(self):
+        while not self.stop_metrics.wait(0.5):
+            self.exporter.update(self.service.engine.stats)
 
     def execute(self, requests):
         for request in requests:
@@ -101,4 +119,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.stop_metrics.set()
+        self.metrics_thread.join()
         self.service.stop()

@@ -1,0 +1,59 @@
+"""The commands a user types: `ldm serve` in its own process, `ldm generate`, and Ctrl-C/SIGTERM."""
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from serving.triton_server import free_port
+
+LDM = [sys.executable, "-m", "serving.cli"]
+
+
+def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
+    ports = [free_port() for _ in range(3)]
+    repo = tmp_path / "repo"
+    serve = subprocess.Popen(
+        LDM + ["serve", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo), "--http-port", str(ports[0]),
+               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log-file", str(tmp_path / "triton.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            assert line, "ldm serve exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        assert f"gRPC 127.0.0.1:{ports[1]}" in lines[-1] and f"metrics http://127.0.0.1:{ports[2]}" in lines[-1]
+        children = psutil.Process(serve.pid).children(recursive=True)
+        assert any("tritonserver" in c.name() for c in children)
+
+        for protocol, port in (("grpc", ports[1]), ("http", ports[0])):
+            out = tmp_path / f"{protocol}.png"
+            done = subprocess.run(
+                LDM + ["generate", "a red circle", "-o", str(out), "--seed", "5", "--steps", "4",
+                       "--protocol", protocol, "--url", f"127.0.0.1:{port}"],
+                capture_output=True, text=True, timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            assert "wrote" in done.stdout and " ms " in done.stdout
+            assert np.asarray(Image.open(out)).shape == (32, 32, 3)
+        assert (tmp_path / "grpc.png").read_bytes() == (tmp_path / "http.png").read_bytes()
+
+        bad = subprocess.run(LDM + ["generate", "x", "--steps", "0", "--url", f"127.0.0.1:{ports[1]}"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "INVALID_ARG" in bad.stderr and "steps" in bad.stderr
+
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+        time.sleep(0.5)
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if serve.poll() is None:
+            serve.kill()

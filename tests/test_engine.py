@@ -1,0 +1,141 @@
+"""The engine in this process (ONNX Runtime, no server): batch invariance, progress, cancellation,
+deadlines and every-request-ends, driven one iteration at a time."""
+import time
+
+import numpy as np
+import pytest
+
+from serving.onnx_models import LocalModels
+from serving.service import PipelineAssets, PipelineService
+
+
+class RecordingSink:
+    def __init__(self, cancel_after_step=None):
+        self.image = self.error = None
+        self.progress_log, self.previews = [], []
+        self.cancel_after_step = cancel_after_step
+        self.ends = 0
+
+    def progress(self, step, total, preview):
+        self.progress_log.append((step, total))
+        if preview is not None:
+            self.previews.append(preview)
+
+    def finish(self, image, seed):
+        self.image, self.ends = image, self.ends + 1
+
+    def fail(self, code, message):
+        self.error, self.ends = (code, message), self.ends + 1
+
+    def cancelled(self):
+        return self.cancel_after_step is not None and len(self.progress_log) >= self.cancel_after_step
+
+
+@pytest.fixture(scope="module")
+def models(tiny_repo):
+    return LocalModels(tiny_repo)
+
+
+def make_service(tiny_repo, models, **params):
+    return PipelineService(PipelineAssets.read(tiny_repo / "pipeline" / "1"), {k: str(v) for k, v in params.items()}, models)
+
+
+def request(prompt, seed, **fields):
+    arrays = {"prompt": np.array([prompt.encode()], object), "seed": np.array([seed])}
+    types = {"steps": np.int32, "guidance_scale": np.float32, "eta": np.float32, "height": np.int32, "width": np.int32,
+             "progress_every": np.int32, "preview_every": np.int32, "timeout_s": np.float32}
+    arrays.update({k: np.array([v], types[k]) for k, v in fields.items()})
+    return arrays
+
+
+def drain(service, limit=10_000):
+    for _ in range(limit):
+        if not service.engine.run_iteration():
+            return
+    raise AssertionError("engine did not settle")
+
+
+TARGET = ("a large red circle on the left", 1234, dict(steps=12, guidance_scale=5.0))
+CROWD = [
+    ("a blue square", 1, dict(steps=20, guidance_scale=7.5)),
+    ("a green triangle at the top", 2, dict(steps=8, guidance_scale=1.0)),
+    ("a yellow star", 3, dict(steps=15, guidance_scale=3.0, eta=0.5)),
+    ("a small purple circle", 4, dict(steps=12, guidance_scale=5.0)),
+    ("two cats", 5, dict(steps=30, guidance_scale=5.0, height=48, width=48)),
+    ("an orange square on the right", 6, dict(steps=10, guidance_scale=9.0, eta=1.0)),
+    ("a white circle", 7, dict(steps=25, guidance_scale=2.0)),
+    ("a black background", 8, dict(steps=12, guidance_scale=5.0, height=24, width=40)),
+]
+
+
+def test_image_does_not_depend_on_batch_mates(tiny_repo, models):
+    service = make_service(tiny_repo, models)
+    alone = RecordingSink()
+    service.submit(request(TARGET[0], TARGET[1], **TARGET[2]), alone)
+    drain(service)
+
+    service = make_service(tiny_repo, models)
+    crowd = [RecordingSink() for _ in CROWD]
+    for (prompt, seed, fields), sink in zip(CROWD[:4], crowd):
+        service.submit(request(prompt, seed, **fields), sink)
+    for _ in range(3):  # the crowd is mid-flight when the target joins
+        service.engine.run_iteration()
+    together = RecordingSink()
+    service.submit(request(TARGET[0], TARGET[1], **TARGET[2]), together)
+    for (prompt, seed, fields), sink in zip(CROWD[4:], crowd[4:]):
+        service.submit(request(prompt, seed, **fields), sink)
+    drain(service)
+    assert service.engine.stats.rows >= 3 * service.engine.stats.steps  # it really ran batched (alone: 2 rows)
+    assert all(s.image is not None and s.ends == 1 for s in crowd)
+    difference = np.abs(alone.image.astype(int) - together.image.astype(int))
+    print(f"alone vs in a crowd of 8: mean abs difference {difference.mean():.4f}/255, max {difference.max()}")
+    assert difference.mean() <= 1.0
+
+
+def test_progress_and_previews_every_k_steps(tiny_repo, models):
+    service = make_service(tiny_repo, models)
+    sink = RecordingSink()
+    service.submit(request("a red circle", 9, steps=10, progress_every=2, preview_every=5), sink)
+    drain(service)
+    assert sink.progress_log == [(2, 10), (4, 10), (5, 10), (6, 10), (8, 10)]
+    assert len(sink.previews) == 1 and sink.previews[0].shape == (8, 8, 3) and sink.previews[0].dtype == np.uint8
+    assert sink.image.shape == (32, 32, 3)
+
+
+def test_cancelled_job_leaves_within_one_step(tiny_repo, models):
+    service = make_service(tiny_repo, models)
+    cancelled, other = RecordingSink(cancel_after_step=3), RecordingSink()
+    service.submit(request("a red circle", 1, steps=50, progress_every=1), cancelled)
+    service.submit(request("a blue circle", 2, steps=8), other)
+    while len(cancelled.progress_log) < 3:
+        service.engine.run_iteration()
+    service.engine.run_iteration()
+    assert cancelled.error[0] == "CANCELLED" and cancelled.ends == 1
+    assert len(cancelled.progress_log) == 3  # it took no further step
+    assert service.engine.active == [j for j in service.engine.active if j.sink is other]
+    drain(service)
+    assert other.image is not None and service.engine.stats.cancelled == 1
+
+
+def test_deadline_ends_a_job_with_unavailable(tiny_repo, models):
+    service = make_service(tiny_repo, models)
+    sink = RecordingSink()
+    service.submit(request("a red circle", 1, steps=150, timeout_s=0.2), sink)
+    started = time.monotonic()
+    drain(service)
+    assert sink.error[0] == "UNAVAILABLE" and "deadline exceeded" in sink.error[1]
+    assert time.monotonic() - started < 10
+    assert service.engine.stats.expired == 1
+
+
+def test_full_queue_refuses_and_every_accepted_request_ends(tiny_repo, models):
+    service = make_service(tiny_repo, models, max_active=2, max_queue=3)
+    sinks = [RecordingSink() for _ in range(12)]
+    for i, sink in enumerate(sinks):
+        service.submit(request("a red circle", i, steps=3), sink)
+    drain(service)
+    assert all(s.ends == 1 for s in sinks)
+    refused = [s for s in sinks if s.error]
+    assert len(refused) == 12 - 3 and all(s.error[0] == "UNAVAILABLE" for s in refused)
+    assert sum(s.image is not None for s in sinks) == 3
+    assert service.engine.stats.rejected == 9

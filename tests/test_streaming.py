@@ -1,0 +1,127 @@
+"""Streaming, cancellation, deadlines, overload and metrics against a real tritonserver."""
+from concurrent.futures import ThreadPoolExecutor
+import queue
+import re
+import shutil
+import time
+import urllib.request
+
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from export.triton_config import pipeline_config, to_pbtxt
+from serving.client import LdmClient, request_arrays
+from serving.triton_server import TritonServer
+from tests.conftest import repository_parameters
+
+MAX_ACTIVE, MAX_QUEUE = 2, 4
+
+
+def metrics(server) -> dict:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(ldm_\w+)\{[^}]*\} (\S+)$", text, re.M)}
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_repo, tmp_path_factory):
+    """The tiny model with a small admission bound, to overload it on purpose."""
+    repo = tmp_path_factory.mktemp("small") / "repo"
+    shutil.copytree(tiny_repo, repo)
+    params = repository_parameters(max_active=MAX_ACTIVE, max_queue=MAX_QUEUE)
+    (repo / "pipeline" / "config.pbtxt").write_text(to_pbtxt(pipeline_config(params)))
+    with TritonServer(repo, log_file=repo.parent / "tritonserver.log") as server:
+        yield server
+
+
+def test_stream_reports_progress_and_previews_then_the_image(server):
+    with LdmClient(server.grpc_url) as client:
+        result = client.run("a red circle", seed=2, steps=10, progress_every=2, preview_every=5)
+    assert result.progress == [(2, 10), (4, 10), (5, 10), (6, 10), (8, 10)]
+    assert len(result.previews) == 1 and result.previews[0].shape == (8, 8, 3)
+    assert result.image.shape == (32, 32, 3)
+
+
+def test_closing_the_stream_cancels_the_request_within_a_step(server):
+    before = metrics(server)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = []
+    for name, value in request_arrays("a red circle", seed=1, steps=150, progress_every=1).items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    client.async_stream_infer("pipeline", inputs)
+    for _ in range(3):
+        result, error = responses.get(timeout=30)
+        assert error is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert wait_for(lambda: metrics(server)["ldm_cancellations_total"] == before["ldm_cancellations_total"] + 1)
+    after = metrics(server)
+    assert after["ldm_active_requests"] == 0
+    # it stepped a few times, not the 150 steps it asked for
+    assert after["ldm_unet_steps_total"] - before["ldm_unet_steps_total"] < 30
+    with LdmClient(server.grpc_url) as again:
+        assert again.generate("a blue circle", steps=2).shape == (32, 32, 3)
+
+
+def test_timeout_ends_the_request_with_a_coded_error(server):
+    with LdmClient(server.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.generate("a red circle", steps=150, timeout_s=0.3)
+    assert info.value.status() == "UNAVAILABLE" and "deadline exceeded" in info.value.message()
+    with LdmClient(server.http_url, "http") as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.generate("a red circle", steps=150, timeout_s=0.3)
+    assert info.value.status() == "UNAVAILABLE"
+
+
+def test_burst_of_five_times_capacity_every_request_ends(small_server):
+    capacity = MAX_ACTIVE + MAX_QUEUE
+    burst = 5 * capacity
+
+    def one(i):
+        protocol, url = ("grpc", small_server.grpc_url) if i % 3 else ("http", small_server.http_url)
+        with LdmClient(url, protocol, timeout_s=120) as client:
+            try:
+                image = client.generate("a red circle", seed=i, steps=20)
+                return "image" if image.shape == (32, 32, 3) else "bad image"
+            except InferenceServerException as exc:
+                return exc.status()
+
+    with ThreadPoolExecutor(burst) as pool:
+        outcomes = list(pool.map(one, range(burst)))
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    print("burst outcomes:", counts)
+    assert set(outcomes) <= {"image", "UNAVAILABLE"}, counts
+    assert counts.get("image", 0) >= capacity and counts.get("UNAVAILABLE", 0) >= 1
+    # metrics are copied out every 0.5 s
+    def observed():
+        m = metrics(small_server)
+        return m["ldm_images_completed_total"], m["ldm_rejections_total"]
+
+    expected = (counts["image"], counts["UNAVAILABLE"])
+    assert wait_for(lambda: observed() == expected, timeout=5), (observed(), expected)
+    assert urllib.request.urlopen(f"http://{small_server.http_url}/v2/health/ready").status == 200
+
+
+def test_metrics_describe_the_batch(server):
+    with LdmClient(server.grpc_url) as client:
+        client.generate("a red circle", steps=4, guidance_scale=5.0)
+    assert wait_for(lambda: metrics(server)["ldm_unet_rows_last_step"] >= 2, timeout=5)
+    m = metrics(server)
+    for name in ("ldm_queue_length", "ldm_active_requests", "ldm_step_latency_last_seconds", "ldm_images_completed_total",
+                 "ldm_cancellations_total", "ldm_rejections_total", "ldm_unet_rows_total", "ldm_step_seconds_total"):
+        assert name in m
+    assert m["ldm_unet_rows_total"] >= 2 * m["ldm_unet_steps_total"] > 0
