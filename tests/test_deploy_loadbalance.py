@@ -9,8 +9,6 @@ afterwards succeed at the first attempt; the retry policy recovers the failed on
 """
 import json
 import os
-from pathlib import Path
-
 import pytest
 
 from deploy.lb_scenario import run_scenario
@@ -24,23 +22,12 @@ AFTER_CRASH = 12  # calls started after the crash (the load runs until the crash
 
 
 @pytest.fixture(scope="module")
-def model_repository(tmp_path_factory) -> Path:
-    from export.repository import write_repository
-    from training.tiny_checkpoint import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("lb-model")
-    write_tiny_checkpoint(root / "checkpoint")
-    write_repository(root / "checkpoint", root / "repo", log=lambda *a: None)
-    return root / "repo"
-
-
-@pytest.fixture(scope="module")
-def report(model_repository, tmp_path_factory) -> dict:
+def report(tiny_repo, tmp_path_factory) -> dict:
     require("nginx")
     from serving.client import LdmClient
 
     result = run_scenario(
-        model_repository, tmp_path_factory.mktemp("lb-run"),
+        tiny_repo, tmp_path_factory.mktemp("lb-run"),
         make_client=lambda url: LdmClient(url, protocol="grpc", timeout_s=60),
         n_replicas=N_REPLICAS, spread_requests=18, failover_requests=AFTER_CRASH, concurrency=6,
         gen_kwargs=GEN, ready_timeout_s=150, phase_timeout_s=90,
@@ -95,5 +82,5 @@ def test_no_process_left_behind(report, tmp_path_factory):
 
     leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline", "status"])
                  if p.info["status"] != psutil.STATUS_ZOMBIE and p.info["cmdline"]
-                 and any("lb-run" in part or "lb-model" in part for part in p.info["cmdline"])]
+                 and any("lb-run" in part for part in p.info["cmdline"])]
     assert leftovers == []

@@ -267,16 +267,26 @@ def test_hpa_scales_the_deployment_on_the_queue_metric(objects, overlay):
     assert hpa["spec"]["minReplicas"] >= 2
     pdb = _one(objs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
-    [metric] = hpa["spec"]["metrics"]
-    metric_name = metric["pods"]["metric"]["name"]
-    # The chain HPA <- prometheus-adapter rule <- recording rule <- Triton's counters.
+    metric_names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert all(m["type"] == "Pods" for m in hpa["spec"]["metrics"])
+    # Every HPA metric is served by a prometheus-adapter rule, per pod.
     adapter = yaml.safe_load(_one(objects["monitoring"], "ConfigMap")["data"]["config.yaml"])
-    rule = next(r for r in adapter["rules"] if r["name"]["as"] == metric_name)
-    series = rule["seriesQuery"].split("{")[0].strip("'")
+    rules = {r["name"]["as"]: r for r in adapter["rules"]}
+    assert metric_names <= set(rules)
+    for name in metric_names:
+        assert rules[name]["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    # The pipeline's own waiting line, as its model exports it (serving/metrics.py).
+    from serving.metrics import METRICS
+
+    assert "ldm_queue_length" in metric_names
+    series = rules["ldm_queue_length"]["seriesQuery"].split("{")[0].strip("'")
+    assert series in {name for name, _, kind, _ in METRICS if kind == "gauge"}
+    # The Triton ratio: HPA <- adapter rule <- recording rule <- Triton's counters.
+    series = rules["ldm_triton_queue_to_compute_ratio"]["seriesQuery"].split("{")[0].strip("'")
     recording = [r for g in _one(objs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     expr = next(r["expr"] for r in recording if r["record"] == series)
     assert "nv_inference_queue_duration_us" in expr and "nv_inference_compute_infer_duration_us" in expr
-    assert "by (namespace, pod)" in expr and rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    assert "by (namespace, pod)" in expr
 
 
 # --- hygiene over every object --------------------------------------------------------------
