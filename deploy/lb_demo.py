@@ -18,7 +18,8 @@ from deploy.lb_scenario import run_scenario
 def _table(title: str, phase: dict) -> str:
     lines = [f"{title}:",
              f"  requests sent {phase['sent']}, completed {phase['completed']}, "
-             f"failed attempts {phase['failed_attempts']} {phase['failed_by_status'] or ''}, "
+             f"failed attempts {phase['failed_attempts']}"
+             + "".join(f" ({k}: {v})" for k, v in phase["failed_by_status"].items()) + ", "
              f"retried {phase['retried']} (recovered {phase['recovered_by_retry']}), "
              f"failed after retries {phase['failed_finally']}",
              "  per replica (its nv_inference_request_success):"]
