@@ -180,7 +180,7 @@ def test_gpu_overlay_requests_gpus_and_tolerates_taint(objects):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     # The TensorRT plans are built by the init container on the node's own GPU.
     args = spec["initContainers"][0]["args"]
-    assert args[args.index("--backend") + 1] == "tensorrt"
+    assert args[args.index("--backend") + 1] == "tensorrt" and "--gpu" in args
     assert "nvidia.com/gpu" not in json.dumps(objects["cpu"])
 
 
