@@ -9,6 +9,8 @@ after the crash (a dead replica has no metrics to ask).
 import time
 from pathlib import Path
 
+import psutil
+
 from deploy.lb_load import LoadRun, summarize
 from deploy.nginx_lb import FAIL_TIMEOUT_S, NginxGrpcLB
 from deploy.replicas import Replica, start_replicas, stop_all
@@ -115,6 +117,10 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         started_after_kill = [r for r in failover.records if r.started >= kill_done_wall]
         report = {
             "replicas": [r.name for r in replicas],
+            # Every process started (launchers, tritonservers, stubs, nginx): all must be gone
+            # once run_scenario returns.
+            "pids": sorted({p.pid for r in replicas for p in r._group_members()} | {lb.proc.pid}
+                           | {p.pid for p in psutil.Process(lb.proc.pid).children()}),
             "spread": {"finished": finished, **spread_summary,
                        "failed_attempt_messages": [m for r in spread.records for m in r.messages], "per_replica": per_replica,
                        "share": _shares(per_replica)},
