@@ -57,13 +57,15 @@ def main(argv=None) -> int:
             repo, Path(tmp) / "run",
             make_client=lambda url: LdmClient(url, protocol="grpc", timeout_s=60),
             n_replicas=args.replicas, spread_requests=args.requests, failover_requests=args.requests,
+            client_side_requests=args.requests,
             concurrency=args.concurrency,
             gen_kwargs={"steps": args.steps, "height": args.size, "width": args.size},
             log=lambda m: print(m, flush=True),
         )
     f = report["failover"]
     print()
-    print(_table("phase 1, all replicas up", report["spread"]))
+    print(_table("phase 1, all replicas up, through nginx", report["spread"]))
+    print(_table("phase 1b, no proxy, client-side round robin", report["client_side"]))
     print(_table(f"phase 2, {f['victim']} killed (SIGKILL) mid-load", f))
     print(f"  calls running on {f['victim']} when it died: {f['victim_calls_failed_by_kill']} failed "
           f"(coded {', '.join(f['failed_by_status']) or '-'}), {f['victim_calls_cut_after_image']} had their image already")

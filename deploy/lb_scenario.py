@@ -41,7 +41,7 @@ def _in_flight(replica: Replica, received_before: int, lb: NginxGrpcLB, since: f
 
 def _wait_for_victim_busy(run: LoadRun, victim: Replica, received_before: int, lb: NginxGrpcLB,
                           since: float, min_completed: int, timeout_s: float, want: int = 2,
-                          want_for_s: float = 3.0) -> int:
+                          want_for_s: float = 8.0) -> int:
     """Wait until the load is under way and calls are running on the victim; returns how many
     (0 if the deadline passed first). For `want_for_s` it holds out for `want` running calls,
     so that the crash still hits one if another ends in the milliseconds before the signal;
@@ -61,6 +61,7 @@ def _wait_for_victim_busy(run: LoadRun, victim: Replica, received_before: int, l
 def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, spread_requests: int = 12,
                  failover_requests: int = 12, concurrency: int = 4, gen_kwargs: dict | None = None,
                  policy: RetryPolicy = RetryPolicy(), ready_timeout_s: float = 120,
+                 client_side_requests: int = 0,
                  phase_timeout_s: float = 120, log=print) -> dict:
     gen_kwargs = gen_kwargs or {}
     workdir = Path(workdir)
@@ -83,13 +84,32 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         per_replica = {name: after[name] - before[name] for name in after}
         log(f"spread: {spread_summary} per replica {per_replica}")
 
+        # Phase 1b: no proxy, client-side round robin over the replicas (headless Service).
+        client_side = None
+        if client_side_requests:
+            from deploy.client_lb import loopback_target, round_robin_client
+
+            target = loopback_target([r.grpc_addr for r in replicas])
+            before = _counts(replicas)
+            # One caller, one channel: its rotation is what is observed (each caller's channel
+            # rotates on its own, from its own starting replica).
+            run = LoadRun(lambda: round_robin_client(target, timeout_s=60), client_side_requests,
+                          1, gen_kwargs, policy).start()
+            cs_finished = run.join(phase_timeout_s)
+            cs_summary = summarize(run.records)
+            after = _counts(replicas, before_total(before) + cs_summary["attempts"])
+            cs_per_replica = {name: after[name] - before[name] for name in after}
+            client_side = {"finished": cs_finished, "target": target, **cs_summary,
+                           "per_replica": cs_per_replica, "share": _shares(cs_per_replica)}
+            log(f"client-side round robin: {cs_summary} per replica {cs_per_replica}")
+
         # Phase 2: crash one replica while calls are running on it.
         victim, survivors = replicas[-1], replicas[:-1]
         before = _counts(replicas)
         phase_start = time.time()
         # Runs until the crash (bounded by a generous cap), then exactly `failover_requests`
         # more start: the crash always lands mid-load, with calls before and after it.
-        failover = LoadRun(make, 10 * failover_requests, concurrency, gen_kwargs, policy).start()
+        failover = LoadRun(make, 50 * failover_requests, concurrency, gen_kwargs, policy).start()
         victim_busy = _wait_for_victim_busy(failover, victim, before[victim.name], lb, phase_start,
                                             min_completed=2 * concurrency, timeout_s=phase_timeout_s / 4)
         victim_before_kill = int(victim.metric(SUCCESS) or 0) - before[victim.name]
@@ -121,6 +141,7 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
             # once run_scenario returns.
             "pids": sorted({p.pid for r in replicas for p in r._group_members()} | {lb.proc.pid}
                            | {p.pid for p in psutil.Process(lb.proc.pid).children()}),
+            "client_side": client_side,
             "spread": {"finished": finished, **spread_summary,
                        "failed_attempt_messages": [m for r in spread.records for m in r.messages], "per_replica": per_replica,
                        "share": _shares(per_replica)},

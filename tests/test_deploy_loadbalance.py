@@ -2,7 +2,7 @@
 (grpc_pass, the config in deploy/nginx/ that mirrors the Kubernetes Ingress), driven with the
 project's gRPC client through serving.retry.
 
-Checks: calls spread over every replica (each replica's own nv_inference_request_success
+Checks: calls spread over every replica, through nginx and with client-side round robin (each replica's own nv_inference_request_success
 counter, cross-checked with nginx's log); when one replica is SIGKILLed mid-load, only the
 calls running on it fail, with the coded UNAVAILABLE; nginx stops sending to it; calls started
 afterwards succeed at the first attempt; the retry policy recovers the failed ones.
@@ -29,7 +29,8 @@ def report(tiny_repo, tmp_path_factory) -> dict:
     result = run_scenario(
         tiny_repo, tmp_path_factory.mktemp("lb-run"),
         make_client=lambda url: LdmClient(url, protocol="grpc", timeout_s=60),
-        n_replicas=N_REPLICAS, spread_requests=18, failover_requests=AFTER_CRASH, concurrency=6,
+        n_replicas=N_REPLICAS, spread_requests=18, client_side_requests=12,
+        failover_requests=AFTER_CRASH, concurrency=6,
         gen_kwargs=GEN, ready_timeout_s=150, phase_timeout_s=90,
     )
     print("\nload-balancing report:\n" + json.dumps(result, indent=1))
@@ -44,6 +45,15 @@ def test_calls_spread_over_all_replicas(report):
     # Round robin per call: every replica serves a fair part (at least half its equal share).
     assert all(n >= spread["sent"] / (2 * N_REPLICAS) for n in per_replica.values()), per_replica
     assert sum(per_replica.values()) == spread["attempts"]
+
+
+def test_client_side_round_robin_spreads_without_a_proxy(report):
+    # Option B (headless Service): the client's own channel rotates calls over the replicas.
+    cs = report["client_side"]
+    assert cs["finished"] and cs["completed"] == cs["sent"] == 12
+    assert set(cs["per_replica"]) == set(report["replicas"])
+    # Round robin over the sub-connections that are ready; all are after the first calls.
+    assert all(n >= 12 / (2 * N_REPLICAS) for n in cs["per_replica"].values()), cs
 
 
 def test_crash_fails_only_calls_running_on_the_victim(report):
