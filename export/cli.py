@@ -5,6 +5,11 @@ from export.triton_config import BACKENDS
 def add_arguments(parser):
     parser.add_argument("checkpoint", help="a diffusers StableDiffusionPipeline folder")
     parser.add_argument("--repo", default="model_repository", help="model repository to write (default: %(default)s)")
+    add_repository_options(parser)
+
+
+def add_repository_options(parser):
+    """How the repository is written; `ldm serve` takes the same options for its export."""
     parser.add_argument("--backend", choices=BACKENDS, default="python",
                         help="python: python-backend models running ONNX Runtime (the PyPI Triton); "
                              "onnxruntime/tensorrt: native backends of the NGC Triton image")
@@ -19,19 +24,24 @@ def add_arguments(parser):
     parser.add_argument("--unary-instances", type=int, default=4, help="concurrent unary/HTTP requests (default: %(default)s)")
 
 
-def pipeline_parameters(args) -> dict:
+def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_active=16, max_queue=64) -> dict:
+    """The pipeline's config.pbtxt parameters: batching knobs, then request defaults and limits."""
     return {
-        "unet": args.unet,
-        "step_batching": "false" if args.no_step_batching else "true",
-        "max_rows": args.max_rows,
-        "max_active": args.max_active,
-        "max_queue": args.max_queue,
+        "unet": unet,
+        "step_batching": "true" if step_batching else "false",
+        "max_rows": max_rows,
+        "max_active": max_active,
+        "max_queue": max_queue,
         "default_steps": 25,
         "max_steps": 150,
         "default_guidance_scale": 5.0,
         "max_guidance_scale": 50.0,
         "default_eta": 0.0,
     }
+
+
+def parameters_from_args(args) -> dict:
+    return pipeline_parameters(args.unet, not args.no_step_batching, args.max_rows, args.max_active, args.max_queue)
 
 
 def run(args) -> int:
@@ -43,7 +53,7 @@ def run(args) -> int:
         backend=args.backend,
         gpu=args.gpu,
         max_size=args.max_size,
-        pipeline_parameters=pipeline_parameters(args),
+        pipeline_parameters=parameters_from_args(args),
         unary_instances=args.unary_instances,
     )
     return 0

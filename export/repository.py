@@ -68,11 +68,16 @@ def write_repository(
         shutil.rmtree(pipeline_dir / "tokenizer")
     shutil.copytree(info.path / "tokenizer", pipeline_dir / "tokenizer")
     _copy(TEMPLATES / "pipeline_model.py", pipeline_dir / "model.py")
-    _write(repo / "pipeline" / "config.pbtxt", to_pbtxt(pipeline_config(pipeline_parameters or {})))
+    write_pipeline_config(repo, pipeline_parameters or {})
     _copy(TEMPLATES / "pipeline_unary_model.py", repo / "pipeline_unary" / "1" / "model.py")
     _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config(unary_instances)))
     log(f"model repository ready: {repo}")
     return stamps
+
+
+def write_pipeline_config(repo, parameters: dict) -> None:
+    """(Re)writes the pipeline's config.pbtxt: its defaults, limits and batching parameters."""
+    _write(Path(repo) / "pipeline" / "config.pbtxt", to_pbtxt(pipeline_config(parameters)))
 
 
 def has_artifacts(repo) -> bool:

@@ -2,7 +2,7 @@
 
 Every rejection names the field and the allowed range, so a client can fix its request.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import math
 
 import numpy as np
@@ -63,7 +63,6 @@ class GenerationRequest:
     progress_every: int = 0
     preview_every: int = 0
     timeout_s: float = 0.0
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def uses_guidance(self) -> bool:

@@ -13,25 +13,13 @@ def add_arguments(parser):
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-file", help="write tritonserver's log here instead of the terminal")
-    from export.cli import add_arguments as add_export_arguments  # the same repository options
+    from export.cli import add_repository_options
 
-    export_options = parser.add_argument_group("repository options (used when exporting)")
-    _add_export_options(export_options, add_export_arguments)
-
-
-def _add_export_options(group, add_export_arguments):
-    import argparse
-
-    scratch = argparse.ArgumentParser(add_help=False)
-    add_export_arguments(scratch)
-    for action in scratch._actions:
-        if action.dest in ("checkpoint", "repo"):
-            continue
-        group._add_action(action)
+    add_repository_options(parser.add_argument_group("repository options (used when exporting)"))
 
 
 def run(args) -> int:
-    from export.cli import pipeline_parameters
+    from export.cli import parameters_from_args
     from export.repository import has_artifacts, write_repository
     from serving.defaults import default_checkpoint
     from serving.triton_server import TritonServer
@@ -43,7 +31,7 @@ def run(args) -> int:
             backend=args.backend,
             gpu=args.gpu,
             max_size=args.max_size,
-            pipeline_parameters=pipeline_parameters(args),
+            pipeline_parameters=parameters_from_args(args),
             unary_instances=args.unary_instances,
         )
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file)

@@ -8,16 +8,6 @@ from export.cli import pipeline_parameters
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def repository_parameters(**overrides) -> dict:
-    """The pipeline parameters `ldm export` writes by default, with overrides."""
-    class Args:
-        unet, no_step_batching, max_rows, max_active, max_queue = "inprocess", False, 32, 16, 64
-
-    for key, value in overrides.items():
-        setattr(Args, key, value)
-    return pipeline_parameters(Args)
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from training.tiny_checkpoint import write_tiny_checkpoint
@@ -30,7 +20,7 @@ def tiny_repo(tmp_path_factory, tiny_checkpoint):
     from export.repository import write_repository
 
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=repository_parameters(), log=lambda *a: None)
+    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
     return repo
 
 

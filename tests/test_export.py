@@ -7,12 +7,12 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.checkpoint import CheckpointInfo
+from export.cli import pipeline_parameters
 from export.contracts import component_contracts
 from export.onnx_export import TOLERANCE, check_parity, export_component
 from export.repository import MAX_BATCH
 from export.torch_modules import load_module
 from export.triton_config import BACKENDS, component_config, to_pbtxt
-from tests.conftest import repository_parameters
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 
@@ -55,7 +55,7 @@ def test_every_generated_config_parses(tiny_repo):
     assert configs["pipeline"].model_transaction_policy.decoupled
     assert not configs["pipeline_unary"].model_transaction_policy.decoupled
     params = {k: v.string_value for k, v in configs["pipeline"].parameters.items()}
-    assert params == {k: str(v) for k, v in repository_parameters().items()}
+    assert params == {k: str(v) for k, v in pipeline_parameters().items()}
     unet_inputs = {i.name: i for i in configs["unet"].input}
     assert list(unet_inputs["timestep"].dims) == [1] and unet_inputs["timestep"].HasField("reshape")
     assert configs["unet"].max_batch_size == MAX_BATCH["unet"]

@@ -6,14 +6,15 @@ import shutil
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from export.triton_config import pipeline_config, to_pbtxt
+from export.cli import pipeline_parameters
+from export.repository import write_pipeline_config
 from serving.client import LdmClient, request_arrays
 from serving.triton_server import TritonServer
-from tests.conftest import repository_parameters
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
 
@@ -37,8 +38,8 @@ def small_server(tiny_repo, tmp_path_factory):
     """The tiny model with a small admission bound, to overload it on purpose."""
     repo = tmp_path_factory.mktemp("small") / "repo"
     shutil.copytree(tiny_repo, repo)
-    params = repository_parameters(max_active=MAX_ACTIVE, max_queue=MAX_QUEUE)
-    (repo / "pipeline" / "config.pbtxt").write_text(to_pbtxt(pipeline_config(params)))
+    params = pipeline_parameters(max_active=MAX_ACTIVE, max_queue=MAX_QUEUE)
+    write_pipeline_config(repo, params)
     with TritonServer(repo, log_file=repo.parent / "tritonserver.log") as server:
         yield server
 
@@ -124,4 +125,33 @@ def test_metrics_describe_the_batch(server):
     for name in ("ldm_queue_length", "ldm_active_requests", "ldm_step_latency_last_seconds", "ldm_images_completed_total",
                  "ldm_cancellations_total", "ldm_rejections_total", "ldm_unet_rows_total", "ldm_step_seconds_total"):
         assert name in m
-    assert m["ldm_unet_rows_total"] >= 2 * m["ldm_unet_steps_total"] > 0
+    assert m["ldm_unet_rows_total"] >= m["ldm_unet_steps_total"] > 0  # 1 row per job without guidance, 2 with
+
+
+def test_served_image_is_the_same_alone_and_in_a_crowd(server):
+    target = dict(prompt="a large red circle on the left", seed=77, steps=15, guidance_scale=5.0)
+    crowd = [dict(prompt=p, seed=i, steps=s, guidance_scale=g, eta=e)
+             for i, (p, s, g, e) in enumerate([("a blue square", 30, 7.5, 0.0), ("a green star", 25, 1.0, 0.0),
+                                                ("a yellow circle", 40, 3.0, 0.5), ("two cats", 35, 5.0, 1.0),
+                                                ("a white circle", 30, 9.0, 0.0), ("a black square", 28, 5.0, 0.0),
+                                                ("an orange star", 33, 2.0, 0.3), ("a purple circle", 26, 5.0, 0.0)])]
+    with LdmClient(server.grpc_url) as client:
+        alone = client.generate(**target)
+
+    def one(fields):
+        with LdmClient(server.grpc_url) as client:
+            return client.generate(**fields)
+
+    before = metrics(server)
+    with ThreadPoolExecutor(len(crowd) + 1) as pool:
+        futures = [pool.submit(one, fields) for fields in crowd]
+        time.sleep(0.3)  # the crowd is mid-flight when the target arrives
+        together = pool.submit(one, target).result()
+        assert all(f.result().shape == (32, 32, 3) for f in futures)
+    assert wait_for(lambda: metrics(server)["ldm_unet_steps_total"] > before["ldm_unet_steps_total"])
+    after = metrics(server)
+    mean_rows = (after["ldm_unet_rows_total"] - before["ldm_unet_rows_total"]) / (after["ldm_unet_steps_total"] - before["ldm_unet_steps_total"])
+    assert mean_rows > 3, mean_rows  # requests really shared UNet calls
+    difference = np.abs(alone.astype(int) - together.astype(int))
+    print(f"served alone vs in a crowd of 8: mean abs difference {difference.mean():.4f}/255 (max {difference.max()})")
+    assert difference.mean() <= 1.0

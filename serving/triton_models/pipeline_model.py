@@ -114,8 +114,11 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-            self.service.submit(inputs, TritonSink(request))
+            sink = TritonSink(request)
+            try:
+                self.service.submit({t.name(): t.as_numpy() for t in request.inputs()}, sink)
+            except Exception as exc:  # every request ends with a FINAL response, whatever broke
+                sink.fail("INTERNAL", f"pipeline could not accept the request: {exc}")
         return None
 
     def finalize(self):

@@ -1,0 +1,187 @@
+"""`ldm bench`: throughput and latency of the server against the baselines, in one run.
+
+Prints a table of the issue's targets as ratios measured in this run, writes JSON and a PNG of
+latency against offered load. Runs: (c) bare ONNX Runtime loop and (a) diffusers one at a time
+in this process; the step-batched server (closed loop per concurrency, open loop with Poisson
+arrivals at fractions of its measured maximum); the same server with step batching off (b) at
+the same load; and server memory after 100 and 1,000 requests on a fresh server.
+"""
+import json
+from pathlib import Path
+import shutil
+import time
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", help="diffusers checkpoint (default: the shipped model)")
+    parser.add_argument("--out", default="out/bench", help="folder for the repository copy, JSON and plot")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
+    parser.add_argument("--unet", choices=("inprocess", "bls"), default="inprocess")
+    parser.add_argument("--max-active", type=int, default=16, help="requests denoising at once (default: %(default)s)")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop levels (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per load level (default: %(default)s)")
+    parser.add_argument("--load-fractions", default="0.4,0.8", help="open-loop rates as fractions of max throughput")
+    parser.add_argument("--baseline-runs", type=int, default=6, help="requests per in-process baseline")
+    parser.add_argument("--rss-requests", type=int, default=1000, help="requests for the memory check (0: skip)")
+    parser.add_argument("--rss-steps", type=int, default=5, help="denoising steps of the memory-check requests")
+
+
+def server_rss_mb(server) -> float:
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [root] + root.children(recursive=True)) / 2**20
+
+
+def prepare_repositories(checkpoint, out: Path, unet: str, max_active: int) -> dict:
+    """One exported repository, and a copy whose pipeline serves one request at a time."""
+    from export.cli import pipeline_parameters
+    from export.repository import write_pipeline_config, write_repository
+
+    batched = out / "repo-batched"
+    write_repository(checkpoint, batched, pipeline_parameters=pipeline_parameters(unet=unet, max_active=max_active, max_rows=2 * max_active, max_queue=256), log=lambda *a: None)
+    sequential = out / "repo-sequential"
+    if sequential.exists():
+        shutil.rmtree(sequential)
+    shutil.copytree(batched, sequential)
+    write_pipeline_config(sequential, pipeline_parameters(unet=unet, step_batching=False, max_queue=256))
+    return {"batched": batched, "sequential": sequential}
+
+
+PROMPTS = [
+    "a large red circle on the left of a blue background",
+    "a small green square at the top",
+    "a yellow triangle on the right",
+    "a purple circle above an orange square",
+]
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from export.checkpoint import CheckpointInfo
+    from serving.baselines import BareOnnxLoop, diffusers_latencies
+    from serving.defaults import default_checkpoint
+    from serving.loadgen import closed_loop, open_loop
+    from serving.triton_server import TritonServer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    size = args.size or CheckpointInfo.read(checkpoint).native_size
+    fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]
+    report = {"checkpoint": str(checkpoint), "steps": args.steps, "guidance": args.guidance, "size": size, "unet": args.unet,
+              "max_active": args.max_active}
+    print(f"bench: {checkpoint}, {size}x{size}, {args.steps} steps, guidance {args.guidance}, unet {args.unet}, max_active {args.max_active}", flush=True)
+
+    repos = prepare_repositories(checkpoint, out, args.unet, args.max_active)
+    bare = BareOnnxLoop(repos["batched"])
+    bare.latencies(prompts[:1], args.steps, args.guidance, size)  # warm-up
+    report["c_bare_onnx_latency_s"] = float(np.median(bare.latencies(prompts, args.steps, args.guidance, size)))
+    del bare
+    report["a_diffusers_latency_s"] = float(np.median(diffusers_latencies(checkpoint, prompts, args.steps, args.guidance, size)))
+    report["a_diffusers_throughput"] = 1.0 / report["a_diffusers_latency_s"]
+    print(f"  (c) bare ONNX loop {report['c_bare_onnx_latency_s']:.3f} s; (a) diffusers {report['a_diffusers_latency_s']:.3f} s", flush=True)
+
+    runs = []
+    with TritonServer(repos["batched"], log_file=out / "tritonserver-batched.log") as server:
+        closed_loop(server.grpc_url, fields, 2, 4)  # warm-up
+        unloaded = closed_loop(server.grpc_url, fields, 1, max(8, args.requests // 4)).summary()
+        report["unloaded_latency_s"] = unloaded["latency_p50_s"]
+        for c in map(int, args.concurrency.split(",")):
+            runs.append({"server": "batched", **closed_loop(server.grpc_url, fields, c, args.requests, seed0=1000 * c).summary()})
+            print(f"  batched closed C={c}: {runs[-1]['throughput_images_per_s']:.2f} img/s, p50 {runs[-1]['latency_p50_s']:.3f} s", flush=True)
+        max_throughput = max(r["throughput_images_per_s"] for r in runs)
+        report["max_throughput"] = max_throughput
+        for fraction in map(float, args.load_fractions.split(",")):
+            rate = fraction * max_throughput
+            runs.append({"server": "batched", "fraction": fraction, **open_loop(server.grpc_url, fields, rate, args.requests, seed0=7).summary()})
+            print(f"  batched open {rate:.2f}/s: p50 {runs[-1]['latency_p50_s']:.3f} s, p99 {runs[-1]['latency_p99_s']:.3f} s", flush=True)
+
+    with TritonServer(repos["sequential"], log_file=out / "tritonserver-sequential.log") as server:
+        closed_loop(server.grpc_url, fields, 1, 2)  # warm-up
+        runs.append({"server": "sequential", **closed_loop(server.grpc_url, fields, 16, args.requests // 2).summary()})
+        print(f"  (b) sequential closed C=16: {runs[-1]['throughput_images_per_s']:.2f} img/s", flush=True)
+        for fraction in map(float, args.load_fractions.split(",")):
+            rate = fraction * max_throughput
+            runs.append({"server": "sequential", "fraction": fraction, **open_loop(server.grpc_url, fields, rate, args.requests, seed0=7).summary()})
+            print(f"  (b) sequential open {rate:.2f}/s: mean {runs[-1]['latency_mean_s']:.3f} s", flush=True)
+    report["runs"] = runs
+
+    if args.rss_requests:
+        rss_fields = {**fields, "steps": args.rss_steps}
+        with TritonServer(repos["batched"], log_file=out / "tritonserver-rss.log") as server:
+            closed_loop(server.grpc_url, rss_fields, 16, 100)
+            report["rss_mb_after_100"] = server_rss_mb(server)
+            closed_loop(server.grpc_url, rss_fields, 16, args.rss_requests - 100, seed0=100)
+            report[f"rss_mb_after_{args.rss_requests}"] = server_rss_mb(server)
+        print(f"  RSS {report['rss_mb_after_100']:.0f} MB after 100, {report[f'rss_mb_after_{args.rss_requests}']:.0f} MB after {args.rss_requests}", flush=True)
+
+    report["targets"] = targets(report, args)
+    print_targets(report["targets"])
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / "latency_vs_load.png")
+    print(f"wrote {out / 'bench.json'} and {out / 'latency_vs_load.png'}")
+    return 0
+
+
+def _run(report, server, mode, **match):
+    for r in report["runs"]:
+        if r["server"] == server and r["mode"] == mode and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def targets(report, args) -> list:
+    rows = []
+    c16 = _run(report, "batched", "closed", offered=16)
+    if c16:
+        ratio = c16["throughput_images_per_s"] / report["a_diffusers_throughput"]
+        rows.append(("throughput at concurrency 16 / diffusers one-at-a-time", ratio, ">= 3", ratio >= 3))
+    ratio = report["unloaded_latency_s"] / report["c_bare_onnx_latency_s"]
+    rows.append(("single-request latency / bare ONNX loop", ratio, "<= 1.25", ratio <= 1.25))
+    loaded = _run(report, "batched", "open", fraction=0.8)
+    sequential = _run(report, "sequential", "open", fraction=0.8)
+    if loaded:
+        ratio = loaded["latency_p99_s"] / report["unloaded_latency_s"]
+        rows.append(("p99 at 80% of max throughput / unloaded latency", ratio, "<= 3", ratio <= 3))
+    if loaded and sequential:
+        reduction = 1 - loaded["latency_mean_s"] / sequential["latency_mean_s"]
+        rows.append(("mean latency at 80% load, reduction vs step batching off", reduction, ">= 0.30", reduction >= 0.30))
+    if args.rss_requests:
+        growth = report[f"rss_mb_after_{args.rss_requests}"] / report["rss_mb_after_100"] - 1
+        rows.append((f"server RSS growth, 100 -> {args.rss_requests} requests", growth, "<= 0.10", growth <= 0.10))
+    return [{"target": t, "measured": round(v, 3), "required": req, "met": bool(ok)} for t, v, req, ok in rows]
+
+
+def print_targets(rows) -> None:
+    print("\n| target | measured | required | met |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['target']} | {row['measured']} | {row['required']} | {'yes' if row['met'] else 'NO'} |")
+
+
+def plot(report, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for server, colour in (("batched", "tab:blue"), ("sequential", "tab:red")):
+        runs = sorted((r for r in report["runs"] if r["server"] == server and r["mode"] == "open"), key=lambda r: r["offered"])
+        if runs:
+            x = [r["offered"] for r in runs]
+            label = "step batching" if server == "batched" else "request at a time (b)"
+            ax.plot(x, [r["latency_p50_s"] for r in runs], "o-", color=colour, label=f"{label} p50")
+            ax.plot(x, [r["latency_p99_s"] for r in runs], "s--", color=colour, label=f"{label} p99")
+    ax.axhline(report["unloaded_latency_s"], color="grey", lw=0.8, label="unloaded latency")
+    ax.set_xlabel("offered load (requests/s, Poisson)")
+    ax.set_ylabel("latency (s)")
+    ax.set_yscale("log")
+    ax.set_title(f"{report['size']}px, {report['steps']} steps, guidance {report['guidance']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

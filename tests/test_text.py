@@ -1,0 +1,47 @@
+"""Prompt tokenization shared by Triton's request thread and the engine thread."""
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from serving.request import InvalidInput
+from serving.text import PromptTokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_repo):
+    return PromptTokenizer(tiny_repo / "pipeline" / "1" / "tokenizer", 16)
+
+
+def test_encode_pads_to_the_text_length_and_check_counts_tokens(tokenizer):
+    ids = tokenizer.encode(["a red circle", ""])
+    assert ids.shape == (2, 16) and ids.dtype == np.int64
+    tokenizer.check("prompt", "red " * 14)
+    with pytest.raises(InvalidInput, match="prompt: is 17 tokens long; at most 16"):
+        tokenizer.check("prompt", "red " * 15)
+
+
+def test_checking_and_encoding_from_two_threads_never_gives_ragged_batches(tokenizer):
+    stop, errors = threading.Event(), []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so an unguarded interleaving shows at once
+
+    def validate():
+        while not stop.is_set():
+            tokenizer.check("prompt", "a large red circle on the left of a blue background")
+
+    checker = threading.Thread(target=validate)
+    checker.start()
+    try:
+        for _ in range(2000):
+            try:
+                assert tokenizer.encode(["a red circle", "", "a blue square above a green star"]).shape == (3, 16)
+            except Exception as exc:  # ragged output from interleaved settings
+                errors.append(exc)
+                break
+    finally:
+        stop.set()
+        checker.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors
