@@ -29,6 +29,22 @@ def _counts(replicas: list[Replica], expected_total: int | None = None, timeout_
         time.sleep(0.2)
 
 
+def _nginx_split(lb: NginxGrpcLB, replicas: list[Replica], since: float, expected: int,
+                 timeout_s: float = 5) -> dict:
+    """Calls per replica as nginx logged them (by the replica that finally served each call);
+    waits (bounded) for the last lines, which nginx writes just after the client has its answer."""
+    by_addr = {r.grpc_addr: r.name for r in replicas}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        split = {r.name: 0 for r in replicas}
+        for e in lb.log_entries():
+            if e["t"] >= since and e["upstreams"] and e["uri"].endswith("/ModelStreamInfer"):
+                split[by_addr[e["upstreams"][-1]]] += 1
+        if sum(split.values()) >= expected or time.monotonic() > deadline:
+            return split
+        time.sleep(0.05)
+
+
 def _in_flight(replica: Replica, received_before: int, lb: NginxGrpcLB, since: float) -> int:
     """Calls running on `replica` now: what it accepted (its Triton counter; the decoupled
     pipeline counts a request when it is enqueued) minus the calls nginx has logged as ended
@@ -77,11 +93,13 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
 
         # Phase 1: spread. Every call goes through nginx; each replica counts what it served.
         before = _counts(replicas)
+        spread_start = time.time()
         spread = LoadRun(make, spread_requests, concurrency, gen_kwargs, policy).start()
         finished = spread.join(phase_timeout_s)
         spread_summary = summarize(spread.records)
         after = _counts(replicas, before_total(before) + spread_summary["completed"])
         per_replica = {name: after[name] - before[name] for name in after}
+        per_replica_nginx = _nginx_split(lb, replicas, spread_start, spread_summary["attempts"])
         log(f"spread: {spread_summary} per replica {per_replica}")
 
         # Phase 1b: no proxy, client-side round robin over the replicas (headless Service).
@@ -128,7 +146,8 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         victim_addr = victim.grpc_addr
         entries = [e for e in lb.log_entries() if e["uri"].endswith("/ModelInfer")
                    or e["uri"].endswith("/ModelStreamInfer")]
-        after_kill = [e for e in entries if e["t"] >= kill_done_wall]
+        # Calls nginx received after the victim was dead (their lines say where they went).
+        after_kill = [e for e in entries if e["start"] >= kill_done_wall]
         # Calls that were running on the victim when it died: nginx logs them as 502 (the victim
         # died before answering) or as 200 without a grpc-status (the image had been streamed,
         # only the call's trailer was lost: the client already has its result).
@@ -142,7 +161,7 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
             "pids": sorted({p.pid for r in replicas for p in r._group_members()} | {lb.proc.pid}
                            | {p.pid for p in psutil.Process(lb.proc.pid).children()}),
             "client_side": client_side,
-            "spread": {"finished": finished, **spread_summary,
+            "spread": {"finished": finished, **spread_summary, "per_replica_nginx": per_replica_nginx,
                        "failed_attempt_messages": [m for r in spread.records for m in r.messages], "per_replica": per_replica,
                        "share": _shares(per_replica)},
             "failover": {
@@ -155,7 +174,7 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
                 "started_after_kill_needing_retry": sum(r.attempts > 1 for r in started_after_kill),
                 "victim_calls_failed_by_kill": sum(e["status"] == "502" for e in on_victim_at_kill),
                 "victim_calls_cut_after_image": sum(e["status"] == "200" for e in on_victim_at_kill),
-                "nginx_calls_ending_after_kill": len(after_kill),
+                "nginx_calls_started_after_kill": len(after_kill),
                 "nginx_after_kill_tried_victim": sum(victim_addr in e["upstreams"] for e in after_kill),
                 "nginx_after_kill_served_by_victim": sum(
                     e["upstreams"][-1:] == [victim_addr] and e["status"] == "200" and e["grpc"] in ("", "0")

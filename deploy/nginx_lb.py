@@ -108,17 +108,18 @@ class NginxGrpcLB:
         self.stop()
 
     def log_entries(self) -> list[dict]:
-        """Parsed access-log lines: time, status, grpc status, upstream address list."""
+        """Parsed access-log lines: end and start time, status, grpc status, upstream list."""
         if not self.access_log.exists():
             return []
         pattern = re.compile(r"^(?P<t>[\d.]+) (?P<uri>\S+) status=(?P<status>\d+) grpc=(?P<grpc>\S*) "
-                             r"upstream=(?P<upstream>.*) upstream_status=(?P<ustatus>.*)$")
+                             r"rt=(?P<rt>[\d.]+) upstream=(?P<upstream>.*) upstream_status=(?P<ustatus>.*)$")
         entries = []
         for line in self.access_log.read_text().splitlines():
             m = pattern.match(line)
             if m:
                 d = m.groupdict()
-                d["t"] = float(d["t"])
+                d["t"] = float(d["t"])                   # when the call ended
+                d["start"] = d["t"] - float(d["rt"])     # when nginx received it
                 # "a:1, b:2" when nginx moved the call to another replica.
                 d["upstreams"] = re.findall(r"\d+\.\d+\.\d+\.\d+:\d+", d["upstream"])
                 entries.append(d)
