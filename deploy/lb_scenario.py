@@ -77,7 +77,7 @@ def _wait_for_victim_busy(run: LoadRun, victim: Replica, received_before: int, l
 def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, spread_requests: int = 12,
                  failover_requests: int = 12, concurrency: int = 4, gen_kwargs: dict | None = None,
                  policy: RetryPolicy = RetryPolicy(), ready_timeout_s: float = 120,
-                 client_side_requests: int = 0,
+                 client_side_requests: int = 0, kill_when_running: int = 2,
                  phase_timeout_s: float = 120, log=print) -> dict:
     gen_kwargs = gen_kwargs or {}
     workdir = Path(workdir)
@@ -129,7 +129,8 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         # more start: the crash always lands mid-load, with calls before and after it.
         failover = LoadRun(make, 50 * failover_requests, concurrency, gen_kwargs, policy).start()
         victim_busy = _wait_for_victim_busy(failover, victim, before[victim.name], lb, phase_start,
-                                            min_completed=2 * concurrency, timeout_s=phase_timeout_s / 4)
+                                            min_completed=2 * concurrency, timeout_s=phase_timeout_s / 4,
+                                            want=kill_when_running)
         victim_before_kill = int(victim.metric(SUCCESS) or 0) - before[victim.name]
         kill_wall = time.time()
         kill_done_wall = victim.crash()
