@@ -6,8 +6,6 @@ is the same, given by the gRPC service config below.
 """
 import json
 
-import tritonclient.grpc as grpcclient
-
 from serving.client import LdmClient
 
 SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}]}
@@ -27,8 +25,4 @@ def loopback_target(addresses: list[str]) -> str:
 
 def round_robin_client(target: str, timeout_s: float = 600.0) -> LdmClient:
     """An LdmClient whose gRPC channel balances per call over every address of `target`."""
-    client = LdmClient(target, protocol="grpc", timeout_s=timeout_s)
-    # LdmClient has no channel options yet: swap in a tritonclient built with them.
-    client.client.close()
-    client.client = grpcclient.InferenceServerClient(target, channel_args=CHANNEL_ARGS)
-    return client
+    return LdmClient(target, protocol="grpc", timeout_s=timeout_s, channel_args=CHANNEL_ARGS)

@@ -8,8 +8,8 @@ on another replica returns the same image; the only cost is the compute repeated
 What is retried (InferenceServerException.status(), compared without tritonclient's
 "StatusCode." prefix, so the pipeline's own coded errors and transport errors match alike):
   * UNAVAILABLE — the replica or the connection to it went away (process
-    killed, pod drained, connection reset; also tritonclient's status-less "stream is no
-    longer in valid state", raised when the stream broke before the request was sent), the proxy found no live upstream (nginx / an
+    killed, pod drained, connection reset, a stream that broke before the request was sent:
+    serving.client reports that as UNAVAILABLE), the proxy found no live upstream (nginx / an
     Ingress answers 502/503/504, which gRPC clients see as UNAVAILABLE), or Triton refused
     the request (server not ready, the pipeline's queue full: `--max-queue`).
   * HTTP 502, 503, 504 — the same conditions over Triton's HTTP protocol.
@@ -39,20 +39,11 @@ T = TypeVar("T")
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "502", "503", "504"})
 
 
-# tritonclient raises this, with no status, when a request is put on a gRPC stream whose
-# transport has already failed; the transport's own error (e.g. UNAVAILABLE after a proxy's
-# 502) went to the stream callback instead. Seen when a replica dies just as a new stream is
-# routed to it. The request was never sent, so it is as retryable as UNAVAILABLE.
-_BROKEN_STREAM = "The stream is no longer in valid state"
-
 
 def status_code(error: BaseException) -> str:
-    """"UNAVAILABLE" for "StatusCode.UNAVAILABLE" (gRPC transport), "UNAVAILABLE" (the
-    pipeline's coded errors) and a stream broken before the request went out; the
-    exception's class name for other exceptions."""
+    """"UNAVAILABLE" for "StatusCode.UNAVAILABLE" (gRPC transport) and "UNAVAILABLE" (the
+    pipeline's coded errors); the exception's class name for other exceptions."""
     if isinstance(error, InferenceServerException):
-        if error.status() is None and _BROKEN_STREAM in str(error.message()):
-            return "UNAVAILABLE"
         return str(error.status()).removeprefix("StatusCode.")
     return type(error).__name__
 

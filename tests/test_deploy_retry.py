@@ -20,15 +20,6 @@ def _failing(statuses, result="image", msg="boom"):
     return call
 
 
-def test_stream_broken_before_sending_counts_as_unavailable():
-    # tritonclient's own text when a stream's transport failed before the request went out.
-    text = ("The stream is no longer in valid state, the error detail is reported through provided "
-            "callback. A new stream should be started after stopping the current stream.")
-    stats = RetryStats()
-    assert call_with_retry(_failing([None], msg=text), RetryPolicy(), stats, lambda s: None) == "image"
-    assert stats.errors == {"UNAVAILABLE": 1} and stats.recovered == 1
-
-
 def test_unavailable_is_retried_until_success():
     stats, sleeps = RetryStats(), []
     # gRPC transport form, the pipeline's coded form, and a proxy's HTTP status.
