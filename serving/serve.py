@@ -1,4 +1,6 @@
 """`ldm serve`: export the model repository if needed, run tritonserver until Ctrl-C/SIGTERM."""
+import json
+from pathlib import Path
 import signal
 import threading
 
@@ -26,6 +28,8 @@ def run(args) -> int:
 
     if args.checkpoint or not has_artifacts(args.repo):
         export_with_options(args.checkpoint or default_checkpoint(), args)
+    recorded = json.loads((Path(args.repo) / "pipeline" / "1" / "pipeline.json").read_text())["checkpoint"]
+    print(f"model: {recorded} (pass --checkpoint to serve another)", flush=True)
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
