@@ -44,11 +44,12 @@ def parameters_from_args(args) -> dict:
     return pipeline_parameters(args.unet, not args.no_step_batching, args.max_rows, args.max_active, args.max_queue)
 
 
-def run(args) -> int:
+def export_with_options(checkpoint, args) -> dict:
+    """Writes args.repo from `checkpoint` with the repository options of `args`."""
     from export.repository import write_repository
 
-    write_repository(
-        args.checkpoint,
+    return write_repository(
+        checkpoint,
         args.repo,
         backend=args.backend,
         gpu=args.gpu,
@@ -56,4 +57,8 @@ def run(args) -> int:
         pipeline_parameters=parameters_from_args(args),
         unary_instances=args.unary_instances,
     )
+
+
+def run(args) -> int:
+    export_with_options(args.checkpoint, args)
     return 0

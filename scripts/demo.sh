@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 HTTP_PORT=${LDM_HTTP_PORT:-8000} GRPC_PORT=${LDM_GRPC_PORT:-8001} METRICS_PORT=${LDM_METRICS_PORT:-8002}
 mkdir -p out
-.venv/bin/ldm serve --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
+# the shipped model when present (re-exported only if it changed), else a tiny random one
+model=()
+if [ -f checkpoints/ldm-shapes/model_index.json ]; then model=(--checkpoint checkpoints/ldm-shapes); fi
+.venv/bin/ldm serve "${model[@]}" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
   --log-file out/tritonserver.log > out/serve.log 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT

@@ -51,7 +51,10 @@ def request_arrays(prompt, negative_prompt=None, seed=None, steps=None, guidance
 
 
 class LdmClient:
-    def __init__(self, url: str, protocol: str = "grpc", unary: bool = False, timeout_s: float = 600.0):
+    def __init__(self, url: str, protocol: str = "grpc", unary: bool = False, timeout_s: float = 600.0,
+                 channel_args=None):
+        """channel_args (gRPC only): grpc channel options, e.g. a round-robin service config;
+        they replace tritonclient's defaults, so repeat its message-size limits."""
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
         self.protocol = protocol
@@ -62,7 +65,10 @@ class LdmClient:
         else:
             import tritonclient.http as module
         self.module = module
-        self.client = module.InferenceServerClient(url, network_timeout=timeout_s) if protocol == "http" else module.InferenceServerClient(url)
+        if protocol == "http":
+            self.client = module.InferenceServerClient(url, network_timeout=timeout_s)
+        else:
+            self.client = module.InferenceServerClient(url, channel_args=channel_args)
 
     def close(self) -> None:
         self.client.close()
@@ -106,7 +112,21 @@ class LdmClient:
         self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
         generation = Generation(None, 0)
         try:
-            self.client.async_stream_infer(STREAM_MODEL, self._inputs(arrays))
+            try:
+                self.client.async_stream_infer(STREAM_MODEL, self._inputs(arrays))
+            except InferenceServerException:
+                # The stream's transport failed before the request left (a replica died as the
+                # stream opened): tritonclient raises a status-less error here and hands the
+                # real one to the callback. Raise that one; without it, UNAVAILABLE.
+                try:
+                    _, error = responses.get(timeout=1.0)
+                except queue.Empty:
+                    error = None
+                status = (error.status() if error is not None else None) or "UNAVAILABLE"
+                raise InferenceServerException(
+                    f"stream broke before the request was sent: {error.message() if error else 'no detail'}",
+                    status=str(status).removeprefix("StatusCode."),
+                ) from None
             while True:
                 try:
                     result, error = responses.get(timeout=self.timeout_s)

@@ -16,6 +16,16 @@ class InvalidInput(ValueError):
         self.field = field_name
 
 
+def config_parameter(params: dict, key: str, cast, default):
+    """A config.pbtxt parameter as `cast`, or `default` when absent; a malformed one is named."""
+    if key not in params or params[key] == "":
+        return default
+    try:
+        return cast(params[key])
+    except ValueError:
+        raise ValueError(f"pipeline config.pbtxt parameter {key}={params[key]!r} is not a valid {cast.__name__}") from None
+
+
 @dataclass(frozen=True)
 class Limits:
     """Defaults and limits, from the pipeline's config.pbtxt parameters and the checkpoint."""
@@ -34,7 +44,7 @@ class Limits:
     @classmethod
     def from_parameters(cls, params: dict, pipeline_info: dict) -> "Limits":
         def get(key, cast, default):
-            return cast(params[key]) if key in params and params[key] != "" else default
+            return config_parameter(params, key, cast, default)
 
         return cls(
             size_multiple=int(pipeline_info["size_multiple"]),

@@ -1,4 +1,6 @@
 """`ldm serve`: export the model repository if needed, run tritonserver until Ctrl-C/SIGTERM."""
+import json
+from pathlib import Path
 import signal
 import threading
 
@@ -19,21 +21,15 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from export.cli import parameters_from_args
-    from export.repository import has_artifacts, write_repository
+    from export.cli import export_with_options
+    from export.repository import has_artifacts
     from serving.defaults import default_checkpoint
     from serving.triton_server import TritonServer
 
     if args.checkpoint or not has_artifacts(args.repo):
-        write_repository(
-            args.checkpoint or default_checkpoint(),
-            args.repo,
-            backend=args.backend,
-            gpu=args.gpu,
-            max_size=args.max_size,
-            pipeline_parameters=parameters_from_args(args),
-            unary_instances=args.unary_instances,
-        )
+        export_with_options(args.checkpoint or default_checkpoint(), args)
+    recorded = json.loads((Path(args.repo) / "pipeline" / "1" / "pipeline.json").read_text())["checkpoint"]
+    print(f"model: {recorded} (pass --checkpoint to serve another)", flush=True)
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,7 +8,7 @@ import secrets
 from serving.engine import Engine
 from serving.job import INVALID_ARG, UNAVAILABLE, Job
 from serving.preview import LatentPreview
-from serving.request import InvalidInput, Limits, parse_request
+from serving.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.runner import Runner
 from serving.sampler import DDIMSchedule
 from serving.scheduler import QueueFull, SchedulerConfig, StepScheduler
@@ -35,11 +35,14 @@ class PipelineAssets:
 
 def scheduler_config(params: dict) -> SchedulerConfig:
     defaults = SchedulerConfig()
+    step_batching = params.get("step_batching", "true").lower()
+    if step_batching not in ("true", "false"):
+        raise ValueError(f"pipeline config.pbtxt parameter step_batching={step_batching!r} must be true or false")
     return SchedulerConfig(
-        max_rows=int(params.get("max_rows", defaults.max_rows)),
-        max_active=int(params.get("max_active", defaults.max_active)),
-        max_queue=int(params.get("max_queue", defaults.max_queue)),
-        step_batching=params.get("step_batching", "true").lower() == "true",
+        max_rows=config_parameter(params, "max_rows", int, defaults.max_rows),
+        max_active=config_parameter(params, "max_active", int, defaults.max_active),
+        max_queue=config_parameter(params, "max_queue", int, defaults.max_queue),
+        step_batching=step_batching == "true",
     )
 
 

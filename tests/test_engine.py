@@ -139,3 +139,10 @@ def test_full_queue_refuses_and_every_accepted_request_ends(tiny_repo, models):
     assert len(refused) == 12 - 3 and all(s.error[0] == "UNAVAILABLE" for s in refused)
     assert sum(s.image is not None for s in sinks) == 3
     assert service.engine.stats.rejected == 9
+
+
+def test_malformed_config_parameters_are_named(tiny_repo, models):
+    with pytest.raises(ValueError, match=r"parameter max_rows='many' is not a valid int"):
+        make_service(tiny_repo, models, max_rows="many")
+    with pytest.raises(ValueError, match=r"parameter step_batching='yes' must be true or false"):
+        make_service(tiny_repo, models, step_batching="yes")

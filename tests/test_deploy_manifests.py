@@ -1,0 +1,310 @@
+"""Offline checks of the Kubernetes deployment (deploy/k8s) and the container recipe.
+
+No cluster here: the kustomize tree is rendered with `kubectl kustomize`, every object is
+validated against the Kubernetes OpenAPI schemas bundled in kubernetes-validate (--strict:
+unknown fields are errors), manifests and Dockerfile are linted with checkov, and the
+properties the deployment depends on are asserted on the rendered objects.
+"""
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.tools import REPO, require
+
+K8S = REPO / "deploy" / "k8s"
+OVERLAYS = ["cpu", "gpu"]
+# Custom resources: kubernetes-validate has no schema for them (it warns); their shape is
+# asserted below instead.
+CRD_KINDS = {"GRPCRoute", "Gateway", "PodMonitor", "PrometheusRule"}
+CLUSTER_SCOPED = {"Namespace"}
+NAMESPACE = "ldm-serving"
+
+
+def _render(path: Path) -> str:
+    kubectl = require("kubectl")
+    done = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, str]:
+    """Rendered YAML per target: the two overlays and the prometheus-adapter rules."""
+    targets = {name: K8S / "overlays" / name for name in OVERLAYS}
+    targets["monitoring"] = K8S / "monitoring"
+    return {name: _render(path) for name, path in targets.items()}
+
+
+@pytest.fixture(scope="module")
+def objects(rendered) -> dict[str, list[dict]]:
+    return {name: [o for o in yaml.safe_load_all(text) if o] for name, text in rendered.items()}
+
+
+def _one(objs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _pod_spec(objs):
+    return _one(objs, "Deployment", "ldm-triton")["spec"]["template"]["spec"]
+
+
+def _container(objs, name="triton"):
+    return next(c for c in _pod_spec(objs)["containers"] if c["name"] == name)
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- schema validation and lint -------------------------------------------------------------
+
+@pytest.mark.parametrize("target", OVERLAYS + ["monitoring"])
+def test_every_object_validates_strictly(rendered, objects, target, tmp_path):
+    validator = require("kubernetes-validate")
+    manifest = tmp_path / f"{target}.yaml"
+    manifest.write_text(rendered[target])
+    done = subprocess.run([validator, "--strict", str(manifest)], capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    builtin = [o for o in objects[target] if o["kind"] not in CRD_KINDS]
+    passed = re.findall(r"^INFO .* passed for resource (\S+)", out, re.M)
+    assert len(passed) == len(builtin), out
+    # The only objects without a schema are the known custom resources.
+    missing = set(re.findall(r"Couldn't find schema for kind (\S+)", out))
+    assert missing == {o["kind"] for o in objects[target]} & CRD_KINDS, out
+    assert "ERROR" not in out
+
+
+def test_checkov_finds_nothing(rendered, tmp_path):
+    checkov = require("checkov")
+    for name, text in rendered.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    (tmp_path / "Dockerfile").write_text((REPO / "deploy" / "Dockerfile").read_text())
+    # --skip-download: no calls to the vendor's platform; the built-in checks run offline.
+    done = subprocess.run(
+        [checkov, "-d", str(tmp_path), "--framework", "kubernetes", "dockerfile",
+         "--skip-download", "--output", "json"],
+        capture_output=True, text=True, timeout=300)
+    reports = json.loads(done.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    by_type = {r["check_type"]: r for r in reports}
+    assert set(by_type) == {"kubernetes", "dockerfile"}, done.stdout[:2000]
+    failed = [(c["check_id"], c["resource"], c["check_name"])
+              for r in reports for c in r["results"]["failed_checks"]]
+    assert failed == [], failed
+    assert all(r["summary"]["passed"] > 0 for r in reports)
+    # Every suppression is a documented annotation with a reason, not a blanket skip.
+    for r in reports:
+        for c in r["results"]["skipped_checks"]:
+            assert c["check_id"] == "CKV_K8S_43" and c["check_result"].get("suppress_comment"), c
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+# --- properties of the Deployment -----------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_on_triton_health_endpoints(objects, overlay):
+    triton = _container(objects[overlay])
+    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    expected = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
+                "livenessProbe": "/v2/health/live"}
+    for probe, path in expected.items():
+        get = triton[probe]["httpGet"]
+        assert get["path"] == path and ports[get["port"]] == 8000, (probe, get)
+    # Startup allows minutes of model loading before liveness may restart the pod.
+    startup = triton["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dev_shm_is_memory_backed_and_mounted(objects, overlay):
+    spec = _pod_spec(objects[overlay])
+    mount = next(m for m in _container(objects[overlay])["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+    size = volume["emptyDir"]["sizeLimit"]
+    assert size.endswith("Gi") and int(size[:-2]) >= 1
+    # Memory-backed volumes count against the container's memory limit: it must fit.
+    limit = _container(objects[overlay])["resources"]["limits"]["memory"]
+    assert int(limit[:-2]) > int(size[:-2])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_non_root_and_locked_down(objects, overlay):
+    spec = _pod_spec(objects[overlay])
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] >= 10000
+    assert spec["automountServiceAccountToken"] is False
+    for c in spec["containers"] + spec.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        assert {"requests", "limits"} <= set(c["resources"]), c["name"]
+    # Writable paths under the read-only root are explicit volumes.
+    mounts = {m["mountPath"] for m in _container(objects[overlay])["volumeMounts"]}
+    assert {"/tmp", "/dev/shm", "/model-repository"} <= mounts
+    # The exporter reads the checkpoint and writes the repository the server reads; the server
+    # needs only the repository (the pipeline's tokenizer and scheduler config are copied in).
+    init = spec["initContainers"][0]
+    assert {m["mountPath"] for m in init["volumeMounts"]} >= {"/checkpoint", "/model-repository"}
+
+
+def test_dockerfile_user_matches_security_context(objects):
+    text = (REPO / "deploy" / "Dockerfile").read_text()
+    user = re.findall(r"^USER\s+(\d+)", text, re.M)
+    assert user and int(user[-1]) == _pod_spec(objects["gpu"])["securityContext"]["runAsUser"]
+    base = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert base and all(re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", b) for b in base), base
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_covers_drain(objects, overlay):
+    spec = _pod_spec(objects[overlay])
+    triton = _container(objects[overlay])
+    exit_timeout = next(int(a.split("=")[1]) for a in triton["args"] if a.startswith("--exit-timeout-secs="))
+    pre_stop = triton["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + exit_timeout
+
+
+def test_gpu_overlay_requests_gpus_and_tolerates_taint(objects):
+    spec = _pod_spec(objects["gpu"])
+    for c in [_container(objects["gpu"])] + spec["initContainers"]:
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", c["name"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    # The TensorRT plans are built by the init container on the node's own GPU.
+    args = spec["initContainers"][0]["args"]
+    assert args[args.index("--backend") + 1] == "tensorrt" and "--gpu" in args
+    assert "nvidia.com/gpu" not in json.dumps(objects["cpu"])
+
+
+# --- objects that refer to the Deployment's pods --------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_reach_the_deployment_pods(objects, overlay):
+    objs = objects[overlay]
+    deployment = _one(objs, "Deployment", "ldm-triton")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    assert _matches(_one(objs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
+    assert _matches(_one(objs, "PodMonitor")["spec"]["selector"]["matchLabels"], pod_labels)
+    assert _matches(_one(objs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"], pod_labels)
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        assert _matches(svc["spec"]["selector"], pod_labels), svc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_are_named_and_resolve(objects, overlay):
+    objs = objects[overlay]
+    container_ports = {p["name"]: p["containerPort"] for p in _container(objs)["ports"]}
+    assert container_ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    service = _one(objs, "Service", "ldm-triton")
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "http", "metrics"}
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in container_ports and p["name"] == p["targetPort"]
+    headless = _one(objs, "Service", "ldm-triton-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    grpc = next(p for p in headless["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"
+    for rule in _one(objs, "NetworkPolicy")["spec"]["ingress"]:
+        assert all(p["port"] in container_ports for p in rule["ports"])
+    assert _one(objs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_load_balancer_routes_to_grpc_port(objects, overlay):
+    objs = objects[overlay]
+    service = _one(objs, "Service", "ldm-triton")
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    route = _one(objs, "GRPCRoute")
+    gateway = _one(objs, "Gateway")
+    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    listener = route["spec"]["parentRefs"][0]["sectionName"]
+    assert any(l["name"] == listener and {"kind": "GRPCRoute"} in l["allowedRoutes"]["kinds"]
+               for l in gateway["spec"]["listeners"])
+    backend = route["spec"]["rules"][0]["backendRefs"][0]
+    assert (backend["name"], backend["port"]) == ("ldm-triton", grpc_port)
+    if overlay == "cpu":
+        ingress = _one(objs, "Ingress")
+        assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+        svc_backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert svc_backend == {"name": "ldm-triton", "port": {"name": "grpc"}}
+
+
+def test_local_nginx_config_mirrors_the_ingress(objects):
+    annotations = _one(objects["cpu"], "Ingress")["metadata"]["annotations"]
+    ann = {k.split("/")[1]: v for k, v in annotations.items()}
+    conf = (REPO / "deploy" / "nginx" / "ldm-grpc-lb.conf.template").read_text()
+
+    def directive(name):
+        m = re.search(rf"^\s*{name}\s+([^;]+);", conf, re.M)
+        assert m, name
+        return m.group(1)
+
+    assert directive("grpc_next_upstream") == ann["proxy-next-upstream"]
+    assert directive("grpc_next_upstream_tries") == ann["proxy-next-upstream-tries"]
+    assert directive("grpc_read_timeout") == ann["proxy-read-timeout"] + "s"
+    assert directive("grpc_send_timeout") == ann["proxy-send-timeout"] + "s"
+    assert directive("grpc_connect_timeout") == ann["proxy-connect-timeout"] + "s"
+    assert directive("client_max_body_size") == ann["proxy-body-size"]
+    assert re.search(r"grpc_pass\s+grpc://", conf)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_scales_the_deployment_on_the_queue_metric(objects, overlay):
+    objs = objects[overlay]
+    hpa = _one(objs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", "ldm-triton")
+    assert hpa["spec"]["minReplicas"] >= 2
+    pdb = _one(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
+    metric_names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert all(m["type"] == "Pods" for m in hpa["spec"]["metrics"])
+    # Every HPA metric is served by a prometheus-adapter rule, per pod.
+    adapter = yaml.safe_load(_one(objects["monitoring"], "ConfigMap")["data"]["config.yaml"])
+    rules = {r["name"]["as"]: r for r in adapter["rules"]}
+    assert metric_names <= set(rules)
+    for name in metric_names:
+        assert rules[name]["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    # The pipeline's own waiting line, as its model exports it (serving/metrics.py).
+    from serving.metrics import METRICS
+
+    assert "ldm_queue_length" in metric_names
+    series = rules["ldm_queue_length"]["seriesQuery"].split("{")[0].strip("'")
+    assert series in {name for name, _, kind, _ in METRICS if kind == "gauge"}
+    # The Triton ratio: HPA <- adapter rule <- recording rule <- Triton's counters.
+    series = rules["ldm_triton_queue_to_compute_ratio"]["seriesQuery"].split("{")[0].strip("'")
+    recording = [r for g in _one(objs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    expr = next(r["expr"] for r in recording if r["record"] == series)
+    assert "nv_inference_queue_duration_us" in expr and "nv_inference_compute_infer_duration_us" in expr
+    assert "by (namespace, pod)" in expr
+
+
+# --- hygiene over every object --------------------------------------------------------------
+
+@pytest.mark.parametrize("target", OVERLAYS + ["monitoring"])
+def test_no_latest_tags_no_inline_secrets_right_namespace(objects, target):
+    expected_ns = "monitoring" if target == "monitoring" else NAMESPACE
+    for obj in objects[target]:
+        assert obj["kind"] != "Secret", "secrets are referenced, never committed"
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"].get("namespace") == expected_ns, (obj["kind"], obj["metadata"]["name"])
+        spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            image = c["image"]
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), image
+            assert not image.endswith(":latest") and ":latest@" not in image, image
+            for env in c.get("env", []):
+                if re.search(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", env["name"], re.I):
+                    assert "value" not in env, f"{env['name']} must come from a Secret (valueFrom)"
+        text = json.dumps(obj)
+        assert not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|AKIA[0-9A-Z]{16}", text)
