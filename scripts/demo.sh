@@ -19,7 +19,7 @@ until grep -q "^ready" out/serve.log; do
   sleep 1
 done
 grep "^ready" out/serve.log
-.venv/bin/ldm generate "a large red circle on the left of a blue background" --seed 7 \
+.venv/bin/ldm generate "a large red circle on the left of a black background" --seed 7 \
   --url "localhost:$GRPC_PORT" -o example.png
 if [ "${1:-}" != "--once" ]; then
   echo "serving; Ctrl-C to stop"
