@@ -50,11 +50,11 @@ def prepare_repositories(checkpoint, out: Path, unet: str, max_active: int) -> d
     return {"batched": batched, "sequential": sequential}
 
 
-PROMPTS = [
-    "a large red circle on the left of a blue background",
-    "a small green square at the top",
-    "a yellow triangle on the right",
-    "a purple circle above an orange square",
+PROMPTS = [  # inside the default model's grammar
+    "a large red circle on the left of a black background",
+    "a small green square at the top of a white background",
+    "a yellow triangle on the right of a grey background",
+    "a magenta circle above a cyan square on a black background",
 ]
 
 
