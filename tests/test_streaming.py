@@ -132,10 +132,11 @@ def test_metrics_describe_the_batch(server):
 def test_served_image_is_the_same_alone_and_in_a_crowd(server):
     target = dict(prompt="a large red circle on the left", seed=77, steps=15, guidance_scale=5.0)
     crowd = [dict(prompt=p, seed=i, steps=s, guidance_scale=g, eta=e)
-             for i, (p, s, g, e) in enumerate([("a blue square", 30, 7.5, 0.0), ("a green star", 25, 1.0, 0.0),
-                                                ("a yellow circle", 40, 3.0, 0.5), ("two cats", 35, 5.0, 1.0),
-                                                ("a white circle", 30, 9.0, 0.0), ("a black square", 28, 5.0, 0.0),
-                                                ("an orange star", 33, 2.0, 0.3), ("a purple circle", 26, 5.0, 0.0)])]
+             # long enough (tiny steps take milliseconds) that they overlap the target on any machine
+             for i, (p, s, g, e) in enumerate([("a blue square", 130, 7.5, 0.0), ("a green star", 125, 1.0, 0.0),
+                                                ("a yellow circle", 140, 3.0, 0.5), ("two cats", 135, 5.0, 1.0),
+                                                ("a white circle", 130, 9.0, 0.0), ("a black square", 128, 5.0, 0.0),
+                                                ("an orange star", 133, 2.0, 0.3), ("a purple circle", 126, 5.0, 0.0)])]
     with LdmClient(server.grpc_url) as client:
         alone = client.generate(**target)
 

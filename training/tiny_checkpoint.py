@@ -1,15 +1,16 @@
 """A tiny random-weight Stable Diffusion checkpoint built from configs (nothing downloaded).
 
-Same component classes and folder layout as SD 1.x, scaled down so export, serving and tests
-run in seconds on 2 CPU cores. Deterministic: the same seed writes the same weights.
+Same component classes, folder layout and noise schedule as the default model (SD 1.x's),
+scaled down so export, serving and tests run in seconds on 2 CPU cores. Deterministic: the same seed writes the same weights.
 """
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from training.tokenizer import build_word_tokenizer
+from training.train import make_pipeline
 
 VOCABULARY = (
     "a an the of on in at to and with above below left right top bottom centre center "
@@ -62,25 +63,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return make_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def write_tiny_checkpoint(path, seed: int = 0) -> Path:
