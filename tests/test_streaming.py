@@ -107,7 +107,8 @@ def test_burst_of_five_times_capacity_every_request_ends(small_server):
     counts = {o: outcomes.count(o) for o in set(outcomes)}
     print("burst outcomes:", counts)
     assert set(outcomes) <= {"image", "UNAVAILABLE"}, counts
-    assert counts.get("image", 0) >= capacity and counts.get("UNAVAILABLE", 0) >= 1, counts
+    # at least the queue's worth is accepted (more when the engine admits some mid-burst)
+    assert counts.get("image", 0) >= MAX_QUEUE and counts.get("UNAVAILABLE", 0) >= 1, counts
     # metrics are copied out every 0.5 s
     def observed():
         m = metrics(small_server)
