@@ -14,6 +14,7 @@ class CheckpointInfo:
     vae_factor: int  # pixels per latent cell
     vae_scaling_factor: float
     native_size: int  # the image size the UNet was configured for, in pixels
+    size_multiple: int  # pixels: image sides must divide by the VAE factor times the UNet's downsampling
     scheduler_config: dict
 
     @classmethod
@@ -38,6 +39,7 @@ class CheckpointInfo:
             vae_factor=vae_factor,
             vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
             native_size=int(sample_size) * vae_factor,
+            size_multiple=vae_factor * 2 ** (len(unet["down_block_types"]) - 1),
             scheduler_config=_json(path / "scheduler" / "scheduler_config.json"),
         )
 

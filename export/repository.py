@@ -15,11 +15,6 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
 MAX_BATCH = {"text_encoder": 64, "unet": 64, "vae_decoder": 16, "vae_encoder": 16}
 
 
-def unet_downsampling(info: CheckpointInfo) -> int:
-    unet = json.loads((info.path / "unet" / "config.json").read_text())
-    return 2 ** (len(unet["down_block_types"]) - 1)
-
-
 def write_repository(
     checkpoint,
     repo,
@@ -55,7 +50,7 @@ def write_repository(
         "text_length": info.text_length,
         "latent_channels": info.latent_channels,
         "vae_factor": info.vae_factor,
-        "size_multiple": info.vae_factor * unet_downsampling(info),
+        "size_multiple": info.size_multiple,
         "native_size": info.native_size,
         "max_size": max_size,
         "preview": fit_preview(

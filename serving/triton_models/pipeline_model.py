@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.job import coded_message
+from serving.job import INTERNAL, coded_message
 from serving.metrics import MetricsExporter
 from serving.onnx_models import LocalUnet
 from serving.service import PipelineAssets, PipelineService
@@ -118,7 +118,7 @@ class TritonPythonModel:
             try:
                 self.service.submit({t.name(): t.as_numpy() for t in request.inputs()}, sink)
             except Exception as exc:  # every request ends with a FINAL response, whatever broke
-                sink.fail("INTERNAL", f"pipeline could not accept the request: {exc}")
+                sink.fail(INTERNAL, f"pipeline could not accept the request: {exc}")
         return None
 
     def finalize(self):
