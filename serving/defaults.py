@@ -1,7 +1,9 @@
 """Where the default model comes from: the trained checkpoint shipped in checkpoints/ when
 present, else a tiny random-weight checkpoint built from configs (nothing is downloaded)."""
+import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from serving.triton_server import PROJECT_ROOT
 
@@ -23,3 +25,26 @@ def default_checkpoint(log=print) -> Path:
         log(f"no trained checkpoint in {TRAINED_CHECKPOINT}; building a tiny random one in {tiny}")
         write_tiny_checkpoint(tiny)
     return tiny
+
+
+def served_model(repo) -> Optional[Path]:
+    """The checkpoint the repository was exported from, or None if it holds no export."""
+    from export.repository import has_artifacts
+
+    if not has_artifacts(repo):
+        return None
+    return Path(json.loads((Path(repo) / "pipeline" / "1" / "pipeline.json").read_text())["checkpoint"])
+
+
+def checkpoint_to_export(requested, repo, log=print) -> Optional[Path]:
+    """What `ldm serve` exports before it starts (the export is cached, so an unchanged
+    checkpoint costs nothing): the requested one; else the default model, so a retrained or newly
+    pulled checkpoint is served and not a stale export of it (or of the tiny fallback); None, to
+    serve the repository as it is, when it holds some other model a user exported there."""
+    if requested:
+        return Path(requested)
+    recorded = served_model(repo)
+    defaults = {TRAINED_CHECKPOINT.resolve(), (cache_dir() / "tiny-random").resolve()}
+    if recorded is not None and recorded.resolve() not in defaults:
+        return None
+    return default_checkpoint(log)

@@ -27,11 +27,11 @@ class DDIMSchedule:
     def from_config(cls, config: dict) -> "DDIMSchedule":
         n = int(config.get("num_train_timesteps", 1000))
         betas = _betas(config, n)
+        if config.get("rescale_betas_zero_snr", False):
+            betas = _rescaled_to_zero_terminal_snr(betas)
         alphas_cumprod = np.cumprod(1.0 - betas)
         if config.get("thresholding", False):
             raise ValueError("scheduler config: 'thresholding' (dynamic thresholding) is not supported")
-        if config.get("rescale_betas_zero_snr", False):
-            raise ValueError("scheduler config: 'rescale_betas_zero_snr' is not supported")
         prediction_type = config.get("prediction_type", "epsilon")
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"scheduler config: unknown prediction_type {prediction_type!r}")
@@ -127,6 +127,17 @@ def _betas(config: dict, n: int) -> np.ndarray:
 
         return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
     raise ValueError(f"scheduler config: unknown beta_schedule {schedule!r}")
+
+
+def _rescaled_to_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so the last timestep carries
+    no signal (SNR 0) while the first keeps its value; the betas that give that alpha_bar."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    alphas_cumprod = root**2
+    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
 
 
 def guided_noise(eps_uncond: np.ndarray, eps_cond: np.ndarray, guidance_scale: np.ndarray) -> np.ndarray:

@@ -1,6 +1,4 @@
 """`ldm serve`: export the model repository if needed, run tritonserver until Ctrl-C/SIGTERM."""
-import json
-from pathlib import Path
 import signal
 import threading
 
@@ -8,7 +6,8 @@ from serving.defaults import DEFAULT_REPO
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", help="diffusers checkpoint to serve (default: the shipped model); exported if changed")
+    parser.add_argument("--checkpoint", help="diffusers checkpoint to serve, exported if changed (default: the "
+                        "shipped model, unless --repo holds another model exported there)")
     parser.add_argument("--repo", default=str(DEFAULT_REPO), help="model repository (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8000)
@@ -22,14 +21,13 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from export.cli import export_with_options
-    from export.repository import has_artifacts
-    from serving.defaults import default_checkpoint
+    from serving.defaults import checkpoint_to_export, served_model
     from serving.triton_server import TritonServer
 
-    if args.checkpoint or not has_artifacts(args.repo):
-        export_with_options(args.checkpoint or default_checkpoint(), args)
-    recorded = json.loads((Path(args.repo) / "pipeline" / "1" / "pipeline.json").read_text())["checkpoint"]
-    print(f"model: {recorded} (pass --checkpoint to serve another)", flush=True)
+    checkpoint = checkpoint_to_export(args.checkpoint, args.repo)
+    if checkpoint is not None:
+        export_with_options(checkpoint, args)
+    print(f"model: {served_model(args.repo)} (pass --checkpoint to serve another)", flush=True)
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -57,3 +57,25 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_serve_refreshes_a_stale_export_of_the_default_model(tiny_checkpoint, tmp_path, monkeypatch):
+    """Without --checkpoint, a repository exported from the default model (or the tiny fallback)
+    is re-exported from the default model, so a retrained checkpoint is what gets served; one a
+    user exported from another model is served as it is."""
+    import shutil
+
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving import defaults
+
+    repo = tmp_path / "repo"
+    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
+    assert defaults.checkpoint_to_export(None, repo) is None  # someone else's model: kept
+    assert defaults.checkpoint_to_export(str(tiny_checkpoint), repo) == tiny_checkpoint
+    fallback = tmp_path / "cache" / "tiny-random"
+    shutil.copytree(tiny_checkpoint, fallback)
+    write_repository(fallback, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
+    assert defaults.checkpoint_to_export(None, repo) == defaults.default_checkpoint()
+    assert defaults.checkpoint_to_export(None, tmp_path / "empty") == defaults.default_checkpoint()

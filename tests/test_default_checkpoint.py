@@ -40,3 +40,16 @@ def test_generates_a_64x64_image_in_a_few_steps(pipe):
                  output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     assert np.isfinite(image).all() and image.std() > 0.01
+
+
+def test_schedule_starts_from_pure_noise_and_the_server_reads_it():
+    """Zero terminal SNR: the first inference step (t=999) sees no signal, so the layout has to
+    come from the prompt (see training/train.py build_scheduler)."""
+    from serving.sampler import DDIMSchedule
+
+    config = DDIMScheduler.load_config(CHECKPOINT / "scheduler")
+    assert config["rescale_betas_zero_snr"] and config["prediction_type"] == "v_prediction"
+    schedule = DDIMSchedule.from_config(config)
+    assert schedule.timesteps(25)[0] == 999 and schedule.alphas_cumprod[999] < 1e-12
+    reference = DDIMScheduler.from_config(config).alphas_cumprod.numpy()
+    np.testing.assert_allclose(schedule.alphas_cumprod, reference, rtol=1e-5, atol=1e-9)

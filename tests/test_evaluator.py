@@ -38,3 +38,26 @@ def test_noise_is_not_an_object():
     rng = np.random.default_rng(0)
     background, objects = read_image(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     assert objects == []
+
+
+def test_mcnemar_exact_p_values():
+    from training.eval_suite import mcnemar_p
+
+    assert mcnemar_p(7, 0) == 2 / 2**7
+    assert mcnemar_p(5, 5) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert abs(mcnemar_p(2, 10) - mcnemar_p(10, 2)) < 1e-15 and mcnemar_p(10, 2) < 0.05 < mcnemar_p(8, 3)
+
+
+def test_guidance_target_needs_a_significant_paired_win_on_both_sets():
+    from training.eval_suite import targets
+
+    def result(passes):
+        return {"prompt_accuracy": sum(passes) / len(passes), "passed": passes}
+
+    g1 = [True] * 90 + [False] * 10
+    better = [True] * 98 + [False] * 2  # 8 more pass, none fewer: p = 2 / 2**8
+    results = {("seen", 1.0): result(g1), ("held-out", 1.0): result(g1),
+               ("seen", 5.0): result(better), ("held-out", 5.0): result(better)}
+    assert targets(results)[2].passed
+    results[("held-out", 5.0)] = result(g1)
+    assert not targets(results)[2].passed

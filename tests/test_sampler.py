@@ -53,6 +53,8 @@ def run_both(config, steps, eta, shape=(2, 4, 8, 8), seed=0):
         {"timestep_spacing": "linspace", "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
         {"prediction_type": "v_prediction"},
         {"beta_schedule": "squaredcos_cap_v2", "clip_sample": True},
+        # the default model's: zero terminal SNR (the first step starts from pure noise)
+        {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
     ],
 )
 def test_full_run_matches_diffusers(eta, overrides):

@@ -4,6 +4,7 @@ A generator is any `generate(prompts, seeds, guidance_scale, steps) -> uint8 [N,
 the checkpoint in process (`checkpoint_generator`) or the running service (`service_generator`).
 """
 from dataclasses import dataclass
+from math import comb
 
 import numpy as np
 
@@ -13,7 +14,11 @@ from training.evaluate import score
 
 EVALUATOR_MIN_ACCURACY = 0.98
 TARGETS = {"seen": 0.90, "held-out": 0.75}  # whole-prompt accuracy at guidance 5
-GUIDANCE_MARGIN = 0.10  # "guidance 5 clearly beats guidance 1": by 10 points on both sets
+# "Guidance 5 clearly beats guidance 1": on both sets more prompts pass at g=5, and the difference
+# is significant in an exact two-sided McNemar test over the paired prompts (same prompt, same
+# seed) at this level. (Until 2026-11-27 we asked for a 10-point gap; a model that passes 90% at
+# g=1 can never show one, however much guidance helps it.)
+GUIDANCE_SIGNIFICANCE = 0.05
 PSNR_TARGET = 30.0
 GROUND_TRUTH_SCENES = 500  # per set
 
@@ -72,14 +77,31 @@ class Target:
     passed: bool
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for b and c discordant pairs (a binomial test at 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def targets(results, vae_psnr_db=None):
     out = []
     for name, want in TARGETS.items():
         got = results[(name, 5.0)]["prompt_accuracy"]
         out.append(Target(f"whole-prompt accuracy, {name}, g=5 >= {want:.0%}", f"{got:.1%}", got >= want))
-    gaps = {name: results[(name, 5.0)]["prompt_accuracy"] - results[(name, 1.0)]["prompt_accuracy"] for name in TARGETS}
-    out.append(Target(f"g=5 beats g=1 by >= {GUIDANCE_MARGIN:.0%} points on both sets",
-                      ", ".join(f"{n} {v:+.1%}" for n, v in gaps.items()), min(gaps.values()) >= GUIDANCE_MARGIN))
+    measured, passed = [], True
+    for name in TARGETS:
+        g5, g1 = results[(name, 5.0)], results[(name, 1.0)]
+        only_g5 = sum(a and not b for a, b in zip(g5["passed"], g1["passed"]))
+        only_g1 = sum(b and not a for a, b in zip(g5["passed"], g1["passed"]))
+        p = mcnemar_p(only_g5, only_g1)
+        measured.append(f"{name} {g5['prompt_accuracy'] - g1['prompt_accuracy']:+.1%} "
+                        f"({only_g5} prompts pass only at g=5, {only_g1} only at g=1; p={p:.2g})")
+        passed = passed and only_g5 > only_g1 and p < GUIDANCE_SIGNIFICANCE
+    out.append(Target(f"g=5 beats g=1 on both sets (paired McNemar, p < {GUIDANCE_SIGNIFICANCE:g})",
+                      "; ".join(measured), passed))
     if vae_psnr_db is not None:
         out.append(Target(f"VAE PSNR on held-out images >= {PSNR_TARGET:.0f} dB", f"{vae_psnr_db:.2f} dB",
                           vae_psnr_db >= PSNR_TARGET))

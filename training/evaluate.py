@@ -132,11 +132,14 @@ def check(scene: Scene, image: np.ndarray) -> dict:
 
 
 def score(scenes, images) -> dict:
-    """Attribute accuracy (all stated attributes pooled) and whole-prompt accuracy."""
+    """Attribute accuracy (all stated attributes pooled), whole-prompt accuracy, and which
+    prompts passed (in order, for paired comparisons)."""
     checks = [check(s, im) for s, im in zip(scenes, images)]
     attributes = [v for c in checks for v in c.values()]
+    passed = [all(c.values()) for c in checks]
     return {
         "attribute_accuracy": float(np.mean(attributes)),
-        "prompt_accuracy": float(np.mean([all(c.values()) for c in checks])),
+        "prompt_accuracy": float(np.mean(passed)),
         "count": len(checks),
+        "passed": passed,
     }
