@@ -8,9 +8,10 @@ from training.eval_suite import adherence, checkpoint_generator, evaluator_accur
 from training.generate import load_pipeline
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
-# Floors well under the full-eval numbers in docs/model-card.md, so 10 seeds do not flake them,
-# yet well above what prompt-blind images would score (random colour and shape: ~1/6, ~1/3).
-SEEN_FLOOR, HELD_OUT_FLOOR = 0.6, 0.5
+# Floors under the full-eval numbers in docs/model-card.md (attribute accuracy at g=5: seen
+# 99.7-99.9%, held-out 97.0-98.3%), with room for 10 seeds, yet far above what prompt-blind
+# images would score (random colour and shape: ~1/6, ~1/3).
+SEEN_FLOOR, HELD_OUT_FLOOR = 0.9, 0.85
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_small_eval_of_the_shipped_checkpoint():
     results = adherence(checkpoint_generator(pipe), count=10, guidances=(5.0,))
     assert results[("seen", 5.0)]["attribute_accuracy"] >= SEEN_FLOOR
     assert results[("held-out", 5.0)]["attribute_accuracy"] >= HELD_OUT_FLOOR
-    assert vae_psnr(pipe.vae, count=32) >= 29.0
+    assert vae_psnr(pipe.vae, count=32) >= 38.0  # 41.8 dB on 256 images
 
 
 @pytest.mark.slow
