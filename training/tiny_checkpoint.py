@@ -1,16 +1,15 @@
 """A tiny random-weight Stable Diffusion checkpoint built from configs (nothing downloaded).
 
-Same component classes, folder layout and noise schedule as the default model (SD 1.x's),
-scaled down so export, serving and tests run in seconds on 2 CPU cores. Deterministic: the same seed writes the same weights.
+Same component classes, folder layout and noise schedule as the default model (SD's betas
+rescaled to zero terminal SNR, v-prediction), scaled down so export, serving and tests run in seconds on 2 CPU cores. Deterministic: the same seed writes the same weights.
 """
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from training.tokenizer import build_word_tokenizer
-from training.train import make_pipeline
+from training.train import build_text_encoder, make_pipeline
 
 VOCABULARY = (
     "a an the of on in at to and with above below left right top bottom centre center "
@@ -26,19 +25,7 @@ IMAGE_SIZE = 32  # pixels; the VAE downsamples by 4, so the latent is 8x8
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(VOCABULARY, TEXT_MAX_LENGTH)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TEXT_MAX_LENGTH,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    text_encoder = build_text_encoder(tokenizer, hidden=TEXT_HIDDEN, mlp=64, layers=2)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -31,15 +31,17 @@ CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0  # low-noise steps weigh at most this (Min-SNR, Hang et al. 2023)
 
 
-def build_text_encoder(tokenizer) -> CLIPTextModel:
+def build_text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN,
+                       layers: int = 3) -> CLIPTextModel:
+    """A CLIPTextModel sized for `tokenizer`'s vocabulary and special tokens, 4 heads."""
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=4 * TEXT_HIDDEN,
-            num_hidden_layers=3,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
             num_attention_heads=4,
-            max_position_embeddings=TEXT_MAX_LENGTH,
+            max_position_embeddings=tokenizer.model_max_length,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
