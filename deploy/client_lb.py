@@ -6,7 +6,7 @@ is the same, given by the gRPC service config below.
 """
 import json
 
-from serving.client import LdmClient
+from serving.client.kserve import LdmClient
 
 SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}]}
 # tritonclient's own defaults (no message size limit) must be repeated: passing channel_args

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     if args.replicas < 2:
         parser.error("--replicas must be at least 2 (one is crashed)")
 
-    from serving.client import LdmClient
+    from serving.client.kserve import LdmClient
 
     with tempfile.TemporaryDirectory(prefix="ldm-lb-demo-") as tmp:
         repo = args.repo

@@ -1,7 +1,7 @@
 """Load through the load balancer, with an optional replica crash in the middle.
 
 Bounded by construction: a fixed number of requests, a fixed number of worker threads, and a
-deadline for the whole run. Every request goes through serving.retry.call_with_retry, and
+deadline for the whole run. Every request goes through serving.client.retry.call_with_retry, and
 what happened to it (attempts, errors, times) is recorded for the report and the test.
 """
 import itertools
@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from serving.retry import RetryPolicy, RetryStats, call_with_retry
+from serving.client.retry import RetryPolicy, RetryStats, call_with_retry
 
 
 @dataclass

@@ -14,7 +14,7 @@ import psutil
 from deploy.lb_load import LoadRun, summarize
 from deploy.nginx_lb import FAIL_TIMEOUT_S, NginxGrpcLB
 from deploy.replicas import Replica, start_replicas, stop_all
-from serving.retry import RetryPolicy
+from serving.client.retry import RetryPolicy
 
 SUCCESS = "nv_inference_request_success"
 

@@ -1,7 +1,7 @@
 """Fits the latent-to-RGB preview map of a checkpoint from its own VAE decoder."""
 import numpy as np
 
-from serving.onnx_models import OnnxComponent
+from serving.models.onnx import OnnxComponent
 
 
 def fit_preview(vae_decoder_onnx, latent_channels: int, latent_size: int, vae_factor: int, samples: int = 8) -> dict:

@@ -11,7 +11,7 @@ from export.preview_fit import fit_preview
 from export.tensorrt import build_plan
 from export.triton_config import component_config, pipeline_config, to_pbtxt, unary_config
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
+TEMPLATES = Path(__file__).resolve().parent.parent / "serving" / "triton" / "templates"
 MAX_BATCH = {"text_encoder": 64, "unet": 64, "vae_decoder": 16, "vae_encoder": 16}
 
 

@@ -11,11 +11,11 @@ import sys
 
 SUBCOMMANDS = {
     "export": ("export.cli", "export a diffusers checkpoint to ONNX and write the Triton model repository"),
-    "serve": ("serving.serve", "start tritonserver on the model repository"),
-    "generate": ("serving.generate", "ask a running server for an image"),
+    "serve": ("serving.triton.serve", "start tritonserver on the model repository"),
+    "generate": ("serving.client.generate", "ask a running server for an image"),
     "train": ("training.cli", "train the default model from scratch"),
     "eval": ("training.eval_cli", "measure prompt adherence of a checkpoint or a running server"),
-    "bench": ("serving.bench", "load-test the server against baselines"),
+    "bench": ("serving.bench.bench", "load-test the server against baselines"),
 }
 
 

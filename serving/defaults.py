@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from serving.triton_server import PROJECT_ROOT
+from serving.triton.server import PROJECT_ROOT
 
 TRAINED_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "ldm-shapes"
 DEFAULT_REPO = PROJECT_ROOT / "model_repository"

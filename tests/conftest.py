@@ -26,7 +26,7 @@ def tiny_repo(tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def server(tiny_repo, tmp_path_factory):
-    from serving.triton_server import TritonServer
+    from serving.triton.server import TritonServer
 
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     with TritonServer(tiny_repo, log_file=log) as running:

@@ -8,7 +8,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from serving.triton_server import free_port
+from serving.triton.server import free_port
 
 LDM = [sys.executable, "-m", "serving.cli"]
 

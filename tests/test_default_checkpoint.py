@@ -45,7 +45,7 @@ def test_generates_a_64x64_image_in_a_few_steps(pipe):
 def test_schedule_starts_from_pure_noise_and_the_server_reads_it():
     """Zero terminal SNR: the first inference step (t=999) sees no signal, so the layout has to
     come from the prompt (see training/train.py build_scheduler)."""
-    from serving.sampler import DDIMSchedule
+    from serving.core.sampler import DDIMSchedule
 
     config = DDIMScheduler.load_config(CHECKPOINT / "scheduler")
     assert config["rescale_betas_zero_snr"] and config["prediction_type"] == "v_prediction"

@@ -1,6 +1,6 @@
 """Real load balancing on loopback: `ldm serve` Triton replicas behind Debian's nginx
 (grpc_pass, the config in deploy/nginx/ that mirrors the Kubernetes Ingress), driven with the
-project's gRPC client through serving.retry.
+project's gRPC client through serving.client.retry.
 
 Checks: calls spread over every replica, through nginx and with client-side round robin
 (counted by each replica's own nv_inference_request_success, cross-checked with nginx's log);
@@ -29,7 +29,7 @@ CONCURRENCY = 3 * N_REPLICAS
 @pytest.fixture(scope="module")
 def report(tiny_repo, tmp_path_factory) -> dict:
     require("nginx")
-    from serving.client import LdmClient
+    from serving.client.kserve import LdmClient
 
     result = run_scenario(
         tiny_repo, tmp_path_factory.mktemp("lb-run"),

@@ -275,8 +275,8 @@ def test_hpa_scales_the_deployment_on_the_queue_metric(objects, overlay):
     assert metric_names <= set(rules)
     for name in metric_names:
         assert rules[name]["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    # The pipeline's own waiting line, as its model exports it (serving/metrics.py).
-    from serving.metrics import METRICS
+    # The pipeline's own waiting line, as its model exports it (serving/core/metrics.py).
+    from serving.core.metrics import METRICS
 
     assert "ldm_queue_length" in metric_names
     series = rules["ldm_queue_length"]["seriesQuery"].split("{")[0].strip("'")

@@ -1,4 +1,4 @@
-"""The client retry policy (serving/retry.py): which errors are replayed, how often, and
+"""The client retry policy (serving/client/retry.py): which errors are replayed, how often, and
 what is counted. The real-failure path (a replica killed under load) is exercised in
 tests/test_deploy_loadbalance.py; here a callable raises tritonclient's own exception."""
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from serving.retry import RetryPolicy, RetryStats, call_with_retry
+from serving.client.retry import RetryPolicy, RetryStats, call_with_retry
 
 
 def _failing(statuses, result="image", msg="boom"):

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from serving.onnx_models import LocalModels
-from serving.service import PipelineAssets, PipelineService
+from serving.models.onnx import LocalModels
+from serving.core.service import PipelineAssets, PipelineService
 
 
 class RecordingSink:

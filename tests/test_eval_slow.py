@@ -28,7 +28,7 @@ def test_small_eval_of_the_shipped_checkpoint():
 def test_small_eval_through_the_service(tmp_path):
     from export.cli import pipeline_parameters
     from export.repository import write_repository
-    from serving.triton_server import TritonServer
+    from serving.triton.server import TritonServer
 
     repo = tmp_path / "model_repository"
     write_repository(CHECKPOINT, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)

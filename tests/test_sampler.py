@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from serving.sampler import DDIMSchedule
+from serving.core.sampler import DDIMSchedule
 
 SD_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

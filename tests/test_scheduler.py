@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from serving.job import Job
-from serving.request import GenerationRequest
-from serving.scheduler import QueueFull, SchedulerConfig, StepScheduler
+from serving.core.job import Job
+from serving.core.request import GenerationRequest
+from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
 
 
 def job(size=32, guidance=5.0, arrival=0.0):

@@ -5,8 +5,8 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from serving.client import LdmClient
-from serving.sampler import noise_generator
+from serving.client.kserve import LdmClient
+from serving.core.sampler import noise_generator
 
 PROMPT = "a large red circle on the left"
 

@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
-from serving.client import LdmClient, request_arrays
-from serving.triton_server import TritonServer
+from serving.client.kserve import LdmClient, request_arrays
+from serving.triton.server import TritonServer
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
 

@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from serving.request import InvalidInput
-from serving.text import PromptTokenizer
+from serving.core.request import InvalidInput
+from serving.core.text import PromptTokenizer
 
 
 @pytest.fixture(scope="module")

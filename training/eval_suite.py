@@ -44,7 +44,7 @@ def checkpoint_generator(pipe):
 
 
 def service_generator(url: str, protocol: str):
-    from serving.client import LdmClient  # lands with the serving side; only this path needs it
+    from serving.client.kserve import LdmClient  # lands with the serving side; only this path needs it
 
     client = LdmClient(url, protocol=protocol)
 

@@ -5,14 +5,14 @@ import json
 from pathlib import Path
 import secrets
 
-from serving.engine import Engine
-from serving.job import INVALID_ARG, UNAVAILABLE, Job
-from serving.preview import LatentPreview
-from serving.request import InvalidInput, Limits, config_parameter, parse_request
-from serving.runner import Runner
-from serving.sampler import DDIMSchedule
-from serving.scheduler import QueueFull, SchedulerConfig, StepScheduler
-from serving.text import PromptTokenizer
+from serving.core.engine import Engine
+from serving.core.job import INVALID_ARG, UNAVAILABLE, Job
+from serving.core.preview import LatentPreview
+from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
+from serving.core.runner import Runner
+from serving.core.sampler import DDIMSchedule
+from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
+from serving.core.text import PromptTokenizer
 
 
 @dataclass(frozen=True)

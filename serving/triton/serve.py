@@ -22,7 +22,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from export.cli import export_with_options
     from serving.defaults import checkpoint_to_export, served_model
-    from serving.triton_server import TritonServer
+    from serving.triton.server import TritonServer
 
     checkpoint = checkpoint_to_export(args.checkpoint, args.repo)
     if checkpoint is not None:

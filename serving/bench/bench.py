@@ -62,10 +62,10 @@ def run(args) -> int:
     import numpy as np
 
     from export.checkpoint import CheckpointInfo
-    from serving.baselines import BareOnnxLoop, diffusers_latencies
+    from serving.bench.baselines import BareOnnxLoop, diffusers_latencies
     from serving.defaults import default_checkpoint
-    from serving.loadgen import closed_loop, open_loop
-    from serving.triton_server import TritonServer
+    from serving.bench.loadgen import closed_loop, open_loop
+    from serving.triton.server import TritonServer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

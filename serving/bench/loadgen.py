@@ -9,7 +9,7 @@ import time
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from serving.client import LdmClient
+from serving.client.kserve import LdmClient
 
 
 @dataclass

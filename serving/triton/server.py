@@ -15,7 +15,7 @@ import sysconfig
 import time
 import urllib.request
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

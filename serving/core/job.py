@@ -5,7 +5,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.request import GenerationRequest
+from serving.core.request import GenerationRequest
 
 # error codes, as Triton's TritonError names them
 INVALID_ARG = "INVALID_ARG"

@@ -8,8 +8,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from serving.sampler import DDIMSchedule, guided_noise, noise_generator
-from serving.text import PromptTokenizer
+from serving.core.sampler import DDIMSchedule, guided_noise, noise_generator
+from serving.core.text import PromptTokenizer
 
 
 class Runner:

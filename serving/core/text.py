@@ -4,7 +4,7 @@ import threading
 import numpy as np
 from transformers import AutoTokenizer
 
-from serving.request import InvalidInput
+from serving.core.request import InvalidInput
 
 
 class PromptTokenizer:

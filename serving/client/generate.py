@@ -21,7 +21,7 @@ def run(args) -> int:
     from PIL import Image
     from tritonclient.utils import InferenceServerException
 
-    from serving.client import LdmClient
+    from serving.client.kserve import LdmClient
 
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
 

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 
-from serving.onnx_models import LocalModels
-from serving.runner import to_uint8
-from serving.sampler import DDIMSchedule, guided_noise, noise_generator
-from serving.service import PipelineAssets
-from serving.text import PromptTokenizer
+from serving.models.onnx import LocalModels
+from serving.core.runner import to_uint8
+from serving.core.sampler import DDIMSchedule, guided_noise, noise_generator
+from serving.core.service import PipelineAssets
+from serving.core.text import PromptTokenizer
 
 
 def diffusers_latencies(checkpoint, prompts, steps, guidance, size) -> list:

@@ -10,9 +10,9 @@ import threading
 import time
 import traceback
 
-from serving.job import CANCELLED, UNAVAILABLE, Job
-from serving.runner import Runner
-from serving.scheduler import QueueFull, StepScheduler
+from serving.core.job import CANCELLED, UNAVAILABLE, Job
+from serving.core.runner import Runner
+from serving.core.scheduler import QueueFull, StepScheduler
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Triton python-backend model `pipeline` (decoupled): text -> image with step-level batching.
 
 Copied by `ldm export` into pipeline/1/model.py. `execute` only validates and enqueues; the
-engine's worker thread (serving/engine.py) runs the denoising loop for all requests together and
+engine's worker thread (serving/core/engine.py) runs the denoising loop for all requests together and
 answers through each request's response sender: optional progress/preview responses, then the
 image with the FINAL flag, or one coded error with the FINAL flag."""
 import json
@@ -11,10 +11,10 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.job import INTERNAL, coded_message
-from serving.metrics import MetricsExporter
-from serving.onnx_models import LocalUnet
-from serving.service import PipelineAssets, PipelineService
+from serving.core.job import INTERNAL, coded_message
+from serving.core.metrics import MetricsExporter
+from serving.models.onnx import LocalUnet
+from serving.core.service import PipelineAssets, PipelineService
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 UNET_MODES = ("bls", "inprocess")

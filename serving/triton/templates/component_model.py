@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.onnx_models import OnnxComponent
+from serving.models.onnx import OnnxComponent
 
 
 class TritonPythonModel:
