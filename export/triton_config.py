@@ -4,24 +4,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.contracts import ComponentContract
+from serving.core.request import FIELDS
 
 DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "uint8": mc.TYPE_UINT8, "bytes": mc.TYPE_STRING}
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 
-# The pipeline's public tensor contract: (name, dtype, dims, optional).
-PIPELINE_INPUTS = (
-    ("prompt", "bytes", [1], False),
-    ("negative_prompt", "bytes", [1], True),
-    ("seed", "int64", [1], True),
-    ("steps", "int32", [1], True),
-    ("guidance_scale", "float32", [1], True),
-    ("height", "int32", [1], True),
-    ("width", "int32", [1], True),
-    ("eta", "float32", [1], True),
-    ("progress_every", "int32", [1], True),
-    ("preview_every", "int32", [1], True),
-    ("timeout_s", "float32", [1], True),
-)
 PIPELINE_OUTPUTS = (
     ("image", "uint8", [-1, -1, 3]),
     ("seed", "int64", [1]),
@@ -63,8 +50,8 @@ def pipeline_config(parameters: dict) -> mc.ModelConfig:
     """The decoupled pipeline model: streams progress and previews, then the image."""
     config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=0)
     config.model_transaction_policy.decoupled = True
-    for name, dtype, dims, optional in PIPELINE_INPUTS:
-        config.input.add(name=name, data_type=DTYPES[dtype], dims=dims, optional=optional)
+    for f in FIELDS:
+        config.input.add(name=f.name, data_type=DTYPES[f.dtype], dims=f.dims, optional=not f.required)
     for name, dtype, dims in PIPELINE_OUTPUTS:
         config.output.add(name=name, data_type=DTYPES[dtype], dims=dims)
     # one instance: its engine batches all requests; several would split the batch
@@ -77,10 +64,9 @@ def pipeline_config(parameters: dict) -> mc.ModelConfig:
 def unary_config(instances: int) -> mc.ModelConfig:
     """Request/response front of `pipeline` for HTTP and unary gRPC clients."""
     config = mc.ModelConfig(name="pipeline_unary", backend="python", max_batch_size=0)
-    for name, dtype, dims, optional in PIPELINE_INPUTS:
-        if name in ("progress_every", "preview_every"):
-            continue
-        config.input.add(name=name, data_type=DTYPES[dtype], dims=dims, optional=optional)
+    for f in FIELDS:
+        if not f.streaming_only:
+            config.input.add(name=f.name, data_type=DTYPES[f.dtype], dims=f.dims, optional=not f.required)
     for name, dtype, dims in UNARY_OUTPUTS:
         config.output.add(name=name, data_type=DTYPES[dtype], dims=dims)
     # each instance waits on one request at a time; the pipeline batches them all

@@ -45,3 +45,26 @@ def test_checking_and_encoding_from_two_threads_never_gives_ragged_batches(token
         checker.join()
         sys.setswitchinterval(interval)
     assert not errors, errors
+
+
+def test_cached_text_encoder_encodes_each_token_sequence_once(tokenizer):
+    from serving.core.text import CachedTextEncoder
+
+    seen = []
+
+    def encode_ids(ids):
+        seen.append(ids.copy())
+        return ids[:, :, None].astype(np.float32) * np.ones((1, 1, 3), np.float32)
+
+    encoder = CachedTextEncoder(tokenizer, encode_ids, capacity=3)
+    first = encoder.encode(["a red circle", "", "a red circle"])
+    assert len(seen) == 1 and len(seen[0]) == 2  # the repeated prompt was encoded once
+    np.testing.assert_array_equal(first[0], first[2])
+    assert first[0].shape == (16, 3)
+    again = encoder.encode(["", "a blue square"])
+    assert len(seen) == 2 and len(seen[1]) == 1  # "" came from the cache
+    np.testing.assert_array_equal(again[0], first[1])
+    encoder.encode(["a green star", "a yellow star"])  # capacity 3: the oldest entries leave
+    assert len(encoder.cache) == 3
+    encoder.encode(["a red circle"])
+    assert len(seen) == 4  # it had been evicted, so it is encoded again

@@ -12,6 +12,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from serving.core.job import parse_coded_message
+from serving.core.request import FIELDS
 
 STREAM_MODEL, UNARY_MODEL = "pipeline", "pipeline_unary"
 
@@ -24,29 +25,22 @@ class Generation:
     previews: list = field(default_factory=list)  # uint8 images
 
 
-def request_arrays(prompt, negative_prompt=None, seed=None, steps=None, guidance_scale=None, height=None,
-                   width=None, eta=None, timeout_s=None, progress_every=None, preview_every=None) -> dict:
-    """The pipeline's input tensors for the given fields; omitted fields take server defaults."""
-    fields = {
-        "prompt": (prompt, np.object_),
-        "negative_prompt": (negative_prompt, np.object_),
-        "seed": (seed, np.int64),
-        "steps": (steps, np.int32),
-        "guidance_scale": (guidance_scale, np.float32),
-        "height": (height, np.int32),
-        "width": (width, np.int32),
-        "eta": (eta, np.float32),
-        "timeout_s": (timeout_s, np.float32),
-        "progress_every": (progress_every, np.int32),
-        "preview_every": (preview_every, np.int32),
-    }
+def request_arrays(prompt, **fields) -> dict:
+    """The pipeline's input tensors for `prompt` and the given fields (serving.core.request.FIELDS
+    names them); fields left out or None take the server's defaults."""
+    dtypes = {f.name: f.dtype for f in FIELDS}
+    unknown = sorted(set(fields) - set(dtypes))
+    if unknown:
+        raise TypeError(f"unknown request fields {unknown}; known: {sorted(dtypes)}")
     arrays = {}
-    for name, (value, dtype) in fields.items():
+    for name, value in {"prompt": prompt, **fields}.items():
         if value is None:
             continue
-        if dtype is np.object_:
-            value = value.encode("utf-8") if isinstance(value, str) else value
-        arrays[name] = np.array([value], dtype=dtype)
+        if dtypes[name] == "bytes":
+            value = np.array([value.encode("utf-8") if isinstance(value, str) else value], dtype=np.object_)
+        else:
+            value = np.array([value], dtype=dtypes[name])
+        arrays[name] = value
     return arrays
 
 
@@ -86,8 +80,9 @@ class LdmClient:
     def run(self, prompt, on_progress=None, **fields) -> Generation:
         arrays = request_arrays(prompt, **fields)
         if self.unary:
-            arrays.pop("progress_every", None)
-            arrays.pop("preview_every", None)
+            for f in FIELDS:
+                if f.streaming_only:
+                    arrays.pop(f.name, None)
             try:
                 result = self.client.infer(UNARY_MODEL, self._inputs(arrays), outputs=self._outputs(("image", "seed")))
             except InferenceServerException as exc:

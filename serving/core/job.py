@@ -5,6 +5,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serving.core.conditioning import TextPrompt
 from serving.core.request import GenerationRequest
 
 # error codes, as Triton's TritonError names them
@@ -46,23 +47,34 @@ class Job:
     request: GenerationRequest
     sink: ResultSink
     arrival: float = field(default_factory=time.monotonic)
+    variant: str = "base"  # which UNet (channel layout) its rows go to
     # filled in on admission
     rng: np.random.Generator | None = None
     latents: np.ndarray | None = None  # float32 [C, h, w]
     timesteps: np.ndarray | None = None
-    cond: np.ndarray | None = None  # text embedding [L, D]
-    uncond: np.ndarray | None = None  # negative-prompt embedding, only with guidance
+    conditioning: object | None = None  # serving.core.conditioning: rows, contexts, combine
     index: int = 0  # denoising steps done
     last_stepped: int = -1  # engine iteration of the last step (fairness)
     pred_x0: np.ndarray | None = None
 
     @property
+    def prompt(self) -> TextPrompt:
+        r = self.request
+        return TextPrompt(r.prompt, r.negative_prompt, r.guidance_scale)
+
+    @property
     def rows(self) -> int:
-        return 2 if self.request.uses_guidance else 1
+        """UNet rows this job adds to a call (all in the same call)."""
+        return (self.conditioning or self.prompt).rows
 
     @property
     def latent_shape(self) -> tuple:
         return self.latents.shape
+
+    @property
+    def call_key(self) -> tuple:
+        """Jobs share a UNet call only when their rows fit one input tensor of one UNet."""
+        return (self.variant, self.latents.shape)
 
     @property
     def done(self) -> bool:

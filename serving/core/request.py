@@ -27,6 +27,33 @@ def config_parameter(params: dict, key: str, cast, default):
 
 
 @dataclass(frozen=True)
+class Field:
+    """One input of the pipeline's tensor contract, declared once: the Triton configs, the
+    clients and the parser below all read this table."""
+
+    name: str
+    dtype: str  # numpy dtype name; "bytes" for UTF-8 text
+    dims: tuple = (1,)  # Triton dims (-1: any size)
+    required: bool = False
+    streaming_only: bool = False  # progress responses exist only on the decoupled stream
+
+
+FIELDS = (
+    Field("prompt", "bytes", required=True),
+    Field("negative_prompt", "bytes"),
+    Field("seed", "int64"),
+    Field("steps", "int32"),
+    Field("guidance_scale", "float32"),
+    Field("height", "int32"),
+    Field("width", "int32"),
+    Field("eta", "float32"),
+    Field("progress_every", "int32", streaming_only=True),
+    Field("preview_every", "int32", streaming_only=True),
+    Field("timeout_s", "float32"),
+)
+
+
+@dataclass(frozen=True)
 class Limits:
     """Defaults and limits, from the pipeline's config.pbtxt parameters and the checkpoint."""
 
@@ -73,11 +100,6 @@ class GenerationRequest:
     progress_every: int = 0
     preview_every: int = 0
     timeout_s: float = 0.0
-
-    @property
-    def uses_guidance(self) -> bool:
-        # as diffusers: a scale of 1 or less means the conditional prediction alone
-        return self.guidance_scale > 1.0
 
 
 def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:

@@ -8,46 +8,53 @@ from collections import defaultdict
 
 import numpy as np
 
-from serving.core.sampler import DDIMSchedule, guided_noise, noise_generator
-from serving.core.text import PromptTokenizer
+from serving.core.sampler import DDIMSchedule, noise_generator
+from serving.core.text import CachedTextEncoder, PromptTokenizer
 
 
 class Runner:
     def __init__(self, models, schedule: DDIMSchedule, tokenizer: PromptTokenizer, latent_channels: int, vae_factor: int):
         self.models = models
         self.schedule = schedule
-        self.tokenizer = tokenizer
+        self.text_encoder = CachedTextEncoder(tokenizer, models.encode_text)
         self.latent_channels = latent_channels
         self.vae_factor = vae_factor
 
     def admit(self, jobs: list) -> None:
         """Text-encodes the new jobs in one call and draws their starting latents."""
-        texts = [j.request.prompt for j in jobs] + [j.request.negative_prompt for j in jobs if j.request.uses_guidance]
-        embeddings = self.models.encode_text(self.tokenizer.encode(texts))
-        negatives = iter(embeddings[len(jobs):])
-        for job, cond in zip(jobs, embeddings[: len(jobs)]):
+        for job, conditioning in zip(jobs, self.encode([j.prompt for j in jobs])):
+            job.conditioning = conditioning
+        for job in jobs:
             r = job.request
-            job.cond = cond
-            job.uncond = next(negatives) if r.uses_guidance else None
             job.rng = noise_generator(r.seed)
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             job.latents = job.rng.standard_normal(shape, dtype=np.float32)
             job.timesteps = self.schedule.timesteps(r.steps)
 
+    def encode(self, prompts: list) -> list:
+        """The conditioning of each prompt (anything with texts() and build()), from one
+        text-encoder call over all their texts."""
+        texts = [t for p in prompts for t in p.texts()]
+        embeddings = self.text_encoder.encode(texts)
+        out, start = [], 0
+        for p in prompts:
+            count = len(p.texts())
+            out.append(p.build(embeddings[start : start + count]))
+            start += count
+        return out
+
     def step(self, jobs: list) -> None:
-        """One denoising step for every job in `jobs` (same latent size) with one UNet call."""
+        """One denoising step for every job in `jobs` (one call key) with one UNet call: each
+        job's rows sit together, and its conditioning combines their predictions."""
         t = np.array([j.timesteps[j.index] for j in jobs], dtype=np.int64)
         latents = np.stack([j.latents for j in jobs])
-        guided = [i for i, j in enumerate(jobs) if j.request.uses_guidance]
-        # rows: every job's conditional row, then an unconditional row per guided job
-        sample = np.concatenate([latents, latents[guided]])
-        timestep = np.concatenate([t, t[guided]])
-        context = np.stack([j.cond for j in jobs] + [jobs[i].uncond for i in guided])
-        eps_rows = self.models.unet(sample, timestep, context)
-        eps = eps_rows[: len(jobs)].copy()
-        if guided:
-            scale = np.array([jobs[i].request.guidance_scale for i in guided])
-            eps[guided] = guided_noise(eps_rows[len(jobs):], eps[guided], scale)
+        rows = [j.conditioning.rows for j in jobs]
+        sample = np.repeat(latents, rows, axis=0)
+        timestep = np.repeat(t, rows)
+        context = np.concatenate([j.conditioning.contexts for j in jobs])
+        predictions = self.models.unet(sample, timestep, context)
+        bounds = np.cumsum([0] + rows)
+        eps = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])
         steps = np.array([j.request.steps for j in jobs])
         eta = np.array([j.request.eta for j in jobs])
         noise = None

@@ -2,8 +2,8 @@
 
 Requests join and leave the running batch at every step: between steps the scheduler admits
 waiting requests (up to `max_active`), then picks which active requests step now. Requests of
-one latent size share a UNet call; sizes take turns by who waited longest; a cap bounds the
-UNet rows of one call. With `step_batching` off it serves one request at a time, start to end
+one UNet and latent size (a call key) share a UNet call; call keys take turns by who waited
+longest; a cap bounds the UNet rows of one call. With `step_batching` off it serves one request at a time, start to end
 (the baseline a request-at-a-time server gives).
 """
 from collections import deque
@@ -49,12 +49,13 @@ class StepScheduler:
         if not self.config.step_batching:
             chosen = [active[0]]
         else:
-            # the longest-unserved job decides the latent size of this call; its peers fill the rows
+            # the longest-unserved job decides the call key (UNet and latent size) of this call;
+            # its peers fill the rows
             order = sorted(active, key=lambda j: (j.last_stepped, j.arrival))
-            shape = order[0].latent_shape
+            key = order[0].call_key
             chosen, rows = [], 0
             for job in order:
-                if job.latent_shape != shape:
+                if job.call_key != key:
                     continue
                 if chosen and rows + job.rows > self.config.max_rows:
                     break

@@ -1,4 +1,5 @@
 """Prompt tokenization with the checkpoint's own tokenizer (CLIP BPE or our word-level one)."""
+from collections import OrderedDict
 import threading
 
 import numpy as np
@@ -31,3 +32,40 @@ class PromptTokenizer:
                 list(texts), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="np"
             ).input_ids
         return ids.astype(np.int64)
+
+
+class CachedTextEncoder:
+    """Text embeddings for a batch of texts in one text-encoder call, each distinct token sequence
+    encoded once: within the batch, and across batches through a bounded LRU cache keyed by token
+    ids (identical prompts of many requests, and a steered job's unchanged negative prompt, cost
+    nothing after the first)."""
+
+    def __init__(self, tokenizer: PromptTokenizer, encode_ids, capacity: int = 1024):
+        self.tokenizer = tokenizer
+        self.encode_ids = encode_ids  # int64 [N, L] -> float32 [N, L, D]
+        self.capacity = capacity
+        self.cache = OrderedDict()
+        self.calls = 0  # text-encoder calls made (rows encoded: self.rows)
+        self.rows = 0
+
+    def encode(self, texts) -> list:
+        """One float32 [L, D] embedding per text, in order."""
+        ids = self.tokenizer.encode(texts)
+        keys = [row.tobytes() for row in ids]
+        missing = {}
+        for key, row in zip(keys, ids):
+            if key not in self.cache and key not in missing:
+                missing[key] = row
+        if missing:
+            embeddings = self.encode_ids(np.stack(list(missing.values())))
+            self.calls += 1
+            self.rows += len(missing)
+            for key, embedding in zip(missing, embeddings):
+                self.cache[key] = embedding
+        out = []
+        for key in keys:
+            self.cache.move_to_end(key)
+            out.append(self.cache[key])
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return out

@@ -1,0 +1,63 @@
+"""What a job's UNet rows condition on, and how their noise predictions become the job's own.
+
+One mechanism serves every request kind: a job contributes R rows to the step's UNet call (one
+text context per row) and a rule that combines those R predictions into one noise estimate. The
+scheduler sees only R; the runner builds the rows and applies each job's rule; the sampler stays
+the pure DDIM step. Plain text-to-image is R = 2 (conditional, unconditional) with classifier-free
+guidance as its rule, or R = 1 without guidance.
+
+A *prompt* (before encoding) names the texts it needs; `build` turns their embeddings into the
+*conditioning* the runner uses. Both are immutable, so replacing a job's conditioning between
+steps is one assignment.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.core.sampler import guided_noise
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    cond: np.ndarray  # [L, D] embedding of the prompt
+    uncond: np.ndarray | None  # [L, D] embedding of the negative prompt; None without guidance
+    guidance_scale: float
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.uncond is None else 2
+
+    @property
+    def contexts(self) -> np.ndarray:
+        """[rows, L, D]: the conditional row first."""
+        return np.stack([self.cond] if self.uncond is None else [self.cond, self.uncond])
+
+    def combine(self, predictions: np.ndarray) -> np.ndarray:
+        """[rows, C, h, w] predictions of this job's rows -> its noise estimate [C, h, w]."""
+        if self.uncond is None:
+            return predictions[0]
+        return guided_noise(predictions[1:2], predictions[0:1], np.array([self.guidance_scale]))[0]
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+
+    @property
+    def uses_guidance(self) -> bool:
+        # as diffusers: a scale of 1 or less means the conditional prediction alone
+        return self.guidance_scale > 1.0
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.uses_guidance else 1
+
+    def texts(self) -> list:
+        """The texts to encode, in the order `build` takes their embeddings."""
+        return [self.prompt, self.negative_prompt] if self.uses_guidance else [self.prompt]
+
+    def build(self, embeddings: list) -> TextConditioning:
+        uncond = embeddings[1] if self.uses_guidance else None
+        return TextConditioning(embeddings[0], uncond, self.guidance_scale)
