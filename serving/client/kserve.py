@@ -11,7 +11,7 @@ import queue
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from serving.core.job import parse_coded_message
+from serving.core.errors import parse_coded_message
 from serving.core.request import FIELDS
 
 STREAM_MODEL, UNARY_MODEL = "pipeline", "pipeline_unary"

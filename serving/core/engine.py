@@ -10,7 +10,8 @@ import threading
 import time
 import traceback
 
-from serving.core.job import CANCELLED, UNAVAILABLE, Job
+from serving.core.errors import CANCELLED, UNAVAILABLE
+from serving.core.job import Job
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, StepScheduler
 

@@ -8,27 +8,6 @@ import numpy as np
 from serving.core.conditioning import TextPrompt
 from serving.core.request import GenerationRequest
 
-# error codes, as Triton's TritonError names them
-INVALID_ARG = "INVALID_ARG"
-UNAVAILABLE = "UNAVAILABLE"
-CANCELLED = "CANCELLED"
-INTERNAL = "INTERNAL"
-
-
-def coded_message(code: str, message: str) -> str:
-    """Error text that carries its code: gRPC stream errors and BLS replies lose the status code,
-    so clients and the unary front read it back from the message."""
-    return f"[{code}] {message}"
-
-
-def parse_coded_message(text: str) -> tuple:
-    """(code, message) from `coded_message` text; code is None for other text."""
-    if text.startswith("[") and "] " in text:
-        code, message = text[1:].split("] ", 1)
-        if code.isupper():
-            return code, message
-    return None, text
-
 
 class ResultSink(Protocol):
     """Receives a job's outputs; exactly one of finish/fail is called, once."""

@@ -6,7 +6,8 @@ from pathlib import Path
 import secrets
 
 from serving.core.engine import Engine
-from serving.core.job import INVALID_ARG, UNAVAILABLE, Job
+from serving.core.errors import INVALID_ARG, UNAVAILABLE
+from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.core.runner import Runner

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.core.job import INTERNAL, coded_message
+from serving.core.errors import INTERNAL, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.models.onnx import LocalUnet
 from serving.core.service import PipelineAssets, PipelineService

@@ -5,7 +5,7 @@ through BLS, so these requests join the same step-level batch as streamed ones.
 Copied by `ldm export` into pipeline_unary/1/model.py."""
 import triton_python_backend_utils as pb_utils
 
-from serving.core.job import parse_coded_message
+from serving.core.errors import parse_coded_message
 
 OUTPUTS = ("image", "seed")
 
