@@ -8,16 +8,22 @@ and 256 MiB; the sizes here are computed from the components' contracts at their
 and image size, twice over (a request and its reply in flight at once)."""
 import numpy as np
 
-from export.contracts import ComponentContract
+from export.contracts import HEIGHT, IMAGE_HEIGHT, IMAGE_WIDTH, WIDTH, ComponentContract
 
 MIB = 2**20
 TRITON_DEFAULT_CUDA_POOL = 64 * MIB
 TRITON_DEFAULT_PINNED_POOL = 256 * MIB
 
 
-def call_bytes(contract: ComponentContract) -> int:
-    """Bytes of one call's inputs and outputs at the contract's largest shapes."""
+def call_bytes(contract: ComponentContract, vae_factor: int) -> int:
+    """Bytes of one call's inputs and outputs at the contract's largest shapes (a VAE's latent
+    and pixel axes follow from each other by the VAE factor)."""
     largest = {axis: r[2] for axis, r in contract.axis_ranges.items()}
+    for latent, pixels in ((HEIGHT, IMAGE_HEIGHT), (WIDTH, IMAGE_WIDTH)):
+        if latent in largest:
+            largest.setdefault(pixels, largest[latent] * vae_factor)
+        elif pixels in largest:
+            largest[latent] = largest[pixels] // vae_factor
     total = 0
     for spec in contract.inputs + contract.outputs:
         shape = contract.shape(spec, largest)
@@ -25,9 +31,9 @@ def call_bytes(contract: ComponentContract) -> int:
     return total
 
 
-def bls_pool_bytes(contracts: dict, served: tuple) -> dict:
+def bls_pool_bytes(contracts: dict, served: tuple, vae_factor: int) -> dict:
     """CUDA and pinned memory pool sizes for the components served as models, in MiB multiples."""
-    largest = max((call_bytes(contracts[name]) for name in served), default=0)
+    largest = max((call_bytes(contracts[name], vae_factor) for name in served), default=0)
     needed = -(-2 * largest // MIB) * MIB
     return {
         "cuda_memory_pool_bytes": max(needed, TRITON_DEFAULT_CUDA_POOL),

@@ -63,7 +63,7 @@ def write_repository(
         # the torch runner loads the weights from the repository, so it serves wherever the
         # repository goes (a container mounts the repository, not the checkpoint)
         shutil.copytree(info.path, pipeline_dir / CHECKPOINT_COPY, copy_function=_link_or_copy)
-    placement = {"gpu": gpu, **(bls_pool_bytes(contracts, served) if gpu else {})}
+    placement = {"gpu": gpu, **(bls_pool_bytes(contracts, served, info.vae_factor) if gpu else {})}
     pipeline_info = {
         "checkpoint": str(info.path.resolve()),
         "components": list(served),

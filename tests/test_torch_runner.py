@@ -15,7 +15,6 @@ from test_engine import CROWD, TARGET, RecordingSink, drain, request
 
 DEFAULT_MODEL_PROMPTS = [
     ("a large red circle on the left of a black background", 5.0),
-    ("a small green square at the top of a white background", 7.5),
     ("a yellow triangle on the right of a grey background", 1.0),
 ]
 
