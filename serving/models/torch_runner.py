@@ -257,6 +257,10 @@ class TorchModels:
                 call.graphs.pop(_key(bucket, examples), None)
                 torch.cuda.empty_cache()
                 continue
+            except RuntimeError as exc:  # an op the module runs cannot be captured: serve it eagerly
+                self.log(f"torch runner: {name} cannot be captured in a CUDA graph, runs eagerly: {exc}")
+                call.graphs.clear()
+                return []
             if free_bytes(self.device) < reserve * (1 + CAPTURE_HEADROOM):
                 call.graphs.pop(_key(bucket, examples))
                 torch.cuda.empty_cache()
