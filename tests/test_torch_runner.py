@@ -11,7 +11,7 @@ from serving.models.assemble import RunnerChoice
 from serving.models.onnx import LocalModels
 from serving.models.torch_options import TorchOptions, default_buckets, parse_buckets
 from serving.models.torch_runner import BucketedCall, TorchModels
-from test_engine import CROWD, TARGET, RecordingSink, drain, request
+from test_engine import RecordingSink, alone_and_in_a_crowd, drain, request
 
 DEFAULT_MODEL_PROMPTS = [
     ("a large red circle on the left of a black background", 5.0),
@@ -114,21 +114,8 @@ def test_components_match_the_onnx_runner(torch_models, onnx_models):
 
 
 def test_image_is_bit_identical_alone_and_in_a_crowd(tiny_repo, torch_models):
-    alone = generate(tiny_repo, torch_models, [TARGET])[0]
-    svc = service(tiny_repo, torch_models)
-    crowd = [RecordingSink() for _ in CROWD]
-    for (prompt, seed, fields), sink in zip(CROWD[:4], crowd):
-        svc.submit(request(prompt, seed, **fields), sink)
-    for _ in range(3):  # the crowd is mid-flight when the target joins
-        svc.engine.run_iteration()
-    together = RecordingSink()
-    svc.submit(request(TARGET[0], TARGET[1], **TARGET[2]), together)
-    for (prompt, seed, fields), sink in zip(CROWD[4:], crowd[4:]):
-        svc.submit(request(prompt, seed, **fields), sink)
-    drain(svc)
-    assert svc.engine.stats.rows >= 3 * svc.engine.stats.steps  # it really ran batched
-    assert all(s.image is not None for s in crowd)
-    assert together.image.tobytes() == alone.tobytes()
+    alone, together = alone_and_in_a_crowd(tiny_repo, torch_models)
+    assert together.image.tobytes() == alone.image.tobytes()
 
 
 @pytest.fixture(scope="module")
