@@ -6,14 +6,18 @@
 # It unpacks the carry into /tmp, checks the machine (Python, numpy, the libpython the Triton
 # stub links), and runs `python -m serving.bench.gpu`, which prints each stage as it ends, the
 # table and targets last, and writes $OUT/gpu_bench.json (+ this log and tritonserver's).
-# Extra arguments go to serving.bench.gpu (e.g. --concurrency 1,4 --compile).
+# Extra arguments go to serving.bench.gpu (e.g. --concurrency 1,4 --compile). To try the script
+# itself on a CPU machine: scripts/gpu_carry.sh 3.11 (that machine's Python), then
+#   DEVICE=cpu PYTHON=.venv/bin/python bash scripts/gpu_bench.sh --small
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-bench}
 CARRY=${CARRY:-.gpu-carry}
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
 SITE=/tmp/ldm-site
 TRITON=/tmp/ldm-triton
+rm -rf "$SITE" "$TRITON"
 mkdir -p "$OUT" "$SITE" "$TRITON"
 exec > >(tee "$OUT/gpu_bench.log") 2>&1
 
@@ -40,7 +44,7 @@ wanted = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
 found = glob.glob(os.path.join(libdir, wanted)) or [l for l in os.popen("ldconfig -p").read().split() if l.endswith(wanted)]
 print(f"{wanted} for the Triton python stub: {found[0] if found else 'NOT FOUND (tritonserver cannot run python models here; the bench measures the engine without Triton)'}")
 PY
-timeout -k 10 470 "$PY" -m serving.bench.gpu --device cuda --out "$OUT" --budget-s "${BUDGET_S:-390}" "$@"
+timeout -k 10 470 "$PY" -m serving.bench.gpu --device "$DEVICE" --out "$OUT" --budget-s "${BUDGET_S:-390}" "$@"
 status=$?
 [ $status -eq 124 ] && echo "stopped at 470 s: $OUT/gpu_bench.json holds the stages that finished"
 exit $status

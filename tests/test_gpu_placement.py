@@ -88,7 +88,6 @@ def test_memory_pools_hold_the_largest_bls_call_twice(tiny_checkpoint):
 
 
 def test_tensorrt_build_says_plainly_where_tensorrt_is_missing(tiny_checkpoint, tmp_path):
-    pytest.importorskip("onnx")
     import importlib.util
     import shutil
 
@@ -97,3 +96,16 @@ def test_tensorrt_build_says_plainly_where_tensorrt_is_missing(tiny_checkpoint, 
     contract = component_contracts(CheckpointInfo.read(tiny_checkpoint), 64, MAX_BATCH)["unet"]
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed here"):
         build_plan(contract, tmp_path / "unet.onnx", tmp_path / "unet.plan")
+
+
+def test_ldm_export_with_tensorrt_stops_with_the_reason(tiny_checkpoint, tmp_path, capsys):
+    import importlib.util
+    import shutil
+
+    from serving.cli import main
+
+    if shutil.which("trtexec") or importlib.util.find_spec("tensorrt"):
+        pytest.skip("TensorRT is installed here")
+    assert main(["export", str(tiny_checkpoint), "--repo", str(tmp_path / "repo"), "--backend", "tensorrt", "--gpu",
+                 "--text-vae", "torch"]) == 2  # one ONNX export (the unet) before the plan
+    assert "ldm export: TensorRT is not installed here" in capsys.readouterr().out
