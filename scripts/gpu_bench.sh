@@ -44,7 +44,7 @@ wanted = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
 found = glob.glob(os.path.join(libdir, wanted)) or [l for l in os.popen("ldconfig -p").read().split() if l.endswith(wanted)]
 print(f"{wanted} for the Triton python stub: {found[0] if found else 'NOT FOUND (tritonserver cannot run python models here; the bench measures the engine without Triton)'}")
 PY
-timeout -k 10 470 "$PY" -m serving.bench.gpu --device "$DEVICE" --out "$OUT" --budget-s "${BUDGET_S:-390}" "$@"
+timeout -k 10 450 "$PY" -m serving.bench.gpu --device "$DEVICE" --out "$OUT" --budget-s "${BUDGET_S:-370}" "$@"
 status=$?
-[ $status -eq 124 ] && echo "stopped at 470 s: $OUT/gpu_bench.json holds the stages that finished"
+[ $status -eq 124 ] && echo "stopped at 450 s: $OUT/gpu_bench.json holds the stages that finished"
 exit $status
