@@ -1,5 +1,6 @@
 """`ldm export CHECKPOINT_DIR [--repo model_repository]`."""
 from export.triton_config import BACKENDS
+from serving.models.assemble import TEXT_VAE_RUNNERS, UNET_RUNNERS
 
 
 def add_arguments(parser):
@@ -13,10 +14,23 @@ def add_repository_options(parser):
     parser.add_argument("--backend", choices=BACKENDS, default="python",
                         help="python: python-backend models running ONNX Runtime (the PyPI Triton); "
                              "onnxruntime/tensorrt: native backends of the NGC Triton image")
-    parser.add_argument("--gpu", action="store_true", help="place component instances on the GPU")
+    parser.add_argument("--gpu", action="store_true",
+                        help="place the pipeline and component instances on the GPU (KIND_GPU), with the CUDA "
+                             "memory pool their BLS tensors need; the torch runner becomes the default")
     parser.add_argument("--max-size", type=int, help="largest image side served (default: twice the native size)")
-    parser.add_argument("--unet", choices=("inprocess", "bls"), default="inprocess",
-                        help="how the pipeline reaches the UNet each step (default: %(default)s; see README)")
+    parser.add_argument("--unet", choices=UNET_RUNNERS,
+                        help="how the pipeline runs the UNet each step: inprocess (ONNX Runtime), bls (the unet "
+                             "model), torch (in process, CUDA graphs on GPU). Default: torch with --gpu and the "
+                             "python backend, bls with --gpu and a native backend, else inprocess")
+    parser.add_argument("--text-vae", choices=TEXT_VAE_RUNNERS,
+                        help="how the pipeline runs the text encoder and VAE: bls (their models) or torch (in "
+                             "process). Default: torch with --gpu and the python backend, else bls")
+    parser.add_argument("--torch-buckets", default="",
+                        help="row buckets of the torch runner, e.g. 1,2,4,8,16,32 (default: powers of two up to "
+                             "--max-rows, from 1 on GPU and 4 on CPU)")
+    parser.add_argument("--torch-compile", action="store_true", help="torch.compile the torch runner's modules "
+                        "(about a minute per bucket at start-up on a GPU)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="torch runner on GPU without CUDA graphs")
     parser.add_argument("--no-step-batching", action="store_true", help="serve one request at a time (a baseline)")
     parser.add_argument("--max-rows", type=int, default=32, help="UNet rows per call (default: %(default)s)")
     parser.add_argument("--max-active", type=int, default=16, help="requests denoising at once (default: %(default)s)")
@@ -24,10 +38,15 @@ def add_repository_options(parser):
     parser.add_argument("--unary-instances", type=int, default=4, help="concurrent unary/HTTP requests (default: %(default)s)")
 
 
-def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_active=16, max_queue=64) -> dict:
-    """The pipeline's config.pbtxt parameters: batching knobs, then request defaults and limits."""
+def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_active=16, max_queue=64,
+                        text_vae="bls", torch_buckets="", torch_compile=False, cuda_graphs=True) -> dict:
+    """The pipeline's config.pbtxt parameters: runners, batching knobs, then request defaults and limits."""
     return {
         "unet": unet,
+        "text_vae": text_vae,
+        "torch_buckets": torch_buckets,
+        "torch_compile": "true" if torch_compile else "false",
+        "cuda_graphs": "true" if cuda_graphs else "false",
         "step_batching": "true" if step_batching else "false",
         "max_rows": max_rows,
         "max_active": max_active,
@@ -40,8 +59,22 @@ def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_a
     }
 
 
+def default_runners(gpu: bool, backend: str) -> tuple:
+    """(unet, text_vae) when not given: on GPU with the PyPI Triton (python backend) everything runs
+    with torch in the pipeline's process; with the NGC image's native backends the UNet is their
+    model (BLS each step); on CPU the UNet runs in process with ONNX Runtime."""
+    if gpu:
+        return ("torch", "torch") if backend == "python" else ("bls", "bls")
+    return "inprocess", "bls"
+
+
 def parameters_from_args(args) -> dict:
-    return pipeline_parameters(args.unet, not args.no_step_batching, args.max_rows, args.max_active, args.max_queue)
+    unet, text_vae = default_runners(args.gpu, args.backend)
+    return pipeline_parameters(
+        args.unet or unet, not args.no_step_batching, args.max_rows, args.max_active, args.max_queue,
+        text_vae=args.text_vae or text_vae, torch_buckets=args.torch_buckets, torch_compile=args.torch_compile,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
 
 
 def export_with_options(checkpoint, args) -> dict:
@@ -60,5 +93,11 @@ def export_with_options(checkpoint, args) -> dict:
 
 
 def run(args) -> int:
-    export_with_options(args.checkpoint, args)
+    from export.tensorrt import TensorRTUnavailable
+
+    try:
+        export_with_options(args.checkpoint, args)
+    except TensorRTUnavailable as exc:
+        print(f"ldm export: {exc}")
+        return 2
     return 0

@@ -21,8 +21,9 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, **per_row):
+        # per_row: further batch-first UNet inputs (e.g. class_labels), for runners that pass them
+        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **per_row)[0]
 
 
 class VaeDecoder(torch.nn.Module):

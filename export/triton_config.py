@@ -46,16 +46,17 @@ def component_config(contract: ComponentContract, backend: str, gpu: bool) -> mc
     return config
 
 
-def pipeline_config(parameters: dict) -> mc.ModelConfig:
-    """The decoupled pipeline model: streams progress and previews, then the image."""
+def pipeline_config(parameters: dict, gpu: bool = False) -> mc.ModelConfig:
+    """The decoupled pipeline model: streams progress and previews, then the image. On GPU its
+    instance is KIND_GPU: Triton names the device, where the torch runner puts its modules."""
     config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=0)
     config.model_transaction_policy.decoupled = True
     for f in FIELDS:
         config.input.add(name=f.name, data_type=DTYPES[f.dtype], dims=f.dims, optional=not f.required)
     for name, dtype, dims in PIPELINE_OUTPUTS:
         config.output.add(name=name, data_type=DTYPES[dtype], dims=dims)
-    # one instance: its engine batches all requests; several would split the batch
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    # one instance (per GPU): its engine batches all requests; several would split the batch
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU, count=1)
     for key, value in parameters.items():
         config.parameters[key].string_value = str(value)
     return config

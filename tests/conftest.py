@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny random checkpoint, its model repository, and a real tritonserver."""
 import os
 
-import pytest
+# before torch loads OpenMP: idle threads sleep instead of spinning (see serving/triton/server.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from export.cli import pipeline_parameters
+import pytest  # noqa: E402
+
+from export.cli import pipeline_parameters  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -68,13 +68,14 @@ CROWD = [
 ]
 
 
-def test_image_does_not_depend_on_batch_mates(tiny_repo, models):
-    service = make_service(tiny_repo, models)
+def alone_and_in_a_crowd(repo, models) -> tuple:
+    """TARGET's image served alone, and served joining CROWD mid-flight (a batched run, checked)."""
+    service = make_service(repo, models)
     alone = RecordingSink()
     service.submit(request(TARGET[0], TARGET[1], **TARGET[2]), alone)
     drain(service)
 
-    service = make_service(tiny_repo, models)
+    service = make_service(repo, models)
     crowd = [RecordingSink() for _ in CROWD]
     for (prompt, seed, fields), sink in zip(CROWD[:4], crowd):
         service.submit(request(prompt, seed, **fields), sink)
@@ -87,6 +88,11 @@ def test_image_does_not_depend_on_batch_mates(tiny_repo, models):
     drain(service)
     assert service.engine.stats.rows >= 3 * service.engine.stats.steps  # it really ran batched (alone: 2 rows)
     assert all(s.image is not None and s.ends == 1 for s in crowd)
+    return alone, together
+
+
+def test_image_does_not_depend_on_batch_mates(tiny_repo, models):
+    alone, together = alone_and_in_a_crowd(tiny_repo, models)
     difference = np.abs(alone.image.astype(int) - together.image.astype(int))
     print(f"alone vs in a crowd of 8: mean abs difference {difference.mean():.4f}/255, max {difference.max()}")
     assert difference.mean() <= 1.0

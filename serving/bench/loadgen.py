@@ -1,6 +1,7 @@
 """Load generation over gRPC: closed loop at a fixed concurrency, open loop with Poisson arrivals.
 
-Each worker thread keeps its own client (a gRPC stream serves one request at a time)."""
+Each worker thread keeps its own client (a gRPC stream serves one request at a time). `url` is a
+server's gRPC address, or a factory of clients with the same generate(**fields)."""
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import threading
@@ -36,8 +37,11 @@ class LoadResult:
 
 
 class _Clients(threading.local):
-    def __init__(self, url):
-        self.client = LdmClient(url)
+    """One client per worker thread: LdmClient(target) for a server URL, or target() when it is a
+    factory (e.g. serving.bench.inprocess.EngineClient, the engine without Triton)."""
+
+    def __init__(self, target):
+        self.client = target() if callable(target) else LdmClient(target)
 
 
 def _timed(clients, fields, seed, result, lock):

@@ -32,6 +32,7 @@ class EngineStats:
     step_seconds: float = 0.0  # time in UNet steps (model call and DDIM update)
     last_rows: int = 0
     last_step_seconds: float = 0.0
+    row_cap: int = 0  # UNet rows per call the scheduler may use
 
     def on_step(self, rows: int, seconds: float) -> None:
         self.last_rows, self.last_step_seconds = rows, seconds

@@ -8,6 +8,7 @@ METRICS = (
     ("ldm_queue_length", "queued", "gauge", "requests waiting for admission"),
     ("ldm_active_requests", "active", "gauge", "requests holding latents in the running batch"),
     ("ldm_unet_rows_last_step", "last_rows", "gauge", "UNet rows in the latest denoising call"),
+    ("ldm_unet_row_cap", "row_cap", "gauge", "UNet rows per call: max_rows, lowered to what the GPU memory plan fits"),
     ("ldm_step_latency_last_seconds", "last_step_seconds", "gauge", "duration of the latest denoising step"),
     ("ldm_unet_steps_total", "steps", "counter", "denoising iterations (UNet calls)"),
     ("ldm_unet_rows_total", "rows", "counter", "UNet rows over all steps (rows/steps: mean batch)"),

@@ -1,6 +1,6 @@
 """The pipeline behind the Triton `pipeline` model, as plain Python: turns named input arrays
 into validated jobs for the engine. The Triton model only adapts tensors and response senders."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import json
 from pathlib import Path
 import secrets
@@ -59,7 +59,12 @@ class PipelineService:
             vae_factor=int(assets.info["vae_factor"]),
         )
         preview = LatentPreview.from_info(assets.info)
-        self.engine = Engine(runner, StepScheduler(scheduler_config(params)), preview=preview)
+        config = scheduler_config(params)
+        row_cap = getattr(models, "row_cap", None)  # what the UNet's device can serve (GPU memory plan)
+        if row_cap is not None and row_cap < config.max_rows:
+            config = replace(config, max_rows=row_cap)
+        self.engine = Engine(runner, StepScheduler(config), preview=preview)
+        self.engine.stats.row_cap = config.max_rows
 
     def start(self) -> "PipelineService":
         self.engine.start()

@@ -69,9 +69,14 @@ class LocalModels:
         self.text_encoder = OnnxComponent(repo / "text_encoder" / "1" / "model.onnx", threads)
         self.unet = LocalUnet(repo / "unet" / "1" / "model.onnx", threads)
         self.vae_decoder = OnnxComponent(repo / "vae_decoder" / "1" / "model.onnx", threads)
+        self.vae_encoder = OnnxComponent(repo / "vae_encoder" / "1" / "model.onnx", threads)
 
     def encode_text(self, input_ids):
         return self.text_encoder(input_ids=input_ids)["last_hidden_state"]
 
     def decode(self, latents):
         return self.vae_decoder(latents=latents)["images"]
+
+    def encode_image(self, images):
+        out = self.vae_encoder(images=images)
+        return out["latents_mean"], out["latents_std"]

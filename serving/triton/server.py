@@ -1,9 +1,13 @@
 """Starting and stopping a real tritonserver process.
 
-Uses `tritonserver` from PATH when there is one (the NGC image), else the binary inside the
+Uses `tritonserver` from PATH when there is one (the NGC image), else the one in $LDM_TRITON_DIR
+(a trimmed copy of the wheel's server: bin/, lib/, backends/python/ with the stub already in place;
+scripts/gpu_carry.sh makes one for the lent GPU machine), else the binary inside the
 `nvidia-pytriton` wheel, whose python backend needs the stub for this interpreter's version and
-this interpreter's libpython first on the library path (DESIGN.md section 5).
+this interpreter's libpython first on the library path (the wheel ships one stub per Python).
+A repository exported for GPU also gets the memory pool flags its placement needs.
 """
+import json
 import os
 from pathlib import Path
 import shutil
@@ -48,20 +52,43 @@ def _python_backend_dir() -> Path:
     return backends
 
 
+def repository_flags(repo) -> list:
+    """The flags the repository's placement needs (pipeline.json, written by `ldm export`)."""
+    from export.placement import server_flags
+
+    info = Path(repo) / "pipeline" / "1" / "pipeline.json"
+    placement = json.loads(info.read_text()).get("placement", {}) if info.is_file() else {}
+    if not placement.get("gpu"):
+        return []
+    import torch
+
+    return server_flags(placement, torch.cuda.device_count())
+
+
 def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0):
     env = dict(os.environ)
     # the python-backend stub imports the project's code (serving/) from the model files
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     # the stub runs the interpreter found on PATH: this one, with its site-packages
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # torch's OpenMP threads sleep when idle instead of spinning: on cores shared with the other
+    # models and the clients, spinning made a tiny-UNet torch call on 2 busy cores 20-80x slower
+    # (650-3200 ms against 32-40 ms); ONNX Runtime's sessions turn spinning off for the same reason
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     binary = shutil.which("tritonserver")
-    extra = []
+    extra = repository_flags(repo)
     if binary is None:
-        root = _pytriton_dir()
+        trimmed = os.environ.get("LDM_TRITON_DIR")
+        if trimmed:
+            root = Path(trimmed)
+            libs, backends = [str(root / "lib")], root / "backends"
+        else:
+            root = _pytriton_dir()
+            libs, backends = [str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "bin")], _python_backend_dir()
         binary = str(root / "bin" / "tritonserver")
-        libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "bin")]
+        libs = [sysconfig.get_config_var("LIBDIR")] + libs
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, libs + [env.get("LD_LIBRARY_PATH")]))
-        extra.append(f"--backend-directory={_python_backend_dir()}")
+        extra.append(f"--backend-directory={backends}")
     command = [
         binary,
         f"--model-repository={Path(repo).resolve()}",

@@ -13,42 +13,39 @@ import triton_python_backend_utils as pb_utils
 
 from serving.core.errors import INTERNAL, coded_message
 from serving.core.metrics import MetricsExporter
-from serving.models.onnx import LocalUnet
 from serving.core.service import PipelineAssets, PipelineService
+from serving.models.assemble import RunnerChoice, build_models
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-UNET_MODES = ("bls", "inprocess")
 
 
 class BlsModels:
     """The component models, reached through Triton (BLS)."""
 
-    def __init__(self, unet_local=None):
-        self.unet_local = unet_local
-
     def encode_text(self, input_ids):
-        return _call("text_encoder", {"input_ids": input_ids}, "last_hidden_state")
+        return _call("text_encoder", {"input_ids": input_ids}, ["last_hidden_state"])[0]
 
     def unet(self, sample, timestep, encoder_hidden_states):
-        if self.unet_local is not None:
-            return self.unet_local(sample, timestep, encoder_hidden_states)
         inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states}
-        return _call("unet", inputs, "noise_pred")
+        return _call("unet", inputs, ["noise_pred"])[0]
 
     def decode(self, latents):
-        return _call("vae_decoder", {"latents": latents}, "images")
+        return _call("vae_decoder", {"latents": latents}, ["images"])[0]
+
+    def encode_image(self, images):
+        return tuple(_call("vae_encoder", {"images": images}, ["latents_mean", "latents_std"]))
 
 
-def _call(model, inputs, output):
+def _call(model, inputs, outputs):
     request = pb_utils.InferenceRequest(
         model_name=model,
-        requested_output_names=[output],
+        requested_output_names=outputs,
         inputs=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in inputs.items()],
     )
     response = request.exec()
     if response.has_error():
         raise RuntimeError(f"{model}: {response.error().message()}")
-    return pb_utils.get_output_tensor_by_name(response, output).as_numpy()
+    return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
 
 
 class TritonSink:
@@ -85,15 +82,16 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("pipeline: config.pbtxt must set model_transaction_policy { decoupled: true }")
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        unet_mode = params.get("unet", "bls")
-        if unet_mode not in UNET_MODES:
-            raise pb_utils.TritonModelException(f"pipeline: parameter unet must be one of {UNET_MODES}, got {unet_mode!r}")
+        # the instance's placement decides the torch runner's device
+        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
+        try:
+            choice = RunnerChoice.from_parameters(params, device)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"pipeline: {exc}") from None
         model_dir = Path(args["model_repository"])
-        unet_local = None
-        if unet_mode == "inprocess":
-            unet_local = LocalUnet(model_dir.parent / "unet" / "1" / "model.onnx")
+        models = build_models(choice, model_dir.parent, args["model_version"], BlsModels(), log=lambda m: print(m, flush=True))
         assets = PipelineAssets.read(model_dir / args["model_version"])
-        self.service = PipelineService(assets, params, BlsModels(unet_local)).start()
+        self.service = PipelineService(assets, params, models).start()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
         self.stop_metrics = threading.Event()
@@ -109,8 +107,10 @@ class TritonPythonModel:
         return family.Metric(labels={"model": "pipeline"})
 
     def _export_metrics(self):
-        while not self.stop_metrics.wait(0.5):
+        while True:  # first copy at once: gauges such as the row cap are set before any request
             self.exporter.update(self.service.engine.stats)
+            if self.stop_metrics.wait(0.5):
+                return
 
     def execute(self, requests):
         for request in requests:

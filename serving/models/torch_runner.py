@@ -1,0 +1,289 @@
+"""The checkpoint's diffusers modules run with torch in the pipeline's own process.
+
+The same calls as the ONNX runner (serving/models/onnx.py), over numpy arrays, plus
+`encode_image` for image conditioning. On CUDA: fp16 weights, channels_last, SDPA attention,
+and for the UNet and the text encoder one CUDA graph per row bucket, captured at start-up for
+the native latent size (the memory plan below). On CPU: fp32 and the same code path without
+graphs, so CI runs it.
+
+Every call is padded with zero rows up to its bucket (the smallest that holds its rows; more
+rows than the largest run in chunks of it) and runs at that batch size. Rows never mix in these
+models (group norm and attention are per row, there is no batch norm), so padding never changes
+the real rows. Bucketing also bounds the shapes a kernel ever sees, which is what keeps a row's
+result independent of its batch-mates on CPU (see torch_options.CPU_MIN_BUCKET).
+"""
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.core.errors import ResourceExhausted
+from serving.models.torch_options import VAE_BUCKETS, TorchOptions
+
+# Graph capture needs free memory for the capture's own workspace beyond the activations.
+CAPTURE_HEADROOM = 0.05
+
+
+class BucketedCall:
+    """fn(*tensors) -> tensor or tuple of tensors, over batch-first numpy inputs padded to a bucket.
+
+    Calls whose inputs match a captured graph (bucket and per-row shapes) replay it; the others
+    run eagerly at the bucket's batch size. A CUDA out-of-memory error becomes ResourceExhausted:
+    the step's jobs fail with UNAVAILABLE and the server keeps serving."""
+
+    def __init__(self, name: str, fn, buckets: tuple, device: torch.device, dtype: torch.dtype):
+        self.name = name
+        self.fn = fn
+        self.buckets = tuple(buckets)
+        self.device = device
+        self.dtype = dtype  # floating inputs are cast to it; outputs come back as float32
+        self.graphs = {}  # (bucket, per-row shapes and dtypes) -> CapturedGraph
+        self.pool = None
+
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def __call__(self, *arrays) -> tuple:
+        rows = len(arrays[0])
+        top = self.buckets[-1]
+        if rows > top:
+            parts = [self(*(a[i : i + top] for a in arrays)) for i in range(0, rows, top)]
+            return tuple(np.concatenate(p) for p in zip(*parts))
+        bucket = self.bucket(rows)
+        try:
+            with torch.inference_mode():
+                graph = self.graphs.get(_key(bucket, arrays))
+                outputs = graph.run(arrays) if graph else _as_tuple(self.fn(*self.padded(arrays, bucket)))
+                return tuple(o[:rows].float().cpu().numpy() for o in outputs)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise ResourceExhausted(f"{self.name}: out of GPU memory for {rows} rows (bucket {bucket}): {exc}") from exc
+
+    def padded(self, arrays, bucket: int) -> list:
+        """Device tensors of `bucket` rows: the arrays' rows, then zeros."""
+        tensors = []
+        for a in arrays:
+            source = torch.from_numpy(np.ascontiguousarray(a))
+            dtype = self.dtype if source.is_floating_point() else source.dtype
+            t = torch.zeros((bucket, *source.shape[1:]), dtype=dtype, device=self.device)
+            if t.dim() == 4 and t.is_floating_point():
+                t = t.contiguous(memory_format=torch.channels_last)
+            t[: len(a)].copy_(source)
+            tensors.append(t)
+        return tensors
+
+    def capture(self, examples) -> None:
+        """Captures a graph for the examples' bucket and per-row shapes (CUDA only). Graphs of one
+        call share a memory pool: they never run at once, and each call copies its outputs out."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        bucket = self.bucket(len(examples[0]))
+        with torch.inference_mode():
+            self.graphs[_key(bucket, examples)] = CapturedGraph(self.fn, self.padded(examples, bucket), self.pool)
+
+
+class CapturedGraph:
+    def __init__(self, fn, static_inputs: list, pool):
+        self.inputs = static_inputs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (cuDNN/cuBLAS choose and allocate here)
+            for _ in range(2):
+                fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = _as_tuple(fn(*static_inputs))
+
+    def run(self, arrays) -> tuple:
+        for static, a in zip(self.inputs, arrays):
+            static[: len(a)].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+            static[len(a) :].zero_()
+        self.graph.replay()
+        return self.outputs
+
+
+def _key(bucket: int, arrays) -> tuple:
+    return (bucket,) + tuple((a.shape[1:], np.dtype(a.dtype).str) for a in arrays)
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+class TorchModels:
+    """The checkpoint's text encoder, UNet and VAE (those in `components`) on one device.
+
+    encode_text(input_ids int64 [N, L]) -> float32 [N, L, D]
+    unet(sample [B, C, h, w], timestep int64 [B], encoder_hidden_states [B, L, D], **per_row) -> [B, C', h, w]
+        (per_row: extra batch-first inputs of the UNet, e.g. class_labels; passed by name)
+    decode(latents [N, C, h, w], scaled) -> float32 [N, H, W, 3] in [0, 1]
+    encode_image(images [N, H, W, 3] in [0, 1]) -> (mean, std), scaled, each [N, C, h, w]
+    row_cap: the UNet rows per call this device serves (the largest usable bucket)."""
+
+    COMPONENTS = ("text_encoder", "unet", "vae")
+
+    def __init__(self, checkpoint_dir, options: TorchOptions = TorchOptions(), components=COMPONENTS, log=print):
+        from export.checkpoint import CheckpointInfo
+        from export.torch_modules import VaeEncoder, load_module
+
+        unknown = set(components) - set(self.COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; choose from {self.COMPONENTS}")
+        self.info = CheckpointInfo.read(Path(checkpoint_dir))
+        self.options = options
+        self.device = torch.device(options.device)
+        self.dtype = torch.float16 if options.kind == "cuda" else torch.float32
+        self.log = log
+        if options.kind == "cuda":
+            torch.backends.cudnn.benchmark = True  # per shape, chosen once: buckets bound the shapes
+        buckets = options.unet_buckets()
+        vae_buckets = VAE_BUCKETS[options.kind]
+        self.calls = {}
+        with torch.cuda.device(self.device) if options.kind == "cuda" else nullcontext():
+            if "text_encoder" in components:
+                self.calls["text_encoder"] = self._call("text_encoder", load_module("text_encoder", self.info), buckets)
+            if "unet" in components:
+                self.calls["unet"] = self._call("unet", load_module("unet", self.info), buckets)
+            if "vae" in components:
+                decoder = load_module("vae_decoder", self.info)  # the encoder shares its AutoencoderKL
+                encoder = VaeEncoder(decoder.vae, self.info.vae_scaling_factor)
+                self.calls["vae_decoder"] = self._call("vae_decoder", decoder, vae_buckets)
+                self.calls["vae_encoder"] = self._call("vae_encoder", encoder, vae_buckets)
+            self.memory_plan = self._plan_memory()
+        self.row_cap = self.calls["unet"].buckets[-1] if "unet" in self.calls else None
+
+    def _call(self, name, module, buckets) -> BucketedCall:
+        module = module.to(device=self.device, dtype=self.dtype)
+        if name != "text_encoder":  # transformers' CLIP uses SDPA by default
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            module = module.to(memory_format=torch.channels_last)
+            (module.model if name == "unet" else module.vae).set_attn_processor(AttnProcessor2_0())
+        fn = torch.compile(module, dynamic=False) if self.options.compile else module
+        return BucketedCall(name, fn, buckets, self.device, self.dtype)
+
+    # --- the models protocol -------------------------------------------------------------------
+
+    def encode_text(self, input_ids):
+        return self._run("text_encoder", input_ids)[0]
+
+    def unet(self, sample, timestep, encoder_hidden_states, **per_row):
+        call = self._require("unet")
+        names = sorted(per_row)
+        if names:
+            fn = call.fn
+            call = BucketedCall("unet", lambda s, t, c, *extra: fn(s, t, c, **dict(zip(names, extra))),
+                                call.buckets, call.device, call.dtype)
+        return self._with_device(call, sample, np.asarray(timestep, np.int64).reshape(-1), encoder_hidden_states,
+                                 *(per_row[n] for n in names))[0]
+
+    def decode(self, latents):
+        return self._run("vae_decoder", latents)[0]
+
+    def encode_image(self, images):
+        return self._run("vae_encoder", images)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _require(self, name) -> BucketedCall:
+        if name not in self.calls:
+            raise RuntimeError(f"torch runner: {name} was not loaded (components: {sorted(self.calls)})")
+        return self.calls[name]
+
+    def _run(self, name, *arrays) -> tuple:
+        return self._with_device(self._require(name), *arrays)
+
+    def _with_device(self, call, *arrays) -> tuple:
+        if self.options.kind == "cuda":
+            with torch.cuda.device(self.device):
+                return call(*arrays)
+        return call(*arrays)
+
+    def native_examples(self, rows: int) -> dict:
+        """Zero inputs of `rows` rows at the checkpoint's native size, per call."""
+        info = self.info
+        latent = info.native_size // info.vae_factor
+        return {
+            "text_encoder": (np.zeros((rows, info.text_length), np.int64),),
+            "unet": (
+                np.zeros((rows, info.latent_channels, latent, latent), np.float32),
+                np.zeros(rows, np.int64),
+                np.zeros((rows, info.text_length, info.text_hidden), np.float32),
+            ),
+            "vae_decoder": (np.zeros((rows, info.latent_channels, latent, latent), np.float32),),
+        }
+
+    def _plan_memory(self) -> dict:
+        """CUDA: measure the VAE decoder's peak at its largest bucket and keep that much free, then
+        capture the text encoder's and the UNet's graphs at the native size, largest bucket first
+        (graphs of one call share a pool, so the largest sets the memory). A bucket whose capture
+        runs out of memory, or leaves less than the VAE's reserve free, gets no graph, and the
+        UNet's calls chunk at the largest captured bucket: its row cap. CPU (or graphs off): no
+        graphs and nothing to measure; the row cap is the largest bucket."""
+        plan = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "graphs": {name: [] for name in self.calls}}
+        if self.options.kind == "cuda" and self.options.cuda_graphs:
+            reserve = self._vae_peak_bytes()
+            plan["vae_reserve_bytes"] = reserve
+            for name in ("text_encoder", "unet"):
+                if name in self.calls:
+                    plan["graphs"][name] = self._capture(name, reserve)
+            plan["free_bytes_after_capture"] = free_bytes(self.device)
+        self._report(plan)
+        return plan
+
+    def _vae_peak_bytes(self) -> int:
+        call = self.calls.get("vae_decoder")
+        if call is None:
+            return 0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        call(*self.native_examples(call.buckets[-1])["vae_decoder"])
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated(self.device) - before)
+
+    def _capture(self, name: str, reserve: int) -> list:
+        call = self.calls[name]
+        kept = []
+        for bucket in reversed(call.buckets):
+            examples = self.native_examples(bucket)[name]
+            try:
+                call.capture(examples)
+            except torch.cuda.OutOfMemoryError:
+                call.graphs.pop(_key(bucket, examples), None)
+                torch.cuda.empty_cache()
+                continue
+            except RuntimeError as exc:  # an op the module runs cannot be captured: serve it eagerly
+                self.log(f"torch runner: {name} cannot be captured in a CUDA graph, runs eagerly: {exc}")
+                call.graphs.clear()
+                return []
+            if free_bytes(self.device) < reserve * (1 + CAPTURE_HEADROOM):
+                call.graphs.pop(_key(bucket, examples))
+                torch.cuda.empty_cache()
+                continue
+            kept.append(bucket)
+        if kept:
+            call.buckets = tuple(b for b in call.buckets if b <= max(kept))
+        return sorted(kept)
+
+    def _report(self, plan) -> None:
+        unet = self.calls.get("unet")
+        cap = unet.buckets[-1] if unet else None
+        free = plan.get("free_bytes_after_capture")
+        free_text = f", {free / 2**30:.1f} GiB free after capture" if free is not None else ""
+        reserve = plan.get("vae_reserve_bytes")
+        reserve_text = f", VAE reserve {reserve / 2**30:.2f} GiB" if reserve else ""
+        self.log(f"torch runner on {plan['device']} ({plan['dtype']}): row cap {cap}, buckets "
+                 f"{unet.buckets if unet else ()}, graphs {plan['graphs']}{free_text}{reserve_text}")
+
+
+def free_bytes(device: torch.device) -> int:
+    """Device memory an eager allocation can still get: the driver's free memory once torch has
+    returned its unused cached blocks (graph pools stay held)."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
