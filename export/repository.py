@@ -22,7 +22,6 @@ def write_repository(
     gpu: bool = False,
     max_size: int | None = None,
     pipeline_parameters: dict | None = None,
-    unary_instances: int = 4,
     log=print,
 ) -> dict:
     """Exports every component of `checkpoint` into `repo`; returns each export's stamp."""
@@ -65,7 +64,7 @@ def write_repository(
     _copy(TEMPLATES / "pipeline_model.py", pipeline_dir / "model.py")
     write_pipeline_config(repo, pipeline_parameters or {})
     _copy(TEMPLATES / "pipeline_unary_model.py", repo / "pipeline_unary" / "1" / "model.py")
-    _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config(unary_instances)))
+    _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config()))
     log(f"model repository ready: {repo}")
     return stamps
 

@@ -15,6 +15,7 @@ from serving.core.errors import INTERNAL, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.models.onnx import LocalUnet
 from serving.core.service import PipelineAssets, PipelineService
+from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 UNET_MODES = ("bls", "inprocess")
@@ -52,11 +53,15 @@ def _call(model, inputs, output):
 
 
 class TritonSink:
-    """Delivers one job's results through its request's response sender."""
+    """Delivers one job's results through its request's response sender. A request with an id
+    can also be cancelled by a cancel message naming it (what the unary front sends)."""
 
-    def __init__(self, request):
+    def __init__(self, request, cancels: CancelRegistry):
         self.request = request
         self.sender = request.get_response_sender()
+        self.request_id = request.request_id()
+        self.cancels = cancels
+        self.cancel_requested = cancels.register(self.request_id) if self.request_id else None
 
     def progress(self, step, total, preview):
         tensors = [
@@ -69,14 +74,29 @@ class TritonSink:
 
     def finish(self, image, seed):
         tensors = [pb_utils.Tensor("image", np.ascontiguousarray(image)), pb_utils.Tensor("seed", np.array([seed], np.int64))]
-        self.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL)
+        self._final(pb_utils.InferenceResponse(tensors))
 
     def fail(self, code, message):
         error = pb_utils.TritonError(coded_message(code, message), getattr(pb_utils.TritonError, code))
-        self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+        self._final(pb_utils.InferenceResponse(error=error))
+
+    def _final(self, response):
+        try:
+            self.sender.send(response, flags=FINAL)
+        finally:
+            if self.request_id:
+                self.cancels.forget(self.request_id)
 
     def cancelled(self):
-        return self.request.is_cancelled()
+        requested = self.cancel_requested is not None and self.cancel_requested.is_set()
+        return requested or self.request.is_cancelled()
+
+
+def _cancel_target(request):
+    """The request id a cancel message names, or None for a generation request."""
+    parameters = json.loads(request.parameters() or "{}")
+    target = parameters.get(CANCEL_PARAMETER)
+    return None if target is None else str(target)
 
 
 class TritonPythonModel:
@@ -94,6 +114,7 @@ class TritonPythonModel:
             unet_local = LocalUnet(model_dir.parent / "unet" / "1" / "model.onnx")
         assets = PipelineAssets.read(model_dir / args["model_version"])
         self.service = PipelineService(assets, params, BlsModels(unet_local)).start()
+        self.cancels = CancelRegistry()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
         self.stop_metrics = threading.Event()
@@ -114,7 +135,12 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = TritonSink(request)
+            target = _cancel_target(request)
+            if target is not None:
+                self.cancels.cancel(target)
+                request.get_response_sender().send(flags=FINAL)
+                continue
+            sink = TritonSink(request, self.cancels)
             try:
                 self.service.submit({t.name(): t.as_numpy() for t in request.inputs()}, sink)
             except Exception as exc:  # every request ends with a FINAL response, whatever broke
