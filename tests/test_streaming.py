@@ -1,7 +1,6 @@
 """Streaming, cancellation, deadlines, overload and metrics against a real tritonserver."""
 from concurrent.futures import ThreadPoolExecutor
 import queue
-import re
 import shutil
 import threading
 import time
@@ -16,22 +15,9 @@ from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
 from serving.client.kserve import LdmClient, request_arrays
 from serving.triton.server import TritonServer
+from server_metrics import metrics, wait_for
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
-
-
-def metrics(server) -> dict:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(ldm_\w+)\{[^}]*\} (\S+)$", text, re.M)}
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture(scope="module")
