@@ -1,15 +1,16 @@
-"""Load generation over gRPC: closed loop at a fixed concurrency, open loop with Poisson arrivals.
+"""Load generation: closed loop at a fixed concurrency, open loop with Poisson arrivals.
 
-Each worker thread keeps its own client (a gRPC stream serves one request at a time)."""
+`make_client()` gives a client with `generate(prompt=..., seed=..., **fields)` for one of the
+ways to reach the engine (serving/bench/paths.py); each worker thread keeps its own client (a
+gRPC stream serves one request at a time). Errors are counted by their status code."""
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import threading
 import time
 
 import numpy as np
-from tritonclient.utils import InferenceServerException
 
-from serving.client.kserve import LdmClient
+from serving.client.retry import status_code
 
 
 @dataclass
@@ -36,25 +37,26 @@ class LoadResult:
 
 
 class _Clients(threading.local):
-    def __init__(self, url):
-        self.client = LdmClient(url)
+    def __init__(self, make_client):
+        self.client = make_client()
 
 
 def _timed(clients, fields, seed, result, lock):
     start = time.perf_counter()
     try:
         clients.client.generate(seed=seed, **fields)
-    except InferenceServerException as exc:
+    except Exception as exc:  # counted by code; a benchmark keeps going
+        code = status_code(exc)
         with lock:
-            result.errors[str(exc.status())] = result.errors.get(str(exc.status()), 0) + 1
+            result.errors[code] = result.errors.get(code, 0) + 1
         return
     with lock:
         result.latencies.append(time.perf_counter() - start)
 
 
-def closed_loop(url: str, fields: dict, concurrency: int, requests: int, seed0: int = 0) -> LoadResult:
+def closed_loop(make_client, fields: dict, concurrency: int, requests: int, seed0: int = 0) -> LoadResult:
     """`concurrency` clients each send their next request as soon as the last one returns."""
-    result, lock, clients = LoadResult("closed", concurrency), threading.Lock(), _Clients(url)
+    result, lock, clients = LoadResult("closed", concurrency), threading.Lock(), _Clients(make_client)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda i: _timed(clients, fields, seed0 + i, result, lock), range(requests)))
@@ -62,9 +64,9 @@ def closed_loop(url: str, fields: dict, concurrency: int, requests: int, seed0: 
     return result
 
 
-def open_loop(url: str, fields: dict, rate: float, requests: int, seed0: int = 0, max_in_flight: int = 256) -> LoadResult:
+def open_loop(make_client, fields: dict, rate: float, requests: int, seed0: int = 0, max_in_flight: int = 256) -> LoadResult:
     """Requests arrive as a Poisson process at `rate` per second, whatever the server's pace."""
-    result, lock, clients = LoadResult("open", rate), threading.Lock(), _Clients(url)
+    result, lock, clients = LoadResult("open", rate), threading.Lock(), _Clients(make_client)
     gaps = np.random.default_rng(seed0).exponential(1.0 / rate, requests)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_in_flight) as pool:
