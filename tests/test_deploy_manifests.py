@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.tools import REPO, require
+from tests.lb.tools import REPO, require
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ["cpu", "gpu"]

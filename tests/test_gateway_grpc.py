@@ -90,7 +90,10 @@ def test_request_id_is_returned_and_taken_from_the_client(gateway):
     response, call = stub.Generate.with_call(images_pb2.GenerateRequest(prompt=PROMPT, steps=2),
                                              metadata=(("x-request-id", "my-request-7"),))
     assert response.request_id == "my-request-7"
-    assert ("x-request-id", "my-request-7") in call.initial_metadata()
+    assert ("x-request-id", "my-request-7") in call.trailing_metadata()
+    with pytest.raises(grpc.RpcError) as info:  # errors carry it too
+        stub.Generate(images_pb2.GenerateRequest(prompt=PROMPT, steps=0), metadata=(("x-request-id", "bad-8"),))
+    assert ("x-request-id", "bad-8") in info.value.trailing_metadata()
     channel.close()
 
 

@@ -1,7 +1,13 @@
 """The gRPC front: service `ldm.v1.Images` (proto/ldm/v1/images.proto), with gRPC health
 checking (`grpc.health.v1.Health`: "" and "ldm.v1.Images" follow the pipeline's readiness) and
 server reflection. Errors are status codes; a field error carries google.rpc.BadRequest, a
-rate limit google.rpc.RetryInfo."""
+rate limit google.rpc.RetryInfo.
+
+The request id travels in the trailing metadata (`x-request-id`) and in the messages, not in
+early headers: a proxy (nginx, an Ingress) that has not yet sent response headers answers a
+replica that dies mid-call with 502, which clients see as UNAVAILABLE and retry; once headers
+are out it can only reset the stream, which they see as INTERNAL."""
+from collections import namedtuple
 import math
 
 import numpy as np
@@ -82,7 +88,11 @@ def to_message(image: EncodedImage):
                                      width=image.width, height=image.height, timings=timings)
 
 
-def status_of(error: ApiError) -> grpc.Status:
+class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
+
+
+def status_of(error: ApiError, rid: str | None = None) -> grpc.Status:
     code = GRPC_STATUS[error.code]
     details = []
     if error.field:
@@ -96,18 +106,19 @@ def status_of(error: ApiError) -> grpc.Status:
         message = any_pb2.Any()
         message.Pack(detail)
         packed.append(message)
-    status = status_pb2.Status(code=code.value[0], message=str(error), details=packed)
-    return rpc_status.to_status(status)
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=str(error), details=packed))
+    extra = ((REQUEST_ID_HEADER, rid),) if rid else ()
+    return _Status(status.code, status.details, tuple(status.trailing_metadata) + extra)
 
 
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
     def __init__(self, service: ImageService):
         self.service = service
 
-    async def _start(self, context):
+    def _start(self, context):
         metadata = dict(context.invocation_metadata() or ())
         rid = request_id(metadata.get(REQUEST_ID_HEADER))
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         return rid, metadata
 
     def _admit(self, request, context, metadata, streaming: bool) -> Generation:
@@ -116,7 +127,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         return generation
 
     async def Generate(self, request, context):
-        rid, metadata = await self._start(context)
+        rid, metadata = self._start(context)
         with self.service.metrics.request("grpc.Generate", rid) as outcome:
             try:
                 generation = self._admit(request, context, metadata, False)
@@ -127,10 +138,10 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                 outcome.images = len(done)
                 return images_pb2.GenerateResponse(images=[done[i] for i in sorted(done)], request_id=rid)
             except ApiError as error:
-                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES)))
+                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
 
     async def GenerateStream(self, request, context):
-        rid, metadata = await self._start(context)
+        rid, metadata = self._start(context)
         with self.service.metrics.request("grpc.GenerateStream", rid) as outcome:
             try:
                 generation = self._admit(request, context, metadata, True)
@@ -143,7 +154,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                                                        preview=event.preview or b"")
                         yield images_pb2.GenerateEvent(progress=progress, request_id=rid)
             except ApiError as error:
-                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES)))
+                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
 
 
 def add_services(server, service: ImageService) -> health.aio.HealthServicer:

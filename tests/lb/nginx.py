@@ -1,4 +1,4 @@
-"""Run Debian's nginx as a local gRPC load balancer over Triton replicas (loopback only).
+"""Run Debian's nginx as a local gRPC load balancer over the replicas' gateways (loopback only).
 
 Renders deploy/nginx/ldm-grpc-lb.conf.template into a private prefix directory and runs
 nginx in the foreground as a child process, so stopping it is one signal to one PID.
@@ -11,9 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from deploy.tools import find
+from tests.lb.tools import REPO, find
 
-TEMPLATE = Path(__file__).resolve().parent / "nginx" / "ldm-grpc-lb.conf.template"
+TEMPLATE = REPO / "deploy" / "nginx" / "ldm-grpc-lb.conf.template"
 # A replica that failed once is skipped for this long, then probed with one request.
 FAIL_TIMEOUT_S = 10
 
