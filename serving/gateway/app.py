@@ -38,6 +38,7 @@ class GatewayConfig:
     rate: float = 0.0  # images per second per caller; 0: no limit
     burst: float = 16.0
     limits: Limits = field(default_factory=Limits)
+    drain_s: float = 30.0  # on stop: running calls may finish for this long; new ones are refused
     watch_interval_s: float = 1.0
 
     def check(self) -> None:
@@ -68,7 +69,8 @@ class Gateway:
             raise OSError(f"cannot listen for gRPC on {self.config.host}:{self.config.grpc_port}")
         await self.grpc_server.start()
         # handler_cancellation: a client that disconnects cancels its handler, and so its generation
-        self.runner = web.AppRunner(build_app(self.service), handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(build_app(self.service), handler_cancellation=True, access_log=None,
+                                    shutdown_timeout=self.config.drain_s)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.rest_port)
         await site.start()
@@ -91,16 +93,18 @@ class Gateway:
                     log.warning("pipeline at %s is not ready", pipeline.url)
             await asyncio.sleep(self.config.watch_interval_s)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Stops taking requests, lets those in flight finish for `grace_s`, then closes."""
+    async def stop(self) -> None:
+        """Refuses new calls at once, lets those in flight finish for drain_s, then closes."""
         if self._watch_task:
             self._watch_task.cancel()
         self.service.ready = False
+        stopping = []
         if self.grpc_server:
             await set_serving(self.health, False)
-            await self.grpc_server.stop(grace_s)
+            stopping.append(self.grpc_server.stop(self.config.drain_s))
         if self.runner:
-            await self.runner.cleanup()
+            stopping.append(self.runner.cleanup())
+        await asyncio.gather(*stopping)
         await self.service.pipeline.close()
 
 

@@ -21,6 +21,8 @@ def add_gateway_options(parser, prefix: str = "") -> None:
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default: %(default)s MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                         help="largest uploaded image, width x height (default: %(default)s)")
+    parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, how long running calls may finish "
+                        "while new ones are refused (default: %(default)s)")
 
 
 def add_arguments(parser):
@@ -37,7 +39,8 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
 
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
     return GatewayConfig(triton=triton, host=host, rest_port=rest_port, grpc_port=grpc_port, keys=ApiKeys.load(args.api_keys),
-                         allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits)
+                         allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
+                         drain_s=args.drain_s)
 
 
 def run(args) -> int:

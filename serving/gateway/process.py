@@ -70,7 +70,8 @@ class GatewayProcess:
             return ""
         return "\n--- gateway log (tail) ---\n" + "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-30:])
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = 45.0) -> int | None:
+        """SIGTERM (the gateway drains, 30 s at most by default), then SIGKILL."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)

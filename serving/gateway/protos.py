@@ -18,7 +18,8 @@ import tempfile
 from serving.defaults import cache_dir
 from serving.triton.server import PROJECT_ROOT
 
-PROTO_ROOT = PROJECT_ROOT / "proto"
+# the checkout's proto/; an installed copy (the container image) names its own with LDM_PROTO_ROOT
+PROTO_ROOT = Path(os.environ.get("LDM_PROTO_ROOT", PROJECT_ROOT / "proto"))
 SOURCES = ("ldm/v1/images.proto",)
 PACKAGE = "ldm.v1"
 

@@ -27,7 +27,7 @@ def add_arguments(parser):
 def gateway_arguments(args) -> list:
     """The gateway options of `ldm serve` as `ldm gateway` arguments."""
     extra = ["--rate-limit", str(args.rate_limit), "--burst", str(args.burst), "--max-body-mb", str(args.max_body_mb),
-             "--max-image-pixels", str(args.max_image_pixels)]
+             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(args.drain_s)]
     if args.api_keys:
         extra += ["--api-keys", args.api_keys]
     if args.allow_anonymous:
