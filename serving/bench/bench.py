@@ -33,6 +33,7 @@ def add_arguments(parser):
     parser.add_argument("--via", choices=PATHS, default="triton-grpc", help="how the load reaches the server (default: %(default)s)")
     parser.add_argument("--compare-paths", action="store_true",
                         help="only compare the paths (latency of one client, throughput at the last --concurrency) in one run")
+    parser.add_argument("--rounds", type=int, default=2, help="--compare-paths: closed loops per path, twice this (default: %(default)s)")
 
 
 def server_rss_mb(server) -> float:
@@ -89,6 +90,7 @@ def run(args) -> int:
     if args.compare_paths:
         concurrency = int(args.concurrency.split(",")[-1])
         report.update(compare_paths(repos["batched"], fields, out, concurrency=concurrency, requests=args.requests,
+                                    single_requests=max(8, args.requests // 3), rounds=args.rounds,
                                     log=lambda m: print(m, flush=True)))
         print_paths(report)
         print_targets(report["targets"])

@@ -7,7 +7,8 @@
 
 The comparison runs them against one server in one run, interleaved so that the machine's
 drift falls on all alike: single requests alternate between the paths, and the closed loops at
-concurrency C run in the order A B C D D C B A; it prints each path's ratio to triton-grpc.
+concurrency C run in the order A B C D D C B A, `rounds` times; it prints each path's ratio to
+triton-grpc (of the median single-request latency, and of the mean throughput over its loops).
 """
 from contextlib import contextmanager
 import http.client
@@ -90,7 +91,7 @@ def serving(repo, path: str, log_dir, name: str):
 
 
 def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 16, requests: int = 48,
-                  single_requests: int = 16, log=print) -> dict:
+                  single_requests: int = 16, rounds: int = 2, log=print) -> dict:
     """Single-request latency and closed-loop throughput of each path, with ratios to triton-grpc."""
     from serving.gateway.process import GatewayProcess
     from serving.triton.server import TritonServer
@@ -109,7 +110,7 @@ def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 1
                 clients[p].generate(seed=i, **fields)
                 latencies[p].append(time.perf_counter() - start)
         loops = {p: [] for p in paths}
-        for k, p in enumerate(paths + paths[::-1]):
+        for k, p in enumerate((paths + paths[::-1]) * rounds):
             loops[p].append(closed_loop(factories[p], fields, concurrency, requests, seed0=1000 * k).summary())
             log(f"  {p} closed C={concurrency}: {loops[p][-1]['throughput_images_per_s']:.2f} img/s")
     rows = []
@@ -126,7 +127,7 @@ def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 1
     for r in rows:
         r["latency_ratio"] = r["latency_p50_s"] / base["latency_p50_s"]
         r["throughput_ratio"] = r["throughput_images_per_s"] / base["throughput_images_per_s"]
-    return {"concurrency": concurrency, "requests": requests, "single_requests": single_requests, "paths": rows,
+    return {"concurrency": concurrency, "requests": requests, "single_requests": single_requests, "rounds": rounds, "paths": rows,
             "targets": path_targets(rows, concurrency)}
 
 
