@@ -136,3 +136,28 @@ def _samples(text, name):
     for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
         yield labels, match.group(2)
+
+
+def test_without_a_ready_pipeline_requests_are_unavailable_with_retry_after(tmp_path):
+    """A gateway whose Triton is not there (yet): not ready, health NOT_SERVING, 503 + Retry-After."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serving.triton.server import free_ports
+
+    nobody, rest_port, grpc_port = free_ports(3)
+    gateway = GatewayProcess(f"127.0.0.1:{nobody}", rest_port, grpc_port, log_file=tmp_path / "gateway.log").start(ready=False)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(gateway.rest_url + "/readyz")
+        assert info.value.code == 503
+        status, headers, body = rest(gateway, {"prompt": PROMPT})
+        assert status == 503 and int(headers["Retry-After"]) >= 1 and body["error"]["code"] == "unavailable"
+        channel = grpc.insecure_channel(gateway.grpc_url)
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="ldm.v1.Images"))
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with ImagesClient(gateway.grpc_url) as client, pytest.raises(ImagesError) as error:
+            client.generate(PROMPT)
+        assert error.value.code == "UNAVAILABLE"
+        channel.close()
+    finally:
+        gateway.stop()

@@ -141,9 +141,10 @@ class Access:
         self.keys = keys
         self.limiter = limiter
 
-    def admit(self, credential: str | None, address: str, cost: int) -> str:
-        """The caller's name (the key's, or its address); raises ApiError."""
-        caller = self.keys.identify(credential) if self.keys is not None else address
+    def identify(self, credential: str | None, address: str) -> str:
+        """The caller's name (the key's, or its address); UNAUTHENTICATED without a valid key."""
+        return self.keys.identify(credential) if self.keys is not None else address
+
+    def charge(self, caller: str, cost: int) -> None:
         if self.limiter is not None:
             self.limiter.charge(caller, cost)
-        return caller

@@ -81,11 +81,15 @@ class Gateway:
     async def _watch(self) -> None:
         pipeline = self.service.pipeline
         while True:
-            ready = await pipeline.is_ready()
-            if ready and not self.service.ready:
-                ready = await pipeline.load_model()
-                if ready:
-                    log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(pipeline.model.inputs)))
+            try:
+                ready = await pipeline.is_ready()
+                if ready and not self.service.ready:
+                    ready = await pipeline.load_model()
+                    if ready:
+                        log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(pipeline.model.inputs)))
+            except Exception:  # whatever broke, the watch goes on: not ready until Triton answers
+                log.exception("asking %s whether the pipeline is ready failed", pipeline.url)
+                ready = False
             if ready != self.service.ready:
                 self.service.ready = ready
                 await set_serving(self.health, ready)

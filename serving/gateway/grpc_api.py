@@ -122,8 +122,9 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         return rid, metadata
 
     def _admit(self, request, context, metadata, streaming: bool) -> Generation:
+        caller = self.service.identify(bearer(metadata.get("authorization")), context.peer())
         generation = to_generation(request, self.service.limits.max_image_pixels, streaming)
-        self.service.admit(generation, bearer(metadata.get("authorization")), context.peer())
+        self.service.admit(generation, caller)
         return generation
 
     async def Generate(self, request, context):

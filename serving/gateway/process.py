@@ -1,13 +1,10 @@
 """Starting and stopping a gateway process (what `ldm serve`, `ldm bench` and the tests use)."""
 import os
-from pathlib import Path
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
-from serving.triton.server import PROJECT_ROOT, free_port
+from serving.triton.server import PROJECT_ROOT, free_ports, wait_until_ok
 
 
 class GatewayProcess:
@@ -16,8 +13,9 @@ class GatewayProcess:
     def __init__(self, triton_url: str, rest_port=None, grpc_port=None, host="127.0.0.1", log_file=None, extra_args=()):
         self.triton_url = triton_url
         self.host = host
-        self.rest_port = rest_port or free_port()
-        self.grpc_port = grpc_port or free_port()
+        spare = free_ports(2)
+        self.rest_port = rest_port or spare[0]
+        self.grpc_port = grpc_port or spare[1]
         self.log_file = log_file
         self.extra_args = list(extra_args)
         self.process = None
@@ -51,24 +49,7 @@ class GatewayProcess:
         return self
 
     def wait(self, ready: bool, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        path = "/readyz" if ready else "/healthz"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ldm gateway exited with code {self.process.returncode}" + self._log_tail())
-            try:
-                with urllib.request.urlopen(self.rest_url + path, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"ldm gateway not {'ready' if ready else 'answering'} after {timeout:.0f} s" + self._log_tail())
-
-    def _log_tail(self) -> str:
-        if not self.log_file or not Path(self.log_file).exists():
-            return ""
-        return "\n--- gateway log (tail) ---\n" + "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-30:])
+        wait_until_ok(self.process, self.rest_url + ("/readyz" if ready else "/healthz"), timeout, "ldm gateway", self.log_file)
 
     def stop(self, timeout: float = 45.0) -> int | None:
         """SIGTERM (the gateway drains, 30 s at most by default), then SIGKILL."""

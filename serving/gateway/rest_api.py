@@ -58,8 +58,7 @@ async def gateway_middleware(request, handler):
     except ApiError as error:
         response = error_response(error.renamed(REST_NAMES))
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SERVICE].limits.max_body_bytes
-        response = error_response(ApiError(TOO_LARGE, f"request body over this server's {limit} bytes", "body"))
+        response = error_response(_too_large(request))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -121,10 +120,17 @@ def _upload(value, name: str) -> bytes:
     return value.file.read()
 
 
+def _too_large(request) -> ApiError:
+    return ApiError(TOO_LARGE, f"request body over this server's {request.app[SERVICE].limits.max_body_bytes} bytes", "body")
+
+
 async def _form(request) -> dict:
     if not request.content_type.startswith("multipart/form-data"):
         raise invalid("body", "must be multipart/form-data")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(request) from None
     values = {}
     for key, value in form.items():
         name = key.removesuffix("[]")
@@ -139,60 +145,66 @@ async def _json(request) -> dict:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise invalid("body", "must be a JSON object") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(request) from None
     if not isinstance(body, dict):
         raise invalid("body", "must be a JSON object")
     return body
 
 
 async def generations(request):
-    params = rest_params.parse(await _json(request), GENERATIONS, from_form=False)
     service = request.app[SERVICE]
-    return await _answer(request, "rest.generations", "image_generation", params, to_generation(params, GENERATIONS, service))
+    with service.metrics.request("rest.generations", request["rid"]) as outcome:
+        request["caller"] = service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
+        params = rest_params.parse(await _json(request), GENERATIONS, from_form=False)
+        generation = to_generation(params, GENERATIONS, service)
+        return await _answer(request, "rest.generations", "image_generation", params, generation, outcome)
 
 
 async def edits(request):
-    params = rest_params.parse(await _form(request), EDITS, from_form=True)
     service = request.app[SERVICE]
-    generation = to_generation(params, EDITS, service)
-    add_edit_images(generation, params, service)
-    return await _answer(request, "rest.edits", "image_edit", params, generation)
+    with service.metrics.request("rest.edits", request["rid"]) as outcome:
+        request["caller"] = service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
+        params = rest_params.parse(await _form(request), EDITS, from_form=True)
+        generation = to_generation(params, EDITS, service)
+        add_edit_images(generation, params, service)
+        return await _answer(request, "rest.edits", "image_edit", params, generation, outcome)
 
 
 def _size(image: EncodedImage) -> str:
     return f"{image.width}x{image.height}"
 
 
-async def _answer(request, route: str, event_type: str, params: dict, generation: Generation):
+async def _answer(request, route: str, event_type: str, params: dict, generation: Generation, outcome):
     service, rid = request.app[SERVICE], request["rid"]
-    with service.metrics.request(route, rid) as outcome:
-        service.admit(generation, bearer(request.headers.get("Authorization")), request.remote or "-")
-        events = service.events(generation, rid, route)
-        if not params.get("stream"):
-            done = {}
-            async for event in events:
-                if isinstance(event, EncodedImage):
-                    done[event.index] = event
-            outcome.images = len(done)
-            ordered = [done[i] for i in sorted(done)]
-            return web.json_response({
-                "created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(i.data).decode(), "seed": i.seed} for i in ordered],
-                "background": "opaque", "output_format": generation.output_format, "size": _size(ordered[0]),
-            })
-        first = await anext(events)  # an early error is still an HTTP status, not an event
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Request-Id": rid})
-        await response.prepare(request)
-        try:
-            await _stream(response, event_type, params.get("partial_images", 0), generation, _chain(first, events), outcome)
-        except ApiError as error:  # after the headers: an error event, as OpenAI's streams send
-            outcome.code = error.code
-            await _send(response, "error", error_body(error.renamed(REST_NAMES)))
-        except ConnectionResetError:
-            outcome.code = CANCELLED
-            raise
-        await response.write_eof()
-        return response
+    service.admit(generation, request["caller"])
+    events = service.events(generation, rid, route)
+    if not params.get("stream"):
+        done = {}
+        async for event in events:
+            if isinstance(event, EncodedImage):
+                done[event.index] = event
+        outcome.images = len(done)
+        ordered = [done[i] for i in sorted(done)]
+        return web.json_response({
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(i.data).decode(), "seed": i.seed} for i in ordered],
+            "background": "opaque", "output_format": generation.output_format, "size": _size(ordered[0]),
+        })
+    first = await anext(events)  # an early error is still an HTTP status, not an event
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Request-Id": rid})
+    await response.prepare(request)
+    try:
+        await _stream(response, event_type, params.get("partial_images", 0), generation, _chain(first, events), outcome)
+    except ApiError as error:  # after the headers: an error event, as OpenAI's streams send
+        outcome.code = error.code
+        await _send(response, "error", error_body(error.renamed(REST_NAMES)))
+    except ConnectionResetError:
+        outcome.code = CANCELLED
+        raise
+    await response.write_eof()
+    return response
 
 
 async def _stream(response, event_type: str, partial_limit: int, generation: Generation, events, outcome) -> None:

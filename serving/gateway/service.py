@@ -4,8 +4,10 @@ stream, image encoding, metrics. A front turns its wire format into a `Generatio
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from serving.core.errors import UNAVAILABLE
 from serving.gateway import images
 from serving.gateway.access import Access
+from serving.gateway.errors import ApiError
 from serving.gateway.generation import Generation
 from serving.gateway.pipeline import Finished, PipelineClient
 from serving.gateway.telemetry import GatewayMetrics
@@ -46,12 +48,19 @@ class ImageService:
         self.limits = limits
         self.ready = False  # kept up to date by the gateway's readiness watch
 
-    def admit(self, generation: Generation, credential: str | None, address: str) -> str:
-        """Validates what the gateway owns, checks the key and charges the rate limit."""
+    def identify(self, credential: str | None, address: str) -> str:
+        """The caller (first thing a front does: a request without a valid key learns nothing more)."""
+        return self.access.identify(credential, address)
+
+    def admit(self, generation: Generation, caller: str) -> None:
+        """Checks what the gateway owns of the request and that the pipeline takes it, then
+        charges the caller's rate limit."""
         generation.validate()
-        caller = self.access.admit(credential, address, generation.n)
+        if not self.ready:
+            raise ApiError(UNAVAILABLE, f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); "
+                           "retry later", retry_after_s=2.0)
         generation.check_declared(self.pipeline.require_model().inputs)
-        return caller
+        self.access.charge(caller, generation.n)
 
     def default_steps(self) -> int:
         return self.pipeline.require_model().parameter("default_steps", int, 25)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.lb.nginx import free_ports
+from serving.triton.server import free_ports
 from tests.lb.tools import REPO
 
 
