@@ -15,7 +15,7 @@ from aiohttp import web
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.core.errors import CANCELLED
+from serving.core.errors import CANCELLED, INVALID_ARG
 from serving.gateway import images, rest_params
 from serving.gateway.access import bearer
 from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, ApiError, invalid
@@ -62,7 +62,7 @@ async def gateway_middleware(request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(ApiError(NOT_FOUND if exc.status == 404 else "INVALID_ARG", exc.reason))
+        response = error_response(ApiError(NOT_FOUND if exc.status == 404 else INVALID_ARG, exc.reason))
         response.set_status(exc.status)
     if not response.prepared:
         response.headers["X-Request-Id"] = rid
