@@ -161,3 +161,18 @@ def test_without_a_ready_pipeline_requests_are_unavailable_with_retry_after(tmp_
         channel.close()
     finally:
         gateway.stop()
+
+
+def test_new_key_prints_a_key_and_its_hashed_line_and_open_gateways_stay_on_loopback():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "serving.cli", "gateway", "--new-key", "alice"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    key = re.search(r"key .*: (\S+)", done.stdout).group(1)
+    line = re.search(r"key file:\s+(alice sha256:[0-9a-f]{64})", done.stdout).group(1)
+    assert ApiKeys.parse(line, "printed").identify(key) == "alice" and key not in line
+    refused = subprocess.run([sys.executable, "-m", "serving.cli", "gateway", "--host", "0.0.0.0"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--allow-anonymous" in refused.stderr
