@@ -9,6 +9,9 @@ The comparison runs them against one server in one run, interleaved so that the 
 drift falls on all alike: single requests alternate between the paths, and the closed loops at
 concurrency C run in the order A B C D D C B A, `rounds` times; it prints each path's ratio to
 triton-grpc (of the median single-request latency, and of the mean throughput over its loops).
+On a machine shared with other work wall-clock ratios are noisy, so it also reports the CPU
+time the server (tritonserver and its stubs) and the gateway process spent per image in each
+path's loops: the gateway's share of the work, whatever else the machine is doing.
 """
 from contextlib import contextmanager
 import http.client
@@ -16,6 +19,7 @@ import json
 import time
 
 import numpy as np
+import psutil
 
 from serving.bench.loadgen import closed_loop
 
@@ -110,8 +114,14 @@ def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 1
                 clients[p].generate(seed=i, **fields)
                 latencies[p].append(time.perf_counter() - start)
         loops = {p: [] for p in paths}
+        cpu = {p: {"server": 0.0, "gateway": 0.0, "images": 0} for p in paths}
         for k, p in enumerate((paths + paths[::-1]) * rounds):
+            before = cpu_seconds(server.process.pid), cpu_seconds(gateway.process.pid)
             loops[p].append(closed_loop(factories[p], fields, concurrency, requests, seed0=1000 * k).summary())
+            after = cpu_seconds(server.process.pid), cpu_seconds(gateway.process.pid)
+            cpu[p]["server"] += after[0] - before[0]
+            cpu[p]["gateway"] += after[1] - before[1]
+            cpu[p]["images"] += loops[p][-1]["completed"]
             log(f"  {p} closed C={concurrency}: {loops[p][-1]['throughput_images_per_s']:.2f} img/s")
     rows = []
     for p in paths:
@@ -121,6 +131,8 @@ def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 1
             "latency_mean_s": float(np.mean(latencies[p])),
             "throughput_images_per_s": float(np.mean([r["throughput_images_per_s"] for r in loops[p]])),
             "errors": {k: v for r in loops[p] for k, v in r["errors"].items()},
+            "server_cpu_s_per_image": cpu[p]["server"] / max(1, cpu[p]["images"]),
+            "gateway_cpu_s_per_image": cpu[p]["gateway"] / max(1, cpu[p]["images"]),
             "runs": loops[p],
         })
     base = next(r for r in rows if r["path"] == BASELINE)
@@ -129,6 +141,19 @@ def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 1
         r["throughput_ratio"] = r["throughput_images_per_s"] / base["throughput_images_per_s"]
     return {"concurrency": concurrency, "requests": requests, "single_requests": single_requests, "rounds": rounds, "paths": rows,
             "targets": path_targets(rows, concurrency)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (those alive now)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root] + root.children(recursive=True):
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def path_targets(rows: list, concurrency: int) -> list:
@@ -147,8 +172,10 @@ def path_targets(rows: list, concurrency: int) -> list:
 
 
 def print_paths(report: dict) -> None:
-    print(f"\n| path | latency p50 (1 client) | vs {BASELINE} | throughput (C={report['concurrency']}) | vs {BASELINE} | errors |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| path | latency p50 (1 client) | vs {BASELINE} | throughput (C={report['concurrency']}) | vs {BASELINE} "
+          "| CPU per image: server / gateway | errors |")
+    print("|---|---|---|---|---|---|---|")
     for r in report["paths"]:
         print(f"| {r['path']} | {r['latency_p50_s']:.3f} s | {r['latency_ratio']:.3f}x | "
-              f"{r['throughput_images_per_s']:.2f} img/s | {r['throughput_ratio']:.3f}x | {r['errors'] or '-'} |")
+              f"{r['throughput_images_per_s']:.2f} img/s | {r['throughput_ratio']:.3f}x | "
+              f"{r['server_cpu_s_per_image'] * 1000:.0f} / {r['gateway_cpu_s_per_image'] * 1000:.1f} ms | {r['errors'] or '-'} |")
