@@ -11,7 +11,6 @@ measures every path against one server and prints their ratios (the gateway's ov
 import json
 from pathlib import Path
 import shutil
-import time
 
 from serving.bench.paths import PATHS
 

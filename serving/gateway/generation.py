@@ -10,6 +10,7 @@ import secrets
 
 import numpy as np
 
+from serving.core.errors import INTERNAL
 from serving.gateway.errors import UNIMPLEMENTED, ApiError, invalid
 
 MAX_IMAGES = 8
@@ -80,7 +81,7 @@ class Generation:
 def to_array(name: str, value, data_type: str) -> np.ndarray:
     dtype = NUMPY_TYPES.get(data_type)
     if dtype is None:
-        raise ApiError("INTERNAL", f"the pipeline declares input {name} as {data_type}, which the gateway cannot send")
+        raise ApiError(INTERNAL, f"the pipeline declares input {name} as {data_type}, which the gateway cannot send")
     if isinstance(value, np.ndarray):
         return np.ascontiguousarray(value.astype(dtype, copy=False))
     values = list(value) if isinstance(value, (list, tuple)) else [value]

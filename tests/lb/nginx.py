@@ -3,7 +3,6 @@
 Renders deploy/nginx/ldm-grpc-lb.conf.template into a private prefix directory and runs
 nginx in the foreground as a child process, so stopping it is one signal to one PID.
 """
-import os
 import re
 import signal
 import socket
