@@ -23,6 +23,46 @@ def test_forwards_are_bounded_and_each_cancel_is_sent_once():
     assert forwards.add("c", lambda: False, lambda: None)
 
 
+def test_no_sender_is_asked_after_its_final_response():
+    """The forwarding threads remove their forward, then send (closing the sender), while a
+    sweeper asks every registered sender: it must never ask a closed one (tritonserver 2.51
+    crashes when it does)."""
+    forwards = Forwards(limit=64)
+    asked_closed = []
+    stop = threading.Event()
+
+    class Sender:
+        closed = False
+
+        def is_cancelled(self):
+            if self.closed:
+                asked_closed.append(self)
+            return False
+
+    def forward(sender, key):
+        forwards.remove(key)
+        sender.closed = True  # the final response went out
+
+    def sweeper():
+        while not stop.is_set():
+            forwards.sweep()
+
+    sweeping = threading.Thread(target=sweeper)
+    sweeping.start()
+    for round_ in range(100):
+        senders = [Sender() for _ in range(16)]
+        for i, sender in enumerate(senders):
+            assert forwards.add((round_, i), sender.is_cancelled, lambda: None)
+        threads = [threading.Thread(target=forward, args=(s, (round_, i))) for i, s in enumerate(senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    stop.set()
+    sweeping.join()
+    assert asked_closed == [] and len(forwards) == 0
+
+
 def test_forwards_limit_must_be_positive():
     with pytest.raises(ValueError, match="max_in_flight"):
         Forwards(0)

@@ -27,7 +27,12 @@ CANCEL_PARAMETER = "cancel_request_id"
 
 class Forwards:
     """The front's requests in flight, at most `limit` (each holds a thread), and their
-    cancellation: `sweep` asks each whether its client cancelled and, once, calls its cancel."""
+    cancellation: `sweep` asks each whether its client cancelled and, once, calls its cancel.
+
+    A forward must be removed before its response is sent, and `sweep` asks only registered
+    forwards, holding the lock while it asks: so no sender is asked after its final response.
+    (Asking a sender whose response factory Triton has freed crashes tritonserver 2.51: the
+    python backend calls TRITONBACKEND_ResponseFactoryIsCancelled on the freed factory.)"""
 
     def __init__(self, limit: int):
         if limit < 1:
@@ -54,17 +59,15 @@ class Forwards:
 
     def sweep(self) -> int:
         """Cancels the forwards whose client cancelled; returns how many."""
-        with self._lock:
-            entries = list(self._entries.items())
-        cancelled = 0
-        for key, (client_cancelled, cancel) in entries:
-            if client_cancelled():
-                with self._lock:
-                    still_there = self._entries.pop(key, None) is not None
-                if still_there:  # its thread may have finished meanwhile
-                    cancel()
-                    cancelled += 1
-        return cancelled
+        to_cancel = []
+        with self._lock:  # held while asking: `remove` (and so the final send) waits for it
+            for key, (client_cancelled, cancel) in list(self._entries.items()):
+                if client_cancelled():
+                    del self._entries[key]
+                    to_cancel.append(cancel)
+        for cancel in to_cancel:
+            cancel()
+        return len(to_cancel)
 
 
 class CancelRegistry:

@@ -62,6 +62,7 @@ class TritonSink:
         self.request_id = request.request_id()
         self.cancels = cancels
         self.cancel_requested = cancels.register(self.request_id) if self.request_id else None
+        self.closed = False
 
     def progress(self, step, total, preview):
         tensors = [
@@ -81,6 +82,7 @@ class TritonSink:
         self._final(pb_utils.InferenceResponse(error=error))
 
     def _final(self, response):
+        self.closed = True
         try:
             self.sender.send(response, flags=FINAL)
         finally:
@@ -88,6 +90,8 @@ class TritonSink:
                 self.cancels.forget(self.request_id)
 
     def cancelled(self):
+        if self.closed:  # asking Triton after the final response would crash tritonserver 2.51
+            return False
         requested = self.cancel_requested is not None and self.cancel_requested.is_set()
         return requested or self.request.is_cancelled()
 
