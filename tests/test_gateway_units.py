@@ -10,7 +10,7 @@ import pytest
 from serving.gateway import images, rest_params
 from serving.gateway.errors import ApiError, from_pipeline
 from serving.gateway.generation import Generation, to_array
-from serving.gateway.grpc_api import status_of
+from serving.gateway.grpc_api import peer_address, status_of
 
 DECLARED = {"prompt": "TYPE_STRING", "seed": "TYPE_INT64", "steps": "TYPE_INT32", "guidance_scale": "TYPE_FP32",
             "height": "TYPE_INT32", "width": "TYPE_INT32", "progress_every": "TYPE_INT32", "preview_every": "TYPE_INT32"}
@@ -114,3 +114,9 @@ def test_grpc_status_carries_a_field_violation():
     bad = error_details_pb2.BadRequest()
     decoded.details[0].Unpack(bad)
     assert (bad.field_violations[0].field, bad.field_violations[0].description) == ("steps", "must be in [1, 150], got 0")
+
+
+def test_callers_without_keys_are_their_address_not_their_connection():
+    assert peer_address("ipv4:10.0.0.7:51234") == "10.0.0.7"
+    assert peer_address("ipv6:[::1]:40000") == "::1"
+    assert peer_address("unix:/tmp/socket") == "unix:/tmp/socket"

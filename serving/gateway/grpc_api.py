@@ -111,6 +111,16 @@ def status_of(error: ApiError, rid: str | None = None) -> grpc.Status:
     return _Status(status.code, status.details, tuple(status.trailing_metadata) + extra)
 
 
+def peer_address(peer: str) -> str:
+    """The client's address without its port: "ipv4:10.0.0.7:51234" -> "10.0.0.7" (the rate
+    limit of callers without keys is per address, not per connection)."""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        host = rest.rsplit(":", 1)[0]
+        return host.strip("[]")
+    return peer
+
+
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
     def __init__(self, service: ImageService):
         self.service = service
@@ -122,7 +132,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         return rid, metadata
 
     def _admit(self, request, context, metadata, streaming: bool) -> Generation:
-        caller = self.service.identify(bearer(metadata.get("authorization")), context.peer())
+        caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
         generation = to_generation(request, self.service.limits.max_image_pixels, streaming)
         self.service.admit(generation, caller)
         return generation
