@@ -1,8 +1,7 @@
-"""Load generation: closed loop at a fixed concurrency, open loop with Poisson arrivals.
+"""Load generation over gRPC: closed loop at a fixed concurrency, open loop with Poisson arrivals.
 
-`make_client()` gives a client with `generate(prompt=..., seed=..., **fields)` for one of the
-ways to reach the engine (serving/bench/paths.py); each worker thread keeps its own client (a
-gRPC stream serves one request at a time). Errors are counted by their status code."""
+Each worker thread keeps its own client (a gRPC stream serves one request at a time). `url` is a
+server's gRPC address, or a factory of clients with the same generate(**fields)."""
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import threading
@@ -10,6 +9,7 @@ import time
 
 import numpy as np
 
+from serving.client.kserve import LdmClient
 from serving.client.retry import status_code
 
 
@@ -37,15 +37,18 @@ class LoadResult:
 
 
 class _Clients(threading.local):
-    def __init__(self, make_client):
-        self.client = make_client()
+    """One client per worker thread: LdmClient(target) for a server URL, or target() when it is a
+    factory (e.g. serving.bench.inprocess.EngineClient, the engine without Triton)."""
+
+    def __init__(self, target):
+        self.client = target() if callable(target) else LdmClient(target)
 
 
 def _timed(clients, fields, seed, result, lock):
     start = time.perf_counter()
     try:
         clients.client.generate(seed=seed, **fields)
-    except Exception as exc:  # counted by code; a benchmark keeps going
+    except Exception as exc:  # counted by its status code (any client's); a benchmark keeps going
         code = status_code(exc)
         with lock:
             result.errors[code] = result.errors.get(code, 0) + 1
@@ -54,9 +57,9 @@ def _timed(clients, fields, seed, result, lock):
         result.latencies.append(time.perf_counter() - start)
 
 
-def closed_loop(make_client, fields: dict, concurrency: int, requests: int, seed0: int = 0) -> LoadResult:
+def closed_loop(url: str, fields: dict, concurrency: int, requests: int, seed0: int = 0) -> LoadResult:
     """`concurrency` clients each send their next request as soon as the last one returns."""
-    result, lock, clients = LoadResult("closed", concurrency), threading.Lock(), _Clients(make_client)
+    result, lock, clients = LoadResult("closed", concurrency), threading.Lock(), _Clients(url)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda i: _timed(clients, fields, seed0 + i, result, lock), range(requests)))
@@ -64,9 +67,9 @@ def closed_loop(make_client, fields: dict, concurrency: int, requests: int, seed
     return result
 
 
-def open_loop(make_client, fields: dict, rate: float, requests: int, seed0: int = 0, max_in_flight: int = 256) -> LoadResult:
+def open_loop(url: str, fields: dict, rate: float, requests: int, seed0: int = 0, max_in_flight: int = 256) -> LoadResult:
     """Requests arrive as a Poisson process at `rate` per second, whatever the server's pace."""
-    result, lock, clients = LoadResult("open", rate), threading.Lock(), _Clients(make_client)
+    result, lock, clients = LoadResult("open", rate), threading.Lock(), _Clients(url)
     gaps = np.random.default_rng(seed0).exponential(1.0 / rate, requests)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_in_flight) as pool:

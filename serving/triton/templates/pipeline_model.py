@@ -11,11 +11,11 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
 from serving.core.errors import INTERNAL, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.models.onnx import LocalUnet
 from serving.core.service import PipelineAssets, PipelineService
-from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 UNET_MODES = ("bls", "inprocess")
@@ -106,6 +106,7 @@ def _cancel_target(request):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.cancels = CancelRegistry()  # requests in flight by id, for cancel messages
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("pipeline: config.pbtxt must set model_transaction_policy { decoupled: true }")
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -118,7 +119,6 @@ class TritonPythonModel:
             unet_local = LocalUnet(model_dir.parent / "unet" / "1" / "model.onnx")
         assets = PipelineAssets.read(model_dir / args["model_version"])
         self.service = PipelineService(assets, params, BlsModels(unet_local)).start()
-        self.cancels = CancelRegistry()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
         self.stop_metrics = threading.Event()
