@@ -35,7 +35,6 @@ def add_repository_options(parser):
     parser.add_argument("--max-rows", type=int, default=32, help="UNet rows per call (default: %(default)s)")
     parser.add_argument("--max-active", type=int, default=16, help="requests denoising at once (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get UNAVAILABLE (default: %(default)s)")
-    parser.add_argument("--unary-instances", type=int, default=4, help="concurrent unary/HTTP requests (default: %(default)s)")
 
 
 def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_active=16, max_queue=64,
@@ -88,7 +87,6 @@ def export_with_options(checkpoint, args) -> dict:
         gpu=args.gpu,
         max_size=args.max_size,
         pipeline_parameters=parameters_from_args(args),
-        unary_instances=args.unary_instances,
     )
 
 

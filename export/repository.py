@@ -27,7 +27,6 @@ def write_repository(
     gpu: bool = False,
     max_size: int | None = None,
     pipeline_parameters: dict | None = None,
-    unary_instances: int = 4,
     log=print,
 ) -> dict:
     """Exports the components `pipeline_parameters` serve as Triton models into `repo` (those the
@@ -87,7 +86,7 @@ def write_repository(
         log(f"  tritonserver needs --cuda-memory-pool-byte-size=<gpu>:{placement['cuda_memory_pool_bytes']} "
             f"--pinned-memory-pool-byte-size={placement['pinned_memory_pool_bytes']} (ldm serve passes them)")
     _copy(TEMPLATES / "pipeline_unary_model.py", repo / "pipeline_unary" / "1" / "model.py")
-    _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config(unary_instances)))
+    _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config()))
     log(f"model repository ready: {repo}")
     return stamps
 

@@ -62,7 +62,7 @@ def pipeline_config(parameters: dict, gpu: bool = False) -> mc.ModelConfig:
     return config
 
 
-def unary_config(instances: int) -> mc.ModelConfig:
+def unary_config(max_in_flight: int = 256) -> mc.ModelConfig:
     """Request/response front of `pipeline` for HTTP and unary gRPC clients."""
     config = mc.ModelConfig(name="pipeline_unary", backend="python", max_batch_size=0)
     for f in FIELDS:
@@ -70,8 +70,10 @@ def unary_config(instances: int) -> mc.ModelConfig:
             config.input.add(name=f.name, data_type=DTYPES[f.dtype], dims=f.dims, optional=not f.required)
     for name, dtype, dims in UNARY_OUTPUTS:
         config.output.add(name=name, data_type=DTYPES[dtype], dims=dims)
-    # each instance waits on one request at a time; the pipeline batches them all
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    # one instance: its execute only hands each request to a forwarding thread (its model.py);
+    # max_in_flight bounds those threads, the pipeline's queue bounds the work
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.parameters["max_in_flight"].string_value = str(max_in_flight)
     return config
 
 

@@ -13,3 +13,5 @@ if ! .venv/bin/python -c "import serving, torch, tritonclient, pytriton" 2>/dev/
   .venv/bin/python -m pip install -q -e '.[test]'
   touch .venv/.installed
 fi
+# the public API's Python code, generated from proto/ (cached by the .proto's hash)
+.venv/bin/python -m serving.gateway.protos > /dev/null

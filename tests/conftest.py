@@ -34,3 +34,13 @@ def server(tiny_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     with TritonServer(tiny_repo, log_file=log) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def gateway(server, tmp_path_factory):
+    """The gateway (its own process) in front of the session's tritonserver."""
+    from serving.gateway.process import GatewayProcess
+
+    log = tmp_path_factory.mktemp("logs") / "gateway.log"
+    with GatewayProcess(server.grpc_url, log_file=log) as running:
+        yield running

@@ -14,11 +14,14 @@ LDM = [sys.executable, "-m", "serving.cli"]
 
 
 def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
-    ports = [free_port() for _ in range(3)]
+    """`ldm serve` starts tritonserver and the gateway; `ldm generate` gets the same image through
+    the gateway (default), Triton's gRPC and Triton's HTTP; -n writes n files; SIGTERM stops all."""
+    ports = [free_port() for _ in range(5)]
     repo = tmp_path / "repo"
     serve = subprocess.Popen(
         LDM + ["serve", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo), "--http-port", str(ports[0]),
-               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--log-file", str(tmp_path / "triton.log")],
+               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--gateway-rest-port", str(ports[3]),
+               "--gateway-grpc-port", str(ports[4]), "--log-file", str(tmp_path / "triton.log")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -30,11 +33,15 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
             lines.append(line)
             if line.startswith("ready"):
                 break
-        assert f"gRPC 127.0.0.1:{ports[1]}" in lines[-1] and f"metrics http://127.0.0.1:{ports[2]}" in lines[-1]
+        ready = lines[-1]
+        assert f"REST http://127.0.0.1:{ports[3]}" in ready and f"gRPC 127.0.0.1:{ports[4]}" in ready, ready
+        assert f"Triton gRPC 127.0.0.1:{ports[1]}" in ready and f"metrics http://127.0.0.1:{ports[2]}" in ready, ready
         children = psutil.Process(serve.pid).children(recursive=True)
         assert any("tritonserver" in c.name() for c in children)
+        assert any("gateway" in " ".join(c.cmdline()) for c in children)
 
-        for protocol, port in (("grpc", ports[1]), ("http", ports[0])):
+        urls = {"gateway": ports[4], "kserve": ports[1], "kserve-http": ports[0]}
+        for protocol, port in urls.items():
             out = tmp_path / f"{protocol}.png"
             done = subprocess.run(
                 LDM + ["generate", "a red circle", "-o", str(out), "--seed", "5", "--steps", "4",
@@ -42,13 +49,20 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
                 capture_output=True, text=True, timeout=120,
             )
             assert done.returncode == 0, done.stderr
-            assert "wrote" in done.stdout and " ms " in done.stdout
+            assert f"wrote {out} (32x32, seed 5)" in done.stdout and " ms via " in done.stdout
             assert np.asarray(Image.open(out)).shape == (32, 32, 3)
-        assert (tmp_path / "grpc.png").read_bytes() == (tmp_path / "http.png").read_bytes()
+        pixels = {p: np.asarray(Image.open(tmp_path / f"{p}.png")) for p in urls}
+        assert all(np.array_equal(pixels["gateway"], other) for other in pixels.values())
 
-        bad = subprocess.run(LDM + ["generate", "x", "--steps", "0", "--url", f"127.0.0.1:{ports[1]}"],
+        many = subprocess.run(LDM + ["generate", "a red circle", "-n", "3", "-o", str(tmp_path / "many.webp"), "--seed", "8",
+                                     "--steps", "3", "--url", f"127.0.0.1:{ports[4]}"], capture_output=True, text=True, timeout=120)
+        assert many.returncode == 0, many.stderr
+        assert [Image.open(tmp_path / f"many-{i}.webp").format for i in range(3)] == ["WEBP"] * 3
+        assert "seed 10" in many.stdout and "step" in many.stderr  # the progress bar
+
+        bad = subprocess.run(LDM + ["generate", "x", "--steps", "0", "--url", f"127.0.0.1:{ports[4]}"],
                              capture_output=True, text=True, timeout=60)
-        assert bad.returncode == 2 and "INVALID_ARG" in bad.stderr and "steps" in bad.stderr
+        assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "steps" in bad.stderr
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(60) == 0

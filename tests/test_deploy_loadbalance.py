@@ -1,6 +1,6 @@
-"""Real load balancing on loopback: `ldm serve` Triton replicas behind Debian's nginx
-(grpc_pass, the config in deploy/nginx/ that mirrors the Kubernetes Ingress), driven with the
-project's gRPC client through serving.client.retry.
+"""Real load balancing on loopback: `ldm serve` replicas (tritonserver + gateway) behind Debian's
+nginx (grpc_pass to each replica's gateway, the config in deploy/nginx/ that mirrors the
+Kubernetes Ingress), driven with the gateway's typed client through serving.client.retry.
 
 Checks: calls spread over every replica, through nginx and with client-side round robin
 (counted by each replica's own nv_inference_request_success, cross-checked with nginx's log);
@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from deploy.lb_scenario import run_scenario
-from deploy.tools import require
+from tests.lb.scenario import ONE_ATTEMPT, run_scenario
+from tests.lb.tools import require
 
 N_REPLICAS = 3
 # Tiny random checkpoint (32x32 images): a call takes a fraction of a second here, long enough
@@ -29,11 +29,11 @@ CONCURRENCY = 3 * N_REPLICAS
 @pytest.fixture(scope="module")
 def report(tiny_repo, tmp_path_factory) -> dict:
     require("nginx")
-    from serving.client.kserve import LdmClient
+    from serving.client.images import ImagesClient
 
     result = run_scenario(
         tiny_repo, tmp_path_factory.mktemp("lb-run"),
-        make_client=lambda url: LdmClient(url, protocol="grpc", timeout_s=60),
+        make_client=lambda url: ImagesClient(url, timeout_s=60, policy=ONE_ATTEMPT),
         n_replicas=N_REPLICAS, spread_requests=18, client_side_requests=12,
         failover_requests=AFTER_CRASH, concurrency=CONCURRENCY, kill_when_running=3,
         gen_kwargs=GEN, ready_timeout_s=150, phase_timeout_s=90,
@@ -96,7 +96,7 @@ def test_no_process_left_behind(report):
     # run_scenario recorded every process it started, by PID, and stopped them all.
     import psutil
 
-    assert len(report["pids"]) > 2 * N_REPLICAS  # launcher + tritonserver (+ stubs) each, nginx
+    assert len(report["pids"]) > 3 * N_REPLICAS  # launcher + tritonserver (+ stubs) + gateway each, nginx
     alive = []
     for pid in report["pids"]:
         try:

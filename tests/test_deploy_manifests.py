@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.tools import REPO, require
+from tests.lb.tools import REPO, require
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ["cpu", "gpu"]
 # Custom resources: kubernetes-validate has no schema for them (it warns); their shape is
 # asserted below instead.
-CRD_KINDS = {"GRPCRoute", "Gateway", "PodMonitor", "PrometheusRule"}
+CRD_KINDS = {"GRPCRoute", "HTTPRoute", "Gateway", "PodMonitor", "PrometheusRule"}
 CLUSTER_SCOPED = {"Namespace"}
 NAMESPACE = "ldm-serving"
 
@@ -167,10 +167,35 @@ def test_dockerfile_user_matches_security_context(objects):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_drain(objects, overlay):
     spec = _pod_spec(objects[overlay])
-    triton = _container(objects[overlay])
+    triton, gateway = _container(objects[overlay]), _container(objects[overlay], "gateway")
     exit_timeout = next(int(a.split("=")[1]) for a in triton["args"] if a.startswith("--exit-timeout-secs="))
-    pre_stop = triton["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert spec["terminationGracePeriodSeconds"] > pre_stop + exit_timeout
+    drain = next(float(a.split("=")[1]) for a in gateway["args"] if a.startswith("--drain-s="))
+    for container, wait in ((triton, exit_timeout), (gateway, drain)):
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert spec["terminationGracePeriodSeconds"] > pre_stop + wait, container["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_runs_in_the_triton_pod_with_its_own_probes_and_keys(objects, overlay):
+    """Same pod, so a request's stream reaches only its own replica's Triton (over loopback)."""
+    spec = _pod_spec(objects[overlay])
+    gateway = _container(objects[overlay], "gateway")
+    args = dict(a.removeprefix("--").split("=", 1) for a in gateway["args"][1:])
+    assert gateway["args"][0] == "gateway" and args["triton"] == "127.0.0.1:8001"
+    triton_ports = {p["name"]: p["containerPort"] for p in _container(objects[overlay])["ports"]}
+    assert triton_ports["grpc"] == 8001
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports == {"rest": int(args["rest-port"]), "api": int(args["grpc-port"])} == {"rest": 8080, "api": 50051}
+    expected = {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe, path in expected.items():
+        assert gateway[probe]["httpGet"] == {"path": path, "port": "rest"}, probe
+    # API keys come hashed from a Secret volume, mounted read-only where --api-keys points
+    mount = next(m for m in gateway["volumeMounts"] if args["api-keys"].startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "ldm-api-keys"
+    assert float(args["rate-limit"]) > 0 and float(args["burst"]) >= 8
+    assert "nvidia.com/gpu" not in json.dumps(gateway)
 
 
 def test_gpu_overlay_requests_gpus_and_tolerates_taint(objects):
@@ -202,44 +227,58 @@ def test_selectors_reach_the_deployment_pods(objects, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ports_are_named_and_resolve(objects, overlay):
     objs = objects[overlay]
-    container_ports = {p["name"]: p["containerPort"] for p in _container(objs)["ports"]}
-    assert container_ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    service = _one(objs, "Service", "ldm-triton")
-    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "http", "metrics"}
-    for svc in (o for o in objs if o["kind"] == "Service"):
-        for p in svc["spec"]["ports"]:
+    assert {p["name"]: p["containerPort"] for p in _container(objs)["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    container_ports = {p["name"]: p["containerPort"] for c in _pod_spec(objs)["containers"] for p in c["ports"]}
+    # the Services expose the gateway only: Triton's own protocols stay inside the pod
+    for name in ("ldm-triton", "ldm-triton-headless"):
+        service = _one(objs, "Service", name)
+        assert {p["name"] for p in service["spec"]["ports"]} == {"api", "rest"}
+        for p in service["spec"]["ports"]:
             assert p["targetPort"] in container_ports and p["name"] == p["targetPort"]
+            assert p["port"] == container_ports[p["targetPort"]]
     headless = _one(objs, "Service", "ldm-triton-headless")
     assert headless["spec"]["clusterIP"] == "None"
-    grpc = next(p for p in headless["spec"]["ports"] if p["name"] == "grpc")
-    assert grpc["appProtocol"] == "kubernetes.io/h2c"
-    for rule in _one(objs, "NetworkPolicy")["spec"]["ingress"]:
+    api = next(p for p in headless["spec"]["ports"] if p["name"] == "api")
+    assert api["appProtocol"] == "kubernetes.io/h2c"
+    rules = _one(objs, "NetworkPolicy")["spec"]["ingress"]
+    for rule in rules:
         assert all(p["port"] in container_ports for p in rule["ports"])
-    assert _one(objs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert {p["port"] for r in rules for p in r["ports"]} == {"api", "rest", "metrics"}
+    endpoints = _one(objs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert {(e["port"], e["path"]) for e in endpoints} == {("metrics", "/metrics"), ("rest", "/metrics")}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_grpc_load_balancer_routes_to_grpc_port(objects, overlay):
+def test_load_balancers_route_to_the_gateway(objects, overlay):
     objs = objects[overlay]
     service = _one(objs, "Service", "ldm-triton")
-    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
-    route = _one(objs, "GRPCRoute")
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
     gateway = _one(objs, "Gateway")
-    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
-    listener = route["spec"]["parentRefs"][0]["sectionName"]
-    assert any(l["name"] == listener and {"kind": "GRPCRoute"} in l["allowedRoutes"]["kinds"]
-               for l in gateway["spec"]["listeners"])
-    backend = route["spec"]["rules"][0]["backendRefs"][0]
-    assert (backend["name"], backend["port"]) == ("ldm-triton", grpc_port)
+    for kind, port in (("GRPCRoute", ports["api"]), ("HTTPRoute", ports["rest"])):
+        route = _one(objs, kind)
+        assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+        listener = route["spec"]["parentRefs"][0]["sectionName"]
+        assert any(l["name"] == listener and {"kind": kind} in l["allowedRoutes"]["kinds"]
+                   for l in gateway["spec"]["listeners"])
+        backend = route["spec"]["rules"][0]["backendRefs"][0]
+        assert (backend["name"], backend["port"]) == ("ldm-triton", port), kind
+    grpc_route = _one(objs, "GRPCRoute")
+    assert [m["method"] for m in grpc_route["spec"]["rules"][0]["matches"]] == [{"service": "ldm.v1.Images"}]
+    paths = {m["path"]["value"] for m in _one(objs, "HTTPRoute")["spec"]["rules"][0]["matches"]}
+    assert paths == {"/v1/images", "/openapi.json", "/docs"}
     if overlay == "cpu":
-        ingress = _one(objs, "Ingress")
-        assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
-        svc_backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-        assert svc_backend == {"name": "ldm-triton", "port": {"name": "grpc"}}
+        grpc_ingress = _one(objs, "Ingress", "ldm-triton-grpc")
+        assert grpc_ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+        path = grpc_ingress["spec"]["rules"][0]["http"]["paths"][0]
+        assert path["path"] == "/ldm.v1.Images" and path["backend"]["service"] == {"name": "ldm-triton", "port": {"name": "api"}}
+        rest_ingress = _one(objs, "Ingress", "ldm-rest")
+        assert rest_ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTP"
+        backends = {p["path"]: p["backend"]["service"] for p in rest_ingress["spec"]["rules"][0]["http"]["paths"]}
+        assert set(backends) == paths and all(b == {"name": "ldm-triton", "port": {"name": "rest"}} for b in backends.values())
 
 
 def test_local_nginx_config_mirrors_the_ingress(objects):
-    annotations = _one(objects["cpu"], "Ingress")["metadata"]["annotations"]
+    annotations = _one(objects["cpu"], "Ingress", "ldm-triton-grpc")["metadata"]["annotations"]
     ann = {k.split("/")[1]: v for k, v in annotations.items()}
     conf = (REPO / "deploy" / "nginx" / "ldm-grpc-lb.conf.template").read_text()
 
@@ -255,6 +294,9 @@ def test_local_nginx_config_mirrors_the_ingress(objects):
     assert directive("grpc_connect_timeout") == ann["proxy-connect-timeout"] + "s"
     assert directive("client_max_body_size") == ann["proxy-body-size"]
     assert re.search(r"grpc_pass\s+grpc://", conf)
+    # the same gRPC service as the Ingress's path
+    path = _one(objects["cpu"], "Ingress", "ldm-triton-grpc")["spec"]["rules"][0]["http"]["paths"][0]["path"]
+    assert re.search(rf"location\s+{re.escape(path)}/\s*{{", conf)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,8 +1,8 @@
 """Streaming, cancellation, deadlines, overload and metrics against a real tritonserver."""
 from concurrent.futures import ThreadPoolExecutor
 import queue
-import re
 import shutil
+import threading
 import time
 import urllib.request
 
@@ -15,22 +15,9 @@ from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
 from serving.client.kserve import LdmClient, request_arrays
 from serving.triton.server import TritonServer
+from server_metrics import metrics, wait_for
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
-
-
-def metrics(server) -> dict:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(ldm_\w+)\{[^}]*\} (\S+)$", text, re.M)}
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +104,72 @@ def test_burst_of_five_times_capacity_every_request_ends(small_server):
     expected = (counts["image"], counts["UNAVAILABLE"])
     assert wait_for(lambda: observed() == expected, timeout=5), (observed(), expected)
     assert urllib.request.urlopen(f"http://{small_server.http_url}/v2/health/ready").status == 200
+
+
+def test_http_burst_is_batched_and_the_overflow_is_refused_at_once(small_server):
+    """Over Triton's HTTP endpoint (the unary front), 5x capacity at once: the accepted requests
+    share the engine (more than the front's old 4 at a time would allow is not needed: the
+    queue's worth is), and every refused one is answered before the first image is ready, not
+    held in a queue in front of the pipeline."""
+    capacity = MAX_ACTIVE + MAX_QUEUE
+    burst = 5 * capacity
+    answers = queue.Queue()  # outcomes in the order they come back
+    clients = [LdmClient(small_server.http_url, "http", timeout_s=300) for _ in range(burst)]
+    go = threading.Barrier(burst)  # clients are made first; then all requests leave together
+
+    def one(i):
+        go.wait()
+        try:
+            clients[i].generate("a red circle", seed=i, steps=150)
+            answers.put("image")
+        except InferenceServerException as exc:
+            answers.put(exc.status())
+
+    with ThreadPoolExecutor(burst) as pool:
+        list(pool.map(one, range(burst)))
+    for client in clients:
+        client.close()
+    order = [answers.get_nowait() for _ in range(burst)]
+    counts = {o: order.count(o) for o in set(order)}
+    print("HTTP burst outcomes in order of arrival:", order)
+    assert set(order) <= {"image", "UNAVAILABLE"}, counts
+    assert counts.get("image", 0) >= MAX_QUEUE and counts.get("UNAVAILABLE", 0) >= 1, counts
+    first_image = order.index("image")
+    assert "UNAVAILABLE" not in order[first_image:], order
+    assert urllib.request.urlopen(f"http://{small_server.http_url}/v2/health/ready").status == 200
+
+
+def test_unary_grpc_cancel_reaches_the_engine(small_server):
+    """A unary gRPC client that cancels: Triton marks the front's request cancelled, the front
+    sends the pipeline a cancel message, and the engine drops the job. The job is held in the
+    admission queue (both active slots busy with long streams) so it cannot finish first."""
+    running = [threading.Event() for _ in range(MAX_ACTIVE)]
+
+    def blocker(started):
+        with LdmClient(small_server.grpc_url) as client:
+            client.run("a blue square", steps=150, height=64, width=64, progress_every=1,
+                       on_progress=lambda generation: started.set())
+
+    with ThreadPoolExecutor(MAX_ACTIVE) as pool:
+        blockers = [pool.submit(blocker, started) for started in running]
+        assert all(started.wait(60) for started in running)
+        before = metrics(small_server)
+        client = grpcclient.InferenceServerClient(small_server.grpc_url)
+        inputs = []
+        for name, value in request_arrays("a red circle", seed=1, steps=150).items():
+            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        call = client.async_infer("pipeline_unary", inputs, callback=lambda result, error: None)
+        assert wait_for(lambda: metrics(small_server)["ldm_queue_length"] >= 1)
+        call.cancel()
+        assert wait_for(lambda: metrics(small_server)["ldm_cancellations_total"] == before["ldm_cancellations_total"] + 1)
+        for b in blockers:
+            b.result()
+    assert wait_for(lambda: metrics(small_server)["ldm_active_requests"] == 0)
+    client.close()
+    with LdmClient(small_server.http_url, "http") as again:
+        assert again.generate("a blue circle", steps=2).shape == (32, 32, 3)
 
 
 def test_metrics_describe_the_batch(server):

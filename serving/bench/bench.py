@@ -4,12 +4,15 @@ Prints a table of the issue's targets as ratios measured in this run, writes JSO
 latency against offered load. Runs: (c) bare ONNX Runtime loop and (a) diffusers one at a time
 in this process; the step-batched server (closed loop per concurrency, open loop with Poisson
 arrivals at fractions of its measured maximum); the same server with step batching off (b) at
-the same load; and server memory after 100 and 1,000 requests on a fresh server.
+the same load; and server memory after 100 and 1,000 requests on a fresh server. `--via`
+chooses how the load reaches the server (serving/bench/paths.py); `--compare-paths` instead
+measures every path against one server and prints their ratios (the gateway's overhead).
 """
 import json
 from pathlib import Path
 import shutil
-import time
+
+from serving.bench.paths import PATHS
 
 
 def add_arguments(parser):
@@ -26,6 +29,10 @@ def add_arguments(parser):
     parser.add_argument("--baseline-runs", type=int, default=6, help="requests per in-process baseline")
     parser.add_argument("--rss-requests", type=int, default=1000, help="requests for the memory check (0: skip)")
     parser.add_argument("--rss-steps", type=int, default=5, help="denoising steps of the memory-check requests")
+    parser.add_argument("--via", choices=PATHS, default="triton-grpc", help="how the load reaches the server (default: %(default)s)")
+    parser.add_argument("--compare-paths", action="store_true",
+                        help="only compare the paths (latency of one client, throughput at the last --concurrency) in one run")
+    parser.add_argument("--rounds", type=int, default=2, help="--compare-paths: closed loops per path, twice this (default: %(default)s)")
 
 
 def server_rss_mb(server) -> float:
@@ -65,7 +72,7 @@ def run(args) -> int:
     from serving.bench.baselines import BareOnnxLoop, diffusers_latencies
     from serving.defaults import default_checkpoint
     from serving.bench.loadgen import closed_loop, open_loop
-    from serving.triton.server import TritonServer
+    from serving.bench.paths import compare_paths, print_paths, serving
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,10 +81,21 @@ def run(args) -> int:
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]
     report = {"checkpoint": str(checkpoint), "steps": args.steps, "guidance": args.guidance, "size": size, "unet": args.unet,
-              "max_active": args.max_active}
-    print(f"bench: {checkpoint}, {size}x{size}, {args.steps} steps, guidance {args.guidance}, unet {args.unet}, max_active {args.max_active}", flush=True)
+              "max_active": args.max_active, "via": args.via}
+    print(f"bench: {checkpoint}, {size}x{size}, {args.steps} steps, guidance {args.guidance}, unet {args.unet}, "
+          f"max_active {args.max_active}, via {'every path' if args.compare_paths else args.via}", flush=True)
 
     repos = prepare_repositories(checkpoint, out, args.unet, args.max_active)
+    if args.compare_paths:
+        concurrency = int(args.concurrency.split(",")[-1])
+        report.update(compare_paths(repos["batched"], fields, out, concurrency=concurrency, requests=args.requests,
+                                    single_requests=max(8, args.requests // 3), rounds=args.rounds,
+                                    log=lambda m: print(m, flush=True)))
+        print_paths(report)
+        print_targets(report["targets"])
+        (out / "paths.json").write_text(json.dumps(report, indent=1))
+        print(f"wrote {out / 'paths.json'}")
+        return 0
     bare = BareOnnxLoop(repos["batched"])
     bare.latencies(prompts[:1], args.steps, args.guidance, size)  # warm-up
     report["c_bare_onnx_latency_s"] = float(np.median(bare.latencies(prompts, args.steps, args.guidance, size)))
@@ -87,36 +105,36 @@ def run(args) -> int:
     print(f"  (c) bare ONNX loop {report['c_bare_onnx_latency_s']:.3f} s; (a) diffusers {report['a_diffusers_latency_s']:.3f} s", flush=True)
 
     runs = []
-    with TritonServer(repos["batched"], log_file=out / "tritonserver-batched.log") as server:
-        closed_loop(server.grpc_url, fields, 2, 4)  # warm-up
-        unloaded = closed_loop(server.grpc_url, fields, 1, max(8, args.requests // 4)).summary()
+    with serving(repos["batched"], args.via, out, "batched") as (client, server):
+        closed_loop(client, fields, 2, 4)  # warm-up
+        unloaded = closed_loop(client, fields, 1, max(8, args.requests // 4)).summary()
         report["unloaded_latency_s"] = unloaded["latency_p50_s"]
         for c in map(int, args.concurrency.split(",")):
-            runs.append({"server": "batched", **closed_loop(server.grpc_url, fields, c, args.requests, seed0=1000 * c).summary()})
+            runs.append({"server": "batched", **closed_loop(client, fields, c, args.requests, seed0=1000 * c).summary()})
             print(f"  batched closed C={c}: {runs[-1]['throughput_images_per_s']:.2f} img/s, p50 {runs[-1]['latency_p50_s']:.3f} s", flush=True)
         max_throughput = max(r["throughput_images_per_s"] for r in runs)
         report["max_throughput"] = max_throughput
         for fraction in map(float, args.load_fractions.split(",")):
             rate = fraction * max_throughput
-            runs.append({"server": "batched", "fraction": fraction, **open_loop(server.grpc_url, fields, rate, args.requests, seed0=7).summary()})
+            runs.append({"server": "batched", "fraction": fraction, **open_loop(client, fields, rate, args.requests, seed0=7).summary()})
             print(f"  batched open {rate:.2f}/s: p50 {runs[-1]['latency_p50_s']:.3f} s, p99 {runs[-1]['latency_p99_s']:.3f} s", flush=True)
 
-    with TritonServer(repos["sequential"], log_file=out / "tritonserver-sequential.log") as server:
-        closed_loop(server.grpc_url, fields, 1, 2)  # warm-up
-        runs.append({"server": "sequential", **closed_loop(server.grpc_url, fields, 16, args.requests // 2).summary()})
+    with serving(repos["sequential"], args.via, out, "sequential") as (client, server):
+        closed_loop(client, fields, 1, 2)  # warm-up
+        runs.append({"server": "sequential", **closed_loop(client, fields, 16, args.requests // 2).summary()})
         print(f"  (b) sequential closed C=16: {runs[-1]['throughput_images_per_s']:.2f} img/s", flush=True)
         for fraction in map(float, args.load_fractions.split(",")):
             rate = fraction * max_throughput
-            runs.append({"server": "sequential", "fraction": fraction, **open_loop(server.grpc_url, fields, rate, args.requests, seed0=7).summary()})
+            runs.append({"server": "sequential", "fraction": fraction, **open_loop(client, fields, rate, args.requests, seed0=7).summary()})
             print(f"  (b) sequential open {rate:.2f}/s: mean {runs[-1]['latency_mean_s']:.3f} s", flush=True)
     report["runs"] = runs
 
     if args.rss_requests:
         rss_fields = {**fields, "steps": args.rss_steps}
-        with TritonServer(repos["batched"], log_file=out / "tritonserver-rss.log") as server:
-            closed_loop(server.grpc_url, rss_fields, 16, 100)
+        with serving(repos["batched"], args.via, out, "rss") as (client, server):
+            closed_loop(client, rss_fields, 16, 100)
             report["rss_mb_after_100"] = server_rss_mb(server)
-            closed_loop(server.grpc_url, rss_fields, 16, args.rss_requests - 100, seed0=100)
+            closed_loop(client, rss_fields, 16, args.rss_requests - 100, seed0=100)
             report[f"rss_mb_after_{args.rss_requests}"] = server_rss_mb(server)
         print(f"  RSS {report['rss_mb_after_100']:.0f} MB after 100, {report[f'rss_mb_after_{args.rss_requests}']:.0f} MB after {args.rss_requests}", flush=True)
 

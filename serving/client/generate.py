@@ -1,47 +1,136 @@
-"""`ldm generate "PROMPT" -o out.png`: one image from a running server."""
+"""`ldm generate "PROMPT" -o out.png [-n N]`: images from a running server, with a progress bar.
+
+By default it talks to the gateway's typed API (gRPC ldm.v1.Images, serving/client/images.py);
+`--protocol kserve` / `kserve-http` use Triton's own protocols (serving/client/kserve.py).
+With -n N it writes N files, out-0.png ... out-(N-1).png, of seeds seed ... seed+N-1.
+"""
+import os
+from pathlib import Path
+import secrets
 import sys
 import time
+
+PROTOCOLS = {"gateway": "localhost:50051", "kserve": "localhost:8001", "kserve-http": "localhost:8000"}
+SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def add_arguments(parser):
     parser.add_argument("prompt")
-    parser.add_argument("-o", "--output", default="out.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("-o", "--output", default="out.png", help="file to write; .png, .jpg or .webp (default: %(default)s)")
+    parser.add_argument("-n", type=int, default=1, help="images to make (files out-0.png, out-1.png, ...; default: 1)")
     parser.add_argument("--negative", help="negative prompt")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="seed of the first image (default: random)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--url", help="server address (default: localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="gateway",
+                        help="gateway: the typed API (default); kserve / kserve-http: Triton's gRPC / HTTP")
+    parser.add_argument("--url", help="server address (default: " + ", ".join(f"{k} {v}" for k, v in PROTOCOLS.items()) + ")")
+    parser.add_argument("--api-key", default=os.environ.get("LDM_API_KEY"), help="the gateway's API key (default: $LDM_API_KEY)")
+
+
+def output_paths(output: str, n: int) -> list:
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+class StepBar:
+    """One progress bar over all images' denoising steps (tqdm)."""
+
+    def __init__(self, n: int, steps: int | None):
+        from tqdm import tqdm
+
+        self.n, self.steps = n, steps
+        self.bar = tqdm(total=n * steps if steps else None, unit="step", desc="generating", file=sys.stderr, leave=False)
+        self.done, self.totals = {}, {}
+
+    def step(self, index: int, step: int, total: int) -> None:
+        if self.bar.total is None:
+            self.bar.total = self.n * total
+            self.bar.refresh()
+        self.totals[index] = total
+        self.bar.update(step - self.done.get(index, 0))
+        self.done[index] = step
+
+    def finished(self, index: int) -> None:
+        """The last step is not reported as progress: the image is."""
+        total = self.totals.get(index, self.steps)
+        if total:
+            self.step(index, total, total)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run(args) -> int:
+    if args.n < 1:
+        print("ldm generate: -n must be at least 1", file=sys.stderr)
+        return 2
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        print(f"ldm generate: -o must end in {', '.join(SUFFIX_FORMATS)}", file=sys.stderr)
+        return 2
+    url = args.url or PROTOCOLS[args.protocol]
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    fields = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                  width=args.width, eta=args.eta)
+    paths = output_paths(args.output, args.n)
+    bar = StepBar(args.n, args.steps)
+    start = time.perf_counter()
+    try:
+        if args.protocol == "gateway":
+            written = _via_gateway(args, url, seed, fields, paths, SUFFIX_FORMATS[suffix], bar)
+        else:
+            written = _via_kserve(args, url, seed, fields, paths, bar)
+    except Exception as exc:  # the clients' errors carry their status code
+        status = getattr(exc, "status", None)
+        if not callable(status):
+            raise
+        bar.close()
+        message = exc.message() if callable(getattr(exc, "message", None)) else getattr(exc, "message", exc)
+        print(f"\nerror ({str(status()).removeprefix('StatusCode.')}): {message}", file=sys.stderr)
+        return 2
+    bar.close()
+    latency = time.perf_counter() - start
+    for path, (width, height, image_seed) in zip(paths, written):
+        print(f"wrote {path} ({width}x{height}, seed {image_seed})")
+    print(f"{len(written)} image(s) in {latency * 1000:.0f} ms via {args.protocol} {url}")
+    return 0
+
+
+def _via_gateway(args, url, seed, fields, paths, output_format, bar) -> list:
+    from serving.client.images import Image, ImagesClient
+
+    written = {}
+    with ImagesClient(url, api_key=args.api_key) as client:
+        for event in client.stream(args.prompt, n=args.n, seed=seed, output_format=output_format, **fields):
+            if isinstance(event, Image):
+                event.save(paths[event.index])
+                written[event.index] = (event.width, event.height, event.seed)
+                bar.finished(event.index)
+            else:
+                bar.step(event.index, event.step, event.total_steps)
+    return [written[i] for i in range(args.n)]
+
+
+def _via_kserve(args, url, seed, fields, paths, bar) -> list:
     from PIL import Image
-    from tritonclient.utils import InferenceServerException
 
     from serving.client.kserve import LdmClient
 
-    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
-
-    def show(generation):
-        step, total = generation.progress[-1]
-        print(f"\r  step {step}/{total}", end="", file=sys.stderr, flush=True)
-
-    fields = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
-                  height=args.height, width=args.width, eta=args.eta)
-    if args.protocol == "grpc":
-        fields["progress_every"] = 1
-    start = time.perf_counter()
-    try:
-        with LdmClient(url, args.protocol) as client:
-            result = client.run(args.prompt, on_progress=show if args.protocol == "grpc" else None, **fields)
-    except InferenceServerException as exc:
-        print(f"\nerror ({exc.status()}): {exc.message()}", file=sys.stderr)
-        return 2
-    latency = time.perf_counter() - start
-    Image.fromarray(result.image).save(args.output)
-    h, w, _ = result.image.shape
-    print(f"\nwrote {args.output} ({w}x{h}, seed {result.seed}) in {latency * 1000:.0f} ms via {args.protocol} {url}")
-    return 0
+    http = args.protocol == "kserve-http"
+    written = []
+    with LdmClient(url, "http" if http else "grpc") as client:
+        for index, path in enumerate(paths):
+            extra = {} if http else {"progress_every": 1}
+            on_progress = None if http else (lambda g, i=index: bar.step(i, *g.progress[-1]))
+            result = client.run(args.prompt, on_progress=on_progress, seed=seed + index, **fields, **extra)
+            bar.finished(index)
+            Image.fromarray(result.image).save(path)
+            height, width, _ = result.image.shape
+            written.append((width, height, result.seed))
+    return written

@@ -5,8 +5,9 @@ Why retrying is safe: a generation request is idempotent. Its image is a pure fu
 request's own seed, never from its batch-mates — and it changes no server state. Replaying it
 on another replica returns the same image; the only cost is the compute repeated.
 
-What is retried (InferenceServerException.status(), compared without tritonclient's
-"StatusCode." prefix, so the pipeline's own coded errors and transport errors match alike):
+What is retried (the error's status(): tritonclient's InferenceServerException, or the gateway
+client's ImagesError; compared without tritonclient's "StatusCode." prefix, so the pipeline's
+own coded errors and transport errors match alike):
   * UNAVAILABLE — the replica or the connection to it went away (process
     killed, pod drained, connection reset, a stream that broke before the request was sent:
     serving.client reports that as UNAVAILABLE), the proxy found no live upstream (nginx / an
@@ -32,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from tritonclient.utils import InferenceServerException
 
 T = TypeVar("T")
 
@@ -42,8 +42,8 @@ RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "502", "503", "504"})
 
 def status_code(error: BaseException) -> str:
     """"UNAVAILABLE" for "StatusCode.UNAVAILABLE" (gRPC transport) and "UNAVAILABLE" (the
-    pipeline's coded errors); the exception's class name for other exceptions."""
-    if isinstance(error, InferenceServerException):
+    pipeline's coded errors); the exception's class name for errors without a status."""
+    if callable(getattr(error, "status", None)):
         return str(error.status()).removeprefix("StatusCode.")
     return type(error).__name__
 
@@ -61,7 +61,7 @@ class RetryPolicy:
             raise ValueError("max_attempts must be at least 1")
 
     def is_retryable(self, error: BaseException) -> bool:
-        return isinstance(error, InferenceServerException) and status_code(error) in self.retryable_statuses
+        return status_code(error) in self.retryable_statuses
 
     def backoff_s(self, retry_number: int, rng: random.Random) -> float:
         """Sleep before retry number `retry_number` (1 = first retry)."""

@@ -22,10 +22,20 @@ import urllib.request
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports (all bound at once, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _pytriton_dir() -> Path:
@@ -106,15 +116,38 @@ def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0
     return command, env
 
 
+def wait_until_ok(process, url: str, timeout: float, name: str, log_file=None) -> None:
+    """Waits until `url` answers 200; raises when `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode} before it was ready" + log_tail(log_file, name))
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} not ready after {timeout:.0f} s" + log_tail(log_file, name))
+
+
+def log_tail(log_file, name: str, lines: int = 30) -> str:
+    if not log_file or not Path(log_file).exists():
+        return ""
+    return f"\n--- {name} log (tail) ---\n" + "\n".join(Path(log_file).read_text(errors="replace").splitlines()[-lines:])
+
+
 class TritonServer:
     """A tritonserver child process on the given (or free) ports."""
 
     def __init__(self, repo, http_port=None, grpc_port=None, metrics_port=None, host="127.0.0.1", log_file=None):
         self.repo = Path(repo)
         self.host = host
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        spare = free_ports(3)
+        self.http_port = http_port or spare[0]
+        self.grpc_port = grpc_port or spare[1]
+        self.metrics_port = metrics_port or spare[2]
         self.log_file = log_file
         self.process = None
 
@@ -145,24 +178,7 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://{self.host}:{self.http_port}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready" + self._log_tail())
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s" + self._log_tail())
-
-    def _log_tail(self) -> str:
-        if not self.log_file or not Path(self.log_file).exists():
-            return ""
-        return "\n--- server log (tail) ---\n" + "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-30:])
+        wait_until_ok(self.process, f"http://{self.host}:{self.http_port}/v2/health/ready", timeout, "tritonserver", self.log_file)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL of its whole process group."""

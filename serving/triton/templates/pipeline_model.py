@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
 from serving.core.errors import INTERNAL, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.core.service import PipelineAssets, PipelineService
@@ -49,11 +50,16 @@ def _call(model, inputs, outputs):
 
 
 class TritonSink:
-    """Delivers one job's results through its request's response sender."""
+    """Delivers one job's results through its request's response sender. A request with an id
+    can also be cancelled by a cancel message naming it (what the unary front sends)."""
 
-    def __init__(self, request):
+    def __init__(self, request, cancels: CancelRegistry):
         self.request = request
         self.sender = request.get_response_sender()
+        self.request_id = request.request_id()
+        self.cancels = cancels
+        self.cancel_requested = cancels.register(self.request_id) if self.request_id else None
+        self.closed = False
 
     def progress(self, step, total, preview):
         tensors = [
@@ -66,19 +72,38 @@ class TritonSink:
 
     def finish(self, image, seed):
         tensors = [pb_utils.Tensor("image", np.ascontiguousarray(image)), pb_utils.Tensor("seed", np.array([seed], np.int64))]
-        self.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL)
+        self._final(pb_utils.InferenceResponse(tensors))
 
     def fail(self, code, message):
         error = pb_utils.TritonError(coded_message(code, message), getattr(pb_utils.TritonError, code))
-        self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+        self._final(pb_utils.InferenceResponse(error=error))
+
+    def _final(self, response):
+        self.closed = True
+        try:
+            self.sender.send(response, flags=FINAL)
+        finally:
+            if self.request_id:
+                self.cancels.forget(self.request_id)
 
     def cancelled(self):
-        return self.request.is_cancelled()
+        if self.closed:  # asking Triton after the final response would crash tritonserver 2.51
+            return False
+        requested = self.cancel_requested is not None and self.cancel_requested.is_set()
+        return requested or self.request.is_cancelled()
+
+
+def _cancel_target(request):
+    """The request id a cancel message names, or None for a generation request."""
+    parameters = json.loads(request.parameters() or "{}")
+    target = parameters.get(CANCEL_PARAMETER)
+    return None if target is None else str(target)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.cancels = CancelRegistry()  # requests in flight by id, for cancel messages
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("pipeline: config.pbtxt must set model_transaction_policy { decoupled: true }")
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -114,7 +139,12 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sink = TritonSink(request)
+            target = _cancel_target(request)
+            if target is not None:
+                self.cancels.cancel(target)
+                request.get_response_sender().send(flags=FINAL)
+                continue
+            sink = TritonSink(request, self.cancels)
             try:
                 self.service.submit({t.name(): t.as_numpy() for t in request.inputs()}, sink)
             except Exception as exc:  # every request ends with a FINAL response, whatever broke

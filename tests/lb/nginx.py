@@ -1,9 +1,8 @@
-"""Run Debian's nginx as a local gRPC load balancer over Triton replicas (loopback only).
+"""Run Debian's nginx as a local gRPC load balancer over the replicas' gateways (loopback only).
 
 Renders deploy/nginx/ldm-grpc-lb.conf.template into a private prefix directory and runs
 nginx in the foreground as a child process, so stopping it is one signal to one PID.
 """
-import os
 import re
 import signal
 import socket
@@ -11,27 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from deploy.tools import find
+from serving.triton.server import free_port
+from tests.lb.tools import REPO, find
 
-TEMPLATE = Path(__file__).resolve().parent / "nginx" / "ldm-grpc-lb.conf.template"
+TEMPLATE = REPO / "deploy" / "nginx" / "ldm-grpc-lb.conf.template"
 # A replica that failed once is skipped for this long, then probed with one request.
 FAIL_TIMEOUT_S = 10
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct free ports (all bound at once, so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(1, host)[0]
 
 
 def render(prefix: Path, listen_port: int, backend_ports: list[int]) -> str:

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Where each tool may live besides PATH. pytest is often run as `.venv/bin/python -m pytest`
 # without activating the venv, so the interpreter's own bin dir is searched first.

@@ -1,6 +1,6 @@
 """The loopback load-balancing scenario: replicas behind nginx, load spread, one replica
 crashed mid-load. Returns a report (dict) that tests/test_deploy_loadbalance.py asserts on
-and `python -m deploy.lb_demo` prints.
+and `python -m tests.lb.demo` prints. Calls go to each replica's gateway (ldm.v1.Images).
 
 Counts per replica come from each replica's own Triton metric
 nv_inference_request_success{model="pipeline"}; nginx's access log says where each call went
@@ -11,12 +11,16 @@ from pathlib import Path
 
 import psutil
 
-from deploy.lb_load import LoadRun, summarize
-from deploy.nginx_lb import FAIL_TIMEOUT_S, NginxGrpcLB
-from deploy.replicas import Replica, start_replicas, stop_all
 from serving.client.retry import RetryPolicy
+from tests.lb.load import LoadRun, summarize
+from tests.lb.nginx import FAIL_TIMEOUT_S, NginxGrpcLB
+from tests.lb.replicas import Replica, start_replicas, stop_all
 
 SUCCESS = "nv_inference_request_success"
+# the gateway's gRPC methods, as nginx logs their URIs
+CALLS = ("/ldm.v1.Images/Generate", "/ldm.v1.Images/GenerateStream")
+# the scenario retries itself (and counts the attempts): the client must not retry on its own
+ONE_ATTEMPT = RetryPolicy(max_attempts=1)
 
 
 def _counts(replicas: list[Replica], expected_total: int | None = None, timeout_s: float = 10) -> dict:
@@ -38,7 +42,7 @@ def _nginx_split(lb: NginxGrpcLB, replicas: list[Replica], since: float, expecte
     while True:
         split = {r.name: 0 for r in replicas}
         for e in lb.log_entries():
-            if e["t"] >= since and e["upstreams"] and e["uri"].endswith("/ModelStreamInfer"):
+            if e["t"] >= since and e["upstreams"] and e["uri"].endswith(CALLS):
                 split[by_addr[e["upstreams"][-1]]] += 1
         if sum(split.values()) >= expected or time.monotonic() > deadline:
             return split
@@ -105,13 +109,13 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         # Phase 1b: no proxy, client-side round robin over the replicas (headless Service).
         client_side = None
         if client_side_requests:
-            from deploy.client_lb import loopback_target, round_robin_client
+            from serving.client.balancing import loopback_target, round_robin_client
 
             target = loopback_target([r.grpc_addr for r in replicas])
             before = _counts(replicas)
             # One caller, one channel: its rotation is what is observed (each caller's channel
             # rotates on its own, from its own starting replica).
-            run = LoadRun(lambda: round_robin_client(target, timeout_s=60), client_side_requests,
+            run = LoadRun(lambda: round_robin_client(target, timeout_s=60, policy=ONE_ATTEMPT), client_side_requests,
                           1, gen_kwargs, policy).start()
             cs_finished = run.join(phase_timeout_s)
             cs_summary = summarize(run.records)
@@ -145,8 +149,7 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
 
         # Where nginx sent calls after the crash (log lines are written when a call ends).
         victim_addr = victim.grpc_addr
-        entries = [e for e in lb.log_entries() if e["uri"].endswith("/ModelInfer")
-                   or e["uri"].endswith("/ModelStreamInfer")]
+        entries = [e for e in lb.log_entries() if e["uri"].endswith(CALLS)]
         # Calls nginx received after the victim was dead (their lines say where they went).
         after_kill = [e for e in entries if e["start"] >= kill_done_wall]
         # Calls that were running on the victim when it died: nginx logs them as 502 (the victim

@@ -1,9 +1,9 @@
-"""Local Triton replicas for the load-balancing test and demo: `ldm serve` processes on
-loopback ports, their Prometheus metrics, and a way to crash one the way a pod dies.
+"""Local replicas for the load-balancing test and demo: `ldm serve` processes on loopback
+ports, their Prometheus metrics, and a way to crash one the way a pod dies.
 
-A replica is `ldm serve` plus the tritonserver it starts (in a session of its own) plus the
-python-backend stubs. Its processes are recorded by PID once it is ready, and crashing or
-stopping it signals exactly those PIDs.
+A replica is `ldm serve` plus what it starts: tritonserver (with its python-backend stubs) and
+the gateway, the replica's public gRPC address, as in a pod. Its processes are recorded by PID
+once it is ready, and crashing or stopping it signals exactly those PIDs.
 """
 import re
 import signal
@@ -17,16 +17,18 @@ from pathlib import Path
 
 import psutil
 
-from deploy.nginx_lb import free_ports
-from deploy.tools import REPO
+from serving.triton.server import free_ports
+from tests.lb.tools import REPO
 
 
 @dataclass
 class Replica:
     name: str
-    http_port: int
-    grpc_port: int
+    http_port: int  # Triton's
+    triton_grpc_port: int
     metrics_port: int
+    rest_port: int  # the gateway's
+    grpc_port: int  # the gateway's gRPC API: what the load balancer and the clients use
     log_path: Path
     proc: subprocess.Popen | None = None
     killed_at: float | None = None
@@ -41,7 +43,8 @@ class Replica:
         # checkout's install; this runs the code of the tree the caller imports.
         command = [sys.executable, "-m", "serving.cli", "serve", "--repo", str(repo),
                    "--host", "127.0.0.1", "--http-port", str(self.http_port),
-                   "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port)]
+                   "--grpc-port", str(self.triton_grpc_port), "--metrics-port", str(self.metrics_port),
+                   "--gateway-rest-port", str(self.rest_port), "--gateway-grpc-port", str(self.grpc_port)]
         if checkpoint is not None:
             command += ["--checkpoint", str(checkpoint)]
         log = open(self.log_path, "wb")
@@ -51,8 +54,9 @@ class Replica:
         return self
 
     def ready(self) -> bool:
+        """The gateway is ready, which it is once its Triton's pipeline is."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.rest_port}/readyz", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -145,10 +149,9 @@ def start_replicas(n: int, repo: Path, workdir: Path, timeout_s: float = 120,
     workdir.mkdir(parents=True, exist_ok=True)
     replicas = []
     try:
-        ports = free_ports(3 * n)
+        ports = free_ports(5 * n)
         for i in range(n):
-            http, grpc, metrics = ports[3 * i: 3 * i + 3]
-            r = Replica(f"replica-{i}", http, grpc, metrics, workdir / f"replica-{i}.log")
+            r = Replica(f"replica-{i}", *ports[5 * i: 5 * i + 5], workdir / f"replica-{i}.log")
             replicas.append(r.start(repo, checkpoint))
         for r in replicas:
             r.wait_ready(timeout_s)

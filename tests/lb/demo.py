@@ -1,4 +1,4 @@
-"""`python -m deploy.lb_demo`: the loopback load-balancing scenario, printed for a person.
+"""`python -m tests.lb.demo`: the loopback load-balancing scenario, printed for a person.
 
 Starts N `ldm serve` replicas on free loopback ports behind nginx (deploy/nginx/), sends
 generations through nginx with the retrying client, crashes one replica mid-load, and prints
@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deploy.lb_scenario import run_scenario
+from tests.lb.scenario import run_scenario
 
 
 def _table(title: str, phase: dict) -> str:
@@ -29,7 +29,7 @@ def _table(title: str, phase: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.lb_demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.lb.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, help="an exported model repository (default: tiny checkpoint)")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--requests", type=int, default=30, help="requests per phase")
@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     if args.replicas < 2:
         parser.error("--replicas must be at least 2 (one is crashed)")
 
-    from serving.client.kserve import LdmClient
+    from serving.client.images import ImagesClient
+    from tests.lb.scenario import ONE_ATTEMPT
 
     with tempfile.TemporaryDirectory(prefix="ldm-lb-demo-") as tmp:
         repo = args.repo
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
             write_repository(Path(tmp) / "checkpoint", repo, log=lambda *a: None)
         report = run_scenario(
             repo, Path(tmp) / "run",
-            make_client=lambda url: LdmClient(url, protocol="grpc", timeout_s=60),
+            make_client=lambda url: ImagesClient(url, timeout_s=60, policy=ONE_ATTEMPT),
             n_replicas=args.replicas, spread_requests=args.requests, failover_requests=args.requests,
             client_side_requests=args.requests,
             concurrency=args.concurrency,

@@ -1,0 +1,174 @@
+"""Typed Python client of the gateway's gRPC API, `ldm.v1.Images` (proto/ldm/v1/images.proto).
+
+    from serving.client.images import ImagesClient
+    with ImagesClient("localhost:50051") as client:
+        for image in client.generate("a red circle", n=2, seed=7, steps=25):
+            image.save(f"circle-{image.seed}.png")
+
+`generate` is retried (serving/client/retry.py's policy: UNAVAILABLE, jittered backoff) only
+when the request has a seed: then a replay gives the same images, so it is idempotent; without
+one the server draws a seed and a replay would be a different request. Streams are not retried.
+Errors raise `ImagesError` with the gRPC code name and, for a bad field, its name.
+"""
+from dataclasses import dataclass
+import io
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+import numpy as np
+
+from serving.client.retry import RetryPolicy, call_with_retry
+from serving.gateway.protos import images_pb2, images_pb2_grpc
+
+FORMATS = {"png": images_pb2.IMAGE_FORMAT_PNG, "jpeg": images_pb2.IMAGE_FORMAT_JPEG, "webp": images_pb2.IMAGE_FORMAT_WEBP}
+FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
+TASKS = {"txt2img": images_pb2.TASK_TXT2IMG, "img2img": images_pb2.TASK_IMG2IMG, "inpaint": images_pb2.TASK_INPAINT,
+         "upscale": images_pb2.TASK_UPSCALE}
+REGION_MODES = {"latent": images_pb2.REGION_MODE_LATENT, "attention": images_pb2.REGION_MODE_ATTENTION}
+IMAGE_FIELDS = ("init_image", "mask")
+
+
+class ImagesError(Exception):
+    """A call that ended with a gRPC status other than OK."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.field = code, message, field
+
+    def status(self) -> str:  # what the retry policy reads
+        return self.code
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> "ImagesError":
+        field = None
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+        for detail in status.details if status else ():
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                field = bad.field_violations[0].field if bad.field_violations else None
+        return cls(error.code().name, error.details() or "", field)
+
+
+@dataclass
+class Image:
+    index: int
+    seed: int
+    data: bytes  # encoded as `format`
+    format: str
+    width: int
+    height: int
+    total_s: float
+
+    def array(self) -> np.ndarray:
+        """uint8 [H, W, 3]."""
+        from PIL import Image as PILImage
+
+        return np.asarray(PILImage.open(io.BytesIO(self.data)).convert("RGB"))
+
+    def save(self, path) -> None:
+        Path(path).write_bytes(self.data)
+
+
+@dataclass
+class Progress:
+    index: int
+    step: int
+    total_steps: int
+    preview: bytes  # PNG, or b"" when this event has none
+
+
+def _image(message) -> Image:
+    return Image(message.index, message.seed, message.data, FORMAT_NAMES.get(message.format, "png"), message.width,
+                 message.height, message.timings.total_s)
+
+
+def _image_bytes(value) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    from PIL import Image as PILImage
+
+    picture = PILImage.fromarray(value) if isinstance(value, np.ndarray) else value
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_request(prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields):
+    """A GenerateRequest; fields are the message's (images as bytes, numpy arrays or PIL images;
+    `regions` as a list of dicts with prompt, negative_prompt, mask; task and region_mode by name)."""
+    request = images_pb2.GenerateRequest(prompt=prompt, n=n, output_format=FORMATS[output_format])
+    if seed is not None:
+        request.seed = seed
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name in IMAGE_FIELDS:
+            value = _image_bytes(value)
+        elif name == "task":
+            value = TASKS[value]
+        elif name == "region_mode":
+            value = REGION_MODES[value]
+        elif name == "regions":
+            for region in value:
+                mask = region.get("mask")
+                request.regions.add(prompt=region["prompt"], negative_prompt=region.get("negative_prompt", ""),
+                                    mask=_image_bytes(mask) if mask is not None else b"")
+            continue
+        if name not in images_pb2.GenerateRequest.DESCRIPTOR.fields_by_name:
+            raise TypeError(f"unknown field {name!r} of ldm.v1.GenerateRequest")
+        setattr(request, name, value)
+    return request
+
+
+class ImagesClient:
+    def __init__(self, url: str = "localhost:50051", api_key: str | None = None, timeout_s: float = 600.0,
+                 policy: RetryPolicy = RetryPolicy(), channel_options=()):
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1), *channel_options]
+        self.channel = grpc.insecure_channel(url, options=options)
+        self.stub = images_pb2_grpc.ImagesStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.timeout_s = timeout_s
+        self.policy = policy
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def generate(self, prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields) -> list:
+        """The n images, ordered by index; raises ImagesError."""
+        request = build_request(prompt, n, seed, output_format, **fields)
+
+        def call():
+            try:
+                return self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
+            except grpc.RpcError as error:
+                raise ImagesError.from_rpc(error) from None
+
+        response = call_with_retry(call, self.policy) if seed is not None else call()
+        return [_image(m) for m in response.images]
+
+    def stream(self, prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields) -> Iterator:
+        """Progress events (every `progress_every` steps, default 1), then each Image as it is done.
+        Leaving the loop early cancels the generation."""
+        call = self.stub.GenerateStream(build_request(prompt, n, seed, output_format, **fields), timeout=self.timeout_s,
+                                        metadata=self.metadata)
+        try:
+            for event in call:
+                if event.HasField("image"):
+                    yield _image(event.image)
+                else:
+                    p = event.progress
+                    yield Progress(p.index, p.step, p.total_steps, p.preview)
+        except grpc.RpcError as error:
+            raise ImagesError.from_rpc(error) from None
+        finally:
+            call.cancel()

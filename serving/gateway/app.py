@@ -1,0 +1,126 @@
+"""The gateway process: one asyncio loop serving the gRPC front (grpc.aio) and the REST front
+(aiohttp), both in front of Triton's `pipeline` (serving/gateway/pipeline.py).
+
+Readiness follows the pipeline: a watch asks Triton every second whether `pipeline` is ready,
+reads its config (the inputs it declares) whenever it becomes ready, and sets /readyz and the
+gRPC health status. Until then requests are answered UNAVAILABLE.
+
+Adding to it: a new gRPC service is one more `add_*_to_server` in `start` (a bidirectional
+Session RPC would sit beside Images and use `ImageService` the same way); a REST route or a
+page is one more `app.router.add_*` on `build_app`'s application.
+"""
+import asyncio
+from dataclasses import dataclass, field
+import logging
+import signal
+
+from aiohttp import web
+import grpc
+
+from serving.gateway.access import Access, ApiKeys, RateLimiter, is_loopback
+from serving.gateway.grpc_api import add_services, set_serving
+from serving.gateway.pipeline import PipelineClient
+from serving.gateway.rest_api import build_app
+from serving.gateway.service import ImageService, Limits
+from serving.gateway.telemetry import GatewayMetrics
+
+log = logging.getLogger("ldm.gateway")
+
+
+@dataclass
+class GatewayConfig:
+    triton: str = "127.0.0.1:8001"  # Triton's gRPC address
+    host: str = "127.0.0.1"
+    rest_port: int = 8080  # 0: any free port
+    grpc_port: int = 50051
+    keys: ApiKeys | None = None
+    allow_anonymous: bool = False  # serve without keys on a non-loopback address
+    rate: float = 0.0  # images per second per caller; 0: no limit
+    burst: float = 16.0
+    limits: Limits = field(default_factory=Limits)
+    drain_s: float = 30.0  # on stop: running calls may finish for this long; new ones are refused
+    watch_interval_s: float = 1.0
+
+    def check(self) -> None:
+        if self.keys is None and not self.allow_anonymous and not is_loopback(self.host):
+            raise ValueError(f"the gateway would listen on {self.host} without API keys: give --api-keys FILE (or "
+                             "LDM_API_KEY_HASHES), or --allow-anonymous to serve anyone who can reach it")
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        config.check()
+        self.config = config
+        limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
+        self.service = ImageService(PipelineClient(config.triton), Access(config.keys, limiter), GatewayMetrics(), config.limits)
+        self.grpc_server = None
+        self.runner = None
+        self.rest_port = self.grpc_port = None
+        self._watch_task = None
+
+    async def start(self) -> "Gateway":
+        size = self.config.limits.max_body_bytes
+        self.grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", size),
+                                                    ("grpc.max_send_message_length", -1)])
+        self.health = add_services(self.grpc_server, self.service)
+        await set_serving(self.health, False)
+        self.grpc_port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {self.config.host}:{self.config.grpc_port}")
+        await self.grpc_server.start()
+        # handler_cancellation: a client that disconnects cancels its handler, and so its generation
+        self.runner = web.AppRunner(build_app(self.service), handler_cancellation=True, access_log=None,
+                                    shutdown_timeout=self.config.drain_s)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.host, self.config.rest_port)
+        await site.start()
+        self.rest_port = site._server.sockets[0].getsockname()[1]
+        self._watch_task = asyncio.create_task(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        pipeline = self.service.pipeline
+        while True:
+            try:
+                ready = await pipeline.is_ready()
+                if ready and not self.service.ready:
+                    ready = await pipeline.load_model()
+                    if ready:
+                        log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(pipeline.model.inputs)))
+            except Exception:  # whatever broke, the watch goes on: not ready until Triton answers
+                log.exception("asking %s whether the pipeline is ready failed", pipeline.url)
+                ready = False
+            if ready != self.service.ready:
+                self.service.ready = ready
+                await set_serving(self.health, ready)
+                if not ready:
+                    log.warning("pipeline at %s is not ready", pipeline.url)
+            await asyncio.sleep(self.config.watch_interval_s)
+
+    async def stop(self) -> None:
+        """Refuses new calls at once, lets those in flight finish for drain_s, then closes."""
+        if self._watch_task:
+            self._watch_task.cancel()
+        self.service.ready = False
+        stopping = []
+        if self.grpc_server:
+            await set_serving(self.health, False)
+            stopping.append(self.grpc_server.stop(self.config.drain_s))
+        if self.runner:
+            stopping.append(self.runner.cleanup())
+        await asyncio.gather(*stopping)
+        await self.service.pipeline.close()
+
+
+async def serve(config: GatewayConfig, announce=print) -> None:
+    """Runs the gateway until SIGTERM or SIGINT."""
+    gateway = await Gateway(config).start()
+    announce(f"gateway ready  REST http://{config.host}:{gateway.rest_port}  gRPC {config.host}:{gateway.grpc_port}  "
+             f"(Triton {config.triton}; API keys {'on' if config.keys else 'off'})")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await gateway.stop()

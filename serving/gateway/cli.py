@@ -1,0 +1,65 @@
+"""`ldm gateway --triton HOST:PORT`: the public API (gRPC ldm.v1.Images + REST /v1/images/*) in
+front of a running Triton. `ldm serve` starts one beside its tritonserver by default."""
+import asyncio
+import sys
+
+DEFAULT_REST_PORT, DEFAULT_GRPC_PORT = 8080, 50051
+
+
+def add_gateway_options(parser, prefix: str = "") -> None:
+    """Options shared with `ldm serve` (which names the ports --gateway-*-port)."""
+    parser.add_argument(f"--{prefix}rest-port", type=int, default=DEFAULT_REST_PORT,
+                        help="REST port (OpenAI Images API, /docs, /metrics; default: %(default)s)")
+    parser.add_argument(f"--{prefix}grpc-port", type=int, default=DEFAULT_GRPC_PORT,
+                        help="gRPC port (ldm.v1.Images, health, reflection; default: %(default)s)")
+    parser.add_argument("--api-keys", help="file of `NAME sha256:HEX` lines (also: env LDM_API_KEY_HASHES); "
+                        "without keys the gateway is open, which needs a loopback address or --allow-anonymous")
+    parser.add_argument("--allow-anonymous", action="store_true", help="serve without API keys on a non-loopback address")
+    parser.add_argument("--rate-limit", type=float, default=0.0, help="images per second per key (per address without "
+                        "keys); 0: none (default)")
+    parser.add_argument("--burst", type=float, default=16.0, help="token-bucket size of the rate limit (default: %(default)s)")
+    parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default: %(default)s MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                        help="largest uploaded image, width x height (default: %(default)s)")
+    parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, how long running calls may finish "
+                        "while new ones are refused (default: %(default)s)")
+
+
+def add_arguments(parser):
+    parser.add_argument("--triton", default="127.0.0.1:8001", help="Triton's gRPC address (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add_gateway_options(parser)
+    parser.add_argument("--new-key", metavar="NAME", help="print a new API key and its line for the key file, then exit")
+
+
+def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: int):
+    from serving.gateway.access import ApiKeys
+    from serving.gateway.app import GatewayConfig
+    from serving.gateway.service import Limits
+
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
+    return GatewayConfig(triton=triton, host=host, rest_port=rest_port, grpc_port=grpc_port, keys=ApiKeys.load(args.api_keys),
+                         allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
+                         drain_s=args.drain_s)
+
+
+def run(args) -> int:
+    if args.new_key:
+        from serving.gateway.access import hash_key, new_key
+
+        key = new_key()
+        print(f"key (give it to the client; it is not stored): {key}")
+        print(f"line for the key file:  {args.new_key} {hash_key(key)}")
+        return 0
+    from serving.gateway.app import serve
+    from serving.gateway.telemetry import configure_logging
+
+    configure_logging()
+    try:
+        config = config_from_args(args, args.triton, args.host, args.rest_port, args.grpc_port)
+        config.check()
+    except (ValueError, OSError) as exc:
+        print(f"ldm gateway: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config, announce=lambda line: print(line, flush=True)))
+    return 0

@@ -1,0 +1,97 @@
+"""What the gateway asks the pipeline for, whatever protocol the request came in: `Generation`.
+
+Its `inputs` use the pipeline's input names (serving/core/request.py FIELDS, and the inputs
+the image-conditioning and regional features add); their tensor types come from the served
+model's config, which the gateway reads at start, so this module declares no types of its own.
+A request that uses an input the served pipeline does not declare is UNIMPLEMENTED.
+"""
+from dataclasses import dataclass, field
+import secrets
+
+import numpy as np
+
+from serving.core.errors import INTERNAL
+from serving.gateway.errors import UNIMPLEMENTED, ApiError, invalid
+
+MAX_IMAGES = 8
+FORMATS = ("png", "jpeg", "webp")
+MAX_SEED = 2**63 - 1
+
+# Triton model-config data types -> numpy
+NUMPY_TYPES = {
+    "TYPE_STRING": np.object_,
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP32": np.float32,
+}
+
+
+@dataclass
+class Generation:
+    prompt: str
+    inputs: dict = field(default_factory=dict)  # pipeline input -> str, int, float, bool, list of str, or ndarray
+    n: int = 1
+    seed: int | None = None  # image i uses seed + i; None: drawn at random
+    output_format: str = "png"
+    quality: int = 90  # JPEG / WebP
+    progress_every: int = 0  # streams: a progress event every k steps (0: none)
+    preview_every: int = 0
+
+    def validate(self) -> "Generation":
+        """Checks what the gateway owns (the pipeline checks the rest) and draws the seed."""
+        if not 1 <= self.n <= MAX_IMAGES:
+            raise invalid("n", f"must be in [1, {MAX_IMAGES}], got {self.n}")
+        if self.seed is None:
+            self.seed = secrets.randbelow(2**31)
+        if not 0 <= self.seed <= MAX_SEED - (self.n - 1):
+            raise invalid("seed", f"must be in [0, {MAX_SEED - (self.n - 1)}] for n={self.n}, got {self.seed}")
+        if self.output_format not in FORMATS:
+            raise invalid("output_format", f"must be one of {', '.join(FORMATS)}, got {self.output_format!r}")
+        if not 1 <= self.quality <= 100:
+            raise invalid("quality", f"must be in [1, 100], got {self.quality}")
+        for name in ("progress_every", "preview_every"):
+            if getattr(self, name) < 0:
+                raise invalid(name, f"must be at least 0, got {getattr(self, name)}")
+        return self
+
+    def values(self, index: int) -> dict:
+        """The pipeline inputs of image `index`, as Python values."""
+        values = {"prompt": self.prompt, **self.inputs, "seed": self.seed + index}
+        if self.progress_every:
+            values["progress_every"] = self.progress_every
+        if self.preview_every:
+            values["preview_every"] = self.preview_every
+        return values
+
+    def check_declared(self, declared: dict) -> None:
+        """UNIMPLEMENTED naming the first input the served pipeline does not take."""
+        for name in self.values(0):
+            if name not in declared:
+                raise ApiError(UNIMPLEMENTED, "the served pipeline does not take this input (its model "
+                               "has no such feature deployed); leave it out", name)
+
+    def arrays(self, index: int, declared: dict) -> dict:
+        """Named numpy arrays for image `index`, typed as the served pipeline declares them."""
+        self.check_declared(declared)
+        return {name: to_array(name, value, declared[name]) for name, value in self.values(index).items()}
+
+
+def to_array(name: str, value, data_type: str) -> np.ndarray:
+    dtype = NUMPY_TYPES.get(data_type)
+    if dtype is None:
+        raise ApiError(INTERNAL, f"the pipeline declares input {name} as {data_type}, which the gateway cannot send")
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value.astype(dtype, copy=False))
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if dtype is np.object_:
+        return np.array([v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values], dtype=np.object_)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise invalid(name, f"must be an integer, got {v!r}")
+            if not info.min <= v <= info.max:
+                raise invalid(name, f"must be in [{info.min}, {info.max}], got {v}")
+    return np.array(values, dtype=dtype)

@@ -1,0 +1,184 @@
+"""The gRPC front: service `ldm.v1.Images` (proto/ldm/v1/images.proto), with gRPC health
+checking (`grpc.health.v1.Health`: "" and "ldm.v1.Images" follow the pipeline's readiness) and
+server reflection. Errors are status codes; a field error carries google.rpc.BadRequest, a
+rate limit google.rpc.RetryInfo.
+
+The request id travels in the trailing metadata (`x-request-id`) and in the messages, not in
+early headers: a proxy (nginx, an Ingress) that has not yet sent response headers answers a
+replica that dies mid-call with 502, which clients see as UNAVAILABLE and retry; once headers
+are out it can only reset the stream, which they see as INTERNAL."""
+from collections import namedtuple
+import math
+
+import numpy as np
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from serving.gateway import images
+from serving.gateway.access import bearer
+from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
+from serving.gateway.generation import Generation
+from serving.gateway.protos import images_pb2, images_pb2_grpc
+from serving.gateway.service import EncodedImage, ImageService
+from serving.gateway.telemetry import REQUEST_ID_HEADER, request_id
+
+SERVICE = images_pb2.DESCRIPTOR.services_by_name["Images"].full_name
+FORMATS = {images_pb2.IMAGE_FORMAT_UNSPECIFIED: "png", images_pb2.IMAGE_FORMAT_PNG: "png",
+           images_pb2.IMAGE_FORMAT_JPEG: "jpeg", images_pb2.IMAGE_FORMAT_WEBP: "webp"}
+FORMAT_ENUM = {"png": images_pb2.IMAGE_FORMAT_PNG, "jpeg": images_pb2.IMAGE_FORMAT_JPEG, "webp": images_pb2.IMAGE_FORMAT_WEBP}
+TASKS = {images_pb2.TASK_TXT2IMG: "txt2img", images_pb2.TASK_IMG2IMG: "img2img",
+         images_pb2.TASK_INPAINT: "inpaint", images_pb2.TASK_UPSCALE: "upscale"}
+REGION_MODES = {images_pb2.REGION_MODE_LATENT: "latent", images_pb2.REGION_MODE_ATTENTION: "attention"}
+# optional scalar fields of GenerateRequest that are pipeline inputs of the same name
+SCALARS = ("steps", "guidance_scale", "height", "width", "eta", "timeout_s", "strength", "mask_blur",
+           "keep_unmasked", "noise_level", "base_prompt_weight")
+# pipeline inputs -> the GenerateRequest fields they come from
+FIELD_NAMES = {"region_prompts": "regions.prompt", "region_negative_prompts": "regions.negative_prompt",
+               "region_masks": "regions.mask"}
+
+
+def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
+    inputs = {name: getattr(request, name) for name in SCALARS if request.HasField(name)}
+    if request.negative_prompt:
+        inputs["negative_prompt"] = request.negative_prompt
+    if request.task:
+        inputs["task"] = TASKS[request.task]
+    if request.init_image:
+        inputs["init_image"] = images.decode_rgb(request.init_image, "init_image", max_pixels)
+    if request.mask:
+        inputs["mask"] = images.decode_mask(request.mask, "mask", max_pixels)
+    if request.regions:
+        inputs["region_prompts"] = [r.prompt for r in request.regions]
+        if any(r.negative_prompt for r in request.regions):
+            inputs["region_negative_prompts"] = [r.negative_prompt for r in request.regions]
+        masks = [r.mask for r in request.regions]
+        if any(masks):
+            if not all(masks):
+                raise invalid("regions.mask", "give every region a mask, or none (then region_divisions)")
+            decoded = [images.decode_mask(m, "regions.mask", max_pixels) for m in masks]
+            if len({m.shape for m in decoded}) > 1:
+                raise invalid("regions.mask", "all region masks must have one size")
+            inputs["region_masks"] = np.stack(decoded)
+    if request.region_divisions:
+        inputs["region_divisions"] = request.region_divisions
+    if request.region_mode:
+        inputs["region_mode"] = REGION_MODES[request.region_mode]
+    progress_every = request.progress_every if request.HasField("progress_every") else 1
+    return Generation(
+        prompt=request.prompt,
+        inputs=inputs,
+        n=request.n or 1,
+        seed=request.seed if request.HasField("seed") else None,
+        output_format=FORMATS.get(request.output_format, "png"),
+        quality=request.quality if request.HasField("quality") else 90,
+        progress_every=progress_every if streaming else 0,
+        preview_every=request.preview_every if streaming else 0,
+    )
+
+
+def to_message(image: EncodedImage):
+    timings = images_pb2.Timings(total_s=image.total_s)
+    if image.first_step_s is not None:
+        timings.first_step_s = image.first_step_s
+    return images_pb2.GeneratedImage(index=image.index, seed=image.seed, data=image.data, format=FORMAT_ENUM[image.output_format],
+                                     width=image.width, height=image.height, timings=timings)
+
+
+class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
+
+
+def status_of(error: ApiError, rid: str | None = None) -> grpc.Status:
+    code = GRPC_STATUS[error.code]
+    details = []
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if error.retry_after_s:
+        seconds = math.ceil(error.retry_after_s)
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds)))
+    packed = []
+    for detail in details:
+        message = any_pb2.Any()
+        message.Pack(detail)
+        packed.append(message)
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=str(error), details=packed))
+    extra = ((REQUEST_ID_HEADER, rid),) if rid else ()
+    return _Status(status.code, status.details, tuple(status.trailing_metadata) + extra)
+
+
+def peer_address(peer: str) -> str:
+    """The client's address without its port: "ipv4:10.0.0.7:51234" -> "10.0.0.7" (the rate
+    limit of callers without keys is per address, not per connection)."""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        host = rest.rsplit(":", 1)[0]
+        return host.strip("[]")
+    return peer
+
+
+class ImagesServicer(images_pb2_grpc.ImagesServicer):
+    def __init__(self, service: ImageService):
+        self.service = service
+
+    def _start(self, context):
+        metadata = dict(context.invocation_metadata() or ())
+        rid = request_id(metadata.get(REQUEST_ID_HEADER))
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        return rid, metadata
+
+    def _admit(self, request, context, metadata, streaming: bool) -> Generation:
+        caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
+        generation = to_generation(request, self.service.limits.max_image_pixels, streaming)
+        self.service.admit(generation, caller)
+        return generation
+
+    async def Generate(self, request, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request("grpc.Generate", rid) as outcome:
+            try:
+                generation = self._admit(request, context, metadata, False)
+                done = {}
+                async for event in self.service.events(generation, rid, "grpc.Generate"):
+                    if isinstance(event, EncodedImage):
+                        done[event.index] = to_message(event)
+                outcome.images = len(done)
+                return images_pb2.GenerateResponse(images=[done[i] for i in sorted(done)], request_id=rid)
+            except ApiError as error:
+                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+
+    async def GenerateStream(self, request, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request("grpc.GenerateStream", rid) as outcome:
+            try:
+                generation = self._admit(request, context, metadata, True)
+                async for event in self.service.events(generation, rid, "grpc.GenerateStream"):
+                    if isinstance(event, EncodedImage):
+                        outcome.images += 1
+                        yield images_pb2.GenerateEvent(image=to_message(event), request_id=rid)
+                    else:
+                        progress = images_pb2.Progress(index=event.index, step=event.step, total_steps=event.total_steps,
+                                                       preview=event.preview or b"")
+                        yield images_pb2.GenerateEvent(progress=progress, request_id=rid)
+            except ApiError as error:
+                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+
+
+def add_services(server, service: ImageService) -> health.aio.HealthServicer:
+    """Adds Images, health and reflection to `server`; returns the health servicer to update."""
+    images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return health_servicer
+
+
+async def set_serving(health_servicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        await health_servicer.set(name, status)
+

@@ -1,0 +1,150 @@
+"""The gateway's side of Triton: the `pipeline` model over tritonclient.grpc.aio streaming.
+
+Every request, unary or streamed, REST or gRPC, is sent on a gRPC stream to the decoupled
+`pipeline`, so it lands in the engine's bounded queue and joins the step-level batch. The n
+images of one request travel on one stream (one Triton request each, ids `<request id>-<i>`);
+leaving `generate` early (the client went away, an image failed) cancels the stream, and
+Triton marks its requests cancelled, which the engine honours at its next step.
+"""
+import asyncio
+from dataclasses import dataclass
+import time
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from serving.core.errors import UNAVAILABLE
+from serving.gateway.errors import ApiError, from_pipeline
+from serving.gateway.generation import Generation
+
+MODEL = "pipeline"
+
+
+@dataclass
+class Progress:
+    index: int
+    step: int
+    total_steps: int
+    preview: np.ndarray | None  # uint8 [h, w, 3] at latent resolution
+    elapsed_s: float
+
+
+@dataclass
+class Finished:
+    index: int
+    image: np.ndarray  # uint8 [H, W, 3]
+    seed: int
+    total_s: float
+    first_step_s: float | None
+
+
+@dataclass(frozen=True)
+class PipelineModel:
+    """What the served pipeline declares: its inputs (name -> Triton data type) and parameters."""
+
+    inputs: dict
+    parameters: dict
+
+    @classmethod
+    def from_config(cls, config: dict) -> "PipelineModel":
+        inputs = {i["name"]: i["data_type"] for i in config.get("input", [])}
+        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        return cls(inputs, parameters)
+
+    def parameter(self, key: str, cast, default):
+        try:
+            return cast(self.parameters[key])
+        except (KeyError, ValueError):
+            return default
+
+
+class PipelineClient:
+    def __init__(self, url: str):
+        self.url = url
+        self.client = aioclient.InferenceServerClient(url)
+        self.model: PipelineModel | None = None  # known once Triton has answered
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(MODEL, client_timeout=5))
+        except InferenceServerException:
+            return False
+
+    async def load_model(self) -> bool:
+        """(Re)reads what the served pipeline declares; False when Triton did not answer."""
+        try:
+            response = await self.client.get_model_config(MODEL, as_json=True, client_timeout=5)
+        except InferenceServerException:
+            return False
+        self.model = PipelineModel.from_config(response["config"])
+        return True
+
+    def require_model(self) -> PipelineModel:
+        if self.model is None:
+            raise ApiError(UNAVAILABLE, f"the pipeline at {self.url} is not ready yet, retry later", retry_after_s=5.0)
+        return self.model
+
+    async def generate(self, generation: Generation, request_id: str) -> AsyncIterator:
+        """Progress and Finished events until all n images are in; raises ApiError."""
+        declared = self.require_model().inputs
+        arrays = [generation.arrays(i, declared) for i in range(generation.n)]
+        start = time.monotonic()
+        all_in = asyncio.Event()
+
+        async def requests():
+            for index, named in enumerate(arrays):
+                yield {"model_name": MODEL, "inputs": _infer_inputs(named), "request_id": f"{request_id}-{index}"}
+            await all_in.wait()  # the stream stays open until the last image has come back
+
+        stream = self.client.stream_infer(requests())
+        pending = set(range(generation.n))
+        first_step = {}
+        try:
+            async for result, error in _responses(stream):
+                if error is not None:
+                    raise from_pipeline(str(error.message()))
+                index = int(result.get_response().id.rsplit("-", 1)[1])
+                image = result.as_numpy("image")
+                if image is None:
+                    elapsed = time.monotonic() - start
+                    first_step.setdefault(index, elapsed)
+                    step, total = int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0])
+                    yield Progress(index, step, total, result.as_numpy("preview"), elapsed)
+                    continue
+                pending.discard(index)
+                seed = int(result.as_numpy("seed")[0])
+                yield Finished(index, image, seed, time.monotonic() - start, first_step.get(index))
+                if not pending:
+                    return
+            raise ApiError(UNAVAILABLE, f"the pipeline's stream ended with {len(pending)} image(s) missing")
+        finally:
+            all_in.set()
+            if pending:  # left early: cancel what is still running
+                stream.cancel()
+
+
+async def _responses(stream):
+    """The stream's (result, error) pairs; a broken transport is UNAVAILABLE."""
+    try:
+        async for pair in stream:
+            yield pair
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.CANCELLED:
+            raise asyncio.CancelledError() from None
+        raise ApiError(UNAVAILABLE, f"lost the pipeline's stream: {exc.code().name} {exc.details()}", retry_after_s=1.0) from None
+
+
+def _infer_inputs(named: dict) -> list:
+    inputs = []
+    for name, value in named.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs

@@ -1,0 +1,145 @@
+"""The REST parameters of /v1/images/generations (JSON) and /v1/images/edits (multipart), declared
+once: the parser below and the OpenAPI document (serving/gateway/openapi.py) both read PARAMS.
+
+OpenAI's Images API parameters keep their meaning; the ones that do not change what this
+server makes (model, quality, moderation, style, user, ...) are accepted and ignored. Our
+extensions (negative_prompt, seed, steps, guidance_scale, eta, timeout_s; for edits strength,
+mask_blur, keep_unmasked) pass through to the pipeline input of the same name, whose limits
+the served pipeline checks.
+"""
+from dataclasses import dataclass
+import math
+
+from serving.gateway.errors import invalid
+from serving.gateway.generation import FORMATS, MAX_IMAGES
+
+GENERATIONS, EDITS = "generations", "edits"
+BOTH = (GENERATIONS, EDITS)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # string | integer | number | boolean | file | any
+    description: str
+    routes: tuple = BOTH
+    enum: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    default: object = None
+    required: bool = False
+    to_pipeline: bool = False  # sent as the pipeline input of the same name
+    extension: bool = False  # ours, not in OpenAI's API
+
+
+PARAMS = (
+    Param("prompt", "string", "What to draw.", required=True),
+    Param("image", "file", "The image to edit: PNG, JPEG or WebP. Transparent pixels are repainted when no mask is given.",
+          routes=(EDITS,), required=True),
+    Param("mask", "file", "PNG/WebP whose fully transparent pixels (alpha 0) mark where to repaint (OpenAI's rule); "
+          "without alpha, luminance 255 = repaint. Resized to the image.", routes=(EDITS,)),
+    Param("n", "integer", "Number of images; image i uses seed + i.", minimum=1, maximum=MAX_IMAGES, default=1),
+    Param("size", "string", "`WIDTHxHEIGHT` in pixels (multiples of the model's size multiple, within its maximum), "
+          "or `auto` for the model's native size (edits: the image's size).", default="auto"),
+    Param("response_format", "string", "Only `b64_json`: this server stores no images to link to.",
+          enum=("b64_json", "url"), default="b64_json"),
+    Param("output_format", "string", "Encoding of the returned images.", enum=FORMATS, default="png"),
+    Param("output_compression", "integer", "JPEG/WebP quality, 0-100.", minimum=0, maximum=100, default=90),
+    Param("stream", "boolean", "Server-sent events: partial images, then one completed event per image.", default=False),
+    Param("partial_images", "integer", "With stream: previews to send per image before it completes "
+          "(coarse, from the running latents).", minimum=0, maximum=3, default=0),
+    Param("background", "string", "Only opaque backgrounds are made.", enum=("auto", "opaque", "transparent"), default="auto"),
+    Param("negative_prompt", "string", "What to steer away from.", to_pipeline=True, extension=True),
+    Param("seed", "integer", "Seed of the first image (random when absent); same request and seed, same image.",
+          minimum=0, extension=True),
+    Param("steps", "integer", "Denoising steps (the pipeline's default and limits).", to_pipeline=True, extension=True),
+    Param("guidance_scale", "number", "Classifier-free guidance scale; <= 1 disables guidance.", to_pipeline=True, extension=True),
+    Param("eta", "number", "DDIM eta in [0, 1].", to_pipeline=True, extension=True),
+    Param("timeout_s", "number", "Give up (503) when the images are not ready within this many seconds.",
+          to_pipeline=True, extension=True),
+    Param("strength", "number", "How much of the schedule to re-run over the image, (0, 1].", routes=(EDITS,),
+          to_pipeline=True, extension=True),
+    Param("mask_blur", "integer", "Blur of the mask's edge, pixels.", routes=(EDITS,), to_pipeline=True, extension=True),
+    Param("keep_unmasked", "boolean", "Paste the unmasked pixels of the image back after decoding.", routes=(EDITS,),
+          to_pipeline=True, extension=True),
+) + tuple(
+    Param(name, "any", "Accepted for compatibility with OpenAI's API; does not change what this server makes.")
+    for name in ("model", "quality", "moderation", "style", "user", "safety_identifier", "input_fidelity")
+)
+BY_NAME = {p.name: p for p in PARAMS}
+
+
+def params_of(route: str) -> list:
+    return [p for p in PARAMS if route in p.routes]
+
+
+def parse(values: dict, route: str, from_form: bool) -> dict:
+    """Typed values of the known parameters; 400 naming the first unknown, missing or bad one."""
+    known = {p.name: p for p in params_of(route)}
+    for name in values:
+        if name not in known:
+            raise invalid(name, f"unknown parameter for /v1/images/{route}")
+    parsed = {}
+    for name, param in known.items():
+        if name not in values or values[name] is None:
+            if param.required:
+                raise invalid(name, "is required")
+            continue
+        parsed[name] = _typed(param, values[name], from_form)
+    return parsed
+
+
+def _typed(param: Param, value, from_form: bool):
+    name, kind = param.name, param.kind
+    if kind in ("any", "file"):
+        return value
+    if from_form and kind != "string":
+        value = _from_text(param, value)
+    if kind == "string":
+        if not isinstance(value, str):
+            raise invalid(name, "must be a string")
+    elif kind == "boolean":
+        if not isinstance(value, bool):
+            raise invalid(name, "must be true or false")
+    elif kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise invalid(name, "must be an integer")
+    elif kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise invalid(name, "must be a finite number")
+        value = float(value)
+    if param.enum and value not in param.enum:
+        raise invalid(name, f"must be one of {', '.join(map(str, param.enum))}, got {value!r}")
+    low, high = param.minimum, param.maximum
+    if (low is not None and value < low) or (high is not None and value > high):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise invalid(name, f"must be {allowed}, got {value}")
+    return value
+
+
+def _from_text(param: Param, text: str):
+    if not isinstance(text, str):
+        raise invalid(param.name, "must be a form field, not a file")
+    try:
+        if param.kind == "integer":
+            return int(text)
+        if param.kind == "number":
+            return float(text)
+    except ValueError:
+        raise invalid(param.name, f"must be a{'n integer' if param.kind == 'integer' else ' number'}, got {text!r}") from None
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise invalid(param.name, f"must be true or false, got {text!r}")
+
+
+def parse_size(text: str) -> tuple | None:
+    """(height, width) from `WIDTHxHEIGHT`, or None for `auto`."""
+    if text == "auto":
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise invalid("size", f"must be WIDTHxHEIGHT in pixels (e.g. 64x64) or auto, got {text!r}")
+    width, height = map(int, parts)
+    return height, width

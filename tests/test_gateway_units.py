@@ -1,0 +1,122 @@
+"""The gateway's pieces without a server: Generation, REST parameters, images and masks, errors."""
+import io
+
+from google.rpc import error_details_pb2, status_pb2
+import grpc
+import numpy as np
+from PIL import Image as PILImage
+import pytest
+
+from serving.gateway import images, rest_params
+from serving.gateway.errors import ApiError, from_pipeline
+from serving.gateway.generation import Generation, to_array
+from serving.gateway.grpc_api import peer_address, status_of
+
+DECLARED = {"prompt": "TYPE_STRING", "seed": "TYPE_INT64", "steps": "TYPE_INT32", "guidance_scale": "TYPE_FP32",
+            "height": "TYPE_INT32", "width": "TYPE_INT32", "progress_every": "TYPE_INT32", "preview_every": "TYPE_INT32"}
+
+
+def test_generation_gives_typed_arrays_with_consecutive_seeds():
+    generation = Generation("a cat", {"steps": 7, "guidance_scale": 2.5}, n=3, seed=10, progress_every=1).validate()
+    arrays = [generation.arrays(i, DECLARED) for i in range(3)]
+    assert [int(a["seed"][0]) for a in arrays] == [10, 11, 12]
+    assert arrays[0]["prompt"].dtype == object and arrays[0]["prompt"][0] == b"a cat"
+    assert arrays[0]["steps"].dtype == np.int32 and arrays[0]["guidance_scale"].dtype == np.float32
+    assert int(arrays[0]["progress_every"][0]) == 1 and "preview_every" not in arrays[0]
+
+
+@pytest.mark.parametrize("generation, field", [
+    (Generation("x", n=0), "n"), (Generation("x", n=9), "n"), (Generation("x", seed=-1), "seed"),
+    (Generation("x", n=2, seed=2**63 - 1), "seed"), (Generation("x", output_format="gif"), "output_format"),
+    (Generation("x", quality=101), "quality"),
+])
+def test_generation_checks_what_the_gateway_owns(generation, field):
+    with pytest.raises(ApiError) as info:
+        generation.validate()
+    assert (info.value.code, info.value.field) == ("INVALID_ARG", field)
+
+
+def test_an_input_the_pipeline_lacks_is_unimplemented():
+    generation = Generation("x", {"init_image": np.zeros((8, 8, 3), np.uint8)}).validate()
+    with pytest.raises(ApiError) as info:
+        generation.arrays(0, DECLARED)
+    assert (info.value.code, info.value.field) == ("UNIMPLEMENTED", "init_image")
+
+
+def test_arrays_follow_the_declared_types_and_ranges():
+    assert to_array("keep_unmasked", True, "TYPE_BOOL").dtype == np.bool_
+    assert to_array("region_prompts", ["a", "b"], "TYPE_STRING").tolist() == [b"a", b"b"]
+    assert to_array("mask", np.ones((4, 4)), "TYPE_UINT8").dtype == np.uint8
+    with pytest.raises(ApiError, match="steps"):
+        to_array("steps", 2**40, "TYPE_INT32")
+    with pytest.raises(ApiError, match="integer"):
+        to_array("steps", 2.5, "TYPE_INT32")
+
+
+def test_rest_params_are_typed_from_json_and_from_forms():
+    parsed = rest_params.parse({"prompt": "x", "n": 2, "stream": True, "guidance_scale": 3, "model": "anything"},
+                               rest_params.GENERATIONS, from_form=False)
+    assert parsed == {"prompt": "x", "n": 2, "stream": True, "guidance_scale": 3.0, "model": "anything"}
+    form = rest_params.parse({"prompt": "x", "n": "2", "keep_unmasked": "true", "strength": "0.5", "image": object()},
+                             rest_params.EDITS, from_form=True)
+    assert form["n"] == 2 and form["keep_unmasked"] is True and form["strength"] == 0.5
+    for body, field in (({"n": True}, "n"), ({"n": 1.5}, "n"), ({"stream": "yes"}, "stream"),
+                        ({"output_format": "gif"}, "output_format"), ({"strength": 0.5}, "strength")):
+        with pytest.raises(ApiError) as info:
+            rest_params.parse({"prompt": "x", **body}, rest_params.GENERATIONS, from_form=False)
+        assert info.value.field == field
+    with pytest.raises(ApiError, match="is required"):
+        rest_params.parse({}, rest_params.GENERATIONS, from_form=False)
+    assert rest_params.parse_size("64x32") == (32, 64) and rest_params.parse_size("auto") is None
+
+
+def png(mode, size, colour) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new(mode, size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_masks_follow_openais_alpha_rule_else_luminance():
+    rgba = PILImage.new("RGBA", (4, 2), (10, 20, 30, 255))
+    rgba.putpixel((0, 0), (10, 20, 30, 0))  # transparent: repaint
+    rgba.putpixel((1, 0), (10, 20, 30, 128))  # half transparent: kept, as OpenAI says "fully transparent"
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    mask = images.decode_mask(buffer.getvalue(), "mask", 100)
+    assert mask.tolist() == [[255, 0, 0, 0], [0, 0, 0, 0]]
+    assert images.decode_mask(png("L", (3, 3), 200), "mask", 100).tolist() == [[200] * 3] * 3
+
+
+def test_uploads_are_checked_before_decoding():
+    with pytest.raises(ApiError) as info:
+        images.decode_rgb(png("RGB", (40, 40), (0, 0, 0)), "init_image", 1024)
+    assert info.value.code == "TOO_LARGE" and info.value.field == "init_image"
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (4, 4)).save(buffer, format="BMP")
+    with pytest.raises(ApiError, match="PNG, JPEG or WebP"):
+        images.decode_rgb(buffer.getvalue(), "init_image", 1024)
+    for output_format in ("png", "jpeg", "webp"):
+        data = images.encode(np.zeros((8, 8, 3), np.uint8), output_format)
+        assert images.decode_rgb(data, "x", 100).shape == (8, 8, 3)
+
+
+def test_pipeline_errors_keep_their_code_and_field():
+    error = from_pipeline("[INVALID_ARG] steps: must be in [1, 150], got 0")
+    assert (error.code, error.field, error.message) == ("INVALID_ARG", "steps", "must be in [1, 150], got 0")
+    assert from_pipeline("[UNAVAILABLE] server overloaded, retry later: queue full").code == "UNAVAILABLE"
+    assert from_pipeline("something else").code == "INTERNAL"
+
+
+def test_grpc_status_carries_a_field_violation():
+    status = status_of(ApiError("INVALID_ARG", "must be in [1, 150], got 0", "steps"))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    decoded = status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"])
+    bad = error_details_pb2.BadRequest()
+    decoded.details[0].Unpack(bad)
+    assert (bad.field_violations[0].field, bad.field_violations[0].description) == ("steps", "must be in [1, 150], got 0")
+
+
+def test_callers_without_keys_are_their_address_not_their_connection():
+    assert peer_address("ipv4:10.0.0.7:51234") == "10.0.0.7"
+    assert peer_address("ipv6:[::1]:40000") == "::1"
+    assert peer_address("unix:/tmp/socket") == "unix:/tmp/socket"
