@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.checkpoint import CheckpointInfo
+from serving.core.regions import MAX_REGIONS
 
 BATCH = "batch"
 HEIGHT, WIDTH = "height", "width"  # latent cells
 IMAGE_HEIGHT, IMAGE_WIDTH = "image_height", "image_width"  # pixels
+CONTEXTS = "contexts"  # text contexts per row of the regional UNet: the base prompt and each region
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class ComponentContract:
 
 
 def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: dict) -> dict:
-    """The four exported components of a checkpoint, by Triton model name."""
+    """The exported components of a checkpoint, by Triton model name."""
     lat_max = max_image_size // info.vae_factor
     lat_opt = info.native_size // info.vae_factor
     lat_min = 8 if lat_max >= 8 else lat_max
@@ -88,6 +90,21 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             outputs=(TensorSpec("noise_pred", "float32", latent),),
             max_batch_size=max_batch["unet"],
             axis_ranges={**batch_axis("unet"), **latent_axes},
+        ),
+        # regional prompts, attention mode (export/regional_unet.py): the same weights, K contexts
+        # per row mixed by region weights at latent resolution
+        "unet_regional": ComponentContract(
+            name="unet_regional",
+            folder="unet",
+            inputs=(
+                TensorSpec("sample", "float32", latent),
+                TensorSpec("timestep", "int64", (BATCH,)),
+                TensorSpec("encoder_hidden_states", "float32", (BATCH, CONTEXTS, info.text_length, info.text_hidden)),
+                TensorSpec("region_weights", "float32", (BATCH, CONTEXTS, HEIGHT, WIDTH)),
+            ),
+            outputs=(TensorSpec("noise_pred", "float32", latent),),
+            max_batch_size=max_batch["unet_regional"],
+            axis_ranges={**batch_axis("unet_regional"), **latent_axes, CONTEXTS: (1, 3, MAX_REGIONS + 1)},
         ),
         "vae_decoder": ComponentContract(
             name="vae_decoder",
@@ -125,6 +142,9 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
             out[spec.name] = rng.integers(0, info.scheduler_config.get("num_train_timesteps", 1000), shape)
         elif spec.name == "images":
             out[spec.name] = rng.random(shape, dtype=np.float32)
+        elif spec.name == "region_weights":  # non-negative, summing to 1 over the contexts of each cell
+            weights = rng.random(shape, dtype=np.float32)
+            out[spec.name] = weights / weights.sum(axis=1, keepdims=True)
         else:
             out[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     return out

@@ -12,7 +12,7 @@ from export.tensorrt import build_plan
 from export.triton_config import component_config, pipeline_config, to_pbtxt, unary_config
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "serving" / "triton" / "templates"
-MAX_BATCH = {"text_encoder": 64, "unet": 64, "vae_decoder": 16, "vae_encoder": 16}
+MAX_BATCH = {"text_encoder": 64, "unet": 64, "unet_regional": 64, "vae_decoder": 16, "vae_encoder": 16}
 
 
 def write_repository(

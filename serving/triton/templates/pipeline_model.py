@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from serving.core.errors import INTERNAL, coded_message
 from serving.core.metrics import MetricsExporter
-from serving.models.onnx import LocalUnet
+from serving.models.onnx import LocalUnet, regional_unet
 from serving.core.service import PipelineAssets, PipelineService
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -23,8 +23,9 @@ UNET_MODES = ("bls", "inprocess")
 class BlsModels:
     """The component models, reached through Triton (BLS)."""
 
-    def __init__(self, unet_local=None):
+    def __init__(self, unet_local=None, regional_local=None):
         self.unet_local = unet_local
+        self.regional_local = regional_local
 
     def encode_text(self, input_ids):
         return _call("text_encoder", {"input_ids": input_ids}, "last_hidden_state")
@@ -34,6 +35,13 @@ class BlsModels:
             return self.unet_local(sample, timestep, encoder_hidden_states)
         inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states}
         return _call("unet", inputs, "noise_pred")
+
+    def regional_unet(self, sample, timestep, encoder_hidden_states, region_weights):
+        if self.regional_local is not None:
+            return self.regional_local(sample, timestep, encoder_hidden_states, region_weights=region_weights)
+        inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states,
+                  "region_weights": region_weights}
+        return _call("unet_regional", inputs, "noise_pred")
 
     def decode(self, latents):
         return _call("vae_decoder", {"latents": latents}, "images")
@@ -89,11 +97,12 @@ class TritonPythonModel:
         if unet_mode not in UNET_MODES:
             raise pb_utils.TritonModelException(f"pipeline: parameter unet must be one of {UNET_MODES}, got {unet_mode!r}")
         model_dir = Path(args["model_repository"])
-        unet_local = None
+        unet_local = regional_local = None
         if unet_mode == "inprocess":
             unet_local = LocalUnet(model_dir.parent / "unet" / "1" / "model.onnx")
+            regional_local = regional_unet(model_dir.parent)
         assets = PipelineAssets.read(model_dir / args["model_version"])
-        self.service = PipelineService(assets, params, BlsModels(unet_local)).start()
+        self.service = PipelineService(assets, params, BlsModels(unet_local, regional_local)).start()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
         self.stop_metrics = threading.Event()
