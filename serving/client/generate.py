@@ -15,6 +15,14 @@ def add_arguments(parser):
     parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--url", help="server address (default: localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    regions = parser.add_argument_group("regional prompts (README: Regional prompts)")
+    regions.add_argument("--region", action="append", metavar="PROMPT", help="a region's prompt (repeat, in region order)")
+    regions.add_argument("--region-negative", action="append", metavar="PROMPT", help="a region's negative prompt (repeat)")
+    regions.add_argument("--divide", metavar="RATIOS", help='regions by division: "1,1" two columns, "1,2;1,1,1" a row over two')
+    regions.add_argument("--region-mask", action="append", metavar="PATH",
+                         help="a region's mask, an image of the output's size (white = inside; repeat, one per region)")
+    regions.add_argument("--base-weight", type=float, help="share of the whole-image prompt inside regions (default 0.2)")
+    regions.add_argument("--region-mode", choices=("latent", "attention"), help="how regions condition the UNet")
 
 
 def run(args) -> int:
@@ -31,6 +39,11 @@ def run(args) -> int:
 
     fields = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, eta=args.eta)
+    try:
+        fields.update(region_fields(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.protocol == "grpc":
         fields["progress_every"] = 1
     start = time.perf_counter()
@@ -45,3 +58,19 @@ def run(args) -> int:
     h, w, _ = result.image.shape
     print(f"\nwrote {args.output} ({w}x{h}, seed {result.seed}) in {latency * 1000:.0f} ms via {args.protocol} {url}")
     return 0
+
+
+def region_fields(args) -> dict:
+    """The request's region fields from the command line (the server validates them)."""
+    import numpy as np
+    from PIL import Image
+
+    masks = None
+    if args.region_mask:
+        images = [np.asarray(Image.open(path).convert("L")) for path in args.region_mask]
+        if len({image.shape for image in images}) > 1:
+            raise ValueError(f"--region-mask: the masks differ in size: {[image.shape for image in images]}")
+        masks = np.stack(images)
+    return dict(region_prompts=args.region, region_negative_prompts=args.region_negative,
+                region_divisions=args.divide, region_masks=masks, base_prompt_weight=args.base_weight,
+                region_mode=args.region_mode)
