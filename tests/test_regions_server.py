@@ -101,3 +101,28 @@ def test_attention_mode_over_bls_gives_the_in_process_bytes(server, bls_server):
                   region_mode="attention")
     with LdmClient(server.grpc_url) as inprocess, LdmClient(bls_server.grpc_url) as bls:
         np.testing.assert_array_equal(bls.generate(BASE, **fields), inprocess.generate(BASE, **fields))
+
+
+def test_ldm_generate_with_regions_by_division_and_by_mask(server, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    masks = []
+    for i in range(2):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:, 16 * i : 16 * (i + 1)] = 255
+        masks.append(tmp_path / f"mask{i}.png")
+        Image.fromarray(mask).save(masks[-1])
+    common = [sys.executable, "-m", "serving.cli", "generate", BASE, "--seed", "3", "--steps", "5", "--url", server.grpc_url,
+              "--region", TWO[0], "--region", TWO[1]]
+    for name, extra in (("divide", ["--divide", "1,1"]), ("mask", ["--region-mask", str(masks[0]), "--region-mask", str(masks[1])])):
+        done = subprocess.run(common + extra + ["-o", str(tmp_path / f"{name}.png")], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    with LdmClient(server.grpc_url) as client:
+        expected = client.generate(BASE, seed=3, steps=5, region_prompts=TWO, region_divisions="1,1")
+    for name in ("divide", "mask"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")), expected)
+    bad = subprocess.run(common + ["--divide", "1,1,1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "INVALID_ARG" in bad.stderr and "region_divisions" in bad.stderr

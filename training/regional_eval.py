@@ -178,20 +178,24 @@ def evaluator_accuracy(count: int = 200) -> float:
     return float(np.mean(passed))
 
 
+SINGLE_CAPTION = "single caption"
+
+
 def regional_adherence(generate, count: int, modes=("latent", "attention"), guidance_scale: float = 5.0, steps: int = 25,
-                       layouts=LAYOUTS) -> dict:
-    """{(layout name, mode): score}; scene i of a layout uses seed i in every mode. `generate`
-    is a RegionalGenerator (below). Mode "single caption" (halves only): the whole-image caption
-    alone, without regions, for comparison."""
+                       base_weight: float = 0.2, layouts=LAYOUTS) -> dict:
+    """{(layout name, mode): score, with the images}; scene i of a layout uses seed i in every
+    mode. `generate` is a ReferenceGenerator or a ServiceGenerator (below). For halves, mode
+    SINGLE_CAPTION is the whole-image caption alone, without regions, for comparison."""
     results = {}
     for layout in layouts:
         scenes = region_scenes(layout, count)
         seeds = list(range(count))
         for mode in modes:
-            results[(layout.name, mode)] = score_regions(scenes, generate.regional(scenes, seeds, mode, guidance_scale, steps))
+            images = generate.regional(scenes, seeds, mode, guidance_scale, steps, base_weight)
+            results[(layout.name, mode)] = {**score_regions(scenes, images), "images": images}
         if layout.name == "halves":
             images = generate.plain([s.base_prompt for s in scenes], seeds, guidance_scale, steps)
-            results[(layout.name, "single caption")] = score_regions(scenes, images)
+            results[(layout.name, SINGLE_CAPTION)] = {**score_regions(scenes, images), "images": images}
     return results
 
 
@@ -204,13 +208,13 @@ class ReferenceGenerator:
         self.reference = RegionalReference(pipe)
         self.batch = batch
 
-    def regional(self, scenes, seeds, mode, guidance_scale, steps):
+    def regional(self, scenes, seeds, mode, guidance_scale, steps, base_weight):
         from serving.client.kserve import request_arrays
         from serving.core.regions import RegionLimits, parse_regions
 
         limits = RegionLimits(vae_factor=self.reference.vae_factor)
-        items = [(s.base_prompt, parse_regions(request_arrays(s.base_prompt, **s.request_fields()), limits,
-                                               IMAGE_SIZE, IMAGE_SIZE), seed) for s, seed in zip(scenes, seeds)]
+        items = [(s.base_prompt, parse_regions(request_arrays(s.base_prompt, base_prompt_weight=base_weight, **s.request_fields()),
+                                               limits, IMAGE_SIZE, IMAGE_SIZE), seed) for s, seed in zip(scenes, seeds)]
         return np.concatenate([self.reference.images(items[i : i + self.batch], guidance_scale, steps, mode)
                                for i in range(0, len(items), self.batch)])
 
@@ -240,8 +244,9 @@ class ServiceGenerator:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return np.stack(list(pool.map(run, calls)))
 
-    def regional(self, scenes, seeds, mode, guidance_scale, steps):
-        common = dict(steps=steps, guidance_scale=guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE, region_mode=mode)
+    def regional(self, scenes, seeds, mode, guidance_scale, steps, base_weight):
+        common = dict(steps=steps, guidance_scale=guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE, region_mode=mode,
+                      base_prompt_weight=base_weight)
         return self._map([lambda c, s=s, seed=seed: c.generate(s.base_prompt, seed=int(seed), **common, **s.request_fields())
                           for s, seed in zip(scenes, seeds)])
 

@@ -26,6 +26,8 @@ def add_arguments(parser):
     parser.add_argument("--baseline-runs", type=int, default=6, help="requests per in-process baseline")
     parser.add_argument("--rss-requests", type=int, default=1000, help="requests for the memory check (0: skip)")
     parser.add_argument("--rss-steps", type=int, default=5, help="denoising steps of the memory-check requests")
+    parser.add_argument("--regional", action="store_true",
+                        help="measure regional prompts instead: cost per step by mode, and C=16 with 25%% regional requests")
 
 
 def server_rss_mb(server) -> float:
@@ -70,6 +72,10 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    if args.regional:
+        from serving.bench.regional import run_regional
+
+        return run_regional(args, checkpoint, out)
     size = args.size or CheckpointInfo.read(checkpoint).native_size
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]

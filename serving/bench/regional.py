@@ -1,0 +1,157 @@
+"""`ldm bench --regional`: what regional prompts cost, measured in one run.
+
+1. Per denoising step, in this process with the engine's own model calls (ONNX Runtime): one
+   job's UNet rows and milliseconds per step (UNet call, combine, DDIM update), plain against
+   regions in latent and attention mode for R = 2, 3, 4.
+2. How attention-mode jobs of different K = R + 1 share a step: grouped by K (one call per K,
+   what the scheduler does) against one call padded to the largest K (zero weights).
+3. The server at concurrency 16: all plain requests, then mixes with every fourth request
+   regional (R = 2, halves) in each mode, all on one server.
+"""
+import json
+from pathlib import Path
+import time
+
+import numpy as np
+
+from serving.bench.bench import PROMPTS
+
+REGION_FIELDS = dict(prompt="a red circle to the left of a blue square on a black background",
+                     region_prompts=["a small red circle on the left of a black background",
+                                     "a small blue square on the right of a black background"],
+                     region_divisions="1,1")
+COUNTS = (2, 3, 4)
+
+
+def region_request(count: int, mode: str) -> dict:
+    """R = count columns of one-object prompts."""
+    prompts = [f"a small {c} circle in the centre of a black background" for c in ("red", "green", "blue", "yellow")]
+    return dict(prompt=PROMPTS[0], region_prompts=prompts[:count], region_divisions=",".join("1" * count), region_mode=mode)
+
+
+def step_costs(repo, steps: int, guidance: float, size: int) -> list:
+    """[{kind, regions, rows, ms}] per step of one job alone in the engine."""
+    from serving.client.kserve import request_arrays
+    from serving.core.service import PipelineAssets, PipelineService
+    from serving.models.onnx import LocalModels
+
+    models = LocalModels(repo)
+    assets = PipelineAssets.read(Path(repo) / "pipeline" / "1")
+    kinds = [("plain", 0, dict(prompt=PROMPTS[0]))] + [(mode, r, region_request(r, mode))
+                                                       for r in COUNTS for mode in ("latent", "attention")]
+    rows = []
+    for kind, count, fields in kinds:
+        best = None
+        for _ in range(3):  # the fastest of three runs: the machine is shared
+            service = PipelineService(assets, {}, models)
+            sink = _Sink()
+            service.submit(request_arrays(seed=0, steps=steps, guidance_scale=guidance, height=size, width=size, **fields), sink)
+            while service.engine.run_iteration():
+                pass
+            stats = service.engine.stats
+            if sink.error:
+                raise RuntimeError(sink.error)
+            ms = 1000 * stats.step_seconds / stats.steps
+            best = ms if best is None else min(best, ms)
+        rows.append({"kind": kind, "regions": count, "rows": stats.rows // stats.steps, "ms_per_step": round(best, 2)})
+    return rows
+
+
+def padding_vs_grouping(repo, size: int, jobs_per_k: int = 8, repeats: int = 10) -> dict:
+    """ms for attention-mode jobs with K = 3 and K = 5 (2 rows each): one call per K, or one
+    call with every job padded to K = 5."""
+    from serving.core.service import PipelineAssets
+    from serving.models.onnx import regional_unet
+
+    info = PipelineAssets.read(Path(repo) / "pipeline" / "1").info
+    unet = regional_unet(repo)
+    rng = np.random.default_rng(0)
+    latent = size // int(info["vae_factor"])
+
+    def inputs(rows, k):
+        weights = rng.random((rows, k, latent, latent), dtype=np.float32)
+        return (rng.standard_normal((rows, int(info["latent_channels"]), latent, latent), dtype=np.float32),
+                np.full(rows, 500, np.int64),
+                rng.standard_normal((rows, k, int(info["text_length"]), _hidden(unet)), dtype=np.float32),
+                weights / weights.sum(axis=1, keepdims=True))
+
+    rows = 2 * jobs_per_k
+    three, five, padded = inputs(rows, 3), inputs(rows, 5), inputs(2 * rows, 5)
+
+    def timed(*calls):
+        best = None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for sample, t, context, weights in calls:
+                unet(sample, t, context, region_weights=weights)
+            elapsed = 1000 * (time.perf_counter() - start)
+            best = elapsed if best is None else min(best, elapsed)
+        return round(best, 2)
+
+    timed(three, five, padded)  # warm-up
+    return {"jobs_per_k": jobs_per_k, "grouped_ms": timed(three, five), "padded_ms": timed(padded)}
+
+
+def _hidden(unet) -> int:
+    return unet.component.session.get_inputs()[2].shape[-1]
+
+
+class _Sink:
+    error = None
+
+    def progress(self, *args):
+        pass
+
+    def finish(self, image, seed):
+        pass
+
+    def fail(self, code, message):
+        self.error = (code, message)
+
+    def cancelled(self):
+        return False
+
+
+def run_regional(args, checkpoint, out: Path) -> int:
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.bench.loadgen import closed_loop
+    from serving.triton.server import TritonServer
+
+    repo = out / "repo-batched"
+    write_repository(checkpoint, repo, pipeline_parameters=pipeline_parameters(
+        unet=args.unet, max_active=args.max_active, max_rows=2 * args.max_active, max_queue=256), log=lambda *a: None)
+    size = args.size or int(json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())["native_size"])
+    report = {"checkpoint": str(checkpoint), "steps": args.steps, "guidance": args.guidance, "size": size}
+    print(f"bench --regional: {checkpoint}, {size}x{size}, {args.steps} steps, guidance {args.guidance}", flush=True)
+
+    report["step_costs"] = step_costs(repo, args.steps, args.guidance, size)
+    print("\n| one job | regions | UNet rows per step | ms per step |\n|---|---|---|---|")
+    for r in report["step_costs"]:
+        print(f"| {r['kind']} | {r['regions'] or '-'} | {r['rows']} | {r['ms_per_step']} |")
+    report["padding"] = padding_vs_grouping(repo, size)
+    p = report["padding"]
+    print(f"\nattention mode, {p['jobs_per_k']} jobs with K=3 and {p['jobs_per_k']} with K=5: grouped by K (2 calls) "
+          f"{p['grouped_ms']} ms, padded to K=5 (1 call) {p['padded_ms']} ms", flush=True)
+
+    common = dict(steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
+    plain = [dict(common, prompt=PROMPTS[i % len(PROMPTS)]) for i in range(4)]
+    mixes = {"all plain": plain}
+    for mode in ("latent", "attention"):
+        mixes[f"25% regional ({mode}, R=2)"] = plain[:3] + [dict(common, **REGION_FIELDS, region_mode=mode)]
+    runs = []
+    with TritonServer(repo, log_file=out / "tritonserver-regional.log") as server:
+        closed_loop(server.grpc_url, list(mixes.values())[1] + list(mixes.values())[2], 4, 8)  # warm-up: every kind
+        for name, fields in mixes.items():
+            result = closed_loop(server.grpc_url, fields, 16, args.requests, seed0=100).summary()
+            runs.append({"mix": name, **result})
+            print(f"  {name}, C=16: {result['throughput_images_per_s']:.2f} img/s, p50 {result['latency_p50_s']:.3f} s", flush=True)
+    report["runs"] = runs
+    base = runs[0]["throughput_images_per_s"]
+    print("\n| C=16, one server | throughput | vs all plain | latency p50 / p99 | errors |\n|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['mix']} | {r['throughput_images_per_s']:.2f} img/s | {r['throughput_images_per_s'] / base:.2f}x | "
+              f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} s | {r['errors'] or 0} |")
+    (out / "regional.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'regional.json'}")
+    return 0
