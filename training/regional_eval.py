@@ -203,8 +203,13 @@ class ReferenceGenerator:
     """In process: the diffusers components (training/regional_generate.py)."""
 
     def __init__(self, pipe, batch: int = 16):
+        import torch
+
         from training.regional_generate import RegionalReference
 
+        # torch's OpenMP threads spin when another process holds a core: on this machine's 2
+        # shared cores one thread took 0.7 s per image, two threads 7.7 s
+        torch.set_num_threads(1)
         self.reference = RegionalReference(pipe)
         self.batch = batch
 
