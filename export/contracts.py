@@ -4,7 +4,7 @@ A contract names the tensors a component takes and returns, which axes are dynam
 a valid sample input, and the min/opt/max shapes an optimiser (TensorRT) should build for.
 ONNX export, parity checks, Triton configs and the TensorRT command are all generated from it.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
     def batch_axis(name):
         return {BATCH: (1, min(4, max_batch[name]), max_batch[name])}
 
-    return {
+    contracts = {
         "text_encoder": ComponentContract(
             name="text_encoder",
             folder="text_encoder",
@@ -90,21 +90,6 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             outputs=(TensorSpec("noise_pred", "float32", latent),),
             max_batch_size=max_batch["unet"],
             axis_ranges={**batch_axis("unet"), **latent_axes},
-        ),
-        # regional prompts, attention mode (export/regional_unet.py): the same weights, K contexts
-        # per row mixed by region weights at latent resolution
-        "unet_regional": ComponentContract(
-            name="unet_regional",
-            folder="unet",
-            inputs=(
-                TensorSpec("sample", "float32", latent),
-                TensorSpec("timestep", "int64", (BATCH,)),
-                TensorSpec("encoder_hidden_states", "float32", (BATCH, CONTEXTS, info.text_length, info.text_hidden)),
-                TensorSpec("region_weights", "float32", (BATCH, CONTEXTS, HEIGHT, WIDTH)),
-            ),
-            outputs=(TensorSpec("noise_pred", "float32", latent),),
-            max_batch_size=max_batch["unet_regional"],
-            axis_ranges={**batch_axis("unet_regional"), **latent_axes, CONTEXTS: (1, 3, MAX_REGIONS + 1)},
         ),
         "vae_decoder": ComponentContract(
             name="vae_decoder",
@@ -128,6 +113,23 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             axis_ranges={**batch_axis("vae_encoder"), **image_axes},
         ),
     }
+    contracts["unet_regional"] = regional_unet_contract(contracts["unet"], max_batch["unet_regional"])
+    return contracts
+
+
+def regional_unet_contract(unet: ComponentContract, max_batch: int) -> ComponentContract:
+    """Regional prompts' attention mode (export/regional_unet.py): the UNet's weights and tensors,
+    with K text contexts per row and their region weights at the latent's resolution."""
+    sample, timestep, context = unet.inputs
+    batch, length, hidden = context.dims
+    return replace(
+        unet,
+        name="unet_regional",
+        inputs=(sample, timestep, TensorSpec(context.name, context.dtype, (batch, CONTEXTS, length, hidden)),
+                TensorSpec("region_weights", "float32", (BATCH, CONTEXTS, HEIGHT, WIDTH))),
+        max_batch_size=max_batch,
+        axis_ranges={**unet.axis_ranges, BATCH: (1, min(4, max_batch), max_batch), CONTEXTS: (1, 3, MAX_REGIONS + 1)},
+    )
 
 
 def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict, seed: int) -> dict:

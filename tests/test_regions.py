@@ -124,7 +124,7 @@ def _regions(mode="latent", negatives=None, base_weight=0.2):
 
 def test_latent_mode_rows_and_combine_rule():
     regions = _regions()
-    prompt = RegionalPrompt("base", "neg", regions, guidance_scale=7.0)
+    prompt = RegionalPrompt("base", "neg", 7.0, regions)
     assert prompt.rows == 4 and prompt.texts() == ["base", *TWO, "neg"]  # R + 2
     rng = np.random.default_rng(0)
     embeddings = [rng.standard_normal((16, 8)).astype(np.float32) for _ in range(4)]
@@ -135,7 +135,7 @@ def test_latent_mode_rows_and_combine_rule():
     expected = u + 7.0 * sum(w[k] * (c[k] - u) for k in range(3))  # uncond + sum_r w_r m_r (cond_r - uncond)
     np.testing.assert_allclose(conditioning.combine(predictions), expected, rtol=1e-5, atol=1e-5)
 
-    unguided = RegionalPrompt("base", "neg", regions, guidance_scale=1.0)
+    unguided = RegionalPrompt("base", "neg", 1.0, regions)
     assert unguided.rows == 3 and unguided.texts() == ["base", *TWO]
     np.testing.assert_allclose(unguided.build(embeddings[:3]).combine(predictions[:3]),
                                sum(w[k] * c[k] for k in range(3)), rtol=1e-5, atol=1e-6)
@@ -143,7 +143,7 @@ def test_latent_mode_rows_and_combine_rule():
 
 def test_region_negatives_add_one_row_per_distinct_text():
     regions = _regions(negatives=["neg", "green"])  # region 0 repeats the request's negative prompt
-    prompt = RegionalPrompt("base", "neg", regions, guidance_scale=5.0)
+    prompt = RegionalPrompt("base", "neg", 5.0, regions)
     assert prompt.rows == 5 and prompt.texts() == ["base", *TWO, "neg", "green"]
     rng = np.random.default_rng(1)
     conditioning = prompt.build([rng.standard_normal((16, 8)).astype(np.float32) for _ in range(5)])
@@ -156,7 +156,7 @@ def test_region_negatives_add_one_row_per_distinct_text():
 
 def test_attention_mode_is_two_rows_carrying_every_context():
     regions = _regions("attention", negatives=["neg", "green"])
-    prompt = RegionalAttentionPrompt("base", "neg", regions, guidance_scale=5.0)
+    prompt = RegionalAttentionPrompt("base", "neg", 5.0, regions)
     assert prompt.rows == 2 and prompt.texts() == ["base", *TWO, "neg", "neg", "green"]
     rng = np.random.default_rng(2)
     conditioning = prompt.build([rng.standard_normal((16, 8)).astype(np.float32) for _ in range(6)])
@@ -164,4 +164,4 @@ def test_attention_mode_is_two_rows_carrying_every_context():
     predictions = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(conditioning.combine(predictions), predictions[1] + 5.0 * (predictions[0] - predictions[1]),
                                rtol=1e-5, atol=1e-5)
-    assert RegionalAttentionPrompt("base", "", regions, guidance_scale=0.0).rows == 1
+    assert RegionalAttentionPrompt("base", "", 0.0, regions).rows == 1

@@ -5,22 +5,11 @@ import pytest
 
 from serving.client.kserve import request_arrays
 from serving.core.regions import RegionLimits, parse_regions
-from serving.core.service import PipelineAssets, PipelineService
-from serving.models.onnx import LocalModels
-from tests.test_engine import RecordingSink, drain
+from tests.test_engine import RecordingSink, drain, make_service, models  # noqa: F401 (models: a fixture)
 
 BASE = "a red circle to the left of a blue square"
 REGIONS = dict(region_prompts=["a small red circle on the left", "a blue square on the right"], region_divisions="1,1")
 MODES = ("latent", "attention")
-
-
-@pytest.fixture(scope="module")
-def models(tiny_repo):
-    return LocalModels(tiny_repo)
-
-
-def make_service(tiny_repo, models, **params):
-    return PipelineService(PipelineAssets.read(tiny_repo / "pipeline" / "1"), {k: str(v) for k, v in params.items()}, models)
 
 
 def run_alone(service, prompt, **fields):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.core.conditioning import TextConditioning
+from serving.core.conditioning import TextConditioning, TextPrompt
 from serving.core.regions import Regions
 from serving.core.request import InvalidInput
 
@@ -60,17 +60,10 @@ class RegionalAttentionConditioning(TextConditioning):
 
 
 @dataclass(frozen=True)
-class RegionalPrompt:
-    """Latent mode."""
+class RegionalPrompt(TextPrompt):
+    """Latent mode: the whole-image prompt with regions."""
 
-    prompt: str
-    negative_prompt: str
     regions: Regions
-    guidance_scale: float
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
 
     @property
     def negatives(self) -> list:
@@ -121,7 +114,7 @@ class RegionalAttentionPrompt(RegionalPrompt):
 def regional_prompt(request) -> RegionalPrompt:
     """The prompt spec of a request with regions (a GenerationRequest whose `regions` is set)."""
     kind = RegionalPrompt if request.regions.mode == "latent" else RegionalAttentionPrompt
-    return kind(request.prompt, request.negative_prompt, request.regions, request.guidance_scale)
+    return kind(request.prompt, request.negative_prompt, request.guidance_scale, request.regions)
 
 
 def check_regional_job(job, check_tokens, max_rows: int) -> None:

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from serving.core.request import InvalidInput, config_parameter
+from serving.core.request import InvalidInput, config_parameter, decode_text
 
 MODES = ("latent", "attention")
 MAX_REGIONS = 8
@@ -196,7 +196,7 @@ def _texts(inputs, name, limit, allow_empty=False):
         raise InvalidInput(name, f"must be a list of 1 to {limit} texts (BYTES [R]), got shape {list(array.shape)}")
     texts = []
     for i, item in enumerate(array):
-        text = _decode(f"{name}[{i}]", item)
+        text = decode_text(f"{name}[{i}]", item)
         if not allow_empty and not text.strip():
             raise InvalidInput(name, f"text {i} must not be empty")
         texts.append(text)
@@ -207,18 +207,7 @@ def _text(inputs, name):
     array = np.asarray(inputs[name])
     if array.size != 1:
         raise InvalidInput(name, f"must hold exactly one value, got shape {list(array.shape)}")
-    return _decode(name, array.reshape(-1)[0])
-
-
-def _decode(name, item):
-    if isinstance(item, bytes):
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInput(name, "must be UTF-8 text") from None
-    if isinstance(item, str):
-        return item
-    raise InvalidInput(name, "must be a string (BYTES)")
+    return decode_text(name, array.reshape(-1)[0])
 
 
 def _masks(value, count, height, width):

@@ -174,6 +174,11 @@ def _text(inputs, name, required):
         if required:
             raise InvalidInput(name, "is required")
         return ""
+    return decode_text(name, value)
+
+
+def decode_text(name, value) -> str:
+    """One BYTES element as text."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
