@@ -53,6 +53,7 @@ def write_repository(
         "size_multiple": info.size_multiple,
         "native_size": info.native_size,
         "max_size": max_size,
+        "regional_unet": "unet_regional" in contracts,  # regions' attention mode can be served
         "preview": fit_preview(
             repo / "vae_decoder" / "1" / "model.onnx", info.latent_channels, latent_size, info.vae_factor
         ),
@@ -76,8 +77,10 @@ def write_pipeline_config(repo, parameters: dict) -> None:
 
 
 def has_artifacts(repo) -> bool:
+    """Whether `repo` holds an export (one from before the regional UNet existed counts: it
+    serves everything but regions' attention mode)."""
     repo = Path(repo)
-    return all((repo / n / "1" / "model.onnx").is_file() for n in MAX_BATCH) and (
+    return all((repo / n / "1" / "model.onnx").is_file() for n in MAX_BATCH if n != "unet_regional") and (
         repo / "pipeline" / "config.pbtxt"
     ).is_file()
 

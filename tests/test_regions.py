@@ -165,3 +165,14 @@ def test_attention_mode_is_two_rows_carrying_every_context():
     np.testing.assert_allclose(conditioning.combine(predictions), predictions[1] + 5.0 * (predictions[0] - predictions[1]),
                                rtol=1e-5, atol=1e-5)
     assert RegionalAttentionPrompt("base", "", 0.0, regions).rows == 1
+
+
+def test_attention_mode_needs_an_export_with_the_regional_unet():
+    older = RegionLimits(vae_factor=4, attention=False)
+    assert RegionLimits.from_parameters({}, {"vae_factor": 4}) == older  # pipeline.json of an older export
+    assert parse_regions(inputs(region_divisions="1,1"), older, 64, 64).mode == "latent"
+    with pytest.raises(InvalidInput, match="^region_mode: attention needs the regional UNet"):
+        parse_regions(inputs(region_divisions="1,1", region_mode="attention"), older, 64, 64)
+    with pytest.raises(ValueError, match="default_region_mode=attention needs the regional UNet"):
+        RegionLimits.from_parameters({"default_region_mode": "attention"}, {"vae_factor": 4})
+    assert RegionLimits.from_parameters({}, {"vae_factor": 4, "regional_unet": True}).attention

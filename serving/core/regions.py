@@ -45,17 +45,21 @@ class RegionLimits:
     max_regions: int = MAX_REGIONS
     default_base_weight: float = DEFAULT_BASE_WEIGHT
     default_mode: str = DEFAULT_MODE
+    attention: bool = True  # whether the repository has the regional UNet
 
     @classmethod
     def from_parameters(cls, params: dict, pipeline_info: dict) -> "RegionLimits":
         limits = cls(
             vae_factor=int(pipeline_info["vae_factor"]),
+            attention=bool(pipeline_info.get("regional_unet", False)),
             max_regions=config_parameter(params, "max_regions", int, MAX_REGIONS),
             default_base_weight=config_parameter(params, "default_base_prompt_weight", float, DEFAULT_BASE_WEIGHT),
             default_mode=params.get("default_region_mode") or DEFAULT_MODE,
         )
         if limits.default_mode not in MODES:
             raise ValueError(f"pipeline config.pbtxt parameter default_region_mode={limits.default_mode!r} must be one of {MODES}")
+        if limits.default_mode == "attention" and not limits.attention:
+            raise ValueError("pipeline config.pbtxt parameter default_region_mode=attention needs the regional UNet; re-run ldm export")
         if limits.max_regions < 1:
             raise ValueError(f"pipeline config.pbtxt parameter max_regions={limits.max_regions} must be at least 1")
         return limits
@@ -119,6 +123,9 @@ def parse_regions(inputs: dict, limits: RegionLimits, height: int, width: int) -
     mode = _text(inputs, "region_mode") if inputs.get("region_mode") is not None else limits.default_mode
     if mode not in MODES:
         raise InvalidInput("region_mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "attention" and not limits.attention:
+        raise InvalidInput("region_mode", "attention needs the regional UNet, which this model repository was exported "
+                                          "without (re-run ldm export); latent works")
     return Regions(tuple(prompts), None if negatives is None else tuple(negatives),
                    region_weights(masks, base_weight, limits.vae_factor), base_weight, mode)
 
