@@ -28,6 +28,7 @@ def add_arguments(parser):
     parser.add_argument("--rss-steps", type=int, default=5, help="denoising steps of the memory-check requests")
     parser.add_argument("--regional", action="store_true",
                         help="measure regional prompts instead: cost per step by mode, and C=16 with 25%% regional requests")
+    parser.add_argument("--regional-rounds", type=int, default=3, help="rounds of the --regional mixes (default: %(default)s)")
 
 
 def server_rss_mb(server) -> float:
