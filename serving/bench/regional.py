@@ -30,8 +30,9 @@ def region_request(count: int, mode: str) -> dict:
 
 
 def step_costs(repo, steps: int, guidance: float, size: int, rounds: int = 5) -> list:
-    """[{kind, regions, rows, ms_per_step}] of one job alone in the engine; the kinds take turns
-    for `rounds` rounds and each keeps its fastest (the machine is shared)."""
+    """[{kind, regions, rows, cpu_ms_per_step, ms_per_step}] of one job alone in the engine, over
+    its steps between admission and decoding. CPU time (all of this process's threads) is the
+    work, steady on a shared machine; wall time is the fastest of `rounds` turns."""
     from serving.client.kserve import request_arrays
     from serving.core.service import PipelineAssets, PipelineService
     from serving.models.onnx import LocalModels
@@ -40,26 +41,30 @@ def step_costs(repo, steps: int, guidance: float, size: int, rounds: int = 5) ->
     assets = PipelineAssets.read(Path(repo) / "pipeline" / "1")
     kinds = [("plain", 0, dict(prompt=PROMPTS[0]))] + [(mode, r, region_request(r, mode))
                                                        for r in COUNTS for mode in ("latent", "attention")]
-    rows = [{"kind": kind, "regions": count, "rows": None, "ms_per_step": None} for kind, count, _ in kinds]
+    rows = [{"kind": kind, "regions": count, "rows": None, "cpu": [], "wall": []} for kind, count, _ in kinds]
     for _ in range(rounds):
         for row, (_, _, fields) in zip(rows, kinds):
             service = PipelineService(assets, {}, models)
             sink = _Sink()
             service.submit(request_arrays(seed=0, steps=steps, guidance_scale=guidance, height=size, width=size, **fields), sink)
-            while service.engine.run_iteration():
+            service.engine.run_iteration()  # admission (text encoding) and the first step
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(steps - 2):
+                service.engine.run_iteration()
+            row["cpu"].append(1000 * (time.process_time() - cpu) / (steps - 2))
+            row["wall"].append(1000 * (time.perf_counter() - wall) / (steps - 2))
+            row["rows"] = service.engine.stats.last_rows
+            while service.engine.run_iteration():  # the last step and decoding
                 pass
             if sink.error:
                 raise RuntimeError(sink.error)
-            stats = service.engine.stats
-            ms = round(1000 * stats.step_seconds / stats.steps, 2)
-            row["rows"] = stats.rows // stats.steps
-            row["ms_per_step"] = ms if row["ms_per_step"] is None else min(row["ms_per_step"], ms)
-    return rows
+    return [{"kind": r["kind"], "regions": r["regions"], "rows": r["rows"],
+             "cpu_ms_per_step": round(float(np.median(r["cpu"])), 2), "ms_per_step": round(min(r["wall"]), 2)} for r in rows]
 
 
 def padding_vs_grouping(repo, size: int, jobs_per_k: int = 8, repeats: int = 10) -> dict:
-    """ms for attention-mode jobs with K = 3 and K = 5 (2 rows each): one call per K, or one
-    call with every job padded to K = 5."""
+    """CPU ms (median) for attention-mode jobs with K = 3 and K = 5 (2 rows each): one call
+    per K, or one call with every job padded to K = 5."""
     from serving.core.service import PipelineAssets
     from serving.models.onnx import regional_unet
 
@@ -78,18 +83,27 @@ def padding_vs_grouping(repo, size: int, jobs_per_k: int = 8, repeats: int = 10)
     rows = 2 * jobs_per_k
     three, five, padded = inputs(rows, 3), inputs(rows, 5), inputs(2 * rows, 5)
 
-    def elapsed_ms(calls):
-        start = time.perf_counter()
+    def cpu_ms(calls):
+        start = time.process_time()
         for sample, t, context, weights in calls:
             unet(sample, t, context, region_weights=weights)
-        return 1000 * (time.perf_counter() - start)
+        return 1000 * (time.process_time() - start)
 
-    elapsed_ms([three, five, padded])  # warm-up
+    cpu_ms([three, five, padded])  # warm-up
     grouped, pad = [], []
-    for _ in range(repeats):  # taking turns, each keeps its fastest
-        grouped.append(elapsed_ms([three, five]))
-        pad.append(elapsed_ms([padded]))
-    return {"jobs_per_k": jobs_per_k, "grouped_ms": round(min(grouped), 2), "padded_ms": round(min(pad), 2)}
+    for _ in range(repeats):  # taking turns
+        grouped.append(cpu_ms([three, five]))
+        pad.append(cpu_ms([padded]))
+    return {"jobs_per_k": jobs_per_k, "grouped_cpu_ms": round(float(np.median(grouped)), 2),
+            "padded_cpu_ms": round(float(np.median(pad)), 2)}
+
+
+def server_cpu_seconds(server) -> float:
+    """User + system CPU seconds of tritonserver and its python-backend stubs so far."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root] + root.children(recursive=True))
 
 
 def _hidden(unet) -> int:
@@ -126,13 +140,16 @@ def run_regional(args, checkpoint, out: Path) -> int:
     print(f"bench --regional: {checkpoint}, {size}x{size}, {args.steps} steps, guidance {args.guidance}", flush=True)
 
     report["step_costs"] = step_costs(repo, args.steps, args.guidance, size)
-    print("\n| one job | regions | UNet rows per step | ms per step |\n|---|---|---|---|")
+    plain_cpu = report["step_costs"][0]["cpu_ms_per_step"]
+    print("\n| one job | regions | UNet rows per step | CPU ms per step | vs plain | wall ms per step (fastest) |"
+          "\n|---|---|---|---|---|---|")
     for r in report["step_costs"]:
-        print(f"| {r['kind']} | {r['regions'] or '-'} | {r['rows']} | {r['ms_per_step']} |")
+        print(f"| {r['kind']} | {r['regions'] or '-'} | {r['rows']} | {r['cpu_ms_per_step']} | "
+              f"{r['cpu_ms_per_step'] / plain_cpu:.2f}x | {r['ms_per_step']} |")
     report["padding"] = padding_vs_grouping(repo, size)
     p = report["padding"]
     print(f"\nattention mode, {p['jobs_per_k']} jobs with K=3 and {p['jobs_per_k']} with K=5: grouped by K (2 calls) "
-          f"{p['grouped_ms']} ms, padded to K=5 (1 call) {p['padded_ms']} ms", flush=True)
+          f"{p['grouped_cpu_ms']} CPU ms, padded to K=5 (1 call) {p['padded_cpu_ms']} CPU ms", flush=True)
 
     common = dict(steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     plain = [dict(common, prompt=PROMPTS[i % len(PROMPTS)]) for i in range(4)]
@@ -146,7 +163,9 @@ def run_regional(args, checkpoint, out: Path) -> int:
         closed_loop(server.grpc_url, list(mixes.values())[1] + list(mixes.values())[2], 4, 8)  # warm-up: every kind
         for k in range(args.regional_rounds):
             for name, fields in mixes.items():
+                cpu = server_cpu_seconds(server)
                 result = closed_loop(server.grpc_url, fields, 16, args.requests, seed0=100 * k).summary()
+                result["server_cpu_s_per_image"] = (server_cpu_seconds(server) - cpu) / max(1, result["completed"])
                 rounds[name].append(result)
                 print(f"  round {k + 1}, {name}, C=16: {result['throughput_images_per_s']:.2f} img/s, "
                       f"p50 {result['latency_p50_s']:.3f} s", flush=True)
@@ -155,11 +174,14 @@ def run_regional(args, checkpoint, out: Path) -> int:
             for name, results in rounds.items()]
     report["runs"] = runs
     base = runs[0]["throughput_images_per_s"]
-    print(f"\n| C=16, one server (median of {args.regional_rounds} rounds) | throughput | vs all plain | latency p50 / p99 | errors |"
-          "\n|---|---|---|---|---|")
+    base_cpu = float(np.median([r["server_cpu_s_per_image"] for r in rounds["all plain"]]))
+    print(f"\n| C=16, one server (median of {args.regional_rounds} rounds) | throughput | vs all plain | "
+          "server CPU s per image (median) | vs all plain | latency p50 / p99 | errors |\n|---|---|---|---|---|---|---|")
     for r in runs:
+        cpu = float(np.median([x["server_cpu_s_per_image"] for x in r["rounds"]]))
+        r["server_cpu_s_per_image_median"] = cpu
         print(f"| {r['mix']} | {r['throughput_images_per_s']:.2f} img/s | {r['throughput_images_per_s'] / base:.2f}x | "
-              f"{r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} s | {r['errors'] or 0} |")
+              f"{cpu:.3f} | {cpu / base_cpu:.2f}x | {r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} s | {r['errors'] or 0} |")
     (out / "regional.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'regional.json'}")
     return 0
