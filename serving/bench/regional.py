@@ -4,7 +4,8 @@
    job's UNet rows and milliseconds per step (UNet call, combine, DDIM update), plain against
    regions in latent and attention mode for R = 2, 3, 4.
 2. How attention-mode jobs of different K = R + 1 share a step: grouped by K (one call per K,
-   what the scheduler does) against one call padded to the largest K (zero weights).
+   what the scheduler does) against one call padded to the largest K (zero weights), for an
+   even and a skewed mix.
 3. The server at concurrency 16: all plain requests, and mixes with every fourth request
    regional (R = 2, halves) in each mode, on one server, taking turns for several rounds.
 """
@@ -62,9 +63,12 @@ def step_costs(repo, steps: int, guidance: float, size: int, rounds: int = 5) ->
              "cpu_ms_per_step": round(float(np.median(r["cpu"])), 2), "ms_per_step": round(min(r["wall"]), 2)} for r in rows]
 
 
-def padding_vs_grouping(repo, size: int, jobs_per_k: int = 8, repeats: int = 10) -> dict:
-    """CPU ms (median) for attention-mode jobs with K = 3 and K = 5 (2 rows each): one call
-    per K, or one call with every job padded to K = 5."""
+PADDING_MIXES = {"8 jobs K=3 + 8 jobs K=5": ((8, 3), (8, 5)), "15 jobs K=2 + 1 job K=9": ((15, 2), (1, 9))}
+
+
+def padding_vs_grouping(repo, size: int, repeats: int = 8) -> list:
+    """Median CPU ms of one step for mixes of attention-mode jobs (2 rows each): one call per K
+    (what the scheduler does), or one call with every job padded to the largest K."""
     from serving.core.service import PipelineAssets
     from serving.models.onnx import regional_unet
 
@@ -80,22 +84,23 @@ def padding_vs_grouping(repo, size: int, jobs_per_k: int = 8, repeats: int = 10)
                 rng.standard_normal((rows, k, int(info["text_length"]), _hidden(unet)), dtype=np.float32),
                 weights / weights.sum(axis=1, keepdims=True))
 
-    rows = 2 * jobs_per_k
-    three, five, padded = inputs(rows, 3), inputs(rows, 5), inputs(2 * rows, 5)
-
     def cpu_ms(calls):
         start = time.process_time()
         for sample, t, context, weights in calls:
             unet(sample, t, context, region_weights=weights)
         return 1000 * (time.process_time() - start)
 
-    cpu_ms([three, five, padded])  # warm-up
-    grouped, pad = [], []
-    for _ in range(repeats):  # taking turns
-        grouped.append(cpu_ms([three, five]))
-        pad.append(cpu_ms([padded]))
-    return {"jobs_per_k": jobs_per_k, "grouped_cpu_ms": round(float(np.median(grouped)), 2),
-            "padded_cpu_ms": round(float(np.median(pad)), 2)}
+    out = []
+    for name, groups in PADDING_MIXES.items():
+        grouped = [inputs(2 * jobs, k) for jobs, k in groups]
+        padded = [inputs(2 * sum(jobs for jobs, _ in groups), max(k for _, k in groups))]
+        cpu_ms(grouped + padded)  # warm-up
+        times = {"grouped": [], "padded": []}
+        for _ in range(repeats):  # taking turns
+            times["grouped"].append(cpu_ms(grouped))
+            times["padded"].append(cpu_ms(padded))
+        out.append({"mix": name, **{f"{k}_cpu_ms": round(float(np.median(v)), 1) for k, v in times.items()}})
+    return out
 
 
 def server_cpu_seconds(server) -> float:
@@ -147,9 +152,10 @@ def run_regional(args, checkpoint, out: Path) -> int:
         print(f"| {r['kind']} | {r['regions'] or '-'} | {r['rows']} | {r['cpu_ms_per_step']} | "
               f"{r['cpu_ms_per_step'] / plain_cpu:.2f}x | {r['ms_per_step']} |")
     report["padding"] = padding_vs_grouping(repo, size)
-    p = report["padding"]
-    print(f"\nattention mode, {p['jobs_per_k']} jobs with K=3 and {p['jobs_per_k']} with K=5: grouped by K (2 calls) "
-          f"{p['grouped_cpu_ms']} CPU ms, padded to K=5 (1 call) {p['padded_cpu_ms']} CPU ms", flush=True)
+    print("\n| attention-mode jobs in one step | grouped by K: CPU ms | padded to the largest K: CPU ms |\n|---|---|---|")
+    for p in report["padding"]:
+        print(f"| {p['mix']} | {p['grouped_cpu_ms']} | {p['padded_cpu_ms']} ({p['padded_cpu_ms'] / p['grouped_cpu_ms']:.2f}x) |",
+              flush=True)
 
     common = dict(steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     plain = [dict(common, prompt=PROMPTS[i % len(PROMPTS)]) for i in range(4)]
