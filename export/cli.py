@@ -1,5 +1,6 @@
 """`ldm export CHECKPOINT_DIR [--repo model_repository]`."""
 from export.triton_config import BACKENDS
+from serving.core.regions import DEFAULT_BASE_WEIGHT, DEFAULT_MODE, MAX_REGIONS
 from serving.models.assemble import TEXT_VAE_RUNNERS, UNET_RUNNERS
 
 
@@ -55,6 +56,10 @@ def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_a
         "default_guidance_scale": 5.0,
         "max_guidance_scale": 50.0,
         "default_eta": 0.0,
+        # regional prompts (serving/core/regions.py)
+        "max_regions": MAX_REGIONS,
+        "default_base_prompt_weight": DEFAULT_BASE_WEIGHT,
+        "default_region_mode": DEFAULT_MODE,
     }
 
 

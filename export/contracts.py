@@ -4,15 +4,17 @@ A contract names the tensors a component takes and returns, which axes are dynam
 a valid sample input, and the min/opt/max shapes an optimiser (TensorRT) should build for.
 ONNX export, parity checks, Triton configs and the TensorRT command are all generated from it.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from export.checkpoint import CheckpointInfo
+from serving.core.regions import MAX_REGIONS
 
 BATCH = "batch"
 HEIGHT, WIDTH = "height", "width"  # latent cells
 IMAGE_HEIGHT, IMAGE_WIDTH = "image_height", "image_width"  # pixels
+CONTEXTS = "contexts"  # text contexts per row of the regional UNet: the base prompt and each region
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class ComponentContract:
 
 
 def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: dict) -> dict:
-    """The four exported components of a checkpoint, by Triton model name."""
+    """The exported components of a checkpoint, by Triton model name."""
     lat_max = max_image_size // info.vae_factor
     lat_opt = info.native_size // info.vae_factor
     lat_min = 8 if lat_max >= 8 else lat_max
@@ -67,7 +69,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
     def batch_axis(name):
         return {BATCH: (1, min(4, max_batch[name]), max_batch[name])}
 
-    return {
+    contracts = {
         "text_encoder": ComponentContract(
             name="text_encoder",
             folder="text_encoder",
@@ -111,6 +113,23 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             axis_ranges={**batch_axis("vae_encoder"), **image_axes},
         ),
     }
+    contracts["unet_regional"] = regional_unet_contract(contracts["unet"], max_batch["unet_regional"])
+    return contracts
+
+
+def regional_unet_contract(unet: ComponentContract, max_batch: int) -> ComponentContract:
+    """Regional prompts' attention mode (export/regional_unet.py): the UNet's weights and tensors,
+    with K text contexts per row and their region weights at the latent's resolution."""
+    sample, timestep, context = unet.inputs
+    batch, length, hidden = context.dims
+    return replace(
+        unet,
+        name="unet_regional",
+        inputs=(sample, timestep, TensorSpec(context.name, context.dtype, (batch, CONTEXTS, length, hidden)),
+                TensorSpec("region_weights", "float32", (BATCH, CONTEXTS, HEIGHT, WIDTH))),
+        max_batch_size=max_batch,
+        axis_ranges={**unet.axis_ranges, BATCH: (1, min(4, max_batch), max_batch), CONTEXTS: (1, 3, MAX_REGIONS + 1)},
+    )
 
 
 def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict, seed: int) -> dict:
@@ -125,6 +144,9 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
             out[spec.name] = rng.integers(0, info.scheduler_config.get("num_train_timesteps", 1000), shape)
         elif spec.name == "images":
             out[spec.name] = rng.random(shape, dtype=np.float32)
+        elif spec.name == "region_weights":  # non-negative, summing to 1 over the contexts of each cell
+            weights = rng.random(shape, dtype=np.float32)
+            out[spec.name] = weights / weights.sum(axis=1, keepdims=True)
         else:
             out[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     return out

@@ -16,7 +16,7 @@ from export.triton_config import component_config, pipeline_config, to_pbtxt, un
 from serving.models.assemble import CHECKPOINT_COPY
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "serving" / "triton" / "templates"
-MAX_BATCH = {"text_encoder": 64, "unet": 64, "vae_decoder": 16, "vae_encoder": 16}
+MAX_BATCH = {"text_encoder": 64, "unet": 64, "unet_regional": 64, "vae_decoder": 16, "vae_encoder": 16}
 COMPONENTS = tuple(MAX_BATCH)
 
 
@@ -73,6 +73,7 @@ def write_repository(
         "size_multiple": info.size_multiple,
         "native_size": info.native_size,
         "max_size": max_size,
+        "regional_unet": "unet_regional" in served,  # regions' attention mode can be served
         "preview": fit_preview(_preview_decoder(repo, info, served), info.latent_channels, latent_size, info.vae_factor),
     }
     _write(pipeline_dir / "pipeline.json", json.dumps(pipeline_info, indent=1))
@@ -103,16 +104,20 @@ def served_components(parameters: dict) -> tuple:
     if parameters.get("text_vae", "bls") == "bls":
         served += ["text_encoder", "vae_decoder", "vae_encoder"]
     if parameters.get("unet", "inprocess") != "torch":
-        served.append("unet")
+        # with the regional UNet beside it (regions' attention mode); the torch runner serves
+        # regions in latent mode only
+        served += ["unet", "unet_regional"]
     return tuple(n for n in COMPONENTS if n in served)
 
 
 def has_artifacts(repo) -> bool:
+    """Whether `repo` holds an export (one from before the regional UNet existed counts: it
+    serves everything but regions' attention mode)."""
     repo = Path(repo)
     info_path = repo / "pipeline" / "1" / "pipeline.json"
     if not (info_path.is_file() and (repo / "pipeline" / "config.pbtxt").is_file()):
         return False
-    served = json.loads(info_path.read_text()).get("components", COMPONENTS)
+    served = json.loads(info_path.read_text()).get("components", [n for n in COMPONENTS if n != "unet_regional"])
     return all((repo / n / "1" / "model.onnx").is_file() for n in served)
 
 

@@ -54,6 +54,10 @@ def load_module(name: str, info: CheckpointInfo) -> torch.nn.Module:
         module = TextEncoder(CLIPTextModel.from_pretrained(info.path / "text_encoder"))
     elif name == "unet":
         module = UNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
+    elif name == "unet_regional":
+        from export.regional_unet import RegionalUNet
+
+        module = RegionalUNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
     elif name in ("vae_decoder", "vae_encoder"):
         vae = AutoencoderKL.from_pretrained(info.path / "vae")
         wrapper = VaeDecoder if name == "vae_decoder" else VaeEncoder

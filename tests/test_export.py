@@ -14,7 +14,7 @@ from export.repository import MAX_BATCH
 from export.torch_modules import load_module
 from export.triton_config import BACKENDS, component_config, to_pbtxt
 
-COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+COMPONENTS = ["text_encoder", "unet", "unet_regional", "vae_decoder", "vae_encoder"]
 
 
 @pytest.fixture(scope="module")

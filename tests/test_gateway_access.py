@@ -11,6 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from server_metrics import wait_for
 from serving.client.images import ImagesClient, ImagesError
 from serving.gateway.access import ApiKeys, RateLimiter, hash_key, is_loopback, new_key
 from serving.gateway.app import GatewayConfig
@@ -120,8 +121,13 @@ def test_keys_limits_and_metrics_through_a_guarded_gateway(guarded):
     assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
     channel.close()
 
-    text = urllib.request.urlopen(guarded.rest_url + "/metrics").read().decode()
-    counts = {(m["route"], m["code"]): float(v) for m, v in _samples(text, "ldm_gateway_requests_total")}
+    def scrape():
+        text = urllib.request.urlopen(guarded.rest_url + "/metrics").read().decode()
+        return text, {(m["route"], m["code"]): float(v) for m, v in _samples(text, "ldm_gateway_requests_total")}
+
+    # a call's outcome is counted as its handler ends, which may be just after the client has it
+    assert wait_for(lambda: ("grpc.Generate", "RESOURCE_EXHAUSTED") in scrape()[1])
+    text, counts = scrape()
     assert counts[("rest.generations", "UNAUTHENTICATED")] == 1 and counts[("grpc.Generate", "UNAUTHENTICATED")] == 1
     assert counts[("rest.generations", "OK")] == 1 and counts[("grpc.Generate", "OK")] == 1
     assert counts[("rest.generations", "RESOURCE_EXHAUSTED")] == 1 and counts[("grpc.Generate", "RESOURCE_EXHAUSTED")] == 1

@@ -59,7 +59,7 @@ def test_stream_reports_progress_and_previews_then_each_image(client):
     (dict(height=36), "INVALID_ARGUMENT", "height"),
     (dict(quality=0), "INVALID_ARGUMENT", "quality"),
     (dict(init_image=np.zeros((32, 32, 3), np.uint8)), "UNIMPLEMENTED", "init_image"),
-    (dict(regions=[{"prompt": "a cat"}]), "UNIMPLEMENTED", "regions.prompt"),
+    (dict(regions=[{"prompt": "a cat"}]), "INVALID_ARGUMENT", "region_divisions"),
     (dict(init_image=b"not an image"), "INVALID_ARGUMENT", "init_image"),
 ])
 def test_errors_are_status_codes_naming_the_field(client, fields, code, field):

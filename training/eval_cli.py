@@ -1,10 +1,12 @@
-"""`ldm eval`: prompt adherence and VAE PSNR of a checkpoint (in process) or of the service.
+"""`ldm eval`: prompt adherence and VAE PSNR of a checkpoint (in process) or of the service;
+`ldm eval --regions`: regional-prompt adherence (training/regional_eval_cli.py).
 
 The evaluator is validated on ground-truth renders first; below 98% its scores do not count and
 the command fails. With --require-targets a missed target also fails the command.
 """
 from pathlib import Path
 
+from training import regional_eval_cli
 from training.autoencoder import reconstruction_adherence
 from training.eval_suite import (EVALUATOR_MIN_ACCURACY, adherence, checkpoint_generator,
                                  evaluator_accuracy, service_generator, targets, vae_psnr)
@@ -19,9 +21,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--grid", type=Path, help="also write a sample grid PNG (checkpoint, g=5, held-out marked)")
     parser.add_argument("--require-targets", action="store_true", help="exit 1 if a target is missed")
+    regional_eval_cli.add_arguments(parser)
 
 
 def run(args) -> int:
+    if args.regions:
+        return regional_eval_cli.run(args)
     accuracy = evaluator_accuracy()
     print(f"evaluator accuracy on ground-truth renders: {accuracy:.1%} (must be >= {EVALUATOR_MIN_ACCURACY:.0%})")
     if accuracy < EVALUATOR_MIN_ACCURACY:

@@ -33,6 +33,9 @@ def add_arguments(parser):
     parser.add_argument("--compare-paths", action="store_true",
                         help="only compare the paths (latency of one client, throughput at the last --concurrency) in one run")
     parser.add_argument("--rounds", type=int, default=2, help="--compare-paths: closed loops per path, twice this (default: %(default)s)")
+    parser.add_argument("--regional", action="store_true",
+                        help="measure regional prompts instead: cost per step by mode, and C=16 with 25%% regional requests")
+    parser.add_argument("--regional-rounds", type=int, default=3, help="rounds of the --regional mixes (default: %(default)s)")
 
 
 def server_rss_mb(server) -> float:
@@ -77,6 +80,10 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    if args.regional:
+        from serving.bench.regional import run_regional
+
+        return run_regional(args, checkpoint, out)
     size = args.size or CheckpointInfo.read(checkpoint).native_size
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]

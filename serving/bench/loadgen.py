@@ -57,17 +57,22 @@ def _timed(clients, fields, seed, result, lock):
         result.latencies.append(time.perf_counter() - start)
 
 
-def closed_loop(url: str, fields: dict, concurrency: int, requests: int, seed0: int = 0) -> LoadResult:
+def _request_fields(fields, i: int) -> dict:
+    """Request i's fields: `fields` is one field set, or a list of them taken in turn (a mix)."""
+    return fields[i % len(fields)] if isinstance(fields, list) else fields
+
+
+def closed_loop(url: str, fields, concurrency: int, requests: int, seed0: int = 0) -> LoadResult:
     """`concurrency` clients each send their next request as soon as the last one returns."""
     result, lock, clients = LoadResult("closed", concurrency), threading.Lock(), _Clients(url)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda i: _timed(clients, fields, seed0 + i, result, lock), range(requests)))
+        list(pool.map(lambda i: _timed(clients, _request_fields(fields, i), seed0 + i, result, lock), range(requests)))
     result.wall_seconds = time.perf_counter() - start
     return result
 
 
-def open_loop(url: str, fields: dict, rate: float, requests: int, seed0: int = 0, max_in_flight: int = 256) -> LoadResult:
+def open_loop(url: str, fields, rate: float, requests: int, seed0: int = 0, max_in_flight: int = 256) -> LoadResult:
     """Requests arrive as a Poisson process at `rate` per second, whatever the server's pace."""
     result, lock, clients = LoadResult("open", rate), threading.Lock(), _Clients(url)
     gaps = np.random.default_rng(seed0).exponential(1.0 / rate, requests)
@@ -77,6 +82,6 @@ def open_loop(url: str, fields: dict, rate: float, requests: int, seed0: int = 0
         for i, gap in enumerate(gaps):
             due += gap
             time.sleep(max(0.0, due - time.perf_counter()))
-            pool.submit(_timed, clients, fields, seed0 + i, result, lock)
+            pool.submit(_timed, clients, _request_fields(fields, i), seed0 + i, result, lock)
     result.wall_seconds = time.perf_counter() - start
     return result

@@ -29,6 +29,14 @@ def add_arguments(parser):
                         help="gateway: the typed API (default); kserve / kserve-http: Triton's gRPC / HTTP")
     parser.add_argument("--url", help="server address (default: " + ", ".join(f"{k} {v}" for k, v in PROTOCOLS.items()) + ")")
     parser.add_argument("--api-key", default=os.environ.get("LDM_API_KEY"), help="the gateway's API key (default: $LDM_API_KEY)")
+    regions = parser.add_argument_group("regional prompts (README: Regional prompts)")
+    regions.add_argument("--region", action="append", metavar="PROMPT", help="a region's prompt (repeat, in region order)")
+    regions.add_argument("--region-negative", action="append", metavar="PROMPT", help="a region's negative prompt (repeat)")
+    regions.add_argument("--divide", metavar="RATIOS", help='regions by division: "1,1" two columns, "1,2;1,1,1" a row over two')
+    regions.add_argument("--region-mask", action="append", metavar="PATH",
+                         help="a region's mask, an image of the output's size (white = inside; repeat, one per region)")
+    regions.add_argument("--base-weight", type=float, help="share of the whole-image prompt inside regions (default 0.2)")
+    regions.add_argument("--region-mode", choices=("latent", "attention"), help="how regions condition the UNet")
 
 
 def output_paths(output: str, n: int) -> list:
@@ -78,6 +86,11 @@ def run(args) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     fields = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, height=args.height,
                   width=args.width, eta=args.eta)
+    try:
+        fields.update(region_fields(args, args.protocol))
+    except ValueError as exc:
+        print(f"ldm generate: {exc}", file=sys.stderr)
+        return 2
     paths = output_paths(args.output, args.n)
     bar = StepBar(args.n, args.steps)
     start = time.perf_counter()
@@ -134,3 +147,29 @@ def _via_kserve(args, url, seed, fields, paths, bar) -> list:
             height, width, _ = result.image.shape
             written.append((width, height, result.seed))
     return written
+
+
+def region_fields(args, protocol: str) -> dict:
+    """The request's region fields from the command line, as the gateway's typed API (regions: a
+    list of prompt, negative prompt, mask) or Triton's tensors take them; the server validates them."""
+    import numpy as np
+    from PIL import Image
+
+    masks = None
+    if args.region_mask:
+        images = [np.asarray(Image.open(path).convert("L")) for path in args.region_mask]
+        if len({image.shape for image in images}) > 1:
+            raise ValueError(f"--region-mask: the masks differ in size: {[image.shape for image in images]}")
+        masks = np.stack(images)
+    shared = dict(region_divisions=args.divide, base_prompt_weight=args.base_weight, region_mode=args.region_mode)
+    if protocol != "gateway":
+        return dict(region_prompts=args.region, region_negative_prompts=args.region_negative, region_masks=masks, **shared)
+    if not args.region:
+        if args.region_negative or masks is not None:
+            raise ValueError("--region-negative and --region-mask need --region")
+        return {}
+    negatives = args.region_negative or []
+    regions = [{"prompt": prompt, "negative_prompt": negatives[i] if i < len(negatives) else "",
+                "mask": masks[i] if masks is not None and i < len(masks) else None}
+               for i, prompt in enumerate(args.region)]
+    return dict(regions=regions, **shared)

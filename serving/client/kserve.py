@@ -27,19 +27,22 @@ class Generation:
 
 def request_arrays(prompt, **fields) -> dict:
     """The pipeline's input tensors for `prompt` and the given fields (serving.core.request.FIELDS
-    names them); fields left out or None take the server's defaults."""
-    dtypes = {f.name: f.dtype for f in FIELDS}
-    unknown = sorted(set(fields) - set(dtypes))
+    names them); fields left out or None take the server's defaults. A field of shape [1] takes a
+    value; a list field (region_prompts) a list of texts; an array field (region_masks) an array."""
+    specs = {f.name: f for f in FIELDS}
+    unknown = sorted(set(fields) - set(specs))
     if unknown:
-        raise TypeError(f"unknown request fields {unknown}; known: {sorted(dtypes)}")
+        raise TypeError(f"unknown request fields {unknown}; known: {sorted(specs)}")
     arrays = {}
     for name, value in {"prompt": prompt, **fields}.items():
         if value is None:
             continue
-        if dtypes[name] == "bytes":
-            value = np.array([value.encode("utf-8") if isinstance(value, str) else value], dtype=np.object_)
+        spec = specs[name]
+        values = value if spec.dims != (1,) else [value]
+        if spec.dtype == "bytes":
+            value = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=np.object_)
         else:
-            value = np.array([value], dtype=dtypes[name])
+            value = np.asarray(values, dtype=spec.dtype)
         arrays[name] = value
     return arrays
 

@@ -6,6 +6,7 @@ from typing import Protocol
 import numpy as np
 
 from serving.core.conditioning import TextPrompt
+from serving.core.regional_prompt import regional_prompt
 from serving.core.request import GenerationRequest
 
 
@@ -37,8 +38,11 @@ class Job:
     pred_x0: np.ndarray | None = None
 
     @property
-    def prompt(self) -> TextPrompt:
+    def prompt(self):
+        """The prompt spec (texts(), rows, build()) this job's conditioning is encoded from."""
         r = self.request
+        if r.regions is not None:
+            return regional_prompt(r)
         return TextPrompt(r.prompt, r.negative_prompt, r.guidance_scale)
 
     @property

@@ -4,8 +4,12 @@ Every rejection names the field and the allowed range, so a client can fix its r
 """
 from dataclasses import dataclass
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from serving.core.regions import RegionLimits, Regions
 
 
 class InvalidInput(ValueError):
@@ -50,6 +54,13 @@ FIELDS = (
     Field("progress_every", "int32", streaming_only=True),
     Field("preview_every", "int32", streaming_only=True),
     Field("timeout_s", "float32"),
+    # regional prompts (serving/core/regions.py)
+    Field("region_prompts", "bytes", dims=(-1,)),
+    Field("region_negative_prompts", "bytes", dims=(-1,)),
+    Field("region_divisions", "bytes"),
+    Field("region_masks", "uint8", dims=(-1, -1, -1)),
+    Field("base_prompt_weight", "float32"),
+    Field("region_mode", "bytes"),
 )
 
 
@@ -67,9 +78,12 @@ class Limits:
     max_guidance_scale: float = 50.0
     default_eta: float = 0.0
     max_timeout_s: float = 3600.0
+    regions: "RegionLimits | None" = None
 
     @classmethod
     def from_parameters(cls, params: dict, pipeline_info: dict) -> "Limits":
+        from serving.core.regions import RegionLimits  # imported here: regions imports this module
+
         def get(key, cast, default):
             return config_parameter(params, key, cast, default)
 
@@ -83,6 +97,7 @@ class Limits:
             default_guidance_scale=get("default_guidance_scale", float, cls.default_guidance_scale),
             max_guidance_scale=get("max_guidance_scale", float, cls.max_guidance_scale),
             default_eta=get("default_eta", float, cls.default_eta),
+            regions=RegionLimits.from_parameters(params, pipeline_info),
         )
 
 
@@ -100,6 +115,7 @@ class GenerationRequest:
     progress_every: int = 0
     preview_every: int = 0
     timeout_s: float = 0.0
+    regions: "Regions | None" = None  # a prompt per region of the image
 
 
 def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
@@ -123,6 +139,9 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
     progress_every = _integer(inputs, "progress_every", 0, 0, limits.max_steps)
     preview_every = _integer(inputs, "preview_every", 0, 0, limits.max_steps)
     timeout_s = _real(inputs, "timeout_s", 0.0, 0.0, limits.max_timeout_s)
+    from serving.core.regions import parse_regions  # imported here: regions imports this module
+
+    regions = parse_regions(inputs, limits.regions, sizes["height"], sizes["width"])
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -135,6 +154,7 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         progress_every=progress_every,
         preview_every=preview_every,
         timeout_s=timeout_s,
+        regions=regions,
     )
 
 
@@ -154,6 +174,11 @@ def _text(inputs, name, required):
         if required:
             raise InvalidInput(name, "is required")
         return ""
+    return decode_text(name, value)
+
+
+def decode_text(name, value) -> str:
+    """One BYTES element as text."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")

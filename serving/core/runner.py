@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from serving.core.regions import is_attention_variant
 from serving.core.sampler import DDIMSchedule, noise_generator
 from serving.core.text import CachedTextEncoder, PromptTokenizer
 
@@ -52,7 +53,11 @@ class Runner:
         sample = np.repeat(latents, rows, axis=0)
         timestep = np.repeat(t, rows)
         context = np.concatenate([j.conditioning.contexts for j in jobs])
-        predictions = self.models.unet(sample, timestep, context)
+        if is_attention_variant(jobs[0].variant):  # regions, attention mode: K contexts per row and their weights
+            weights = np.concatenate([j.conditioning.region_weights for j in jobs])
+            predictions = self.models.regional_unet(sample, timestep, context, region_weights=weights)
+        else:
+            predictions = self.models.unet(sample, timestep, context)
         bounds = np.cumsum([0] + rows)
         eps = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])
         steps = np.array([j.request.steps for j in jobs])

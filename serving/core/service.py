@@ -9,6 +9,7 @@ from serving.core.engine import Engine
 from serving.core.errors import INVALID_ARG, UNAVAILABLE
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
+from serving.core.regional_prompt import check_regional_job
 from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.core.runner import Runner
 from serving.core.sampler import DDIMSchedule
@@ -79,10 +80,12 @@ class PipelineService:
             request = parse_request(inputs, self.limits, default_seed=secrets.randbelow(2**31))
             self.tokenizer.check("prompt", request.prompt)
             self.tokenizer.check("negative_prompt", request.negative_prompt)
+            job = Job(request, sink, variant=request.regions.unet_variant if request.regions else "base")
+            check_regional_job(job, self.tokenizer.check, self.engine.scheduler.config.max_rows)
         except InvalidInput as exc:
             sink.fail(INVALID_ARG, str(exc))
             return
         try:
-            self.engine.submit(Job(request, sink))
+            self.engine.submit(job)
         except QueueFull as exc:
             sink.fail(UNAVAILABLE, f"server overloaded, retry later: {exc}")

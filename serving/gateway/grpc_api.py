@@ -54,7 +54,8 @@ def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
     if request.regions:
         inputs["region_prompts"] = [r.prompt for r in request.regions]
         if any(r.negative_prompt for r in request.regions):
-            inputs["region_negative_prompts"] = [r.negative_prompt for r in request.regions]
+            # a region left without one takes the request's, as when no region names one
+            inputs["region_negative_prompts"] = [r.negative_prompt or request.negative_prompt for r in request.regions]
         masks = [r.mask for r in request.regions]
         if any(masks):
             if not all(masks):

@@ -60,11 +60,13 @@ def _flag(params: dict, name: str, default: bool) -> bool:
 
 class ModelCalls:
     """The engine's models: the text encoder and VAE from one provider, the UNet from another.
+    regional: the regional UNet (regions' attention mode), or None where the export has none.
     row_cap: the UNet rows per call the UNet's device can serve, when its runner knows it."""
 
-    def __init__(self, text_vae, unet, row_cap=None):
+    def __init__(self, text_vae, unet, regional=None, row_cap=None):
         self.text_vae = text_vae
         self._unet = unet
+        self._regional = regional
         self.row_cap = row_cap
 
     def encode_text(self, input_ids):
@@ -72,6 +74,9 @@ class ModelCalls:
 
     def unet(self, sample, timestep, encoder_hidden_states, **per_row):
         return self._unet(sample, timestep, encoder_hidden_states, **per_row)
+
+    def regional_unet(self, sample, timestep, encoder_hidden_states, region_weights):
+        return self._regional(sample, timestep, encoder_hidden_states, region_weights=region_weights)
 
     def decode(self, latents):
         return self.text_vae.decode(latents)
@@ -91,10 +96,10 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, log=print) -
         checkpoint = repo_dir / "pipeline" / version / CHECKPOINT_COPY
         torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log)
     text_vae = torch_models if choice.text_vae == "torch" else bls
-    if choice.unet == "torch":
+    if choice.unet == "bls":
+        return ModelCalls(text_vae, bls.unet, bls.regional_unet)
+    if choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
         return ModelCalls(text_vae, torch_models.unet, row_cap=torch_models.row_cap)
-    if choice.unet == "inprocess":
-        from serving.models.onnx import LocalUnet
+    from serving.models.onnx import LocalUnet, regional_unet
 
-        return ModelCalls(text_vae, LocalUnet(repo_dir / "unet" / "1" / "model.onnx"))
-    return ModelCalls(text_vae, bls.unet)
+    return ModelCalls(text_vae, LocalUnet(repo_dir / "unet" / "1" / "model.onnx"), regional_unet(repo_dir))

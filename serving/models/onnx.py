@@ -50,15 +50,22 @@ class OnnxComponent:
 
 
 class LocalUnet:
-    """The UNet alone in this process: the pipeline's in-process runner."""
+    """A UNet alone in this process: the pipeline's in-process runner (the regional UNet also
+    takes region_weights)."""
 
     def __init__(self, onnx_path, threads: int = 0):
         self.component = OnnxComponent(onnx_path, threads)
 
-    def __call__(self, sample, timestep, encoder_hidden_states):
-        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)[
+    def __call__(self, sample, timestep, encoder_hidden_states, **extra):
+        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, **extra)[
             "noise_pred"
         ]
+
+
+def regional_unet(repo_dir, threads: int = 0):
+    """The regional UNet of a repository (regions' attention mode), or None in an export that predates it."""
+    path = Path(repo_dir) / "unet_regional" / "1" / "model.onnx"
+    return LocalUnet(path, threads) if path.is_file() else None
 
 
 class LocalModels:
@@ -68,6 +75,7 @@ class LocalModels:
         repo = Path(repo_dir)
         self.text_encoder = OnnxComponent(repo / "text_encoder" / "1" / "model.onnx", threads)
         self.unet = LocalUnet(repo / "unet" / "1" / "model.onnx", threads)
+        self.regional_unet = regional_unet(repo, threads)
         self.vae_decoder = OnnxComponent(repo / "vae_decoder" / "1" / "model.onnx", threads)
         self.vae_encoder = OnnxComponent(repo / "vae_encoder" / "1" / "model.onnx", threads)
 

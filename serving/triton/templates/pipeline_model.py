@@ -30,6 +30,11 @@ class BlsModels:
         inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states}
         return _call("unet", inputs, ["noise_pred"])[0]
 
+    def regional_unet(self, sample, timestep, encoder_hidden_states, region_weights):
+        inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states,
+                  "region_weights": region_weights}
+        return _call("unet_regional", inputs, ["noise_pred"])[0]
+
     def decode(self, latents):
         return _call("vae_decoder", {"latents": latents}, ["images"])[0]
 

@@ -1,0 +1,133 @@
+"""Regional prompts as UNet rows and a rule that combines them (the mechanism of
+serving/core/conditioning.py), in the two modes of serving/core/regions.py.
+
+Contexts k = 0..R: the base prompt, then each region's prompt; W_k [h, w] its share of every
+latent cell (they sum to 1); n_k the negative prompt it is guided against (the request's, or the
+region's own), g the guidance scale.
+
+Latent mode (latent couple): one conditional row per context and one unconditional row per
+distinct negative prompt, all in the same UNet call as every other job's rows (R + 2 rows with
+guidance and no region negatives); eps = sum_k W_k (u_{n_k} + g (c_k - u_{n_k})), which with one
+negative prompt is uncond + g sum_k W_k (c_k - uncond).
+Attention mode: two rows (one without guidance), each with all K contexts (the unconditional row
+with the negatives n_k), to the regional UNet, whose cross-attention mixes the contexts by W;
+then classifier-free guidance as for a plain prompt.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.core.conditioning import TextConditioning, TextPrompt
+from serving.core.regions import Regions
+from serving.core.request import InvalidInput
+
+
+@dataclass(frozen=True)
+class RegionalConditioning:
+    cond: np.ndarray  # [K, L, D]: base prompt, then each region
+    uncond: np.ndarray | None  # [N, L, D]: the distinct negative prompts; None without guidance
+    negative_of: np.ndarray | None  # [K]: the uncond row each context is guided against
+    weights: np.ndarray  # [K, h, w]
+    guidance_scale: float
+
+    @property
+    def rows(self) -> int:
+        return len(self.cond) + (0 if self.uncond is None else len(self.uncond))
+
+    @property
+    def contexts(self) -> np.ndarray:
+        return self.cond if self.uncond is None else np.concatenate([self.cond, self.uncond])
+
+    def combine(self, predictions: np.ndarray) -> np.ndarray:
+        count = len(self.cond)
+        guided = predictions[:count]
+        if self.uncond is not None:
+            uncond = predictions[count:][self.negative_of]
+            guided = uncond + np.float32(self.guidance_scale) * (guided - uncond)
+        return (self.weights[:, None] * guided).sum(axis=0)
+
+
+@dataclass(frozen=True)
+class RegionalAttentionConditioning(TextConditioning):
+    """cond and uncond are [K, L, D]: each row carries all contexts to the regional UNet."""
+
+    weights: np.ndarray  # [K, h, w]
+
+    @property
+    def region_weights(self) -> np.ndarray:
+        """[rows, K, h, w]: both rows mix their contexts alike."""
+        return np.broadcast_to(self.weights, (self.rows, *self.weights.shape))
+
+
+@dataclass(frozen=True)
+class RegionalPrompt(TextPrompt):
+    """Latent mode: the whole-image prompt with regions."""
+
+    regions: Regions
+
+    @property
+    def negatives(self) -> list:
+        """The negative prompt of each context."""
+        return [self.negative_prompt] + list(self.regions.negative_prompts or [self.negative_prompt] * self.regions.count)
+
+    def _distinct_negatives(self) -> list:
+        return list(dict.fromkeys(self.negatives))
+
+    @property
+    def rows(self) -> int:
+        return self.regions.count + 1 + (len(self._distinct_negatives()) if self.uses_guidance else 0)
+
+    def texts(self) -> list:
+        texts = [self.prompt, *self.regions.prompts]
+        return texts + self._distinct_negatives() if self.uses_guidance else texts
+
+    def build(self, embeddings: list) -> RegionalConditioning:
+        count = self.regions.count + 1
+        cond = np.stack(embeddings[:count])
+        if not self.uses_guidance:
+            return RegionalConditioning(cond, None, None, self.regions.weights, self.guidance_scale)
+        distinct = self._distinct_negatives()
+        negative_of = np.array([distinct.index(n) for n in self.negatives])
+        return RegionalConditioning(cond, np.stack(embeddings[count:]), negative_of, self.regions.weights,
+                                    self.guidance_scale)
+
+
+@dataclass(frozen=True)
+class RegionalAttentionPrompt(RegionalPrompt):
+    """Attention mode."""
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.uses_guidance else 1
+
+    def texts(self) -> list:
+        texts = [self.prompt, *self.regions.prompts]
+        return texts + self.negatives if self.uses_guidance else texts
+
+    def build(self, embeddings: list) -> RegionalAttentionConditioning:
+        count = self.regions.count + 1
+        uncond = np.stack(embeddings[count:]) if self.uses_guidance else None
+        return RegionalAttentionConditioning(np.stack(embeddings[:count]), uncond, self.guidance_scale,
+                                             self.regions.weights)
+
+
+def regional_prompt(request) -> RegionalPrompt:
+    """The prompt spec of a request with regions (a GenerationRequest whose `regions` is set)."""
+    kind = RegionalPrompt if request.regions.mode == "latent" else RegionalAttentionPrompt
+    return kind(request.prompt, request.negative_prompt, request.guidance_scale, request.regions)
+
+
+def check_regional_job(job, check_tokens, max_rows: int) -> None:
+    """Refuses a regional job whose texts are too long for the text encoder, or whose rows would
+    not fit one UNet call (the scheduler never splits a job's rows)."""
+    regions = job.request.regions
+    if regions is None:
+        return
+    for field, text in regions.texts_to_check():
+        check_tokens(field, text)
+    if job.rows > max_rows:
+        raise InvalidInput(
+            "region_prompts",
+            f"{regions.count} regions in {regions.mode} mode need {job.rows} UNet rows per step; this server "
+            f"allows at most max_rows={max_rows} (use fewer regions, region_mode attention, or no region negatives)",
+        )
