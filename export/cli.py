@@ -5,7 +5,8 @@ from serving.models.assemble import TEXT_VAE_RUNNERS, UNET_RUNNERS
 
 
 def add_arguments(parser):
-    parser.add_argument("checkpoint", help="a diffusers StableDiffusionPipeline folder")
+    parser.add_argument("checkpoint", help="a diffusers pipeline folder (text-to-image, inpainting or x4-upscaler: "
+                        "the UNet's layout is read from its config)")
     parser.add_argument("--repo", default="model_repository", help="model repository to write (default: %(default)s)")
     add_repository_options(parser)
 
@@ -18,6 +19,11 @@ def add_repository_options(parser):
     parser.add_argument("--gpu", action="store_true",
                         help="place the pipeline and component instances on the GPU (KIND_GPU), with the CUDA "
                              "memory pool their BLS tensors need; the torch runner becomes the default")
+    # image-conditioned generation: extra UNet variants beside the primary checkpoint's
+    parser.add_argument("--inpaint-checkpoint", help="an inpainting checkpoint (9-channel UNet, StableDiffusionInpaintPipeline) "
+                        "to serve task inpaint with; without it inpainting blends latents with the base UNet")
+    parser.add_argument("--upscale-checkpoint", help="an x4 upscaler checkpoint (StableDiffusionUpscalePipeline) to serve "
+                        "task upscale with")
     parser.add_argument("--max-size", type=int, help="largest image side served (default: twice the native size)")
     parser.add_argument("--unet", choices=UNET_RUNNERS,
                         help="how the pipeline runs the UNet each step: inprocess (ONNX Runtime), bls (the unet "
@@ -92,6 +98,7 @@ def export_with_options(checkpoint, args) -> dict:
         gpu=args.gpu,
         max_size=args.max_size,
         pipeline_parameters=parameters_from_args(args),
+        variants={"inpaint": args.inpaint_checkpoint, "upscale": args.upscale_checkpoint},
     )
 
 

@@ -26,7 +26,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ComponentContract:
-    name: str
+    name: str  # the Triton model
+    component: str  # what it runs: text_encoder, unet, unet_regional, vae_decoder or vae_encoder
     folder: str  # the checkpoint subfolder holding its weights
     inputs: tuple
     outputs: tuple
@@ -55,11 +56,17 @@ class ComponentContract:
 
 
 def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: dict) -> dict:
-    """The exported components of a checkpoint, by Triton model name."""
+    """The exported components of a checkpoint, by component (the names of their Triton models,
+    until a repository with several variants renames them); a base checkpoint's include the
+    regional UNet."""
     lat_max = max_image_size // info.vae_factor
     lat_opt = info.native_size // info.vae_factor
     lat_min = 8 if lat_max >= 8 else lat_max
     latent = (BATCH, info.latent_channels, HEIGHT, WIDTH)
+    # concat-conditioned UNets (inpainting, x4 upscaler) take extra channels after the latents
+    unet_sample = (BATCH, info.unet_in_channels, HEIGHT, WIDTH)
+    # the x4 upscaler's noise level, one per row
+    class_labels = (TensorSpec("class_labels", "int64", (BATCH,)),) if info.layout == "upscale" else ()
     latent_axes = {HEIGHT: (lat_min, lat_opt, lat_max), WIDTH: (lat_min, lat_opt, lat_max)}
     image_axes = {
         IMAGE_HEIGHT: tuple(v * info.vae_factor for v in latent_axes[HEIGHT]),
@@ -72,6 +79,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
     contracts = {
         "text_encoder": ComponentContract(
             name="text_encoder",
+            component="text_encoder",
             folder="text_encoder",
             inputs=(TensorSpec("input_ids", "int64", (BATCH, info.text_length)),),
             outputs=(TensorSpec("last_hidden_state", "float32", (BATCH, info.text_length, info.text_hidden)),),
@@ -80,12 +88,14 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
         ),
         "unet": ComponentContract(
             name="unet",
+            component="unet",
             folder="unet",
             inputs=(
-                TensorSpec("sample", "float32", latent),
+                TensorSpec("sample", "float32", unet_sample),
                 # one timestep per row: requests at different steps share one call
                 TensorSpec("timestep", "int64", (BATCH,)),
                 TensorSpec("encoder_hidden_states", "float32", (BATCH, info.text_length, info.text_hidden)),
+                *class_labels,
             ),
             outputs=(TensorSpec("noise_pred", "float32", latent),),
             max_batch_size=max_batch["unet"],
@@ -93,6 +103,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
         ),
         "vae_decoder": ComponentContract(
             name="vae_decoder",
+            component="vae_decoder",
             folder="vae",
             inputs=(TensorSpec("latents", "float32", latent),),
             # NHWC in [0, 1]: the pipeline only rounds to uint8
@@ -102,6 +113,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
         ),
         "vae_encoder": ComponentContract(
             name="vae_encoder",
+            component="vae_encoder",
             folder="vae",
             inputs=(TensorSpec("images", "float32", (BATCH, IMAGE_HEIGHT, IMAGE_WIDTH, 3)),),
             # the posterior's mean and standard deviation, already in diffusion (scaled) units
@@ -113,7 +125,8 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             axis_ranges={**batch_axis("vae_encoder"), **image_axes},
         ),
     }
-    contracts["unet_regional"] = regional_unet_contract(contracts["unet"], max_batch["unet_regional"])
+    if info.layout == "base":  # the regional UNet takes text contexts alone, no concatenated image
+        contracts["unet_regional"] = regional_unet_contract(contracts["unet"], max_batch["unet_regional"])
     return contracts
 
 
@@ -125,6 +138,7 @@ def regional_unet_contract(unet: ComponentContract, max_batch: int) -> Component
     return replace(
         unet,
         name="unet_regional",
+        component="unet_regional",
         inputs=(sample, timestep, TensorSpec(context.name, context.dtype, (batch, CONTEXTS, length, hidden)),
                 TensorSpec("region_weights", "float32", (BATCH, CONTEXTS, HEIGHT, WIDTH))),
         max_batch_size=max_batch,
@@ -142,6 +156,8 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
             out[spec.name] = rng.integers(0, info.vocab_size, shape, dtype=np.int64)
         elif spec.name == "timestep":
             out[spec.name] = rng.integers(0, info.scheduler_config.get("num_train_timesteps", 1000), shape)
+        elif spec.name == "class_labels":
+            out[spec.name] = rng.integers(0, info.max_noise_level + 1, shape)
         elif spec.name == "images":
             out[spec.name] = rng.random(shape, dtype=np.float32)
         elif spec.name == "region_weights":  # non-negative, summing to 1 over the contexts of each cell

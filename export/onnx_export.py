@@ -48,7 +48,7 @@ def export_component(contract: ComponentContract, info: CheckpointInfo, onnx_pat
             return {**stamp, "exported": False}
 
     start = time.perf_counter()
-    module = load_module(contract.name, info)
+    module = load_module(contract.component, info)
     opt = {axis: r[1] for axis, r in contract.axis_ranges.items()}
     example = sample_inputs(contract, info, {**opt, "batch": 2}, seed=0)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)

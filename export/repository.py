@@ -1,12 +1,22 @@
 """Writes a Triton model repository for a diffusers checkpoint: ONNX per component served as a
 Triton model, configs generated from the contracts, the pipeline's model code and assets, and a
-copy of the checkpoint's weights when the pipeline runs components with torch in its process."""
+copy of the checkpoints' weights when the pipeline runs components with torch in its process.
+
+A repository may hold several UNet *variants*, one per layout (export/checkpoint.py): the
+primary checkpoint's, plus an inpainting and/or an x4-upscaler checkpoint. Each variant's
+components are exported with their own contracts; a component whose files are identical to one
+already exported (the same text encoder or VAE) is exported once and shared. The variants table
+in pipeline/1/pipeline.json names each variant's models, tokenizer and schedule. A base primary
+also gets the regional UNet (regions' attention mode) from its UNet's weights.
+"""
+from dataclasses import replace
+import filecmp
 import json
 import os
 from pathlib import Path
 import shutil
 
-from export.checkpoint import CheckpointInfo
+from export.checkpoint import LAYOUTS, CheckpointInfo
 from export.contracts import component_contracts
 from export.onnx_export import export_component
 from export.placement import bls_pool_bytes
@@ -17,7 +27,12 @@ from serving.models.assemble import CHECKPOINT_COPY
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "serving" / "triton" / "templates"
 MAX_BATCH = {"text_encoder": 64, "unet": 64, "unet_regional": 64, "vae_decoder": 16, "vae_encoder": 16}
-COMPONENTS = tuple(MAX_BATCH)
+# the components each variant uses (the upscaler concatenates its low-res input in pixel space)
+VARIANT_COMPONENTS = {
+    "base": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+    "inpaint": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+    "upscale": ("text_encoder", "unet", "vae_decoder"),
+}
 
 
 def write_repository(
@@ -28,59 +43,55 @@ def write_repository(
     max_size: int | None = None,
     pipeline_parameters: dict | None = None,
     log=print,
+    variants: dict | None = None,
 ) -> dict:
-    """Exports the components `pipeline_parameters` serve as Triton models into `repo` (those the
-    pipeline does not run with torch); returns each export's stamp."""
-    info = CheckpointInfo.read(checkpoint)
+    """Exports `checkpoint` (and the extra variant checkpoints in `variants`, {"inpaint": DIR,
+    "upscale": DIR}) into `repo`: as Triton models the components `pipeline_parameters` serve that
+    way (those the pipeline does not run with torch); returns each export's stamp."""
+    infos = read_variants(checkpoint, variants or {})
+    primary = next(iter(infos.values()))
     repo = Path(repo)
     parameters = pipeline_parameters or {}
-    max_size = max_size or 2 * info.native_size
-    contracts = component_contracts(info, max_size, MAX_BATCH)
+    max_size = max_size or 2 * primary.native_size
     served = served_components(parameters)
-    log(f"exporting {info.path} -> {repo} ({backend} backend{', GPU' if gpu else ''}; models: {', '.join(served) or 'none'})")
-    stamps = {}
-    for name in set(contracts) - set(served):
-        if (repo / name).exists():  # now run in the pipeline's process: no model of its own
-            shutil.rmtree(repo / name)
-    for name in served:
-        contract = contracts[name]
-        version_dir = repo / name / "1"
-        stamps[name] = export_component(contract, info, version_dir / "model.onnx", log=log)
-        if backend == "python":
-            _copy(TEMPLATES / "component_model.py", version_dir / "model.py")
-        elif backend == "tensorrt":
-            plan = version_dir / "model.plan"
-            if stamps[name]["exported"] or not plan.exists():
-                build_plan(contract, version_dir / "model.onnx", plan, log=log)
-        _write(repo / name / "config.pbtxt", to_pbtxt(component_config(contract, backend, gpu)))
+    log(f"exporting {primary.path} -> {repo} ({backend} backend{', GPU' if gpu else ''}; variants: {', '.join(infos)}; "
+        f"models: {', '.join(served) or 'none'})")
+    stamps, named, table, model_contracts = {}, [], {}, {}
+    for variant, info in infos.items():
+        contracts = component_contracts(info, max_size, MAX_BATCH)
+        kinds = VARIANT_COMPONENTS[variant] + (("unet_regional",) if info is primary and variant == "base" else ())
+        components = {}
+        for kind in kinds:
+            contract = contracts[kind]
+            shared = next((model for k, other, model in named if k == kind and same_files(other, info, contract.folder)), None)
+            if shared is None:
+                shared = kind if info is primary else f"{kind}_{variant}"
+                named.append((kind, info, shared))
+                if kind in served:
+                    model_contracts[shared] = replace(contract, name=shared)
+                    stamps[shared] = _export_model(model_contracts[shared], info, repo, backend, gpu, log)
+            components[kind] = shared
+        table[variant] = components
+    _remove_stale_models(repo, set(model_contracts))
 
     pipeline_dir = repo / "pipeline" / "1"
-    latent_size = info.native_size // info.vae_factor
-    if (pipeline_dir / CHECKPOINT_COPY).exists():
-        shutil.rmtree(pipeline_dir / CHECKPOINT_COPY)
-    if served != COMPONENTS:
-        # the torch runner loads the weights from the repository, so it serves wherever the
-        # repository goes (a container mounts the repository, not the checkpoint)
-        shutil.copytree(info.path, pipeline_dir / CHECKPOINT_COPY, copy_function=_link_or_copy)
-    placement = {"gpu": gpu, **(bls_pool_bytes(contracts, served, info.vae_factor) if gpu else {})}
+    torch_copies = _copy_checkpoints_for_torch(infos, primary, pipeline_dir, served)
+    facts = {variant: _variant_facts(info, table[variant], served, _tokenizer(info, primary, variant, pipeline_dir),
+                                     torch_copies.get(variant), repo, max_size)
+             for variant, info in infos.items()}
+    first = facts[primary.layout]
+    placement = {"gpu": gpu, **(bls_pool_bytes(model_contracts, tuple(model_contracts), primary.vae_factor) if gpu else {})}
     pipeline_info = {
-        "checkpoint": str(info.path.resolve()),
-        "components": list(served),
+        "checkpoint": first["checkpoint"],
+        "served": list(served),
         "placement": placement,
-        "text_length": info.text_length,
-        "latent_channels": info.latent_channels,
-        "vae_factor": info.vae_factor,
-        "size_multiple": info.size_multiple,
-        "native_size": info.native_size,
-        "max_size": max_size,
-        "regional_unet": "unet_regional" in served,  # regions' attention mode can be served
-        "preview": fit_preview(_preview_decoder(repo, info, served), info.latent_channels, latent_size, info.vae_factor),
+        **{k: first[k] for k in ("text_length", "latent_channels", "vae_factor", "size_multiple", "native_size", "max_size", "preview")},
+        "regional_unet": "unet_regional" in first["components"] and "unet_regional" in served,  # regions' attention mode
+        "primary": primary.layout,
+        "variants": facts,
     }
     _write(pipeline_dir / "pipeline.json", json.dumps(pipeline_info, indent=1))
-    _write(pipeline_dir / "scheduler_config.json", json.dumps(info.scheduler_config, indent=1))
-    if (pipeline_dir / "tokenizer").exists():
-        shutil.rmtree(pipeline_dir / "tokenizer")
-    shutil.copytree(info.path / "tokenizer", pipeline_dir / "tokenizer")
+    _write(pipeline_dir / "scheduler_config.json", json.dumps(primary.scheduler_config, indent=1))
     _copy(TEMPLATES / "pipeline_model.py", pipeline_dir / "model.py")
     write_pipeline_config(repo, parameters, gpu)
     if gpu:
@@ -90,6 +101,123 @@ def write_repository(
     _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config()))
     log(f"model repository ready: {repo}")
     return stamps
+
+
+def read_variants(checkpoint, extra: dict) -> dict:
+    """{variant name: CheckpointInfo}, the primary checkpoint first; each variant is named by its
+    UNet's layout, detected from the UNet config."""
+    primary = CheckpointInfo.read(checkpoint)
+    infos = {primary.layout: primary}
+    for name, path in extra.items():
+        if path is None:
+            continue
+        if name not in LAYOUTS:
+            raise ValueError(f"unknown variant {name!r}; variants are {LAYOUTS}")
+        info = CheckpointInfo.read(path)
+        if info.layout != name:
+            raise ValueError(f"{name} checkpoint {path}: its UNet has the {info.layout} layout "
+                             f"(in_channels={info.unet_in_channels}), not {name}")
+        if name in infos:
+            raise ValueError(f"two {name} checkpoints: {infos[name].path} and {path}")
+        if info.latent_channels != primary.latent_channels:
+            raise ValueError(f"{name} checkpoint {path}: {info.latent_channels} latent channels, "
+                             f"the primary checkpoint has {primary.latent_channels}")
+        infos[name] = info
+    return infos
+
+
+def same_files(a: CheckpointInfo, b: CheckpointInfo, folder: str) -> bool:
+    """Whether two checkpoints' `folder`s hold the same component: the same files, JSON configs
+    equal but for diffusers' bookkeeping keys (`_name_or_path`, `_diffusers_version`, ...),
+    other files byte for byte."""
+    files_a, files_b = a.component_files(folder), b.component_files(folder)
+    if [f.name for f in files_a] != [f.name for f in files_b]:
+        return False
+    for fa, fb in zip(files_a, files_b):
+        if fa.suffix == ".json":
+            if _config(fa) != _config(fb):
+                return False
+        elif fa.stat().st_size != fb.stat().st_size or not filecmp.cmp(fa, fb, shallow=False):
+            return False
+    return True
+
+
+def _config(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def _export_model(contract, info, repo: Path, backend: str, gpu: bool, log) -> dict:
+    version_dir = repo / contract.name / "1"
+    stamp = export_component(contract, info, version_dir / "model.onnx", log=log)
+    if backend == "python":
+        _copy(TEMPLATES / "component_model.py", version_dir / "model.py")
+    elif backend == "tensorrt":
+        plan = version_dir / "model.plan"
+        if stamp["exported"] or not plan.exists():
+            build_plan(contract, version_dir / "model.onnx", plan, log=log)
+    _write(repo / contract.name / "config.pbtxt", to_pbtxt(component_config(contract, backend, gpu)))
+    return stamp
+
+
+def _remove_stale_models(repo: Path, exported: set) -> None:
+    """Component models an earlier export left that this one does not serve: a variant no longer
+    exported, or a component the pipeline now runs with torch (Triton would load them)."""
+    for kind in MAX_BATCH:
+        for model in [repo / kind] + [repo / f"{kind}_{variant}" for variant in LAYOUTS]:
+            if model.name not in exported and model.is_dir():
+                shutil.rmtree(model)
+
+
+def _copy_checkpoints_for_torch(infos: dict, primary: CheckpointInfo, pipeline_dir: Path, served: tuple) -> dict:
+    """{variant: folder in pipeline/1/} of the checkpoint copies the torch runner loads, when it
+    runs any component: it serves wherever the repository goes (a container mounts the
+    repository, not the checkpoint)."""
+    for old in pipeline_dir.glob(f"{CHECKPOINT_COPY}*"):
+        shutil.rmtree(old)
+    if set(served) >= {"text_encoder", "unet", "vae_decoder", "vae_encoder"}:
+        return {}
+    copies = {}
+    for variant, info in infos.items():
+        copies[variant] = CHECKPOINT_COPY if info is primary else f"{CHECKPOINT_COPY}_{variant}"
+        shutil.copytree(info.path, pipeline_dir / copies[variant], copy_function=_link_or_copy)
+    return copies
+
+
+def _tokenizer(info: CheckpointInfo, primary: CheckpointInfo, variant: str, pipeline_dir: Path) -> str:
+    """The folder (in pipeline/1/) of the variant's tokenizer: the primary's when identical."""
+    name = "tokenizer" if info is primary or same_files(info, primary, "tokenizer") else f"tokenizer_{variant}"
+    if info is primary or name != "tokenizer":
+        if (pipeline_dir / name).exists():
+            shutil.rmtree(pipeline_dir / name)
+        shutil.copytree(info.path / "tokenizer", pipeline_dir / name)
+    return name
+
+
+def _variant_facts(info: CheckpointInfo, components: dict, served: tuple, tokenizer: str, torch_copy: str | None,
+                   repo: Path, max_size: int) -> dict:
+    """What the pipeline needs to run one variant: its models, tokenizer, schedule and sizes."""
+    latent_size = info.native_size // info.vae_factor
+    facts = {
+        "checkpoint": str(info.path.resolve()),
+        "components": components,
+        "max_batch": {kind: MAX_BATCH[kind] for kind in components},  # rows per call each model accepts
+        "tokenizer": tokenizer,
+        "text_length": info.text_length,
+        "latent_channels": info.latent_channels,
+        "vae_factor": info.vae_factor,
+        "size_multiple": info.size_multiple,
+        "native_size": info.native_size,
+        "max_size": max_size,
+        "preview": fit_preview(_preview_decoder(repo, info, components["vae_decoder"], served), info.latent_channels,
+                               latent_size, info.vae_factor),
+        "scheduler_config": info.scheduler_config,
+    }
+    if torch_copy is not None:
+        facts["torch_checkpoint"] = torch_copy
+    if info.layout == "upscale":
+        facts["low_res_scheduler_config"] = info.low_res_scheduler_config
+        facts["max_noise_level"] = info.max_noise_level
+    return facts
 
 
 def write_pipeline_config(repo, parameters: dict, gpu: bool = False) -> None:
@@ -107,26 +235,27 @@ def served_components(parameters: dict) -> tuple:
         # with the regional UNet beside it (regions' attention mode); the torch runner serves
         # regions in latent mode only
         served += ["unet", "unet_regional"]
-    return tuple(n for n in COMPONENTS if n in served)
+    return tuple(n for n in MAX_BATCH if n in served)
 
 
 def has_artifacts(repo) -> bool:
-    """Whether `repo` holds an export (one from before the regional UNet existed counts: it
-    serves everything but regions' attention mode)."""
+    """Whether `repo` holds a complete export: the pipeline and every model its variants serve."""
     repo = Path(repo)
     info_path = repo / "pipeline" / "1" / "pipeline.json"
-    if not (info_path.is_file() and (repo / "pipeline" / "config.pbtxt").is_file()):
+    if not info_path.is_file() or not (repo / "pipeline" / "config.pbtxt").is_file():
         return False
-    served = json.loads(info_path.read_text()).get("components", [n for n in COMPONENTS if n != "unet_regional"])
-    return all((repo / n / "1" / "model.onnx").is_file() for n in served)
+    info = json.loads(info_path.read_text())
+    served = set(info.get("served", MAX_BATCH))
+    models = {m for facts in info.get("variants", {}).values() for kind, m in facts["components"].items() if kind in served}
+    return bool(models) and all((repo / m / "1" / "model.onnx").is_file() for m in models)
 
 
-def _preview_decoder(repo: Path, info: CheckpointInfo, served: tuple):
+def _preview_decoder(repo: Path, info: CheckpointInfo, model: str, served: tuple):
     """The VAE decoder the preview map is fitted from: its ONNX export, else the torch module."""
     if "vae_decoder" in served:
         from serving.models.onnx import OnnxComponent
 
-        decoder = OnnxComponent(repo / "vae_decoder" / "1" / "model.onnx")
+        decoder = OnnxComponent(repo / model / "1" / "model.onnx")
         return lambda latents: decoder(latents=latents)["images"]
     import torch
 

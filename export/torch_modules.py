@@ -21,9 +21,10 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sample, timestep, encoder_hidden_states, **per_row):
-        # per_row: further batch-first UNet inputs (e.g. class_labels), for runners that pass them
-        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **per_row)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        # class_labels: the x4 upscaler's noise level per row; other layouts have no such input
+        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                          return_dict=False)[0]
 
 
 class VaeDecoder(torch.nn.Module):
@@ -49,7 +50,8 @@ class VaeEncoder(torch.nn.Module):
 
 
 def load_module(name: str, info: CheckpointInfo) -> torch.nn.Module:
-    """The torch module of component `name`, in eval mode, float32."""
+    """The torch module of component `name` (text_encoder, unet, unet_regional, vae_decoder,
+    vae_encoder), in eval mode, float32."""
     if name == "text_encoder":
         module = TextEncoder(CLIPTextModel.from_pretrained(info.path / "text_encoder"))
     elif name == "unet":

@@ -6,7 +6,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.contracts import ComponentContract
 from serving.core.request import FIELDS
 
-DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "uint8": mc.TYPE_UINT8, "bytes": mc.TYPE_STRING}
+DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "uint8": mc.TYPE_UINT8, "bool": mc.TYPE_BOOL,
+          "bytes": mc.TYPE_STRING}
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 
 PIPELINE_OUTPUTS = (

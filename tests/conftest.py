@@ -44,3 +44,38 @@ def gateway(server, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "gateway.log"
     with GatewayProcess(server.grpc_url, log_file=log) as running:
         yield running
+
+
+# image-conditioned generation: tiny inpainting and x4-upscaler checkpoints, and a repository
+# (and server) holding all three UNet variants
+@pytest.fixture(scope="session")
+def tiny_inpaint_checkpoint(tmp_path_factory):
+    from training.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-inpaint", kind="inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_upscale_checkpoint(tmp_path_factory):
+    from training.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-upscale", kind="upscale")
+
+
+@pytest.fixture(scope="session")
+def variant_repo(tmp_path_factory, tiny_checkpoint, tiny_inpaint_checkpoint, tiny_upscale_checkpoint):
+    from export.repository import write_repository
+
+    repo = tmp_path_factory.mktemp("variant-repo") / "model_repository"
+    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None,
+                     variants={"inpaint": tiny_inpaint_checkpoint, "upscale": tiny_upscale_checkpoint})
+    return repo
+
+
+@pytest.fixture(scope="session")
+def variant_server(variant_repo, tmp_path_factory):
+    from serving.triton.server import TritonServer
+
+    log = tmp_path_factory.mktemp("logs") / "tritonserver-variants.log"
+    with TritonServer(variant_repo, log_file=log) as running:
+        yield running

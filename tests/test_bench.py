@@ -10,13 +10,13 @@ import pytest
 def test_bench_reports_every_target(tiny_checkpoint, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "serving.cli", "bench", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path),
-         "--steps", "5", "--requests", "8", "--concurrency", "1,16", "--baseline-runs", "2", "--rss-requests", "120",
+         "--steps", "5", "--requests", "8", "--concurrency", "1,16", "--baseline-runs", "2", "--rss-requests", "120", "--mix-rounds", "1",
          "--rss-steps", "2"],
         capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert [t["target"].split(" ")[0] for t in report["targets"]] == ["throughput", "single-request", "p99", "mean", "server"]
+    assert [t["target"].split(" ")[0] for t in report["targets"]] == ["throughput", "single-request", "p99", "mean", "mixed", "server"]
     assert all(r["completed"] + sum(r["errors"].values()) > 0 for r in report["runs"])
     assert (tmp_path / "latency_vs_load.png").stat().st_size > 1000
     assert "| target | measured | required | met |" in done.stdout

@@ -37,7 +37,7 @@ def test_repository_carries_the_weights_and_no_component_models(torch_repo):
     copy = torch_repo / "pipeline" / "1" / "checkpoint"
     assert all((copy / folder / "config.json").is_file() for folder in ("text_encoder", "unet", "vae"))
     info = json.loads((torch_repo / "pipeline" / "1" / "pipeline.json").read_text())
-    assert info["components"] == [] and info["placement"] == {"gpu": False} and info["preview"]["weights"]
+    assert info["served"] == [] and info["placement"] == {"gpu": False} and info["preview"]["weights"]
 
 
 def test_served_image_matches_diffusers(torch_server, tiny_checkpoint):

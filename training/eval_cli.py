@@ -1,4 +1,5 @@
-"""`ldm eval`: prompt adherence and VAE PSNR of a checkpoint (in process) or of the service;
+"""`ldm eval`: prompt adherence and VAE PSNR of a checkpoint (in process) or of the service, and
+the image-conditioned tasks (inpainting, img2img recolouring: training/edit_eval.py);
 `ldm eval --regions`: regional-prompt adherence (training/regional_eval_cli.py).
 
 The evaluator is validated on ground-truth renders first; below 98% its scores do not count and
@@ -20,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", type=int, default=100, help="prompts per set (seen, held-out)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--grid", type=Path, help="also write a sample grid PNG (checkpoint, g=5, held-out marked)")
+    parser.add_argument("--edit-prompts", type=int, default=100,
+                        help="scenes per image-conditioned set (inpainting, recolouring; 0: skip them)")
     parser.add_argument("--require-targets", action="store_true", help="exit 1 if a target is missed")
     regional_eval_cli.add_arguments(parser)
 
@@ -62,8 +65,43 @@ def run(args) -> int:
         ceiling = reconstruction_adherence(pipe.vae)
         print(f"evaluator on VAE reconstructions of ground-truth renders (the ceiling for this VAE): "
               f"seen {ceiling['seen']:.1%}, held-out {ceiling['held-out']:.1%}")
-    print("\n| target | measured | result |\n|---|---|---|")
     checks = targets(results, psnr_db)
+    if args.edit_prompts:
+        checks += image_tasks(args, pipe)
+    print("\n| target | measured | result |\n|---|---|---|")
     for t in checks:
         print(f"| {t.name} | {t.measured} | {'PASS' if t.passed else 'FAIL'} |")
     return 1 if args.require_targets and not all(t.passed for t in checks) else 0
+
+
+def image_tasks(args, pipe) -> list:
+    """Runs and prints the inpainting and recolouring sets; returns their targets."""
+    from training.edit_eval import (INPAINT_TARGET, STRENGTHS, checkpoint_editor, evaluate_inpainting,
+                                    evaluate_recolouring, monotone, service_editor)
+    from training.eval_suite import Target
+
+    edit = service_editor(args.url, args.protocol) if args.url else checkpoint_editor(pipe)
+    n = args.edit_prompts
+    print(f"\nimage-conditioned tasks: {n} scenes a set, {args.steps} DDIM steps, guidance 5, seeds 0..{n - 1}")
+    inpaint = evaluate_inpainting(edit, n, steps=args.steps)
+    print("\n| inpainting (mask the empty half, two-object caption, strength 1) | measured |\n|---|---|")
+    print(f"| whole-prompt accuracy (seen combinations) | {inpaint['prompt_accuracy']:.1%} |")
+    print(f"| attribute accuracy | {inpaint['attribute_accuracy']:.1%} |")
+    print(f"| kept object read back the same (colour, shape, size, centre within 1 px) | {inpaint['kept_object_read_back']:.1%} |")
+    print(f"| kept half pixel-identical to the input | {inpaint['kept_half_identical']:.1%} |")
+    recolour = evaluate_recolouring(edit, n, steps=args.steps)
+    print("\n| recolouring: strength | whole-prompt accuracy (new colour) | mean position shift (px) | no object read |\n|---|---|---|---|")
+    for strength, r in recolour.items():
+        print(f"| {strength:g} | {r['prompt_accuracy']:.1%} | {r['mean_shift_px']:.2f} | {r['lost']} |")
+    accuracy = [recolour[s]["prompt_accuracy"] for s in STRENGTHS]
+    shift = [recolour[s]["mean_shift_px"] for s in STRENGTHS]
+    return [
+        Target(f"inpainting whole-prompt accuracy, seen, g=5 >= {INPAINT_TARGET:.0%}", f"{inpaint['prompt_accuracy']:.1%}",
+               inpaint["prompt_accuracy"] >= INPAINT_TARGET),
+        Target("inpainting keeps the object outside the mask (read back the same, every scene)",
+               f"{inpaint['kept_object_read_back']:.1%} (pixel-identical: {inpaint['kept_half_identical']:.1%})",
+               inpaint["kept_object_read_back"] == 1.0),
+        Target(f"recolouring: accuracy and position shift both rise with strength {'/'.join(map(str, STRENGTHS))}",
+               "accuracy " + " / ".join(f"{a:.0%}" for a in accuracy) + "; shift " + " / ".join(f"{s:.2f}" for s in shift),
+               monotone(accuracy) and monotone(shift)),
+    ]

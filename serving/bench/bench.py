@@ -4,9 +4,11 @@ Prints a table of the issue's targets as ratios measured in this run, writes JSO
 latency against offered load. Runs: (c) bare ONNX Runtime loop and (a) diffusers one at a time
 in this process; the step-batched server (closed loop per concurrency, open loop with Poisson
 arrivals at fractions of its measured maximum); the same server with step batching off (b) at
-the same load; and server memory after 100 and 1,000 requests on a fresh server. `--via`
-chooses how the load reaches the server (serving/bench/paths.py); `--compare-paths` instead
-measures every path against one server and prints their ratios (the gateway's overhead).
+the same load; and server memory after 100 and 1,000 requests on a fresh server. A mixed
+workload (half txt2img, a quarter img2img, a quarter inpaint, every request denoising the same
+number of steps) runs at concurrency 16 beside the all-txt2img one. `--via` chooses how the load
+reaches the server (serving/bench/paths.py); `--compare-paths` instead measures every path
+against one server and prints their ratios (the gateway's overhead).
 """
 import json
 from pathlib import Path
@@ -27,6 +29,8 @@ def add_arguments(parser):
     parser.add_argument("--requests", type=int, default=48, help="requests per load level (default: %(default)s)")
     parser.add_argument("--load-fractions", default="0.4,0.8", help="open-loop rates as fractions of max throughput")
     parser.add_argument("--baseline-runs", type=int, default=6, help="requests per in-process baseline")
+    parser.add_argument("--mix-rounds", type=int, default=2,
+                        help="rounds of (mixed kinds, all txt2img) at C=16 after the main C=16 run (default: %(default)s)")
     parser.add_argument("--rss-requests", type=int, default=1000, help="requests for the memory check (0: skip)")
     parser.add_argument("--rss-steps", type=int, default=5, help="denoising steps of the memory-check requests")
     parser.add_argument("--via", choices=PATHS, default="triton-grpc", help="how the load reaches the server (default: %(default)s)")
@@ -66,6 +70,21 @@ PROMPTS = [  # inside the default model's grammar
     "a yellow triangle on the right of a grey background",
     "a magenta circle above a cyan square on a black background",
 ]
+
+
+def mixed_workload(fields: dict, size: int) -> list:
+    """Half txt2img, a quarter img2img (strength 0.75), a quarter inpaint (right half masked),
+    all denoising `fields["steps"]` steps: img2img is sent with the smallest step count whose
+    int(steps x 0.75) is that many."""
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, size // 2:] = 255
+    steps = fields["steps"]
+    img2img_steps = next(n for n in range(steps, 4 * steps + 1) if int(n * 0.75) >= steps)
+    return [fields, fields, {**fields, "init_image": image, "strength": 0.75, "steps": img2img_steps},
+            {**fields, "init_image": image, "mask": mask}]
 
 
 def run(args) -> int:
@@ -119,7 +138,14 @@ def run(args) -> int:
         for c in map(int, args.concurrency.split(",")):
             runs.append({"server": "batched", **closed_loop(client, fields, c, args.requests, seed0=1000 * c).summary()})
             print(f"  batched closed C={c}: {runs[-1]['throughput_images_per_s']:.2f} img/s, p50 {runs[-1]['latency_p50_s']:.3f} s", flush=True)
-        max_throughput = max(r["throughput_images_per_s"] for r in runs)
+        if 16 in map(int, args.concurrency.split(",")):
+            # alternated with all-txt2img runs, so load from elsewhere on the machine weighs on both
+            for k in range(args.mix_rounds):
+                for workload, load in (("mixed", mixed_workload(fields, size)), ("txt2img", fields)):
+                    run_ = closed_loop(client, load, 16, args.requests, seed0=16000 + 1000 * k)
+                    runs.append({"server": "batched", "workload": workload, **run_.summary()})
+                    print(f"  batched closed C=16, {workload} (mix round {k + 1}): {runs[-1]['throughput_images_per_s']:.2f} img/s", flush=True)
+        max_throughput = max(r["throughput_images_per_s"] for r in runs if "workload" not in r)
         report["max_throughput"] = max_throughput
         for fraction in map(float, args.load_fractions.split(",")):
             rate = fraction * max_throughput
@@ -153,14 +179,19 @@ def run(args) -> int:
     return 0
 
 
+def _runs(report, server, mode, workload=None, **match) -> list:
+    return [r for r in report["runs"] if r["server"] == server and r["mode"] == mode and r.get("workload") == workload
+            and all(r.get(k) == v for k, v in match.items())]
+
+
 def _run(report, server, mode, **match):
-    for r in report["runs"]:
-        if r["server"] == server and r["mode"] == mode and all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
+    found = _runs(report, server, mode, **match)
+    return found[0] if found else None
 
 
 def targets(report, args) -> list:
+    import numpy as np
+
     rows = []
     c16 = _run(report, "batched", "closed", offered=16)
     if c16:
@@ -176,6 +207,12 @@ def targets(report, args) -> list:
     if loaded and sequential:
         reduction = 1 - loaded["latency_mean_s"] / sequential["latency_mean_s"]
         rows.append(("mean latency at 80% load, reduction vs step batching off", reduction, ">= 0.30", reduction >= 0.30))
+    mixed = _runs(report, "batched", "closed", workload="mixed", offered=16)
+    if c16 and mixed:
+        plain = [c16] + _runs(report, "batched", "closed", workload="txt2img", offered=16)
+        ratio = (np.mean([r["throughput_images_per_s"] for r in mixed]) / np.mean([r["throughput_images_per_s"] for r in plain]))
+        rows.append(("mixed kinds (1/2 txt2img, 1/4 img2img, 1/4 inpaint) / all txt2img, throughput at C=16", ratio,
+                     ">= 0.85", ratio >= 0.85))
     if args.rss_requests:
         growth = report[f"rss_mb_after_{args.rss_requests}"] / report["rss_mb_after_100"] - 1
         rows.append((f"server RSS growth, 100 -> {args.rss_requests} requests", growth, "<= 0.10", growth <= 0.10))

@@ -42,8 +42,9 @@ class InProcessPipeline:
 
         config = text_format.Parse((repo / "pipeline" / "config.pbtxt").read_text(), mc.ModelConfig())
         params = {k: v.string_value for k, v in config.parameters.items()}
-        models = build_models(RunnerChoice.from_parameters(params, device), repo, "1", bls=None, log=log)
+        choice = RunnerChoice.from_parameters(params, device)
         assets = PipelineAssets.read(repo / "pipeline" / "1")
+        models = {variant: build_models(choice, repo, "1", None, facts, log=log) for variant, facts in assets.info["variants"].items()}
         self.service = PipelineService(assets, params, models).start()
         self.info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
 

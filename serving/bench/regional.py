@@ -70,10 +70,10 @@ def padding_vs_grouping(repo, size: int, repeats: int = 8) -> list:
     """Median CPU ms of one step for mixes of attention-mode jobs (2 rows each): one call per K
     (what the scheduler does), or one call with every job padded to the largest K."""
     from serving.core.service import PipelineAssets
-    from serving.models.onnx import regional_unet
+    from serving.models.onnx import LocalUnet, OnnxComponent
 
     info = PipelineAssets.read(Path(repo) / "pipeline" / "1").info
-    unet = regional_unet(repo)
+    unet = LocalUnet(OnnxComponent(Path(repo) / "unet_regional" / "1" / "model.onnx"))
     rng = np.random.default_rng(0)
     latent = size // int(info["vae_factor"])
 

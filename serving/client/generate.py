@@ -37,6 +37,15 @@ def add_arguments(parser):
                          help="a region's mask, an image of the output's size (white = inside; repeat, one per region)")
     regions.add_argument("--base-weight", type=float, help="share of the whole-image prompt inside regions (default 0.2)")
     regions.add_argument("--region-mode", choices=("latent", "attention"), help="how regions condition the UNet")
+    # image-conditioned generation (README: img2img, inpainting, upscaling)
+    images = parser.add_argument_group("image-conditioned generation")
+    images.add_argument("--init-image", help="PNG/JPEG to start from (img2img; with --mask: inpaint; with --task upscale: the low-res input)")
+    images.add_argument("--mask", help="greyscale PNG of the image's size: white (>= 128) is repainted, black kept")
+    images.add_argument("--strength", type=float, help="share of the schedule denoised, 0 < s <= 1 (img2img 0.75, inpaint 1)")
+    images.add_argument("--mask-blur", type=int, help="Gaussian blur (pixels) of the mask's edge when pasting the input back")
+    images.add_argument("--no-keep-unmasked", action="store_true", help="do not paste the input's pixels back outside the mask")
+    images.add_argument("--task", choices=("txt2img", "img2img", "inpaint", "upscale"), help="default: from the inputs")
+    images.add_argument("--noise-level", type=int, help="upscale: noise added to the low-res input (default 20)")
 
 
 def output_paths(output: str, n: int) -> list:
@@ -74,6 +83,19 @@ class StepBar:
         self.bar.close()
 
 
+def image_fields(args) -> dict:
+    """The image-conditioning request fields from the command line (None: the server's default)."""
+    import numpy as np
+    from PIL import Image
+
+    def read(path, mode):
+        return None if path is None else np.asarray(Image.open(path).convert(mode))
+
+    return dict(init_image=read(args.init_image, "RGB"), mask=read(args.mask, "L"), strength=args.strength,
+                mask_blur=args.mask_blur, keep_unmasked=False if args.no_keep_unmasked else None, task=args.task,
+                noise_level=args.noise_level)
+
+
 def run(args) -> int:
     if args.n < 1:
         print("ldm generate: -n must be at least 1", file=sys.stderr)
@@ -87,6 +109,7 @@ def run(args) -> int:
     fields = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, height=args.height,
                   width=args.width, eta=args.eta)
     try:
+        fields.update(image_fields(args))
         fields.update(region_fields(args, args.protocol))
     except ValueError as exc:
         print(f"ldm generate: {exc}", file=sys.stderr)

@@ -28,7 +28,9 @@ class Generation:
 def request_arrays(prompt, **fields) -> dict:
     """The pipeline's input tensors for `prompt` and the given fields (serving.core.request.FIELDS
     names them); fields left out or None take the server's defaults. A field of shape [1] takes a
-    value; a list field (region_prompts) a list of texts; an array field (region_masks) an array."""
+    value; a list field (region_prompts) a list of texts. Array fields (`init_image` uint8
+    [H, W, 3], `mask` uint8 [H, W], `region_masks` uint8 [R, H, W]) are sent as given, never cast:
+    an array of another dtype or rank raises INVALID_ARG naming the field, as the server would answer."""
     specs = {f.name: f for f in FIELDS}
     unknown = sorted(set(fields) - set(specs))
     if unknown:
@@ -38,11 +40,21 @@ def request_arrays(prompt, **fields) -> dict:
         if value is None:
             continue
         spec = specs[name]
-        values = value if spec.dims != (1,) else [value]
         if spec.dtype == "bytes":
+            values = value if spec.dims != (1,) else [value]
             value = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=np.object_)
+        elif spec.dims != (1,):
+            value = np.asarray(value)
+            if value.dtype != np.dtype(spec.dtype) or value.ndim != len(spec.dims) or any(
+                d != -1 and d != n for d, n in zip(spec.dims, value.shape)
+            ):
+                shape = ", ".join("N" if d == -1 else str(d) for d in spec.dims)
+                raise InferenceServerException(
+                    f"{name}: must be {np_to_triton_dtype(np.dtype(spec.dtype))} [{shape}], got {value.dtype} {list(value.shape)}",
+                    status="INVALID_ARG",
+                )
         else:
-            value = np.asarray(values, dtype=spec.dtype)
+            value = np.array([value], dtype=spec.dtype)
         arrays[name] = value
     return arrays
 

@@ -27,12 +27,13 @@ class Job:
     request: GenerationRequest
     sink: ResultSink
     arrival: float = field(default_factory=time.monotonic)
-    variant: str = "base"  # which UNet (channel layout) its rows go to
+    variant: str = "base"  # which UNet variant (channel layout: base, inpaint, upscale) runs it
     # filled in on admission
     rng: np.random.Generator | None = None
     latents: np.ndarray | None = None  # float32 [C, h, w]
     timesteps: np.ndarray | None = None
     conditioning: object | None = None  # serving.core.conditioning: rows, contexts, combine
+    image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     index: int = 0  # denoising steps done
     last_stepped: int = -1  # engine iteration of the last step (fairness)
     pred_x0: np.ndarray | None = None
@@ -55,9 +56,16 @@ class Job:
         return self.latents.shape
 
     @property
+    def network(self) -> str:
+        """Which network of its variant its rows go to: "base", or "regional/K" for regions in
+        attention mode (the regional UNet, K contexts per row)."""
+        regions = self.request.regions
+        return regions.unet_variant if regions is not None else "base"
+
+    @property
     def call_key(self) -> tuple:
-        """Jobs share a UNet call only when their rows fit one input tensor of one UNet."""
-        return (self.variant, self.latents.shape)
+        """Jobs share a UNet call only when their rows fit one input tensor of one network."""
+        return (self.variant, self.network, self.latents.shape)
 
     @property
     def done(self) -> bool:

@@ -123,6 +123,9 @@ def check_regional_job(job, check_tokens, max_rows: int) -> None:
     regions = job.request.regions
     if regions is None:
         return
+    if regions.mode == "attention" and job.variant != "base":
+        raise InvalidInput("region_mode", f"attention needs the base UNet (the regional UNet is exported from it); "
+                                          f"a {job.variant} request takes region_mode latent")
     for field, text in regions.texts_to_check():
         check_tokens(field, text)
     if job.rows > max_rows:

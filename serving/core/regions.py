@@ -99,8 +99,14 @@ def is_attention_variant(variant: str) -> bool:
 FIELDS = ("region_prompts", "region_negative_prompts", "region_divisions", "region_masks", "base_prompt_weight", "region_mode")
 
 
-def parse_regions(inputs: dict, limits: RegionLimits, height: int, width: int) -> Regions | None:
-    """The request's regions, or None when it has no `region_prompts` (and no other region field)."""
+def parse_regions(inputs: dict, limits: RegionLimits | None, height: int, width: int) -> Regions | None:
+    """The request's regions, or None when it has no `region_prompts` (and no other region field).
+    limits None: this pipeline serves no regions."""
+    if limits is None:
+        for name in FIELDS:
+            if inputs.get(name) is not None:
+                raise InvalidInput(name, "regional prompts are not served by this pipeline")
+        return None
     prompts = _texts(inputs, "region_prompts", limits.max_regions)
     if prompts is None:
         for name in FIELDS[1:]:

@@ -2,11 +2,14 @@
 
 Every rejection names the field and the allowed range, so a client can fix its request.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from serving.core import image_request
+from serving.core.variants import VariantSpec
 
 if TYPE_CHECKING:
     from serving.core.regions import RegionLimits, Regions
@@ -61,6 +64,14 @@ FIELDS = (
     Field("region_masks", "uint8", dims=(-1, -1, -1)),
     Field("base_prompt_weight", "float32"),
     Field("region_mode", "bytes"),
+    # image-conditioned generation (serving/core/image_request.py)
+    Field("task", "bytes"),
+    Field("init_image", "uint8", dims=(-1, -1, 3)),
+    Field("mask", "uint8", dims=(-1, -1)),
+    Field("strength", "float32"),
+    Field("mask_blur", "int32"),
+    Field("keep_unmasked", "bool"),
+    Field("noise_level", "int32"),
 )
 
 
@@ -79,6 +90,8 @@ class Limits:
     default_eta: float = 0.0
     max_timeout_s: float = 3600.0
     regions: "RegionLimits | None" = None
+    # the UNet variants served, by name (serving/core/variants.py); none: text-to-image only
+    variants: dict = field(default_factory=dict)
 
     @classmethod
     def from_parameters(cls, params: dict, pipeline_info: dict) -> "Limits":
@@ -98,6 +111,7 @@ class Limits:
             max_guidance_scale=get("max_guidance_scale", float, cls.max_guidance_scale),
             default_eta=get("default_eta", float, cls.default_eta),
             regions=RegionLimits.from_parameters(params, pipeline_info),
+            variants=VariantSpec.table(pipeline_info),
         )
 
 
@@ -116,6 +130,7 @@ class GenerationRequest:
     preview_every: int = 0
     timeout_s: float = 0.0
     regions: "Regions | None" = None  # a prompt per region of the image
+    image: "image_request.ImageInput | None" = None  # img2img, inpaint, upscale; None: text-to-image
 
 
 def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
@@ -128,8 +143,12 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
     guidance = _real(inputs, "guidance_scale", limits.default_guidance_scale, 0.0, limits.max_guidance_scale)
     eta = _real(inputs, "eta", limits.default_eta, 0.0, 1.0)
     seed = _integer(inputs, "seed", default_seed, 0, 2**63 - 1)
+    image = image_request.parse_image_input(inputs, limits, steps)
     sizes = {}
     for name in ("height", "width"):
+        if image is not None:  # the image sets the size
+            sizes[name] = image_request.output_side(inputs, name, image)
+            continue
         value = _integer(inputs, name, limits.default_size, limits.size_multiple, limits.max_size)
         if value % limits.size_multiple:
             raise InvalidInput(
@@ -155,6 +174,7 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         preview_every=preview_every,
         timeout_s=timeout_s,
         regions=regions,
+        image=image,
     )
 
 

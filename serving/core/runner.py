@@ -1,28 +1,38 @@
 """Running the models for the jobs the scheduler picked: text encoding on admission, one UNet
 call per iteration for all chosen rows, the DDIM update per row, VAE decoding of finished jobs.
 
-`models` is anything with encode_text(input_ids), unet(sample, timestep, encoder_hidden_states)
-and decode(latents) over numpy arrays: Triton BLS calls, or ONNX Runtime in this process.
+One Runner serves one UNet variant (serving/core/variants.py); `models` is anything with
+encode_text(input_ids), unet(sample, timestep, encoder_hidden_states[, class_labels]),
+decode(latents) and encode_image(images) -> (mean, std) over numpy arrays: Triton BLS calls, or
+ONNX Runtime in this process. Image-conditioned jobs (img2img, inpainting, upscaling) add to
+this what serving/core/image_jobs.py describes: starting latents and timesteps at admission,
+extra UNet input channels per row, a latent edit after each DDIM update, a paste-back at the end.
 """
 from collections import defaultdict
 
 import numpy as np
 
+from serving.core.image_jobs import admit_image_jobs
 from serving.core.regions import is_attention_variant
 from serving.core.sampler import DDIMSchedule, noise_generator
-from serving.core.text import CachedTextEncoder, PromptTokenizer
+from serving.core.text import CachedTextEncoder
+from serving.core.variants import VariantSpec
 
 
 class Runner:
-    def __init__(self, models, schedule: DDIMSchedule, tokenizer: PromptTokenizer, latent_channels: int, vae_factor: int):
+    def __init__(self, models, variant: VariantSpec, text_encoder: CachedTextEncoder):
         self.models = models
-        self.schedule = schedule
-        self.text_encoder = CachedTextEncoder(tokenizer, models.encode_text)
-        self.latent_channels = latent_channels
-        self.vae_factor = vae_factor
+        self.variant = variant
+        self.schedule = DDIMSchedule.from_config(variant.scheduler_config)
+        self.low_res_schedule = (DDIMSchedule.from_config(variant.low_res_scheduler_config)
+                                 if variant.low_res_scheduler_config else None)
+        self.text_encoder = text_encoder
+        self.latent_channels = variant.latent_channels
+        self.vae_factor = variant.vae_factor
 
     def admit(self, jobs: list) -> None:
-        """Text-encodes the new jobs in one call and draws their starting latents."""
+        """Text-encodes the new jobs in one call, draws their starting latents, and VAE-encodes
+        the input images of image-conditioned ones in one call per image size."""
         for job, conditioning in zip(jobs, self.encode([j.prompt for j in jobs])):
             job.conditioning = conditioning
         for job in jobs:
@@ -31,6 +41,10 @@ class Runner:
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             job.latents = job.rng.standard_normal(shape, dtype=np.float32)
             job.timesteps = self.schedule.timesteps(r.steps)
+        images = [j for j in jobs if j.request.image is not None]
+        if images:
+            admit_image_jobs(images, self.models.encode_image, self.schedule, self.variant.name, self.vae_factor,
+                             self.low_res_schedule, self.variant.max_batch.get("vae_encoder"))
 
     def encode(self, prompts: list) -> list:
         """The conditioning of each prompt (anything with texts() and build()), from one
@@ -53,11 +67,12 @@ class Runner:
         sample = np.repeat(latents, rows, axis=0)
         timestep = np.repeat(t, rows)
         context = np.concatenate([j.conditioning.contexts for j in jobs])
-        if is_attention_variant(jobs[0].variant):  # regions, attention mode: K contexts per row and their weights
+        sample, image_inputs = self._image_inputs(jobs, rows, sample)
+        if is_attention_variant(jobs[0].network):  # regions, attention mode: K contexts per row and their weights
             weights = np.concatenate([j.conditioning.region_weights for j in jobs])
             predictions = self.models.regional_unet(sample, timestep, context, region_weights=weights)
         else:
-            predictions = self.models.unet(sample, timestep, context)
+            predictions = self.models.unet(sample, timestep, context, **image_inputs)
         bounds = np.cumsum([0] + rows)
         eps = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])
         steps = np.array([j.request.steps for j in jobs])
@@ -75,6 +90,20 @@ class Runner:
             job.latents = prev[i]
             job.pred_x0 = x0[i]
             job.index += 1
+            if job.image_conditioning is not None:
+                job.image_conditioning.after_step(job, self.schedule)
+
+    def _image_inputs(self, jobs: list, rows: list, sample: np.ndarray) -> tuple:
+        """(sample, extra UNet inputs): for a concat-conditioned variant each row's latents are
+        followed by its job's image channels, and the upscaler takes its noise level per row."""
+        if self.variant.name == "base":
+            return sample, {}
+        channels = np.repeat(np.stack([j.image_conditioning.channels for j in jobs]), rows, axis=0)
+        sample = np.concatenate([sample, channels], axis=1)
+        if self.variant.name != "upscale":
+            return sample, {}
+        labels = np.repeat(np.array([j.image_conditioning.class_label for j in jobs], np.int64), rows)
+        return sample, {"class_labels": labels}
 
     def decode(self, jobs: list) -> list:
         """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size."""
@@ -86,6 +115,8 @@ class Runner:
             pixels = self.models.decode(np.stack([jobs[i].latents for i in indices]))
             for i, image in zip(indices, pixels):
                 images[i] = to_uint8(image)
+                if jobs[i].image_conditioning is not None:
+                    images[i] = jobs[i].image_conditioning.finish(images[i])
         return images
 
 

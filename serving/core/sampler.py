@@ -61,6 +61,18 @@ class DDIMSchedule:
         ratio = n / steps
         return np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
 
+    def strength_timesteps(self, num_inference_steps: int, strength: float) -> np.ndarray:
+        """The tail of an `num_inference_steps` run that image-to-image denoises: the last
+        int(steps x strength) timesteps (diffusers' get_timesteps)."""
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        return self.timesteps(num_inference_steps)[num_inference_steps - kept :]
+
+    def add_noise(self, samples: np.ndarray, noise: np.ndarray, timestep: int) -> np.ndarray:
+        """The forward process q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise.
+        At zero terminal SNR alpha_bar is exactly 0 at the last timestep, so this is the noise itself."""
+        alpha = self.alphas_cumprod[int(timestep)]
+        return (np.float32(np.sqrt(alpha)) * samples + np.float32(np.sqrt(1.0 - alpha)) * noise).astype(np.float32)
+
     def previous_timesteps(self, timesteps: np.ndarray, num_inference_steps: np.ndarray) -> np.ndarray:
         """t - T/steps per row, as diffusers computes the previous timestep (negative: the end)."""
         return timesteps - self.num_train_timesteps // num_inference_steps
@@ -150,3 +162,10 @@ def noise_generator(seed: int) -> np.random.Generator:
     """A request's own noise source: its starting latents x_T, then any eta > 0 noise, are drawn
     from it in order, so an image depends on its seed alone and never on its batch-mates."""
     return np.random.Generator(np.random.PCG64(seed))
+
+
+def image_noise_generator(seed: int) -> np.random.Generator:
+    """A second stream of a request's seed for what its input images need: the VAE posterior
+    samples of its init image, then of its masked image, then the upscaler's low-res noise (each
+    only if the task uses it). Kept apart so x_T and eta noise are drawn as for text-to-image."""
+    return np.random.Generator(np.random.PCG64([seed, 1]))

@@ -1,5 +1,6 @@
 """The pipeline behind the Triton `pipeline` model, as plain Python: turns named input arrays
 into validated jobs for the engine. The Triton model only adapts tensors and response senders."""
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 import json
 from pathlib import Path
@@ -12,9 +13,9 @@ from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
 from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.core.runner import Runner
-from serving.core.sampler import DDIMSchedule
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
-from serving.core.text import PromptTokenizer
+from serving.core.text import CachedTextEncoder, PromptTokenizer
+from serving.core.variants import VariantRunners
 
 
 @dataclass(frozen=True)
@@ -50,21 +51,33 @@ def scheduler_config(params: dict) -> SchedulerConfig:
 
 class PipelineService:
     def __init__(self, assets: PipelineAssets, params: dict, models):
+        """models: the runner models of each UNet variant ({name: models}), or one models object
+        when the repository holds one variant."""
         self.limits = Limits.from_parameters(params, assets.info)
-        self.tokenizer = PromptTokenizer(assets.tokenizer_dir, self.limits.max_prompt_tokens)
-        runner = Runner(
-            models,
-            DDIMSchedule.from_config(assets.scheduler_config),
-            self.tokenizer,
-            latent_channels=int(assets.info["latent_channels"]),
-            vae_factor=int(assets.info["vae_factor"]),
-        )
+        variants = self.limits.variants
+        if not isinstance(models, Mapping):
+            models = {assets.info["primary"]: models}
+        missing = sorted(set(variants) - set(models))
+        if missing:
+            raise ValueError(f"no models given for variants {missing} of this repository")
+        # one tokenizer per folder and one text-encoder cache per (model, tokenizer): variants
+        # that share their text encoder share its cache
+        self.tokenizers = {}
+        encoders, runners = {}, {}
+        for name, spec in variants.items():
+            if spec.tokenizer not in self.tokenizers:
+                self.tokenizers[spec.tokenizer] = PromptTokenizer(assets.tokenizer_dir.parent / spec.tokenizer, spec.text_length)
+            key = (spec.components["text_encoder"], spec.tokenizer)
+            if key not in encoders:
+                encoders[key] = CachedTextEncoder(self.tokenizers[spec.tokenizer], models[name].encode_text)
+            runners[name] = Runner(models[name], spec, encoders[key])
         preview = LatentPreview.from_info(assets.info)
         config = scheduler_config(params)
-        row_cap = getattr(models, "row_cap", None)  # what the UNet's device can serve (GPU memory plan)
-        if row_cap is not None and row_cap < config.max_rows:
-            config = replace(config, max_rows=row_cap)
-        self.engine = Engine(runner, StepScheduler(config), preview=preview)
+        # what the UNets' device can serve (GPU memory plan)
+        caps = [cap for m in models.values() if (cap := getattr(m, "row_cap", None)) is not None]
+        if caps and min(caps) < config.max_rows:
+            config = replace(config, max_rows=min(caps))
+        self.engine = Engine(VariantRunners(runners), StepScheduler(config), preview=preview)
         self.engine.stats.row_cap = config.max_rows
 
     def start(self) -> "PipelineService":
@@ -78,10 +91,12 @@ class PipelineService:
         """Validates and queues one request; a rejected request gets its error through `sink`."""
         try:
             request = parse_request(inputs, self.limits, default_seed=secrets.randbelow(2**31))
-            self.tokenizer.check("prompt", request.prompt)
-            self.tokenizer.check("negative_prompt", request.negative_prompt)
-            job = Job(request, sink, variant=request.regions.unet_variant if request.regions else "base")
-            check_regional_job(job, self.tokenizer.check, self.engine.scheduler.config.max_rows)
+            variant = request.image.variant if request.image is not None else "base"
+            tokenizer = self.tokenizers[self.limits.variants[variant].tokenizer]
+            tokenizer.check("prompt", request.prompt)
+            tokenizer.check("negative_prompt", request.negative_prompt)
+            job = Job(request, sink, variant=variant)
+            check_regional_job(job, tokenizer.check, self.engine.scheduler.config.max_rows)
         except InvalidInput as exc:
             sink.fail(INVALID_ARG, str(exc))
             return

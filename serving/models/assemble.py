@@ -85,21 +85,27 @@ class ModelCalls:
         return self.text_vae.encode_image(images)
 
 
-def build_models(choice: RunnerChoice, repo_dir, version: str, bls, log=print) -> ModelCalls:
-    """The engine's models for the pipeline at `repo_dir`/pipeline/`version`; `bls` reaches the
-    component models through Triton."""
+def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict, log=print) -> ModelCalls:
+    """The engine's models for one UNet variant of the pipeline at `repo_dir`/pipeline/`version`
+    (`facts`: its entry of pipeline.json's variants table); `bls` reaches its component models
+    through Triton."""
     repo_dir = Path(repo_dir)
+    components = facts["components"]
     torch_models = None
     if choice.torch_components:
         from serving.models.torch_runner import TorchModels
 
-        checkpoint = repo_dir / "pipeline" / version / CHECKPOINT_COPY
+        checkpoint = repo_dir / "pipeline" / version / facts.get("torch_checkpoint", CHECKPOINT_COPY)
         torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log)
     text_vae = torch_models if choice.text_vae == "torch" else bls
+    has_regional = "unet_regional" in components
     if choice.unet == "bls":
-        return ModelCalls(text_vae, bls.unet, bls.regional_unet)
+        return ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None)
     if choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
         return ModelCalls(text_vae, torch_models.unet, row_cap=torch_models.row_cap)
-    from serving.models.onnx import LocalUnet, regional_unet
+    from serving.models.onnx import LocalUnet, OnnxComponent
 
-    return ModelCalls(text_vae, LocalUnet(repo_dir / "unet" / "1" / "model.onnx"), regional_unet(repo_dir))
+    def local(model):
+        return LocalUnet(OnnxComponent(repo_dir / model / "1" / "model.onnx"))
+
+    return ModelCalls(text_vae, local(components["unet"]), local(components["unet_regional"]) if has_regional else None)

@@ -1,4 +1,5 @@
 """ONNX Runtime sessions for the exported components, usable in any process."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -53,31 +54,38 @@ class LocalUnet:
     """A UNet alone in this process: the pipeline's in-process runner (the regional UNet also
     takes region_weights)."""
 
-    def __init__(self, onnx_path, threads: int = 0):
-        self.component = OnnxComponent(onnx_path, threads)
+    def __init__(self, component: OnnxComponent):
+        self.component = component
 
-    def __call__(self, sample, timestep, encoder_hidden_states, **extra):
-        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, **extra)[
+    def __call__(self, sample, timestep, encoder_hidden_states, **per_row):
+        """per_row: the UNet's other inputs (class_labels: the x4 upscaler's noise level)."""
+        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, **per_row)[
             "noise_pred"
         ]
 
 
-def regional_unet(repo_dir, threads: int = 0):
-    """The regional UNet of a repository (regions' attention mode), or None in an export that predates it."""
-    path = Path(repo_dir) / "unet_regional" / "1" / "model.onnx"
-    return LocalUnet(path, threads) if path.is_file() else None
-
-
 class LocalModels:
-    """The components of a model repository, run in this process (the engine's ModelCalls)."""
+    """One UNet variant's components of a model repository, run in this process (a Runner's
+    models); `sessions` (model name -> OnnxComponent) lets variants share components."""
 
-    def __init__(self, repo_dir, threads: int = 0):
+    def __init__(self, repo_dir, threads: int = 0, variant: str | None = None, sessions: dict | None = None):
         repo = Path(repo_dir)
-        self.text_encoder = OnnxComponent(repo / "text_encoder" / "1" / "model.onnx", threads)
-        self.unet = LocalUnet(repo / "unet" / "1" / "model.onnx", threads)
-        self.regional_unet = regional_unet(repo, threads)
-        self.vae_decoder = OnnxComponent(repo / "vae_decoder" / "1" / "model.onnx", threads)
-        self.vae_encoder = OnnxComponent(repo / "vae_encoder" / "1" / "model.onnx", threads)
+        info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+        components = info["variants"][variant or info["primary"]]["components"]
+        sessions = {} if sessions is None else sessions
+
+        def session(kind):
+            name = components[kind]
+            if name not in sessions:
+                sessions[name] = OnnxComponent(repo / name / "1" / "model.onnx", threads)
+            return sessions[name]
+
+        self.text_encoder = session("text_encoder")
+        self.unet = LocalUnet(session("unet"))
+        # regions' attention mode (the base variant's, where exported)
+        self.regional_unet = LocalUnet(session("unet_regional")) if "unet_regional" in components else None
+        self.vae_decoder = session("vae_decoder")
+        self.vae_encoder = session("vae_encoder") if "vae_encoder" in components else None
 
     def encode_text(self, input_ids):
         return self.text_encoder(input_ids=input_ids)["last_hidden_state"]
@@ -86,5 +94,13 @@ class LocalModels:
         return self.vae_decoder(latents=latents)["images"]
 
     def encode_image(self, images):
+        """images float32 [N, H, W, 3] in [0, 1] -> the VAE posterior's (mean, std), scaled latents."""
         out = self.vae_encoder(images=images)
         return out["latents_mean"], out["latents_std"]
+
+
+def local_variants(repo_dir, threads: int = 0) -> dict:
+    """LocalModels of every variant of a repository, each shared component loaded once."""
+    info = json.loads((Path(repo_dir) / "pipeline" / "1" / "pipeline.json").read_text())
+    sessions = {}
+    return {name: LocalModels(repo_dir, threads, name, sessions) for name in info["variants"]}

@@ -1,4 +1,4 @@
-"""Triton python-backend model `pipeline` (decoupled): text -> image with step-level batching.
+"""Triton python-backend model `pipeline` (decoupled): text (and image) -> image with step-level batching.
 
 Copied by `ldm export` into pipeline/1/model.py. `execute` only validates and enqueues; the
 engine's worker thread (serving/core/engine.py) runs the denoising loop for all requests together and
@@ -21,25 +21,32 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class BlsModels:
-    """The component models, reached through Triton (BLS)."""
+    """One UNet variant's component models (its entry of pipeline.json's variants table),
+    reached through Triton (BLS)."""
+
+    def __init__(self, components: dict):
+        self.components = components
 
     def encode_text(self, input_ids):
-        return _call("text_encoder", {"input_ids": input_ids}, ["last_hidden_state"])[0]
+        return _call(self.components["text_encoder"], {"input_ids": input_ids}, ["last_hidden_state"])[0]
 
-    def unet(self, sample, timestep, encoder_hidden_states):
+    def unet(self, sample, timestep, encoder_hidden_states, class_labels=None):
         inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states}
-        return _call("unet", inputs, ["noise_pred"])[0]
+        if class_labels is not None:  # the x4 upscaler's noise level per row
+            inputs["class_labels"] = class_labels[:, None]
+        return _call(self.components["unet"], inputs, ["noise_pred"])[0]
 
     def regional_unet(self, sample, timestep, encoder_hidden_states, region_weights):
         inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states,
                   "region_weights": region_weights}
-        return _call("unet_regional", inputs, ["noise_pred"])[0]
+        return _call(self.components["unet_regional"], inputs, ["noise_pred"])[0]
 
     def decode(self, latents):
-        return _call("vae_decoder", {"latents": latents}, ["images"])[0]
+        return _call(self.components["vae_decoder"], {"latents": latents}, ["images"])[0]
 
     def encode_image(self, images):
-        return tuple(_call("vae_encoder", {"images": images}, ["latents_mean", "latents_std"]))
+        mean, std = _call(self.components["vae_encoder"], {"images": images}, ["latents_mean", "latents_std"])
+        return mean, std
 
 
 def _call(model, inputs, outputs):
@@ -119,8 +126,12 @@ class TritonPythonModel:
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"pipeline: {exc}") from None
         model_dir = Path(args["model_repository"])
-        models = build_models(choice, model_dir.parent, args["model_version"], BlsModels(), log=lambda m: print(m, flush=True))
         assets = PipelineAssets.read(model_dir / args["model_version"])
+        models = {
+            variant: build_models(choice, model_dir.parent, args["model_version"], BlsModels(facts["components"]), facts,
+                                  log=lambda m: print(m, flush=True))
+            for variant, facts in assets.info["variants"].items()
+        }
         self.service = PipelineService(assets, params, models).start()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)

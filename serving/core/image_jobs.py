@@ -1,0 +1,155 @@
+"""Image-conditioned jobs on the step-batched path: what img2img, inpainting and upscaling add to
+a job at admission, at every step and at the end. Imports nothing from Triton.
+
+At admission (one VAE-encoder call per image size over all jobs admitted together):
+- img2img (SDEdit): the init image's latents, noised to the first of the last int(steps x
+  strength) timesteps with the job's x_T as noise, are its starting latents; it denoises only
+  those timesteps (diffusers' StableDiffusionImg2ImgPipeline);
+- inpaint with the base UNet (latent blending, diffusers' StableDiffusionInpaintPipeline with a
+  4-channel UNet): after every DDIM update, the latents outside the mask are replaced by the
+  init latents noised to the next timestep (with the same x_T noise; clean after the last step);
+- inpaint with a 9-channel UNet: every row gets cat(mask at latent size, masked-image latents)
+  after its latents (StableDiffusionInpaintPipeline's concat conditioning);
+- upscale (StableDiffusionUpscalePipeline): every row gets the low-res image in [-1, 1], noised
+  to `noise_level` by the upscaler's low-res schedule, and the noise level as class label.
+With `keep_unmasked`, the decoded image outside the (blurred) mask is the input's, exactly.
+
+The VAE posterior is sampled (mean + std x noise from the request's image stream), as diffusers
+samples it; the mask at latent size is the thresholded mask sampled at each cell's top-left
+pixel (torch's nearest interpolation, which diffusers uses).
+"""
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.core.sampler import DDIMSchedule, image_noise_generator
+
+
+@dataclass(eq=False)
+class LatentBlend:
+    """Latent-blend inpainting's per-step hook: keep the init latents (noised to the step)
+    outside the mask."""
+
+    init_latents: np.ndarray  # [C, h, w]
+    noise: np.ndarray  # the job's x_T
+    mask: np.ndarray  # float32 [1, h, w], 1 = repaint
+
+    def apply(self, job, schedule: DDIMSchedule) -> None:
+        if job.index < len(job.timesteps):
+            kept = schedule.add_noise(self.init_latents, self.noise, job.timesteps[job.index])
+        else:
+            kept = self.init_latents
+        job.latents = ((1 - self.mask) * kept + self.mask * job.latents).astype(np.float32)
+
+
+@dataclass(eq=False)
+class ImageConditioning:
+    """A job's image conditioning: extra UNet input channels for each of its rows, a per-step
+    latent edit, and the paste-back of the input's pixels."""
+
+    channels: np.ndarray | None = None  # [C_extra, h, w] after the latents of each row (inpaint, upscale UNets)
+    class_label: int | None = None  # upscale: the noise level
+    blend: LatentBlend | None = None  # inpaint with the base UNet
+    paste_mask: np.ndarray | None = None  # float32 [H, W], 1 = generated; where 0 the output is the input
+    init_image: np.ndarray | None = None  # uint8 [H, W, 3], for the paste-back
+
+    def after_step(self, job, schedule: DDIMSchedule) -> None:
+        if self.blend is not None:
+            self.blend.apply(job, schedule)
+
+    def finish(self, image: np.ndarray) -> np.ndarray:
+        if self.paste_mask is None:
+            return image
+        weight = self.paste_mask[..., None]
+        return np.round(weight * image + (1 - weight) * self.init_image.astype(np.float32)).astype(np.uint8)
+
+
+def admit_image_jobs(jobs: list, encode_image, schedule: DDIMSchedule, layout: str, vae_factor: int,
+                     low_res_schedule: DDIMSchedule | None = None, max_batch: int | None = None) -> None:
+    """Sets the starting latents, timesteps and image conditioning of image-conditioned jobs
+    whose x_T (job.latents) and full timesteps are already drawn. `layout` is their variant's
+    (base, inpaint, upscale); encode_image(images [N, H, W, 3] in [0, 1]) -> (mean, std), called
+    with at most `max_batch` images."""
+    latents = _encode(jobs, encode_image, layout, max_batch)
+    for job in jobs:
+        image, noise = job.request.image, job.latents
+        rng = image_noise_generator(job.request.seed)
+        posterior = [mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for mean, std in latents[id(job)]]
+        if image.task == "upscale":
+            job.image_conditioning = _upscale_conditioning(image, rng, low_res_schedule)
+            continue
+        init = posterior.pop(0) if _needs_init_latents(image, layout) else None
+        job.timesteps = schedule.strength_timesteps(job.request.steps, image.strength)
+        if image.task == "img2img":  # as diffusers' img2img: noised even at strength 1
+            job.latents = schedule.add_noise(init, noise, job.timesteps[0])
+            continue
+        if image.strength < 1.0:  # as diffusers' inpainting: strength 1 starts from pure noise
+            job.latents = schedule.add_noise(init, noise, job.timesteps[0])
+        mask = image.mask[::vae_factor, ::vae_factor][None].astype(np.float32)
+        conditioning = ImageConditioning()
+        if layout == "inpaint":
+            conditioning.channels = np.concatenate([mask, posterior.pop(0)])
+        else:
+            conditioning.blend = LatentBlend(init, noise, mask)
+        if image.keep_unmasked:
+            conditioning.paste_mask = gaussian_blur(image.mask.astype(np.float32), image.mask_blur)
+            conditioning.init_image = image.init_image
+        job.image_conditioning = conditioning
+
+
+def _needs_init_latents(image, layout: str) -> bool:
+    # the 9-channel UNet sees the masked image; the init latents only start a partial schedule
+    return image.task in ("img2img", "inpaint") and (layout != "inpaint" or image.strength < 1.0)
+
+
+def _images_to_encode(image, layout: str) -> list:
+    """float32 [H, W, 3] images in [0, 1], in the order their posterior samples are drawn."""
+    pixels = image.init_image.astype(np.float32) / 255
+    out = [pixels] if _needs_init_latents(image, layout) else []
+    if image.task == "inpaint" and layout == "inpaint":
+        # diffusers zeroes the masked pixels in [-1, 1]: grey in [0, 1]
+        out.append(np.where(image.mask[..., None], np.float32(0.5), pixels))
+    return out
+
+
+def _encode(jobs: list, encode_image, layout: str, max_batch: int | None) -> dict:
+    """{id(job): [(mean, std) per image it needs]}, from one encoder call per image size (more
+    when they exceed the encoder's max batch)."""
+    wanted = {id(job): _images_to_encode(job.request.image, layout) for job in jobs}
+    by_shape = defaultdict(list)
+    for key, images in wanted.items():
+        for k, pixels in enumerate(images):
+            by_shape[pixels.shape].append((key, k, pixels))
+    out = {key: [None] * len(images) for key, images in wanted.items()}
+    for group in by_shape.values():
+        size = max_batch or len(group)
+        for start in range(0, len(group), size):
+            members = group[start : start + size]
+            mean, std = encode_image(np.stack([pixels for _, _, pixels in members]))
+            for (key, k, _), m, s in zip(members, mean, std):
+                out[key][k] = (m, s)
+    return out
+
+
+def _upscale_conditioning(image, rng: np.random.Generator, low_res_schedule: DDIMSchedule) -> ImageConditioning:
+    low_res = image.init_image.astype(np.float32).transpose(2, 0, 1) / 255 * 2 - 1
+    noise = rng.standard_normal(low_res.shape, dtype=np.float32)
+    return ImageConditioning(channels=low_res_schedule.add_noise(low_res, noise, image.noise_level),
+                             class_label=image.noise_level)
+
+
+def gaussian_blur(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """float32 [H, W] blurred by a Gaussian of `sigma` pixels truncated at 3 sigma (edges
+    replicated); sigma 0 returns the mask. Far from the mask the result is exactly 0."""
+    if sigma <= 0:
+        return mask
+    radius = int(3 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = mask.astype(np.float64)
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+        out = sum(w * np.take(padded, np.arange(i, i + mask.shape[axis]), axis=axis) for i, w in enumerate(kernel))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,84 @@
+"""The UNet variants one served pipeline holds, which variant each task runs on, and the runner
+that sends each job to its variant's Runner. Imports nothing from Triton.
+
+A variant is one checkpoint's UNet with the text encoder, VAE, tokenizer and schedule it was
+trained with (`ldm export` shares the components that are identical between variants):
+- "base": text-to-image UNet (latents in): tasks txt2img, img2img, and inpaint by latent
+  blending when there is no inpainting UNet;
+- "inpaint": 9-channel inpainting UNet (latents, mask, masked-image latents in): task inpaint;
+- "upscale": x4 upscaler (latents and the noised low-res image in, noise level as class labels).
+Jobs of different variants never share a UNet call (their channel layouts differ): the job's
+call key carries its variant.
+"""
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+TASKS = ("txt2img", "img2img", "inpaint", "upscale")
+VARIANT_NAMES = {"base": "text-to-image", "inpaint": "inpainting", "upscale": "x4-upscaler"}
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant's entry in pipeline.json (written by export/repository.py)."""
+
+    name: str
+    components: dict  # component (text_encoder, unet, vae_decoder, vae_encoder) -> Triton model name
+    tokenizer: str  # folder beside pipeline.json
+    text_length: int
+    latent_channels: int
+    vae_factor: int
+    size_multiple: int  # output pixels
+    native_size: int
+    max_size: int
+    scheduler_config: dict
+    preview: dict | None = None
+    low_res_scheduler_config: dict | None = None  # upscale
+    max_noise_level: int | None = None  # upscale
+    max_batch: dict = field(default_factory=dict)  # component -> the most rows one call of its model takes
+
+    @classmethod
+    def table(cls, info: dict) -> dict:
+        """{name: VariantSpec} from pipeline.json's variants table."""
+        if "variants" not in info:
+            raise ValueError("pipeline.json has no variants table (an export by an older version): re-run `ldm export`")
+        fields = cls.__dataclass_fields__
+        return {name: cls(name=name, **{k: v for k, v in facts.items() if k in fields})
+                for name, facts in info["variants"].items()}
+
+
+def variant_for(task: str, available) -> str | None:
+    """The variant `task` runs on among `available`, or None when none can run it. Inpainting
+    prefers an inpainting UNet and falls back to latent blending with the base one."""
+    if task == "inpaint" and "inpaint" in available:
+        return "inpaint"
+    wanted = "upscale" if task == "upscale" else "base"
+    return wanted if wanted in available else None
+
+
+class VariantRunners:
+    """The engine's runner (admit, step, decode) over several variants: each job goes to the
+    Runner of its variant; a step's jobs share one call key, hence one variant."""
+
+    def __init__(self, runners: dict):
+        self.runners = runners
+
+    def admit(self, jobs: list) -> None:
+        for variant, group in _by_variant(jobs).items():
+            self.runners[variant].admit(group)
+
+    def step(self, jobs: list) -> None:
+        self.runners[jobs[0].variant].step(jobs)
+
+    def decode(self, jobs: list) -> list:
+        images = {}
+        for variant, group in _by_variant(jobs).items():
+            for job, image in zip(group, self.runners[variant].decode(group)):
+                images[id(job)] = image
+        return [images[id(job)] for job in jobs]
+
+
+def _by_variant(jobs: list) -> dict:
+    groups = defaultdict(list)
+    for job in jobs:
+        groups[job.variant].append(job)
+    return groups
