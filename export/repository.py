@@ -246,8 +246,12 @@ def has_artifacts(repo) -> bool:
         return False
     info = json.loads(info_path.read_text())
     served = set(info.get("served", MAX_BATCH))
-    models = {m for facts in info.get("variants", {}).values() for kind, m in facts["components"].items() if kind in served}
-    return bool(models) and all((repo / m / "1" / "model.onnx").is_file() for m in models)
+    variants = info.get("variants", {}).values()
+    models = {m for facts in variants for kind, m in facts["components"].items() if kind in served}
+    # components run by torch in the pipeline's process load from its copy of the checkpoint
+    copies = {facts["torch_checkpoint"] for facts in variants if "torch_checkpoint" in facts}
+    return (bool(variants) and all((repo / m / "1" / "model.onnx").is_file() for m in models)
+            and all((repo / "pipeline" / "1" / c).is_dir() for c in copies))
 
 
 def _preview_decoder(repo: Path, info: CheckpointInfo, model: str, served: tuple):

@@ -29,7 +29,9 @@ def test_variants_share_identical_components_and_list_their_models(variant_repo)
     table = {name: facts["components"] for name, facts in info["variants"].items()}
     assert info["primary"] == "base"
     assert table == {
-        "base": {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"},
+        # the base also gets the regional UNet (regions' attention mode) from its UNet's weights
+        "base": {"text_encoder": "text_encoder", "unet": "unet", "unet_regional": "unet_regional",
+                 "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"},
         # the tiny inpainting checkpoint has the base's text encoder and VAE; the upscaler its own VAE
         "inpaint": {"text_encoder": "text_encoder", "unet": "unet_inpaint", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"},
         "upscale": {"text_encoder": "text_encoder", "unet": "unet_upscale", "vae_decoder": "vae_decoder_upscale"},
@@ -80,4 +82,4 @@ def test_a_re_export_without_variants_removes_their_models(variant_repo, tiny_ch
     shutil.copytree(variant_repo, repo)
     stamps = write_repository(tiny_checkpoint, repo, log=lambda *a: None)
     assert not any(s["exported"] for s in stamps.values())  # the base's exports are reused
-    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "pipeline_unary", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "pipeline_unary", "text_encoder", "unet", "unet_regional", "vae_decoder", "vae_encoder"]

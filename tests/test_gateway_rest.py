@@ -61,13 +61,20 @@ def test_sdk_streaming_sends_partial_images_then_completed(sdk, server):
         np.testing.assert_array_equal(pixels(events[-1].b64_json), kserve.generate(PROMPT, seed=5, steps=6))
 
 
-def test_sdk_edit_answers_501_until_the_pipeline_takes_images(sdk):
+def test_sdk_edit_repaints_the_transparent_pixels_and_keeps_the_others(sdk):
+    # OpenAI's semantics: the image's transparent pixels are repainted, the opaque ones kept
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :16, 3] = 255  # left half opaque red, right half transparent
     picture = io.BytesIO()
-    PILImage.new("RGBA", (32, 32), (255, 0, 0, 0)).save(picture, format="PNG")
-    with pytest.raises(openai.APIStatusError) as info:
-        sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32")
-    assert info.value.status_code == 501
-    assert info.value.body["param"] == "image" and "image conditioning" in info.value.body["message"]
+    PILImage.fromarray(rgba, "RGBA").save(picture, format="PNG")
+    result = sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32",
+                             extra_body={"seed": 3, "steps": 4})
+    edited = pixels(result.data[0].b64_json)
+    assert edited.shape == (32, 32, 3)
+    kept = edited[:, :8]  # far from the mask's (blurred) edge: pasted back exactly
+    np.testing.assert_array_equal(kept, np.broadcast_to(np.array([255, 0, 0], np.uint8), kept.shape))
+    assert not np.array_equal(edited[:, 24:], np.broadcast_to(np.array([255, 0, 0], np.uint8), (32, 8, 3)))
 
 
 @pytest.mark.parametrize("body, param, text", [
