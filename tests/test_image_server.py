@@ -134,7 +134,7 @@ def test_ldm_generate_inpaints_an_image_of_your_own(server, tmp_path):
     Image.fromarray(IMAGE).save(tmp_path / "photo.png")
     Image.fromarray(half_mask(32)).save(tmp_path / "mask.png")
     outputs = []
-    for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+    for protocol, url in (("kserve", server.grpc_url), ("kserve-http", server.http_url)):
         out = tmp_path / f"{protocol}.png"
         done = subprocess.run(
             [sys.executable, "-m", "serving.cli", "generate", PROMPT, "-o", str(out), "--init-image", str(tmp_path / "photo.png"),
