@@ -2,9 +2,20 @@
 
 Requests join and leave the running batch at every step: between steps the scheduler admits
 waiting requests (up to `max_active`), then picks which active requests step now. Requests of
-one UNet and latent size (a call key) share a UNet call; call keys take turns by who waited
-longest; a cap bounds the UNet rows of one call. With `step_batching` off it serves one request at a time, start to end
-(the baseline a request-at-a-time server gives).
+one UNet and latent size (a call key) share a UNet call; a cap bounds the UNet rows of one call.
+With `step_batching` off it serves one request at a time, start to end (the baseline a
+request-at-a-time server gives).
+
+Fairness, and its bound. Each call is led by the active job that waited longest: the smallest
+`last_stepped` (ties: earliest arrival); a job just admitted counts as stepped in the coming
+call, so it queues behind every job already running. The leader's call key decides the call;
+its peers of that key fill the remaining rows, skipping any that does not fit (a smaller one
+behind it may). Bound, K = max_active: an active job steps at least once in every max_active
+consecutive calls, from its admission on. Proof: let s be job J's `last_stepped` and S the
+active jobs whose `last_stepped` is at most s (J among them, so |S| <= max_active). A call
+steps its leader, a member of S, and gives it a `last_stepped` above s; jobs admitted later
+get one above s too; so S loses a member with every call and gains none, and J, in S, steps
+within |S| calls. (tests/test_scheduler.py checks it over random arrivals, keys and rows.)
 """
 from collections import deque
 from dataclasses import dataclass
@@ -38,7 +49,9 @@ class StepScheduler:
         limit = self.config.max_active if self.config.step_batching else 1
         admitted = []
         while self.waiting and len(active) + len(admitted) < limit:
-            admitted.append(self.waiting.popleft())
+            job = self.waiting.popleft()
+            job.last_stepped = self.iteration + 1  # as if stepped in the coming call: it waits its turn
+            admitted.append(job)
         return admitted
 
     def pick(self, active: list) -> list:
@@ -49,18 +62,15 @@ class StepScheduler:
         if not self.config.step_batching:
             chosen = [active[0]]
         else:
-            # the longest-unserved job decides the call key (UNet and latent size) of this call;
-            # its peers fill the rows
+            # the longest-unserved job leads and decides the call key (UNet and latent size) of
+            # this call; its peers fill the rows
             order = sorted(active, key=lambda j: (j.last_stepped, j.arrival))
             key = order[0].call_key
-            chosen, rows = [], 0
-            for job in order:
-                if job.call_key != key:
-                    continue
-                if chosen and rows + job.rows > self.config.max_rows:
-                    break
-                chosen.append(job)
-                rows += job.rows
+            chosen, rows = [order[0]], order[0].rows
+            for job in order[1:]:
+                if job.call_key == key and rows + job.rows <= self.config.max_rows:
+                    chosen.append(job)
+                    rows += job.rows
         for job in chosen:
             job.last_stepped = self.iteration
         return chosen
