@@ -37,7 +37,7 @@ class Job:
     conditioning: object | None = None  # serving.core.conditioning: rows, contexts, combine
     image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     index: int = 0  # denoising steps done
-    last_stepped: int = -1  # engine iteration of the last step (fairness)
+    last_turn: int = -1  # the scheduler's turn when admitted or last stepped (fairness)
     pred_x0: np.ndarray | None = None
     answered: bool = False  # its final answer (finish or fail) was given: nothing follows
 

@@ -6,16 +6,17 @@ one UNet and latent size (a call key) share a UNet call; a cap bounds the UNet r
 With `step_batching` off it serves one request at a time, start to end (the baseline a
 request-at-a-time server gives).
 
-Fairness, and its bound. Each call is led by the active job that waited longest: the smallest
-`last_stepped` (ties: earliest arrival); a job just admitted counts as stepped in the coming
-call, so it queues behind every job already running. The leader's call key decides the call;
+Fairness, and its bound. A turn counter orders events: each admission and each call takes the
+next turn, and a job records the turn it was admitted or last stepped in (`last_turn`). Each
+call is led by the active job with the smallest `last_turn` (ties: earliest arrival), so a job
+just admitted queues behind every job already running. The leader's call key decides the call;
 its peers of that key fill the remaining rows, skipping any that does not fit (a smaller one
 behind it may). Bound, K = max_active: an active job steps at least once in every max_active
-consecutive calls, from its admission on. Proof: let s be job J's `last_stepped` and S the
-active jobs whose `last_stepped` is at most s (J among them, so |S| <= max_active). A call
-steps its leader, a member of S, and gives it a `last_stepped` above s; jobs admitted later
-get one above s too; so S loses a member with every call and gains none, and J, in S, steps
-within |S| calls. (tests/test_scheduler.py checks it over random arrivals, keys and rows.)
+consecutive calls, from its admission on. Proof: let s be job J's `last_turn` and S the active
+jobs whose `last_turn` is at most s (J among them, so |S| <= max_active). A call steps its
+leader, a member of S, and gives it a turn above s; jobs admitted later get one above s too;
+so S loses a member with every call and gains none, and J, in S, steps within |S| calls.
+(tests/test_scheduler.py checks it over random arrivals, keys and row counts.)
 """
 from collections import deque
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class StepScheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.waiting = deque()
-        self.iteration = 0
+        self.turn = 0  # admissions and calls so far
 
     def enqueue(self, job) -> None:
         if len(self.waiting) >= self.config.max_queue:
@@ -50,13 +51,14 @@ class StepScheduler:
         admitted = []
         while self.waiting and len(active) + len(admitted) < limit:
             job = self.waiting.popleft()
-            job.last_stepped = self.iteration + 1  # as if stepped in the coming call: it waits its turn
+            self.turn += 1
+            job.last_turn = self.turn  # after every job already running: it waits its turn
             admitted.append(job)
         return admitted
 
     def pick(self, active: list) -> list:
         """The active jobs that take one denoising step in this iteration's UNet call."""
-        self.iteration += 1
+        self.turn += 1
         if not active:
             return []
         if not self.config.step_batching:
@@ -64,7 +66,7 @@ class StepScheduler:
         else:
             # the longest-unserved job leads and decides the call key (UNet and latent size) of
             # this call; its peers fill the rows
-            order = sorted(active, key=lambda j: (j.last_stepped, j.arrival))
+            order = sorted(active, key=lambda j: (j.last_turn, j.arrival))
             key = order[0].call_key
             chosen, rows = [order[0]], order[0].rows
             for job in order[1:]:
@@ -72,7 +74,7 @@ class StepScheduler:
                     chosen.append(job)
                     rows += job.rows
         for job in chosen:
-            job.last_stepped = self.iteration
+            job.last_turn = self.turn
         return chosen
 
     def remove_waiting(self, predicate) -> list:
