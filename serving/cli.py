@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "train": ("training.cli", "train the default model from scratch"),
     "eval": ("training.eval_cli", "measure prompt adherence of a checkpoint or a running server"),
     "bench": ("serving.bench.bench", "load-test the server against baselines"),
+    "soak": ("serving.bench.soak", "mixed load for N minutes: every request accounted for, memory and fds flat"),
 }
 
 
