@@ -89,9 +89,13 @@ VALID = {
 }
 
 
+KINDS = ["valid", "valid", "valid", "good", "good", "other_dtype", "empty", "two", "nested"]
+
+
 @st.composite
-def _field(draw, spec):
-    kind = draw(st.sampled_from(["valid", "valid", "valid", "good", "good", "other_dtype", "empty", "two", "nested"]))
+def _field(draw, spec, typed=False):
+    """typed: only the contract's dtype and shape (what gets past Triton's own checks)."""
+    kind = draw(st.sampled_from(KINDS[:5] if typed else KINDS))
     item = ITEMS[spec.dtype]
     if spec.required and draw(st.integers(0, 9)) < 6:  # the prompt: mostly one the engine accepts
         kind = "valid"
@@ -111,18 +115,20 @@ def _field(draw, spec):
     return _cast([draw(item)], spec.dtype).reshape(1, 1)
 
 
-FIELD_VALUES = {f.name: (_image(f.dims) if f.dtype == "uint8" and len(f.dims) > 1 else _field(f)) for f in FIELDS}
+FIELD_VALUES = {typed: {f.name: (_image(f.dims) if f.dtype == "uint8" and len(f.dims) > 1 else _field(f, typed))
+                        for f in FIELDS} for typed in (False, True)}
 OPTIONAL = {streaming: st.lists(st.sampled_from([f.name for f in FIELDS[1:] if streaming or not f.streaming_only]),
                                 max_size=8, unique=True) for streaming in (True, False)}
 
 
 @st.composite
-def request_inputs(draw, streaming=True):
+def request_inputs(draw, streaming=True, typed=False):
     """One request's named input arrays: the prompt nine times in ten, up to 8 other fields,
-    sometimes an input the contract does not have."""
+    sometimes an input the contract does not have. typed: every field of its contract's dtype
+    and shape (the values still hostile), and no unknown input."""
     names = (["prompt"] if draw(st.integers(0, 9)) else []) + draw(OPTIONAL[streaming])
-    inputs = {name: draw(FIELD_VALUES[name]) for name in names}
-    if draw(st.integers(0, 19)) == 0:
+    inputs = {name: draw(FIELD_VALUES[typed][name]) for name in names}
+    if not typed and draw(st.integers(0, 19)) == 0:
         inputs[draw(st.sampled_from(EXTRA_NAMES))] = np.array([1], np.int32)
     return inputs
 
