@@ -62,6 +62,8 @@ def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_a
         "default_guidance_scale": 5.0,
         "max_guidance_scale": 50.0,
         "default_eta": 0.0,
+        "max_prompt_bytes": 4096,  # UTF-8 bytes per text input, refused before tokenizing
+        "drain_grace_s": 120,  # shutdown: seconds the generations in flight may still run
         # regional prompts (serving/core/regions.py)
         "max_regions": MAX_REGIONS,
         "default_base_prompt_weight": DEFAULT_BASE_WEIGHT,

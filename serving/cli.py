@@ -12,11 +12,13 @@ import sys
 SUBCOMMANDS = {
     "export": ("export.cli", "export a diffusers checkpoint to ONNX and write the Triton model repository"),
     "serve": ("serving.triton.serve", "start tritonserver on the model repository"),
+    "drain": ("serving.triton.drain", "drain a running server: admit nothing, let the generations in flight finish"),
     "gateway": ("serving.gateway.cli", "serve the public API (gRPC ldm.v1.Images, OpenAI-style REST) in front of Triton"),
     "generate": ("serving.client.generate", "ask a running server for an image"),
     "train": ("training.cli", "train the default model from scratch"),
     "eval": ("training.eval_cli", "measure prompt adherence of a checkpoint or a running server"),
     "bench": ("serving.bench.bench", "load-test the server against baselines"),
+    "soak": ("serving.bench.soak", "mixed load for N minutes: every request accounted for, memory and fds flat"),
 }
 
 

@@ -166,13 +166,33 @@ def test_dockerfile_user_matches_security_context(objects):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_drain(objects, overlay):
+    """The triton container drains in its preStop hook (`ldm drain`, whose flags must parse),
+    the gateway's drain outlasts it, and the pod's grace period covers both with slack."""
+    import argparse
+
+    from serving.triton import drain
+
     spec = _pod_spec(objects[overlay])
     triton, gateway = _container(objects[overlay]), _container(objects[overlay], "gateway")
+    command = triton["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["ldm", "drain"], command
+    parser = argparse.ArgumentParser()
+    drain.add_arguments(parser)
+    hook = parser.parse_args(command[2:])
+    assert hook.url == "127.0.0.1:8001" and hook.delay_s > 0 and hook.grace_s > 0
     exit_timeout = next(int(a.split("=")[1]) for a in triton["args"] if a.startswith("--exit-timeout-secs="))
-    drain = next(float(a.split("=")[1]) for a in gateway["args"] if a.startswith("--drain-s="))
-    for container, wait in ((triton, exit_timeout), (gateway, drain)):
-        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-        assert spec["terminationGracePeriodSeconds"] > pre_stop + wait, container["name"]
+    assert exit_timeout > hook.grace_s
+    gateway_drain = next(float(a.split("=")[1]) for a in gateway["args"] if a.startswith("--drain-s="))
+    gateway_pre_stop = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # the gateway's calls in flight wait on Triton's drain: it must not close them earlier
+    assert gateway_pre_stop + gateway_drain >= hook.delay_s + hook.grace_s
+    grace = spec["terminationGracePeriodSeconds"]
+    slack = 30  # the last VAE decodes and Triton's exit after the drain
+    assert grace > hook.delay_s + hook.grace_s + slack
+    assert grace > gateway_pre_stop + gateway_drain
+    # not ready means no traffic: each container has its readiness probe
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

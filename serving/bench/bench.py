@@ -40,6 +40,8 @@ def add_arguments(parser):
     parser.add_argument("--regional", action="store_true",
                         help="measure regional prompts instead: cost per step by mode, and C=16 with 25%% regional requests")
     parser.add_argument("--regional-rounds", type=int, default=3, help="rounds of the --regional mixes (default: %(default)s)")
+    parser.add_argument("--unet-rows", action="store_true",
+                        help="only measure one UNet call's cost at 2-32 rows in process (why CPU throughput grows little with load)")
 
 
 def server_rss_mb(server) -> float:
@@ -103,6 +105,10 @@ def run(args) -> int:
         from serving.bench.regional import run_regional
 
         return run_regional(args, checkpoint, out)
+    if args.unet_rows:
+        from serving.bench.unet_rows import run_unet_rows
+
+        return run_unet_rows(args, checkpoint, out)
     size = args.size or CheckpointInfo.read(checkpoint).native_size
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]

@@ -276,7 +276,7 @@ def print_table(data: dict) -> None:
         value = "n/a" if row["measured"] is None else f"{row['measured']:.3f}"
         print(f"| {row['target']} | {value} | {row['required']} | {_yes(row['met'])} | {row['stretch'] or ''} | "
               f"{_yes(row['stretch_met']) if row['stretch'] else ''} |")
-    print(f"\nanchors (DESIGN measurements, H200): {json.dumps(ANCHORS)}")
+    print(f"\nanchors (the project's standalone H200 probe, 2026-11-26; README GPU path): {json.dumps(ANCHORS)}")
     if data["skipped"]:
         print(f"skipped for the time budget: {[s['stage'] for s in data['skipped']]}")
 

@@ -3,17 +3,27 @@
 `submit` only enqueues (it is what a decoupled Triton model's `execute` calls); the worker
 thread runs iterations of: drop cancelled or expired jobs, admit and text-encode new ones,
 one UNet call for the jobs the scheduler picked, report progress, decode and answer finished
-jobs. Every submitted job ends in exactly one finish or fail.
+jobs. Every submitted job ends in exactly one final answer (finish or fail), given once.
+
+Only the worker thread answers accepted jobs (`submit` answers nothing: a refused job raises),
+so no answer can race another. A failure touches the jobs it belongs to alone: a model call
+that raises fails the jobs of that call; a sink that raises (client gone) ends its own job.
 """
 from dataclasses import dataclass
 import threading
 import time
 import traceback
 
-from serving.core.errors import CANCELLED, UNAVAILABLE
+from serving.core.errors import CANCELLED, INTERNAL, UNAVAILABLE, ResourceExhausted
 from serving.core.job import Job
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, StepScheduler
+
+SHUTTING_DOWN = "server is shutting down"
+
+
+class ShuttingDown(QueueFull):
+    """Raised by `submit` once the engine drains or stops: the client should try elsewhere."""
 
 
 @dataclass
@@ -49,18 +59,24 @@ class Engine:
         self.active: list = []
         self.stats = EngineStats()
         self._lock = threading.Condition()
-        self._stopping = False
+        self._accepting = True
+        self._drain_until = None  # time.monotonic() when the drain's grace ends; None: not draining
         self._thread = threading.Thread(target=self._loop, name="ldm-engine", daemon=True)
 
     def start(self) -> "Engine":
         self._thread.start()
         return self
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
     def submit(self, job: Job) -> None:
-        """Queues a job; raises QueueFull when the admission queue is at its bound."""
+        """Queues a job; raises QueueFull when the admission queue is at its bound, ShuttingDown
+        once `stop` was called. A job that raised was not taken: its caller answers it."""
         with self._lock:
-            if self._stopping:
-                raise QueueFull("server is shutting down")
+            if not self._accepting:
+                raise ShuttingDown(SHUTTING_DOWN)
             try:
                 self.scheduler.enqueue(job)
             except QueueFull:
@@ -69,35 +85,44 @@ class Engine:
             self.stats.queued = len(self.scheduler.waiting)
             self._lock.notify()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stops the worker; jobs not yet finished get UNAVAILABLE."""
+    def stop(self, grace_s: float = 0.0, join_timeout_s: float = 10.0) -> bool:
+        """Drains, then stops the worker. At once `submit` raises ShuttingDown (the caller
+        answers UNAVAILABLE "server is shutting down"); at the worker's next iteration the jobs
+        still waiting for admission fail with UNAVAILABLE (they have not started: the client retries elsewhere at no cost).
+        The jobs in flight keep stepping until they finish or `grace_s` seconds pass; those
+        left then fail with UNAVAILABLE. Every job gets exactly one final answer, all from the
+        worker thread (a finish never follows a fail).
+
+        Blocks until the worker has answered everything, or `grace_s + join_timeout_s` passed
+        (a model call that hangs); returns whether the worker ended. When it has not, it
+        answers the jobs left when its call returns. An engine never started drains in the
+        calling thread. Calling stop again shortens nothing and returns the same way."""
         with self._lock:
-            self._stopping = True
+            if self._accepting:
+                self._accepting = False
+                self._drain_until = time.monotonic() + max(0.0, grace_s)
             self._lock.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        with self._lock:
-            leftovers = list(self.scheduler.waiting) + self.active
-            self.scheduler.waiting.clear()
-            self.active = []
-        for job in leftovers:
-            _fail(job, UNAVAILABLE, "server is shutting down")
+        if self._thread.ident is None:  # never started: drain here
+            self._drain()
+            return True
+        self._thread.join(max(0.0, grace_s) + join_timeout_s)
+        return not self._thread.is_alive()
 
     def run_iteration(self) -> bool:
         """One iteration of the loop; False when there was nothing to do."""
         with self._lock:
             self._drop_ended_waiting()
-            admitted = self.scheduler.admit(self.active)
+            admitted = self.scheduler.admit(self.active) if self._accepting else []
+            self.active.extend(admitted)  # held by the engine from here: `stop` sees them
             self.stats.queued = len(self.scheduler.waiting)
         self._drop_ended_active()
+        admitted = [j for j in admitted if not j.answered]
         if admitted:
             try:
                 self.runner.admit(admitted)
-                self.active.extend(admitted)
-            except Exception as exc:  # a failed text-encoder call fails these jobs, not the server
-                for job in admitted:
-                    _fail(job, UNAVAILABLE, f"text encoding failed: {exc}")
-                    self.stats.failed += 1
+            except Exception as exc:  # a failed text-encoder (or VAE-encoder) call fails these jobs, not the server
+                traceback.print_exc()
+                self._retire(admitted, lambda job: self._fail_by_model(job, "text encoding failed", exc))
         self.stats.active = len(self.active)
         chosen = self.scheduler.pick(self.active)
         if not chosen:
@@ -107,29 +132,37 @@ class Engine:
             self.runner.step(chosen)
         except Exception as exc:
             traceback.print_exc()
-            self._retire(chosen, lambda job: _fail(job, UNAVAILABLE, f"denoising step failed: {exc}"))
-            self.stats.failed += len(chosen)
+            self._retire(chosen, lambda job: self._fail_by_model(job, "denoising step failed", exc))
             return True
         self.stats.on_step(sum(j.rows for j in chosen), time.perf_counter() - started)
         self._report_progress(chosen)
-        finished = [j for j in chosen if j.done]
+        finished = [j for j in chosen if j.done and not j.answered]
         if finished:
             self._finish(finished)
         return True
 
     def _finish(self, jobs: list) -> None:
+        self._retire(jobs, lambda job: None)  # out of the active set before anything can raise
         try:
             images = self.runner.decode(jobs)
         except Exception as exc:
-            self._retire(jobs, lambda job: _fail(job, UNAVAILABLE, f"VAE decoding failed: {exc}"))
-            self.stats.failed += len(jobs)
+            traceback.print_exc()
+            for job in jobs:
+                self._fail_by_model(job, "VAE decoding failed", exc)
             return
         for job, image in zip(jobs, images):
-            job.sink.finish(image, job.request.seed)
-        self.stats.completed += len(jobs)
-        self._retire(jobs, lambda job: None)
+            job.answered = True
+            try:
+                job.sink.finish(image, job.request.seed)
+            except Exception as exc:  # this client is gone: its job alone ends
+                traceback.print_exc()
+                self.stats.failed += 1
+                _last_word(job, INTERNAL, f"the image could not be delivered: {exc}")
+                continue
+            self.stats.completed += 1
 
     def _report_progress(self, jobs: list) -> None:
+        broken = []
         for job in jobs:
             r = job.request
             if job.done:
@@ -137,8 +170,14 @@ class Engine:
             want_preview = self.preview is not None and r.preview_every and job.index % r.preview_every == 0
             want_progress = r.progress_every and job.index % r.progress_every == 0
             if want_preview or want_progress:
-                preview = self.preview(job.pred_x0) if want_preview else None
-                job.sink.progress(job.index, len(job.timesteps), preview)
+                try:
+                    preview = self.preview(job.pred_x0) if want_preview else None
+                    job.sink.progress(job.index, len(job.timesteps), preview)
+                except Exception as exc:  # this job's stream broke, or its preview: it alone ends
+                    traceback.print_exc()
+                    broken.append((job, exc))
+        for job, exc in broken:
+            self._retire([job], lambda j: self._answer(j, INTERNAL, f"progress report failed: {exc}", failed=True))
 
     def _retire(self, jobs: list, action) -> None:
         gone = set(map(id, jobs))
@@ -148,40 +187,87 @@ class Engine:
         self.stats.active = len(self.active)
 
     def _drop_ended_waiting(self) -> None:
-        for job in self.scheduler.remove_waiting(lambda j: _ended(j) is not None):
-            self._end(job)
+        reasons = {}
+        for job in self.scheduler.remove_waiting(lambda j: reasons.setdefault(id(j), _ended(j)) is not None):
+            self._end(job, reasons[id(job)])
 
     def _drop_ended_active(self) -> None:
-        ended = [j for j in self.active if _ended(j) is not None]
+        ended = [(j, reason) for j in self.active if (reason := _ended(j)) is not None]
         if ended:
-            self._retire(ended, self._end)
+            reasons = {id(j): reason for j, reason in ended}
+            self._retire([j for j, _ in ended], lambda job: self._end(job, reasons[id(job)]))
 
-    def _end(self, job: Job) -> None:
-        reason = _ended(job)
+    def _end(self, job: Job, reason: str) -> None:
         if reason == CANCELLED:
             self.stats.cancelled += 1
-            _fail(job, CANCELLED, "request was cancelled")
+            self._answer(job, CANCELLED, "request was cancelled")
         else:
             self.stats.expired += 1
-            _fail(job, UNAVAILABLE, f"deadline exceeded: timeout_s={job.request.timeout_s} passed before the image was ready")
+            self._answer(job, UNAVAILABLE, f"deadline exceeded: timeout_s={job.request.timeout_s} passed before the image was ready")
+
+    def _fail_by_model(self, job: Job, what: str, exc: Exception) -> None:
+        """A model call failed: INTERNAL (this request broke a model, a replay would too), or
+        UNAVAILABLE when the cause passes (ResourceExhausted: out of GPU memory)."""
+        code = UNAVAILABLE if isinstance(exc, ResourceExhausted) else INTERNAL
+        self._answer(job, code, f"{what}: {exc}", failed=True)
+
+    def _answer(self, job: Job, code: str, message: str, failed: bool = False) -> None:
+        """The job's one final answer, an error; nothing when it was answered already."""
+        if job.answered:
+            return
+        job.answered = True
+        if failed:
+            self.stats.failed += 1
+        _last_word(job, code, message)
+
+    def _drain(self) -> None:
+        """Fails the waiting jobs, steps the active ones until they finish or the grace ends,
+        then fails those left: the end of the worker (or of `stop` for an engine never started)."""
+        with self._lock:
+            waiting = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+            self.stats.queued = 0
+        for job in waiting:
+            self._answer(job, UNAVAILABLE, SHUTTING_DOWN)
+        while self.active and time.monotonic() < self._drain_until:
+            try:
+                self.run_iteration()
+            except Exception:
+                traceback.print_exc()
+                self._fail_all_active("engine error")
+        for job in self.active:
+            self._answer(job, UNAVAILABLE, f"{SHUTTING_DOWN}: its drain grace period passed before the image was ready")
+        self.active = []
+        self.stats.active = 0
+
+    def _fail_all_active(self, why: str) -> None:
+        """After an unexpected error in the loop itself (a bug, not a model): the jobs in flight
+        end now rather than never."""
+        self._retire(list(self.active), lambda job: self._answer(job, INTERNAL, why, failed=True))
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                if self._stopping:
-                    return
+                if not self._accepting:
+                    break
                 if not self.active and not self.scheduler.waiting:
                     self._lock.wait(0.5)
                     continue
             try:
                 self.run_iteration()
-            except Exception:  # keep serving; the jobs involved were already failed
+            except Exception:  # keep serving
                 traceback.print_exc()
+                self._fail_all_active("engine error")
+        self._drain()
 
 
 def _ended(job: Job):
     """CANCELLED or UNAVAILABLE (deadline) when the job must leave now, else None."""
-    if job.sink.cancelled():
+    try:
+        if job.sink.cancelled():
+            return CANCELLED
+    except Exception:  # a sink that cannot tell has lost its client
+        traceback.print_exc()
         return CANCELLED
     deadline = job.deadline
     if deadline is not None and time.monotonic() > deadline:
@@ -189,9 +275,9 @@ def _ended(job: Job):
     return None
 
 
-def _fail(job: Job, code: str, message: str) -> None:
+def _last_word(job: Job, code: str, message: str) -> None:
+    """sink.fail that cannot raise: the worker outlives a client gone."""
     try:
         job.sink.fail(code, message)
     except Exception:
         traceback.print_exc()
-

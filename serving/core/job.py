@@ -11,7 +11,9 @@ from serving.core.request import GenerationRequest
 
 
 class ResultSink(Protocol):
-    """Receives a job's outputs; exactly one of finish/fail is called, once."""
+    """Receives a job's outputs; exactly one of finish/fail is called, once, from the engine's
+    worker thread. Any method may raise (a client gone): the engine then ends that job alone,
+    and after a finish that raised it calls fail once (the image did not reach the client)."""
 
     def progress(self, step: int, total: int, preview: np.ndarray | None) -> None: ...
 
@@ -35,8 +37,9 @@ class Job:
     conditioning: object | None = None  # serving.core.conditioning: rows, contexts, combine
     image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     index: int = 0  # denoising steps done
-    last_stepped: int = -1  # engine iteration of the last step (fairness)
+    last_turn: int = -1  # the scheduler's turn when admitted or last stepped (fairness)
     pred_x0: np.ndarray | None = None
+    answered: bool = False  # its final answer (finish or fail) was given: nothing follows
 
     @property
     def prompt(self):

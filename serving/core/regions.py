@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from serving.core.request import InvalidInput, config_parameter, decode_text
+from serving.core.request import InvalidInput, config_parameter, decode_text, is_blank
 
 MODES = ("latent", "attention")
 MAX_REGIONS = 8
@@ -210,7 +210,7 @@ def _texts(inputs, name, limit, allow_empty=False):
     texts = []
     for i, item in enumerate(array):
         text = decode_text(f"{name}[{i}]", item)
-        if not allow_empty and not text.strip():
+        if not allow_empty and is_blank(text):
             raise InvalidInput(name, f"text {i} must not be empty")
         texts.append(text)
     return texts

@@ -4,6 +4,7 @@ Every rejection names the field and the allowed range, so a client can fix its r
 """
 from dataclasses import dataclass, field
 import math
+import unicodedata
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -89,6 +90,9 @@ class Limits:
     max_guidance_scale: float = 50.0
     default_eta: float = 0.0
     max_timeout_s: float = 3600.0
+    # UTF-8 bytes of one text input (prompt, negative_prompt, each region prompt), refused before
+    # it is decoded or tokenized: the tokenizer's lock is shared with the engine's encoding
+    max_prompt_bytes: int = 4096
     regions: "RegionLimits | None" = None
     # the UNet variants served, by name (serving/core/variants.py); none: text-to-image only
     variants: dict = field(default_factory=dict)
@@ -100,7 +104,7 @@ class Limits:
         def get(key, cast, default):
             return config_parameter(params, key, cast, default)
 
-        return cls(
+        limits = cls(
             size_multiple=int(pipeline_info["size_multiple"]),
             default_size=get("default_size", int, int(pipeline_info["native_size"])),
             max_size=get("max_size", int, int(pipeline_info["max_size"])),
@@ -110,9 +114,42 @@ class Limits:
             default_guidance_scale=get("default_guidance_scale", float, cls.default_guidance_scale),
             max_guidance_scale=get("max_guidance_scale", float, cls.max_guidance_scale),
             default_eta=get("default_eta", float, cls.default_eta),
+            max_prompt_bytes=get("max_prompt_bytes", int, cls.max_prompt_bytes),
             regions=RegionLimits.from_parameters(params, pipeline_info),
             variants=VariantSpec.table(pipeline_info),
         )
+        limits.check(int(pipeline_info["max_size"]))
+        return limits
+
+    def check(self, exported_max_size: int) -> None:
+        """Refuses defaults and limits that contradict each other or the exported models, naming
+        the config.pbtxt parameter (a bad default would otherwise fail requests later, deep in a
+        model call)."""
+        def refuse(key, value, why):
+            raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
+
+        train_steps = min((int(v.scheduler_config.get("num_train_timesteps", 1000)) for v in self.variants.values()),
+                          default=1000)
+        if not 1 <= self.max_steps <= train_steps:
+            refuse("max_steps", self.max_steps, f"must be in [1, {train_steps}] (the schedule's num_train_timesteps)")
+        if not 1 <= self.default_steps <= self.max_steps:
+            refuse("default_steps", self.default_steps, f"must be in [1, max_steps={self.max_steps}]")
+        m = self.size_multiple
+        if not m <= self.max_size <= exported_max_size or self.max_size % m:
+            refuse("max_size", self.max_size, f"must be a multiple of {m} in [{m}, {exported_max_size}] (the exported models' largest size)")
+        if not m <= self.default_size <= self.max_size or self.default_size % m:
+            refuse("default_size", self.default_size, f"must be a multiple of {m} in [{m}, max_size={self.max_size}]")
+        if not (math.isfinite(self.max_guidance_scale) and self.max_guidance_scale >= 0):
+            refuse("max_guidance_scale", self.max_guidance_scale, "must be a finite number >= 0")
+        if not (math.isfinite(self.default_guidance_scale) and 0 <= self.default_guidance_scale <= self.max_guidance_scale):
+            refuse("default_guidance_scale", self.default_guidance_scale, f"must be in [0, max_guidance_scale={self.max_guidance_scale}]")
+        if not (math.isfinite(self.default_eta) and 0 <= self.default_eta <= 1):
+            refuse("default_eta", self.default_eta, "must be in [0, 1]")
+        if self.max_prompt_bytes < 1:
+            refuse("max_prompt_bytes", self.max_prompt_bytes, "must be at least 1")
+        if self.regions is not None and not (math.isfinite(self.regions.default_base_weight)
+                                             and 0 <= self.regions.default_base_weight <= 1):
+            refuse("default_base_prompt_weight", self.regions.default_base_weight, "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -135,9 +172,10 @@ class GenerationRequest:
 
 def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
     """Build a request from named input arrays (missing optional inputs are absent or None)."""
+    check_text_sizes(inputs, limits.max_prompt_bytes)
     prompt = _text(inputs, "prompt", required=True)
-    if not prompt.strip():
-        raise InvalidInput("prompt", "must not be empty")
+    if is_blank(prompt):
+        raise InvalidInput("prompt", "must not be empty (nor only spaces or invisible characters)")
     negative = _text(inputs, "negative_prompt", required=False)
     steps = _integer(inputs, "steps", limits.default_steps, 1, limits.max_steps)
     guidance = _real(inputs, "guidance_scale", limits.default_guidance_scale, 0.0, limits.max_guidance_scale)
@@ -176,6 +214,36 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         regions=regions,
         image=image,
     )
+
+
+TEXT_FIELDS = {f.name: f.dims for f in FIELDS if f.dtype == "bytes"}
+
+
+def check_text_sizes(inputs: dict, max_bytes: int) -> None:
+    """Refuses any text input longer than `max_bytes` UTF-8 bytes, before it is decoded (a
+    multi-megabyte prompt would hold the tokenizer's lock, shared with the engine, for long)."""
+    for name, dims in TEXT_FIELDS.items():
+        value = inputs.get(name)
+        if value is None:
+            continue
+        array = np.asarray(value)
+        if array.dtype != object:
+            continue  # not text: the field's own parser names it
+        for i, item in enumerate(array.reshape(-1)):
+            size = len(item) if isinstance(item, bytes) else len(item.encode("utf-8", "replace")) if isinstance(item, str) else 0
+            if size > max_bytes:
+                raise InvalidInput(name if dims == (1,) else f"{name}[{i}]",
+                                   f"is {size} bytes long; at most {max_bytes} UTF-8 bytes (max_prompt_bytes)")
+
+
+# what a blank text is made of: separators (Z*), controls and format characters (Cc, Cf: zero-width
+# space and joiners, BOM, bidi marks), unassigned code points and lone surrogates
+_INVISIBLE = ("Zs", "Zl", "Zp", "Cc", "Cf", "Cn", "Cs")
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` holds nothing visible: empty, or only whitespace and invisible characters."""
+    return all(unicodedata.category(c) in _INVISIBLE for c in text)
 
 
 def _scalar(inputs: dict, name: str):

@@ -106,12 +106,16 @@ class Runner:
         return sample, {"class_labels": labels}
 
     def decode(self, jobs: list) -> list:
-        """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size."""
+        """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size (more past the
+        VAE decoder's max batch size)."""
         images = [None] * len(jobs)
         by_shape = defaultdict(list)
         for i, job in enumerate(jobs):
             by_shape[job.latent_shape].append(i)
-        for indices in by_shape.values():
+        size = self.variant.max_batch.get("vae_decoder")
+        calls = [group[start : start + (size or len(group))] for group in by_shape.values()
+                 for start in range(0, len(group), size or len(group))]
+        for indices in calls:
             pixels = self.models.decode(np.stack([jobs[i].latents for i in indices]))
             for i, image in zip(indices, pixels):
                 images[i] = to_uint8(image)

@@ -2,9 +2,21 @@
 
 Requests join and leave the running batch at every step: between steps the scheduler admits
 waiting requests (up to `max_active`), then picks which active requests step now. Requests of
-one UNet and latent size (a call key) share a UNet call; call keys take turns by who waited
-longest; a cap bounds the UNet rows of one call. With `step_batching` off it serves one request at a time, start to end
-(the baseline a request-at-a-time server gives).
+one UNet and latent size (a call key) share a UNet call; a cap bounds the UNet rows of one call.
+With `step_batching` off it serves one request at a time, start to end (the baseline a
+request-at-a-time server gives).
+
+Fairness, and its bound. A turn counter orders events: each admission and each call takes the
+next turn, and a job records the turn it was admitted or last stepped in (`last_turn`). Each
+call is led by the active job with the smallest `last_turn` (ties: earliest arrival), so a job
+just admitted queues behind every job already running. The leader's call key decides the call;
+its peers of that key fill the remaining rows, skipping any that does not fit (a smaller one
+behind it may). Bound, K = max_active: an active job steps at least once in every max_active
+consecutive calls, from its admission on. Proof: let s be job J's `last_turn` and S the active
+jobs whose `last_turn` is at most s (J among them, so |S| <= max_active). A call steps its
+leader, a member of S, and gives it a turn above s; jobs admitted later get one above s too;
+so S loses a member with every call and gains none, and J, in S, steps within |S| calls.
+(tests/test_scheduler.py checks it over random arrivals, keys and row counts.)
 """
 from collections import deque
 from dataclasses import dataclass
@@ -26,7 +38,7 @@ class StepScheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.waiting = deque()
-        self.iteration = 0
+        self.turn = 0  # admissions and calls so far
 
     def enqueue(self, job) -> None:
         if len(self.waiting) >= self.config.max_queue:
@@ -38,31 +50,31 @@ class StepScheduler:
         limit = self.config.max_active if self.config.step_batching else 1
         admitted = []
         while self.waiting and len(active) + len(admitted) < limit:
-            admitted.append(self.waiting.popleft())
+            job = self.waiting.popleft()
+            self.turn += 1
+            job.last_turn = self.turn  # after every job already running: it waits its turn
+            admitted.append(job)
         return admitted
 
     def pick(self, active: list) -> list:
         """The active jobs that take one denoising step in this iteration's UNet call."""
-        self.iteration += 1
+        self.turn += 1
         if not active:
             return []
         if not self.config.step_batching:
             chosen = [active[0]]
         else:
-            # the longest-unserved job decides the call key (UNet and latent size) of this call;
-            # its peers fill the rows
-            order = sorted(active, key=lambda j: (j.last_stepped, j.arrival))
+            # the longest-unserved job leads and decides the call key (UNet and latent size) of
+            # this call; its peers fill the rows
+            order = sorted(active, key=lambda j: (j.last_turn, j.arrival))
             key = order[0].call_key
-            chosen, rows = [], 0
-            for job in order:
-                if job.call_key != key:
-                    continue
-                if chosen and rows + job.rows > self.config.max_rows:
-                    break
-                chosen.append(job)
-                rows += job.rows
+            chosen, rows = [order[0]], order[0].rows
+            for job in order[1:]:
+                if job.call_key == key and rows + job.rows <= self.config.max_rows:
+                    chosen.append(job)
+                    rows += job.rows
         for job in chosen:
-            job.last_stepped = self.iteration
+            job.last_turn = self.turn
         return chosen
 
     def remove_waiting(self, predicate) -> list:

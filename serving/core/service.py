@@ -3,11 +3,13 @@ into validated jobs for the engine. The Triton model only adapts tensors and res
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 import json
+import os
 from pathlib import Path
 import secrets
 
-from serving.core.engine import Engine
+from serving.core.engine import Engine, ShuttingDown
 from serving.core.errors import INVALID_ARG, UNAVAILABLE
+from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
@@ -36,6 +38,10 @@ class PipelineAssets:
         )
 
 
+DEFAULT_DRAIN_GRACE_S = 120.0  # below the Deployment's terminationGracePeriodSeconds
+MAX_PLAIN_JOB_ROWS = 2  # a prompt with classifier-free guidance; regional jobs are checked at submit
+
+
 def scheduler_config(params: dict) -> SchedulerConfig:
     defaults = SchedulerConfig()
     step_batching = params.get("step_batching", "true").lower()
@@ -49,6 +55,34 @@ def scheduler_config(params: dict) -> SchedulerConfig:
     )
 
 
+def check_batching(config: SchedulerConfig, variants: dict) -> None:
+    """Refuses batching parameters the exported models cannot serve, naming the parameter. The
+    text encoder's and VAE's calls are split to their max batch (serving/core/runner.py); a UNet
+    call is never split, so the row cap must fit the UNet's max batch and one whole job."""
+    def refuse(key, value, why):
+        raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
+
+    if config.max_active < 1:
+        refuse("max_active", config.max_active, "must be at least 1")
+    if config.max_queue < 1:
+        refuse("max_queue", config.max_queue, "must be at least 1")
+    if config.max_rows < MAX_PLAIN_JOB_ROWS:
+        refuse("max_rows", config.max_rows, f"must be at least {MAX_PLAIN_JOB_ROWS} (the UNet rows of one request with guidance)")
+    for name, spec in variants.items():
+        for component in ("unet", "unet_regional"):
+            largest = spec.max_batch.get(component)
+            if largest is not None and config.max_rows > largest:
+                refuse("max_rows", config.max_rows,
+                       f"exceeds the {spec.components[component]} model's max batch size {largest} (variant {name})")
+
+
+def drain_grace_s(params: dict) -> float:
+    grace = config_parameter(params, "drain_grace_s", float, DEFAULT_DRAIN_GRACE_S)
+    if not 0 <= grace < float("inf"):
+        raise ValueError(f"pipeline config.pbtxt parameter drain_grace_s={grace!r} must be a finite number >= 0")
+    return grace
+
+
 class PipelineService:
     def __init__(self, assets: PipelineAssets, params: dict, models):
         """models: the runner models of each UNet variant ({name: models}), or one models object
@@ -60,6 +94,10 @@ class PipelineService:
         missing = sorted(set(variants) - set(models))
         if missing:
             raise ValueError(f"no models given for variants {missing} of this repository")
+        self.faults = FaultPlan(os.environ[FAULTS_ENV]) if os.environ.get(FAULTS_ENV) else None  # a test hook
+        if self.faults is not None:
+            models = {name: self.faults.models(m) for name, m in models.items()}
+        self.drain_grace_s = drain_grace_s(params)
         # one tokenizer per folder and one text-encoder cache per (model, tokenizer): variants
         # that share their text encoder share its cache
         self.tokenizers = {}
@@ -69,13 +107,18 @@ class PipelineService:
                 self.tokenizers[spec.tokenizer] = PromptTokenizer(assets.tokenizer_dir.parent / spec.tokenizer, spec.text_length)
             key = (spec.components["text_encoder"], spec.tokenizer)
             if key not in encoders:
-                encoders[key] = CachedTextEncoder(self.tokenizers[spec.tokenizer], models[name].encode_text)
+                encoders[key] = CachedTextEncoder(self.tokenizers[spec.tokenizer], models[name].encode_text,
+                                                  max_batch=spec.max_batch.get("text_encoder"))
             runners[name] = Runner(models[name], spec, encoders[key])
         preview = LatentPreview.from_info(assets.info)
         config = scheduler_config(params)
+        check_batching(config, variants)
         # what the UNets' device can serve (GPU memory plan)
         caps = [cap for m in models.values() if (cap := getattr(m, "row_cap", None)) is not None]
         if caps and min(caps) < config.max_rows:
+            if min(caps) < MAX_PLAIN_JOB_ROWS:
+                raise ValueError(f"the UNet's GPU memory plan fits {min(caps)} rows per call; a request with guidance needs "
+                                 f"{MAX_PLAIN_JOB_ROWS} (lower torch_buckets' smallest size or use a larger GPU)")
             config = replace(config, max_rows=min(caps))
         self.engine = Engine(VariantRunners(runners), StepScheduler(config), preview=preview)
         self.engine.stats.row_cap = config.max_rows
@@ -84,11 +127,22 @@ class PipelineService:
         self.engine.start()
         return self
 
-    def stop(self) -> None:
-        self.engine.stop()
+    def stop(self, grace_s: float | None = None) -> bool:
+        """Drains the engine (Engine.stop): refuses new requests at once with UNAVAILABLE, lets
+        the generations in flight finish for up to `grace_s` seconds (default: the pipeline's
+        config.pbtxt parameter drain_grace_s, 120), then fails those left with UNAVAILABLE.
+        Returns whether the engine's worker ended."""
+        return self.engine.stop(self.drain_grace_s if grace_s is None else grace_s)
+
+    @property
+    def accepting(self) -> bool:
+        """False from the moment `stop` is called: readiness should report it."""
+        return self.engine.accepting
 
     def submit(self, inputs: dict, sink) -> None:
         """Validates and queues one request; a rejected request gets its error through `sink`."""
+        if self.faults is not None:
+            sink = self.faults.sink(sink)
         try:
             request = parse_request(inputs, self.limits, default_seed=secrets.randbelow(2**31))
             variant = request.image.variant if request.image is not None else "base"
@@ -102,5 +156,7 @@ class PipelineService:
             return
         try:
             self.engine.submit(job)
+        except ShuttingDown as exc:
+            sink.fail(UNAVAILABLE, str(exc))
         except QueueFull as exc:
             sink.fail(UNAVAILABLE, f"server overloaded, retry later: {exc}")

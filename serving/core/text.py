@@ -35,15 +35,16 @@ class PromptTokenizer:
 
 
 class CachedTextEncoder:
-    """Text embeddings for a batch of texts in one text-encoder call, each distinct token sequence
-    encoded once: within the batch, and across batches through a bounded LRU cache keyed by token
-    ids (identical prompts of many requests, and a steered job's unchanged negative prompt, cost
-    nothing after the first)."""
+    """Text embeddings for a batch of texts in one text-encoder call (one per `max_batch` rows past
+    the model's max batch size), each distinct token sequence encoded once: within the batch, and
+    across batches through a bounded LRU cache keyed by token ids (identical prompts of many
+    requests, and a steered job's unchanged negative prompt, cost nothing after the first)."""
 
-    def __init__(self, tokenizer: PromptTokenizer, encode_ids, capacity: int = 1024):
+    def __init__(self, tokenizer: PromptTokenizer, encode_ids, capacity: int = 1024, max_batch: int | None = None):
         self.tokenizer = tokenizer
         self.encode_ids = encode_ids  # int64 [N, L] -> float32 [N, L, D]
         self.capacity = capacity
+        self.max_batch = max_batch  # rows one text-encoder call takes (its model's max batch size); None: any
         self.cache = OrderedDict()
         self.calls = 0  # text-encoder calls made (rows encoded: self.rows)
         self.rows = 0
@@ -56,11 +57,14 @@ class CachedTextEncoder:
         for key, row in zip(keys, ids):
             if key not in self.cache and key not in missing:
                 missing[key] = row
-        if missing:
-            embeddings = self.encode_ids(np.stack(list(missing.values())))
+        rows = list(missing.items())
+        size = self.max_batch or max(1, len(rows))
+        for start in range(0, len(rows), size):  # more than one call only past the model's max batch
+            chunk = rows[start : start + size]
+            embeddings = self.encode_ids(np.stack([row for _, row in chunk]))
             self.calls += 1
-            self.rows += len(missing)
-            for key, embedding in zip(missing, embeddings):
+            self.rows += len(chunk)
+            for (key, _), embedding in zip(chunk, embeddings):
                 self.cache[key] = embedding
         out = []
         for key in keys:

@@ -1,9 +1,21 @@
 """`ldm serve`: export the model repository if needed, run tritonserver and, beside it, the
-gateway (the public API: gRPC ldm.v1.Images and OpenAI-style REST), until Ctrl-C/SIGTERM."""
+gateway (the public API: gRPC ldm.v1.Images and OpenAI-style REST), until Ctrl-C/SIGTERM.
+
+On SIGTERM (or Ctrl-C) it drains before it stops: the gateway is told to stop at once (it
+refuses new calls, its readiness is false), the pipeline refuses new requests with UNAVAILABLE
+and finishes the generations in flight for up to --drain-grace-s (serving/triton/drain.py),
+failing those left with UNAVAILABLE; then the gateway and tritonserver exit, and tritonserver's
+process group (its python-backend stubs) is killed if anything is left of it. Once drained,
+tritonserver gets DRAINED_EXIT_S to exit (nothing is in flight; what it would wait for is its
+clients' idle gRPC streams); a second signal during the drain ends the wait at once, and a
+drain that failed leaves tritonserver its own exit timeout (longer than the grace)."""
 import signal
 import threading
 
 from serving.defaults import DEFAULT_REPO
+from serving.triton.drain import DEFAULT_GRACE_S
+
+DRAINED_EXIT_S = 10.0  # tritonserver's time to exit after a drain, before its group is killed
 
 
 def add_arguments(parser):
@@ -15,6 +27,9 @@ def add_arguments(parser):
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton's KServe gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
     parser.add_argument("--log-file", help="write tritonserver's log here instead of the terminal")
+    parser.add_argument("--drain-grace-s", type=float, default=DEFAULT_GRACE_S,
+                        help="on SIGTERM, how long the generations in flight may finish before those left get "
+                             "UNAVAILABLE (default: %(default)s)")
     from export.cli import add_repository_options
     from serving.gateway.cli import add_gateway_options
 
@@ -25,9 +40,11 @@ def add_arguments(parser):
 
 
 def gateway_arguments(args) -> list:
-    """The gateway options of `ldm serve` as `ldm gateway` arguments."""
+    """The gateway options of `ldm serve` as `ldm gateway` arguments. The gateway's own drain
+    lasts at least the pipeline's grace and 10 s more, so its calls in flight get their answers."""
+    drain_s = max(args.drain_s, args.drain_grace_s + 10)
     extra = ["--rate-limit", str(args.rate_limit), "--burst", str(args.burst), "--max-body-mb", str(args.max_body_mb),
-             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(args.drain_s)]
+             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(drain_s)]
     if args.api_keys:
         extra += ["--api-keys", args.api_keys]
     if args.allow_anonymous:
@@ -41,15 +58,20 @@ def run(args) -> int:
     from serving.gateway.process import GatewayProcess
     from serving.triton.server import TritonServer
 
+    if not 0 <= args.drain_grace_s < float("inf"):
+        raise SystemExit(f"--drain-grace-s must be a finite number >= 0, got {args.drain_grace_s}")
     checkpoint = checkpoint_to_export(args.checkpoint, args.repo)
     if checkpoint is not None:
         export_with_options(checkpoint, args)
     print(f"model: {served_model(args.repo)} (pass --checkpoint to serve another)", flush=True)
-    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file)
-    gateway = None
-    stop = threading.Event()
+    # Triton is stopped only once drained; its exit timeout still outlasts the grace, in case
+    # the drain message could not be delivered and Triton's own shutdown has to wait instead
+    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file,
+                          exit_timeout_s=int(args.drain_grace_s) + 30)
+    gateway, exit_s = None, None
+    signals = threading.Semaphore(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: signals.release())
     print(f"starting tritonserver on {args.repo} ...", flush=True)
     server.start()
     try:
@@ -59,15 +81,47 @@ def run(args) -> int:
         public = f"gateway REST http://{args.host}:{gateway.rest_port}  gRPC {gateway.grpc_url}  |  " if gateway else ""
         print(f"ready  {public}Triton gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}", flush=True)
         print('try:   ldm generate "a red circle" -o out.png' + ('' if gateway else ' --protocol kserve'), flush=True)
-        while not stop.wait(1.0):
+        while not signals.acquire(timeout=1.0):
             for name, process in (("tritonserver", server.process), ("gateway", gateway and gateway.process)):
                 if process is not None and process.poll() is not None:
                     print(f"{name} exited with code {process.returncode}", flush=True)
                     return 1
+        exit_s = drain(server, gateway, args.drain_grace_s, signals)
     finally:
         if gateway is not None:
             print("stopping the gateway ...", flush=True)
             gateway.stop()
         print("stopping tritonserver ...", flush=True)
-        server.stop()
+        server.stop(exit_s)
+        print("stopped", flush=True)
     return 0
+
+
+def drain(server, gateway, grace_s: float, signals: threading.Semaphore) -> float | None:
+    """The gateway stops admitting (SIGTERM: it lets its calls in flight finish), the pipeline
+    drains; a second signal ends the wait. Returns how long tritonserver may then take to exit
+    (None: its own exit timeout, when the drain failed)."""
+    from serving.triton.drain import drain as drain_pipeline
+
+    if gateway is not None and gateway.process.poll() is None:
+        gateway.process.send_signal(signal.SIGTERM)
+    print(f"draining (up to {grace_s:g} s; signal again to stop at once) ...", flush=True)
+    done, outcome = threading.Event(), {}
+
+    def drain_then_signal():
+        try:
+            drain_pipeline(server.grpc_url, grace_s, log=lambda m: print(m, flush=True))
+            outcome["exit_s"] = DRAINED_EXIT_S
+        except Exception as exc:  # the stop that follows still ends everything
+            print(f"drain failed: {exc}", flush=True)
+            outcome["exit_s"] = None
+        finally:
+            done.set()
+            signals.release()
+
+    threading.Thread(target=drain_then_signal, name="ldm-drain", daemon=True).start()
+    signals.acquire()
+    if not done.is_set():
+        print("second signal: stopping without waiting for the drain", flush=True)
+        return 0.0
+    return outcome["exit_s"]

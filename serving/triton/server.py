@@ -75,7 +75,7 @@ def repository_flags(repo) -> list:
     return server_flags(placement, torch.cuda.device_count())
 
 
-def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0):
+def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0, exit_timeout_s=15):
     env = dict(os.environ)
     # the python-backend stub imports the project's code (serving/) from the model files
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
@@ -109,7 +109,8 @@ def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0
         f"--metrics-address={host}",
         f"--metrics-port={metrics_port}",
         "--allow-metrics=true",
-        "--exit-timeout-secs=15",
+        # on SIGTERM, how long Triton waits for requests in flight (a drain answers them first)
+        f"--exit-timeout-secs={int(exit_timeout_s)}",
         f"--log-verbose={log_verbose}",
         *extra,
     ]
@@ -141,8 +142,10 @@ def log_tail(log_file, name: str, lines: int = 30) -> str:
 class TritonServer:
     """A tritonserver child process on the given (or free) ports."""
 
-    def __init__(self, repo, http_port=None, grpc_port=None, metrics_port=None, host="127.0.0.1", log_file=None):
+    def __init__(self, repo, http_port=None, grpc_port=None, metrics_port=None, host="127.0.0.1", log_file=None,
+                 exit_timeout_s: int = 15):
         self.repo = Path(repo)
+        self.exit_timeout_s = exit_timeout_s
         self.host = host
         spare = free_ports(3)
         self.http_port = http_port or spare[0]
@@ -164,7 +167,8 @@ class TritonServer:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
-        command, env = server_command_and_env(self.repo, self.http_port, self.grpc_port, self.metrics_port, self.host)
+        command, env = server_command_and_env(self.repo, self.http_port, self.grpc_port, self.metrics_port, self.host,
+                                              exit_timeout_s=self.exit_timeout_s)
         output = open(self.log_file, "ab") if self.log_file else None
         # own process group: a Ctrl-C in the terminal reaches us, and we stop the server ourselves
         self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -180,13 +184,14 @@ class TritonServer:
     def wait_ready(self, timeout: float) -> None:
         wait_until_ok(self.process, f"http://{self.host}:{self.http_port}/v2/health/ready", timeout, "tritonserver", self.log_file)
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL of its whole process group."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton waits up to its exit timeout for requests in flight), then SIGKILL of
+        its whole process group; `timeout` defaults to that exit timeout plus 15 s."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout)
+            self.process.wait(self.exit_timeout_s + 15 if timeout is None else timeout)
         except subprocess.TimeoutExpired:
             pass
         # the python-backend stubs are in the server's process group: no orphans either way

@@ -7,12 +7,14 @@ image with the FINAL flag, or one coded error with the FINAL flag."""
 import json
 from pathlib import Path
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from serving.triton.drain import DRAIN_PARAMETER
 from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
-from serving.core.errors import INTERNAL, coded_message
+from serving.core.errors import INTERNAL, INVALID_ARG, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.core.service import PipelineAssets, PipelineService
 from serving.models.assemble import RunnerChoice, build_models
@@ -112,6 +114,16 @@ def _cancel_target(request):
     return None if target is None else str(target)
 
 
+def _drain_grace(request):
+    """The grace in seconds a drain message carries (serving/triton/drain.py), or None."""
+    grace = json.loads(request.parameters() or "{}").get(DRAIN_PARAMETER)
+    if grace is None:
+        return None
+    if not 0 <= float(grace) < float("inf"):
+        raise ValueError(f"must be a finite number of seconds >= 0, got {grace!r}")
+    return float(grace)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -160,12 +172,35 @@ class TritonPythonModel:
                 self.cancels.cancel(target)
                 request.get_response_sender().send(flags=FINAL)
                 continue
+            try:
+                grace = _drain_grace(request)
+            except ValueError as exc:
+                request.get_response_sender().send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    coded_message(INVALID_ARG, f"{DRAIN_PARAMETER}: {exc}"), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+                continue
+            if grace is not None:
+                threading.Thread(target=self._drain, args=(grace, request.get_response_sender()),
+                                 name="ldm-drain", daemon=True).start()
+                continue
             sink = TritonSink(request, self.cancels)
             try:
                 self.service.submit({t.name(): t.as_numpy() for t in request.inputs()}, sink)
             except Exception as exc:  # every request ends with a FINAL response, whatever broke
                 sink.fail(INTERNAL, f"pipeline could not accept the request: {exc}")
         return None
+
+    def _drain(self, grace_s, sender):
+        """Answers a drain message: one empty response once nothing more is admitted, the final
+        one once every request taken has its answer."""
+        stopping = threading.Thread(target=self.service.stop, args=(grace_s,), name="ldm-drain-stop", daemon=True)
+        stopping.start()
+        while self.service.accepting and stopping.is_alive():
+            time.sleep(0.01)
+        try:
+            sender.send(pb_utils.InferenceResponse([]))
+        finally:
+            stopping.join()
+            sender.send(flags=FINAL)
 
     def finalize(self):
         self.stop_metrics.set()

@@ -1,0 +1,164 @@
+"""Fault injection with a real tritonserver (tiny checkpoint): a UNet call that raises, a VAE
+call that raises, a client whose stream breaks at the last step (the sink's send raising, and a
+real client closing its stream), and the pipeline's python stub process killed mid-load. For
+each: which requests fail with which code, that none is answered twice (the engine's counters
+match what the clients got) and that none hangs (each ends within its client timeout).
+
+Model faults come from the LDM_FAULTS test hook (serving/core/faults.py), set for the server's
+process only. The outcomes are tabled in docs/reliability.md ("Fault injection")."""
+from concurrent.futures import ThreadPoolExecutor
+import os
+from pathlib import Path
+import queue
+import signal
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from serving.client.kserve import LdmClient, request_arrays
+from serving.core.faults import FAULTS_ENV
+from serving.triton.server import TritonServer
+from server_metrics import metrics, wait_for
+
+TIMEOUT_S = 60.0  # every request must end within this (the tiny model answers in well under a second)
+
+
+def outcome(url, prompt="a red circle", **fields):
+    """'image' or the error's code, for one request on its own gRPC stream."""
+    with LdmClient(url, "grpc", timeout_s=TIMEOUT_S) as client:
+        try:
+            client.run(prompt, **fields)
+            return "image", ""
+        except InferenceServerException as exc:
+            assert exc.status() != "DEADLINE_EXCEEDED", "a request hung"
+            return str(exc.status()), str(exc.message())
+
+
+def counters(server):
+    m = metrics(server)
+    return {k: m.get(f"ldm_{k}_total", 0) for k in ("images_completed", "failures", "cancellations")}
+
+
+@pytest.fixture(scope="module")
+def faulty_server(tiny_repo, tmp_path_factory):
+    plan = "unet_raise_at_call=3,vae_raise_at_call=2,finish_raise_at_call=3"
+    saved = os.environ.get(FAULTS_ENV)
+    os.environ[FAULTS_ENV] = plan  # the server's environment is copied when it starts
+    try:
+        server = TritonServer(tiny_repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver-faults.log").start()
+    finally:
+        if saved is None:
+            os.environ.pop(FAULTS_ENV)
+        else:
+            os.environ[FAULTS_ENV] = saved
+    yield server
+    server.stop()
+
+
+def test_model_and_delivery_faults_touch_their_own_requests_alone(faulty_server):
+    url = faulty_server.grpc_url
+    # UNet call 3 raises: the request in that call (alone here) fails with INTERNAL
+    code, message = outcome(url, steps=4, seed=1)
+    assert code == "INTERNAL" and "denoising step failed: injected fault: unet call 3" in message
+    assert outcome(url, steps=2, seed=2)[0] == "image"  # VAE call 1, finish call 1
+    # VAE call 2 raises
+    code, message = outcome(url, steps=2, seed=3)
+    assert code == "INTERNAL" and "VAE decoding failed: injected fault: vae call 2" in message
+    # finish call 3 raises (a client gone at the last step): of two batch-mates that finish
+    # together or one after the other, that one alone fails; the other gets its image
+    with ThreadPoolExecutor(2) as pool:
+        pair = list(pool.map(lambda seed: outcome(url, steps=3, seed=seed), (4, 5)))
+    assert sorted(code for code, _ in pair) == ["INTERNAL", "image"], pair
+    assert "the image could not be delivered: injected fault: finish call 3" in [m for c, m in pair if c == "INTERNAL"][0]
+    assert outcome(url, steps=2, seed=6)[0] == "image"
+    # none answered twice, none lost: 3 images and 3 failures, as the clients saw
+    assert wait_for(lambda: counters(faulty_server)["images_completed"] == 3 and counters(faulty_server)["failures"] == 3), \
+        counters(faulty_server)
+
+
+def test_a_client_that_closes_its_stream_at_the_last_step_touches_nothing_else(faulty_server):
+    before = counters(faulty_server)
+    client = grpcclient.InferenceServerClient(faulty_server.grpc_url)
+    responses = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = []
+    for name, value in request_arrays("a red circle", seed=7, steps=4, progress_every=1).items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with ThreadPoolExecutor(1) as pool:  # a batch-mate on its own stream
+        mate = pool.submit(outcome, faulty_server.grpc_url, steps=6, seed=8)
+        client.async_stream_infer("pipeline", inputs)
+        while True:  # progress 1, 2, 3 of 4: leave before the last step's image
+            result, error = responses.get(timeout=TIMEOUT_S)
+            assert error is None
+            if int(result.as_numpy("step")[0]) == 3:
+                break
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        assert mate.result(TIMEOUT_S)[0] == "image"
+    # the closed request ended once: as cancelled, or as an image whose send found no client
+    assert wait_for(lambda: sum(counters(faulty_server).values()) == sum(before.values()) + 2), counters(faulty_server)
+    assert outcome(faulty_server.grpc_url, steps=2, seed=9)[0] == "image"
+
+
+def stub_pids(server, model="pipeline") -> list:
+    """The python-backend stub processes of `model` (their command line names its model.py)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            group = os.getpgid(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+        if group == server.process.pid and any(a.endswith(f"/{model}/1/model.py".encode()) for a in args):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
+    """Triton 2.51's python backend, when the stub of `pipeline` dies: the requests it held fail
+    (none hangs past its timeout); the outcome after that is what the test records: either the
+    stub is restarted and requests succeed again, or the model reports itself unready."""
+    server = TritonServer(tiny_repo, log_file=tmp_path / "tritonserver.log").start()
+    try:
+        [stub] = stub_pids(server)
+        started = queue.Queue()
+
+        def long_request(seed):
+            def on_progress(generation):
+                if len(generation.progress) == 1:
+                    started.put(seed)
+            with LdmClient(server.grpc_url, "grpc", timeout_s=TIMEOUT_S) as client:
+                try:
+                    client.run("a red circle", seed=seed, steps=150, progress_every=1, on_progress=on_progress)
+                    return "image", ""
+                except InferenceServerException as exc:
+                    return str(exc.status()), str(exc.message())
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(long_request, seed) for seed in range(3)]
+            for _ in futures:
+                started.get(timeout=TIMEOUT_S)  # all three mid-generation
+            os.kill(stub, signal.SIGKILL)
+            held = [f.result(TIMEOUT_S + 10) for f in futures]
+        print(f"\nrequests held by the killed stub: {held}")
+        assert all(code != "image" and code != "DEADLINE_EXCEEDED" for code, _ in held), held
+        # after: a restarted stub serves again, or the model says it is not ready
+        with httpclient.InferenceServerClient(server.http_url) as http:
+            def recovered():
+                code, _ = outcome(server.grpc_url, steps=2, seed=5)
+                return code == "image" or not http.is_model_ready("pipeline")
+            assert wait_for(recovered, timeout=120)
+            ready = http.is_model_ready("pipeline")
+            after = outcome(server.grpc_url, steps=2, seed=6)
+            new_stubs = stub_pids(server)
+        print(f"after the kill: model ready {ready}, next request {after[0]}, stub pids {new_stubs} (killed {stub})")
+        if ready:
+            assert after[0] == "image" and new_stubs and stub not in new_stubs
+    finally:
+        server.stop()
