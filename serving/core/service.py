@@ -14,6 +14,7 @@ from serving.core.errors import INVALID_ARG, UNAVAILABLE
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
+from serving.core.prompt_schedule import schedule
 from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
@@ -136,4 +137,8 @@ def steered_fields(inputs: dict, limits: Limits) -> dict:
     """The steerable fields a steer gives, parsed and range-checked as a new request's."""
     defaults = {"prompt": np.array([b"steer"], np.object_)}  # parse_request requires a prompt
     request = parse_request({**defaults, **inputs}, limits, default_seed=0)
-    return {name: getattr(request, name) for name in STEERABLE if inputs.get(name) is not None}
+    fields = {name: getattr(request, name) for name in STEERABLE if inputs.get(name) is not None}
+    for name in ("prompt", "negative_prompt"):
+        if name in fields:  # syntax now; the steps a schedule counts are checked with the job
+            schedule(fields[name], 1, name)
+    return fields

@@ -26,6 +26,8 @@ from serving.core.prompt_schedule import joint_schedule
 from serving.core.regional_prompt import regional_prompt
 
 STEERABLE = ("prompt", "negative_prompt", "guidance_scale")
+# request parameter of a steer message to the `pipeline` model: the request id of the generation
+STEER_PARAMETER = "steer_request_id"
 
 
 @dataclass(eq=False)
