@@ -7,8 +7,9 @@ import { readEvents } from "./sse.js";
 
 const STEER_DEBOUNCE_MS = 300;
 const STEERABLE = ["prompt", "negative_prompt", "guidance_scale"];
-// REST parameters -> the control that sets them (to point at the one an error names)
-const CONTROL_OF = { image: "init_image", mask: "canvas_box", regions: "regions" };
+// fields an error may name -> the control that sets them (to point at it)
+const CONTROL_OF = { mask: "canvas_box", "regions.prompt": "regions", "regions.mask": "regions",
+                     "regions.negative_prompt": "regions", region_mode: "regions" };
 
 const $ = (id) => document.getElementById(id);
 const form = $("controls");
@@ -60,7 +61,8 @@ function currentValues() {
   };
 }
 
-// The JSON body of POST /v1/generations from the form.
+// The JSON body of POST /v1/generations from the form: GenerateRequest's fields (images as
+// base64 PNG), with size as "WxH".
 function requestBody() {
   const values = currentValues();
   const steps = Number($("steps").value);
@@ -71,7 +73,7 @@ function requestBody() {
   const size = $("size").value.trim();
   if (size && size !== "auto") body.size = size;
   if (surface.image) {
-    body.image = surface.image;
+    body.init_image = surface.image;
     body.strength = Number($("strength").value);
     const mask = surface.maskPng();
     if (mask) body.mask = mask;
@@ -285,7 +287,7 @@ function describe(change) {
 // The parameters a result was made with: the request's, then each steer at the step it applied.
 function resultParams(mine, data) {
   const params = { ...mine.params, seed: data.seed, id: mine.id };
-  delete params.image;
+  delete params.init_image;
   delete params.mask;
   if (params.regions) params.regions = params.regions.map((r) => r.prompt);
   const steers = [...mine.steers.entries()].filter(([, s]) => s.state.step !== null)
