@@ -45,8 +45,9 @@ NOT_TAKEN = {"n": "a live generation makes one image; leave n out"}
 # Generation's field names -> what a REST client sent
 REST_NAMES = {**grpc_api.FIELD_NAMES}
 # where json_format's ParseError says the bad field is: `... at GenerateRequest.regions[0].mask`,
-# `... has no field named "colour" ...`, `Failed to parse steps field ...`
-_PARSE_FIELD = re.compile(r'at GenerateRequest\.([\w.\[\]]+)|no field named "(\w+)"|Failed to parse (\w+) field')
+# `... has no field named "colour" ...`, `Failed to parse regions field: Failed to parse mask field`
+_AT_PATH = re.compile(r'at GenerateRequest\.([\w.\[\]]+)|no field named "(\w+)"')
+_NESTED = re.compile(r'Failed to parse (\w+) field')
 
 
 def to_request(body: dict):
@@ -75,9 +76,14 @@ def to_request(body: dict):
     try:
         return json_format.ParseDict(body, images_pb2.GenerateRequest())
     except json_format.ParseError as exc:
-        found = _PARSE_FIELD.search(str(exc))
-        field = re.sub(r"\[\d+\]", "", next(filter(None, found.groups()))) if found else "body"
-        raise invalid(field, str(exc).splitlines()[0]) from None
+        raise invalid(_parse_error_field(str(exc)), str(exc).splitlines()[0]) from None
+
+
+def _parse_error_field(text: str) -> str:
+    found = _AT_PATH.search(text)
+    if found:
+        return re.sub(r"\[\d+\]", "", next(filter(None, found.groups())))
+    return ".".join(_NESTED.findall(text)) or "body"
 
 
 async def _json_object(request) -> dict:
