@@ -13,11 +13,11 @@ import tempfile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from page_browser import chromium, missing, open_page, set_range, start, wait_for_step  # noqa: E402
+from page_browser import chromium, missing, open_page, start, wait_for_step  # noqa: E402
 
 PROMPT = "a large red circle on the left of a black background"
 STEERED = "a small blue square at the top right"
-SEED, STEPS = 7, 60
+SEED, STEPS = 7, 150
 
 
 def shoot(url: str, out: Path) -> None:
@@ -26,14 +26,13 @@ def shoot(url: str, out: Path) -> None:
         page.screenshot(path=str(out / "idle.png"))
 
         start(page, PROMPT, seed=SEED, steps=STEPS, guidance=7.5, size="64x64")
-        wait_for_step(page, STEPS // 2)
+        wait_for_step(page, 20)
         page.screenshot(path=str(out / "generating.png"))
         page.locator("#gallery .card").first.wait_for()
 
         start(page, PROMPT, seed=SEED, steps=STEPS, guidance=7.5, size="64x64")
-        wait_for_step(page, STEPS // 5)
+        wait_for_step(page, 3)
         page.fill("#prompt", STEERED)
-        set_range(page, "#guidance_scale", 8, 9)
         page.locator("#gallery .card:nth-child(2)").wait_for()
         page.locator("#steers li[data-state=applied]").first.wait_for()
         page.screenshot(path=str(out / "steered.png"), full_page=True)

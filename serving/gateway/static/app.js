@@ -244,15 +244,32 @@ async function steer(mine) {
   for (const name of STEERABLE) if (values[name] !== mine.sent[name]) change[name] = values[name];
   if (!Object.keys(change).length) return;
   mine.sent = values;
-  const response = await fetch(`/v1/generations/${encodeURIComponent(mine.id)}/steer`, {
-    method: "POST", headers: headers(), body: JSON.stringify(change) });
+  let response;
+  try {
+    response = await fetch(`/v1/generations/${encodeURIComponent(mine.id)}/steer`, {
+      method: "POST", headers: headers(), body: JSON.stringify(change) });
+  } catch (error) {
+    refusedSteer(`steer not sent: ${error.message || error}`);
+    return;
+  }
   if (!response.ok) {
     const error = await errorOf(response);
-    if (response.status !== 409) showError(error);  // 409: it finished before the steer arrived
+    if (response.status === 409) refusedSteer(`steer too late (${describe(change)}): ${error.message}`);
+    else {
+      refusedSteer(`steer refused (${describe(change)})`);
+      showError(error);
+    }
     return;
   }
   const { steer_id: steerId } = await response.json();
   steerItem(mine, steerId).acknowledged(change);
+}
+
+function refusedSteer(text) {
+  const li = document.createElement("li");
+  li.dataset.state = "refused";
+  li.textContent = text;
+  $("steers").append(li);
 }
 
 // The steer log's line for one steer; the ack and the applied event may come in either order.
@@ -261,15 +278,17 @@ function steerItem(mine, steerId) {
   if (item) return item;
   const li = document.createElement("li");
   li.dataset.steerId = steerId;
-  const state = { change: null, step: null };
+  const state = { change: null, step: null, ackedAt: null };
   const render = () => {
     const what = state.change ? ` (${describe(state.change)})` : "";
-    li.textContent = state.step === null ? `steer ${steerId} acknowledged${what}` : `steer ${steerId} applied at step ${state.step}${what}`;
+    li.textContent = state.step === null ? `steer ${steerId} acknowledged at step ${state.ackedAt}${what}`
+      : `steer ${steerId} applied at step ${state.step}${what}`;
+    li.title = state.ackedAt === null ? "" : `acknowledged when ${state.ackedAt} steps were done`;
     li.dataset.state = state.step === null ? "acknowledged" : "applied";
   };
   item = {
     state,
-    acknowledged(change) { state.change = change; render(); },
+    acknowledged(change) { state.change = change; state.ackedAt = mine.step; render(); },
     applied(step) { state.step = step; render(); },
   };
   mine.steers.set(steerId, item);
