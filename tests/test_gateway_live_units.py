@@ -6,7 +6,7 @@ import re
 import pytest
 
 from serving.gateway.errors import FAILED_PRECONDITION, NOT_FOUND, ApiError
-from serving.gateway.live import LiveGeneration, LiveTable, new_id
+from serving.gateway.live import LiveGeneration, LiveTable, is_id, new_id
 from serving.gateway.replicas import Replicas, parse_peers
 from serving.gateway.rest_live import to_request
 
@@ -53,7 +53,11 @@ def test_a_cancel_before_the_stream_opens_cancels_it_when_attached():
 
 def test_ids_name_their_replica_and_128_random_bits():
     ids = {new_id("replica-0") for _ in range(100)}
-    assert len(ids) == 100 and all(re.fullmatch(r"replica-0\.[0-9a-f]{32}", i) for i in ids)
+    assert len(ids) == 100 and all(re.fullmatch(r"replica-0\.[0-9a-f]{32}", i) and is_id(i) for i in ids)
+    # anything else names no generation, and is never part of a URL the gateway calls
+    token = "0" * 32
+    for text in (f"r1.{token}/../admin", f"r1.{token}?x=1", f"R1.{token}", f"r1.{token[:-1]}", f"a.b.{token}", token):
+        assert not is_id(text), text
 
 
 def test_owner_urls_come_from_the_peer_table_or_one_dns_label_under_the_peer_domain():

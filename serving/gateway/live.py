@@ -10,6 +10,7 @@ Only the caller that started a generation may steer or cancel it; to anyone else
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
+import re
 import secrets
 
 from serving.core.errors import UNAVAILABLE
@@ -17,10 +18,16 @@ from serving.gateway.errors import FAILED_PRECONDITION, NOT_FOUND, ApiError
 
 MAX_LIVE = 1024  # more live generations than the engine's queue holds: the engine refuses first
 MAX_FINISHED = 4096
+ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.[0-9a-f]{32}$")
 
 
 def new_id(replica: str) -> str:
     return f"{replica}.{secrets.token_hex(16)}"
+
+
+def is_id(text: str) -> bool:
+    """Whether `text` is shaped as a generation id (anything else names no generation)."""
+    return bool(ID.match(text))
 
 
 @dataclass

@@ -26,6 +26,7 @@ from serving.core.errors import UNAVAILABLE
 from serving.gateway import grpc_api
 from serving.gateway.access import bearer
 from serving.gateway.errors import NOT_FOUND, ApiError, invalid
+from serving.gateway.live import is_id
 from serving.gateway.protos import images_pb2
 from serving.gateway.replicas import FORWARDED_HEADER, Replicas
 from serving.gateway.rest_api import SERVICE, error_body, error_response
@@ -146,11 +147,11 @@ def _sse(generation_id: str, event, generation) -> tuple:
 
 
 async def steer(request):
-    return await _on_owner(request, "rest.steer", _steer_here)
+    return await _on_owner(request, "rest.steer", _steer_here, "/steer")
 
 
 async def delete(request):
-    return await _on_owner(request, "rest.delete", _delete_here)
+    return await _on_owner(request, "rest.delete", _delete_here, "")
 
 
 async def _steer_here(request, service: ImageService, generation_id: str, caller: str) -> web.Response:
@@ -171,14 +172,17 @@ async def _delete_here(request, service: ImageService, generation_id: str, calle
     return web.json_response({"id": generation_id, "status": "cancelled"})
 
 
-async def _on_owner(request, route: str, here):
-    """Runs `here` when this replica owns the generation, else forwards the call to the owner."""
+async def _on_owner(request, route: str, here, suffix: str):
+    """Runs `here` when this replica owns the generation, else forwards the call to the owner
+    (at /v1/generations/<id><suffix>, the id checked to be one)."""
     service: ImageService = request.app[SERVICE]
     replicas: Replicas = request.app[REPLICAS]
     generation_id = request.match_info["id"]
     with service.metrics.request(route, request["rid"]) as outcome:
         try:
             caller = service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
+            if not is_id(generation_id):
+                raise ApiError(NOT_FOUND, f"no generation with id {generation_id}")
             if replicas.is_mine(generation_id):
                 response = await here(request, service, generation_id, caller)
                 owner = service.replica
@@ -186,7 +190,8 @@ async def _on_owner(request, route: str, here):
                 raise ApiError(NOT_FOUND, f"no generation with id {generation_id}")
             else:
                 owner = replicas.owner_of(generation_id)
-                response = await _forward(request, replicas.url_of(generation_id), replicas)
+                url = f"{replicas.url_of(generation_id)}/v1/generations/{generation_id}{suffix}"
+                response = await _forward(request, url, owner)
         except ApiError as error:
             response, owner = error_response(outcome.failed(error)), service.replica
         response.headers["X-Ldm-Replica"] = service.replica  # not the owner's, when forwarded
@@ -194,19 +199,19 @@ async def _on_owner(request, route: str, here):
         return response
 
 
-async def _forward(request, base_url: str, replicas: Replicas) -> web.Response:
-    headers = {FORWARDED_HEADER: replicas.name, "X-Request-Id": request["rid"], "Content-Type": "application/json"}
+async def _forward(request, url: str, owner: str) -> web.Response:
+    headers = {FORWARDED_HEADER: request.app[REPLICAS].name, "X-Request-Id": request["rid"], "Content-Type": "application/json"}
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]
     body = await request.read()
     try:
-        async with request.app[PEER_SESSION].request(request.method, base_url + request.rel_url.path, data=body,
-                                                     headers=headers, allow_redirects=False) as answer:
+        async with request.app[PEER_SESSION].request(request.method, url, data=body, headers=headers,
+                                                     allow_redirects=False) as answer:
             payload = await answer.read()
             return web.Response(body=payload, status=answer.status, content_type="application/json")
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ApiError(UNAVAILABLE, f"cannot reach replica {replicas.owner_of(request.match_info['id'])}, which runs "
-                       f"this generation: {exc}", retry_after_s=1.0) from None
+        raise ApiError(UNAVAILABLE, f"cannot reach replica {owner}, which runs this generation: {exc}",
+                       retry_after_s=1.0) from None
 
 
 async def page(request):
