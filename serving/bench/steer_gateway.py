@@ -14,6 +14,7 @@ previous one took effect; a generation is cancelled (DELETE) after its last stee
 import argparse
 import asyncio
 import json
+import os
 from pathlib import Path
 import statistics
 import time
@@ -80,10 +81,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="at concurrency 1: generations one after another")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args(argv)
-    report = {"url": args.url, "steps": args.steps, "steers_per_generation": args.steers, "levels": []}
+    report = {"url": args.url, "steps": args.steps, "steers_per_generation": args.steers, "gap_steps": args.gap,
+              "load_average_1m_at_start": os.getloadavg()[0], "cpus": os.cpu_count(), "levels": []}
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         results = asyncio.run(_sequential(args) if concurrency == 1 else _concurrent(args, concurrency))
-        report["levels"].append(_level_report(concurrency, results))
+        report["levels"].append({**_level_report(concurrency, results), "load_average_1m_after": os.getloadavg()[0]})
         print(json.dumps(report["levels"][-1]), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
