@@ -51,6 +51,7 @@ class Finished:
     steered: tuple = ()  # ids of the steers first used by the last step
     total_steps: int | None = None  # as the last progress response said
 
+
 @dataclass(frozen=True)
 class PipelineModel:
     """What the served pipeline declares: its inputs (name -> Triton data type) and parameters."""
