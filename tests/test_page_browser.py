@@ -68,6 +68,13 @@ def wait_until_finished(page) -> None:
     page.wait_for_function("!document.body.classList.contains('running')")
 
 
+def surface_box(page) -> dict:
+    """Where the drawing surface is in the viewport now (focusing a region's prompt may scroll)."""
+    surface = page.locator("#regions_view")
+    surface.scroll_into_view_if_needed()
+    return surface.bounding_box()
+
+
 def download(page, card) -> bytes:
     with page.expect_download() as info:
         card.locator(".download").click()
@@ -156,7 +163,7 @@ def test_init_image_and_a_painted_mask_make_an_inpainting_edit(page, server, tmp
     page.wait_for_function("document.getElementById('picture').width === 32")
     set_range(page, "#strength", 0.8)
     set_range(page, "#brush", 64)
-    box = page.locator("#regions_view").bounding_box()  # paint a stroke down the right half
+    box = surface_box(page)  # paint a stroke down the right half
     page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + 4)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] - 4, steps=8)
@@ -173,4 +180,33 @@ def test_init_image_and_a_painted_mask_make_an_inpainting_edit(page, server, tmp
     data = download(page, page.locator("#gallery .card").first)
     with LdmClient(server.grpc_url) as kserve:
         expected = kserve.generate(PROMPT, seed=9, steps=12, guidance_scale=7.5, init_image=init, mask=mask, strength=0.8)
+    np.testing.assert_array_equal(pixels(data), expected)
+
+
+def test_rectangles_drawn_with_prompts_are_sent_as_region_masks(page, server):
+    page.fill("#size", "32x32")
+    page.dispatch_event("#size", "change")  # the drawing surface takes the size
+    page.click("#image_panel summary")
+    page.check("input[name=tool][value=region]")
+    for left, prompt in ((0, "a red circle"), (16, "a blue square")):  # the left and the right half
+        box = surface_box(page)  # CSS 256 px for 32 image pixels: 8 px each
+        page.mouse.move(box["x"] + left * 8 + 1, box["y"] + 1)
+        page.mouse.down()
+        page.mouse.move(box["x"] + (left + 16) * 8 - 1, box["y"] + box["height"] - 1, steps=4)
+        page.mouse.up()
+        page.locator("#regions .region-prompt").last.fill(prompt)
+    with page.expect_request(lambda r: r.url.endswith("/v1/generations") and r.method == "POST") as sent:
+        start(page, PROMPT, seed=6, steps=10, guidance=5.0, size="32x32")
+    wait_until_finished(page)
+    assert page.get_attribute("#status", "data-state") == "done", page.text_content("#error")
+    regions = json.loads(sent.value.post_data)["regions"]
+    assert [r["prompt"] for r in regions] == ["a red circle", "a blue square"]
+    masks = np.stack([images.decode_mask(base64.b64decode(r["mask"]), "regions.mask", 1 << 20) for r in regions])
+    assert (masks[0][:, :16] == 255).all() and (masks[0][:, 16:] == 0).all()
+    assert (masks[1][:, 16:] == 255).all() and (masks[1][:, :16] == 0).all()
+    data = download(page, page.locator("#gallery .card").first)
+    assert json.loads(png_texts(data)["ldm-serving"])["regions"] == ["a red circle", "a blue square"]
+    with LdmClient(server.grpc_url) as kserve:
+        expected = kserve.generate(PROMPT, seed=6, steps=10, guidance_scale=5.0, height=32, width=32,
+                                   region_prompts=["a red circle", "a blue square"], region_masks=masks)
     np.testing.assert_array_equal(pixels(data), expected)
