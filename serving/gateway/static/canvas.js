@@ -14,7 +14,7 @@ export class Surface {
     this.regionsCanvas = regions;
     this.list = list;
     this.tool = tool;  // () => "mask" | "erase" | "region"
-    this.brush = brush;  // () => brush diameter in image pixels
+    this.brush = brush;  // () => brush diameter in screen pixels
     this.onChange = onChange || (() => {});
     this.image = null;  // the init image's PNG base64, or null
     this.painted = false;
