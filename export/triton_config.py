@@ -16,6 +16,10 @@ PIPELINE_OUTPUTS = (
     ("step", "int32", [1]),
     ("total_steps", "int32", [1]),
     ("preview", "uint8", [-1, -1, 3]),
+    # steering (serving/core/steering.py): a steer message's answer, and the steer ids a
+    # generation's step first used, next to that step's `step`
+    ("steer_id", "int32", [1]),
+    ("steer_applied", "int32", [-1]),
 )
 UNARY_OUTPUTS = PIPELINE_OUTPUTS[:2]
 
@@ -52,8 +56,10 @@ def pipeline_config(parameters: dict, gpu: bool = False) -> mc.ModelConfig:
     instance is KIND_GPU: Triton names the device, where the torch runner puts its modules."""
     config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=0)
     config.model_transaction_policy.decoupled = True
+    # every input optional here: steer and cancel messages carry a subset (a steer may leave
+    # out the prompt); the pipeline's parser answers a generation without a prompt INVALID_ARG
     for f in FIELDS:
-        config.input.add(name=f.name, data_type=DTYPES[f.dtype], dims=f.dims, optional=not f.required)
+        config.input.add(name=f.name, data_type=DTYPES[f.dtype], dims=f.dims, optional=True)
     for name, dtype, dims in PIPELINE_OUTPUTS:
         config.output.add(name=name, data_type=DTYPES[dtype], dims=dims)
     # one instance (per GPU): its engine batches all requests; several would split the batch

@@ -21,3 +21,17 @@ def test_bench_reports_every_target(tiny_checkpoint, tmp_path):
     assert all(r["completed"] > 0 and not r["errors"] for r in report["runs"]), report["runs"]
     assert (tmp_path / "latency_vs_load.png").stat().st_size > 1000
     assert "| target | measured | required | met |" in done.stdout
+
+
+def test_steer_bench_measures_every_steer_on_a_real_server(server):
+    from serving.bench.steer import measure, targets
+
+    fields = dict(prompt="a red circle", steps=150, guidance_scale=5.0, progress_every=1)
+    report = measure(server.grpc_url, fields, {1: 2, 3: 1}, log=lambda m: None)
+    assert [level["concurrency"] for level in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert level["steers"] + level["missed"] == 2 * (level["concurrency"] == 1) + 3 * (level["concurrency"] == 3)
+        assert level["steers"] > 0 and level["steps"]["n"] == level["steers"] and level["steps"]["p50"] >= 0
+        assert level["text_encoder_calls"] > 0  # steers bring new texts (steers of one iteration share a call)
+        assert level["total_s_steered"] > 0 and level["total_s_unsteered"] > 0
+    assert len(targets(report)) == 6

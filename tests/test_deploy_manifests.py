@@ -285,7 +285,7 @@ def test_load_balancers_route_to_the_gateway(objects, overlay):
     grpc_route = _one(objs, "GRPCRoute")
     assert [m["method"] for m in grpc_route["spec"]["rules"][0]["matches"]] == [{"service": "ldm.v1.Images"}]
     paths = {m["path"]["value"] for m in _one(objs, "HTTPRoute")["spec"]["rules"][0]["matches"]}
-    assert paths == {"/v1/images", "/openapi.json", "/docs"}
+    assert paths == {"/v1/images", "/v1/generations", "/", "/static", "/openapi.json", "/docs"}
     if overlay == "cpu":
         grpc_ingress = _one(objs, "Ingress", "ldm-triton-grpc")
         assert grpc_ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
@@ -370,3 +370,27 @@ def test_no_latest_tags_no_inline_secrets_right_namespace(objects, target):
                     assert "value" not in env, f"{env['name']} must come from a Secret (valueFrom)"
         text = json.dumps(obj)
         assert not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|AKIA[0-9A-Z]{16}", text)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateways_reach_the_pod_that_runs_a_live_generation(objects, overlay):
+    """A steer or DELETE of a live generation is forwarded to the pod named in its id: each
+    gateway is named after its pod and finds the others at <pod>.<subdomain>.<namespace>.svc,
+    which a headless Service of that name provides, for draining pods too; the network policy
+    lets the pods' gateways reach each other's REST port."""
+    objs = objects[overlay]
+    spec = _pod_spec(objs)
+    gateway = _container(objs, "gateway")
+    args = dict(a.removeprefix("--").split("=", 1) for a in gateway["args"][1:])
+    env = {e["name"]: e for e in gateway["env"]}
+    assert args["replica-name"] == "$(POD_NAME)" and env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    peers = _one(objs, "Service", spec["subdomain"])
+    assert args["peer-domain"] == f"{spec['subdomain']}.$(POD_NAMESPACE).svc.cluster.local"
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"] is True
+    assert [(p["name"], p["port"]) for p in peers["spec"]["ports"]] == [("rest", int(args["rest-port"]))]
+    pod_labels = _one(objs, "Deployment", "ldm-triton")["spec"]["template"]["metadata"]["labels"]
+    policy = _one(objs, "NetworkPolicy")["spec"]
+    for rules, side in ((policy["ingress"], "from"), (policy["egress"], "to")):
+        assert any(any(_matches(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), pod_labels) for peer in rule[side])
+                   and {p["port"] for p in rule["ports"]} == {"rest"} for rule in rules), side

@@ -13,19 +13,26 @@ class RecordingSink:
     def __init__(self, cancel_after_step=None):
         self.image = self.error = None
         self.progress_log, self.previews = [], []
+        self.steered = []  # (step count, steer ids first used by that step)
+        self.events = []  # "progress", "image", "error" in order
         self.cancel_after_step = cancel_after_step
         self.ends = 0
 
-    def progress(self, step, total, preview):
+    def progress(self, step, total, preview, steer_applied=()):
         self.progress_log.append((step, total))
+        self.events.append("progress")
         if preview is not None:
             self.previews.append(preview)
+        if steer_applied:
+            self.steered.append((step, tuple(steer_applied)))
 
     def finish(self, image, seed):
         self.image, self.ends = image, self.ends + 1
+        self.events.append("image")
 
     def fail(self, code, message):
         self.error, self.ends = (code, message), self.ends + 1
+        self.events.append("error")
 
     def cancelled(self):
         return self.cancel_after_step is not None and len(self.progress_log) >= self.cancel_after_step
@@ -44,7 +51,7 @@ def request(prompt, seed, **fields):
     arrays = {"prompt": np.array([prompt.encode()], object), "seed": np.array([seed])}
     types = {"steps": np.int32, "guidance_scale": np.float32, "eta": np.float32, "height": np.int32, "width": np.int32,
              "progress_every": np.int32, "preview_every": np.int32, "timeout_s": np.float32}
-    arrays.update({k: np.array([v], types[k]) for k, v in fields.items()})
+    arrays.update({k: np.array([v.encode()], object) if isinstance(v, str) else np.array([v], types[k]) for k, v in fields.items()})
     return arrays
 
 

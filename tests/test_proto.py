@@ -28,10 +28,16 @@ def test_generated_code_is_the_proto_compiled_now(tmp_path):
     assert images_pb2.__file__.startswith(str(protos.generated_dir()))
 
 
-def test_the_service_has_a_unary_and_a_server_streaming_method():
+def test_the_service_has_a_unary_a_server_streaming_and_a_bidirectional_method():
     service = images_pb2.DESCRIPTOR.services_by_name["Images"]
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "GenerateStream"}
+    assert set(methods) == {"Generate", "GenerateStream", "Session"}
+    session = methods["Session"]
+    assert session.client_streaming and session.server_streaming
+    assert (session.input_type.name, session.output_type.name) == ("SessionRequest", "GenerateEvent")
+    assert {f.name for f in session.input_type.oneofs_by_name["message"].fields} == {"start", "steer", "cancel"}
+    events = {f.name for f in images_pb2.GenerateEvent.DESCRIPTOR.oneofs_by_name["event"].fields}
+    assert events == {"progress", "image", "started", "steer_ack", "steered"}
     assert methods["Generate"].output_type.name == "GenerateResponse" and not methods["Generate"].server_streaming
     assert methods["GenerateStream"].output_type.name == "GenerateEvent" and methods["GenerateStream"].server_streaming
     assert images_pb2.DESCRIPTOR.package == "ldm.v1"

@@ -8,7 +8,8 @@ the same load; and server memory after 100 and 1,000 requests on a fresh server.
 workload (half txt2img, a quarter img2img, a quarter inpaint, every request denoising the same
 number of steps) runs at concurrency 16 beside the all-txt2img one. `--via` chooses how the load
 reaches the server (serving/bench/paths.py); `--compare-paths` instead measures every path
-against one server and prints their ratios (the gateway's overhead).
+against one server and prints their ratios (the gateway's overhead). `--regional` and `--steer`
+measure those features instead (serving/bench/regional.py, serving/bench/steer.py).
 """
 import json
 from pathlib import Path
@@ -42,6 +43,10 @@ def add_arguments(parser):
     parser.add_argument("--regional-rounds", type=int, default=3, help="rounds of the --regional mixes (default: %(default)s)")
     parser.add_argument("--unet-rows", action="store_true",
                         help="only measure one UNet call's cost at 2-32 rows in process (why CPU throughput grows little with load)")
+    parser.add_argument("--steer", action="store_true",
+                        help="measure steering instead: steer-to-effect latency at 1 and 16 generations, cost of a steered job")
+    parser.add_argument("--steer-rounds", type=int, default=4,
+                        help="--steer: rounds at C=16 (16 steers each); C=1 runs 8 times as many (default: %(default)s)")
 
 
 def server_rss_mb(server) -> float:
@@ -109,6 +114,10 @@ def run(args) -> int:
         from serving.bench.unet_rows import run_unet_rows
 
         return run_unet_rows(args, checkpoint, out)
+    if args.steer:
+        from serving.bench.steer import run_steer
+
+        return run_steer(args, checkpoint, out)
     size = args.size or CheckpointInfo.read(checkpoint).native_size
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]

@@ -3,16 +3,22 @@
 gRPC (default) streams from the decoupled `pipeline` model, which also gives progress and
 previews; HTTP, or gRPC with unary=True, calls the request/response `pipeline_unary` model.
 Errors raise tritonclient's InferenceServerException whose status() is the error code
-(INVALID_ARG, UNAVAILABLE, CANCELLED, ...).
+(INVALID_ARG, UNAVAILABLE, CANCELLED, NOT_FOUND, FAILED_PRECONDITION, ...).
+
+Steering (gRPC): run a generation with a `request_id`, and call `steer(request_id, prompt=...)`
+from any thread (or another client of the same server) while it streams; `Generation.steered`
+lists which step first used each steer.
 """
 from dataclasses import dataclass, field
 import queue
+import threading
 
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from serving.core.errors import parse_coded_message
 from serving.core.request import FIELDS
+from serving.core.steering import STEER_PARAMETER
 
 STREAM_MODEL, UNARY_MODEL = "pipeline", "pipeline_unary"
 
@@ -23,6 +29,7 @@ class Generation:
     seed: int
     progress: list = field(default_factory=list)  # (step, total_steps) per progress response
     previews: list = field(default_factory=list)  # uint8 images
+    steered: list = field(default_factory=list)  # (steer id, 0-based index of the first step that used it)
 
 
 def request_arrays(prompt, **fields) -> dict:
@@ -67,8 +74,11 @@ class LdmClient:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
         self.protocol = protocol
+        self.url, self.channel_args = url, channel_args
         self.unary = unary or protocol == "http"
         self.timeout_s = timeout_s
+        self._steerer = None  # (client, its stream's responses), opened by the first steer
+        self._steer_lock = threading.Lock()
         if protocol == "grpc":
             import tritonclient.grpc as module
         else:
@@ -81,6 +91,9 @@ class LdmClient:
 
     def close(self) -> None:
         self.client.close()
+        if self._steerer is not None:
+            self._steerer[0].stop_stream()
+            self._steerer[0].close()
 
     def __enter__(self):
         return self
@@ -92,7 +105,8 @@ class LdmClient:
         """uint8 [H, W, 3] image for `prompt`; see request_arrays for the fields."""
         return self.run(prompt, **fields).image
 
-    def run(self, prompt, on_progress=None, **fields) -> Generation:
+    def run(self, prompt, on_progress=None, request_id=None, **fields) -> Generation:
+        """request_id (streaming only): the id `steer` names this generation by."""
         arrays = request_arrays(prompt, **fields)
         if self.unary:
             for f in FIELDS:
@@ -104,7 +118,32 @@ class LdmClient:
                 code, message = parse_coded_message(str(exc.message()))
                 raise InferenceServerException(message, status=code or exc.status()) from None
             return Generation(result.as_numpy("image"), int(result.as_numpy("seed")[0]))
-        return self._stream(arrays, on_progress)
+        return self._stream(arrays, on_progress, request_id or "")
+
+    def steer(self, generation_id: str, prompt=None, negative_prompt=None, guidance_scale=None) -> int:
+        """Steers the running generation sent with request_id=`generation_id` (by any client of
+        this server); returns the steer id (1, 2, ... per generation). Raises
+        InferenceServerException with status NOT_FOUND, FAILED_PRECONDITION or INVALID_ARG.
+        Steers go over one stream of a second connection, one at a time."""
+        if self.protocol != "grpc":
+            raise ValueError("steering needs gRPC streaming (the decoupled pipeline model)")
+        arrays = request_arrays(prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale)
+        with self._steer_lock:
+            if self._steerer is None:
+                client = self.module.InferenceServerClient(self.url, channel_args=self.channel_args)
+                responses = queue.Queue()
+                client.start_stream(callback=lambda result, error: responses.put((result, error)))
+                self._steerer = (client, responses)
+            client, responses = self._steerer
+            client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), parameters={STEER_PARAMETER: generation_id})
+            try:
+                result, error = responses.get(timeout=self.timeout_s)
+            except queue.Empty:
+                raise InferenceServerException(f"no steer answer within {self.timeout_s} s", status="DEADLINE_EXCEEDED") from None
+        if error is not None:
+            code, message = parse_coded_message(str(error.message()))
+            raise InferenceServerException(message, status=code or error.status())
+        return int(result.as_numpy("steer_id")[0])
 
     def _inputs(self, arrays):
         inputs = []
@@ -117,13 +156,13 @@ class LdmClient:
     def _outputs(self, names):
         return [self.module.InferRequestedOutput(n) for n in names]
 
-    def _stream(self, arrays, on_progress) -> Generation:
+    def _stream(self, arrays, on_progress, request_id="") -> Generation:
         responses = queue.Queue()
         self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
         generation = Generation(None, 0)
         try:
             try:
-                self.client.async_stream_infer(STREAM_MODEL, self._inputs(arrays))
+                self.client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), request_id=request_id)
             except InferenceServerException:
                 # The stream's transport failed before the request left (a replica died as the
                 # stream opened): tritonclient raises a status-less error here and hands the
@@ -152,6 +191,9 @@ class LdmClient:
                 step, total = result.as_numpy("step"), result.as_numpy("total_steps")
                 if step is not None:
                     generation.progress.append((int(step[0]), int(total[0])))
+                applied = result.as_numpy("steer_applied")
+                if applied is not None:
+                    generation.steered.extend((int(i), int(step[0]) - 1) for i in applied)
                 preview = result.as_numpy("preview")
                 if preview is not None:
                     generation.previews.append(preview)

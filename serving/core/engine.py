@@ -8,8 +8,12 @@ jobs. Every submitted job ends in exactly one final answer (finish or fail), giv
 Only the worker thread answers accepted jobs (`submit` answers nothing: a refused job raises),
 so no answer can race another. A failure touches the jobs it belongs to alone: a model call
 that raises fails the jobs of that call; a sink that raises (client gone) ends its own job.
+
+`steer` (also called from Triton's thread) changes a queued or running job's prompt, negative
+prompt or guidance scale; the next iteration's admission batch encodes the new texts together
+with the new jobs' and installs them from the job's next step (serving/core/steering.py).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import threading
 import time
 import traceback
@@ -18,6 +22,7 @@ from serving.core.errors import CANCELLED, INTERNAL, UNAVAILABLE, ResourceExhaus
 from serving.core.job import Job
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, StepScheduler
+from serving.core.steering import GenerationRegistry, plan_pending_steers
 
 SHUTTING_DOWN = "server is shutting down"
 
@@ -37,6 +42,7 @@ class EngineStats:
     expired: int = 0
     rejected: int = 0
     failed: int = 0
+    steers: int = 0  # steers accepted
     steps: int = 0
     rows: int = 0  # UNet rows over all steps
     step_seconds: float = 0.0  # time in UNet steps (model call and DDIM update)
@@ -58,6 +64,7 @@ class Engine:
         self.preview = preview  # callable(pred_x0 [C,h,w]) -> uint8 image, or None
         self.active: list = []
         self.stats = EngineStats()
+        self.registry = GenerationRegistry()  # jobs by request id, for steers
         self._lock = threading.Condition()
         self._accepting = True
         self._drain_until = None  # time.monotonic() when the drain's grace ends; None: not draining
@@ -82,8 +89,25 @@ class Engine:
             except QueueFull:
                 self.stats.rejected += 1
                 raise
+            self.registry.add(job)
             self.stats.queued = len(self.scheduler.waiting)
             self._lock.notify()
+
+    def steer(self, request_id: str, changes: dict, check) -> int:
+        """Accepts a steer of the queued or running job named `request_id`: its request takes
+        `changes` (a subset of prompt, negative_prompt, guidance_scale) at once, so a later steer
+        builds on it; `check(job, steered_request)` validates them (raises InvalidInput). Returns
+        the steer id (1, 2, ... per job). Raises SteerRefused (NOT_FOUND, FAILED_PRECONDITION)."""
+        with self._lock:
+            job = self.registry.find(request_id)
+            steered = replace(job.request, **changes)
+            check(job, steered)
+            job.request = steered
+            job.steers += 1
+            job.pending_steers.append(job.steers)
+            self.stats.steers += 1
+            self._lock.notify()
+            return job.steers
 
     def stop(self, grace_s: float = 0.0, join_timeout_s: float = 10.0) -> bool:
         """Drains, then stops the worker. At once `submit` raises ShuttingDown (the caller
@@ -113,16 +137,22 @@ class Engine:
         with self._lock:
             self._drop_ended_waiting()
             admitted = self.scheduler.admit(self.active) if self._accepting else []
+            steered = [j for j in self.active if j.pending_steers]
+            for job in (*admitted, *steered):
+                plan_pending_steers(job)
             self.active.extend(admitted)  # held by the engine from here: `stop` sees them
             self.stats.queued = len(self.scheduler.waiting)
         self._drop_ended_active()
         admitted = [j for j in admitted if not j.answered]
-        if admitted:
+        steered = [j for j in steered if not j.answered]
+        if admitted or steered:
             try:
-                self.runner.admit(admitted)
+                self.runner.admit(admitted, steered)
             except Exception as exc:  # a failed text-encoder (or VAE-encoder) call fails these jobs, not the server
                 traceback.print_exc()
-                self._retire(admitted, lambda job: self._fail_by_model(job, "text encoding failed", exc))
+                self._retire(admitted + steered, lambda job: self._fail_by_model(job, "text encoding failed", exc))
+        for job in self.active:  # the conditioning of each job's next step (a switch is an assignment)
+            job.conditioning = job.plan.conditioning_at(job.index)
         self.stats.active = len(self.active)
         chosen = self.scheduler.pick(self.active)
         if not chosen:
@@ -162,17 +192,21 @@ class Engine:
             self.stats.completed += 1
 
     def _report_progress(self, jobs: list) -> None:
+        """Progress and previews as each request asked, and always for a step that first used
+        a steer (even the last: its report comes before the image)."""
         broken = []
         for job in jobs:
             r = job.request
-            if job.done:
-                continue
-            want_preview = self.preview is not None and r.preview_every and job.index % r.preview_every == 0
-            want_progress = r.progress_every and job.index % r.progress_every == 0
-            if want_preview or want_progress:
+            applied = job.plan.steers_first_used_at(job.index - 1)
+            want_preview = not job.done and self.preview is not None and r.preview_every and job.index % r.preview_every == 0
+            want_progress = not job.done and r.progress_every and job.index % r.progress_every == 0
+            if want_preview or want_progress or applied:
                 try:
                     preview = self.preview(job.pred_x0) if want_preview else None
-                    job.sink.progress(job.index, len(job.timesteps), preview)
+                    if applied:
+                        job.sink.progress(job.index, len(job.timesteps), preview, steer_applied=applied)
+                    else:
+                        job.sink.progress(job.index, len(job.timesteps), preview)
                 except Exception as exc:  # this job's stream broke, or its preview: it alone ends
                     traceback.print_exc()
                     broken.append((job, exc))
@@ -182,6 +216,9 @@ class Engine:
     def _retire(self, jobs: list, action) -> None:
         gone = set(map(id, jobs))
         self.active = [j for j in self.active if id(j) not in gone]
+        with self._lock:  # before the answer: a steer that finds it now hears it has finished
+            for job in jobs:
+                self.registry.end(job)
         for job in jobs:
             action(job)
         self.stats.active = len(self.active)
@@ -216,6 +253,8 @@ class Engine:
         if job.answered:
             return
         job.answered = True
+        with self._lock:
+            self.registry.end(job)
         if failed:
             self.stats.failed += 1
         _last_word(job, code, message)

@@ -5,6 +5,9 @@ UNAVAILABLE: try again later or elsewhere (queue full, shutting down, deadline, 
              shortage such as GPU memory).
 INTERNAL:    this request broke a model; replaying it blindly would break it again.
 CANCELLED:   the client asked for it.
+NOT_FOUND:   the request names something this server does not hold (a steer's unknown generation).
+FAILED_PRECONDITION: the request is valid but its target's state forbids it (steering a
+             generation that has finished).
 """
 
 # as Triton's TritonError names them
@@ -12,6 +15,8 @@ INVALID_ARG = "INVALID_ARG"
 UNAVAILABLE = "UNAVAILABLE"
 CANCELLED = "CANCELLED"
 INTERNAL = "INTERNAL"
+NOT_FOUND = "NOT_FOUND"
+FAILED_PRECONDITION = "FAILED_PRECONDITION"  # Triton has no such code: the message carries it
 
 
 def coded_message(code: str, message: str) -> str:

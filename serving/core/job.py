@@ -5,9 +5,8 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.core.conditioning import TextPrompt
-from serving.core.regional_prompt import regional_prompt
 from serving.core.request import GenerationRequest
+from serving.core.steering import prompt_spec
 
 
 class ResultSink(Protocol):
@@ -15,7 +14,9 @@ class ResultSink(Protocol):
     worker thread. Any method may raise (a client gone): the engine then ends that job alone,
     and after a finish that raised it calls fail once (the image did not reach the client)."""
 
-    def progress(self, step: int, total: int, preview: np.ndarray | None) -> None: ...
+    def progress(self, step: int, total: int, preview: np.ndarray | None, steer_applied: tuple = ()) -> None:
+        """steer_applied: the steers (ids) first used by the step just done; the engine passes
+        it only when there are some."""
 
     def finish(self, image: np.ndarray, seed: int) -> None: ...
 
@@ -26,33 +27,30 @@ class ResultSink(Protocol):
 
 @dataclass(eq=False)
 class Job:
-    request: GenerationRequest
+    request: GenerationRequest  # a steer replaces it with the steered values
     sink: ResultSink
+    request_id: str | None = None  # what steers name it by (the Triton request id); None: not steerable
     arrival: float = field(default_factory=time.monotonic)
     variant: str = "base"  # which UNet variant (channel layout: base, inpaint, upscale) runs it
     # filled in on admission
     rng: np.random.Generator | None = None
     latents: np.ndarray | None = None  # float32 [C, h, w]
     timesteps: np.ndarray | None = None
-    conditioning: object | None = None  # serving.core.conditioning: rows, contexts, combine
+    plan: object | None = None  # serving.core.steering.ConditioningPlan: the conditioning of each step
+    conditioning: object | None = None  # the plan's conditioning of the next step (rows, contexts, combine)
     image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     index: int = 0  # denoising steps done
     last_turn: int = -1  # the scheduler's turn when admitted or last stepped (fairness)
     pred_x0: np.ndarray | None = None
     answered: bool = False  # its final answer (finish or fail) was given: nothing follows
-
-    @property
-    def prompt(self):
-        """The prompt spec (texts(), rows, build()) this job's conditioning is encoded from."""
-        r = self.request
-        if r.regions is not None:
-            return regional_prompt(r)
-        return TextPrompt(r.prompt, r.negative_prompt, r.guidance_scale)
+    steers: int = 0  # steers accepted (the last steer id)
+    pending_steers: list = field(default_factory=list)  # ids accepted since the last plan
 
     @property
     def rows(self) -> int:
-        """UNet rows this job adds to a call (all in the same call)."""
-        return (self.conditioning or self.prompt).rows
+        """UNet rows this job adds to its next call (all in the same call): a steer that turns
+        guidance on or off changes them from the step it applies."""
+        return (self.conditioning or prompt_spec(self.request)).rows
 
     @property
     def latent_shape(self) -> tuple:

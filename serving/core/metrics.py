@@ -18,6 +18,7 @@ METRICS = (
     ("ldm_deadline_expirations_total", "expired", "counter", "requests that ran past their timeout_s"),
     ("ldm_rejections_total", "rejected", "counter", "requests refused because the admission queue was full"),
     ("ldm_failures_total", "failed", "counter", "requests failed by a model error"),
+    ("ldm_steers_total", "steers", "counter", "steers of running generations accepted"),
 )
 
 

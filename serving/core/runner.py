@@ -30,12 +30,15 @@ class Runner:
         self.latent_channels = variant.latent_channels
         self.vae_factor = variant.vae_factor
 
-    def admit(self, jobs: list) -> None:
-        """Text-encodes the new jobs in one call, draws their starting latents, and VAE-encodes
-        the input images of image-conditioned ones in one call per image size."""
-        for job, conditioning in zip(jobs, self.encode([j.prompt for j in jobs])):
-            job.conditioning = conditioning
+    def admit(self, jobs: list, steered: list = ()) -> None:
+        """Text-encodes the new texts of the new jobs' and the steered jobs' plans
+        (serving/core/steering.py) in one call, draws the new jobs' starting latents, and
+        VAE-encodes the input images of image-conditioned ones in one call per image size."""
+        segments = [s for job in (*jobs, *steered) for s in job.plan.unencoded()]
+        for segment, conditioning in zip(segments, self.encode([s.spec for s in segments])):
+            segment.conditioning = conditioning
         for job in jobs:
+            job.conditioning = job.plan.conditioning_at(0)
             r = job.request
             job.rng = noise_generator(r.seed)
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)

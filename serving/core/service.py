@@ -1,5 +1,6 @@
 """The pipeline behind the Triton `pipeline` model, as plain Python: turns named input arrays
-into validated jobs for the engine. The Triton model only adapts tensors and response senders."""
+into validated jobs (and steers of running jobs) for the engine. The Triton model only adapts
+tensors and response senders."""
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 import json
@@ -7,15 +8,19 @@ import os
 from pathlib import Path
 import secrets
 
+import numpy as np
+
 from serving.core.engine import Engine, ShuttingDown
 from serving.core.errors import INVALID_ARG, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
+from serving.core.prompt_schedule import schedule
 from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
+from serving.core.steering import STEERABLE, scheduled_texts
 from serving.core.text import CachedTextEncoder, PromptTokenizer
 from serving.core.variants import VariantRunners
 
@@ -139,18 +144,16 @@ class PipelineService:
         """False from the moment `stop` is called: readiness should report it."""
         return self.engine.accepting
 
-    def submit(self, inputs: dict, sink) -> None:
-        """Validates and queues one request; a rejected request gets its error through `sink`."""
+    def submit(self, inputs: dict, sink, request_id: str | None = None) -> None:
+        """Validates and queues one request; a rejected request gets its error through `sink`.
+        A request with an id can be steered by it (`steer`)."""
         if self.faults is not None:
             sink = self.faults.sink(sink)
         try:
             request = parse_request(inputs, self.limits, default_seed=secrets.randbelow(2**31))
             variant = request.image.variant if request.image is not None else "base"
-            tokenizer = self.tokenizers[self.limits.variants[variant].tokenizer]
-            tokenizer.check("prompt", request.prompt)
-            tokenizer.check("negative_prompt", request.negative_prompt)
-            job = Job(request, sink, variant=variant)
-            check_regional_job(job, tokenizer.check, self.engine.scheduler.config.max_rows)
+            job = Job(request, sink, request_id=request_id or None, variant=variant)
+            self._check(job, request)
         except InvalidInput as exc:
             sink.fail(INVALID_ARG, str(exc))
             return
@@ -160,3 +163,38 @@ class PipelineService:
             sink.fail(UNAVAILABLE, str(exc))
         except QueueFull as exc:
             sink.fail(UNAVAILABLE, f"server overloaded, retry later: {exc}")
+
+    def steer(self, request_id: str, inputs: dict) -> int:
+        """Steers the generation named `request_id` with the inputs given (any of prompt,
+        negative_prompt, guidance_scale), validated as a new request's; returns the steer id.
+        Raises InvalidInput, or SteerRefused (NOT_FOUND, FAILED_PRECONDITION)."""
+        given = {name for name, value in inputs.items() if value is not None}
+        others = sorted(given - set(STEERABLE))
+        if others:
+            raise InvalidInput(others[0], f"cannot be steered; a steer may change only {', '.join(STEERABLE)}")
+        if not given:
+            raise InvalidInput("steer", f"needs at least one of {', '.join(STEERABLE)}")
+        return self.engine.steer(request_id, steered_fields(inputs, self.limits), self._check)
+
+    def _check(self, job: Job, request) -> None:
+        """What parse_request cannot see: texts (each text of a prompt schedule) within the text
+        encoder's length, regions' rows within one UNet call."""
+        tokenizer = self.tokenizers[self.limits.variants[job.variant].tokenizer]
+        checked = set()
+        for _, prompt, negative in scheduled_texts(request):
+            for field, text in (("prompt", prompt), ("negative_prompt", negative)):
+                if (field, text) not in checked:
+                    checked.add((field, text))
+                    tokenizer.check(field, text)
+        check_regional_job(replace(job, request=request, conditioning=None), tokenizer.check, self.engine.scheduler.config.max_rows)
+
+
+def steered_fields(inputs: dict, limits: Limits) -> dict:
+    """The steerable fields a steer gives, parsed and range-checked as a new request's."""
+    defaults = {"prompt": np.array([b"steer"], np.object_)}  # parse_request requires a prompt
+    request = parse_request({**defaults, **inputs}, limits, default_seed=0)
+    fields = {name: getattr(request, name) for name in STEERABLE if inputs.get(name) is not None}
+    for name in ("prompt", "negative_prompt"):
+        if name in fields:  # syntax now; the steps a schedule counts are checked with the job
+            schedule(fields[name], 1, name)
+    return fields

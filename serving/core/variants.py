@@ -62,9 +62,10 @@ class VariantRunners:
     def __init__(self, runners: dict):
         self.runners = runners
 
-    def admit(self, jobs: list) -> None:
-        for variant, group in _by_variant(jobs).items():
-            self.runners[variant].admit(group)
+    def admit(self, jobs: list, steered: list = ()) -> None:
+        new, changed = _by_variant(jobs), _by_variant(steered)
+        for variant in {**new, **changed}:
+            self.runners[variant].admit(new.get(variant, []), changed.get(variant, []))
 
     def step(self, jobs: list) -> None:
         self.runners[jobs[0].variant].step(jobs)

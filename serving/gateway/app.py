@@ -5,9 +5,9 @@ Readiness follows the pipeline: a watch asks Triton every second whether `pipeli
 reads its config (the inputs it declares) whenever it becomes ready, and sets /readyz and the
 gRPC health status. Until then requests are answered UNAVAILABLE.
 
-Adding to it: a new gRPC service is one more `add_*_to_server` in `start` (a bidirectional
-Session RPC would sit beside Images and use `ImageService` the same way); a REST route or a
-page is one more `app.router.add_*` on `build_app`'s application.
+Adding to it: a new gRPC service is one more `add_*_to_server` in `start`; a REST route or a
+page is one more `app.router.add_*` on `build_app`'s application (the live generations and the
+page are added by serving/gateway/rest_live.py).
 """
 import asyncio
 from dataclasses import dataclass, field
@@ -20,7 +20,9 @@ import grpc
 from serving.gateway.access import Access, ApiKeys, RateLimiter, is_loopback
 from serving.gateway.grpc_api import add_services, set_serving
 from serving.gateway.pipeline import PipelineClient
+from serving.gateway.replicas import Replicas, default_name
 from serving.gateway.rest_api import build_app
+from serving.gateway.rest_live import add_routes
 from serving.gateway.service import ImageService, Limits
 from serving.gateway.telemetry import GatewayMetrics
 
@@ -40,8 +42,12 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     drain_s: float = 30.0  # on stop: running calls may finish for this long; new ones are refused
     watch_interval_s: float = 1.0
+    replica_name: str = field(default_factory=default_name)  # prefix of this gateway's generation ids
+    peers: dict = field(default_factory=dict)  # other replicas' REST URLs by name
+    peer_domain: str | None = None  # or: other replicas at http://<name>.<peer_domain>:<rest port>
 
     def check(self) -> None:
+        Replicas(self.replica_name, self.peers, self.peer_domain)  # raises ValueError for a bad name
         if self.keys is None and not self.allow_anonymous and not is_loopback(self.host):
             raise ValueError(f"the gateway would listen on {self.host} without API keys: give --api-keys FILE (or "
                              "LDM_API_KEY_HASHES), or --allow-anonymous to serve anyone who can reach it")
@@ -52,7 +58,9 @@ class Gateway:
         config.check()
         self.config = config
         limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
-        self.service = ImageService(PipelineClient(config.triton), Access(config.keys, limiter), GatewayMetrics(), config.limits)
+        self.replicas = Replicas(config.replica_name, config.peers, config.peer_domain, config.rest_port or 8080)
+        self.service = ImageService(PipelineClient(config.triton), Access(config.keys, limiter), GatewayMetrics(), config.limits,
+                                    config.replica_name)
         self.grpc_server = None
         self.runner = None
         self.rest_port = self.grpc_port = None
@@ -69,8 +77,9 @@ class Gateway:
             raise OSError(f"cannot listen for gRPC on {self.config.host}:{self.config.grpc_port}")
         await self.grpc_server.start()
         # handler_cancellation: a client that disconnects cancels its handler, and so its generation
-        self.runner = web.AppRunner(build_app(self.service), handler_cancellation=True, access_log=None,
-                                    shutdown_timeout=self.config.drain_s)
+        app = build_app(self.service)
+        add_routes(app, self.replicas)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=self.config.drain_s)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.rest_port)
         await site.start()
@@ -116,7 +125,7 @@ async def serve(config: GatewayConfig, announce=print) -> None:
     """Runs the gateway until SIGTERM or SIGINT."""
     gateway = await Gateway(config).start()
     announce(f"gateway ready  REST http://{config.host}:{gateway.rest_port}  gRPC {config.host}:{gateway.grpc_port}  "
-             f"(Triton {config.triton}; API keys {'on' if config.keys else 'off'})")
+             f"(Triton {config.triton}; API keys {'on' if config.keys else 'off'}; replica {config.replica_name})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

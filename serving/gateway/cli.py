@@ -1,6 +1,7 @@
 """`ldm gateway --triton HOST:PORT`: the public API (gRPC ldm.v1.Images + REST /v1/images/*) in
 front of a running Triton. `ldm serve` starts one beside its tritonserver by default."""
 import asyncio
+import os
 import sys
 
 DEFAULT_REST_PORT, DEFAULT_GRPC_PORT = 8080, 50051
@@ -29,6 +30,15 @@ def add_arguments(parser):
     parser.add_argument("--triton", default="127.0.0.1:8001", help="Triton's gRPC address (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     add_gateway_options(parser)
+    parser.add_argument("--replica-name", default=os.environ.get("LDM_REPLICA_NAME"),
+                        help="this replica's name, the prefix of its generation ids (env LDM_REPLICA_NAME; default: "
+                        "the hostname, a pod's name)")
+    parser.add_argument("--peers", default=os.environ.get("LDM_PEERS", ""),
+                        help="the other replicas: NAME=http://HOST:REST_PORT,... (env LDM_PEERS): a steer or DELETE "
+                        "of their generations is forwarded there")
+    parser.add_argument("--peer-domain", default=os.environ.get("LDM_PEER_DOMAIN"),
+                        help="or: the other replicas are http://NAME.DOMAIN:REST_PORT (env LDM_PEER_DOMAIN; "
+                        "Kubernetes: the headless Service the pods name as their subdomain)")
     parser.add_argument("--new-key", metavar="NAME", help="print a new API key and its line for the key file, then exit")
 
 
@@ -37,10 +47,13 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
     from serving.gateway.app import GatewayConfig
     from serving.gateway.service import Limits
 
+    from serving.gateway.replicas import default_name, parse_peers
+
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
     return GatewayConfig(triton=triton, host=host, rest_port=rest_port, grpc_port=grpc_port, keys=ApiKeys.load(args.api_keys),
                          allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
-                         drain_s=args.drain_s)
+                         drain_s=args.drain_s, replica_name=args.replica_name or default_name(),
+                         peers=parse_peers(args.peers), peer_domain=args.peer_domain)
 
 
 def run(args) -> int:

@@ -13,7 +13,8 @@ UNIMPLEMENTED = "UNIMPLEMENTED"  # the served pipeline does not take an input th
 UNAUTHENTICATED = "UNAUTHENTICATED"
 TOO_LARGE = "TOO_LARGE"  # request body or image over the gateway's limits
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-NOT_FOUND = "NOT_FOUND"
+NOT_FOUND = "NOT_FOUND"  # no generation with that id (never had one, or forgotten)
+FAILED_PRECONDITION = "FAILED_PRECONDITION"  # the generation has finished: too late to steer or cancel it
 
 GRPC_STATUS = {
     INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT,
@@ -26,11 +27,13 @@ GRPC_STATUS = {
     CANCELLED: grpc.StatusCode.CANCELLED,
     DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 HTTP_STATUS = {
     INVALID_ARG: 400,
     UNAUTHENTICATED: 401,
     NOT_FOUND: 404,
+    FAILED_PRECONDITION: 409,
     TOO_LARGE: 413,
     RESOURCE_EXHAUSTED: 429,
     CANCELLED: 499,

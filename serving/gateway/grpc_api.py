@@ -1,4 +1,5 @@
-"""The gRPC front: service `ldm.v1.Images` (proto/ldm/v1/images.proto), with gRPC health
+"""The gRPC front: service `ldm.v1.Images` (proto/ldm/v1/images.proto; its Session in
+serving/gateway/grpc_session.py), with gRPC health
 checking (`grpc.health.v1.Health`: "" and "ldm.v1.Images" follow the pipeline's readiness) and
 server reflection. Errors are status codes; a field error carries google.rpc.BadRequest, a
 rate limit google.rpc.RetryInfo.
@@ -18,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from serving.gateway import images
+from serving.gateway import grpc_session, images
 from serving.gateway.access import bearer
 from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
 from serving.gateway.generation import Generation
@@ -165,6 +166,18 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                         progress = images_pb2.Progress(index=event.index, step=event.step, total_steps=event.total_steps,
                                                        preview=event.preview or b"")
                         yield images_pb2.GenerateEvent(progress=progress, request_id=rid)
+            except ApiError as error:
+                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+
+    async def Session(self, request_iterator, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request(grpc_session.ROUTE, rid) as outcome:
+            try:
+                caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
+                limit = self.service.limits.max_image_pixels
+                async for event in grpc_session.session(self.service, request_iterator, caller, rid, outcome,
+                                                        lambda request: to_generation(request, limit, True), to_message):
+                    yield event
             except ApiError as error:
                 await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
 

@@ -1,6 +1,11 @@
 """The OpenAPI 3.1 document of the REST front, built from the parameter table
-(serving/gateway/rest_params.py), so the document and the parser cannot disagree."""
+(serving/gateway/rest_params.py) and, for the live generations, from the GenerateRequest
+message their body spells (serving/gateway/rest_live.py), so the document and the parsers
+cannot disagree."""
+from google.protobuf.descriptor import FieldDescriptor
+
 from serving.gateway.generation import FORMATS
+from serving.gateway.protos import images_pb2
 from serving.gateway.rest_params import EDITS, GENERATIONS, params_of
 
 KINDS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
@@ -53,6 +58,88 @@ def _operation(route: str, summary: str, content_type: str, event: str) -> dict:
     }
 
 
+PROTO_KINDS = {FieldDescriptor.TYPE_STRING: {"type": "string"}, FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+               FieldDescriptor.TYPE_FLOAT: {"type": "number"}, FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
+               FieldDescriptor.TYPE_INT32: {"type": "integer"}, FieldDescriptor.TYPE_UINT64: {"type": "integer", "minimum": 0},
+               FieldDescriptor.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"}}
+
+
+def _message_schema(message, skip=()) -> dict:
+    from serving.gateway.rest_live import ENUMS
+
+    properties = {}
+    for f in message.fields:
+        if f.name in skip:
+            continue
+        if f.name in ENUMS:
+            schema = {"type": "string", "enum": list(ENUMS[f.name])}
+        elif f.type == FieldDescriptor.TYPE_MESSAGE:
+            schema = _message_schema(f.message_type)
+        else:
+            schema = dict(PROTO_KINDS[f.type])
+        properties[f.name] = {"type": "array", "items": schema} if f.is_repeated else schema
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def _live_request() -> dict:
+    schema = _message_schema(images_pb2.GenerateRequest.DESCRIPTOR, skip=("n",))
+    schema["required"] = ["prompt"]
+    props = schema["properties"]
+    props["size"] = {"type": "string", "description": "`WIDTHxHEIGHT` (instead of width and height)"}
+    props["progress_every"]["default"] = 1
+    props["preview_every"]["default"] = 2
+    schema["description"] = ("The fields of ldm.v1.GenerateRequest (proto/ldm/v1/images.proto) in JSON, images as base64, "
+                             "enums as words; one image (no `n`).")
+    return schema
+
+
+def _live_errors(*codes) -> dict:
+    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    text = {"400": "a field is malformed or out of range (`param` names it)", "401": "API key missing or unknown",
+            "404": "no such generation (unknown, forgotten, or another key's)", "409": "the generation has finished",
+            "503": "the replica running it cannot be reached, or the queue is full; try again"}
+    return {code: {"description": text[code], **ref} for code in codes}
+
+
+def _live_paths() -> dict:
+    generation_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                      "description": "`<replica>.<token>`, from X-Generation-Id or `generation.created`"}]
+    return {
+        "/v1/generations": {"post": {
+            "summary": "Start a live (steerable) generation; its events as server-sent events",
+            "operationId": "generations_create",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/LiveGenerationRequest"}}}},
+            "responses": {
+                "200": {"description": "`text/event-stream`: `generation.created` {id, seed, total_steps}, "
+                                       "`generation.progress` {id, step, total_steps, preview_b64?}, `generation.steered` "
+                                       "{id, steer_id, step (0-based index of the first step that used it)}, then "
+                                       "`generation.completed` {id, b64_json, seed, output_format, timings} or `error` "
+                                       "{error}. Closing the stream cancels the generation.",
+                        "headers": {"X-Generation-Id": {"schema": {"type": "string"}},
+                                    "X-Request-Id": {"schema": {"type": "string"}}},
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                **_live_errors("400", "401", "503")}}},
+        "/v1/generations/{id}/steer": {"post": {
+            "summary": "Change a running generation's prompt, negative prompt or guidance scale from its next step",
+            "operationId": "generations_steer", "parameters": generation_id,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/SteerRequest"}}}},
+            "responses": {"202": {"description": "accepted; its `generation.steered` event tells the step that used it",
+                                  "content": {"application/json": {"schema": {"type": "object", "properties": {
+                                      "id": {"type": "string"}, "steer_id": {"type": "integer"}}}}}},
+                          **_live_errors("400", "401", "404", "409", "503")}}},
+        "/v1/generations/{id}": {"delete": {
+            "summary": "Cancel a running generation (its stream ends with an `error` event, code `cancelled`)",
+            "operationId": "generations_cancel", "parameters": generation_id,
+            "responses": {"200": {"description": "cancelled", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"id": {"type": "string"}, "status": {"const": "cancelled"}}}}}},
+                **_live_errors("401", "404", "409", "503")}}},
+        "/": _probe("the interactive page (serving/gateway/static/index.html)", "text/html"),
+        "/static/{path}": _probe("the page's files (serving/gateway/static/)", "*/*"),
+    }
+
+
 def _probe(description: str, content_type: str = "application/json") -> dict:
     return {"get": {"summary": description, "responses": {"200": {"description": "ok", "content": {content_type: {}}}}}}
 
@@ -68,6 +155,7 @@ def document() -> dict:
                                                           "image_generation")},
             "/v1/images/edits": {"post": _operation(EDITS, "Edit an image (inpaint where transparent / masked)",
                                                     "multipart/form-data", "image_edit")},
+            **_live_paths(),
             "/healthz": _probe("liveness: the gateway answers"),
             "/readyz": _probe("readiness: the pipeline behind the gateway is ready (503 when not)"),
             "/metrics": _probe("Prometheus metrics of the gateway", "text/plain"),
@@ -80,6 +168,8 @@ def document() -> dict:
             "schemas": {
                 "GenerationsRequest": _body(GENERATIONS),
                 "EditsRequest": _body(EDITS),
+                "LiveGenerationRequest": _live_request(),
+                "SteerRequest": _message_schema(images_pb2.Steer.DESCRIPTOR),
                 "ImagesResponse": {"type": "object", "properties": {
                     "created": {"type": "integer"},
                     "data": {"type": "array", "items": {"type": "object", "properties": {

@@ -5,6 +5,11 @@ Every request, unary or streamed, REST or gRPC, is sent on a gRPC stream to the 
 images of one request travel on one stream (one Triton request each, ids `<request id>-<i>`);
 leaving `generate` early (the client went away, an image failed) cancels the stream, and
 Triton marks its requests cancelled, which the engine honours at its next step.
+
+A live generation (`/v1/generations`, the gRPC Session) is steered by a separate request to
+`pipeline` whose parameter `steer_request_id` names the running request's id (`steer`); the
+generation's stream then reports, in the response of the step that first used it, the steer
+ids in its `steer_applied` output.
 """
 import asyncio
 from dataclasses import dataclass
@@ -19,9 +24,11 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from serving.core.errors import UNAVAILABLE
 from serving.gateway.errors import ApiError, from_pipeline
-from serving.gateway.generation import Generation
+from serving.gateway.generation import Generation, to_array
 
 MODEL = "pipeline"
+STEER_PARAMETER = "steer_request_id"  # the pipeline's steer message (contract of issue 13)
+STEER_FIELDS = ("prompt", "negative_prompt", "guidance_scale")
 
 
 @dataclass
@@ -31,6 +38,7 @@ class Progress:
     total_steps: int
     preview: np.ndarray | None  # uint8 [h, w, 3] at latent resolution
     elapsed_s: float
+    steered: tuple = ()  # ids of the steers first used by the step just done (step - 1)
 
 
 @dataclass
@@ -40,6 +48,8 @@ class Finished:
     seed: int
     total_s: float
     first_step_s: float | None
+    steered: tuple = ()  # ids of the steers first used by the last step
+    total_steps: int | None = None  # as the last progress response said
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,9 @@ class PipelineClient:
             raise ApiError(UNAVAILABLE, f"the pipeline at {self.url} is not ready yet, retry later", retry_after_s=5.0)
         return self.model
 
-    async def generate(self, generation: Generation, request_id: str) -> AsyncIterator:
-        """Progress and Finished events until all n images are in; raises ApiError."""
+    async def generate(self, generation: Generation, request_id: str, attach=None) -> AsyncIterator:
+        """Progress and Finished events until all n images are in; raises ApiError. `attach` is
+        given the Triton stream once it is open (what a DELETE cancels)."""
         declared = self.require_model().inputs
         arrays = [generation.arrays(i, declared) for i in range(generation.n)]
         start = time.monotonic()
@@ -104,23 +115,29 @@ class PipelineClient:
             await all_in.wait()  # the stream stays open until the last image has come back
 
         stream = self.client.stream_infer(requests())
+        if attach is not None:
+            attach(stream)
         pending = set(range(generation.n))
-        first_step = {}
+        first_step, totals = {}, {}
         try:
             async for result, error in _responses(stream):
                 if error is not None:
                     raise from_pipeline(str(error.message()))
                 index = int(result.get_response().id.rsplit("-", 1)[1])
                 image = result.as_numpy("image")
+                applied = result.as_numpy("steer_applied")
+                steered = () if applied is None else tuple(int(s) for s in applied.reshape(-1))
                 if image is None:
                     elapsed = time.monotonic() - start
                     first_step.setdefault(index, elapsed)
                     step, total = int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0])
-                    yield Progress(index, step, total, result.as_numpy("preview"), elapsed)
+                    totals[index] = total
+                    yield Progress(index, step, total, result.as_numpy("preview"), elapsed, steered)
                     continue
                 pending.discard(index)
                 seed = int(result.as_numpy("seed")[0])
-                yield Finished(index, image, seed, time.monotonic() - start, first_step.get(index))
+                yield Finished(index, image, seed, time.monotonic() - start, first_step.get(index), steered,
+                               totals.get(index))
                 if not pending:
                     return
             raise ApiError(UNAVAILABLE, f"the pipeline's stream ended with {len(pending)} image(s) missing")
@@ -128,6 +145,32 @@ class PipelineClient:
             all_in.set()
             if pending:  # left early: cancel what is still running
                 stream.cancel()
+
+    async def steer(self, target: str, fields: dict) -> int:
+        """Sends a steer message for Triton request `target`; its steer id (1, 2, ... per
+        generation). The pipeline's refusal (NOT_FOUND, FAILED_PRECONDITION, INVALID_ARG naming
+        the field) is raised as ApiError."""
+        declared = self.require_model().inputs
+        named = {name: to_array(name, value, declared[name]) for name, value in fields.items()}
+
+        async def requests():
+            yield {"model_name": MODEL, "inputs": _infer_inputs(named), "request_id": f"{target}-steer",
+                   "parameters": {STEER_PARAMETER: target}}
+            await answered.wait()
+
+        answered = asyncio.Event()
+        stream = self.client.stream_infer(requests())
+        try:
+            async for result, error in _responses(stream):
+                if error is not None:
+                    raise from_pipeline(str(error.message()))
+                steer_id = result.as_numpy("steer_id")
+                if steer_id is not None:
+                    return int(steer_id.reshape(-1)[0])
+            raise ApiError(UNAVAILABLE, "the pipeline's stream ended without answering the steer", retry_after_s=1.0)
+        finally:
+            answered.set()
+            stream.cancel()
 
 
 async def _responses(stream):

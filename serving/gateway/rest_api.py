@@ -66,6 +66,7 @@ async def gateway_middleware(request, handler):
         response.set_status(exc.status)
     if not response.prepared:
         response.headers["X-Request-Id"] = rid
+        response.headers.setdefault("X-Ldm-Replica", request.app[SERVICE].replica)
     return response
 
 
@@ -259,7 +260,8 @@ async def metrics(request):
 
 
 def build_app(service: ImageService) -> web.Application:
-    """The REST application; more routes (a page at `/`, sessions) are added with app.router."""
+    """The REST application; more routes (live generations, the page: rest_live.add_routes) are
+    added with app.router."""
     app = web.Application(client_max_size=service.limits.max_body_bytes, middlewares=[gateway_middleware])
     app[SERVICE] = service
     app.router.add_post("/v1/images/generations", generations)

@@ -1,15 +1,22 @@
 """What both fronts (gRPC `ldm.v1.Images`, REST `/v1/images/*`) share: admission, the pipeline
 stream, image encoding, metrics. A front turns its wire format into a `Generation`, calls
-`admit` and `events`, and writes the events out in its own format."""
+`admit` and `events`, and writes the events out in its own format.
+
+Live generations (REST `/v1/generations`, gRPC `Session`) are admitted with `start_live`, which
+gives them an id and a place in the live table; their events include `SteerApplied`, and
+`steer` / `cancel` act on them by id."""
+import asyncio
 from dataclasses import dataclass
+import math
 from typing import AsyncIterator
 
-from serving.core.errors import UNAVAILABLE
+from serving.core.errors import CANCELLED, UNAVAILABLE
 from serving.gateway import images
 from serving.gateway.access import Access
-from serving.gateway.errors import ApiError
+from serving.gateway.errors import ApiError, invalid
 from serving.gateway.generation import Generation
-from serving.gateway.pipeline import Finished, PipelineClient
+from serving.gateway.live import LiveGeneration, LiveTable, new_id
+from serving.gateway.pipeline import STEER_FIELDS, Finished, PipelineClient
 from serving.gateway.telemetry import GatewayMetrics
 
 
@@ -28,6 +35,15 @@ class ProgressEvent:
 
 
 @dataclass
+class SteerApplied:
+    """Steer `steer_id` was first used by denoising step `step` (0-based) of image `index`."""
+
+    index: int
+    steer_id: int
+    step: int
+
+
+@dataclass
 class EncodedImage:
     index: int
     seed: int
@@ -41,11 +57,13 @@ class EncodedImage:
 
 class ImageService:
     def __init__(self, pipeline: PipelineClient, access: Access = None, metrics: GatewayMetrics = None,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), replica: str = "local"):
         self.pipeline = pipeline
         self.access = access or Access()
         self.metrics = metrics or GatewayMetrics()
         self.limits = limits
+        self.replica = replica  # this gateway's name: the prefix of the ids of its live generations
+        self.live = LiveTable()
         self.ready = False  # kept up to date by the gateway's readiness watch
 
     def identify(self, credential: str | None, address: str) -> str:
@@ -65,10 +83,17 @@ class ImageService:
     def default_steps(self) -> int:
         return self.pipeline.require_model().parameter("default_steps", int, 25)
 
-    async def events(self, generation: Generation, rid: str, route: str) -> AsyncIterator:
-        """ProgressEvent (as the stream asked for them) and one EncodedImage per image."""
+    async def events(self, generation: Generation, rid: str, route: str, live: LiveGeneration = None) -> AsyncIterator:
+        """ProgressEvent (as the stream asked for them) and one EncodedImage per image; for a
+        live generation also a SteerApplied before the event of the step that first used it."""
         seen_preview = False
-        async for event in self.pipeline.generate(generation, rid):
+        attach = live.attach if live is not None else None
+        async for event in self.pipeline.generate(generation, rid, attach):
+            if live is not None:
+                # a step's response counts the steps done after it: that step's index is one less
+                step = event.step if not isinstance(event, Finished) else (event.total_steps or 0)
+                for steer_id in event.steered:
+                    yield SteerApplied(event.index, steer_id, max(0, step - 1))
             if isinstance(event, Finished):
                 if event.first_step_s is not None:
                     self.metrics.queue_wait.labels(route).observe(event.first_step_s)
@@ -81,6 +106,56 @@ class ImageService:
                     self.metrics.first_preview.labels(route).observe(event.elapsed_s)
                 preview = preview_png(event.preview, generation)
             yield ProgressEvent(event.index, event.step, event.total_steps, preview)
+
+
+    def _owner(self, caller: str) -> str:
+        """Who may steer or cancel a live generation: the key that started it; without keys,
+        anyone who holds its (unguessable) id, whichever address or replica the call comes by."""
+        return caller if self.access.keys is not None else ""
+
+    def start_live(self, generation: Generation, caller: str) -> LiveGeneration:
+        """Admits a live generation (one image: its steers and its events are one image's)."""
+        if generation.n != 1:
+            raise invalid("n", f"a live generation makes one image; must be 1, got {generation.n}")
+        self.admit(generation, caller)
+        return self.live.add(LiveGeneration(new_id(self.replica), self._owner(caller)))
+
+    async def live_events(self, generation: Generation, live: LiveGeneration, route: str) -> AsyncIterator:
+        """`events` of a live generation; its entry leaves the live table when they end. Once
+        cancelled by `cancel` they end with ApiError(CANCELLED)."""
+        try:
+            async for event in self.events(generation, live.id, route, live):
+                live.started.set()
+                yield event
+        except asyncio.CancelledError:
+            if not live.cancelled or asyncio.current_task().cancelling():
+                raise  # the caller went away: nothing to report to
+            raise ApiError(CANCELLED, f"generation {live.id} was cancelled") from None
+        finally:
+            live.started.set()
+            self.live.finish(live)
+
+    async def steer(self, generation_id: str, caller: str, fields: dict) -> int:
+        """Sends new conditioning to a live generation of this replica; its steer id."""
+        unknown = [name for name in fields if name not in STEER_FIELDS]
+        if unknown:
+            raise invalid(unknown[0], f"cannot be steered; a steer takes {', '.join(STEER_FIELDS)}")
+        if not fields:
+            raise invalid("body", f"give at least one of {', '.join(STEER_FIELDS)}")
+        if "guidance_scale" in fields and not math.isfinite(fields["guidance_scale"]):
+            raise invalid("guidance_scale", f"must be a finite number, got {fields['guidance_scale']}")
+        live = self.live.get(generation_id, self._owner(caller))
+        # a steer sent before the engine has the request would find no generation there
+        await live.started.wait()
+        self.live.get(generation_id, self._owner(caller))  # it may have finished meanwhile
+        (target,) = live.triton_ids()
+        return await self.pipeline.steer(target, fields)
+
+    def cancel(self, generation_id: str, caller: str) -> None:
+        """Cancels a live generation of this replica; its stream ends with CANCELLED."""
+        live = self.live.get(generation_id, self._owner(caller))
+        live.cancel()
+        self.live.finish(live)
 
 
 def encoded(event: Finished, generation: Generation) -> EncodedImage:

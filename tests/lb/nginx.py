@@ -1,7 +1,9 @@
-"""Run Debian's nginx as a local gRPC load balancer over the replicas' gateways (loopback only).
+"""Run Debian's nginx as a local gRPC (or REST) load balancer over the replicas' gateways
+(loopback only).
 
-Renders deploy/nginx/ldm-grpc-lb.conf.template into a private prefix directory and runs
-nginx in the foreground as a child process, so stopping it is one signal to one PID.
+Renders deploy/nginx/ldm-grpc-lb.conf.template (NginxRestLB: ldm-rest-lb.conf.template) into a
+private prefix directory and runs nginx in the foreground as a child process, so stopping it
+is one signal to one PID.
 """
 import re
 import signal
@@ -14,17 +16,18 @@ from serving.triton.server import free_port
 from tests.lb.tools import REPO, find
 
 TEMPLATE = REPO / "deploy" / "nginx" / "ldm-grpc-lb.conf.template"
+REST_TEMPLATE = REPO / "deploy" / "nginx" / "ldm-rest-lb.conf.template"
 # A replica that failed once is skipped for this long, then probed with one request.
 FAIL_TIMEOUT_S = 10
 
 
-def render(prefix: Path, listen_port: int, backend_ports: list[int]) -> str:
+def render(prefix: Path, listen_port: int, backend_ports: list[int], template: Path = TEMPLATE) -> str:
     servers = "\n        ".join(
         f"server 127.0.0.1:{p} max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s;" for p in backend_ports
     )
     # @NAME@ placeholders, since nginx's own variables use $.
     values = {"PREFIX": str(prefix), "LISTEN": f"127.0.0.1:{listen_port}", "UPSTREAM_SERVERS": servers}
-    text = TEMPLATE.read_text()
+    text = template.read_text()
     for name, value in values.items():
         text = text.replace(f"@{name}@", value)
     if "@" in re.sub(r"#.*", "", text):
@@ -34,6 +37,8 @@ def render(prefix: Path, listen_port: int, backend_ports: list[int]) -> str:
 
 class NginxGrpcLB:
     """`with NginxGrpcLB(workdir, [p1, p2]) as lb:` then call `lb.url` (host:port)."""
+
+    template = TEMPLATE
 
     def __init__(self, workdir: Path, backend_ports: list[int], port: int | None = None):
         self.prefix = Path(workdir).resolve()
@@ -55,7 +60,7 @@ class NginxGrpcLB:
             raise FileNotFoundError("nginx not installed (bash deploy/ci-setup.sh)")
         self.prefix.mkdir(parents=True, exist_ok=True)
         conf = self.prefix / "nginx.conf"
-        conf.write_text(render(self.prefix, self.port, self.backend_ports))
+        conf.write_text(render(self.prefix, self.port, self.backend_ports, self.template))
         # -e: error log before the config is read (else nginx tries /var/log/nginx first).
         base = [nginx, "-p", str(self.prefix), "-e", str(self.prefix / "error.log"), "-c", str(conf)]
         subprocess.run(base + ["-t", "-q"], check=True, capture_output=True, text=True)
@@ -108,3 +113,13 @@ class NginxGrpcLB:
                 d["upstreams"] = re.findall(r"\d+\.\d+\.\d+\.\d+:\d+", d["upstream"])
                 entries.append(d)
         return entries
+
+
+class NginxRestLB(NginxGrpcLB):
+    """The same over the gateways' REST ports; `lb.rest_url` is http://host:port."""
+
+    template = REST_TEMPLATE
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.url}"

@@ -5,6 +5,7 @@ A replica is `ldm serve` plus what it starts: tritonserver (with its python-back
 the gateway, the replica's public gRPC address, as in a pod. Its processes are recorded by PID
 once it is ready, and crashing or stopping it signals exactly those PIDs.
 """
+import os
 import re
 import signal
 import socket
@@ -38,7 +39,7 @@ class Replica:
     def grpc_addr(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, repo: Path, checkpoint: Path | None = None) -> "Replica":
+    def start(self, repo: Path, checkpoint: Path | None = None, env: dict | None = None) -> "Replica":
         # `python -m serving.cli` rather than the `ldm` script: the script may belong to another
         # checkout's install; this runs the code of the tree the caller imports.
         command = [sys.executable, "-m", "serving.cli", "serve", "--repo", str(repo),
@@ -48,8 +49,8 @@ class Replica:
         if checkpoint is not None:
             command += ["--checkpoint", str(checkpoint)]
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, env={**os.environ, **(env or {})})
         log.close()
         return self
 
@@ -145,14 +146,17 @@ class Replica:
 
 def start_replicas(n: int, repo: Path, workdir: Path, timeout_s: float = 120,
                    checkpoint: Path | None = None) -> list[Replica]:
-    """Start n replicas concurrently and wait until all are ready; on failure stop them all."""
+    """Start n replicas concurrently and wait until all are ready; on failure stop them all.
+    Each gateway is told its name and its peers' REST URLs (env LDM_REPLICA_NAME, LDM_PEERS),
+    as a pod is (deploy/k8s), so a steer or DELETE reaching the wrong one is forwarded."""
     workdir.mkdir(parents=True, exist_ok=True)
     replicas = []
     try:
         ports = free_ports(5 * n)
-        for i in range(n):
-            r = Replica(f"replica-{i}", *ports[5 * i: 5 * i + 5], workdir / f"replica-{i}.log")
-            replicas.append(r.start(repo, checkpoint))
+        fleet = [Replica(f"replica-{i}", *ports[5 * i: 5 * i + 5], workdir / f"replica-{i}.log") for i in range(n)]
+        peers = ",".join(f"{r.name}=http://127.0.0.1:{r.rest_port}" for r in fleet)
+        for r in fleet:
+            replicas.append(r.start(repo, checkpoint, env={"LDM_REPLICA_NAME": r.name, "LDM_PEERS": peers}))
         for r in replicas:
             r.wait_ready(timeout_s)
     except BaseException:

@@ -3,7 +3,28 @@
 Copied by `ldm export` into pipeline/1/model.py. `execute` only validates and enqueues; the
 engine's worker thread (serving/core/engine.py) runs the denoising loop for all requests together and
 answers through each request's response sender: optional progress/preview responses, then the
-image with the FINAL flag, or one coded error with the FINAL flag."""
+image with the FINAL flag, or one coded error with the FINAL flag.
+
+Steering (serving/core/steering.py). A generation sent with a request id can be steered while it
+runs: a steer message is a request to this model whose request parameter `steer_request_id`
+(STEER_PARAMETER) names the generation's request id and whose inputs are any of `prompt`,
+`negative_prompt`, `guidance_scale` (prompt schedules allowed; validated as a new request's
+fields; other inputs: INVALID_ARG). It gets exactly one response, FINAL: `steer_id` INT32 [1]
+(1, 2, ... per generation, in arrival order), or an error whose message carries its code as
+"[CODE] message" (serving/core/errors.py coded_message; parse_coded_message reads it back):
+"[NOT_FOUND] no generation with id 'x'", "[FAILED_PRECONDITION] generation 'x' has finished"
+(the last 4096 ended ids are remembered), "[INVALID_ARG] <field>: ...". The engine encodes the new
+texts in its next admission batch and uses them from the generation's next step; the response
+of the first step that used a steer carries `steer_applied` INT32 [k] (the steer ids first used
+by it) next to `step`/`total_steps`, also when progress_every would skip that step (even for the
+last step: then just before the image). The 0-based index of that step is `step - 1`. A steer
+accepted while the generation runs its last step never applies (the stream then ends without it).
+
+With tritonclient (gRPC streaming; serving/client/kserve.py `LdmClient.steer` does this):
+    client.async_stream_infer("pipeline", inputs, request_id="gen-1")             # the generation
+    steerer.async_stream_infer("pipeline", [InferInput("prompt", [1], "BYTES") ...],
+                               parameters={"steer_request_id": "gen-1"})          # a steer
+A cancel message names a request id the same way with `cancel_request_id` (the unary front's)."""
 import json
 from pathlib import Path
 import threading
@@ -16,7 +37,9 @@ from serving.triton.drain import DRAIN_PARAMETER
 from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
 from serving.core.errors import INTERNAL, INVALID_ARG, coded_message
 from serving.core.metrics import MetricsExporter
+from serving.core.request import InvalidInput
 from serving.core.service import PipelineAssets, PipelineService
+from serving.core.steering import STEER_PARAMETER, SteerRefused
 from serving.models.assemble import RunnerChoice, build_models
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -75,13 +98,15 @@ class TritonSink:
         self.cancel_requested = cancels.register(self.request_id) if self.request_id else None
         self.closed = False
 
-    def progress(self, step, total, preview):
+    def progress(self, step, total, preview, steer_applied=()):
         tensors = [
             pb_utils.Tensor("step", np.array([step], np.int32)),
             pb_utils.Tensor("total_steps", np.array([total], np.int32)),
         ]
         if preview is not None:
             tensors.append(pb_utils.Tensor("preview", np.ascontiguousarray(preview)))
+        if steer_applied:
+            tensors.append(pb_utils.Tensor("steer_applied", np.array(steer_applied, np.int32)))
         self.sender.send(pb_utils.InferenceResponse(tensors))
 
     def finish(self, image, seed):
@@ -89,8 +114,7 @@ class TritonSink:
         self._final(pb_utils.InferenceResponse(tensors))
 
     def fail(self, code, message):
-        error = pb_utils.TritonError(coded_message(code, message), getattr(pb_utils.TritonError, code))
-        self._final(pb_utils.InferenceResponse(error=error))
+        self._final(pb_utils.InferenceResponse(error=_error(code, message)))
 
     def _final(self, response):
         self.closed = True
@@ -107,10 +131,15 @@ class TritonSink:
         return requested or self.request.is_cancelled()
 
 
-def _cancel_target(request):
-    """The request id a cancel message names, or None for a generation request."""
-    parameters = json.loads(request.parameters() or "{}")
-    target = parameters.get(CANCEL_PARAMETER)
+def _error(code, message):
+    """A TritonError with the code in its message; Triton has no FAILED_PRECONDITION status."""
+    status = getattr(pb_utils.TritonError, code, None)
+    return pb_utils.TritonError(coded_message(code, message), pb_utils.TritonError.UNKNOWN if status is None else status)
+
+
+def _target(request, parameter):
+    """The request id a cancel or steer message names in `parameter`, or None."""
+    target = json.loads(request.parameters() or "{}").get(parameter)
     return None if target is None else str(target)
 
 
@@ -122,6 +151,10 @@ def _drain_grace(request):
     if not 0 <= float(grace) < float("inf"):
         raise ValueError(f"must be a finite number of seconds >= 0, got {grace!r}")
     return float(grace)
+
+
+def _inputs(request) -> dict:
+    return {t.name(): t.as_numpy() for t in request.inputs()}
 
 
 class TritonPythonModel:
@@ -167,7 +200,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            target = _cancel_target(request)
+            target = _target(request, CANCEL_PARAMETER)
             if target is not None:
                 self.cancels.cancel(target)
                 request.get_response_sender().send(flags=FINAL)
@@ -175,16 +208,20 @@ class TritonPythonModel:
             try:
                 grace = _drain_grace(request)
             except ValueError as exc:
-                request.get_response_sender().send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    coded_message(INVALID_ARG, f"{DRAIN_PARAMETER}: {exc}"), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+                request.get_response_sender().send(pb_utils.InferenceResponse(error=_error(INVALID_ARG, f"{DRAIN_PARAMETER}: {exc}")),
+                                                   flags=FINAL)
                 continue
             if grace is not None:
                 threading.Thread(target=self._drain, args=(grace, request.get_response_sender()),
                                  name="ldm-drain", daemon=True).start()
                 continue
+            target = _target(request, STEER_PARAMETER)
+            if target is not None:
+                self._steer(request, target)
+                continue
             sink = TritonSink(request, self.cancels)
             try:
-                self.service.submit({t.name(): t.as_numpy() for t in request.inputs()}, sink)
+                self.service.submit(_inputs(request), sink, request_id=sink.request_id)
             except Exception as exc:  # every request ends with a FINAL response, whatever broke
                 sink.fail(INTERNAL, f"pipeline could not accept the request: {exc}")
         return None
@@ -201,6 +238,19 @@ class TritonPythonModel:
         finally:
             stopping.join()
             sender.send(flags=FINAL)
+
+    def _steer(self, request, target):
+        """A steer message's one FINAL response: its steer id, or a coded error."""
+        try:
+            steer_id = self.service.steer(target, _inputs(request))
+            response = pb_utils.InferenceResponse([pb_utils.Tensor("steer_id", np.array([steer_id], np.int32))])
+        except InvalidInput as exc:
+            response = pb_utils.InferenceResponse(error=_error(INVALID_ARG, str(exc)))
+        except SteerRefused as exc:
+            response = pb_utils.InferenceResponse(error=_error(exc.code, str(exc)))
+        except Exception as exc:
+            response = pb_utils.InferenceResponse(error=_error(INTERNAL, f"pipeline could not steer {target!r}: {exc}"))
+        request.get_response_sender().send(response, flags=FINAL)
 
     def finalize(self):
         self.stop_metrics.set()

@@ -1,0 +1,158 @@
+"""Steering a running generation, as plain Python (imports nothing from Triton).
+
+A job's conditioning is a plan: switches (from_step, segment, steer_ids), sorted by step. Step i
+runs on the conditioning of the last switch with from_step <= i. A segment is one prompt spec
+(serving/core/conditioning.py: immutable, so a switch is an assignment) and, once the runner has
+text-encoded it, its conditioning; alternation's switches share their segments, so each distinct
+text is encoded once.
+
+Two things write plans, the same way (`conditioning_plan`):
+- admission: the request's prompt schedules (serving/core/prompt_schedule.py) from step 0;
+- a steer: it changes the job's prompt, negative prompt or guidance scale (`Job.request` takes
+  the new values at once, so later steers build on them); the engine, at its next admission
+  batch, replaces the plan from the job's next step with the plan of the steered request from
+  that step on, and encodes its new texts with the new requests' texts in one text-encoder call.
+  The job keeps its latents, seed, noise generator and position.
+The first switch a steer installs carries its steer id (several, when steers arrived between two
+admission batches), so the engine can tell which step first used it.
+"""
+from bisect import bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from serving.core.conditioning import TextPrompt
+from serving.core.errors import FAILED_PRECONDITION, NOT_FOUND
+from serving.core.prompt_schedule import joint_schedule
+from serving.core.regional_prompt import regional_prompt
+
+STEERABLE = ("prompt", "negative_prompt", "guidance_scale")
+# request parameter of a steer message to the `pipeline` model: the request id of the generation
+STEER_PARAMETER = "steer_request_id"
+
+
+@dataclass(eq=False)
+class Segment:
+    spec: object  # prompt spec: texts(), rows, build()
+    conditioning: object | None = None  # set by the runner's text encoding
+
+
+@dataclass(frozen=True)
+class Switch:
+    from_step: int
+    segment: Segment
+    steer_ids: tuple = ()  # steers whose change this switch first applies
+
+
+class SteerRefused(Exception):
+    """A steer that cannot be applied: `code` is NOT_FOUND or FAILED_PRECONDITION."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def prompt_spec(request):
+    """The prompt spec of a request's (unscheduled) texts."""
+    if request.regions is not None:
+        return regional_prompt(request)
+    return TextPrompt(request.prompt, request.negative_prompt, request.guidance_scale)
+
+
+def denoising_steps(request) -> int:
+    """How many denoising steps the job runs (img2img and inpainting: the strength's share),
+    which prompt schedules count."""
+    if request.image is None:
+        return request.steps
+    return min(int(request.steps * request.image.strength), request.steps)
+
+
+def scheduled_texts(request) -> list:
+    """[(from_step, prompt, negative_prompt)] of the request's prompt schedules; raises
+    InvalidInput on malformed syntax."""
+    return joint_schedule(request.prompt, request.negative_prompt, denoising_steps(request))
+
+
+def conditioning_plan(request, start: int, steer_ids: tuple = ()) -> list:
+    """The switches that run `request` from step `start` on; the first starts at `start` and
+    carries `steer_ids`."""
+    entries = scheduled_texts(request)
+    first = max(i for i, (step, _, _) in enumerate(entries) if step <= start)
+    segments, switches = {}, []
+    for i, (step, prompt, negative) in enumerate(entries[first:]):
+        if (prompt, negative) not in segments:
+            segments[prompt, negative] = Segment(prompt_spec(replace(request, prompt=prompt, negative_prompt=negative)))
+        switches.append(Switch(start if i == 0 else step, segments[prompt, negative], steer_ids if i == 0 else ()))
+    return switches
+
+
+class ConditioningPlan:
+    def __init__(self, switches: list):
+        self.switches = switches
+
+    def at(self, step: int) -> Switch:
+        return self.switches[bisect_right([s.from_step for s in self.switches], step) - 1]
+
+    def conditioning_at(self, step: int):
+        return self.at(step).segment.conditioning
+
+    def steers_first_used_at(self, step: int) -> tuple:
+        switch = self.at(step)
+        return switch.steer_ids if switch.from_step == step else ()
+
+    def replace_from(self, switches: list) -> None:
+        """Installs `switches` from their first step on. Steer ids of a replaced switch at that
+        very step were never used (that step has not run): the new switch carries them too."""
+        start = switches[0].from_step
+        kept = [s for s in self.switches if s.from_step < start]
+        unused = tuple(i for s in self.switches if s.from_step == start for i in s.steer_ids)
+        if unused:
+            switches = [replace(switches[0], steer_ids=unused + switches[0].steer_ids), *switches[1:]]
+        self.switches = kept + switches
+
+    def unencoded(self) -> list:
+        """Distinct segments that still need their text encoding."""
+        return list({id(s.segment): s.segment for s in self.switches if s.segment.conditioning is None}.values())
+
+
+def plan_pending_steers(job) -> None:
+    """Gives an admitted or steered job the plan of its current request from its next step,
+    carrying the ids of the steers accepted since its last plan. Called under the engine's lock."""
+    ids, job.pending_steers = tuple(job.pending_steers), []
+    switches = conditioning_plan(job.request, job.index, ids)
+    if job.plan is None:
+        job.plan = ConditioningPlan(switches)
+    else:
+        job.plan.replace_from(switches)
+
+
+class GenerationRegistry:
+    """Jobs by request id while queued or running, and the ids of the last `remember` that
+    ended (so a late steer hears FAILED_PRECONDITION, not NOT_FOUND); bounded."""
+
+    def __init__(self, remember: int = 4096):
+        self.running = {}
+        self.ended = OrderedDict()
+        self.remember = remember
+
+    def add(self, job) -> None:
+        if job.request_id:
+            self.ended.pop(job.request_id, None)
+            self.running[job.request_id] = job
+
+    def end(self, job) -> None:
+        if job.request_id and self.running.get(job.request_id) is job:
+            del self.running[job.request_id]
+            self.ended[job.request_id] = True
+            while len(self.ended) > self.remember:
+                self.ended.popitem(last=False)
+
+    def find(self, request_id: str):
+        """The running job with this id; raises SteerRefused when there is none."""
+        job = self.running.get(request_id)
+        if job is None:
+            if request_id in self.ended:
+                raise SteerRefused(FAILED_PRECONDITION, f"generation {request_id!r} has finished")
+            raise SteerRefused(NOT_FOUND, f"no generation with id {request_id!r}")
+        if job.timesteps is not None and job.done:  # its last step ran; it is being decoded
+            raise SteerRefused(FAILED_PRECONDITION, f"generation {request_id!r} has finished")
+        return job

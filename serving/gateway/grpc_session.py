@@ -1,0 +1,87 @@
+"""The gRPC `Session` (proto/ldm/v1/images.proto): one live generation per call, steered and
+cancelled by the call's later messages.
+
+Two tasks feed one queue of events: the pipeline's events (as GenerateStream's, plus
+`started` and `steered`) and the reader of the client's messages, which sends each steer in
+the order received (so steer ids follow the messages) and queues its `steer_ack`. The call
+ends after the image, or with the generation's error as its status.
+"""
+import asyncio
+
+from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
+from serving.gateway.protos import images_pb2
+from serving.gateway.service import EncodedImage, ImageService, ProgressEvent, SteerApplied
+
+ROUTE = "grpc.Session"
+_END = object()
+
+
+def steer_fields(steer) -> dict:
+    return {name: getattr(steer, name) for name in ("prompt", "negative_prompt", "guidance_scale") if steer.HasField(name)}
+
+
+async def session(service: ImageService, request_iterator, caller: str, rid: str, outcome, to_generation, to_message):
+    """Yields the call's GenerateEvents; raises ApiError for the call's status."""
+    first = await anext(aiter(request_iterator), None)
+    if first is None or not first.HasField("start"):
+        raise invalid("start", "the first message of a Session must be `start` (a GenerateRequest)")
+    generation = to_generation(first.start)
+    live = service.start_live(generation, caller)
+    queue = asyncio.Queue()  # bounded in practice: a step's events and one ack per steer message read
+
+    async def pump():
+        try:
+            async for event in service.live_events(generation, live, ROUTE):
+                await queue.put(event)
+            await queue.put(_END)
+        except ApiError as error:
+            await queue.put(error)
+
+    async def read():
+        sequence = 0
+        async for message in request_iterator:
+            if message.HasField("cancel"):
+                service.cancel(live.id, caller)
+                return
+            if not message.HasField("steer"):
+                await queue.put(images_pb2.SteerAck(sequence=sequence, error_code="INVALID_ARGUMENT",
+                                                    error_message="only the first message may be `start`", field="start"))
+                continue
+            sequence += 1
+            try:
+                steer_id = await service.steer(live.id, caller, steer_fields(message.steer))
+                await queue.put(images_pb2.SteerAck(sequence=sequence, steer_id=steer_id))
+            except ApiError as error:
+                await queue.put(images_pb2.SteerAck(sequence=sequence, error_code=GRPC_STATUS[error.code].name,
+                                                    error_message=error.message, field=error.field or ""))
+
+    tasks = [asyncio.create_task(pump()), asyncio.create_task(read())]
+    started = False
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, ApiError):
+                raise item
+            if not started:
+                started = True
+                total = item.total_steps if isinstance(item, ProgressEvent) else generation.inputs.get("steps", service.default_steps())
+                yield images_pb2.GenerateEvent(started=images_pb2.Started(generation_id=live.id, seed=generation.seed,
+                                                                          total_steps=total), request_id=rid)
+            if isinstance(item, images_pb2.SteerAck):
+                yield images_pb2.GenerateEvent(steer_ack=item, request_id=rid)
+            elif isinstance(item, SteerApplied):
+                steered = images_pb2.Steered(index=item.index, steer_id=item.steer_id, step=item.step)
+                yield images_pb2.GenerateEvent(steered=steered, request_id=rid)
+            elif isinstance(item, EncodedImage):
+                outcome.images += 1
+                yield images_pb2.GenerateEvent(image=to_message(item), request_id=rid)
+            else:
+                progress = images_pb2.Progress(index=item.index, step=item.step, total_steps=item.total_steps,
+                                               preview=item.preview or b"")
+                yield images_pb2.GenerateEvent(progress=progress, request_id=rid)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

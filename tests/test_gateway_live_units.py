@@ -1,0 +1,109 @@
+"""Live generations' pieces without a server: the bounded live table (404 vs 409, per caller),
+generation ids, the replica routing table (no URL ever taken from an id), and the JSON body
+of /v1/generations read as a GenerateRequest."""
+import re
+
+import pytest
+
+from serving.gateway.errors import FAILED_PRECONDITION, NOT_FOUND, ApiError
+from serving.gateway.live import LiveGeneration, LiveTable, is_id, new_id
+from serving.gateway.replicas import Replicas, parse_peers
+from serving.gateway.rest_live import to_request
+
+
+def code_of(call) -> str:
+    with pytest.raises(ApiError) as info:
+        call()
+    return info.value.code
+
+
+def test_live_table_answers_unknown_404_finished_409_and_stays_bounded():
+    table = LiveTable(max_live=2, max_finished=3)
+    first = table.add(LiveGeneration(new_id("r1"), "key-a"))
+    assert table.get(first.id, "key-a") is first
+    assert code_of(lambda: table.get(first.id, "key-b")) == NOT_FOUND  # another key's: unknown to it
+    assert code_of(lambda: table.get("r1.nope", "key-a")) == NOT_FOUND
+    table.add(LiveGeneration(new_id("r1"), "key-a"))
+    assert code_of(lambda: table.add(LiveGeneration(new_id("r1"), "key-a"))) == "UNAVAILABLE"
+    table.finish(first)
+    assert len(table) == 1
+    assert code_of(lambda: table.get(first.id, "key-a")) == FAILED_PRECONDITION
+    assert code_of(lambda: table.get(first.id, "key-b")) == NOT_FOUND
+    finished = [first.id]
+    for _ in range(3):  # the record of finished ids forgets the oldest
+        live = table.add(LiveGeneration(new_id("r1"), "key-a"))
+        table.finish(live)
+        finished.append(live.id)
+    assert code_of(lambda: table.get(finished[0], "key-a")) == NOT_FOUND
+    assert code_of(lambda: table.get(finished[-1], "key-a")) == FAILED_PRECONDITION
+
+
+def test_a_cancel_before_the_stream_opens_cancels_it_when_attached():
+    class Stream:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    live, stream = LiveGeneration("r.x", ""), Stream()
+    live.cancel()
+    live.attach(stream)
+    assert stream.cancelled and live.triton_ids() == ["r.x-0"]
+
+
+def test_ids_name_their_replica_and_128_random_bits():
+    ids = {new_id("replica-0") for _ in range(100)}
+    assert len(ids) == 100 and all(re.fullmatch(r"replica-0\.[0-9a-f]{32}", i) and is_id(i) for i in ids)
+    # anything else names no generation, and is never part of a URL the gateway calls
+    token = "0" * 32
+    for text in (f"r1.{token}/../admin", f"r1.{token}?x=1", f"R1.{token}", f"r1.{token[:-1]}", f"a.b.{token}", token):
+        assert not is_id(text), text
+
+
+def test_owner_urls_come_from_the_peer_table_or_one_dns_label_under_the_peer_domain():
+    table = Replicas("r0", parse_peers("r1=http://10.0.0.2:8080/, r2=http://10.0.0.3:8080"))
+    assert table.is_mine("r0.abc") and not table.is_mine("r1.abc")
+    assert table.url_of("r1.abc") == "http://10.0.0.2:8080"
+    for foreign in ("r9.abc", "evil.com:80.abc", "10.0.0.9:8080/x.abc", "R1.abc", ".abc"):
+        assert code_of(lambda: table.url_of(foreign)) == NOT_FOUND, foreign
+    dns = Replicas("pod-a", peer_domain="ldm-triton-peers.ns.svc.cluster.local", peer_port=8080)
+    assert dns.url_of("pod-b-7f9c.abc") == "http://pod-b-7f9c.ldm-triton-peers.ns.svc.cluster.local:8080"
+    for foreign in ("evil.com.abc", "a_b.abc", "x@y.abc", "-a.abc", "a" * 64 + ".abc"):
+        # the owner part stops at the first dot, and must be one DNS label
+        owner_url = None
+        try:
+            owner_url = dns.url_of(foreign)
+        except ApiError as error:
+            assert error.code == NOT_FOUND
+        assert owner_url is None or owner_url.startswith(f"http://{foreign.split('.')[0]}.ldm-triton-peers.ns.svc"), owner_url
+
+
+@pytest.mark.parametrize("text", ["r1", "r1=ftp://x", "R1=http://x", "a b=http://x"])
+def test_bad_peer_entries_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_peers(text)
+
+
+def test_bad_replica_name_is_refused():
+    with pytest.raises(ValueError):
+        Replicas("my.host")
+
+
+def test_rest_body_reads_as_a_generate_request_with_rest_spellings():
+    request = to_request({"prompt": "a cat", "size": "64x32", "output_format": "webp", "seed": 7,
+                          "regions": [{"prompt": "sky"}], "region_mode": "attention", "init_image": "AAEC"})
+    assert (request.width, request.height, request.seed) == (64, 32, 7)
+    assert request.output_format == 3 and request.region_mode == 2 and request.init_image == b"\x00\x01\x02"
+    assert (request.progress_every, request.preview_every) == (1, 2)
+    assert request.regions[0].prompt == "sky"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "prompt"), ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "size": "64x64", "width": 64}, "size"),
+    ({"prompt": "x", "steps": "many"}, "steps"), ({"prompt": "x", "regions": [{"mask": 5}]}, "regions.mask"),
+    ({"prompt": "x", "task": "paint"}, "task"), ({"prompt": "x", "colour": 1}, "colour"),
+])
+def test_rest_body_errors_name_the_field(body, field):
+    with pytest.raises(ApiError) as info:
+        to_request(body)
+    assert info.value.field == field, info.value
