@@ -129,9 +129,9 @@ class Engine:
                         self.registry.end(job)
                 for job in admitted:
                     _fail(job, UNAVAILABLE, f"text encoding failed: {exc}")
-                self._retire([j for j in steered if j in self.active],
-                             lambda job: _fail(job, UNAVAILABLE, f"text encoding of a steer failed: {exc}"))
-                self.stats.failed += len(admitted) + len(steered)
+                running = [j for j in steered if j in self.active]
+                self._retire(running, lambda job: _fail(job, UNAVAILABLE, f"text encoding of a steer failed: {exc}"))
+                self.stats.failed += len(admitted) + len(running)
         for job in self.active:  # the conditioning of each job's next step (a switch is an assignment)
             job.conditioning = job.plan.conditioning_at(job.index)
         self.stats.active = len(self.active)
