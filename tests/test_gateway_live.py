@@ -94,6 +94,8 @@ def test_rest_steer_is_acknowledged_then_reported_at_the_step_that_used_it(gatew
 
 
 def test_rest_delete_cancels_and_later_calls_answer_409(gateway, server):
+    # earlier tests' generations are gone (and counted: the metrics are copied all at once)
+    assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
     before = metrics(server)["ldm_cancellations_total"]
 
     async def scenario():
