@@ -58,7 +58,7 @@ def test_stream_reports_progress_and_previews_then_each_image(client):
     (dict(n=9), "INVALID_ARGUMENT", "n"),
     (dict(height=36), "INVALID_ARGUMENT", "height"),
     (dict(quality=0), "INVALID_ARGUMENT", "quality"),
-    (dict(init_image=np.zeros((32, 32, 3), np.uint8)), "UNIMPLEMENTED", "init_image"),
+    (dict(init_image=np.zeros((32, 32, 3), np.uint8), strength=0.0), "INVALID_ARGUMENT", "strength"),
     (dict(regions=[{"prompt": "a cat"}]), "INVALID_ARGUMENT", "region_divisions"),
     (dict(init_image=b"not an image"), "INVALID_ARGUMENT", "init_image"),
 ])

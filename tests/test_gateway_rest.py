@@ -61,13 +61,16 @@ def test_sdk_streaming_sends_partial_images_then_completed(sdk, server):
         np.testing.assert_array_equal(pixels(events[-1].b64_json), kserve.generate(PROMPT, seed=5, steps=6))
 
 
-def test_sdk_edit_answers_501_until_the_pipeline_takes_images(sdk):
+def test_sdk_edit_is_the_grpc_fronts_img2img_for_the_same_image_and_seed(sdk, gateway):
+    from serving.client.images import ImagesClient
+
     picture = io.BytesIO()
-    PILImage.new("RGBA", (32, 32), (255, 0, 0, 0)).save(picture, format="PNG")
-    with pytest.raises(openai.APIStatusError) as info:
-        sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32")
-    assert info.value.status_code == 501
-    assert info.value.body["param"] == "image" and "image conditioning" in info.value.body["message"]
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(picture, format="PNG")
+    result = sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32",
+                             extra_body={"seed": 9, "steps": 4, "strength": 0.7})
+    with ImagesClient(gateway.grpc_url) as client:
+        (expected,) = client.generate(PROMPT, seed=9, steps=4, strength=0.7, init_image=picture.getvalue())
+    np.testing.assert_array_equal(pixels(result.data[0].b64_json), expected.array())
 
 
 @pytest.mark.parametrize("body, param, text", [
