@@ -40,6 +40,8 @@ def page(browser, gateway):
     errors = page_errors(page)
     page.context.close()
     assert errors == []
+    elsewhere = [u for u in page.requested if not u.startswith((gateway.rest_url + "/", "data:", "blob:"))]
+    assert elsewhere == []  # nothing from another origin
 
 
 def png_texts(data: bytes) -> dict:
