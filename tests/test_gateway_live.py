@@ -342,7 +342,8 @@ def test_closing_the_stream_cancels_the_generation(gateway, server):
                 async for event in live:
                     if event.name == "generation.progress":
                         break  # leaving the block closes the connection
-            assert wait_for(lambda: metrics(server)["ldm_cancellations_total"] == before + 1)
+            # in a thread: the loop must run to close the connection
+            assert await asyncio.to_thread(wait_for, lambda: metrics(server)["ldm_cancellations_total"] == before + 1)
             with pytest.raises(GenerationError) as info:
                 await client.steer(live.id, prompt=OTHER)
             return info.value
