@@ -54,6 +54,8 @@ def open_page(browser, url: str, viewport=(1200, 900)):
     context.set_default_timeout(TIMEOUT_MS)
     context.add_init_script(OBSERVE)
     page = context.new_page()
+    page.requested = []  # every URL the page asked for
+    page.on("request", lambda request: page.requested.append(request.url))
     page.goto(url)
     page.wait_for_selector("#generate:enabled")
     return page

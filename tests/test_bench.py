@@ -34,4 +34,4 @@ def test_steer_bench_measures_every_steer_on_a_real_server(server):
         assert level["steers"] > 0 and level["steps"]["n"] == level["steers"] and level["steps"]["p50"] >= 0
         assert level["text_encoder_calls"] > 0  # steers bring new texts (steers of one iteration share a call)
         assert level["total_s_steered"] > 0 and level["total_s_unsteered"] > 0
-    assert len(targets(report)) == 6
+    assert len(targets(report)) == 10

@@ -94,6 +94,8 @@ def test_rest_steer_is_acknowledged_then_reported_at_the_step_that_used_it(gatew
 
 
 def test_rest_delete_cancels_and_later_calls_answer_409(gateway, server):
+    # earlier tests' generations are gone (and counted: the metrics are copied all at once)
+    assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
     before = metrics(server)["ldm_cancellations_total"]
 
     async def scenario():
@@ -328,3 +330,23 @@ def test_openapi_documents_the_live_endpoints(gateway):
     assert set(spec["components"]["schemas"]["SteerRequest"]["properties"]) == {"prompt", "negative_prompt", "guidance_scale"}
     responses = paths["/v1/generations/{id}/steer"]["post"]["responses"]
     assert {"202", "400", "404", "409"} <= set(responses)
+
+
+def test_closing_the_stream_cancels_the_generation(gateway, server):
+    assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
+    before = metrics(server)["ldm_cancellations_total"]
+
+    async def scenario():
+        async with GenerationsClient(gateway.rest_url) as client:
+            async with client.start(LONG) as live:
+                async for event in live:
+                    if event.name == "generation.progress":
+                        break  # leaving the block closes the connection
+            # in a thread: the loop must run to close the connection
+            assert await asyncio.to_thread(wait_for, lambda: metrics(server)["ldm_cancellations_total"] == before + 1)
+            with pytest.raises(GenerationError) as info:
+                await client.steer(live.id, prompt=OTHER)
+            return info.value
+
+    assert run(scenario()).status == 409
+    assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)

@@ -77,6 +77,18 @@ def test_sdk_edit_repaints_the_transparent_pixels_and_keeps_the_others(sdk):
     assert not np.array_equal(edited[:, 24:], np.broadcast_to(np.array([255, 0, 0], np.uint8), (32, 8, 3)))
 
 
+def test_sdk_edit_is_the_grpc_fronts_img2img_for_the_same_image_and_seed(sdk, gateway):
+    from serving.client.images import ImagesClient
+
+    picture = io.BytesIO()
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(picture, format="PNG")
+    result = sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32",
+                             extra_body={"seed": 9, "steps": 4, "strength": 0.7})
+    with ImagesClient(gateway.grpc_url) as client:
+        (expected,) = client.generate(PROMPT, seed=9, steps=4, strength=0.7, init_image=picture.getvalue())
+    np.testing.assert_array_equal(pixels(result.data[0].b64_json), expected.array())
+
+
 @pytest.mark.parametrize("body, param, text", [
     ({"steps": 0}, "steps", "[1, 150]"),
     ({"size": "36x32"}, "size", "multiple of 8"),

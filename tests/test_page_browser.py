@@ -40,6 +40,8 @@ def page(browser, gateway):
     errors = page_errors(page)
     page.context.close()
     assert errors == []
+    elsewhere = [u for u in page.requested if not u.startswith((gateway.rest_url + "/", "data:", "blob:"))]
+    assert elsewhere == []  # nothing from another origin
 
 
 def png_texts(data: bytes) -> dict:
@@ -133,6 +135,8 @@ def test_moving_the_guidance_slider_mid_run_steers_the_guidance(page):
 
 
 def test_cancel_stops_the_run(page, server):
+    # earlier tests' generations are gone (and counted: the metrics are copied all at once)
+    assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
     before = metrics(server)["ldm_cancellations_total"]
     start(page, PROMPT, seed=5, **LONG)
     wait_for_step(page, 2)

@@ -277,3 +277,26 @@ def test_registry_remembers_a_bounded_number_of_ended_ids():
         with pytest.raises(SteerRefused) as info:
             registry.find(request_id)
         assert info.value.code == code
+
+
+def test_failed_encoding_of_a_steer_ends_that_job_with_unavailable_only(tiny_repo, models):
+    service = make_service(tiny_repo, models)
+    steered, other = RecordingSink(), RecordingSink()
+    service.submit(request(A, 1, steps=6), steered, request_id="steered")
+    service.submit(request(B, 2, steps=6), other, request_id="other")
+    service.engine.run_iteration()
+    encoder = service.engine.runner.runners["base"].text_encoder
+    working = encoder.encode_ids
+
+    def broken(ids):
+        encoder.encode_ids = working  # once
+        raise RuntimeError("text encoder down (injected)")
+
+    encoder.encode_ids = broken
+    service.steer("steered", steer_inputs(prompt="a yellow star"))
+    drain(service)
+    assert steered.ends == 1 and steered.error[0] == "INTERNAL" and "text encoding of a steer failed" in steered.error[1]
+    assert other.image is not None and other.ends == 1
+    with pytest.raises(SteerRefused) as info:
+        service.steer("steered", steer_inputs(prompt=B))
+    assert info.value.code == FAILED_PRECONDITION

@@ -17,6 +17,7 @@ Cost: total time of steered generations over unsteered ones, rounds alternating 
 from concurrent.futures import ThreadPoolExecutor
 import itertools
 import json
+import os
 from pathlib import Path
 import threading
 import time
@@ -66,20 +67,22 @@ def _generation(url, fields, seed, steer_after):
     def steer():
         if not reached.wait(60):
             return
-        with LdmClient(url) as steerer:
-            prompt = _next_prompt()
-            sent = time.perf_counter()
-            try:
-                record["steer_id"] = steerer.steer(request_id, prompt=prompt)
-            except InferenceServerException as exc:  # it finished first: counted as missed
-                if exc.status() != "FAILED_PRECONDITION":
-                    raise
-                return
-            record["ack"] = time.perf_counter()
-            record["ack_rtt_s"] = record["ack"] - sent
-            record["seen_at_ack"] = seen[0]
+        prompt = _next_prompt()
+        sent = time.perf_counter()
+        try:
+            record["steer_id"] = steerer_client.steer(request_id, prompt=prompt)
+        except InferenceServerException as exc:  # it finished first: counted as missed
+            if exc.status() != "FAILED_PRECONDITION":
+                raise
+            return
+        record["ack"] = time.perf_counter()
+        record["ack_rtt_s"] = record["ack"] - sent
+        record["seen_at_ack"] = seen[0]
 
     steerer = threading.Thread(target=steer) if steer_after is not None else None
+    if steerer:  # connected before the generation starts: a steer's cost is the steer alone
+        steerer_client = LdmClient(url)
+        steerer_client.open_steering()
     with LdmClient(url) as client:
         if steerer:
             steerer.start()
@@ -88,7 +91,9 @@ def _generation(url, fields, seed, steer_after):
                                 **{k: v for k, v in fields.items() if k != "prompt"})
         total = time.perf_counter() - start
     if steerer:
+        reached.set()  # a generation that ended before its trigger step releases its steerer
         steerer.join()
+        steerer_client.close()
     out = {"total_s": total, "gaps_s": _gaps(arrivals, fields["steps"])}
     if steer_after is not None and "steer_id" in record:
         (steer_id, first_step), = generation.steered
@@ -142,24 +147,30 @@ def measure(url, fields, levels: dict, log=print) -> dict:
                 (steered if kind else plain).extend(_round(url, fields, concurrency, kind, r))
         calls1, seconds1 = _text_encoder_stats(url)
         encode_ms = 1000 * (seconds1 - seconds0) / max(calls1 - calls0, 1)
-        step_ms = 1000 * float(np.median([g for run in plain + steered for g in run["gaps_s"]]))
+        gaps_ms = _percentiles([1000 * g for run in plain + steered for g in run["gaps_s"]])
+        step_ms = gaps_ms["p50"]
         missed = sum("steer" not in g for g in steered)
         steered = [g for g in steered if "steer" in g]
         level = {
-            "concurrency": concurrency, "steers": len(steered), "missed": missed,
+            "concurrency": concurrency, "generation_steps": fields["steps"], "steers": len(steered), "missed": missed,
             "steps": _percentiles([g["steer"]["steps"] for g in steered]),
             "ms": _percentiles([g["steer"]["ms"] for g in steered]),
             "ack_rtt_ms": _percentiles([g["steer"]["ack_rtt_ms"] for g in steered]),
-            "step_ms": step_ms, "text_encoder_ms": encode_ms, "text_encoder_calls": calls1 - calls0,
+            "step_ms": step_ms, "step_ms_percentiles": gaps_ms, "text_encoder_ms": encode_ms,
+            "text_encoder_calls": calls1 - calls0, "load_average": os.getloadavg()[0],
             "total_s_steered": float(np.mean([g["total_s"] for g in steered])),
             "total_s_unsteered": float(np.mean([g["total_s"] for g in plain])),
         }
         level["cost_ratio"] = level["total_s_steered"] / level["total_s_unsteered"]
-        level["target_ms"] = 2 * step_ms + encode_ms
+        # what a steer adds to the server's work: its text-encoder call, on the engine's thread
+        level["encoder_share_of_generation"] = encode_ms / (fields["steps"] * step_ms)
+        level["target_ms_p50"] = 2 * step_ms + encode_ms
+        level["target_ms_p95"] = 2 * gaps_ms["p95"] + encode_ms
         report["levels"].append(level)
         log(f"  C={concurrency}: {len(steered)} steers ({missed} came after the end); steps late p50 {level['steps']['p50']:.0f} p95 "
             f"{level['steps']['p95']:.0f}; ack->effect p50 {level['ms']['p50']:.1f} ms p95 {level['ms']['p95']:.1f} ms; "
-            f"step {step_ms:.1f} ms, text encoder {encode_ms:.1f} ms/call; cost {level['cost_ratio']:.3f}")
+            f"step p50 {step_ms:.1f} ms p95 {gaps_ms['p95']:.1f} ms, text encoder {encode_ms:.1f} ms/call; "
+            f"total time steered/unsteered {level['cost_ratio']:.3f}; machine load average {level['load_average']:.1f}")
     return report
 
 
@@ -169,11 +180,16 @@ def targets(report) -> list:
         c = level["concurrency"]
         rows.append((f"C={c}: steps between the ack and the first step that used the steer, p95",
                      level["steps"]["p95"], "<= 1", level["steps"]["p95"] <= 1))
-        rows.append((f"C={c}: ack -> response of that step, ms, p95 (<= 1 step + 1 text-encoder call to its start, "
-                     f"+ the step: 2 x {level['step_ms']:.1f} + {level['text_encoder_ms']:.1f} ms)",
-                     level["ms"]["p95"], f"<= {level['target_ms']:.1f}", level["ms"]["p95"] <= level["target_ms"]))
-        rows.append((f"C={c}: total time, steered / unsteered generation", level["cost_ratio"], "(measured)", True))
-    return [{"target": t, "measured": round(float(v), 3), "required": req, "met": bool(ok)} for t, v, req, ok in rows]
+        for q in ("p50", "p95"):
+            step = level["step_ms"] if q == "p50" else level["step_ms_percentiles"]["p95"]
+            rows.append((f"C={c}: ack -> response of that step, ms, {q} (<= 1 step + 1 text-encoder call to its start, then "
+                         f"the step: 2 x {step:.1f} (step {q}) + {level['text_encoder_ms']:.1f} ms)",
+                         level["ms"][q], f"<= {level[f'target_ms_{q}']:.1f}", level["ms"][q] <= level[f"target_ms_{q}"]))
+        rows.append((f"C={c}: total time, steered / unsteered generation (wall clock, this machine's load)",
+                     level["cost_ratio"], "(measured)", True))
+        rows.append((f"C={c}: work a steer adds: one text-encoder call / the generation's {level['generation_steps']} steps",
+                     level["encoder_share_of_generation"], "(measured)", True))
+    return [{"target": t, "measured": float(f"{v:.4g}"), "required": req, "met": bool(ok)} for t, v, req, ok in rows]
 
 
 def run_steer(args, checkpoint, out: Path) -> int:

@@ -5,23 +5,29 @@ generations over `POST /v1/generations` (server-sent events), each steered sever
 Per steer: ack -> effect, the time from the 202 answer to the `generation.steered` event (that
 event rides on the response of the step that first used the steer, so it includes that step),
 and the delay in steps: the 0-based index of that step minus the steps the stream had reported
-done when the ack came (0: the very next step used it). A steer is sent `--gap` steps after the
-previous one took effect; a generation is cancelled (DELETE) after its last steer.
+done when the ack came (0: the very next step used it; negative when the effect arrived before
+the ack); and the same from sending the steer (`send_to_effect_ms`, `steps_from_send`). A steer is sent `--gap` steps after the
+previous one took effect; a generation is cancelled (DELETE) after its last steer. Every steer
+has a prompt not used before (`ldm bench --steer`'s, serving/bench/steer.py, which measures the
+same at the Triton level), so each costs its text-encoder call.
 
     ldm serve &    # or any gateway
     python -m serving.bench.steer_gateway --url http://127.0.0.1:8080 --out docs/bench/steer-gateway.json
 """
 import argparse
 import asyncio
+import itertools
 import json
 import os
 from pathlib import Path
 import statistics
 import time
 
+from serving.bench.bench import PROMPTS
+from serving.bench.steer import steered_prompts
 from serving.client.generations import GenerationsClient
 
-PROMPTS = ("a red circle on the left", "a blue square at the top", "a green triangle on the right")
+NEW_PROMPTS = itertools.cycle(list(steered_prompts()))
 
 
 async def one_generation(client, index: int, args) -> dict:
@@ -47,14 +53,16 @@ async def one_generation(client, index: int, args) -> dict:
                 effect, step = steered[pending["steer_id"]]
                 samples.append({"ack_to_effect_ms": 1000 * (effect - pending["ack"]),
                                 "send_to_effect_ms": 1000 * (effect - pending["sent"]),
-                                "delay_steps": step - pending["done_at_ack"]})
+                                "delay_steps": step - pending["done_at_ack"], "steer_id": pending["steer_id"],
+                                "done_at_send": pending["done_at_send"], "done_at_ack": pending["done_at_ack"],
+                                "step": step})
                 pending, next_at = None, done + args.gap
                 if len(samples) == args.steers:
                     await client.cancel(live.id)
             if pending is None and len(samples) < args.steers and done >= next_at:
-                pending = {"sent": time.monotonic()}
+                pending = {"sent": time.monotonic(), "done_at_send": done}
                 pending["task"] = asyncio.create_task(
-                    _steer(client, live.id, PROMPTS[1 + len(samples) % 2], pending, lambda: done))
+                    _steer(client, live.id, next(NEW_PROMPTS), pending, lambda: done))
     return {"samples": samples, "step_s": statistics.median(step_times) if step_times else None}
 
 
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         results = asyncio.run(_sequential(args) if concurrency == 1 else _concurrent(args, concurrency))
         report["levels"].append({**_level_report(concurrency, results), "load_average_1m_after": os.getloadavg()[0]})
-        print(json.dumps(report["levels"][-1]), flush=True)
+        print(json.dumps({k: v for k, v in report["levels"][-1].items() if k != "samples"}), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -109,7 +117,9 @@ def _level_report(concurrency: int, results: list) -> dict:
             "ack_to_effect_ms": summary([s["ack_to_effect_ms"] for s in samples]),
             "send_to_effect_ms": summary([s["send_to_effect_ms"] for s in samples]),
             "delay_steps": summary([s["delay_steps"] for s in samples]),
-            "step_ms_median": 1000 * statistics.median(r["step_s"] for r in results if r["step_s"])}
+            "steps_from_send": summary([s["step"] - s["done_at_send"] for s in samples]),
+            "step_ms_median": 1000 * statistics.median(r["step_s"] for r in results if r["step_s"]),
+            "samples": samples}
 
 
 if __name__ == "__main__":

@@ -125,16 +125,9 @@ class LdmClient:
         this server); returns the steer id (1, 2, ... per generation). Raises
         InferenceServerException with status NOT_FOUND, FAILED_PRECONDITION or INVALID_ARG.
         Steers go over one stream of a second connection, one at a time."""
-        if self.protocol != "grpc":
-            raise ValueError("steering needs gRPC streaming (the decoupled pipeline model)")
         arrays = request_arrays(prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale)
         with self._steer_lock:
-            if self._steerer is None:
-                client = self.module.InferenceServerClient(self.url, channel_args=self.channel_args)
-                responses = queue.Queue()
-                client.start_stream(callback=lambda result, error: responses.put((result, error)))
-                self._steerer = (client, responses)
-            client, responses = self._steerer
+            client, responses = self.open_steering()
             client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), parameters={STEER_PARAMETER: generation_id})
             try:
                 result, error = responses.get(timeout=self.timeout_s)
@@ -144,6 +137,18 @@ class LdmClient:
             code, message = parse_coded_message(str(error.message()))
             raise InferenceServerException(message, status=code or error.status())
         return int(result.as_numpy("steer_id")[0])
+
+    def open_steering(self) -> tuple:
+        """Opens the steering connection and stream now (the first steer does otherwise);
+        returns (client, its responses)."""
+        if self.protocol != "grpc":
+            raise ValueError("steering needs gRPC streaming (the decoupled pipeline model)")
+        if self._steerer is None:
+            client = self.module.InferenceServerClient(self.url, channel_args=self.channel_args)
+            responses = queue.Queue()
+            client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            self._steerer = (client, responses)
+        return self._steerer
 
     def _inputs(self, arrays):
         inputs = []

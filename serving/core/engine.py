@@ -150,7 +150,9 @@ class Engine:
                 self.runner.admit(admitted, steered)
             except Exception as exc:  # a failed text-encoder (or VAE-encoder) call fails these jobs, not the server
                 traceback.print_exc()
-                self._retire(admitted + steered, lambda job: self._fail_by_model(job, "text encoding failed", exc))
+                steering = set(map(id, steered))
+                self._retire(admitted + steered, lambda job: self._fail_by_model(
+                    job, "text encoding of a steer failed" if id(job) in steering else "text encoding failed", exc))
         for job in self.active:  # the conditioning of each job's next step (a switch is an assignment)
             job.conditioning = job.plan.conditioning_at(job.index)
         self.stats.active = len(self.active)

@@ -129,6 +129,8 @@ async def create(request):
         except ApiError as error:  # after the headers: an error event ends the stream
             outcome.code = error.code
             await _send(response, "error", error_body(error.renamed(renames)))
+        finally:  # a client gone while an event was being written: cancel the generation now
+            await events.aclose()
         await response.write_eof()
         return response
 
