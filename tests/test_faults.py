@@ -124,10 +124,11 @@ def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
     """What Triton 2.51's python backend does when the stub process of the decoupled `pipeline`
     dies, as this test found it (docs/reliability.md tables it): the requests the stub held get
     no answer at all (their response senders died with it) and end at their client's timeout
-    (DEADLINE_EXCEEDED from serving.client); Triton neither restarts the stub nor marks the
-    model unready (no log line either): later requests get no answer either while the server
-    and the model report ready. Only a probe that runs a generation notices (docs/reliability.md).
-    The assertions pin that behaviour, so a Triton that changes it fails here and gets looked at."""
+    (DEADLINE_EXCEEDED from serving.client); later requests fail at once with "Stub process
+    'pipeline_0_0' is not healthy." (no status over a gRPC stream); Triton neither restarts the
+    stub nor marks the model unready: server and model keep reporting ready. Only a probe that
+    runs a generation notices. The assertions pin that behaviour, so a Triton that changes it
+    fails here and gets looked at."""
     server = TritonServer(tiny_repo, log_file=tmp_path / "tritonserver.log").start()
     client_timeout_s = 10.0  # none of these gets an answer: keep the waits short
     try:
@@ -138,9 +139,9 @@ def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
             with LdmClient(server.grpc_url, "grpc", timeout_s=client_timeout_s) as client:
                 try:
                     client.run("a red circle", seed=seed, steps=steps, progress_every=1, on_progress=on_progress)
-                    return "image"
+                    return "image", ""
                 except InferenceServerException as exc:
-                    return str(exc.status())
+                    return str(exc.status()), str(exc.message())[:200]
 
         def first_progress(generation):
             if len(generation.progress) == 1:
@@ -152,12 +153,13 @@ def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
                 started.get(timeout=TIMEOUT_S)  # all three mid-generation
             os.kill(stub, signal.SIGKILL)
             held = [f.result(client_timeout_s + 30) for f in futures]  # each ends by its client's timeout
-        later = request(7, 2)
+        later = [request(7 + i, 2) for i in range(3)]
         with httpclient.InferenceServerClient(server.http_url) as http:
             ready = http.is_server_ready(), http.is_model_ready("pipeline")
-        print(f"\nkilled the pipeline stub {stub}: held requests {held}; a later request {later}; "
+        print(f"\nkilled the pipeline stub {stub}: held requests {held}; later requests {later}; "
               f"server, model ready {ready}; pipeline stubs now {stub_pids(server)}")
-        assert held == ["DEADLINE_EXCEEDED"] * 3
-        assert later == "DEADLINE_EXCEEDED" and ready == (True, True) and stub_pids(server) == []
+        assert [code for code, _ in held] == ["DEADLINE_EXCEEDED"] * 3
+        assert all(code != "image" and "is not healthy" in message for code, message in later)
+        assert ready == (True, True) and stub_pids(server) == []
     finally:
         assert server.stop() is not None  # and the server still stops, its process group killed
