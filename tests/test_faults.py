@@ -121,44 +121,45 @@ def stub_pids(server, model="pipeline") -> list:
 
 
 def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
-    """Triton 2.51's python backend, when the stub of `pipeline` dies: the requests it held fail
-    (none hangs past its timeout); the outcome after that is what the test records: either the
-    stub is restarted and requests succeed again, or the model reports itself unready."""
+    """What Triton 2.51's python backend does when the stub process of the decoupled `pipeline`
+    dies, as this test found it (docs/reliability.md tables it): the requests the stub held get
+    no answer at all (their response senders died with it) and end at their client's timeout
+    (DEADLINE_EXCEEDED from serving.client); later requests fail at once with "Stub process
+    'pipeline_0_0' is not healthy." (no status over a gRPC stream); Triton neither restarts the
+    stub nor marks the model unready: server and model keep reporting ready. Only a probe that
+    runs a generation notices. The assertions pin that behaviour, so a Triton that changes it
+    fails here and gets looked at."""
     server = TritonServer(tiny_repo, log_file=tmp_path / "tritonserver.log").start()
+    client_timeout_s = 10.0  # none of these gets an answer: keep the waits short
     try:
         [stub] = stub_pids(server)
         started = queue.Queue()
 
-        def long_request(seed):
-            def on_progress(generation):
-                if len(generation.progress) == 1:
-                    started.put(seed)
-            with LdmClient(server.grpc_url, "grpc", timeout_s=TIMEOUT_S) as client:
+        def request(seed, steps, on_progress=None):
+            with LdmClient(server.grpc_url, "grpc", timeout_s=client_timeout_s) as client:
                 try:
-                    client.run("a red circle", seed=seed, steps=150, progress_every=1, on_progress=on_progress)
+                    client.run("a red circle", seed=seed, steps=steps, progress_every=1, on_progress=on_progress)
                     return "image", ""
                 except InferenceServerException as exc:
-                    return str(exc.status()), str(exc.message())
+                    return str(exc.status()), str(exc.message())[:200]
+
+        def first_progress(generation):
+            if len(generation.progress) == 1:
+                started.put(True)
 
         with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(long_request, seed) for seed in range(3)]
+            futures = [pool.submit(request, seed, 150, first_progress) for seed in range(3)]
             for _ in futures:
                 started.get(timeout=TIMEOUT_S)  # all three mid-generation
             os.kill(stub, signal.SIGKILL)
-            held = [f.result(TIMEOUT_S + 10) for f in futures]
-        print(f"\nrequests held by the killed stub: {held}")
-        assert all(code != "image" and code != "DEADLINE_EXCEEDED" for code, _ in held), held
-        # after: a restarted stub serves again, or the model says it is not ready
+            held = [f.result(client_timeout_s + 30) for f in futures]  # each ends by its client's timeout
+        later = [request(7 + i, 2) for i in range(3)]
         with httpclient.InferenceServerClient(server.http_url) as http:
-            def recovered():
-                code, _ = outcome(server.grpc_url, steps=2, seed=5)
-                return code == "image" or not http.is_model_ready("pipeline")
-            assert wait_for(recovered, timeout=120)
-            ready = http.is_model_ready("pipeline")
-            after = outcome(server.grpc_url, steps=2, seed=6)
-            new_stubs = stub_pids(server)
-        print(f"after the kill: model ready {ready}, next request {after[0]}, stub pids {new_stubs} (killed {stub})")
-        if ready:
-            assert after[0] == "image" and new_stubs and stub not in new_stubs
+            ready = http.is_server_ready(), http.is_model_ready("pipeline")
+        print(f"\nkilled the pipeline stub {stub}: held requests {held}; later requests {later}; "
+              f"server, model ready {ready}; pipeline stubs now {stub_pids(server)}")
+        assert [code for code, _ in held] == ["DEADLINE_EXCEEDED"] * 3
+        assert all(code != "image" and "is not healthy" in message for code, message in later)
+        assert ready == (True, True) and stub_pids(server) == []
     finally:
-        server.stop()
+        assert server.stop() is not None  # and the server still stops, its process group killed

@@ -4,7 +4,7 @@ INVALID_ARG naming the field over gRPC and HTTP, and the server keeps serving.""
 from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
-import time
+import threading
 
 import numpy as np
 from PIL import Image
@@ -45,14 +45,18 @@ def test_every_kind_served_alone_and_in_a_mixed_crowd_is_bit_identical_to_in_pro
     with LdmClient(server.grpc_url) as client:
         alone = {kind: client.generate(PROMPT, **fields) for kind, fields in kinds.items()}
 
-    def one(fields):
+    started = [threading.Event() for _ in crowd]
+
+    def one(fields, started=None):
         with LdmClient(server.grpc_url) as client:
-            return client.generate(PROMPT, **fields)
+            if started is None:
+                return client.generate(PROMPT, **fields)
+            return client.run(PROMPT, progress_every=1, on_progress=lambda _: started.set(), **fields).image
 
     before = metrics(server)
     with ThreadPoolExecutor(len(crowd) + len(kinds)) as pool:
-        futures = [pool.submit(one, fields) for fields in crowd]
-        time.sleep(0.3)  # the crowd is mid-flight when the targets arrive
+        futures = [pool.submit(one, fields, event) for fields, event in zip(crowd, started)]
+        assert all(event.wait(120) for event in started)  # the crowd is mid-flight when the targets arrive
         together = {kind: pool.submit(one, fields) for kind, fields in kinds.items()}
         together = {kind: f.result() for kind, f in together.items()}
         assert all(f.result().dtype == np.uint8 for f in futures)

@@ -22,6 +22,7 @@ import json
 import math
 from pathlib import Path
 import random
+import re
 import threading
 import time
 import urllib.request
@@ -180,8 +181,7 @@ def flatness(samples: list, warmup_s: float) -> dict:
 
 
 def counters(metrics_url: str) -> dict:
-    import re
-
+    """The server's ldm_*_total counters."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(ldm_\w+_total)\{[^}]*\} (\S+)$", text, re.M)}
 

@@ -10,9 +10,10 @@ from serving.core.steering import prompt_spec
 
 
 class ResultSink(Protocol):
-    """Receives a job's outputs; exactly one of finish/fail is called, once, from the engine's
-    worker thread. Any method may raise (a client gone): the engine then ends that job alone,
-    and after a finish that raised it calls fail once (the image did not reach the client)."""
+    """Receives a job's outputs, from the engine's worker thread: progress any number of times,
+    then one final answer, finish or fail, once. Any method may raise (a client gone): the
+    engine then ends that job alone; after a finish that raised it calls fail once, as a last
+    word (the image did not reach the client; a sender closed by the raise refuses it)."""
 
     def progress(self, step: int, total: int, preview: np.ndarray | None, steer_applied: tuple = ()) -> None:
         """steer_applied: the steers (ids) first used by the step just done; the engine passes
