@@ -178,3 +178,20 @@ def test_a_grace_shorter_than_the_work_fails_the_rest_with_unavailable_once(tiny
         assert sum(len(s.errors) for s in streams) >= 1
     finally:
         serve.kill()
+
+
+def test_a_dead_pipeline_stub_stops_the_replica_for_its_supervisor_to_restart(tiny_repo, tmp_path):
+    # Triton 2.51 neither restarts a dead python stub nor reports its model unready
+    # (tests/test_faults.py): `ldm serve` notices and exits 1 with nothing left running
+    serve = Serve(tiny_repo, tmp_path / "tritonserver.log", grace_s=120, gateway=False)
+    try:
+        serve.wait_line("ready", timeout=240)
+        tree = serve.tree()
+        [stub] = [p for p in tree if any(a.endswith("/pipeline/1/model.py") for a in p.cmdline())]
+        stub.kill()
+        serve.wait_line("the pipeline's python stub", timeout=60)
+        assert serve.process.wait(60) == 1
+        gone, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        serve.kill()

@@ -8,7 +8,6 @@ Model faults come from the LDM_FAULTS test hook (serving/core/faults.py), set fo
 process only. The outcomes are tabled in docs/reliability.md ("Fault injection")."""
 from concurrent.futures import ThreadPoolExecutor
 import os
-from pathlib import Path
 import queue
 import signal
 
@@ -104,22 +103,6 @@ def test_a_client_that_closes_its_stream_at_the_last_step_touches_nothing_else(f
     assert outcome(faulty_server.grpc_url, steps=2, seed=9)[0] == "image"
 
 
-def stub_pids(server, model="pipeline") -> list:
-    """The python-backend stub processes of `model` (their command line names its model.py)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            group = os.getpgid(int(entry.name))
-        except (OSError, ProcessLookupError):
-            continue
-        if group == server.process.pid and any(a.endswith(f"/{model}/1/model.py".encode()) for a in args):
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
     """What Triton 2.51's python backend does when the stub process of the decoupled `pipeline`
     dies, as this test found it (docs/reliability.md tables it): the requests the stub held get
@@ -132,7 +115,7 @@ def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
     server = TritonServer(tiny_repo, log_file=tmp_path / "tritonserver.log").start()
     client_timeout_s = 10.0  # none of these gets an answer: keep the waits short
     try:
-        [stub] = stub_pids(server)
+        [stub] = server.stub_pids()
         started = queue.Queue()
 
         def request(seed, steps, on_progress=None):
@@ -157,9 +140,9 @@ def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
         with httpclient.InferenceServerClient(server.http_url) as http:
             ready = http.is_server_ready(), http.is_model_ready("pipeline")
         print(f"\nkilled the pipeline stub {stub}: held requests {held}; later requests {later}; "
-              f"server, model ready {ready}; pipeline stubs now {stub_pids(server)}")
+              f"server, model ready {ready}; pipeline stubs now {server.stub_pids()}")
         assert [code for code, _ in held] == ["DEADLINE_EXCEEDED"] * 3
         assert all(code != "image" and "is not healthy" in message for code, message in later)
-        assert ready == (True, True) and stub_pids(server) == []
+        assert ready == (True, True) and server.stub_pids() == []
     finally:
         assert server.stop() is not None  # and the server still stops, its process group killed

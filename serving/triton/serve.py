@@ -8,7 +8,12 @@ failing those left with UNAVAILABLE; then the gateway and tritonserver exit, and
 process group (its python-backend stubs) is killed if anything is left of it. Once drained,
 tritonserver gets DRAINED_EXIT_S to exit (nothing is in flight; what it would wait for is its
 clients' idle gRPC streams); a second signal during the drain ends the wait at once, and a
-drain that failed leaves tritonserver its own exit timeout (longer than the grace)."""
+drain that failed leaves tritonserver its own exit timeout (longer than the grace).
+
+If the pipeline's python stub process dies (killed, out of memory), Triton 2.51 neither restarts
+it nor reports the model unready: every request would fail while the replica looks ready. So
+`ldm serve` watches that process and, when it is gone, stops everything and exits 1, for its
+supervisor (Kubernetes restarts the container) to bring the replica back."""
 import signal
 import threading
 
@@ -81,11 +86,16 @@ def run(args) -> int:
         public = f"gateway REST http://{args.host}:{gateway.rest_port}  gRPC {gateway.grpc_url}  |  " if gateway else ""
         print(f"ready  {public}Triton gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}", flush=True)
         print('try:   ldm generate "a red circle" -o out.png' + ('' if gateway else ' --protocol kserve'), flush=True)
+        stubs = server.stub_pids()
         while not signals.acquire(timeout=1.0):
             for name, process in (("tritonserver", server.process), ("gateway", gateway and gateway.process)):
                 if process is not None and process.poll() is not None:
                     print(f"{name} exited with code {process.returncode}", flush=True)
                     return 1
+            if stubs and not set(stubs) <= set(server.stub_pids()):
+                print(f"the pipeline's python stub (pid {stubs}) died and Triton does not restart it: "
+                      "stopping, for the supervisor to restart this replica", flush=True)
+                return 1
         exit_s = drain(server, gateway, args.drain_grace_s, signals)
     finally:
         if gateway is not None:
