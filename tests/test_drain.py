@@ -14,11 +14,9 @@ import urllib.request
 
 import numpy as np
 import psutil
-import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
-from serving.client.kserve import LdmClient, request_arrays
+from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.triton.server import PROJECT_ROOT, free_ports
 from tests.server_metrics import wait_for
 
@@ -73,11 +71,7 @@ class Stream:
         self.progress, self.images, self.errors, self.transport_errors = threading.Event(), [], [], []
         self.client = grpcclient.InferenceServerClient(url)
         self.client.start_stream(callback=self._on_response)
-        inputs = []
-        for name, value in request_arrays("a red circle", seed=seed, **LONG).items():
-            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = infer_inputs(request_arrays("a red circle", seed=seed, **LONG))
         self.client.async_stream_infer("pipeline", inputs, request_id=str(seed))
 
     def _on_response(self, result, error):

@@ -14,9 +14,9 @@ import signal
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
-from serving.client.kserve import LdmClient, request_arrays
+from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.core.faults import FAULTS_ENV
 from serving.triton.server import TritonServer
 from server_metrics import metrics, wait_for
@@ -82,11 +82,7 @@ def test_a_client_that_closes_its_stream_at_the_last_step_touches_nothing_else(f
     client = grpcclient.InferenceServerClient(faulty_server.grpc_url)
     responses = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    inputs = []
-    for name, value in request_arrays("a red circle", seed=7, steps=4, progress_every=1).items():
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
+    inputs = infer_inputs(request_arrays("a red circle", seed=7, steps=4, progress_every=1))
     with ThreadPoolExecutor(1) as pool:  # a batch-mate on its own stream
         mate = pool.submit(outcome, faulty_server.grpc_url, steps=6, seed=8)
         client.async_stream_infer("pipeline", inputs)

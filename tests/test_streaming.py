@@ -5,14 +5,13 @@ import shutil
 import threading
 import urllib.request
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
-from serving.client.kserve import LdmClient, request_arrays
+from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.triton.server import TritonServer
 from server_metrics import metrics, wait_for
 
@@ -43,11 +42,7 @@ def test_closing_the_stream_cancels_the_request_within_a_step(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    inputs = []
-    for name, value in request_arrays("a red circle", seed=1, steps=150, progress_every=1).items():
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
+    inputs = infer_inputs(request_arrays("a red circle", seed=1, steps=150, progress_every=1))
     client.async_stream_infer("pipeline", inputs)
     for _ in range(3):
         result, error = responses.get(timeout=30)
@@ -156,11 +151,7 @@ def test_unary_grpc_cancel_reaches_the_engine(small_server):
         assert all(started.wait(60) for started in running)
         before = metrics(small_server)
         client = grpcclient.InferenceServerClient(small_server.grpc_url)
-        inputs = []
-        for name, value in request_arrays("a red circle", seed=1, steps=150).items():
-            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = infer_inputs(request_arrays("a red circle", seed=1, steps=150))
         call = client.async_infer("pipeline_unary", inputs, callback=lambda result, error: None)
         assert wait_for(lambda: metrics(small_server)["ldm_queue_length"] >= 1)
         call.cancel()

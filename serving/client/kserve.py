@@ -32,6 +32,19 @@ class Generation:
     steered: list = field(default_factory=list)  # (steer id, 0-based index of the first step that used it)
 
 
+def infer_inputs(arrays: dict, module=None) -> list:
+    """tritonclient InferInputs (of `module`: tritonclient.grpc by default, or tritonclient.http)
+    holding the named arrays."""
+    if module is None:
+        import tritonclient.grpc as module
+    inputs = []
+    for name, value in arrays.items():
+        tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
 def request_arrays(prompt, **fields) -> dict:
     """The pipeline's input tensors for `prompt` and the given fields (serving.core.request.FIELDS
     names them); fields left out or None take the server's defaults. A field of shape [1] takes a
@@ -151,12 +164,7 @@ class LdmClient:
         return self._steerer
 
     def _inputs(self, arrays):
-        inputs = []
-        for name, value in arrays.items():
-            tensor = self.module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        return inputs
+        return infer_inputs(arrays, self.module)
 
     def _outputs(self, names):
         return [self.module.InferRequestedOutput(n) for n in names]

@@ -18,10 +18,10 @@ from typing import AsyncIterator
 
 import grpc
 import numpy as np
-import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
+from serving.client.kserve import infer_inputs
 from serving.core.errors import UNAVAILABLE
 from serving.gateway.errors import ApiError, from_pipeline
 from serving.gateway.generation import Generation, to_array
@@ -111,7 +111,7 @@ class PipelineClient:
 
         async def requests():
             for index, named in enumerate(arrays):
-                yield {"model_name": MODEL, "inputs": _infer_inputs(named), "request_id": f"{request_id}-{index}"}
+                yield {"model_name": MODEL, "inputs": infer_inputs(named), "request_id": f"{request_id}-{index}"}
             await all_in.wait()  # the stream stays open until the last image has come back
 
         stream = self.client.stream_infer(requests())
@@ -154,7 +154,7 @@ class PipelineClient:
         named = {name: to_array(name, value, declared[name]) for name, value in fields.items()}
 
         async def requests():
-            yield {"model_name": MODEL, "inputs": _infer_inputs(named), "request_id": f"{target}-steer",
+            yield {"model_name": MODEL, "inputs": infer_inputs(named), "request_id": f"{target}-steer",
                    "parameters": {STEER_PARAMETER: target}}
             await answered.wait()
 
@@ -184,10 +184,3 @@ async def _responses(stream):
         raise ApiError(UNAVAILABLE, f"lost the pipeline's stream: {exc.code().name} {exc.details()}", retry_after_s=1.0) from None
 
 
-def _infer_inputs(named: dict) -> list:
-    inputs = []
-    for name, value in named.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
