@@ -163,9 +163,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                         outcome.images += 1
                         yield images_pb2.GenerateEvent(image=to_message(event), request_id=rid)
                     else:
-                        progress = images_pb2.Progress(index=event.index, step=event.step, total_steps=event.total_steps,
-                                                       preview=event.preview or b"")
-                        yield images_pb2.GenerateEvent(progress=progress, request_id=rid)
+                        yield images_pb2.GenerateEvent(progress=grpc_session.progress_message(event), request_id=rid)
             except ApiError as error:
                 await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
 

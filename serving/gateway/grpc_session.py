@@ -78,10 +78,14 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
                 outcome.images += 1
                 yield images_pb2.GenerateEvent(image=to_message(item), request_id=rid)
             else:
-                progress = images_pb2.Progress(index=item.index, step=item.step, total_steps=item.total_steps,
-                                               preview=item.preview or b"")
-                yield images_pb2.GenerateEvent(progress=progress, request_id=rid)
+                yield images_pb2.GenerateEvent(progress=progress_message(item), request_id=rid)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def progress_message(event: ProgressEvent):
+    """The Progress message of a progress event (GenerateStream and Session send the same)."""
+    return images_pb2.Progress(index=event.index, step=event.step, total_steps=event.total_steps,
+                               preview=event.preview or b"")
