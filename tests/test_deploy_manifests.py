@@ -112,11 +112,21 @@ def test_checkov_finds_nothing(rendered, tmp_path):
 def test_probes_on_triton_health_endpoints(objects, overlay):
     triton = _container(objects[overlay])
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-    expected = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
-                "livenessProbe": "/v2/health/live"}
+    expected = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready"}
     for probe, path in expected.items():
         get = triton[probe]["httpGet"]
         assert get["path"] == path and ports[get["port"]] == 8000, (probe, get)
+    # liveness: the pipeline's python stub itself (Triton stays "live" when it has died;
+    # tests/test_drain.py runs this command against a server whose stub is killed)
+    command = triton["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["ldm", "stub-check"], command
+    import argparse
+
+    from serving.triton import stubs
+
+    parser = argparse.ArgumentParser()
+    stubs.add_arguments(parser)
+    assert parser.parse_args(command[2:]).model == "pipeline"
     # Startup allows minutes of model loading before liveness may restart the pod.
     startup = triton["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300

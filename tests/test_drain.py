@@ -182,10 +182,15 @@ def test_a_dead_pipeline_stub_stops_the_replica_for_its_supervisor_to_restart(ti
         serve.wait_line("ready", timeout=240)
         tree = serve.tree()
         [stub] = [p for p in tree if any(a.endswith("/pipeline/1/model.py") for a in p.cmdline())]
+        check = [sys.executable, "-m", "serving.cli", "stub-check", "--model=pipeline"]  # the k8s liveness probe
+        assert subprocess.run(check, capture_output=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))).returncode == 0
         stub.kill()
         serve.wait_line("the pipeline's python stub", timeout=60)
         assert serve.process.wait(60) == 1
         gone, alive = psutil.wait_procs(tree, timeout=10)
         assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+        # (other servers of this test session may be running: ask for a model only that one has)
+        missing = check[:-1] + ["--model=no-such-model"]
+        assert subprocess.run(missing, capture_output=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))).returncode == 1
     finally:
         serve.kill()

@@ -185,20 +185,10 @@ class TritonServer:
         wait_until_ok(self.process, f"http://{self.host}:{self.http_port}/v2/health/ready", timeout, "tritonserver", self.log_file)
 
     def stub_pids(self, model: str = "pipeline") -> list:
-        """The live python-backend stub processes of `model` (in the server's process group;
-        their command line names the model's model.py)."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-                group = os.getpgid(int(entry.name))
-            except (OSError, ProcessLookupError):
-                continue
-            if group == self.process.pid and any(a.endswith(f"/{model}/1/model.py".encode()) for a in args):
-                pids.append(int(entry.name))
-        return pids
+        """The live python-backend stub processes of `model` of this server."""
+        from serving.triton.stubs import stub_pids
+
+        return stub_pids(model, group=self.process.pid)
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (Triton waits up to its exit timeout for requests in flight), then SIGKILL of
