@@ -19,6 +19,17 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def default_repo(tmp_path_factory):
+    """The shipped default model (checkpoints/ldm-shapes) exported once for the session."""
+    from export.repository import write_repository
+    from serving.defaults import TRAINED_CHECKPOINT
+
+    repo = tmp_path_factory.mktemp("default-repo") / "model_repository"
+    write_repository(TRAINED_CHECKPOINT, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
+    return repo
+
+
+@pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory, tiny_checkpoint):
     from export.repository import write_repository
 

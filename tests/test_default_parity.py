@@ -10,8 +10,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from export.cli import pipeline_parameters
-from export.repository import write_repository
 from serving.core.sampler import noise_generator
 from tests.image_inputs import generate, service
 
@@ -21,10 +19,8 @@ MAX_MEAN_ABS = 0.01 / 255
 
 
 @pytest.fixture(scope="module")
-def default_service(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("default-repo") / "model_repository"
-    write_repository(CHECKPOINT, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
-    return service(repo)
+def default_service(default_repo):
+    return service(default_repo)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionUpscalePipeline
 
-from export.cli import pipeline_parameters
-from export.repository import write_repository
 from image_inputs import generate, half_mask, one_object_scene, photo, service
 from serving.core.sampler import image_noise_generator, noise_generator
 
@@ -25,15 +23,8 @@ MAX_MEAN_ABS = 1 / 255
 
 
 @pytest.fixture(scope="module")
-def shapes_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("shapes") / "model_repository"
-    write_repository(CHECKPOINT, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
-    return repo
-
-
-@pytest.fixture(scope="module")
-def shapes(shapes_repo):
-    return service(shapes_repo)
+def shapes(default_repo):
+    return service(default_repo)
 
 
 @pytest.fixture(scope="module")
