@@ -101,7 +101,7 @@ class NginxGrpcLB:
         if not self.access_log.exists():
             return []
         pattern = re.compile(r"^(?P<t>[\d.]+) (?P<uri>\S+) status=(?P<status>\d+) grpc=(?P<grpc>\S*) "
-                             r"rt=(?P<rt>[\d.]+) upstream=(?P<upstream>.*) upstream_status=(?P<ustatus>.*)$")
+                             r"grpc_headers=(?P<grpc_headers>\S*) rt=(?P<rt>[\d.]+) upstream=(?P<upstream>.*) upstream_status=(?P<ustatus>.*)$")
         entries = []
         for line in self.access_log.read_text().splitlines():
             m = pattern.match(line)
@@ -109,6 +109,8 @@ class NginxGrpcLB:
                 d = m.groupdict()
                 d["t"] = float(d["t"])                   # when the call ended
                 d["start"] = d["t"] - float(d["rt"])     # when nginx received it
+                # the call's grpc-status wherever it was sent; "" when none reached the client
+                d["grpc"] = next((g for g in (d["grpc"], d.pop("grpc_headers")) if g not in ("", "-")), "")
                 # "a:1, b:2" when nginx moved the call to another replica.
                 d["upstreams"] = re.findall(r"\d+\.\d+\.\d+\.\d+:\d+", d["upstream"])
                 entries.append(d)
