@@ -22,6 +22,8 @@ class TextConditioning:
     cond: np.ndarray  # [L, D] embedding of the prompt
     uncond: np.ndarray | None  # [L, D] embedding of the negative prompt; None without guidance
     guidance_scale: float
+    # which network of the job's variant its rows go to (serving/core/job.py `Job.network`)
+    network = "base"
 
     @property
     def rows(self) -> int:
@@ -44,6 +46,7 @@ class TextPrompt:
     prompt: str
     negative_prompt: str
     guidance_scale: float
+    network = "base"  # as its conditioning's
 
     @property
     def uses_guidance(self) -> bool:

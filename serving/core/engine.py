@@ -13,7 +13,7 @@ that raises fails the jobs of that call; a sink that raises (client gone) ends i
 prompt or guidance scale; the next iteration's admission batch encodes the new texts together
 with the new jobs' and installs them from the job's next step (serving/core/steering.py).
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import threading
 import time
 import traceback
@@ -93,14 +93,15 @@ class Engine:
             self.stats.queued = len(self.scheduler.waiting)
             self._lock.notify()
 
-    def steer(self, request_id: str, changes: dict, check) -> int:
-        """Accepts a steer of the queued or running job named `request_id`: its request takes
-        `changes` (a subset of prompt, negative_prompt, guidance_scale) at once, so a later steer
-        builds on it; `check(job, steered_request)` validates them (raises InvalidInput). Returns
-        the steer id (1, 2, ... per job). Raises SteerRefused (NOT_FOUND, FAILED_PRECONDITION)."""
+    def steer(self, request_id: str, steer, check) -> int:
+        """Accepts a steer of the queued or running job named `request_id`: its request becomes
+        `steer(request)` (serving/core/steering.py `steered_request`) at once, so a later steer
+        builds on it; `steer` and `check(job, steered_request)` validate it (raise InvalidInput).
+        Returns the steer id (1, 2, ... per job). Raises SteerRefused (NOT_FOUND,
+        FAILED_PRECONDITION)."""
         with self._lock:
             job = self.registry.find(request_id)
-            steered = replace(job.request, **changes)
+            steered = steer(job.request)
             check(job, steered)
             job.request = steered
             job.steers += 1

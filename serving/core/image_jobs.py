@@ -13,13 +13,16 @@ At admission (one VAE-encoder call per image size over all jobs admitted togethe
 - upscale (StableDiffusionUpscalePipeline): every row gets the low-res image in [-1, 1], noised
   to `noise_level` by the upscaler's low-res schedule, and the noise level as class label.
 With `keep_unmasked`, the decoded image outside the (blurred) mask is the input's, exactly.
+A steer of an inpainting job's mask (`steer_masks`) rebuilds the mask's parts of its image
+conditioning from its next step as a fresh job with that mask would have them: the latent-blend
+mask, the 9-channel UNet's mask and masked-image latents (one more encoder call), the paste-back.
 
 The VAE posterior is sampled (mean + std x noise from the request's image stream), as diffusers
 samples it; the mask at latent size is the thresholded mask sampled at each cell's top-left
 pixel (torch's nearest interpolation, which diffusers uses).
 """
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,6 +56,7 @@ class ImageConditioning:
     blend: LatentBlend | None = None  # inpaint with the base UNet
     paste_mask: np.ndarray | None = None  # float32 [H, W], 1 = generated; where 0 the output is the input
     init_image: np.ndarray | None = None  # uint8 [H, W, 3], for the paste-back
+    source: object = None  # the request's ImageInput it was made from (a mask steer replaces that)
 
     def after_step(self, job, schedule: DDIMSchedule) -> None:
         if self.blend is not None:
@@ -73,9 +77,9 @@ def admit_image_jobs(jobs: list, encode_image, schedule: DDIMSchedule, layout: s
     with at most `max_batch` images."""
     latents = _encode(jobs, encode_image, layout, max_batch)
     for job in jobs:
-        image, noise = job.request.image, job.latents
+        image, noise = job.planned.image, job.latents  # planned: the request as the engine last planned it
         rng = image_noise_generator(job.request.seed)
-        posterior = [mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for mean, std in latents[id(job)]]
+        posterior = _posterior(latents[id(job)], rng)
         if image.task == "upscale":
             job.image_conditioning = _upscale_conditioning(image, rng, low_res_schedule)
             continue
@@ -86,16 +90,45 @@ def admit_image_jobs(jobs: list, encode_image, schedule: DDIMSchedule, layout: s
             continue
         if image.strength < 1.0:  # as diffusers' inpainting: strength 1 starts from pure noise
             job.latents = schedule.add_noise(init, noise, job.timesteps[0])
-        mask = image.mask[::vae_factor, ::vae_factor][None].astype(np.float32)
-        conditioning = ImageConditioning()
-        if layout == "inpaint":
-            conditioning.channels = np.concatenate([mask, posterior.pop(0)])
-        else:
-            conditioning.blend = LatentBlend(init, noise, mask)
-        if image.keep_unmasked:
-            conditioning.paste_mask = gaussian_blur(image.mask.astype(np.float32), image.mask_blur)
-            conditioning.init_image = image.init_image
-        job.image_conditioning = conditioning
+        job.image_conditioning = _inpaint_conditioning(image, layout, vae_factor, LatentBlend(init, noise, None),
+                                                       posterior[0] if layout == "inpaint" else None)
+
+
+def steer_masks(jobs: list, encode_image, layout: str, vae_factor: int, max_batch: int | None = None) -> None:
+    """Gives inpainting jobs whose mask a steer changed (the image input of the request their
+    plan was made from, job.planned, is no longer their conditioning's source) the image
+    conditioning of that mask, from their next step. Their
+    latents, timesteps and noise stay; the 9-channel UNet's masked-image latents are encoded
+    again and drawn from the job's image stream as at admission, so a steer before step 0 gives
+    what a fresh request with the new mask gives."""
+    latents = _encode(jobs, encode_image, layout, max_batch) if layout == "inpaint" else {}
+    for job in jobs:
+        image, old = job.planned.image, job.image_conditioning
+        masked = _posterior(latents[id(job)], image_noise_generator(job.request.seed))[-1] if layout == "inpaint" else None
+        blend = old.blend or LatentBlend(None, None, None)
+        job.image_conditioning = _inpaint_conditioning(image, layout, vae_factor, blend, masked)
+
+
+def _posterior(encoded: list, rng: np.random.Generator) -> list:
+    """Samples of the VAE posteriors [(mean, std)] of a job's images, in order, from its image stream."""
+    return [mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for mean, std in encoded]
+
+
+def _inpaint_conditioning(image, layout: str, vae_factor: int, blend: LatentBlend,
+                          masked_latents: np.ndarray | None) -> ImageConditioning:
+    """Inpainting's conditioning for `image`'s mask: the 9-channel UNet's channels (mask at
+    latent size, masked-image latents), or latent blending with `blend`'s init latents and noise;
+    and the paste-back."""
+    mask = image.mask[::vae_factor, ::vae_factor][None].astype(np.float32)
+    conditioning = ImageConditioning(source=image)
+    if layout == "inpaint":
+        conditioning.channels = np.concatenate([mask, masked_latents])
+    else:
+        conditioning.blend = replace(blend, mask=mask)
+    if image.keep_unmasked:
+        conditioning.paste_mask = gaussian_blur(image.mask.astype(np.float32), image.mask_blur)
+        conditioning.init_image = image.init_image
+    return conditioning
 
 
 def _needs_init_latents(image, layout: str) -> bool:
@@ -116,7 +149,7 @@ def _images_to_encode(image, layout: str) -> list:
 def _encode(jobs: list, encode_image, layout: str, max_batch: int | None) -> dict:
     """{id(job): [(mean, std) per image it needs]}, from one encoder call per image size (more
     when they exceed the encoder's max batch)."""
-    wanted = {id(job): _images_to_encode(job.request.image, layout) for job in jobs}
+    wanted = {id(job): _images_to_encode(job.planned.image, layout) for job in jobs}
     by_shape = defaultdict(list)
     for key, images in wanted.items():
         for k, pixels in enumerate(images):

@@ -10,7 +10,7 @@ binarises its inpainting mask at 0.5 the same way). Soft edges come from `mask_b
 blur (sigma in pixels) of the thresholded mask used when the original pixels are pasted back
 (`keep_unmasked`): pixels the blurred mask does not reach are the input's, exactly.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -79,6 +79,14 @@ def parse_image_input(inputs: dict, limits, steps: int) -> ImageInput | None:
         if task == "upscale" else DEFAULT_NOISE_LEVEL,
         output_size=(image.shape[0] * factor, image.shape[1] * factor),
     )
+
+
+def steered_mask(image: ImageInput | None, inputs: dict) -> ImageInput:
+    """An inpainting request's image input with the steer's `mask` (checked as a request's)."""
+    if image is None or image.task != "inpaint":
+        raise fields.InvalidInput("mask", f"can be steered in an inpainting generation only; this one is "
+                                          f"{image.task if image is not None else 'txt2img'}")
+    return replace(image, mask=_mask(inputs, image.init_image))
 
 
 def output_side(inputs: dict, name: str, image: ImageInput) -> int:

@@ -38,6 +38,7 @@ class Job:
     latents: np.ndarray | None = None  # float32 [C, h, w]
     timesteps: np.ndarray | None = None
     plan: object | None = None  # serving.core.steering.ConditioningPlan: the conditioning of each step
+    planned: GenerationRequest | None = None  # the request `plan` was made from, under the engine's lock
     conditioning: object | None = None  # the plan's conditioning of the next step (rows, contexts, combine)
     image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     index: int = 0  # denoising steps done
@@ -60,9 +61,9 @@ class Job:
     @property
     def network(self) -> str:
         """Which network of its variant its rows go to: "base", or "regional/K" for regions in
-        attention mode (the regional UNet, K contexts per row)."""
-        regions = self.request.regions
-        return regions.unet_variant if regions is not None else "base"
+        attention mode (the regional UNet, K contexts per row); a steer of its regions changes
+        it from the step it applies, as `rows`."""
+        return (self.conditioning or prompt_spec(self.request)).network
 
     @property
     def call_key(self) -> tuple:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.core.conditioning import TextConditioning, TextPrompt
-from serving.core.regions import Regions
+from serving.core.regions import Regions, regional_network
 from serving.core.request import InvalidInput
 
 
@@ -29,6 +29,7 @@ class RegionalConditioning:
     negative_of: np.ndarray | None  # [K]: the uncond row each context is guided against
     weights: np.ndarray  # [K, h, w]
     guidance_scale: float
+    network = "base"  # latent mode's rows are ordinary text rows
 
     @property
     def rows(self) -> int:
@@ -52,6 +53,10 @@ class RegionalAttentionConditioning(TextConditioning):
     """cond and uncond are [K, L, D]: each row carries all contexts to the regional UNet."""
 
     weights: np.ndarray  # [K, h, w]
+
+    @property
+    def network(self) -> str:
+        return regional_network(len(self.cond))
 
     @property
     def region_weights(self) -> np.ndarray:
@@ -95,6 +100,10 @@ class RegionalPrompt(TextPrompt):
 @dataclass(frozen=True)
 class RegionalAttentionPrompt(RegionalPrompt):
     """Attention mode."""
+
+    @property
+    def network(self) -> str:
+        return self.regions.unet_variant
 
     @property
     def rows(self) -> int:

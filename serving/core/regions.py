@@ -82,7 +82,7 @@ class Regions:
         """Latent mode's rows are ordinary text rows (they share calls with plain jobs); attention
         mode's rows need the regional UNet with K = R + 1 contexts per row, and only rows with the
         same K fit one input tensor."""
-        return "base" if self.mode == "latent" else f"{ATTENTION_VARIANT}/{self.count + 1}"
+        return "base" if self.mode == "latent" else regional_network(self.count + 1)
 
     def texts_to_check(self):
         """(field, text) of every region text, for the token-length check."""
@@ -90,6 +90,11 @@ class Regions:
             yield f"region_prompts[{i}]", text
         for i, text in enumerate(self.negative_prompts or ()):
             yield f"region_negative_prompts[{i}]", text
+
+
+def regional_network(contexts: int) -> str:
+    """The regional UNet taking `contexts` (K) contexts per row."""
+    return f"{ATTENTION_VARIANT}/{contexts}"
 
 
 def is_attention_variant(variant: str) -> bool:

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from serving.core.image_jobs import admit_image_jobs
+from serving.core.image_jobs import admit_image_jobs, steer_masks
 from serving.core.regions import is_attention_variant
 from serving.core.sampler import DDIMSchedule, noise_generator
 from serving.core.text import CachedTextEncoder
@@ -33,7 +33,8 @@ class Runner:
     def admit(self, jobs: list, steered: list = ()) -> None:
         """Text-encodes the new texts of the new jobs' and the steered jobs' plans
         (serving/core/steering.py) in one call, draws the new jobs' starting latents, and
-        VAE-encodes the input images of image-conditioned ones in one call per image size."""
+        VAE-encodes the input images of image-conditioned ones in one call per image size; steered
+        inpainting jobs with a new mask get its image conditioning."""
         segments = [s for job in (*jobs, *steered) for s in job.plan.unencoded()]
         for segment, conditioning in zip(segments, self.encode([s.spec for s in segments])):
             segment.conditioning = conditioning
@@ -44,10 +45,14 @@ class Runner:
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             job.latents = job.rng.standard_normal(shape, dtype=np.float32)
             job.timesteps = self.schedule.timesteps(r.steps)
+        max_batch = self.variant.max_batch.get("vae_encoder")
         images = [j for j in jobs if j.request.image is not None]
         if images:
             admit_image_jobs(images, self.models.encode_image, self.schedule, self.variant.name, self.vae_factor,
-                             self.low_res_schedule, self.variant.max_batch.get("vae_encoder"))
+                             self.low_res_schedule, max_batch)
+        masked = [j for j in steered if j.image_conditioning is not None and j.image_conditioning.source is not j.planned.image]
+        if masked:
+            steer_masks(masked, self.models.encode_image, self.variant.name, self.vae_factor, max_batch)
 
     def encode(self, prompts: list) -> list:
         """The conditioning of each prompt (anything with texts() and build()), from one

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 import secrets
 
-import numpy as np
 
 from serving.core.engine import Engine, ShuttingDown
 from serving.core.errors import INVALID_ARG, UNAVAILABLE
@@ -16,11 +15,10 @@ from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
-from serving.core.prompt_schedule import schedule
 from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
-from serving.core.steering import STEERABLE, scheduled_texts
+from serving.core.steering import STEERABLE, scheduled_texts, steered_request
 from serving.core.text import CachedTextEncoder, PromptTokenizer
 from serving.core.variants import VariantRunners
 
@@ -165,16 +163,16 @@ class PipelineService:
             sink.fail(UNAVAILABLE, f"server overloaded, retry later: {exc}")
 
     def steer(self, request_id: str, inputs: dict) -> int:
-        """Steers the generation named `request_id` with the inputs given (any of prompt,
-        negative_prompt, guidance_scale), validated as a new request's; returns the steer id.
-        Raises InvalidInput, or SteerRefused (NOT_FOUND, FAILED_PRECONDITION)."""
+        """Steers the generation named `request_id` with the inputs given (any of STEERABLE:
+        texts, guidance, regions, an inpainting mask), validated as a new request's; returns the
+        steer id. Raises InvalidInput, or SteerRefused (NOT_FOUND, FAILED_PRECONDITION)."""
         given = {name for name, value in inputs.items() if value is not None}
         others = sorted(given - set(STEERABLE))
         if others:
             raise InvalidInput(others[0], f"cannot be steered; a steer may change only {', '.join(STEERABLE)}")
         if not given:
             raise InvalidInput("steer", f"needs at least one of {', '.join(STEERABLE)}")
-        return self.engine.steer(request_id, steered_fields(inputs, self.limits), self._check)
+        return self.engine.steer(request_id, lambda request: steered_request(request, inputs, self.limits), self._check)
 
     def _check(self, job: Job, request) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text
@@ -188,13 +186,3 @@ class PipelineService:
                     tokenizer.check(field, text)
         check_regional_job(replace(job, request=request, conditioning=None), tokenizer.check, self.engine.scheduler.config.max_rows)
 
-
-def steered_fields(inputs: dict, limits: Limits) -> dict:
-    """The steerable fields a steer gives, parsed and range-checked as a new request's."""
-    defaults = {"prompt": np.array([b"steer"], np.object_)}  # parse_request requires a prompt
-    request = parse_request({**defaults, **inputs}, limits, default_seed=0)
-    fields = {name: getattr(request, name) for name in STEERABLE if inputs.get(name) is not None}
-    for name in ("prompt", "negative_prompt"):
-        if name in fields:  # syntax now; the steps a schedule counts are checked with the job
-            schedule(fields[name], 1, name)
-    return fields

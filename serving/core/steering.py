@@ -8,11 +8,14 @@ text is encoded once.
 
 Two things write plans, the same way (`conditioning_plan`):
 - admission: the request's prompt schedules (serving/core/prompt_schedule.py) from step 0;
-- a steer: it changes the job's prompt, negative prompt or guidance scale (`Job.request` takes
-  the new values at once, so later steers build on them); the engine, at its next admission
-  batch, replaces the plan from the job's next step with the plan of the steered request from
-  that step on, and encodes its new texts with the new requests' texts in one text-encoder call.
-  The job keeps its latents, seed, noise generator and position.
+- a steer: it changes the job's prompt, negative prompt, guidance scale, regions (all of them at
+  once: a steer's region fields replace the job's regions, parsed as a new request's at the
+  job's size) or inpainting mask (`Job.request` takes the new values at once, so later steers
+  build on them); the engine, at its next admission batch, replaces the plan from the job's
+  next step with the plan of the steered request from that step on, and encodes its new texts
+  with the new requests' texts in one text-encoder call; a new mask replaces the job's image
+  conditioning at the same time (serving/core/image_jobs.py `steer_masks`). The job keeps its
+  latents, seed, noise generator and position.
 The first switch a steer installs carries its steer id (several, when steers arrived between two
 admission batches), so the engine can tell which step first used it.
 """
@@ -20,12 +23,18 @@ from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from serving.core.conditioning import TextPrompt
 from serving.core.errors import FAILED_PRECONDITION, NOT_FOUND
-from serving.core.prompt_schedule import joint_schedule
+from serving.core.image_request import steered_mask
+from serving.core.prompt_schedule import joint_schedule, schedule
 from serving.core.regional_prompt import regional_prompt
+from serving.core.regions import FIELDS as REGION_FIELDS, parse_regions
+from serving.core.request import parse_request
 
-STEERABLE = ("prompt", "negative_prompt", "guidance_scale")
+TEXT_FIELDS = ("prompt", "negative_prompt", "guidance_scale")
+STEERABLE = (*TEXT_FIELDS, *REGION_FIELDS, "mask")
 # request parameter of a steer message to the `pipeline` model: the request id of the generation
 STEER_PARAMETER = "steer_request_id"
 
@@ -70,6 +79,28 @@ def scheduled_texts(request) -> list:
     """[(from_step, prompt, negative_prompt)] of the request's prompt schedules; raises
     InvalidInput on malformed syntax."""
     return joint_schedule(request.prompt, request.negative_prompt, denoising_steps(request))
+
+
+def steered_request(request, inputs: dict, limits):
+    """`request` with the steer's inputs (named arrays, as a request's), each parsed and
+    range-checked as a new request's: texts and guidance; regions at the request's size, which
+    replace its regions (a region mode left out keeps theirs); an inpainting request's mask.
+    Raises InvalidInput naming the field."""
+    given = {name for name, value in inputs.items() if value is not None}
+    text = {name: inputs[name] for name in TEXT_FIELDS if name in given}
+    parsed = parse_request({"prompt": np.array([b"steer"], np.object_), **text}, limits, default_seed=0)
+    changes = {name: getattr(parsed, name) for name in text}
+    for name in ("prompt", "negative_prompt"):
+        if name in changes:  # syntax now; the steps a schedule counts are checked with the job
+            schedule(changes[name], 1, name)
+    regions = {name: inputs[name] for name in REGION_FIELDS if name in given}
+    if regions:
+        if "region_mode" not in regions and request.regions is not None:
+            regions["region_mode"] = np.array([request.regions.mode.encode()], np.object_)
+        changes["regions"] = parse_regions(regions, limits.regions, request.height, request.width)
+    if "mask" in given:
+        changes["image"] = steered_mask(request.image, inputs)
+    return replace(request, **changes)
 
 
 def conditioning_plan(request, start: int, steer_ids: tuple = ()) -> list:
@@ -118,6 +149,7 @@ def plan_pending_steers(job) -> None:
     """Gives an admitted or steered job the plan of its current request from its next step,
     carrying the ids of the steers accepted since its last plan. Called under the engine's lock."""
     ids, job.pending_steers = tuple(job.pending_steers), []
+    job.planned = job.request
     switches = conditioning_plan(job.request, job.index, ids)
     if job.plan is None:
         job.plan = ConditioningPlan(switches)
