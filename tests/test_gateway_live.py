@@ -352,3 +352,61 @@ def test_closing_the_stream_cancels_the_generation(gateway, server):
 
     assert run(scenario()).status == 409
     assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
+
+
+def mask_png(size: int, right_half: bool) -> bytes:
+    pixels = np.zeros((size, size), np.uint8)
+    if right_half:
+        pixels[:, size // 2:] = 255
+    else:
+        pixels[:, : size // 2] = 255
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels, "L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_rest_steer_replaces_the_regions_and_a_bad_region_mask_is_400(gateway):
+    regions = {"regions": [{"prompt": "a red circle"}, {"prompt": "a blue square"}], "region_divisions": "1,1"}
+
+    async def scenario():
+        async with GenerationsClient(gateway.rest_url) as client:
+            async with client.start({**LONG, "steps": 40}) as live:
+                answers, errors = [], []
+
+                async def act(event):
+                    if event.name == "generation.progress" and not answers:
+                        answers.append(await client.steer(live.id, **regions))
+                        with pytest.raises(GenerationError) as info:
+                            await client.steer(live.id, regions=[{"prompt": "a cat", "mask": base64.b64encode(
+                                mask_png(32, True)).decode()}])  # the generation is 64x64
+                        errors.append(info.value)
+                return answers, errors, await collect(live, act)
+
+    ((answer, _),), (error,), events = run(scenario())
+    assert answer["steer_id"] == 1
+    assert error.status == 400 and error.param == "regions.mask" and "[1, 64, 64]" in error.body["error"]["message"]
+    assert [e.data["steer_id"] for e in events if e.name == "generation.steered"] == [1]
+    assert events[-1].name == "generation.completed"
+
+
+def test_grpc_session_steers_an_inpainting_mask(gateway):
+    picture = io.BytesIO()
+    PILImage.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(picture, format="PNG")
+    sent = []
+
+    def on_event(event, send):
+        if event.WhichOneof("event") == "progress" and not sent:
+            sent.append(event.progress.step)
+            send(images_pb2.SessionRequest(steer=images_pb2.Steer(mask=mask_png(64, right_half=False))))
+
+    first = start(prompt=PROMPT, steps=60, seed=5, init_image=picture.getvalue(), mask=mask_png(64, right_half=True))
+    events, code = grpc_session(gateway, [first], on_event)
+    assert code == grpc.StatusCode.OK, events[-1]
+    (ack,) = [e.steer_ack for e in events if e.WhichOneof("event") == "steer_ack"]
+    assert (ack.steer_id, ack.error_code) == (1, ""), ack
+    (steered,) = [e.steered for e in events if e.WhichOneof("event") == "steered"]
+    image = np.asarray(PILImage.open(io.BytesIO(events[-1].image.data)).convert("RGB"))
+    # pasted back by the new mask: its kept (right) half is the input's
+    original = np.asarray(PILImage.open(picture).convert("RGB"))
+    np.testing.assert_array_equal(image[:, 32:], original[:, 32:])
+    assert steered.step >= sent[0] and not np.array_equal(image[:, :32], original[:, :32])

@@ -1,14 +1,20 @@
 """Live generations' pieces without a server: the bounded live table (404 vs 409, per caller),
 generation ids, the replica routing table (no URL ever taken from an id), and the JSON body
-of /v1/generations read as a GenerateRequest."""
+of /v1/generations read as a GenerateRequest, a steer's as a Steer (and its pipeline inputs)."""
+import base64
+import io
 import re
 
+import numpy as np
+from PIL import Image as PILImage
 import pytest
 
+from serving.gateway import grpc_api
 from serving.gateway.errors import FAILED_PRECONDITION, NOT_FOUND, ApiError
 from serving.gateway.live import LiveGeneration, LiveTable, is_id, new_id
 from serving.gateway.replicas import Replicas, parse_peers
-from serving.gateway.rest_live import to_request
+from serving.gateway.protos import images_pb2
+from serving.gateway.rest_live import to_request, to_steer_message
 
 
 def code_of(call) -> str:
@@ -106,4 +112,42 @@ def test_rest_body_reads_as_a_generate_request_with_rest_spellings():
 def test_rest_body_errors_name_the_field(body, field):
     with pytest.raises(ApiError) as info:
         to_request(body)
+    assert info.value.field == field, info.value
+
+
+def mask_png(size, right_half: bool) -> bytes:
+    pixels = np.zeros((size, size), np.uint8)
+    pixels[:, size // 2:] = 255 if right_half else 0
+    pixels[:, : size // 2] = 0 if right_half else 255
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels, "L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_steer_body_reads_as_a_steer_and_becomes_pipeline_inputs():
+    png = mask_png(8, right_half=True)
+    steer = to_steer_message({"prompt": "a cat", "regions": [{"prompt": "sky", "negative_prompt": "sea"},
+                                                             {"prompt": "grass", "negative_prompt": ""}],
+                              "region_divisions": "1,1", "region_mode": "attention", "base_prompt_weight": 0.4,
+                              "mask": base64.b64encode(png).decode()})
+    with pytest.raises(ApiError) as info:  # one region without a negative prompt, the other with one
+        grpc_api.to_steer(steer, 1024)
+    assert info.value.field == "regions.negative_prompt"
+    steer.regions[1].negative_prompt = "mud"
+    inputs = grpc_api.to_steer(steer, 1024)
+    assert inputs["prompt"] == "a cat" and "negative_prompt" not in inputs and "guidance_scale" not in inputs
+    assert inputs["region_prompts"] == ["sky", "grass"] and inputs["region_negative_prompts"] == ["sea", "mud"]
+    assert (inputs["region_divisions"], inputs["region_mode"]) == ("1,1", "attention")
+    assert inputs["base_prompt_weight"] == pytest.approx(0.4)
+    assert inputs["mask"].shape == (8, 8) and inputs["mask"][0, 7] == 255 and inputs["mask"][0, 0] == 0
+    assert grpc_api.to_steer(images_pb2.Steer(guidance_scale=0.0), 1024) == {"guidance_scale": 0.0}
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "body"), ({"seed": 3}, "seed"), ({"guidance_scale": "high"}, "guidance_scale"),
+    ({"region_mode": "pixel"}, "region_mode"), ({"regions": [{"mask": 5}]}, "regions.mask"), ({"mask": 5}, "mask"),
+])
+def test_steer_body_errors_name_the_field(body, field):
+    with pytest.raises(ApiError) as info:
+        to_steer_message(body)
     assert info.value.field == field, info.value

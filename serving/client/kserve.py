@@ -133,12 +133,14 @@ class LdmClient:
             return Generation(result.as_numpy("image"), int(result.as_numpy("seed")[0]))
         return self._stream(arrays, on_progress, request_id or "")
 
-    def steer(self, generation_id: str, prompt=None, negative_prompt=None, guidance_scale=None) -> int:
+    def steer(self, generation_id: str, prompt=None, **fields) -> int:
         """Steers the running generation sent with request_id=`generation_id` (by any client of
-        this server); returns the steer id (1, 2, ... per generation). Raises
-        InferenceServerException with status NOT_FOUND, FAILED_PRECONDITION or INVALID_ARG.
-        Steers go over one stream of a second connection, one at a time."""
-        arrays = request_arrays(prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale)
+        this server) with any of prompt, negative_prompt, guidance_scale, region fields (they
+        replace its regions) and an inpainting generation's mask, spelled as for `generate`;
+        returns the steer id (1, 2, ... per generation). Raises InferenceServerException with
+        status NOT_FOUND, FAILED_PRECONDITION or INVALID_ARG. Steers go over one stream of a
+        second connection, one at a time."""
+        arrays = request_arrays(prompt, **fields)
         with self._steer_lock:
             client, responses = self.open_steering()
             client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), parameters={STEER_PARAMETER: generation_id})

@@ -16,6 +16,9 @@ from serving.gateway.errors import UNIMPLEMENTED, ApiError, invalid
 MAX_IMAGES = 8
 FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**63 - 1
+# pipeline inputs -> the GenerateRequest (and Steer) fields they come from
+FIELD_NAMES = {"region_prompts": "regions.prompt", "region_negative_prompts": "regions.negative_prompt",
+               "region_masks": "regions.mask"}
 
 # Triton model-config data types -> numpy
 NUMPY_TYPES = {

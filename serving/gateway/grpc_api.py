@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from serving.gateway import grpc_session, images
 from serving.gateway.access import bearer
 from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
-from serving.gateway.generation import Generation
+from serving.gateway.generation import FIELD_NAMES, Generation
 from serving.gateway.protos import images_pb2, images_pb2_grpc
 from serving.gateway.service import EncodedImage, ImageService
 from serving.gateway.telemetry import REQUEST_ID_HEADER, request_id
@@ -37,9 +37,7 @@ REGION_MODES = {images_pb2.REGION_MODE_LATENT: "latent", images_pb2.REGION_MODE_
 # optional scalar fields of GenerateRequest that are pipeline inputs of the same name
 SCALARS = ("steps", "guidance_scale", "height", "width", "eta", "timeout_s", "strength", "mask_blur",
            "keep_unmasked", "noise_level", "base_prompt_weight")
-# pipeline inputs -> the GenerateRequest fields they come from
-FIELD_NAMES = {"region_prompts": "regions.prompt", "region_negative_prompts": "regions.negative_prompt",
-               "region_masks": "regions.mask"}
+
 
 
 def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
@@ -52,23 +50,8 @@ def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
         inputs["init_image"] = images.decode_rgb(request.init_image, "init_image", max_pixels)
     if request.mask:
         inputs["mask"] = images.decode_mask(request.mask, "mask", max_pixels)
-    if request.regions:
-        inputs["region_prompts"] = [r.prompt for r in request.regions]
-        if any(r.negative_prompt for r in request.regions):
-            # a region left without one takes the request's, as when no region names one
-            inputs["region_negative_prompts"] = [r.negative_prompt or request.negative_prompt for r in request.regions]
-        masks = [r.mask for r in request.regions]
-        if any(masks):
-            if not all(masks):
-                raise invalid("regions.mask", "give every region a mask, or none (then region_divisions)")
-            decoded = [images.decode_mask(m, "regions.mask", max_pixels) for m in masks]
-            if len({m.shape for m in decoded}) > 1:
-                raise invalid("regions.mask", "all region masks must have one size")
-            inputs["region_masks"] = np.stack(decoded)
-    if request.region_divisions:
-        inputs["region_divisions"] = request.region_divisions
-    if request.region_mode:
-        inputs["region_mode"] = REGION_MODES[request.region_mode]
+    # a region left without a negative prompt takes the request's, as when no region names one
+    inputs.update(region_inputs(request, lambda region: region.negative_prompt or request.negative_prompt, max_pixels))
     progress_every = request.progress_every if request.HasField("progress_every") else 1
     return Generation(
         prompt=request.prompt,
@@ -80,6 +63,45 @@ def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
         progress_every=progress_every if streaming else 0,
         preview_every=request.preview_every if streaming else 0,
     )
+
+
+def to_steer(steer, max_pixels: int) -> dict:
+    """The pipeline inputs of a Steer (the fields it gives)."""
+    inputs = {name: getattr(steer, name) for name in ("prompt", "negative_prompt", "guidance_scale")
+              if steer.HasField(name)}
+    if steer.HasField("base_prompt_weight"):
+        inputs["base_prompt_weight"] = steer.base_prompt_weight
+    if steer.mask:
+        inputs["mask"] = images.decode_mask(steer.mask, "mask", max_pixels)
+
+    def negative(region):  # the generation's current negative prompt is the pipeline's to know
+        raise invalid("regions.negative_prompt", "give every region of a steer a negative_prompt, or none")
+
+    inputs.update(region_inputs(steer, negative, max_pixels))
+    return inputs
+
+
+def region_inputs(message, negative_of, max_pixels: int) -> dict:
+    """The region inputs of a GenerateRequest or Steer; negative_of(region) is the negative
+    prompt of a region without one when others have one."""
+    inputs = {}
+    if message.regions:
+        inputs["region_prompts"] = [r.prompt for r in message.regions]
+        if any(r.negative_prompt for r in message.regions):
+            inputs["region_negative_prompts"] = [r.negative_prompt or negative_of(r) for r in message.regions]
+        masks = [r.mask for r in message.regions]
+        if any(masks):
+            if not all(masks):
+                raise invalid("regions.mask", "give every region a mask, or none (then region_divisions)")
+            decoded = [images.decode_mask(m, "regions.mask", max_pixels) for m in masks]
+            if len({m.shape for m in decoded}) > 1:
+                raise invalid("regions.mask", "all region masks must have one size")
+            inputs["region_masks"] = np.stack(decoded)
+    if message.region_divisions:
+        inputs["region_divisions"] = message.region_divisions
+    if message.region_mode:
+        inputs["region_mode"] = REGION_MODES[message.region_mode]
+    return inputs
 
 
 def to_message(image: EncodedImage):
@@ -174,7 +196,8 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                 caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
                 limit = self.service.limits.max_image_pixels
                 async for event in grpc_session.session(self.service, request_iterator, caller, rid, outcome,
-                                                        lambda request: to_generation(request, limit, True), to_message):
+                                                        lambda request: to_generation(request, limit, True),
+                                                        lambda steer: to_steer(steer, limit), to_message):
                     yield event
             except ApiError as error:
                 await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))

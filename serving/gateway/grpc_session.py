@@ -9,6 +9,7 @@ ends after the image, or with the generation's error as its status.
 import asyncio
 
 from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
+from serving.gateway.generation import FIELD_NAMES
 from serving.gateway.protos import images_pb2
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent, SteerApplied
 
@@ -16,11 +17,8 @@ ROUTE = "grpc.Session"
 _END = object()
 
 
-def steer_fields(steer) -> dict:
-    return {name: getattr(steer, name) for name in ("prompt", "negative_prompt", "guidance_scale") if steer.HasField(name)}
-
-
-async def session(service: ImageService, request_iterator, caller: str, rid: str, outcome, to_generation, to_message):
+async def session(service: ImageService, request_iterator, caller: str, rid: str, outcome, to_generation, to_steer,
+                  to_message):
     """Yields the call's GenerateEvents; raises ApiError for the call's status."""
     first = await anext(aiter(request_iterator), None)
     if first is None or not first.HasField("start"):
@@ -49,9 +47,10 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
                 continue
             sequence += 1
             try:
-                steer_id = await service.steer(live.id, caller, steer_fields(message.steer))
+                steer_id = await service.steer(live.id, caller, to_steer(message.steer))
                 await queue.put(images_pb2.SteerAck(sequence=sequence, steer_id=steer_id))
             except ApiError as error:
+                error = error.renamed(FIELD_NAMES)
                 await queue.put(images_pb2.SteerAck(sequence=sequence, error_code=GRPC_STATUS[error.code].name,
                                                     error_message=error.message, field=error.field or ""))
 

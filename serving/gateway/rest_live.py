@@ -47,7 +47,7 @@ NOT_TAKEN = {"n": "a live generation makes one image; leave n out"}
 REST_NAMES = {**grpc_api.FIELD_NAMES}
 # where json_format's ParseError says the bad field is: `... at GenerateRequest.regions[0].mask`,
 # `... has no field named "colour" ...`, `Failed to parse regions field: Failed to parse mask field`
-_AT_PATH = re.compile(r'at GenerateRequest\.([\w.\[\]]+)|no field named "(\w+)"')
+_AT_PATH = re.compile(r'at (?:GenerateRequest|Steer)\.([\w.\[\]]+)|no field named "(\w+)"')
 _NESTED = re.compile(r'Failed to parse (\w+) field')
 
 
@@ -157,16 +157,34 @@ async def delete(request):
 
 
 async def _steer_here(request, service: ImageService, generation_id: str, caller: str) -> web.Response:
-    body = await _json_object(request)
-    for name, value in body.items():
-        if name == "guidance_scale":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise invalid(name, "must be a number")
-            body[name] = float(value)
-        elif name in ("prompt", "negative_prompt") and not isinstance(value, str):
-            raise invalid(name, "must be a string")
-    steer_id = await service.steer(generation_id, caller, body)
+    try:
+        fields = grpc_api.to_steer(to_steer_message(await _json_object(request)), service.limits.max_image_pixels)
+        steer_id = await service.steer(generation_id, caller, fields)
+    except ApiError as error:
+        raise error.renamed(REST_NAMES) from None
     return web.json_response({"id": generation_id, "steer_id": steer_id}, status=202)
+
+
+def to_steer_message(body: dict):
+    """The Steer a steer body spells (the gRPC message in JSON, `region_mode` as a word)."""
+    body = dict(body)
+    if not body:
+        raise invalid("body", "give at least one field to steer: prompt, negative_prompt, guidance_scale, regions "
+                              "(with region_divisions or their masks), base_prompt_weight, region_mode, mask")
+    for name, value in body.items():
+        if name == "guidance_scale" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise invalid(name, "must be a number")
+        if name in ("prompt", "negative_prompt") and not isinstance(value, str):
+            raise invalid(name, "must be a string")
+    if "region_mode" in body:
+        words = ENUMS["region_mode"]
+        if body["region_mode"] not in words:
+            raise invalid("region_mode", f"must be one of {', '.join(words)}, got {body['region_mode']!r}")
+        body["region_mode"] = words[body["region_mode"]]
+    try:
+        return json_format.ParseDict(body, images_pb2.Steer())
+    except json_format.ParseError as exc:
+        raise invalid(_parse_error_field(str(exc)), str(exc).splitlines()[0]) from None
 
 
 async def _delete_here(request, service: ImageService, generation_id: str, caller: str) -> web.Response:

@@ -8,8 +8,11 @@ image with the FINAL flag, or one coded error with the FINAL flag.
 Steering (serving/core/steering.py). A generation sent with a request id can be steered while it
 runs: a steer message is a request to this model whose request parameter `steer_request_id`
 (STEER_PARAMETER) names the generation's request id and whose inputs are any of `prompt`,
-`negative_prompt`, `guidance_scale` (prompt schedules allowed; validated as a new request's
-fields; other inputs: INVALID_ARG). It gets exactly one response, FINAL: `steer_id` INT32 [1]
+`negative_prompt`, `guidance_scale` (prompt schedules allowed), the region inputs
+(`region_prompts` with `region_divisions` or `region_masks`, `region_negative_prompts`,
+`base_prompt_weight`, `region_mode`: they replace the generation's regions, at its size; a mode
+left out keeps its mode) and an inpainting generation's `mask`; validated as a new request's
+fields (other inputs: INVALID_ARG). It gets exactly one response, FINAL: `steer_id` INT32 [1]
 (1, 2, ... per generation, in arrival order), or an error whose message carries its code as
 "[CODE] message" (serving/core/errors.py coded_message; parse_coded_message reads it back):
 "[NOT_FOUND] no generation with id 'x'", "[FAILED_PRECONDITION] generation 'x' has finished"
