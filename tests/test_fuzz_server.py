@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from fuzz_inputs import EXTRA_NAMES, SPECS, check_answer, request_inputs
 from serving.core.errors import parse_coded_message
-from server_metrics import metrics, wait_for
+from server_metrics import idle_metrics, metrics, wait_for
 
 TIMEOUT_S = 120.0  # no request may take longer (the tiny model answers in well under a second)
 BATCH = 10  # requests in flight at once, one client each
@@ -84,7 +84,7 @@ def classify(inputs, image, error):
 
 
 def fuzz_server(server, cases_per_protocol):
-    before = metrics(server)
+    before = idle_metrics(server)
     tally, images = Counter(), Counter()
     send = {"grpc": lambda i: over_grpc(server.grpc_url, i), "http": lambda i: over_http(server.http_url, i)}
 

@@ -15,7 +15,7 @@ import pytest
 from serving.client.images import ImagesClient, ImagesError
 from serving.client.kserve import LdmClient
 from serving.gateway.protos import images_pb2, images_pb2_grpc
-from server_metrics import metrics, wait_for
+from server_metrics import idle_metrics, metrics, wait_for
 
 PROMPT = "a large red circle on the left"
 
@@ -98,7 +98,7 @@ def test_request_id_is_returned_and_taken_from_the_client(gateway):
 
 
 def test_cancelling_a_stream_cancels_the_generation(gateway, server):
-    before = metrics(server)
+    before = idle_metrics(server)
     channel = grpc.insecure_channel(gateway.grpc_url)
     stub = images_pb2_grpc.ImagesStub(channel)
     call = stub.GenerateStream(images_pb2.GenerateRequest(prompt=PROMPT, steps=150, n=2, seed=1, height=64, width=64))

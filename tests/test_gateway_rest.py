@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 import pytest
 
 from serving.client.kserve import LdmClient
-from server_metrics import metrics, wait_for
+from server_metrics import idle_metrics, metrics, wait_for
 
 PROMPT = "a small green square at the top"
 
@@ -133,7 +133,7 @@ def test_openapi_document_and_its_page_need_nothing_from_elsewhere(gateway):
 
 
 def test_a_client_that_disconnects_cancels_its_generation(gateway, server):
-    before = metrics(server)
+    before = idle_metrics(server)
     body = json.dumps({"prompt": PROMPT, "steps": 150, "n": 2, "size": "64x64"}).encode()
     host, port = gateway.rest_url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)))

@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from image_inputs import generate, half_mask, photo, service
-from test_streaming import metrics, wait_for
+from server_metrics import idle_metrics, metrics, wait_for
 from serving.client.kserve import LdmClient
 
 PROMPT = "a large red circle on the left"
@@ -53,7 +53,7 @@ def test_every_kind_served_alone_and_in_a_mixed_crowd_is_bit_identical_to_in_pro
                 return client.generate(PROMPT, **fields)
             return client.run(PROMPT, progress_every=1, on_progress=lambda _: started.set(), **fields).image
 
-    before = metrics(server)
+    before = idle_metrics(server)
     with ThreadPoolExecutor(len(crowd) + len(kinds)) as pool:
         futures = [pool.submit(one, fields, event) for fields, event in zip(crowd, started)]
         assert all(event.wait(120) for event in started)  # the crowd is mid-flight when the targets arrive

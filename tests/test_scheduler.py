@@ -95,7 +95,7 @@ def fake_rows(j, rows):
     """A job whose conditioning takes `rows` UNet rows (as a regional prompt's would)."""
     from types import SimpleNamespace
 
-    j.conditioning = SimpleNamespace(rows=rows)
+    j.conditioning = SimpleNamespace(rows=rows, network="base")
     return j
 
 

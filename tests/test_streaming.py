@@ -13,7 +13,7 @@ from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
 from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.triton.server import TritonServer
-from server_metrics import metrics, wait_for
+from server_metrics import idle_metrics, metrics, wait_for
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
 
@@ -38,7 +38,7 @@ def test_stream_reports_progress_and_previews_then_the_image(server):
 
 
 def test_closing_the_stream_cancels_the_request_within_a_step(server):
-    before = metrics(server)
+    before = idle_metrics(server)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -194,7 +194,7 @@ def test_served_image_is_the_same_alone_and_in_a_crowd(server):
                 return client.generate(**fields)
             return client.run(progress_every=1, on_progress=lambda _: started.set(), **fields).image
 
-    before = metrics(server)
+    before = idle_metrics(server)
     with ThreadPoolExecutor(len(crowd) + 1) as pool:
         futures = [pool.submit(one, fields, event) for fields, event in zip(crowd, started)]
         assert all(event.wait(120) for event in started)  # the crowd is mid-flight when the target arrives

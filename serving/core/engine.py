@@ -95,7 +95,7 @@ class Engine:
 
     def steer(self, request_id: str, steer, check) -> int:
         """Accepts a steer of the queued or running job named `request_id`: its request becomes
-        `steer(request)` (serving/core/steering.py `steered_request`) at once, so a later steer
+        `steer(request)` (serving/core/steering.py `parse_steer`) at once, so a later steer
         builds on it; `steer` and `check(job, steered_request)` validate it (raise InvalidInput).
         Returns the steer id (1, 2, ... per job). Raises SteerRefused (NOT_FOUND,
         FAILED_PRECONDITION)."""

@@ -18,7 +18,7 @@ from serving.core.regional_prompt import check_regional_job
 from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
-from serving.core.steering import STEERABLE, scheduled_texts, steered_request
+from serving.core.steering import STEERABLE, parse_steer, scheduled_texts
 from serving.core.text import CachedTextEncoder, PromptTokenizer
 from serving.core.variants import VariantRunners
 
@@ -172,7 +172,7 @@ class PipelineService:
             raise InvalidInput(others[0], f"cannot be steered; a steer may change only {', '.join(STEERABLE)}")
         if not given:
             raise InvalidInput("steer", f"needs at least one of {', '.join(STEERABLE)}")
-        return self.engine.steer(request_id, lambda request: steered_request(request, inputs, self.limits), self._check)
+        return self.engine.steer(request_id, parse_steer(inputs, self.limits), self._check)
 
     def _check(self, job: Job, request) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text

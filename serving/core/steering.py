@@ -81,26 +81,32 @@ def scheduled_texts(request) -> list:
     return joint_schedule(request.prompt, request.negative_prompt, denoising_steps(request))
 
 
-def steered_request(request, inputs: dict, limits):
-    """`request` with the steer's inputs (named arrays, as a request's), each parsed and
-    range-checked as a new request's: texts and guidance; regions at the request's size, which
-    replace its regions (a region mode left out keeps theirs); an inpainting request's mask.
-    Raises InvalidInput naming the field."""
+def parse_steer(inputs: dict, limits):
+    """Parses a steer's inputs (named arrays, as a request's), each range-checked as a new
+    request's field. Texts and guidance are checked now, before the job is looked up; returns
+    steered(request) -> `request` with all of them: regions parsed at the request's size, which
+    replace its regions (a region mode left out keeps theirs), an inpainting request's mask.
+    Both raise InvalidInput naming the field."""
     given = {name for name, value in inputs.items() if value is not None}
     text = {name: inputs[name] for name in TEXT_FIELDS if name in given}
     parsed = parse_request({"prompt": np.array([b"steer"], np.object_), **text}, limits, default_seed=0)
-    changes = {name: getattr(parsed, name) for name in text}
+    text_changes = {name: getattr(parsed, name) for name in text}
     for name in ("prompt", "negative_prompt"):
-        if name in changes:  # syntax now; the steps a schedule counts are checked with the job
-            schedule(changes[name], 1, name)
-    regions = {name: inputs[name] for name in REGION_FIELDS if name in given}
-    if regions:
-        if "region_mode" not in regions and request.regions is not None:
-            regions["region_mode"] = np.array([request.regions.mode.encode()], np.object_)
-        changes["regions"] = parse_regions(regions, limits.regions, request.height, request.width)
-    if "mask" in given:
-        changes["image"] = steered_mask(request.image, inputs)
-    return replace(request, **changes)
+        if name in text_changes:  # syntax now; the steps a schedule counts are checked with the job
+            schedule(text_changes[name], 1, name)
+
+    def steered(request):
+        changes = dict(text_changes)
+        regions = {name: inputs[name] for name in REGION_FIELDS if name in given}
+        if regions:
+            if "region_mode" not in regions and request.regions is not None:
+                regions["region_mode"] = np.array([request.regions.mode.encode()], np.object_)
+            changes["regions"] = parse_regions(regions, limits.regions, request.height, request.width)
+        if "mask" in given:
+            changes["image"] = steered_mask(request.image, inputs)
+        return replace(request, **changes)
+
+    return steered
 
 
 def conditioning_plan(request, start: int, steer_ids: tuple = ()) -> list:
