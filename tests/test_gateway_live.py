@@ -68,12 +68,16 @@ def test_rest_steer_is_acknowledged_then_reported_at_the_step_that_used_it(gatew
     async def scenario():
         async with GenerationsClient(gateway.rest_url) as client:
             async with client.start(LONG) as live:
-                acks, steered = [], asyncio.Event()
+                acks, first_used = [], []
 
                 async def act(event):
                     if event.name == "generation.progress" and not acks:
                         acks.append((event.data["step"], (await client.steer(live.id, prompt=OTHER, guidance_scale=3.0))[0]))
-                    if event.name == "generation.progress" and len(acks) == 1 and event.data["step"] >= acks[0][0] + 2:
+                    if event.name == "generation.steered" and event.data["steer_id"] == 1:
+                        first_used.append(event.data["step"])
+                    # the second steer once the first was used (progress events can be buffered
+                    # behind the client: a step count alone does not say the first has applied)
+                    if event.name == "generation.progress" and len(acks) == 1 and first_used:
                         acks.append((event.data["step"], (await client.steer(live.id, negative_prompt="blurry"))[0]))
                     if event.name == "generation.steered" and event.data["steer_id"] == 2:
                         await client.cancel(live.id)  # seen both: no need to run 150 steps
