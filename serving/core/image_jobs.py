@@ -90,8 +90,10 @@ def admit_image_jobs(jobs: list, encode_image, schedule: DDIMSchedule, layout: s
             continue
         if image.strength < 1.0:  # as diffusers' inpainting: strength 1 starts from pure noise
             job.latents = schedule.add_noise(init, noise, job.timesteps[0])
-        job.image_conditioning = _inpaint_conditioning(image, layout, vae_factor, LatentBlend(init, noise, None),
-                                                       posterior[0] if layout == "inpaint" else None)
+        if layout == "inpaint":
+            job.image_conditioning = _inpaint_conditioning(image, vae_factor, masked_latents=posterior[0])
+        else:
+            job.image_conditioning = _inpaint_conditioning(image, vae_factor, blend=LatentBlend(init, noise, None))
 
 
 def steer_masks(jobs: list, encode_image, layout: str, vae_factor: int, max_batch: int | None = None) -> None:
@@ -101,12 +103,14 @@ def steer_masks(jobs: list, encode_image, layout: str, vae_factor: int, max_batc
     latents, timesteps and noise stay; the 9-channel UNet's masked-image latents are encoded
     again and drawn from the job's image stream as at admission, so a steer before step 0 gives
     what a fresh request with the new mask gives."""
-    latents = _encode(jobs, encode_image, layout, max_batch) if layout == "inpaint" else {}
+    if layout != "inpaint":  # latent blending: the same init latents and noise, the new mask
+        for job in jobs:
+            job.image_conditioning = _inpaint_conditioning(job.planned.image, vae_factor, blend=job.image_conditioning.blend)
+        return
+    latents = _encode(jobs, encode_image, layout, max_batch)
     for job in jobs:
-        image, old = job.planned.image, job.image_conditioning
-        masked = _posterior(latents[id(job)], image_noise_generator(job.request.seed))[-1] if layout == "inpaint" else None
-        blend = old.blend or LatentBlend(None, None, None)
-        job.image_conditioning = _inpaint_conditioning(image, layout, vae_factor, blend, masked)
+        masked = _posterior(latents[id(job)], image_noise_generator(job.request.seed))[-1]
+        job.image_conditioning = _inpaint_conditioning(job.planned.image, vae_factor, masked_latents=masked)
 
 
 def _posterior(encoded: list, rng: np.random.Generator) -> list:
@@ -114,14 +118,14 @@ def _posterior(encoded: list, rng: np.random.Generator) -> list:
     return [mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for mean, std in encoded]
 
 
-def _inpaint_conditioning(image, layout: str, vae_factor: int, blend: LatentBlend,
-                          masked_latents: np.ndarray | None) -> ImageConditioning:
-    """Inpainting's conditioning for `image`'s mask: the 9-channel UNet's channels (mask at
-    latent size, masked-image latents), or latent blending with `blend`'s init latents and noise;
-    and the paste-back."""
+def _inpaint_conditioning(image, vae_factor: int, masked_latents: np.ndarray | None = None,
+                          blend: LatentBlend | None = None) -> ImageConditioning:
+    """Inpainting's conditioning for `image`'s mask: with `masked_latents`, the 9-channel UNet's
+    channels (mask at latent size, masked-image latents); else latent blending with `blend`'s
+    init latents and noise; and the paste-back."""
     mask = image.mask[::vae_factor, ::vae_factor][None].astype(np.float32)
     conditioning = ImageConditioning(source=image)
-    if layout == "inpaint":
+    if masked_latents is not None:
         conditioning.channels = np.concatenate([mask, masked_latents])
     else:
         conditioning.blend = replace(blend, mask=mask)

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 import secrets
 
-
 from serving.core.engine import Engine, ShuttingDown
 from serving.core.errors import INVALID_ARG, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
@@ -185,4 +184,3 @@ class PipelineService:
                     checked.add((field, text))
                     tokenizer.check(field, text)
         check_regional_job(replace(job, request=request, conditioning=None), tokenizer.check, self.engine.scheduler.config.max_rows)
-

@@ -39,7 +39,6 @@ SCALARS = ("steps", "guidance_scale", "height", "width", "eta", "timeout_s", "st
            "keep_unmasked", "noise_level", "base_prompt_weight")
 
 
-
 def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
     inputs = {name: getattr(request, name) for name in SCALARS if request.HasField(name)}
     if request.negative_prompt:
@@ -67,10 +66,8 @@ def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
 
 def to_steer(steer, max_pixels: int) -> dict:
     """The pipeline inputs of a Steer (the fields it gives)."""
-    inputs = {name: getattr(steer, name) for name in ("prompt", "negative_prompt", "guidance_scale")
+    inputs = {name: getattr(steer, name) for name in ("prompt", "negative_prompt", "guidance_scale", "base_prompt_weight")
               if steer.HasField(name)}
-    if steer.HasField("base_prompt_weight"):
-        inputs["base_prompt_weight"] = steer.base_prompt_weight
     if steer.mask:
         inputs["mask"] = images.decode_mask(steer.mask, "mask", max_pixels)
 

@@ -23,13 +23,11 @@ from tritonclient.utils import InferenceServerException
 
 from serving.client.kserve import infer_inputs
 from serving.core.errors import UNAVAILABLE
+from serving.core.steering import STEER_PARAMETER
 from serving.gateway.errors import ApiError, from_pipeline
 from serving.gateway.generation import Generation, to_array
 
 MODEL = "pipeline"
-STEER_PARAMETER = "steer_request_id"  # the pipeline's steer message (contract of issue 13)
-STEER_FIELDS = ("prompt", "negative_prompt", "guidance_scale", "region_prompts", "region_negative_prompts",
-                "region_divisions", "region_masks", "base_prompt_weight", "region_mode", "mask")
 
 
 @dataclass

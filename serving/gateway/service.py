@@ -11,12 +11,13 @@ import math
 from typing import AsyncIterator
 
 from serving.core.errors import CANCELLED, UNAVAILABLE
+from serving.core.steering import STEERABLE  # the pipeline inputs a steer may give
 from serving.gateway import images
 from serving.gateway.access import Access
 from serving.gateway.errors import ApiError, invalid
 from serving.gateway.generation import Generation
 from serving.gateway.live import LiveGeneration, LiveTable, new_id
-from serving.gateway.pipeline import STEER_FIELDS, Finished, PipelineClient
+from serving.gateway.pipeline import Finished, PipelineClient
 from serving.gateway.telemetry import GatewayMetrics
 
 
@@ -137,11 +138,11 @@ class ImageService:
 
     async def steer(self, generation_id: str, caller: str, fields: dict) -> int:
         """Sends new conditioning to a live generation of this replica; its steer id."""
-        unknown = [name for name in fields if name not in STEER_FIELDS]
+        unknown = [name for name in fields if name not in STEERABLE]
         if unknown:
-            raise invalid(unknown[0], f"cannot be steered; a steer takes {', '.join(STEER_FIELDS)}")
+            raise invalid(unknown[0], f"cannot be steered; a steer takes {', '.join(STEERABLE)}")
         if not fields:
-            raise invalid("body", f"give at least one of {', '.join(STEER_FIELDS)}")
+            raise invalid("body", f"give at least one of {', '.join(STEERABLE)}")
         if "guidance_scale" in fields and not math.isfinite(fields["guidance_scale"]):
             raise invalid("guidance_scale", f"must be a finite number, got {fields['guidance_scale']}")
         live = self.live.get(generation_id, self._owner(caller))
