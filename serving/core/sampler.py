@@ -26,10 +26,7 @@ class DDIMSchedule:
     @classmethod
     def from_config(cls, config: dict) -> "DDIMSchedule":
         n = int(config.get("num_train_timesteps", 1000))
-        betas = _betas(config, n)
-        if config.get("rescale_betas_zero_snr", False):
-            betas = _rescaled_to_zero_terminal_snr(betas)
-        alphas_cumprod = np.cumprod(1.0 - betas)
+        alphas_cumprod = train_alphas_cumprod(config)
         if config.get("thresholding", False):
             raise ValueError("scheduler config: 'thresholding' (dynamic thresholding) is not supported")
         prediction_type = config.get("prediction_type", "epsilon")
@@ -122,6 +119,15 @@ class DDIMSchedule:
                 raise ValueError("noise is required for rows with eta > 0")
             x_prev = x_prev + per_row(sigma) * noise.astype(np.float32)
         return x_prev.astype(np.float32), x0.astype(np.float32)
+
+
+def train_alphas_cumprod(config: dict) -> np.ndarray:
+    """alpha-bar of every training timestep (float64), from a scheduler config's betas."""
+    n = int(config.get("num_train_timesteps", 1000))
+    betas = _betas(config, n)
+    if config.get("rescale_betas_zero_snr", False):
+        betas = _rescaled_to_zero_terminal_snr(betas)
+    return np.cumprod(1.0 - betas)
 
 
 def _betas(config: dict, n: int) -> np.ndarray:

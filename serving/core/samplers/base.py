@@ -1,0 +1,144 @@
+"""The sampler protocol: what the engine needs from a sampler, and a job's own state in it.
+
+A sampler (one per served checkpoint and sampler name, shared by all jobs) answers, for a run of
+`steps` steps:
+- `start(steps, strength, eta)`: the job's `SamplerRun`: the UNet timestep of every position of
+  the full schedule (fractional for sigma-space samplers) and the first position it denoises
+  (image-to-image denoises the last int(steps x strength) positions, as diffusers' get_timesteps);
+- `initial_latents(run, noise)`: x_T from the job's standard-normal draw (init_noise_sigma);
+- `add_noise(run, clean, noise, position)`: the forward process to a position's noise level
+  (image-to-image's start, latent-blend inpainting after each step; position == len: clean);
+- `input_scale(run, position)`: the factor the latents are scaled by before the UNet;
+- `step(runs, positions, model_output, latents, noise)`: one update of every row (the rows of
+  jobs on this sampler), returning (previous latents, predicted x_0), float32.
+`draws_noise(run, position)` says whether that step consumes a standard-normal draw from the
+job's seed stream (ancestral, SDE, LCM, DDIM with eta > 0), so images stay batch-invariant.
+
+Coefficients are per-row scalars computed from each run's schedule (a short loop over at most
+max_rows rows); the tensor arithmetic is one vectorised expression over all rows. Schedules are
+float32 where diffusers keeps them in float32 tensors, so results agree with its schedulers.
+"""
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from serving.core.sampler import train_alphas_cumprod
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(eq=False)
+class SamplerRun:
+    """One job's walk through its sampler's schedule (never shared between jobs)."""
+
+    sampler: "Sampler"
+    steps: int  # the schedule's length (the request's steps)
+    timesteps: np.ndarray  # [steps] the UNet's timestep at each position (float64)
+    values: np.ndarray  # the sampler's schedule at each position (sigmas: [steps + 1], the last 0)
+    begin: int = 0  # first position it denoises
+    eta: float = 0.0  # DDIM's eta
+    history: list = field(default_factory=list)  # multistep solvers: converted model outputs, newest last
+    last_sample: np.ndarray | None = None  # UniPC: the sample its corrector starts from
+    order: int = 0  # UniPC: the order of its last predictor
+
+    @property
+    def denoising_timesteps(self) -> np.ndarray:
+        """The UNet timesteps of the steps this job runs."""
+        return self.timesteps[self.begin:]
+
+
+class Sampler:
+    """Base class: the schedule helpers every sampler shares."""
+
+    name = ""
+    fits = "diffusion"  # "diffusion": epsilon / v / sample models; "flow": flow-matching models
+
+    def __init__(self, config: dict, sigma_schedule: str = "default"):
+        self.config = config
+        self.sigma_schedule = sigma_schedule
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+        self._schedule = lru_cache(maxsize=256)(self._make_schedule)
+
+    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
+        """(timesteps [steps], per-position schedule values), cached per step count (and mu)."""
+        raise NotImplementedError
+
+    def check_steps(self, steps: int) -> str | None:
+        """Why `steps` cannot run on this sampler, or None."""
+        return None
+
+    def start(self, steps: int, strength: float = 1.0, eta: float = 0.0, mu: float | None = None) -> SamplerRun:
+        """A job's run of `steps` steps; `mu`: the resolution-dependent shift of flow-matching
+        checkpoints that shift dynamically (their family computes it)."""
+        timesteps, values = self._schedule(steps, mu)
+        kept = min(int(steps * strength), steps)
+        return SamplerRun(self, steps, timesteps, values, begin=steps - kept, eta=eta)
+
+    def draws_noise(self, run: SamplerRun, position: int) -> bool:
+        return False
+
+    def initial_latents(self, run: SamplerRun, noise: np.ndarray) -> np.ndarray:
+        return noise
+
+    def input_scale(self, run: SamplerRun, position: int) -> float:
+        return 1.0
+
+    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
+             noise: np.ndarray | None) -> tuple:
+        raise NotImplementedError
+
+
+def per_row(values) -> np.ndarray:
+    """[B] scalars -> float32 [B, 1, 1, 1], to scale rows of [B, C, h, w]."""
+    return np.asarray(values, dtype=np.float64).astype(np.float32)[:, None, None, None]
+
+
+def sigma_alphas_cumprod(config: dict) -> np.ndarray:
+    """alpha-bar as diffusers' sigma-space schedulers hold it: float32, and at zero terminal SNR
+    the last value is 2^-24 instead of 0 (an infinite sigma otherwise)."""
+    alphas_cumprod = train_alphas_cumprod(config).astype(np.float32)
+    if config.get("rescale_betas_zero_snr", False):
+        alphas_cumprod[-1] = 2.0**-24
+    return alphas_cumprod
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha-bar) / alpha-bar), ascending in t (float32, as diffusers)."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) eq. 5: noise levels spaced evenly in sigma^(1/rho), descending."""
+    ramp = np.linspace(0, 1, steps)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of each sigma: linear interpolation in log sigma
+    between the two training timesteps around it."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_train_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_train_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_train_sigmas[low] - log_sigma) / (log_train_sigmas[low] - log_train_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(np.shape(sigmas))
+
+
+def vp_alpha_sigma(sigma: float) -> tuple:
+    """(alpha_t, sigma_t) of the variance-preserving process at VE noise level sigma."""
+    alpha = 1.0 / np.sqrt(np.float64(sigma) ** 2 + 1)
+    return alpha, np.float64(sigma) * alpha
+
+
+def x0_from_vp(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha, sigma) -> np.ndarray:
+    """The predicted clean latents from a model output at VP noise level (alpha, sigma) per row."""
+    if prediction_type == "epsilon":
+        return (sample - per_row(sigma) * model_output) / per_row(alpha)
+    if prediction_type == "v_prediction":
+        return per_row(alpha) * sample - per_row(sigma) * model_output
+    return model_output.astype(np.float32)
