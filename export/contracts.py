@@ -92,8 +92,9 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             folder="unet",
             inputs=(
                 TensorSpec("sample", "float32", unet_sample),
-                # one timestep per row: requests at different steps share one call
-                TensorSpec("timestep", "int64", (BATCH,)),
+                # one timestep per row: requests at different steps share one call; fractional
+                # for sigma-space samplers (Euler, Karras sigmas), integers for the others
+                TensorSpec("timestep", "float32", (BATCH,)),
                 TensorSpec("encoder_hidden_states", "float32", (BATCH, info.text_length, info.text_hidden)),
                 *class_labels,
             ),
@@ -155,7 +156,7 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
         if spec.name == "input_ids":
             out[spec.name] = rng.integers(0, info.vocab_size, shape, dtype=np.int64)
         elif spec.name == "timestep":
-            out[spec.name] = rng.integers(0, info.scheduler_config.get("num_train_timesteps", 1000), shape)
+            out[spec.name] = rng.uniform(0, info.scheduler_config.get("num_train_timesteps", 1000), shape).astype(np.float32)
         elif spec.name == "class_labels":
             out[spec.name] = rng.integers(0, info.max_noise_level + 1, shape)
         elif spec.name == "images":

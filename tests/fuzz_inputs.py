@@ -86,6 +86,8 @@ VALID = {
     "base_prompt_weight": st.floats(0, 1, width=32), "region_mode": _texts("latent", "attention"),
     "task": _texts("txt2img", "img2img", "inpaint", "upscale"), "strength": st.floats(0, 1, width=32),
     "mask_blur": st.integers(0, 4), "keep_unmasked": st.booleans(), "noise_level": st.integers(0, 350),
+    "sampler": _texts("ddim", "euler", "Euler a", "DPM++ 2M Karras", "dpmpp_2m_sde", "unipc", "lcm", "heun"),
+    "sigma_schedule": _texts("default", "karras"), "guidance_interval": st.floats(0, 1, width=32),
 }
 
 

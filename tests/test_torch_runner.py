@@ -66,7 +66,7 @@ def test_runner_choice_names_bad_parameters():
 
 def unet_inputs(rows, seed=0, size=8):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((rows, 4, size, size), dtype=np.float32), rng.integers(0, 1000, rows),
+    return (rng.standard_normal((rows, 4, size, size), dtype=np.float32), rng.uniform(0, 1000, rows).astype(np.float32),
             rng.standard_normal((rows, 16, 32), dtype=np.float32))
 
 

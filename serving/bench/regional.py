@@ -80,7 +80,7 @@ def padding_vs_grouping(repo, size: int, repeats: int = 8) -> list:
     def inputs(rows, k):
         weights = rng.random((rows, k, latent, latent), dtype=np.float32)
         return (rng.standard_normal((rows, int(info["latent_channels"]), latent, latent), dtype=np.float32),
-                np.full(rows, 500, np.int64),
+                np.full(rows, 500, np.float32),
                 rng.standard_normal((rows, k, int(info["text_length"]), _hidden(unet)), dtype=np.float32),
                 weights / weights.sum(axis=1, keepdims=True))
 

@@ -23,7 +23,7 @@ def unet_row_costs(repo, size: int, rows=ROWS, rounds: int = 7) -> list:
     latent = size // int(info["vae_factor"])
     rng = np.random.default_rng(0)
     inputs = {n: (rng.standard_normal((n, int(info["latent_channels"]), latent, latent), dtype=np.float32),
-                  np.full(n, 500, np.int64),
+                  np.full(n, 500, np.float32),
                   rng.standard_normal((n, int(info["text_length"]), hidden), dtype=np.float32)) for n in rows}
     for n in rows:  # warm-up: first calls of a shape allocate
         unet(*inputs[n])

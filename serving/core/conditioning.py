@@ -10,7 +10,7 @@ A *prompt* (before encoding) names the texts it needs; `build` turns their embed
 *conditioning* the runner uses. Both are immutable, so replacing a job's conditioning between
 steps is one assignment.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,6 +33,10 @@ class TextConditioning:
     def contexts(self) -> np.ndarray:
         """[rows, L, D]: the conditional row first."""
         return np.stack([self.cond] if self.uncond is None else [self.cond, self.uncond])
+
+    def unguided(self) -> "TextConditioning":
+        """The same conditioning without its unconditional row (outside a guidance interval)."""
+        return replace(self, uncond=None)
 
     def combine(self, predictions: np.ndarray) -> np.ndarray:
         """[rows, C, h, w] predictions of this job's rows -> its noise estimate [C, h, w]."""

@@ -20,7 +20,7 @@ import traceback
 
 from serving.core.errors import CANCELLED, INTERNAL, UNAVAILABLE, ResourceExhausted
 from serving.core.job import Job
-from serving.core.runner import Runner
+from serving.core.runner import Runner, guided_conditioning
 from serving.core.scheduler import QueueFull, StepScheduler
 from serving.core.steering import GenerationRegistry, plan_pending_steers
 
@@ -45,6 +45,7 @@ class EngineStats:
     steers: int = 0  # steers accepted
     steps: int = 0
     rows: int = 0  # UNet rows over all steps
+    rows_saved: int = 0  # unconditional rows left out of calls by guidance intervals
     step_seconds: float = 0.0  # time in UNet steps (model call and DDIM update)
     last_rows: int = 0
     last_step_seconds: float = 0.0
@@ -155,11 +156,12 @@ class Engine:
                 self._retire(admitted + steered, lambda job: self._fail_by_model(
                     job, "text encoding of a steer failed" if id(job) in steering else "text encoding failed", exc))
         for job in self.active:  # the conditioning of each job's next step (a switch is an assignment)
-            job.conditioning = job.plan.conditioning_at(job.index)
+            job.conditioning = guided_conditioning(job)
         self.stats.active = len(self.active)
         chosen = self.scheduler.pick(self.active)
         if not chosen:
             return bool(admitted)
+        saved = sum(j.plan.conditioning_at(j.index).rows - j.rows for j in chosen)
         started = time.perf_counter()
         try:
             self.runner.step(chosen)
@@ -168,6 +170,7 @@ class Engine:
             self._retire(chosen, lambda job: self._fail_by_model(job, "denoising step failed", exc))
             return True
         self.stats.on_step(sum(j.rows for j in chosen), time.perf_counter() - started)
+        self.stats.rows_saved += saved
         self._report_progress(chosen)
         finished = [j for j in chosen if j.done and not j.answered]
         if finished:

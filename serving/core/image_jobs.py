@@ -38,11 +38,9 @@ class LatentBlend:
     noise: np.ndarray  # the job's x_T
     mask: np.ndarray  # float32 [1, h, w], 1 = repaint
 
-    def apply(self, job, schedule: DDIMSchedule) -> None:
-        if job.index < len(job.timesteps):
-            kept = schedule.add_noise(self.init_latents, self.noise, job.timesteps[job.index])
-        else:
-            kept = self.init_latents
+    def apply(self, job) -> None:
+        run = job.sampler_run  # noised to the next step's level (clean after the last step)
+        kept = run.sampler.add_noise(run, self.init_latents, self.noise, run.begin + job.index)
         job.latents = ((1 - self.mask) * kept + self.mask * job.latents).astype(np.float32)
 
 
@@ -58,9 +56,9 @@ class ImageConditioning:
     init_image: np.ndarray | None = None  # uint8 [H, W, 3], for the paste-back
     source: object = None  # the request's ImageInput it was made from (a mask steer replaces that)
 
-    def after_step(self, job, schedule: DDIMSchedule) -> None:
+    def after_step(self, job) -> None:
         if self.blend is not None:
-            self.blend.apply(job, schedule)
+            self.blend.apply(job)
 
     def finish(self, image: np.ndarray) -> np.ndarray:
         if self.paste_mask is None:
@@ -69,27 +67,28 @@ class ImageConditioning:
         return np.round(weight * image + (1 - weight) * self.init_image.astype(np.float32)).astype(np.uint8)
 
 
-def admit_image_jobs(jobs: list, encode_image, schedule: DDIMSchedule, layout: str, vae_factor: int,
+def admit_image_jobs(jobs: list, noises: dict, encode_image, layout: str, vae_factor: int,
                      low_res_schedule: DDIMSchedule | None = None, max_batch: int | None = None) -> None:
-    """Sets the starting latents, timesteps and image conditioning of image-conditioned jobs
-    whose x_T (job.latents) and full timesteps are already drawn. `layout` is their variant's
-    (base, inpaint, upscale); encode_image(images [N, H, W, 3] in [0, 1]) -> (mean, std), called
-    with at most `max_batch` images."""
+    """Sets the starting latents and image conditioning of image-conditioned jobs whose sampler
+    run (its strength's share of the schedule) and starting latents from noise are already set;
+    `noises`: {id(job): its x_T draw}. `layout` is their variant's (base, inpaint, upscale);
+    encode_image(images [N, H, W, 3] in [0, 1]) -> (mean, std), called with at most `max_batch`
+    images."""
     latents = _encode(jobs, encode_image, layout, max_batch)
     for job in jobs:
-        image, noise = job.planned.image, job.latents  # planned: the request as the engine last planned it
+        image, noise = job.planned.image, noises[id(job)]  # planned: the request as the engine last planned it
+        run = job.sampler_run
         rng = image_noise_generator(job.request.seed)
         posterior = _posterior(latents[id(job)], rng)
         if image.task == "upscale":
             job.image_conditioning = _upscale_conditioning(image, rng, low_res_schedule)
             continue
         init = posterior.pop(0) if _needs_init_latents(image, layout) else None
-        job.timesteps = schedule.strength_timesteps(job.request.steps, image.strength)
         if image.task == "img2img":  # as diffusers' img2img: noised even at strength 1
-            job.latents = schedule.add_noise(init, noise, job.timesteps[0])
+            job.latents = run.sampler.add_noise(run, init, noise, run.begin)
             continue
         if image.strength < 1.0:  # as diffusers' inpainting: strength 1 starts from pure noise
-            job.latents = schedule.add_noise(init, noise, job.timesteps[0])
+            job.latents = run.sampler.add_noise(run, init, noise, run.begin)
         if layout == "inpaint":
             job.image_conditioning = _inpaint_conditioning(image, vae_factor, masked_latents=posterior[0])
         else:

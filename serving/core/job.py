@@ -36,7 +36,8 @@ class Job:
     # filled in on admission
     rng: np.random.Generator | None = None
     latents: np.ndarray | None = None  # float32 [C, h, w]
-    timesteps: np.ndarray | None = None
+    timesteps: np.ndarray | None = None  # the UNet timesteps of the steps it runs
+    sampler_run: object | None = None  # serving.core.samplers.SamplerRun: its own schedule and solver state
     plan: object | None = None  # serving.core.steering.ConditioningPlan: the conditioning of each step
     planned: GenerationRequest | None = None  # the request `plan` was made from, under the engine's lock
     conditioning: object | None = None  # the plan's conditioning of the next step (rows, contexts, combine)

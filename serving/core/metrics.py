@@ -12,6 +12,7 @@ METRICS = (
     ("ldm_step_latency_last_seconds", "last_step_seconds", "gauge", "duration of the latest denoising step"),
     ("ldm_unet_steps_total", "steps", "counter", "denoising iterations (UNet calls)"),
     ("ldm_unet_rows_total", "rows", "counter", "UNet rows over all steps (rows/steps: mean batch)"),
+    ("ldm_unet_rows_saved_total", "rows_saved", "counter", "unconditional UNet rows left out by guidance intervals"),
     ("ldm_step_seconds_total", "step_seconds", "counter", "time spent in denoising steps"),
     ("ldm_images_completed_total", "completed", "counter", "images returned"),
     ("ldm_cancellations_total", "cancelled", "counter", "requests cancelled by their client"),

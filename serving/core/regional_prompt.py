@@ -13,7 +13,7 @@ Attention mode: two rows (one without guidance), each with all K contexts (the u
 with the negatives n_k), to the regional UNet, whose cross-attention mixes the contexts by W;
 then classifier-free guidance as for a plain prompt.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,6 +38,10 @@ class RegionalConditioning:
     @property
     def contexts(self) -> np.ndarray:
         return self.cond if self.uncond is None else np.concatenate([self.cond, self.uncond])
+
+    def unguided(self) -> "RegionalConditioning":
+        """Only the conditional rows (outside a guidance interval): the regions' weighted sum."""
+        return replace(self, uncond=None, negative_of=None)
 
     def combine(self, predictions: np.ndarray) -> np.ndarray:
         count = len(self.cond)

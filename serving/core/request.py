@@ -2,7 +2,7 @@
 
 Every rejection names the field and the allowed range, so a client can fix its request.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import math
 import unicodedata
 from typing import TYPE_CHECKING
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serving.core import image_request
+from serving.core import samplers
 from serving.core.variants import VariantSpec
 
 if TYPE_CHECKING:
@@ -58,6 +59,10 @@ FIELDS = (
     Field("progress_every", "int32", streaming_only=True),
     Field("preview_every", "int32", streaming_only=True),
     Field("timeout_s", "float32"),
+    # samplers (serving/core/samplers/)
+    Field("sampler", "bytes"),
+    Field("sigma_schedule", "bytes"),
+    Field("guidance_interval", "float32", dims=(2,)),
     # regional prompts (serving/core/regions.py)
     Field("region_prompts", "bytes", dims=(-1,)),
     Field("region_negative_prompts", "bytes", dims=(-1,)),
@@ -96,6 +101,15 @@ class Limits:
     regions: "RegionLimits | None" = None
     # the UNet variants served, by name (serving/core/variants.py); none: text-to-image only
     variants: dict = field(default_factory=dict)
+    # (sampler, sigma schedule) of requests that name none: config parameter default_sampler
+    # (`ldm serve --sampler`), else the checkpoint's scheduler class
+    default_sampler: tuple = ("ddim", "default")
+
+    @property
+    def scheduler_config(self) -> dict:
+        """The served checkpoint's scheduler config (its base variant's)."""
+        variant = self.variants.get("base") or next(iter(self.variants.values()), None)
+        return variant.scheduler_config if variant is not None else {}
 
     @classmethod
     def from_parameters(cls, params: dict, pipeline_info: dict) -> "Limits":
@@ -118,6 +132,7 @@ class Limits:
             regions=RegionLimits.from_parameters(params, pipeline_info),
             variants=VariantSpec.table(pipeline_info),
         )
+        limits = replace(limits, default_sampler=_default_sampler(params, limits.scheduler_config))
         limits.check(int(pipeline_info["max_size"]))
         return limits
 
@@ -168,6 +183,14 @@ class GenerationRequest:
     timeout_s: float = 0.0
     regions: "Regions | None" = None  # a prompt per region of the image
     image: "image_request.ImageInput | None" = None  # img2img, inpaint, upscale; None: text-to-image
+    sampler: str = "ddim"  # serving/core/samplers: its name
+    sigma_schedule: str = "default"
+    guidance_interval: tuple = (0.0, 1.0)  # fractions of the run with classifier-free guidance
+
+    @property
+    def strength(self) -> float:
+        """The share of the schedule it denoises (image-to-image and inpainting: less than 1)."""
+        return 1.0 if self.image is None else self.image.strength
 
 
 def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
@@ -199,6 +222,7 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
     from serving.core.regions import parse_regions  # imported here: regions imports this module
 
     regions = parse_regions(inputs, limits.regions, sizes["height"], sizes["width"])
+    sampler, sigma_schedule = parse_sampler(inputs, limits, steps)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -213,7 +237,59 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         timeout_s=timeout_s,
         regions=regions,
         image=image,
+        sampler=sampler,
+        sigma_schedule=sigma_schedule,
+        guidance_interval=_guidance_interval(inputs),
     )
+
+
+def parse_sampler(inputs: dict, limits: Limits, steps: int) -> tuple:
+    """(sampler, sigma schedule) of a request: `sampler` by our name or A1111's display name,
+    `sigma_schedule` (default: the name's); refused when it does not fit the served model."""
+    name = _text(inputs, "sampler", required=False)
+    schedule = _text(inputs, "sigma_schedule", required=False) or None
+    if not name:
+        name, schedule = limits.default_sampler[0], schedule or limits.default_sampler[1]
+    try:
+        name, schedule = samplers.resolve_name(name, schedule)
+    except ValueError as exc:
+        field_name, message = str(exc).split(": ", 1)
+        raise InvalidInput(field_name, message) from None
+    error = samplers.registry.fit_error(name, limits.scheduler_config)
+    if error:
+        raise InvalidInput("sampler", error.split(": ", 1)[1])
+    if name == "lcm":  # LCM picks its timesteps among original_inference_steps
+        limit = int(limits.scheduler_config.get("original_inference_steps", 50))
+        if steps > limit:
+            raise InvalidInput("steps", f"must be at most {limit} with sampler lcm (the checkpoint's original_inference_steps), got {steps}")
+    return name, schedule
+
+
+def _guidance_interval(inputs: dict) -> tuple:
+    value = inputs.get("guidance_interval")
+    if value is None:
+        return (0.0, 1.0)
+    array = np.asarray(value)
+    if array.size != 2 or array.dtype.kind not in "fiu":
+        raise InvalidInput("guidance_interval", "must be two numbers [lo, hi] with 0 <= lo < hi <= 1")
+    lo, hi = (float(v) for v in array.reshape(-1))
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
+        raise InvalidInput("guidance_interval", f"must be two numbers [lo, hi] with 0 <= lo < hi <= 1, got [{lo}, {hi}]")
+    return (lo, hi)
+
+
+def _default_sampler(params: dict, scheduler_config: dict) -> tuple:
+    """config parameter default_sampler (a name or A1111 name; `ldm serve --sampler`), else the
+    sampler the checkpoint's scheduler class names; refused at load when it does not fit."""
+    configured = params.get("default_sampler", "")
+    try:
+        pair = samplers.resolve_name(configured, None) if configured else samplers.default_sampler_name(scheduler_config)
+        error = samplers.registry.fit_error(pair[0], scheduler_config)
+    except ValueError as exc:
+        raise ValueError(f"pipeline config.pbtxt parameter default_sampler={configured!r}: {exc}") from None
+    if error:
+        raise ValueError(f"pipeline config.pbtxt parameter default_sampler={configured!r}: {error}")
+    return pair
 
 
 TEXT_FIELDS = {f.name: f.dims for f in FIELDS if f.dtype == "bytes"}

@@ -1,12 +1,14 @@
 """Running the models for the jobs the scheduler picked: text encoding on admission, one UNet
-call per iteration for all chosen rows, the DDIM update per row, VAE decoding of finished jobs.
+call per iteration for all chosen rows whatever their samplers, each sampler's update of its
+jobs' rows (serving/core/samplers/), VAE decoding of finished jobs.
 
 One Runner serves one UNet variant (serving/core/variants.py); `models` is anything with
 encode_text(input_ids), unet(sample, timestep, encoder_hidden_states[, class_labels]),
 decode(latents) and encode_image(images) -> (mean, std) over numpy arrays: Triton BLS calls, or
 ONNX Runtime in this process. Image-conditioned jobs (img2img, inpainting, upscaling) add to
 this what serving/core/image_jobs.py describes: starting latents and timesteps at admission,
-extra UNet input channels per row, a latent edit after each DDIM update, a paste-back at the end.
+extra UNet input channels per row, a latent edit after each update, a paste-back at the end.
+A job outside its guidance interval contributes its conditional rows only.
 """
 from collections import defaultdict
 
@@ -15,6 +17,7 @@ import numpy as np
 from serving.core.image_jobs import admit_image_jobs, steer_masks
 from serving.core.regions import is_attention_variant
 from serving.core.sampler import DDIMSchedule, noise_generator
+from serving.core.samplers import make_sampler
 from serving.core.text import CachedTextEncoder
 from serving.core.variants import VariantSpec
 
@@ -23,7 +26,7 @@ class Runner:
     def __init__(self, models, variant: VariantSpec, text_encoder: CachedTextEncoder):
         self.models = models
         self.variant = variant
-        self.schedule = DDIMSchedule.from_config(variant.scheduler_config)
+        self.samplers = {}  # (name, sigma schedule) -> Sampler, made on first use
         self.low_res_schedule = (DDIMSchedule.from_config(variant.low_res_scheduler_config)
                                  if variant.low_res_scheduler_config else None)
         self.text_encoder = text_encoder
@@ -38,21 +41,30 @@ class Runner:
         segments = [s for job in (*jobs, *steered) for s in job.plan.unencoded()]
         for segment, conditioning in zip(segments, self.encode([s.spec for s in segments])):
             segment.conditioning = conditioning
+        noises = {}
         for job in jobs:
-            job.conditioning = job.plan.conditioning_at(0)
-            r = job.request
+            r = job.planned
             job.rng = noise_generator(r.seed)
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
-            job.latents = job.rng.standard_normal(shape, dtype=np.float32)
-            job.timesteps = self.schedule.timesteps(r.steps)
+            noises[id(job)] = job.rng.standard_normal(shape, dtype=np.float32)
+            run = job.sampler_run = self.sampler(r.sampler, r.sigma_schedule).start(r.steps, r.strength, r.eta)
+            job.timesteps = run.denoising_timesteps
+            job.latents = run.sampler.initial_latents(run, noises[id(job)])
+            job.conditioning = guided_conditioning(job)
         max_batch = self.variant.max_batch.get("vae_encoder")
         images = [j for j in jobs if j.request.image is not None]
         if images:
-            admit_image_jobs(images, self.models.encode_image, self.schedule, self.variant.name, self.vae_factor,
+            admit_image_jobs(images, noises, self.models.encode_image, self.variant.name, self.vae_factor,
                              self.low_res_schedule, max_batch)
         masked = [j for j in steered if j.image_conditioning is not None and j.image_conditioning.source is not j.planned.image]
         if masked:
             steer_masks(masked, self.models.encode_image, self.variant.name, self.vae_factor, max_batch)
+
+    def sampler(self, name: str, sigma_schedule: str):
+        key = (name, sigma_schedule)
+        if key not in self.samplers:
+            self.samplers[key] = make_sampler(name, sigma_schedule, self.variant.scheduler_config)
+        return self.samplers[key]
 
     def encode(self, prompts: list) -> list:
         """The conditioning of each prompt (anything with texts() and build()), from one
@@ -68,11 +80,15 @@ class Runner:
 
     def step(self, jobs: list) -> None:
         """One denoising step for every job in `jobs` (one call key) with one UNet call: each
-        job's rows sit together, and its conditioning combines their predictions."""
-        t = np.array([j.timesteps[j.index] for j in jobs], dtype=np.int64)
+        job's rows sit together, and its conditioning combines their predictions; then each
+        sampler updates the rows of its jobs."""
+        runs = [j.sampler_run for j in jobs]
+        positions = [run.begin + j.index for run, j in zip(runs, jobs)]
+        t = np.array([run.timesteps[p] for run, p in zip(runs, positions)], dtype=np.float32)
         latents = np.stack([j.latents for j in jobs])
+        scale = np.array([run.sampler.input_scale(run, p) for run, p in zip(runs, positions)], np.float32)
         rows = [j.conditioning.rows for j in jobs]
-        sample = np.repeat(latents, rows, axis=0)
+        sample = np.repeat(latents * scale[:, None, None, None], rows, axis=0)
         timestep = np.repeat(t, rows)
         context = np.concatenate([j.conditioning.contexts for j in jobs])
         sample, image_inputs = self._image_inputs(jobs, rows, sample)
@@ -82,24 +98,26 @@ class Runner:
         else:
             predictions = self.models.unet(sample, timestep, context, **image_inputs)
         bounds = np.cumsum([0] + rows)
-        eps = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])
-        steps = np.array([j.request.steps for j in jobs])
-        eta = np.array([j.request.eta for j in jobs])
-        noise = None
-        if np.any(eta > 0):
-            noise = np.stack(
-                [
-                    j.rng.standard_normal(j.latent_shape, dtype=np.float32) if j.request.eta > 0 else np.zeros(j.latent_shape, np.float32)
-                    for j in jobs
-                ]
-            )
-        prev, x0 = self.schedule.step(eps, t, self.schedule.previous_timesteps(t, steps), latents, eta, noise)
-        for i, job in enumerate(jobs):
-            job.latents = prev[i]
-            job.pred_x0 = x0[i]
-            job.index += 1
-            if job.image_conditioning is not None:
-                job.image_conditioning.after_step(job, self.schedule)
+        outputs = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])
+        by_sampler = defaultdict(list)
+        for i, run in enumerate(runs):
+            by_sampler[id(run.sampler)].append(i)
+        for members in by_sampler.values():
+            group = [jobs[i] for i in members]
+            sampler = runs[members[0]].sampler
+            noise = None
+            drawn = [sampler.draws_noise(runs[i], positions[i]) for i in members]
+            if any(drawn):  # from each job's own seed stream, in its step order: batch-invariant
+                noise = np.stack([j.rng.standard_normal(j.latent_shape, dtype=np.float32) if d
+                                  else np.zeros(j.latent_shape, np.float32) for j, d in zip(group, drawn)])
+            prev, x0 = sampler.step([runs[i] for i in members], [positions[i] for i in members], outputs[members],
+                                    latents[members], noise)
+            for k, job in enumerate(group):
+                job.latents = prev[k]
+                job.pred_x0 = x0[k]
+                job.index += 1
+                if job.image_conditioning is not None:
+                    job.image_conditioning.after_step(job)
 
     def _image_inputs(self, jobs: list, rows: list, sample: np.ndarray) -> tuple:
         """(sample, extra UNet inputs): for a concat-conditioned variant each row's latents are
@@ -130,6 +148,18 @@ class Runner:
                 if jobs[i].image_conditioning is not None:
                     images[i] = jobs[i].image_conditioning.finish(images[i])
         return images
+
+
+def guided_conditioning(job):
+    """The conditioning of the job's next step: its plan's, without the unconditional rows
+    outside its guidance interval (fractions of the steps it runs: step i of n is guided when
+    lo <= i / n < hi)."""
+    conditioning = job.plan.conditioning_at(job.index)
+    lo, hi = job.request.guidance_interval
+    if (lo, hi) == (0.0, 1.0) or job.timesteps is None:
+        return conditioning
+    fraction = job.index / len(job.timesteps)
+    return conditioning if lo <= fraction < hi else conditioning.unguided()
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from serving.core.prompt_schedule import joint_schedule, schedule
 from serving.core.regional_prompt import regional_prompt
 from serving.core.regions import FIELDS as REGION_FIELDS, parse_regions
 from serving.core.request import parse_request
+from serving.core.samplers.base import kept_steps
 
 TEXT_FIELDS = ("prompt", "negative_prompt", "guidance_scale")
 STEERABLE = (*TEXT_FIELDS, *REGION_FIELDS, "mask")
@@ -70,9 +71,7 @@ def prompt_spec(request):
 def denoising_steps(request) -> int:
     """How many denoising steps the job runs (img2img and inpainting: the strength's share),
     which prompt schedules count."""
-    if request.image is None:
-        return request.steps
-    return min(int(request.steps * request.image.strength), request.steps)
+    return kept_steps(request.steps, request.strength)
 
 
 def scheduled_texts(request) -> list:

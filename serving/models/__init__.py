@@ -2,7 +2,7 @@
 
 A runner for one checkpoint offers, over numpy arrays:
   encode_text(input_ids int64 [N, L]) -> float32 [N, L, D]
-  unet(sample float32 [B, C, h, w], timestep int64 [B], encoder_hidden_states float32 [B, L, D], **per_row)
+  unet(sample float32 [B, C, h, w], timestep float32 [B], encoder_hidden_states float32 [B, L, D], **per_row)
       -> float32 [B, C', h, w]   (per_row: further batch-first UNet inputs by name, e.g. class_labels)
   decode(latents float32 [N, C, h, w], scaled) -> float32 [N, H, W, 3] in [0, 1]
   encode_image(images float32 [N, H, W, 3] in [0, 1]) -> (mean, std) float32 [N, C, h, w], scaled

@@ -117,7 +117,7 @@ class TorchModels:
     """The checkpoint's text encoder, UNet and VAE (those in `components`) on one device.
 
     encode_text(input_ids int64 [N, L]) -> float32 [N, L, D]
-    unet(sample [B, C, h, w], timestep int64 [B], encoder_hidden_states [B, L, D], **per_row) -> [B, C', h, w]
+    unet(sample [B, C, h, w], timestep float32 [B], encoder_hidden_states [B, L, D], **per_row) -> [B, C', h, w]
         (per_row: extra batch-first inputs of the UNet, e.g. class_labels; passed by name)
     decode(latents [N, C, h, w], scaled) -> float32 [N, H, W, 3] in [0, 1]
     encode_image(images [N, H, W, 3] in [0, 1]) -> (mean, std), scaled, each [N, C, h, w]
@@ -177,7 +177,7 @@ class TorchModels:
             fn = call.fn
             call = BucketedCall("unet", lambda s, t, c, *extra: fn(s, t, c, **dict(zip(names, extra))),
                                 call.buckets, call.device, call.dtype)
-        return self._with_device(call, sample, np.asarray(timestep, np.int64).reshape(-1), encoder_hidden_states,
+        return self._with_device(call, sample, np.asarray(timestep, np.float32).reshape(-1), encoder_hidden_states,
                                  *(per_row[n] for n in names))[0]
 
     def decode(self, latents):

@@ -65,16 +65,11 @@ class Sampler:
         """(timesteps [steps], per-position schedule values), cached per step count (and mu)."""
         raise NotImplementedError
 
-    def check_steps(self, steps: int) -> str | None:
-        """Why `steps` cannot run on this sampler, or None."""
-        return None
-
     def start(self, steps: int, strength: float = 1.0, eta: float = 0.0, mu: float | None = None) -> SamplerRun:
         """A job's run of `steps` steps; `mu`: the resolution-dependent shift of flow-matching
         checkpoints that shift dynamically (their family computes it)."""
         timesteps, values = self._schedule(steps, mu)
-        kept = min(int(steps * strength), steps)
-        return SamplerRun(self, steps, timesteps, values, begin=steps - kept, eta=eta)
+        return SamplerRun(self, steps, timesteps, values, begin=steps - kept_steps(steps, strength), eta=eta)
 
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return False
@@ -91,6 +86,12 @@ class Sampler:
     def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
              noise: np.ndarray | None) -> tuple:
         raise NotImplementedError
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """How many of a run's `steps` image-to-image denoises at `strength`: its last
+    int(steps x strength) (diffusers' get_timesteps); the one place this arithmetic lives."""
+    return min(int(steps * strength), steps)
 
 
 def per_row(values) -> np.ndarray:

@@ -22,11 +22,6 @@ class LCM(Sampler):
         self.timestep_scaling = float(config.get("timestep_scaling", 10.0))
         self.clip_sample_range = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
 
-    def check_steps(self, steps: int) -> str | None:
-        if steps > self.original_steps:
-            return f"must be at most {self.original_steps} (the checkpoint's LCM original_inference_steps) with sampler lcm"
-        return None
-
     def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
         k = self.num_train_timesteps // self.original_steps
         origin = (np.arange(1, self.original_steps + 1) * k - 1)[::-1]
