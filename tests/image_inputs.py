@@ -14,7 +14,7 @@ class Sink:
         self.image = self.error = None
         self.ends = 0
 
-    def progress(self, step, total, preview):
+    def progress(self, step, total, preview, steer_applied=()):
         pass
 
     def finish(self, image, seed):
