@@ -1,6 +1,8 @@
 """`ldm eval`: prompt adherence and VAE PSNR of a checkpoint (in process) or of the service, and
 the image-conditioned tasks (inpainting, img2img recolouring: training/edit_eval.py);
-`ldm eval --regions`: regional-prompt adherence (training/regional_eval_cli.py).
+`ldm eval --regions`: regional-prompt adherence (training/regional_eval_cli.py);
+`ldm eval --sampler S --steps N`: one sampler setting's held-out adherence and images/s through
+the service; `ldm eval --sampler-table`: every setting of training/sampler_eval.py.
 
 The evaluator is validated on ground-truth renders first; below 98% its scores do not count and
 the command fails. With --require-targets a missed target also fails the command.
@@ -19,7 +21,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--url", help="evaluate the running service instead, e.g. localhost:8001")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--prompts", type=int, default=100, help="prompts per set (seen, held-out)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
+    samplers = parser.add_argument_group("samplers (through the service: --url, or a server this command starts)")
+    samplers.add_argument("--sampler", help="measure this sampler (a name or A1111 name): held-out adherence at "
+                          "guidance 5 and images/s at 16 concurrent clients")
+    samplers.add_argument("--sigma-schedule", choices=("default", "karras"), help="default: the sampler name's")
+    samplers.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=(0.0, 1.0),
+                          help="fractions of the run with classifier-free guidance")
+    samplers.add_argument("--sampler-table", action="store_true",
+                          help="every setting of the samplers table (starts a server on --checkpoint)")
+    samplers.add_argument("--table-out", type=Path, help="with --sampler-table: write the rows as JSON here")
     parser.add_argument("--grid", type=Path, help="also write a sample grid PNG (checkpoint, g=5, held-out marked)")
     parser.add_argument("--edit-prompts", type=int, default=100,
                         help="scenes per image-conditioned set (inpainting, recolouring; 0: skip them)")
@@ -30,6 +41,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.regions:
         return regional_eval_cli.run(args)
+    if args.sampler_table:
+        from training.sampler_eval import sampler_table
+
+        return sampler_table(args.checkpoint, args.prompts, args.table_out)
+    if args.sampler:
+        return sampler_setting(args)
     accuracy = evaluator_accuracy()
     print(f"evaluator accuracy on ground-truth renders: {accuracy:.1%} (must be >= {EVALUATOR_MIN_ACCURACY:.0%})")
     if accuracy < EVALUATOR_MIN_ACCURACY:
@@ -105,3 +122,26 @@ def image_tasks(args, pipe) -> list:
                "accuracy " + " / ".join(f"{a:.0%}" for a in accuracy) + "; shift " + " / ".join(f"{s:.2f}" for s in shift),
                monotone(accuracy) and monotone(shift)),
     ]
+
+
+def sampler_setting(args) -> int:
+    """One sampler setting through the service at --url (or a server started on --checkpoint)."""
+    from training.sampler_eval import measure, report
+
+    def run(url):
+        row = measure(url, args.sampler, args.sigma_schedule, args.steps, tuple(args.guidance_interval), args.prompts)
+        return report([row], target=False)
+
+    if args.url:
+        return run(args.url)
+    import tempfile
+
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.triton.server import TritonServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "model_repository"
+        write_repository(args.checkpoint, repo, pipeline_parameters=pipeline_parameters(max_queue=256), log=lambda *a: None)
+        with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
+            return run(server.grpc_url)
