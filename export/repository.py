@@ -221,7 +221,12 @@ def _variant_facts(info: CheckpointInfo, components: dict, served: tuple, tokeni
 
 
 def write_pipeline_config(repo, parameters: dict, gpu: bool = False) -> None:
-    """(Re)writes the pipeline's config.pbtxt: its placement, runners, defaults, limits and batching."""
+    """(Re)writes the pipeline's config.pbtxt: its placement, runners, defaults, limits and batching;
+    and the checkpoint's scheduler config (parameter scheduler_config), which the gateway lists
+    the samplers that fit the served model by (GET /v1/samplers)."""
+    scheduler = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
+    if scheduler.is_file() and "scheduler_config" not in parameters:
+        parameters = {**parameters, "scheduler_config": json.dumps(json.loads(scheduler.read_text()), sort_keys=True)}
     _write(Path(repo) / "pipeline" / "config.pbtxt", to_pbtxt(pipeline_config(parameters, gpu)))
 
 

@@ -15,13 +15,15 @@ LDM = [sys.executable, "-m", "serving.cli"]
 
 def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
     """`ldm serve` starts tritonserver and the gateway; `ldm generate` gets the same image through
-    the gateway (default), Triton's gRPC and Triton's HTTP; -n writes n files; SIGTERM stops all."""
+    the gateway (default), Triton's gRPC and Triton's HTTP; -n writes n files; SIGTERM stops all.
+    `ldm serve --sampler` sets the default sampler; `ldm generate --sampler --guidance-interval`
+    picks one per request."""
     ports = [free_port() for _ in range(5)]
     repo = tmp_path / "repo"
     serve = subprocess.Popen(
         LDM + ["serve", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo), "--http-port", str(ports[0]),
                "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--gateway-rest-port", str(ports[3]),
-               "--gateway-grpc-port", str(ports[4]), "--log-file", str(tmp_path / "triton.log")],
+               "--gateway-grpc-port", str(ports[4]), "--log-file", str(tmp_path / "triton.log"), "--sampler", "Euler a"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -54,6 +56,24 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
         pixels = {p: np.asarray(Image.open(tmp_path / f"{p}.png")) for p in urls}
         assert all(np.array_equal(pixels["gateway"], other) for other in pixels.values())
 
+        picked = {}
+        for name, extra in (("explicit", ["--sampler", "euler_ancestral"]),
+                            ("dpm-gateway", ["--sampler", "DPM++ 2M Karras", "--guidance-interval", "0.2", "0.8"]),
+                            ("dpm-kserve", ["--sampler", "dpmpp_2m", "--sigma-schedule", "karras", "--guidance-interval", "0.2",
+                                            "0.8", "--protocol", "kserve", "--url", f"127.0.0.1:{ports[1]}"])):
+            out = tmp_path / f"{name}.png"
+            url = [] if "--url" in extra else ["--url", f"127.0.0.1:{ports[4]}"]
+            done = subprocess.run(LDM + ["generate", "a red circle", "-o", str(out), "--seed", "5", "--steps", "4", *extra, *url],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            picked[name] = np.asarray(Image.open(out))
+        assert np.array_equal(picked["explicit"], pixels["gateway"])  # the served default is `ldm serve --sampler`'s
+        assert np.array_equal(picked["dpm-gateway"], picked["dpm-kserve"])
+        assert not np.array_equal(picked["dpm-gateway"], pixels["gateway"])
+        unknown = subprocess.run(LDM + ["generate", "x", "--sampler", "DPM++ 3M", "--url", f"127.0.0.1:{ports[4]}"],
+                                 capture_output=True, text=True, timeout=60)
+        assert unknown.returncode == 2 and "INVALID_ARGUMENT" in unknown.stderr and "sampler" in unknown.stderr
+
         many = subprocess.run(LDM + ["generate", "a red circle", "-n", "3", "-o", str(tmp_path / "many.webp"), "--seed", "8",
                                      "--steps", "3", "--url", f"127.0.0.1:{ports[4]}"], capture_output=True, text=True, timeout=120)
         assert many.returncode == 0, many.stderr
@@ -71,6 +91,24 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_serve_refuses_a_sampler_that_does_not_fit_before_starting(tiny_repo, tmp_path):
+    """`ldm serve --sampler` is checked against the exported checkpoint before tritonserver starts:
+    an unknown name, or flow matching on the tiny (not flow-matching) checkpoint, exits 2."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)  # someone else's model: served as it is, not re-exported
+    before = (repo / "pipeline" / "config.pbtxt").read_text()
+    ports = [str(free_port()) for _ in range(5)]
+    for sampler, why in (("flow_match_euler", "does not fit"), ("DPM++ 3M", "unknown sampler")):
+        refused = subprocess.run(
+            LDM + ["serve", "--repo", str(repo), "--sampler", sampler, "--http-port", ports[0], "--grpc-port", ports[1],
+                   "--metrics-port", ports[2], "--gateway-rest-port", ports[3], "--gateway-grpc-port", ports[4]],
+            capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and why in refused.stderr and "starting tritonserver" not in refused.stdout, refused
+    assert (repo / "pipeline" / "config.pbtxt").read_text() == before
 
 
 def test_serve_refreshes_a_stale_export_of_the_default_model(tiny_checkpoint, tmp_path, monkeypatch):

@@ -55,6 +55,9 @@ def test_every_generated_config_parses(tiny_repo):
     assert configs["pipeline"].model_transaction_policy.decoupled
     assert not configs["pipeline_unary"].model_transaction_policy.decoupled
     params = {k: v.string_value for k, v in configs["pipeline"].parameters.items()}
+    # the checkpoint's scheduler config, for the gateway's sampler list (GET /v1/samplers)
+    scheduler = json.loads(params.pop("scheduler_config"))
+    assert scheduler == json.loads((tiny_repo / "pipeline" / "1" / "scheduler_config.json").read_text())
     assert params == {k: str(v) for k, v in pipeline_parameters().items()}
     unet_inputs = {i.name: i for i in configs["unet"].input}
     assert list(unet_inputs["timestep"].dims) == [1] and unet_inputs["timestep"].HasField("reshape")

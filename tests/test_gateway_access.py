@@ -138,6 +138,20 @@ def test_keys_limits_and_metrics_through_a_guarded_gateway(guarded):
     assert "ldm_gateway_request_seconds_bucket" in text and "ldm_gateway_queue_wait_seconds" in text
 
 
+def test_the_sampler_list_needs_a_key_too(guarded):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(guarded.rest_url + "/v1/samplers", timeout=30)
+    assert info.value.code == 401
+    request = urllib.request.Request(guarded.rest_url + "/v1/samplers", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert len(json.loads(response.read())["data"]) == 8
+    with ImagesClient(guarded.grpc_url) as anonymous, pytest.raises(ImagesError) as refused:
+        anonymous.samplers()
+    assert refused.value.code == "UNAUTHENTICATED"
+    with ImagesClient(guarded.grpc_url, api_key=KEY) as client:
+        assert len(client.samplers()) == 8
+
+
 def _samples(text, name):
     for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))

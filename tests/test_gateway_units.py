@@ -120,3 +120,60 @@ def test_callers_without_keys_are_their_address_not_their_connection():
     assert peer_address("ipv4:10.0.0.7:51234") == "10.0.0.7"
     assert peer_address("ipv6:[::1]:40000") == "::1"
     assert peer_address("unix:/tmp/socket") == "unix:/tmp/socket"
+
+
+def test_sampler_fields_pass_through_from_rest_json_and_forms_and_from_grpc():
+    from serving.gateway import grpc_api
+    from serving.gateway.protos import images_pb2
+
+    parsed = rest_params.parse({"prompt": "x", "sampler": "DPM++ 2M Karras", "sigma_schedule": "karras",
+                                "guidance_interval": [0.2, 1]}, rest_params.GENERATIONS, from_form=False)
+    assert parsed["sampler"] == "DPM++ 2M Karras" and parsed["guidance_interval"] == [0.2, 1.0]
+    for text in ("0.2,0.8", "[0.2, 0.8]", ["0.2", "0.8"]):  # `lo,hi`, JSON, or the field twice
+        form = rest_params.parse({"prompt": "x", "image": object(), "guidance_interval": text}, rest_params.EDITS, from_form=True)
+        assert form["guidance_interval"] == [0.2, 0.8]
+    for body, field in (({"guidance_interval": [0.2]}, "guidance_interval"), ({"guidance_interval": "0.2"}, "guidance_interval"),
+                        ({"guidance_interval": [0.1, float("nan")]}, "guidance_interval"),
+                        ({"sigma_schedule": "exponential"}, "sigma_schedule"), ({"sampler": 3}, "sampler")):
+        with pytest.raises(ApiError) as info:
+            rest_params.parse({"prompt": "x", **body}, rest_params.GENERATIONS, from_form=False)
+        assert info.value.field == field
+    request = images_pb2.GenerateRequest(prompt="x", sampler="Euler a", guidance_interval=[0.25, 0.75])
+    generation = grpc_api.to_generation(request, 1024, streaming=False)
+    assert generation.inputs == {"sampler": "Euler a", "guidance_interval": [0.25, 0.75]}
+    declared = {**DECLARED, "sampler": "TYPE_STRING", "guidance_interval": "TYPE_FP32"}
+    arrays = generation.validate().arrays(0, declared)
+    assert arrays["guidance_interval"].dtype == np.float32 and arrays["guidance_interval"].shape == (2,)
+    assert arrays["sampler"].tolist() == [b"Euler a"]
+    with pytest.raises(ApiError) as info:  # its tensor is [2]: refused here, not by Triton's shape check
+        grpc_api.to_generation(images_pb2.GenerateRequest(prompt="x", guidance_interval=[0.5]), 1024, False).validate()
+    assert info.value.field == "guidance_interval"
+    assert from_pipeline("[INVALID_ARG] sampler: unknown sampler 'x'; valid: ddim, euler").field == "sampler"
+
+
+def test_the_sampler_list_says_what_fits_the_served_model_and_its_default():
+    import json
+
+    from serving.gateway.pipeline import PipelineModel
+    from serving.gateway.samplers import rest_list, served_samplers
+
+    def model(**parameters):
+        return PipelineModel({}, parameters)
+
+    epsilon = json.dumps({"_class_name": "DDIMScheduler", "prediction_type": "epsilon"})
+    served = served_samplers(model(scheduler_config=epsilon))
+    listed = rest_list(served)
+    assert listed["object"] == "list" and len(listed["data"]) == 8
+    fits = {s["name"]: s["fits_served_model"] for s in listed["data"]}
+    assert fits.pop("flow_match_euler") is False and all(fits.values())
+    assert (listed["default_sampler"], listed["default_sigma_schedule"]) == ("ddim", "default")
+    dpm = next(s for s in listed["data"] if s["name"] == "dpmpp_2m")
+    assert dpm["object"] == "sampler" and "DPM++ 2M Karras" in dpm["a1111_names"] and dpm["sigma_schedules"] == ["default", "karras"]
+    configured = served_samplers(model(scheduler_config=epsilon, default_sampler="DPM++ 2M Karras"))
+    assert configured.default == ("dpmpp_2m", "karras")
+    flow = served_samplers(model(scheduler_config=json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"})))
+    assert [s["name"] for s in flow.samplers if s["fits_served_model"]] == ["flow_match_euler"]
+    assert flow.default == ("flow_match_euler", "default")
+    unknown = served_samplers(model())  # an export older than samplers: fit not known
+    assert unknown.default is None and all("fits_served_model" not in s for s in unknown.samplers)
+    assert served_samplers(None).default is None

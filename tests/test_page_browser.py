@@ -105,6 +105,29 @@ def test_generate_shows_previews_then_the_result_in_the_gallery_and_downloads_it
     assert card.locator("dd").all_text_contents()[:2] == [PROMPT, "24"]
 
 
+def test_the_sampler_menu_lists_the_samplers_and_a_generation_uses_the_chosen_one(page, server):
+    page.wait_for_selector("#sampler[data-loaded=true]", state="attached")
+    options = page.eval_on_selector_all("#sampler option", "os => os.map(o => [o.value, o.textContent, o.disabled])")
+    assert options[0] == ["", "server default (DDIM)", False]
+    disabled = {value: off for value, _, off in options}
+    # A1111's names, and ours for a sampler without one; flow matching does not fit this model
+    assert {"DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "UniPC", "LCM"} <= set(disabled)
+    assert disabled.pop("flow_match_euler") is True and not any(disabled.values())
+    page.select_option("#sampler", "DPM++ 2M Karras")
+    with page.expect_request(lambda r: r.url.endswith("/v1/generations") and r.method == "POST") as sent:
+        start(page, PROMPT, seed=9, steps=12, guidance=5.0, size="32x32")
+    card = page.locator("#gallery .card").first
+    card.wait_for()
+    assert json.loads(sent.value.post_data)["sampler"] == "DPM++ 2M Karras"
+    data = download(page, card)
+    assert json.loads(png_texts(data)["ldm-serving"])["sampler"] == "DPM++ 2M Karras"
+    assert "Steps: 12, Sampler: DPM++ 2M Karras, CFG scale: 5" in png_texts(data)["parameters"]
+    with LdmClient(server.grpc_url) as kserve:
+        expected = kserve.generate(PROMPT, seed=9, steps=12, guidance_scale=5.0, height=32, width=32,
+                                   sampler="dpmpp_2m", sigma_schedule="karras")
+    np.testing.assert_array_equal(pixels(data), expected)
+
+
 def test_editing_the_prompt_mid_run_steers_it_and_the_page_shows_the_steer_applied(page, server):
     start(page, PROMPT, seed=3, guidance=7.5, **LONG)
     wait_for_step(page, 3)

@@ -25,6 +25,12 @@ def add_arguments(parser):
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--sampler", help='ddim, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, '
+                        'flow_match_euler, or an A1111 name ("DPM++ 2M Karras", "Euler a"); default: the server\'s')
+    parser.add_argument("--sigma-schedule", choices=("default", "karras"),
+                        help="sigma spacing of the Euler, DPM++ and UniPC samplers")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="classifier-free guidance only from LO to HI (fractions of the run, e.g. 0.2 0.8)")
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="gateway",
                         help="gateway: the typed API (default); kserve / kserve-http: Triton's gRPC / HTTP")
     parser.add_argument("--url", help="server address (default: " + ", ".join(f"{k} {v}" for k, v in PROTOCOLS.items()) + ")")
@@ -107,7 +113,8 @@ def run(args) -> int:
     url = args.url or PROTOCOLS[args.protocol]
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     fields = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                  width=args.width, eta=args.eta)
+                  width=args.width, eta=args.eta, sampler=args.sampler, sigma_schedule=args.sigma_schedule,
+                  guidance_interval=args.guidance_interval)
     try:
         fields.update(image_fields(args))
         fields.update(region_fields(args, args.protocol))
@@ -154,11 +161,14 @@ def _via_gateway(args, url, seed, fields, paths, output_format, bar) -> list:
 
 
 def _via_kserve(args, url, seed, fields, paths, bar) -> list:
+    import numpy as np
     from PIL import Image
 
     from serving.client.kserve import LdmClient
 
     http = args.protocol == "kserve-http"
+    if fields.get("guidance_interval") is not None:  # Triton's tensor: FP32 [2]
+        fields = dict(fields, guidance_interval=np.asarray(fields["guidance_interval"], np.float32))
     written = []
     with LdmClient(url, "http" if http else "grpc") as client:
         for index, path in enumerate(paths):

@@ -4,6 +4,8 @@
     with ImagesClient("localhost:50051") as client:
         for image in client.generate("a red circle", n=2, seed=7, steps=25):
             image.save(f"circle-{image.seed}.png")
+        client.generate("a red circle", seed=7, steps=15, sampler="DPM++ 2M Karras", guidance_interval=(0.2, 0.8))
+        [s["name"] for s in client.samplers() if s["fits_served_model"]]
 
 `generate` is retried (serving/client/retry.py's policy: UNAVAILABLE, jittered backoff) only
 when the request has a seed: then a replay gives the same images, so it is idempotent; without
@@ -99,7 +101,8 @@ def _image_bytes(value) -> bytes:
 
 def build_request(prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields):
     """A GenerateRequest; fields are the message's (images as bytes, numpy arrays or PIL images;
-    `regions` as a list of dicts with prompt, negative_prompt, mask; task and region_mode by name)."""
+    `regions` as a list of dicts with prompt, negative_prompt, mask; task and region_mode by name;
+    `guidance_interval` as (lo, hi))."""
     request = images_pb2.GenerateRequest(prompt=prompt, n=n, output_format=FORMATS[output_format])
     if seed is not None:
         request.seed = seed
@@ -118,8 +121,12 @@ def build_request(prompt: str, n: int = 1, seed: int | None = None, output_forma
                 request.regions.add(prompt=region["prompt"], negative_prompt=region.get("negative_prompt", ""),
                                     mask=_image_bytes(mask) if mask is not None else b"")
             continue
-        if name not in images_pb2.GenerateRequest.DESCRIPTOR.fields_by_name:
+        field = images_pb2.GenerateRequest.DESCRIPTOR.fields_by_name.get(name)
+        if field is None:
             raise TypeError(f"unknown field {name!r} of ldm.v1.GenerateRequest")
+        if field.is_repeated:  # guidance_interval
+            getattr(request, name).extend(value)
+            continue
         setattr(request, name, value)
     return request
 
@@ -155,6 +162,22 @@ class ImagesClient:
 
         response = call_with_retry(call, self.policy) if seed is not None else call()
         return [_image(m) for m in response.images]
+
+    def samplers(self) -> list:
+        """The samplers the server knows (ListSamplers), as dicts: name, description, a1111_names,
+        sigma_schedules, fits, parameters, fits_served_model (None when the server does not say)."""
+        def call():
+            try:
+                return self.stub.ListSamplers(images_pb2.ListSamplersRequest(), timeout=self.timeout_s,
+                                              metadata=self.metadata)
+            except grpc.RpcError as error:
+                raise ImagesError.from_rpc(error) from None
+
+        response = call_with_retry(call, self.policy)
+        return [dict(name=s.name, description=s.description, a1111_names=list(s.a1111_names),
+                     sigma_schedules=list(s.sigma_schedules), fits=s.fits, parameters=list(s.parameters),
+                     fits_served_model=s.fits_served_model if s.HasField("fits_served_model") else None)
+                for s in response.samplers]
 
     def stream(self, prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields) -> Iterator:
         """Progress events (every `progress_every` steps, default 1), then each Image as it is done.

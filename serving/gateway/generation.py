@@ -54,6 +54,9 @@ class Generation:
             raise invalid("output_format", f"must be one of {', '.join(FORMATS)}, got {self.output_format!r}")
         if not 1 <= self.quality <= 100:
             raise invalid("quality", f"must be in [1, 100], got {self.quality}")
+        interval = self.inputs.get("guidance_interval")
+        if interval is not None and len(interval) != 2:  # its tensor is [2]: Triton would refuse another shape
+            raise invalid("guidance_interval", f"must be two numbers [lo, hi] (fractions of the run), got {len(interval)}")
         for name in ("progress_every", "preview_every"):
             if getattr(self, name) < 0:
                 raise invalid(name, f"must be at least 0, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ from serving.gateway.access import bearer
 from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
 from serving.gateway.generation import FIELD_NAMES, Generation
 from serving.gateway.protos import images_pb2, images_pb2_grpc
+from serving.gateway.samplers import served_samplers
 from serving.gateway.service import EncodedImage, ImageService
 from serving.gateway.telemetry import REQUEST_ID_HEADER, request_id
 
@@ -43,6 +44,11 @@ def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
     inputs = {name: getattr(request, name) for name in SCALARS if request.HasField(name)}
     if request.negative_prompt:
         inputs["negative_prompt"] = request.negative_prompt
+    for name in ("sampler", "sigma_schedule"):  # empty: the served pipeline's default
+        if getattr(request, name):
+            inputs[name] = getattr(request, name)
+    if request.guidance_interval:
+        inputs["guidance_interval"] = list(request.guidance_interval)
     if request.task:
         inputs["task"] = TASKS[request.task]
     if request.init_image:
@@ -62,6 +68,17 @@ def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
         progress_every=progress_every if streaming else 0,
         preview_every=request.preview_every if streaming else 0,
     )
+
+
+def samplers_message(model) -> "images_pb2.ListSamplersResponse":
+    """ListSamplers' answer for the served pipeline `model` (None: not known yet)."""
+    served = served_samplers(model)
+    response = images_pb2.ListSamplersResponse()
+    for entry in served.samplers:
+        response.samplers.add(**entry)  # fits_served_model, when known, is a field like the others
+    if served.default is not None:
+        response.default_sampler, response.default_sigma_schedule = served.default
+    return response
 
 
 def to_steer(steer, max_pixels: int) -> dict:
@@ -185,6 +202,15 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                         yield images_pb2.GenerateEvent(progress=grpc_session.progress_message(event), request_id=rid)
             except ApiError as error:
                 await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+
+    async def ListSamplers(self, request, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request("grpc.ListSamplers", rid) as outcome:
+            try:
+                self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
+                return samplers_message(self.service.pipeline.model)
+            except ApiError as error:
+                await context.abort_with_status(status_of(outcome.failed(error), rid))
 
     async def Session(self, request_iterator, context):
         rid, metadata = self._start(context)

@@ -9,13 +9,14 @@ from serving.gateway.protos import images_pb2
 from serving.gateway.rest_params import EDITS, GENERATIONS, params_of
 
 KINDS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
-         "boolean": {"type": "boolean"}, "file": {"type": "string", "format": "binary"}, "any": {}}
+         "boolean": {"type": "boolean"}, "file": {"type": "string", "format": "binary"}, "any": {},
+         "interval": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2, "maxItems": 2}}
 
 
 def _schema(param) -> dict:
     schema = dict(KINDS[param.kind], description=param.description)
-    for key, value in (("enum", list(param.enum) or None), ("minimum", param.minimum), ("maximum", param.maximum),
-                       ("default", param.default)):
+    bounds = () if param.kind == "interval" else (("minimum", param.minimum), ("maximum", param.maximum))
+    for key, value in (("enum", list(param.enum) or None), *bounds, ("default", param.default)):
         if value is not None:
             schema[key] = value
     if param.extension:
@@ -144,6 +145,22 @@ def _probe(description: str, content_type: str = "application/json") -> dict:
     return {"get": {"summary": description, "responses": {"200": {"description": "ok", "content": {content_type: {}}}}}}
 
 
+def _sampler_list() -> dict:
+    strings = {"type": "array", "items": {"type": "string"}}
+    sampler = {"type": "object", "properties": {
+        "object": {"const": "sampler"}, "name": {"type": "string", "description": "what `sampler` takes"},
+        "description": {"type": "string"},
+        "a1111_names": dict(strings, description="display names `sampler` also takes (any case)"),
+        "sigma_schedules": dict(strings, description="what `sigma_schedule` may be with it"),
+        "fits": {"type": "string", "description": "the models it fits"},
+        "parameters": dict(strings, description="the request fields it reads"),
+        "fits_served_model": {"type": "boolean", "description": "absent when the served export does not say"}}}
+    return {"type": "object", "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": sampler},
+        "default_sampler": {"type": ["string", "null"], "description": "what a request naming no sampler gets"},
+        "default_sigma_schedule": {"type": ["string", "null"]}}}
+
+
 def document() -> dict:
     return {
         "openapi": "3.1.0",
@@ -155,6 +172,13 @@ def document() -> dict:
                                                           "image_generation")},
             "/v1/images/edits": {"post": _operation(EDITS, "Edit an image (inpaint where transparent / masked)",
                                                     "multipart/form-data", "image_edit")},
+            "/v1/samplers": {"get": {
+                "summary": "The samplers a request may name (`sampler`), with their A1111 names, sigma schedules, "
+                           "parameters, the models they fit and whether they fit the served one",
+                "operationId": "samplers_list",
+                "responses": {"200": {"description": "OpenAI's list shape", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/SamplerList"}}}},
+                              **_live_errors("401")}}},
             **_live_paths(),
             "/healthz": _probe("liveness: the gateway answers"),
             "/readyz": _probe("readiness: the pipeline behind the gateway is ready (503 when not)"),
@@ -181,6 +205,7 @@ def document() -> dict:
                     "type": {"type": "string"}, "b64_json": {"type": "string"}, "partial_image_index": {"type": "integer"},
                     "image_index": {"type": "integer", "x-ldm-extension": True}, "seed": {"type": "integer"},
                     "created_at": {"type": "integer"}, "size": {"type": "string"}, "output_format": {"type": "string"}}},
+                "SamplerList": _sampler_list(),
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": ["string", "null"]}, "code": {"type": "string"}}}}},

@@ -1,6 +1,7 @@
 """The REST front (aiohttp): OpenAI's Images API at /v1/images/generations and /v1/images/edits,
-its error shape, server-sent events for `stream: true`; the OpenAPI document (/openapi.json),
-a page rendering it (/docs), liveness (/healthz), readiness (/readyz) and metrics (/metrics).
+its error shape, server-sent events for `stream: true`; the samplers they take (/v1/samplers, in
+OpenAI's list shape); the OpenAPI document (/openapi.json), a page rendering it (/docs),
+liveness (/healthz), readiness (/readyz) and metrics (/metrics).
 
 A client that disconnects cancels its request (the handler is cancelled, which closes the
 pipeline stream). Every response carries `X-Request-Id`.
@@ -22,6 +23,7 @@ from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMEN
 from serving.gateway.generation import Generation
 from serving.gateway.openapi import document
 from serving.gateway.rest_params import EDITS, GENERATIONS, parse_size
+from serving.gateway.samplers import rest_list, served_samplers
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent
 from serving.gateway.telemetry import request_id
 
@@ -135,9 +137,16 @@ async def _form(request) -> dict:
     values = {}
     for key, value in form.items():
         name = key.removesuffix("[]")
+        if rest_params.BY_NAME.get(name) and rest_params.BY_NAME[name].kind == "interval":
+            # [lo, hi] as `lo,hi`, or as the field twice (how SDKs send a list in a form)
+            values.setdefault(name, []).append(value)
+            continue
         if name in values:
             raise invalid(name, "give it once (this server edits one image per request)")
         values[name] = value
+    for name, parts in values.items():
+        if rest_params.BY_NAME.get(name) and rest_params.BY_NAME[name].kind == "interval" and len(parts) == 1:
+            values[name] = parts[0]
     return values
 
 
@@ -237,6 +246,13 @@ async def _send(response, event: str, data: dict) -> None:
     await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
 
+async def samplers(request):
+    service = request.app[SERVICE]
+    with service.metrics.request("rest.samplers", request["rid"]):
+        service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
+        return web.json_response(rest_list(served_samplers(service.pipeline.model)))
+
+
 async def openapi_json(request):
     return web.json_response(document())
 
@@ -266,6 +282,7 @@ def build_app(service: ImageService) -> web.Application:
     app[SERVICE] = service
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)
+    app.router.add_get("/v1/samplers", samplers)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
     app.router.add_get("/healthz", healthz)

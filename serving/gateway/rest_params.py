@@ -3,13 +3,14 @@ once: the parser below and the OpenAPI document (serving/gateway/openapi.py) bot
 
 OpenAI's Images API parameters keep their meaning; the ones that do not change what this
 server makes (model, quality, moderation, style, user, ...) are accepted and ignored. Our
-extensions (negative_prompt, seed, steps, guidance_scale, eta, timeout_s; for edits strength,
-mask_blur, keep_unmasked) pass through to the pipeline input of the same name, whose limits
-the served pipeline checks.
+extensions (negative_prompt, seed, steps, guidance_scale, eta, timeout_s, sampler,
+sigma_schedule, guidance_interval; for edits strength, mask_blur, keep_unmasked) pass through to
+the pipeline input of the same name, whose limits the served pipeline checks.
 """
 from dataclasses import dataclass
 import math
 
+from serving.core.samplers import SIGMA_SCHEDULES
 from serving.gateway.errors import invalid
 from serving.gateway.generation import FORMATS, MAX_IMAGES
 
@@ -20,7 +21,7 @@ BOTH = (GENERATIONS, EDITS)
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # string | integer | number | boolean | file | any
+    kind: str  # string | integer | number | boolean | interval (two numbers [lo, hi]) | file | any
     description: str
     routes: tuple = BOTH
     enum: tuple = ()
@@ -57,6 +58,14 @@ PARAMS = (
     Param("eta", "number", "DDIM eta in [0, 1].", to_pipeline=True, extension=True),
     Param("timeout_s", "number", "Give up (503) when the images are not ready within this many seconds.",
           to_pipeline=True, extension=True),
+    Param("sampler", "string", "Sampler: ddim, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, "
+          "flow_match_euler, or an A1111 name (\"DPM++ 2M Karras\", \"Euler a\", ...), any case; GET /v1/samplers lists "
+          "them and which fit the served model. Default: the server's.", to_pipeline=True, extension=True),
+    Param("sigma_schedule", "string", "Sigma spacing of the Euler, DPM++ and UniPC samplers (default: the one the "
+          "sampler's name implies, else `default`).", enum=SIGMA_SCHEDULES, to_pipeline=True, extension=True),
+    Param("guidance_interval", "interval", "[lo, hi]: classifier-free guidance only during this part of the run "
+          "(fractions of the steps, 0 <= lo < hi <= 1); default the whole run. In a form: `lo,hi`.",
+          minimum=0, maximum=1, to_pipeline=True, extension=True),
     Param("strength", "number", "How much of the schedule to re-run over the image, (0, 1].", routes=(EDITS,),
           to_pipeline=True, extension=True),
     Param("mask_blur", "integer", "Blur of the mask's edge, pixels.", routes=(EDITS,), to_pipeline=True, extension=True),
@@ -93,6 +102,8 @@ def _typed(param: Param, value, from_form: bool):
     name, kind = param.name, param.kind
     if kind in ("any", "file"):
         return value
+    if kind == "interval":
+        return _interval(param, value, from_form)
     if from_form and kind != "string":
         value = _from_text(param, value)
     if kind == "string":
@@ -115,6 +126,21 @@ def _typed(param: Param, value, from_form: bool):
         allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise invalid(name, f"must be {allowed}, got {value}")
     return value
+
+
+def _interval(param: Param, value, from_form: bool) -> list:
+    """[lo, hi] from a JSON array, or in a form from `lo,hi` (or the field twice, `name[]`); the
+    pipeline checks the range."""
+    if from_form:
+        texts = value if isinstance(value, list) else str(value).strip().strip("[]").split(",")
+        try:
+            value = [float(t) for t in texts]
+        except (TypeError, ValueError):
+            raise invalid(param.name, f"must be two numbers lo,hi, got {value!r}") from None
+    if (not isinstance(value, list) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)):
+        raise invalid(param.name, f"must be two finite numbers [lo, hi], got {value!r}")
+    return [float(v) for v in value]
 
 
 def _from_text(param: Param, text: str):

@@ -13,8 +13,14 @@ drain that failed leaves tritonserver its own exit timeout (longer than the grac
 If the pipeline's python stub process dies (killed, out of memory), Triton 2.51 neither restarts
 it nor reports the model unready: every request would fail while the replica looks ready. So
 `ldm serve` watches that process and, when it is gone, stops everything and exits 1, for its
-supervisor (Kubernetes restarts the container) to bring the replica back."""
+supervisor (Kubernetes restarts the container) to bring the replica back.
+
+`--sampler NAME` sets the pipeline's config parameter default_sampler (what requests naming no
+sampler get), checked against the exported checkpoint before anything starts."""
+import json
+from pathlib import Path
 import signal
+import sys
 import threading
 
 from serving.defaults import DEFAULT_REPO
@@ -32,6 +38,9 @@ def add_arguments(parser):
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton's KServe gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
     parser.add_argument("--log-file", help="write tritonserver's log here instead of the terminal")
+    parser.add_argument("--sampler", help="sampler of requests that name none: ddim, euler, euler_ancestral, dpmpp_2m, "
+                        "dpmpp_2m_sde, unipc, lcm, flow_match_euler or an A1111 name (\"DPM++ 2M Karras\"); default: "
+                        "the checkpoint's scheduler. Refused when it does not fit the model")
     parser.add_argument("--drain-grace-s", type=float, default=DEFAULT_GRACE_S,
                         help="on SIGTERM, how long the generations in flight may finish before those left get "
                              "UNAVAILABLE (default: %(default)s)")
@@ -69,6 +78,11 @@ def run(args) -> int:
     if checkpoint is not None:
         export_with_options(checkpoint, args)
     print(f"model: {served_model(args.repo)} (pass --checkpoint to serve another)", flush=True)
+    try:
+        set_default_sampler(args.repo, args.sampler)
+    except ValueError as exc:
+        print(f"ldm serve: --sampler: {str(exc).removeprefix('sampler: ')}", file=sys.stderr, flush=True)
+        return 2
     # Triton is stopped only once drained; its exit timeout still outlasts the grace, in case
     # the drain message could not be delivered and Triton's own shutdown has to wait instead
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file,
@@ -105,6 +119,32 @@ def run(args) -> int:
         server.stop(exit_s)
         print("stopped", flush=True)
     return 0
+
+
+def set_default_sampler(repo, sampler: str | None) -> None:
+    """Writes `sampler` as the pipeline's config parameter default_sampler (None: removes it, so
+    the checkpoint's scheduler picks); ValueError, before anything starts, when the name is
+    unknown or the sampler does not fit the exported checkpoint."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from serving.core.samplers import registry, resolve_name
+
+    if sampler is not None:
+        name, _ = resolve_name(sampler, None)
+        scheduler = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
+        error = registry.fit_error(name, json.loads(scheduler.read_text())) if scheduler.is_file() else None
+        if error:
+            raise ValueError(error)
+    path = Path(repo) / "pipeline" / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    if sampler is None and "default_sampler" not in config.parameters:
+        return
+    if sampler is None:
+        del config.parameters["default_sampler"]
+    else:
+        config.parameters["default_sampler"].string_value = sampler
+    path.write_text(text_format.MessageToString(config))
 
 
 def drain(server, gateway, grace_s: float, signals: threading.Semaphore) -> float | None:

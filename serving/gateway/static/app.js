@@ -1,6 +1,7 @@
 // The page's controller: the form -> POST /v1/generations (its SSE stream drives the progress
 // bar, the live preview and the steer log), edits while it runs -> POST .../steer (debounced),
-// Cancel -> DELETE /v1/generations/{id}, results -> the gallery (PNG with its parameters).
+// Cancel -> DELETE /v1/generations/{id}, results -> the gallery (PNG with its parameters). The
+// sampler menu is filled from GET /v1/samplers.
 import { Surface } from "./canvas.js";
 import { fromBase64, withText } from "./png.js";
 import { readEvents } from "./sse.js";
@@ -34,6 +35,55 @@ showValue($("guidance_scale"), $("guidance_value"), 1);
 showValue($("strength"), $("strength_value"), 2);
 
 $("random_seed").addEventListener("change", () => { $("seed").disabled = $("random_seed").checked; });
+
+// ---- the sampler menu (GET /v1/samplers) ---------------------------------------------------
+
+let samplerLabels = {};  // option value -> A1111-style name, for the PNG's parameters text
+let defaultSamplerLabel = "DDIM";
+
+// One option per A1111 name (the API takes them), and our name for a sampler without one;
+// samplers that do not fit the served model are shown disabled.
+async function loadSamplers() {
+  let list;
+  try {
+    const response = await fetch("/v1/samplers", { headers: headers() });
+    if (!response.ok) return;  // e.g. 401 until an API key is given: the menu keeps "server default"
+    list = await response.json();
+  } catch (_) {
+    return;
+  }
+  const menu = $("sampler");
+  const chosen = menu.value;
+  const options = [];
+  samplerLabels = {};
+  for (const sampler of list.data) {
+    const fits = sampler.fits_served_model !== false;
+    const names = sampler.a1111_names.length ? sampler.a1111_names : [sampler.name];
+    for (const name of names) {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name === sampler.name ? name : `${name} (${sampler.name})`;
+      option.title = sampler.description + (fits ? "" : ` (does not fit the served model: ${sampler.fits})`);
+      option.disabled = !fits;
+      option.dataset.sampler = sampler.name;
+      options.push(option);
+      samplerLabels[name] = name;
+    }
+  }
+  const byPair = list.data.find((s) => s.name === list.default_sampler);
+  if (byPair) {
+    const karras = list.default_sigma_schedule === "karras";
+    defaultSamplerLabel = byPair.a1111_names.find((n) => n.endsWith(" Karras") === karras) || byPair.name;
+  }
+  const first = document.createElement("option");
+  first.value = "";
+  first.textContent = `server default (${defaultSamplerLabel})`;
+  menu.replaceChildren(first, ...options);
+  menu.value = chosen;
+  menu.dataset.loaded = "true";
+}
+loadSamplers();
+$("api_key").addEventListener("change", loadSamplers);
 $("init_image").addEventListener("change", async () => {
   const file = $("init_image").files[0];
   if (file) await surface.loadImage(file);
@@ -69,6 +119,7 @@ function requestBody() {
   const body = { prompt: values.prompt, steps, guidance_scale: values.guidance_scale, progress_every: 1,
                  preview_every: Math.max(1, Math.round(steps / 12)), output_format: "png" };
   if (values.negative_prompt) body.negative_prompt = values.negative_prompt;
+  if ($("sampler").value) body.sampler = $("sampler").value;
   if (!$("random_seed").checked && $("seed").value !== "") body.seed = Number($("seed").value);
   const size = $("size").value.trim();
   if (size && size !== "auto") body.size = size;
@@ -319,7 +370,8 @@ function resultParams(mine, data) {
 function a1111Text(params) {
   const lines = [params.prompt];
   if (params.negative_prompt) lines.push(`Negative prompt: ${params.negative_prompt}`);
-  const settings = [`Steps: ${params.steps}`, "Sampler: DDIM", `CFG scale: ${params.guidance_scale}`, `Seed: ${params.seed}`];
+  const sampler = params.sampler ? samplerLabels[params.sampler] || params.sampler : defaultSamplerLabel;
+  const settings = [`Steps: ${params.steps}`, `Sampler: ${sampler}`, `CFG scale: ${params.guidance_scale}`, `Seed: ${params.seed}`];
   if (params.size) settings.push(`Size: ${params.size}`);
   if (params.strength !== undefined) settings.push(`Denoising strength: ${params.strength}`);
   for (const s of params.steers || []) settings.push(`Steer ${s.steer_id} at step ${s.step}: ${describe(s).replace(/steer_id: \d+, step: \d+(, )?/, "")}`);
@@ -360,5 +412,6 @@ function reuse(params) {
   $("steps").value = params.steps;
   $("guidance_scale").value = params.guidance_scale;
   $("size").value = params.size || "auto";
+  $("sampler").value = params.sampler || "";
   for (const id of ["steps", "guidance_scale"]) $(id).dispatchEvent(new Event("input"));
 }
