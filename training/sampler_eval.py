@@ -33,8 +33,9 @@ SPEEDUP_TARGET = 1.6
 
 
 def measure(url: str, sampler: str, schedule: str, steps: int, interval=(0.0, 1.0), prompts: int = 100,
-            concurrency: int = 16) -> dict:
-    """Held-out whole-prompt accuracy at guidance 5 (seed i for prompt i) and images/s of the run."""
+            concurrency: int = 16, metrics_url: str | None = None) -> dict:
+    """Held-out whole-prompt accuracy at guidance 5 (seed i for prompt i) and images/s of the run;
+    with `metrics_url`, the UNet rows per image (guidance intervals leave unconditional rows out)."""
     from serving.client.kserve import LdmClient
 
     scenes = eval_scenes(prompts, held_out=True)
@@ -47,13 +48,34 @@ def measure(url: str, sampler: str, schedule: str, steps: int, interval=(0.0, 1.
                                      sampler=sampler, sigma_schedule=schedule,
                                      guidance_interval=np.array(interval, np.float32))
 
+    before = settled_counters(metrics_url) if metrics_url else None
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         images = list(pool.map(one, range(prompts)))
     seconds = time.perf_counter() - started
     result = score(scenes, np.stack(images))
-    return {"sampler": sampler, "sigma_schedule": schedule, "steps": steps, "guidance_interval": list(interval),
-            "prompt_accuracy": result["prompt_accuracy"], "images_per_s": prompts / seconds, "prompts": prompts}
+    row = {"sampler": sampler, "sigma_schedule": schedule, "steps": steps, "guidance_interval": list(interval),
+           "prompt_accuracy": result["prompt_accuracy"], "images_per_s": prompts / seconds, "prompts": prompts}
+    if metrics_url:
+        after = settled_counters(metrics_url)
+        row["unet_rows_per_image"] = (after["ldm_unet_rows_total"] - before["ldm_unet_rows_total"]) / prompts
+        row["rows_saved_per_image"] = (after["ldm_unet_rows_saved_total"] - before["ldm_unet_rows_saved_total"]) / prompts
+    return row
+
+
+def settled_counters(metrics_url: str, period_s: float = 0.6, limit_s: float = 30.0) -> dict:
+    """The engine's counters once they stop changing over one export period (0.5 s)."""
+    from serving.bench.soak import counters
+
+    deadline = time.monotonic() + limit_s
+    last = counters(metrics_url)
+    while time.monotonic() < deadline:
+        time.sleep(period_s)
+        now = counters(metrics_url)
+        if now == last:
+            return now
+        last = now
+    raise RuntimeError(f"the server's counters at {metrics_url} kept changing for {limit_s} s")
 
 
 def sampler_table(checkpoint: Path, prompts: int, out: Path | None) -> int:
@@ -71,7 +93,8 @@ def sampler_table(checkpoint: Path, prompts: int, out: Path | None) -> int:
             measure(server.grpc_url, "ddim", "default", 5, prompts=16)  # warm-up: sessions, caches
             for sampler, schedule, steps in SETTINGS:
                 for interval in ((0.0, 1.0), INTERVAL):
-                    row = measure(server.grpc_url, sampler, schedule, steps, interval, prompts)
+                    row = measure(server.grpc_url, sampler, schedule, steps, interval, prompts,
+                                  metrics_url=server.metrics_url)
                     rows.append(row)
                     print(_line(row, rows[0]), flush=True)
     if out is not None:
@@ -86,13 +109,16 @@ def _name(row) -> str:
 
 
 def _line(row, base) -> str:
+    rows = f" {row['unet_rows_per_image']:.1f} |" if "unet_rows_per_image" in row else ""
     return (f"| {_name(row)} | {row['prompt_accuracy']:.1%} | {row['images_per_s']:.2f} | "
-            f"{row['images_per_s'] / base['images_per_s']:.2f}x |")
+            f"{row['images_per_s'] / base['images_per_s']:.2f}x |{rows}")
 
 
 def report(rows: list, target: bool = True) -> int:
     base = rows[0]
-    print("\n| setting | held-out whole-prompt (g=5) | images/s (C=16) | vs ddim 25 |\n|---|---|---|---|")
+    column = " UNet rows per image |" if "unet_rows_per_image" in base else ""
+    print(f"\n| setting | held-out whole-prompt (g=5) | images/s (C=16) | vs ddim 25 |{column}\n"
+          f"|---|---|---|---|{'---|' if column else ''}")
     for row in rows:
         print(_line(row, base))
     if not target:

@@ -272,7 +272,8 @@ def _guidance_interval(inputs: dict) -> tuple:
     array = np.asarray(value)
     if array.size != 2 or array.dtype.kind not in "fiu":
         raise InvalidInput("guidance_interval", "must be two numbers [lo, hi] with 0 <= lo < hi <= 1")
-    lo, hi = (float(v) for v in array.reshape(-1))
+    # the decimal an FP32 tensor carries (0.8, not 0.800000011920929), as for strength
+    lo, hi = (float(str(np.float32(v))) for v in array.reshape(-1))
     if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
         raise InvalidInput("guidance_interval", f"must be two numbers [lo, hi] with 0 <= lo < hi <= 1, got [{lo}, {hi}]")
     return (lo, hi)
