@@ -4,6 +4,8 @@
 - every sampler works with every task and feature (a matrix, not one pair): prompt schedules,
   img2img, inpainting (9-channel UNet), upscaling, regional prompts, a steer before step 0 (equal
   to a fresh request with the steered values), each alone equal to inside a mixed crowd;
+- steers of regions, of a latent-blend inpainting mask and of the prompt and guidance after 3
+  steps, per sampler: each steered job alone equals itself steered inside a crowd;
 - a guidance interval runs the conditional row alone outside it (fewer UNet rows, counted),
   and the whole-run interval changes nothing."""
 import numpy as np
@@ -92,3 +94,57 @@ def test_guidance_interval_leaves_out_unconditional_rows_outside_it(svc):
     assert run_alone(svc, guidance_interval=np.array([0.0, 0.1], np.float32), **fields).tobytes() != unguided.tobytes()
     sink = submit(svc, PROMPT, guidance_interval=np.array([0.6, 0.2], np.float32), **fields)
     assert sink.error is not None and sink.error[1].startswith("guidance_interval:")
+
+
+@pytest.fixture(scope="module")
+def base_svc(tiny_repo):
+    return service(tiny_repo)  # no inpainting UNet: inpainting by latent blend
+
+
+STEERED = {  # request fields, and what a steer after 3 steps changes
+    "regions": (dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1"),
+                dict(region_prompts=["a cat", "a green triangle", "a dog"], region_divisions="1,1,1")),
+    "mask": (dict(init_image=photo(32, 1), mask=half_mask(32), strength=0.8),
+             dict(mask=half_mask(32, "left"))),
+    "prompt": (dict(), dict(prompt="a blue square at the top", guidance_scale=2.0)),
+}
+
+
+def steer_arrays(**fields):
+    arrays = request_arrays(fields.pop("prompt", ""), **fields)
+    if not arrays["prompt"][0]:
+        del arrays["prompt"]
+    return arrays
+
+
+def run_steered(svc, requests: dict) -> dict:
+    """Runs `requests` ({id: (fields, steer)}) together, steering each once it has done 3 steps."""
+    sinks = {}
+    for request_id, (fields, _) in requests.items():
+        sinks[request_id] = Sink()
+        svc.submit(request_arrays(PROMPT, **fields), sinks[request_id], request_id=request_id)
+    pending = dict(requests)
+    while pending:
+        assert svc.engine.run_iteration()
+        for request_id, (_, steer) in list(pending.items()):
+            job = svc.engine.registry.running.get(request_id)
+            if job is not None and job.index >= 3:
+                svc.steer(request_id, steer_arrays(**steer))
+                del pending[request_id]
+    drain(svc)
+    for request_id, sink in sinks.items():
+        assert sink.error is None, (request_id, sink.error)
+    return {request_id: sink.image for request_id, sink in sinks.items()}
+
+
+@pytest.mark.parametrize("sampler,schedule", SAMPLERS[:7])
+def test_steers_of_regions_mask_and_prompt_mid_run_with_every_sampler(base_svc, sampler, schedule):
+    """With latent-blend inpainting: each steered job alone equals itself steered at the same step
+    inside a crowd of the others."""
+    requests = {kind: (dict(fields, sampler=sampler, sigma_schedule=schedule, seed=i, steps=9, guidance_scale=5.0), steer)
+                for i, (kind, (fields, steer)) in enumerate(STEERED.items())}
+    alone = {kind: run_steered(base_svc, {kind: request})[kind] for kind, request in requests.items()}
+    together = run_steered(base_svc, requests)
+    for kind, image in alone.items():
+        assert image.std() > 1.0, kind
+        assert together[kind].tobytes() == image.tobytes(), kind
