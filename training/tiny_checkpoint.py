@@ -3,23 +3,34 @@
 Same component classes, folder layout and noise schedule as the default model (SD's betas
 rescaled to zero terminal SNR, v-prediction), scaled down so export, serving and tests run in seconds on 2 CPU cores. Deterministic: the same seed writes the same weights.
 
-Three kinds, one per UNet layout the service serves:
+Kinds, one per UNet layout:
 - "base": text-to-image (4 latent channels in);
 - "inpaint": diffusers' StableDiffusionInpaintPipeline layout (noisy latents, mask, masked-image
   latents: 4 + 1 + 4 channels in), with the base's text encoder, tokenizer and VAE (the same
   weights, so an export with both shares them);
 - "upscale": diffusers' StableDiffusionUpscalePipeline layout (noisy latents and the noised
   low-resolution image: 4 + 3 channels in, the noise level as class labels), with the base's text
-  encoder but its own VAE (scaling factor 0.08333) and schedules, as SD's x4 upscaler has.
+  encoder but its own VAE (scaling factor 0.08333) and schedules, as SD's x4 upscaler has;
+- "sdxl": diffusers' StableDiffusionXLPipeline layout: two CLIP text encoders (CLIPTextModel and
+  CLIPTextModelWithProjection, each with its own word-level tokenizer), a UNet conditioned on their
+  penultimate hidden states concatenated (cross-attention width 32 + 32) and on
+  addition_embed_type "text_time" (the second encoder's projected pooled output, 16 numbers, and
+  6 size/crop time ids), a VAE like the base's with SDXL's scaling factor 0.13025, the base's
+  zero-terminal-SNR v-prediction DDIM schedule, force_zeros_for_empty_prompt;
+- "sdxl-inpaint": StableDiffusionXLInpaintPipeline's 9-channel UNet (4 + 1 + 4 channels in) with
+  the "sdxl" kind's text encoders, tokenizers and VAE (the same weights).
+Sizes follow diffusers' own tiny SDXL test configs, adapted (not copied).
 """
 from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline,
-                       StableDiffusionPipeline, StableDiffusionUpscalePipeline, UNet2DConditionModel)
+                       StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLInpaintPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from training.tokenizer import build_word_tokenizer
-from training.train import build_text_encoder, make_pipeline
+from training.train import build_scheduler, build_text_encoder, make_pipeline
 
 VOCABULARY = (
     "a an the of on in at to and with above below left right top bottom centre center "
@@ -31,8 +42,21 @@ TEXT_MAX_LENGTH = 16
 TEXT_HIDDEN = 32
 IMAGE_SIZE = 32  # pixels; the VAE downsamples by 4, so the latent is 8x8
 LATENT_CHANNELS = 4
-KINDS = ("base", "inpaint", "upscale")
+KINDS = ("base", "inpaint", "upscale", "sdxl", "sdxl-inpaint")
 MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default
+
+# SDXL kinds (real SDXL: 768 + 1280 hidden, projection 1280, time embedding 256, 77 tokens).
+# The projection width differs from the hidden width on purpose: a pooled output taken before the
+# projection (or from the wrong encoder) fails on its shape instead of passing silently.
+SDXL_TEXT_HIDDEN = (32, 32)  # text_encoder (CLIPTextModel), text_encoder_2 (CLIPTextModelWithProjection)
+SDXL_PROJECTION_DIM = 16  # text_encoder_2's projected pooled output: the UNet's text_embeds
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim, per time id (6 of them)
+SDXL_TIME_IDS = 6  # original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w)
+SDXL_VAE_SCALING = 0.13025  # SDXL's VAE scaling factor
+# tokenizer_2 knows a few more words, so one prompt gets different ids from the two tokenizers (the
+# words sort early and shift the ids after them): ids from the wrong tokenizer fail parity. Real
+# SDXL's two tokenizers share CLIP's vocabulary but pad differently ("<|endoftext|>" and "!").
+SDXL_TOKENIZER_2_EXTRA_WORDS = ("aerial", "drawing", "painting", "sketch")
 
 
 def _vae(scaling_factor: float) -> AutoencoderKL:
@@ -101,8 +125,71 @@ def build_tiny_upscale_pipeline(seed: int = 0) -> StableDiffusionUpscalePipeline
     )
 
 
+def _sdxl_text_config(tokenizer, hidden: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,  # the UNet reads the penultimate hidden states; the pooled output the last
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # not 2: the pooled output is read at the first <eos>
+        **extra,
+    )
+
+
+def _sdxl_unet(in_channels: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=in_channels,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),  # heads per block, as SDXL's config means it
+        use_linear_projection=True,
+        cross_attention_dim=sum(SDXL_TEXT_HIDDEN),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_TIME_IDS * SDXL_TIME_EMBED_DIM + SDXL_PROJECTION_DIM,
+        norm_num_groups=8,
+    )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    torch.manual_seed(seed + 3)
+    tokenizer = build_word_tokenizer(VOCABULARY, TEXT_MAX_LENGTH)
+    tokenizer_2 = build_word_tokenizer(VOCABULARY + list(SDXL_TOKENIZER_2_EXTRA_WORDS), TEXT_MAX_LENGTH)
+    text_encoder = CLIPTextModel(_sdxl_text_config(tokenizer, SDXL_TEXT_HIDDEN[0]))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _sdxl_text_config(tokenizer_2, SDXL_TEXT_HIDDEN[1], projection_dim=SDXL_PROJECTION_DIM))
+    vae = _vae(scaling_factor=SDXL_VAE_SCALING)
+    unet = _sdxl_unet(LATENT_CHANNELS)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=build_scheduler(), force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_sdxl_inpaint_pipeline(seed: int = 0) -> StableDiffusionXLInpaintPipeline:
+    base = build_tiny_sdxl_pipeline(seed)
+    torch.manual_seed(seed + 4)
+    return StableDiffusionXLInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=_sdxl_unet(2 * LATENT_CHANNELS + 1), scheduler=base.scheduler,
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
 def write_tiny_checkpoint(path, seed: int = 0, kind: str = "base") -> Path:
-    builders = {"base": build_tiny_pipeline, "inpaint": build_tiny_inpaint_pipeline, "upscale": build_tiny_upscale_pipeline}
+    builders = {"base": build_tiny_pipeline, "inpaint": build_tiny_inpaint_pipeline,
+                "upscale": build_tiny_upscale_pipeline, "sdxl": build_tiny_sdxl_pipeline,
+                "sdxl-inpaint": build_tiny_sdxl_inpaint_pipeline}
     if kind not in builders:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
