@@ -82,22 +82,23 @@ def test_masks_follow_openais_alpha_rule_else_luminance():
     rgba.putpixel((1, 0), (10, 20, 30, 128))  # half transparent: kept, as OpenAI says "fully transparent"
     buffer = io.BytesIO()
     rgba.save(buffer, format="PNG")
-    mask = images.decode_mask(buffer.getvalue(), "mask", 100)
+    mask = images.Upload(buffer.getvalue(), "mask", mask=True).decode()
     assert mask.tolist() == [[255, 0, 0, 0], [0, 0, 0, 0]]
-    assert images.decode_mask(png("L", (3, 3), 200), "mask", 100).tolist() == [[200] * 3] * 3
+    assert images.Upload(png("L", (3, 3), 200), "mask", mask=True).decode().tolist() == [[200] * 3] * 3
 
 
-def test_uploads_are_checked_before_decoding():
+def test_uploads_are_checked_from_their_header_before_decoding():
     with pytest.raises(ApiError) as info:
-        images.decode_rgb(png("RGB", (40, 40), (0, 0, 0)), "init_image", 1024)
+        images.Upload(png("RGB", (40, 40), (0, 0, 0)), "init_image").declare(1024)
     assert info.value.code == "TOO_LARGE" and info.value.field == "init_image"
     buffer = io.BytesIO()
     PILImage.new("RGB", (4, 4)).save(buffer, format="BMP")
     with pytest.raises(ApiError, match="PNG, JPEG or WebP"):
-        images.decode_rgb(buffer.getvalue(), "init_image", 1024)
+        images.Upload(buffer.getvalue(), "init_image").declare(1024)
     for output_format in ("png", "jpeg", "webp"):
-        data = images.encode(np.zeros((8, 8, 3), np.uint8), output_format)
-        assert images.decode_rgb(data, "x", 100).shape == (8, 8, 3)
+        upload = images.Upload(images.encode(np.zeros((8, 6, 3), np.uint8), output_format), "x")
+        assert upload.declare(100) == 48 and (upload.width, upload.height) == (6, 8)
+        assert upload.decode().shape == (8, 6, 3)
 
 
 def test_pipeline_errors_keep_their_code_and_field():

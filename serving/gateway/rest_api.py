@@ -23,7 +23,7 @@ from serving.gateway.generation import Generation
 from serving.gateway.openapi import document
 from serving.gateway.rest_params import EDITS, GENERATIONS, parse_size
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent
-from serving.gateway.telemetry import request_id
+from serving.gateway.telemetry import request_id, unexpected
 
 SERVICE = web.AppKey("service", ImageService)
 DOCS_PAGE = Path(__file__).resolve().parent / "static" / "docs.html"
@@ -64,6 +64,8 @@ async def gateway_middleware(request, handler):
             raise
         response = error_response(ApiError(NOT_FOUND if exc.status == 404 else INVALID_ARG, exc.reason))
         response.set_status(exc.status)
+    except Exception as exc:  # a handler's uncoded error is still the documented JSON, with the request id
+        response = error_response(unexpected(exc, rid))
     if not response.prepared:
         response.headers["X-Request-Id"] = rid
         response.headers.setdefault("X-Ldm-Replica", request.app[SERVICE].replica)
@@ -92,27 +94,31 @@ def to_generation(params: dict, route: str, service: ImageService) -> Generation
 
 
 def add_edit_images(generation: Generation, params: dict, service: ImageService) -> None:
-    """init_image (and mask) from the uploads: OpenAI's rule, transparent = repaint."""
+    """init_image (and mask) from the uploads, not yet read: `admit` checks their headers."""
     if "init_image" not in service.pipeline.require_model().inputs:
         raise ApiError(UNIMPLEMENTED, "image edits need a pipeline with image conditioning (an init_image input); "
                        "the served pipeline has none", "image")
-    limit = service.limits.max_image_pixels
-    picture = images.open_image(_upload(params["image"], "image"), "image", limit)
-    rgb = np.asarray(picture.convert("RGB"))
+    generation.inputs["init_image"] = images.Upload(_upload(params["image"], "image"), "init_image")
     if "mask" in params:
-        mask = images.decode_mask(_upload(params["mask"], "mask"), "mask", limit)
-        mask = images.resized(mask, *rgb.shape[:2])
+        generation.inputs["mask"] = images.Upload(_upload(params["mask"], "mask"), "mask", mask=True)
+
+
+def edit_arrays(inputs: dict) -> dict:
+    """The edit's init_image and mask decoded (on the service's pool): OpenAI's rule, without a
+    mask the image's transparent pixels are repainted; the mask fits the image, both the size."""
+    picture = inputs["init_image"].load()
+    rgb = np.asarray(picture.convert("RGB"))
+    if "mask" in inputs:
+        mask = images.resized(inputs["mask"].decode(), *rgb.shape[:2])
     elif images.has_alpha(picture):
         mask = images.alpha_repaint_mask(picture)
     else:
         mask = None
-    if "height" in generation.inputs:
-        size = generation.inputs["height"], generation.inputs["width"]
+    if "height" in inputs:
+        size = inputs["height"], inputs["width"]
         rgb = images.resized(rgb, *size)
         mask = None if mask is None else images.resized(mask, *size)
-    generation.inputs["init_image"] = rgb
-    if mask is not None:
-        generation.inputs["mask"] = mask
+    return {"init_image": rgb} if mask is None else {"init_image": rgb, "mask": mask}
 
 
 def _upload(value, name: str) -> bytes:
@@ -141,11 +147,14 @@ async def _form(request) -> dict:
     return values
 
 
-async def _json(request) -> dict:
+async def read_json(request) -> dict:
+    """The request's JSON object; 400 naming `body` for anything else."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise invalid("body", "must be a JSON object") from None
+    except RecursionError:  # the decoder's recursion guard: nesting no request needs
+        raise invalid("body", "is nested too deeply") from None
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
     if not isinstance(body, dict):
@@ -157,7 +166,7 @@ async def generations(request):
     service = request.app[SERVICE]
     with service.metrics.request("rest.generations", request["rid"]) as outcome:
         request["caller"] = service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
-        params = rest_params.parse(await _json(request), GENERATIONS, from_form=False)
+        params = rest_params.parse(await read_json(request), GENERATIONS, from_form=False)
         generation = to_generation(params, GENERATIONS, service)
         return await _answer(request, "rest.generations", "image_generation", params, generation, outcome)
 
@@ -179,6 +188,7 @@ def _size(image: EncodedImage) -> str:
 async def _answer(request, route: str, event_type: str, params: dict, generation: Generation, outcome):
     service, rid = request.app[SERVICE], request["rid"]
     service.admit(generation, request["caller"])
+    await service.decode(generation, edit_arrays)
     events = service.events(generation, rid, route)
     if not params.get("stream"):
         done = {}
@@ -198,12 +208,13 @@ async def _answer(request, route: str, event_type: str, params: dict, generation
     await response.prepare(request)
     try:
         await _stream(response, event_type, params.get("partial_images", 0), generation, _chain(first, events), outcome)
-    except ApiError as error:  # after the headers: an error event, as OpenAI's streams send
-        outcome.code = error.code
-        await _send(response, "error", error_body(error.renamed(REST_NAMES)))
     except ConnectionResetError:
         outcome.code = CANCELLED
         raise
+    except Exception as exc:  # after the headers: an error event, as OpenAI's streams send
+        error = exc if isinstance(exc, ApiError) else unexpected(exc, rid)
+        outcome.code = error.code
+        await _send(response, "error", error_body(error.renamed(REST_NAMES)))
     await response.write_eof()
     return response
 

@@ -29,9 +29,10 @@ from serving.gateway.errors import NOT_FOUND, ApiError, invalid
 from serving.gateway.live import is_id
 from serving.gateway.protos import images_pb2
 from serving.gateway.replicas import FORWARDED_HEADER, Replicas
-from serving.gateway.rest_api import SERVICE, error_body, error_response
+from serving.gateway.rest_api import SERVICE, error_body, error_response, read_json
 from serving.gateway.rest_params import parse_size
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent, SteerApplied
+from serving.gateway.telemetry import unexpected
 
 STATIC = Path(__file__).resolve().parent / "static"
 REPLICAS = web.AppKey("replicas", Replicas)
@@ -87,16 +88,6 @@ def _parse_error_field(text: str) -> str:
     return ".".join(_NESTED.findall(text)) or "body"
 
 
-async def _json_object(request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise invalid("body", "must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise invalid("body", "must be a JSON object")
-    return body
-
-
 async def _send(response, event: str, data: dict) -> None:
     await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
@@ -105,11 +96,11 @@ async def create(request):
     service: ImageService = request.app[SERVICE]
     with service.metrics.request(ROUTE, request["rid"]) as outcome:
         caller = service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
-        body = await _json_object(request)
+        body = await read_json(request)
         renames = {**REST_NAMES, **({"height": "size", "width": "size"} if "size" in body else {})}
         try:
-            generation = grpc_api.to_generation(to_request(body), service.limits.max_image_pixels, streaming=True)
-            live = service.start_live(generation, caller)
+            generation = grpc_api.to_generation(to_request(body), streaming=True)
+            live = await service.start_live(generation, caller)
             events = service.live_events(generation, live, ROUTE)
             first = await anext(events)  # a refused request is still an HTTP status
         except ApiError as error:  # answered here: the middleware's names are /v1/images'
@@ -126,7 +117,10 @@ async def create(request):
                 await _send(response, *_sse(live.id, event, generation))
                 outcome.images += isinstance(event, EncodedImage)
             outcome.images += isinstance(first, EncodedImage)
-        except ApiError as error:  # after the headers: an error event ends the stream
+        except ConnectionResetError:
+            raise
+        except Exception as exc:  # after the headers: an error event ends the stream
+            error = exc if isinstance(exc, ApiError) else unexpected(exc, request["rid"])
             outcome.code = error.code
             await _send(response, "error", error_body(error.renamed(renames)))
         finally:  # a client gone while an event was being written: cancel the generation now
@@ -158,7 +152,7 @@ async def delete(request):
 
 async def _steer_here(request, service: ImageService, generation_id: str, caller: str) -> web.Response:
     try:
-        fields = grpc_api.to_steer(to_steer_message(await _json_object(request)), service.limits.max_image_pixels)
+        fields = grpc_api.to_steer(to_steer_message(await read_json(request)))
         steer_id = await service.steer(generation_id, caller, fields)
     except ApiError as error:
         raise error.renamed(REST_NAMES) from None

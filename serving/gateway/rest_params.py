@@ -9,11 +9,15 @@ the served pipeline checks.
 """
 from dataclasses import dataclass
 import math
+import re
 
 from serving.gateway.errors import invalid
 from serving.gateway.generation import FORMATS, MAX_IMAGES
 
 GENERATIONS, EDITS = "generations", "edits"
+# ASCII digits only (str.isdigit takes `²`, which int() refuses), and few of them: the model's
+# limits are far below 5 digits, and int() refuses thousands
+SIZE = re.compile(r"([0-9]{1,5})[xX]([0-9]{1,5})")
 BOTH = (GENERATIONS, EDITS)
 
 
@@ -138,8 +142,8 @@ def parse_size(text: str) -> tuple | None:
     """(height, width) from `WIDTHxHEIGHT`, or None for `auto`."""
     if text == "auto":
         return None
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise invalid("size", f"must be WIDTHxHEIGHT in pixels (e.g. 64x64) or auto, got {text!r}")
-    width, height = map(int, parts)
+    match = SIZE.fullmatch(text)
+    if match is None:
+        raise invalid("size", f"must be WIDTHxHEIGHT in pixels (e.g. 64x64) or auto, got {text[:40]!r}")
+    width, height = map(int, match.groups())
     return height, width
