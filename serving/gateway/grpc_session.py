@@ -58,8 +58,8 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
         """The SteerAck of one steer: its id, or the error (a steer's failure never ends the call)."""
         try:
             return images_pb2.SteerAck(sequence=sequence, steer_id=await service.steer(live.id, caller, to_steer(steer)))
-        except ApiError as error:
-            error = error.renamed(FIELD_NAMES)
+        except ApiError as refused:  # (an `as` name is unbound after its block)
+            error = refused.renamed(FIELD_NAMES)
         except Exception as exc:
             error = unexpected(exc, rid)
         return images_pb2.SteerAck(sequence=sequence, error_code=GRPC_STATUS[error.code].name,

@@ -84,7 +84,7 @@ def to_request(body: dict):
 def _parse_error_field(text: str) -> str:
     found = _AT_PATH.search(text)
     if found:
-        return re.sub(r"\[\d+\]", "", next(filter(None, found.groups())))
+        return re.sub(r"\[\d+\]", "", next(filter(None, found.groups()))).rstrip(".")  # a message may end `...prompt.`
     return ".".join(_NESTED.findall(text)) or "body"
 
 
