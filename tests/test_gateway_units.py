@@ -1,5 +1,7 @@
 """The gateway's pieces without a server: Generation, REST parameters, images and masks, errors."""
 import io
+import struct
+import zlib
 
 from google.rpc import error_details_pb2, status_pb2
 import grpc
@@ -121,3 +123,55 @@ def test_callers_without_keys_are_their_address_not_their_connection():
     assert peer_address("ipv4:10.0.0.7:51234") == "10.0.0.7"
     assert peer_address("ipv6:[::1]:40000") == "::1"
     assert peer_address("unix:/tmp/socket") == "unix:/tmp/socket"
+
+
+@pytest.mark.parametrize("size", ["\u00b2x64", "64x\u0663", "9" * 5000 + "x64", "64x64x64", "x64", ""])
+def test_sizes_are_ascii_digits_within_reason(size):
+    with pytest.raises(ApiError) as info:
+        rest_params.parse_size(size)
+    assert (info.value.code, info.value.field) == ("INVALID_ARG", "size")
+
+
+def test_lone_surrogates_are_invalid_before_anything_is_charged():
+    with pytest.raises(ApiError) as info:
+        Generation("x", {"region_prompts": ["a", "b\ud800"]}).validate()
+    assert (info.value.code, info.value.field) == ("INVALID_ARG", "region_prompts")
+
+
+def test_a_decompression_bomb_header_is_too_large_not_an_error():
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # 4e8 pixels declared, none there
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(ApiError) as info:
+        images.Upload(data, "init_image").declare(2**40)  # Pillow's own limit (twice 89M pixels) says so
+    assert (info.value.code, info.value.field) == ("TOO_LARGE", "init_image")
+
+
+def test_an_uncoded_error_in_a_handler_is_the_documented_json_with_the_request_id():
+    """The middleware's guard, in a real aiohttp server whose handler fails in a way nobody coded."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from serving.gateway.pipeline import PipelineClient
+    from serving.gateway.rest_api import build_app
+    from serving.gateway.service import ImageService
+
+    async def scenario():
+        app = build_app(ImageService(PipelineClient("127.0.0.1:1")))
+
+        async def broken(request):
+            raise RuntimeError("nobody coded this")
+
+        app.router.add_get("/broken", broken)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/broken", headers={"X-Request-Id": "probe-1"})
+            return response.status, response.headers.get("X-Request-Id"), await response.json()
+
+    status, rid, body = asyncio.run(scenario())
+    assert status == 500 and rid == "probe-1"
+    assert body["error"]["code"] == "internal" and "probe-1" in body["error"]["message"] and body["error"]["param"] is None
