@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serving.core.errors import CANCELLED, INVALID_ARG
 from serving.gateway import images, rest_params
 from serving.gateway.access import bearer
-from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, ApiError, invalid
+from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, UNSUPPORTED_MEDIA_TYPE, ApiError, invalid
 from serving.gateway.generation import Generation
 from serving.gateway.openapi import document
 from serving.gateway.rest_params import EDITS, GENERATIONS, parse_size
@@ -30,8 +30,9 @@ DOCS_PAGE = Path(__file__).resolve().parent / "static" / "docs.html"
 # Generation's field names -> the REST parameters they come from
 REST_NAMES = {"height": "size", "width": "size", "init_image": "image", "quality": "output_compression",
               "preview_every": "partial_images"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 501: "not_implemented_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+               404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               429: "rate_limit_error", 501: "not_implemented_error"}
 ERROR_CODES = {"UNAUTHENTICATED": "invalid_api_key", "RESOURCE_EXHAUSTED": "rate_limit_exceeded"}
 
 
@@ -148,7 +149,10 @@ async def _form(request) -> dict:
 
 
 async def read_json(request) -> dict:
-    """The request's JSON object; 400 naming `body` for anything else."""
+    """The request's JSON object; 400 naming `body` for anything else. It must be declared JSON:
+    a cross-origin page can send text/plain without asking (serving/gateway/browser.py)."""
+    if request.content_type != "application/json":
+        raise ApiError(UNSUPPORTED_MEDIA_TYPE, f"must be application/json, got {request.content_type}", "Content-Type")
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
