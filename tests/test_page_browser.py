@@ -284,3 +284,14 @@ def test_a_page_from_another_origin_cannot_start_a_generation(browser, gateway, 
     after = idle_metrics(server)
     assert after["ldm_unet_steps_total"] == before["ldm_unet_steps_total"]
     assert after["ldm_images_completed_total"] == before["ldm_images_completed_total"]
+
+
+def test_the_page_runs_under_its_content_security_policy(browser, gateway):
+    """Without bypassing the CSP, and waiting on selectors only: a generation reaches the gallery
+    and the page reports no violation (OBSERVE records them as errors)."""
+    page = open_page(browser, gateway.rest_url + "/", bypass_csp=False)
+    start(page, PROMPT, seed=9, steps=4, size="32x32")
+    page.wait_for_selector("#gallery .card")
+    errors = page_errors(page)
+    page.context.close()
+    assert errors == []

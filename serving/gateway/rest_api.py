@@ -65,6 +65,8 @@ async def gateway_middleware(request, handler):
             raise
         response = error_response(ApiError(NOT_FOUND if exc.status == 404 else INVALID_ARG, exc.reason))
         response.set_status(exc.status)
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception as exc:  # a handler's uncoded error is still the documented JSON, with the request id
         response = error_response(unexpected(exc, rid))
     if not response.prepared:
@@ -253,7 +255,7 @@ async def _send(response, event: str, data: dict) -> None:
 
 
 async def openapi_json(request):
-    return web.json_response(document())
+    return web.json_response(document(request.app[SERVICE].pipeline.model))
 
 
 async def docs(request):
