@@ -4,19 +4,23 @@ schema-driven fuzzer (schemathesis, all its checks, the stateful phase following
 links) finds nothing within a bounded run."""
 import asyncio
 import json
+from pathlib import Path
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
-import hypothesis
 import jsonschema_rs
 import pytest
-import schemathesis
-from schemathesis.config import SchemathesisConfig
 
 from serving.client.generations import GenerationsClient
 
 PROMPT = "a small green square at the top"
-EXAMPLES = 8  # per operation and phase: the run stays within about a minute on two cores
+EXAMPLES = 10  # per operation and phase: the run stays within about a minute on two cores
+# the documented "retry" answers (503) are not server errors; where the document cannot say all
+# a generation needs (a real image in a base64 field, a prompt schedule's grammar, sizes in the
+# served model's multiples), a schema-valid request may still be refused 400
+FUZZ_CONFIG = Path(__file__).parent / "openapi_fuzz.toml"
 
 
 def fetch_document(gateway) -> dict:
@@ -25,10 +29,14 @@ def fetch_document(gateway) -> dict:
 
 
 def event_validators(document: dict, path: str, status: str = "200") -> dict:
-    """Event name -> a validator of its data, from the x-ldm-events of `path`'s POST answer."""
+    """Event name -> a validator of its data, from the text/event-stream schema of `path`'s POST
+    answer (one object per event: its name, and its data's contentSchema)."""
     answer = document["paths"][path]["post"]["responses"][status]
-    events = answer["content"]["text/event-stream"]["x-ldm-events"]
-    return {name: jsonschema_rs.validator_for({**schema, "components": document["components"]}) for name, schema in events.items()}
+    validators = {}
+    for event in answer["content"]["text/event-stream"]["schema"]["oneOf"]:
+        name, data = event["properties"]["event"]["const"], event["properties"]["data"]
+        validators[name] = jsonschema_rs.validator_for({**data["contentSchema"], "components": document["components"]})
+    return validators
 
 
 def test_server_sent_events_match_their_declared_schemas(gateway):
@@ -69,27 +77,14 @@ def test_a_method_a_path_does_not_take_is_405_with_allow(gateway):
     assert json.loads(info.value.read())["error"]["code"] == "invalid_arg"
 
 
-@pytest.fixture(scope="module")
-def contract(gateway):
-    """The published document, loaded by schemathesis with every check on. The documented
-    "retry" answers (503: queue full, timeout_s passed) are not server errors."""
-    config = SchemathesisConfig.from_dict({
-        "generation": {"max-examples": EXAMPLES, "database": "none"},
-        "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}},
-    })
-    return schemathesis.openapi.from_url(gateway.rest_url + "/openapi.json", config=config)
-
-
-contract_schema = schemathesis.pytest.from_fixture("contract")
-
-
-@contract_schema.parametrize()
-@hypothesis.settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
-def test_the_fuzzer_finds_nothing(case):
-    case.call_and_validate(timeout=120)
-
-
-def test_the_fuzzer_finds_nothing_following_the_links(contract):
-    contract.as_state_machine().run(settings=hypothesis.settings(
-        max_examples=EXAMPLES, stateful_step_count=4, deadline=None, database=None,
-        suppress_health_check=list(hypothesis.HealthCheck)))
+def test_a_schema_driven_fuzzer_finds_nothing(gateway):
+    """schemathesis (tests/openapi_fuzz.toml) over the published document: every check, every
+    phase (examples, coverage, fuzzing, and the stateful phase following the document's links),
+    EXAMPLES examples each."""
+    command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(FUZZ_CONFIG), "run",
+               gateway.rest_url + "/openapi.json", "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
+               "--max-examples", str(EXAMPLES), "--workers", "1", "--request-timeout", "120", "--seed", "1",
+               "--no-color"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1], run.stdout[-4000:]

@@ -4,8 +4,8 @@ message their body spells (serving/gateway/rest_live.py), so the document and th
 cannot disagree; the served pipeline's own limits (steps, guidance scale, regions: its config's
 parameters) are declared from the model the gateway read at start, when it has one.
 
-Every status a route answers is declared; the server-sent events of the streams have schemas
-(`x-ldm-events` of their 200 answer: event name -> schema), and the answer of
+Every status a route answers is declared; each server-sent event of the streams has its schema
+(its name and its JSON data: `sse`), and the answer of
 `POST /v1/generations` links to its steer and DELETE by its X-Generation-Id header.
 tests/test_gateway_openapi.py runs a schema-driven fuzzer (schemathesis) against a real gateway
 with this document."""
@@ -69,7 +69,7 @@ def _limits(model) -> dict:
     }
 
 
-def _schema(param, limits: dict) -> dict:
+def _schema(param, limits: dict, nullable: bool) -> dict:
     schema = dict(KINDS[param.kind], description=param.description)
     for key, value in (("enum", list(param.enum) or None), ("minimum", param.minimum), ("maximum", param.maximum),
                        ("default", param.default)):
@@ -81,13 +81,33 @@ def _schema(param, limits: dict) -> dict:
         schema["pattern"] = SIZE_PATTERN
     if param.extension:
         schema["x-ldm-extension"] = True
-    return schema
+    return _nullable(schema) if nullable and not param.required and "type" in schema else schema
+
+
+def _nullable(schema: dict) -> dict:
+    """An optional field may be null, which the parsers read as absent."""
+    if "enum" in schema:
+        return {**schema, "type": [schema["type"], "null"], "enum": [*schema["enum"], None]}
+    return {**schema, "type": [schema["type"], "null"]}
 
 
 def _body(route: str, limits: dict) -> dict:
     params = params_of(route)
+    # JSON may say null (read as absent); a form field is one text each, never null
+    properties = {p.name: _schema(p, limits, nullable=route == GENERATIONS) for p in params}
+    if route == EDITS:
+        properties.update({p.name: {**properties[p.name], "type": "string"} for p in params if p.kind == "any"})
     return {"type": "object", "additionalProperties": False, "required": [p.name for p in params if p.required],
-            "properties": {p.name: _schema(p, limits) for p in params}}
+            "properties": properties}
+
+
+def sse(events: dict) -> dict:
+    """The schema of one server-sent event (OpenAPI 3.1: a text/event-stream's `schema` describes
+    each event): its name, and its data, JSON of the event's own schema."""
+    return {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": name},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}}}
+        for name, schema in events.items()]}
 
 
 def _event(type_name: str, properties: dict, required: list) -> dict:
@@ -134,10 +154,10 @@ def _operation(route: str, summary: str, content_type: str, event: str) -> dict:
         "requestBody": {"required": True, "content": {content_type: {"schema": {"$ref": f"#/components/schemas/{route.title()}Request"}}}},
         "responses": {
             "200": {"description": f"the images; with stream: server-sent events `{event}.partial_image`, "
-                                   f"`{event}.completed` (one per image), or `error` (schemas: x-ldm-events)",
+                                   f"`{event}.completed` (one per image), or `error`",
                     "headers": REQUEST_ID,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}},
-                                "text/event-stream": {"schema": {"type": "string"}, "x-ldm-events": _image_events(event)}}},
+                                "text/event-stream": {"schema": sse(_image_events(event))}}},
             **_errors(*statuses),
         },
     }
@@ -174,8 +194,18 @@ def _live_request(limits: dict) -> dict:
     props["size"] = {"type": "string", "pattern": SIZE_PATTERN, "description": "`WIDTHxHEIGHT` (instead of width and height)"}
     props["progress_every"]["default"] = 1
     props["preview_every"]["default"] = 2
+    schema["dependentSchemas"] = {"size": {"not": {"anyOf": [{"required": ["width"]}, {"required": ["height"]}]}}}
     schema["description"] = ("The fields of ldm.v1.GenerateRequest (proto/ldm/v1/images.proto) in JSON, images as base64, "
                              "enums as words; one image (no `n`).")
+    return schema
+
+
+def _steer_request(limits: dict) -> dict:
+    schema = _message_schema(images_pb2.Steer.DESCRIPTOR, limits)
+    schema["minProperties"] = 1
+    # every region names its negative prompt, or none does (the generation's is the pipeline's to know)
+    schema["properties"]["regions"]["anyOf"] = [{"items": {"required": ["negative_prompt"]}},
+                                                {"items": {"not": {"required": ["negative_prompt"]}}}]
     return schema
 
 
@@ -191,10 +221,10 @@ def _live_paths() -> dict:
                 "schema": {"$ref": "#/components/schemas/LiveGenerationRequest"}}}},
             "responses": {
                 "200": {"description": "`text/event-stream`: `generation.created`, `generation.progress`, "
-                                       "`generation.steered`, then `generation.completed` or `error` (schemas: "
-                                       "x-ldm-events). Closing the stream cancels the generation.",
+                                       "`generation.steered`, then `generation.completed` or `error`. Closing the stream "
+                                       "cancels the generation.",
                         "headers": {"X-Generation-Id": {"schema": {"type": "string"}}, **REQUEST_ID},
-                        "content": {"text/event-stream": {"schema": {"type": "string"}, "x-ldm-events": LIVE_EVENTS}},
+                        "content": {"text/event-stream": {"schema": sse(LIVE_EVENTS)}},
                         "links": {"steer": {"operationId": "generations_steer", "parameters": from_header},
                                   "cancel": {"operationId": "generations_cancel", "parameters": from_header}}},
                 **_errors("400", "401", "403", "413", "415", "429", "499", "500", "501", "503")}}},
@@ -257,7 +287,7 @@ def document(model=None) -> dict:
                 "GenerationsRequest": _body(GENERATIONS, limits),
                 "EditsRequest": _body(EDITS, limits),
                 "LiveGenerationRequest": _live_request(limits),
-                "SteerRequest": _message_schema(images_pb2.Steer.DESCRIPTOR, limits),
+                "SteerRequest": _steer_request(limits),
                 "ImagesResponse": {"type": "object", "required": ["created", "data"], "properties": {
                     "created": {"type": "integer"},
                     "data": {"type": "array", "items": {"type": "object", "required": ["b64_json"], "properties": {

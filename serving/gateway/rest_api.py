@@ -12,6 +12,7 @@ from pathlib import Path
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -76,10 +77,6 @@ async def gateway_middleware(request, handler):
 
 
 def to_generation(params: dict, route: str, service: ImageService) -> Generation:
-    if params.get("response_format") == "url":
-        raise invalid("response_format", "only b64_json is supported: this server stores no images to link to")
-    if params.get("background") == "transparent":
-        raise invalid("background", "transparent backgrounds are not supported; this server makes opaque images")
     stream, partial = params.get("stream", False), params.get("partial_images", 0)
     if partial and not stream:
         raise invalid("partial_images", "needs stream: true")
@@ -141,6 +138,8 @@ async def _form(request) -> dict:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
+    except (ValueError, BadHttpMessage) as exc:  # a multipart body without its boundary, with a bad part header, ...
+        raise invalid("body", f"is not well-formed multipart/form-data: {exc}") from None
     values = {}
     for key, value in form.items():
         name = key.removesuffix("[]")

@@ -21,6 +21,7 @@ import re
 import aiohttp
 from aiohttp import web
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from serving.core.errors import UNAVAILABLE
 from serving.gateway import grpc_api
@@ -43,6 +44,11 @@ ENUMS = {
     "task": {name: value for value, name in grpc_api.TASKS.items()},
     "region_mode": {name: value for value, name in grpc_api.REGION_MODES.items()},
 }
+# the JSON values each proto field type takes, and their name (an integer field: an integral number too)
+NUMBER = ((int, float), "a number")
+JSON_TYPES = {FieldDescriptor.TYPE_STRING: (str, "a string"), FieldDescriptor.TYPE_BYTES: (str, "a base64 string"),
+              FieldDescriptor.TYPE_BOOL: (bool, "true or false"), FieldDescriptor.TYPE_FLOAT: NUMBER,
+              FieldDescriptor.TYPE_DOUBLE: NUMBER, FieldDescriptor.TYPE_INT32: NUMBER, FieldDescriptor.TYPE_UINT64: NUMBER}
 NOT_TAKEN = {"n": "a live generation makes one image; leave n out"}
 # Generation's field names -> what a REST client sent
 REST_NAMES = {**grpc_api.FIELD_NAMES}
@@ -52,8 +58,32 @@ _AT_PATH = re.compile(r'at (?:GenerateRequest|Steer)\.([\w.\[\]]+)|no field name
 _NESTED = re.compile(r'Failed to parse (\w+) field')
 
 
+def check_json_types(value: dict, message, path: str = "") -> None:
+    """400 naming the first field whose JSON type is not its declared one: json_format would
+    read null as absent, `false` or "5" as a number; the document declares none of that."""
+    for name, item in value.items():
+        field = message.fields_by_name.get(name)
+        if field is None or name in ENUMS:  # unknown: json_format names it; enums: their words are checked
+            continue
+        where = f"{path}{name}"
+        if item is None:
+            raise invalid(where, "must not be null; leave it out")
+        if field.is_repeated and not isinstance(item, list):
+            raise invalid(where, "must be an array")
+        for element in item if field.is_repeated else [item]:
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                if not isinstance(element, dict):
+                    raise invalid(where, "must be an object")
+                check_json_types(element, field.message_type, f"{where}.")
+                continue
+            types, name_of_type = JSON_TYPES[field.type]
+            if not isinstance(element, types) or (isinstance(element, bool) and field.type != FieldDescriptor.TYPE_BOOL):
+                raise invalid(where, f"must be {name_of_type}")
+
+
 def to_request(body: dict):
     """The GenerateRequest a /v1/generations body spells; 400 naming the first bad field."""
+    check_json_types(body, images_pb2.GenerateRequest.DESCRIPTOR)
     body = dict(body)
     for name, why in NOT_TAKEN.items():
         if name in body:
@@ -70,7 +100,7 @@ def to_request(body: dict):
             body["height"], body["width"] = size
     for name, words in ENUMS.items():
         if name in body:
-            if body[name] not in words:
+            if not isinstance(body[name], str) or body[name] not in words:
                 raise invalid(name, f"must be one of {', '.join(words)}, got {body[name]!r}")
             body[name] = words[body[name]]
     body.setdefault("progress_every", 1)
@@ -161,18 +191,14 @@ async def _steer_here(request, service: ImageService, generation_id: str, caller
 
 def to_steer_message(body: dict):
     """The Steer a steer body spells (the gRPC message in JSON, `region_mode` as a word)."""
+    check_json_types(body, images_pb2.Steer.DESCRIPTOR)
     body = dict(body)
     if not body:
         raise invalid("body", "give at least one field to steer: prompt, negative_prompt, guidance_scale, regions "
                               "(with region_divisions or their masks), base_prompt_weight, region_mode, mask")
-    for name, value in body.items():
-        if name == "guidance_scale" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise invalid(name, "must be a number")
-        if name in ("prompt", "negative_prompt") and not isinstance(value, str):
-            raise invalid(name, "must be a string")
     if "region_mode" in body:
         words = ENUMS["region_mode"]
-        if body["region_mode"] not in words:
+        if not isinstance(body["region_mode"], str) or body["region_mode"] not in words:
             raise invalid("region_mode", f"must be one of {', '.join(words)}, got {body['region_mode']!r}")
         body["region_mode"] = words[body["region_mode"]]
     try:
@@ -245,5 +271,14 @@ def add_routes(app: web.Application, replicas: Replicas) -> None:
     app.router.add_post("/v1/generations/{id}/steer", steer)
     app.router.add_delete("/v1/generations/{id}", delete)
     app.router.add_get("/", page)
-    # the page's own files; a missing one is 404 (add_static refuses paths leaving the folder)
-    app.router.add_static("/static/", STATIC, follow_symlinks=False, show_index=False)
+    app.router.add_get("/static/{path}", static_file)
+
+
+async def static_file(request):
+    """One of the page's own files: the folder's plain files only (no way out of it, no link
+    followed out); anything else is the documented JSON 404 naming `path`."""
+    name = request.match_info["path"]
+    path = (STATIC / name).resolve()
+    if path.parent != STATIC or not path.is_file():
+        raise ApiError(NOT_FOUND, f"no file {name!r} here", "path")
+    return web.FileResponse(path)

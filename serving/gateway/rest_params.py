@@ -45,14 +45,15 @@ PARAMS = (
     Param("n", "integer", "Number of images; image i uses seed + i.", minimum=1, maximum=MAX_IMAGES, default=1),
     Param("size", "string", "`WIDTHxHEIGHT` in pixels (multiples of the model's size multiple, within its maximum), "
           "or `auto` for the model's native size (edits: the image's size).", default="auto"),
-    Param("response_format", "string", "Only `b64_json`: this server stores no images to link to.",
-          enum=("b64_json", "url"), default="b64_json"),
+    Param("response_format", "string", "Only `b64_json`: this server stores no images to link to (`url` is refused).",
+          enum=("b64_json",), default="b64_json"),
     Param("output_format", "string", "Encoding of the returned images.", enum=FORMATS, default="png"),
     Param("output_compression", "integer", "JPEG/WebP quality, 0-100.", minimum=0, maximum=100, default=90),
     Param("stream", "boolean", "Server-sent events: partial images, then one completed event per image.", default=False),
     Param("partial_images", "integer", "With stream: previews to send per image before it completes "
           "(coarse, from the running latents).", minimum=0, maximum=3, default=0),
-    Param("background", "string", "Only opaque backgrounds are made.", enum=("auto", "opaque", "transparent"), default="auto"),
+    Param("background", "string", "Only opaque backgrounds are made (`transparent` is refused).", enum=("auto", "opaque"),
+          default="auto"),
     Param("negative_prompt", "string", "What to steer away from.", to_pipeline=True, extension=True),
     Param("seed", "integer", "Seed of the first image (random when absent); same request and seed, same image.",
           minimum=0, extension=True),
@@ -106,6 +107,8 @@ def _typed(param: Param, value, from_form: bool):
         if not isinstance(value, bool):
             raise invalid(name, "must be true or false")
     elif kind == "integer":
+        if isinstance(value, float) and value.is_integer():  # JSON does not tell 10 from 10.0, nor does JSON Schema
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(name, "must be an integer")
     elif kind == "number":
@@ -113,7 +116,7 @@ def _typed(param: Param, value, from_form: bool):
             raise invalid(name, "must be a finite number")
         value = float(value)
     if param.enum and value not in param.enum:
-        raise invalid(name, f"must be one of {', '.join(map(str, param.enum))}, got {value!r}")
+        raise invalid(name, f"must be one of {', '.join(map(str, param.enum))}, got {value!r}. {param.description}")
     low, high = param.minimum, param.maximum
     if (low is not None and value < low) or (high is not None and value > high):
         allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
