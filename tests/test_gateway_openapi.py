@@ -77,7 +77,7 @@ def test_a_method_a_path_does_not_take_is_405_with_allow(gateway):
     assert json.loads(info.value.read())["error"]["code"] == "invalid_arg"
 
 
-def test_a_schema_driven_fuzzer_finds_nothing(gateway):
+def test_a_schema_driven_fuzzer_finds_nothing(gateway, tmp_path):
     """schemathesis (tests/openapi_fuzz.toml) over the published document: every check, every
     phase (examples, coverage, fuzzing, and the stateful phase following the document's links),
     EXAMPLES examples each."""
@@ -85,6 +85,6 @@ def test_a_schema_driven_fuzzer_finds_nothing(gateway):
                gateway.rest_url + "/openapi.json", "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
                "--max-examples", str(EXAMPLES), "--workers", "1", "--request-timeout", "120", "--seed", "1",
                "--no-color"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache stays there
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1], run.stdout[-4000:]
