@@ -39,6 +39,9 @@ def add_arguments(parser):
     parser.add_argument("--peer-domain", default=os.environ.get("LDM_PEER_DOMAIN"),
                         help="or: the other replicas are http://NAME.DOMAIN:REST_PORT (env LDM_PEER_DOMAIN; "
                         "Kubernetes: the headless Service the pods name as their subdomain)")
+    parser.add_argument("--max-request-pixels", type=int, default=2 * 4096 * 4096,
+                        help="all uploaded images of one request or steer together, width x height, read from their "
+                        "headers before any is decoded (default: %(default)s)")
     parser.add_argument("--allowed-hosts", default="", help="comma-separated Host names the REST front answers besides "
                         "localhost, IP addresses and --host (the defence against DNS rebinding; checked by default only "
                         "without API keys); `*`: any")
@@ -54,7 +57,8 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
 
     from serving.gateway.replicas import default_name, parse_peers
 
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
+                    max_request_pixels=args.max_request_pixels)
     return GatewayConfig(triton=triton, host=host, rest_port=rest_port, grpc_port=grpc_port, keys=ApiKeys.load(args.api_keys),
                          allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
                          drain_s=args.drain_s, replica_name=args.replica_name or default_name(),
