@@ -295,3 +295,18 @@ def test_the_page_runs_under_its_content_security_policy(browser, gateway):
     errors = page_errors(page)
     page.context.close()
     assert errors == []
+
+
+def test_the_api_page_runs_its_inline_script_under_its_policy(browser, gateway):
+    """/docs allows its own inline script and style by hash: it renders the document, and the
+    browser reports no refusal."""
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    console = []
+    page.on("console", lambda message: console.append(message.text) if message.type == "error" else None)
+    page.goto(gateway.rest_url + "/docs")
+    page.wait_for_selector("#paths h2")
+    colour = page.eval_on_selector("h2 .method", "el => getComputedStyle(el).color")  # the inline style's white
+    context.close()
+    assert console == [] and colour == "rgb(255, 255, 255)"

@@ -154,7 +154,6 @@ class ImageService:
                 preview = preview_png(event.preview, generation)
             yield ProgressEvent(event.index, event.step, event.total_steps, preview)
 
-
     async def _refunded_if_refused(self, generation: Generation, events: AsyncIterator) -> AsyncIterator:
         """The pipeline's events; a refusal before the first of them (invalid, queue full) is refunded."""
         ran = False
