@@ -97,6 +97,8 @@ def test_uploads_are_checked_from_their_header_before_decoding():
     PILImage.new("RGB", (4, 4)).save(buffer, format="BMP")
     with pytest.raises(ApiError, match="PNG, JPEG or WebP"):
         images.Upload(buffer.getvalue(), "init_image").declare(1024)
+    with pytest.raises(ApiError, match="a side over 16 pixels"):
+        images.Upload(png("L", (17, 1), 0), "mask").declare(1024, max_side=16)
     for output_format in ("png", "jpeg", "webp"):
         upload = images.Upload(images.encode(np.zeros((8, 6, 3), np.uint8), output_format), "x")
         assert upload.declare(100) == 48 and (upload.width, upload.height) == (6, 8)

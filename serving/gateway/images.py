@@ -16,6 +16,7 @@ from serving.gateway.errors import TOO_LARGE, ApiError, invalid
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 ACCEPTED = {"PNG", "JPEG", "WEBP"}
+MAX_SIDE = 16384  # WebP's own largest side (16383) and then some: a 1 x 16M strip is no image to condition on
 
 
 def encode(image: np.ndarray, output_format: str = "png", quality: int = 90) -> bytes:
@@ -35,13 +36,15 @@ class Upload:
     width: int | None = None  # from the header, once declared
     height: int | None = None
 
-    def declare(self, max_pixels: int) -> int:
+    def declare(self, max_pixels: int, max_side: int = MAX_SIDE) -> int:
         """Reads the header only; the declared pixels. INVALID_ARG for what is not a PNG, JPEG or
-        WebP, TOO_LARGE over `max_pixels` (a decompression bomb included)."""
+        WebP, TOO_LARGE over `max_pixels` or a side over `max_side` (a decompression bomb included)."""
         image = self._open()
         self.width, self.height = image.size
         if self.width * self.height > max_pixels:
             raise ApiError(TOO_LARGE, f"is {self.width}x{self.height}: more than this server's {max_pixels} pixels", self.field)
+        if max(self.width, self.height) > max_side:
+            raise ApiError(TOO_LARGE, f"is {self.width}x{self.height}: a side over {max_side} pixels", self.field)
         return self.width * self.height
 
     def load(self) -> Image.Image:
