@@ -97,8 +97,12 @@ def _body(route: str, limits: dict) -> dict:
     properties = {p.name: _schema(p, limits, nullable=route == GENERATIONS) for p in params}
     if route == EDITS:
         properties.update({p.name: {**properties[p.name], "type": "string"} for p in params if p.kind == "any"})
-    return {"type": "object", "additionalProperties": False, "required": [p.name for p in params if p.required],
+    body = {"type": "object", "additionalProperties": False, "required": [p.name for p in params if p.required],
             "properties": properties}
+    if route == GENERATIONS:  # previews are streamed: partial_images > 0 needs stream: true
+        body["if"] = {"required": ["partial_images"], "properties": {"partial_images": {"type": "integer", "minimum": 1}}}
+        body["then"] = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+    return body
 
 
 def sse(events: dict) -> dict:
@@ -195,6 +199,8 @@ def _live_request(limits: dict) -> dict:
     props["progress_every"]["default"] = 1
     props["preview_every"]["default"] = 2
     schema["dependentSchemas"] = {"size": {"not": {"anyOf": [{"required": ["width"]}, {"required": ["height"]}]}}}
+    # a mode, a weight or divisions are for the regions the request gives
+    schema["dependentRequired"] = {name: ["regions"] for name in ("region_mode", "base_prompt_weight", "region_divisions")}
     schema["description"] = ("The fields of ldm.v1.GenerateRequest (proto/ldm/v1/images.proto) in JSON, images as base64, "
                              "enums as words; one image (no `n`).")
     return schema
@@ -259,6 +265,13 @@ def _probe(description: str, content_type: str = "application/json", *errors) ->
                                                           **_errors("403", *errors)}}}
 
 
+def _readiness() -> dict:
+    ready = {"application/json": {"schema": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}}}
+    return {"get": {"summary": "readiness: the pipeline behind the gateway is ready", "responses": {
+        "200": {"description": "ready", "content": ready}, "503": {"description": "not ready", "content": ready},
+        **_errors("403")}}}
+
+
 def document(model=None) -> dict:
     """The document; `model` (serving/gateway/pipeline.py PipelineModel) adds the served
     pipeline's limits."""
@@ -275,7 +288,7 @@ def document(model=None) -> dict:
                                                     "multipart/form-data", "image_edit")},
             **_live_paths(),
             "/healthz": _probe("liveness: the gateway answers"),
-            "/readyz": _probe("readiness: the pipeline behind the gateway is ready (503 when not)", "application/json", "503"),
+            "/readyz": _readiness(),
             "/metrics": _probe("Prometheus metrics of the gateway", "text/plain"),
             "/openapi.json": _probe("this document"),
             "/docs": _probe("this document as a page", "text/html"),
