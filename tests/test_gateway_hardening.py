@@ -4,6 +4,7 @@ limit): images are checked from their headers before anything is decoded (the is
 documented JSON or gRPC status with the request id, and nothing refused is charged."""
 import asyncio
 import base64
+import collections
 import http.client
 import io
 import json
@@ -265,3 +266,60 @@ def test_a_session_acknowledges_hostile_steers_and_still_hears_its_cancel(guarde
             if e.WhichOneof("event") == "steer_ack"]
     assert acks == [(1, "INVALID_ARGUMENT", "mask"), (2, "INVALID_ARGUMENT", "region_mode")]
     assert code == grpc.StatusCode.CANCELLED
+
+
+def test_a_sessions_reader_survives_an_uncoded_steer_failure_and_dies_loudly(server):
+    """The Session against a real tritonserver, in this process, with a fault injected where
+    nobody coded an error: a steer whose reading raises is acknowledged INTERNAL and the reader
+    reads on (the later cancel ends the call CANCELLED); a message stream that itself raises
+    ends the call INTERNAL with the request id, not a call that runs on deaf."""
+    from serving.gateway import grpc_api, grpc_session
+    from serving.gateway.errors import ApiError
+    from serving.gateway.pipeline import PipelineClient
+    from serving.gateway.service import ImageService
+    from serving.gateway.telemetry import Outcome
+
+    start = images_pb2.SessionRequest(start=images_pb2.GenerateRequest(prompt=PROMPT, steps=150, height=64, width=64))
+
+    def faulty_steer(steer):
+        raise RuntimeError("a fault nobody coded")
+
+    async def run(messages):
+        """The call's events and the ApiError it ended with; messages(arrived) feeds it, arrived[kind]
+        is set once an event of that kind came."""
+        service = ImageService(PipelineClient(server.grpc_url))
+        assert await service.pipeline.load_model()
+        service.ready = True
+        events, ended, arrived = [], None, collections.defaultdict(asyncio.Event)
+        try:
+            async for event in grpc_session.session(service, messages(arrived), "tester", "rid-1", Outcome(),
+                                                    lambda request: grpc_api.to_generation(request, True), faulty_steer,
+                                                    grpc_api.to_message):
+                events.append(event)
+                arrived[event.WhichOneof("event")].set()
+        except ApiError as error:
+            ended = error
+        finally:
+            await service.pipeline.close()
+        return events, ended
+
+    async def steer_then_cancel(arrived):
+        yield start
+        await arrived["progress"].wait()
+        yield images_pb2.SessionRequest(steer=images_pb2.Steer(prompt="x"))
+        await arrived["steer_ack"].wait()
+        yield images_pb2.SessionRequest(cancel=images_pb2.Cancel())
+
+    events, ended = asyncio.run(asyncio.wait_for(run(steer_then_cancel), 120))
+    (ack,) = [e.steer_ack for e in events if e.WhichOneof("event") == "steer_ack"]
+    assert ack.error_code == "INTERNAL" and "rid-1" in ack.error_message
+    assert ended is not None and ended.code == "CANCELLED"
+
+    async def breaks_after_start(arrived):
+        yield start
+        await arrived["progress"].wait()
+        raise RuntimeError("the transport broke in a way nobody coded")
+
+    events, ended = asyncio.run(asyncio.wait_for(run(breaks_after_start), 120))
+    assert ended is not None and ended.code == "INTERNAL" and "rid-1" in ended.message
+    assert not any(e.WhichOneof("event") == "image" for e in events)
