@@ -16,6 +16,7 @@ OBSERVE = """
 window.__page = { previews: [], errors: [] };
 window.addEventListener("error", (e) => window.__page.errors.push(String(e.message)));
 window.addEventListener("unhandledrejection", (e) => window.__page.errors.push(String(e.reason)));
+document.addEventListener("securitypolicyviolation", (e) => window.__page.errors.push(`CSP: ${e.violatedDirective} ${e.blockedURI}`));
 document.addEventListener("DOMContentLoaded", () => {
   const preview = document.getElementById("preview");
   new MutationObserver(() => window.__page.previews.push(preview.src))
@@ -48,9 +49,12 @@ def chromium():
             browser.close()
 
 
-def open_page(browser, url: str, viewport=(1200, 900)):
-    """A fresh context and page at `url`, observed (see OBSERVE)."""
-    context = browser.new_context(accept_downloads=True, viewport={"width": viewport[0], "height": viewport[1]})
+def open_page(browser, url: str, viewport=(1200, 900), bypass_csp=True):
+    """A fresh context and page at `url`, observed (see OBSERVE). Playwright's wait_for_function
+    evaluates a string, which the page's Content-Security-Policy forbids (no 'unsafe-eval'): the
+    tests that wait so bypass it; test_page_browser checks the page under it once."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": viewport[0], "height": viewport[1]},
+                                  bypass_csp=bypass_csp)
     context.set_default_timeout(TIMEOUT_MS)
     context.add_init_script(OBSERVE)
     page = context.new_page()

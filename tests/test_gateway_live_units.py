@@ -108,6 +108,8 @@ def test_rest_body_reads_as_a_generate_request_with_rest_spellings():
     ({}, "prompt"), ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "size": "64x64", "width": 64}, "size"),
     ({"prompt": "x", "steps": "many"}, "steps"), ({"prompt": "x", "regions": [{"mask": 5}]}, "regions.mask"),
     ({"prompt": "x", "task": "paint"}, "task"), ({"prompt": "x", "colour": 1}, "colour"),
+    ({"prompt": "x", "region_mode": {}}, "region_mode"), ({"prompt": "x", "timeout_s": False}, "timeout_s"),
+    ({"prompt": "x", "steps": None}, "steps"), ({"prompt": "x", "regions": [{"prompt": None}]}, "regions.prompt"),
 ])
 def test_rest_body_errors_name_the_field(body, field):
     with pytest.raises(ApiError) as info:
@@ -131,16 +133,17 @@ def test_steer_body_reads_as_a_steer_and_becomes_pipeline_inputs():
                               "region_divisions": "1,1", "region_mode": "attention", "base_prompt_weight": 0.4,
                               "mask": base64.b64encode(png).decode()})
     with pytest.raises(ApiError) as info:  # one region without a negative prompt, the other with one
-        grpc_api.to_steer(steer, 1024)
+        grpc_api.to_steer(steer)
     assert info.value.field == "regions.negative_prompt"
     steer.regions[1].negative_prompt = "mud"
-    inputs = grpc_api.to_steer(steer, 1024)
+    inputs = grpc_api.to_steer(steer)
     assert inputs["prompt"] == "a cat" and "negative_prompt" not in inputs and "guidance_scale" not in inputs
     assert inputs["region_prompts"] == ["sky", "grass"] and inputs["region_negative_prompts"] == ["sea", "mud"]
     assert (inputs["region_divisions"], inputs["region_mode"]) == ("1,1", "attention")
     assert inputs["base_prompt_weight"] == pytest.approx(0.4)
-    assert inputs["mask"].shape == (8, 8) and inputs["mask"][0, 7] == 255 and inputs["mask"][0, 0] == 0
-    assert grpc_api.to_steer(images_pb2.Steer(guidance_scale=0.0), 1024) == {"guidance_scale": 0.0}
+    mask = inputs["mask"].decode()  # an Upload: the service checks its header, then decodes it
+    assert mask.shape == (8, 8) and mask[0, 7] == 255 and mask[0, 0] == 0
+    assert grpc_api.to_steer(images_pb2.Steer(guidance_scale=0.0)) == {"guidance_scale": 0.0}
 
 
 @pytest.mark.parametrize("body, field", [

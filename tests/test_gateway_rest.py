@@ -137,7 +137,7 @@ def test_a_client_that_disconnects_cancels_its_generation(gateway, server):
     body = json.dumps({"prompt": PROMPT, "steps": 150, "n": 2, "size": "64x64"}).encode()
     host, port = gateway.rest_url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)))
-    connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
     assert wait_for(lambda: metrics(server)["ldm_active_requests"] >= 1)
     connection.close()

@@ -1,5 +1,7 @@
 """The gateway's pieces without a server: Generation, REST parameters, images and masks, errors."""
 import io
+import struct
+import zlib
 
 from google.rpc import error_details_pb2, status_pb2
 import grpc
@@ -82,22 +84,25 @@ def test_masks_follow_openais_alpha_rule_else_luminance():
     rgba.putpixel((1, 0), (10, 20, 30, 128))  # half transparent: kept, as OpenAI says "fully transparent"
     buffer = io.BytesIO()
     rgba.save(buffer, format="PNG")
-    mask = images.decode_mask(buffer.getvalue(), "mask", 100)
+    mask = images.Upload(buffer.getvalue(), "mask", mask=True).decode()
     assert mask.tolist() == [[255, 0, 0, 0], [0, 0, 0, 0]]
-    assert images.decode_mask(png("L", (3, 3), 200), "mask", 100).tolist() == [[200] * 3] * 3
+    assert images.Upload(png("L", (3, 3), 200), "mask", mask=True).decode().tolist() == [[200] * 3] * 3
 
 
-def test_uploads_are_checked_before_decoding():
+def test_uploads_are_checked_from_their_header_before_decoding():
     with pytest.raises(ApiError) as info:
-        images.decode_rgb(png("RGB", (40, 40), (0, 0, 0)), "init_image", 1024)
+        images.Upload(png("RGB", (40, 40), (0, 0, 0)), "init_image").declare(1024)
     assert info.value.code == "TOO_LARGE" and info.value.field == "init_image"
     buffer = io.BytesIO()
     PILImage.new("RGB", (4, 4)).save(buffer, format="BMP")
     with pytest.raises(ApiError, match="PNG, JPEG or WebP"):
-        images.decode_rgb(buffer.getvalue(), "init_image", 1024)
+        images.Upload(buffer.getvalue(), "init_image").declare(1024)
+    with pytest.raises(ApiError, match="a side over 16 pixels"):
+        images.Upload(png("L", (17, 1), 0), "mask").declare(1024, max_side=16)
     for output_format in ("png", "jpeg", "webp"):
-        data = images.encode(np.zeros((8, 8, 3), np.uint8), output_format)
-        assert images.decode_rgb(data, "x", 100).shape == (8, 8, 3)
+        upload = images.Upload(images.encode(np.zeros((8, 6, 3), np.uint8), output_format), "x")
+        assert upload.declare(100) == 48 and (upload.width, upload.height) == (6, 8)
+        assert upload.decode().shape == (8, 6, 3)
 
 
 def test_pipeline_errors_keep_their_code_and_field():
@@ -139,14 +144,14 @@ def test_sampler_fields_pass_through_from_rest_json_and_forms_and_from_grpc():
             rest_params.parse({"prompt": "x", **body}, rest_params.GENERATIONS, from_form=False)
         assert info.value.field == field
     request = images_pb2.GenerateRequest(prompt="x", sampler="Euler a", guidance_interval=[0.25, 0.75])
-    generation = grpc_api.to_generation(request, 1024, streaming=False)
+    generation = grpc_api.to_generation(request, streaming=False)
     assert generation.inputs == {"sampler": "Euler a", "guidance_interval": [0.25, 0.75]}
     declared = {**DECLARED, "sampler": "TYPE_STRING", "guidance_interval": "TYPE_FP32"}
     arrays = generation.validate().arrays(0, declared)
     assert arrays["guidance_interval"].dtype == np.float32 and arrays["guidance_interval"].shape == (2,)
     assert arrays["sampler"].tolist() == [b"Euler a"]
     with pytest.raises(ApiError) as info:  # its tensor is [2]: refused here, not by Triton's shape check
-        grpc_api.to_generation(images_pb2.GenerateRequest(prompt="x", guidance_interval=[0.5]), 1024, False).validate()
+        grpc_api.to_generation(images_pb2.GenerateRequest(prompt="x", guidance_interval=[0.5]), False).validate()
     assert info.value.field == "guidance_interval"
     assert from_pipeline("[INVALID_ARG] sampler: unknown sampler 'x'; valid: ddim, euler").field == "sampler"
 
@@ -177,3 +182,55 @@ def test_the_sampler_list_says_what_fits_the_served_model_and_its_default():
     unknown = served_samplers(model())  # an export older than samplers: fit not known
     assert unknown.default is None and all("fits_served_model" not in s for s in unknown.samplers)
     assert served_samplers(None).default is None
+
+
+@pytest.mark.parametrize("size", ["\u00b2x64", "64x\u0663", "9" * 5000 + "x64", "64x64x64", "x64", ""])
+def test_sizes_are_ascii_digits_within_reason(size):
+    with pytest.raises(ApiError) as info:
+        rest_params.parse_size(size)
+    assert (info.value.code, info.value.field) == ("INVALID_ARG", "size")
+
+
+def test_lone_surrogates_are_invalid_before_anything_is_charged():
+    with pytest.raises(ApiError) as info:
+        Generation("x", {"region_prompts": ["a", "b\ud800"]}).validate()
+    assert (info.value.code, info.value.field) == ("INVALID_ARG", "region_prompts")
+
+
+def test_a_decompression_bomb_header_is_too_large_not_an_error():
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # 4e8 pixels declared, none there
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(ApiError) as info:
+        images.Upload(data, "init_image").declare(2**40)  # Pillow's own limit (twice 89M pixels) says so
+    assert (info.value.code, info.value.field) == ("TOO_LARGE", "init_image")
+
+
+def test_an_uncoded_error_in_a_handler_is_the_documented_json_with_the_request_id():
+    """The middleware's guard, in a real aiohttp server whose handler fails in a way nobody coded."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from serving.gateway.pipeline import PipelineClient
+    from serving.gateway.rest_api import build_app
+    from serving.gateway.service import ImageService
+
+    async def scenario():
+        app = build_app(ImageService(PipelineClient("127.0.0.1:1")))
+
+        async def broken(request):
+            raise RuntimeError("nobody coded this")
+
+        app.router.add_get("/broken", broken)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/broken", headers={"X-Request-Id": "probe-1"})
+            return response.status, response.headers.get("X-Request-Id"), await response.json()
+
+    status, rid, body = asyncio.run(scenario())
+    assert status == 500 and rid == "probe-1"
+    assert body["error"]["code"] == "internal" and "probe-1" in body["error"]["message"] and body["error"]["param"] is None

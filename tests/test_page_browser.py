@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from page_browser import chromium, missing, open_page, page_errors, previews, set_range, start, wait_for_step
+from page_browser import TIMEOUT_MS, chromium, missing, open_page, page_errors, previews, set_range, start, wait_for_step
 from server_metrics import idle_metrics, metrics, wait_for
 from serving.client.kserve import LdmClient
 from serving.gateway import images
@@ -199,8 +199,8 @@ def test_init_image_and_a_painted_mask_make_an_inpainting_edit(page, server, tmp
     page.locator("#gallery .card").first.wait_for()
     body = json.loads(sent.value.post_data)
     assert body["strength"] == 0.8
-    init = images.decode_rgb(base64.b64decode(body["init_image"]), "init_image", 1 << 20)
-    mask = images.decode_mask(base64.b64decode(body["mask"]), "mask", 1 << 20)
+    init = images.Upload(base64.b64decode(body["init_image"]), "init_image").decode()
+    mask = images.Upload(base64.b64decode(body["mask"]), "mask", mask=True).decode()
     np.testing.assert_array_equal(init, picture)
     assert mask[:, 24].min() == 255 and mask[:, :16].max() == 0  # the stroke is repainted, the left half kept
     data = download(page, page.locator("#gallery .card").first)
@@ -227,7 +227,7 @@ def test_rectangles_drawn_with_prompts_are_sent_as_region_masks(page, server):
     assert page.get_attribute("#status", "data-state") == "done", page.text_content("#error")
     regions = json.loads(sent.value.post_data)["regions"]
     assert [r["prompt"] for r in regions] == ["a red circle", "a blue square"]
-    masks = np.stack([images.decode_mask(base64.b64decode(r["mask"]), "regions.mask", 1 << 20) for r in regions])
+    masks = np.stack([images.Upload(base64.b64decode(r["mask"]), "regions.mask", mask=True).decode() for r in regions])
     assert (masks[0][:, :16] == 255).all() and (masks[0][:, 16:] == 0).all()
     assert (masks[1][:, 16:] == 255).all() and (masks[1][:, :16] == 0).all()
     data = download(page, page.locator("#gallery .card").first)
@@ -236,3 +236,100 @@ def test_rectangles_drawn_with_prompts_are_sent_as_region_masks(page, server):
         expected = kserve.generate(PROMPT, seed=6, steps=10, guidance_scale=5.0, height=32, width=32,
                                    region_prompts=["a red circle", "a blue square"], region_masks=masks)
     np.testing.assert_array_equal(pixels(data), expected)
+
+
+# What a page on another origin can send without asking the gateway first ("simple" requests:
+# no preflight), and one JSON request that needs a preflight; each outcome as the page sees it.
+CROSS_ORIGIN = """async (gateway) => {
+  const body = JSON.stringify({prompt: "a red circle", steps: 150, n: 8, size: "64x64"});
+  const form = new FormData();
+  form.append("prompt", "a red circle");
+  form.append("image", new Blob([new Uint8Array([137, 80, 78, 71])], {type: "image/png"}), "x.png");
+  const tries = [
+    ["/v1/images/generations", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body}],
+    ["/v1/generations", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body}],
+    ["/v1/images/edits", {method: "POST", mode: "no-cors", body: form}],
+    ["/v1/images/generations", {method: "POST", headers: {"Content-Type": "application/json"}, body}],
+  ];
+  const outcomes = [];
+  for (const [path, init] of tries) {
+    try { outcomes.push((await fetch(gateway + path, init)).type); } catch (e) { outcomes.push("refused"); }
+  }
+  return outcomes;
+}"""
+
+
+@pytest.fixture
+def other_origin():
+    """A page at another origin on this machine (another port: another local web app, or a page
+    the user opened), served for real: a page the browser gets from a public or unknown address
+    is stopped by its own guard for local addresses (Local Network Access) before the gateway's
+    guard is reached."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<p>elsewhere</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def test_a_page_from_another_origin_cannot_start_a_generation(browser, gateway, server, other_origin):
+    before = idle_metrics(server)
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    answered = []  # what the gateway answered, which the page itself may not read
+    page.on("response", lambda response: answered.append((response.request.method, response.url, response.status)))
+    page.goto(other_origin)
+    outcomes = page.evaluate(CROSS_ORIGIN, gateway.rest_url)
+    context.close()
+    # the simple requests reached the gateway and were refused for their Origin; the JSON one
+    # never left the browser (its preflight got no CORS grant)
+    assert outcomes == ["opaque", "opaque", "opaque", "refused"], outcomes
+    posts = [(url.removeprefix(gateway.rest_url), status) for method, url, status in answered if method == "POST"]
+    assert posts == [("/v1/images/generations", 403), ("/v1/generations", 403), ("/v1/images/edits", 403)], answered
+    after = idle_metrics(server)
+    assert after["ldm_unet_steps_total"] == before["ldm_unet_steps_total"]
+    assert after["ldm_images_completed_total"] == before["ldm_images_completed_total"]
+
+
+def test_the_page_runs_under_its_content_security_policy(browser, gateway):
+    """Without bypassing the CSP, and waiting on selectors only: a generation reaches the gallery
+    and the page reports no violation (OBSERVE records them as errors)."""
+    page = open_page(browser, gateway.rest_url + "/", bypass_csp=False)
+    start(page, PROMPT, seed=9, steps=4, size="32x32")
+    page.wait_for_selector("#gallery .card")
+    errors = page_errors(page)
+    page.context.close()
+    assert errors == []
+
+
+def test_the_api_page_runs_its_inline_script_under_its_policy(browser, gateway):
+    """/docs allows its own inline script and style by hash: it renders the document, and the
+    browser reports no refusal."""
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    console = []
+    page.on("console", lambda message: console.append(message.text) if message.type == "error" else None)
+    page.goto(gateway.rest_url + "/docs")
+    page.wait_for_selector("#paths h2")
+    colour = page.eval_on_selector("h2 .method", "el => getComputedStyle(el).color")  # the inline style's white
+    context.close()
+    assert console == [] and colour == "rgb(255, 255, 255)"

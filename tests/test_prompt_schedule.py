@@ -47,6 +47,7 @@ def test_escapes_stand_for_the_character():
     ("[a:b:soon]", "'when' must be a non-negative number, got 'soon'", 5),
     ("[a:b:-1]", "'when' must be a non-negative number", 5),
     ("[a:b:]", "'when' must be a non-negative number", 5),
+    ("[a:b:" + "9" * 400 + "]", "'when' is too large", 5),  # read as inf: OverflowError, once
 ])
 def test_malformed_schedules_name_the_field_and_position(text, what, position):
     with pytest.raises(InvalidInput) as info:

@@ -145,6 +145,8 @@ def _bracket_part(pieces: list, separators: list, opening: int, steps: int):
     if not _NUMBER.match(when):
         raise _SyntaxError(f"'when' must be a non-negative number, got {when!r}", position)
     value = float(when)
+    if not math.isfinite(value):  # hundreds of digits read as inf, which no step count can floor
+        raise _SyntaxError(f"'when' is too large: {when[:20]}...", position)
     switch = math.floor(value) if value >= 1 else math.floor(value * steps)
     before = pieces[0][0] if len(pieces) == 3 else ""
     return _Edit(before, pieces[-2][0], switch)

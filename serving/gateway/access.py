@@ -133,6 +133,13 @@ class RateLimiter:
             raise ApiError(RESOURCE_EXHAUSTED, f"rate limit of {self.rate:g} images/s (burst {self.burst:g}) "
                            f"reached for {caller}; retry in {wait:.1f} s", retry_after_s=wait)
 
+    def refund(self, caller: str, cost: float) -> None:
+        """Gives back what `charge` took for a request refused before it ran."""
+        with self._lock:
+            bucket = self._buckets.get(caller)
+            if bucket is not None:
+                bucket.tokens = min(self.burst, bucket.tokens + min(cost, self.burst))
+
 
 class Access:
     """Admission of one request: its key (when keys are configured) and its caller's rate."""
@@ -148,3 +155,7 @@ class Access:
     def charge(self, caller: str, cost: int) -> None:
         if self.limiter is not None:
             self.limiter.charge(caller, cost)
+
+    def refund(self, caller: str, cost: int) -> None:
+        if self.limiter is not None:
+            self.limiter.refund(caller, cost)

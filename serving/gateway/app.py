@@ -17,7 +17,9 @@ import signal
 from aiohttp import web
 import grpc
 
+from serving.gateway import browser
 from serving.gateway.access import Access, ApiKeys, RateLimiter, is_loopback
+from serving.gateway.browser import BrowserGuard
 from serving.gateway.grpc_api import add_services, set_serving
 from serving.gateway.pipeline import PipelineClient
 from serving.gateway.replicas import Replicas, default_name
@@ -45,6 +47,8 @@ class GatewayConfig:
     replica_name: str = field(default_factory=default_name)  # prefix of this gateway's generation ids
     peers: dict = field(default_factory=dict)  # other replicas' REST URLs by name
     peer_domain: str | None = None  # or: other replicas at http://<name>.<peer_domain>:<rest port>
+    allowed_hosts: tuple = ()  # Host names answered besides loopback's and --host's ("*": any); serving/gateway/browser.py
+    allowed_origins: tuple = ()  # web pages (scheme://host[:port]) that may call the REST front besides its own
 
     def check(self) -> None:
         Replicas(self.replica_name, self.peers, self.peer_domain)  # raises ValueError for a bad name
@@ -79,6 +83,9 @@ class Gateway:
         # handler_cancellation: a client that disconnects cancels its handler, and so its generation
         app = build_app(self.service)
         add_routes(app, self.replicas)
+        config = self.config
+        browser.install(app, BrowserGuard.of(config.host, config.keys is not None, config.allowed_hosts,
+                                             config.allowed_origins, config.peer_domain))
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=self.config.drain_s)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.rest_port)

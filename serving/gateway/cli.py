@@ -39,6 +39,14 @@ def add_arguments(parser):
     parser.add_argument("--peer-domain", default=os.environ.get("LDM_PEER_DOMAIN"),
                         help="or: the other replicas are http://NAME.DOMAIN:REST_PORT (env LDM_PEER_DOMAIN; "
                         "Kubernetes: the headless Service the pods name as their subdomain)")
+    parser.add_argument("--max-request-pixels", type=int, default=2 * 4096 * 4096,
+                        help="all uploaded images of one request or steer together, width x height, read from their "
+                        "headers before any is decoded (default: %(default)s)")
+    parser.add_argument("--allowed-hosts", default="", help="comma-separated Host names the REST front answers besides "
+                        "localhost, IP addresses and --host (the defence against DNS rebinding; checked by default only "
+                        "without API keys); `*`: any")
+    parser.add_argument("--allowed-origins", default="", help="comma-separated web origins (https://host[:port]) whose "
+                        "pages may call the REST front; by default only its own pages (docs/security.md)")
     parser.add_argument("--new-key", metavar="NAME", help="print a new API key and its line for the key file, then exit")
 
 
@@ -49,11 +57,17 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
 
     from serving.gateway.replicas import default_name, parse_peers
 
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
+                    max_request_pixels=args.max_request_pixels)
     return GatewayConfig(triton=triton, host=host, rest_port=rest_port, grpc_port=grpc_port, keys=ApiKeys.load(args.api_keys),
                          allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
                          drain_s=args.drain_s, replica_name=args.replica_name or default_name(),
-                         peers=parse_peers(args.peers), peer_domain=args.peer_domain)
+                         peers=parse_peers(args.peers), peer_domain=args.peer_domain,
+                         allowed_hosts=_names(args.allowed_hosts), allowed_origins=_names(args.allowed_origins))
+
+
+def _names(text: str) -> tuple:
+    return tuple(filter(None, (name.strip() for name in text.split(","))))
 
 
 def run(args) -> int:

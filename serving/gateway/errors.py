@@ -15,6 +15,8 @@ TOO_LARGE = "TOO_LARGE"  # request body or image over the gateway's limits
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 NOT_FOUND = "NOT_FOUND"  # no generation with that id (never had one, or forgotten)
 FAILED_PRECONDITION = "FAILED_PRECONDITION"  # the generation has finished: too late to steer or cancel it
+PERMISSION_DENIED = "PERMISSION_DENIED"  # a browser request from a foreign page, or to an unknown Host (serving/gateway/browser.py)
+UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"  # a JSON body without Content-Type: application/json
 
 GRPC_STATUS = {
     INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT,
@@ -28,13 +30,17 @@ GRPC_STATUS = {
     DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
 }
 HTTP_STATUS = {
     INVALID_ARG: 400,
     UNAUTHENTICATED: 401,
+    PERMISSION_DENIED: 403,
     NOT_FOUND: 404,
     FAILED_PRECONDITION: 409,
     TOO_LARGE: 413,
+    UNSUPPORTED_MEDIA_TYPE: 415,
     RESOURCE_EXHAUSTED: 429,
     CANCELLED: 499,
     INTERNAL: 500,

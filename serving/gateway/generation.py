@@ -41,6 +41,7 @@ class Generation:
     quality: int = 90  # JPEG / WebP
     progress_every: int = 0  # streams: a progress event every k steps (0: none)
     preview_every: int = 0
+    charged_to: str | None = None  # the caller whose rate limit admitted it (refunded if it is refused before it runs)
 
     def validate(self) -> "Generation":
         """Checks what the gateway owns (the pipeline checks the rest) and draws the seed."""
@@ -60,6 +61,7 @@ class Generation:
         for name in ("progress_every", "preview_every"):
             if getattr(self, name) < 0:
                 raise invalid(name, f"must be at least 0, got {getattr(self, name)}")
+        check_texts({"prompt": self.prompt, **self.inputs})
         return self
 
     def values(self, index: int) -> dict:
@@ -82,6 +84,18 @@ class Generation:
         """Named numpy arrays for image `index`, typed as the served pipeline declares them."""
         self.check_declared(declared)
         return {name: to_array(name, value, declared[name]) for name, value in self.values(index).items()}
+
+
+def check_texts(inputs: dict) -> None:
+    """INVALID_ARG naming the first text that UTF-8 cannot encode: JSON may spell a lone
+    surrogate (`"\\ud800"`), which Python decodes into a str that only fails when sent."""
+    for name, value in inputs.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise invalid(name, f"is not valid Unicode text: {exc.reason} at character {exc.start}") from None
 
 
 def to_array(name: str, value, data_type: str) -> np.ndarray:

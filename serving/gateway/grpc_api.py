@@ -26,7 +26,7 @@ from serving.gateway.generation import FIELD_NAMES, Generation
 from serving.gateway.protos import images_pb2, images_pb2_grpc
 from serving.gateway.samplers import served_samplers
 from serving.gateway.service import EncodedImage, ImageService
-from serving.gateway.telemetry import REQUEST_ID_HEADER, request_id
+from serving.gateway.telemetry import REQUEST_ID_HEADER, request_id, unexpected
 
 SERVICE = images_pb2.DESCRIPTOR.services_by_name["Images"].full_name
 FORMATS = {images_pb2.IMAGE_FORMAT_UNSPECIFIED: "png", images_pb2.IMAGE_FORMAT_PNG: "png",
@@ -40,7 +40,9 @@ SCALARS = ("steps", "guidance_scale", "height", "width", "eta", "timeout_s", "st
            "keep_unmasked", "noise_level", "base_prompt_weight")
 
 
-def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
+def to_generation(request, streaming: bool) -> Generation:
+    """The Generation a GenerateRequest spells; its images are Uploads, not yet read (the
+    service checks and decodes them in order)."""
     inputs = {name: getattr(request, name) for name in SCALARS if request.HasField(name)}
     if request.negative_prompt:
         inputs["negative_prompt"] = request.negative_prompt
@@ -50,20 +52,20 @@ def to_generation(request, max_pixels: int, streaming: bool) -> Generation:
     if request.guidance_interval:
         inputs["guidance_interval"] = list(request.guidance_interval)
     if request.task:
-        inputs["task"] = TASKS[request.task]
+        inputs["task"] = enum_word(TASKS, "task", request.task)
     if request.init_image:
-        inputs["init_image"] = images.decode_rgb(request.init_image, "init_image", max_pixels)
+        inputs["init_image"] = images.Upload(request.init_image, "init_image")
     if request.mask:
-        inputs["mask"] = images.decode_mask(request.mask, "mask", max_pixels)
+        inputs["mask"] = images.Upload(request.mask, "mask", mask=True)
     # a region left without a negative prompt takes the request's, as when no region names one
-    inputs.update(region_inputs(request, lambda region: region.negative_prompt or request.negative_prompt, max_pixels))
+    inputs.update(region_inputs(request, lambda region: region.negative_prompt or request.negative_prompt))
     progress_every = request.progress_every if request.HasField("progress_every") else 1
     return Generation(
         prompt=request.prompt,
         inputs=inputs,
         n=request.n or 1,
         seed=request.seed if request.HasField("seed") else None,
-        output_format=FORMATS.get(request.output_format, "png"),
+        output_format=enum_word(FORMATS, "output_format", request.output_format),
         quality=request.quality if request.HasField("quality") else 90,
         progress_every=progress_every if streaming else 0,
         preview_every=request.preview_every if streaming else 0,
@@ -81,21 +83,29 @@ def samplers_message(model) -> "images_pb2.ListSamplersResponse":
     return response
 
 
-def to_steer(steer, max_pixels: int) -> dict:
-    """The pipeline inputs of a Steer (the fields it gives)."""
+def enum_word(words: dict, field: str, value: int) -> str:
+    """The word of an enum value; proto3 enums are open, so a client may send a number this
+    server does not know: INVALID_ARG naming the field."""
+    if value not in words:
+        raise invalid(field, f"unknown value {value}; one of {', '.join(f'{v} ({w})' for v, w in words.items() if v)}")
+    return words[value]
+
+
+def to_steer(steer) -> dict:
+    """The pipeline inputs of a Steer (the fields it gives); images as Uploads."""
     inputs = {name: getattr(steer, name) for name in ("prompt", "negative_prompt", "guidance_scale", "base_prompt_weight")
               if steer.HasField(name)}
     if steer.mask:
-        inputs["mask"] = images.decode_mask(steer.mask, "mask", max_pixels)
+        inputs["mask"] = images.Upload(steer.mask, "mask", mask=True)
 
     def negative(region):  # the generation's current negative prompt is the pipeline's to know
         raise invalid("regions.negative_prompt", "give every region of a steer a negative_prompt, or none")
 
-    inputs.update(region_inputs(steer, negative, max_pixels))
+    inputs.update(region_inputs(steer, negative))
     return inputs
 
 
-def region_inputs(message, negative_of, max_pixels: int) -> dict:
+def region_inputs(message, negative_of) -> dict:
     """The region inputs of a GenerateRequest or Steer; negative_of(region) is the negative
     prompt of a region without one when others have one."""
     inputs = {}
@@ -107,14 +117,11 @@ def region_inputs(message, negative_of, max_pixels: int) -> dict:
         if any(masks):
             if not all(masks):
                 raise invalid("regions.mask", "give every region a mask, or none (then region_divisions)")
-            decoded = [images.decode_mask(m, "regions.mask", max_pixels) for m in masks]
-            if len({m.shape for m in decoded}) > 1:
-                raise invalid("regions.mask", "all region masks must have one size")
-            inputs["region_masks"] = np.stack(decoded)
+            inputs["region_masks"] = [images.Upload(m, "region_masks", mask=True) for m in masks]
     if message.region_divisions:
         inputs["region_divisions"] = message.region_divisions
     if message.region_mode:
-        inputs["region_mode"] = REGION_MODES[message.region_mode]
+        inputs["region_mode"] = enum_word(REGION_MODES, "region_mode", message.region_mode)
     return inputs
 
 
@@ -169,17 +176,18 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         return rid, metadata
 
-    def _admit(self, request, context, metadata, streaming: bool) -> Generation:
+    async def _admit(self, request, context, metadata, streaming: bool) -> Generation:
         caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
-        generation = to_generation(request, self.service.limits.max_image_pixels, streaming)
+        generation = to_generation(request, streaming)
         self.service.admit(generation, caller)
+        await self.service.decode(generation)
         return generation
 
     async def Generate(self, request, context):
         rid, metadata = self._start(context)
         with self.service.metrics.request("grpc.Generate", rid) as outcome:
             try:
-                generation = self._admit(request, context, metadata, False)
+                generation = await self._admit(request, context, metadata, False)
                 done = {}
                 async for event in self.service.events(generation, rid, "grpc.Generate"):
                     if isinstance(event, EncodedImage):
@@ -188,12 +196,14 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                 return images_pb2.GenerateResponse(images=[done[i] for i in sorted(done)], request_id=rid)
             except ApiError as error:
                 await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+            except Exception as exc:
+                await context.abort_with_status(status_of(outcome.failed(unexpected(exc, rid)), rid))
 
     async def GenerateStream(self, request, context):
         rid, metadata = self._start(context)
         with self.service.metrics.request("grpc.GenerateStream", rid) as outcome:
             try:
-                generation = self._admit(request, context, metadata, True)
+                generation = await self._admit(request, context, metadata, True)
                 async for event in self.service.events(generation, rid, "grpc.GenerateStream"):
                     if isinstance(event, EncodedImage):
                         outcome.images += 1
@@ -202,6 +212,8 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                         yield images_pb2.GenerateEvent(progress=grpc_session.progress_message(event), request_id=rid)
             except ApiError as error:
                 await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+            except Exception as exc:
+                await context.abort_with_status(status_of(outcome.failed(unexpected(exc, rid)), rid))
 
     async def ListSamplers(self, request, context):
         rid, metadata = self._start(context)
@@ -217,13 +229,13 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         with self.service.metrics.request(grpc_session.ROUTE, rid) as outcome:
             try:
                 caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
-                limit = self.service.limits.max_image_pixels
                 async for event in grpc_session.session(self.service, request_iterator, caller, rid, outcome,
-                                                        lambda request: to_generation(request, limit, True),
-                                                        lambda steer: to_steer(steer, limit), to_message):
+                                                        lambda request: to_generation(request, True), to_steer, to_message):
                     yield event
             except ApiError as error:
                 await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+            except Exception as exc:
+                await context.abort_with_status(status_of(outcome.failed(unexpected(exc, rid)), rid))
 
 
 def add_services(server, service: ImageService) -> health.aio.HealthServicer:

@@ -4,7 +4,9 @@ cancelled by the call's later messages.
 Two tasks feed one queue of events: the pipeline's events (as GenerateStream's, plus
 `started` and `steered`) and the reader of the client's messages, which sends each steer in
 the order received (so steer ids follow the messages) and queues its `steer_ack`. The call
-ends after the image, or with the generation's error as its status.
+ends after the image, or with the generation's error as its status. A steer that fails in an
+unexpected way is acknowledged INTERNAL and the reader reads on; a reader that fails ends the
+call INTERNAL (never a call that goes on deaf to its steers and cancel).
 """
 import asyncio
 
@@ -12,6 +14,7 @@ from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
 from serving.gateway.generation import FIELD_NAMES
 from serving.gateway.protos import images_pb2
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent, SteerApplied
+from serving.gateway.telemetry import unexpected
 
 ROUTE = "grpc.Session"
 _END = object()
@@ -24,7 +27,7 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
     if first is None or not first.HasField("start"):
         raise invalid("start", "the first message of a Session must be `start` (a GenerateRequest)")
     generation = to_generation(first.start)
-    live = service.start_live(generation, caller)
+    live = await service.start_live(generation, caller)
     queue = asyncio.Queue()  # bounded in practice: a step's events and one ack per steer message read
 
     async def pump():
@@ -37,22 +40,30 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
 
     async def read():
         sequence = 0
-        async for message in request_iterator:
-            if message.HasField("cancel"):
-                service.cancel(live.id, caller)
-                return
-            if not message.HasField("steer"):
-                await queue.put(images_pb2.SteerAck(sequence=sequence, error_code="INVALID_ARGUMENT",
-                                                    error_message="only the first message may be `start`", field="start"))
-                continue
-            sequence += 1
-            try:
-                steer_id = await service.steer(live.id, caller, to_steer(message.steer))
-                await queue.put(images_pb2.SteerAck(sequence=sequence, steer_id=steer_id))
-            except ApiError as error:
-                error = error.renamed(FIELD_NAMES)
-                await queue.put(images_pb2.SteerAck(sequence=sequence, error_code=GRPC_STATUS[error.code].name,
-                                                    error_message=error.message, field=error.field or ""))
+        try:
+            async for message in request_iterator:
+                if message.HasField("cancel"):
+                    service.cancel(live.id, caller)
+                    return
+                if not message.HasField("steer"):
+                    await queue.put(images_pb2.SteerAck(sequence=sequence, error_code="INVALID_ARGUMENT",
+                                                        error_message="only the first message may be `start`", field="start"))
+                    continue
+                sequence += 1
+                await queue.put(await acknowledged(sequence, message.steer))
+        except Exception as exc:  # never end silently (steers unanswered, cancel unheard): the call ends with it
+            await queue.put(unexpected(exc, rid))
+
+    async def acknowledged(sequence: int, steer):
+        """The SteerAck of one steer: its id, or the error (a steer's failure never ends the call)."""
+        try:
+            return images_pb2.SteerAck(sequence=sequence, steer_id=await service.steer(live.id, caller, to_steer(steer)))
+        except ApiError as refused:  # (an `as` name is unbound after its block)
+            error = refused.renamed(FIELD_NAMES)
+        except Exception as exc:
+            error = unexpected(exc, rid)
+        return images_pb2.SteerAck(sequence=sequence, error_code=GRPC_STATUS[error.code].name,
+                                   error_message=error.message, field=error.field or "")
 
     tasks = [asyncio.create_task(pump()), asyncio.create_task(read())]
     started = False

@@ -1,49 +1,158 @@
 """The OpenAPI 3.1 document of the REST front, built from the parameter table
 (serving/gateway/rest_params.py) and, for the live generations, from the GenerateRequest
 message their body spells (serving/gateway/rest_live.py), so the document and the parsers
-cannot disagree."""
+cannot disagree; the served pipeline's own limits (steps, guidance scale, regions: its config's
+parameters) are declared from the model the gateway read at start, when it has one.
+
+Every status a route answers is declared; each server-sent event of the streams has its schema
+(its name and its JSON data: `sse`), and the answer of
+`POST /v1/generations` links to its steer and DELETE by its X-Generation-Id header.
+tests/test_gateway_openapi.py runs a schema-driven fuzzer (schemathesis) against a real gateway
+with this document."""
 from google.protobuf.descriptor import FieldDescriptor
 
-from serving.gateway.generation import FORMATS
+from serving.core.regions import MAX_REGIONS
+from serving.gateway.generation import FORMATS, MAX_SEED
 from serving.gateway.protos import images_pb2
-from serving.gateway.rest_params import EDITS, GENERATIONS, params_of
+from serving.gateway.rest_params import EDITS, GENERATIONS, SIZE, params_of
 
 KINDS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
          "boolean": {"type": "boolean"}, "file": {"type": "string", "format": "binary"}, "any": {},
          "interval": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2, "maxItems": 2}}
+ERROR = {"$ref": "#/components/schemas/Error"}
+SIZE_PATTERN = f"^(auto|{SIZE.pattern})$"
+TEXT = {"type": "string", "pattern": r"\S", "description": "holds a visible character"}
+# what each error status means; a route lists those it answers
+MEANINGS = {
+    "400": "a parameter is missing, malformed or out of range (`param` names it)",
+    "401": "API key missing or unknown (when the server has keys)",
+    "403": "a browser request from another origin, or to a Host name this server does not answer (`param`: Origin or Host)",
+    "404": "no such generation (unknown, forgotten, or another key's)",
+    "409": "the generation has finished",
+    "413": "body or an image over the server's limits",
+    "415": "the body is not declared `application/json`",
+    "429": "rate limit reached; retry after Retry-After",
+    "499": "cancelled (by DELETE) before it started",
+    "500": "the gateway or the pipeline failed on this request; `message` carries the request id",
+    "501": "the served pipeline does not take an input the request uses",
+    "503": "not ready, queue full, shutting down, timeout_s passed, or the replica running it is unreachable; "
+           "retry after Retry-After",
+}
+RETRY = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+REQUEST_ID = {"X-Request-Id": {"schema": {"type": "string"}, "description": "the request's id (also in the logs)"}}
 
 
-def _schema(param) -> dict:
+def _errors(*codes) -> dict:
+    answers = {}
+    for code in codes:
+        headers = {**REQUEST_ID, **(RETRY if code in ("429", "503") else {})}
+        answers[code] = {"description": MEANINGS[code], "headers": headers, "content": {"application/json": {"schema": ERROR}}}
+    return answers
+
+
+def _limits(model) -> dict:
+    """JSON-schema limits of the pipeline inputs, from the served model's parameters."""
+    def parameter(key, cast, default):
+        return model.parameter(key, cast, default) if model is not None else default
+
+    return {
+        "steps": {"minimum": 1, "maximum": parameter("max_steps", int, 150)},
+        "guidance_scale": {"minimum": 0, "maximum": parameter("max_guidance_scale", float, 50.0)},
+        "eta": {"minimum": 0, "maximum": 1},
+        "timeout_s": {"minimum": 0, "maximum": 3600},
+        "strength": {"exclusiveMinimum": 0, "maximum": 1},
+        "seed": {"minimum": 0, "maximum": MAX_SEED},
+        "quality": {"minimum": 1, "maximum": 100},
+        "progress_every": {"minimum": 0, "maximum": parameter("max_steps", int, 150)},
+        "preview_every": {"minimum": 0, "maximum": parameter("max_steps", int, 150)},
+        "regions": {"maxItems": parameter("max_regions", int, MAX_REGIONS)},
+        "prompt": TEXT,
+    }
+
+
+def _schema(param, limits: dict, nullable: bool) -> dict:
     schema = dict(KINDS[param.kind], description=param.description)
     bounds = () if param.kind == "interval" else (("minimum", param.minimum), ("maximum", param.maximum))
     for key, value in (("enum", list(param.enum) or None), *bounds, ("default", param.default)):
         if value is not None:
             schema[key] = value
+    if param.to_pipeline or param.name == "prompt":
+        schema.update({k: v for k, v in limits.get(param.name, {}).items() if k != "description"})
+    if param.name == "size":
+        schema["pattern"] = SIZE_PATTERN
     if param.extension:
         schema["x-ldm-extension"] = True
-    return schema
+    return _nullable(schema) if nullable and not param.required and "type" in schema else schema
 
 
-def _body(route: str) -> dict:
+def _nullable(schema: dict) -> dict:
+    """An optional field may be null, which the parsers read as absent."""
+    if "enum" in schema:
+        return {**schema, "type": [schema["type"], "null"], "enum": [*schema["enum"], None]}
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _body(route: str, limits: dict) -> dict:
     params = params_of(route)
-    return {"type": "object", "additionalProperties": False, "required": [p.name for p in params if p.required],
-            "properties": {p.name: _schema(p) for p in params}}
+    # JSON may say null (read as absent); a form field is one text each, never null
+    properties = {p.name: _schema(p, limits, nullable=route == GENERATIONS) for p in params}
+    if route == EDITS:
+        properties.update({p.name: {**properties[p.name], "type": "string"} for p in params if p.kind == "any"})
+    body = {"type": "object", "additionalProperties": False, "required": [p.name for p in params if p.required],
+            "properties": properties}
+    if route == GENERATIONS:  # previews are streamed: partial_images > 0 needs stream: true
+        body["if"] = {"required": ["partial_images"], "properties": {"partial_images": {"type": "integer", "minimum": 1}}}
+        body["then"] = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+    return body
 
 
-def _errors() -> dict:
-    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+def sse(events: dict) -> dict:
+    """The schema of one server-sent event (OpenAPI 3.1: a text/event-stream's `schema` describes
+    each event): its name, and its data, JSON of the event's own schema."""
+    return {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": name},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}}}
+        for name, schema in events.items()]}
+
+
+def _event(type_name: str, properties: dict, required: list) -> dict:
+    return {"type": "object", "required": ["type", *required], "properties": {"type": {"const": type_name}, **properties}}
+
+
+def _image_events(event: str) -> dict:
+    common = {"created_at": {"type": "integer"}, "background": {"const": "opaque"}, "quality": {"const": "auto"},
+              "image_index": {"type": "integer", "minimum": 0}, "b64_json": {"type": "string"}}
     return {
-        "400": {"description": "a parameter is missing, malformed or out of range (`param` names it)", **ref},
-        "401": {"description": "API key missing or unknown (when the server has keys)", **ref},
-        "413": {"description": "body or image over the server's limits", **ref},
-        "429": {"description": "rate limit reached", "headers": retry, **ref},
-        "501": {"description": "the served pipeline does not take an input the request uses", **ref},
-        "503": {"description": "queue full, shutting down, or timeout_s passed; try again", "headers": retry, **ref},
+        f"{event}.partial_image": _event(f"{event}.partial_image", {
+            **common, "partial_image_index": {"type": "integer", "minimum": 0}, "output_format": {"const": "png"}},
+            ["b64_json", "partial_image_index", "image_index"]),
+        f"{event}.completed": _event(f"{event}.completed", {
+            **common, "seed": {"type": "integer"}, "size": {"type": "string"}, "output_format": {"enum": list(FORMATS)}},
+            ["b64_json", "seed", "size", "output_format", "image_index"]),
+        "error": ERROR,
     }
 
 
+LIVE_EVENTS = {
+    "generation.created": {"type": "object", "required": ["id", "seed", "total_steps"], "properties": {
+        "id": {"type": "string"}, "seed": {"type": "integer"}, "total_steps": {"type": "integer", "minimum": 1}}},
+    "generation.progress": {"type": "object", "required": ["id", "step", "total_steps"], "properties": {
+        "id": {"type": "string"}, "step": {"type": "integer", "minimum": 0}, "total_steps": {"type": "integer", "minimum": 1},
+        "preview_b64": {"type": "string", "description": "PNG, base64"}}},
+    "generation.steered": {"type": "object", "required": ["id", "steer_id", "step"], "properties": {
+        "id": {"type": "string"}, "steer_id": {"type": "integer", "minimum": 1},
+        "step": {"type": "integer", "minimum": 0, "description": "0-based index of the first step that used it"}}},
+    "generation.completed": {"type": "object", "required": ["id", "b64_json", "seed", "output_format", "timings"], "properties": {
+        "id": {"type": "string"}, "b64_json": {"type": "string"}, "seed": {"type": "integer"},
+        "output_format": {"enum": list(FORMATS)}, "timings": {"type": "object", "properties": {
+            "total_s": {"type": "number"}, "first_step_s": {"type": ["number", "null"]}}}}},
+    "error": ERROR,
+}
+
+
 def _operation(route: str, summary: str, content_type: str, event: str) -> dict:
+    statuses = ("400", "401", "403", "413", "415", "429", "500", "501", "503") if route == GENERATIONS else \
+        ("400", "401", "403", "413", "429", "500", "501", "503")
     return {
         "summary": summary,
         "operationId": f"images_{route}",
@@ -51,21 +160,22 @@ def _operation(route: str, summary: str, content_type: str, event: str) -> dict:
         "responses": {
             "200": {"description": f"the images; with stream: server-sent events `{event}.partial_image`, "
                                    f"`{event}.completed` (one per image), or `error`",
-                    "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
+                    "headers": REQUEST_ID,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}},
-                                "text/event-stream": {"schema": {"$ref": "#/components/schemas/ImageEvent"}}}},
-            **_errors(),
+                                "text/event-stream": {"schema": sse(_image_events(event))}}},
+            **_errors(*statuses),
         },
     }
 
 
 PROTO_KINDS = {FieldDescriptor.TYPE_STRING: {"type": "string"}, FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
                FieldDescriptor.TYPE_FLOAT: {"type": "number"}, FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
-               FieldDescriptor.TYPE_INT32: {"type": "integer"}, FieldDescriptor.TYPE_UINT64: {"type": "integer", "minimum": 0},
+               FieldDescriptor.TYPE_INT32: {"type": "integer", "minimum": -2**31, "maximum": 2**31 - 1},
+               FieldDescriptor.TYPE_UINT64: {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
                FieldDescriptor.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"}}
 
 
-def _message_schema(message, skip=()) -> dict:
+def _message_schema(message, limits: dict, skip=()) -> dict:
     from serving.gateway.rest_live import ENUMS
 
     properties = {}
@@ -75,36 +185,41 @@ def _message_schema(message, skip=()) -> dict:
         if f.name in ENUMS:
             schema = {"type": "string", "enum": list(ENUMS[f.name])}
         elif f.type == FieldDescriptor.TYPE_MESSAGE:
-            schema = _message_schema(f.message_type)
+            schema = _message_schema(f.message_type, limits)
         else:
-            schema = dict(PROTO_KINDS[f.type])
-        properties[f.name] = {"type": "array", "items": schema} if f.is_repeated else schema
+            schema = {**PROTO_KINDS[f.type], **limits.get(f.name, {})} if not f.is_repeated else dict(PROTO_KINDS[f.type])
+        properties[f.name] = {"type": "array", "items": schema, **limits.get(f.name, {})} if f.is_repeated else schema
     return {"type": "object", "additionalProperties": False, "properties": properties}
 
 
-def _live_request() -> dict:
-    schema = _message_schema(images_pb2.GenerateRequest.DESCRIPTOR, skip=("n",))
+def _live_request(limits: dict) -> dict:
+    schema = _message_schema(images_pb2.GenerateRequest.DESCRIPTOR, limits, skip=("n",))
     schema["required"] = ["prompt"]
     props = schema["properties"]
-    props["size"] = {"type": "string", "description": "`WIDTHxHEIGHT` (instead of width and height)"}
+    props["size"] = {"type": "string", "pattern": SIZE_PATTERN, "description": "`WIDTHxHEIGHT` (instead of width and height)"}
     props["progress_every"]["default"] = 1
     props["preview_every"]["default"] = 2
+    schema["dependentSchemas"] = {"size": {"not": {"anyOf": [{"required": ["width"]}, {"required": ["height"]}]}}}
+    # a mode, a weight or divisions are for the regions the request gives
+    schema["dependentRequired"] = {name: ["regions"] for name in ("region_mode", "base_prompt_weight", "region_divisions")}
     schema["description"] = ("The fields of ldm.v1.GenerateRequest (proto/ldm/v1/images.proto) in JSON, images as base64, "
                              "enums as words; one image (no `n`).")
     return schema
 
 
-def _live_errors(*codes) -> dict:
-    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    text = {"400": "a field is malformed or out of range (`param` names it)", "401": "API key missing or unknown",
-            "404": "no such generation (unknown, forgotten, or another key's)", "409": "the generation has finished",
-            "503": "the replica running it cannot be reached, or the queue is full; try again"}
-    return {code: {"description": text[code], **ref} for code in codes}
+def _steer_request(limits: dict) -> dict:
+    schema = _message_schema(images_pb2.Steer.DESCRIPTOR, limits)
+    schema["minProperties"] = 1
+    # every region names its negative prompt, or none does (the generation's is the pipeline's to know)
+    schema["properties"]["regions"]["anyOf"] = [{"items": {"required": ["negative_prompt"]}},
+                                                {"items": {"not": {"required": ["negative_prompt"]}}}]
+    return schema
 
 
 def _live_paths() -> dict:
     generation_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
                       "description": "`<replica>.<token>`, from X-Generation-Id or `generation.created`"}]
+    from_header = {"id": "$response.header.X-Generation-Id"}
     return {
         "/v1/generations": {"post": {
             "summary": "Start a live (steerable) generation; its events as server-sent events",
@@ -112,37 +227,43 @@ def _live_paths() -> dict:
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/LiveGenerationRequest"}}}},
             "responses": {
-                "200": {"description": "`text/event-stream`: `generation.created` {id, seed, total_steps}, "
-                                       "`generation.progress` {id, step, total_steps, preview_b64?}, `generation.steered` "
-                                       "{id, steer_id, step (0-based index of the first step that used it)}, then "
-                                       "`generation.completed` {id, b64_json, seed, output_format, timings} or `error` "
-                                       "{error}. Closing the stream cancels the generation.",
-                        "headers": {"X-Generation-Id": {"schema": {"type": "string"}},
-                                    "X-Request-Id": {"schema": {"type": "string"}}},
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                **_live_errors("400", "401", "503")}}},
+                "200": {"description": "`text/event-stream`: `generation.created`, `generation.progress`, "
+                                       "`generation.steered`, then `generation.completed` or `error`. Closing the stream "
+                                       "cancels the generation.",
+                        "headers": {"X-Generation-Id": {"schema": {"type": "string"}}, **REQUEST_ID},
+                        "content": {"text/event-stream": {"schema": sse(LIVE_EVENTS)}},
+                        "links": {"steer": {"operationId": "generations_steer", "parameters": from_header},
+                                  "cancel": {"operationId": "generations_cancel", "parameters": from_header}}},
+                **_errors("400", "401", "403", "413", "415", "429", "499", "500", "501", "503")}}},
         "/v1/generations/{id}/steer": {"post": {
-            "summary": "Change a running generation's prompt, negative prompt or guidance scale from its next step",
+            "summary": "Change a running generation's conditioning from its next step",
             "operationId": "generations_steer", "parameters": generation_id,
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/SteerRequest"}}}},
             "responses": {"202": {"description": "accepted; its `generation.steered` event tells the step that used it",
-                                  "content": {"application/json": {"schema": {"type": "object", "properties": {
-                                      "id": {"type": "string"}, "steer_id": {"type": "integer"}}}}}},
-                          **_live_errors("400", "401", "404", "409", "503")}}},
+                                  "headers": REQUEST_ID,
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object", "required": ["id", "steer_id"], "properties": {
+                                          "id": {"type": "string"}, "steer_id": {"type": "integer", "minimum": 1}}}}}},
+                          **_errors("400", "401", "403", "404", "409", "413", "415", "500", "501", "503")}}},
         "/v1/generations/{id}": {"delete": {
             "summary": "Cancel a running generation (its stream ends with an `error` event, code `cancelled`)",
             "operationId": "generations_cancel", "parameters": generation_id,
-            "responses": {"200": {"description": "cancelled", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"id": {"type": "string"}, "status": {"const": "cancelled"}}}}}},
-                **_live_errors("401", "404", "409", "503")}}},
+            "responses": {"200": {"description": "cancelled", "headers": REQUEST_ID, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["id", "status"], "properties": {
+                    "id": {"type": "string"}, "status": {"const": "cancelled"}}}}}},
+                **_errors("401", "403", "404", "409", "500", "503")}}},
         "/": _probe("the interactive page (serving/gateway/static/index.html)", "text/html"),
-        "/static/{path}": _probe("the page's files (serving/gateway/static/)", "*/*"),
+        "/static/{path}": {"get": {
+            "summary": "the page's files (serving/gateway/static/)",
+            "parameters": [{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the file", "content": {"*/*": {}}}, **_errors("403", "404")}}},
     }
 
 
-def _probe(description: str, content_type: str = "application/json") -> dict:
-    return {"get": {"summary": description, "responses": {"200": {"description": "ok", "content": {content_type: {}}}}}}
+def _probe(description: str, content_type: str = "application/json", *errors) -> dict:
+    return {"get": {"summary": description, "responses": {"200": {"description": "ok", "content": {content_type: {}}},
+                                                          **_errors("403", *errors)}}}
 
 
 def _sampler_list() -> dict:
@@ -161,7 +282,17 @@ def _sampler_list() -> dict:
         "default_sigma_schedule": {"type": ["string", "null"]}}}
 
 
-def document() -> dict:
+def _readiness() -> dict:
+    ready = {"application/json": {"schema": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}}}
+    return {"get": {"summary": "readiness: the pipeline behind the gateway is ready", "responses": {
+        "200": {"description": "ready", "content": ready}, "503": {"description": "not ready", "content": ready},
+        **_errors("403")}}}
+
+
+def document(model=None) -> dict:
+    """The document; `model` (serving/gateway/pipeline.py PipelineModel) adds the served
+    pipeline's limits."""
+    limits = _limits(model)
     return {
         "openapi": "3.1.0",
         "info": {"title": "ldm-serving gateway", "version": "1",
@@ -178,10 +309,10 @@ def document() -> dict:
                 "operationId": "samplers_list",
                 "responses": {"200": {"description": "OpenAI's list shape", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/SamplerList"}}}},
-                              **_live_errors("401")}}},
+                              **_errors("401", "403")}}},
             **_live_paths(),
             "/healthz": _probe("liveness: the gateway answers"),
-            "/readyz": _probe("readiness: the pipeline behind the gateway is ready (503 when not)"),
+            "/readyz": _readiness(),
             "/metrics": _probe("Prometheus metrics of the gateway", "text/plain"),
             "/openapi.json": _probe("this document"),
             "/docs": _probe("this document as a page", "text/html"),
@@ -190,25 +321,22 @@ def document() -> dict:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "only when the server is configured with API keys"}},
             "schemas": {
-                "GenerationsRequest": _body(GENERATIONS),
-                "EditsRequest": _body(EDITS),
-                "LiveGenerationRequest": _live_request(),
-                "SteerRequest": _message_schema(images_pb2.Steer.DESCRIPTOR),
-                "ImagesResponse": {"type": "object", "properties": {
+                "GenerationsRequest": _body(GENERATIONS, limits),
+                "EditsRequest": _body(EDITS, limits),
+                "LiveGenerationRequest": _live_request(limits),
+                "SteerRequest": _steer_request(limits),
+                "ImagesResponse": {"type": "object", "required": ["created", "data"], "properties": {
                     "created": {"type": "integer"},
-                    "data": {"type": "array", "items": {"type": "object", "properties": {
+                    "data": {"type": "array", "items": {"type": "object", "required": ["b64_json"], "properties": {
                         "b64_json": {"type": "string", "description": "the image, base64"},
                         "seed": {"type": "integer", "x-ldm-extension": True}}}},
                     "output_format": {"type": "string", "enum": list(FORMATS)},
                     "size": {"type": "string"}, "background": {"type": "string"}}},
-                "ImageEvent": {"type": "object", "properties": {
-                    "type": {"type": "string"}, "b64_json": {"type": "string"}, "partial_image_index": {"type": "integer"},
-                    "image_index": {"type": "integer", "x-ldm-extension": True}, "seed": {"type": "integer"},
-                    "created_at": {"type": "integer"}, "size": {"type": "string"}, "output_format": {"type": "string"}}},
                 "SamplerList": _sampler_list(),
-                "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                    "message": {"type": "string"}, "type": {"type": "string"},
-                    "param": {"type": ["string", "null"]}, "code": {"type": "string"}}}}},
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+                        "message": {"type": "string"}, "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]}, "code": {"type": "string"}}}}},
             },
         },
         "security": [{}, {"bearer": []}],

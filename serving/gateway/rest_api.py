@@ -13,27 +13,29 @@ from pathlib import Path
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.core.errors import CANCELLED, INVALID_ARG
 from serving.gateway import images, rest_params
 from serving.gateway.access import bearer
-from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, ApiError, invalid
+from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, UNSUPPORTED_MEDIA_TYPE, ApiError, invalid
 from serving.gateway.generation import Generation
 from serving.gateway.openapi import document
 from serving.gateway.rest_params import EDITS, GENERATIONS, parse_size
 from serving.gateway.samplers import rest_list, served_samplers
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent
-from serving.gateway.telemetry import request_id
+from serving.gateway.telemetry import request_id, unexpected
 
 SERVICE = web.AppKey("service", ImageService)
 DOCS_PAGE = Path(__file__).resolve().parent / "static" / "docs.html"
 # Generation's field names -> the REST parameters they come from
 REST_NAMES = {"height": "size", "width": "size", "init_image": "image", "quality": "output_compression",
               "preview_every": "partial_images"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 501: "not_implemented_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+               404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               429: "rate_limit_error", 501: "not_implemented_error"}
 ERROR_CODES = {"UNAUTHENTICATED": "invalid_api_key", "RESOURCE_EXHAUSTED": "rate_limit_exceeded"}
 
 
@@ -66,6 +68,10 @@ async def gateway_middleware(request, handler):
             raise
         response = error_response(ApiError(NOT_FOUND if exc.status == 404 else INVALID_ARG, exc.reason))
         response.set_status(exc.status)
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception as exc:  # a handler's uncoded error is still the documented JSON, with the request id
+        response = error_response(unexpected(exc, rid))
     if not response.prepared:
         response.headers["X-Request-Id"] = rid
         response.headers.setdefault("X-Ldm-Replica", request.app[SERVICE].replica)
@@ -73,10 +79,6 @@ async def gateway_middleware(request, handler):
 
 
 def to_generation(params: dict, route: str, service: ImageService) -> Generation:
-    if params.get("response_format") == "url":
-        raise invalid("response_format", "only b64_json is supported: this server stores no images to link to")
-    if params.get("background") == "transparent":
-        raise invalid("background", "transparent backgrounds are not supported; this server makes opaque images")
     stream, partial = params.get("stream", False), params.get("partial_images", 0)
     if partial and not stream:
         raise invalid("partial_images", "needs stream: true")
@@ -94,27 +96,31 @@ def to_generation(params: dict, route: str, service: ImageService) -> Generation
 
 
 def add_edit_images(generation: Generation, params: dict, service: ImageService) -> None:
-    """init_image (and mask) from the uploads: OpenAI's rule, transparent = repaint."""
+    """init_image (and mask) from the uploads, not yet read: `admit` checks their headers."""
     if "init_image" not in service.pipeline.require_model().inputs:
         raise ApiError(UNIMPLEMENTED, "image edits need a pipeline with image conditioning (an init_image input); "
                        "the served pipeline has none", "image")
-    limit = service.limits.max_image_pixels
-    picture = images.open_image(_upload(params["image"], "image"), "image", limit)
-    rgb = np.asarray(picture.convert("RGB"))
+    generation.inputs["init_image"] = images.Upload(_upload(params["image"], "image"), "init_image")
     if "mask" in params:
-        mask = images.decode_mask(_upload(params["mask"], "mask"), "mask", limit)
-        mask = images.resized(mask, *rgb.shape[:2])
+        generation.inputs["mask"] = images.Upload(_upload(params["mask"], "mask"), "mask", mask=True)
+
+
+def edit_arrays(inputs: dict) -> dict:
+    """The edit's init_image and mask decoded (on the service's pool): OpenAI's rule, without a
+    mask the image's transparent pixels are repainted; the mask fits the image, both the size."""
+    picture = inputs["init_image"].load()
+    rgb = np.asarray(picture.convert("RGB"))
+    if "mask" in inputs:
+        mask = images.resized(inputs["mask"].decode(), *rgb.shape[:2])
     elif images.has_alpha(picture):
         mask = images.alpha_repaint_mask(picture)
     else:
         mask = None
-    if "height" in generation.inputs:
-        size = generation.inputs["height"], generation.inputs["width"]
+    if "height" in inputs:
+        size = inputs["height"], inputs["width"]
         rgb = images.resized(rgb, *size)
         mask = None if mask is None else images.resized(mask, *size)
-    generation.inputs["init_image"] = rgb
-    if mask is not None:
-        generation.inputs["mask"] = mask
+    return {"init_image": rgb} if mask is None else {"init_image": rgb, "mask": mask}
 
 
 def _upload(value, name: str) -> bytes:
@@ -134,6 +140,8 @@ async def _form(request) -> dict:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
+    except (ValueError, BadHttpMessage) as exc:  # a multipart body without its boundary, with a bad part header, ...
+        raise invalid("body", f"is not well-formed multipart/form-data: {exc}") from None
     values = {}
     for key, value in form.items():
         name = key.removesuffix("[]")
@@ -150,11 +158,17 @@ async def _form(request) -> dict:
     return values
 
 
-async def _json(request) -> dict:
+async def read_json(request) -> dict:
+    """The request's JSON object; 400 naming `body` for anything else. It must be declared JSON:
+    a cross-origin page can send text/plain without asking (serving/gateway/browser.py)."""
+    if request.content_type != "application/json":
+        raise ApiError(UNSUPPORTED_MEDIA_TYPE, f"must be application/json, got {request.content_type}", "Content-Type")
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise invalid("body", "must be a JSON object") from None
+    except RecursionError:  # the decoder's recursion guard: nesting no request needs
+        raise invalid("body", "is nested too deeply") from None
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
     if not isinstance(body, dict):
@@ -166,7 +180,7 @@ async def generations(request):
     service = request.app[SERVICE]
     with service.metrics.request("rest.generations", request["rid"]) as outcome:
         request["caller"] = service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
-        params = rest_params.parse(await _json(request), GENERATIONS, from_form=False)
+        params = rest_params.parse(await read_json(request), GENERATIONS, from_form=False)
         generation = to_generation(params, GENERATIONS, service)
         return await _answer(request, "rest.generations", "image_generation", params, generation, outcome)
 
@@ -188,6 +202,7 @@ def _size(image: EncodedImage) -> str:
 async def _answer(request, route: str, event_type: str, params: dict, generation: Generation, outcome):
     service, rid = request.app[SERVICE], request["rid"]
     service.admit(generation, request["caller"])
+    await service.decode(generation, edit_arrays)
     events = service.events(generation, rid, route)
     if not params.get("stream"):
         done = {}
@@ -207,12 +222,13 @@ async def _answer(request, route: str, event_type: str, params: dict, generation
     await response.prepare(request)
     try:
         await _stream(response, event_type, params.get("partial_images", 0), generation, _chain(first, events), outcome)
-    except ApiError as error:  # after the headers: an error event, as OpenAI's streams send
-        outcome.code = error.code
-        await _send(response, "error", error_body(error.renamed(REST_NAMES)))
     except ConnectionResetError:
         outcome.code = CANCELLED
         raise
+    except Exception as exc:  # after the headers: an error event, as OpenAI's streams send
+        error = exc if isinstance(exc, ApiError) else unexpected(exc, rid)
+        outcome.code = error.code
+        await _send(response, "error", error_body(error.renamed(REST_NAMES)))
     await response.write_eof()
     return response
 
@@ -254,7 +270,7 @@ async def samplers(request):
 
 
 async def openapi_json(request):
-    return web.json_response(document())
+    return web.json_response(document(request.app[SERVICE].pipeline.model))
 
 
 async def docs(request):

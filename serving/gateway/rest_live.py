@@ -21,6 +21,7 @@ import re
 import aiohttp
 from aiohttp import web
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from serving.core.errors import UNAVAILABLE
 from serving.gateway import grpc_api
@@ -29,9 +30,10 @@ from serving.gateway.errors import NOT_FOUND, ApiError, invalid
 from serving.gateway.live import is_id
 from serving.gateway.protos import images_pb2
 from serving.gateway.replicas import FORWARDED_HEADER, Replicas
-from serving.gateway.rest_api import SERVICE, error_body, error_response
+from serving.gateway.rest_api import SERVICE, error_body, error_response, read_json
 from serving.gateway.rest_params import parse_size
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent, SteerApplied
+from serving.gateway.telemetry import unexpected
 
 STATIC = Path(__file__).resolve().parent / "static"
 REPLICAS = web.AppKey("replicas", Replicas)
@@ -42,6 +44,11 @@ ENUMS = {
     "task": {name: value for value, name in grpc_api.TASKS.items()},
     "region_mode": {name: value for value, name in grpc_api.REGION_MODES.items()},
 }
+# the JSON values each proto field type takes, and their name (an integer field: an integral number too)
+NUMBER = ((int, float), "a number")
+JSON_TYPES = {FieldDescriptor.TYPE_STRING: (str, "a string"), FieldDescriptor.TYPE_BYTES: (str, "a base64 string"),
+              FieldDescriptor.TYPE_BOOL: (bool, "true or false"), FieldDescriptor.TYPE_FLOAT: NUMBER,
+              FieldDescriptor.TYPE_DOUBLE: NUMBER, FieldDescriptor.TYPE_INT32: NUMBER, FieldDescriptor.TYPE_UINT64: NUMBER}
 NOT_TAKEN = {"n": "a live generation makes one image; leave n out"}
 # Generation's field names -> what a REST client sent
 REST_NAMES = {**grpc_api.FIELD_NAMES}
@@ -51,8 +58,32 @@ _AT_PATH = re.compile(r'at (?:GenerateRequest|Steer)\.([\w.\[\]]+)|no field name
 _NESTED = re.compile(r'Failed to parse (\w+) field')
 
 
+def check_json_types(value: dict, message, path: str = "") -> None:
+    """400 naming the first field whose JSON type is not its declared one: json_format would
+    read null as absent, `false` or "5" as a number; the document declares none of that."""
+    for name, item in value.items():
+        field = message.fields_by_name.get(name)
+        if field is None or name in ENUMS:  # unknown: json_format names it; enums: their words are checked
+            continue
+        where = f"{path}{name}"
+        if item is None:
+            raise invalid(where, "must not be null; leave it out")
+        if field.is_repeated and not isinstance(item, list):
+            raise invalid(where, "must be an array")
+        for element in item if field.is_repeated else [item]:
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                if not isinstance(element, dict):
+                    raise invalid(where, "must be an object")
+                check_json_types(element, field.message_type, f"{where}.")
+                continue
+            types, name_of_type = JSON_TYPES[field.type]
+            if not isinstance(element, types) or (isinstance(element, bool) and field.type != FieldDescriptor.TYPE_BOOL):
+                raise invalid(where, f"must be {name_of_type}")
+
+
 def to_request(body: dict):
     """The GenerateRequest a /v1/generations body spells; 400 naming the first bad field."""
+    check_json_types(body, images_pb2.GenerateRequest.DESCRIPTOR)
     body = dict(body)
     for name, why in NOT_TAKEN.items():
         if name in body:
@@ -69,7 +100,7 @@ def to_request(body: dict):
             body["height"], body["width"] = size
     for name, words in ENUMS.items():
         if name in body:
-            if body[name] not in words:
+            if not isinstance(body[name], str) or body[name] not in words:
                 raise invalid(name, f"must be one of {', '.join(words)}, got {body[name]!r}")
             body[name] = words[body[name]]
     body.setdefault("progress_every", 1)
@@ -83,18 +114,8 @@ def to_request(body: dict):
 def _parse_error_field(text: str) -> str:
     found = _AT_PATH.search(text)
     if found:
-        return re.sub(r"\[\d+\]", "", next(filter(None, found.groups())))
+        return re.sub(r"\[\d+\]", "", next(filter(None, found.groups()))).rstrip(".")  # a message may end `...prompt.`
     return ".".join(_NESTED.findall(text)) or "body"
-
-
-async def _json_object(request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise invalid("body", "must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise invalid("body", "must be a JSON object")
-    return body
 
 
 async def _send(response, event: str, data: dict) -> None:
@@ -105,11 +126,11 @@ async def create(request):
     service: ImageService = request.app[SERVICE]
     with service.metrics.request(ROUTE, request["rid"]) as outcome:
         caller = service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
-        body = await _json_object(request)
+        body = await read_json(request)
         renames = {**REST_NAMES, **({"height": "size", "width": "size"} if "size" in body else {})}
         try:
-            generation = grpc_api.to_generation(to_request(body), service.limits.max_image_pixels, streaming=True)
-            live = service.start_live(generation, caller)
+            generation = grpc_api.to_generation(to_request(body), streaming=True)
+            live = await service.start_live(generation, caller)
             events = service.live_events(generation, live, ROUTE)
             first = await anext(events)  # a refused request is still an HTTP status
         except ApiError as error:  # answered here: the middleware's names are /v1/images'
@@ -126,7 +147,10 @@ async def create(request):
                 await _send(response, *_sse(live.id, event, generation))
                 outcome.images += isinstance(event, EncodedImage)
             outcome.images += isinstance(first, EncodedImage)
-        except ApiError as error:  # after the headers: an error event ends the stream
+        except ConnectionResetError:
+            raise
+        except Exception as exc:  # after the headers: an error event ends the stream
+            error = exc if isinstance(exc, ApiError) else unexpected(exc, request["rid"])
             outcome.code = error.code
             await _send(response, "error", error_body(error.renamed(renames)))
         finally:  # a client gone while an event was being written: cancel the generation now
@@ -158,7 +182,7 @@ async def delete(request):
 
 async def _steer_here(request, service: ImageService, generation_id: str, caller: str) -> web.Response:
     try:
-        fields = grpc_api.to_steer(to_steer_message(await _json_object(request)), service.limits.max_image_pixels)
+        fields = grpc_api.to_steer(to_steer_message(await read_json(request)))
         steer_id = await service.steer(generation_id, caller, fields)
     except ApiError as error:
         raise error.renamed(REST_NAMES) from None
@@ -167,18 +191,14 @@ async def _steer_here(request, service: ImageService, generation_id: str, caller
 
 def to_steer_message(body: dict):
     """The Steer a steer body spells (the gRPC message in JSON, `region_mode` as a word)."""
+    check_json_types(body, images_pb2.Steer.DESCRIPTOR)
     body = dict(body)
     if not body:
         raise invalid("body", "give at least one field to steer: prompt, negative_prompt, guidance_scale, regions "
                               "(with region_divisions or their masks), base_prompt_weight, region_mode, mask")
-    for name, value in body.items():
-        if name == "guidance_scale" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise invalid(name, "must be a number")
-        if name in ("prompt", "negative_prompt") and not isinstance(value, str):
-            raise invalid(name, "must be a string")
     if "region_mode" in body:
         words = ENUMS["region_mode"]
-        if body["region_mode"] not in words:
+        if not isinstance(body["region_mode"], str) or body["region_mode"] not in words:
             raise invalid("region_mode", f"must be one of {', '.join(words)}, got {body['region_mode']!r}")
         body["region_mode"] = words[body["region_mode"]]
     try:
@@ -251,5 +271,14 @@ def add_routes(app: web.Application, replicas: Replicas) -> None:
     app.router.add_post("/v1/generations/{id}/steer", steer)
     app.router.add_delete("/v1/generations/{id}", delete)
     app.router.add_get("/", page)
-    # the page's own files; a missing one is 404 (add_static refuses paths leaving the folder)
-    app.router.add_static("/static/", STATIC, follow_symlinks=False, show_index=False)
+    app.router.add_get("/static/{path}", static_file)
+
+
+async def static_file(request):
+    """One of the page's own files: the folder's plain files only (no way out of it, no link
+    followed out); anything else is the documented JSON 404 naming `path`."""
+    name = request.match_info["path"]
+    path = (STATIC / name).resolve()
+    if path.parent != STATIC or not path.is_file():
+        raise ApiError(NOT_FOUND, f"no file {name!r} here", "path")
+    return web.FileResponse(path)

@@ -9,12 +9,16 @@ the pipeline input of the same name, whose limits the served pipeline checks.
 """
 from dataclasses import dataclass
 import math
+import re
 
 from serving.core.samplers import SIGMA_SCHEDULES
 from serving.gateway.errors import invalid
 from serving.gateway.generation import FORMATS, MAX_IMAGES
 
 GENERATIONS, EDITS = "generations", "edits"
+# ASCII digits only (str.isdigit takes `²`, which int() refuses), and few of them: the model's
+# limits are far below 5 digits, and int() refuses thousands
+SIZE = re.compile(r"([0-9]{1,5})[xX]([0-9]{1,5})")
 BOTH = (GENERATIONS, EDITS)
 
 
@@ -42,14 +46,15 @@ PARAMS = (
     Param("n", "integer", "Number of images; image i uses seed + i.", minimum=1, maximum=MAX_IMAGES, default=1),
     Param("size", "string", "`WIDTHxHEIGHT` in pixels (multiples of the model's size multiple, within its maximum), "
           "or `auto` for the model's native size (edits: the image's size).", default="auto"),
-    Param("response_format", "string", "Only `b64_json`: this server stores no images to link to.",
-          enum=("b64_json", "url"), default="b64_json"),
+    Param("response_format", "string", "Only `b64_json`: this server stores no images to link to (`url` is refused).",
+          enum=("b64_json",), default="b64_json"),
     Param("output_format", "string", "Encoding of the returned images.", enum=FORMATS, default="png"),
     Param("output_compression", "integer", "JPEG/WebP quality, 0-100.", minimum=0, maximum=100, default=90),
     Param("stream", "boolean", "Server-sent events: partial images, then one completed event per image.", default=False),
     Param("partial_images", "integer", "With stream: previews to send per image before it completes "
           "(coarse, from the running latents).", minimum=0, maximum=3, default=0),
-    Param("background", "string", "Only opaque backgrounds are made.", enum=("auto", "opaque", "transparent"), default="auto"),
+    Param("background", "string", "Only opaque backgrounds are made (`transparent` is refused).", enum=("auto", "opaque"),
+          default="auto"),
     Param("negative_prompt", "string", "What to steer away from.", to_pipeline=True, extension=True),
     Param("seed", "integer", "Seed of the first image (random when absent); same request and seed, same image.",
           minimum=0, extension=True),
@@ -113,6 +118,8 @@ def _typed(param: Param, value, from_form: bool):
         if not isinstance(value, bool):
             raise invalid(name, "must be true or false")
     elif kind == "integer":
+        if isinstance(value, float) and value.is_integer():  # JSON does not tell 10 from 10.0, nor does JSON Schema
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(name, "must be an integer")
     elif kind == "number":
@@ -120,7 +127,7 @@ def _typed(param: Param, value, from_form: bool):
             raise invalid(name, "must be a finite number")
         value = float(value)
     if param.enum and value not in param.enum:
-        raise invalid(name, f"must be one of {', '.join(map(str, param.enum))}, got {value!r}")
+        raise invalid(name, f"must be one of {', '.join(map(str, param.enum))}, got {value!r}. {param.description}")
     low, high = param.minimum, param.maximum
     if (low is not None and value < low) or (high is not None and value > high):
         allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
@@ -164,8 +171,8 @@ def parse_size(text: str) -> tuple | None:
     """(height, width) from `WIDTHxHEIGHT`, or None for `auto`."""
     if text == "auto":
         return None
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise invalid("size", f"must be WIDTHxHEIGHT in pixels (e.g. 64x64) or auto, got {text!r}")
-    width, height = map(int, parts)
+    match = SIZE.fullmatch(text)
+    if match is None:
+        raise invalid("size", f"must be WIDTHxHEIGHT in pixels (e.g. 64x64) or auto, got {text[:40]!r}")
+    width, height = map(int, match.groups())
     return height, width

@@ -6,16 +6,18 @@ Live generations (REST `/v1/generations`, gRPC `Session`) are admitted with `sta
 gives them an id and a place in the live table; their events include `SteerApplied`, and
 `steer` / `cancel` act on them by id."""
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import math
 from typing import AsyncIterator
 
 from serving.core.errors import CANCELLED, UNAVAILABLE
+from serving.core.regions import MAX_REGIONS
 from serving.core.steering import STEERABLE  # the pipeline inputs a steer may give
 from serving.gateway import images
 from serving.gateway.access import Access
-from serving.gateway.errors import ApiError, invalid
-from serving.gateway.generation import Generation
+from serving.gateway.errors import TOO_LARGE, ApiError, invalid
+from serving.gateway.generation import Generation, check_texts
 from serving.gateway.live import LiveGeneration, LiveTable, new_id
 from serving.gateway.pipeline import Finished, PipelineClient
 from serving.gateway.telemetry import GatewayMetrics
@@ -25,6 +27,8 @@ from serving.gateway.telemetry import GatewayMetrics
 class Limits:
     max_body_bytes: int = 16 * 2**20  # a REST body or a gRPC message
     max_image_pixels: int = 4096 * 4096  # each uploaded image, read from its header
+    max_request_pixels: int = 2 * 4096 * 4096  # all uploaded images of one request or steer together
+    decode_workers: int = 2  # threads decoding uploads (off the event loop); more requests wait their turn
 
 
 @dataclass
@@ -66,20 +70,62 @@ class ImageService:
         self.replica = replica  # this gateway's name: the prefix of the ids of its live generations
         self.live = LiveTable()
         self.ready = False  # kept up to date by the gateway's readiness watch
+        self._decoding = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="decode")
 
     def identify(self, credential: str | None, address: str) -> str:
         """The caller (first thing a front does: a request without a valid key learns nothing more)."""
         return self.access.identify(credential, address)
 
     def admit(self, generation: Generation, caller: str) -> None:
-        """Checks what the gateway owns of the request and that the pipeline takes it, then
-        charges the caller's rate limit."""
+        """Checks what the gateway owns of the request, that the pipeline takes it and what its
+        uploads declare (`check_uploads`), then charges the caller's rate limit. Nothing is
+        decoded yet: `decode` follows."""
         generation.validate()
         if not self.ready:
             raise ApiError(UNAVAILABLE, f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); "
                            "retry later", retry_after_s=2.0)
         generation.check_declared(self.pipeline.require_model().inputs)
+        self.check_uploads(generation.inputs)
         self.access.charge(caller, generation.n)
+        generation.charged_to = caller
+
+    def refund(self, generation: Generation) -> None:
+        """Nothing is charged for a request refused before it ran."""
+        if generation.charged_to is not None:
+            self.access.refund(generation.charged_to, generation.n)
+            generation.charged_to = None
+
+    def check_uploads(self, inputs: dict) -> None:
+        """Before any pixel is decoded: the counts (regions within the pipeline's limit, one mask
+        per region), each upload's header (format, its pixels), then all of them together."""
+        regions = inputs.get("region_prompts")
+        if regions is not None:
+            limit = self.pipeline.require_model().parameter("max_regions", int, MAX_REGIONS)
+            if len(regions) > limit:
+                raise invalid("region_prompts", f"at most {limit} regions, got {len(regions)}")
+        masks = inputs.get("region_masks")
+        if isinstance(masks, list) and len(masks) != len(regions or ()):
+            raise invalid("region_masks", f"give one mask per region: {len(regions or ())} regions, {len(masks)} masks")
+        found = images.uploads(inputs)
+        total = sum(upload.declare(self.limits.max_image_pixels) for upload in found)
+        if total > self.limits.max_request_pixels:
+            raise ApiError(TOO_LARGE, f"the images of one request may have {self.limits.max_request_pixels} pixels "
+                           f"together, these have {total}", found[0].field)
+
+    async def decode(self, generation: Generation, work=images.decode_inputs) -> None:
+        """Replaces the generation's Uploads (checked by `admit`) by their pixels: work(inputs)
+        gives the decoded inputs."""
+        if images.uploads(generation.inputs):
+            try:
+                generation.inputs.update(await self.in_pool(work, generation.inputs))
+            except ApiError:
+                self.refund(generation)
+                raise
+
+    async def in_pool(self, work, *args):
+        """work(*args) on the decoding threads: decoding never blocks the event loop, and at most
+        `decode_workers` images expand at once."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoding, work, *args)
 
     def default_steps(self) -> int:
         return self.pipeline.require_model().parameter("default_steps", int, 25)
@@ -89,7 +135,7 @@ class ImageService:
         live generation also a SteerApplied before the event of the step that first used it."""
         seen_preview = False
         attach = live.attach if live is not None else None
-        async for event in self.pipeline.generate(generation, rid, attach):
+        async for event in self._refunded_if_refused(generation, self.pipeline.generate(generation, rid, attach)):
             if live is not None:
                 # a step's response counts the steps done after it: that step's index is one less
                 step = event.step if not isinstance(event, Finished) else (event.total_steps or 0)
@@ -108,18 +154,34 @@ class ImageService:
                 preview = preview_png(event.preview, generation)
             yield ProgressEvent(event.index, event.step, event.total_steps, preview)
 
+    async def _refunded_if_refused(self, generation: Generation, events: AsyncIterator) -> AsyncIterator:
+        """The pipeline's events; a refusal before the first of them (invalid, queue full) is refunded."""
+        ran = False
+        try:
+            async for event in events:
+                ran = True
+                yield event
+        except ApiError:
+            if not ran:
+                self.refund(generation)
+            raise
 
     def _owner(self, caller: str) -> str:
         """Who may steer or cancel a live generation: the key that started it; without keys,
         anyone who holds its (unguessable) id, whichever address or replica the call comes by."""
         return caller if self.access.keys is not None else ""
 
-    def start_live(self, generation: Generation, caller: str) -> LiveGeneration:
+    async def start_live(self, generation: Generation, caller: str) -> LiveGeneration:
         """Admits a live generation (one image: its steers and its events are one image's)."""
         if generation.n != 1:
             raise invalid("n", f"a live generation makes one image; must be 1, got {generation.n}")
         self.admit(generation, caller)
-        return self.live.add(LiveGeneration(new_id(self.replica), self._owner(caller)))
+        await self.decode(generation)
+        try:
+            return self.live.add(LiveGeneration(new_id(self.replica), self._owner(caller)))
+        except ApiError:
+            self.refund(generation)
+            raise
 
     async def live_events(self, generation: Generation, live: LiveGeneration, route: str) -> AsyncIterator:
         """`events` of a live generation; its entry leaves the live table when they end. Once
@@ -137,7 +199,8 @@ class ImageService:
             self.live.finish(live)
 
     async def steer(self, generation_id: str, caller: str, fields: dict) -> int:
-        """Sends new conditioning to a live generation of this replica; its steer id."""
+        """Sends new conditioning to a live generation of this replica; its steer id. The order:
+        the fields' names and texts, the owner, the uploads' counts and headers, then decoding."""
         unknown = [name for name in fields if name not in STEERABLE]
         if unknown:
             raise invalid(unknown[0], f"cannot be steered; a steer takes {', '.join(STEERABLE)}")
@@ -145,7 +208,11 @@ class ImageService:
             raise invalid("body", f"give at least one of {', '.join(STEERABLE)}")
         if "guidance_scale" in fields and not math.isfinite(fields["guidance_scale"]):
             raise invalid("guidance_scale", f"must be a finite number, got {fields['guidance_scale']}")
+        check_texts(fields)
         live = self.live.get(generation_id, self._owner(caller))
+        self.check_uploads(fields)
+        if images.uploads(fields):
+            fields = {**fields, **await self.in_pool(images.decode_inputs, fields)}
         # a steer sent before the engine has the request would find no generation there
         await live.started.wait()
         self.live.get(generation_id, self._owner(caller))  # it may have finished meanwhile

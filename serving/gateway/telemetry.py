@@ -30,6 +30,13 @@ def request_id(offered: str | None = None) -> str:
     return offered if offered and _ID.match(offered) else uuid.uuid4().hex
 
 
+def unexpected(exc: BaseException, rid: str) -> ApiError:
+    """What a request answers for an error nobody coded (logged with its traceback): INTERNAL
+    naming the request id, never a bare 500 or a silent end."""
+    log.error("unexpected error in request %s", rid, exc_info=exc)
+    return ApiError(INTERNAL, f"the gateway failed on this request ({type(exc).__name__}); request id {rid}")
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record):
         record.request_id = _current.get()
