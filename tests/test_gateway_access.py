@@ -77,7 +77,8 @@ def guarded(server, tmp_path_factory):
     (folder / "keys").write_text(f"tester {hash_key(KEY)}\n")
     extra = ["--api-keys", str(folder / "keys"), "--rate-limit", str(RATE), "--burst", str(BURST),
              "--max-body-mb", "0.01", "--max-image-pixels", "1024"]
-    with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=extra) as running:
+    with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=extra,
+                        control_secret=server.control_secret) as running:
         yield running
 
 

@@ -1,9 +1,11 @@
 """The gateway process: one asyncio loop serving the gRPC front (grpc.aio) and the REST front
 (aiohttp), both in front of Triton's `pipeline` (serving/gateway/pipeline.py).
 
-Readiness follows the pipeline: a watch asks Triton every second whether `pipeline` is ready,
-reads its config (the inputs it declares) whenever it becomes ready, and sets /readyz and the
-gRPC health status. Until then requests are answered UNAVAILABLE.
+Readiness follows the pipeline: a watch asks Triton every second whether `pipeline` is ready
+and whether its engine admits (a status message: a drained or stopped engine is not ready, which
+Triton's own readiness does not say), reads its config (the inputs it declares) whenever it
+becomes ready, and sets /readyz and the gRPC health status. Until then requests are answered
+UNAVAILABLE.
 
 Adding to it: a new gRPC service is one more `add_*_to_server` in `start`; a REST route or a
 page is one more `app.router.add_*` on `build_app`'s application (the live generations and the
@@ -45,6 +47,7 @@ class GatewayConfig:
     replica_name: str = field(default_factory=default_name)  # prefix of this gateway's generation ids
     peers: dict = field(default_factory=dict)  # other replicas' REST URLs by name
     peer_domain: str | None = None  # or: other replicas at http://<name>.<peer_domain>:<rest port>
+    control_secret: str | None = None  # the pipeline's (serving/triton/control.py): steers need it
 
     def check(self) -> None:
         Replicas(self.replica_name, self.peers, self.peer_domain)  # raises ValueError for a bad name
@@ -59,7 +62,7 @@ class Gateway:
         self.config = config
         limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
         self.replicas = Replicas(config.replica_name, config.peers, config.peer_domain, config.rest_port or 8080)
-        self.service = ImageService(PipelineClient(config.triton), Access(config.keys, limiter), GatewayMetrics(), config.limits,
+        self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter), GatewayMetrics(), config.limits,
                                     config.replica_name)
         self.grpc_server = None
         self.runner = None
@@ -91,7 +94,7 @@ class Gateway:
         pipeline = self.service.pipeline
         while True:
             try:
-                ready = await pipeline.is_ready()
+                ready = await pipeline.is_ready() and (await pipeline.status()).accepting
                 if ready and not self.service.ready:
                     ready = await pipeline.load_model()
                     if ready:

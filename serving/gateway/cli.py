@@ -1,5 +1,7 @@
 """`ldm gateway --triton HOST:PORT`: the public API (gRPC ldm.v1.Images + REST /v1/images/*) in
-front of a running Triton. `ldm serve` starts one beside its tritonserver by default."""
+front of a running Triton. `ldm serve` starts one beside its tritonserver by default. The
+pipeline's control secret (for steers) comes from the environment: LDM_CONTROL_SECRET or the file
+LDM_CONTROL_SECRET_FILE names (serving/triton/control.py)."""
 import asyncio
 import os
 import sys
@@ -48,12 +50,13 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
     from serving.gateway.service import Limits
 
     from serving.gateway.replicas import default_name, parse_peers
+    from serving.triton.control import secret_from_env
 
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels)
     return GatewayConfig(triton=triton, host=host, rest_port=rest_port, grpc_port=grpc_port, keys=ApiKeys.load(args.api_keys),
                          allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
                          drain_s=args.drain_s, replica_name=args.replica_name or default_name(),
-                         peers=parse_peers(args.peers), peer_domain=args.peer_domain)
+                         peers=parse_peers(args.peers), peer_domain=args.peer_domain, control_secret=secret_from_env())
 
 
 def run(args) -> int:
