@@ -36,9 +36,11 @@ def secret_from_env(environ=os.environ) -> str | None:
 
 
 def secret_file(grpc_port: int) -> Path:
-    """Where `ldm serve` leaves the secret of the server on `grpc_port` for `ldm drain`."""
-    cache = Path(os.environ.get("LDM_CACHE", Path.home() / ".cache" / "ldm-serving"))
-    return cache / "control" / f"grpc-{grpc_port}.secret"
+    """Where `ldm serve` leaves the secret of the server on `grpc_port` for `ldm drain`: this
+    user's runtime folder, else their home's cache (not LDM_CACHE: the image builds that read-only)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path.home() / ".cache"
+    return base / "ldm-serving" / "control" / f"grpc-{grpc_port}.secret"
 
 
 def write_secret(path: Path, secret: str) -> Path:
