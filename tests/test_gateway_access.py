@@ -183,3 +183,26 @@ def test_new_key_prints_a_key_and_its_hashed_line_and_open_gateways_stay_on_loop
     refused = subprocess.run([sys.executable, "-m", "serving.cli", "gateway", "--host", "0.0.0.0"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--allow-anonymous" in refused.stderr
+
+
+def test_a_steer_or_delete_forwarded_to_a_gone_owner_is_404(tmp_path):
+    """A live generation dies with its replica's gateway: forwarding to an owner whose address
+    refuses the connection answers 404 (a retry never reaches it), not 503 forever."""
+    from serving.triton.server import free_ports
+
+    nobody, gone, rest_port, grpc_port = free_ports(4)
+    gateway = GatewayProcess(f"127.0.0.1:{nobody}", rest_port, grpc_port, log_file=tmp_path / "gateway.log",
+                             extra_args=["--replica-name", "here", "--peers", f"gone=http://127.0.0.1:{gone}"]).start(ready=False)
+    try:
+        generation = "gone." + "0" * 32
+        for method, path, body in (("POST", f"/v1/generations/{generation}/steer", b'{"prompt": "a blue square"}'),
+                                   ("DELETE", f"/v1/generations/{generation}", None)):
+            request = urllib.request.Request(gateway.rest_url + path, data=body, method=method,
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=30)
+            answer = json.loads(info.value.read())
+            assert info.value.code == 404 and "replica gone is gone" in answer["error"]["message"], answer
+            assert info.value.headers["X-Ldm-Owner"] == "here"
+    finally:
+        gateway.stop()

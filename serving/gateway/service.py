@@ -18,7 +18,7 @@ from serving.gateway.errors import ApiError, invalid
 from serving.gateway.generation import Generation
 from serving.gateway.live import LiveGeneration, LiveTable, new_id
 from serving.gateway.pipeline import Finished, PipelineClient
-from serving.gateway.telemetry import GatewayMetrics
+from serving.gateway.telemetry import GatewayMetrics, triton_prefix
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,9 @@ class ImageService:
         live generation also a SteerApplied before the event of the step that first used it."""
         seen_preview = False
         attach = live.attach if live is not None else None
-        async for event in self.pipeline.generate(generation, rid, attach):
+        # a live generation's id is random already, and its steers name it; a client's id is not
+        triton_id = rid if live is not None else triton_prefix(rid)
+        async for event in self.pipeline.generate(generation, triton_id, attach):
             if live is not None:
                 # a step's response counts the steps done after it: that step's index is one less
                 step = event.step if not isinstance(event, Finished) else (event.total_steps or 0)

@@ -2,14 +2,17 @@
 
 Every request gets an id: the client's `X-Request-Id` (REST header or gRPC metadata) when it
 is a short token, else a new one. It is returned in the response header / initial metadata,
-sent to Triton as the prefix of each image's request id, and printed in every log line the
-gateway writes while handling it (a contextvar read by a logging filter).
+printed in every log line the gateway writes while handling it (a contextvar read by a logging
+filter), and begins each image's Triton request id (`triton_prefix`), which adds 64 random bits:
+clients choose their ids, and two requests must never share a Triton id (the pipeline finds a
+generation by it, and refuses an id already running).
 """
 import asyncio
 from contextlib import contextmanager
 import contextvars
 import logging
 import re
+import secrets
 import time
 import uuid
 
@@ -28,6 +31,11 @@ log = logging.getLogger("ldm.gateway")
 
 def request_id(offered: str | None = None) -> str:
     return offered if offered and _ID.match(offered) else uuid.uuid4().hex
+
+
+def triton_prefix(rid: str) -> str:
+    """The prefix of a request's Triton request ids: its id, then 64 random bits."""
+    return f"{rid}.{secrets.token_hex(8)}"
 
 
 class RequestIdFilter(logging.Filter):

@@ -133,7 +133,7 @@ class TritonSink:
             self.sender.send(response, flags=FINAL)
         finally:
             if self.request_id:
-                self.cancels.forget(self.request_id)
+                self.cancels.forget(self.request_id, self.cancel_requested)
 
     def cancelled(self):
         if self.closed:  # asking Triton after the final response would crash tritonserver 2.51

@@ -40,7 +40,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(exc)) from None
         self.control_secret = secret_from_env() or ""  # what the pipeline asks of its cancel messages
         self.stopping = threading.Event()
-        self.sweeper = threading.Thread(target=self._sweep, name="ldm-unary-cancel", daemon=True)
+        self.sweeper = threading.Thread(target=self.forwards.sweep_until, args=(self.stopping, SWEEP_S),
+                                        kwargs={"log": lambda m: print(m, flush=True)}, name="ldm-unary-cancel", daemon=True)
         self.sweeper.start()
 
     def execute(self, requests):
@@ -77,10 +78,6 @@ class TritonPythonModel:
         finally:
             self.forwards.remove(request_id)
             sender.send(response, flags=FINAL)
-
-    def _sweep(self):
-        while not self.stopping.wait(SWEEP_S):
-            self.forwards.sweep()
 
     def finalize(self):
         self.stopping.set()
