@@ -20,6 +20,7 @@ from aiohttp import web
 import grpc
 
 from serving.gateway.access import Access, ApiKeys, RateLimiter, is_loopback
+from serving.gateway.capacity import Capacity
 from serving.gateway.grpc_api import add_services, set_serving
 from serving.gateway.pipeline import PipelineClient
 from serving.gateway.replicas import Replicas, default_name
@@ -48,9 +49,11 @@ class GatewayConfig:
     peers: dict = field(default_factory=dict)  # other replicas' REST URLs by name
     peer_domain: str | None = None  # or: other replicas at http://<name>.<peer_domain>:<rest port>
     control_secret: str | None = None  # the pipeline's (serving/triton/control.py): steers need it
+    admission_wait_s: float = 2.0  # how long a request waits for room in the pipeline (serving/gateway/capacity.py)
 
     def check(self) -> None:
         Replicas(self.replica_name, self.peers, self.peer_domain)  # raises ValueError for a bad name
+        Capacity(self.admission_wait_s)  # and for a bad admission wait
         if self.keys is None and not self.allow_anonymous and not is_loopback(self.host):
             raise ValueError(f"the gateway would listen on {self.host} without API keys: give --api-keys FILE (or "
                              "LDM_API_KEY_HASHES), or --allow-anonymous to serve anyone who can reach it")
@@ -63,7 +66,7 @@ class Gateway:
         limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
         self.replicas = Replicas(config.replica_name, config.peers, config.peer_domain, config.rest_port or 8080)
         self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter), GatewayMetrics(), config.limits,
-                                    config.replica_name)
+                                    config.replica_name, Capacity(config.admission_wait_s))
         self.grpc_server = None
         self.runner = None
         self.rest_port = self.grpc_port = None
@@ -94,11 +97,17 @@ class Gateway:
         pipeline = self.service.pipeline
         while True:
             try:
-                ready = await pipeline.is_ready() and (await pipeline.status()).accepting
+                status = await pipeline.status() if await pipeline.is_ready() else None
+                ready = status is not None and status.accepting
                 if ready and not self.service.ready:
                     ready = await pipeline.load_model()
                     if ready:
                         log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(pipeline.model.inputs)))
+                        model = pipeline.model
+                        self.service.capacity.configure(model.parameter("max_active", int, 16),
+                                                        model.parameter("max_queue", int, 64))
+                if ready:
+                    self.service.capacity.observe(status.active + status.queued)
             except Exception:  # whatever broke, the watch goes on: not ready until Triton answers
                 log.exception("asking %s whether the pipeline is ready failed", pipeline.url)
                 ready = False

@@ -24,6 +24,9 @@ def add_gateway_options(parser, prefix: str = "") -> None:
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default: %(default)s MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                         help="largest uploaded image, width x height (default: %(default)s)")
+    parser.add_argument("--admission-wait-s", type=float, default=2.0,
+                        help="a request that finds the pipeline full waits this long for room, then gets 503/"
+                        "UNAVAILABLE with Retry-After (default: %(default)s)")
     parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, how long running calls may finish "
                         "while new ones are refused (default: %(default)s)")
 
@@ -56,7 +59,8 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
     return GatewayConfig(triton=triton, host=host, rest_port=rest_port, grpc_port=grpc_port, keys=ApiKeys.load(args.api_keys),
                          allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
                          drain_s=args.drain_s, replica_name=args.replica_name or default_name(),
-                         peers=parse_peers(args.peers), peer_domain=args.peer_domain, control_secret=secret_from_env())
+                         peers=parse_peers(args.peers), peer_domain=args.peer_domain, control_secret=secret_from_env(),
+                         admission_wait_s=args.admission_wait_s)
 
 
 def run(args) -> int:

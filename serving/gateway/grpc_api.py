@@ -152,17 +152,17 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         return rid, metadata
 
-    def _admit(self, request, context, metadata, streaming: bool) -> Generation:
+    async def _admit(self, request, context, metadata, streaming: bool) -> Generation:
         caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
         generation = to_generation(request, self.service.limits.max_image_pixels, streaming)
-        self.service.admit(generation, caller)
+        await self.service.admit(generation, caller)
         return generation
 
     async def Generate(self, request, context):
         rid, metadata = self._start(context)
         with self.service.metrics.request("grpc.Generate", rid) as outcome:
             try:
-                generation = self._admit(request, context, metadata, False)
+                generation = await self._admit(request, context, metadata, False)
                 done = {}
                 async for event in self.service.events(generation, rid, "grpc.Generate"):
                     if isinstance(event, EncodedImage):
@@ -176,7 +176,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         rid, metadata = self._start(context)
         with self.service.metrics.request("grpc.GenerateStream", rid) as outcome:
             try:
-                generation = self._admit(request, context, metadata, True)
+                generation = await self._admit(request, context, metadata, True)
                 async for event in self.service.events(generation, rid, "grpc.GenerateStream"):
                     if isinstance(event, EncodedImage):
                         outcome.images += 1

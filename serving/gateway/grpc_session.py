@@ -24,7 +24,7 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
     if first is None or not first.HasField("start"):
         raise invalid("start", "the first message of a Session must be `start` (a GenerateRequest)")
     generation = to_generation(first.start)
-    live = service.start_live(generation, caller)
+    live = await service.start_live(generation, caller)
     queue = asyncio.Queue()  # bounded in practice: a step's events and one ack per steer message read
 
     async def pump():

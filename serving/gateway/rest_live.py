@@ -109,7 +109,7 @@ async def create(request):
         renames = {**REST_NAMES, **({"height": "size", "width": "size"} if "size" in body else {})}
         try:
             generation = grpc_api.to_generation(to_request(body), service.limits.max_image_pixels, streaming=True)
-            live = service.start_live(generation, caller)
+            live = await service.start_live(generation, caller)
             events = service.live_events(generation, live, ROUTE)
             first = await anext(events)  # a refused request is still an HTTP status
         except ApiError as error:  # answered here: the middleware's names are /v1/images'

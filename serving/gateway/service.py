@@ -14,6 +14,7 @@ from serving.core.errors import CANCELLED, UNAVAILABLE
 from serving.core.steering import STEERABLE  # the pipeline inputs a steer may give
 from serving.gateway import images
 from serving.gateway.access import Access
+from serving.gateway.capacity import Capacity
 from serving.gateway.errors import ApiError, invalid
 from serving.gateway.generation import Generation
 from serving.gateway.live import LiveGeneration, LiveTable, new_id
@@ -58,27 +59,31 @@ class EncodedImage:
 
 class ImageService:
     def __init__(self, pipeline: PipelineClient, access: Access = None, metrics: GatewayMetrics = None,
-                 limits: Limits = Limits(), replica: str = "local"):
+                 limits: Limits = Limits(), replica: str = "local", capacity: Capacity = None):
         self.pipeline = pipeline
         self.access = access or Access()
         self.metrics = metrics or GatewayMetrics()
         self.limits = limits
         self.replica = replica  # this gateway's name: the prefix of the ids of its live generations
         self.live = LiveTable()
+        self.capacity = capacity or Capacity()  # the pipeline's slots, kept current by the readiness watch
         self.ready = False  # kept up to date by the gateway's readiness watch
 
     def identify(self, credential: str | None, address: str) -> str:
         """The caller (first thing a front does: a request without a valid key learns nothing more)."""
         return self.access.identify(credential, address)
 
-    def admit(self, generation: Generation, caller: str) -> None:
-        """Checks what the gateway owns of the request and that the pipeline takes it, then
-        charges the caller's rate limit."""
+    async def admit(self, generation: Generation, caller: str) -> None:
+        """Checks what the gateway owns of the request and that the pipeline takes it, waits for
+        room in the pipeline (serving/gateway/capacity.py: the excess is refused here), then
+        charges the caller's rate limit. A front hands an admitted generation to `events` at once,
+        which takes its slots."""
         generation.validate()
         if not self.ready:
             raise ApiError(UNAVAILABLE, f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); "
                            "retry later", retry_after_s=2.0)
         generation.check_declared(self.pipeline.require_model().inputs)
+        await self.capacity.wait_for_room(generation.n)
         self.access.charge(caller, generation.n)
 
     def default_steps(self) -> int:
@@ -87,6 +92,14 @@ class ImageService:
     async def events(self, generation: Generation, rid: str, route: str, live: LiveGeneration = None) -> AsyncIterator:
         """ProgressEvent (as the stream asked for them) and one EncodedImage per image; for a
         live generation also a SteerApplied before the event of the step that first used it."""
+        self.capacity.take(generation.n)
+        try:
+            async for event in self._events(generation, rid, route, live):
+                yield event
+        finally:
+            self.capacity.release(generation.n)
+
+    async def _events(self, generation: Generation, rid: str, route: str, live: LiveGeneration = None) -> AsyncIterator:
         seen_preview = False
         attach = live.attach if live is not None else None
         # a live generation's id is random already, and its steers name it; a client's id is not
@@ -116,11 +129,11 @@ class ImageService:
         anyone who holds its (unguessable) id, whichever address or replica the call comes by."""
         return caller if self.access.keys is not None else ""
 
-    def start_live(self, generation: Generation, caller: str) -> LiveGeneration:
+    async def start_live(self, generation: Generation, caller: str) -> LiveGeneration:
         """Admits a live generation (one image: its steers and its events are one image's)."""
         if generation.n != 1:
             raise invalid("n", f"a live generation makes one image; must be 1, got {generation.n}")
-        self.admit(generation, caller)
+        await self.admit(generation, caller)
         return self.live.add(LiveGeneration(new_id(self.replica), self._owner(caller)))
 
     async def live_events(self, generation: Generation, live: LiveGeneration, route: str) -> AsyncIterator:

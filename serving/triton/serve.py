@@ -57,7 +57,8 @@ def gateway_arguments(args) -> list:
     lasts at least the pipeline's grace and 10 s more, so its calls in flight get their answers."""
     drain_s = max(args.drain_s, args.drain_grace_s + 10)
     extra = ["--rate-limit", str(args.rate_limit), "--burst", str(args.burst), "--max-body-mb", str(args.max_body_mb),
-             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(drain_s)]
+             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(drain_s),
+             "--admission-wait-s", str(args.admission_wait_s)]
     if args.api_keys:
         extra += ["--api-keys", args.api_keys]
     if args.allow_anonymous:
