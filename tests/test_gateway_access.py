@@ -106,16 +106,17 @@ def test_keys_limits_and_metrics_through_a_guarded_gateway(guarded):
         client.generate(PROMPT, steps=2, init_image=np.zeros((40, 40, 3), np.uint8))  # 1600 > 1024 pixels
     assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "init_image") and "1024 pixels" in info.value.message
 
-    # the bucket holds BURST images: two requests of 2 and 1 images pass, the next is refused
-    status, _, body = rest(guarded, {"prompt": PROMPT, "steps": 2, "n": 2}, KEY)
+    # the bucket holds BURST default images (one work unit each: the pipeline's default steps,
+    # size and guidance): two requests of 2 and 1 images pass, the next is refused
+    status, _, body = rest(guarded, {"prompt": PROMPT, "n": 2}, KEY)
     assert status == 200 and len(body["data"]) == 2
     with ImagesClient(guarded.grpc_url, api_key=KEY) as client:
-        assert len(client.generate(PROMPT, steps=2)) == 1
-    status, headers, body = rest(guarded, {"prompt": PROMPT, "steps": 2}, KEY)
+        assert len(client.generate(PROMPT)) == 1
+    status, headers, body = rest(guarded, {"prompt": PROMPT}, KEY)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded" and int(headers["Retry-After"]) >= 1
     channel = grpc.insecure_channel(guarded.grpc_url)
     with pytest.raises(grpc.RpcError) as info:
-        images_pb2_grpc.ImagesStub(channel).Generate(images_pb2.GenerateRequest(prompt=PROMPT, steps=2),
+        images_pb2_grpc.ImagesStub(channel).Generate(images_pb2.GenerateRequest(prompt=PROMPT),
                                                      metadata=(("authorization", f"Bearer {KEY}"),))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = rpc_status.from_call(info.value).details

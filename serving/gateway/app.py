@@ -50,10 +50,11 @@ class GatewayConfig:
     peer_domain: str | None = None  # or: other replicas at http://<name>.<peer_domain>:<rest port>
     control_secret: str | None = None  # the pipeline's (serving/triton/control.py): steers need it
     admission_wait_s: float = 2.0  # how long a request waits for room in the pipeline (serving/gateway/capacity.py)
+    max_key_share: float = 0.5  # the share of the pipeline's slots one key (address without keys) may hold
 
     def check(self) -> None:
         Replicas(self.replica_name, self.peers, self.peer_domain)  # raises ValueError for a bad name
-        Capacity(self.admission_wait_s)  # and for a bad admission wait
+        Capacity(self.admission_wait_s, share=self.max_key_share)  # and for a bad admission wait or share
         if self.keys is None and not self.allow_anonymous and not is_loopback(self.host):
             raise ValueError(f"the gateway would listen on {self.host} without API keys: give --api-keys FILE (or "
                              "LDM_API_KEY_HASHES), or --allow-anonymous to serve anyone who can reach it")
@@ -66,7 +67,7 @@ class Gateway:
         limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
         self.replicas = Replicas(config.replica_name, config.peers, config.peer_domain, config.rest_port or 8080)
         self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter), GatewayMetrics(), config.limits,
-                                    config.replica_name, Capacity(config.admission_wait_s))
+                                    config.replica_name, Capacity(config.admission_wait_s, share=config.max_key_share))
         self.grpc_server = None
         self.runner = None
         self.rest_port = self.grpc_port = None

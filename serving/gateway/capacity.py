@@ -6,8 +6,12 @@ parameters, read whenever it becomes ready): those are the slots. This gateway c
 images in flight; the engine's load (its status message, every second) tells what else holds
 slots (the operator's KServe clients). An image is admitted while they leave room for it.
 
-A request that finds no room waits up to `wait_s` for one, behind those already waiting (a
-sleeping coroutine: no CPU), then is refused UNAVAILABLE with Retry-After. Why wait rather than
+One caller (a key; its address without keys) may hold at most `share` of the slots, so one key
+cannot take the queue: another key's request finds room as soon as the pipeline has some
+(tests/test_gateway_capacity.py checks it as a property over two keys).
+
+A request that finds no room waits up to `wait_s` for one, behind the waiting requests that
+could use it (a sleeping coroutine: no CPU), then is refused UNAVAILABLE with Retry-After. Why wait rather than
 refuse at once: a client that resends at once when refused (as naive clients do) turns every
 fast refusal into another request, and such a storm of refusals took the CPU the UNet needs
 (issue 22: 16 clients 7.0 img/s, 100 resending clients 3.5 img/s). Waiting paces them to one
@@ -17,24 +21,42 @@ Admission is two calls with no await between them in every front (`ImageService.
 `ImageService.events` takes the slots at its start and frees them when it ends), so nothing is
 reserved that a call which never starts would leak."""
 import asyncio
+from collections import Counter
+from dataclasses import dataclass
 import math
 
 from serving.core.errors import UNAVAILABLE
 from serving.gateway.errors import ApiError
 
 
+@dataclass(eq=False)
+class _Waiter:
+    n: int
+    caller: str
+    woken: asyncio.Event
+
+
 class Capacity:
-    def __init__(self, wait_s: float = 2.0, max_waiting: int = 1024):
-        if not 0 <= wait_s < math.inf or max_waiting < 0:
-            raise ValueError(f"admission wait must be a finite number of seconds >= 0 (got {wait_s}) and the "
-                             f"waiting bound >= 0 (got {max_waiting})")
+    def __init__(self, wait_s: float = 2.0, max_waiting: int = 1024, share: float = 0.5):
+        if not 0 <= wait_s < math.inf or max_waiting < 0 or not 0 < share <= 1:
+            raise ValueError(f"admission wait must be a finite number of seconds >= 0 (got {wait_s}), the waiting "
+                             f"bound >= 0 (got {max_waiting}) and a key's share in (0, 1] (got {share})")
         self.wait_s = wait_s
         self.max_waiting = max_waiting
+        self.share = share
         self.slots: int | None = None  # unknown until the pipeline's config is read: the engine bounds alone
         self.in_flight = 0  # this gateway's images between `take` and `release`
+        self.by_caller = Counter()  # the same, per caller
         self.external = 0  # slots the engine reported held by others at its last status
-        self.waiting = 0
-        self._changed = asyncio.Event()
+        self._waiters: list = []  # _Waiter, oldest first
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def caller_cap(self) -> int | None:
+        """The most images one caller may hold (None: no slots known yet)."""
+        return None if self.slots is None else max(1, math.floor(self.slots * self.share))
 
     def configure(self, running: int, queued: int) -> None:
         """The pipeline's slots: its running and queue bounds."""
@@ -46,40 +68,54 @@ class Capacity:
         self.external = max(0, engine_load - self.in_flight)
         self._signal()
 
-    def room(self, n: int) -> bool:
+    def room(self, n: int, caller: str = "") -> bool:
+        """Whether `n` more images of `caller` fit now (a request larger than the pipeline, or
+        than a caller's share, runs alone)."""
         if self.slots is None:
             return True
-        used = self.in_flight + self.external
-        return used + n <= self.slots or used == 0  # a request larger than the pipeline runs alone
+        used, mine = self.in_flight + self.external, self.by_caller[caller]
+        return (used + n <= self.slots or used == 0) and (mine + n <= self.caller_cap() or mine == 0)
 
-    async def wait_for_room(self, n: int) -> None:
-        """Returns once `n` images fit, behind the requests already waiting; raises ApiError
-        UNAVAILABLE (Retry-After) after `wait_s`, or at once past `max_waiting`."""
-        if self.waiting == 0 and self.room(n):
+    def _first_admissible(self):
+        """The oldest waiter that fits now, or None."""
+        return next((w for w in self._waiters if self.room(w.n, w.caller)), None)
+
+    async def wait_for_room(self, n: int, caller: str = "") -> None:
+        """Returns once `n` images of `caller` fit and no older waiter fits first; raises
+        ApiError UNAVAILABLE (Retry-After) after `wait_s`, or at once past `max_waiting`."""
+        if self.room(n, caller) and self._first_admissible() is None:
             return
         if self.waiting >= self.max_waiting:
             raise self._refusal()
-        self.waiting += 1
+        waiter = _Waiter(n, caller, asyncio.Event())
+        self._waiters.append(waiter)
         try:
             async with asyncio.timeout(self.wait_s):
-                while not self.room(n):
-                    await self._changed.wait()
+                while self._first_admissible() is not waiter:
+                    waiter.woken.clear()
+                    await waiter.woken.wait()
         except TimeoutError:
             raise self._refusal() from None
         finally:
-            self.waiting -= 1
+            self._waiters.remove(waiter)
+            self._signal()  # the next may go (it checks again once this one has taken its slots)
 
-    def take(self, n: int) -> None:
+    def take(self, n: int, caller: str = "") -> None:
         self.in_flight += n
+        self.by_caller[caller] += n
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, caller: str = "") -> None:
         self.in_flight -= n
+        self.by_caller[caller] -= n
+        if self.by_caller[caller] <= 0:
+            del self.by_caller[caller]
         self._signal()
 
     def _signal(self) -> None:
-        """Wakes every waiter (each checks its own room, in the order they began waiting)."""
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        """Wakes the oldest waiter that fits (one scan: a full pipeline wakes nobody)."""
+        waiter = self._first_admissible()
+        if waiter is not None:
+            waiter.woken.set()
 
     def _refusal(self) -> ApiError:
         return ApiError(UNAVAILABLE, f"the pipeline is full ({self.in_flight + self.external} of {self.slots} slots "

@@ -41,6 +41,7 @@ class Generation:
     quality: int = 90  # JPEG / WebP
     progress_every: int = 0  # streams: a progress event every k steps (0: none)
     preview_every: int = 0
+    caller: str = ""  # whose share of the pipeline it holds (set by ImageService.admit)
 
     def validate(self) -> "Generation":
         """Checks what the gateway owns (the pipeline checks the rest) and draws the seed."""

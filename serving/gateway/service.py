@@ -15,6 +15,7 @@ from serving.core.steering import STEERABLE  # the pipeline inputs a steer may g
 from serving.gateway import images
 from serving.gateway.access import Access
 from serving.gateway.capacity import Capacity
+from serving.gateway.costs import steer_units, work_units
 from serving.gateway.errors import ApiError, invalid
 from serving.gateway.generation import Generation
 from serving.gateway.live import LiveGeneration, LiveTable, new_id
@@ -83,8 +84,9 @@ class ImageService:
             raise ApiError(UNAVAILABLE, f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); "
                            "retry later", retry_after_s=2.0)
         generation.check_declared(self.pipeline.require_model().inputs)
-        await self.capacity.wait_for_room(generation.n)
-        self.access.charge(caller, generation.n)
+        await self.capacity.wait_for_room(generation.n, caller)
+        self.access.charge(caller, work_units(generation, self.pipeline.require_model()))
+        generation.caller = caller
 
     def default_steps(self) -> int:
         return self.pipeline.require_model().parameter("default_steps", int, 25)
@@ -92,12 +94,12 @@ class ImageService:
     async def events(self, generation: Generation, rid: str, route: str, live: LiveGeneration = None) -> AsyncIterator:
         """ProgressEvent (as the stream asked for them) and one EncodedImage per image; for a
         live generation also a SteerApplied before the event of the step that first used it."""
-        self.capacity.take(generation.n)
+        self.capacity.take(generation.n, generation.caller)
         try:
             async for event in self._events(generation, rid, route, live):
                 yield event
         finally:
-            self.capacity.release(generation.n)
+            self.capacity.release(generation.n, generation.caller)
 
     async def _events(self, generation: Generation, rid: str, route: str, live: LiveGeneration = None) -> AsyncIterator:
         seen_preview = False
@@ -161,6 +163,12 @@ class ImageService:
         if "guidance_scale" in fields and not math.isfinite(fields["guidance_scale"]):
             raise invalid("guidance_scale", f"must be a finite number, got {fields['guidance_scale']}")
         live = self.live.get(generation_id, self._owner(caller))
+        live.steer_budget.take(generation_id)
+        try:
+            self.access.charge(caller, steer_units(fields))
+        except ApiError:
+            live.steer_budget.give_back()
+            raise
         # a steer sent before the engine has the request would find no generation there
         await live.started.wait()
         self.live.get(generation_id, self._owner(caller))  # it may have finished meanwhile
