@@ -17,9 +17,11 @@ fast refusal into another request, and such a storm of refusals took the CPU the
 (issue 22: 16 clients 7.0 img/s, 100 resending clients 3.5 img/s). Waiting paces them to one
 refusal per `wait_s` each. Beyond `max_waiting` waiting requests, refusals are immediate.
 
-Admission is two calls with no await between them in every front (`ImageService.admit` waits,
-`ImageService.events` takes the slots at its start and frees them when it ends), so nothing is
-reserved that a call which never starts would leak."""
+Admission is two calls (`ImageService.admit` waits, `ImageService.events` takes the slots at its
+start and frees them when it ends), so nothing is reserved that a call which never starts would
+leak. The REST and unary gRPC fronts make them with no await between; a Session's generation
+starts in a task of its own, so a few may pass the check together, and the engine's own queue
+bound refuses any excess (UNAVAILABLE)."""
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
