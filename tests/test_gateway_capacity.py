@@ -28,7 +28,7 @@ def test_without_the_pipelines_slots_everything_is_admitted():
 
 def test_a_full_pipeline_refuses_after_the_wait_with_retry_after():
     async def scenario():
-        capacity = Capacity(wait_s=0.01)
+        capacity = Capacity(wait_s=0.01, share=1.0)  # one caller here: its share is all
         capacity.configure(running=1, queued=1)
         capacity.take(2)
         with pytest.raises(ApiError) as info:
@@ -41,7 +41,7 @@ def test_a_full_pipeline_refuses_after_the_wait_with_retry_after():
 
 def test_waiters_get_freed_slots_in_order_and_never_exceed_them():
     async def scenario():
-        capacity = Capacity(wait_s=30.0)
+        capacity = Capacity(wait_s=30.0, share=1.0)
         capacity.configure(running=1, queued=1)
         capacity.take(2)
         admitted, peak = [], []
@@ -84,7 +84,7 @@ def test_slots_held_by_others_count_and_a_newcomer_queues_behind_waiters():
 
 def test_past_the_waiting_bound_refusals_are_immediate():
     async def scenario():
-        capacity = Capacity(wait_s=30.0, max_waiting=1)
+        capacity = Capacity(wait_s=30.0, max_waiting=1, share=1.0)
         capacity.configure(running=1, queued=0)
         capacity.take(1)
         first = asyncio.create_task(capacity.wait_for_room(1))
@@ -108,7 +108,8 @@ def test_a_bad_wait_is_refused():
 
 @pytest.fixture(scope="module")
 def two_slot_stack(tiny_repo, tmp_path_factory):
-    """The tiny repository with max_active 1 and max_queue 1, served, with a gateway in front."""
+    """The tiny repository with max_active 1 and max_queue 1, served, with a gateway in front
+    (whose one caller here, this address, may hold every slot)."""
     from serving.gateway.process import GatewayProcess
     from serving.triton.server import TritonServer
 
@@ -123,7 +124,7 @@ def two_slot_stack(tiny_repo, tmp_path_factory):
     config.write_text(text)
     with TritonServer(repo, log_file=work / "tritonserver.log") as server, \
             GatewayProcess(server.grpc_url, log_file=work / "gateway.log", control_secret=server.control_secret,
-                           extra_args=["--admission-wait-s", "0.2"]) as gateway:
+                           extra_args=["--admission-wait-s", "0.2", "--max-key-share", "1"]) as gateway:
         yield server, gateway
 
 
