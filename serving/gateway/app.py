@@ -66,8 +66,9 @@ class Gateway:
         self.config = config
         limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
         self.replicas = Replicas(config.replica_name, config.peers, config.peer_domain, config.rest_port or 8080)
-        self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter), GatewayMetrics(), config.limits,
-                                    config.replica_name, Capacity(config.admission_wait_s, share=config.max_key_share))
+        self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter),
+                                    GatewayMetrics(), config.limits, config.replica_name,
+                                    Capacity(config.admission_wait_s, share=config.max_key_share))
         self.grpc_server = None
         self.runner = None
         self.rest_port = self.grpc_port = None
