@@ -93,7 +93,8 @@ def write_repository(
     _write(pipeline_dir / "pipeline.json", json.dumps(pipeline_info, indent=1))
     _write(pipeline_dir / "scheduler_config.json", json.dumps(primary.scheduler_config, indent=1))
     _copy(TEMPLATES / "pipeline_model.py", pipeline_dir / "model.py")
-    write_pipeline_config(repo, parameters, gpu)
+    # the gateway prices work relative to the native size (serving/gateway/costs.py)
+    write_pipeline_config(repo, {**parameters, "native_size": primary.native_size}, gpu)
     if gpu:
         log(f"  tritonserver needs --cuda-memory-pool-byte-size=<gpu>:{placement['cuda_memory_pool_bytes']} "
             f"--pinned-memory-pool-byte-size={placement['pinned_memory_pool_bytes']} (ldm serve passes them)")

@@ -20,6 +20,10 @@ PIPELINE_OUTPUTS = (
     # generation's step first used, next to that step's `step`
     ("steer_id", "int32", [1]),
     ("steer_applied", "int32", [-1]),
+    # a status message's answer (serving/triton/control.py)
+    ("accepting", "bool", [1]),
+    ("active", "int32", [1]),
+    ("queued", "int32", [1]),
 )
 UNARY_OUTPUTS = PIPELINE_OUTPUTS[:2]
 

@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "export": ("export.cli", "export a diffusers checkpoint to ONNX and write the Triton model repository"),
     "serve": ("serving.triton.serve", "start tritonserver on the model repository"),
     "drain": ("serving.triton.drain", "drain a running server: admit nothing, let the generations in flight finish"),
+    "ready": ("serving.triton.readiness", "exit 1 unless the pipeline's engine admits generations (a readiness probe)"),
+    "control-secret": ("serving.triton.control", "write a new control secret to a file (for drain, cancel, steer)"),
     "stub-check": ("serving.triton.stubs", "exit 1 unless the pipeline's python stub process is alive (a liveness probe)"),
     "gateway": ("serving.gateway.cli", "serve the public API (gRPC ldm.v1.Images, OpenAI-style REST) in front of Triton"),
     "generate": ("serving.client.generate", "ask a running server for an image"),

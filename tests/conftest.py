@@ -53,7 +53,7 @@ def gateway(server, tmp_path_factory):
     from serving.gateway.process import GatewayProcess
 
     log = tmp_path_factory.mktemp("logs") / "gateway.log"
-    with GatewayProcess(server.grpc_url, log_file=log) as running:
+    with GatewayProcess(server.grpc_url, log_file=log, control_secret=server.control_secret) as running:
         yield running
 
 

@@ -56,7 +56,8 @@ def main() -> None:
         repo = Path(work) / "model_repository"
         write_repository(args.checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
         with TritonServer(repo, log_file=Path(work) / "tritonserver.log") as server, \
-                GatewayProcess(server.grpc_url, log_file=Path(work) / "gateway.log") as gateway:
+                GatewayProcess(server.grpc_url, log_file=Path(work) / "gateway.log",
+                               control_secret=server.control_secret) as gateway:
             shoot(gateway.rest_url + "/", args.out)
     for name in ("idle", "generating", "steered"):
         print(args.out / f"{name}.png")

@@ -109,19 +109,24 @@ def test_checkov_finds_nothing(rendered, tmp_path):
 # --- properties of the Deployment -----------------------------------------------------------
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_on_triton_health_endpoints(objects, overlay):
+def test_probes_ask_the_engine_and_the_stub(objects, overlay):
     triton = _container(objects[overlay])
-    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-    expected = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready"}
-    for probe, path in expected.items():
-        get = triton[probe]["httpGet"]
-        assert get["path"] == path and ports[get["port"]] == 8000, (probe, get)
+    # readiness: the engine itself admits (Triton's /v2/health/ready stays 200 once a drain has
+    # stopped it; tests/test_control.py runs `ldm ready` against a drained server)
+    import argparse
+
+    from serving.triton import readiness
+
+    for probe in ("startupProbe", "readinessProbe"):
+        command = triton[probe]["exec"]["command"]
+        assert command[:2] == ["ldm", "ready"], (probe, command)
+        parser = argparse.ArgumentParser()
+        readiness.add_arguments(parser)
+        assert parser.parse_args(command[2:]).url == "127.0.0.1:8001"
     # liveness: the pipeline's python stub itself (Triton stays "live" when it has died;
     # tests/test_drain.py runs this command against a server whose stub is killed)
     command = triton["livenessProbe"]["exec"]["command"]
     assert command[:2] == ["ldm", "stub-check"], command
-    import argparse
-
     from serving.triton import stubs
 
     parser = argparse.ArgumentParser()
@@ -166,6 +171,27 @@ def test_non_root_and_locked_down(objects, overlay):
     assert {m["mountPath"] for m in init["volumeMounts"]} >= {"/checkpoint", "/model-repository"}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_ports_on_loopback_and_a_control_secret_per_pod(objects, overlay):
+    """Triton's KServe ports skip the gateway's keys and limits: loopback only. Control
+    messages need the secret an init container writes to a memory volume both containers read."""
+    spec = _pod_spec(objects[overlay])
+    triton = _container(objects[overlay])
+    args = dict(a.removeprefix("--").split("=", 1) for a in triton["args"] if "=" in a)
+    assert args["http-address"] == "127.0.0.1" and args["grpc-address"] == "127.0.0.1"
+    writer = next(c for c in spec["initContainers"] if c["name"] == "control-secret")
+    assert writer["args"][0] == "control-secret"
+    (folder,) = {m["mountPath"] for m in writer["volumeMounts"]}
+    assert writer["args"][1].startswith(folder + "/")
+    volume = next(v for v in spec["volumes"] if v["name"] == writer["volumeMounts"][0]["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+    for container in (triton, _container(objects[overlay], "gateway")):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["LDM_CONTROL_SECRET_FILE"] == writer["args"][1], container["name"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        assert mount["mountPath"] == folder and mount["readOnly"] is True
+
+
 def test_dockerfile_user_matches_security_context(objects):
     text = (REPO / "deploy" / "Dockerfile").read_text()
     user = re.findall(r"^USER\s+(\d+)", text, re.M)
@@ -201,7 +227,7 @@ def test_termination_grace_covers_drain(objects, overlay):
     assert grace > hook.delay_s + hook.grace_s + slack
     assert grace > gateway_pre_stop + gateway_drain
     # not ready means no traffic: each container has its readiness probe
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert triton["readinessProbe"]["exec"]["command"][:2] == ["ldm", "ready"]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
@@ -230,7 +256,8 @@ def test_gateway_runs_in_the_triton_pod_with_its_own_probes_and_keys(objects, ov
 
 def test_gpu_overlay_requests_gpus_and_tolerates_taint(objects):
     spec = _pod_spec(objects["gpu"])
-    for c in [_container(objects["gpu"])] + spec["initContainers"]:
+    exporter = next(c for c in spec["initContainers"] if c["name"] == "export-model-repository")
+    for c in [_container(objects["gpu"]), exporter]:  # the control-secret writer needs no GPU
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", c["name"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     # The TensorRT plans are built by the init container on the node's own GPU.
@@ -376,7 +403,9 @@ def test_no_latest_tags_no_inline_secrets_right_namespace(objects, target):
             assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), image
             assert not image.endswith(":latest") and ":latest@" not in image, image
             for env in c.get("env", []):
-                if re.search(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", env["name"], re.I):
+                # (a *_FILE variable names where a secret is, not the secret)
+                if re.search(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", env["name"], re.I) and \
+                        not env["name"].endswith("_FILE"):
                     assert "value" not in env, f"{env['name']} must come from a Secret (valueFrom)"
         text = json.dumps(obj)
         assert not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|AKIA[0-9A-Z]{16}", text)

@@ -40,6 +40,18 @@ def counters(server):
     return {k: m.get(f"ldm_{k}_total", 0) for k in ("images_completed", "failures", "cancellations")}
 
 
+def test_a_faulty_sink_passes_the_steers_a_step_applied():
+    """A steered job's progress carries `steer_applied`: the wrapper must take and pass it."""
+    from serving.core.faults import FaultPlan
+    from test_engine import RecordingSink
+
+    inner = RecordingSink()
+    sink = FaultPlan("finish_raise_at_call=2").sink(inner)
+    sink.progress(3, 10, None, (1, 2))
+    sink.progress(4, 10, None)
+    assert inner.steered == [(3, (1, 2))] and inner.progress_log == [(3, 10), (4, 10)]
+
+
 @pytest.fixture(scope="module")
 def faulty_server(tiny_repo, tmp_path_factory):
     plan = "unet_raise_at_call=3,vae_raise_at_call=2,finish_raise_at_call=3"

@@ -73,9 +73,57 @@ def test_cancel_registry_sets_the_flag_of_the_named_request_only():
     a, b = registry.register("a"), registry.register("b")
     assert registry.cancel("a") is True
     assert a.is_set() and not b.is_set()
-    registry.forget("a")
-    registry.forget("b")
+    registry.forget("a", a)
+    registry.forget("b", b)
     assert len(registry) == 0
+
+
+def test_a_second_request_with_an_id_in_flight_takes_over_nothing():
+    """Ids travel from clients: a duplicate must neither steal the first's cancel flag nor
+    remove it when it ends (the engine refuses the duplicate itself)."""
+    registry = CancelRegistry()
+    first = registry.register("dup")
+    second = registry.register("dup")
+    registry.forget("dup", second)  # the refused duplicate ends first
+    assert registry.cancel("dup") is True
+    assert first.is_set() and not second.is_set()
+    registry.forget("dup", first)
+    assert len(registry) == 0
+
+
+def test_a_sweep_that_raises_does_not_end_cancellation():
+    """One broken check or cancel (a sender Triton freed, a failed cancel message) is logged;
+    the other forwards are still swept, and the sweeper thread goes on."""
+    forwards = Forwards(limit=4)
+    logged, sent, gone = [], [], {"b": False}
+
+    def broken():
+        raise RuntimeError("sender freed")
+
+    def failing_cancel():
+        sent.append("c")
+        raise RuntimeError("cancel message refused")
+
+    assert forwards.add("a", broken, lambda: sent.append("a"))
+    assert forwards.add("b", lambda: gone["b"], lambda: sent.append("b"))
+    assert forwards.add("c", lambda: True, failing_cancel)
+    stopping, swept = threading.Event(), threading.Event()
+
+    def log(message):
+        logged.append(message)
+        if sent.count("b"):
+            swept.set()
+
+    sweeper = threading.Thread(target=forwards.sweep_until, args=(stopping, 0.001), kwargs={"log": log})
+    sweeper.start()
+    try:
+        gone["b"] = True  # cancelled after sweeps that raised: the thread still sees it
+        assert swept.wait(10)
+    finally:
+        stopping.set()
+        sweeper.join()
+    assert sent.count("b") == 1 and sent.count("c") == 1 and "a" not in sent
+    assert any("forward a" in m for m in logged) and any("cancelling forward c" in m for m in logged)
 
 
 def test_a_cancel_that_arrives_first_is_remembered_boundedly():

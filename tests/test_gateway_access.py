@@ -77,7 +77,8 @@ def guarded(server, tmp_path_factory):
     (folder / "keys").write_text(f"tester {hash_key(KEY)}\n")
     extra = ["--api-keys", str(folder / "keys"), "--rate-limit", str(RATE), "--burst", str(BURST),
              "--max-body-mb", "0.01", "--max-image-pixels", "1024"]
-    with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=extra) as running:
+    with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=extra,
+                        control_secret=server.control_secret) as running:
         yield running
 
 
@@ -105,16 +106,17 @@ def test_keys_limits_and_metrics_through_a_guarded_gateway(guarded):
         client.generate(PROMPT, steps=2, init_image=np.zeros((40, 40, 3), np.uint8))  # 1600 > 1024 pixels
     assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "init_image") and "1024 pixels" in info.value.message
 
-    # the bucket holds BURST images: two requests of 2 and 1 images pass, the next is refused
-    status, _, body = rest(guarded, {"prompt": PROMPT, "steps": 2, "n": 2}, KEY)
+    # the bucket holds BURST default images (one work unit each: the pipeline's default steps,
+    # size and guidance): two requests of 2 and 1 images pass, the next is refused
+    status, _, body = rest(guarded, {"prompt": PROMPT, "n": 2}, KEY)
     assert status == 200 and len(body["data"]) == 2
     with ImagesClient(guarded.grpc_url, api_key=KEY) as client:
-        assert len(client.generate(PROMPT, steps=2)) == 1
-    status, headers, body = rest(guarded, {"prompt": PROMPT, "steps": 2}, KEY)
+        assert len(client.generate(PROMPT)) == 1
+    status, headers, body = rest(guarded, {"prompt": PROMPT}, KEY)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded" and int(headers["Retry-After"]) >= 1
     channel = grpc.insecure_channel(guarded.grpc_url)
     with pytest.raises(grpc.RpcError) as info:
-        images_pb2_grpc.ImagesStub(channel).Generate(images_pb2.GenerateRequest(prompt=PROMPT, steps=2),
+        images_pb2_grpc.ImagesStub(channel).Generate(images_pb2.GenerateRequest(prompt=PROMPT),
                                                      metadata=(("authorization", f"Bearer {KEY}"),))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = rpc_status.from_call(info.value).details
@@ -196,3 +198,26 @@ def test_new_key_prints_a_key_and_its_hashed_line_and_open_gateways_stay_on_loop
     refused = subprocess.run([sys.executable, "-m", "serving.cli", "gateway", "--host", "0.0.0.0"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--allow-anonymous" in refused.stderr
+
+
+def test_a_steer_or_delete_forwarded_to_a_gone_owner_is_404(tmp_path):
+    """A live generation dies with its replica's gateway: forwarding to an owner whose address
+    refuses the connection answers 404 (a retry never reaches it), not 503 forever."""
+    from serving.triton.server import free_ports
+
+    nobody, gone, rest_port, grpc_port = free_ports(4)
+    gateway = GatewayProcess(f"127.0.0.1:{nobody}", rest_port, grpc_port, log_file=tmp_path / "gateway.log",
+                             extra_args=["--replica-name", "here", "--peers", f"gone=http://127.0.0.1:{gone}"]).start(ready=False)
+    try:
+        generation = "gone." + "0" * 32
+        for method, path, body in (("POST", f"/v1/generations/{generation}/steer", b'{"prompt": "a blue square"}'),
+                                   ("DELETE", f"/v1/generations/{generation}", None)):
+            request = urllib.request.Request(gateway.rest_url + path, data=body, method=method,
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=30)
+            answer = json.loads(info.value.read())
+            assert info.value.code == 404 and "replica gone is gone" in answer["error"]["message"], answer
+            assert info.value.headers["X-Ldm-Owner"] == "here"
+    finally:
+        gateway.stop()

@@ -26,8 +26,8 @@ from serving.gateway.process import GatewayProcess
 from serving.gateway.protos import images_pb2, images_pb2_grpc
 
 PROMPT = "a small green square at the top"
-KEY, PROBE_KEY = new_key(), new_key()  # PROBE_KEY: the tests that run generations
-BURST = 2  # KEY's whole bucket: a request for BURST images passes only if no refusal before it was charged
+KEY, PROBE_KEY = new_key(), new_key()  # PROBE_KEY: the tests that run generations (on `probing`)
+BURST = 2  # KEY's whole bucket in work units: BURST default images pass only if no refusal before them was charged
 MEMORY_BOUND_MB, HEALTHZ_BOUND_S = 100, 0.1  # the issue's bounds for the probe
 
 
@@ -37,6 +37,16 @@ def guarded(server, tmp_path_factory):
     (folder / "keys").write_text(f"tester {hash_key(KEY)}\nprober {hash_key(PROBE_KEY)}\n")
     extra = ["--api-keys", str(folder / "keys"), "--rate-limit", "0.001", "--burst", str(BURST)]
     with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=extra) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def probing(server, tmp_path_factory):
+    """The same keys without a rate limit: PROBE_KEY's generations (work units: a long one costs
+    more than `guarded`'s whole bucket)."""
+    folder = tmp_path_factory.mktemp("probing")
+    (folder / "keys").write_text(f"tester {hash_key(KEY)}\nprober {hash_key(PROBE_KEY)}\n")
+    with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=["--api-keys", str(folder / "keys")]) as running:
         yield running
 
 
@@ -123,31 +133,31 @@ def measured(gateway, probe):
     return answer, growth_mb, max(latencies)
 
 
-def test_the_issues_probe_16_huge_masks_to_an_unknown_id_leaves_memory_flat_and_healthz_fast(guarded):
+def test_the_issues_probe_16_huge_masks_to_an_unknown_id_leaves_memory_flat_and_healthz_fast(probing):
     mask = huge_mask()
     body = json.dumps({"regions": [{"prompt": "x", "mask": mask}] * 16}).encode()
     assert len(body) < 15_000
-    unknown = f"{replica_of(guarded)}.{'0' * 32}"
-    answer, growth_mb, slowest_s = measured(guarded, lambda: post(guarded, f"/v1/generations/{unknown}/steer", body,
+    unknown = f"{replica_of(probing)}.{'0' * 32}"
+    answer, growth_mb, slowest_s = measured(probing, lambda: post(probing, f"/v1/generations/{unknown}/steer", body,
                                                                    key=PROBE_KEY))
     assert_error(answer, 404, None)
     print(f"probe: +{growth_mb:.1f} MB peak, slowest /healthz {slowest_s * 1000:.1f} ms")
     assert growth_mb <= MEMORY_BOUND_MB and slowest_s <= HEALTHZ_BOUND_S
 
 
-def test_huge_masks_for_a_running_generation_are_refused_from_their_headers(guarded):
+def test_huge_masks_for_a_running_generation_are_refused_from_their_headers(probing):
     """The owner's own generation: 16 regions are over the pipeline's 8; 8 masks of 4096² are
     over the request's pixel budget. Neither is decoded; the generation runs on."""
     mask = huge_mask()
 
     async def scenario():
-        async with GenerationsClient(guarded.rest_url, api_key=PROBE_KEY) as client:
+        async with GenerationsClient(probing.rest_url, api_key=PROBE_KEY) as client:
             async with client.start({"prompt": PROMPT, "steps": 150, "size": "64x64", "seed": 1}) as live:
                 answers = []
                 for regions in (16, 8):
                     body = json.dumps({"regions": [{"prompt": "x", "mask": mask}] * regions}).encode()
                     path = f"/v1/generations/{live.id}/steer"
-                    answers.append(await asyncio.to_thread(measured, guarded, lambda: post(guarded, path, body, key=PROBE_KEY)))
+                    answers.append(await asyncio.to_thread(measured, probing, lambda: post(probing, path, body, key=PROBE_KEY)))
                 await client.cancel(live.id)
                 return answers
 
@@ -242,11 +252,11 @@ def test_hostile_inputs_are_coded_errors_naming_the_field_and_nothing_refused_is
             assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, [field]) and rid, (method, field)
 
     # every token is still there: a request for the whole bucket passes
-    status, _, body = post(guarded, generations, json.dumps({"prompt": PROMPT, "steps": 2, "n": BURST}).encode())
+    status, _, body = post(guarded, generations, json.dumps({"prompt": PROMPT, "n": BURST}).encode())  # one work unit each
     assert status == 200 and len(body["data"]) == BURST, body
 
 
-def test_a_session_acknowledges_hostile_steers_and_still_hears_its_cancel(guarded):
+def test_a_session_acknowledges_hostile_steers_and_still_hears_its_cancel(probing):
     """A decompression-bomb mask and an unknown enum value are acknowledged INVALID_ARGUMENT
     naming the field (the reader reads on), and the later cancel ends the call CANCELLED."""
     hostile = [images_pb2.Steer(mask=png_header_only(20_000, 20_000)),
@@ -261,7 +271,7 @@ def test_a_session_acknowledges_hostile_steers_and_still_hears_its_cancel(guarde
             send(images_pb2.SessionRequest(cancel=images_pb2.Cancel()))
 
     start = images_pb2.GenerateRequest(prompt=PROMPT, steps=150, height=64, width=64, seed=2)
-    events, code = session(guarded, [images_pb2.SessionRequest(start=start)], on_event)
+    events, code = session(probing, [images_pb2.SessionRequest(start=start)], on_event)
     acks = [(e.steer_ack.sequence, e.steer_ack.error_code, e.steer_ack.field) for e in events
             if e.WhichOneof("event") == "steer_ack"]
     assert acks == [(1, "INVALID_ARGUMENT", "mask"), (2, "INVALID_ARGUMENT", "region_mode")]

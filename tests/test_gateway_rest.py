@@ -132,6 +132,26 @@ def test_openapi_document_and_its_page_need_nothing_from_elsewhere(gateway):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "@import" not in page and "url(" not in page
 
 
+def test_requests_with_the_same_request_id_run_side_by_side(gateway, server):
+    """A client's X-Request-Id begins the Triton ids but does not make them: the pipeline
+    refuses an id already running, so a shared one would fail the second request."""
+    before = idle_metrics(server)
+    body = json.dumps({"prompt": PROMPT, "steps": 150, "size": "64x64"}).encode()
+    host, port = gateway.rest_url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)))
+    try:
+        connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"X-Request-Id: same-id\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert wait_for(lambda: metrics(server)["ldm_active_requests"] >= 1)
+        status, headers, answer = post(gateway, "/v1/images/generations", {"prompt": PROMPT, "steps": 2},
+                                       {"X-Request-Id": "same-id"})
+        assert status == 200 and headers["X-Request-Id"] == "same-id", answer
+    finally:
+        connection.close()  # cancels the long one
+    assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
+    assert metrics(server)["ldm_cancellations_total"] == before["ldm_cancellations_total"] + 1
+
+
 def test_a_client_that_disconnects_cancels_its_generation(gateway, server):
     before = idle_metrics(server)
     body = json.dumps({"prompt": PROMPT, "steps": 150, "n": 2, "size": "64x64"}).encode()

@@ -61,3 +61,16 @@ def test_malformed_schedules_name_the_field_and_position(text, what, position):
 def test_joint_schedule_merges_the_prompt_and_negative_switches():
     assert joint_schedule("[a:b:2]", "[n|m]", 4) == [(0, "a", "n"), (1, "a", "m"), (2, "b", "n"), (3, "b", "m")]
     assert joint_schedule("plain", "", 25) == [(0, "plain", "")]
+
+
+def test_a_schedule_uses_at_most_max_schedule_texts_distinct_texts():
+    """An alternation makes a text per step: each would be encoded (a steer's under the engine's lock)."""
+    from serving.core.prompt_schedule import MAX_SCHEDULE_TEXTS
+
+    fits = "[" + "|".join(f"t{i}" for i in range(MAX_SCHEDULE_TEXTS)) + "]"
+    assert len({text for _, text in schedule(fits, 150)}) == MAX_SCHEDULE_TEXTS
+    too_many = "[" + "|".join(f"t{i}" for i in range(MAX_SCHEDULE_TEXTS + 1)) + "]"
+    assert len(schedule(too_many, MAX_SCHEDULE_TEXTS)) == MAX_SCHEDULE_TEXTS  # fewer steps than options: fine
+    with pytest.raises(InvalidInput) as info:
+        schedule(too_many, 150, "negative_prompt")
+    assert info.value.field == "negative_prompt" and f"at most {MAX_SCHEDULE_TEXTS} distinct texts" in str(info.value)

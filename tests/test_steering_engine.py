@@ -300,3 +300,17 @@ def test_failed_encoding_of_a_steer_ends_that_job_with_unavailable_only(tiny_rep
     with pytest.raises(SteerRefused) as info:
         service.steer("steered", steer_inputs(prompt=B))
     assert info.value.code == FAILED_PRECONDITION
+
+
+def test_a_second_request_with_a_running_id_is_refused_and_takes_over_nothing(tiny_repo, models):
+    """Request ids come from clients: a duplicate must not replace the first in the registry
+    (its steers and cancels would reach the wrong job)."""
+    service = make_service(tiny_repo, models)
+    first, second = RecordingSink(), RecordingSink()
+    service.submit(request(A, 1, steps=4), first, request_id="dup")
+    service.submit(request(A, 2, steps=4), second, request_id="dup")
+    assert second.error[0] == "INVALID_ARG" and second.error[1].startswith("request_id: 'dup' names a generation")
+    assert service.engine.registry.running["dup"].sink is first
+    assert service.steer("dup", steer_inputs(prompt=B)) == 1
+    drain(service)
+    assert first.image is not None and first.ends == 1 and second.ends == 1

@@ -24,7 +24,7 @@ def steered_generation(server, steer, steps=150, **fields):
                 started.set()
 
         def run():
-            with LdmClient(server.grpc_url) as client:
+            with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
                 result["generation"] = client.run(A, on_progress=on_progress, request_id=request_id, seed=5, steps=steps,
                                                   progress_every=1, **fields)
 
@@ -32,7 +32,7 @@ def steered_generation(server, steer, steps=150, **fields):
         thread.start()
         try:
             assert started.wait(60)
-            with LdmClient(server.grpc_url) as steerer:
+            with LdmClient(server.grpc_url, control_secret=server.control_secret) as steerer:
                 try:
                     steer_id = steer(steerer, request_id)
                 except InferenceServerException as exc:
@@ -54,7 +54,7 @@ def test_steer_is_answered_and_its_first_step_reported_in_the_stream(server):
     # the step's own progress response carries it: step count = index + 1
     assert (first_step + 1, 150) in generation.progress
     assert generation.image.shape == (32, 32, 3)
-    with LdmClient(server.grpc_url) as client:
+    with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
         # the same switch as a prompt schedule, served alone as the steered generation was
         scheduled = client.generate(f"[{A}:{B}:{first_step}]", seed=5, steps=150)
         assert scheduled.tobytes() == generation.image.tobytes()
@@ -76,7 +76,7 @@ def test_steer_with_guidance_only_and_two_steers(server):
 
 
 def test_unknown_and_invalid_steers_are_refused_and_the_server_serves_on(server):
-    with LdmClient(server.grpc_url) as client:
+    with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
         with pytest.raises(InferenceServerException) as info:
             client.steer("no-such-generation", prompt=B)
         assert info.value.status() == "NOT_FOUND" and "no generation with id 'no-such-generation'" in info.value.message()
@@ -88,7 +88,7 @@ def test_unknown_and_invalid_steers_are_refused_and_the_server_serves_on(server)
 
 
 def test_prompt_schedule_runs_through_the_server(server):
-    with LdmClient(server.grpc_url) as client:
+    with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
         scheduled = client.generate(f"[{A}:{B}:2]", steps=4, seed=3)
         plain = client.generate(A, steps=4, seed=3)
         assert scheduled.shape == (32, 32, 3) and scheduled.tobytes() != plain.tobytes()

@@ -10,7 +10,7 @@ from serving.core.service import PipelineAssets, PipelineService
 from serving.models.assemble import RunnerChoice
 from serving.models.onnx import LocalModels
 from serving.models.torch_options import TorchOptions, default_buckets, parse_buckets
-from serving.models.torch_runner import BucketedCall, TorchModels
+from serving.models.torch_runner import BucketedCall, TorchModels, _key
 from test_engine import RecordingSink, alone_and_in_a_crowd, drain, request
 
 DEFAULT_MODEL_PROMPTS = [
@@ -194,3 +194,25 @@ def test_torch_compile_matches_eager(tiny_checkpoint):
     eager = TorchModels(tiny_checkpoint, TorchOptions(buckets=(4,)), components=("unet",), log=lambda *a: None)
     inputs = unet_inputs(3)
     assert np.abs(compiled.unet(*inputs) - eager.unet(*inputs)).max() <= 1e-4
+
+
+def test_the_upscalers_unet_calls_use_the_one_call_its_graphs_are_captured_for(tiny_upscale_checkpoint):
+    """Per-row inputs (the x4 upscaler's noise level) go through the UNet's one bucketed call:
+    a call built per request would hold no captured graph, so CUDA would never replay one. The
+    capture examples have the key the engine's calls have."""
+    models = TorchModels(tiny_upscale_checkpoint, log=lambda *a: None)
+    used = []
+    run = models._with_device
+    models._with_device = lambda call, *arrays: used.append((call, _key(call.bucket(len(arrays[0])), arrays))) or \
+        run(call, *arrays)
+    info, rows = models.info, 2
+    latent = info.native_size // info.vae_factor
+    for label in (20, 350):
+        out = models.unet(np.zeros((rows, info.unet_in_channels, latent, latent), np.float32), np.array([5, 5]),
+                          np.zeros((rows, info.text_length, info.text_hidden), np.float32),
+                          class_labels=np.full(rows, label, np.int64))
+        assert out.shape == (rows, info.latent_channels, latent, latent)
+    (first, key), (second, _) = used
+    assert first is second is models.calls["unet"]
+    examples = models.native_examples(rows)["unet"]
+    assert _key(first.bucket(rows), examples) == key

@@ -9,7 +9,8 @@ workload (half txt2img, a quarter img2img, a quarter inpaint, every request deno
 number of steps) runs at concurrency 16 beside the all-txt2img one. `--via` chooses how the load
 reaches the server (serving/bench/paths.py); `--compare-paths` instead measures every path
 against one server and prints their ratios (the gateway's overhead). `--regional` and `--steer`
-measure those features instead (serving/bench/regional.py, serving/bench/steer.py).
+measure those features instead (serving/bench/regional.py, serving/bench/steer.py), and
+`--overload` goodput under a retry storm (serving/bench/overload.py).
 """
 import json
 from pathlib import Path
@@ -47,6 +48,9 @@ def add_arguments(parser):
                         help="measure steering instead: steer-to-effect latency at 1 and 16 generations, cost of a steered job")
     parser.add_argument("--steer-rounds", type=int, default=4,
                         help="--steer: rounds at C=16 (16 steers each); C=1 runs 8 times as many (default: %(default)s)")
+    from serving.bench.overload import add_arguments as add_overload_arguments
+
+    add_overload_arguments(parser)
 
 
 def server_rss_mb(server) -> float:
@@ -118,6 +122,10 @@ def run(args) -> int:
         from serving.bench.steer import run_steer
 
         return run_steer(args, checkpoint, out)
+    if args.overload:
+        from serving.bench.overload import run_overload
+
+        return run_overload(args, checkpoint, out)
     size = args.size or CheckpointInfo.read(checkpoint).native_size
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_runs)]

@@ -90,7 +90,7 @@ def serving(repo, path: str, log_dir, name: str):
         if not path.startswith("gateway"):
             yield client_factory(path, server), server
             return
-        with GatewayProcess(server.grpc_url, log_file=log_dir / f"gateway-{name}.log") as gateway:
+        with GatewayProcess(server.grpc_url, log_file=log_dir / f"gateway-{name}.log", control_secret=server.control_secret) as gateway:
             yield client_factory(path, server, gateway), server
 
 
@@ -102,7 +102,8 @@ def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 1
 
     paths = list(paths)
     with TritonServer(repo, log_file=log_dir / "tritonserver-paths.log") as server, \
-            GatewayProcess(server.grpc_url, log_file=log_dir / "gateway-paths.log") as gateway:
+            GatewayProcess(server.grpc_url, log_file=log_dir / "gateway-paths.log",
+                           control_secret=server.control_secret) as gateway:
         factories = {p: client_factory(p, server, gateway) for p in paths}
         for p in paths:
             closed_loop(factories[p], fields, 2, 4)  # warm-up: connections, first calls

@@ -46,7 +46,7 @@ def _next_prompt() -> str:
         return next(STEERED_PROMPTS)
 
 
-def _generation(url, fields, seed, steer_after):
+def _generation(url, fields, seed, steer_after, control_secret):
     """One streamed generation, steered once after `steer_after` steps when that is not None.
     Returns {total_s, arrivals (per step count), steer: {...}} ."""
     from tritonclient.utils import InferenceServerException
@@ -81,7 +81,7 @@ def _generation(url, fields, seed, steer_after):
 
     steerer = threading.Thread(target=steer) if steer_after is not None else None
     if steerer:  # connected before the generation starts: a steer's cost is the steer alone
-        steerer_client = LdmClient(url)
+        steerer_client = LdmClient(url, control_secret=control_secret)
         steerer_client.open_steering()
     with LdmClient(url) as client:
         if steerer:
@@ -109,10 +109,11 @@ def _gaps(arrivals: dict, steps: int) -> list:
     return [arrivals[s + 1] - arrivals[s] for s in range(2, steps - 1) if s in arrivals and s + 1 in arrivals]
 
 
-def _round(url, fields, concurrency, steered: bool, round_index: int) -> list:
+def _round(url, fields, concurrency, steered: bool, round_index: int, control_secret: str) -> list:
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(_generation, url, fields, 1000 * round_index + i,
-                               (4 + (3 * i + round_index) % 14) if steered else None) for i in range(concurrency)]
+                               (4 + (3 * i + round_index) % 14) if steered else None, control_secret)
+                   for i in range(concurrency)]
         return [f.result() for f in futures]
 
 
@@ -135,16 +136,17 @@ def _percentiles(values) -> dict:
             "n": int(values.size)}
 
 
-def measure(url, fields, levels: dict, log=print) -> dict:
-    """levels: {concurrency: rounds}. Steered and unsteered rounds alternate."""
+def measure(url, fields, levels: dict, control_secret: str, log=print) -> dict:
+    """levels: {concurrency: rounds}. Steered and unsteered rounds alternate; steers carry
+    `control_secret` (they go to Triton's port, as the operator)."""
     report = {"levels": []}
     for concurrency, rounds in levels.items():
-        _round(url, fields, concurrency, False, 99)  # warm-up at this level
+        _round(url, fields, concurrency, False, 99, control_secret)  # warm-up at this level
         calls0, seconds0 = _text_encoder_stats(url)
         steered, plain = [], []  # generations
         for r in range(rounds):  # alternating which goes first, so drifting load weighs on both
             for kind in ((False, True) if r % 2 == 0 else (True, False)):
-                (steered if kind else plain).extend(_round(url, fields, concurrency, kind, r))
+                (steered if kind else plain).extend(_round(url, fields, concurrency, kind, r, control_secret))
         calls1, seconds1 = _text_encoder_stats(url)
         encode_ms = 1000 * (seconds1 - seconds0) / max(calls1 - calls0, 1)
         gaps_ms = _percentiles([1000 * g for run in plain + steered for g in run["gaps_s"]])
@@ -216,7 +218,7 @@ def run_steer(args, checkpoint, out: Path) -> int:
     levels = {1: args.steer_rounds * 8, 16: args.steer_rounds}
     with TritonServer(repo, log_file=out / "tritonserver-steer.log") as server:
         report = {"checkpoint": str(checkpoint), "steps": args.steps, "guidance": args.guidance, "size": size,
-                  "unet": args.unet, "max_active": args.max_active, **measure(server.grpc_url, fields, levels, log)}
+                  "unet": args.unet, "max_active": args.max_active, **measure(server.grpc_url, fields, levels, server.control_secret, log)}
     report["targets"] = targets(report)
     print_targets(report["targets"])
     lines += ["", "| target | measured | required | met |", "|---|---|---|---|"]

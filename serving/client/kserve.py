@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from serving.core.errors import parse_coded_message
 from serving.core.request import FIELDS
 from serving.core.steering import STEER_PARAMETER
+from serving.triton.control import CONTROL_PARAMETER
 
 STREAM_MODEL, UNARY_MODEL = "pipeline", "pipeline_unary"
 
@@ -81,15 +82,18 @@ def request_arrays(prompt, **fields) -> dict:
 
 class LdmClient:
     def __init__(self, url: str, protocol: str = "grpc", unary: bool = False, timeout_s: float = 600.0,
-                 channel_args=None):
+                 channel_args=None, control_secret: str | None = None):
         """channel_args (gRPC only): grpc channel options, e.g. a round-robin service config;
-        they replace tritonclient's defaults, so repeat its message-size limits."""
+        they replace tritonclient's defaults, so repeat its message-size limits. control_secret:
+        the server's (serving/triton/control.py), which `steer` needs: Triton's port is the
+        operator's; clients steer through the gateway."""
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
         self.protocol = protocol
         self.url, self.channel_args = url, channel_args
         self.unary = unary or protocol == "http"
         self.timeout_s = timeout_s
+        self.control_secret = control_secret or ""
         self._steerer = None  # (client, its stream's responses), opened by the first steer
         self._steer_lock = threading.Lock()
         if protocol == "grpc":
@@ -138,12 +142,13 @@ class LdmClient:
         this server) with any of prompt, negative_prompt, guidance_scale, region fields (they
         replace its regions) and an inpainting generation's mask, spelled as for `generate`;
         returns the steer id (1, 2, ... per generation). Raises InferenceServerException with
-        status NOT_FOUND, FAILED_PRECONDITION or INVALID_ARG. Steers go over one stream of a
+        status NOT_FOUND, FAILED_PRECONDITION, INVALID_ARG or PERMISSION_DENIED (no control
+        secret). Steers go over one stream of a
         second connection, one at a time."""
         arrays = request_arrays(prompt, **fields)
         with self._steer_lock:
             client, responses = self.open_steering()
-            client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), parameters={STEER_PARAMETER: generation_id})
+            client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), parameters={STEER_PARAMETER: generation_id, CONTROL_PARAMETER: self.control_secret})
             try:
                 result, error = responses.get(timeout=self.timeout_s)
             except queue.Empty:

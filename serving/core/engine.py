@@ -20,6 +20,7 @@ import traceback
 
 from serving.core.errors import CANCELLED, INTERNAL, UNAVAILABLE, ResourceExhausted
 from serving.core.job import Job
+from serving.core.request import InvalidInput
 from serving.core.runner import Runner, guided_conditioning
 from serving.core.scheduler import QueueFull, StepScheduler
 from serving.core.steering import GenerationRegistry, plan_pending_steers
@@ -81,10 +82,15 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queues a job; raises QueueFull when the admission queue is at its bound, ShuttingDown
-        once `stop` was called. A job that raised was not taken: its caller answers it."""
+        once `stop` was called, InvalidInput when its request id names a job queued or running
+        (steers and cancels find a job by its id: a second one must not take it over). A job
+        that raised was not taken: its caller answers it."""
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown(SHUTTING_DOWN)
+            if job.request_id and job.request_id in self.registry.running:
+                raise InvalidInput("request_id", f"{job.request_id!r} names a generation already queued or running; "
+                                   "request ids must be unique")
             try:
                 self.scheduler.enqueue(job)
             except QueueFull:

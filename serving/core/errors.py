@@ -8,6 +8,7 @@ CANCELLED:   the client asked for it.
 NOT_FOUND:   the request names something this server does not hold (a steer's unknown generation).
 FAILED_PRECONDITION: the request is valid but its target's state forbids it (steering a
              generation that has finished).
+PERMISSION_DENIED: a control message without the control secret (serving/triton/control.py).
 """
 
 # as Triton's TritonError names them
@@ -17,6 +18,7 @@ CANCELLED = "CANCELLED"
 INTERNAL = "INTERNAL"
 NOT_FOUND = "NOT_FOUND"
 FAILED_PRECONDITION = "FAILED_PRECONDITION"  # Triton has no such code: the message carries it
+PERMISSION_DENIED = "PERMISSION_DENIED"  # nor this one
 
 
 def coded_message(code: str, message: str) -> str:

@@ -85,8 +85,8 @@ class FaultySink:
     def __init__(self, sink, plan: FaultPlan):
         self.inner, self.plan = sink, plan
 
-    def progress(self, step, total, preview):
-        self.inner.progress(step, total, preview)
+    def progress(self, step, total, preview, steer_applied=()):
+        self.inner.progress(step, total, preview, steer_applied)
 
     def finish(self, image, seed):
         self.plan.tick("finish")

@@ -19,7 +19,9 @@ Rejected with INVALID_ARG naming the field and the 0-based character position: a
 brackets (nesting), an unclosed `[`, a `]` with no `[`, a bracket with neither `:` nor `|` (A1111's
 `[word]` de-emphasis is not supported), `:` and `|` in one bracket, more than two `:`, and a
 `when` that is not a non-negative number. Emphasis `(word:1.2)`, `AND` and nesting are not
-supported (parentheses are plain text).
+supported (parentheses are plain text). A schedule may use at most MAX_SCHEDULE_TEXTS distinct
+texts: each is tokenized and encoded (for a steer under the engine's lock), and an alternation
+would otherwise make one text per step.
 """
 from dataclasses import dataclass
 import math
@@ -28,6 +30,7 @@ import re
 from serving.core.request import InvalidInput
 
 ESCAPABLE = "[]:|\\"
+MAX_SCHEDULE_TEXTS = 32
 _NUMBER = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)\s*$")
 
 
@@ -68,6 +71,10 @@ def schedule(text: str, steps: int, field: str = "prompt") -> list:
         current = "".join(p if isinstance(p, str) else p.text(step) for p in parts)
         if not out or out[-1][1] != current:
             out.append((step, current))
+    distinct = len({text for _, text in out})
+    if distinct > MAX_SCHEDULE_TEXTS:
+        raise InvalidInput(field, f"a prompt schedule may use at most {MAX_SCHEDULE_TEXTS} distinct texts, this one "
+                                  f"uses {distinct} over {steps} steps")
     return out
 
 

@@ -156,6 +156,8 @@ class PipelineService:
             return
         try:
             self.engine.submit(job)
+        except InvalidInput as exc:
+            sink.fail(INVALID_ARG, str(exc))
         except ShuttingDown as exc:
             sink.fail(UNAVAILABLE, str(exc))
         except QueueFull as exc:

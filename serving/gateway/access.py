@@ -8,8 +8,9 @@ Clients send `Authorization: Bearer KEY` (REST; what the OpenAI SDK sends) or gR
 loopback address unless told `--allow-anonymous`.
 
 Rate limit: a token bucket per key (per client address without keys) refilled at `rate` per
-second up to `burst`; a request costs one token per image. Empty: RESOURCE_EXHAUSTED / HTTP
-429 with the seconds until enough tokens are back.
+second up to `burst`; a request costs its work in units of the pipeline's default image, a steer
+a fraction of one (serving/gateway/costs.py). Empty: RESOURCE_EXHAUSTED / HTTP 429 with the
+seconds until enough tokens are back.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
             wait = bucket.take(cost, now)
         if wait:
-            raise ApiError(RESOURCE_EXHAUSTED, f"rate limit of {self.rate:g} images/s (burst {self.burst:g}) "
+            raise ApiError(RESOURCE_EXHAUSTED, f"rate limit of {self.rate:g} work units/s (burst {self.burst:g}; a unit: "
+                           "one image of the pipeline's default steps, size and guidance) "
                            f"reached for {caller}; retry in {wait:.1f} s", retry_after_s=wait)
 
     def refund(self, caller: str, cost: float) -> None:

@@ -1,9 +1,11 @@
 """The gateway process: one asyncio loop serving the gRPC front (grpc.aio) and the REST front
 (aiohttp), both in front of Triton's `pipeline` (serving/gateway/pipeline.py).
 
-Readiness follows the pipeline: a watch asks Triton every second whether `pipeline` is ready,
-reads its config (the inputs it declares) whenever it becomes ready, and sets /readyz and the
-gRPC health status. Until then requests are answered UNAVAILABLE.
+Readiness follows the pipeline: a watch asks Triton every second whether `pipeline` is ready
+and whether its engine admits (a status message: a drained or stopped engine is not ready, which
+Triton's own readiness does not say), reads its config (the inputs it declares) whenever it
+becomes ready, and sets /readyz and the gRPC health status. Until then requests are answered
+UNAVAILABLE.
 
 Adding to it: a new gRPC service is one more `add_*_to_server` in `start`; a REST route or a
 page is one more `app.router.add_*` on `build_app`'s application (the live generations and the
@@ -20,6 +22,7 @@ import grpc
 from serving.gateway import browser
 from serving.gateway.access import Access, ApiKeys, RateLimiter, is_loopback
 from serving.gateway.browser import BrowserGuard
+from serving.gateway.capacity import Capacity
 from serving.gateway.grpc_api import add_services, set_serving
 from serving.gateway.pipeline import PipelineClient
 from serving.gateway.replicas import Replicas, default_name
@@ -49,9 +52,13 @@ class GatewayConfig:
     peer_domain: str | None = None  # or: other replicas at http://<name>.<peer_domain>:<rest port>
     allowed_hosts: tuple = ()  # Host names answered besides loopback's and --host's ("*": any); serving/gateway/browser.py
     allowed_origins: tuple = ()  # web pages (scheme://host[:port]) that may call the REST front besides its own
+    control_secret: str | None = None  # the pipeline's (serving/triton/control.py): steers need it
+    admission_wait_s: float = 2.0  # how long a request waits for room in the pipeline (serving/gateway/capacity.py)
+    max_key_share: float = 0.5  # the share of the pipeline's slots one key (address without keys) may hold
 
     def check(self) -> None:
         Replicas(self.replica_name, self.peers, self.peer_domain)  # raises ValueError for a bad name
+        Capacity(self.admission_wait_s, share=self.max_key_share)  # and for a bad admission wait or share
         if self.keys is None and not self.allow_anonymous and not is_loopback(self.host):
             raise ValueError(f"the gateway would listen on {self.host} without API keys: give --api-keys FILE (or "
                              "LDM_API_KEY_HASHES), or --allow-anonymous to serve anyone who can reach it")
@@ -63,8 +70,9 @@ class Gateway:
         self.config = config
         limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
         self.replicas = Replicas(config.replica_name, config.peers, config.peer_domain, config.rest_port or 8080)
-        self.service = ImageService(PipelineClient(config.triton), Access(config.keys, limiter), GatewayMetrics(), config.limits,
-                                    config.replica_name)
+        self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter),
+                                    GatewayMetrics(), config.limits, config.replica_name,
+                                    Capacity(config.admission_wait_s, share=config.max_key_share))
         self.grpc_server = None
         self.runner = None
         self.rest_port = self.grpc_port = None
@@ -98,11 +106,17 @@ class Gateway:
         pipeline = self.service.pipeline
         while True:
             try:
-                ready = await pipeline.is_ready()
+                status = await pipeline.status() if await pipeline.is_ready() else None
+                ready = status is not None and status.accepting
                 if ready and not self.service.ready:
                     ready = await pipeline.load_model()
                     if ready:
                         log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(pipeline.model.inputs)))
+                        model = pipeline.model
+                        self.service.capacity.configure(model.parameter("max_active", int, 16),
+                                                        model.parameter("max_queue", int, 64))
+                if ready:
+                    self.service.capacity.observe(status.active + status.queued)
             except Exception:  # whatever broke, the watch goes on: not ready until Triton answers
                 log.exception("asking %s whether the pipeline is ready failed", pipeline.url)
                 ready = False

@@ -1,5 +1,7 @@
 """`ldm gateway --triton HOST:PORT`: the public API (gRPC ldm.v1.Images + REST /v1/images/*) in
-front of a running Triton. `ldm serve` starts one beside its tritonserver by default."""
+front of a running Triton. `ldm serve` starts one beside its tritonserver by default. The
+pipeline's control secret (for steers) comes from the environment: LDM_CONTROL_SECRET or the file
+LDM_CONTROL_SECRET_FILE names (serving/triton/control.py)."""
 import asyncio
 import os
 import sys
@@ -16,12 +18,18 @@ def add_gateway_options(parser, prefix: str = "") -> None:
     parser.add_argument("--api-keys", help="file of `NAME sha256:HEX` lines (also: env LDM_API_KEY_HASHES); "
                         "without keys the gateway is open, which needs a loopback address or --allow-anonymous")
     parser.add_argument("--allow-anonymous", action="store_true", help="serve without API keys on a non-loopback address")
-    parser.add_argument("--rate-limit", type=float, default=0.0, help="images per second per key (per address without "
+    parser.add_argument("--rate-limit", type=float, default=0.0, help="work units per second per key (per address without "
                         "keys); 0: none (default)")
     parser.add_argument("--burst", type=float, default=16.0, help="token-bucket size of the rate limit (default: %(default)s)")
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default: %(default)s MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                         help="largest uploaded image, width x height (default: %(default)s)")
+    parser.add_argument("--admission-wait-s", type=float, default=2.0,
+                        help="a request that finds the pipeline full waits this long for room, then gets 503/"
+                        "UNAVAILABLE with Retry-After (default: %(default)s)")
+    parser.add_argument("--max-key-share", type=float, default=0.5,
+                        help="the share of the pipeline's running and queue slots one key (one address without keys) "
+                        "may hold, so no key takes the queue (default: %(default)s)")
     parser.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, how long running calls may finish "
                         "while new ones are refused (default: %(default)s)")
 
@@ -56,6 +64,7 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
     from serving.gateway.service import Limits
 
     from serving.gateway.replicas import default_name, parse_peers
+    from serving.triton.control import secret_from_env
 
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                     max_request_pixels=args.max_request_pixels)
@@ -63,7 +72,9 @@ def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: in
                          allow_anonymous=args.allow_anonymous, rate=args.rate_limit, burst=args.burst, limits=limits,
                          drain_s=args.drain_s, replica_name=args.replica_name or default_name(),
                          peers=parse_peers(args.peers), peer_domain=args.peer_domain,
-                         allowed_hosts=_names(args.allowed_hosts), allowed_origins=_names(args.allowed_origins))
+                         allowed_hosts=_names(args.allowed_hosts), allowed_origins=_names(args.allowed_origins),
+                         control_secret=secret_from_env(), admission_wait_s=args.admission_wait_s,
+                         max_key_share=args.max_key_share)
 
 
 def _names(text: str) -> tuple:

@@ -41,7 +41,8 @@ class Generation:
     quality: int = 90  # JPEG / WebP
     progress_every: int = 0  # streams: a progress event every k steps (0: none)
     preview_every: int = 0
-    charged_to: str | None = None  # the caller whose rate limit admitted it (refunded if it is refused before it runs)
+    caller: str = ""  # whose share of the pipeline it holds and whose rate limit it was charged to (ImageService.admit)
+    charged: float = 0.0  # work units charged (refunded if it is refused before it runs)
 
     def validate(self) -> "Generation":
         """Checks what the gateway owns (the pipeline checks the rest) and draws the seed."""

@@ -179,7 +179,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
     async def _admit(self, request, context, metadata, streaming: bool) -> Generation:
         caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
         generation = to_generation(request, streaming)
-        self.service.admit(generation, caller)
+        await self.service.admit(generation, caller)
         await self.service.decode(generation)
         return generation
 

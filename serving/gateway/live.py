@@ -14,6 +14,7 @@ import re
 import secrets
 
 from serving.core.errors import UNAVAILABLE
+from serving.gateway.costs import SteerBudget
 from serving.gateway.errors import FAILED_PRECONDITION, NOT_FOUND, ApiError
 
 MAX_LIVE = 1024  # more live generations than the engine's queue holds: the engine refuses first
@@ -38,6 +39,7 @@ class LiveGeneration:
     cancelled: bool = False  # by DELETE or a Session's cancel
     started: asyncio.Event = field(default_factory=asyncio.Event)  # the pipeline has answered (or it ended)
     _stream: object = field(default=None, repr=False)  # the Triton stream, once open
+    steer_budget: SteerBudget = field(default_factory=SteerBudget)  # its steers' caps (serving/gateway/costs.py)
 
     def triton_ids(self) -> list:
         return [f"{self.id}-{i}" for i in range(self.n)]

@@ -9,7 +9,11 @@ Triton marks its requests cancelled, which the engine honours at its next step.
 A live generation (`/v1/generations`, the gRPC Session) is steered by a separate request to
 `pipeline` whose parameter `steer_request_id` names the running request's id (`steer`); the
 generation's stream then reports, in the response of the step that first used it, the steer
-ids in its `steer_applied` output.
+ids in its `steer_applied` output. A steer is a control message: it carries the control secret
+(serving/triton/control.py) this gateway was given.
+
+`status` asks the engine whether it admits and how loaded it is (a status message): the
+readiness watch asks it, so a drained or stopped engine makes the gateway not ready.
 """
 import asyncio
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from serving.client.kserve import infer_inputs
 from serving.core.errors import UNAVAILABLE
 from serving.core.steering import STEER_PARAMETER
+from serving.triton.control import CONTROL_PARAMETER, STATUS_PARAMETER
 from serving.gateway.errors import ApiError, from_pipeline
 from serving.gateway.generation import Generation, to_array
 
@@ -71,10 +76,20 @@ class PipelineModel:
             return default
 
 
+@dataclass(frozen=True)
+class EngineStatus:
+    """A status message's answer."""
+
+    accepting: bool
+    active: int
+    queued: int
+
+
 class PipelineClient:
-    def __init__(self, url: str):
+    def __init__(self, url: str, control_secret: str | None = None):
         self.url = url
         self.client = aioclient.InferenceServerClient(url)
+        self.control_secret = control_secret or ""  # none: the pipeline refuses this gateway's steers
         self.model: PipelineModel | None = None  # known once Triton has answered
 
     async def close(self) -> None:
@@ -85,6 +100,28 @@ class PipelineClient:
             return bool(await self.client.is_model_ready(MODEL, client_timeout=5))
         except InferenceServerException:
             return False
+
+    async def status(self) -> EngineStatus:
+        """The engine's status message answer; raises ApiError when Triton does not give one."""
+        async def requests():
+            yield {"model_name": MODEL, "inputs": infer_inputs({"prompt": np.array([b""], dtype=np.object_)}),
+                   "parameters": {STATUS_PARAMETER: "1"}}
+            await answered.wait()
+
+        answered = asyncio.Event()
+        stream = self.client.stream_infer(requests())
+        try:
+            async for result, error in _responses(stream):
+                if error is not None:
+                    raise from_pipeline(str(error.message()))
+                values = [result.as_numpy(name) for name in ("accepting", "active", "queued")]
+                if any(v is None for v in values):
+                    break  # a pipeline exported before status messages: it cannot say
+                return EngineStatus(bool(values[0][0]), int(values[1][0]), int(values[2][0]))
+            raise ApiError(UNAVAILABLE, "the pipeline did not answer the status message", retry_after_s=1.0)
+        finally:
+            answered.set()
+            stream.cancel()
 
     async def load_model(self) -> bool:
         """(Re)reads what the served pipeline declares; False when Triton did not answer."""
@@ -154,7 +191,7 @@ class PipelineClient:
 
         async def requests():
             yield {"model_name": MODEL, "inputs": infer_inputs(named), "request_id": f"{target}-steer",
-                   "parameters": {STEER_PARAMETER: target}}
+                   "parameters": {STEER_PARAMETER: target, CONTROL_PARAMETER: self.control_secret}}
             await answered.wait()
 
         answered = asyncio.Event()

@@ -4,14 +4,17 @@ import signal
 import subprocess
 import sys
 
+from serving.triton.control import SECRET_ENV
 from serving.triton.server import PROJECT_ROOT, free_ports, wait_until_ok
 
 
 class GatewayProcess:
     """`ldm gateway` as a child process on the given (or free) ports."""
 
-    def __init__(self, triton_url: str, rest_port=None, grpc_port=None, host="127.0.0.1", log_file=None, extra_args=()):
+    def __init__(self, triton_url: str, rest_port=None, grpc_port=None, host="127.0.0.1", log_file=None, extra_args=(),
+                 control_secret: str | None = None):
         self.triton_url = triton_url
+        self.control_secret = control_secret  # the pipeline's (serving/triton/control.py): steers need it
         self.host = host
         spare = free_ports(2)
         self.rest_port = rest_port or spare[0]
@@ -36,6 +39,8 @@ class GatewayProcess:
         """Starts it; waits until it answers (and, with `ready`, until its pipeline is ready)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        if self.control_secret:
+            env[SECRET_ENV] = self.control_secret
         output = open(self.log_file, "ab") if self.log_file else None
         self.process = subprocess.Popen(self.command(), env=env, stdout=output, stderr=subprocess.STDOUT,
                                         start_new_session=True)

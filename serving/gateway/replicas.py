@@ -12,6 +12,10 @@ itself (no request forgery): it is either
   every replica's pod names as its `subdomain` (deploy/k8s), where the replica part must be one
   DNS label, so the URL always points into that Service.
 The gRPC Session needs none of this: one call carries the start, the steers and the events.
+
+A live generation dies with its pod's gateway, so a forward that finds the owner gone (its name
+resolves to nothing: a deleted pod; nothing listens at its address) answers 404 like any
+unknown id, not 503: retrying would never reach it (`owner_gone`).
 """
 from dataclasses import dataclass, field
 import re
@@ -65,3 +69,13 @@ class Replicas:
         if self.peer_domain and LABEL.match(owner) and owner != self.name:
             return f"http://{owner}.{self.peer_domain}:{self.peer_port}"
         raise ApiError(NOT_FOUND, f"no generation with id {generation_id}")
+
+
+def owner_gone(exc: Exception) -> bool:
+    """Whether a failed connection to an owner says it no longer exists: its name does not
+    resolve (the resolver's answer, not a passing lookup failure) or its address refuses the
+    connection. Timeouts and the rest may pass: the caller answers them UNAVAILABLE."""
+    cause = getattr(exc, "os_error", None)
+    if isinstance(cause, ConnectionRefusedError):
+        return True
+    return isinstance(cause, socket.gaierror) and cause.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))

@@ -201,7 +201,7 @@ def _size(image: EncodedImage) -> str:
 
 async def _answer(request, route: str, event_type: str, params: dict, generation: Generation, outcome):
     service, rid = request.app[SERVICE], request["rid"]
-    service.admit(generation, request["caller"])
+    await service.admit(generation, request["caller"])
     await service.decode(generation, edit_arrays)
     events = service.events(generation, rid, route)
     if not params.get("stream"):

@@ -29,7 +29,7 @@ from serving.gateway.access import bearer
 from serving.gateway.errors import NOT_FOUND, ApiError, invalid
 from serving.gateway.live import is_id
 from serving.gateway.protos import images_pb2
-from serving.gateway.replicas import FORWARDED_HEADER, Replicas
+from serving.gateway.replicas import FORWARDED_HEADER, Replicas, owner_gone
 from serving.gateway.rest_api import SERVICE, error_body, error_response, read_json
 from serving.gateway.rest_params import parse_size
 from serving.gateway.service import EncodedImage, ImageService, ProgressEvent, SteerApplied
@@ -250,6 +250,9 @@ async def _forward(request, url: str, owner: str) -> web.Response:
             payload = await answer.read()
             return web.Response(body=payload, status=answer.status, content_type="application/json")
     except (aiohttp.ClientError, TimeoutError) as exc:
+        if owner_gone(exc):
+            raise ApiError(NOT_FOUND, f"no generation with id {request.match_info['id']} (its replica {owner} is gone)") \
+                from None
         raise ApiError(UNAVAILABLE, f"cannot reach replica {owner}, which runs this generation: {exc}",
                        retry_after_s=1.0) from None
 

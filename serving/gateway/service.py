@@ -16,11 +16,13 @@ from serving.core.regions import MAX_REGIONS
 from serving.core.steering import STEERABLE  # the pipeline inputs a steer may give
 from serving.gateway import images
 from serving.gateway.access import Access
+from serving.gateway.capacity import Capacity
+from serving.gateway.costs import steer_units, work_units
 from serving.gateway.errors import TOO_LARGE, ApiError, invalid
 from serving.gateway.generation import Generation, check_texts
 from serving.gateway.live import LiveGeneration, LiveTable, new_id
 from serving.gateway.pipeline import Finished, PipelineClient
-from serving.gateway.telemetry import GatewayMetrics
+from serving.gateway.telemetry import GatewayMetrics, triton_prefix
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,14 @@ class EncodedImage:
 
 class ImageService:
     def __init__(self, pipeline: PipelineClient, access: Access = None, metrics: GatewayMetrics = None,
-                 limits: Limits = Limits(), replica: str = "local"):
+                 limits: Limits = Limits(), replica: str = "local", capacity: Capacity = None):
         self.pipeline = pipeline
         self.access = access or Access()
         self.metrics = metrics or GatewayMetrics()
         self.limits = limits
         self.replica = replica  # this gateway's name: the prefix of the ids of its live generations
         self.live = LiveTable()
+        self.capacity = capacity or Capacity()  # the pipeline's slots, kept current by the readiness watch
         self.ready = False  # kept up to date by the gateway's readiness watch
         self._decoding = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="decode")
 
@@ -76,24 +79,28 @@ class ImageService:
         """The caller (first thing a front does: a request without a valid key learns nothing more)."""
         return self.access.identify(credential, address)
 
-    def admit(self, generation: Generation, caller: str) -> None:
+    async def admit(self, generation: Generation, caller: str) -> None:
         """Checks what the gateway owns of the request, that the pipeline takes it and what its
-        uploads declare (`check_uploads`), then charges the caller's rate limit. Nothing is
-        decoded yet: `decode` follows."""
+        uploads declare (`check_uploads`), waits for room in the pipeline
+        (serving/gateway/capacity.py: the excess is refused here), then charges the caller's rate
+        limit in work units (serving/gateway/costs.py). Nothing is decoded yet: `decode` follows.
+        A front hands an admitted generation to `events` at once, which takes its slots."""
         generation.validate()
         if not self.ready:
             raise ApiError(UNAVAILABLE, f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); "
                            "retry later", retry_after_s=2.0)
         generation.check_declared(self.pipeline.require_model().inputs)
         self.check_uploads(generation.inputs)
-        self.access.charge(caller, generation.n)
-        generation.charged_to = caller
+        await self.capacity.wait_for_room(generation.n, caller)
+        units = work_units(generation, self.pipeline.require_model())
+        self.access.charge(caller, units)
+        generation.caller, generation.charged = caller, units
 
     def refund(self, generation: Generation) -> None:
         """Nothing is charged for a request refused before it ran."""
-        if generation.charged_to is not None:
-            self.access.refund(generation.charged_to, generation.n)
-            generation.charged_to = None
+        if generation.charged:
+            self.access.refund(generation.caller, generation.charged)
+            generation.charged = 0.0
 
     def check_uploads(self, inputs: dict) -> None:
         """Before any pixel is decoded: the counts (regions within the pipeline's limit, one mask
@@ -133,9 +140,19 @@ class ImageService:
     async def events(self, generation: Generation, rid: str, route: str, live: LiveGeneration = None) -> AsyncIterator:
         """ProgressEvent (as the stream asked for them) and one EncodedImage per image; for a
         live generation also a SteerApplied before the event of the step that first used it."""
+        self.capacity.take(generation.n, generation.caller)
+        try:
+            async for event in self._events(generation, rid, route, live):
+                yield event
+        finally:
+            self.capacity.release(generation.n, generation.caller)
+
+    async def _events(self, generation: Generation, rid: str, route: str, live: LiveGeneration = None) -> AsyncIterator:
         seen_preview = False
         attach = live.attach if live is not None else None
-        async for event in self._refunded_if_refused(generation, self.pipeline.generate(generation, rid, attach)):
+        # a live generation's id is random already, and its steers name it; a client's id is not
+        triton_id = rid if live is not None else triton_prefix(rid)
+        async for event in self._refunded_if_refused(generation, self.pipeline.generate(generation, triton_id, attach)):
             if live is not None:
                 # a step's response counts the steps done after it: that step's index is one less
                 step = event.step if not isinstance(event, Finished) else (event.total_steps or 0)
@@ -175,7 +192,7 @@ class ImageService:
         """Admits a live generation (one image: its steers and its events are one image's)."""
         if generation.n != 1:
             raise invalid("n", f"a live generation makes one image; must be 1, got {generation.n}")
-        self.admit(generation, caller)
+        await self.admit(generation, caller)
         await self.decode(generation)
         try:
             return self.live.add(LiveGeneration(new_id(self.replica), self._owner(caller)))
@@ -211,6 +228,12 @@ class ImageService:
         check_texts(fields)
         live = self.live.get(generation_id, self._owner(caller))
         self.check_uploads(fields)
+        live.steer_budget.take(generation_id)
+        try:
+            self.access.charge(caller, steer_units(fields))
+        except ApiError:
+            live.steer_budget.give_back()
+            raise
         if images.uploads(fields):
             fields = {**fields, **await self.in_pool(images.decode_inputs, fields)}
         # a steer sent before the engine has the request would find no generation there

@@ -2,14 +2,17 @@
 
 Every request gets an id: the client's `X-Request-Id` (REST header or gRPC metadata) when it
 is a short token, else a new one. It is returned in the response header / initial metadata,
-sent to Triton as the prefix of each image's request id, and printed in every log line the
-gateway writes while handling it (a contextvar read by a logging filter).
+printed in every log line the gateway writes while handling it (a contextvar read by a logging
+filter), and begins each image's Triton request id (`triton_prefix`), which adds 64 random bits:
+clients choose their ids, and two requests must never share a Triton id (the pipeline finds a
+generation by it, and refuses an id already running).
 """
 import asyncio
 from contextlib import contextmanager
 import contextvars
 import logging
 import re
+import secrets
 import time
 import uuid
 
@@ -35,6 +38,11 @@ def unexpected(exc: BaseException, rid: str) -> ApiError:
     naming the request id, never a bare 500 or a silent end."""
     log.error("unexpected error in request %s", rid, exc_info=exc)
     return ApiError(INTERNAL, f"the gateway failed on this request ({type(exc).__name__}); request id {rid}")
+
+
+def triton_prefix(rid: str) -> str:
+    """The prefix of a request's Triton request ids: its id, then 64 random bits."""
+    return f"{rid}.{secrets.token_hex(8)}"
 
 
 class RequestIdFilter(logging.Filter):

@@ -23,6 +23,10 @@ from serving.models.torch_options import VAE_BUCKETS, TorchOptions
 
 # Graph capture needs free memory for the capture's own workspace beyond the activations.
 CAPTURE_HEADROOM = 0.05
+# The UNet's per-row inputs after (sample, timestep, encoder_hidden_states), in the order of its
+# module's forward (export/torch_modules.py): one call takes them positionally, so the graphs
+# captured for it (the upscaler's included) are the ones its calls replay.
+UNET_EXTRAS = ("class_labels",)
 
 
 class BucketedCall:
@@ -171,14 +175,11 @@ class TorchModels:
         return self._run("text_encoder", input_ids)[0]
 
     def unet(self, sample, timestep, encoder_hidden_states, **per_row):
-        call = self._require("unet")
-        names = sorted(per_row)
-        if names:
-            fn = call.fn
-            call = BucketedCall("unet", lambda s, t, c, *extra: fn(s, t, c, **dict(zip(names, extra))),
-                                call.buckets, call.device, call.dtype)
-        return self._with_device(call, sample, np.asarray(timestep, np.float32).reshape(-1), encoder_hidden_states,
-                                 *(per_row[n] for n in names))[0]
+        unknown = sorted(set(per_row) - set(UNET_EXTRAS))
+        if unknown:
+            raise TypeError(f"torch runner: the UNet takes no input {unknown[0]!r}; its extras are {UNET_EXTRAS}")
+        extras = [per_row[n] for n in UNET_EXTRAS if n in per_row]
+        return self._run("unet", sample, np.asarray(timestep, np.float32).reshape(-1), encoder_hidden_states, *extras)[0]
 
     def decode(self, latents):
         return self._run("vae_decoder", latents)[0]
@@ -203,15 +204,19 @@ class TorchModels:
         return call(*arrays)
 
     def native_examples(self, rows: int) -> dict:
-        """Zero inputs of `rows` rows at the checkpoint's native size, per call."""
+        """Zero inputs of `rows` rows at the checkpoint's native size, per call, shaped as the
+        engine's calls are (an image-conditioned UNet's concatenated channels, the upscaler's
+        noise level), so a graph captured for them is the one those calls find."""
         info = self.info
         latent = info.native_size // info.vae_factor
+        labels = (np.zeros(rows, np.int64),) if info.max_noise_level is not None else ()
         return {
             "text_encoder": (np.zeros((rows, info.text_length), np.int64),),
             "unet": (
-                np.zeros((rows, info.latent_channels, latent, latent), np.float32),
-                np.zeros(rows, np.int64),
+                np.zeros((rows, info.unet_in_channels, latent, latent), np.float32),
+                np.zeros(rows, np.float32),
                 np.zeros((rows, info.text_length, info.text_hidden), np.float32),
+                *labels,
             ),
             "vae_decoder": (np.zeros((rows, info.latent_channels, latent, latent), np.float32),),
         }

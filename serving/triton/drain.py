@@ -10,9 +10,15 @@ clients retry elsewhere), answers the message with one empty response once nothi
 admitted, lets the generations in flight finish for up to the grace, fails those left with
 UNAVAILABLE, and then answers the message's final response. Only then is tritonserver told to
 stop, and it has nothing left in flight.
+
+A drain message is a control message: it carries the control secret (serving/triton/control.py),
+which `ldm drain` reads from LDM_CONTROL_SECRET, else the file LDM_CONTROL_SECRET_FILE names, else
+the file `ldm serve` left for the server on that gRPC port.
 """
 import queue
 import time
+
+from serving.triton.control import CONTROL_PARAMETER, secret_file, secret_from_env
 
 # request parameter of a drain message to `pipeline`: the grace period in seconds (a string)
 DRAIN_PARAMETER = "drain_grace_s"
@@ -29,10 +35,22 @@ def add_arguments(parser):
                              "removal reaches the load balancers; default: %(default)s)")
 
 
+def control_secret_for(url: str) -> str:
+    """The control secret for the server at `url` (the module's docstring says where from)."""
+    secret = secret_from_env()
+    if secret:
+        return secret
+    path = secret_file(int(url.rsplit(":", 1)[1]))
+    if not path.is_file():
+        raise RuntimeError(f"no control secret: set LDM_CONTROL_SECRET or LDM_CONTROL_SECRET_FILE, or run this as the "
+                           f"user of the `ldm serve` that wrote {path}")
+    return path.read_text().strip()
+
+
 class Drain:
     """One drain message in flight on its own gRPC stream to `pipeline`."""
 
-    def __init__(self, url: str, grace_s: float):
+    def __init__(self, url: str, grace_s: float, control_secret: str):
         import numpy as np
         import tritonclient.grpc as grpcclient
 
@@ -44,7 +62,7 @@ class Drain:
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
         prompt = grpcclient.InferInput("prompt", [1], "BYTES")  # required by the config, ignored
         prompt.set_data_from_numpy(np.array([b""], dtype=np.object_))
-        self.client.async_stream_infer("pipeline", [prompt], parameters={DRAIN_PARAMETER: str(grace_s)},
+        self.client.async_stream_infer("pipeline", [prompt], parameters={DRAIN_PARAMETER: str(grace_s), CONTROL_PARAMETER: control_secret},
                                        enable_empty_final_response=True)
 
     def _next(self, timeout: float):
@@ -73,10 +91,10 @@ class Drain:
         self.client.close()
 
 
-def drain(url: str, grace_s: float, log=print) -> float:
+def drain(url: str, grace_s: float, control_secret: str, log=print) -> float:
     """Drains the pipeline at `url`; returns how long it took."""
     started = time.monotonic()
-    message = Drain(url, grace_s)
+    message = Drain(url, grace_s, control_secret)
     try:
         message.wait_admitting_nothing()
         log(f"draining: admitting nothing; the generations in flight may finish for up to {grace_s:g} s")
@@ -89,7 +107,8 @@ def drain(url: str, grace_s: float, log=print) -> float:
 
 
 def run(args) -> int:
+    secret = control_secret_for(args.url)
     if args.delay_s > 0:
         time.sleep(args.delay_s)
-    drain(args.url, args.grace_s, log=lambda m: print(m, flush=True))
+    drain(args.url, args.grace_s, secret, log=lambda m: print(m, flush=True))
     return 0

@@ -57,17 +57,33 @@ class Forwards:
         with self._lock:
             self._entries.pop(key, None)
 
-    def sweep(self) -> int:
-        """Cancels the forwards whose client cancelled; returns how many."""
+    def sweep(self, log=print) -> int:
+        """Cancels the forwards whose client cancelled; returns how many. A forward whose check
+        or cancel raises is logged and skipped: the others are still swept."""
         to_cancel = []
         with self._lock:  # held while asking: `remove` (and so the final send) waits for it
             for key, (client_cancelled, cancel) in list(self._entries.items()):
-                if client_cancelled():
-                    del self._entries[key]
-                    to_cancel.append(cancel)
-        for cancel in to_cancel:
-            cancel()
+                try:
+                    if client_cancelled():
+                        del self._entries[key]
+                        to_cancel.append((key, cancel))
+                except Exception as exc:
+                    log(f"pipeline_unary: asking whether forward {key} was cancelled failed: {exc!r}")
+        for key, cancel in to_cancel:
+            try:
+                cancel()
+            except Exception as exc:
+                log(f"pipeline_unary: cancelling forward {key} failed: {exc!r}")
         return len(to_cancel)
+
+    def sweep_until(self, stopping: threading.Event, interval_s: float, log=print) -> None:
+        """The sweeper thread's loop: sweeps every `interval_s` until `stopping`; whatever one
+        sweep raises is logged, and the next sweep comes (disconnect cancellation must not end)."""
+        while not stopping.wait(interval_s):
+            try:
+                self.sweep(log)
+            except Exception as exc:
+                log(f"pipeline_unary: a cancellation sweep failed: {exc!r}")
 
 
 class CancelRegistry:
@@ -81,16 +97,22 @@ class CancelRegistry:
         self._remember = remember
 
     def register(self, request_id: str) -> threading.Event:
+        """The request's cancel flag. An id already in flight keeps its flag: the newcomer gets
+        one nothing sets (the engine refuses it as a duplicate id)."""
         flag = threading.Event()
         with self._lock:
+            if request_id in self._flags:
+                return flag
             if self._early.pop(request_id, None) is not None:
                 flag.set()
             self._flags[request_id] = flag
         return flag
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str, flag: threading.Event) -> None:
+        """Forgets the request whose flag `register` gave (not another holder of its id)."""
         with self._lock:
-            self._flags.pop(request_id, None)
+            if self._flags.get(request_id) is flag:
+                del self._flags[request_id]
 
     def cancel(self, request_id: str) -> bool:
         """True when a request with this id was in flight."""

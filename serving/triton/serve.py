@@ -16,7 +16,13 @@ it nor reports the model unready: every request would fail while the replica loo
 supervisor (Kubernetes restarts the container) to bring the replica back.
 
 `--sampler NAME` sets the pipeline's config parameter default_sampler (what requests naming no
-sampler get), checked against the exported checkpoint before anything starts."""
+sampler get), checked against the exported checkpoint before anything starts.
+
+Triton's own ports (KServe HTTP and gRPC, metrics) listen on --triton-host, loopback by default
+whatever --host is: they skip the gateway's keys and limits, so they are for the gateway and the
+local operator; opening them takes an explicit --triton-host, with a warning. Each run makes a
+new control secret (serving/triton/control.py) for tritonserver and the gateway, and leaves it,
+readable by this user only, where `ldm drain` looks for it; the file goes when the run ends."""
 import json
 from pathlib import Path
 import signal
@@ -33,7 +39,9 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint", help="diffusers checkpoint to serve, exported if changed (default: the "
                         "shipped model, unless --repo holds another model exported there)")
     parser.add_argument("--repo", default=str(DEFAULT_REPO), help="model repository (default: %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="the gateway's address (default: %(default)s)")
+    parser.add_argument("--triton-host", default="127.0.0.1",
+                        help="Triton's address (KServe and metrics ports: no keys, no limits; default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8000, help="Triton's KServe HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton's KServe gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
@@ -58,7 +66,8 @@ def gateway_arguments(args) -> list:
     lasts at least the pipeline's grace and 10 s more, so its calls in flight get their answers."""
     drain_s = max(args.drain_s, args.drain_grace_s + 10)
     extra = ["--rate-limit", str(args.rate_limit), "--burst", str(args.burst), "--max-body-mb", str(args.max_body_mb),
-             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(drain_s)]
+             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(drain_s),
+             "--admission-wait-s", str(args.admission_wait_s), "--max-key-share", str(args.max_key_share)]
     if args.api_keys:
         extra += ["--api-keys", args.api_keys]
     if args.allow_anonymous:
@@ -69,7 +78,9 @@ def gateway_arguments(args) -> list:
 def run(args) -> int:
     from export.cli import export_with_options
     from serving.defaults import checkpoint_to_export, served_model
+    from serving.gateway.access import is_loopback
     from serving.gateway.process import GatewayProcess
+    from serving.triton.control import new_secret, secret_file, write_secret
     from serving.triton.server import TritonServer
 
     if not 0 <= args.drain_grace_s < float("inf"):
@@ -85,8 +96,13 @@ def run(args) -> int:
         return 2
     # Triton is stopped only once drained; its exit timeout still outlasts the grace, in case
     # the drain message could not be delivered and Triton's own shutdown has to wait instead
-    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log_file,
-                          exit_timeout_s=int(args.drain_grace_s) + 30)
+    if not is_loopback(args.triton_host):
+        print(f"warning: Triton's ports listen on {args.triton_host}: whoever reaches them runs generations without a key "
+              "or a limit (control messages still need the control secret)", flush=True)
+    secret = new_secret()
+    secret_path = write_secret(secret_file(args.grpc_port), secret)
+    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.triton_host, args.log_file,
+                          exit_timeout_s=int(args.drain_grace_s) + 30, control_secret=secret)
     gateway, exit_s = None, None
     signals = threading.Semaphore(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -96,7 +112,7 @@ def run(args) -> int:
     try:
         if not args.no_gateway:
             gateway = GatewayProcess(server.grpc_url, args.gateway_rest_port, args.gateway_grpc_port, args.host,
-                                     extra_args=gateway_arguments(args)).start()
+                                     extra_args=gateway_arguments(args), control_secret=secret).start()
         public = f"gateway REST http://{args.host}:{gateway.rest_port}  gRPC {gateway.grpc_url}  |  " if gateway else ""
         print(f"ready  {public}Triton gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}", flush=True)
         print('try:   ldm generate "a red circle" -o out.png' + ('' if gateway else ' --protocol kserve'), flush=True)
@@ -117,6 +133,7 @@ def run(args) -> int:
             gateway.stop()
         print("stopping tritonserver ...", flush=True)
         server.stop(exit_s)
+        secret_path.unlink(missing_ok=True)
         print("stopped", flush=True)
     return 0
 
@@ -160,7 +177,7 @@ def drain(server, gateway, grace_s: float, signals: threading.Semaphore) -> floa
 
     def drain_then_signal():
         try:
-            drain_pipeline(server.grpc_url, grace_s, log=lambda m: print(m, flush=True))
+            drain_pipeline(server.grpc_url, grace_s, server.control_secret, log=lambda m: print(m, flush=True))
             outcome["exit_s"] = DRAINED_EXIT_S
         except Exception as exc:  # the stop that follows still ends everything
             print(f"drain failed: {exc}", flush=True)

@@ -6,10 +6,17 @@ scripts/gpu_carry.sh makes one for the lent GPU machine), else the binary inside
 `nvidia-pytriton` wheel, whose python backend needs the stub for this interpreter's version and
 this interpreter's libpython first on the library path (the wheel ships one stub per Python).
 A repository exported for GPU also gets the memory pool flags its placement needs.
+
+Every server gets a control secret (serving/triton/control.py) in its environment, and its
+state-changing protocols (shared memory, repository, trace and log settings) restricted to a
+header whose value is a per-process random key nothing holds: the gateway and the tests need
+none of them, and a caller that reaches the ports cannot register memory regions or change the
+logs. Inference, health, metadata, model config and statistics stay open on the address bound.
 """
 import json
 import os
 from pathlib import Path
+import secrets
 import shutil
 import signal
 import socket
@@ -75,8 +82,25 @@ def repository_flags(repo) -> list:
     return server_flags(placement, torch.cuda.device_count())
 
 
-def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0, exit_timeout_s=15):
+RESTRICTED_PROTOCOLS = "shared-memory,model-repository,trace,logging"
+RESTRICTED_HEADER = "ldm-operator-key"
+
+
+def restricted_flags() -> list:
+    """Triton's flags that put RESTRICTED_PROTOCOLS behind a header value nothing is given."""
+    rule = f"{RESTRICTED_PROTOCOLS}:{RESTRICTED_HEADER}={secrets.token_hex(16)}"
+    return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
+
+
+def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0, exit_timeout_s=15,
+                           control_secret=None):
+    from serving.triton.control import SECRET_ENV
+
     env = dict(os.environ)
+    if control_secret:
+        env[SECRET_ENV] = control_secret
+    else:  # no secret: the pipeline refuses every control message
+        env.pop(SECRET_ENV, None)
     # the python-backend stub imports the project's code (serving/) from the model files
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     # the stub runs the interpreter found on PATH: this one, with its site-packages
@@ -112,6 +136,7 @@ def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0
         # on SIGTERM, how long Triton waits for requests in flight (a drain answers them first)
         f"--exit-timeout-secs={int(exit_timeout_s)}",
         f"--log-verbose={log_verbose}",
+        *restricted_flags(),
         *extra,
     ]
     return command, env
@@ -140,11 +165,15 @@ def log_tail(log_file, name: str, lines: int = 30) -> str:
 
 
 class TritonServer:
-    """A tritonserver child process on the given (or free) ports."""
+    """A tritonserver child process on the given (or free) ports, with a new control secret
+    unless given one."""
 
     def __init__(self, repo, http_port=None, grpc_port=None, metrics_port=None, host="127.0.0.1", log_file=None,
-                 exit_timeout_s: int = 15):
+                 exit_timeout_s: int = 15, control_secret: str | None = None):
+        from serving.triton.control import new_secret
+
         self.repo = Path(repo)
+        self.control_secret = control_secret or new_secret()
         self.exit_timeout_s = exit_timeout_s
         self.host = host
         spare = free_ports(3)
@@ -168,7 +197,7 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         command, env = server_command_and_env(self.repo, self.http_port, self.grpc_port, self.metrics_port, self.host,
-                                              exit_timeout_s=self.exit_timeout_s)
+                                              exit_timeout_s=self.exit_timeout_s, control_secret=self.control_secret)
         output = open(self.log_file, "ab") if self.log_file else None
         # own process group: a Ctrl-C in the terminal reaches us, and we stop the server ourselves
         self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)

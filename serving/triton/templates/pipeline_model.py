@@ -27,7 +27,13 @@ With tritonclient (gRPC streaming; serving/client/kserve.py `LdmClient.steer` do
     client.async_stream_infer("pipeline", inputs, request_id="gen-1")             # the generation
     steerer.async_stream_infer("pipeline", [InferInput("prompt", [1], "BYTES") ...],
                                parameters={"steer_request_id": "gen-1"})          # a steer
-A cancel message names a request id the same way with `cancel_request_id` (the unary front's)."""
+A cancel message names a request id the same way with `cancel_request_id` (the unary front's).
+
+Drain, cancel and steer messages are control messages: each must carry the control secret in
+its parameter `control_secret` (serving/triton/control.py), else it gets one FINAL error
+"[PERMISSION_DENIED] ..." and changes nothing. A status message (parameter `engine_status`)
+needs none: its one FINAL response says whether the engine admits (`accepting` BOOL [1]) and its
+load (`active`, `queued` INT32 [1]), what readiness probes and the gateway ask."""
 import json
 from pathlib import Path
 import threading
@@ -36,9 +42,10 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from serving.triton.control import STATUS_PARAMETER, authorised, secret_from_env
 from serving.triton.drain import DRAIN_PARAMETER
 from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
-from serving.core.errors import INTERNAL, INVALID_ARG, coded_message
+from serving.core.errors import INTERNAL, INVALID_ARG, PERMISSION_DENIED, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.core.request import InvalidInput
 from serving.core.service import PipelineAssets, PipelineService
@@ -46,6 +53,7 @@ from serving.core.steering import STEER_PARAMETER, SteerRefused
 from serving.models.assemble import RunnerChoice, build_models
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CONTROL_PARAMETERS = (DRAIN_PARAMETER, CANCEL_PARAMETER, STEER_PARAMETER)
 
 
 class BlsModels:
@@ -125,7 +133,7 @@ class TritonSink:
             self.sender.send(response, flags=FINAL)
         finally:
             if self.request_id:
-                self.cancels.forget(self.request_id)
+                self.cancels.forget(self.request_id, self.cancel_requested)
 
     def cancelled(self):
         if self.closed:  # asking Triton after the final response would crash tritonserver 2.51
@@ -140,15 +148,15 @@ def _error(code, message):
     return pb_utils.TritonError(coded_message(code, message), pb_utils.TritonError.UNKNOWN if status is None else status)
 
 
-def _target(request, parameter):
+def _target(parameters, parameter):
     """The request id a cancel or steer message names in `parameter`, or None."""
-    target = json.loads(request.parameters() or "{}").get(parameter)
+    target = parameters.get(parameter)
     return None if target is None else str(target)
 
 
-def _drain_grace(request):
+def _drain_grace(parameters):
     """The grace in seconds a drain message carries (serving/triton/drain.py), or None."""
-    grace = json.loads(request.parameters() or "{}").get(DRAIN_PARAMETER)
+    grace = parameters.get(DRAIN_PARAMETER)
     if grace is None:
         return None
     if not 0 <= float(grace) < float("inf"):
@@ -164,6 +172,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.cancels = CancelRegistry()  # requests in flight by id, for cancel messages
+        self.control_secret = secret_from_env()  # None: every control message is refused
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("pipeline: config.pbtxt must set model_transaction_policy { decoupled: true }")
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -203,13 +212,23 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            target = _target(request, CANCEL_PARAMETER)
+            parameters = json.loads(request.parameters() or "{}")
+            if STATUS_PARAMETER in parameters:
+                self._status(request)
+                continue
+            control = [p for p in CONTROL_PARAMETERS if p in parameters]
+            if control and not authorised(parameters, self.control_secret):
+                message = f"{control[0]}: a control message needs the control secret (the gateway or the local operator)"
+                request.get_response_sender().send(pb_utils.InferenceResponse(error=_error(PERMISSION_DENIED, message)),
+                                                   flags=FINAL)
+                continue
+            target = _target(parameters, CANCEL_PARAMETER)
             if target is not None:
                 self.cancels.cancel(target)
                 request.get_response_sender().send(flags=FINAL)
                 continue
             try:
-                grace = _drain_grace(request)
+                grace = _drain_grace(parameters)
             except ValueError as exc:
                 request.get_response_sender().send(pb_utils.InferenceResponse(error=_error(INVALID_ARG, f"{DRAIN_PARAMETER}: {exc}")),
                                                    flags=FINAL)
@@ -218,7 +237,7 @@ class TritonPythonModel:
                 threading.Thread(target=self._drain, args=(grace, request.get_response_sender()),
                                  name="ldm-drain", daemon=True).start()
                 continue
-            target = _target(request, STEER_PARAMETER)
+            target = _target(parameters, STEER_PARAMETER)
             if target is not None:
                 self._steer(request, target)
                 continue
@@ -228,6 +247,14 @@ class TritonPythonModel:
             except Exception as exc:  # every request ends with a FINAL response, whatever broke
                 sink.fail(INTERNAL, f"pipeline could not accept the request: {exc}")
         return None
+
+    def _status(self, request):
+        """A status message's one FINAL response: whether the engine admits, and its load."""
+        stats = self.service.engine.stats
+        tensors = [pb_utils.Tensor("accepting", np.array([self.service.accepting], np.bool_)),
+                   pb_utils.Tensor("active", np.array([stats.active], np.int32)),
+                   pb_utils.Tensor("queued", np.array([stats.queued], np.int32))]
+        request.get_response_sender().send(pb_utils.InferenceResponse(tensors), flags=FINAL)
 
     def _drain(self, grace_s, sender):
         """Answers a drain message: one empty response once nothing more is admitted, the final

@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from serving.core.errors import INTERNAL, UNAVAILABLE, coded_message, parse_coded_message
 from serving.core.request import config_parameter
+from serving.triton.control import CONTROL_PARAMETER, secret_from_env
 from serving.triton.forwarding import CANCEL_PARAMETER, Forwards
 
 OUTPUTS = ("image", "seed")
@@ -37,15 +38,17 @@ class TritonPythonModel:
             self.forwards = Forwards(config_parameter(params, "max_in_flight", int, 256))
         except ValueError as exc:
             raise pb_utils.TritonModelException(str(exc)) from None
+        self.control_secret = secret_from_env() or ""  # what the pipeline asks of its cancel messages
         self.stopping = threading.Event()
-        self.sweeper = threading.Thread(target=self._sweep, name="ldm-unary-cancel", daemon=True)
+        self.sweeper = threading.Thread(target=self.forwards.sweep_until, args=(self.stopping, SWEEP_S),
+                                        kwargs={"log": lambda m: print(m, flush=True)}, name="ldm-unary-cancel", daemon=True)
         self.sweeper.start()
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             request_id = uuid.uuid4().hex
-            if not self.forwards.add(request_id, sender.is_cancelled, lambda rid=request_id: _cancel(rid)):
+            if not self.forwards.add(request_id, sender.is_cancelled, lambda rid=request_id: _cancel(rid, self.control_secret)):
                 message = f"server overloaded: {self.forwards.limit} HTTP/unary requests in flight, retry later"
                 sender.send(_error(UNAVAILABLE, coded_message(UNAVAILABLE, message)), flags=FINAL)
                 continue
@@ -76,23 +79,19 @@ class TritonPythonModel:
             self.forwards.remove(request_id)
             sender.send(response, flags=FINAL)
 
-    def _sweep(self):
-        while not self.stopping.wait(SWEEP_S):
-            self.forwards.sweep()
-
     def finalize(self):
         self.stopping.set()
         self.sweeper.join()
 
 
-def _cancel(request_id):
+def _cancel(request_id, control_secret):
     """Asks `pipeline` to cancel one of the requests forwarded to it (a cancel message: its
     prompt is required by the config and ignored)."""
     message = pb_utils.InferenceRequest(
         model_name="pipeline",
         inputs=[pb_utils.Tensor("prompt", np.array([b""], dtype=np.object_))],
         requested_output_names=[],
-        parameters={CANCEL_PARAMETER: request_id},
+        parameters={CANCEL_PARAMETER: request_id, CONTROL_PARAMETER: control_secret},
     )
     for _ in message.exec(decoupled=True):
         pass
