@@ -131,3 +131,19 @@ def test_serve_refreshes_a_stale_export_of_the_default_model(tiny_checkpoint, tm
     monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
     assert defaults.checkpoint_to_export(None, repo) == defaults.default_checkpoint()
     assert defaults.checkpoint_to_export(None, tmp_path / "empty") == defaults.default_checkpoint()
+
+
+def test_ldm_serve_forwards_every_gateway_option():
+    """`ldm serve` takes the gateway's options (add_gateway_options) and hands each to it."""
+    import argparse
+
+    from serving.triton.serve import add_arguments, gateway_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--max-request-pixels", "1234", "--allowed-hosts", "a.example,b.example",
+                              "--allowed-origins", "https://c.example", "--max-key-share", "0.25"])
+    forwarded = gateway_arguments(args)
+    pairs = dict(zip(forwarded[::2], forwarded[1::2]))
+    assert pairs["--max-request-pixels"] == "1234" and pairs["--max-key-share"] == "0.25"
+    assert pairs["--allowed-hosts"] == "a.example,b.example" and pairs["--allowed-origins"] == "https://c.example"

@@ -24,6 +24,14 @@ def add_gateway_options(parser, prefix: str = "") -> None:
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default: %(default)s MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                         help="largest uploaded image, width x height (default: %(default)s)")
+    parser.add_argument("--max-request-pixels", type=int, default=2 * 4096 * 4096,
+                        help="all uploaded images of one request or steer together, width x height, read from their "
+                        "headers before any is decoded (default: %(default)s)")
+    parser.add_argument("--allowed-hosts", default="", help="comma-separated Host names the REST front answers besides "
+                        "localhost, IP addresses and --host (the defence against DNS rebinding; checked by default only "
+                        "without API keys); `*`: any")
+    parser.add_argument("--allowed-origins", default="", help="comma-separated web origins (https://host[:port]) whose "
+                        "pages may call the REST front; by default only its own pages (docs/security.md)")
     parser.add_argument("--admission-wait-s", type=float, default=2.0,
                         help="a request that finds the pipeline full waits this long for room, then gets 503/"
                         "UNAVAILABLE with Retry-After (default: %(default)s)")
@@ -47,14 +55,6 @@ def add_arguments(parser):
     parser.add_argument("--peer-domain", default=os.environ.get("LDM_PEER_DOMAIN"),
                         help="or: the other replicas are http://NAME.DOMAIN:REST_PORT (env LDM_PEER_DOMAIN; "
                         "Kubernetes: the headless Service the pods name as their subdomain)")
-    parser.add_argument("--max-request-pixels", type=int, default=2 * 4096 * 4096,
-                        help="all uploaded images of one request or steer together, width x height, read from their "
-                        "headers before any is decoded (default: %(default)s)")
-    parser.add_argument("--allowed-hosts", default="", help="comma-separated Host names the REST front answers besides "
-                        "localhost, IP addresses and --host (the defence against DNS rebinding; checked by default only "
-                        "without API keys); `*`: any")
-    parser.add_argument("--allowed-origins", default="", help="comma-separated web origins (https://host[:port]) whose "
-                        "pages may call the REST front; by default only its own pages (docs/security.md)")
     parser.add_argument("--new-key", metavar="NAME", help="print a new API key and its line for the key file, then exit")
 
 

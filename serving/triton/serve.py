@@ -67,7 +67,9 @@ def gateway_arguments(args) -> list:
     drain_s = max(args.drain_s, args.drain_grace_s + 10)
     extra = ["--rate-limit", str(args.rate_limit), "--burst", str(args.burst), "--max-body-mb", str(args.max_body_mb),
              "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(drain_s),
-             "--admission-wait-s", str(args.admission_wait_s), "--max-key-share", str(args.max_key_share)]
+             "--admission-wait-s", str(args.admission_wait_s), "--max-key-share", str(args.max_key_share),
+             "--max-request-pixels", str(args.max_request_pixels), "--allowed-hosts", args.allowed_hosts,
+             "--allowed-origins", args.allowed_origins]
     if args.api_keys:
         extra += ["--api-keys", args.api_keys]
     if args.allow_anonymous:
