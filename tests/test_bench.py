@@ -27,7 +27,7 @@ def test_steer_bench_measures_every_steer_on_a_real_server(server):
     from serving.bench.steer import measure, targets
 
     fields = dict(prompt="a red circle", steps=150, guidance_scale=5.0, progress_every=1)
-    report = measure(server.grpc_url, fields, {1: 2, 3: 1}, log=lambda m: None)
+    report = measure(server.grpc_url, fields, {1: 2, 3: 1}, server.control_secret, log=lambda m: None)
     assert [level["concurrency"] for level in report["levels"]] == [1, 3]
     for level in report["levels"]:
         assert level["steers"] + level["missed"] == 2 * (level["concurrency"] == 1) + 3 * (level["concurrency"] == 3)

@@ -58,6 +58,8 @@ def test_every_generated_config_parses(tiny_repo):
     # the checkpoint's scheduler config, for the gateway's sampler list (GET /v1/samplers)
     scheduler = json.loads(params.pop("scheduler_config"))
     assert scheduler == json.loads((tiny_repo / "pipeline" / "1" / "scheduler_config.json").read_text())
+    # the native size, for the gateway's work units (serving/gateway/costs.py)
+    assert params.pop("native_size") == "32"
     assert params == {k: str(v) for k, v in pipeline_parameters().items()}
     unet_inputs = {i.name: i for i in configs["unet"].input}
     assert list(unet_inputs["timestep"].dims) == [1] and unet_inputs["timestep"].HasField("reshape")
