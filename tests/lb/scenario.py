@@ -16,7 +16,16 @@ from tests.lb.load import LoadRun, summarize
 from tests.lb.nginx import FAIL_TIMEOUT_S, NginxGrpcLB
 from tests.lb.replicas import Replica, start_replicas, stop_all
 
-SUCCESS = "nv_inference_request_success"
+# the engine's own counts (Triton's request counters also count the gateway's status messages,
+# one a second per replica): images served, and what it has accepted (ended in any way, running
+# or queued); exported every 0.5 s
+SERVED = "ldm_images_completed_total"
+ACCEPTED = ("ldm_images_completed_total", "ldm_cancellations_total", "ldm_failures_total",
+            "ldm_deadline_expirations_total", "ldm_active_requests", "ldm_queue_length")
+
+
+def _accepted(replica: Replica) -> int:
+    return int(sum(replica.metric(name) or 0.0 for name in ACCEPTED))
 # the gateway's gRPC methods, as nginx logs their URIs
 CALLS = ("/ldm.v1.Images/Generate", "/ldm.v1.Images/GenerateStream")
 # the scenario retries itself (and counts the attempts): the client must not retry on its own
@@ -27,7 +36,7 @@ def _counts(replicas: list[Replica], expected_total: int | None = None, timeout_
     """Per-replica success counters; waits (bounded) until they add up to expected_total."""
     deadline = time.monotonic() + timeout_s
     while True:
-        counts = {r.name: r.metric(SUCCESS) or 0.0 for r in replicas}
+        counts = {r.name: r.metric(SERVED) or 0.0 for r in replicas}
         if expected_total is None or sum(counts.values()) >= expected_total or time.monotonic() > deadline:
             return {k: int(v) for k, v in counts.items()}
         time.sleep(0.2)
@@ -50,12 +59,12 @@ def _nginx_split(lb: NginxGrpcLB, replicas: list[Replica], since: float, expecte
 
 
 def _in_flight(replica: Replica, received_before: int, lb: NginxGrpcLB, since: float) -> int:
-    """Calls running on `replica` now: what it accepted (its Triton counter; the decoupled
-    pipeline counts a request when it is enqueued) minus the calls nginx has logged as ended
+    """Calls running on `replica` now: what its engine accepted (ended, running or
+    queued) minus the calls nginx has logged as ended
     there (a log line is written when a call ends). The log is read first and the counter
     last, so the estimate is as fresh as possible when the caller acts on it."""
     ended = sum(1 for e in lb.log_entries() if e["t"] >= since and e["upstreams"][-1:] == [replica.grpc_addr])
-    received = int(replica.metric(SUCCESS) or 0) - received_before
+    received = _accepted(replica) - received_before
     return received - ended
 
 
@@ -132,10 +141,11 @@ def run_scenario(repo: Path, workdir: Path, make_client, n_replicas: int = 2, sp
         # Runs until the crash (bounded by a generous cap), then exactly `failover_requests`
         # more start: the crash always lands mid-load, with calls before and after it.
         failover = LoadRun(make, 50 * failover_requests, concurrency, gen_kwargs, policy).start()
-        victim_busy = _wait_for_victim_busy(failover, victim, before[victim.name], lb, phase_start,
+        accepted_before = _accepted(victim)
+        victim_busy = _wait_for_victim_busy(failover, victim, accepted_before, lb, phase_start,
                                             min_completed=2 * concurrency, timeout_s=phase_timeout_s / 4,
                                             want=kill_when_running)
-        victim_before_kill = int(victim.metric(SUCCESS) or 0) - before[victim.name]
+        victim_before_kill = _accepted(victim) - accepted_before
         kill_wall = time.time()
         kill_done_wall = victim.crash()
         failover.stop_after(failover_requests)
