@@ -17,24 +17,14 @@ import numpy as np
 from PIL import Image
 import pytest
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
-    StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UniPCMultistepScheduler,
-)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from serving.core.sampler import image_noise_generator, noise_generator
 from tests.image_inputs import generate, one_object_scene, service
+from tests.test_samplers import REFERENCES
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
 PROMPT = "a large red circle on the left of a black background"
-SCHEDULERS = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
-}
 SAMPLERS = [("euler", "default"), ("euler", "karras"), ("euler_ancestral", "default"), ("dpmpp_2m", "default"),
             ("dpmpp_2m", "karras"), ("dpmpp_2m_sde", "default"), ("unipc", "default"), ("unipc", "karras"),
             ("lcm", "default")]
@@ -49,7 +39,7 @@ def pipeline(cls, checkpoint):
 
 def reference(cls, checkpoint, monkeypatch, sampler, schedule, seed, size, **call) -> np.ndarray:
     pipe, checkpoint_config = pipeline(cls, str(checkpoint))
-    scheduler_cls, extra = SCHEDULERS[sampler]
+    scheduler_cls, extra = REFERENCES[sampler]
     config = {**checkpoint_config, **extra, **({"use_karras_sigmas": True} if schedule == "karras" else {})}
     scheduler = scheduler_cls.from_config(config)
     set_timesteps = scheduler.set_timesteps
@@ -134,7 +124,7 @@ def test_unpinned_diffusers_fails_where_the_docs_say(shipped, sampler, schedule,
     """diffusers 0.42.1 on the shipped model at 25 steps, as it runs (no pinned begin index):
     the failures docs/samplers.md describes; ours serves the same request."""
     pipe, checkpoint_config = pipeline(StableDiffusionPipeline, str(CHECKPOINT))
-    scheduler_cls, extra = SCHEDULERS[sampler]
+    scheduler_cls, extra = REFERENCES[sampler]
     pipe.scheduler = scheduler_cls.from_config({**checkpoint_config, **extra,
                                                 **({"use_karras_sigmas": True} if schedule == "karras" else {})})
     latents = torch.from_numpy(noise_generator(3).standard_normal((4, 16, 16), dtype=np.float32))[None]

@@ -88,6 +88,16 @@ class Sampler:
         raise NotImplementedError
 
 
+class TrainSigmaSampler(Sampler):
+    """A sampler whose schedule interpolates the training sigmas at its timesteps (Euler, the
+    VP solvers); `timestep_spacing` defaults to diffusers' linspace for them."""
+
+    def __init__(self, config: dict, sigma_schedule: str = "default"):
+        super().__init__(config, sigma_schedule)
+        self.train_sigmas = train_sigmas(sigma_alphas_cumprod(config))
+        self.spacing = config.get("timestep_spacing", "linspace")
+
+
 def kept_steps(steps: int, strength: float) -> int:
     """How many of a run's `steps` image-to-image denoises at `strength`: its last
     int(steps x strength) (diffusers' get_timesteps); the one place this arithmetic lives."""

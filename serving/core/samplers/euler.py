@@ -4,18 +4,11 @@ EulerAncestralDiscreteScheduler compute them: latents live at scale sqrt(sigma^2
 sees them divided by it, and its timestep is the sigma's (fractional, for Karras sigmas)."""
 import numpy as np
 
-from serving.core.samplers.base import (
-    Sampler, SamplerRun, karras_sigmas, per_row, sigma_alphas_cumprod, sigma_to_t, train_sigmas,
-)
+from serving.core.samplers.base import SamplerRun, TrainSigmaSampler, karras_sigmas, per_row, sigma_to_t
 
 
-class Euler(Sampler):
+class Euler(TrainSigmaSampler):
     name = "euler"
-
-    def __init__(self, config: dict, sigma_schedule: str = "default"):
-        super().__init__(config, sigma_schedule)
-        self.train_sigmas = train_sigmas(sigma_alphas_cumprod(config))
-        self.spacing = config.get("timestep_spacing", "linspace")
 
     def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
         n = self.num_train_timesteps

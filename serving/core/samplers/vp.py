@@ -4,17 +4,10 @@ DPMSolverMultistepScheduler and UniPCMultistepScheduler space them, sigmas inter
 the update runs in the variance-preserving (alpha_t, sigma_t) and log-SNR lambda terms."""
 import numpy as np
 
-from serving.core.samplers.base import (
-    Sampler, karras_sigmas, sigma_alphas_cumprod, sigma_to_t, train_sigmas, vp_alpha_sigma, x0_from_vp,
-)
+from serving.core.samplers.base import TrainSigmaSampler, karras_sigmas, sigma_to_t, vp_alpha_sigma, x0_from_vp
 
 
-class VPSolver(Sampler):
-    def __init__(self, config: dict, sigma_schedule: str = "default"):
-        super().__init__(config, sigma_schedule)
-        self.train_sigmas = train_sigmas(sigma_alphas_cumprod(config))
-        self.spacing = config.get("timestep_spacing", "linspace")
-
+class VPSolver(TrainSigmaSampler):
     def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
         n = self.num_train_timesteps
         if self.spacing == "linspace":
