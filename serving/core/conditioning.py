@@ -2,9 +2,10 @@
 
 One mechanism serves every request kind: a job contributes R rows to the step's UNet call (one
 text context per row) and a rule that combines those R predictions into one noise estimate. The
-scheduler sees only R; the runner builds the rows and applies each job's rule; the sampler stays
-the pure DDIM step. Plain text-to-image is R = 2 (conditional, unconditional) with classifier-free
-guidance as its rule, or R = 1 without guidance.
+scheduler sees only R; the runner builds the rows and applies each job's rule; each job's sampler
+updates its latents from the result (serving/core/samplers/). Plain text-to-image is R = 2
+(conditional, unconditional) with classifier-free guidance as its rule, or R = 1 without guidance
+(or outside the job's guidance interval: `unguided`).
 
 A *prompt* (before encoding) names the texts it needs; `build` turns their embeddings into the
 *conditioning* the runner uses. Both are immutable, so replacing a job's conditioning between

@@ -47,7 +47,7 @@ class EngineStats:
     steps: int = 0
     rows: int = 0  # UNet rows over all steps
     rows_saved: int = 0  # unconditional rows left out of calls by guidance intervals
-    step_seconds: float = 0.0  # time in UNet steps (model call and DDIM update)
+    step_seconds: float = 0.0  # time in UNet steps (model call and sampler updates)
     last_rows: int = 0
     last_step_seconds: float = 0.0
     row_cap: int = 0  # UNet rows per call the scheduler may use

@@ -3,10 +3,11 @@ a job at admission, at every step and at the end. Imports nothing from Triton.
 
 At admission (one VAE-encoder call per image size over all jobs admitted together):
 - img2img (SDEdit): the init image's latents, noised to the first of the last int(steps x
-  strength) timesteps with the job's x_T as noise, are its starting latents; it denoises only
-  those timesteps (diffusers' StableDiffusionImg2ImgPipeline);
+  strength) positions of its sampler's schedule (by that sampler's forward process, with the
+  job's x_T as noise) are its starting latents; it denoises only those positions (diffusers'
+  StableDiffusionImg2ImgPipeline);
 - inpaint with the base UNet (latent blending, diffusers' StableDiffusionInpaintPipeline with a
-  4-channel UNet): after every DDIM update, the latents outside the mask are replaced by the
+  4-channel UNet): after every sampler update, the latents outside the mask are replaced by the
   init latents noised to the next timestep (with the same x_T noise; clean after the last step);
 - inpaint with a 9-channel UNet: every row gets cat(mask at latent size, masked-image latents)
   after its latents (StableDiffusionInpaintPipeline's concat conditioning);
