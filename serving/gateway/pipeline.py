@@ -103,9 +103,25 @@ class PipelineClient:
 
     async def status(self) -> EngineStatus:
         """The engine's status message answer; raises ApiError when Triton does not give one."""
-        async def requests():
-            yield {"model_name": MODEL, "inputs": infer_inputs({"prompt": np.array([b""], dtype=np.object_)}),
+        def answer(result):
+            values = [result.as_numpy(name) for name in ("accepting", "active", "queued")]
+            if any(v is None for v in values):
+                return None  # a pipeline exported before status messages: it cannot say
+            return EngineStatus(bool(values[0][0]), int(values[1][0]), int(values[2][0]))
+
+        request = {"model_name": MODEL, "inputs": infer_inputs({"prompt": np.array([b""], dtype=np.object_)}),
                    "parameters": {STATUS_PARAMETER: "1"}}
+        status = await self._ask(request, answer)
+        if status is None:
+            raise ApiError(UNAVAILABLE, "the pipeline did not answer the status message", retry_after_s=1.0)
+        return status
+
+    async def _ask(self, request: dict, answer):
+        """Sends one message (status, steer) on a stream of its own: answer(result) of the first
+        response it is not None for, or None when the stream ends without one; a refusal is
+        raised as ApiError."""
+        async def requests():
+            yield request
             await answered.wait()
 
         answered = asyncio.Event()
@@ -114,11 +130,10 @@ class PipelineClient:
             async for result, error in _responses(stream):
                 if error is not None:
                     raise from_pipeline(str(error.message()))
-                values = [result.as_numpy(name) for name in ("accepting", "active", "queued")]
-                if any(v is None for v in values):
-                    break  # a pipeline exported before status messages: it cannot say
-                return EngineStatus(bool(values[0][0]), int(values[1][0]), int(values[2][0]))
-            raise ApiError(UNAVAILABLE, "the pipeline did not answer the status message", retry_after_s=1.0)
+                value = answer(result)
+                if value is not None:
+                    return value
+            return None
         finally:
             answered.set()
             stream.cancel()
@@ -189,24 +204,16 @@ class PipelineClient:
         declared = self.require_model().inputs
         named = {name: to_array(name, value, declared[name]) for name, value in fields.items()}
 
-        async def requests():
-            yield {"model_name": MODEL, "inputs": infer_inputs(named), "request_id": f"{target}-steer",
-                   "parameters": {STEER_PARAMETER: target, CONTROL_PARAMETER: self.control_secret}}
-            await answered.wait()
+        def answer(result):
+            steer_id = result.as_numpy("steer_id")
+            return None if steer_id is None else int(steer_id.reshape(-1)[0])
 
-        answered = asyncio.Event()
-        stream = self.client.stream_infer(requests())
-        try:
-            async for result, error in _responses(stream):
-                if error is not None:
-                    raise from_pipeline(str(error.message()))
-                steer_id = result.as_numpy("steer_id")
-                if steer_id is not None:
-                    return int(steer_id.reshape(-1)[0])
+        request = {"model_name": MODEL, "inputs": infer_inputs(named), "request_id": f"{target}-steer",
+                   "parameters": {STEER_PARAMETER: target, CONTROL_PARAMETER: self.control_secret}}
+        steer_id = await self._ask(request, answer)
+        if steer_id is None:
             raise ApiError(UNAVAILABLE, "the pipeline's stream ended without answering the steer", retry_after_s=1.0)
-        finally:
-            answered.set()
-            stream.cancel()
+        return steer_id
 
 
 async def _responses(stream):
