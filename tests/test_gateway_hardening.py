@@ -24,6 +24,7 @@ from serving.client.generations import GenerationsClient
 from serving.gateway.access import hash_key, new_key
 from serving.gateway.process import GatewayProcess
 from serving.gateway.protos import images_pb2, images_pb2_grpc
+from test_gateway_live import grpc_session
 
 PROMPT = "a small green square at the top"
 KEY, PROBE_KEY = new_key(), new_key()  # PROBE_KEY: the tests that run generations (on `probing`)
@@ -189,35 +190,6 @@ def refused(gateway, method: str, request):
     return info.value.code(), fields, dict(info.value.trailing_metadata() or ()).get("x-request-id")
 
 
-def session(gateway, messages, on_event):
-    """Runs a Session with PROBE_KEY (KEY's bucket is another test's): `messages` first, then what on_event(event, send) sends; (events,
-    final status code)."""
-    import queue
-
-    inbox = queue.Queue()
-    for message in messages:
-        inbox.put(message)
-
-    def requests():
-        while (message := inbox.get()) is not None:
-            yield message
-
-    events = []
-    with grpc.insecure_channel(gateway.grpc_url) as channel:
-        call = images_pb2_grpc.ImagesStub(channel).Session(requests(), metadata=(("authorization", f"Bearer {PROBE_KEY}"),),
-                                                           timeout=240)
-        try:
-            for event in call:
-                events.append(event)
-                on_event(event, inbox.put)
-            code = grpc.StatusCode.OK
-        except grpc.RpcError as error:
-            code = error.code()
-        finally:
-            inbox.put(None)
-    return events, code
-
-
 def test_hostile_inputs_are_coded_errors_naming_the_field_and_nothing_refused_is_charged(guarded):
     generations = "/v1/images/generations"
     assert_error(post(guarded, generations, json.dumps({"prompt": PROMPT, "size": "\u00b2x64"}).encode()), 400, "size")
@@ -271,9 +243,10 @@ def test_a_session_acknowledges_hostile_steers_and_still_hears_its_cancel(probin
             send(images_pb2.SessionRequest(cancel=images_pb2.Cancel()))
 
     start = images_pb2.GenerateRequest(prompt=PROMPT, steps=150, height=64, width=64, seed=2)
-    events, code = session(probing, [images_pb2.SessionRequest(start=start)], on_event)
+    events, code = grpc_session(probing, [images_pb2.SessionRequest(start=start)], on_event,
+                                metadata=(("authorization", f"Bearer {PROBE_KEY}"),))
     acks = [(e.steer_ack.sequence, e.steer_ack.error_code, e.steer_ack.field) for e in events
-            if e.WhichOneof("event") == "steer_ack"]
+            if not isinstance(e, grpc.RpcError) and e.WhichOneof("event") == "steer_ack"]
     assert acks == [(1, "INVALID_ARGUMENT", "mask"), (2, "INVALID_ARGUMENT", "region_mode")]
     assert code == grpc.StatusCode.CANCELLED
 

@@ -217,9 +217,10 @@ def test_steer_refused_by_the_pipeline_names_the_field(gateway):
     assert error.status == 400 and error.param == "guidance_scale", error.body
 
 
-def grpc_session(gateway, messages, on_event):
+def grpc_session(gateway, messages, on_event, metadata=()):
     """Runs a Session: `messages` feeds the call (a queue.Queue of SessionRequest, None ends
-    it); on_event(event, send) sees each event. Returns (events, final status code)."""
+    it); on_event(event, send) sees each event. Returns (events, final status code); a call that
+    ends with an error has it as its last event."""
     import queue
 
     inbox = queue.Queue()
@@ -232,7 +233,7 @@ def grpc_session(gateway, messages, on_event):
 
     events = []
     with grpc.insecure_channel(gateway.grpc_url) as channel:
-        call = images_pb2_grpc.ImagesStub(channel).Session(requests(), timeout=240)
+        call = images_pb2_grpc.ImagesStub(channel).Session(requests(), metadata=metadata, timeout=240)
         try:
             for event in call:
                 events.append(event)
