@@ -166,6 +166,13 @@ def peer_address(peer: str) -> str:
     return peer
 
 
+async def abort(context, outcome, exc: Exception, rid: str) -> None:
+    """Ends a call with its error's status: an ApiError's own, naming the field as this front
+    spells it; anything nobody coded, INTERNAL with the request id (never a bare UNKNOWN)."""
+    error = exc if isinstance(exc, ApiError) else unexpected(exc, rid)
+    await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
+
+
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
     def __init__(self, service: ImageService):
         self.service = service
@@ -194,10 +201,8 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                         done[event.index] = to_message(event)
                 outcome.images = len(done)
                 return images_pb2.GenerateResponse(images=[done[i] for i in sorted(done)], request_id=rid)
-            except ApiError as error:
-                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
             except Exception as exc:
-                await context.abort_with_status(status_of(outcome.failed(unexpected(exc, rid)), rid))
+                await abort(context, outcome, exc, rid)
 
     async def GenerateStream(self, request, context):
         rid, metadata = self._start(context)
@@ -210,10 +215,8 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                         yield images_pb2.GenerateEvent(image=to_message(event), request_id=rid)
                     else:
                         yield images_pb2.GenerateEvent(progress=grpc_session.progress_message(event), request_id=rid)
-            except ApiError as error:
-                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
             except Exception as exc:
-                await context.abort_with_status(status_of(outcome.failed(unexpected(exc, rid)), rid))
+                await abort(context, outcome, exc, rid)
 
     async def ListSamplers(self, request, context):
         rid, metadata = self._start(context)
@@ -221,8 +224,8 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
             try:
                 self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
                 return samplers_message(self.service.pipeline.model)
-            except ApiError as error:
-                await context.abort_with_status(status_of(outcome.failed(error), rid))
+            except Exception as exc:
+                await abort(context, outcome, exc, rid)
 
     async def Session(self, request_iterator, context):
         rid, metadata = self._start(context)
@@ -232,10 +235,8 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                 async for event in grpc_session.session(self.service, request_iterator, caller, rid, outcome,
                                                         lambda request: to_generation(request, True), to_steer, to_message):
                     yield event
-            except ApiError as error:
-                await context.abort_with_status(status_of(outcome.failed(error).renamed(FIELD_NAMES), rid))
             except Exception as exc:
-                await context.abort_with_status(status_of(outcome.failed(unexpected(exc, rid)), rid))
+                await abort(context, outcome, exc, rid)
 
 
 def add_services(server, service: ImageService) -> health.aio.HealthServicer:
