@@ -27,10 +27,10 @@ import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline,
                        StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLInpaintPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from training.tokenizer import build_word_tokenizer
-from training.train import build_scheduler, build_text_encoder, make_pipeline
+from training.train import build_scheduler, build_text_encoder, make_pipeline, text_config
 
 VOCABULARY = (
     "a an the of on in at to and with above below left right top bottom centre center "
@@ -125,21 +125,6 @@ def build_tiny_upscale_pipeline(seed: int = 0) -> StableDiffusionUpscalePipeline
     )
 
 
-def _sdxl_text_config(tokenizer, hidden: int, **extra) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,  # the UNet reads the penultimate hidden states; the pooled output the last
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,  # not 2: the pooled output is read at the first <eos>
-        **extra,
-    )
-
-
 def _sdxl_unet(in_channels: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4,
@@ -164,9 +149,10 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed + 3)
     tokenizer = build_word_tokenizer(VOCABULARY, TEXT_MAX_LENGTH)
     tokenizer_2 = build_word_tokenizer(VOCABULARY + list(SDXL_TOKENIZER_2_EXTRA_WORDS), TEXT_MAX_LENGTH)
-    text_encoder = CLIPTextModel(_sdxl_text_config(tokenizer, SDXL_TEXT_HIDDEN[0]))
+    # 2 layers: the UNet reads the penultimate hidden states, the pooled output the last
+    text_encoder = CLIPTextModel(text_config(tokenizer, SDXL_TEXT_HIDDEN[0], 2 * SDXL_TEXT_HIDDEN[0], 2))
     text_encoder_2 = CLIPTextModelWithProjection(
-        _sdxl_text_config(tokenizer_2, SDXL_TEXT_HIDDEN[1], projection_dim=SDXL_PROJECTION_DIM))
+        text_config(tokenizer_2, SDXL_TEXT_HIDDEN[1], 2 * SDXL_TEXT_HIDDEN[1], 2, projection_dim=SDXL_PROJECTION_DIM))
     vae = _vae(scaling_factor=SDXL_VAE_SCALING)
     unet = _sdxl_unet(LATENT_CHANNELS)
     return StableDiffusionXLPipeline(

@@ -31,22 +31,28 @@ CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0  # low-noise steps weigh at most this (Min-SNR, Hang et al. 2023)
 
 
+def text_config(tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN, layers: int = 3,
+                **extra) -> CLIPTextConfig:
+    """A CLIP text config sized for `tokenizer`'s vocabulary and special tokens, 4 heads; `extra`
+    (projection_dim) for CLIPTextModelWithProjection."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # the pooled output is read at the first <eos>
+        **extra,
+    )
+
+
 def build_text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN,
                        layers: int = 3) -> CLIPTextModel:
     """A CLIPTextModel sized for `tokenizer`'s vocabulary and special tokens, 4 heads."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=mlp,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    return CLIPTextModel(text_config(tokenizer, hidden, mlp, layers))
 
 
 def build_unet() -> UNet2DConditionModel:
