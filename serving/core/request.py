@@ -284,13 +284,9 @@ def _default_sampler(params: dict, scheduler_config: dict) -> tuple:
     sampler the checkpoint's scheduler class names; refused at load when it does not fit."""
     configured = params.get("default_sampler", "")
     try:
-        pair = samplers.resolve_name(configured, None) if configured else samplers.default_sampler_name(scheduler_config)
-        error = samplers.registry.fit_error(pair[0], scheduler_config)
+        return samplers.registry.served_default(configured, scheduler_config)
     except ValueError as exc:
         raise ValueError(f"pipeline config.pbtxt parameter default_sampler={configured!r}: {exc}") from None
-    if error:
-        raise ValueError(f"pipeline config.pbtxt parameter default_sampler={configured!r}: {error}")
-    return pair
 
 
 TEXT_FIELDS = {f.name: f.dims for f in FIELDS if f.dtype == "bytes"}

@@ -9,7 +9,8 @@ scheduler_config: the list then leaves fits_served_model out."""
 from dataclasses import dataclass
 import json
 
-from serving.core.samplers import default_sampler_name, describe_samplers, resolve_name
+from serving.core.samplers import describe_samplers
+from serving.core.samplers.registry import resolve_name, served_default
 from serving.gateway.pipeline import PipelineModel
 
 
@@ -31,10 +32,10 @@ def served_samplers(model: PipelineModel | None) -> ServedSamplers:
             scheduler = None
         configured = model.parameters.get("default_sampler", "")
         try:
-            if configured:
+            if scheduler is not None:
+                default = served_default(configured, scheduler)
+            elif configured:  # an export without its scheduler config: the name alone
                 default = resolve_name(configured, None)
-            elif scheduler is not None:
-                default = default_sampler_name(scheduler)
         except ValueError:  # the pipeline refuses to load with it; nothing to say here
             default = None
     return ServedSamplers(describe_samplers(scheduler), default)

@@ -147,14 +147,14 @@ def set_default_sampler(repo, sampler: str | None) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from serving.core.samplers import registry, resolve_name
+    from serving.core.samplers.registry import resolve_name, served_default
 
     if sampler is not None:
-        name, _ = resolve_name(sampler, None)
         scheduler = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
-        error = registry.fit_error(name, json.loads(scheduler.read_text())) if scheduler.is_file() else None
-        if error:
-            raise ValueError(error)
+        if scheduler.is_file():
+            served_default(sampler, json.loads(scheduler.read_text()))
+        else:  # nothing to check the fit against: the name alone
+            resolve_name(sampler, None)
     path = Path(repo) / "pipeline" / "config.pbtxt"
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
     if sampler is None and "default_sampler" not in config.parameters:

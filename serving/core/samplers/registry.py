@@ -108,6 +108,17 @@ def default_sampler_name(scheduler_config: dict) -> tuple:
     return "ddim", "default"
 
 
+def served_default(configured: str, scheduler_config: dict) -> tuple:
+    """(sampler, sigma schedule) a request naming none gets: `configured` (the pipeline's
+    default_sampler parameter, `ldm serve --sampler`; a name or A1111 name), else what the
+    checkpoint's scheduler class names. ValueError when the name is unknown or does not fit."""
+    pair = resolve_name(configured, None) if configured else default_sampler_name(scheduler_config)
+    error = fit_error(pair[0], scheduler_config)
+    if error:
+        raise ValueError(error)
+    return pair
+
+
 def describe_samplers(scheduler_config: dict | None = None) -> list:
     """What `GET /v1/samplers` lists: each sampler with its parameters, A1111 names and the
     models it fits (and whether it fits the served one)."""
