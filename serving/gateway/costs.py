@@ -1,4 +1,4 @@
-"""What a request costs its caller's token bucket: work, not calls (DESIGN.md §18).
+"""What a request costs its caller's token bucket: work, not calls (docs/security.md).
 
 One work unit is one image of the served pipeline's default request: `default_steps` steps at
 its native size with guidance (2 UNet rows). An image costs steps x pixels x rows in those units,

@@ -1,5 +1,5 @@
 """Who may send the pipeline control messages (drain, cancel, steer): holders of the control
-secret, that is the gateway and the local operator (DESIGN.md §18). Imports nothing from Triton.
+secret, that is the gateway and the local operator (docs/security.md). Imports nothing from Triton.
 
 A control message carries the secret in its request parameter CONTROL_PARAMETER; the pipeline
 model (and the unary front, for its cancel messages) reads the secret from its environment:
