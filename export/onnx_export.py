@@ -9,9 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.checkpoint import CheckpointInfo
-from export.contracts import ComponentContract, sample_inputs
-from export.torch_modules import load_module
+from families.checkpoint import CheckpointInfo
+from families.contracts import ComponentContract, sample_inputs
+from families import torch_module
 
 OPSET = 17
 # max |onnx - torch| allowed, relative to the largest |torch| output value (at least 1)
@@ -26,7 +26,7 @@ class ParityError(RuntimeError):
 def cache_key(contract: ComponentContract, info: CheckpointInfo) -> str:
     """Changes whenever an input of the export changes: weights/config files, contract, tools."""
     h = hashlib.sha256()
-    for path in info.component_files(contract.folder):
+    for path in (p for folder in contract.folders for p in info.component_files(folder)):
         stat = path.stat()
         h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     h.update(repr(contract).encode())
@@ -48,7 +48,7 @@ def export_component(contract: ComponentContract, info: CheckpointInfo, onnx_pat
             return {**stamp, "exported": False}
 
     start = time.perf_counter()
-    module = load_module(contract.component, info)
+    module = torch_module(contract.component, info)
     opt = {axis: r[1] for axis, r in contract.axis_ranges.items()}
     example = sample_inputs(contract, info, {**opt, "batch": 2}, seed=0)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ and 256 MiB; the sizes here are computed from the components' contracts at their
 and image size, twice over (a request and its reply in flight at once)."""
 import numpy as np
 
-from export.contracts import HEIGHT, IMAGE_HEIGHT, IMAGE_WIDTH, WIDTH, ComponentContract
+from families.contracts import HEIGHT, IMAGE_HEIGHT, IMAGE_WIDTH, WIDTH, ComponentContract
 
 MIB = 2**20
 TRITON_DEFAULT_CUDA_POOL = 64 * MIB

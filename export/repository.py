@@ -2,12 +2,15 @@
 Triton model, configs generated from the contracts, the pipeline's model code and assets, and a
 copy of the checkpoints' weights when the pipeline runs components with torch in its process.
 
-A repository may hold several UNet *variants*, one per layout (export/checkpoint.py): the
-primary checkpoint's, plus an inpainting and/or an x4-upscaler checkpoint. Each variant's
-components are exported with their own contracts; a component whose files are identical to one
-already exported (the same text encoder or VAE) is exported once and shared. The variants table
-in pipeline/1/pipeline.json names each variant's models, tokenizer and schedule. A base primary
-also gets the regional UNet (regions' attention mode) from its UNet's weights.
+A repository serves one or more *models* (checkpoints of any family: families/), the first the
+default; its Triton models keep their plain names (unet, text_encoder, ...), a further model's
+are prefixed with its name (sdxl-unet). A model may hold several UNet *variants*, one per layout
+(families/checkpoint.py): the primary checkpoint's, plus an inpainting and/or an x4-upscaler
+checkpoint. Each variant's components are exported with their own contracts; a component whose
+files are identical to one already exported (the same text encoder or VAE) is exported once and
+shared. pipeline/1/pipeline.json's models table names each model's family and each variant's
+models, tokenizers and schedule. A base primary of a family with regions' attention mode also
+gets the regional UNet from its UNet's weights.
 """
 from dataclasses import replace
 import filecmp
@@ -16,13 +19,15 @@ import os
 from pathlib import Path
 import shutil
 
-from export.checkpoint import LAYOUTS, CheckpointInfo
-from export.contracts import component_contracts
+from families.checkpoint import LAYOUTS, CheckpointInfo
+from families import FAMILIES
+from families.contracts import component_contracts, token_input_names
 from export.onnx_export import export_component
 from export.placement import bls_pool_bytes
 from export.preview_fit import fit_preview
 from export.tensorrt import build_plan
 from export.triton_config import component_config, pipeline_config, to_pbtxt, unary_config
+from serving.core.variants import TASKS, variant_for
 from serving.models.assemble import CHECKPOINT_COPY
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "serving" / "triton" / "templates"
@@ -44,57 +49,70 @@ def write_repository(
     pipeline_parameters: dict | None = None,
     log=print,
     variants: dict | None = None,
+    models: dict | None = None,
+    name: str | None = None,
 ) -> dict:
     """Exports `checkpoint` (and the extra variant checkpoints in `variants`, {"inpaint": DIR,
-    "upscale": DIR}) into `repo`: as Triton models the components `pipeline_parameters` serve that
-    way (those the pipeline does not run with torch); returns each export's stamp."""
-    infos = read_variants(checkpoint, variants or {})
-    primary = next(iter(infos.values()))
+    "upscale": DIR}) into `repo` as the default model, named `name` (default: the folder's name),
+    and each checkpoint of `models` ({name: DIR}) as a further model beside it: as Triton models
+    the components `pipeline_parameters` serve that way (those the pipeline does not run with
+    torch); returns each export's stamp."""
+    default = name or Path(checkpoint).resolve().name
+    checkpoints = {default: read_variants(checkpoint, variants or {})}
+    for model, path in (models or {}).items():
+        if model in checkpoints:
+            raise ValueError(f"two models named {model!r}: name them apart (NAME=DIR)")
+        checkpoints[model] = read_variants(path, {})
     repo = Path(repo)
     parameters = pipeline_parameters or {}
-    max_size = max_size or 2 * primary.native_size
     served = served_components(parameters)
-    log(f"exporting {primary.path} -> {repo} ({backend} backend{', GPU' if gpu else ''}; variants: {', '.join(infos)}; "
-        f"models: {', '.join(served) or 'none'})")
-    stamps, named, table, model_contracts = {}, [], {}, {}
-    for variant, info in infos.items():
-        contracts = component_contracts(info, max_size, MAX_BATCH)
-        kinds = VARIANT_COMPONENTS[variant] + (("unet_regional",) if info is primary and variant == "base" else ())
-        components = {}
-        for kind in kinds:
-            contract = contracts[kind]
-            shared = next((model for k, other, model in named if k == kind and same_files(other, info, contract.folder)), None)
-            if shared is None:
-                shared = kind if info is primary else f"{kind}_{variant}"
-                named.append((kind, info, shared))
-                if kind in served:
-                    model_contracts[shared] = replace(contract, name=shared)
-                    stamps[shared] = _export_model(model_contracts[shared], info, repo, backend, gpu, log)
-            components[kind] = shared
-        table[variant] = components
+    primary = next(iter(checkpoints[default].values()))
+    log(f"exporting {', '.join(f'{m}={next(iter(i.values())).path}' for m, i in checkpoints.items())} -> {repo} "
+        f"({backend} backend{', GPU' if gpu else ''}; models: {', '.join(served) or 'none'})")
+    stamps, named, model_contracts, tables = {}, [], {}, {}
+    for model, infos in checkpoints.items():
+        first = next(iter(infos.values()))
+        size = max_size or 2 * first.native_size
+        prefix = "" if model == default else f"{model}-"
+        tables[model] = {}
+        for variant, info in infos.items():
+            contracts = component_contracts(info, size, MAX_BATCH)
+            kinds = VARIANT_COMPONENTS[variant] + (("unet_regional",) if info is first and "unet_regional" in contracts else ())
+            components = {}
+            for kind in kinds:
+                contract = contracts[kind]
+                shared = next((m for k, other, m in named if k == kind and all(same_files(other, info, f) for f in contract.folders)
+                               and other.family == info.family), None)
+                if shared is None:
+                    shared = prefix + (kind if info is first else f"{kind}_{variant}")
+                    named.append((kind, info, shared))
+                    if kind in served:
+                        model_contracts[shared] = replace(contract, name=shared)
+                        stamps[shared] = _export_model(model_contracts[shared], info, repo, backend, gpu, log)
+                components[kind] = shared
+            tables[model][variant] = components
     _remove_stale_models(repo, set(model_contracts))
 
     pipeline_dir = repo / "pipeline" / "1"
-    torch_copies = _copy_checkpoints_for_torch(infos, primary, pipeline_dir, served)
-    facts = {variant: _variant_facts(info, table[variant], served, _tokenizer(info, primary, variant, pipeline_dir),
-                                     torch_copies.get(variant), repo, max_size)
-             for variant, info in infos.items()}
-    first = facts[primary.layout]
+    for old in [*pipeline_dir.glob(f"{CHECKPOINT_COPY}*"), *pipeline_dir.glob("*tokenizer*")]:
+        shutil.rmtree(old)
+    model_infos = {model: _model_info(model, model == default, infos, tables[model], served, pipeline_dir, repo,
+                                      max_size or 2 * next(iter(infos.values())).native_size)
+                   for model, infos in checkpoints.items()}
     placement = {"gpu": gpu, **(bls_pool_bytes(model_contracts, tuple(model_contracts), primary.vae_factor) if gpu else {})}
     pipeline_info = {
-        "checkpoint": first["checkpoint"],
+        **model_infos[default],  # readers of an export with one model find its facts at the top
         "served": list(served),
         "placement": placement,
-        **{k: first[k] for k in ("text_length", "latent_channels", "vae_factor", "size_multiple", "native_size", "max_size", "preview")},
-        "regional_unet": "unet_regional" in first["components"] and "unet_regional" in served,  # regions' attention mode
-        "primary": primary.layout,
-        "variants": facts,
+        "default_model": default,
+        "models": model_infos,
     }
     _write(pipeline_dir / "pipeline.json", json.dumps(pipeline_info, indent=1))
     _write(pipeline_dir / "scheduler_config.json", json.dumps(primary.scheduler_config, indent=1))
     _copy(TEMPLATES / "pipeline_model.py", pipeline_dir / "model.py")
-    # the gateway prices work relative to the native size (serving/gateway/costs.py)
-    write_pipeline_config(repo, {**parameters, "native_size": primary.native_size}, gpu)
+    # the gateway prices work relative to the native size (serving/gateway/costs.py) and lists the models
+    write_pipeline_config(repo, {**parameters, "native_size": primary.native_size,
+                                 "models": json.dumps(model_list(model_infos, default))}, gpu)
     if gpu:
         log(f"  tritonserver needs --cuda-memory-pool-byte-size=<gpu>:{placement['cuda_memory_pool_bytes']} "
             f"--pinned-memory-pool-byte-size={placement['pinned_memory_pool_bytes']} (ldm serve passes them)")
@@ -102,6 +120,35 @@ def write_repository(
     _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config()))
     log(f"model repository ready: {repo}")
     return stamps
+
+
+def _model_info(model: str, is_default: bool, infos: dict, table: dict, served: tuple, pipeline_dir: Path, repo: Path,
+                max_size: int) -> dict:
+    """One model's entry of pipeline.json: its family, its default variant's sizes and its variants."""
+    first = next(iter(infos.values()))
+    prefix = "" if is_default else f"{model}-"
+    copies = _copy_checkpoints_for_torch(infos, first, pipeline_dir, served, prefix)
+    facts = {variant: _variant_facts(info, table[variant], served, _tokenizers(info, first, variant, pipeline_dir, prefix),
+                                     copies.get(variant), repo, max_size)
+             for variant, info in infos.items()}
+    head = facts[first.layout]
+    return {
+        "family": first.family,
+        "checkpoint": head["checkpoint"],
+        **{k: head[k] for k in ("text_length", "latent_channels", "vae_factor", "size_multiple", "native_size", "max_size", "preview")},
+        "regional_unet": "unet_regional" in head["components"] and "unet_regional" in served,  # regions' attention mode
+        "primary": first.layout,
+        "variants": facts,
+    }
+
+
+def model_list(model_infos: dict, default: str) -> list:
+    """What GET /v1/models lists (the pipeline's config parameter `models`): each model's name,
+    family, sizes, tasks and scheduler config (the gateway derives its samplers from it)."""
+    return [{"id": model, "family": info["family"], "default": model == default, "native_size": info["native_size"],
+             "max_size": info["max_size"], "tasks": [t for t in TASKS if variant_for(t, info["variants"])],
+             "scheduler_config": info["variants"][info["primary"]]["scheduler_config"]}
+            for model, info in model_infos.items()]
 
 
 def read_variants(checkpoint, extra: dict) -> dict:
@@ -161,40 +208,43 @@ def _export_model(contract, info, repo: Path, backend: str, gpu: bool, log) -> d
 
 
 def _remove_stale_models(repo: Path, exported: set) -> None:
-    """Component models an earlier export left that this one does not serve: a variant no longer
-    exported, or a component the pipeline now runs with torch (Triton would load them)."""
-    for kind in MAX_BATCH:
-        for model in [repo / kind] + [repo / f"{kind}_{variant}" for variant in LAYOUTS]:
-            if model.name not in exported and model.is_dir():
-                shutil.rmtree(model)
+    """Component models an earlier export left that this one does not serve: a variant or model
+    no longer exported, or a component the pipeline now runs with torch (Triton would load them)."""
+    if not repo.is_dir():
+        return
+    for model in repo.iterdir():
+        if (model / "config.pbtxt").is_file() and model.name not in exported | {"pipeline", "pipeline_unary"}:
+            shutil.rmtree(model)
 
 
-def _copy_checkpoints_for_torch(infos: dict, primary: CheckpointInfo, pipeline_dir: Path, served: tuple) -> dict:
+def _copy_checkpoints_for_torch(infos: dict, primary: CheckpointInfo, pipeline_dir: Path, served: tuple,
+                                prefix: str) -> dict:
     """{variant: folder in pipeline/1/} of the checkpoint copies the torch runner loads, when it
     runs any component: it serves wherever the repository goes (a container mounts the
     repository, not the checkpoint)."""
-    for old in pipeline_dir.glob(f"{CHECKPOINT_COPY}*"):
-        shutil.rmtree(old)
     if set(served) >= {"text_encoder", "unet", "vae_decoder", "vae_encoder"}:
         return {}
     copies = {}
     for variant, info in infos.items():
-        copies[variant] = CHECKPOINT_COPY if info is primary else f"{CHECKPOINT_COPY}_{variant}"
+        copies[variant] = prefix + (CHECKPOINT_COPY if info is primary else f"{CHECKPOINT_COPY}_{variant}")
         shutil.copytree(info.path, pipeline_dir / copies[variant], copy_function=_link_or_copy)
     return copies
 
 
-def _tokenizer(info: CheckpointInfo, primary: CheckpointInfo, variant: str, pipeline_dir: Path) -> str:
-    """The folder (in pipeline/1/) of the variant's tokenizer: the primary's when identical."""
-    name = "tokenizer" if info is primary or same_files(info, primary, "tokenizer") else f"tokenizer_{variant}"
-    if info is primary or name != "tokenizer":
-        if (pipeline_dir / name).exists():
-            shutil.rmtree(pipeline_dir / name)
-        shutil.copytree(info.path / "tokenizer", pipeline_dir / name)
-    return name
+def _tokenizers(info: CheckpointInfo, primary: CheckpointInfo, variant: str, pipeline_dir: Path, prefix: str) -> dict:
+    """{token-id input: folder in pipeline/1/} of the variant's tokenizers: the model's primary
+    variant's when identical."""
+    out = {}
+    for input_name, encoder in zip(token_input_names(len(info.text_encoders)), info.text_encoders):
+        shared = info is primary or same_files(info, primary, encoder.tokenizer)
+        name = prefix + (encoder.tokenizer if shared else f"{encoder.tokenizer}_{variant}")
+        if not (pipeline_dir / name).exists():
+            shutil.copytree(info.path / encoder.tokenizer, pipeline_dir / name)
+        out[input_name] = name
+    return out
 
 
-def _variant_facts(info: CheckpointInfo, components: dict, served: tuple, tokenizer: str, torch_copy: str | None,
+def _variant_facts(info: CheckpointInfo, components: dict, served: tuple, tokenizers: dict, torch_copy: str | None,
                    repo: Path, max_size: int) -> dict:
     """What the pipeline needs to run one variant: its models, tokenizer, schedule and sizes."""
     latent_size = info.native_size // info.vae_factor
@@ -202,7 +252,10 @@ def _variant_facts(info: CheckpointInfo, components: dict, served: tuple, tokeni
         "checkpoint": str(info.path.resolve()),
         "components": components,
         "max_batch": {kind: MAX_BATCH[kind] for kind in components},  # rows per call each model accepts
-        "tokenizer": tokenizer,
+        "family": info.family,
+        "tokenizers": tokenizers,
+        "text_outputs": [spec.name for spec in FAMILIES[info.family].text_outputs(info)],
+        "zero_empty_negative": info.zero_empty_negative,
         "text_length": info.text_length,
         "latent_channels": info.latent_channels,
         "vae_factor": info.vae_factor,
@@ -252,7 +305,9 @@ def has_artifacts(repo) -> bool:
         return False
     info = json.loads(info_path.read_text())
     served = set(info.get("served", MAX_BATCH))
-    variants = info.get("variants", {}).values()
+    if "models" not in info:  # an export made before there could be several models
+        return False
+    variants = [facts for model in info["models"].values() for facts in model["variants"].values()]
     models = {m for facts in variants for kind, m in facts["components"].items() if kind in served}
     # components run by torch in the pipeline's process load from its copy of the checkpoint
     copies = {facts["torch_checkpoint"] for facts in variants if "torch_checkpoint" in facts}
@@ -269,9 +324,9 @@ def _preview_decoder(repo: Path, info: CheckpointInfo, model: str, served: tuple
         return lambda latents: decoder(latents=latents)["images"]
     import torch
 
-    from export.torch_modules import load_module
+    from families import torch_module
 
-    module = load_module("vae_decoder", info)
+    module = torch_module("vae_decoder", info)
 
     def decode(latents):
         with torch.inference_mode():

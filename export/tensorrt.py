@@ -7,7 +7,7 @@ Neither the development machines nor the lent GPU machine have TensorRT: there t
 import shutil
 import subprocess
 
-from export.contracts import ComponentContract
+from families.contracts import ComponentContract
 
 
 def trtexec_command(contract: ComponentContract, onnx_path, plan_path, fp16: bool = True) -> list:

@@ -3,7 +3,7 @@ with Triton's own protobuf schema (so a typo cannot produce a config Triton woul
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.contracts import ComponentContract
+from families.contracts import ComponentContract
 from serving.core.request import FIELDS
 
 DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "uint8": mc.TYPE_UINT8, "bool": mc.TYPE_BOOL,

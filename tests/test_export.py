@@ -6,12 +6,12 @@ from google.protobuf import text_format
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.checkpoint import CheckpointInfo
+from families.checkpoint import CheckpointInfo
 from export.cli import pipeline_parameters
-from export.contracts import component_contracts
+from families.contracts import component_contracts
 from export.onnx_export import TOLERANCE, check_parity, export_component
 from export.repository import MAX_BATCH
-from export.torch_modules import load_module
+from families.sd_torch import load_module
 from export.triton_config import BACKENDS, component_config, to_pbtxt
 
 COMPONENTS = ["text_encoder", "unet", "unet_regional", "vae_decoder", "vae_encoder"]

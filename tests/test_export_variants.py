@@ -9,11 +9,11 @@ from google.protobuf import text_format
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.checkpoint import CheckpointInfo
-from export.contracts import component_contracts
+from families.checkpoint import CheckpointInfo
+from families.contracts import component_contracts
 from export.onnx_export import TOLERANCE, check_parity
 from export.repository import MAX_BATCH, has_artifacts, write_repository
-from export.torch_modules import load_module
+from families.sd_torch import load_module
 
 
 def test_layouts_are_read_from_the_unet_config(tiny_checkpoint, tiny_inpaint_checkpoint, tiny_upscale_checkpoint):

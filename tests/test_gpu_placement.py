@@ -7,9 +7,9 @@ from google.protobuf import text_format
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.checkpoint import CheckpointInfo
+from families.checkpoint import CheckpointInfo
 from export.cli import add_repository_options, parameters_from_args
-from export.contracts import component_contracts
+from families.contracts import component_contracts
 from export.placement import bls_pool_bytes, call_bytes, server_flags
 from export.repository import MAX_BATCH, has_artifacts, write_repository
 from export.tensorrt import TensorRTUnavailable, build_plan

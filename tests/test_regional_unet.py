@@ -3,7 +3,7 @@ checked against this processor in test_export.py)."""
 import torch
 from diffusers import UNet2DConditionModel
 
-from export.regional_unet import RegionalCrossAttention, RegionalUNet
+from families.regional_unet import RegionalCrossAttention, RegionalUNet
 
 
 def test_one_context_or_one_hot_weights_give_the_checkpoints_unet_exactly(tiny_checkpoint):

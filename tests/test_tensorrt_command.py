@@ -1,6 +1,6 @@
 """The TensorRT build command carries each contract's min/opt/max shapes (no GPU here to run it)."""
-from export.checkpoint import CheckpointInfo
-from export.contracts import component_contracts
+from families.checkpoint import CheckpointInfo
+from families.contracts import component_contracts
 from export.repository import MAX_BATCH
 from export.tensorrt import trtexec_command
 

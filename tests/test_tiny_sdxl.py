@@ -1,6 +1,6 @@
 """The tiny random SDXL checkpoints (training/tiny_checkpoint.py kinds "sdxl" and "sdxl-inpaint"):
 diffusers' SDXL pipelines load and run them, the per-row inputs their UNet gets, determinism, and
-ONNX export probes (TorchScript exporter, opset 17) of the wrappers in export/sdxl_modules.py
+ONNX export probes (TorchScript exporter, opset 17) of the wrappers in families/sdxl_torch.py
 checked in ONNX Runtime against torch at two batch sizes. Notes: docs/families-sdxl-notes.md."""
 import time
 import warnings
@@ -13,7 +13,7 @@ from diffusers import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpain
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from export.sdxl_modules import SdxlTextEncoder, SdxlTextEncoders, SdxlTextEncoderWithProjection, SdxlUNet
+from families.sdxl_torch import SdxlTextEncoder, SdxlTextEncoders, SdxlTextEncoderWithProjection, SdxlUNet
 from training.tiny_checkpoint import (IMAGE_SIZE, SDXL_PROJECTION_DIM, SDXL_TEXT_HIDDEN, TEXT_MAX_LENGTH,
                                       write_tiny_checkpoint)
 

@@ -101,7 +101,7 @@ def mixed_workload(fields: dict, size: int) -> list:
 def run(args) -> int:
     import numpy as np
 
-    from export.checkpoint import CheckpointInfo
+    from families.checkpoint import CheckpointInfo
     from serving.bench.baselines import BareOnnxLoop, diffusers_latencies
     from serving.defaults import default_checkpoint
     from serving.bench.loadgen import closed_loop, open_loop

@@ -314,7 +314,7 @@ def main(argv=None) -> int:
 
     started = time.monotonic()
     checkpoint = build_checkpoint(args, work)
-    from export.checkpoint import CheckpointInfo
+    from families.checkpoint import CheckpointInfo
 
     info = CheckpointInfo.read(checkpoint)
     size = info.native_size

@@ -89,7 +89,7 @@ def add_arguments(parser):
 
 
 def run_overload(args, checkpoint: Path, out: Path) -> int:
-    from export.checkpoint import CheckpointInfo
+    from families.checkpoint import CheckpointInfo
     from export.cli import pipeline_parameters
     from export.repository import write_repository
     from serving.bench.bench import PROMPTS

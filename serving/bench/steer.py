@@ -195,7 +195,7 @@ def targets(report) -> list:
 
 
 def run_steer(args, checkpoint, out: Path) -> int:
-    from export.checkpoint import CheckpointInfo
+    from families.checkpoint import CheckpointInfo
     from export.cli import pipeline_parameters
     from export.repository import write_repository
     from serving.bench.bench import print_targets

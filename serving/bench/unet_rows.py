@@ -42,7 +42,7 @@ def unet_row_costs(repo, size: int, rows=ROWS, rounds: int = 7) -> list:
 def run_unet_rows(args, checkpoint, out: Path) -> int:
     import os
 
-    from export.checkpoint import CheckpointInfo
+    from families.checkpoint import CheckpointInfo
     from export.cli import pipeline_parameters
     from export.repository import write_repository
 

@@ -9,7 +9,11 @@ updates its latents from the result (serving/core/samplers/). Plain text-to-imag
 
 A *prompt* (before encoding) names the texts it needs; `build` turns their embeddings into the
 *conditioning* the runner uses. Both are immutable, so replacing a job's conditioning between
-steps is one assignment.
+steps is one assignment. An embedding is a dict of the denoiser inputs one text gives (its
+context `encoder_hidden_states`, and the family's pooled inputs such as SDXL's `text_embeds`);
+a conditioning's `inputs` stacks them over its rows, and the runner concatenates every job's
+inputs by name into one denoiser call. An empty negative prompt is the text None: the
+family's unconditional embedding (serving/core/text.py).
 """
 from dataclasses import dataclass, replace
 
@@ -18,10 +22,20 @@ import numpy as np
 from serving.core.sampler import guided_noise
 
 
+def stack(embeddings: list) -> dict:
+    """Embeddings (dicts of per-text values) -> input name -> [len(embeddings), ...]."""
+    return {name: np.stack([e[name] for e in embeddings]) for name in embeddings[0]}
+
+
+def negative_text(text: str) -> str | None:
+    """The text a negative prompt encodes: None (the unconditional embedding) when it is empty."""
+    return text if text else None
+
+
 @dataclass(frozen=True)
 class TextConditioning:
-    cond: np.ndarray  # [L, D] embedding of the prompt
-    uncond: np.ndarray | None  # [L, D] embedding of the negative prompt; None without guidance
+    cond: dict  # embedding of the prompt
+    uncond: dict | None  # embedding of the negative prompt; None without guidance
     guidance_scale: float
     # which network of the job's variant its rows go to (serving/core/job.py `Job.network`)
     network = "base"
@@ -30,10 +44,9 @@ class TextConditioning:
     def rows(self) -> int:
         return 1 if self.uncond is None else 2
 
-    @property
-    def contexts(self) -> np.ndarray:
-        """[rows, L, D]: the conditional row first."""
-        return np.stack([self.cond] if self.uncond is None else [self.cond, self.uncond])
+    def inputs(self) -> dict:
+        """Input name -> [rows, ...]: the conditional row first."""
+        return stack([self.cond] if self.uncond is None else [self.cond, self.uncond])
 
     def unguided(self) -> "TextConditioning":
         """The same conditioning without its unconditional row (outside a guidance interval)."""
@@ -64,7 +77,7 @@ class TextPrompt:
 
     def texts(self) -> list:
         """The texts to encode, in the order `build` takes their embeddings."""
-        return [self.prompt, self.negative_prompt] if self.uses_guidance else [self.prompt]
+        return [self.prompt, negative_text(self.negative_prompt)] if self.uses_guidance else [self.prompt]
 
     def build(self, embeddings: list) -> TextConditioning:
         uncond = embeddings[1] if self.uses_guidance else None

@@ -23,7 +23,7 @@ samples it; the mask at latent size is the thresholded mask sampled at each cell
 pixel (torch's nearest interpolation, which diffusers uses).
 """
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class ImageConditioning:
     latent edit, and the paste-back of the input's pixels."""
 
     channels: np.ndarray | None = None  # [C_extra, h, w] after the latents of each row (inpaint, upscale UNets)
-    class_label: int | None = None  # upscale: the noise level
+    row_inputs: dict = field(default_factory=dict)  # further UNet inputs per row: the upscaler's class_labels
     blend: LatentBlend | None = None  # inpaint with the base UNet
     paste_mask: np.ndarray | None = None  # float32 [H, W], 1 = generated; where 0 the output is the input
     init_image: np.ndarray | None = None  # uint8 [H, W, 3], for the paste-back
@@ -173,7 +173,7 @@ def _upscale_conditioning(image, rng: np.random.Generator, low_res_schedule: DDI
     low_res = image.init_image.astype(np.float32).transpose(2, 0, 1) / 255 * 2 - 1
     noise = rng.standard_normal(low_res.shape, dtype=np.float32)
     return ImageConditioning(channels=low_res_schedule.add_noise(low_res, noise, image.noise_level),
-                             class_label=image.noise_level)
+                             row_inputs={"class_labels": np.int64(image.noise_level)})
 
 
 def gaussian_blur(mask: np.ndarray, sigma: float) -> np.ndarray:

@@ -32,7 +32,8 @@ class Job:
     sink: ResultSink
     request_id: str | None = None  # what steers name it by (the Triton request id); None: not steerable
     arrival: float = field(default_factory=time.monotonic)
-    variant: str = "base"  # which UNet variant (channel layout: base, inpaint, upscale) runs it
+    model: str = ""  # which served model runs it (the pipeline's default when empty)
+    variant: str = "base"  # which UNet variant of its model (channel layout: base, inpaint, upscale) runs it
     # filled in on admission
     rng: np.random.Generator | None = None
     latents: np.ndarray | None = None  # float32 [C, h, w]
@@ -42,6 +43,7 @@ class Job:
     planned: GenerationRequest | None = None  # the request `plan` was made from, under the engine's lock
     conditioning: object | None = None  # the plan's conditioning of the next step (rows, contexts, combine)
     image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
+    row_inputs: dict = field(default_factory=dict)  # its family's per-row denoiser inputs (SDXL's time_ids)
     index: int = 0  # denoising steps done
     last_turn: int = -1  # the scheduler's turn when admitted or last stepped (fairness)
     pred_x0: np.ndarray | None = None
@@ -54,6 +56,12 @@ class Job:
         """UNet rows this job adds to its next call (all in the same call): a steer that turns
         guidance on or off changes them from the step it applies."""
         return (self.conditioning or prompt_spec(self.request)).rows
+
+    def denoiser_inputs(self) -> dict:
+        """Input name -> the value each of its rows gets: its family's, its image conditioning's."""
+        if self.image_conditioning is None:
+            return self.row_inputs
+        return {**self.row_inputs, **self.image_conditioning.row_inputs}
 
     @property
     def latent_shape(self) -> tuple:
@@ -69,7 +77,7 @@ class Job:
     @property
     def call_key(self) -> tuple:
         """Jobs share a UNet call only when their rows fit one input tensor of one network."""
-        return (self.variant, self.network, self.latents.shape)
+        return (self.model, self.variant, self.network, self.latents.shape)
 
     @property
     def done(self) -> bool:

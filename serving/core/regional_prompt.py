@@ -17,15 +17,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from serving.core.conditioning import TextConditioning, TextPrompt
+from serving.core.conditioning import TextConditioning, TextPrompt, negative_text, stack
 from serving.core.regions import Regions, regional_network
 from serving.core.request import InvalidInput
 
 
 @dataclass(frozen=True)
 class RegionalConditioning:
-    cond: np.ndarray  # [K, L, D]: base prompt, then each region
-    uncond: np.ndarray | None  # [N, L, D]: the distinct negative prompts; None without guidance
+    cond: dict  # input name -> [K, ...]: base prompt, then each region
+    uncond: dict | None  # input name -> [N, ...]: the distinct negative prompts; None without guidance
     negative_of: np.ndarray | None  # [K]: the uncond row each context is guided against
     weights: np.ndarray  # [K, h, w]
     guidance_scale: float
@@ -33,18 +33,23 @@ class RegionalConditioning:
 
     @property
     def rows(self) -> int:
-        return len(self.cond) + (0 if self.uncond is None else len(self.uncond))
+        return len(self.weights) + (0 if self.uncond is None else self.negatives)
 
     @property
-    def contexts(self) -> np.ndarray:
-        return self.cond if self.uncond is None else np.concatenate([self.cond, self.uncond])
+    def negatives(self) -> int:
+        return len(next(iter(self.uncond.values())))
+
+    def inputs(self) -> dict:
+        if self.uncond is None:
+            return self.cond
+        return {name: np.concatenate([self.cond[name], self.uncond[name]]) for name in self.cond}
 
     def unguided(self) -> "RegionalConditioning":
         """Only the conditional rows (outside a guidance interval): the regions' weighted sum."""
         return replace(self, uncond=None, negative_of=None)
 
     def combine(self, predictions: np.ndarray) -> np.ndarray:
-        count = len(self.cond)
+        count = len(self.weights)
         guided = predictions[:count]
         if self.uncond is not None:
             uncond = predictions[count:][self.negative_of]
@@ -54,18 +59,17 @@ class RegionalConditioning:
 
 @dataclass(frozen=True)
 class RegionalAttentionConditioning(TextConditioning):
-    """cond and uncond are [K, L, D]: each row carries all contexts to the regional UNet."""
+    """cond and uncond are embeddings whose context is [K, L, D]: each row carries all contexts to
+    the regional UNet; with the region weights [rows, K, h, w] (both rows mix their contexts alike)."""
 
     weights: np.ndarray  # [K, h, w]
 
     @property
     def network(self) -> str:
-        return regional_network(len(self.cond))
+        return regional_network(len(self.weights))
 
-    @property
-    def region_weights(self) -> np.ndarray:
-        """[rows, K, h, w]: both rows mix their contexts alike."""
-        return np.broadcast_to(self.weights, (self.rows, *self.weights.shape))
+    def inputs(self) -> dict:
+        return {**super().inputs(), "region_weights": np.broadcast_to(self.weights, (self.rows, *self.weights.shape))}
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,16 @@ class RegionalPrompt(TextPrompt):
 
     def texts(self) -> list:
         texts = [self.prompt, *self.regions.prompts]
-        return texts + self._distinct_negatives() if self.uses_guidance else texts
+        return texts + [negative_text(n) for n in self._distinct_negatives()] if self.uses_guidance else texts
 
     def build(self, embeddings: list) -> RegionalConditioning:
         count = self.regions.count + 1
-        cond = np.stack(embeddings[:count])
+        cond = stack(embeddings[:count])
         if not self.uses_guidance:
             return RegionalConditioning(cond, None, None, self.regions.weights, self.guidance_scale)
         distinct = self._distinct_negatives()
         negative_of = np.array([distinct.index(n) for n in self.negatives])
-        return RegionalConditioning(cond, np.stack(embeddings[count:]), negative_of, self.regions.weights,
+        return RegionalConditioning(cond, stack(embeddings[count:]), negative_of, self.regions.weights,
                                     self.guidance_scale)
 
 
@@ -115,12 +119,12 @@ class RegionalAttentionPrompt(RegionalPrompt):
 
     def texts(self) -> list:
         texts = [self.prompt, *self.regions.prompts]
-        return texts + self.negatives if self.uses_guidance else texts
+        return texts + [negative_text(n) for n in self.negatives] if self.uses_guidance else texts
 
     def build(self, embeddings: list) -> RegionalAttentionConditioning:
         count = self.regions.count + 1
-        uncond = np.stack(embeddings[count:]) if self.uses_guidance else None
-        return RegionalAttentionConditioning(np.stack(embeddings[:count]), uncond, self.guidance_scale,
+        uncond = stack(embeddings[count:]) if self.uses_guidance else None
+        return RegionalAttentionConditioning(stack(embeddings[:count]), uncond, self.guidance_scale,
                                              self.regions.weights)
 
 
@@ -130,12 +134,16 @@ def regional_prompt(request) -> RegionalPrompt:
     return kind(request.prompt, request.negative_prompt, request.guidance_scale, request.regions)
 
 
-def check_regional_job(job, check_tokens, max_rows: int) -> None:
-    """Refuses a regional job whose texts are too long for the text encoder, or whose rows would
-    not fit one UNet call (the scheduler never splits a job's rows)."""
+def check_regional_job(job, check_tokens, max_rows: int, limits=None) -> None:
+    """Refuses a regional job whose texts are too long for the text encoder, whose rows would
+    not fit one UNet call (the scheduler never splits a job's rows), or in attention mode on a
+    model without the regional UNet (`limits`: its model's RegionLimits)."""
     regions = job.request.regions
     if regions is None:
         return
+    if regions.mode == "attention" and limits is not None and not limits.attention:
+        raise InvalidInput("region_mode", f"attention needs the regional UNet, which model {job.model!r} does not have; "
+                                          f"use region_mode latent")
     if regions.mode == "attention" and job.variant != "base":
         raise InvalidInput("region_mode", f"attention needs the base UNet (the regional UNet is exported from it); "
                                           f"a {job.variant} request takes region_mode latent")

@@ -30,13 +30,13 @@ import math
 
 import numpy as np
 
+from families.contracts import MAX_REGIONS
 from serving.core.request import InvalidInput, config_parameter, decode_text, is_blank
 
 MODES = ("latent", "attention")
-MAX_REGIONS = 8
 DEFAULT_BASE_WEIGHT = 0.2
 DEFAULT_MODE = "latent"
-ATTENTION_VARIANT = "regional"  # the UNet with region-weighted cross-attention (export/regional_unet.py)
+ATTENTION_VARIANT = "regional"  # the UNet with region-weighted cross-attention (families/regional_unet.py)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class Field:
 
 FIELDS = (
     Field("prompt", "bytes", required=True),
+    # which served model (GET /v1/models); the pipeline's default model when absent
+    Field("model", "bytes"),
     Field("negative_prompt", "bytes"),
     Field("seed", "int64"),
     Field("steps", "int32"),
@@ -78,7 +80,13 @@ FIELDS = (
     Field("mask_blur", "int32"),
     Field("keep_unmasked", "bool"),
     Field("noise_level", "int32"),
+    # SDXL's size conditioning (families/sdxl.py): (height, width), (top, left), (height, width)
+    Field("original_size", "int32", dims=(2,)),
+    Field("crop_top_left", "int32", dims=(2,)),
+    Field("target_size", "int32", dims=(2,)),
 )
+FAMILY_FIELDS = ("original_size", "crop_top_left", "target_size")  # read by the families that declare them
+MAX_CONDITIONING_SIZE = 16384  # pixels: the largest original/target side or crop offset accepted
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,8 @@ class Limits:
     # (sampler, sigma schedule) of requests that name none: config parameter default_sampler
     # (`ldm serve --sampler`), else the checkpoint's scheduler class
     default_sampler: tuple = ("ddim", "default")
+    family: str = "sd"  # the served model's family (families/): which family fields it reads
+    model: str = ""  # the served model's name
 
     @property
     def scheduler_config(self) -> dict:
@@ -131,6 +141,8 @@ class Limits:
             max_prompt_bytes=get("max_prompt_bytes", int, cls.max_prompt_bytes),
             regions=RegionLimits.from_parameters(params, pipeline_info),
             variants=VariantSpec.table(pipeline_info),
+            family=pipeline_info.get("family", "sd"),
+            model=pipeline_info.get("name", ""),
         )
         limits = replace(limits, default_sampler=_default_sampler(params, limits.scheduler_config))
         limits.check(int(pipeline_info["max_size"]))
@@ -186,6 +198,7 @@ class GenerationRequest:
     sampler: str = "ddim"  # serving/core/samplers: its name
     sigma_schedule: str = "default"
     guidance_interval: tuple = (0.0, 1.0)  # fractions of the run with classifier-free guidance
+    family_fields: dict = field(default_factory=dict)  # the family's own fields given (SDXL's sizes)
 
     @property
     def strength(self) -> float:
@@ -240,7 +253,28 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         sampler=sampler,
         sigma_schedule=sigma_schedule,
         guidance_interval=_guidance_interval(inputs),
+        family_fields=_family_fields(inputs, limits.family),
     )
+
+
+def _family_fields(inputs: dict, family: str) -> dict:
+    """The family fields given, as (a, b) pairs; refused for a family that does not read them."""
+    from families import FAMILIES
+
+    out = {}
+    for name in FAMILY_FIELDS:
+        value = inputs.get(name)
+        if value is None:
+            continue
+        if name not in FAMILIES[family].request_fields:
+            readers = ", ".join(f.name for f in FAMILIES.values() if name in f.request_fields)
+            raise InvalidInput(name, f"is read by family {readers} only; this model is family {family}")
+        array = np.asarray(value)
+        low = 0 if name == "crop_top_left" else 1
+        if array.size != 2 or array.dtype.kind not in "iu" or not all(low <= v <= MAX_CONDITIONING_SIZE for v in array.reshape(-1)):
+            raise InvalidInput(name, f"must be two integers in [{low}, {MAX_CONDITIONING_SIZE}] (pixels), got {array.reshape(-1).tolist()}")
+        out[name] = tuple(int(v) for v in array.reshape(-1))
+    return out
 
 
 def parse_sampler(inputs: dict, limits: Limits, steps: int) -> tuple:

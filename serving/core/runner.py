@@ -2,18 +2,24 @@
 call per iteration for all chosen rows whatever their samplers, each sampler's update of its
 jobs' rows (serving/core/samplers/), VAE decoding of finished jobs.
 
-One Runner serves one UNet variant (serving/core/variants.py); `models` is anything with
-encode_text(input_ids), unet(sample, timestep, encoder_hidden_states[, class_labels]),
-decode(latents) and encode_image(images) -> (mean, std) over numpy arrays: Triton BLS calls, or
-ONNX Runtime in this process. Image-conditioned jobs (img2img, inpainting, upscaling) add to
-this what serving/core/image_jobs.py describes: starting latents and timesteps at admission,
-extra UNet input channels per row, a latent edit after each update, a paste-back at the end.
-A job outside its guidance interval contributes its conditional rows only.
+One Runner serves one UNet variant of one model (serving/core/variants.py); `models` is
+anything with encode_text(**token ids) -> {output: array}, unet(sample, timestep, **named per-row
+inputs), regional_unet (the same, with region_weights), decode(latents) and encode_image(images)
+-> (mean, std) over numpy arrays: Triton BLS calls, ONNX Runtime or torch in this process.
+
+Every job gives the call its rows and, by name, one value per row of every other input: its
+conditioning's (the text context, SDXL's pooled text_embeds, regions' weights), its family's
+(SDXL's time_ids: families/) and its image conditioning's (the inpainting UNet's channels after
+the latents, the upscaler's class labels: serving/core/image_jobs.py, which also sets starting
+latents at admission, edits latents after each update and pastes pixels back at the end). The
+runner concatenates them by name and never asks which family or task a job is. A job outside
+its guidance interval contributes its conditional rows only.
 """
 from collections import defaultdict
 
 import numpy as np
 
+from families import FAMILIES
 from serving.core.image_jobs import admit_image_jobs, steer_masks
 from serving.core.regions import is_attention_variant
 from serving.core.sampler import DDIMSchedule, noise_generator
@@ -26,6 +32,7 @@ class Runner:
     def __init__(self, models, variant: VariantSpec, text_encoder: CachedTextEncoder):
         self.models = models
         self.variant = variant
+        self.family = FAMILIES[variant.family]
         self.samplers = {}  # (name, sigma schedule) -> Sampler, made on first use
         self.low_res_schedule = (DDIMSchedule.from_config(variant.low_res_scheduler_config)
                                  if variant.low_res_scheduler_config else None)
@@ -51,6 +58,7 @@ class Runner:
             job.timesteps = run.denoising_timesteps
             job.latents = run.sampler.initial_latents(run, noises[id(job)])
             job.conditioning = guided_conditioning(job)
+            job.row_inputs = self.family.row_inputs(r, self.variant)
         max_batch = self.variant.max_batch.get("vae_encoder")
         images = [j for j in jobs if j.request.image is not None]
         if images:
@@ -89,14 +97,17 @@ class Runner:
         scale = np.array([run.sampler.input_scale(run, p) for run, p in zip(runs, positions)], np.float32)
         rows = [j.conditioning.rows for j in jobs]
         sample = np.repeat(latents * scale[:, None, None, None], rows, axis=0)
-        timestep = np.repeat(t, rows)
-        context = np.concatenate([j.conditioning.contexts for j in jobs])
-        sample, image_inputs = self._image_inputs(jobs, rows, sample)
-        if is_attention_variant(jobs[0].network):  # regions, attention mode: K contexts per row and their weights
-            weights = np.concatenate([j.conditioning.region_weights for j in jobs])
-            predictions = self.models.regional_unet(sample, timestep, context, region_weights=weights)
-        else:
-            predictions = self.models.unet(sample, timestep, context, **image_inputs)
+        channels = [j.image_conditioning.channels for j in jobs if j.image_conditioning is not None]
+        if channels and channels[0] is not None:  # concat-conditioned UNets: every job of the call has them
+            sample = np.concatenate([sample, np.repeat(np.stack(channels), rows, axis=0)], axis=1)
+        inputs = {"timestep": np.repeat(t, rows)}
+        per_job = [{**j.conditioning.inputs(), **{name: np.repeat(value[None], n, axis=0)
+                                                  for name, value in j.denoiser_inputs().items()}}
+                   for j, n in zip(jobs, rows)]
+        for name in per_job[0]:
+            inputs[name] = np.concatenate([values[name] for values in per_job])
+        denoise = self.models.regional_unet if is_attention_variant(jobs[0].network) else self.models.unet
+        predictions = denoise(sample, **inputs)
         bounds = np.cumsum([0] + rows)
         outputs = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])
         by_sampler = defaultdict(list)
@@ -118,18 +129,6 @@ class Runner:
                 job.index += 1
                 if job.image_conditioning is not None:
                     job.image_conditioning.after_step(job)
-
-    def _image_inputs(self, jobs: list, rows: list, sample: np.ndarray) -> tuple:
-        """(sample, extra UNet inputs): for a concat-conditioned variant each row's latents are
-        followed by its job's image channels, and the upscaler takes its noise level per row."""
-        if self.variant.name == "base":
-            return sample, {}
-        channels = np.repeat(np.stack([j.image_conditioning.channels for j in jobs]), rows, axis=0)
-        sample = np.concatenate([sample, channels], axis=1)
-        if self.variant.name != "upscale":
-            return sample, {}
-        labels = np.repeat(np.array([j.image_conditioning.class_label for j in jobs], np.int64), rows)
-        return sample, {"class_labels": labels}
 
     def decode(self, jobs: list) -> list:
         """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size (more past the

@@ -9,16 +9,17 @@ from pathlib import Path
 import secrets
 
 from serving.core.engine import Engine, ShuttingDown
-from serving.core.errors import INVALID_ARG, UNAVAILABLE
+from families import FAMILIES
+from serving.core.errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
-from serving.core.request import InvalidInput, Limits, config_parameter, parse_request
+from serving.core.request import InvalidInput, Limits, config_parameter, decode_text, parse_request
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
 from serving.core.steering import STEERABLE, parse_steer, scheduled_texts
-from serving.core.text import CachedTextEncoder, PromptTokenizer
+from serving.core.text import CachedTextEncoder, PromptTokenizer, TextTokenizers
 from serving.core.variants import VariantRunners
 
 
@@ -38,6 +39,10 @@ class PipelineAssets:
             tokenizer_dir=version_dir / "tokenizer",
             scheduler_config=json.loads((version_dir / "scheduler_config.json").read_text()),
         )
+
+
+class UnknownModel(LookupError):
+    """A request names a model this pipeline does not serve (NOT_FOUND)."""
 
 
 DEFAULT_DRAIN_GRACE_S = 120.0  # below the Deployment's terminationGracePeriodSeconds
@@ -85,36 +90,65 @@ def drain_grace_s(params: dict) -> float:
     return grace
 
 
+@dataclass
+class ServedModel:
+    """One model of the pipeline: its limits (defaults, sizes, variants) and its texts' tokenizers
+    per variant."""
+
+    name: str
+    limits: Limits
+    tokenizers: dict  # variant -> TextTokenizers
+
+
+def model_infos(info: dict) -> dict:
+    """{model name: its pipeline.json facts}: the `models` table, or the one model of an export
+    made before there could be several."""
+    return info.get("models") or {info.get("name", ""): info}
+
+
+def _by_model_and_variant(models, default_model: str, primary: str) -> dict:
+    if not isinstance(models, Mapping):
+        return {(default_model, primary): models}
+    return {key if isinstance(key, tuple) else (default_model, key): value for key, value in models.items()}
+
+
 class PipelineService:
     def __init__(self, assets: PipelineAssets, params: dict, models):
-        """models: the runner models of each UNet variant ({name: models}), or one models object
-        when the repository holds one variant."""
-        self.limits = Limits.from_parameters(params, assets.info)
-        variants = self.limits.variants
-        if not isinstance(models, Mapping):
-            models = {assets.info["primary"]: models}
-        missing = sorted(set(variants) - set(models))
-        if missing:
-            raise ValueError(f"no models given for variants {missing} of this repository")
+        """models: the runner models of each served model's UNet variants, {(model, variant):
+        models}; for a repository with one model also {variant: models}, or one models object
+        when that model holds one variant."""
+        infos = model_infos(assets.info)
+        self.default_model = assets.info.get("default_model", next(iter(infos)))
+        models = _by_model_and_variant(models, self.default_model, infos[self.default_model]["primary"])
         self.faults = FaultPlan(os.environ[FAULTS_ENV]) if os.environ.get(FAULTS_ENV) else None  # a test hook
         if self.faults is not None:
-            models = {name: self.faults.models(m) for name, m in models.items()}
+            models = {key: self.faults.models(m) for key, m in models.items()}
         self.drain_grace_s = drain_grace_s(params)
-        # one tokenizer per folder and one text-encoder cache per (model, tokenizer): variants
+        # one tokenizer per folder and one text-encoder cache per (model, tokenizers): variants
         # that share their text encoder share its cache
-        self.tokenizers = {}
-        encoders, runners = {}, {}
-        for name, spec in variants.items():
-            if spec.tokenizer not in self.tokenizers:
-                self.tokenizers[spec.tokenizer] = PromptTokenizer(assets.tokenizer_dir.parent / spec.tokenizer, spec.text_length)
-            key = (spec.components["text_encoder"], spec.tokenizer)
-            if key not in encoders:
-                encoders[key] = CachedTextEncoder(self.tokenizers[spec.tokenizer], models[name].encode_text,
-                                                  max_batch=spec.max_batch.get("text_encoder"))
-            runners[name] = Runner(models[name], spec, encoders[key])
-        preview = LatentPreview.from_info(assets.info)
+        tokenizers, encoders, runners = {}, {}, {}
+        self.models = {}
+        for model, info in infos.items():
+            limits = Limits.from_parameters(params, {**info, "name": model})
+            missing = sorted(set(limits.variants) - {v for m, v in models if m == model})
+            if missing:
+                raise ValueError(f"no models given for variants {missing} of model {model!r} of this repository")
+            served = self.models[model] = ServedModel(model, limits, {})
+            for name, spec in limits.variants.items():
+                for folder in spec.tokenizers.values():
+                    if folder not in tokenizers:
+                        tokenizers[folder] = PromptTokenizer(assets.tokenizer_dir.parent / folder, spec.text_length)
+                served.tokenizers[name] = TextTokenizers({n: tokenizers[f] for n, f in spec.tokenizers.items()})
+                key = (spec.components["text_encoder"], tuple(spec.tokenizers.items()))
+                if key not in encoders:
+                    encoders[key] = CachedTextEncoder(
+                        served.tokenizers[name], models[model, name].encode_text,
+                        dict(zip(spec.text_outputs, FAMILIES[spec.family].text_inputs().values())),
+                        zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"))
+                runners[model, name] = Runner(models[model, name], spec, encoders[key])
+        preview = LatentPreview.from_info(infos[self.default_model])
         config = scheduler_config(params)
-        check_batching(config, variants)
+        check_batching(config, {key: spec for key, spec in self._variant_specs()})
         # what the UNets' device can serve (GPU memory plan)
         caps = [cap for m in models.values() if (cap := getattr(m, "row_cap", None)) is not None]
         if caps and min(caps) < config.max_rows:
@@ -124,6 +158,16 @@ class PipelineService:
             config = replace(config, max_rows=min(caps))
         self.engine = Engine(VariantRunners(runners), StepScheduler(config), preview=preview)
         self.engine.stats.row_cap = config.max_rows
+
+    @property
+    def limits(self) -> Limits:
+        """The default model's limits."""
+        return self.models[self.default_model].limits
+
+    def _variant_specs(self):
+        for model, served in self.models.items():
+            for name, spec in served.limits.variants.items():
+                yield f"{model}/{name}", spec
 
     def start(self) -> "PipelineService":
         self.engine.start()
@@ -147,10 +191,14 @@ class PipelineService:
         if self.faults is not None:
             sink = self.faults.sink(sink)
         try:
-            request = parse_request(inputs, self.limits, default_seed=secrets.randbelow(2**31))
+            served = self.model_of(inputs)
+            request = parse_request(inputs, served.limits, default_seed=secrets.randbelow(2**31))
             variant = request.image.variant if request.image is not None else "base"
-            job = Job(request, sink, request_id=request_id or None, variant=variant)
+            job = Job(request, sink, request_id=request_id or None, model=served.name, variant=variant)
             self._check(job, request)
+        except UnknownModel as exc:
+            sink.fail(NOT_FOUND, str(exc))
+            return
         except InvalidInput as exc:
             sink.fail(INVALID_ARG, str(exc))
             return
@@ -163,6 +211,15 @@ class PipelineService:
         except QueueFull as exc:
             sink.fail(UNAVAILABLE, f"server overloaded, retry later: {exc}")
 
+    def model_of(self, inputs: dict) -> ServedModel:
+        """The served model a request names in `model` (empty or absent: the default model)."""
+        name = decode_text("model", inputs.get("model")) if inputs.get("model") is not None else ""
+        if not name:
+            return self.models[self.default_model]
+        if name not in self.models:
+            raise UnknownModel(f"model: no model named {name!r}; this server serves {', '.join(self.models)}")
+        return self.models[name]
+
     def steer(self, request_id: str, inputs: dict) -> int:
         """Steers the generation named `request_id` with the inputs given (any of STEERABLE:
         texts, guidance, regions, an inpainting mask), validated as a new request's; returns the
@@ -173,16 +230,19 @@ class PipelineService:
             raise InvalidInput(others[0], f"cannot be steered; a steer may change only {', '.join(STEERABLE)}")
         if not given:
             raise InvalidInput("steer", f"needs at least one of {', '.join(STEERABLE)}")
+        # fields are range-checked with the default model's limits before the job is found; what
+        # depends on the job's own model (text lengths, regions' modes) is checked with it (_check)
         return self.engine.steer(request_id, parse_steer(inputs, self.limits), self._check)
 
     def _check(self, job: Job, request) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text
         encoder's length, regions' rows within one UNet call."""
-        tokenizer = self.tokenizers[self.limits.variants[job.variant].tokenizer]
+        tokenizer = self.models[job.model].tokenizers[job.variant]
         checked = set()
         for _, prompt, negative in scheduled_texts(request):
             for field, text in (("prompt", prompt), ("negative_prompt", negative)):
                 if (field, text) not in checked:
                     checked.add((field, text))
                     tokenizer.check(field, text)
-        check_regional_job(replace(job, request=request, conditioning=None), tokenizer.check, self.engine.scheduler.config.max_rows)
+        check_regional_job(replace(job, request=request, conditioning=None), tokenizer.check, self.engine.scheduler.config.max_rows,
+                           self.models[job.model].limits.regions)

@@ -34,15 +34,39 @@ class PromptTokenizer:
         return ids.astype(np.int64)
 
 
+class TextTokenizers:
+    """The tokenizers of a text encoder component, one per token-id input (SDXL's two encoders read
+    one prompt through two tokenizers): input name -> PromptTokenizer."""
+
+    def __init__(self, tokenizers: dict):
+        self.tokenizers = tokenizers
+
+    def check(self, field: str, text: str) -> None:
+        for tokenizer in self.tokenizers.values():
+            tokenizer.check(field, text)
+
+    def encode(self, texts) -> dict:
+        """Input name -> int64 [len(texts), max_tokens]."""
+        return {name: tokenizer.encode(texts) for name, tokenizer in self.tokenizers.items()}
+
+
 class CachedTextEncoder:
     """Text embeddings for a batch of texts in one text-encoder call (one per `max_batch` rows past
     the model's max batch size), each distinct token sequence encoded once: within the batch, and
     across batches through a bounded LRU cache keyed by token ids (identical prompts of many
-    requests, and a steered job's unchanged negative prompt, cost nothing after the first)."""
+    requests, and a steered job's unchanged negative prompt, cost nothing after the first).
 
-    def __init__(self, tokenizer: PromptTokenizer, encode_ids, capacity: int = 1024, max_batch: int | None = None):
-        self.tokenizer = tokenizer
-        self.encode_ids = encode_ids  # int64 [N, L] -> float32 [N, L, D]
+    An embedding is a dict: denoiser input name -> that text's value (`outputs` maps the text
+    encoder's output names to them: its context, and SDXL's pooled text_embeds). The text None is
+    the unconditional embedding of a job without a negative prompt: the encoding of "", or zeros
+    where the family's checkpoint says so (SDXL's force_zeros_for_empty_prompt)."""
+
+    def __init__(self, tokenizers: TextTokenizers, encode_text, outputs: dict, zero_unconditional: bool = False,
+                 capacity: int = 1024, max_batch: int | None = None):
+        self.tokenizers = tokenizers
+        self.encode_text = encode_text  # **{input name: int64 [N, L]} -> {output name: float32 [N, ...]}
+        self.outputs = outputs
+        self.zero_unconditional = zero_unconditional
         self.capacity = capacity
         self.max_batch = max_batch  # rows one text-encoder call takes (its model's max batch size); None: any
         self.cache = OrderedDict()
@@ -50,26 +74,32 @@ class CachedTextEncoder:
         self.rows = 0
 
     def encode(self, texts) -> list:
-        """One float32 [L, D] embedding per text, in order."""
-        ids = self.tokenizer.encode(texts)
-        keys = [row.tobytes() for row in ids]
+        """One embedding per text, in order."""
+        texts = list(texts)
+        ids = self.tokenizers.encode(["" if t is None else t for t in texts])
+        names = list(ids)
+        rows = [tuple(ids[n][i] for n in names) for i in range(len(texts))]
+        keys = [b"".join(r.tobytes() for r in row) for row in rows]
         missing = {}
-        for key, row in zip(keys, ids):
+        for key, row in zip(keys, rows):
             if key not in self.cache and key not in missing:
                 missing[key] = row
-        rows = list(missing.items())
-        size = self.max_batch or max(1, len(rows))
-        for start in range(0, len(rows), size):  # more than one call only past the model's max batch
-            chunk = rows[start : start + size]
-            embeddings = self.encode_ids(np.stack([row for _, row in chunk]))
+        pending = list(missing.items())
+        size = self.max_batch or max(1, len(pending))
+        for start in range(0, len(pending), size):  # more than one call only past the model's max batch
+            chunk = pending[start : start + size]
+            outputs = self.encode_text(**{n: np.stack([row[k] for _, row in chunk]) for k, n in enumerate(names)})
             self.calls += 1
             self.rows += len(chunk)
-            for (key, _), embedding in zip(chunk, embeddings):
-                self.cache[key] = embedding
+            for i, (key, _) in enumerate(chunk):
+                self.cache[key] = {self.outputs[name]: value[i] for name, value in outputs.items() if name in self.outputs}
         out = []
-        for key in keys:
+        for text, key in zip(texts, keys):
             self.cache.move_to_end(key)
-            out.append(self.cache[key])
+            embedding = self.cache[key]
+            if text is None and self.zero_unconditional:
+                embedding = {name: np.zeros_like(value) for name, value in embedding.items()}
+            out.append(embedding)
         while len(self.cache) > self.capacity:
             self.cache.popitem(last=False)
         return out

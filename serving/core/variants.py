@@ -1,5 +1,8 @@
-"""The UNet variants one served pipeline holds, which variant each task runs on, and the runner
-that sends each job to its variant's Runner. Imports nothing from Triton.
+"""The UNet variants each served model holds, which variant each task runs on, and the runner
+that sends each job to its model's variant's Runner. Imports nothing from Triton.
+
+A pipeline serves one or more models (checkpoints, each of a family: families/); a model holds
+one or more variants.
 
 A variant is one checkpoint's UNet with the text encoder, VAE, tokenizer and schedule it was
 trained with (`ldm export` shares the components that are identical between variants):
@@ -7,8 +10,8 @@ trained with (`ldm export` shares the components that are identical between vari
   blending when there is no inpainting UNet;
 - "inpaint": 9-channel inpainting UNet (latents, mask, masked-image latents in): task inpaint;
 - "upscale": x4 upscaler (latents and the noised low-res image in, noise level as class labels).
-Jobs of different variants never share a UNet call (their channel layouts differ): the job's
-call key carries its variant.
+Jobs of different models or variants never share a UNet call (their networks and channel
+layouts differ): the job's call key carries both.
 """
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ class VariantSpec:
 
     name: str
     components: dict  # component (text_encoder, unet, vae_decoder, vae_encoder) -> Triton model name
-    tokenizer: str  # folder beside pipeline.json
+    tokenizers: dict  # the text encoder's token-id input -> its tokenizer's folder beside pipeline.json
     text_length: int
     latent_channels: int
     vae_factor: int
@@ -35,6 +38,9 @@ class VariantSpec:
     low_res_scheduler_config: dict | None = None  # upscale
     max_noise_level: int | None = None  # upscale
     max_batch: dict = field(default_factory=dict)  # component -> the most rows one call of its model takes
+    family: str = "sd"  # families/ FAMILIES
+    text_outputs: tuple = ("last_hidden_state",)  # the text encoder's outputs, in its contract's order
+    zero_empty_negative: bool = False  # SDXL's force_zeros_for_empty_prompt
 
     @classmethod
     def table(cls, info: dict) -> dict:
@@ -42,7 +48,7 @@ class VariantSpec:
         if "variants" not in info:
             raise ValueError("pipeline.json has no variants table (an export by an older version): re-run `ldm export`")
         fields = cls.__dataclass_fields__
-        return {name: cls(name=name, **{k: v for k, v in facts.items() if k in fields})
+        return {name: cls(name=name, **{k: tuple(v) if k == "text_outputs" else v for k, v in facts.items() if k in fields})
                 for name, facts in info["variants"].items()}
 
 
@@ -56,8 +62,8 @@ def variant_for(task: str, available) -> str | None:
 
 
 class VariantRunners:
-    """The engine's runner (admit, step, decode) over several variants: each job goes to the
-    Runner of its variant; a step's jobs share one call key, hence one variant."""
+    """The engine's runner (admit, step, decode) over several models' variants: each job goes to
+    the Runner of its (model, variant); a step's jobs share one call key, hence one of them."""
 
     def __init__(self, runners: dict):
         self.runners = runners
@@ -68,7 +74,7 @@ class VariantRunners:
             self.runners[variant].admit(new.get(variant, []), changed.get(variant, []))
 
     def step(self, jobs: list) -> None:
-        self.runners[jobs[0].variant].step(jobs)
+        self.runners[_runner_key(jobs[0])].step(jobs)
 
     def decode(self, jobs: list) -> list:
         images = {}
@@ -78,8 +84,12 @@ class VariantRunners:
         return [images[id(job)] for job in jobs]
 
 
+def _runner_key(job) -> tuple:
+    return (job.model, job.variant)
+
+
 def _by_variant(jobs: list) -> dict:
     groups = defaultdict(list)
     for job in jobs:
-        groups[job.variant].append(job)
+        groups[_runner_key(job)].append(job)
     return groups

@@ -57,20 +57,20 @@ class LocalUnet:
     def __init__(self, component: OnnxComponent):
         self.component = component
 
-    def __call__(self, sample, timestep, encoder_hidden_states, **per_row):
-        """per_row: the UNet's other inputs (class_labels: the x4 upscaler's noise level)."""
-        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, **per_row)[
-            "noise_pred"
-        ]
+    def __call__(self, sample, **inputs):
+        """inputs: timestep, encoder_hidden_states and the family's other per-row inputs, by name."""
+        return self.component(sample=sample, **inputs)["noise_pred"]
 
 
 class LocalModels:
     """One UNet variant's components of a model repository, run in this process (a Runner's
     models); `sessions` (model name -> OnnxComponent) lets variants share components."""
 
-    def __init__(self, repo_dir, threads: int = 0, variant: str | None = None, sessions: dict | None = None):
+    def __init__(self, repo_dir, threads: int = 0, variant: str | None = None, sessions: dict | None = None,
+                 model: str | None = None):
         repo = Path(repo_dir)
         info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+        info = info["models"][model or info["default_model"]]
         components = info["variants"][variant or info["primary"]]["components"]
         sessions = {} if sessions is None else sessions
 
@@ -87,8 +87,9 @@ class LocalModels:
         self.vae_decoder = session("vae_decoder")
         self.vae_encoder = session("vae_encoder") if "vae_encoder" in components else None
 
-    def encode_text(self, input_ids):
-        return self.text_encoder(input_ids=input_ids)["last_hidden_state"]
+    def encode_text(self, **ids):
+        """Token ids by input name (input_ids, input_ids_2, ...) -> the text encoder's outputs by name."""
+        return self.text_encoder(**ids)
 
     def decode(self, latents):
         return self.vae_decoder(latents=latents)["images"]
@@ -100,7 +101,9 @@ class LocalModels:
 
 
 def local_variants(repo_dir, threads: int = 0) -> dict:
-    """LocalModels of every variant of a repository, each shared component loaded once."""
+    """{(model, variant): LocalModels} of every variant of every model of a repository, each shared
+    component loaded once."""
     info = json.loads((Path(repo_dir) / "pipeline" / "1" / "pipeline.json").read_text())
     sessions = {}
-    return {name: LocalModels(repo_dir, threads, name, sessions) for name in info["variants"]}
+    return {(model, name): LocalModels(repo_dir, threads, name, sessions, model)
+            for model, facts in info["models"].items() for name in facts["variants"]}

@@ -12,6 +12,7 @@ models (group norm and attention are per row, there is no batch norm), so paddin
 the real rows. Bucketing also bounds the shapes a kernel ever sees, which is what keeps a row's
 result independent of its batch-mates on CPU (see torch_options.CPU_MIN_BUCKET).
 """
+from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,10 +24,6 @@ from serving.models.torch_options import VAE_BUCKETS, TorchOptions
 
 # Graph capture needs free memory for the capture's own workspace beyond the activations.
 CAPTURE_HEADROOM = 0.05
-# The UNet's per-row inputs after (sample, timestep, encoder_hidden_states), in the order of its
-# module's forward (export/torch_modules.py): one call takes them positionally, so the graphs
-# captured for it (the upscaler's included) are the ones its calls replay.
-UNET_EXTRAS = ("class_labels",)
 
 
 class BucketedCall:
@@ -120,9 +117,11 @@ def _as_tuple(out) -> tuple:
 class TorchModels:
     """The checkpoint's text encoder, UNet and VAE (those in `components`) on one device.
 
-    encode_text(input_ids int64 [N, L]) -> float32 [N, L, D]
-    unet(sample [B, C, h, w], timestep float32 [B], encoder_hidden_states [B, L, D], **per_row) -> [B, C', h, w]
-        (per_row: extra batch-first inputs of the UNet, e.g. class_labels; passed by name)
+    encode_text(**token ids int64 [N, L]) -> {output name: float32 [N, ...]}
+    unet(sample [B, C, h, w], **inputs) -> [B, C', h, w]
+        (inputs: timestep float32 [B], encoder_hidden_states [B, L, D] and the family's other
+        per-row inputs, by name; the module takes them positionally in its export contract's
+        order, so the graphs captured for the contract's shapes are the ones its calls replay)
     decode(latents [N, C, h, w], scaled) -> float32 [N, H, W, 3] in [0, 1]
     encode_image(images [N, H, W, 3] in [0, 1]) -> (mean, std), scaled, each [N, C, h, w]
     row_cap: the UNet rows per call this device serves (the largest usable bucket)."""
@@ -130,13 +129,17 @@ class TorchModels:
     COMPONENTS = ("text_encoder", "unet", "vae")
 
     def __init__(self, checkpoint_dir, options: TorchOptions = TorchOptions(), components=COMPONENTS, log=print):
-        from export.checkpoint import CheckpointInfo
-        from export.torch_modules import VaeEncoder, load_module
+        from families import torch_module
+        from families.checkpoint import CheckpointInfo
+        from families.contracts import component_contracts
+        from families.sd_torch import VaeEncoder
 
         unknown = set(components) - set(self.COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}; choose from {self.COMPONENTS}")
         self.info = CheckpointInfo.read(Path(checkpoint_dir))
+        # the inputs and outputs of each call, in its module's order (max batch sizes unused here)
+        self.contracts = component_contracts(self.info, self.info.native_size, defaultdict(lambda: 1))
         self.options = options
         self.device = torch.device(options.device)
         self.dtype = torch.float16 if options.kind == "cuda" else torch.float32
@@ -148,11 +151,11 @@ class TorchModels:
         self.calls = {}
         with torch.cuda.device(self.device) if options.kind == "cuda" else nullcontext():
             if "text_encoder" in components:
-                self.calls["text_encoder"] = self._call("text_encoder", load_module("text_encoder", self.info), buckets)
+                self.calls["text_encoder"] = self._call("text_encoder", torch_module("text_encoder", self.info), buckets)
             if "unet" in components:
-                self.calls["unet"] = self._call("unet", load_module("unet", self.info), buckets)
+                self.calls["unet"] = self._call("unet", torch_module("unet", self.info), buckets)
             if "vae" in components:
-                decoder = load_module("vae_decoder", self.info)  # the encoder shares its AutoencoderKL
+                decoder = torch_module("vae_decoder", self.info)  # the encoder shares its AutoencoderKL
                 encoder = VaeEncoder(decoder.vae, self.info.vae_scaling_factor)
                 self.calls["vae_decoder"] = self._call("vae_decoder", decoder, vae_buckets)
                 self.calls["vae_encoder"] = self._call("vae_encoder", encoder, vae_buckets)
@@ -171,15 +174,14 @@ class TorchModels:
 
     # --- the models protocol -------------------------------------------------------------------
 
-    def encode_text(self, input_ids):
-        return self._run("text_encoder", input_ids)[0]
+    def encode_text(self, **ids):
+        contract = self.contracts["text_encoder"]
+        outputs = self._run("text_encoder", *self._ordered(contract, ids))
+        return {spec.name: value for spec, value in zip(contract.outputs, outputs)}
 
-    def unet(self, sample, timestep, encoder_hidden_states, **per_row):
-        unknown = sorted(set(per_row) - set(UNET_EXTRAS))
-        if unknown:
-            raise TypeError(f"torch runner: the UNet takes no input {unknown[0]!r}; its extras are {UNET_EXTRAS}")
-        extras = [per_row[n] for n in UNET_EXTRAS if n in per_row]
-        return self._run("unet", sample, np.asarray(timestep, np.float32).reshape(-1), encoder_hidden_states, *extras)[0]
+    def unet(self, sample, **inputs):
+        inputs = {**inputs, "sample": sample, "timestep": np.asarray(inputs["timestep"], np.float32).reshape(-1)}
+        return self._run("unet", *self._ordered(self.contracts["unet"], inputs))[0]
 
     def decode(self, latents):
         return self._run("vae_decoder", latents)[0]
@@ -188,6 +190,15 @@ class TorchModels:
         return self._run("vae_encoder", images)
 
     # --- internals -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _ordered(contract, inputs: dict) -> list:
+        """The contract's inputs in its order; a name it does not take is refused."""
+        names = [spec.name for spec in contract.inputs]
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise TypeError(f"torch runner: {contract.component} takes no input {unknown[0]!r}; its inputs are {names}")
+        return [inputs[n] for n in names if n in inputs]
 
     def _require(self, name) -> BucketedCall:
         if name not in self.calls:
@@ -207,19 +218,10 @@ class TorchModels:
         """Zero inputs of `rows` rows at the checkpoint's native size, per call, shaped as the
         engine's calls are (an image-conditioned UNet's concatenated channels, the upscaler's
         noise level), so a graph captured for them is the one those calls find."""
-        info = self.info
-        latent = info.native_size // info.vae_factor
-        labels = (np.zeros(rows, np.int64),) if info.max_noise_level is not None else ()
-        return {
-            "text_encoder": (np.zeros((rows, info.text_length), np.int64),),
-            "unet": (
-                np.zeros((rows, info.unet_in_channels, latent, latent), np.float32),
-                np.zeros(rows, np.float32),
-                np.zeros((rows, info.text_length, info.text_hidden), np.float32),
-                *labels,
-            ),
-            "vae_decoder": (np.zeros((rows, info.latent_channels, latent, latent), np.float32),),
-        }
+        sizes = {axis: r[1] for axis, r in self.contracts["unet"].axis_ranges.items()}  # opt: the native size
+        sizes["batch"] = rows
+        return {name: tuple(np.zeros(contract.shape(spec, sizes), spec.dtype) for spec in contract.inputs)
+                for name, contract in self.contracts.items() if name in ("text_encoder", "unet", "vae_decoder")}
 
     def _plan_memory(self) -> dict:
         """CUDA: measure the VAE decoder's peak at its largest bucket and keep that much free, then

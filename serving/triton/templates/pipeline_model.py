@@ -48,7 +48,7 @@ from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
 from serving.core.errors import INTERNAL, INVALID_ARG, PERMISSION_DENIED, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.core.request import InvalidInput
-from serving.core.service import PipelineAssets, PipelineService
+from serving.core.service import PipelineAssets, PipelineService, model_infos
 from serving.core.steering import STEER_PARAMETER, SteerRefused
 from serving.models.assemble import RunnerChoice, build_models
 
@@ -57,25 +57,21 @@ CONTROL_PARAMETERS = (DRAIN_PARAMETER, CANCEL_PARAMETER, STEER_PARAMETER)
 
 
 class BlsModels:
-    """One UNet variant's component models (its entry of pipeline.json's variants table),
+    """One model's UNet variant's component models (its entry of pipeline.json's variants table),
     reached through Triton (BLS)."""
 
-    def __init__(self, components: dict):
+    def __init__(self, components: dict, text_outputs: list):
         self.components = components
+        self.text_outputs = text_outputs  # the text encoder's output names (its family's contract)
 
-    def encode_text(self, input_ids):
-        return _call(self.components["text_encoder"], {"input_ids": input_ids}, ["last_hidden_state"])[0]
+    def encode_text(self, **ids):
+        return dict(zip(self.text_outputs, _call(self.components["text_encoder"], ids, self.text_outputs)))
 
-    def unet(self, sample, timestep, encoder_hidden_states, class_labels=None):
-        inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states}
-        if class_labels is not None:  # the x4 upscaler's noise level per row
-            inputs["class_labels"] = class_labels[:, None]
-        return _call(self.components["unet"], inputs, ["noise_pred"])[0]
+    def unet(self, sample, **inputs):
+        return _call(self.components["unet"], {"sample": sample, **_per_row(inputs)}, ["noise_pred"])[0]
 
-    def regional_unet(self, sample, timestep, encoder_hidden_states, region_weights):
-        inputs = {"sample": sample, "timestep": timestep[:, None], "encoder_hidden_states": encoder_hidden_states,
-                  "region_weights": region_weights}
-        return _call(self.components["unet_regional"], inputs, ["noise_pred"])[0]
+    def regional_unet(self, sample, **inputs):
+        return _call(self.components["unet_regional"], {"sample": sample, **_per_row(inputs)}, ["noise_pred"])[0]
 
     def decode(self, latents):
         return _call(self.components["vae_decoder"], {"latents": latents}, ["images"])[0]
@@ -83,6 +79,11 @@ class BlsModels:
     def encode_image(self, images):
         mean, std = _call(self.components["vae_encoder"], {"images": images}, ["latents_mean", "latents_std"])
         return mean, std
+
+
+def _per_row(inputs: dict) -> dict:
+    """One value per row is [B, 1] in the models' Triton configs (the timestep, class labels)."""
+    return {name: value[:, None] if value.ndim == 1 else value for name, value in inputs.items()}
 
 
 def _call(model, inputs, outputs):
@@ -185,9 +186,10 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         assets = PipelineAssets.read(model_dir / args["model_version"])
         models = {
-            variant: build_models(choice, model_dir.parent, args["model_version"], BlsModels(facts["components"]), facts,
-                                  log=lambda m: print(m, flush=True))
-            for variant, facts in assets.info["variants"].items()
+            (model, variant): build_models(choice, model_dir.parent, args["model_version"],
+                                           BlsModels(facts["components"], facts["text_outputs"]), facts,
+                                           log=lambda m: print(m, flush=True))
+            for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()
         }
         self.service = PipelineService(assets, params, models).start()
         self.families = []  # a MetricFamily must outlive its metrics

@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from export.checkpoint import CheckpointInfo
-from serving.core.regions import MAX_REGIONS
+from families.checkpoint import CheckpointInfo
 
 BATCH = "batch"
 HEIGHT, WIDTH = "height", "width"  # latent cells
 IMAGE_HEIGHT, IMAGE_WIDTH = "image_height", "image_width"  # pixels
 CONTEXTS = "contexts"  # text contexts per row of the regional UNet: the base prompt and each region
+MAX_REGIONS = 8  # regions per request: the regional UNet takes up to MAX_REGIONS + 1 contexts per row
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TensorSpec:
 class ComponentContract:
     name: str  # the Triton model
     component: str  # what it runs: text_encoder, unet, unet_regional, vae_decoder or vae_encoder
-    folder: str  # the checkpoint subfolder holding its weights
+    folders: tuple  # the checkpoint subfolders holding its weights (SDXL's text encoder: two)
     inputs: tuple
     outputs: tuple
     max_batch_size: int
@@ -57,16 +57,18 @@ class ComponentContract:
 
 def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: dict) -> dict:
     """The exported components of a checkpoint, by component (the names of their Triton models,
-    until a repository with several variants renames them); a base checkpoint's include the
-    regional UNet."""
+    until a repository with several variants renames them), from what its family declares
+    (families/): the text encoder's inputs and outputs, the UNet's further per-row inputs, and
+    whether a base checkpoint gets the regional UNet."""
+    from families import FAMILIES  # the registry imports this module
+
+    family = FAMILIES[info.family]
     lat_max = max_image_size // info.vae_factor
     lat_opt = info.native_size // info.vae_factor
     lat_min = 8 if lat_max >= 8 else lat_max
     latent = (BATCH, info.latent_channels, HEIGHT, WIDTH)
     # concat-conditioned UNets (inpainting, x4 upscaler) take extra channels after the latents
     unet_sample = (BATCH, info.unet_in_channels, HEIGHT, WIDTH)
-    # the x4 upscaler's noise level, one per row
-    class_labels = (TensorSpec("class_labels", "int64", (BATCH,)),) if info.layout == "upscale" else ()
     latent_axes = {HEIGHT: (lat_min, lat_opt, lat_max), WIDTH: (lat_min, lat_opt, lat_max)}
     image_axes = {
         IMAGE_HEIGHT: tuple(v * info.vae_factor for v in latent_axes[HEIGHT]),
@@ -80,23 +82,23 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
         "text_encoder": ComponentContract(
             name="text_encoder",
             component="text_encoder",
-            folder="text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", (BATCH, info.text_length)),),
-            outputs=(TensorSpec("last_hidden_state", "float32", (BATCH, info.text_length, info.text_hidden)),),
+            folders=tuple(e.folder for e in info.text_encoders),
+            inputs=tuple(TensorSpec(name, "int64", (BATCH, info.text_length)) for name in family.token_inputs(info)),
+            outputs=family.text_outputs(info),
             max_batch_size=max_batch["text_encoder"],
             axis_ranges=batch_axis("text_encoder"),
         ),
         "unet": ComponentContract(
             name="unet",
             component="unet",
-            folder="unet",
+            folders=("unet",),
             inputs=(
                 TensorSpec("sample", "float32", unet_sample),
                 # one timestep per row: requests at different steps share one call; fractional
                 # for sigma-space samplers (Euler, Karras sigmas), integers for the others
                 TensorSpec("timestep", "float32", (BATCH,)),
                 TensorSpec("encoder_hidden_states", "float32", (BATCH, info.text_length, info.text_hidden)),
-                *class_labels,
+                *family.unet_row_inputs(info),
             ),
             outputs=(TensorSpec("noise_pred", "float32", latent),),
             max_batch_size=max_batch["unet"],
@@ -105,7 +107,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
         "vae_decoder": ComponentContract(
             name="vae_decoder",
             component="vae_decoder",
-            folder="vae",
+            folders=("vae",),
             inputs=(TensorSpec("latents", "float32", latent),),
             # NHWC in [0, 1]: the pipeline only rounds to uint8
             outputs=(TensorSpec("images", "float32", (BATCH, IMAGE_HEIGHT, IMAGE_WIDTH, 3)),),
@@ -115,7 +117,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
         "vae_encoder": ComponentContract(
             name="vae_encoder",
             component="vae_encoder",
-            folder="vae",
+            folders=("vae",),
             inputs=(TensorSpec("images", "float32", (BATCH, IMAGE_HEIGHT, IMAGE_WIDTH, 3)),),
             # the posterior's mean and standard deviation, already in diffusion (scaled) units
             outputs=(
@@ -126,13 +128,18 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             axis_ranges={**batch_axis("vae_encoder"), **image_axes},
         ),
     }
-    if info.layout == "base":  # the regional UNet takes text contexts alone, no concatenated image
+    if info.layout == "base" and family.regional_attention:  # the regional UNet takes text contexts alone
         contracts["unet_regional"] = regional_unet_contract(contracts["unet"], max_batch["unet_regional"])
     return contracts
 
 
+def token_input_names(encoders: int) -> tuple:
+    """The text encoder component's token-id inputs, one per tokenizer: input_ids, input_ids_2, ..."""
+    return tuple("input_ids" if k == 0 else f"input_ids_{k + 1}" for k in range(encoders))
+
+
 def regional_unet_contract(unet: ComponentContract, max_batch: int) -> ComponentContract:
-    """Regional prompts' attention mode (export/regional_unet.py): the UNet's weights and tensors,
+    """Regional prompts' attention mode (families/regional_unet.py): the UNet's weights and tensors,
     with K text contexts per row and their region weights at the latent's resolution."""
     sample, timestep, context = unet.inputs
     batch, length, hidden = context.dims
@@ -153,8 +160,9 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
     out = {}
     for spec in contract.inputs:
         shape = contract.shape(spec, sizes)
-        if spec.name == "input_ids":
-            out[spec.name] = rng.integers(0, info.vocab_size, shape, dtype=np.int64)
+        if spec.name.startswith("input_ids"):  # input_ids, input_ids_2: each encoder's own vocabulary
+            encoder = info.text_encoders[token_input_names(len(info.text_encoders)).index(spec.name)]
+            out[spec.name] = rng.integers(0, encoder.vocab_size, shape, dtype=np.int64)
         elif spec.name == "timestep":
             out[spec.name] = rng.uniform(0, info.scheduler_config.get("num_train_timesteps", 1000), shape).astype(np.float32)
         elif spec.name == "class_labels":

@@ -1,8 +1,9 @@
 """Reading a diffusers-format pipeline folder: the facts export and serving need.
 
-The UNet's input layout says which kind of checkpoint it is (`layout`):
+The pipeline class in `model_index.json` names the family (families/__init__.py). Within a UNet
+family the UNet's input layout says which kind of checkpoint it is (`layout`):
 - "base": text-to-image, the UNet takes the latents alone (in_channels = latent channels);
-- "inpaint": StableDiffusionInpaintPipeline's UNet takes cat(latents, mask, masked-image latents)
+- "inpaint": an inpainting pipeline's UNet takes cat(latents, mask, masked-image latents)
   (in_channels = 2 x latent channels + 1);
 - "upscale": StableDiffusionUpscalePipeline's (x4 upscaler) takes cat(latents, noised low-res RGB
   image) (in_channels = latent channels + 3) and the noise level as class labels.
@@ -15,11 +16,22 @@ LAYOUTS = ("base", "inpaint", "upscale")
 
 
 @dataclass(frozen=True)
+class TextEncoderInfo:
+    """One text encoder with its tokenizer (SDXL has two, read into one exported component)."""
+
+    folder: str  # text_encoder, text_encoder_2
+    tokenizer: str  # tokenizer, tokenizer_2
+    vocab_size: int
+    hidden: int  # width of the hidden states the denoiser reads from it
+    pooled: int | None = None  # width of its projected pooled output, where the denoiser reads one
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
-    vocab_size: int
+    family: str  # families/__init__.py FAMILIES
+    text_encoders: tuple  # TextEncoderInfo, in the order the denoiser's context concatenates them
     text_length: int  # token ids per prompt, <bos> and <eos> included
-    text_hidden: int
     latent_channels: int  # what the VAE encodes to and the UNet predicts
     unet_in_channels: int  # latents plus any concatenated conditioning channels
     layout: str  # one of LAYOUTS
@@ -30,29 +42,47 @@ class CheckpointInfo:
     scheduler_config: dict
     low_res_scheduler_config: dict | None = None  # upscale: the schedule that noises the low-res image
     max_noise_level: int | None = None  # upscale: largest noise_level (class label) accepted
+    # SDXL's force_zeros_for_empty_prompt: without a negative prompt the unconditional row's
+    # embeddings are zeros, not the encoding of ""
+    zero_empty_negative: bool = False
+
+    @property
+    def text_hidden(self) -> int:
+        """Width of the denoiser's text context: the encoders' hidden states side by side."""
+        return sum(e.hidden for e in self.text_encoders)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_encoders[0].vocab_size
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return next((e.pooled for e in self.text_encoders if e.pooled), None)
 
     @classmethod
     def read(cls, path) -> "CheckpointInfo":
+        from families import family_of  # the registry imports the family modules, which import this one
+
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
         index = _json(path / "model_index.json")
-        text = _json(path / "text_encoder" / "config.json")
+        family = family_of(index, path)
         unet = _json(path / "unet" / "config.json")
         vae = _json(path / "vae" / "config.json")
-        tokenizer_config = _json(path / "tokenizer" / "tokenizer_config.json")
+        encoders = tuple(_text_encoder(path, folder, tokenizer) for folder, tokenizer in family.text_folders)
         vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
         sample_size = unet["sample_size"]
         sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        text_length = int(tokenizer_config.get("model_max_length", text["max_position_embeddings"]))
+        text_length = min(_text_length(path, folder, tokenizer) for folder, tokenizer in family.text_folders)
         latent_channels = int(unet.get("out_channels", unet["in_channels"]))
         layout = unet_layout(unet, latent_channels)
         upscale = layout == "upscale"
         return cls(
             path=path,
-            vocab_size=int(text["vocab_size"]),
-            text_length=min(text_length, int(text["max_position_embeddings"])),
-            text_hidden=int(text["hidden_size"]),
+            family=family.name,
+            text_encoders=encoders,
+            text_length=text_length,
             latent_channels=latent_channels,
             unet_in_channels=int(unet["in_channels"]),
             layout=layout,
@@ -63,11 +93,26 @@ class CheckpointInfo:
             scheduler_config=_json(path / "scheduler" / "scheduler_config.json"),
             low_res_scheduler_config=_json(path / "low_res_scheduler" / "scheduler_config.json") if upscale else None,
             max_noise_level=int(index.get("max_noise_level", 350)) if upscale else None,
+            zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", False)),
         )
 
     def component_files(self, folder: str):
         """The files a component's export depends on (config and weights)."""
         return sorted(p for p in (self.path / folder).iterdir() if p.is_file())
+
+
+def _text_encoder(path: Path, folder: str, tokenizer: str) -> TextEncoderInfo:
+    config = _json(path / folder / "config.json")
+    return TextEncoderInfo(folder, tokenizer, int(config["vocab_size"]), int(config["hidden_size"]),
+                           int(config["projection_dim"]) if "projection_dim" in config and
+                           "WithProjection" in str(config.get("architectures", "")) else None)
+
+
+def _text_length(path: Path, folder: str, tokenizer: str) -> int:
+    config = _json(path / folder / "config.json")
+    tokenizer_config = _json(path / tokenizer / "tokenizer_config.json")
+    return min(int(tokenizer_config.get("model_max_length", config["max_position_embeddings"])),
+               int(config["max_position_embeddings"]))
 
 
 def unet_layout(unet_config: dict, latent_channels: int) -> str:

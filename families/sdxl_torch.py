@@ -1,7 +1,6 @@
 """torch modules with the inputs and outputs of SDXL's export contracts (StableDiffusionXLPipeline).
 
-Provisional home: the family layer (issue 19) moves these into the SDXL family module. Each
-wrapper mirrors one piece of diffusers 0.42.1's StableDiffusionXLPipeline, so an ONNX graph
+The SDXL family's torch side (families/sdxl.py declares its contracts). Each wrapper mirrors one piece of diffusers 0.42.1's StableDiffusionXLPipeline, so an ONNX graph
 exported from it, or the torch runner calling it, computes what the pipeline computes:
 
 - text: `encode_prompt` runs both encoders with `output_hidden_states=True`, takes
@@ -74,3 +73,21 @@ class SdxlUNet(torch.nn.Module):
         return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                           added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
                           return_dict=False)[0]
+
+
+def load_module(name: str, info) -> torch.nn.Module:
+    """The torch module of SDXL component `name` (text_encoder: both encoders in one module;
+    unet; vae_decoder, vae_encoder as Stable Diffusion's), in eval mode, float32."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from families import sd_torch
+
+    if name == "text_encoder":
+        module = SdxlTextEncoders(CLIPTextModel.from_pretrained(info.path / "text_encoder"),
+                                  CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2"))
+    elif name == "unet":
+        module = SdxlUNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
+    else:
+        return sd_torch.load_module(name, info)
+    return module.float().eval()

@@ -3,7 +3,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from export.checkpoint import CheckpointInfo
+from families.checkpoint import CheckpointInfo
 
 
 class TextEncoder(torch.nn.Module):
@@ -57,7 +57,7 @@ def load_module(name: str, info: CheckpointInfo) -> torch.nn.Module:
     elif name == "unet":
         module = UNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
     elif name == "unet_regional":
-        from export.regional_unet import RegionalUNet
+        from families.regional_unet import RegionalUNet
 
         module = RegionalUNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
     elif name in ("vae_decoder", "vae_encoder"):

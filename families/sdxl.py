@@ -1,0 +1,51 @@
+"""The SDXL family (StableDiffusionXLPipeline, its img2img and inpainting kin): what differs from
+Stable Diffusion 1.x/2.x (families/sd.py), as diffusers 0.42.1's StableDiffusionXLPipeline does it:
+- two text encoders (CLIPTextModel, CLIPTextModelWithProjection), each with its own tokenizer:
+  the context is both encoders' penultimate hidden states side by side, and the second one's
+  projected pooled output is the UNet's per-row `text_embeds` (families/sdxl_torch.py);
+- `force_zeros_for_empty_prompt`: without a negative prompt the unconditional row's context and
+  text_embeds are zeros (the engine's text encoding reads CheckpointInfo.zero_empty_negative);
+- per-row `time_ids`: original_size (h, w) + crops_coords_top_left (top, left) + target_size
+  (h, w), from the request fields `original_size`, `crop_top_left`, `target_size`, with the
+  pipeline's defaults: the output size, (0, 0), the output size. The unconditional row gets the
+  same ids (diffusers' negative_* sizes default to the positive ones);
+- the VAE's scaling factor (0.13025 for SDXL) is read from the checkpoint as for every family.
+Regions run in latent mode (rows per region, with each region's own text_embeds); attention mode's
+regional UNet is not exported for SDXL (INVALID_ARG region_mode).
+"""
+import numpy as np
+
+from families.contracts import BATCH, TensorSpec
+from families.sd import StableDiffusion
+
+TIME_ID_FIELDS = ("original_size", "crop_top_left", "target_size")
+
+
+class StableDiffusionXL(StableDiffusion):
+    name = "sdxl"
+    pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+    text_folders = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+    regional_attention = False
+    request_fields = TIME_ID_FIELDS
+
+    def text_outputs(self, info) -> tuple:
+        return (TensorSpec("prompt_embeds", "float32", (BATCH, info.text_length, info.text_hidden)),
+                TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)))
+
+    def text_inputs(self) -> dict:
+        return {"prompt_embeds": "encoder_hidden_states", "text_embeds": "text_embeds"}
+
+    def unet_row_inputs(self, info) -> tuple:
+        return (TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)),
+                TensorSpec("time_ids", "float32", (BATCH, 6)))
+
+    def row_inputs(self, request, variant) -> dict:
+        size = (request.height, request.width)
+        sizes = request.family_fields
+        ids = [*sizes.get("original_size", size), *sizes.get("crop_top_left", (0, 0)), *sizes.get("target_size", size)]
+        return {"time_ids": np.array(ids, np.float32)}
+
+    def torch_module(self, component: str, info):
+        from families.sdxl_torch import load_module
+
+        return load_module(component, info)
