@@ -220,20 +220,21 @@ def test_contradicting_parameters_are_refused_at_load_by_name(tiny_repo, models,
 def test_text_encoder_calls_are_split_to_its_max_batch(tiny_repo, models):
     sizes = []
 
-    def encode_ids(ids):
-        sizes.append(len(ids))
-        if len(ids) > 3:  # what Triton answers past a model's max_batch_size
+    def encode_ids(input_ids):
+        sizes.append(len(input_ids))
+        if len(input_ids) > 3:  # what Triton answers past a model's max_batch_size
             raise RuntimeError("inference request batch-size must be <= 3")
-        return models.encode_text(ids)
+        return models.encode_text(input_ids)
 
-    tokenizer = next(iter(make_service(tiny_repo, models).tokenizers.values()))
+    tokenizers = make_service(tiny_repo, models).models["tiny"].tokenizers["base"]
     texts = ["a blue square", "a green triangle at the top", "a yellow star", "a small purple circle", "two cats",
              "an orange square on the right", "a white circle"]
-    split = CachedTextEncoder(tokenizer, encode_ids, max_batch=3).encode(texts)
-    whole = CachedTextEncoder(tokenizer, models.encode_text).encode(texts)
+    outputs = {"last_hidden_state": "encoder_hidden_states"}
+    split = CachedTextEncoder(tokenizers, encode_ids, outputs, max_batch=3).encode(texts)
+    whole = CachedTextEncoder(tokenizers, models.encode_text, outputs).encode(texts)
     assert sizes == [3, 3, 1]
     for a, b in zip(split, whole):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a["encoder_hidden_states"], b["encoder_hidden_states"])
 
 
 def test_vae_decoding_is_split_to_its_max_batch(tiny_repo, models):
@@ -252,7 +253,7 @@ def test_vae_decoding_is_split_to_its_max_batch(tiny_repo, models):
 
     limited = TwoAtATime(models)
     service = make_service(tiny_repo, limited)
-    runner = service.engine.runner.runners["base"]
+    runner = service.engine.runner.runners["tiny", "base"]
     runner.variant = replace(runner.variant, max_batch={**runner.variant.max_batch, "vae_decoder": 2})
     sinks = [RecordingSink() for _ in range(5)]
     for i, sink in enumerate(sinks):
@@ -286,7 +287,7 @@ def test_every_unet_call_fits_the_row_cap(tiny_repo, models):
 @pytest.mark.parametrize("field, value", [("prompt", "a" * 4097), ("negative_prompt", "é" * 2049)])
 def test_text_longer_than_the_byte_cap_is_refused_before_tokenizing(tiny_repo, models, field, value):
     service = make_service(tiny_repo, models)
-    tokenizer = next(iter(service.tokenizers.values()))
+    tokenizer = service.models["tiny"].tokenizers["base"].tokenizers["input_ids"]
     calls = []
     real = tokenizer.tokenizer
     tokenizer.tokenizer = lambda *a, **k: calls.append(a) or real(*a, **k)

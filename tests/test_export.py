@@ -60,6 +60,8 @@ def test_every_generated_config_parses(tiny_repo):
     assert scheduler == json.loads((tiny_repo / "pipeline" / "1" / "scheduler_config.json").read_text())
     # the native size, for the gateway's work units (serving/gateway/costs.py)
     assert params.pop("native_size") == "32"
+    models = json.loads(params.pop("models"))
+    assert [(m["id"], m["family"], m["default"], m["tasks"]) for m in models] == [("tiny", "sd", True, ["txt2img", "img2img", "inpaint"])]
     assert params == {k: str(v) for k, v in pipeline_parameters().items()}
     unet_inputs = {i.name: i for i in configs["unet"].input}
     assert list(unet_inputs["timestep"].dims) == [1] and unet_inputs["timestep"].HasField("reshape")

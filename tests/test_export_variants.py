@@ -36,7 +36,7 @@ def test_variants_share_identical_components_and_list_their_models(variant_repo)
         "inpaint": {"text_encoder": "text_encoder", "unet": "unet_inpaint", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"},
         "upscale": {"text_encoder": "text_encoder", "unet": "unet_upscale", "vae_decoder": "vae_decoder_upscale"},
     }
-    assert {facts["tokenizer"] for facts in info["variants"].values()} == {"tokenizer"}
+    assert {facts["tokenizers"]["input_ids"] for facts in info["variants"].values()} == {"tokenizer"}
     assert info["variants"]["upscale"]["max_noise_level"] == 350
     exported = {p.parent.name for p in variant_repo.glob("*/config.pbtxt")}
     assert exported == {m for c in table.values() for m in c.values()} | {"pipeline", "pipeline_unary"}

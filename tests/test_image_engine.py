@@ -77,8 +77,8 @@ class Recording:
 
 def recording_service(repo, log):
     svc = service(repo)
-    for name, runner in svc.engine.runner.runners.items():
-        runner.models = Recording(runner.models, name, log)
+    for (_, variant), runner in svc.engine.runner.runners.items():
+        runner.models = Recording(runner.models, variant, log)
     return svc
 
 
@@ -96,7 +96,7 @@ def test_images_admitted_together_are_encoded_in_one_call_per_size(tiny_repo):
 def test_encoder_calls_stay_within_its_max_batch(tiny_repo):
     log = []
     svc = recording_service(tiny_repo, log)
-    runner = svc.engine.runner.runners["base"]
+    runner = svc.engine.runner.runners["tiny", "base"]
     runner.variant = replace(runner.variant, max_batch={**runner.variant.max_batch, "vae_encoder": 2})
     for seed in range(5):
         submit(svc, PROMPT, init_image=photo(32, seed), seed=seed, steps=4)

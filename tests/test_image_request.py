@@ -9,7 +9,7 @@ from serving.core.variants import VariantSpec
 
 
 def spec(name, vae_factor=4, size_multiple=8, max_size=64, max_noise_level=None):
-    return VariantSpec(name=name, components={}, tokenizer="tokenizer", text_length=16, latent_channels=4,
+    return VariantSpec(name=name, components={}, tokenizers={"input_ids": "tokenizer"}, text_length=16, latent_channels=4,
                        vae_factor=vae_factor, size_multiple=size_multiple, native_size=32, max_size=max_size,
                        scheduler_config={}, max_noise_level=max_noise_level)
 

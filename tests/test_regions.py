@@ -127,9 +127,9 @@ def test_latent_mode_rows_and_combine_rule():
     prompt = RegionalPrompt("base", "neg", 7.0, regions)
     assert prompt.rows == 4 and prompt.texts() == ["base", *TWO, "neg"]  # R + 2
     rng = np.random.default_rng(0)
-    embeddings = [rng.standard_normal((16, 8)).astype(np.float32) for _ in range(4)]
+    embeddings = [{"encoder_hidden_states": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(4)]
     conditioning = prompt.build(embeddings)
-    assert conditioning.rows == 4 and conditioning.contexts.shape == (4, 16, 8)
+    assert conditioning.rows == 4 and conditioning.inputs()["encoder_hidden_states"].shape == (4, 16, 8)
     predictions = rng.standard_normal((4, 4, 4, 4)).astype(np.float32)
     c, u, w = predictions[:3], predictions[3], regions.weights
     expected = u + 7.0 * sum(w[k] * (c[k] - u) for k in range(3))  # uncond + sum_r w_r m_r (cond_r - uncond)
@@ -146,7 +146,7 @@ def test_region_negatives_add_one_row_per_distinct_text():
     prompt = RegionalPrompt("base", "neg", 5.0, regions)
     assert prompt.rows == 5 and prompt.texts() == ["base", *TWO, "neg", "green"]
     rng = np.random.default_rng(1)
-    conditioning = prompt.build([rng.standard_normal((16, 8)).astype(np.float32) for _ in range(5)])
+    conditioning = prompt.build([{"encoder_hidden_states": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(5)])
     predictions = rng.standard_normal((5, 4, 4, 4)).astype(np.float32)
     c, w = predictions[:3], regions.weights
     u = [predictions[3], predictions[3], predictions[4]]  # base and region 0 against "neg", region 1 against "green"
@@ -159,8 +159,9 @@ def test_attention_mode_is_two_rows_carrying_every_context():
     prompt = RegionalAttentionPrompt("base", "neg", 5.0, regions)
     assert prompt.rows == 2 and prompt.texts() == ["base", *TWO, "neg", "neg", "green"]
     rng = np.random.default_rng(2)
-    conditioning = prompt.build([rng.standard_normal((16, 8)).astype(np.float32) for _ in range(6)])
-    assert conditioning.contexts.shape == (2, 3, 16, 8) and conditioning.region_weights.shape == (2, 3, 4, 4)
+    conditioning = prompt.build([{"encoder_hidden_states": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(6)])
+    inputs = conditioning.inputs()
+    assert inputs["encoder_hidden_states"].shape == (2, 3, 16, 8) and inputs["region_weights"].shape == (2, 3, 4, 4)
     predictions = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(conditioning.combine(predictions), predictions[1] + 5.0 * (predictions[0] - predictions[1]),
                                rtol=1e-5, atol=1e-5)

@@ -88,7 +88,7 @@ def test_regional_image_is_bit_identical_alone_and_in_a_crowd(tiny_repo, models,
 
 def test_region_prompts_are_encoded_with_the_batch_and_identical_texts_once(tiny_repo, models):
     service = make_service(tiny_repo, models)
-    encoder = service.engine.runner.runners["base"].text_encoder
+    encoder = service.engine.runner.runners["tiny", "base"].text_encoder
     sinks = [RecordingSink() for _ in range(3)]
     service.submit(request_arrays(BASE, seed=1, steps=2, **REGIONS), sinks[0])
     service.submit(request_arrays(BASE, seed=2, steps=2, region_mode="attention", **REGIONS), sinks[1])

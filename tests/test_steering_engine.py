@@ -87,8 +87,9 @@ class Reference:
         for i, t in enumerate(self.schedule.timesteps(steps)):
             prompt, negative, guidance = plan(i)
             texts = [prompt, negative] if guidance > 1.0 else [prompt]
-            context = self.models.encode_text(self.tokenizer.encode(texts))
-            rows = self.models.unet(np.repeat(latents[None], len(texts), axis=0), np.full(len(texts), t), context)
+            context = self.models.encode_text(input_ids=self.tokenizer.encode(texts))["last_hidden_state"]
+            rows = self.models.unet(np.repeat(latents[None], len(texts), axis=0), timestep=np.full(len(texts), t, np.float32),
+                                    encoder_hidden_states=context)
             eps = guided_noise(rows[1:2], rows[0:1], np.array([guidance]))[0] if guidance > 1.0 else rows[0]
             t_row = np.array([t])
             prev, _ = self.schedule.step(eps[None], t_row, self.schedule.previous_timesteps(t_row, np.array([steps])),
@@ -157,7 +158,7 @@ def test_schedule_equals_the_live_steer_and_alternation_the_reference(tiny_repo,
 
 def test_alternation_encodes_each_distinct_text_once(tiny_repo, models):
     service = make_service(tiny_repo, models)
-    encoder = service.engine.runner.runners["base"].text_encoder
+    encoder = service.engine.runner.runners["tiny", "base"].text_encoder
     sink = RecordingSink()
     service.submit(request("[red|blue] circle", 3, steps=20), sink)
     drain(service)
@@ -285,14 +286,14 @@ def test_failed_encoding_of_a_steer_ends_that_job_with_unavailable_only(tiny_rep
     service.submit(request(A, 1, steps=6), steered, request_id="steered")
     service.submit(request(B, 2, steps=6), other, request_id="other")
     service.engine.run_iteration()
-    encoder = service.engine.runner.runners["base"].text_encoder
-    working = encoder.encode_ids
+    encoder = service.engine.runner.runners["tiny", "base"].text_encoder
+    working = encoder.encode_text
 
-    def broken(ids):
-        encoder.encode_ids = working  # once
+    def broken(**ids):
+        encoder.encode_text = working  # once
         raise RuntimeError("text encoder down (injected)")
 
-    encoder.encode_ids = broken
+    encoder.encode_text = broken
     service.steer("steered", steer_inputs(prompt="a yellow star"))
     drain(service)
     assert steered.ends == 1 and steered.error[0] == "INTERNAL" and "text encoding of a steer failed" in steered.error[1]

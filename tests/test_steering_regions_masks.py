@@ -69,7 +69,7 @@ class SteeredReference(Reference):
         for i, t in enumerate(timesteps):
             prompt, regions, mask = plan(i)
             texts = [prompt, *(regions.prompts if regions else ()), ""]
-            context = self.models.encode_text(self.tokenizer.encode(texts))
+            context = self.models.encode_text(self.tokenizer.encode(texts))["last_hidden_state"]
             rows = self.models.unet(np.repeat(latents[None], len(texts), axis=0), np.full(len(texts), t), context)
             uncond, conds = rows[-1:], rows[:-1]
             if regions is None:
@@ -162,7 +162,7 @@ def test_mask_steered_before_step_0_equals_a_fresh_request(request, repo_fixture
     fields = dict(init_image=IMAGE, strength=0.8, mask_blur=1)
     svc = onnx_service(repo)
     encodes = []
-    runner = svc.engine.runner.runners["inpaint" if repo_fixture == "variant_repo" else "base"]
+    runner = svc.engine.runner.runners["tiny", "inpaint" if repo_fixture == "variant_repo" else "base"]
     encode = runner.models.encode_image
     runner.models.encode_image = lambda images: encodes.append(len(images)) or encode(images)
     steered = run(svc, A, steer_at=1, steer=dict(mask=half_mask(32, "left")), mask=half_mask(32, "right"), **fields)

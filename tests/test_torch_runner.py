@@ -102,7 +102,7 @@ def test_components_match_the_onnx_runner(torch_models, onnx_models):
     latents = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
     images = rng.random((2, 32, 32, 3), dtype=np.float32)
     pairs = {
-        "encode_text": (torch_models.encode_text(ids), onnx_models.encode_text(ids)),
+        "encode_text": (torch_models.encode_text(ids)["last_hidden_state"], onnx_models.encode_text(ids)["last_hidden_state"]),
         "unet": (torch_models.unet(sample, timestep, context), onnx_models.unet(sample, timestep, context)),
         "decode": (torch_models.decode(latents), onnx_models.decode(latents)),
     }

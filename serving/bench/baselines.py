@@ -39,8 +39,7 @@ class BareOnnxLoop:
         self.tokenizer = PromptTokenizer(assets.tokenizer_dir, int(assets.info["text_length"]))
 
     def generate(self, prompt, seed, steps, guidance, size) -> np.ndarray:
-        cond, uncond = self.models.encode_text(self.tokenizer.encode([prompt, ""]))
-        context = np.stack([cond, uncond])
+        context = self.models.encode_text(self.tokenizer.encode([prompt, ""]))["last_hidden_state"]
         latent = size // int(self.info["vae_factor"])
         x = noise_generator(seed).standard_normal((1, int(self.info["latent_channels"]), latent, latent), dtype=np.float32)
         timesteps = self.schedule.timesteps(steps)

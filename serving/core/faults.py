@@ -61,9 +61,9 @@ class FaultyModels:
         self.inner, self.plan = models, plan
         self.row_cap = getattr(models, "row_cap", None)
 
-    def encode_text(self, **ids):
+    def encode_text(self, *ids, **more_ids):
         self.plan.tick("text")
-        return self.inner.encode_text(**ids)
+        return self.inner.encode_text(*ids, **more_ids)
 
     def unet(self, *args, **kwargs):
         self.plan.tick("unet")

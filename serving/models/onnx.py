@@ -57,9 +57,10 @@ class LocalUnet:
     def __init__(self, component: OnnxComponent):
         self.component = component
 
-    def __call__(self, sample, **inputs):
-        """inputs: timestep, encoder_hidden_states and the family's other per-row inputs, by name."""
-        return self.component(sample=sample, **inputs)["noise_pred"]
+    def __call__(self, sample, timestep, encoder_hidden_states, **inputs):
+        """inputs: the family's other per-row inputs, by name."""
+        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                              **inputs)["noise_pred"]
 
 
 class LocalModels:
@@ -87,9 +88,9 @@ class LocalModels:
         self.vae_decoder = session("vae_decoder")
         self.vae_encoder = session("vae_encoder") if "vae_encoder" in components else None
 
-    def encode_text(self, **ids):
+    def encode_text(self, input_ids, **more_ids):
         """Token ids by input name (input_ids, input_ids_2, ...) -> the text encoder's outputs by name."""
-        return self.text_encoder(**ids)
+        return self.text_encoder(input_ids=input_ids, **more_ids)
 
     def decode(self, latents):
         return self.vae_decoder(latents=latents)["images"]

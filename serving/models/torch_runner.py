@@ -117,11 +117,11 @@ def _as_tuple(out) -> tuple:
 class TorchModels:
     """The checkpoint's text encoder, UNet and VAE (those in `components`) on one device.
 
-    encode_text(**token ids int64 [N, L]) -> {output name: float32 [N, ...]}
-    unet(sample [B, C, h, w], **inputs) -> [B, C', h, w]
-        (inputs: timestep float32 [B], encoder_hidden_states [B, L, D] and the family's other
-        per-row inputs, by name; the module takes them positionally in its export contract's
-        order, so the graphs captured for the contract's shapes are the ones its calls replay)
+    encode_text(input_ids int64 [N, L], **more token ids) -> {output name: float32 [N, ...]}
+    unet(sample [B, C, h, w], timestep float32 [B], encoder_hidden_states [B, L, D], **inputs) -> [B, C', h, w]
+        (inputs: the family's other per-row inputs, by name; the module takes them positionally
+        in its export contract's order, so the graphs captured for the contract's shapes are
+        the ones its calls replay)
     decode(latents [N, C, h, w], scaled) -> float32 [N, H, W, 3] in [0, 1]
     encode_image(images [N, H, W, 3] in [0, 1]) -> (mean, std), scaled, each [N, C, h, w]
     row_cap: the UNet rows per call this device serves (the largest usable bucket)."""
@@ -174,13 +174,14 @@ class TorchModels:
 
     # --- the models protocol -------------------------------------------------------------------
 
-    def encode_text(self, **ids):
+    def encode_text(self, input_ids, **more_ids):
         contract = self.contracts["text_encoder"]
-        outputs = self._run("text_encoder", *self._ordered(contract, ids))
+        outputs = self._run("text_encoder", *self._ordered(contract, {"input_ids": input_ids, **more_ids}))
         return {spec.name: value for spec, value in zip(contract.outputs, outputs)}
 
-    def unet(self, sample, **inputs):
-        inputs = {**inputs, "sample": sample, "timestep": np.asarray(inputs["timestep"], np.float32).reshape(-1)}
+    def unet(self, sample, timestep, encoder_hidden_states, **inputs):
+        inputs = {**inputs, "sample": sample, "timestep": np.asarray(timestep, np.float32).reshape(-1),
+                  "encoder_hidden_states": encoder_hidden_states}
         return self._run("unet", *self._ordered(self.contracts["unet"], inputs))[0]
 
     def decode(self, latents):

@@ -64,14 +64,20 @@ class BlsModels:
         self.components = components
         self.text_outputs = text_outputs  # the text encoder's output names (its family's contract)
 
-    def encode_text(self, **ids):
+    def encode_text(self, input_ids, **more_ids):
+        ids = {"input_ids": input_ids, **more_ids}
         return dict(zip(self.text_outputs, _call(self.components["text_encoder"], ids, self.text_outputs)))
 
-    def unet(self, sample, **inputs):
-        return _call(self.components["unet"], {"sample": sample, **_per_row(inputs)}, ["noise_pred"])[0]
+    def unet(self, sample, timestep, encoder_hidden_states, **inputs):
+        return self._denoise("unet", sample, timestep, encoder_hidden_states, inputs)
 
-    def regional_unet(self, sample, **inputs):
-        return _call(self.components["unet_regional"], {"sample": sample, **_per_row(inputs)}, ["noise_pred"])[0]
+    def regional_unet(self, sample, timestep, encoder_hidden_states, **inputs):
+        return self._denoise("unet_regional", sample, timestep, encoder_hidden_states, inputs)
+
+    def _denoise(self, component, sample, timestep, encoder_hidden_states, inputs):
+        inputs = _per_row({"timestep": timestep, **inputs})
+        return _call(self.components[component], {"sample": sample, "encoder_hidden_states": encoder_hidden_states, **inputs},
+                     ["noise_pred"])[0]
 
     def decode(self, latents):
         return _call(self.components["vae_decoder"], {"latents": latents}, ["images"])[0]
