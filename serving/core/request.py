@@ -363,6 +363,11 @@ def _scalar(inputs: dict, name: str):
     return array.reshape(-1)[0]
 
 
+def text_field(inputs: dict, name: str) -> str:
+    """An optional text input ("" when absent)."""
+    return _text(inputs, name, required=False)
+
+
 def _text(inputs, name, required):
     value = _scalar(inputs, name)
     if value is None:

@@ -69,14 +69,14 @@ class ModelCalls:
         self._regional = regional
         self.row_cap = row_cap
 
-    def encode_text(self, input_ids):
-        return self.text_vae.encode_text(input_ids)
+    def encode_text(self, input_ids, **more_ids):
+        return self.text_vae.encode_text(input_ids, **more_ids)
 
     def unet(self, sample, timestep, encoder_hidden_states, **per_row):
         return self._unet(sample, timestep, encoder_hidden_states, **per_row)
 
-    def regional_unet(self, sample, timestep, encoder_hidden_states, region_weights):
-        return self._regional(sample, timestep, encoder_hidden_states, region_weights=region_weights)
+    def regional_unet(self, sample, timestep, encoder_hidden_states, **per_row):
+        return self._regional(sample, timestep, encoder_hidden_states, **per_row)
 
     def decode(self, latents):
         return self.text_vae.decode(latents)
