@@ -1,6 +1,7 @@
 """Inputs and an in-process service for the image-conditioned tests (img2img, inpaint, upscale)."""
 import numpy as np
 
+from serving.core.config import PipelineConfig
 from serving.client.kserve import request_arrays
 from serving.core.service import PipelineAssets, PipelineService
 from serving.models.onnx import local_variants
@@ -29,7 +30,7 @@ class Sink:
 
 def service(repo, **params) -> PipelineService:
     """The pipeline of `repo` in this process (ONNX Runtime), every variant loaded."""
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), {k: str(v) for k, v in params.items()},
+    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
                            local_variants(repo))
 
 

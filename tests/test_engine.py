@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 
+from serving.core.config import PipelineConfig
 from serving.models.onnx import LocalModels
 from serving.core.service import PipelineAssets, PipelineService
 
@@ -44,7 +45,7 @@ def models(tiny_repo):
 
 
 def make_service(tiny_repo, models, **params):
-    return PipelineService(PipelineAssets.read(tiny_repo / "pipeline" / "1"), {k: str(v) for k, v in params.items()}, models)
+    return PipelineService(PipelineAssets.read(tiny_repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}), models)
 
 
 def request(prompt, seed, **fields):

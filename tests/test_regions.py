@@ -3,6 +3,7 @@ combination named), the weights both modes use, and each mode's rows and combine
 import numpy as np
 import pytest
 
+from serving.core.config import PipelineConfig
 from serving.core.regional_prompt import RegionalAttentionPrompt, RegionalPrompt
 from serving.core.regions import RegionLimits, division_masks, parse_regions, region_weights
 from serving.core.request import InvalidInput
@@ -170,10 +171,10 @@ def test_attention_mode_is_two_rows_carrying_every_context():
 
 def test_attention_mode_needs_an_export_with_the_regional_unet():
     older = RegionLimits(vae_factor=4, attention=False)
-    assert RegionLimits.from_parameters({}, {"vae_factor": 4}) == older  # pipeline.json of an older export
+    assert RegionLimits.from_config(PipelineConfig(), {"vae_factor": 4}) == older  # pipeline.json of an older export
     assert parse_regions(inputs(region_divisions="1,1"), older, 64, 64).mode == "latent"
     with pytest.raises(InvalidInput, match="^region_mode: attention needs the regional UNet"):
         parse_regions(inputs(region_divisions="1,1", region_mode="attention"), older, 64, 64)
     with pytest.raises(ValueError, match="default_region_mode=attention needs the regional UNet"):
-        RegionLimits.from_parameters({"default_region_mode": "attention"}, {"vae_factor": 4})
-    assert RegionLimits.from_parameters({}, {"vae_factor": 4, "regional_unet": True}).attention
+        RegionLimits.from_config(PipelineConfig.parse({"default_region_mode": "attention"}), {"vae_factor": 4})
+    assert RegionLimits.from_config(PipelineConfig(), {"vae_factor": 4, "regional_unet": True}).attention

@@ -12,6 +12,7 @@ a time. Every exactness claim is a byte comparison.
 import numpy as np
 import pytest
 
+from serving.core.config import PipelineConfig
 from serving.core.errors import FAILED_PRECONDITION, NOT_FOUND
 from serving.core.request import InvalidInput
 from serving.core.runner import to_uint8
@@ -34,7 +35,7 @@ def models(tiny_checkpoint):
 
 
 def make_service(repo, models, **params):
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), {k: str(v) for k, v in params.items()}, models)
+    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}), models)
 
 
 def steer_inputs(prompt=None, negative_prompt=None, guidance_scale=None):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from serving.core.config import PipelineConfig
 from serving.core.service import PipelineAssets, PipelineService
 from serving.models.assemble import RunnerChoice
 from serving.models.onnx import LocalModels
@@ -30,7 +31,7 @@ def onnx_models(tiny_repo):
 
 
 def service(repo, models, **params):
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), {k: str(v) for k, v in params.items()}, models)
+    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}), models)
 
 
 def generate(repo, models, jobs, **params) -> list:
@@ -55,13 +56,13 @@ def test_buckets():
 
 
 def test_runner_choice_names_bad_parameters():
-    choice = RunnerChoice.from_parameters({"unet": "torch", "text_vae": "bls", "torch_buckets": "2,4"}, "cpu")
+    choice = RunnerChoice.from_config(PipelineConfig.parse({"unet": "torch", "text_vae": "bls", "torch_buckets": "2,4"}), "cpu")
     assert choice.torch_components == ("unet",) and choice.torch.unet_buckets() == (2, 4)
-    assert RunnerChoice.from_parameters({"text_vae": "torch"}, "cuda:1").torch_components == ("text_encoder", "vae")
+    assert RunnerChoice.from_config(PipelineConfig.parse({"text_vae": "torch"}), "cuda:1").torch_components == ("text_encoder", "vae")
     for params, name in (({"unet": "trt"}, "unet"), ({"text_vae": "onnx"}, "text_vae"), ({"cuda_graphs": "yes"}, "cuda_graphs"),
                          ({"max_rows": "many"}, "max_rows")):
         with pytest.raises(ValueError, match=f"parameter {name}="):
-            RunnerChoice.from_parameters(params, "cpu")
+            RunnerChoice.from_config(PipelineConfig.parse(params), "cpu")
 
 
 def unet_inputs(rows, seed=0, size=8):

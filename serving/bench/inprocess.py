@@ -4,6 +4,7 @@ import threading
 
 from tritonclient.utils import InferenceServerException
 
+from serving.core.config import PipelineConfig
 from serving.client.kserve import request_arrays
 from serving.core.service import PipelineAssets, PipelineService
 from serving.models.assemble import RunnerChoice, build_models
@@ -42,10 +43,11 @@ class InProcessPipeline:
 
         config = text_format.Parse((repo / "pipeline" / "config.pbtxt").read_text(), mc.ModelConfig())
         params = {k: v.string_value for k, v in config.parameters.items()}
-        choice = RunnerChoice.from_parameters(params, device)
+        config = PipelineConfig.parse(params)
+        choice = RunnerChoice.from_config(config, device)
         assets = PipelineAssets.read(repo / "pipeline" / "1")
         models = {variant: build_models(choice, repo, "1", None, facts, log=log) for variant, facts in assets.info["variants"].items()}
-        self.service = PipelineService(assets, params, models).start()
+        self.service = PipelineService(assets, config, models).start()
         self.info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
 
     def client(self):

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from serving.core.config import PipelineConfig
 from serving.bench.bench import PROMPTS
 
 REGION_FIELDS = dict(prompt="a red circle to the left of a blue square on a black background",
@@ -45,7 +46,7 @@ def step_costs(repo, steps: int, guidance: float, size: int, rounds: int = 5) ->
     rows = [{"kind": kind, "regions": count, "rows": None, "cpu": [], "wall": []} for kind, count, _ in kinds]
     for _ in range(rounds):
         for row, (_, _, fields) in zip(rows, kinds):
-            service = PipelineService(assets, {}, models)
+            service = PipelineService(assets, PipelineConfig(), models)
             sink = _Sink()
             service.submit(request_arrays(seed=0, steps=steps, guidance_scale=guidance, height=size, width=size, **fields), sink)
             service.engine.run_iteration()  # admission (text encoding) and the first step

@@ -31,10 +31,10 @@ import math
 import numpy as np
 
 from families.contracts import MAX_REGIONS
-from serving.core.request import InvalidInput, config_parameter, decode_text, is_blank
+from serving.core.config import DEFAULT_BASE_WEIGHT, REGION_MODES
+from serving.core.request import InvalidInput, decode_text, is_blank
 
-MODES = ("latent", "attention")
-DEFAULT_BASE_WEIGHT = 0.2
+MODES = REGION_MODES
 DEFAULT_MODE = "latent"
 ATTENTION_VARIANT = "regional"  # the UNet with region-weighted cross-attention (families/regional_unet.py)
 
@@ -48,20 +48,18 @@ class RegionLimits:
     attention: bool = True  # whether the repository has the regional UNet
 
     @classmethod
-    def from_parameters(cls, params: dict, pipeline_info: dict) -> "RegionLimits":
+    def from_config(cls, config, pipeline_info: dict) -> "RegionLimits":
+        """A served model's region limits: the pipeline's PipelineConfig (serving/core/config.py)
+        over the model's pipeline.json facts (whether it has the regional UNet)."""
         limits = cls(
             vae_factor=int(pipeline_info["vae_factor"]),
             attention=bool(pipeline_info.get("regional_unet", False)),
-            max_regions=config_parameter(params, "max_regions", int, MAX_REGIONS),
-            default_base_weight=config_parameter(params, "default_base_prompt_weight", float, DEFAULT_BASE_WEIGHT),
-            default_mode=params.get("default_region_mode") or DEFAULT_MODE,
+            max_regions=config.max_regions,
+            default_base_weight=config.default_base_prompt_weight,
+            default_mode=config.default_region_mode,
         )
-        if limits.default_mode not in MODES:
-            raise ValueError(f"pipeline config.pbtxt parameter default_region_mode={limits.default_mode!r} must be one of {MODES}")
         if limits.default_mode == "attention" and not limits.attention:
             raise ValueError("pipeline config.pbtxt parameter default_region_mode=attention needs the regional UNet; re-run ldm export")
-        if limits.max_regions < 1:
-            raise ValueError(f"pipeline config.pbtxt parameter max_regions={limits.max_regions} must be at least 1")
         return limits
 
 

@@ -14,6 +14,7 @@ from serving.core import samplers
 from serving.core.variants import VariantSpec
 
 if TYPE_CHECKING:
+    from serving.core.config import PipelineConfig
     from serving.core.regions import RegionLimits, Regions
 
 
@@ -23,16 +24,6 @@ class InvalidInput(ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
-
-
-def config_parameter(params: dict, key: str, cast, default):
-    """A config.pbtxt parameter as `cast`, or `default` when absent; a malformed one is named."""
-    if key not in params or params[key] == "":
-        return default
-    try:
-        return cast(params[key])
-    except ValueError:
-        raise ValueError(f"pipeline config.pbtxt parameter {key}={params[key]!r} is not a valid {cast.__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -122,29 +113,28 @@ class Limits:
         return variant.scheduler_config if variant is not None else {}
 
     @classmethod
-    def from_parameters(cls, params: dict, pipeline_info: dict) -> "Limits":
+    def from_config(cls, config: "PipelineConfig", pipeline_info: dict) -> "Limits":
+        """A served model's limits: the pipeline's configuration over its checkpoint's facts
+        (its entry of pipeline.json's models table)."""
         from serving.core.regions import RegionLimits  # imported here: regions imports this module
-
-        def get(key, cast, default):
-            return config_parameter(params, key, cast, default)
 
         limits = cls(
             size_multiple=int(pipeline_info["size_multiple"]),
-            default_size=get("default_size", int, int(pipeline_info["native_size"])),
-            max_size=get("max_size", int, int(pipeline_info["max_size"])),
+            default_size=config.default_size or int(pipeline_info["native_size"]),
+            max_size=config.max_size or int(pipeline_info["max_size"]),
             max_prompt_tokens=int(pipeline_info["text_length"]),
-            default_steps=get("default_steps", int, cls.default_steps),
-            max_steps=get("max_steps", int, cls.max_steps),
-            default_guidance_scale=get("default_guidance_scale", float, cls.default_guidance_scale),
-            max_guidance_scale=get("max_guidance_scale", float, cls.max_guidance_scale),
-            default_eta=get("default_eta", float, cls.default_eta),
-            max_prompt_bytes=get("max_prompt_bytes", int, cls.max_prompt_bytes),
-            regions=RegionLimits.from_parameters(params, pipeline_info),
+            default_steps=config.default_steps,
+            max_steps=config.max_steps,
+            default_guidance_scale=config.default_guidance_scale,
+            max_guidance_scale=config.max_guidance_scale,
+            default_eta=config.default_eta,
+            max_prompt_bytes=config.max_prompt_bytes,
+            regions=RegionLimits.from_config(config, pipeline_info),
             variants=VariantSpec.table(pipeline_info),
             family=pipeline_info.get("family", "sd"),
             model=pipeline_info.get("name", ""),
         )
-        limits = replace(limits, default_sampler=_default_sampler(params, limits.scheduler_config))
+        limits = replace(limits, default_sampler=_default_sampler(config.default_sampler, limits.scheduler_config))
         limits.check(int(pipeline_info["max_size"]))
         return limits
 
@@ -313,10 +303,9 @@ def _guidance_interval(inputs: dict) -> tuple:
     return (lo, hi)
 
 
-def _default_sampler(params: dict, scheduler_config: dict) -> tuple:
+def _default_sampler(configured: str, scheduler_config: dict) -> tuple:
     """config parameter default_sampler (a name or A1111 name; `ldm serve --sampler`), else the
     sampler the checkpoint's scheduler class names; refused at load when it does not fit."""
-    configured = params.get("default_sampler", "")
     try:
         return samplers.registry.served_default(configured, scheduler_config)
     except ValueError as exc:

@@ -15,7 +15,8 @@ from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
-from serving.core.request import InvalidInput, Limits, config_parameter, parse_request, text_field
+from serving.core.config import PipelineConfig, refuse
+from serving.core.request import InvalidInput, Limits, parse_request, text_field
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
 from serving.core.steering import STEERABLE, parse_steer, scheduled_texts
@@ -45,30 +46,13 @@ class UnknownModel(LookupError):
     """A request names a model this pipeline does not serve (NOT_FOUND)."""
 
 
-DEFAULT_DRAIN_GRACE_S = 120.0  # below the Deployment's terminationGracePeriodSeconds
 MAX_PLAIN_JOB_ROWS = 2  # a prompt with classifier-free guidance; regional jobs are checked at submit
-
-
-def scheduler_config(params: dict) -> SchedulerConfig:
-    defaults = SchedulerConfig()
-    step_batching = params.get("step_batching", "true").lower()
-    if step_batching not in ("true", "false"):
-        raise ValueError(f"pipeline config.pbtxt parameter step_batching={step_batching!r} must be true or false")
-    return SchedulerConfig(
-        max_rows=config_parameter(params, "max_rows", int, defaults.max_rows),
-        max_active=config_parameter(params, "max_active", int, defaults.max_active),
-        max_queue=config_parameter(params, "max_queue", int, defaults.max_queue),
-        step_batching=step_batching == "true",
-    )
 
 
 def check_batching(config: SchedulerConfig, variants: dict) -> None:
     """Refuses batching parameters the exported models cannot serve, naming the parameter. The
     text encoder's and VAE's calls are split to their max batch (serving/core/runner.py); a UNet
     call is never split, so the row cap must fit the UNet's max batch and one whole job."""
-    def refuse(key, value, why):
-        raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
-
     if config.max_active < 1:
         refuse("max_active", config.max_active, "must be at least 1")
     if config.max_queue < 1:
@@ -81,13 +65,6 @@ def check_batching(config: SchedulerConfig, variants: dict) -> None:
             if largest is not None and config.max_rows > largest:
                 refuse("max_rows", config.max_rows,
                        f"exceeds the {spec.components[component]} model's max batch size {largest} (variant {name})")
-
-
-def drain_grace_s(params: dict) -> float:
-    grace = config_parameter(params, "drain_grace_s", float, DEFAULT_DRAIN_GRACE_S)
-    if not 0 <= grace < float("inf"):
-        raise ValueError(f"pipeline config.pbtxt parameter drain_grace_s={grace!r} must be a finite number >= 0")
-    return grace
 
 
 @dataclass
@@ -113,23 +90,24 @@ def _by_model_and_variant(models, default_model: str, primary: str) -> dict:
 
 
 class PipelineService:
-    def __init__(self, assets: PipelineAssets, params: dict, models):
-        """models: the runner models of each served model's UNet variants, {(model, variant):
-        models}; for a repository with one model also {variant: models}, or one models object
-        when that model holds one variant."""
+    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models):
+        """config: the pipeline's parameters (PipelineConfig.parse of config.pbtxt's); models: the
+        runner models of each served model's UNet variants, {(model, variant): models}; for a
+        repository with one model also {variant: models}, or one models object when that model
+        holds one variant."""
         infos = model_infos(assets.info)
         self.default_model = assets.info.get("default_model", next(iter(infos)))
         models = _by_model_and_variant(models, self.default_model, infos[self.default_model]["primary"])
         self.faults = FaultPlan(os.environ[FAULTS_ENV]) if os.environ.get(FAULTS_ENV) else None  # a test hook
         if self.faults is not None:
             models = {key: self.faults.models(m) for key, m in models.items()}
-        self.drain_grace_s = drain_grace_s(params)
+        self.drain_grace_s = config.drain_grace_s
         # one tokenizer per folder and one text-encoder cache per (model, tokenizers): variants
         # that share their text encoder share its cache
         tokenizers, encoders, runners = {}, {}, {}
         self.models = {}
         for model, info in infos.items():
-            limits = Limits.from_parameters(params, {**info, "name": model})
+            limits = Limits.from_config(config, {**info, "name": model})
             missing = sorted(set(limits.variants) - {v for m, v in models if m == model})
             if missing:
                 raise ValueError(f"no models given for variants {missing} of model {model!r} of this repository")
@@ -147,17 +125,17 @@ class PipelineService:
                         zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"))
                 runners[model, name] = Runner(models[model, name], spec, encoders[key])
         preview = LatentPreview.from_info(infos[self.default_model])
-        config = scheduler_config(params)
-        check_batching(config, {key: spec for key, spec in self._variant_specs()})
+        batching = config.scheduler()
+        check_batching(batching, {key: spec for key, spec in self._variant_specs()})
         # what the UNets' device can serve (GPU memory plan)
         caps = [cap for m in models.values() if (cap := getattr(m, "row_cap", None)) is not None]
-        if caps and min(caps) < config.max_rows:
+        if caps and min(caps) < batching.max_rows:
             if min(caps) < MAX_PLAIN_JOB_ROWS:
                 raise ValueError(f"the UNet's GPU memory plan fits {min(caps)} rows per call; a request with guidance needs "
                                  f"{MAX_PLAIN_JOB_ROWS} (lower torch_buckets' smallest size or use a larger GPU)")
-            config = replace(config, max_rows=min(caps))
-        self.engine = Engine(VariantRunners(runners), StepScheduler(config), preview=preview)
-        self.engine.stats.row_cap = config.max_rows
+            batching = replace(batching, max_rows=min(caps))
+        self.engine = Engine(VariantRunners(runners), StepScheduler(batching), preview=preview)
+        self.engine.stats.row_cap = batching.max_rows
 
     @property
     def limits(self) -> Limits:

@@ -1,4 +1,4 @@
-"""Which runner serves each component, from the pipeline's config.pbtxt parameters.
+"""Which runner serves each component, from the pipeline's configuration (serving/core/config.py).
 
   unet      inprocess: ONNX Runtime in the pipeline's process (unet/1/model.onnx)
             bls:       the `unet` Triton model, one BLS call per step (a TensorRT or ONNX Runtime
@@ -14,7 +14,7 @@ on the device of the pipeline's Triton instance (KIND_GPU: cuda:<device id>; KIN
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.core.request import config_parameter
+from serving.core.config import PipelineConfig, refuse
 from serving.models.torch_options import TorchOptions, parse_buckets
 
 UNET_RUNNERS = ("inprocess", "bls", "torch")
@@ -29,33 +29,23 @@ class RunnerChoice:
     torch: TorchOptions = TorchOptions()
 
     @classmethod
-    def from_parameters(cls, params: dict, device: str) -> "RunnerChoice":
-        unet = params.get("unet", "bls")
-        text_vae = params.get("text_vae", "bls")
-        if unet not in UNET_RUNNERS:
-            raise ValueError(f"pipeline config.pbtxt parameter unet={unet!r} must be one of {UNET_RUNNERS}")
-        if text_vae not in TEXT_VAE_RUNNERS:
-            raise ValueError(f"pipeline config.pbtxt parameter text_vae={text_vae!r} must be one of {TEXT_VAE_RUNNERS}")
-        buckets = params.get("torch_buckets", "")
+    def from_config(cls, config: PipelineConfig, device: str) -> "RunnerChoice":
+        if config.unet not in UNET_RUNNERS:
+            refuse("unet", config.unet, f"must be one of {UNET_RUNNERS}")
+        if config.text_vae not in TEXT_VAE_RUNNERS:
+            refuse("text_vae", config.text_vae, f"must be one of {TEXT_VAE_RUNNERS}")
         options = TorchOptions(
             device=device,
-            buckets=parse_buckets(buckets) if buckets else None,
-            max_rows=config_parameter(params, "max_rows", int, 32),
-            cuda_graphs=_flag(params, "cuda_graphs", True),
-            compile=_flag(params, "torch_compile", False),
+            buckets=parse_buckets(config.torch_buckets) if config.torch_buckets else None,
+            max_rows=config.max_rows,
+            cuda_graphs=config.cuda_graphs,
+            compile=config.torch_compile,
         )
-        return cls(unet, text_vae, options)
+        return cls(config.unet, config.text_vae, options)
 
     @property
     def torch_components(self) -> tuple:
         return (("text_encoder", "vae") if self.text_vae == "torch" else ()) + (("unet",) if self.unet == "torch" else ())
-
-
-def _flag(params: dict, name: str, default: bool) -> bool:
-    value = params.get(name, "true" if default else "false").lower()
-    if value not in ("true", "false"):
-        raise ValueError(f"pipeline config.pbtxt parameter {name}={value!r} must be true or false")
-    return value == "true"
 
 
 class ModelCalls:

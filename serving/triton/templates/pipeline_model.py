@@ -45,6 +45,7 @@ import triton_python_backend_utils as pb_utils
 from serving.triton.control import STATUS_PARAMETER, authorised, secret_from_env
 from serving.triton.drain import DRAIN_PARAMETER
 from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
+from serving.core.config import PipelineConfig
 from serving.core.errors import INTERNAL, INVALID_ARG, PERMISSION_DENIED, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.core.request import InvalidInput
@@ -186,7 +187,8 @@ class TritonPythonModel:
         # the instance's placement decides the torch runner's device
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         try:
-            choice = RunnerChoice.from_parameters(params, device)
+            config = PipelineConfig.parse(params)
+            choice = RunnerChoice.from_config(config, device)
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"pipeline: {exc}") from None
         model_dir = Path(args["model_repository"])
@@ -197,7 +199,7 @@ class TritonPythonModel:
                                            log=lambda m: print(m, flush=True))
             for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()
         }
-        self.service = PipelineService(assets, params, models).start()
+        self.service = PipelineService(assets, config, models).start()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
         self.stop_metrics = threading.Event()

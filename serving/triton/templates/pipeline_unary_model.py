@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.core.errors import INTERNAL, UNAVAILABLE, coded_message, parse_coded_message
-from serving.core.request import config_parameter
+from serving.core.config import config_parameter
 from serving.triton.control import CONTROL_PARAMETER, secret_from_env
 from serving.triton.forwarding import CANCEL_PARAMETER, Forwards
 

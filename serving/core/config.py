@@ -1,0 +1,95 @@
+"""The pipeline's config.pbtxt parameters, read once into one typed object (`ldm export` writes
+them: export/cli.py pipeline_parameters). Imports nothing from Triton.
+
+Every parameter has its type and default here; a malformed value is refused at load naming the
+parameter. The readers take the typed object: the runners (serving/models/assemble.py), the
+scheduler, the request limits of each served model (serving/core/request.py Limits) and the
+regions' limits. Parameters written for other readers (the gateway's `models`, `native_size`,
+`scheduler_config`) are left to them.
+"""
+from dataclasses import dataclass, fields
+import math
+
+from families.contracts import MAX_REGIONS
+from serving.core.scheduler import SchedulerConfig
+
+DEFAULT_BASE_WEIGHT = 0.2  # regions: the base prompt's share of every cell
+REGION_MODES = ("latent", "attention")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    # which runner serves each component (serving/models/assemble.py)
+    unet: str = "bls"
+    text_vae: str = "bls"
+    torch_buckets: str = ""  # the torch runner's row buckets, e.g. "1,2,4,8"; empty: its defaults
+    torch_compile: bool = False
+    cuda_graphs: bool = True
+    # batching and shutdown
+    step_batching: bool = True
+    max_rows: int = SchedulerConfig.max_rows
+    max_active: int = SchedulerConfig.max_active
+    max_queue: int = SchedulerConfig.max_queue
+    drain_grace_s: float = 120.0  # below the Deployment's terminationGracePeriodSeconds
+    # request defaults and limits (per model: sizes default to each checkpoint's)
+    default_size: int | None = None
+    max_size: int | None = None
+    default_steps: int = 25
+    max_steps: int = 150
+    default_guidance_scale: float = 5.0
+    max_guidance_scale: float = 50.0
+    default_eta: float = 0.0
+    # UTF-8 bytes of one text input, refused before it is decoded or tokenized: the tokenizer's
+    # lock is shared with the engine's encoding
+    max_prompt_bytes: int = 4096
+    default_sampler: str = ""  # `ldm serve --sampler`; empty: each checkpoint's scheduler class decides
+    # regional prompts (serving/core/regions.py)
+    max_regions: int = MAX_REGIONS
+    default_base_prompt_weight: float = DEFAULT_BASE_WEIGHT
+    default_region_mode: str = "latent"
+
+    @classmethod
+    def parse(cls, params: dict) -> "PipelineConfig":
+        """From config.pbtxt's string parameters; absent or empty ones take their defaults."""
+        values = {}
+        for spec in fields(cls):
+            raw = params.get(spec.name, "")
+            if raw == "" or raw is None:
+                continue
+            values[spec.name] = _cast(spec.name, str(raw), spec.type)
+        config = cls(**values)
+        config._check()
+        return config
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_rows, self.max_active, self.max_queue, self.step_batching)
+
+    def _check(self) -> None:
+        if not 0 <= self.drain_grace_s < math.inf:
+            refuse("drain_grace_s", self.drain_grace_s, "must be a finite number >= 0")
+        if self.default_region_mode not in REGION_MODES:
+            refuse("default_region_mode", self.default_region_mode, f"must be one of {REGION_MODES}")
+        if self.max_regions < 1:
+            refuse("max_regions", self.max_regions, "must be at least 1")
+
+
+def config_parameter(params: dict, key: str, cast, default):
+    """One parameter of another model's config.pbtxt (the unary front's) as `cast`, or `default`."""
+    raw = params.get(key, "")
+    return default if raw == "" else _cast(key, str(raw), cast)
+
+
+def refuse(key: str, value, why: str):
+    raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
+
+
+def _cast(name: str, raw: str, kind):
+    if kind is bool:
+        if raw.lower() not in ("true", "false"):
+            refuse(name, raw, "must be true or false")
+        return raw.lower() == "true"
+    cast = int if kind == int | None else kind
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"pipeline config.pbtxt parameter {name}={raw!r} is not a valid {cast.__name__}") from None
