@@ -59,7 +59,6 @@ def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_a
         "max_queue": max_queue,
         "default_steps": 25,
         "max_steps": 150,
-        "default_guidance_scale": 5.0,
         "max_guidance_scale": 50.0,
         "default_eta": 0.0,
         "max_prompt_bytes": 4096,  # UTF-8 bytes per text input, refused before tokenizing

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import torch
 
 from families.checkpoint import CheckpointInfo
-from families.contracts import ComponentContract, sample_inputs
-from families import torch_module
+from families.contracts import HEIGHT, WIDTH, ComponentContract, sample_inputs
+from families import FAMILIES, torch_module
 
 OPSET = 17
 # max |onnx - torch| allowed, relative to the largest |torch| output value (at least 1)
@@ -53,24 +53,47 @@ def export_component(contract: ComponentContract, info: CheckpointInfo, onnx_pat
     example = sample_inputs(contract, info, {**opt, "batch": 2}, seed=0)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = onnx_path.with_name(onnx_path.name + ".tmp")
+    args = tuple(torch.from_numpy(example[s.name]) for s in contract.inputs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow in diffusers
-        torch.onnx.export(
-            module,
-            tuple(torch.from_numpy(example[s.name]) for s in contract.inputs),
-            str(tmp_path),
-            input_names=[s.name for s in contract.inputs],
-            output_names=[s.name for s in contract.outputs],
-            dynamic_axes=contract.dynamic_axes(),
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        if FAMILIES[info.family].dynamo_export(contract.component):
+            _export_dynamo(module, args, contract, tmp_path)
+        else:
+            torch.onnx.export(
+                module,
+                args,
+                str(tmp_path),
+                input_names=[s.name for s in contract.inputs],
+                output_names=[s.name for s in contract.outputs],
+                dynamic_axes=contract.dynamic_axes(),
+                opset_version=OPSET,
+                dynamo=False,
+            )
     errors = check_parity(contract, info, module, tmp_path)
     tmp_path.replace(onnx_path)
     stamp = {"cache_key": key, "max_abs_error": errors, "seconds": round(time.perf_counter() - start, 2)}
     stamp_path.write_text(json.dumps(stamp, indent=1))
     log(f"  {contract.name}: exported in {stamp['seconds']} s, max abs error vs torch {errors}")
     return {**stamp, "exported": True}
+
+
+def _export_dynamo(module, args: tuple, contract: ComponentContract, path: Path) -> None:
+    """torch.export-based ONNX export (needs onnxscript), for modules the TorchScript exporter
+    cannot export (Flux's RMSNorm). Latent sides are declared even (2 x a dimension): the module
+    packs 2x2 patches."""
+    from torch.export import Dim
+
+    dims = {}
+    for axis, (low, _, high) in contract.axis_ranges.items():
+        if axis in (HEIGHT, WIDTH):
+            dims[axis] = 2 * Dim(f"{axis}_half", min=max(1, low // 2), max=high // 2)
+        else:
+            dims[axis] = Dim(axis, min=max(low, 2) if axis == "batch" else low, max=high)
+    shapes = {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in contract.inputs}
+    program = torch.onnx.export(module, args, input_names=[s.name for s in contract.inputs],
+                                output_names=[s.name for s in contract.outputs], dynamic_shapes=shapes,
+                                opset_version=max(OPSET, 18), dynamo=True, verbose=False)
+    program.save(str(path))
 
 
 def check_parity(contract, info, module, onnx_path) -> dict:

@@ -1,12 +1,13 @@
 """Model families: everything that differs between kinds of diffusion pipelines, one module each
-(families/sd.py, families/sdxl.py), read by export (contracts, torch wrappers) and by serving (text
+(families/sd.py, families/sdxl.py, families/flux.py), read by export (contracts, torch wrappers) and by serving (text
 encoding, per-row denoiser inputs, request fields). This package is the bottom layer: it imports
 nothing from export/ or serving/. How to add a family: docs/extending.md.
 """
+from families.flux import Flux
 from families.sd import StableDiffusion
 from families.sdxl import StableDiffusionXL
 
-FAMILIES = {family.name: family for family in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), Flux())}
 
 
 def family_of(model_index: dict, path=None):

@@ -17,26 +17,30 @@ LAYOUTS = ("base", "inpaint", "upscale")
 
 @dataclass(frozen=True)
 class TextEncoderInfo:
-    """One text encoder with its tokenizer (SDXL has two, read into one exported component)."""
+    """One text encoder with its tokenizer (SDXL and Flux have two, read into one exported component)."""
 
     folder: str  # text_encoder, text_encoder_2
     tokenizer: str  # tokenizer, tokenizer_2
     vocab_size: int
-    hidden: int  # width of the hidden states the denoiser reads from it
-    pooled: int | None = None  # width of its projected pooled output, where the denoiser reads one
+    hidden: int  # width of its hidden states
+    length: int  # token ids per prompt it reads, special tokens included
+    projection: int | None = None  # width of its projected pooled output (CLIPTextModelWithProjection)
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
     family: str  # families/__init__.py FAMILIES
-    text_encoders: tuple  # TextEncoderInfo, in the order the denoiser's context concatenates them
-    text_length: int  # token ids per prompt, <bos> and <eos> included
+    text_encoders: tuple  # TextEncoderInfo, in the family's order (text_encoder, text_encoder_2)
+    text_length: int  # tokens of the denoiser's text context (sequence length)
+    text_hidden: int  # width of the denoiser's text context
+    pooled_dim: int | None  # width of the pooled text input (SDXL's text_embeds, Flux's pooled_projections)
     latent_channels: int  # what the VAE encodes to and the UNet predicts
     unet_in_channels: int  # latents plus any concatenated conditioning channels
     layout: str  # one of LAYOUTS
     vae_factor: int  # pixels per latent cell
     vae_scaling_factor: float
+    vae_shift_factor: float  # latents = (VAE latents - shift) x scaling (Flux's VAE; 0 for SD's)
     native_size: int  # the image size the UNet was configured for, in pixels
     size_multiple: int  # pixels: image sides must divide by the VAE factor times the UNet's downsampling
     scheduler_config: dict
@@ -45,19 +49,11 @@ class CheckpointInfo:
     # SDXL's force_zeros_for_empty_prompt: without a negative prompt the unconditional row's
     # embeddings are zeros, not the encoding of ""
     zero_empty_negative: bool = False
-
-    @property
-    def text_hidden(self) -> int:
-        """Width of the denoiser's text context: the encoders' hidden states side by side."""
-        return sum(e.hidden for e in self.text_encoders)
+    distilled_guidance: bool = False  # the denoiser takes guidance as an input (FLUX.1-dev's guidance_embeds)
 
     @property
     def vocab_size(self) -> int:
         return self.text_encoders[0].vocab_size
-
-    @property
-    def pooled_dim(self) -> int | None:
-        return next((e.pooled for e in self.text_encoders if e.pooled), None)
 
     @classmethod
     def read(cls, path) -> "CheckpointInfo":
@@ -68,29 +64,21 @@ class CheckpointInfo:
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
         index = _json(path / "model_index.json")
         family = family_of(index, path)
-        unet = _json(path / "unet" / "config.json")
         vae = _json(path / "vae" / "config.json")
         encoders = tuple(_text_encoder(path, folder, tokenizer) for folder, tokenizer in family.text_folders)
         vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        sample_size = unet["sample_size"]
-        sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        text_length = min(_text_length(path, folder, tokenizer) for folder, tokenizer in family.text_folders)
-        latent_channels = int(unet.get("out_channels", unet["in_channels"]))
-        layout = unet_layout(unet, latent_channels)
-        upscale = layout == "upscale"
+        denoiser = family.denoiser_facts(_json(path / family.denoiser_folder / "config.json"), vae_factor)
+        upscale = denoiser["layout"] == "upscale"
         return cls(
             path=path,
             family=family.name,
             text_encoders=encoders,
-            text_length=text_length,
-            latent_channels=latent_channels,
-            unet_in_channels=int(unet["in_channels"]),
-            layout=layout,
+            **family.text_facts(encoders),
+            **denoiser,
             vae_factor=vae_factor,
             vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-            native_size=int(sample_size) * vae_factor,
-            size_multiple=vae_factor * 2 ** (len(unet["down_block_types"]) - 1),
-            scheduler_config=_json(path / "scheduler" / "scheduler_config.json"),
+            vae_shift_factor=float(vae.get("shift_factor") or 0.0),
+            scheduler_config=family.scheduler_config(_json(path / "scheduler" / "scheduler_config.json")),
             low_res_scheduler_config=_json(path / "low_res_scheduler" / "scheduler_config.json") if upscale else None,
             max_noise_level=int(index.get("max_noise_level", 350)) if upscale else None,
             zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", False)),
@@ -103,16 +91,12 @@ class CheckpointInfo:
 
 def _text_encoder(path: Path, folder: str, tokenizer: str) -> TextEncoderInfo:
     config = _json(path / folder / "config.json")
-    return TextEncoderInfo(folder, tokenizer, int(config["vocab_size"]), int(config["hidden_size"]),
-                           int(config["projection_dim"]) if "projection_dim" in config and
-                           "WithProjection" in str(config.get("architectures", "")) else None)
-
-
-def _text_length(path: Path, folder: str, tokenizer: str) -> int:
-    config = _json(path / folder / "config.json")
-    tokenizer_config = _json(path / tokenizer / "tokenizer_config.json")
-    return min(int(tokenizer_config.get("model_max_length", config["max_position_embeddings"])),
-               int(config["max_position_embeddings"]))
+    length = int(_json(path / tokenizer / "tokenizer_config.json").get("model_max_length", 512))
+    if "max_position_embeddings" in config:  # CLIP's learned positions bound it; T5's relative ones do not
+        length = min(length, int(config["max_position_embeddings"]))
+    projected = "WithProjection" in str(config.get("architectures", "")) and "projection_dim" in config
+    return TextEncoderInfo(folder, tokenizer, int(config["vocab_size"]), int(config.get("hidden_size", config.get("d_model", 0))),
+                           length, int(config["projection_dim"]) if projected else None)
 
 
 def unet_layout(unet_config: dict, latent_channels: int) -> str:

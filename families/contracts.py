@@ -64,7 +64,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
 
     family = FAMILIES[info.family]
     lat_max = max_image_size // info.vae_factor
-    lat_opt = info.native_size // info.vae_factor
+    lat_opt = min(info.native_size // info.vae_factor, lat_max)
     lat_min = 8 if lat_max >= 8 else lat_max
     latent = (BATCH, info.latent_channels, HEIGHT, WIDTH)
     # concat-conditioned UNets (inpainting, x4 upscaler) take extra channels after the latents
@@ -83,7 +83,8 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             name="text_encoder",
             component="text_encoder",
             folders=tuple(e.folder for e in info.text_encoders),
-            inputs=tuple(TensorSpec(name, "int64", (BATCH, info.text_length)) for name in family.token_inputs(info)),
+            inputs=tuple(TensorSpec(name, "int64", (BATCH, encoder.length))
+                         for name, encoder in zip(family.token_inputs(info), info.text_encoders)),
             outputs=family.text_outputs(info),
             max_batch_size=max_batch["text_encoder"],
             axis_ranges=batch_axis("text_encoder"),
@@ -91,7 +92,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
         "unet": ComponentContract(
             name="unet",
             component="unet",
-            folders=("unet",),
+            folders=(family.denoiser_folder,),
             inputs=(
                 TensorSpec("sample", "float32", unet_sample),
                 # one timestep per row: requests at different steps share one call; fractional

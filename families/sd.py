@@ -5,7 +5,16 @@ kin): one CLIP text encoder whose final hidden states are the UNet's context, a 
 A family declares what the layers above it read instead of branching on names (the other
 families subclass this one and override what differs; docs/extending.md):
 - `pipelines`: the model_index.json `_class_name`s it serves;
-- `text_folders`: (text encoder, tokenizer) checkpoint folders, in context order;
+- `denoiser_folder`, `denoiser_facts`: where the denoiser is and what its config says (latent
+  channels, layout, native size, size multiple);
+- `text_folders`, `text_facts`: (text encoder, tokenizer) checkpoint folders, and the denoiser's
+  text context (length, width) and pooled input width they make;
+- `scheduler_config`: the scheduler config the samplers read (the pipeline's own schedule rules);
+- `guidance`: "cfg" (classifier-free guidance by guidance_scale: a conditional and an
+  unconditional row) or "true_cfg" (one row; a negative prompt's row only with true_cfg_scale > 1;
+  guidance_scale is the model's `guidance` input where the checkpoint is guidance-distilled);
+- `checked_inputs`: the token-id inputs whose length refuses a prompt (others truncate);
+- `shift_mu`: a job's resolution-dependent schedule shift (flow matching), or None;
 - `token_inputs` / `text_outputs` / `text_inputs`: the exported text encoder's contract and which
   denoiser input each of its outputs feeds;
 - `unet_row_inputs`: the UNet's inputs beyond (sample, timestep, encoder_hidden_states), one row
@@ -16,6 +25,7 @@ families subclass this one and override what differs; docs/extending.md):
 Nothing here imports torch at module level: the engine reads these declarations without it.
 """
 
+from families.checkpoint import unet_layout
 from families.contracts import BATCH, TensorSpec, token_input_names
 
 
@@ -23,9 +33,40 @@ class StableDiffusion:
     name = "sd"
     pipelines = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionUpscalePipeline",
                  "StableDiffusionImg2ImgPipeline")
+    denoiser_folder = "unet"
     text_folders = (("text_encoder", "tokenizer"),)
     regional_attention = True
+    regions = True  # regional prompts in latent mode
     request_fields = ()
+    guidance = "cfg"
+    default_guidance_scale = 5.0
+
+    def denoiser_facts(self, config: dict, vae_factor: int) -> dict:
+        sample_size = config["sample_size"]
+        sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        latent_channels = int(config.get("out_channels", config["in_channels"]))
+        return {
+            "latent_channels": latent_channels,
+            "unet_in_channels": int(config["in_channels"]),
+            "layout": unet_layout(config, latent_channels),
+            "native_size": int(sample_size) * vae_factor,
+            "size_multiple": vae_factor * 2 ** (len(config["down_block_types"]) - 1),
+        }
+
+    def text_facts(self, encoders: tuple) -> dict:
+        """The context is every encoder's hidden states side by side (one length for all); the
+        pooled input, where there is one, is the projected encoder's."""
+        return {"text_length": min(e.length for e in encoders), "text_hidden": sum(e.hidden for e in encoders),
+                "pooled_dim": next((e.projection for e in encoders if e.projection), None)}
+
+    def checked_inputs(self, info) -> tuple:
+        return self.token_inputs(info)
+
+    def scheduler_config(self, config: dict) -> dict:
+        return config
+
+    def shift_mu(self, request, variant) -> float | None:
+        return None
 
     def token_inputs(self, info) -> tuple:
         return token_input_names(len(info.text_encoders))
@@ -46,6 +87,10 @@ class StableDiffusion:
         """A request's own per-row denoiser inputs (one value per row of its job), beyond its
         text's and its image conditioning's."""
         return {}
+
+    def dynamo_export(self, component: str) -> bool:
+        """Whether the component needs the torch.export-based ONNX exporter."""
+        return False
 
     def torch_module(self, component: str, info):
         from families.sd_torch import load_module

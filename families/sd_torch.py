@@ -28,25 +28,38 @@ class UNet(torch.nn.Module):
 
 
 class VaeDecoder(torch.nn.Module):
-    def __init__(self, vae, scaling_factor):
+    """Diffusion latents -> NHWC images in [0, 1]: latents / scaling + shift into the VAE (the shift
+    is Flux's; 0 for SD's VAE, where the addition is left out of the graph)."""
+
+    def __init__(self, vae, scaling_factor, shift_factor=0.0):
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
 
     def forward(self, latents):
-        images = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        latents = latents / self.scaling_factor
+        if self.shift_factor:
+            latents = latents + self.shift_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
         return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 class VaeEncoder(torch.nn.Module):
-    def __init__(self, vae, scaling_factor):
+    """NHWC images in [0, 1] -> the posterior's mean and standard deviation in diffusion units:
+    (mean - shift) x scaling and std x scaling, so mean + std x noise is what the pipelines'
+    (sample - shift) x scaling is for the same noise."""
+
+    def __init__(self, vae, scaling_factor, shift_factor=0.0):
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
 
     def forward(self, images):
         posterior = self.vae.encode(images.permute(0, 3, 1, 2) * 2 - 1, return_dict=False)[0]
-        return posterior.mean * self.scaling_factor, posterior.std * self.scaling_factor
+        mean = posterior.mean - self.shift_factor if self.shift_factor else posterior.mean
+        return mean * self.scaling_factor, posterior.std * self.scaling_factor
 
 
 def load_module(name: str, info: CheckpointInfo) -> torch.nn.Module:
@@ -63,7 +76,7 @@ def load_module(name: str, info: CheckpointInfo) -> torch.nn.Module:
     elif name in ("vae_decoder", "vae_encoder"):
         vae = AutoencoderKL.from_pretrained(info.path / "vae")
         wrapper = VaeDecoder if name == "vae_decoder" else VaeEncoder
-        module = wrapper(vae, info.vae_scaling_factor)
+        module = wrapper(vae, info.vae_scaling_factor, info.vae_shift_factor)
     else:
         raise KeyError(f"unknown component {name!r}")
     return module.float().eval()

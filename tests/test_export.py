@@ -1,6 +1,7 @@
 """ONNX exports against torch, the export cache, and the generated Triton configs."""
 import json
 import os
+import shutil
 
 from google.protobuf import text_format
 import pytest
@@ -30,7 +31,9 @@ def test_onnx_component_matches_torch(name, info, tiny_repo):
     assert max(errors.values()) <= TOLERANCE, errors
 
 
-def test_export_is_cached_until_an_input_changes(info, tmp_path):
+def test_export_is_cached_until_an_input_changes(tiny_checkpoint, tmp_path):
+    # a copy: touching the session's checkpoint would make every later export of it redo its work
+    info = CheckpointInfo.read(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
     contract = component_contracts(info, 2 * info.native_size, MAX_BATCH)["text_encoder"]
     target = tmp_path / "text_encoder" / "1" / "model.onnx"
     assert export_component(contract, info, target, log=lambda *a: None)["exported"] is True

@@ -4,7 +4,7 @@ of `ldm eval --regions`.
 
 Both modes as serving/core/regional_prompt.py states them, in torch: latent mode runs the UNet
 on every context (and the negative prompt) and combines eps = sum_k W_k (u + g (c_k - u));
-attention mode runs export/regional_unet.py's UNet on a conditional and an unconditional row.
+attention mode runs families/regional_unet.py's UNet on a conditional and an unconditional row.
 The starting noise is the service's (serving.core.sampler.noise_generator), so with the same seed
 a served image and this one start from the same latents; DDIM is diffusers' DDIMScheduler. The
 negative prompt is "" (the eval's), and the images of one call have the same number of regions.
@@ -26,7 +26,7 @@ class RegionalReference:
 
     def _regional_unet(self):
         if self.attention_unet is None:
-            from export.regional_unet import RegionalUNet
+            from families.regional_unet import RegionalUNet
 
             self.attention_unet = RegionalUNet(copy.deepcopy(self.pipe.unet)).eval()
         return self.attention_unet

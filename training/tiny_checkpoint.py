@@ -18,7 +18,13 @@ Kinds, one per UNet layout:
   6 size/crop time ids), a VAE like the base's with SDXL's scaling factor 0.13025, the base's
   zero-terminal-SNR v-prediction DDIM schedule, force_zeros_for_empty_prompt;
 - "sdxl-inpaint": StableDiffusionXLInpaintPipeline's 9-channel UNet (4 + 1 + 4 channels in) with
-  the "sdxl" kind's text encoders, tokenizers and VAE (the same weights).
+  the "sdxl" kind's text encoders, tokenizers and VAE (the same weights);
+- "flux": diffusers' FluxPipeline layout, guidance-distilled as FLUX.1-dev: a CLIP text encoder
+  (its pooled output), a T5 encoder (its sequence, FLUX_T5_LENGTH tokens), a
+  FluxTransformer2DModel (1 + 1 layers) over 2x2-packed latents with guidance as an input, a VAE
+  with Flux's scaling and shift factors and no quant convs, FlowMatchEulerDiscreteScheduler with
+  resolution-dependent shifting (FLUX.1-dev's config);
+- "flux-schnell": the same without the guidance input and with a static shift of 1 (schnell's).
 Sizes follow diffusers' own tiny SDXL test configs, adapted (not copied).
 """
 from pathlib import Path
@@ -42,7 +48,7 @@ TEXT_MAX_LENGTH = 16
 TEXT_HIDDEN = 32
 IMAGE_SIZE = 32  # pixels; the VAE downsamples by 4, so the latent is 8x8
 LATENT_CHANNELS = 4
-KINDS = ("base", "inpaint", "upscale", "sdxl", "sdxl-inpaint")
+KINDS = ("base", "inpaint", "upscale", "sdxl", "sdxl-inpaint", "flux", "flux-schnell")
 MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default
 
 # SDXL kinds (real SDXL: 768 + 1280 hidden, projection 1280, time embedding 256, 77 tokens).
@@ -172,10 +178,53 @@ def build_tiny_sdxl_inpaint_pipeline(seed: int = 0) -> StableDiffusionXLInpaintP
     )
 
 
+# Flux kinds (real FLUX.1: CLIP-L 768 pooled, T5-XXL 4096 x 512 tokens, 16 latent channels, 19 + 38
+# layers). T5's width differs from CLIP's so a pooled output fed where the sequence goes fails on
+# its shape; the latent has 4 channels (16 packed), as the other tiny kinds.
+FLUX_T5_LENGTH = 24  # tokens of the T5 sequence (FluxPipeline's max_sequence_length; 512 for real FLUX.1-dev)
+FLUX_T5_HIDDEN = 48  # T5 d_model: the transformer's joint_attention_dim
+FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159  # FLUX.1's VAE
+
+
+def _flux_scheduler(dynamic: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dynamic:  # FLUX.1-dev's scheduler config
+        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)  # FLUX.1-schnell's
+
+
+def build_tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed + 5)
+    tokenizer = build_word_tokenizer(VOCABULARY, TEXT_MAX_LENGTH)
+    tokenizer_2 = build_word_tokenizer(VOCABULARY + list(SDXL_TOKENIZER_2_EXTRA_WORDS), FLUX_T5_LENGTH)
+    text_encoder = CLIPTextModel(text_config(tokenizer, TEXT_HIDDEN, 2 * TEXT_HIDDEN, 2))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=FLUX_T5_HIDDEN, d_kv=12, d_ff=96, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=FLUX_T5_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=IMAGE_SIZE, scaling_factor=FLUX_VAE_SCALING,
+        shift_factor=FLUX_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False)
+    return FluxPipeline(scheduler=_flux_scheduler(guidance), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
 def write_tiny_checkpoint(path, seed: int = 0, kind: str = "base") -> Path:
     builders = {"base": build_tiny_pipeline, "inpaint": build_tiny_inpaint_pipeline,
                 "upscale": build_tiny_upscale_pipeline, "sdxl": build_tiny_sdxl_pipeline,
-                "sdxl-inpaint": build_tiny_sdxl_inpaint_pipeline}
+                "sdxl-inpaint": build_tiny_sdxl_inpaint_pipeline, "flux": build_tiny_flux_pipeline,
+                "flux-schnell": lambda seed: build_tiny_flux_pipeline(seed, guidance=False)}
     if kind not in builders:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)

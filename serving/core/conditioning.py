@@ -60,6 +60,63 @@ class TextConditioning:
 
 
 @dataclass(frozen=True)
+class TrueCfgConditioning:
+    """Flux's rule (families/flux.py): one conditional row, and the negative prompt's row only with
+    true CFG; where the checkpoint is guidance-distilled every row carries guidance_scale as the
+    denoiser's `guidance` input."""
+
+    cond: dict
+    uncond: dict | None  # the negative prompt's embedding with true CFG, else None
+    true_cfg_scale: float
+    guidance: float | None  # the guidance input of each row; None: the model takes none
+    network = "base"
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.uncond is None else 2
+
+    def inputs(self) -> dict:
+        inputs = stack([self.cond] if self.uncond is None else [self.cond, self.uncond])
+        if self.guidance is not None:
+            inputs["guidance"] = np.full(self.rows, self.guidance, np.float32)
+        return inputs
+
+    def unguided(self) -> "TrueCfgConditioning":
+        return replace(self, uncond=None)
+
+    def combine(self, predictions: np.ndarray) -> np.ndarray:
+        if self.uncond is None:
+            return predictions[0]
+        return guided_noise(predictions[1:2], predictions[0:1], np.array([self.true_cfg_scale]))[0]
+
+
+@dataclass(frozen=True)
+class TrueCfgPrompt:
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    true_cfg_scale: float
+    guidance_input: bool
+    network = "base"
+
+    @property
+    def uses_guidance(self) -> bool:
+        # as FluxPipeline: true CFG needs a scale above 1 and a negative prompt
+        return self.true_cfg_scale > 1.0 and bool(self.negative_prompt)
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.uses_guidance else 1
+
+    def texts(self) -> list:
+        return [self.prompt, self.negative_prompt] if self.uses_guidance else [self.prompt]
+
+    def build(self, embeddings: list) -> TrueCfgConditioning:
+        return TrueCfgConditioning(embeddings[0], embeddings[1] if self.uses_guidance else None, self.true_cfg_scale,
+                                   self.guidance_scale if self.guidance_input else None)
+
+
+@dataclass(frozen=True)
 class TextPrompt:
     prompt: str
     negative_prompt: str

@@ -36,7 +36,7 @@ class PipelineConfig:
     max_size: int | None = None
     default_steps: int = 25
     max_steps: int = 150
-    default_guidance_scale: float = 5.0
+    default_guidance_scale: float | None = None  # None: each family's (SD, SDXL 5.0; Flux 3.5, FluxPipeline's)
     max_guidance_scale: float = 50.0
     default_eta: float = 0.0
     # UTF-8 bytes of one text input, refused before it is decoded or tokenized: the tokenizer's
@@ -88,7 +88,7 @@ def _cast(name: str, raw: str, kind):
         if raw.lower() not in ("true", "false"):
             refuse(name, raw, "must be true or false")
         return raw.lower() == "true"
-    cast = int if kind == int | None else kind
+    cast = {int | None: int, float | None: float}.get(kind, kind)
     try:
         return cast(raw)
     except ValueError:

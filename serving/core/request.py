@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from families import FAMILIES
 from serving.core import image_request
 from serving.core import samplers
 from serving.core.variants import VariantSpec
@@ -75,8 +76,10 @@ FIELDS = (
     Field("original_size", "int32", dims=(2,)),
     Field("crop_top_left", "int32", dims=(2,)),
     Field("target_size", "int32", dims=(2,)),
+    # Flux's true classifier-free guidance with a negative prompt (families/flux.py)
+    Field("true_cfg_scale", "float32"),
 )
-FAMILY_FIELDS = ("original_size", "crop_top_left", "target_size")  # read by the families that declare them
+FAMILY_FIELDS = ("original_size", "crop_top_left", "target_size", "true_cfg_scale")  # read by the families that declare them
 MAX_CONDITIONING_SIZE = 16384  # pixels: the largest original/target side or crop offset accepted
 
 
@@ -104,6 +107,7 @@ class Limits:
     # (`ldm serve --sampler`), else the checkpoint's scheduler class
     default_sampler: tuple = ("ddim", "default")
     family: str = "sd"  # the served model's family (families/): which family fields it reads
+    distilled_guidance: bool = False  # its denoiser takes guidance_scale as an input (Flux dev)
     model: str = ""  # the served model's name
 
     @property
@@ -118,14 +122,17 @@ class Limits:
         (its entry of pipeline.json's models table)."""
         from serving.core.regions import RegionLimits  # imported here: regions imports this module
 
+        max_size = config.max_size or int(pipeline_info["max_size"])
         limits = cls(
             size_multiple=int(pipeline_info["size_multiple"]),
-            default_size=config.default_size or int(pipeline_info["native_size"]),
-            max_size=config.max_size or int(pipeline_info["max_size"]),
+            # the native size, or the largest size served where that is smaller (an export with --max-size)
+            default_size=config.default_size or min(int(pipeline_info["native_size"]), max_size),
+            max_size=max_size,
             max_prompt_tokens=int(pipeline_info["text_length"]),
             default_steps=config.default_steps,
             max_steps=config.max_steps,
-            default_guidance_scale=config.default_guidance_scale,
+            default_guidance_scale=(config.default_guidance_scale if config.default_guidance_scale is not None
+                                    else FAMILIES[pipeline_info.get("family", "sd")].default_guidance_scale),
             max_guidance_scale=config.max_guidance_scale,
             default_eta=config.default_eta,
             max_prompt_bytes=config.max_prompt_bytes,
@@ -133,6 +140,8 @@ class Limits:
             variants=VariantSpec.table(pipeline_info),
             family=pipeline_info.get("family", "sd"),
             model=pipeline_info.get("name", ""),
+            distilled_guidance=bool(pipeline_info["variants"][pipeline_info["primary"]].get("distilled_guidance", False))
+            if "variants" in pipeline_info else False,
         )
         limits = replace(limits, default_sampler=_default_sampler(config.default_sampler, limits.scheduler_config))
         limits.check(int(pipeline_info["max_size"]))
@@ -189,6 +198,12 @@ class GenerationRequest:
     sigma_schedule: str = "default"
     guidance_interval: tuple = (0.0, 1.0)  # fractions of the run with classifier-free guidance
     family_fields: dict = field(default_factory=dict)  # the family's own fields given (SDXL's sizes)
+    # how its rows are guided (families/: `guidance`): "cfg" (guidance_scale > 1: an unconditional
+    # row), or "true_cfg" (one row; the negative prompt's row only with true_cfg_scale > 1), with
+    # guidance_scale as a denoiser input where the checkpoint is guidance-distilled
+    guidance_rule: str = "cfg"
+    guidance_input: bool = False
+    true_cfg_scale: float = 1.0
 
     @property
     def strength(self) -> float:
@@ -226,6 +241,7 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
 
     regions = parse_regions(inputs, limits.regions, sizes["height"], sizes["width"])
     sampler, sigma_schedule = parse_sampler(inputs, limits, steps)
+    family_fields = _family_fields(inputs, limits.family, limits.max_guidance_scale)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -243,14 +259,15 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         sampler=sampler,
         sigma_schedule=sigma_schedule,
         guidance_interval=_guidance_interval(inputs),
-        family_fields=_family_fields(inputs, limits.family),
+        family_fields=family_fields,
+        guidance_rule=FAMILIES[limits.family].guidance,
+        guidance_input=limits.distilled_guidance,
+        true_cfg_scale=family_fields.get("true_cfg_scale", 1.0),
     )
 
 
-def _family_fields(inputs: dict, family: str) -> dict:
-    """The family fields given, as (a, b) pairs; refused for a family that does not read them."""
-    from families import FAMILIES
-
+def _family_fields(inputs: dict, family: str, max_guidance_scale: float) -> dict:
+    """The family fields given (sizes as (a, b) pairs); refused for a family that does not read them."""
     out = {}
     for name in FAMILY_FIELDS:
         value = inputs.get(name)
@@ -259,6 +276,9 @@ def _family_fields(inputs: dict, family: str) -> dict:
         if name not in FAMILIES[family].request_fields:
             readers = ", ".join(f.name for f in FAMILIES.values() if name in f.request_fields)
             raise InvalidInput(name, f"is read by family {readers} only; this model is family {family}")
+        if name == "true_cfg_scale":
+            out[name] = _real(inputs, name, 1.0, 0.0, max_guidance_scale)
+            continue
         array = np.asarray(value)
         low = 0 if name == "crop_top_left" else 1
         if array.size != 2 or array.dtype.kind not in "iu" or not all(low <= v <= MAX_CONDITIONING_SIZE for v in array.reshape(-1)):

@@ -113,10 +113,12 @@ class PipelineService:
                 raise ValueError(f"no models given for variants {missing} of model {model!r} of this repository")
             served = self.models[model] = ServedModel(model, limits, {})
             for name, spec in limits.variants.items():
-                for folder in spec.tokenizers.values():
-                    if folder not in tokenizers:
-                        tokenizers[folder] = PromptTokenizer(assets.tokenizer_dir.parent / folder, spec.text_length)
-                served.tokenizers[name] = TextTokenizers({n: tokenizers[f] for n, f in spec.tokenizers.items()})
+                lengths = {n: spec.token_lengths.get(n, spec.text_length) for n in spec.tokenizers}
+                for n, folder in spec.tokenizers.items():
+                    if (folder, lengths[n]) not in tokenizers:
+                        tokenizers[folder, lengths[n]] = PromptTokenizer(assets.tokenizer_dir.parent / folder, lengths[n])
+                served.tokenizers[name] = TextTokenizers({n: tokenizers[f, lengths[n]] for n, f in spec.tokenizers.items()},
+                                                         checked=spec.checked_inputs)
                 key = (spec.components["text_encoder"], tuple(spec.tokenizers.items()))
                 if key not in encoders:
                     encoders[key] = CachedTextEncoder(
@@ -214,7 +216,10 @@ class PipelineService:
 
     def _check(self, job: Job, request) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text
-        encoder's length, regions' rows within one UNet call."""
+        encoder's length, regions' rows within one UNet call, regions on a family that serves them."""
+        family = self.models[job.model].limits.family
+        if request.regions is not None and not FAMILIES[family].regions:
+            raise InvalidInput("region_prompts", f"regional prompts are not served for family {family} (model {job.model!r})")
         tokenizer = self.models[job.model].tokenizers[job.variant]
         checked = set()
         for _, prompt, negative in scheduled_texts(request):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from serving.core.conditioning import TextPrompt
+from serving.core.conditioning import TextPrompt, TrueCfgPrompt
 from serving.core.errors import FAILED_PRECONDITION, NOT_FOUND
 from serving.core.image_request import steered_mask
 from serving.core.prompt_schedule import joint_schedule, schedule
@@ -65,6 +65,9 @@ def prompt_spec(request):
     """The prompt spec of a request's (unscheduled) texts."""
     if request.regions is not None:
         return regional_prompt(request)
+    if request.guidance_rule == "true_cfg":
+        return TrueCfgPrompt(request.prompt, request.negative_prompt, request.guidance_scale, request.true_cfg_scale,
+                             request.guidance_input)
     return TextPrompt(request.prompt, request.negative_prompt, request.guidance_scale)
 
 

@@ -38,12 +38,15 @@ class TextTokenizers:
     """The tokenizers of a text encoder component, one per token-id input (SDXL's two encoders read
     one prompt through two tokenizers): input name -> PromptTokenizer."""
 
-    def __init__(self, tokenizers: dict):
+    def __init__(self, tokenizers: dict, checked: tuple | None = None):
         self.tokenizers = tokenizers
+        # the inputs whose length refuses a prompt; the others truncate it, as the family's
+        # pipeline does (Flux's CLIP)
+        self.checked = tuple(tokenizers) if checked is None else tuple(checked)
 
     def check(self, field: str, text: str) -> None:
-        for tokenizer in self.tokenizers.values():
-            tokenizer.check(field, text)
+        for name in self.checked:
+            self.tokenizers[name].check(field, text)
 
     def encode(self, texts) -> dict:
         """Input name -> int64 [len(texts), max_tokens]."""

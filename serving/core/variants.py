@@ -41,6 +41,9 @@ class VariantSpec:
     family: str = "sd"  # families/ FAMILIES
     text_outputs: tuple = ("last_hidden_state",)  # the text encoder's outputs, in its contract's order
     zero_empty_negative: bool = False  # SDXL's force_zeros_for_empty_prompt
+    token_lengths: dict = field(default_factory=dict)  # token-id input -> ids per prompt (default: text_length)
+    checked_inputs: tuple = ("input_ids",)  # the token-id inputs whose length refuses a prompt (others truncate)
+    distilled_guidance: bool = False  # the denoiser takes guidance_scale as an input (Flux dev)
 
     @classmethod
     def table(cls, info: dict) -> dict:
@@ -48,7 +51,7 @@ class VariantSpec:
         if "variants" not in info:
             raise ValueError("pipeline.json has no variants table (an export by an older version): re-run `ldm export`")
         fields = cls.__dataclass_fields__
-        return {name: cls(name=name, **{k: tuple(v) if k == "text_outputs" else v for k, v in facts.items() if k in fields})
+        return {name: cls(name=name, **{k: tuple(v) if k in ("text_outputs", "checked_inputs") else v for k, v in facts.items() if k in fields})
                 for name, facts in info["variants"].items()}
 
 

@@ -156,7 +156,7 @@ class TorchModels:
                 self.calls["unet"] = self._call("unet", torch_module("unet", self.info), buckets)
             if "vae" in components:
                 decoder = torch_module("vae_decoder", self.info)  # the encoder shares its AutoencoderKL
-                encoder = VaeEncoder(decoder.vae, self.info.vae_scaling_factor)
+                encoder = VaeEncoder(decoder.vae, self.info.vae_scaling_factor, self.info.vae_shift_factor)
                 self.calls["vae_decoder"] = self._call("vae_decoder", decoder, vae_buckets)
                 self.calls["vae_encoder"] = self._call("vae_encoder", encoder, vae_buckets)
             self.memory_plan = self._plan_memory()

@@ -2,7 +2,9 @@
 predicts the velocity v = noise - x_0 along x_sigma = (1 - sigma) x_0 + sigma noise, sigma goes
 from sigma_max to 0, x <- x + (sigma_next - sigma) v. The timestep the model sees is sigma x
 num_train_timesteps (fractional). Sigmas are shifted by the checkpoint's `shift`, or, with
-`use_dynamic_shifting`, by exp(mu) for a resolution-dependent mu the family passes to `start`."""
+`use_dynamic_shifting`, by exp(mu) for a resolution-dependent mu the family passes to `start`.
+Unshifted sigmas are the scheduler's default spacing, or linspace(1, 1/steps, steps) where the
+family's scheduler config says its pipeline passes those (`sigmas_from_steps`: Flux)."""
 import math
 
 import numpy as np
@@ -26,7 +28,10 @@ class FlowMatchEuler(Sampler):
 
     def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
         n = self.num_train_timesteps
-        sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
+        if self.config.get("sigmas_from_steps"):  # FluxPipeline passes linspace(1, 1/steps, steps) itself
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+        else:
+            sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
         if self.dynamic:
             if mu is None:
                 raise ValueError("flow_match_euler: this checkpoint shifts sigmas by resolution (mu is required)")
