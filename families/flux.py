@@ -32,6 +32,7 @@ class Flux(StableDiffusion):
     denoiser_folder = "transformer"
     text_folders = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     regional_attention = False
+    sdpa_processor = False  # the torch runner gives the denoiser diffusers' AttnProcessor2_0
     regions = False
     request_fields = ("true_cfg_scale",)
     guidance = "true_cfg"  # one row; two with true_cfg_scale > 1 and a negative prompt

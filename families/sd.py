@@ -36,6 +36,7 @@ class StableDiffusion:
     denoiser_folder = "unet"
     text_folders = (("text_encoder", "tokenizer"),)
     regional_attention = True
+    sdpa_processor = True  # the torch runner gives the denoiser diffusers' AttnProcessor2_0
     regions = True  # regional prompts in latent mode
     request_fields = ()
     guidance = "cfg"

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from families import FAMILIES
 from serving.core.errors import ResourceExhausted
 from serving.models.torch_options import VAE_BUCKETS, TorchOptions
 
@@ -168,7 +169,8 @@ class TorchModels:
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             module = module.to(memory_format=torch.channels_last)
-            (module.model if name == "unet" else module.vae).set_attn_processor(AttnProcessor2_0())
+            if name != "unet" or FAMILIES[self.info.family].sdpa_processor:  # Flux's own processor is SDPA already
+                (module.model if name == "unet" else module.vae).set_attn_processor(AttnProcessor2_0())
         fn = torch.compile(module, dynamic=False) if self.options.compile else module
         return BucketedCall(name, fn, buckets, self.device, self.dtype)
 
