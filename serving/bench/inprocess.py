@@ -7,7 +7,7 @@ from tritonclient.utils import InferenceServerException
 from serving.core.config import PipelineConfig
 from serving.client.kserve import request_arrays
 from serving.core.service import PipelineAssets, PipelineService
-from serving.models.assemble import RunnerChoice, build_models
+from serving.models.assemble import RunnerChoice, build_models, plan_gpu_memory
 
 
 class _Waiter:
@@ -47,6 +47,7 @@ class InProcessPipeline:
         choice = RunnerChoice.from_config(config, device)
         assets = PipelineAssets.read(repo / "pipeline" / "1")
         models = {variant: build_models(choice, repo, "1", None, facts, log=log) for variant, facts in assets.info["variants"].items()}
+        plan_gpu_memory(models.values())
         self.service = PipelineService(assets, config, models).start()
         self.info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
 

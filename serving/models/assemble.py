@@ -53,11 +53,12 @@ class ModelCalls:
     regional: the regional UNet (regions' attention mode), or None where the export has none.
     row_cap: the UNet rows per call the UNet's device can serve, when its runner knows it."""
 
-    def __init__(self, text_vae, unet, regional=None, row_cap=None):
+    def __init__(self, text_vae, unet, regional=None, row_cap=None, torch_models=None):
         self.text_vae = text_vae
         self._unet = unet
         self._regional = regional
         self.row_cap = row_cap
+        self.torch_models = torch_models  # the TorchModels it runs components with, if any (its memory plan)
 
     def encode_text(self, input_ids, **more_ids):
         return self.text_vae.encode_text(input_ids, **more_ids)
@@ -86,16 +87,30 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
         from serving.models.torch_runner import TorchModels
 
         checkpoint = repo_dir / "pipeline" / version / facts.get("torch_checkpoint", CHECKPOINT_COPY)
-        torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log)
+        torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log, plan=False)
     text_vae = torch_models if choice.text_vae == "torch" else bls
     has_regional = "unet_regional" in components
     if choice.unet == "bls":
-        return ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None)
+        return ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None, torch_models=torch_models)
     if choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
-        return ModelCalls(text_vae, torch_models.unet, row_cap=torch_models.row_cap)
+        return ModelCalls(text_vae, torch_models.unet, row_cap=torch_models.row_cap, torch_models=torch_models)
     from serving.models.onnx import LocalUnet, OnnxComponent
 
     def local(model):
         return LocalUnet(OnnxComponent(repo_dir / model / "1" / "model.onnx"))
 
-    return ModelCalls(text_vae, local(components["unet"]), local(components["unet_regional"]) if has_regional else None)
+    return ModelCalls(text_vae, local(components["unet"]), local(components["unet_regional"]) if has_regional else None,
+                      torch_models=torch_models)
+
+
+def plan_gpu_memory(models) -> None:
+    """Makes the torch runners' memory plans once every served model's weights are loaded (GPU:
+    CUDA graphs are captured in what the weights of all checkpoints leave free, each keeping
+    the largest VAE decoder's peak free), and sets each UNet's row cap from its plan."""
+    runners = list({id(m.torch_models): m.torch_models for m in models if m.torch_models is not None}.values())
+    reserve = max((r.vae_peak_bytes() for r in runners if r.options.kind == "cuda"), default=None)
+    for runner in runners:
+        runner.plan_memory(reserve)
+    for m in models:
+        if m.torch_models is not None and m._unet == m.torch_models.unet:
+            m.row_cap = m.torch_models.row_cap

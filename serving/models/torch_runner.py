@@ -129,7 +129,11 @@ class TorchModels:
 
     COMPONENTS = ("text_encoder", "unet", "vae")
 
-    def __init__(self, checkpoint_dir, options: TorchOptions = TorchOptions(), components=COMPONENTS, log=print):
+    def __init__(self, checkpoint_dir, options: TorchOptions = TorchOptions(), components=COMPONENTS, log=print,
+                 plan: bool = True):
+        """plan: make the memory plan now; a pipeline serving several models loads them all first
+        and plans after (serving/models/assemble.py plan_gpu_memory), so every plan counts the
+        weights of every served checkpoint."""
         from families import torch_module
         from families.checkpoint import CheckpointInfo
         from families.contracts import component_contracts
@@ -160,8 +164,10 @@ class TorchModels:
                 encoder = VaeEncoder(decoder.vae, self.info.vae_scaling_factor, self.info.vae_shift_factor)
                 self.calls["vae_decoder"] = self._call("vae_decoder", decoder, vae_buckets)
                 self.calls["vae_encoder"] = self._call("vae_encoder", encoder, vae_buckets)
-            self.memory_plan = self._plan_memory()
+        self.memory_plan = None
         self.row_cap = self.calls["unet"].buckets[-1] if "unet" in self.calls else None
+        if plan:
+            self.plan_memory()
 
     def _call(self, name, module, buckets) -> BucketedCall:
         module = module.to(device=self.device, dtype=self.dtype)
@@ -226,26 +232,40 @@ class TorchModels:
         return {name: tuple(np.zeros(contract.shape(spec, sizes), spec.dtype) for spec in contract.inputs)
                 for name, contract in self.contracts.items() if name in ("text_encoder", "unet", "vae_decoder")}
 
-    def _plan_memory(self) -> dict:
+    def plan_memory(self, reserve: int | None = None) -> dict:
         """CUDA: measure the VAE decoder's peak at its largest bucket and keep that much free, then
         capture the text encoder's and the UNet's graphs at the native size, largest bucket first
         (graphs of one call share a pool, so the largest sets the memory). A bucket whose capture
         runs out of memory, or leaves less than the VAE's reserve free, gets no graph, and the
         UNet's calls chunk at the largest captured bucket: its row cap. CPU (or graphs off): no
         graphs and nothing to measure; the row cap is the largest bucket."""
-        plan = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "graphs": {name: [] for name in self.calls}}
-        if self.options.kind == "cuda" and self.options.cuda_graphs:
-            reserve = self._vae_peak_bytes()
-            plan["vae_reserve_bytes"] = reserve
-            for name in ("text_encoder", "unet"):
-                if name in self.calls:
-                    plan["graphs"][name] = self._capture(name, reserve)
-            plan["free_bytes_after_capture"] = free_bytes(self.device)
+        with torch.cuda.device(self.device) if self.options.kind == "cuda" else nullcontext():
+            plan = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                    "weight_bytes": self.weight_bytes(), "graphs": {name: [] for name in self.calls}}
+            if self.options.kind == "cuda" and self.options.cuda_graphs:
+                reserve = self.vae_peak_bytes() if reserve is None else reserve
+                plan["vae_reserve_bytes"] = reserve
+                for name in ("text_encoder", "unet"):
+                    if name in self.calls:
+                        plan["graphs"][name] = self._capture(name, reserve)
+                plan["free_bytes_after_capture"] = free_bytes(self.device)
+        self.memory_plan = plan
+        self.row_cap = self.calls["unet"].buckets[-1] if "unet" in self.calls else None
         self._report(plan)
         return plan
 
-    def _vae_peak_bytes(self) -> int:
+    def weight_bytes(self) -> dict:
+        """Bytes of each call's parameters on its device (the VAE's encoder shares the decoder's):
+        a T5-XXL text encoder is about 9.5 GB in fp16, which the text encoder's placement decides."""
+        out = {}
+        for name, call in self.calls.items():
+            module = getattr(call.fn, "_orig_mod", call.fn)  # torch.compile wraps the module
+            if name != "vae_encoder":
+                out[name] = sum(p.numel() * p.element_size() for p in module.parameters())
+        return out
+
+    def vae_peak_bytes(self) -> int:
+        """The VAE decoder's peak memory at its largest bucket (CUDA): what graphs must leave free."""
         call = self.calls.get("vae_decoder")
         if call is None:
             return 0
@@ -287,8 +307,9 @@ class TorchModels:
         free_text = f", {free / 2**30:.1f} GiB free after capture" if free is not None else ""
         reserve = plan.get("vae_reserve_bytes")
         reserve_text = f", VAE reserve {reserve / 2**30:.2f} GiB" if reserve else ""
-        self.log(f"torch runner on {plan['device']} ({plan['dtype']}): row cap {cap}, buckets "
-                 f"{unet.buckets if unet else ()}, graphs {plan['graphs']}{free_text}{reserve_text}")
+        weights = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in plan["weight_bytes"].items())
+        self.log(f"torch runner for {self.info.path.name} on {plan['device']} ({plan['dtype']}): weights {weights}; "
+                 f"row cap {cap}, buckets {unet.buckets if unet else ()}, graphs {plan['graphs']}{free_text}{reserve_text}")
 
 
 def free_bytes(device: torch.device) -> int:

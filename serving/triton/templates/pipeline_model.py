@@ -51,7 +51,7 @@ from serving.core.metrics import MetricsExporter
 from serving.core.request import InvalidInput
 from serving.core.service import PipelineAssets, PipelineService, model_infos
 from serving.core.steering import STEER_PARAMETER, SteerRefused
-from serving.models.assemble import RunnerChoice, build_models
+from serving.models.assemble import RunnerChoice, build_models, plan_gpu_memory
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CONTROL_PARAMETERS = (DRAIN_PARAMETER, CANCEL_PARAMETER, STEER_PARAMETER)
@@ -199,6 +199,7 @@ class TritonPythonModel:
                                            log=lambda m: print(m, flush=True))
             for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()
         }
+        plan_gpu_memory(models.values())  # once every model's weights are loaded
         self.service = PipelineService(assets, config, models).start()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
