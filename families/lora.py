@@ -1,0 +1,94 @@
+"""Mixed LoRA adapters in one denoiser call: every row of the call may carry a different set of
+adapters with its own weights, and no base weight is ever merged or copied.
+
+Written by hand because no library does it: PEFT and diffusers' set_adapters apply one adapter
+mix to the whole batch, and vLLM-Omni's runtime cannot mix adapter states in one batch.
+
+Resident adapters sit side by side in a bank per adapted layer: A [in, K] and B [K, out], where
+K is the sum of their ranks (each adapter owns a column range). A call passes one scale matrix
+S [rows, K]: row i, column j is the weight of the adapter owning column j in row i's adapter set
+times that adapter's alpha / rank at this layer (0 where the row does not use it). Each adapted
+layer then computes
+    y = base(x) + ((x A) * S[row]) B
+two matrix products whatever the number of adapters, shapes fixed by K (graph friendly: the bank
+and S are inputs of an ONNX graph or a CUDA graph). A row whose S is 0 gets base(x) + 0, which is
+base(x) exactly. Linear layers and 1x1 convolutions (SD's proj_in/proj_out) are adapted.
+
+For the per-layer alpha / rank, the PEFT convention (scaling = lora_alpha / r, kohya's alpha /
+rank) is taken from PEFT's own LoraLayer.scaling after diffusers' loader has read the file
+(serving/models/adapters.py), so no scaling rule is written here.
+"""
+import torch
+
+
+class MixedLora(torch.nn.Module):
+    """Wraps a Linear or 1x1 Conv2d: base(x) + ((x A) * S[row]) B. `bank` (A, B) and the call's
+    scales S are set by the owner before each call (`set_call`); without them it is the base layer."""
+
+    def __init__(self, base: torch.nn.Module, name: str):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.bank = None  # (A [in, K], B [K, out]) tensors, or None: no adapter touches this layer
+        self.scales = None  # [rows, K] for the current call
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features if isinstance(self.base, torch.nn.Linear) else self.base.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features if isinstance(self.base, torch.nn.Linear) else self.base.out_channels
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.bank is None or self.scales is None:
+            return y
+        a, b = self.bank
+        if isinstance(self.base, torch.nn.Linear):  # x [rows, ..., in]
+            h = torch.matmul(x, a)
+            scales = self.scales.reshape(self.scales.shape[0], *([1] * (h.dim() - 2)), self.scales.shape[1])
+            return y + torch.matmul(h * scales, b)
+        # 1x1 convolution: x [rows, in, height, width], a per-pixel linear map of the channels
+        h = torch.einsum("bchw,ck->bkhw", x, a) * self.scales[:, :, None, None]
+        return y + torch.einsum("bkhw,ko->bohw", h, b)
+
+
+def adaptable(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or (
+        isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1)
+
+
+def install_mixed_lora(model: torch.nn.Module, names) -> dict:
+    """Replaces the named adaptable layers of `model` by MixedLora wrappers; returns {name: wrapper}."""
+    wrappers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if not adaptable(base):
+            raise ValueError(f"{name}: a {type(base).__name__} cannot carry a LoRA here (Linear and 1x1 Conv2d can)")
+        wrappers[name] = MixedLora(base, name)
+        setattr(parent, child, wrappers[name])
+    return wrappers
+
+
+def adaptable_layers(model: torch.nn.Module) -> dict:
+    """{name: (in, out)} of every layer of `model` a LoRA may target."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MixedLora):
+            out[name] = (module.in_features, module.out_features)
+        elif adaptable(module) and not name.endswith(".base"):
+            linear = isinstance(module, torch.nn.Linear)
+            out[name] = (module.in_features if linear else module.in_channels,
+                         module.out_features if linear else module.out_channels)
+    return out
+
+
+def set_call(wrappers: dict, banks: dict, scales: torch.Tensor | None) -> None:
+    """Arms every wrapper for one call: its layer's bank (A, B) from `banks` (absent: untouched
+    layer) and the call's scales; scales None disarms them all (base layers only)."""
+    for name, wrapper in wrappers.items():
+        wrapper.bank = banks.get(name)
+        wrapper.scales = scales
