@@ -1,4 +1,6 @@
 """`ldm export CHECKPOINT_DIR [--repo model_repository]`."""
+from pathlib import Path
+
 from export.triton_config import BACKENDS
 from serving.core.regions import DEFAULT_BASE_WEIGHT, DEFAULT_MODE, MAX_REGIONS
 from serving.models.assemble import TEXT_VAE_RUNNERS, UNET_RUNNERS
@@ -42,10 +44,15 @@ def add_repository_options(parser):
     parser.add_argument("--max-rows", type=int, default=32, help="UNet rows per call (default: %(default)s)")
     parser.add_argument("--max-active", type=int, default=16, help="requests denoising at once (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get UNAVAILABLE (default: %(default)s)")
+    parser.add_argument("--lora", action="store_true", help="export the denoiser with mixed LoRA adapter inputs, so requests "
+                        "can name adapters (loras); implied by --lora-dir")
+    parser.add_argument("--lora-dir", default="", help="a folder of LoRA .safetensors files registered at start, each named "
+                        "by its file's stem (implies --lora)")
 
 
 def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_active=16, max_queue=64,
-                        text_vae="bls", torch_buckets="", torch_compile=False, cuda_graphs=True) -> dict:
+                        text_vae="bls", torch_buckets="", torch_compile=False, cuda_graphs=True, lora=False,
+                        lora_dir="") -> dict:
     """The pipeline's config.pbtxt parameters: runners, batching knobs, then request defaults and limits."""
     return {
         "unet": unet,
@@ -57,6 +64,8 @@ def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_a
         "max_rows": max_rows,
         "max_active": max_active,
         "max_queue": max_queue,
+        "lora": "true" if lora or lora_dir else "false",
+        "lora_dir": str(lora_dir),
         "default_steps": 25,
         "max_steps": 150,
         "max_guidance_scale": 50.0,
@@ -84,7 +93,7 @@ def parameters_from_args(args) -> dict:
     return pipeline_parameters(
         args.unet or unet, not args.no_step_batching, args.max_rows, args.max_active, args.max_queue,
         text_vae=args.text_vae or text_vae, torch_buckets=args.torch_buckets, torch_compile=args.torch_compile,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, lora=args.lora, lora_dir=str(Path(args.lora_dir).resolve()) if args.lora_dir else "",
     )
 
 

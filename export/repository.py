@@ -21,7 +21,7 @@ import shutil
 
 from families.checkpoint import LAYOUTS, CheckpointInfo
 from families import FAMILIES
-from families.contracts import component_contracts, token_input_names
+from families.contracts import component_contracts, lora_unet_contract, token_input_names
 from export.onnx_export import export_component
 from export.placement import bls_pool_bytes
 from export.preview_fit import fit_preview
@@ -96,8 +96,9 @@ def write_repository(
     pipeline_dir = repo / "pipeline" / "1"
     for old in [*pipeline_dir.glob(f"{CHECKPOINT_COPY}*"), *pipeline_dir.glob("*tokenizer*")]:
         shutil.rmtree(old)
+    lora = parameters.get("lora") == "true"
     model_infos = {model: _model_info(model, model == default, infos, tables[model], served, pipeline_dir, repo,
-                                      max_size or 2 * next(iter(infos.values())).native_size)
+                                      max_size or 2 * next(iter(infos.values())).native_size, lora, log)
                    for model, infos in checkpoints.items()}
     placement = {"gpu": gpu, **(bls_pool_bytes(model_contracts, tuple(model_contracts), primary.vae_factor) if gpu else {})}
     pipeline_info = {
@@ -123,7 +124,7 @@ def write_repository(
 
 
 def _model_info(model: str, is_default: bool, infos: dict, table: dict, served: tuple, pipeline_dir: Path, repo: Path,
-                max_size: int) -> dict:
+                max_size: int, lora: bool, log) -> dict:
     """One model's entry of pipeline.json: its family, its default variant's sizes and its variants."""
     first = next(iter(infos.values()))
     prefix = "" if is_default else f"{model}-"
@@ -131,6 +132,13 @@ def _model_info(model: str, is_default: bool, infos: dict, table: dict, served: 
     facts = {variant: _variant_facts(info, table[variant], served, _tokenizers(info, first, variant, pipeline_dir, prefix),
                                      copies.get(variant), repo, max_size)
              for variant, info in infos.items()}
+    family = FAMILIES[first.family]
+    if lora and family.lora:  # the primary variant's denoiser with mixed-adapter inputs, run in the pipeline's process
+        layers = family.lora_layers(first)
+        contract = lora_unet_contract(component_contracts(first, max_size, MAX_BATCH)["unet"], layers)
+        export_component(replace(contract, name=f"{prefix}unet_lora"), first, pipeline_dir / f"{prefix}unet_lora.onnx", log=log)
+        facts[first.layout]["lora_unet"] = f"{prefix}unet_lora.onnx"
+        facts[first.layout]["lora_layers"] = {layer: list(shape) for layer, shape in layers.items()}
     head = facts[first.layout]
     return {
         "family": first.family,

@@ -134,6 +134,22 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
     return contracts
 
 
+LORA_COLUMNS = "lora_columns"  # the bank's width: the resident adapters' ranks side by side
+MAX_LORA_COLUMNS = 1024
+
+
+def lora_unet_contract(unet: ComponentContract, layers: dict) -> ComponentContract:
+    """The denoiser with mixed LoRA adapters (families/lora.py): the UNet's inputs, then the call's
+    scales [rows, K] and each adapted layer's bank lora_A.<layer> [in, K], lora_B.<layer> [K, out]."""
+    banks = []
+    for layer, (fan_in, fan_out) in layers.items():
+        banks += [TensorSpec(f"lora_A.{layer}", "float32", (fan_in, LORA_COLUMNS)),
+                  TensorSpec(f"lora_B.{layer}", "float32", (LORA_COLUMNS, fan_out))]
+    return replace(unet, name="unet_lora", component="unet_lora",
+                   inputs=(*unet.inputs, TensorSpec("lora_scales", "float32", (BATCH, LORA_COLUMNS)), *banks),
+                   axis_ranges={**unet.axis_ranges, LORA_COLUMNS: (1, 16, MAX_LORA_COLUMNS)})
+
+
 def token_input_names(encoders: int) -> tuple:
     """The text encoder component's token-id inputs, one per tokenizer: input_ids, input_ids_2, ..."""
     return tuple("input_ids" if k == 0 else f"input_ids_{k + 1}" for k in range(encoders))
@@ -170,6 +186,8 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
             out[spec.name] = rng.integers(0, info.max_noise_level + 1, shape)
         elif spec.name == "images":
             out[spec.name] = rng.random(shape, dtype=np.float32)
+        elif spec.name.startswith("lora_"):  # small banks and scales: the adapters' effect stays in range
+            out[spec.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
         elif spec.name == "region_weights":  # non-negative, summing to 1 over the contexts of each cell
             weights = rng.random(shape, dtype=np.float32)
             out[spec.name] = weights / weights.sum(axis=1, keepdims=True)

@@ -34,6 +34,7 @@ class Flux(StableDiffusion):
     regional_attention = False
     sdpa_processor = False  # the torch runner gives the denoiser diffusers' AttnProcessor2_0
     regions = False
+    lora = False  # not yet: the transformer's layers are not adapted
     request_fields = ("true_cfg_scale",)
     guidance = "true_cfg"  # one row; two with true_cfg_scale > 1 and a negative prompt
     default_guidance_scale = 3.5  # FluxPipeline's

@@ -86,6 +86,31 @@ def adaptable_layers(model: torch.nn.Module) -> dict:
     return out
 
 
+def lora_layers(model: torch.nn.Module) -> dict:
+    """{name: (in, out)} of the layers a served LoRA may target: the Linear and 1x1-conv layers of
+    the denoiser's transformer blocks (attention projections, feed-forward, proj_in/proj_out), the
+    layers kohya-ss's and diffusers' LoRA trainers target; LoCon's ResNet convolutions are not served."""
+    return {name: shape for name, shape in adaptable_layers(model).items() if ".attentions." in name}
+
+
+class WithLoraInputs(torch.nn.Module):
+    """A denoiser wrapper whose last inputs are the call's LoRA scales [rows, K] and each adapted
+    layer's bank A [in, K], B [K, out] (in `layers` order): what the exported ONNX graph takes, so
+    the bank and the scales are graph inputs, not weights."""
+
+    def __init__(self, module: torch.nn.Module, layers):
+        super().__init__()
+        self.module = module
+        self.layers = list(layers)
+        self.wrappers = install_mixed_lora(module.model, self.layers)
+
+    def forward(self, *args):
+        count = len(args) - 1 - 2 * len(self.layers)
+        scales, banks = args[count], args[count + 1:]
+        set_call(self.wrappers, {name: (banks[2 * i], banks[2 * i + 1]) for i, name in enumerate(self.layers)}, scales)
+        return self.module(*args[:count])
+
+
 def set_call(wrappers: dict, banks: dict, scales: torch.Tensor | None) -> None:
     """Arms every wrapper for one call: its layer's bank (A, B) from `banks` (absent: untouched
     layer) and the call's scales; scales None disarms them all (base layers only)."""

@@ -38,6 +38,7 @@ class StableDiffusion:
     regional_attention = True
     sdpa_processor = True  # the torch runner gives the denoiser diffusers' AttnProcessor2_0
     regions = True  # regional prompts in latent mode
+    lora = True  # LoRA adapters on the denoiser (families/lora.py)
     request_fields = ()
     guidance = "cfg"
     default_guidance_scale = 5.0
@@ -89,6 +90,18 @@ class StableDiffusion:
         text's and its image conditioning's."""
         return {}
 
+    def lora_layers(self, info) -> dict:
+        """{layer: (in, out)} of the denoiser's layers a LoRA may target (families/lora.py), read
+        from an empty (meta-device) copy of the denoiser: nothing is loaded."""
+        from accelerate import init_empty_weights
+        from diffusers import UNet2DConditionModel
+
+        from families.lora import lora_layers
+
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(info.path / "unet"))
+        return lora_layers(unet)
+
     def dynamo_export(self, component: str) -> bool:
         """Whether the component needs the torch.export-based ONNX exporter."""
         return False
@@ -96,6 +109,10 @@ class StableDiffusion:
     def torch_module(self, component: str, info):
         from families.sd_torch import load_module
 
+        if component == "unet_lora":
+            from families.lora import WithLoraInputs
+
+            return WithLoraInputs(load_module("unet", info), self.lora_layers(info)).eval()
         return load_module(component, info)
 
 

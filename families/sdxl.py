@@ -48,4 +48,8 @@ class StableDiffusionXL(StableDiffusion):
     def torch_module(self, component: str, info):
         from families.sdxl_torch import load_module
 
+        if component == "unet_lora":
+            from families.lora import WithLoraInputs
+
+            return WithLoraInputs(load_module("unet", info), self.lora_layers(info)).eval()
         return load_module(component, info)

@@ -43,6 +43,11 @@ class PipelineConfig:
     # lock is shared with the engine's encoding
     max_prompt_bytes: int = 4096
     default_sampler: str = ""  # `ldm serve --sampler`; empty: each checkpoint's scheduler class decides
+    # LoRA adapters (serving/core/lora.py): the denoiser is exported with mixed-adapter inputs
+    lora: bool = False
+    lora_dir: str = ""  # adapters registered at start: every *.safetensors, named by its stem
+    lora_budget_mb: int = 512  # resident adapters' matrices; idle ones beyond it are evicted
+    max_loras_per_request: int = 4
     # regional prompts (serving/core/regions.py)
     max_regions: int = MAX_REGIONS
     default_base_prompt_weight: float = DEFAULT_BASE_WEIGHT

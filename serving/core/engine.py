@@ -228,12 +228,22 @@ class Engine:
     def _retire(self, jobs: list, action) -> None:
         gone = set(map(id, jobs))
         self.active = [j for j in self.active if id(j) not in gone]
+        self._release(jobs)
         with self._lock:  # before the answer: a steer that finds it now hears it has finished
             for job in jobs:
                 self.registry.end(job)
         for job in jobs:
             action(job)
         self.stats.active = len(self.active)
+
+    def _release(self, jobs: list) -> None:
+        """What admission took for the jobs (their LoRA adapters' residency), given back once."""
+        release = getattr(self.runner, "release", None)  # test runners may hold nothing
+        if release is not None:
+            try:
+                release([j for j in jobs if j.held_loras])
+            except Exception:  # never let bookkeeping stop the answers
+                traceback.print_exc()
 
     def _drop_ended_waiting(self) -> None:
         reasons = {}
@@ -288,6 +298,7 @@ class Engine:
                 self._fail_all_active("engine error")
         for job in self.active:
             self._answer(job, UNAVAILABLE, f"{SHUTTING_DOWN}: its drain grace period passed before the image was ready")
+        self._release(self.active)
         self.active = []
         self.stats.active = 0
 

@@ -44,6 +44,7 @@ class Job:
     conditioning: object | None = None  # the plan's conditioning of the next step (rows, contexts, combine)
     image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     row_inputs: dict = field(default_factory=dict)  # its family's per-row denoiser inputs (SDXL's time_ids)
+    held_loras: tuple = ()  # the LoRA adapters it holds resident from admission to its end
     index: int = 0  # denoising steps done
     last_turn: int = -1  # the scheduler's turn when admitted or last stepped (fairness)
     pred_x0: np.ndarray | None = None

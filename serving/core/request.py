@@ -4,6 +4,7 @@ Every rejection names the field and the allowed range, so a client can fix its r
 """
 from dataclasses import dataclass, field, replace
 import math
+import re
 import unicodedata
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,10 @@ FIELDS = (
     Field("target_size", "int32", dims=(2,)),
     # Flux's true classifier-free guidance with a negative prompt (families/flux.py)
     Field("true_cfg_scale", "float32"),
+    # LoRA adapters (serving/core/lora.py): names and weights, one each per adapter; also
+    # A1111's <lora:name:weight> inside the prompt
+    Field("lora_names", "bytes", dims=(-1,)),
+    Field("lora_weights", "float32", dims=(-1,)),
 )
 FAMILY_FIELDS = ("original_size", "crop_top_left", "target_size", "true_cfg_scale")  # read by the families that declare them
 MAX_CONDITIONING_SIZE = 16384  # pixels: the largest original/target side or crop offset accepted
@@ -204,6 +209,7 @@ class GenerationRequest:
     guidance_rule: str = "cfg"
     guidance_input: bool = False
     true_cfg_scale: float = 1.0
+    loras: tuple = ()  # ((adapter name, weight), ...): the fields' and the prompt's <lora:name:weight>
 
     @property
     def strength(self) -> float:
@@ -214,7 +220,7 @@ class GenerationRequest:
 def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
     """Build a request from named input arrays (missing optional inputs are absent or None)."""
     check_text_sizes(inputs, limits.max_prompt_bytes)
-    prompt = _text(inputs, "prompt", required=True)
+    prompt, prompt_loras = lora_tags(_text(inputs, "prompt", required=True))
     if is_blank(prompt):
         raise InvalidInput("prompt", "must not be empty (nor only spaces or invisible characters)")
     negative = _text(inputs, "negative_prompt", required=False)
@@ -263,7 +269,36 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         guidance_rule=FAMILIES[limits.family].guidance,
         guidance_input=limits.distilled_guidance,
         true_cfg_scale=family_fields.get("true_cfg_scale", 1.0),
+        loras=_loras(inputs) + prompt_loras,
     )
+
+
+LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)>", re.IGNORECASE)
+
+
+def lora_tags(prompt: str) -> tuple:
+    """(the prompt without its A1111 <lora:name:weight> tags, ((name, weight), ...)): the tags are
+    removed before encoding, as A1111 does; a malformed weight is refused naming `prompt`."""
+    loras = []
+    for match in LORA_TAG.finditer(prompt):
+        try:
+            loras.append((match.group(1).strip(), float(match.group(2))))
+        except ValueError:
+            raise InvalidInput("prompt", f"<lora:{match.group(1)}:{match.group(2)}>: the weight must be a number") from None
+    if not loras:
+        return prompt, ()
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), tuple(loras)
+
+
+def _loras(inputs: dict) -> tuple:
+    names, weights = inputs.get("lora_names"), inputs.get("lora_weights")
+    if names is None and weights is None:
+        return ()
+    names = [decode_text("lora_names", n) for n in np.asarray(names if names is not None else [], dtype=object).reshape(-1)]
+    weights = np.asarray(weights if weights is not None else np.ones(len(names)), dtype=np.float64).reshape(-1)
+    if len(weights) != len(names):
+        raise InvalidInput("lora_weights", f"must hold one weight per name in lora_names ({len(names)}), got {len(weights)}")
+    return tuple((n, float(w)) for n, w in zip(names, weights))
 
 
 def _family_fields(inputs: dict, family: str, max_guidance_scale: float) -> dict:

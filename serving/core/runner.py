@@ -29,8 +29,11 @@ from serving.core.variants import VariantSpec
 
 
 class Runner:
-    def __init__(self, models, variant: VariantSpec, text_encoder: CachedTextEncoder):
+    def __init__(self, models, variant: VariantSpec, text_encoder: CachedTextEncoder, lora=None):
+        """lora: the model's LoraRegistry (serving/core/lora.py) where this variant's denoiser takes
+        mixed LoRA inputs, else None."""
         self.models = models
+        self.lora = lora
         self.variant = variant
         self.family = FAMILIES[variant.family]
         self.samplers = {}  # (name, sigma schedule) -> Sampler, made on first use
@@ -51,6 +54,9 @@ class Runner:
         noises = {}
         for job in jobs:
             r = job.planned
+            if self.lora is not None:
+                self.lora.hold(r.loras)  # resident until the job ends (release)
+                job.held_loras = r.loras
             job.rng = noise_generator(r.seed)
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             noises[id(job)] = job.rng.standard_normal(shape, dtype=np.float32)
@@ -107,6 +113,10 @@ class Runner:
                    for j, n in zip(jobs, rows)]
         for name in per_job[0]:
             inputs[name] = np.concatenate([values[name] for values in per_job])
+        if self.lora is not None:  # every row's adapter weights over the bank's columns (0: none)
+            inputs["lora_scales"] = np.repeat(self.lora.scales([j.held_loras for j in jobs]), rows, axis=0)
+            for layer, (a, b) in self.lora.bank().layers.items():
+                inputs[f"lora_A.{layer}"], inputs[f"lora_B.{layer}"] = a, b
         denoise = self.models.regional_unet if is_attention_variant(jobs[0].network) else self.models.unet
         predictions = denoise(sample, **inputs)
         bounds = np.cumsum([0] + rows)
@@ -130,6 +140,13 @@ class Runner:
                 job.index += 1
                 if job.image_conditioning is not None:
                     job.image_conditioning.after_step(job)
+
+    def release(self, jobs: list) -> None:
+        """Jobs that ended (finished, failed, cancelled): their adapters may be evicted again."""
+        if self.lora is not None:
+            for job in jobs:
+                self.lora.release(job.held_loras)
+                job.held_loras = ()
 
     def decode(self, jobs: list) -> list:
         """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size (more past the

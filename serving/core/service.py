@@ -13,6 +13,7 @@ from families import FAMILIES
 from serving.core.errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
+from serving.core.lora import LoraRefused, LoraRegistry
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
 from serving.core.config import PipelineConfig, refuse
@@ -40,6 +41,22 @@ class PipelineAssets:
             tokenizer_dir=version_dir / "tokenizer",
             scheduler_config=json.loads((version_dir / "scheduler_config.json").read_text()),
         )
+
+
+def _lora_registry(config: PipelineConfig, info: dict, reader) -> LoraRegistry | None:
+    """The model's adapter registry, with the folder's adapters registered, where its primary
+    variant's denoiser was exported with LoRA inputs and a reader is given."""
+    spec = info["variants"][info["primary"]]
+    if not config.lora or not spec.get("lora_unet") or reader is None:
+        return None
+    checkpoint = Path(info["checkpoint"])
+    registry = LoraRegistry(lambda path, name: reader(path, name, checkpoint),
+                            {layer: tuple(shape) for layer, shape in spec["lora_layers"].items()},
+                            budget_bytes=config.lora_budget_mb * 2**20, max_per_request=config.max_loras_per_request)
+    if config.lora_dir:
+        for path in sorted(Path(config.lora_dir).glob("*.safetensors")):
+            registry.register(path.stem, path)
+    return registry
 
 
 class UnknownModel(LookupError):
@@ -75,6 +92,7 @@ class ServedModel:
     name: str
     limits: Limits
     tokenizers: dict  # variant -> TextTokenizers
+    lora: LoraRegistry | None = None  # its LoRA adapters, where its denoiser takes them
 
 
 def model_infos(info: dict) -> dict:
@@ -90,11 +108,12 @@ def _by_model_and_variant(models, default_model: str, primary: str) -> dict:
 
 
 class PipelineService:
-    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models):
+    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models, lora_reader=None):
         """config: the pipeline's parameters (PipelineConfig.parse of config.pbtxt's); models: the
         runner models of each served model's UNet variants, {(model, variant): models}; for a
         repository with one model also {variant: models}, or one models object when that model
-        holds one variant."""
+        holds one variant. lora_reader(path, name, checkpoint_dir) -> Adapter reads LoRA files
+        (serving/models/adapters.py read_adapter), where the export has LoRA inputs."""
         infos = model_infos(assets.info)
         self.default_model = assets.info.get("default_model", next(iter(infos)))
         models = _by_model_and_variant(models, self.default_model, infos[self.default_model]["primary"])
@@ -111,7 +130,7 @@ class PipelineService:
             missing = sorted(set(limits.variants) - {v for m, v in models if m == model})
             if missing:
                 raise ValueError(f"no models given for variants {missing} of model {model!r} of this repository")
-            served = self.models[model] = ServedModel(model, limits, {})
+            served = self.models[model] = ServedModel(model, limits, {}, _lora_registry(config, info, lora_reader))
             for name, spec in limits.variants.items():
                 lengths = {n: spec.token_lengths.get(n, spec.text_length) for n in spec.tokenizers}
                 for n, folder in spec.tokenizers.items():
@@ -125,7 +144,8 @@ class PipelineService:
                         served.tokenizers[name], models[model, name].encode_text,
                         dict(zip(spec.text_outputs, FAMILIES[spec.family].text_inputs().values())),
                         zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"))
-                runners[model, name] = Runner(models[model, name], spec, encoders[key])
+                runners[model, name] = Runner(models[model, name], spec, encoders[key],
+                                              lora=served.lora if spec.lora_unet else None)
         preview = LatentPreview.from_info(infos[self.default_model])
         batching = config.scheduler()
         check_batching(batching, {key: spec for key, spec in self._variant_specs()})
@@ -217,7 +237,16 @@ class PipelineService:
     def _check(self, job: Job, request) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text
         encoder's length, regions' rows within one UNet call, regions on a family that serves them."""
-        family = self.models[job.model].limits.family
+        served = self.models[job.model]
+        family = served.limits.family
+        if request.loras:
+            if served.lora is None or not served.limits.variants[job.variant].lora_unet:
+                raise InvalidInput("loras", f"model {job.model!r} ({job.variant} UNet) takes no LoRA adapters"
+                                   + ("" if served.lora is not None else "; export it with --lora or --lora-dir"))
+            try:
+                served.lora.check(request.loras)
+            except LoraRefused as exc:
+                raise InvalidInput(exc.field, str(exc).split(": ", 1)[1]) from None
         if request.regions is not None and not FAMILIES[family].regions:
             raise InvalidInput("region_prompts", f"regional prompts are not served for family {family} (model {job.model!r})")
         tokenizer = self.models[job.model].tokenizers[job.variant]

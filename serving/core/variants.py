@@ -44,6 +44,8 @@ class VariantSpec:
     token_lengths: dict = field(default_factory=dict)  # token-id input -> ids per prompt (default: text_length)
     checked_inputs: tuple = ("input_ids",)  # the token-id inputs whose length refuses a prompt (others truncate)
     distilled_guidance: bool = False  # the denoiser takes guidance_scale as an input (Flux dev)
+    lora_unet: str | None = None  # the denoiser with mixed LoRA inputs (a file beside pipeline.json), where exported
+    lora_layers: dict = field(default_factory=dict)  # its adapted layers: name -> (in, out)
 
     @classmethod
     def table(cls, info: dict) -> dict:
@@ -78,6 +80,10 @@ class VariantRunners:
 
     def step(self, jobs: list) -> None:
         self.runners[_runner_key(jobs[0])].step(jobs)
+
+    def release(self, jobs: list) -> None:
+        for key, group in _by_variant(jobs).items():
+            self.runners[key].release(group)
 
     def decode(self, jobs: list) -> list:
         images = {}

@@ -99,7 +99,10 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
     def local(model):
         return LocalUnet(OnnxComponent(repo_dir / model / "1" / "model.onnx"))
 
-    return ModelCalls(text_vae, local(components["unet"]), local(components["unet_regional"]) if has_regional else None,
+    # with LoRA inputs every call runs the LoRA graph: a row without adapters gets base + 0, exactly
+    unet = (LocalUnet(OnnxComponent(repo_dir / "pipeline" / version / facts["lora_unet"])) if facts.get("lora_unet")
+            else local(components["unet"]))
+    return ModelCalls(text_vae, unet, local(components["unet_regional"]) if has_regional else None,
                       torch_models=torch_models)
 
 

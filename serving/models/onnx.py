@@ -72,7 +72,8 @@ class LocalModels:
         repo = Path(repo_dir)
         info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
         info = info["models"][model or info["default_model"]]
-        components = info["variants"][variant or info["primary"]]["components"]
+        facts = info["variants"][variant or info["primary"]]
+        components = facts["components"]
         sessions = {} if sessions is None else sessions
 
         def session(kind):
@@ -82,7 +83,9 @@ class LocalModels:
             return sessions[name]
 
         self.text_encoder = session("text_encoder")
-        self.unet = LocalUnet(session("unet"))
+        # with LoRA inputs (export --lora) every call runs the LoRA graph (serving/core/lora.py)
+        self.unet = LocalUnet(OnnxComponent(repo / "pipeline" / "1" / facts["lora_unet"], threads)) if facts.get("lora_unet") \
+            else LocalUnet(session("unet"))
         # regions' attention mode (the base variant's, where exported)
         self.regional_unet = LocalUnet(session("unet_regional")) if "unet_regional" in components else None
         self.vae_decoder = session("vae_decoder")

@@ -1,0 +1,154 @@
+"""The LoRA adapters a served model knows, which of them are resident, and the bank and per-row
+scales a denoiser call passes to its mixed-adapter layers (families/lora.py). Imports nothing
+from Triton or torch: reading a file is the `read` callable's (serving/models/adapters.py).
+
+An adapter is *registered* by name (a file's stem) with its file, and *resident* once read. The
+resident adapters' matrices sit side by side in a bank per adapted layer, each adapter owning a
+range of `rank` columns. Residency has a byte budget: reading one more evicts the least recently
+used adapters no job holds (a job holds its adapters from admission to its end); an evicted
+adapter stays registered and is read again when a request names it. A request names at most
+`max_per_request` adapters, each with a weight in [-MAX_WEIGHT, MAX_WEIGHT].
+
+The bank is rebuilt only when the resident set changes; a call's scales are one row per
+denoiser row: the weight of each of the row's adapters over that adapter's columns, 0 elsewhere,
+so a row without adapters adds exactly 0.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+import math
+import threading
+
+import numpy as np
+
+MAX_WEIGHT = 4.0
+DEFAULT_MAX_PER_REQUEST = 4
+DEFAULT_BUDGET_BYTES = 512 * 2**20
+
+
+class LoraRefused(ValueError):
+    """An adapter or adapter set that cannot be used: `field` names the request field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Bank:
+    """The resident adapters' matrices: layer -> (A [in, K], B [K, out]); columns: name -> (start, stop)."""
+
+    layers: dict
+    columns: dict
+    width: int  # K: at least 1 (a zero column) so every graph input keeps its shape rank
+
+
+class LoraRegistry:
+    def __init__(self, read, layer_shapes: dict, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                 max_per_request: int = DEFAULT_MAX_PER_REQUEST):
+        """read(path, name) -> serving.models.adapters.Adapter; layer_shapes: the served denoiser's
+        adapted layers {name: (in, out)} (the bank's rows and columns)."""
+        self.read = read
+        self.layer_shapes = layer_shapes
+        self.budget_bytes = budget_bytes
+        self.max_per_request = max_per_request
+        self.files = {}  # name -> path: every registered adapter
+        self.resident = OrderedDict()  # name -> Adapter, least recently used first
+        self.holds = {}  # name -> jobs holding it
+        self._bank = None
+        self._lock = threading.Lock()  # registration (control calls) against the engine's reads
+
+    def register(self, name: str, path) -> None:
+        with self._lock:
+            self.files[name] = path
+            self.resident.pop(name, None)  # a new file under an old name is read again
+            self._bank = None
+
+    def unregister(self, name: str) -> bool:
+        """Forgets an adapter; False (nothing done) while a job holds it."""
+        with self._lock:
+            if self.holds.get(name):
+                return False
+            self.files.pop(name, None)
+            if self.resident.pop(name, None) is not None:
+                self._bank = None
+            return True
+
+    def names(self) -> list:
+        return sorted(self.files)
+
+    def check(self, loras: tuple) -> None:
+        """Refuses an adapter set a request may not use, naming the field."""
+        if len(loras) > self.max_per_request:
+            raise LoraRefused("loras", f"names {len(loras)} adapters; at most {self.max_per_request} per request")
+        seen = set()
+        for i, (name, weight) in enumerate(loras):
+            if name not in self.files:
+                known = ", ".join(self.names()) or "none"
+                raise LoraRefused(f"loras[{i}].name", f"no adapter named {name!r}; loaded: {known}")
+            if name in seen:
+                raise LoraRefused(f"loras[{i}].name", f"{name!r} is named twice")
+            seen.add(name)
+            if not (math.isfinite(weight) and -MAX_WEIGHT <= weight <= MAX_WEIGHT):
+                raise LoraRefused(f"loras[{i}].weight", f"must be a finite number in [{-MAX_WEIGHT}, {MAX_WEIGHT}], got {weight}")
+
+    def hold(self, loras: tuple) -> None:
+        """A job starts using its adapters: they are made resident and cannot be evicted until `release`."""
+        with self._lock:
+            for name, _ in loras:
+                self.holds[name] = self.holds.get(name, 0) + 1
+            for name, _ in loras:
+                self._make_resident(name)
+
+    def release(self, loras: tuple) -> None:
+        with self._lock:
+            for name, _ in loras:
+                self.holds[name] -= 1
+
+    def bank(self) -> Bank:
+        with self._lock:
+            if self._bank is None:
+                self._bank = self._build()
+            return self._bank
+
+    def scales(self, loras_per_row: list) -> np.ndarray:
+        """[rows, K]: each row's adapter weights over their columns."""
+        bank = self.bank()
+        out = np.zeros((len(loras_per_row), bank.width), np.float32)
+        for row, loras in enumerate(loras_per_row):
+            for name, weight in loras:
+                start, stop = bank.columns[name]
+                out[row, start:stop] = weight
+        return out
+
+    def _make_resident(self, name: str) -> None:
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        adapter = self.read(self.files[name], name)
+        used = sum(a.nbytes for a in self.resident.values())
+        for old in list(self.resident):  # least recently used first; a held adapter stays
+            if used + adapter.nbytes <= self.budget_bytes:
+                break
+            if not self.holds.get(old):
+                used -= self.resident.pop(old).nbytes
+        self.resident[name] = adapter
+        self._bank = None
+
+    def _build(self) -> Bank:
+        columns, start = {}, 0
+        for name, adapter in self.resident.items():
+            columns[name] = (start, start + adapter.rank)
+            start += adapter.rank
+        width = max(start, 1)
+        layers = {}
+        for layer, (fan_in, fan_out) in self.layer_shapes.items():
+            a = np.zeros((fan_in, width), np.float32)
+            b = np.zeros((width, fan_out), np.float32)
+            for name, adapter in self.resident.items():
+                if layer in adapter.denoiser:
+                    la, lb = adapter.denoiser[layer]
+                    first = columns[name][0]
+                    a[:, first:first + la.shape[1]] = la
+                    b[first:first + la.shape[1]] = lb
+            layers[layer] = (a, b)
+        return Bank(layers, columns, width)
