@@ -15,7 +15,7 @@ from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
 from serving.core.preview import LatentPreview
 from serving.core.regional_prompt import check_regional_job
-from serving.core.request import InvalidInput, Limits, config_parameter, decode_text, parse_request
+from serving.core.request import InvalidInput, Limits, _text, config_parameter, parse_request
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
 from serving.core.steering import STEERABLE, parse_steer, scheduled_texts
@@ -213,7 +213,7 @@ class PipelineService:
 
     def model_of(self, inputs: dict) -> ServedModel:
         """The served model a request names in `model` (empty or absent: the default model)."""
-        name = decode_text("model", inputs.get("model")) if inputs.get("model") is not None else ""
+        name = _text(inputs, "model", required=False)  # one BYTES element (absent: "")
         if not name:
             return self.models[self.default_model]
         if name not in self.models:
