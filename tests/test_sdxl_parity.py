@@ -226,3 +226,243 @@ def test_inpainting_matches_diffusers(svc, checkpoints, monkeypatch, unet, stren
                          mask_image=Image.fromarray(mask), strength=strength, num_inference_steps=STEPS,
                          guidance_scale=5.0)
     check(f"inpaint {unet} strength {strength} {sampler}", served, expected)
+
+
+# --- batch invariance ------------------------------------------------------------------------------
+
+REGIONS = dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1", base_prompt_weight=0.3)
+CROWD = [  # (prompt, fields): SDXL requests of every kind, size and sampler; SD requests of the other model
+    (PROMPT, dict(seed=11, steps=7, guidance_scale=5.0)),
+    (PROMPT, dict(seed=12, steps=5, guidance_scale=1.0, height=40, width=32, sampler="euler_ancestral")),
+    (B, dict(seed=13, steps=6, negative_prompt=NEGATIVE, sampler="dpmpp_2m", sigma_schedule="karras", height=48, width=48,
+             **SIZES)),
+    (PROMPT, dict(seed=14, steps=8, init_image=photo(32, 3), strength=0.6, sampler="unipc", guidance_scale=5.0)),
+    (PROMPT, dict(seed=15, steps=6, init_image=photo(32, 4), mask=half_mask(32), mask_blur=2, guidance_scale=7.5)),
+    (PROMPT, dict(model=BLEND_MODEL, seed=16, steps=7, init_image=photo(48, 5), mask=half_mask(48, "left"), strength=0.8,
+                  sampler="euler", guidance_scale=5.0)),
+    (PROMPT, dict(model=BLEND_MODEL, seed=17, steps=4, guidance_scale=3.0)),
+    (PROMPT, dict(seed=18, steps=6, guidance_scale=5.0, negative_prompt=NEGATIVE, **REGIONS)),
+    (B, dict(seed=19, steps=5, eta=0.5, guidance_scale=5.0)),
+    (SD_PROMPT, dict(model=SD_MODEL, seed=20, steps=6, guidance_scale=5.0)),
+    (SD_PROMPT, dict(model=SD_MODEL, seed=21, steps=8, init_image=photo(32, 6), strength=0.7, sampler="euler",
+                     guidance_scale=5.0)),
+    (SD_PROMPT, dict(model=SD_MODEL, seed=22, steps=5, height=48, width=32, guidance_scale=1.0)),
+]
+
+
+class Recording:
+    """Wraps one runner's models (runner keys are (model, variant)): records each UNet call's
+    runner, rows, text-context width and further input names."""
+
+    def __init__(self, models, key, log):
+        self.models, self.key, self.log = models, key, log
+
+    def __getattr__(self, name):
+        return getattr(self.models, name)
+
+    def unet(self, sample, timestep, encoder_hidden_states, **extra):
+        self.log.append((self.key, len(sample), encoder_hidden_states.shape[-1], tuple(sorted(extra))))
+        return self.models.unet(sample, timestep, encoder_hidden_states, **extra)
+
+
+def test_every_request_is_bit_identical_alone_and_in_a_mixed_crowd_and_models_never_share_a_call(repo, svc):
+    alone = [generate(svc, prompt, **fields) for prompt, fields in CROWD]
+    log = []
+    crowd = service(repo)
+    for key, runner in crowd.engine.runner.runners.items():
+        runner.models = Recording(runner.models, key, log)
+    half = len(CROWD) // 2
+    sinks = [submit(crowd, prompt, **fields) for prompt, fields in CROWD[:half]]
+    for _ in range(2):  # the first half is mid-flight when the rest joins
+        crowd.engine.run_iteration()
+    sinks += [submit(crowd, prompt, **fields) for prompt, fields in CROWD[half:]]
+    drain(crowd)
+    assert all(s.error is None and s.ends == 1 for s in sinks), [s.error for s in sinks]
+    for i, (sink, image) in enumerate(zip(sinks, alone)):
+        assert sink.image.tobytes() == image.tobytes(), (i, CROWD[i][1], mean_abs(sink.image, image) * 255)
+    # one runner per call (the Recording of one (model, variant)), and that runner's inputs only
+    widths = {(key[0], width, extra) for key, _, width, extra in log}
+    assert widths == {(MODEL, 64, ("text_embeds", "time_ids")), (BLEND_MODEL, 64, ("text_embeds", "time_ids")),
+                      (SD_MODEL, 32, ())}, widths
+    assert {key for key, *_ in log} == {(MODEL, "base"), (MODEL, "inpaint"), (BLEND_MODEL, "base"), (SD_MODEL, "base")}
+    rows, calls = sum(r for _, r, *_ in log), len(log)
+    print(f"\nmixed crowd: {calls} UNet calls, {rows / calls:.1f} rows per call")
+    assert max(r for key, r, *_ in log if key == (MODEL, "base")) > 4  # requests of one model did share calls
+
+
+# --- regions and steering --------------------------------------------------------------------------
+
+class Loop:
+    """A written-out SDXL denoising loop over diffusers' modules (the tiny SDXL pipeline's text
+    encoders, UNet, VAE and its DDIM scheduler): `plan(i)` gives step i's conditional texts, their
+    latent-cell weights, the negative text each is guided against (None: zeros,
+    force_zeros_for_empty_prompt) and the guidance scale; eps = sum_k W_k (u_k + g (c_k - u_k))."""
+
+    def __init__(self, path):
+        self.pipe, config = pipeline(StableDiffusionXLPipeline, path)
+        self.config = config
+
+    @torch.no_grad()
+    def embed(self, text):
+        if text is None:
+            embeds, pooled = self.embed("x")
+            return torch.zeros_like(embeds), torch.zeros_like(pooled)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+        return embeds, pooled
+
+    @torch.no_grad()
+    def image(self, plan, seed, steps=STEPS, size=32) -> np.ndarray:
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.config)
+        scheduler.set_timesteps(steps)
+        x = torch.from_numpy(noise_generator(seed).standard_normal((4, size // 4, size // 4), dtype=np.float32))[None]
+        x = x * scheduler.init_noise_sigma
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        for i, t in enumerate(scheduler.timesteps):
+            texts, weights, negatives, guidance = plan(i)
+            rows = [self.embed(text) for text in texts] + [self.embed(n) for n in negatives] if guidance > 1 else \
+                [self.embed(text) for text in texts]
+            embeds, pooled = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+            model_in = scheduler.scale_model_input(x, t).expand(len(rows), -1, -1, -1)
+            out = self.pipe.unet(model_in, t, encoder_hidden_states=embeds,
+                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(rows), -1)},
+                                 return_dict=False)[0]
+            cond = out[: len(texts)]
+            if guidance > 1:
+                uncond = out[len(texts):]
+                cond = uncond + guidance * (cond - uncond)
+            eps = (torch.from_numpy(weights)[:, None] * cond).sum(0, keepdim=True)
+            x = scheduler.step(eps, t, x, return_dict=False)[0]
+        image = self.pipe.vae.decode(x / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return ((image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def halves_weights(base_weight, size=32) -> np.ndarray:
+    """[3, h, w] latent-cell weights of region_divisions "1,1": the base prompt everywhere at
+    `base_weight`, the left and right halves' prompts at 1 - base_weight in their half."""
+    side = size // 4
+    weights = np.zeros((3, side, side), np.float32)
+    weights[0] = base_weight
+    weights[1, :, : side // 2] = weights[2, :, side // 2:] = 1 - base_weight
+    return weights
+
+
+@pytest.fixture(scope="module")
+def loop(checkpoints):
+    return Loop(checkpoints[0])
+
+
+@pytest.mark.parametrize("negatives", [None, [NEGATIVE, ""]], ids=["request-negative", "region-negatives"])
+def test_latent_regions_match_the_written_out_loop(svc, loop, negatives):
+    """Latent mode's rows: the base prompt and each region's (each with its own pooled text_embeds),
+    guided against their negative prompts; an empty region negative prompt is zeros (no encoding)."""
+    fields = dict(REGIONS, negative_prompt=NEGATIVE, seed=9, steps=STEPS, guidance_scale=5.0, region_mode="latent")
+    if negatives is not None:
+        fields["region_negative_prompts"] = negatives
+    served = generate(svc, PROMPT, **fields)
+    texts = [PROMPT, *REGIONS["region_prompts"]]
+    guided_against = [NEGATIVE, *(None if n == "" else n for n in negatives or [NEGATIVE, NEGATIVE])]
+    expected = loop.image(lambda i: (texts, halves_weights(0.3), guided_against, 5.0), seed=9)
+    check(f"regions latent {'with region negatives' if negatives else 'request negative'} vs the loop", served, expected)
+    assert mean_abs(served, generate(svc, PROMPT, negative_prompt=NEGATIVE, seed=9, steps=STEPS)) > 0
+
+
+def test_attention_regions_are_refused_naming_region_mode(svc):
+    sink = submit(svc, PROMPT, seed=1, steps=STEPS, region_mode="attention", **REGIONS)
+    drain(svc)
+    assert sink.error is not None and sink.error[0] == INVALID_ARG and "region_mode" in sink.error[1], sink.error
+    assert generate(svc, SD_PROMPT, model=SD_MODEL, seed=1, steps=STEPS, region_mode="attention", **REGIONS).std() > 1
+
+
+def steered(svc, k, steer, **fields) -> np.ndarray:
+    """The image of a request steered with `steer` (request fields) after k steps."""
+    sink = Sink()
+    svc.submit(request_arrays(PROMPT, **fields), sink, request_id="steered")
+    while svc.engine.registry.running["steered"].index < k:
+        assert svc.engine.run_iteration()
+    svc.steer("steered", request_arrays(**steer) if "prompt" not in steer else
+              request_arrays(steer["prompt"], **{n: v for n, v in steer.items() if n != "prompt"}))
+    drain(svc)
+    assert sink.error is None, sink.error
+    return sink.image
+
+
+@pytest.mark.parametrize("k,steer", [(2, dict(prompt=B)), (4, dict(prompt=B, negative_prompt=""))],
+                         ids=["prompt", "prompt-and-empty-negative"])
+def test_a_steer_at_step_k_is_k_steps_of_a_then_b(svc, checkpoints, monkeypatch, loop, k, steer):
+    """Against diffusers' StableDiffusionXLPipeline whose prompt embeddings (both rows, and the
+    pooled text_embeds) are replaced after step k - 1 (callback_on_step_end); and the loop."""
+    seed = 8
+    served = steered(svc, k, steer, negative_prompt=NEGATIVE, seed=seed, steps=STEPS, guidance_scale=5.0)
+    negative = steer.get("negative_prompt", NEGATIVE) or None
+    cond, cond_pooled = loop.embed(steer["prompt"])
+    uncond, uncond_pooled = loop.embed(negative)
+
+    def swap(pipe, i, t, tensors):
+        if i == k - 1:  # diffusers' rows: [uncond, cond]
+            return {"prompt_embeds": torch.cat([uncond, cond]), "add_text_embeds": torch.cat([uncond_pooled, cond_pooled])}
+        return {}
+
+    expected = reference(StableDiffusionXLPipeline, checkpoints[0], monkeypatch, "ddim", "default", seed, 32, 32,
+                         prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0,
+                         callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"])
+    check(f"steer at step {k} ({', '.join(steer)}) vs diffusers", served, expected)
+    written = loop.image(lambda i: ([PROMPT] if i < k else [steer["prompt"]], np.ones((1, 8, 8), np.float32),
+                                    [NEGATIVE if i < k else negative], 5.0), seed=seed)
+    check(f"steer at step {k} ({', '.join(steer)}) vs the loop", served, written)
+    assert mean_abs(served, generate(svc, PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=STEPS)) > 0
+
+
+# --- the torch runner ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def torch_models(checkpoints):
+    from serving.models.torch_options import TorchOptions
+    from serving.models.torch_runner import TorchModels
+
+    return TorchModels(checkpoints[0], TorchOptions(), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_torch_runner_components_match_onnx(repo, checkpoints, torch_models, batch):
+    from serving.models.onnx import LocalModels
+    from serving.models.torch_options import TorchOptions
+    from serving.models.torch_runner import TorchModels
+
+    onnx, onnx_inpaint = LocalModels(repo, model=MODEL), LocalModels(repo, model=MODEL, variant="inpaint")
+    torch_inpaint = TorchModels(checkpoints[1], TorchOptions(), components=("unet",), log=lambda *a: None)
+    rng = np.random.default_rng(batch)
+    ids = {name: rng.integers(0, 40, (batch, 16)) for name in ("input_ids", "input_ids_2")}
+    latent = (batch, 4, 8, 10)  # a non-square latent
+    unet_inputs = dict(timestep=rng.uniform(0, 1000, batch).astype(np.float32),
+                       encoder_hidden_states=rng.standard_normal((batch, 16, 64), dtype=np.float32),
+                       text_embeds=rng.standard_normal((batch, 16), dtype=np.float32),
+                       time_ids=rng.integers(0, 64, (batch, 6)).astype(np.float32))
+    sample = rng.standard_normal(latent, dtype=np.float32)
+    sample_9 = rng.standard_normal((batch, 9, 8, 10), dtype=np.float32)
+    images = rng.random((batch, 32, 40, 3), dtype=np.float32)
+    pairs = {f"encode_text {name}": (torch_models.encode_text(**ids)[name], onnx.encode_text(**ids)[name])
+             for name in ("prompt_embeds", "text_embeds")}
+    pairs["unet"] = (torch_models.unet(sample, **unet_inputs), onnx.unet(sample, **unet_inputs))
+    pairs["unet 9-channel"] = (torch_inpaint.unet(sample_9, **unet_inputs), onnx_inpaint.unet(sample_9, **unet_inputs))
+    pairs["decode"] = (torch_models.decode(sample), onnx.decode(sample))
+    for i, (a, b) in enumerate(zip(torch_models.encode_image(images), onnx.encode_image(images))):
+        pairs[f"encode_image[{i}]"] = (a, b)
+    for name, (got, expected) in pairs.items():
+        assert got.shape == expected.shape and got.dtype == np.float32, name
+        error = float(np.abs(got - expected).max())
+        print(f"\ntorch vs ONNX batch {batch} {name}: max abs {error:.2e}")
+        assert error <= 1e-4 * max(1.0, float(np.abs(expected).max())), name
+
+
+def test_torch_runner_serves_the_tiny_sdxl(repo, svc, torch_models):
+    from serving.core.service import PipelineAssets, PipelineService
+    from serving.models.onnx import local_variants
+
+    models = local_variants(repo)
+    models[MODEL, "base"] = torch_models
+    served = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), {}, models)
+    for prompt, fields in CROWD[:4]:
+        by_torch, by_onnx = generate(served, prompt, **fields), generate(svc, prompt, **fields)
+        check(f"torch runner vs ONNX {fields}", by_torch, by_onnx, limit=0.5 / 255)
