@@ -37,6 +37,10 @@ class VaeDecoder(torch.nn.Module):
         images = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
         return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
+    def encoder(self) -> "VaeEncoder":
+        """The matching encoder on the same VAE weights (the torch runner loads them once)."""
+        return VaeEncoder(self.vae, self.scaling_factor)
+
 
 class VaeEncoder(torch.nn.Module):
     def __init__(self, vae, scaling_factor):

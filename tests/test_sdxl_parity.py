@@ -19,6 +19,8 @@ and "sdxl-inpaint") exported beside the tiny SD one in one repository and served
 - the torch runner (CPU) serving the tiny SDXL: components equal ONNX at two batch sizes, images
   equal the ONNX runner's.
 """
+import json
+import shutil
 import sys
 
 import numpy as np
@@ -40,7 +42,10 @@ B = "a yellow star on the left"
 SD_PROMPT = "a large red circle on the left"
 MAX_MEAN_ABS = 1 / 255
 STEPS = 6
-MODEL, BLEND_MODEL, SD_MODEL = "sdxl", "sdxl-blend", "sd"  # the repository's models (fixture `repo`)
+MODEL, BLEND_MODEL, SD_MODEL, STATS_MODEL = "sdxl", "sdxl-blend", "sd", "sdxl-stats"  # the repository's models (`repo`)
+# a VAE with per-channel latent statistics (SDXL derivatives such as Playground v2.5 have them):
+# diffusers decodes latents * std / scaling_factor + mean and encodes (z - mean) * scaling_factor / std
+LATENTS_MEAN, LATENTS_STD = [0.4, -0.3, 0.2, -0.1], [1.5, 0.7, 1.2, 0.9]
 
 
 def int2(a, b):
@@ -56,21 +61,27 @@ def checkpoints(tmp_path_factory):
     from training.tiny_checkpoint import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sdxl")
-    return write_tiny_checkpoint(root / "tiny-sdxl", kind="sdxl"), write_tiny_checkpoint(root / "tiny-sdxl-inpaint",
-                                                                                        kind="sdxl-inpaint")
+    base = write_tiny_checkpoint(root / "tiny-sdxl", kind="sdxl")
+    stats = root / "tiny-sdxl-stats"  # the same checkpoint, its VAE config with latent statistics
+    shutil.copytree(base, stats)
+    config = json.loads((stats / "vae" / "config.json").read_text())
+    (stats / "vae" / "config.json").write_text(json.dumps({**config, "latents_mean": LATENTS_MEAN,
+                                                           "latents_std": LATENTS_STD}))
+    return base, write_tiny_checkpoint(root / "tiny-sdxl-inpaint", kind="sdxl-inpaint"), stats
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, checkpoints, tiny_checkpoint):
     """One repository: the SDXL model with its 9-channel inpainting variant (default), the tiny SD
-    model beside it, and the SDXL base checkpoint again as a model without an inpainting UNet
-    (inpainting by latent blend; its components are shared with the first, not exported twice)."""
+    model beside it, the SDXL base checkpoint again as a model without an inpainting UNet
+    (inpainting by latent blend; its components are shared with the first, not exported twice),
+    and the checkpoint whose VAE has latent statistics (only its VAE is exported again)."""
     from export.repository import write_repository
 
-    sdxl, sdxl_inpaint = checkpoints
+    sdxl, sdxl_inpaint, stats = checkpoints
     path = tmp_path_factory.mktemp("sdxl-repo") / "model_repository"
     write_repository(sdxl, path, pipeline_parameters=pipeline_parameters(), log=lambda *a: None, name=MODEL,
-                     variants={"inpaint": sdxl_inpaint}, models={SD_MODEL: tiny_checkpoint, BLEND_MODEL: sdxl})
+                     variants={"inpaint": sdxl_inpaint}, models={SD_MODEL: tiny_checkpoint, BLEND_MODEL: sdxl, STATS_MODEL: stats})
     return path
 
 
@@ -226,6 +237,25 @@ def test_inpainting_matches_diffusers(svc, checkpoints, monkeypatch, unet, stren
                          mask_image=Image.fromarray(mask), strength=strength, num_inference_steps=STEPS,
                          guidance_scale=5.0)
     check(f"inpaint {unet} strength {strength} {sampler}", served, expected)
+
+
+@pytest.mark.parametrize("task", ["txt2img", "img2img"])
+def test_a_vae_with_latent_statistics_matches_diffusers(svc, checkpoints, monkeypatch, task):
+    """StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline on a folder whose VAE config has
+    latents_mean and latents_std (the decoder and encoder exports apply them as diffusers does)."""
+    image, seed = photo(32, 2), 7
+    fields = dict(negative_prompt=NEGATIVE, seed=seed, steps=STEPS, guidance_scale=5.0)
+    call = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0)
+    if task == "img2img":
+        fields.update(init_image=image, strength=0.7)
+        served = generate(svc, PROMPT, model=STATS_MODEL, **fields)
+        expected = reference(StableDiffusionXLImg2ImgPipeline, checkpoints[2], monkeypatch, "ddim", "default", seed, 32,
+                             32, posteriors=1, image=Image.fromarray(image), strength=0.7, **call)
+    else:
+        served = generate(svc, PROMPT, model=STATS_MODEL, **fields)
+        expected = reference(StableDiffusionXLPipeline, checkpoints[2], monkeypatch, "ddim", "default", seed, 32, 32, **call)
+    check(f"{task} with a VAE with latents_mean/latents_std", served, expected)
+    assert mean_abs(served, generate(svc, PROMPT, **fields)) > 2 * MAX_MEAN_ABS  # the statistics matter
 
 
 # --- batch invariance ------------------------------------------------------------------------------
@@ -449,6 +479,12 @@ def test_torch_runner_components_match_onnx(repo, checkpoints, torch_models, bat
     pairs["decode"] = (torch_models.decode(sample), onnx.decode(sample))
     for i, (a, b) in enumerate(zip(torch_models.encode_image(images), onnx.encode_image(images))):
         pairs[f"encode_image[{i}]"] = (a, b)
+    # the VAE with latent statistics: the torch runner's encoder is the family's too
+    torch_stats = TorchModels(checkpoints[2], TorchOptions(), components=("vae",), log=lambda *a: None)
+    onnx_stats = LocalModels(repo, model=STATS_MODEL)
+    pairs["decode (latent statistics)"] = (torch_stats.decode(sample), onnx_stats.decode(sample))
+    for i, (a, b) in enumerate(zip(torch_stats.encode_image(images), onnx_stats.encode_image(images))):
+        pairs[f"encode_image[{i}] (latent statistics)"] = (a, b)
     for name, (got, expected) in pairs.items():
         assert got.shape == expected.shape and got.dtype == np.float32, name
         error = float(np.abs(got - expected).max())

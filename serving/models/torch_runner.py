@@ -132,7 +132,6 @@ class TorchModels:
         from families import torch_module
         from families.checkpoint import CheckpointInfo
         from families.contracts import component_contracts
-        from families.sd_torch import VaeEncoder
 
         unknown = set(components) - set(self.COMPONENTS)
         if unknown:
@@ -156,7 +155,7 @@ class TorchModels:
                 self.calls["unet"] = self._call("unet", torch_module("unet", self.info), buckets)
             if "vae" in components:
                 decoder = torch_module("vae_decoder", self.info)  # the encoder shares its AutoencoderKL
-                encoder = VaeEncoder(decoder.vae, self.info.vae_scaling_factor)
+                encoder = decoder.encoder()  # the family's (SDXL: with the VAE's latent statistics)
                 self.calls["vae_decoder"] = self._call("vae_decoder", decoder, vae_buckets)
                 self.calls["vae_encoder"] = self._call("vae_encoder", encoder, vae_buckets)
             self.memory_plan = self._plan_memory()
