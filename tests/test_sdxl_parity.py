@@ -502,3 +502,45 @@ def test_torch_runner_serves_the_tiny_sdxl(repo, svc, torch_models):
     for prompt, fields in CROWD[:4]:
         by_torch, by_onnx = generate(served, prompt, **fields), generate(svc, prompt, **fields)
         check(f"torch runner vs ONNX {fields}", by_torch, by_onnx, limit=0.5 / 255)
+
+
+# --- what the family declares for deployments ------------------------------------------------------
+
+def test_the_sdxl_vae_stays_fp32_where_the_rest_builds_fp16(checkpoints, tiny_checkpoint, tmp_path):
+    """force_upcast (diffusers' default; SDXL base's VAE overflows in FP16): the VAE's contracts say
+    FP32, so TensorRT builds them without --fp16 and the torch runner on CUDA keeps them FP32; an
+    "fp16-fix" VAE (force_upcast false) and SD's VAEs build FP16 as before."""
+    from dataclasses import replace
+
+    from export.tensorrt import trtexec_command
+    from families.checkpoint import CheckpointInfo
+    from families.contracts import component_contracts
+
+    def fp16(info):
+        contracts = component_contracts(info, 64, {k: 4 for k in ("text_encoder", "unet", "unet_regional", "vae_decoder",
+                                                                 "vae_encoder")})
+        flags = {name: "--fp16" in trtexec_command(c, "m.onnx", "m.plan") for name, c in contracts.items()}
+        assert flags == {name: c.fp16 for name, c in contracts.items()}
+        return flags
+
+    sdxl = CheckpointInfo.read(checkpoints[0])
+    assert fp16(sdxl) == {"text_encoder": True, "unet": True, "vae_decoder": False, "vae_encoder": False}
+    assert all(fp16(CheckpointInfo.read(tiny_checkpoint)).values())
+    (tmp_path / "vae").mkdir()
+    config = json.loads((checkpoints[0] / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    assert all(fp16(replace(sdxl, path=tmp_path)).values())
+
+
+@pytest.mark.parametrize("change,why", [({"requires_aesthetics_score": True}, "requires_aesthetics_score"),
+                                        ({"text_encoder": [None, None], "tokenizer": [None, None]}, "no text_encoder")])
+def test_a_refiner_style_sdxl_checkpoint_is_refused_naming_why(checkpoints, tmp_path, change, why):
+    """StableDiffusionXLImg2ImgPipeline folders like the SDXL refiner (5 time ids with an aesthetic
+    score, one text encoder) are refused when read, not served with the wrong time ids."""
+    from families.checkpoint import CheckpointInfo
+
+    index = json.loads((checkpoints[0] / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline",
+                                                           **change}))
+    with pytest.raises(ValueError, match=f"refiner-style pipeline \\({why}\\) is not served"):
+        CheckpointInfo.read(tmp_path)

@@ -162,14 +162,16 @@ class TorchModels:
         self.row_cap = self.calls["unet"].buckets[-1] if "unet" in self.calls else None
 
     def _call(self, name, module, buckets) -> BucketedCall:
-        module = module.to(device=self.device, dtype=self.dtype)
+        # FP16 on CUDA, except a component its family keeps FP32 (SDXL's VAE with force_upcast)
+        dtype = self.dtype if self.contracts[name].fp16 else torch.float32
+        module = module.to(device=self.device, dtype=dtype)
         if name != "text_encoder":  # transformers' CLIP uses SDPA by default
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             module = module.to(memory_format=torch.channels_last)
             (module.model if name == "unet" else module.vae).set_attn_processor(AttnProcessor2_0())
         fn = torch.compile(module, dynamic=False) if self.options.compile else module
-        return BucketedCall(name, fn, buckets, self.device, self.dtype)
+        return BucketedCall(name, fn, buckets, self.device, dtype)
 
     # --- the models protocol -------------------------------------------------------------------
 
