@@ -544,3 +544,24 @@ def test_a_refiner_style_sdxl_checkpoint_is_refused_naming_why(checkpoints, tmp_
                                                            **change}))
     with pytest.raises(ValueError, match=f"refiner-style pipeline \\({why}\\) is not served"):
         CheckpointInfo.read(tmp_path)
+
+
+def test_previews_use_the_map_of_the_jobs_own_model(repo):
+    """The models of one server have their own VAEs, so their own latent-to-RGB preview maps (the
+    default model's map was used for every model's jobs)."""
+    from serving.core.preview import LatentPreview
+    from serving.core.service import model_infos
+
+    maps = {model: LatentPreview.from_info(info)
+            for model, info in model_infos(json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())).items()}
+    svc = service(repo)
+    made, real = [], svc.engine.preview
+    svc.engine.preview = lambda latents, model: made.append((model, latents, real(latents, model))) or made[-1][2]
+    sinks = [submit(svc, prompt, model=model, seed=2, steps=4, preview_every=2)
+             for model, prompt in ((MODEL, PROMPT), (SD_MODEL, SD_PROMPT))]
+    drain(svc)
+    assert all(s.error is None for s in sinks) and sorted(m for m, *_ in made) == [SD_MODEL, MODEL]
+    for model, latents, preview in made:
+        assert preview.tobytes() == maps[model](latents).tobytes(), model
+        other = maps[SD_MODEL if model == MODEL else MODEL](latents)
+        assert np.abs(preview.astype(int) - other).max() > 0  # the maps differ: the test can tell

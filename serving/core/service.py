@@ -13,7 +13,7 @@ from families import FAMILIES
 from serving.core.errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
-from serving.core.preview import LatentPreview
+from serving.core.preview import LatentPreview, ModelPreviews
 from serving.core.regional_prompt import check_regional_job
 from serving.core.request import InvalidInput, Limits, _text, config_parameter, parse_request
 from serving.core.runner import Runner
@@ -146,7 +146,8 @@ class PipelineService:
                         dict(zip(spec.text_outputs, FAMILIES[spec.family].text_inputs().values())),
                         zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"))
                 runners[model, name] = Runner(models[model, name], spec, encoders[key])
-        preview = LatentPreview.from_info(infos[self.default_model])
+        previews = {model: LatentPreview.from_info(info) for model, info in infos.items()}  # each model's own
+        preview = ModelPreviews(previews) if any(p is not None for p in previews.values()) else None
         config = scheduler_config(params)
         check_batching(config, {key: spec for key, spec in self._variant_specs()})
         # what the UNets' device can serve (GPU memory plan)
