@@ -33,6 +33,7 @@ from export.cli import pipeline_parameters
 from image_inputs import Sink, drain, generate, half_mask, photo, service, submit
 from serving.client.kserve import request_arrays
 from serving.core.errors import INVALID_ARG
+from serving.core.request import InvalidInput
 from serving.core.sampler import image_noise_generator, noise_generator
 from test_samplers import REFERENCES
 
@@ -565,3 +566,22 @@ def test_previews_use_the_map_of_the_jobs_own_model(repo):
         assert preview.tobytes() == maps[model](latents).tobytes(), model
         other = maps[SD_MODEL if model == MODEL else MODEL](latents)
         assert np.abs(preview.astype(int) - other).max() > 0  # the maps differ: the test can tell
+
+
+def test_a_steer_is_checked_with_its_jobs_own_model(svc):
+    """In a server whose default model is SDXL (no regional UNet), an SD job may be steered to
+    regions in attention mode (its model has the regional UNet), and an SDXL job may not."""
+    for model, prompt, accepted in ((SD_MODEL, SD_PROMPT, True), (MODEL, PROMPT, False)):
+        sink = Sink()
+        svc.submit(request_arrays(prompt, model=model, seed=3, steps=4, **REGIONS), sink, request_id=f"regions-{model}")
+        svc.engine.run_iteration()
+        inputs = {name: value for name, value in request_arrays("x", region_mode="attention", **REGIONS).items()
+                  if name != "prompt"}
+        if accepted:
+            assert svc.steer(f"regions-{model}", inputs) == 1
+        else:
+            with pytest.raises(InvalidInput) as refused:
+                svc.steer(f"regions-{model}", inputs)
+            assert refused.value.field == "region_mode"
+        drain(svc)
+        assert sink.error is None and sink.image is not None, sink.error

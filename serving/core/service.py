@@ -231,9 +231,11 @@ class PipelineService:
             raise InvalidInput(others[0], f"cannot be steered; a steer may change only {', '.join(STEERABLE)}")
         if not given:
             raise InvalidInput("steer", f"needs at least one of {', '.join(STEERABLE)}")
-        # fields are range-checked with the default model's limits before the job is found; what
-        # depends on the job's own model (text lengths, regions' modes) is checked with it (_check)
-        return self.engine.steer(request_id, parse_steer(inputs, self.limits), self._check)
+        # fields are range-checked (and regions parsed) with the limits of the job's own model
+        # (the default model's when no job has the id: the engine refuses the steer then)
+        job = self.engine.registry.running.get(request_id)
+        limits = self.models[job.model].limits if job is not None else self.limits
+        return self.engine.steer(request_id, parse_steer(inputs, limits), self._check)
 
     def _check(self, job: Job, request) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text
