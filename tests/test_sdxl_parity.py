@@ -585,3 +585,31 @@ def test_a_steer_is_checked_with_its_jobs_own_model(svc):
             assert refused.value.field == "region_mode"
         drain(svc)
         assert sink.error is None and sink.image is not None, sink.error
+
+
+@pytest.mark.parametrize("model,fields,code,field", [
+    (SD_MODEL, dict(original_size=int2(64, 64)), INVALID_ARG, "original_size"),  # SDXL's fields only
+    (MODEL, dict(crop_top_left=int2(-1, 0)), INVALID_ARG, "crop_top_left"),
+    (MODEL, dict(target_size=np.array([32, 32, 1], np.int32)), INVALID_ARG, "target_size"),  # sent as is
+    (MODEL, dict(task="upscale", init_image=photo(8, 1)), INVALID_ARG, "task"),  # no x4 upscaler for SDXL
+    ("no-such-model", {}, "NOT_FOUND", "no-such-model"),
+])
+def test_what_a_model_does_not_serve_is_refused_naming_it(svc, model, fields, code, field):
+    sink = Sink()
+    svc.submit({**request_arrays(PROMPT, model=model, seed=1, steps=2, **{k: v for k, v in fields.items() if k != "target_size"}),
+                **{k: v for k, v in fields.items() if k == "target_size"}}, sink)
+    drain(svc)
+    assert sink.error is not None and sink.error[0] == code and field in sink.error[1], sink.error
+
+
+@pytest.mark.parametrize("model", [MODEL, BLEND_MODEL], ids=["9-channel", "latent-blend"])
+def test_a_mask_steered_before_step_0_is_a_fresh_request_with_that_mask(svc, model):
+    image, fields = photo(32, 3), dict(model=model, seed=4, steps=STEPS, guidance_scale=5.0, strength=0.8)
+    sink = Sink()
+    svc.submit(request_arrays(PROMPT, init_image=image, mask=half_mask(32), **fields), sink, request_id="mask")
+    assert svc.steer("mask", {"mask": half_mask(32, "left")}) == 1
+    drain(svc)
+    assert sink.error is None, sink.error
+    fresh = generate(svc, PROMPT, init_image=image, mask=half_mask(32, "left"), **fields)
+    assert sink.image.tobytes() == fresh.tobytes()
+    assert sink.image.tobytes() != generate(svc, PROMPT, init_image=image, mask=half_mask(32), **fields).tobytes()
