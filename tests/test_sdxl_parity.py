@@ -17,7 +17,12 @@ and "sdxl-inpaint") exported beside the tiny SD one in one repository and served
   attention mode refused (INVALID_ARG region_mode); a steer at step k against diffusers' pipeline
   whose embeddings are swapped after step k (callback_on_step_end);
 - the torch runner (CPU) serving the tiny SDXL: components equal ONNX at two batch sizes, images
-  equal the ONNX runner's.
+  equal the ONNX runner's;
+- and what the fixes made with these tests pin: a VAE with latents_mean/latents_std (SDXL
+  derivatives) against diffusers, the VAE kept FP32 in FP16 builds (force_upcast), refiner-style
+  folders refused, previews and steers by the job's own model, refusals naming the field.
+
+Run with -s to see the measured differences.
 """
 import json
 import shutil
@@ -27,7 +32,7 @@ import numpy as np
 from PIL import Image
 import pytest
 import torch
-from diffusers import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
 from export.cli import pipeline_parameters
 from image_inputs import Sink, drain, generate, half_mask, photo, service, submit
@@ -407,13 +412,12 @@ def test_attention_regions_are_refused_naming_region_mode(svc):
 
 
 def steered(svc, k, steer, **fields) -> np.ndarray:
-    """The image of a request steered with `steer` (request fields) after k steps."""
+    """The image of a request steered with `steer` (request fields, a prompt among them) after k steps."""
     sink = Sink()
     svc.submit(request_arrays(PROMPT, **fields), sink, request_id="steered")
     while svc.engine.registry.running["steered"].index < k:
         assert svc.engine.run_iteration()
-    svc.steer("steered", request_arrays(**steer) if "prompt" not in steer else
-              request_arrays(steer["prompt"], **{n: v for n, v in steer.items() if n != "prompt"}))
+    svc.steer("steered", request_arrays(steer["prompt"], **{n: v for n, v in steer.items() if n != "prompt"}))
     drain(svc)
     assert sink.error is None, sink.error
     return sink.image
@@ -500,9 +504,9 @@ def test_torch_runner_serves_the_tiny_sdxl(repo, svc, torch_models):
     models = local_variants(repo)
     models[MODEL, "base"] = torch_models
     served = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), {}, models)
-    for prompt, fields in CROWD[:4]:
+    for i, (prompt, fields) in enumerate(CROWD[:4]):  # txt2img (two sizes, three samplers, size fields), img2img
         by_torch, by_onnx = generate(served, prompt, **fields), generate(svc, prompt, **fields)
-        check(f"torch runner vs ONNX {fields}", by_torch, by_onnx, limit=0.5 / 255)
+        check(f"torch runner vs ONNX runner, crowd request {i}", by_torch, by_onnx, limit=0.5 / 255)
 
 
 # --- what the family declares for deployments ------------------------------------------------------
