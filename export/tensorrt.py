@@ -24,7 +24,7 @@ def trtexec_command(contract: ComponentContract, onnx_path, plan_path, fp16: boo
         f"--optShapes={shapes(1)}",
         f"--maxShapes={shapes(2)}",
     ]
-    return command + (["--fp16"] if fp16 else [])
+    return command + (["--fp16"] if fp16 and contract.fp16 else [])
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -60,7 +60,7 @@ def build_with_python_api(trt, contract: ComponentContract, onnx_path, plan_path
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{contract.name}: TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    if fp16:
+    if fp16 and contract.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name, (smallest, optimal, largest) in contract.profile().items():

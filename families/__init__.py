@@ -15,6 +15,7 @@ def family_of(model_index: dict, path=None):
     pipeline = model_index.get("_class_name", "")
     for family in FAMILIES.values():
         if pipeline in family.pipelines:
+            family.check(model_index, path)
             return family
     served = ", ".join(p for f in FAMILIES.values() for p in f.pipelines)
     raise ValueError(f"{path or 'checkpoint'}: pipeline class {pipeline!r} is not served; families serve: {served}")

@@ -34,6 +34,9 @@ class ComponentContract:
     max_batch_size: int
     # sizes of symbolic axes: name -> (min, opt, max)
     axis_ranges: dict
+    # whether an FP16 build (TensorRT --fp16, the torch runner on CUDA) may run it; False: FP32
+    # (SDXL's VAE with force_upcast, which overflows in FP16: families/sdxl.py)
+    fp16: bool = True
 
     def dynamic_axes(self) -> dict:
         """torch.onnx.export's dynamic_axes: tensor name -> {axis index: symbolic name}."""
@@ -78,6 +81,8 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
     def batch_axis(name):
         return {BATCH: (1, min(4, max_batch[name]), max_batch[name])}
 
+    vae_fp16 = not family.vae_fp32(info)
+
     contracts = {
         "text_encoder": ComponentContract(
             name="text_encoder",
@@ -114,6 +119,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             outputs=(TensorSpec("images", "float32", (BATCH, IMAGE_HEIGHT, IMAGE_WIDTH, 3)),),
             max_batch_size=max_batch["vae_decoder"],
             axis_ranges={**batch_axis("vae_decoder"), **latent_axes},
+            fp16=vae_fp16,
         ),
         "vae_encoder": ComponentContract(
             name="vae_encoder",
@@ -127,6 +133,7 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             ),
             max_batch_size=max_batch["vae_encoder"],
             axis_ranges={**batch_axis("vae_encoder"), **image_axes},
+            fp16=vae_fp16,
         ),
     }
     if info.layout == "base" and family.regional_attention:  # the regional UNet takes text contexts alone

@@ -21,6 +21,8 @@ families subclass this one and override what differs; docs/extending.md):
   per UNet row, and `row_inputs` their values for one request;
 - `request_fields`: the request fields only this family reads (others' are refused);
 - `regional_attention`: whether regions' attention mode (the regional UNet) is exported;
+- `vae_fp32`: whether the VAE must run in FP32 where the rest runs in FP16;
+- `check`: refuses, by its model_index.json, a pipeline of its classes it cannot serve;
 - `torch_module`: the torch wrapper of each component, shared by export and the torch runner.
 Nothing here imports torch at module level: the engine reads these declarations without it.
 """
@@ -84,6 +86,14 @@ class StableDiffusion:
     def unet_row_inputs(self, info) -> tuple:
         # the x4 upscaler's noise level, one per row
         return (TensorSpec("class_labels", "int64", (BATCH,)),) if info.layout == "upscale" else ()
+
+    def check(self, model_index: dict, path) -> None:
+        """Refuses a pipeline of this family's classes that it cannot serve (ValueError naming why)."""
+
+    def vae_fp32(self, info) -> bool:
+        """Whether the VAE must stay FP32 in an FP16 deployment (StableDiffusionPipeline never
+        upcasts its VAE)."""
+        return False
 
     def row_inputs(self, request, variant) -> dict:
         """A request's own per-row denoiser inputs (one value per row of its job), beyond its

@@ -44,6 +44,10 @@ class VaeDecoder(torch.nn.Module):
         images = self.vae.decode(latents, return_dict=False)[0]
         return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
+    def encoder(self) -> "VaeEncoder":
+        """The matching encoder on the same VAE weights (the torch runner loads them once)."""
+        return VaeEncoder(self.vae, self.scaling_factor, self.shift_factor)
+
 
 class VaeEncoder(torch.nn.Module):
     """NHWC images in [0, 1] -> the posterior's mean and standard deviation in diffusion units:

@@ -9,10 +9,16 @@ Stable Diffusion 1.x/2.x (families/sd.py), as diffusers 0.42.1's StableDiffusion
   (h, w), from the request fields `original_size`, `crop_top_left`, `target_size`, with the
   pipeline's defaults: the output size, (0, 0), the output size. The unconditional row gets the
   same ids (diffusers' negative_* sizes default to the positive ones);
-- the VAE's scaling factor (0.13025 for SDXL) is read from the checkpoint as for every family.
+- the VAE's scaling factor (0.13025 for SDXL) is read from the checkpoint as for every family;
+  its latent statistics, where its config has them, apply in the VAE's exports (sdxl_torch.py);
+- the VAE runs in FP32 in FP16 deployments when its config says `force_upcast` (diffusers'
+  default, true for SDXL base, whose VAE overflows in FP16; the "fp16-fix" VAEs say false), as
+  the SDXL pipelines upcast it.
 Regions run in latent mode (rows per region, with each region's own text_embeds); attention mode's
 regional UNet is not exported for SDXL (INVALID_ARG region_mode).
 """
+import json
+
 import numpy as np
 
 from families.contracts import BATCH, TensorSpec
@@ -38,6 +44,20 @@ class StableDiffusionXL(StableDiffusion):
     def unet_row_inputs(self, info) -> tuple:
         return (TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)),
                 TensorSpec("time_ids", "float32", (BATCH, 6)))
+
+    def check(self, model_index: dict, path) -> None:
+        """Refuses the SDXL pipelines this family does not serve, before their folders are read:
+        the refiner (`requires_aesthetics_score`: 5 time ids ending in an aesthetic score, the
+        unconditional rows with another score; and only `text_encoder_2`)."""
+        missing = [folder for folder, _ in self.text_folders if folder in model_index and not any(model_index[folder] or [None])]
+        if model_index.get("requires_aesthetics_score") or missing:
+            why = "requires_aesthetics_score" if model_index.get("requires_aesthetics_score") else f"no {missing[0]}"
+            raise ValueError(f"{path or 'checkpoint'}: an SDXL refiner-style pipeline ({why}) is not served; the SDXL "
+                             f"family serves base-style checkpoints (two text encoders, 6 time ids)")
+
+    def vae_fp32(self, info) -> bool:
+        config = json.loads((info.path / "vae" / "config.json").read_text())
+        return bool(config.get("force_upcast", True))  # AutoencoderKL's default
 
     def row_inputs(self, request, variant) -> dict:
         size = (request.height, request.width)

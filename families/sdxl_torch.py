@@ -13,9 +13,17 @@ exported from it, or the torch runner calling it, computes what the pipeline com
   unconditional row's hidden states AND pooled embeds are zeros, no encoder call) is the caller's;
 - the UNet: `unet(latents, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs={"text_embeds":
   add_text_embeds, "time_ids": add_time_ids})`, every input one row per image (time ids =
-  original_size + crops_coords_top_left + target_size, 6 numbers per row).
+  original_size + crops_coords_top_left + target_size, 6 numbers per row);
+- the VAE: as Stable Diffusion's (latents / scaling_factor), unless its config has per-channel
+  `latents_mean` and `latents_std` (SDXL derivatives such as Playground v2.5; not SDXL base): then
+  the pipeline decodes `latents * latents_std / scaling_factor + latents_mean` and
+  StableDiffusionXLImg2ImgPipeline encodes `(z - latents_mean) * scaling_factor / latents_std`,
+  which the encoder contract's (mean, std) carry (StableDiffusionXLInpaintPipeline's own encoding
+  ignores the statistics, a diffusers inconsistency; the served inpainting uses img2img's).
 """
 import torch
+
+from families.sd_torch import VaeDecoder, VaeEncoder
 
 
 class SdxlTextEncoder(torch.nn.Module):
@@ -75,10 +83,59 @@ class SdxlUNet(torch.nn.Module):
                           return_dict=False)[0]
 
 
+def latent_statistics(vae):
+    """The VAE's per-channel latents_mean and latents_std as [1, C, 1, 1] tensors, or (None, None)
+    when its config lacks either (diffusers then uses the scaling factor alone)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None, None
+    return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+
+class SdxlVaeDecoder(VaeDecoder):
+    """latents [N, C, h, w] (diffusion units) -> images [N, H, W, 3] in [0, 1], as
+    StableDiffusionXLPipeline decodes them: with the VAE's latent statistics where it has them."""
+
+    def __init__(self, vae, scaling_factor):
+        super().__init__(vae, scaling_factor)
+        mean, std = latent_statistics(vae)
+        self.register_buffer("latents_mean", mean)
+        self.register_buffer("latents_std", std)
+
+    def forward(self, latents):
+        if self.latents_mean is None:
+            return super().forward(latents)
+        latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+    def encoder(self) -> "SdxlVaeEncoder":
+        return SdxlVaeEncoder(self.vae, self.scaling_factor)
+
+
+class SdxlVaeEncoder(VaeEncoder):
+    """images [N, H, W, 3] in [0, 1] -> the posterior's (mean, std) in diffusion units, as
+    StableDiffusionXLImg2ImgPipeline scales its sample z: (z - latents_mean) * scaling_factor /
+    latents_std where the VAE has latent statistics, else z * scaling_factor."""
+
+    def __init__(self, vae, scaling_factor):
+        super().__init__(vae, scaling_factor)
+        mean, std = latent_statistics(vae)
+        self.register_buffer("latents_mean", mean)
+        self.register_buffer("latents_std", std)
+
+    def forward(self, images):
+        if self.latents_mean is None:
+            return super().forward(images)
+        posterior = self.vae.encode(images.permute(0, 3, 1, 2) * 2 - 1, return_dict=False)[0]
+        return ((posterior.mean - self.latents_mean) * self.scaling_factor / self.latents_std,
+                posterior.std * self.scaling_factor / self.latents_std)
+
+
 def load_module(name: str, info) -> torch.nn.Module:
     """The torch module of SDXL component `name` (text_encoder: both encoders in one module;
-    unet; vae_decoder, vae_encoder as Stable Diffusion's), in eval mode, float32."""
-    from diffusers import UNet2DConditionModel
+    unet; vae_decoder, vae_encoder with the VAE's latent statistics), in eval mode, float32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from families import sd_torch
@@ -88,6 +145,9 @@ def load_module(name: str, info) -> torch.nn.Module:
                                   CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2"))
     elif name == "unet":
         module = SdxlUNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
+    elif name in ("vae_decoder", "vae_encoder"):
+        wrapper = SdxlVaeDecoder if name == "vae_decoder" else SdxlVaeEncoder
+        module = wrapper(AutoencoderKL.from_pretrained(info.path / "vae"), info.vae_scaling_factor)
     else:
         return sd_torch.load_module(name, info)
     return module.float().eval()

@@ -74,10 +74,10 @@ def test_a_failing_preview_ends_its_own_job_alone(tiny_repo, models):
     service = make_service(tiny_repo, models)
     real_preview = service.engine.preview
 
-    def preview(pred_x0):
+    def preview(pred_x0, model):
         if pred_x0.shape[1] == 12:  # the 48-pixel job's latents
             raise RuntimeError("preview failed")
-        return real_preview(pred_x0)
+        return real_preview(pred_x0, model)
 
     service.engine.preview = preview
     broken, healthy = RecordingSink(), RecordingSink()

@@ -63,7 +63,7 @@ class Engine:
     def __init__(self, runner: Runner, scheduler: StepScheduler, preview=None):
         self.runner = runner
         self.scheduler = scheduler
-        self.preview = preview  # callable(pred_x0 [C,h,w]) -> uint8 image, or None
+        self.preview = preview  # callable(pred_x0 [C,h,w], model name) -> uint8 image or None; or None
         self.active: list = []
         self.stats = EngineStats()
         self.registry = GenerationRegistry()  # jobs by request id, for steers
@@ -214,7 +214,7 @@ class Engine:
             want_progress = not job.done and r.progress_every and job.index % r.progress_every == 0
             if want_preview or want_progress or applied:
                 try:
-                    preview = self.preview(job.pred_x0) if want_preview else None
+                    preview = self.preview(job.pred_x0, job.model) if want_preview else None
                     if applied:
                         job.sink.progress(job.index, len(job.timesteps), preview, steer_applied=applied)
                     else:

@@ -20,3 +20,15 @@ class LatentPreview:
         """uint8 [h, w, 3] from latents [C, h, w]."""
         rgb = np.einsum("chw,ck->hwk", latents.astype(np.float32), self.weights) + self.bias
         return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+class ModelPreviews:
+    """The preview map of each model a pipeline serves (their VAEs differ): (pred_x0, model) ->
+    uint8 image, or None for a model whose export has no fit."""
+
+    def __init__(self, previews: dict):
+        self.previews = previews  # model name -> LatentPreview or None
+
+    def __call__(self, latents: np.ndarray, model: str) -> np.ndarray | None:
+        preview = self.previews.get(model)
+        return None if preview is None else preview(latents)

@@ -14,7 +14,7 @@ from serving.core.errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
 from serving.core.lora import LoraRefused, LoraRegistry
-from serving.core.preview import LatentPreview
+from serving.core.preview import LatentPreview, ModelPreviews
 from serving.core.regional_prompt import check_regional_job
 from serving.core.config import PipelineConfig, refuse
 from serving.core.request import InvalidInput, Limits, parse_request, text_field
@@ -146,7 +146,8 @@ class PipelineService:
                         zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"))
                 runners[model, name] = Runner(models[model, name], spec, encoders[key],
                                               lora=served.lora if spec.lora_unet else None)
-        preview = LatentPreview.from_info(infos[self.default_model])
+        previews = {model: LatentPreview.from_info(info) for model, info in infos.items()}  # each model's own
+        preview = ModelPreviews(previews) if any(p is not None for p in previews.values()) else None
         batching = config.scheduler()
         check_batching(batching, {key: spec for key, spec in self._variant_specs()})
         # what the UNets' device can serve (GPU memory plan)
@@ -230,9 +231,11 @@ class PipelineService:
             raise InvalidInput(others[0], f"cannot be steered; a steer may change only {', '.join(STEERABLE)}")
         if not given:
             raise InvalidInput("steer", f"needs at least one of {', '.join(STEERABLE)}")
-        # fields are range-checked with the default model's limits before the job is found; what
-        # depends on the job's own model (text lengths, regions' modes) is checked with it (_check)
-        return self.engine.steer(request_id, parse_steer(inputs, self.limits), self._check)
+        # fields are range-checked (and regions parsed) with the limits of the job's own model
+        # (the default model's when no job has the id: the engine refuses the steer then)
+        job = self.engine.registry.running.get(request_id)
+        limits = self.models[job.model].limits if job is not None else self.limits
+        return self.engine.steer(request_id, parse_steer(inputs, limits), self._check)
 
     def _check(self, job: Job, request) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text

@@ -137,7 +137,6 @@ class TorchModels:
         from families import torch_module
         from families.checkpoint import CheckpointInfo
         from families.contracts import component_contracts
-        from families.sd_torch import VaeEncoder
 
         unknown = set(components) - set(self.COMPONENTS)
         if unknown:
@@ -161,7 +160,7 @@ class TorchModels:
                 self.calls["unet"] = self._call("unet", torch_module("unet", self.info), buckets)
             if "vae" in components:
                 decoder = torch_module("vae_decoder", self.info)  # the encoder shares its AutoencoderKL
-                encoder = VaeEncoder(decoder.vae, self.info.vae_scaling_factor, self.info.vae_shift_factor)
+                encoder = decoder.encoder()  # the family's (SDXL: with the VAE's latent statistics)
                 self.calls["vae_decoder"] = self._call("vae_decoder", decoder, vae_buckets)
                 self.calls["vae_encoder"] = self._call("vae_encoder", encoder, vae_buckets)
         self.memory_plan = None
@@ -170,7 +169,9 @@ class TorchModels:
             self.plan_memory()
 
     def _call(self, name, module, buckets) -> BucketedCall:
-        module = module.to(device=self.device, dtype=self.dtype)
+        # FP16 on CUDA, except a component its family keeps FP32 (SDXL's VAE with force_upcast)
+        dtype = self.dtype if self.contracts[name].fp16 else torch.float32
+        module = module.to(device=self.device, dtype=dtype)
         if name != "text_encoder":  # transformers' CLIP uses SDPA by default
             from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -178,7 +179,7 @@ class TorchModels:
             if name != "unet" or FAMILIES[self.info.family].sdpa_processor:  # Flux's own processor is SDPA already
                 (module.model if name == "unet" else module.vae).set_attn_processor(AttnProcessor2_0())
         fn = torch.compile(module, dynamic=False) if self.options.compile else module
-        return BucketedCall(name, fn, buckets, self.device, self.dtype)
+        return BucketedCall(name, fn, buckets, self.device, dtype)
 
     # --- the models protocol -------------------------------------------------------------------
 
