@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from families.lora import install_mixed_lora, set_call
 from serving.models.adapters import AdapterError, read_adapter
 
+
 ADAPTERS = {  # name: (seed, rank, alpha, targets)
     "a": (1, 4, 8, ["to_q", "to_k", "to_v", "to_out.0"]),
     "b": (2, 2, 2, ["to_q", "to_v", "proj_in", "proj_out", "ff.net.2"]),
@@ -90,3 +91,68 @@ def test_a_lora_for_another_model_is_refused_naming_its_first_layer(tiny_checkpo
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="not a LoRA file"):
         read_adapter(tmp_path / "junk.safetensors", "junk", tiny_checkpoint)
+
+
+def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_removed(tiny_checkpoint, lora_files, tmp_path):
+    """Through the in-process pipeline (ONNX Runtime, the LoRA graph): each request equals diffusers'
+    pipeline with the same adapters and weights, alone or in a crowd, by fields or by <lora:> tags."""
+    import shutil
+
+    from image_inputs import drain, submit
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.core.config import PipelineConfig
+    from serving.core.sampler import noise_generator
+    from serving.core.service import LoraInUse, PipelineAssets, PipelineService
+    from serving.models.adapters import read_adapter
+    from serving.models.onnx import local_variants
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(lora_files["a"], folder / "a.safetensors")
+    params = pipeline_parameters(lora_dir=str(folder))
+    repo = tmp_path / "repo"
+    write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
+    svc = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+                          local_variants(repo), lora_reader=read_adapter)
+    svc.load_lora("b", lora_files["b"].read_bytes())
+    assert [e["id"] for e in svc.loras()] == ["a", "b"]
+    names = lambda *n: np.array([x.encode() for x in n], object)  # noqa: E731
+    requests = [({}, (0.0, 0.0)), (dict(lora_names=names("a")), (1.0, 0.0)),
+                (dict(lora_names=names("a", "b"), lora_weights=np.array([0.8, -0.5], np.float32)), (0.8, -0.5))]
+    alone = []
+    for seed, (fields, _) in enumerate(requests):
+        sink = submit(svc, "a red circle", seed=seed, steps=6, **fields)
+        drain(svc)
+        assert sink.error is None, sink.error
+        alone.append(sink.image)
+    crowd = [submit(svc, "a red circle", seed=seed, steps=6, **fields) for seed, (fields, _) in enumerate(requests)]
+    tagged = submit(svc, "a red circle <lora:a:0.8> <lora:b:-0.5>", seed=2, steps=6)
+    drain(svc)
+    assert all(np.array_equal(a, s.image) for a, s in zip(alone, crowd))
+    assert np.array_equal(tagged.image, alone[2])  # the tags are removed from the text, their adapters applied
+    reference = StableDiffusionPipeline.from_pretrained(tiny_checkpoint)
+    reference.set_progress_bar_config(disable=True)
+    for name, path in lora_files.items():
+        reference.load_lora_weights(str(path), adapter_name=name)
+    for seed, (_, weights) in enumerate(requests):
+        reference.set_adapters(list(ADAPTERS), list(weights))
+        latents = torch.from_numpy(noise_generator(seed).standard_normal((4, 8, 8), dtype=np.float32))[None]
+        image = reference("a red circle", num_inference_steps=6, guidance_scale=5.0, height=32, width=32, latents=latents,
+                          output_type="np").images[0]
+        error = np.abs((image * 255).round() - alone[seed]).mean()
+        print(f"weights {weights}: mean abs vs diffusers {error:.4f} / 255")
+        assert error <= 1.0
+    # refusals name the field; an adapter a queued job will hold cannot be removed while it runs
+    for fields, message in ((dict(lora_names=names("zz")), "loras[0].name: no adapter named 'zz'; loaded: a, b"),
+                            (dict(lora_names=names("a"), lora_weights=np.array([np.nan], np.float32)), "loras[0].weight"),
+                            (dict(lora_names=names("a", "a")), "loras[1].name: 'a' is named twice")):
+        sink = submit(svc, "a red circle", seed=1, steps=4, **fields)
+        assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith(message), sink.error
+    running = submit(svc, "a red circle", seed=1, steps=6, lora_names=names("b"))
+    svc.engine.run_iteration()
+    with pytest.raises(LoraInUse):
+        svc.unload_lora("b")
+    drain(svc)
+    svc.unload_lora("b")
+    assert running.image is not None and [e["id"] for e in svc.loras()] == ["a"]

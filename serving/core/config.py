@@ -48,6 +48,7 @@ class PipelineConfig:
     lora_dir: str = ""  # adapters registered at start: every *.safetensors, named by its stem
     lora_budget_mb: int = 512  # resident adapters' matrices; idle ones beyond it are evicted
     max_loras_per_request: int = 4
+    max_lora_file_mb: int = 64  # an uploaded adapter file larger than this is refused (413)
     # regional prompts (serving/core/regions.py)
     max_regions: int = MAX_REGIONS
     default_base_prompt_weight: float = DEFAULT_BASE_WEIGHT

@@ -25,6 +25,10 @@ DEFAULT_MAX_PER_REQUEST = 4
 DEFAULT_BUDGET_BYTES = 512 * 2**20
 
 
+class AdapterRejected(ValueError):
+    """A file that is not a LoRA adapter of the served model (the reader's refusal, naming why)."""
+
+
 class LoraRefused(ValueError):
     """An adapter or adapter set that cannot be used: `field` names the request field."""
 
@@ -44,24 +48,29 @@ class Bank:
 
 class LoraRegistry:
     def __init__(self, read, layer_shapes: dict, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_per_request: int = DEFAULT_MAX_PER_REQUEST):
+                 max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20):
         """read(path, name) -> serving.models.adapters.Adapter; layer_shapes: the served denoiser's
         adapted layers {name: (in, out)} (the bank's rows and columns)."""
         self.read = read
         self.layer_shapes = layer_shapes
         self.budget_bytes = budget_bytes
         self.max_per_request = max_per_request
+        self.max_file_bytes = max_file_bytes
         self.files = {}  # name -> path: every registered adapter
         self.resident = OrderedDict()  # name -> Adapter, least recently used first
         self.holds = {}  # name -> jobs holding it
         self._bank = None
         self._lock = threading.Lock()  # registration (control calls) against the engine's reads
 
-    def register(self, name: str, path) -> None:
+    def register(self, name: str, path) -> bool:
+        """Registers (or replaces) an adapter file; False (nothing done) when replacing one a job holds."""
         with self._lock:
+            if self.holds.get(name):
+                return False
             self.files[name] = path
-            self.resident.pop(name, None)  # a new file under an old name is read again
-            self._bank = None
+            if self.resident.pop(name, None) is not None:  # a new file under an old name is read again
+                self._bank = None
+            return True
 
     def unregister(self, name: str) -> bool:
         """Forgets an adapter; False (nothing done) while a job holds it."""

@@ -6,14 +6,16 @@ from dataclasses import dataclass, replace
 import json
 import os
 from pathlib import Path
+import re
 import secrets
+import tempfile
 
 from serving.core.engine import Engine, ShuttingDown
 from families import FAMILIES
 from serving.core.errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
 from serving.core.job import Job
-from serving.core.lora import LoraRefused, LoraRegistry
+from serving.core.lora import AdapterRejected, LoraRefused, LoraRegistry
 from serving.core.preview import LatentPreview, ModelPreviews
 from serving.core.regional_prompt import check_regional_job
 from serving.core.config import PipelineConfig, refuse
@@ -52,11 +54,23 @@ def _lora_registry(config: PipelineConfig, info: dict, reader) -> LoraRegistry |
     checkpoint = Path(info["checkpoint"])
     registry = LoraRegistry(lambda path, name: reader(path, name, checkpoint),
                             {layer: tuple(shape) for layer, shape in spec["lora_layers"].items()},
-                            budget_bytes=config.lora_budget_mb * 2**20, max_per_request=config.max_loras_per_request)
+                            budget_bytes=config.lora_budget_mb * 2**20, max_per_request=config.max_loras_per_request,
+                            max_file_bytes=config.max_lora_file_mb * 2**20)
     if config.lora_dir:
         for path in sorted(Path(config.lora_dir).glob("*.safetensors")):
             registry.register(path.stem, path)
     return registry
+
+
+class LoraInUse(RuntimeError):
+    """An adapter a running job holds cannot be replaced or removed now (FAILED_PRECONDITION / 409)."""
+
+
+class LoraTooLarge(ValueError):
+    """An uploaded adapter file over the size limit (413)."""
+
+
+LORA_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class UnknownModel(LookupError):
@@ -121,6 +135,8 @@ class PipelineService:
         if self.faults is not None:
             models = {key: self.faults.models(m) for key, m in models.items()}
         self.drain_grace_s = config.drain_grace_s
+        # uploaded adapters: beside the registered folder's, else in a folder of this process
+        self.lora_upload_dir = Path(config.lora_dir) if config.lora_dir else Path(tempfile.mkdtemp(prefix="ldm-loras-"))
         # one tokenizer per folder and one text-encoder cache per (model, tokenizers): variants
         # that share their text encoder share its cache
         tokenizers, encoders, runners = {}, {}, {}
@@ -211,6 +227,52 @@ class PipelineService:
             sink.fail(UNAVAILABLE, str(exc))
         except QueueFull as exc:
             sink.fail(UNAVAILABLE, f"server overloaded, retry later: {exc}")
+
+    # --- LoRA adapters at run time (the gateway's POST/DELETE/GET /v1/loras, through control messages)
+
+    def loras(self, model: str = "") -> list:
+        """[{"id", "model", "resident"}] of every adapter registered for `model` (all models when "")."""
+        out = []
+        for name, served in self.models.items():
+            if served.lora is not None and model in ("", name):
+                out += [{"id": adapter, "model": name, "resident": adapter in served.lora.resident}
+                        for adapter in served.lora.names()]
+        return out
+
+    def load_lora(self, name: str, data: bytes, model: str = "") -> None:
+        """Registers an uploaded adapter file under `name` (replacing one of that name not in use),
+        after reading it once: a file that is not a LoRA for the model is refused (InvalidInput)."""
+        served = self._lora_model(model)
+        if not LORA_NAME.fullmatch(name):
+            raise InvalidInput("name", f"must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
+        if len(data) > served.lora.max_file_bytes:
+            raise LoraTooLarge(f"file: {len(data)} bytes; at most {served.lora.max_file_bytes} bytes per adapter file")
+        folder = self.lora_upload_dir / served.name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.safetensors"
+        partial = folder / f".{name}.{secrets.token_hex(4)}.partial"
+        partial.write_bytes(data)
+        try:
+            served.lora.read(partial, name)  # refuses a file that is not an adapter of this model, naming why
+        except AdapterRejected as exc:
+            partial.unlink()
+            raise InvalidInput("file", str(exc)) from None
+        partial.replace(path)
+        if not served.lora.register(name, path):
+            raise LoraInUse(f"{name!r} is used by a running generation; retry when it has finished")
+
+    def unload_lora(self, name: str, model: str = "") -> None:
+        served = self._lora_model(model)
+        if name not in served.lora.files:
+            raise UnknownModel(f"name: no adapter named {name!r}; loaded: {', '.join(served.lora.names()) or 'none'}")
+        if not served.lora.unregister(name):
+            raise LoraInUse(f"{name!r} is used by a running generation; retry when it has finished")
+
+    def _lora_model(self, model: str) -> ServedModel:
+        served = self.model_of({"model": model} if model else {})
+        if served.lora is None:
+            raise InvalidInput("model", f"model {served.name!r} takes no LoRA adapters (export it with --lora or --lora-dir)")
+        return served
 
     def model_of(self, inputs: dict) -> ServedModel:
         """The served model a request names in `model` (empty or absent: the default model)."""

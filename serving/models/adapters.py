@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.core.lora import AdapterRejected
+
 TEXT_PREFIX = "text_encoder"
 DENOISER_PREFIX = "unet"
 
 
-class AdapterError(ValueError):
+class AdapterError(AdapterRejected):
     """A file that is not a LoRA for the served model."""
 
 
@@ -52,6 +54,10 @@ def read_adapter(path, name: str, checkpoint_dir) -> Adapter:
         raise AdapterError(f"{path.name}: not a LoRA file diffusers can read: {exc}") from None
     if not state:
         raise AdapterError(f"{path.name}: holds no LoRA weights")
+    from diffusers.utils import logging as diffusers_logging
+
+    # loading into an empty model leaves its base weights "missing": diffusers says so, and it is expected
+    diffusers_logging.set_verbosity_error()
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(checkpoint_dir / "unet"))
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(checkpoint_dir / "text_encoder"))
