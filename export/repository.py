@@ -21,7 +21,7 @@ import shutil
 
 from families.checkpoint import LAYOUTS, CheckpointInfo
 from families import FAMILIES
-from families.contracts import component_contracts, lora_unet_contract, token_input_names
+from families.contracts import component_contracts, lora_contract, token_input_names
 from export.onnx_export import export_component
 from export.placement import bls_pool_bytes
 from export.preview_fit import fit_preview
@@ -133,12 +133,16 @@ def _model_info(model: str, is_default: bool, infos: dict, table: dict, served: 
                                      copies.get(variant), repo, max_size)
              for variant, info in infos.items()}
     family = FAMILIES[first.family]
-    if lora and family.lora:  # the primary variant's denoiser with mixed-adapter inputs, run in the pipeline's process
-        layers = family.lora_layers(first)
-        contract = lora_unet_contract(component_contracts(first, max_size, MAX_BATCH)["unet"], layers)
-        export_component(replace(contract, name=f"{prefix}unet_lora"), first, pipeline_dir / f"{prefix}unet_lora.onnx", log=log)
-        facts[first.layout]["lora_unet"] = f"{prefix}unet_lora.onnx"
-        facts[first.layout]["lora_layers"] = {layer: list(shape) for layer, shape in layers.items()}
+    if lora and family.lora:  # the primary variant's denoiser and text encoder with mixed-adapter inputs, run in process
+        contracts = component_contracts(first, max_size, MAX_BATCH)
+        for component, layers in (("unet", family.lora_layers(first)), ("text_encoder", family.text_lora_layers(first))):
+            if not layers:
+                continue
+            contract = lora_contract(contracts[component], layers)
+            export_component(replace(contract, name=f"{prefix}{contract.name}"), first, pipeline_dir / f"{prefix}{contract.name}.onnx",
+                             log=log)
+            facts[first.layout][f"lora_{component}"] = f"{prefix}{contract.name}.onnx"
+            facts[first.layout][f"lora_{component}_layers"] = {layer: list(shape) for layer, shape in layers.items()}
     head = facts[first.layout]
     return {
         "family": first.family,

@@ -145,16 +145,18 @@ LORA_COLUMNS = "lora_columns"  # the bank's width: the resident adapters' ranks 
 MAX_LORA_COLUMNS = 1024
 
 
-def lora_unet_contract(unet: ComponentContract, layers: dict) -> ComponentContract:
-    """The denoiser with mixed LoRA adapters (families/lora.py): the UNet's inputs, then the call's
-    scales [rows, K] and each adapted layer's bank lora_A.<layer> [in, K], lora_B.<layer> [K, out]."""
+def lora_contract(contract: ComponentContract, layers: dict) -> ComponentContract:
+    """A component with mixed LoRA adapters (families/lora.py; the denoiser, the text encoder): its
+    inputs, then the call's scales [rows, K] and each adapted layer's bank lora_A.<layer> [in, K],
+    lora_B.<layer> [K, out]; named <component>_lora."""
     banks = []
     for layer, (fan_in, fan_out) in layers.items():
         banks += [TensorSpec(f"lora_A.{layer}", "float32", (fan_in, LORA_COLUMNS)),
                   TensorSpec(f"lora_B.{layer}", "float32", (LORA_COLUMNS, fan_out))]
-    return replace(unet, name="unet_lora", component="unet_lora",
-                   inputs=(*unet.inputs, TensorSpec("lora_scales", "float32", (BATCH, LORA_COLUMNS)), *banks),
-                   axis_ranges={**unet.axis_ranges, LORA_COLUMNS: (1, 16, MAX_LORA_COLUMNS)})
+    name = f"{contract.component}_lora"
+    return replace(contract, name=name, component=name,
+                   inputs=(*contract.inputs, TensorSpec("lora_scales", "float32", (BATCH, LORA_COLUMNS)), *banks),
+                   axis_ranges={**contract.axis_ranges, LORA_COLUMNS: (1, 16, MAX_LORA_COLUMNS)})
 
 
 def token_input_names(encoders: int) -> tuple:

@@ -93,6 +93,12 @@ def lora_layers(model: torch.nn.Module) -> dict:
     return {name: shape for name, shape in adaptable_layers(model).items() if ".attentions." in name}
 
 
+def text_lora_layers(model: torch.nn.Module) -> dict:
+    """{name: (in, out)} of a CLIP text encoder's layers a LoRA may target: every Linear of its
+    transformer layers (q, k, v, out projections and the MLP), what kohya-ss's lora_te_* targets."""
+    return {name: shape for name, shape in adaptable_layers(model).items() if "encoder.layers." in name}
+
+
 class WithLoraInputs(torch.nn.Module):
     """A denoiser wrapper whose last inputs are the call's LoRA scales [rows, K] and each adapted
     layer's bank A [in, K], B [K, out] (in `layers` order): what the exported ONNX graph takes, so

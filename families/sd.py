@@ -112,6 +112,17 @@ class StableDiffusion:
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(info.path / "unet"))
         return lora_layers(unet)
 
+    def text_lora_layers(self, info) -> dict:
+        """{layer: (in, out)} of the text encoder's layers a LoRA may target (families/lora.py)."""
+        from accelerate import init_empty_weights
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from families.lora import text_lora_layers
+
+        with init_empty_weights():
+            text = CLIPTextModel(CLIPTextConfig.from_pretrained(info.path / "text_encoder"))
+        return text_lora_layers(text)
+
     def dynamo_export(self, component: str) -> bool:
         """Whether the component needs the torch.export-based ONNX exporter."""
         return False
@@ -119,10 +130,12 @@ class StableDiffusion:
     def torch_module(self, component: str, info):
         from families.sd_torch import load_module
 
-        if component == "unet_lora":
+        if component in ("unet_lora", "text_encoder_lora"):
             from families.lora import WithLoraInputs
 
-            return WithLoraInputs(load_module("unet", info), self.lora_layers(info)).eval()
+            base = component.removesuffix("_lora")
+            layers = self.lora_layers(info) if base == "unet" else self.text_lora_layers(info)
+            return WithLoraInputs(load_module(base, info), layers).eval()
         return load_module(component, info)
 
 

@@ -73,3 +73,6 @@ class StableDiffusionXL(StableDiffusion):
 
             return WithLoraInputs(load_module("unet", info), self.lora_layers(info)).eval()
         return load_module(component, info)
+
+    def text_lora_layers(self, info) -> dict:
+        return {}  # LoRA on SDXL's two text encoders is not served yet (the denoiser's is)

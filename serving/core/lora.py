@@ -47,12 +47,14 @@ class Bank:
 
 
 class LoraRegistry:
-    def __init__(self, read, layer_shapes: dict, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    def __init__(self, read, layer_shapes: dict, text_layer_shapes: dict | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
                  max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20):
-        """read(path, name) -> serving.models.adapters.Adapter; layer_shapes: the served denoiser's
-        adapted layers {name: (in, out)} (the bank's rows and columns)."""
+        """read(path, name) -> serving.models.adapters.Adapter; layer_shapes, text_layer_shapes: the
+        served denoiser's and text encoder's adapted layers {name: (in, out)} (the banks' rows and
+        columns; no text layers: adapters with text-encoder parts are refused)."""
         self.read = read
         self.layer_shapes = layer_shapes
+        self.text_layer_shapes = text_layer_shapes or {}
         self.budget_bytes = budget_bytes
         self.max_per_request = max_per_request
         self.max_file_bytes = max_file_bytes
@@ -60,6 +62,7 @@ class LoraRegistry:
         self.resident = OrderedDict()  # name -> Adapter, least recently used first
         self.holds = {}  # name -> jobs holding it
         self._bank = None
+        self._text_bank = None
         self._lock = threading.Lock()  # registration (control calls) against the engine's reads
 
     def register(self, name: str, path) -> bool:
@@ -69,7 +72,7 @@ class LoraRegistry:
                 return False
             self.files[name] = path
             if self.resident.pop(name, None) is not None:  # a new file under an old name is read again
-                self._bank = None
+                self._bank = self._text_bank = None
             return True
 
     def unregister(self, name: str) -> bool:
@@ -79,7 +82,7 @@ class LoraRegistry:
                 return False
             self.files.pop(name, None)
             if self.resident.pop(name, None) is not None:
-                self._bank = None
+                self._bank = self._text_bank = None
             return True
 
     def names(self) -> list:
@@ -105,8 +108,13 @@ class LoraRegistry:
         with self._lock:
             for name, _ in loras:
                 self.holds[name] = self.holds.get(name, 0) + 1
-            for name, _ in loras:
-                self._make_resident(name)
+            try:
+                for name, _ in loras:
+                    self._make_resident(name)
+            except Exception:  # the job does not start: it holds nothing
+                for name, _ in loras:
+                    self.holds[name] -= 1
+                raise
 
     def release(self, loras: tuple) -> None:
         with self._lock:
@@ -116,12 +124,22 @@ class LoraRegistry:
     def bank(self) -> Bank:
         with self._lock:
             if self._bank is None:
-                self._bank = self._build()
+                self._bank = self._build(self.layer_shapes, "denoiser")
             return self._bank
 
-    def scales(self, loras_per_row: list) -> np.ndarray:
-        """[rows, K]: each row's adapter weights over their columns."""
-        bank = self.bank()
+    def text_bank(self) -> Bank:
+        with self._lock:
+            if self._text_bank is None:
+                self._text_bank = self._build(self.text_layer_shapes, "text")
+            return self._text_bank
+
+    def text_part(self, loras: tuple) -> tuple:
+        """The adapters of a set that change the text encoder (the text cache's key part)."""
+        return tuple((name, weight) for name, weight in loras if self.resident[name].text)
+
+    def scales(self, loras_per_row: list, bank: Bank | None = None) -> np.ndarray:
+        """[rows, K]: each row's adapter weights over their columns (of the denoiser's bank, or `bank`)."""
+        bank = bank or self.bank()
         out = np.zeros((len(loras_per_row), bank.width), np.float32)
         for row, loras in enumerate(loras_per_row):
             for name, weight in loras:
@@ -134,6 +152,8 @@ class LoraRegistry:
             self.resident.move_to_end(name)
             return
         adapter = self.read(self.files[name], name)
+        if adapter.text and not self.text_layer_shapes:
+            raise AdapterRejected(f"{name}: has text-encoder layers, and this model's text encoder takes no LoRA")
         used = sum(a.nbytes for a in self.resident.values())
         for old in list(self.resident):  # least recently used first; a held adapter stays
             if used + adapter.nbytes <= self.budget_bytes:
@@ -141,21 +161,22 @@ class LoraRegistry:
             if not self.holds.get(old):
                 used -= self.resident.pop(old).nbytes
         self.resident[name] = adapter
-        self._bank = None
+        self._bank = self._text_bank = None
 
-    def _build(self) -> Bank:
+    def _build(self, shapes: dict, part: str) -> Bank:
         columns, start = {}, 0
         for name, adapter in self.resident.items():
             columns[name] = (start, start + adapter.rank)
             start += adapter.rank
         width = max(start, 1)
         layers = {}
-        for layer, (fan_in, fan_out) in self.layer_shapes.items():
+        for layer, (fan_in, fan_out) in shapes.items():
             a = np.zeros((fan_in, width), np.float32)
             b = np.zeros((width, fan_out), np.float32)
             for name, adapter in self.resident.items():
-                if layer in adapter.denoiser:
-                    la, lb = adapter.denoiser[layer]
+                matrices = getattr(adapter, part)
+                if layer in matrices:
+                    la, lb = matrices[layer]
                     first = columns[name][0]
                     a[:, first:first + la.shape[1]] = la
                     b[first:first + la.shape[1]] = lb

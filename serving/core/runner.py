@@ -48,15 +48,17 @@ class Runner:
         (serving/core/steering.py) in one call, draws the new jobs' starting latents, and
         VAE-encodes the input images of image-conditioned ones in one call per image size; steered
         inpainting jobs with a new mask get its image conditioning."""
-        segments = [s for job in (*jobs, *steered) for s in job.plan.unencoded()]
-        for segment, conditioning in zip(segments, self.encode([s.spec for s in segments])):
+        if self.lora is not None:  # resident before their texts are encoded, until the job ends (release)
+            for job in jobs:
+                self.lora.hold(job.planned.loras)
+                job.held_loras = job.planned.loras
+        owned = [(s, job.held_loras) for job in (*jobs, *steered) for s in job.plan.unencoded()]
+        segments = [s for s, _ in owned]
+        for segment, conditioning in zip(segments, self.encode([s.spec for s in segments], [a for _, a in owned])):
             segment.conditioning = conditioning
         noises = {}
         for job in jobs:
             r = job.planned
-            if self.lora is not None:
-                self.lora.hold(r.loras)  # resident until the job ends (release)
-                job.held_loras = r.loras
             job.rng = noise_generator(r.seed)
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             noises[id(job)] = job.rng.standard_normal(shape, dtype=np.float32)
@@ -81,11 +83,12 @@ class Runner:
             self.samplers[key] = make_sampler(name, sigma_schedule, self.variant.scheduler_config)
         return self.samplers[key]
 
-    def encode(self, prompts: list) -> list:
+    def encode(self, prompts: list, loras: list | None = None) -> list:
         """The conditioning of each prompt (anything with texts() and build()), from one
-        text-encoder call over all their texts."""
+        text-encoder call over all their texts; loras: each prompt's job's adapter set."""
         texts = [t for p in prompts for t in p.texts()]
-        embeddings = self.text_encoder.encode(texts)
+        sets = [s for p, s in zip(prompts, loras) for _ in p.texts()] if loras is not None else None
+        embeddings = self.text_encoder.encode(texts, sets)
         out, start = [], 0
         for p in prompts:
             count = len(p.texts())

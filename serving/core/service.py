@@ -53,7 +53,8 @@ def _lora_registry(config: PipelineConfig, info: dict, reader) -> LoraRegistry |
         return None
     checkpoint = Path(info["checkpoint"])
     registry = LoraRegistry(lambda path, name: reader(path, name, checkpoint),
-                            {layer: tuple(shape) for layer, shape in spec["lora_layers"].items()},
+                            {layer: tuple(shape) for layer, shape in spec["lora_unet_layers"].items()},
+                            {layer: tuple(shape) for layer, shape in spec.get("lora_text_encoder_layers", {}).items()},
                             budget_bytes=config.lora_budget_mb * 2**20, max_per_request=config.max_loras_per_request,
                             max_file_bytes=config.max_lora_file_mb * 2**20)
     if config.lora_dir:
@@ -159,7 +160,8 @@ class PipelineService:
                     encoders[key] = CachedTextEncoder(
                         served.tokenizers[name], models[model, name].encode_text,
                         dict(zip(spec.text_outputs, FAMILIES[spec.family].text_inputs().values())),
-                        zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"))
+                        zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"),
+                        lora=served.lora if spec.lora_text_encoder else None)
                 runners[model, name] = Runner(models[model, name], spec, encoders[key],
                                               lora=served.lora if spec.lora_unet else None)
         previews = {model: LatentPreview.from_info(info) for model, info in infos.items()}  # each model's own

@@ -65,33 +65,44 @@ class CachedTextEncoder:
     where the family's checkpoint says so (SDXL's force_zeros_for_empty_prompt)."""
 
     def __init__(self, tokenizers: TextTokenizers, encode_text, outputs: dict, zero_unconditional: bool = False,
-                 capacity: int = 1024, max_batch: int | None = None):
+                 capacity: int = 1024, max_batch: int | None = None, lora=None):
+        """lora: the model's LoraRegistry where the text encoder takes mixed LoRA inputs: a text is
+        encoded with the text-encoder parts of its job's adapters, and cached per adapter set."""
         self.tokenizers = tokenizers
         self.encode_text = encode_text  # **{input name: int64 [N, L]} -> {output name: float32 [N, ...]}
         self.outputs = outputs
         self.zero_unconditional = zero_unconditional
         self.capacity = capacity
         self.max_batch = max_batch  # rows one text-encoder call takes (its model's max batch size); None: any
+        self.lora = lora
         self.cache = OrderedDict()
         self.calls = 0  # text-encoder calls made (rows encoded: self.rows)
         self.rows = 0
 
-    def encode(self, texts) -> list:
-        """One embedding per text, in order."""
+    def encode(self, texts, loras: list | None = None) -> list:
+        """One embedding per text, in order; loras: each text's adapter set (its job's), where
+        the text encoder takes LoRA inputs."""
         texts = list(texts)
         ids = self.tokenizers.encode(["" if t is None else t for t in texts])
         names = list(ids)
+        sets = [self.lora.text_part(s) for s in loras] if self.lora is not None and loras else [()] * len(texts)
         rows = [tuple(ids[n][i] for n in names) for i in range(len(texts))]
-        keys = [b"".join(r.tobytes() for r in row) for row in rows]
+        keys = [b"".join(r.tobytes() for r in row) + repr(s).encode() for row, s in zip(rows, sets)]
         missing = {}
-        for key, row in zip(keys, rows):
+        for key, row, adapters in zip(keys, rows, sets):
             if key not in self.cache and key not in missing:
-                missing[key] = row
+                missing[key] = (row, adapters)
         pending = list(missing.items())
         size = self.max_batch or max(1, len(pending))
         for start in range(0, len(pending), size):  # more than one call only past the model's max batch
             chunk = pending[start : start + size]
-            outputs = self.encode_text(**{n: np.stack([row[k] for _, row in chunk]) for k, n in enumerate(names)})
+            inputs = {n: np.stack([row[k] for _, (row, _) in chunk]) for k, n in enumerate(names)}
+            if self.lora is not None:  # every text's adapter weights over the text bank's columns (0: none)
+                bank = self.lora.text_bank()
+                inputs["lora_scales"] = self.lora.scales([adapters for _, (_, adapters) in chunk], bank)
+                for layer, (a, b) in bank.layers.items():
+                    inputs[f"lora_A.{layer}"], inputs[f"lora_B.{layer}"] = a, b
+            outputs = self.encode_text(**inputs)
             self.calls += 1
             self.rows += len(chunk)
             for i, (key, _) in enumerate(chunk):

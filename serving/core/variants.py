@@ -45,7 +45,9 @@ class VariantSpec:
     checked_inputs: tuple = ("input_ids",)  # the token-id inputs whose length refuses a prompt (others truncate)
     distilled_guidance: bool = False  # the denoiser takes guidance_scale as an input (Flux dev)
     lora_unet: str | None = None  # the denoiser with mixed LoRA inputs (a file beside pipeline.json), where exported
-    lora_layers: dict = field(default_factory=dict)  # its adapted layers: name -> (in, out)
+    lora_unet_layers: dict = field(default_factory=dict)  # its adapted layers: name -> (in, out)
+    lora_text_encoder: str | None = None  # the text encoder with mixed LoRA inputs, where exported
+    lora_text_encoder_layers: dict = field(default_factory=dict)
 
     @classmethod
     def table(cls, info: dict) -> dict:

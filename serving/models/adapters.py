@@ -103,7 +103,9 @@ def _layers(model, state: dict, prefix: str, adapter: str) -> dict:
 def _text_peft_keys(state: dict, prefix: str) -> dict:
     from diffusers.utils import convert_state_dict_to_peft
 
-    return convert_state_dict_to_peft({k.removeprefix(f"{prefix}."): v for k, v in state.items()})
+    # files made with transformers 4 name CLIP's layers text_model.encoder...; transformers 5's
+    # model has no text_model level (diffusers' loader drops that prefix the same way)
+    return convert_state_dict_to_peft({k.removeprefix(f"{prefix}.").removeprefix("text_model."): v for k, v in state.items()})
 
 
 def _check_layers(file: str, prefix: str, state: dict, layers: dict) -> None:

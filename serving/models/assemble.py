@@ -59,8 +59,11 @@ class ModelCalls:
         self._regional = regional
         self.row_cap = row_cap
         self.torch_models = torch_models  # the TorchModels it runs components with, if any (its memory plan)
+        self.lora_text = None  # the text encoder's LoRA graph in this process, where exported (it takes LoRA inputs)
 
     def encode_text(self, input_ids, **more_ids):
+        if self.lora_text is not None:
+            return self.lora_text(input_ids=input_ids, **more_ids)
         return self.text_vae.encode_text(input_ids, **more_ids)
 
     def unet(self, sample, timestep, encoder_hidden_states, **per_row):
@@ -90,6 +93,9 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
         torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log, plan=False)
     text_vae = torch_models if choice.text_vae == "torch" else bls
     has_regional = "unet_regional" in components
+    if facts.get("lora_unet") and choice.unet != "inprocess":
+        raise ValueError(f"LoRA adapters are served by the in-process UNet runner (unet=inprocess), not unet={choice.unet}: "
+                         "export without --lora/--lora-dir, or with --unet inprocess")
     if choice.unet == "bls":
         return ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None, torch_models=torch_models)
     if choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
@@ -102,8 +108,11 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
     # with LoRA inputs every call runs the LoRA graph: a row without adapters gets base + 0, exactly
     unet = (LocalUnet(OnnxComponent(repo_dir / "pipeline" / version / facts["lora_unet"])) if facts.get("lora_unet")
             else local(components["unet"]))
-    return ModelCalls(text_vae, unet, local(components["unet_regional"]) if has_regional else None,
-                      torch_models=torch_models)
+    calls = ModelCalls(text_vae, unet, local(components["unet_regional"]) if has_regional else None,
+                       torch_models=torch_models)
+    if facts.get("lora_text_encoder"):
+        calls.lora_text = OnnxComponent(repo_dir / "pipeline" / version / facts["lora_text_encoder"])
+    return calls
 
 
 def plan_gpu_memory(models) -> None:

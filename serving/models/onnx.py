@@ -82,7 +82,9 @@ class LocalModels:
                 sessions[name] = OnnxComponent(repo / name / "1" / "model.onnx", threads)
             return sessions[name]
 
-        self.text_encoder = session("text_encoder")
+        # with LoRA inputs the text encoder runs its LoRA graph, as the denoiser
+        self.text_encoder = OnnxComponent(repo / "pipeline" / "1" / facts["lora_text_encoder"], threads) \
+            if facts.get("lora_text_encoder") else session("text_encoder")
         # with LoRA inputs (export --lora) every call runs the LoRA graph (serving/core/lora.py)
         self.unet = LocalUnet(OnnxComponent(repo / "pipeline" / "1" / facts["lora_unet"], threads)) if facts.get("lora_unet") \
             else LocalUnet(session("unet"))
