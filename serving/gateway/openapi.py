@@ -68,6 +68,7 @@ def _limits(model) -> dict:
         "preview_every": {"minimum": 0, "maximum": parameter("max_steps", int, 150)},
         "regions": {"maxItems": parameter("max_regions", int, MAX_REGIONS)},
         **{name: {"minItems": 2, "maxItems": 2} for name in PAIRS},  # SDXL's [height, width], [top, left]
+        **({"model": {"examples": _served_ids(model)}} if _served_ids(model) else {}),
         "prompt": TEXT,
     }
 
@@ -304,8 +305,15 @@ def _model() -> dict:
         "default": {"type": "boolean", "description": "the model of requests that name none", "x-ldm-extension": True}}}
 
 
-def _model_paths() -> dict:
+def _served_ids(model) -> list:
+    from serving.gateway.models import served_models
+
+    return [m.id for m in served_models(model)]
+
+
+def _model_paths(ids: list) -> dict:
     model = {"$ref": "#/components/schemas/Model"}
+    known = {"examples": ids} if ids else {}
     return {
         "/v1/models": {"get": {
             "summary": "The models this server serves (a request's `model`), the default first: OpenAI's list of model "
@@ -318,7 +326,7 @@ def _model_paths() -> dict:
         "/v1/models/{id}": {"get": {
             "summary": "One served model",
             "operationId": "models_retrieve",
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", **known}}],
             "responses": {"200": {"description": "the model object", "headers": REQUEST_ID,
                                   "content": {"application/json": {"schema": model}}},
                           **_errors("401", "403", "404", "503")}}},
@@ -336,6 +344,7 @@ def document(model=None) -> dict:
     """The document; `model` (serving/gateway/pipeline.py PipelineModel) adds the served
     pipeline's limits."""
     limits = _limits(model)
+    ids = _served_ids(model)  # examples of `model` and model ids (the served ones)
     return {
         "openapi": "3.1.0",
         "info": {"title": "ldm-serving gateway", "version": "1",
@@ -350,13 +359,14 @@ def document(model=None) -> dict:
                 "summary": "The samplers a request may name (`sampler`), with their A1111 names, sigma schedules, "
                            "parameters, the models they fit and whether they fit the served one",
                 "operationId": "samplers_list",
-                "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                "parameters": [{"name": "model", "in": "query", "required": False,
+                                "schema": {"type": "string", **({"examples": ids} if ids else {})},
                                 "description": "whether each fits this served model, and its default (default: the "
                                                "server's default model)"}],
                 "responses": {"200": {"description": "OpenAI's list shape", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/SamplerList"}}}},
                               **_errors("401", "403", "404")}}},
-            **_model_paths(),
+            **_model_paths(ids),
             **_live_paths(),
             "/healthz": _probe("liveness: the gateway answers"),
             "/readyz": _readiness(),
