@@ -170,6 +170,16 @@ def test_sdxl_fields_condition_the_sdxl_model_and_are_refused_naming_the_field_f
     assert not np.array_equal(conditioned, plain)  # the time ids reach the UNet
 
 
+def test_an_edit_names_its_model_too(served, sdk):
+    y, x = np.mgrid[0:32, 0:32]
+    picture = np.stack([x * 8, y * 8, 255 - x * 8], -1).astype(np.uint8)
+    result = sdk.images.edit(image=("in.png", png(picture), "image/png"), prompt=PROMPT, model="sdxl",
+                             extra_body={"seed": 2, "strength": 0.6, **FAST})
+    with LdmClient(served.kserve_url) as kserve:
+        expected = kserve.generate(PROMPT, model="sdxl", init_image=picture, strength=0.6, seed=2, **FAST)
+    np.testing.assert_array_equal(pixels(result.data[0].b64_json), expected)
+
+
 def test_grpc_list_models_and_generate_with_a_model(served, sdk):
     with ImagesClient(served.grpc_url) as client:
         listed = client.models()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import time
 
 from serving.gateway.errors import RESOURCE_EXHAUSTED, ApiError
+from serving.gateway.models import find, served_models
 
 MIN_IMAGE_UNITS = 0.1
 STEER_UNITS = 0.25
@@ -30,8 +31,6 @@ STEER_BURST = 8.0
 
 def image_units(generation, model) -> float:
     """Work units of one image of `generation` on the pipeline `model` declares."""
-    from serving.gateway.models import find, served_models
-
     inputs = generation.inputs
     default_steps = model.parameter("default_steps", int, 25)
     steps = inputs.get("steps") or default_steps
