@@ -97,8 +97,10 @@ def parameters_from_args(args) -> dict:
     )
 
 
-def export_with_options(checkpoint, args) -> dict:
-    """Writes args.repo from `checkpoint` with the repository options of `args`."""
+def export_with_options(checkpoint, args, name: str | None = None, models: dict | None = None) -> dict:
+    """Writes args.repo from `checkpoint` (the default model, named `name`; default: its folder's
+    name) and the further models `models` ({name: DIR}, `ldm serve --checkpoint NAME=DIR`) with
+    the repository options of `args`."""
     from export.repository import write_repository
 
     return write_repository(
@@ -109,6 +111,8 @@ def export_with_options(checkpoint, args) -> dict:
         max_size=args.max_size,
         pipeline_parameters=parameters_from_args(args),
         variants={"inpaint": args.inpaint_checkpoint, "upscale": args.upscale_checkpoint},
+        models=models or None,
+        name=name,
     )
 
 

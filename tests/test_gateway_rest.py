@@ -41,7 +41,7 @@ def post(gateway, path, body: dict, headers=None):
 
 
 def test_sdk_generate_gives_tritons_images_with_our_extension_fields(sdk, server):
-    result = sdk.images.generate(model="ldm-shapes", prompt=PROMPT, n=2, size="32x48", response_format="b64_json",
+    result = sdk.images.generate(model="tiny", prompt=PROMPT, n=2, size="32x48", response_format="b64_json",
                                  output_format="png", extra_body={"seed": 11, "steps": 4, "guidance_scale": 3.0})
     assert len(result.data) == 2 and result.size == "32x48" and result.output_format == "png"
     with LdmClient(server.grpc_url) as kserve:

@@ -31,10 +31,11 @@ def test_generated_code_is_the_proto_compiled_now(tmp_path):
 def test_the_service_has_a_unary_a_server_streaming_and_a_bidirectional_method():
     service = images_pb2.DESCRIPTOR.services_by_name["Images"]
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "GenerateStream", "Session", "ListSamplers"}
-    listing = methods["ListSamplers"]
-    assert not listing.client_streaming and not listing.server_streaming
-    assert (listing.input_type.name, listing.output_type.name) == ("ListSamplersRequest", "ListSamplersResponse")
+    assert set(methods) == {"Generate", "GenerateStream", "Session", "ListSamplers", "ListModels"}
+    for name in ("ListSamplers", "ListModels"):
+        listing = methods[name]
+        assert not listing.client_streaming and not listing.server_streaming
+        assert (listing.input_type.name, listing.output_type.name) == (f"{name}Request", f"{name}Response")
     session = methods["Session"]
     assert session.client_streaming and session.server_streaming
     assert (session.input_type.name, session.output_type.name) == ("SessionRequest", "GenerateEvent")

@@ -18,6 +18,8 @@ def add_arguments(parser):
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", default="out.png", help="file to write; .png, .jpg or .webp (default: %(default)s)")
     parser.add_argument("-n", type=int, default=1, help="images to make (files out-0.png, out-1.png, ...; default: 1)")
+    parser.add_argument("--model", help="which served model (the gateway's GET /v1/models, or ListModels, lists them; "
+                        "default: the server's default model)")
     parser.add_argument("--negative", help="negative prompt")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: random)")
     parser.add_argument("--steps", type=int)
@@ -31,6 +33,12 @@ def add_arguments(parser):
                         help="sigma spacing of the Euler, DPM++ and UniPC samplers")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                         help="classifier-free guidance only from LO to HI (fractions of the run, e.g. 0.2 0.8)")
+    sdxl = parser.add_argument_group("SDXL size conditioning (models of family sdxl only)")
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                      help="the size the image is said to have had before cropping (default: the output's)")
+    sdxl.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), help="that crop's corner (default: 0 0)")
+    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                      help="the size the image is meant for (default: the output's)")
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="gateway",
                         help="gateway: the typed API (default); kserve / kserve-http: Triton's gRPC / HTTP")
     parser.add_argument("--url", help="server address (default: " + ", ".join(f"{k} {v}" for k, v in PROTOCOLS.items()) + ")")
@@ -114,7 +122,8 @@ def run(args) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     fields = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, height=args.height,
                   width=args.width, eta=args.eta, sampler=args.sampler, sigma_schedule=args.sigma_schedule,
-                  guidance_interval=args.guidance_interval)
+                  guidance_interval=args.guidance_interval, model=args.model, original_size=args.original_size,
+                  crop_top_left=args.crop_top_left, target_size=args.target_size)
     try:
         fields.update(image_fields(args))
         fields.update(region_fields(args, args.protocol))

@@ -6,6 +6,8 @@
             image.save(f"circle-{image.seed}.png")
         client.generate("a red circle", seed=7, steps=15, sampler="DPM++ 2M Karras", guidance_interval=(0.2, 0.8))
         [s["name"] for s in client.samplers() if s["fits_served_model"]]
+        [m["id"] for m in client.models()]                    # the served models, the default first
+        client.generate("a red circle", model="sdxl", original_size=(1024, 1024), target_size=(1024, 1024))
 
 `generate` is retried (serving/client/retry.py's policy: UNAVAILABLE, jittered backoff) only
 when the request has a seed: then a replay gives the same images, so it is idempotent; without
@@ -102,7 +104,8 @@ def _image_bytes(value) -> bytes:
 def build_request(prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields):
     """A GenerateRequest; fields are the message's (images as bytes, numpy arrays or PIL images;
     `regions` as a list of dicts with prompt, negative_prompt, mask; task and region_mode by name;
-    `guidance_interval` as (lo, hi))."""
+    `guidance_interval` as (lo, hi); `model` a served model's id; SDXL's `original_size`,
+    `target_size` as (height, width) and `crop_top_left` as (top, left))."""
     request = images_pb2.GenerateRequest(prompt=prompt, n=n, output_format=FORMATS[output_format])
     if seed is not None:
         request.seed = seed
@@ -124,8 +127,8 @@ def build_request(prompt: str, n: int = 1, seed: int | None = None, output_forma
         field = images_pb2.GenerateRequest.DESCRIPTOR.fields_by_name.get(name)
         if field is None:
             raise TypeError(f"unknown field {name!r} of ldm.v1.GenerateRequest")
-        if field.is_repeated:  # guidance_interval
-            getattr(request, name).extend(value)
+        if field.is_repeated:  # guidance_interval, SDXL's sizes
+            getattr(request, name).extend(value.tolist() if isinstance(value, np.ndarray) else value)
             continue
         setattr(request, name, value)
     return request
@@ -163,12 +166,28 @@ class ImagesClient:
         response = call_with_retry(call, self.policy) if seed is not None else call()
         return [_image(m) for m in response.images]
 
-    def samplers(self) -> list:
-        """The samplers the server knows (ListSamplers), as dicts: name, description, a1111_names,
-        sigma_schedules, fits, parameters, fits_served_model (None when the server does not say)."""
+    def models(self) -> list:
+        """The models the server serves (ListModels), the default first, as dicts: id, family,
+        is_default, native_size, max_size, tasks, default_sampler, default_sigma_schedule, created."""
         def call():
             try:
-                return self.stub.ListSamplers(images_pb2.ListSamplersRequest(), timeout=self.timeout_s,
+                return self.stub.ListModels(images_pb2.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata)
+            except grpc.RpcError as error:
+                raise ImagesError.from_rpc(error) from None
+
+        response = call_with_retry(call, self.policy)
+        return [dict(id=m.id, family=m.family, is_default=m.is_default, native_size=m.native_size, max_size=m.max_size,
+                     tasks=list(m.tasks), default_sampler=m.default_sampler, default_sigma_schedule=m.default_sigma_schedule,
+                     created=m.created)
+                for m in response.models]
+
+    def samplers(self, model: str = "") -> list:
+        """The samplers the server knows (ListSamplers), as dicts: name, description, a1111_names,
+        sigma_schedules, fits, parameters, fits_served_model (whether it fits `model`, default the
+        server's default model; None when the server does not say)."""
+        def call():
+            try:
+                return self.stub.ListSamplers(images_pb2.ListSamplersRequest(model=model), timeout=self.timeout_s,
                                               metadata=self.metadata)
             except grpc.RpcError as error:
                 raise ImagesError.from_rpc(error) from None

@@ -49,9 +49,13 @@ def infer_inputs(arrays: dict, module=None) -> list:
 def request_arrays(prompt, **fields) -> dict:
     """The pipeline's input tensors for `prompt` and the given fields (serving.core.request.FIELDS
     names them); fields left out or None take the server's defaults. A field of shape [1] takes a
-    value; a list field (region_prompts) a list of texts. Array fields (`init_image` uint8
-    [H, W, 3], `mask` uint8 [H, W], `region_masks` uint8 [R, H, W]) are sent as given, never cast:
-    an array of another dtype or rank raises INVALID_ARG naming the field, as the server would answer."""
+    value; a list field (region_prompts) a list of texts; `model` a served model's name (absent:
+    the server's default model). A field of fixed shape (guidance_interval FP32 [2], SDXL's
+    original_size, crop_top_left, target_size INT32 [2]) also takes a list or tuple of numbers,
+    converted to its type. Arrays (`init_image` uint8 [H, W, 3], `mask` uint8 [H, W],
+    `region_masks` uint8 [R, H, W], or a fixed-shape field as an ndarray) are sent as given, never
+    cast: an array of another dtype or rank raises INVALID_ARG naming the field, as the server
+    would answer."""
     specs = {f.name: f for f in FIELDS}
     unknown = sorted(set(fields) - set(specs))
     if unknown:
@@ -65,6 +69,9 @@ def request_arrays(prompt, **fields) -> dict:
             values = value if spec.dims != (1,) else [value]
             value = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=np.object_)
         elif spec.dims != (1,):
+            if isinstance(value, (list, tuple)) and -1 not in spec.dims and all(
+                    isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
+                value = _fixed_shape(name, value, spec)
             value = np.asarray(value)
             if value.dtype != np.dtype(spec.dtype) or value.ndim != len(spec.dims) or any(
                 d != -1 and d != n for d, n in zip(spec.dims, value.shape)
@@ -78,6 +85,17 @@ def request_arrays(prompt, **fields) -> dict:
             value = np.array([value], dtype=spec.dtype)
         arrays[name] = value
     return arrays
+
+
+def _fixed_shape(name: str, values, spec) -> np.ndarray:
+    """A list of numbers as the field's type: integers for an integer field, without wrapping."""
+    dtype = np.dtype(spec.dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if not all(float(v).is_integer() and info.min <= v <= info.max for v in values):
+            raise InferenceServerException(f"{name}: must be {np_to_triton_dtype(dtype)} integers, got {list(values)}",
+                                           status="INVALID_ARG")
+    return np.array(values, dtype=dtype)
 
 
 class LdmClient:

@@ -5,8 +5,11 @@ its native size with guidance (2 UNet rows). An image costs steps x pixels x row
 rows being (1 + regions) x 2 with guidance (> 1) and 1 + regions without (latent mode's count;
 attention mode is charged the same), and at least MIN_IMAGE_UNITS (each call has its overhead).
 So `--rate-limit 2` lets a key make two default images per second, or one of twice the steps.
-The native size comes from the pipeline's config (`native_size`); a pipeline exported before it
-was written there is charged as if each request were at its native size.
+The native size is the requested model's (the pipeline's config parameter `models`; an image
+of an SDXL model at 1024x1024 costs what an SD 1.5 image at 512x512 does: the work a step of each
+does at its own native size is not known to the gateway); a pipeline exported before several
+models has the one `native_size`, and one exported before that is charged as if each request
+were at its native size.
 
 A steer re-encodes the texts it gives (a schedule's every distinct text) under the engine's lock
 and a mask steer runs the VAE encoder: STEER_UNITS, MASK_STEER_UNITS. Each live generation also
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 import time
 
 from serving.gateway.errors import RESOURCE_EXHAUSTED, ApiError
+from serving.gateway.models import find, served_models
 
 MIN_IMAGE_UNITS = 0.1
 STEER_UNITS = 0.25
@@ -31,6 +35,8 @@ def image_units(generation, model) -> float:
     default_steps = model.parameter("default_steps", int, 25)
     steps = inputs.get("steps") or default_steps
     native = model.parameter("native_size", int, 0)
+    if "models" in model.parameters:  # the requested model's (an unknown one was refused before)
+        native = find(served_models(model), inputs.get("model") or "").native_size or native
     height, width = inputs.get("height"), inputs.get("width")
     pixels = (height * width) / native**2 if native and height and width else 1.0
     guidance = inputs.get("guidance_scale", model.parameter("default_guidance_scale", float, 5.0))

@@ -16,6 +16,7 @@ from serving.gateway.errors import UNIMPLEMENTED, ApiError, invalid
 MAX_IMAGES = 8
 FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**63 - 1
+PAIRS = {"original_size": "[height, width]", "crop_top_left": "[top, left]", "target_size": "[height, width]"}
 # pipeline inputs -> the GenerateRequest (and Steer) fields they come from
 FIELD_NAMES = {"region_prompts": "regions.prompt", "region_negative_prompts": "regions.negative_prompt",
                "region_masks": "regions.mask"}
@@ -59,6 +60,13 @@ class Generation:
         interval = self.inputs.get("guidance_interval")
         if interval is not None and len(interval) != 2:  # its tensor is [2]: Triton would refuse another shape
             raise invalid("guidance_interval", f"must be two numbers [lo, hi] (fractions of the run), got {len(interval)}")
+        for name, meaning in PAIRS.items():  # SDXL's size conditioning: INT32 [2] each
+            pair = self.inputs.get(name)
+            if pair is not None and len(pair) != 2:
+                raise invalid(name, f"must be two integers {meaning} (pixels), got {len(pair)}")
+        model = self.inputs.get("model")
+        if model is not None and not isinstance(model, str):
+            raise invalid("model", f"must be a string (a model's id: GET /v1/models), got {model!r}")
         for name in ("progress_every", "preview_every"):
             if getattr(self, name) < 0:
                 raise invalid(name, f"must be at least 0, got {getattr(self, name)}")

@@ -19,10 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from serving.gateway import grpc_session, images
+from serving.gateway import grpc_session, images, models
 from serving.gateway.access import bearer
 from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
-from serving.gateway.generation import FIELD_NAMES, Generation
+from serving.gateway.generation import FIELD_NAMES, PAIRS, Generation
 from serving.gateway.protos import images_pb2, images_pb2_grpc
 from serving.gateway.samplers import served_samplers
 from serving.gateway.service import EncodedImage, ImageService
@@ -46,11 +46,12 @@ def to_generation(request, streaming: bool) -> Generation:
     inputs = {name: getattr(request, name) for name in SCALARS if request.HasField(name)}
     if request.negative_prompt:
         inputs["negative_prompt"] = request.negative_prompt
-    for name in ("sampler", "sigma_schedule"):  # empty: the served pipeline's default
+    for name in ("model", "sampler", "sigma_schedule"):  # empty: the served pipeline's default
         if getattr(request, name):
             inputs[name] = getattr(request, name)
-    if request.guidance_interval:
-        inputs["guidance_interval"] = list(request.guidance_interval)
+    for name in ("guidance_interval", *PAIRS):
+        if getattr(request, name):
+            inputs[name] = list(getattr(request, name))
     if request.task:
         inputs["task"] = enum_word(TASKS, "task", request.task)
     if request.init_image:
@@ -72,14 +73,26 @@ def to_generation(request, streaming: bool) -> Generation:
     )
 
 
-def samplers_message(model) -> "images_pb2.ListSamplersResponse":
-    """ListSamplers' answer for the served pipeline `model` (None: not known yet)."""
-    served = served_samplers(model)
+def samplers_message(model, name: str = "") -> "images_pb2.ListSamplersResponse":
+    """ListSamplers' answer for the served model `name` ("": the default) of the served pipeline
+    `model` (None: not known yet)."""
+    served = served_samplers(model, name)
     response = images_pb2.ListSamplersResponse()
     for entry in served.samplers:
         response.samplers.add(**entry)  # fits_served_model, when known, is a field like the others
     if served.default is not None:
         response.default_sampler, response.default_sigma_schedule = served.default
+    return response
+
+
+def models_message(model) -> "images_pb2.ListModelsResponse":
+    """ListModels' answer for the served pipeline `model` (serving/gateway/models.py)."""
+    response = images_pb2.ListModelsResponse()
+    for served in models.served_models(model):
+        sampler, schedule = served.default_sampler or ("", "")
+        response.models.add(id=served.id, family=served.family, is_default=served.default, native_size=served.native_size,
+                            max_size=served.max_size, tasks=served.tasks, default_sampler=sampler,
+                            default_sigma_schedule=schedule, created=model.read_at)
     return response
 
 
@@ -223,7 +236,16 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         with self.service.metrics.request("grpc.ListSamplers", rid) as outcome:
             try:
                 self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
-                return samplers_message(self.service.pipeline.model)
+                return samplers_message(self.service.pipeline.model, request.model)
+            except Exception as exc:
+                await abort(context, outcome, exc, rid)
+
+    async def ListModels(self, request, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request("grpc.ListModels", rid) as outcome:
+            try:
+                self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
+                return models_message(self.service.pipeline.require_model())
             except Exception as exc:
                 await abort(context, outcome, exc, rid)
 

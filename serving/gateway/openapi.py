@@ -12,13 +12,14 @@ with this document."""
 from google.protobuf.descriptor import FieldDescriptor
 
 from serving.core.regions import MAX_REGIONS
-from serving.gateway.generation import FORMATS, MAX_SEED
+from serving.gateway.generation import FORMATS, MAX_SEED, PAIRS
 from serving.gateway.protos import images_pb2
 from serving.gateway.rest_params import EDITS, GENERATIONS, SIZE, params_of
 
 KINDS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
          "boolean": {"type": "boolean"}, "file": {"type": "string", "format": "binary"}, "any": {},
-         "interval": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2, "maxItems": 2}}
+         "interval": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2, "maxItems": 2},
+         "pair": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}}
 ERROR = {"$ref": "#/components/schemas/Error"}
 SIZE_PATTERN = f"^(auto|{SIZE.pattern})$"
 TEXT = {"type": "string", "pattern": r"\S", "description": "holds a visible character"}
@@ -27,7 +28,7 @@ MEANINGS = {
     "400": "a parameter is missing, malformed or out of range (`param` names it)",
     "401": "API key missing or unknown (when the server has keys)",
     "403": "a browser request from another origin, or to a Host name this server does not answer (`param`: Origin or Host)",
-    "404": "no such generation (unknown, forgotten, or another key's)",
+    "404": "no such generation (unknown, forgotten, or another key's), or no served model of that name (`param`: model)",
     "409": "the generation has finished",
     "413": "body or an image over the server's limits",
     "415": "the body is not declared `application/json`",
@@ -66,13 +67,17 @@ def _limits(model) -> dict:
         "progress_every": {"minimum": 0, "maximum": parameter("max_steps", int, 150)},
         "preview_every": {"minimum": 0, "maximum": parameter("max_steps", int, 150)},
         "regions": {"maxItems": parameter("max_regions", int, MAX_REGIONS)},
+        **{name: {"minItems": 2, "maxItems": 2} for name in PAIRS},  # SDXL's [height, width], [top, left]
+        **({"model": {"examples": _served_ids(model)}} if _served_ids(model) else {}),
         "prompt": TEXT,
     }
 
 
 def _schema(param, limits: dict, nullable: bool) -> dict:
     schema = dict(KINDS[param.kind], description=param.description)
-    bounds = () if param.kind == "interval" else (("minimum", param.minimum), ("maximum", param.maximum))
+    if param.kind == "pair":
+        schema["items"] = {"type": "integer", "minimum": param.minimum, "maximum": param.maximum}
+    bounds = () if param.kind in ("interval", "pair") else (("minimum", param.minimum), ("maximum", param.maximum))
     for key, value in (("enum", list(param.enum) or None), *bounds, ("default", param.default)):
         if value is not None:
             schema[key] = value
@@ -151,8 +156,8 @@ LIVE_EVENTS = {
 
 
 def _operation(route: str, summary: str, content_type: str, event: str) -> dict:
-    statuses = ("400", "401", "403", "413", "415", "429", "500", "501", "503") if route == GENERATIONS else \
-        ("400", "401", "403", "413", "429", "500", "501", "503")
+    statuses = ("400", "401", "403", "404", "413", "415", "429", "500", "501", "503") if route == GENERATIONS else \
+        ("400", "401", "403", "404", "413", "429", "500", "501", "503")
     return {
         "summary": summary,
         "operationId": f"images_{route}",
@@ -234,7 +239,7 @@ def _live_paths() -> dict:
                         "content": {"text/event-stream": {"schema": sse(LIVE_EVENTS)}},
                         "links": {"steer": {"operationId": "generations_steer", "parameters": from_header},
                                   "cancel": {"operationId": "generations_cancel", "parameters": from_header}}},
-                **_errors("400", "401", "403", "413", "415", "429", "499", "500", "501", "503")}}},
+                **_errors("400", "401", "403", "404", "413", "415", "429", "499", "500", "501", "503")}}},
         "/v1/generations/{id}/steer": {"post": {
             "summary": "Change a running generation's conditioning from its next step",
             "operationId": "generations_steer", "parameters": generation_id,
@@ -282,6 +287,52 @@ def _sampler_list() -> dict:
         "default_sigma_schedule": {"type": ["string", "null"]}}}
 
 
+def _model() -> dict:
+    strings = {"type": "array", "items": {"type": "string"}}
+    return {"type": "object", "required": ["id", "object", "created", "owned_by", "family", "native_size", "max_size",
+                                           "tasks", "default_sampler", "default"], "properties": {
+        "id": {"type": "string", "description": "what a request's `model` takes"},
+        "object": {"const": "model"},
+        "created": {"type": "integer", "description": "Unix seconds: when the gateway read the served pipeline"},
+        "owned_by": {"type": "string"},
+        "family": {"type": "string", "description": "sd, sdxl, ...: which fields and tasks it takes", "x-ldm-extension": True},
+        "native_size": {"type": "integer", "description": "pixels: the side of `size: auto`", "x-ldm-extension": True},
+        "max_size": {"type": "integer", "description": "pixels: the largest side served", "x-ldm-extension": True},
+        "tasks": dict(strings, description="txt2img, img2img, inpaint, upscale", **{"x-ldm-extension": True}),
+        "default_sampler": {"type": ["string", "null"], "description": "what a request naming no sampler gets",
+                            "x-ldm-extension": True},
+        "default_sigma_schedule": {"type": ["string", "null"], "x-ldm-extension": True},
+        "default": {"type": "boolean", "description": "the model of requests that name none", "x-ldm-extension": True}}}
+
+
+def _served_ids(model) -> list:
+    from serving.gateway.models import served_models
+
+    return [m.id for m in served_models(model)]
+
+
+def _model_paths(ids: list) -> dict:
+    model = {"$ref": "#/components/schemas/Model"}
+    known = {"examples": ids} if ids else {}
+    return {
+        "/v1/models": {"get": {
+            "summary": "The models this server serves (a request's `model`), the default first: OpenAI's list of model "
+                       "objects, with each model's family, sizes, tasks and default sampler",
+            "operationId": "models_list",
+            "responses": {"200": {"description": "OpenAI's list shape", "headers": REQUEST_ID, "content": {"application/json": {
+                "schema": {"type": "object", "required": ["object", "data"], "properties": {
+                    "object": {"const": "list"}, "data": {"type": "array", "items": model}}}}}},
+                **_errors("401", "403", "503")}}},
+        "/v1/models/{id}": {"get": {
+            "summary": "One served model",
+            "operationId": "models_retrieve",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", **known}}],
+            "responses": {"200": {"description": "the model object", "headers": REQUEST_ID,
+                                  "content": {"application/json": {"schema": model}}},
+                          **_errors("401", "403", "404", "503")}}},
+    }
+
+
 def _readiness() -> dict:
     ready = {"application/json": {"schema": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}}}
     return {"get": {"summary": "readiness: the pipeline behind the gateway is ready", "responses": {
@@ -293,6 +344,7 @@ def document(model=None) -> dict:
     """The document; `model` (serving/gateway/pipeline.py PipelineModel) adds the served
     pipeline's limits."""
     limits = _limits(model)
+    ids = _served_ids(model)  # examples of `model` and model ids (the served ones)
     return {
         "openapi": "3.1.0",
         "info": {"title": "ldm-serving gateway", "version": "1",
@@ -307,9 +359,14 @@ def document(model=None) -> dict:
                 "summary": "The samplers a request may name (`sampler`), with their A1111 names, sigma schedules, "
                            "parameters, the models they fit and whether they fit the served one",
                 "operationId": "samplers_list",
+                "parameters": [{"name": "model", "in": "query", "required": False,
+                                "schema": {"type": "string", **({"examples": ids} if ids else {})},
+                                "description": "whether each fits this served model, and its default (default: the "
+                                               "server's default model)"}],
                 "responses": {"200": {"description": "OpenAI's list shape", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/SamplerList"}}}},
-                              **_errors("401", "403")}}},
+                              **_errors("401", "403", "404")}}},
+            **_model_paths(ids),
             **_live_paths(),
             "/healthz": _probe("liveness: the gateway answers"),
             "/readyz": _readiness(),
@@ -333,6 +390,7 @@ def document(model=None) -> dict:
                     "output_format": {"type": "string", "enum": list(FORMATS)},
                     "size": {"type": "string"}, "background": {"type": "string"}}},
                 "SamplerList": _sampler_list(),
+                "Model": _model(),
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["message", "type", "param", "code"], "properties": {
                         "message": {"type": "string"}, "type": {"type": "string"},

@@ -58,16 +58,18 @@ class Finished:
 
 @dataclass(frozen=True)
 class PipelineModel:
-    """What the served pipeline declares: its inputs (name -> Triton data type) and parameters."""
+    """What the served pipeline declares: its inputs (name -> Triton data type) and parameters
+    (the models it serves among them: serving/gateway/models.py)."""
 
     inputs: dict
     parameters: dict
+    read_at: int = 0  # Unix seconds: when the gateway read it (the models' `created`)
 
     @classmethod
-    def from_config(cls, config: dict) -> "PipelineModel":
+    def from_config(cls, config: dict, read_at: float = 0) -> "PipelineModel":
         inputs = {i["name"]: i["data_type"] for i in config.get("input", [])}
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        return cls(inputs, parameters)
+        return cls(inputs, parameters, int(read_at))
 
     def parameter(self, key: str, cast, default):
         try:
@@ -144,7 +146,7 @@ class PipelineClient:
             response = await self.client.get_model_config(MODEL, as_json=True, client_timeout=5)
         except InferenceServerException:
             return False
-        self.model = PipelineModel.from_config(response["config"])
+        self.model = PipelineModel.from_config(response["config"], time.time())
         return True
 
     def require_model(self) -> PipelineModel:

@@ -1,6 +1,7 @@
 """The REST front (aiohttp): OpenAI's Images API at /v1/images/generations and /v1/images/edits,
-its error shape, server-sent events for `stream: true`; the samplers they take (/v1/samplers, in
-OpenAI's list shape); the OpenAPI document (/openapi.json), a page rendering it (/docs),
+its error shape, server-sent events for `stream: true`; the models they take (/v1/models,
+/v1/models/{id}: OpenAI's Models API) and the samplers (/v1/samplers, in OpenAI's list shape);
+the OpenAPI document (/openapi.json), a page rendering it (/docs),
 liveness (/healthz), readiness (/readyz) and metrics (/metrics).
 
 A client that disconnects cancels its request (the handler is cancelled, which closes the
@@ -18,7 +19,7 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.core.errors import CANCELLED, INVALID_ARG
-from serving.gateway import images, rest_params
+from serving.gateway import images, models, rest_params
 from serving.gateway.access import bearer
 from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, UNSUPPORTED_MEDIA_TYPE, ApiError, invalid
 from serving.gateway.generation import Generation
@@ -37,12 +38,15 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: 
                404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                429: "rate_limit_error", 501: "not_implemented_error"}
 ERROR_CODES = {"UNAUTHENTICATED": "invalid_api_key", "RESOURCE_EXHAUSTED": "rate_limit_exceeded"}
+LISTS = ("interval", "pair")  # parameter kinds a form gives as `a,b` or as the field twice
 
 
 def error_body(error: ApiError) -> dict:
     status = HTTP_STATUS.get(error.code, 500)
+    # OpenAI's code for a model it does not have
+    code = "model_not_found" if error.code == NOT_FOUND and error.field == "model" else ERROR_CODES.get(error.code, error.code.lower())
     return {"error": {"message": str(error), "type": ERROR_TYPES.get(status, "server_error"), "param": error.field,
-                      "code": ERROR_CODES.get(error.code, error.code.lower())}}
+                      "code": code}}
 
 
 def error_response(error: ApiError) -> web.Response:
@@ -145,7 +149,7 @@ async def _form(request) -> dict:
     values = {}
     for key, value in form.items():
         name = key.removesuffix("[]")
-        if rest_params.BY_NAME.get(name) and rest_params.BY_NAME[name].kind == "interval":
+        if rest_params.BY_NAME.get(name) and rest_params.BY_NAME[name].kind in LISTS:
             # [lo, hi] as `lo,hi`, or as the field twice (how SDKs send a list in a form)
             values.setdefault(name, []).append(value)
             continue
@@ -153,7 +157,7 @@ async def _form(request) -> dict:
             raise invalid(name, "give it once (this server edits one image per request)")
         values[name] = value
     for name, parts in values.items():
-        if rest_params.BY_NAME.get(name) and rest_params.BY_NAME[name].kind == "interval" and len(parts) == 1:
+        if rest_params.BY_NAME.get(name) and rest_params.BY_NAME[name].kind in LISTS and len(parts) == 1:
             values[name] = parts[0]
     return values
 
@@ -266,7 +270,36 @@ async def samplers(request):
     service = request.app[SERVICE]
     with service.metrics.request("rest.samplers", request["rid"]):
         service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
-        return web.json_response(rest_list(served_samplers(service.pipeline.model)))
+        name = _query(request, "model")
+        return web.json_response(rest_list(served_samplers(service.pipeline.model, name)))
+
+
+def _query(request, name: str) -> str:
+    """A query parameter given at most once ("" when absent); others are ignored."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise invalid(name, "give it once")
+    return values[0] if values else ""
+
+
+async def list_models(request):
+    """GET /v1/models: OpenAI's list of model objects, with each model's family, sizes, tasks and
+    default sampler (serving/gateway/models.py)."""
+    service = request.app[SERVICE]
+    with service.metrics.request("rest.models", request["rid"]):
+        service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
+        model = service.pipeline.require_model()
+        return web.json_response(models.rest_list(models.served_models(model), model.read_at))
+
+
+async def get_model(request):
+    """GET /v1/models/{id}: one model object; 404 naming the id when this server does not serve it."""
+    service = request.app[SERVICE]
+    with service.metrics.request("rest.models", request["rid"]):
+        service.identify(bearer(request.headers.get("Authorization")), request.remote or "-")
+        model = service.pipeline.require_model()
+        served = models.lookup(models.served_models(model), request.match_info["id"])
+        return web.json_response(models.rest_entry(served, model.read_at))
 
 
 async def openapi_json(request):
@@ -299,6 +332,8 @@ def build_app(service: ImageService) -> web.Application:
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)
     app.router.add_get("/v1/samplers", samplers)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{id}", get_model)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
     app.router.add_get("/healthz", healthz)

@@ -1,11 +1,13 @@
 """The REST parameters of /v1/images/generations (JSON) and /v1/images/edits (multipart), declared
 once: the parser below and the OpenAPI document (serving/gateway/openapi.py) both read PARAMS.
 
-OpenAI's Images API parameters keep their meaning; the ones that do not change what this
-server makes (model, quality, moderation, style, user, ...) are accepted and ignored. Our
-extensions (negative_prompt, seed, steps, guidance_scale, eta, timeout_s, sampler,
-sigma_schedule, guidance_interval; for edits strength, mask_blur, keep_unmasked) pass through to
-the pipeline input of the same name, whose limits the served pipeline checks.
+OpenAI's Images API parameters keep their meaning: `model` picks a served model
+(serving/gateway/models.py: GET /v1/models lists them; OpenAI's own model names mean the
+default model); the ones that do not change what this server makes (quality, moderation, style,
+user, ...) are accepted and ignored. Our extensions (negative_prompt, seed, steps,
+guidance_scale, eta, timeout_s, sampler, sigma_schedule, guidance_interval, SDXL's
+original_size, crop_top_left, target_size; for edits strength, mask_blur, keep_unmasked) pass
+through to the pipeline input of the same name, whose limits the served pipeline checks.
 """
 from dataclasses import dataclass
 import math
@@ -25,7 +27,8 @@ BOTH = (GENERATIONS, EDITS)
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # string | integer | number | boolean | interval (two numbers [lo, hi]) | file | any
+    # string | integer | number | boolean | interval (two numbers [lo, hi]) | pair (two integers) | file | any
+    kind: str
     description: str
     routes: tuple = BOTH
     enum: tuple = ()
@@ -37,8 +40,14 @@ class Param:
     extension: bool = False  # ours, not in OpenAI's API
 
 
+MAX_PAIR = 16384  # pixels: SDXL's size conditioning (the pipeline's MAX_CONDITIONING_SIZE)
+PAIRS = ("original_size", "crop_top_left", "target_size")
+
 PARAMS = (
     Param("prompt", "string", "What to draw.", required=True),
+    Param("model", "string", "The served model (GET /v1/models lists them); default: the server's default model, "
+          "which OpenAI's own model names (dall-e-2, dall-e-3, gpt-image-*) also mean. Any other name is 404.",
+          to_pipeline=True),
     Param("image", "file", "The image to edit: PNG, JPEG or WebP. Transparent pixels are repainted when no mask is given.",
           routes=(EDITS,), required=True),
     Param("mask", "file", "PNG/WebP whose fully transparent pixels (alpha 0) mark where to repaint (OpenAI's rule); "
@@ -71,6 +80,13 @@ PARAMS = (
     Param("guidance_interval", "interval", "[lo, hi]: classifier-free guidance only during this part of the run "
           "(fractions of the steps, 0 <= lo < hi <= 1); default the whole run. In a form: `lo,hi`.",
           minimum=0, maximum=1, to_pipeline=True, extension=True),
+    Param("original_size", "pair", "SDXL models only: [height, width] the image is said to have had before cropping "
+          "(pixels; SDXL's size conditioning). Default: the output's size. In a form: `height,width`.",
+          minimum=1, maximum=MAX_PAIR, to_pipeline=True, extension=True),
+    Param("crop_top_left", "pair", "SDXL models only: [top, left] of the crop (pixels). Default: [0, 0]. In a form: "
+          "`top,left`.", minimum=0, maximum=MAX_PAIR, to_pipeline=True, extension=True),
+    Param("target_size", "pair", "SDXL models only: [height, width] the image is meant for (pixels). Default: the "
+          "output's size. In a form: `height,width`.", minimum=1, maximum=MAX_PAIR, to_pipeline=True, extension=True),
     Param("strength", "number", "How much of the schedule to re-run over the image, (0, 1].", routes=(EDITS,),
           to_pipeline=True, extension=True),
     Param("mask_blur", "integer", "Blur of the mask's edge, pixels.", routes=(EDITS,), to_pipeline=True, extension=True),
@@ -78,7 +94,7 @@ PARAMS = (
           to_pipeline=True, extension=True),
 ) + tuple(
     Param(name, "any", "Accepted for compatibility with OpenAI's API; does not change what this server makes.")
-    for name in ("model", "quality", "moderation", "style", "user", "safety_identifier", "input_fidelity")
+    for name in ("quality", "moderation", "style", "user", "safety_identifier", "input_fidelity")
 )
 BY_NAME = {p.name: p for p in PARAMS}
 
@@ -109,6 +125,8 @@ def _typed(param: Param, value, from_form: bool):
         return value
     if kind == "interval":
         return _interval(param, value, from_form)
+    if kind == "pair":
+        return _pair(param, value, from_form)
     if from_form and kind != "string":
         value = _from_text(param, value)
     if kind == "string":
@@ -148,6 +166,25 @@ def _interval(param: Param, value, from_form: bool) -> list:
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)):
         raise invalid(param.name, f"must be two finite numbers [lo, hi], got {value!r}")
     return [float(v) for v in value]
+
+
+def _pair(param: Param, value, from_form: bool) -> list:
+    """[a, b], two integers within the parameter's bounds, from a JSON array, or in a form from
+    `a,b` (or the field twice)."""
+    if from_form:
+        texts = value if isinstance(value, list) else str(value).strip().strip("[]").split(",")
+        try:
+            value = [int(str(t).strip()) for t in texts]
+        except (TypeError, ValueError):
+            raise invalid(param.name, f"must be two integers a,b, got {value!r}") from None
+    if isinstance(value, list):
+        value = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+    if (not isinstance(value, list) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+        raise invalid(param.name, f"must be two integers [a, b], got {value!r}")
+    if not all(param.minimum <= v <= param.maximum for v in value):
+        raise invalid(param.name, f"must be two integers in [{param.minimum}, {param.maximum}], got {value}")
+    return value
 
 
 def _from_text(param: Param, text: str):

@@ -21,6 +21,7 @@ from serving.gateway.costs import steer_units, work_units
 from serving.gateway.errors import TOO_LARGE, ApiError, invalid
 from serving.gateway.generation import Generation, check_texts
 from serving.gateway.live import LiveGeneration, LiveTable, new_id
+from serving.gateway.models import resolve
 from serving.gateway.pipeline import Finished, PipelineClient
 from serving.gateway.telemetry import GatewayMetrics, triton_prefix
 
@@ -80,8 +81,9 @@ class ImageService:
         return self.access.identify(credential, address)
 
     async def admit(self, generation: Generation, caller: str) -> None:
-        """Checks what the gateway owns of the request, that the pipeline takes it and what its
-        uploads declare (`check_uploads`), waits for room in the pipeline
+        """Checks what the gateway owns of the request, the model it names (NOT_FOUND naming an
+        unknown one: serving/gateway/models.py), that the pipeline takes it and what its uploads
+        declare (`check_uploads`), waits for room in the pipeline
         (serving/gateway/capacity.py: the excess is refused here), then charges the caller's rate
         limit in work units (serving/gateway/costs.py). Nothing is decoded yet: `decode` follows.
         A front hands an admitted generation to `events` at once, which takes its slots."""
@@ -89,6 +91,7 @@ class ImageService:
         if not self.ready:
             raise ApiError(UNAVAILABLE, f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); "
                            "retry later", retry_after_s=2.0)
+        resolve(generation.inputs, self.pipeline.require_model())
         generation.check_declared(self.pipeline.require_model().inputs)
         self.check_uploads(generation.inputs)
         await self.capacity.wait_for_room(generation.n, caller)

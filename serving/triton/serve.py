@@ -15,8 +15,13 @@ it nor reports the model unready: every request would fail while the replica loo
 `ldm serve` watches that process and, when it is gone, stops everything and exits 1, for its
 supervisor (Kubernetes restarts the container) to bring the replica back.
 
+`--checkpoint [NAME=]DIR`, repeated, serves several checkpoints side by side in one repository
+(docs/models.md): the first is the default model; NAME (default: the folder's name) is what a
+request's `model` and GET /v1/models call it. Without --checkpoint, a repository exported from
+the default model is refreshed from it, keeping the other models it serves.
+
 `--sampler NAME` sets the pipeline's config parameter default_sampler (what requests naming no
-sampler get), checked against the exported checkpoint before anything starts.
+sampler get), checked against every exported checkpoint before anything starts.
 
 Triton's own ports (KServe HTTP and gRPC, metrics) listen on --triton-host, loopback by default
 whatever --host is: they skip the gateway's keys and limits, so they are for the gateway and the
@@ -25,6 +30,7 @@ new control secret (serving/triton/control.py) for tritonserver and the gateway,
 readable by this user only, where `ldm drain` looks for it; the file goes when the run ends."""
 import json
 from pathlib import Path
+import re
 import signal
 import sys
 import threading
@@ -33,11 +39,15 @@ from serving.defaults import DEFAULT_REPO
 from serving.triton.drain import DEFAULT_GRACE_S
 
 DRAINED_EXIT_S = 10.0  # tritonserver's time to exit after a drain, before its group is killed
+# a served model's name: a request's `model`, and the prefix of its components' Triton model names
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", help="diffusers checkpoint to serve, exported if changed (default: the "
-                        "shipped model, unless --repo holds another model exported there)")
+    parser.add_argument("--checkpoint", action="append", metavar="[NAME=]DIR",
+                        help="diffusers checkpoint to serve, exported if changed; repeat it to serve several side by side, "
+                        "the first being the default model; NAME (default: the folder's name) is what requests and GET "
+                        "/v1/models call it (default: the shipped model, unless --repo holds another model exported there)")
     parser.add_argument("--repo", default=str(DEFAULT_REPO), help="model repository (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="the gateway's address (default: %(default)s)")
     parser.add_argument("--triton-host", default="127.0.0.1",
@@ -87,10 +97,19 @@ def run(args) -> int:
 
     if not 0 <= args.drain_grace_s < float("inf"):
         raise SystemExit(f"--drain-grace-s must be a finite number >= 0, got {args.drain_grace_s}")
-    checkpoint = checkpoint_to_export(args.checkpoint, args.repo)
+    try:
+        name, first, others = checkpoints(args.checkpoint or [])
+    except ValueError as exc:
+        print(f"ldm serve: --checkpoint: {exc}", file=sys.stderr, flush=True)
+        return 2
+    checkpoint = checkpoint_to_export(first, args.repo)
     if checkpoint is not None:
-        export_with_options(checkpoint, args)
-    print(f"model: {served_model(args.repo)} (pass --checkpoint to serve another)", flush=True)
+        if first is None:  # the default model, refreshed: the other models the repository serves stay
+            others = dict(list(recorded_models(args.repo).items())[1:])
+        export_with_options(checkpoint, args, name=name, models=others)
+    print(f"models: {describe_models(args.repo)} (--checkpoint [NAME=]DIR, repeated, to serve others)"
+          if len(recorded_models(args.repo)) > 1 else f"model: {served_model(args.repo)} (pass --checkpoint to serve another)",
+          flush=True)
     try:
         set_default_sampler(args.repo, args.sampler)
     except ValueError as exc:
@@ -140,20 +159,93 @@ def run(args) -> int:
     return 0
 
 
+def checkpoints(values: list) -> tuple:
+    """(name of the default model or None, its folder or None, {name: folder} of the others) from
+    the --checkpoint values, `[NAME=]DIR` each; ValueError naming a bad name or a name given twice.
+    A value that is an existing folder is a DIR even with `=` in it."""
+    named = []
+    for text in values:
+        name, path = None, text
+        if "=" in text and not Path(text).is_dir():
+            name, path = text.split("=", 1)
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(f"{text!r}: NAME must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                                 "or digit")
+        named.append((name, Path(path)))
+    if not named:
+        return None, None, {}
+    seen = {}
+    for i, (name, path) in enumerate(named):
+        model = name or default_name(path)
+        if i and not MODEL_NAME.fullmatch(model):  # the default model's name prefixes nothing
+            raise ValueError(f"{str(path)!r}: the folder's name {model!r} cannot name a model (1-64 letters, digits, '.', "
+                             "'_' or '-'): give one, --checkpoint NAME=DIR")
+        if model in seen:
+            raise ValueError(f"two models named {model!r} ({seen[model]} and {path}): name them apart, "
+                             "--checkpoint NAME=DIR")
+        seen[model] = path
+    (name, first), rest = named[0], named[1:]
+    return name, first, {n or default_name(p): p for n, p in rest}
+
+
+def default_name(path) -> str:
+    """A model's name when --checkpoint gives none: its folder's (as `ldm export` names it)."""
+    return Path(path).resolve().name
+
+
+def recorded_models(repo) -> dict:
+    """{name: checkpoint folder} of the models the repository's export serves, the default first
+    ({} without an export)."""
+    info = Path(repo) / "pipeline" / "1" / "pipeline.json"
+    if not info.is_file():
+        return {}
+    facts = json.loads(info.read_text())
+    models = facts.get("models") or {facts.get("default_model", default_name(facts["checkpoint"])): facts}
+    return {name: Path(model["checkpoint"]) for name, model in models.items()}
+
+
+def describe_models(repo) -> str:
+    info = json.loads((Path(repo) / "pipeline" / "1" / "pipeline.json").read_text())
+    default = info.get("default_model")
+    return ", ".join(f"{name} ({model.get('family', 'sd')}{', default' if name == default else ''}) = {model['checkpoint']}"
+                     for name, model in info["models"].items())
+
+
+def scheduler_configs(repo) -> dict:
+    """{model name: its scheduler config} of the exported models (the primary variant's)."""
+    info_path = Path(repo) / "pipeline" / "1" / "pipeline.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    configs = {}
+    for name, model in (info.get("models") or {}).items():
+        config = model.get("variants", {}).get(model.get("primary"), {}).get("scheduler_config")
+        if isinstance(config, dict):
+            configs[name] = config
+    if not configs:  # an export of one model, before the models table
+        scheduler = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
+        if scheduler.is_file():
+            configs[""] = json.loads(scheduler.read_text())
+    return configs
+
+
 def set_default_sampler(repo, sampler: str | None) -> None:
     """Writes `sampler` as the pipeline's config parameter default_sampler (None: removes it, so
-    the checkpoint's scheduler picks); ValueError, before anything starts, when the name is
-    unknown or the sampler does not fit the exported checkpoint."""
+    each checkpoint's scheduler picks); ValueError, before anything starts, when the name is
+    unknown or the sampler does not fit an exported checkpoint (the pipeline would not load)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
     from serving.core.samplers.registry import resolve_name, served_default
 
     if sampler is not None:
-        scheduler = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
-        if scheduler.is_file():
-            served_default(sampler, json.loads(scheduler.read_text()))
-        else:  # nothing to check the fit against: the name alone
+        configs = scheduler_configs(repo)
+        for name, scheduler in configs.items():
+            try:
+                served_default(sampler, scheduler)
+            except ValueError as exc:
+                if len(configs) < 2:
+                    raise
+                raise ValueError(f"{str(exc).removeprefix('sampler: ')} (model {name})") from None
+        if not configs:  # nothing to check the fit against: the name alone
             resolve_name(sampler, None)
     path = Path(repo) / "pipeline" / "config.pbtxt"
     config = text_format.Parse(path.read_text(), mc.ModelConfig())

@@ -1,7 +1,7 @@
 // The page's controller: the form -> POST /v1/generations (its SSE stream drives the progress
 // bar, the live preview and the steer log), edits while it runs -> POST .../steer (debounced),
 // Cancel -> DELETE /v1/generations/{id}, results -> the gallery (PNG with its parameters). The
-// sampler menu is filled from GET /v1/samplers.
+// model menu is filled from GET /v1/models, the sampler menu from GET /v1/samplers?model=.
 import { Surface } from "./canvas.js";
 import { fromBase64, withText } from "./png.js";
 import { readEvents } from "./sse.js";
@@ -46,7 +46,8 @@ let defaultSamplerLabel = "DDIM";
 async function loadSamplers() {
   let list;
   try {
-    const response = await fetch("/v1/samplers", { headers: headers() });
+    const model = $("model").value;
+    const response = await fetch("/v1/samplers" + (model ? `?model=${encodeURIComponent(model)}` : ""), { headers: headers() });
     if (!response.ok) return;  // e.g. 401 until an API key is given: the menu keeps "server default"
     list = await response.json();
   } catch (_) {
@@ -82,8 +83,41 @@ async function loadSamplers() {
   menu.value = chosen;
   menu.dataset.loaded = "true";
 }
-loadSamplers();
-$("api_key").addEventListener("change", loadSamplers);
+// ---- the model menu (GET /v1/models) -------------------------------------------------------
+
+// One option per served model, the default first and chosen; its samplers follow the choice.
+async function loadModels() {
+  let list;
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (!response.ok) return;  // e.g. 401 until an API key is given: the menu keeps "server default"
+    list = await response.json();
+  } catch (_) {
+    return;
+  }
+  const menu = $("model");
+  const chosen = menu.value;
+  const options = list.data.map((model) => {
+    const option = document.createElement("option");
+    option.value = model.id;
+    option.textContent = `${model.id} (${model.family}, ${model.native_size} px${model.default ? ", default" : ""})`;
+    option.title = `tasks: ${model.tasks.join(", ")}; sizes up to ${model.max_size} px`;
+    option.dataset.nativeSize = model.native_size;
+    return option;
+  });
+  if (!options.length) return;
+  menu.replaceChildren(...options);
+  menu.value = list.data.some((m) => m.id === chosen) ? chosen : list.data.find((m) => m.default)?.id || list.data[0].id;
+  menu.dataset.loaded = "true";
+}
+
+async function loadMenus() {
+  await loadModels();
+  await loadSamplers();
+}
+loadMenus();
+$("api_key").addEventListener("change", loadMenus);
+$("model").addEventListener("change", loadSamplers);
 $("init_image").addEventListener("change", async () => {
   const file = $("init_image").files[0];
   if (file) await surface.loadImage(file);
@@ -120,6 +154,7 @@ function requestBody() {
                  preview_every: Math.max(1, Math.round(steps / 12)), output_format: "png" };
   if (values.negative_prompt) body.negative_prompt = values.negative_prompt;
   if ($("sampler").value) body.sampler = $("sampler").value;
+  if ($("model").value) body.model = $("model").value;
   if (!$("random_seed").checked && $("seed").value !== "") body.seed = Number($("seed").value);
   const size = $("size").value.trim();
   if (size && size !== "auto") body.size = size;
@@ -373,6 +408,7 @@ function a1111Text(params) {
   const sampler = params.sampler ? samplerLabels[params.sampler] || params.sampler : defaultSamplerLabel;
   const settings = [`Steps: ${params.steps}`, `Sampler: ${sampler}`, `CFG scale: ${params.guidance_scale}`, `Seed: ${params.seed}`];
   if (params.size) settings.push(`Size: ${params.size}`);
+  if (params.model) settings.push(`Model: ${params.model}`);
   if (params.strength !== undefined) settings.push(`Denoising strength: ${params.strength}`);
   for (const s of params.steers || []) settings.push(`Steer ${s.steer_id} at step ${s.step}: ${describe(s).replace(/steer_id: \d+, step: \d+(, )?/, "")}`);
   lines.push(settings.join(", "));
@@ -412,6 +448,8 @@ function reuse(params) {
   $("steps").value = params.steps;
   $("guidance_scale").value = params.guidance_scale;
   $("size").value = params.size || "auto";
+  if (params.model && [...$("model").options].some((o) => o.value === params.model)) $("model").value = params.model;
   $("sampler").value = params.sampler || "";
+  $("model").dispatchEvent(new Event("change"));  // its samplers (the chosen one kept)
   for (const id of ["steps", "guidance_scale"]) $(id).dispatchEvent(new Event("input"));
 }
