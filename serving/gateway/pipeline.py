@@ -122,27 +122,34 @@ class PipelineClient:
             raise ApiError(UNAVAILABLE, "the pipeline did not answer the status message", retry_after_s=1.0)
         return status
 
-    async def _ask(self, request: dict, answer, refusal=None):
+    async def _ask(self, request: dict, answer, refusal=None, graceful: bool = False):
         """Sends one message (status, steer, LoRA) on a stream of its own: answer(result) of the
         first response it is not None for, or None when the stream ends without one; a refusal
-        is raised as ApiError (refusal(text), default from_pipeline)."""
+        is raised as ApiError (refusal(text), default from_pipeline). `graceful`: once answered,
+        the stream is half-closed and read to its end rather than cancelled (LoRA messages: see
+        _half_close)."""
         async def requests():
             yield request
             await answered.wait()
 
         answered = asyncio.Event()
         stream = self.client.stream_infer(requests())
+        ended = False
         try:
             async for result, error in _responses(stream):
                 if error is not None:
                     raise (refusal or from_pipeline)(str(error.message()))
                 value = answer(result)
                 if value is not None:
+                    if graceful:
+                        ended = await _half_close(stream, answered)
                     return value
+            ended = True
             return None
         finally:
             answered.set()
-            stream.cancel()
+            if not ended:
+                stream.cancel()
 
     async def load_model(self) -> bool:
         """(Re)reads what the served pipeline declares; False when Triton did not answer."""
@@ -233,7 +240,7 @@ class PipelineClient:
         request = {"model_name": MODEL, "parameters": parameters,
                    "inputs": infer_inputs(inputs or {"prompt": np.array([b""], dtype=np.object_)})}
         entries = await self._ask(request, lambda result: lora_messages.decode(result.as_numpy(lora_messages.LIST_OUTPUT)),
-                                  lora_refusal)
+                                  lora_refusal, graceful=True)
         if entries is None:
             raise ApiError(UNAVAILABLE, f"the pipeline's stream ended without answering the LoRA {action}", retry_after_s=1.0)
         return entries
@@ -255,6 +262,24 @@ class PipelineClient:
         if steer_id is None:
             raise ApiError(UNAVAILABLE, "the pipeline's stream ended without answering the steer", retry_after_s=1.0)
         return steer_id
+
+
+async def _half_close(stream, answered: asyncio.Event, timeout_s: float = 5.0) -> bool:
+    """Ends a message's stream by half-closing it and reading it to its end (True), instead of
+    cancelling it: a LoRA load's stream cancelled straight after its answer left tritonserver
+    2.51 unable to unload the pipeline at shutdown, now and then. False when it did not end in
+    `timeout_s` (the caller cancels it then)."""
+    answered.set()
+
+    async def rest():
+        async for _ in _responses(stream):
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), timeout_s)
+        return True
+    except (asyncio.TimeoutError, ApiError):
+        return False
 
 
 def lora_refusal(text: str) -> ApiError:

@@ -9,7 +9,8 @@ A LoRA message is a request to `pipeline` whose parameter ACTION_PARAMETER (`lor
 NAME_PARAMETER (`lora_name`: the adapter, for load and unload) and MODEL_PARAMETER
 (`lora_model`: a served model; empty: the default model, and for `list` every model). A load
 carries the file's bytes in the input FILE_INPUT (`lora_file`, BYTES [1]). The answer is one
-FINAL response: LIST_OUTPUT (`loras`, BYTES [1]) holding JSON, a list of {"id", "model",
+FINAL response (a load's is sent from a thread of its own, once the file is read): LIST_OUTPUT
+(`loras`, BYTES [1]) holding JSON, a list of {"id", "model",
 "resident"} (for a load or unload, the adapters of the model it changed, after the change), or
 one error coded as the pipeline's other errors ("[CODE] message", serving/core/errors.py):
 
@@ -20,7 +21,12 @@ one error coded as the pipeline's other errors ("[CODE] message", serving/core/e
   [FAILED_PRECONDITION] 'x' is used by a running generation; retry when it has finished
 
 The tensors FILE_INPUT and LIST_OUTPUT are declared by the model itself (CONTROL_INPUTS,
-CONTROL_OUTPUTS: its auto_complete_config), so an export needs nothing more to take them."""
+CONTROL_OUTPUTS: its auto_complete_config), so an export needs nothing more to take them.
+
+A sender should end a LoRA message's stream by half-closing it once answered, not by cancelling
+it (serving/gateway/pipeline.py does): a load's stream cancelled straight after its answer left
+tritonserver 2.51 unable to unload the pipeline at shutdown, about one time in two (its model
+never finalized; the server exits only after its exit timeout)."""
 import json
 import re
 
@@ -58,12 +64,6 @@ def action_of(parameters: dict) -> str | None:
     return None if action is None else str(action)
 
 
-def is_slow(parameters: dict) -> bool:
-    """Whether answering takes a while (a load reads the file): the model answers it off its
-    execute thread, so generations keep being admitted meanwhile."""
-    return action_of(parameters) == "load"
-
-
 def answer(service, parameters: dict, inputs: dict) -> list:
     """The list a LoRA message answers with, after doing what it asks; LoraMessageError."""
     from serving.core.request import InvalidInput
@@ -82,7 +82,12 @@ def answer(service, parameters: dict, inputs: dict) -> list:
             raise InvalidInput("name", "is required")
         served = service.model_of({"model": np.array([model.encode()], object)} if model else {})
         if action == "load":
-            service.load_lora(name, file_bytes(inputs), model)
+            data = file_bytes(inputs)
+            # refused before the service writes the file: its load_lora replaces an adapter's file
+            # before it finds the adapter held (a refused replace would then apply once evicted)
+            if served.lora is not None and served.lora.holds.get(name):
+                raise LoraInUse(f"{name!r} is used by a running generation; retry when it has finished")
+            service.load_lora(name, data, model)
         else:
             service.unload_lora(name, model)
         return service.loras(served.name)
@@ -99,6 +104,20 @@ def answer(service, parameters: dict, inputs: dict) -> list:
 def _without_scratch(message: str, name: str) -> str:
     """A refusal's message with the server's scratch file named as the upload."""
     return _SCRATCH_NAME.sub(f"{name}.safetensors", _SCRATCH_PATH.sub("the uploaded file", message))
+
+
+def warm_reader() -> None:
+    """Imports what reading an adapter file imports (serving/models/adapters.py: torch,
+    diffusers, transformers, peft), for the pipeline model's initialize to call when it serves
+    LoRA: the first request naming an adapter is read on the engine's thread, which would
+    otherwise stall every running generation for those seconds of imports (5-20 s on 2 cores)."""
+    import accelerate  # noqa: F401
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from peft.tuners.lora import LoraLayer  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: F401
+
+    import families.lora  # noqa: F401
 
 
 def file_bytes(inputs: dict) -> bytes:

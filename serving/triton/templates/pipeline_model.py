@@ -37,8 +37,8 @@ load (`active`, `queued` INT32 [1]), what readiness probes and the gateway ask.
 
 LoRA messages (parameter `lora_action`: list, load, unload; serving/triton/loras.py) are control
 messages too: each gets one FINAL response, the adapters as JSON in `loras`, or a coded error. A
-load (its file in the input `lora_file`) is read on a thread of its own, so generations keep
-being admitted meanwhile. This model declares those two tensors itself (auto_complete_config)."""
+load carries its file in the input `lora_file`; it is read on a thread of its own, so generations
+keep being admitted meanwhile. This model declares those two tensors itself (auto_complete_config)."""
 import json
 from pathlib import Path
 import threading
@@ -221,7 +221,10 @@ class TritonPythonModel:
             for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()
         }
         plan_gpu_memory(models.values())  # once every model's weights are loaded
-        self.service = PipelineService(assets, config, models, lora_reader=read_adapter).start()
+        self.service = PipelineService(assets, config, models, lora_reader=read_adapter)
+        if any(served.lora is not None for served in self.service.models.values()):
+            loras.warm_reader()  # on this thread, before the engine's (serving/triton/loras.py says why)
+        self.service.start()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
         self.stop_metrics = threading.Event()
@@ -255,9 +258,10 @@ class TritonPythonModel:
                                                    flags=FINAL)
                 continue
             if loras.action_of(parameters) is not None:
-                # its inputs are read here (numpy copies): the thread outlives this call
+                # its inputs are read here (numpy copies): a load is answered on a thread of its
+                # own (it reads the file), so generations keep being admitted meanwhile
                 job = (parameters, _inputs(request), request.get_response_sender())
-                if loras.is_slow(parameters):
+                if loras.action_of(parameters) == "load":
                     threading.Thread(target=self._lora, args=job, name="ldm-lora", daemon=True).start()
                 else:
                     self._lora(*job)
