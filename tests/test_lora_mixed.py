@@ -156,3 +156,37 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
     drain(svc)
     svc.unload_lora("b")
     assert running.image is not None and [e["id"] for e in svc.loras()] == ["a"]
+
+
+def test_the_torch_runner_serves_the_same_adapter_bytes_as_onnx(tiny_checkpoint, lora_files, tmp_path):
+    """The torch runner's fixed-shape bank (families/lora.py StaticBank: what keeps CUDA graphs
+    valid) gives the bytes of the in-process ONNX runner's LoRA graph, on CPU."""
+    import shutil
+
+    from image_inputs import drain, submit
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.core.config import PipelineConfig
+    from serving.core.service import PipelineAssets, PipelineService
+    from serving.models.assemble import RunnerChoice, build_models, plan_gpu_memory
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name, path in lora_files.items():
+        shutil.copy(path, folder / f"{name}.safetensors")
+    images = {}
+    for unet in ("inprocess", "torch"):
+        params = pipeline_parameters(unet=unet, lora_dir=str(folder))
+        repo = tmp_path / f"repo-{unet}"
+        write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
+        config = PipelineConfig.parse({k: str(v) for k, v in params.items()})
+        assets = PipelineAssets.read(repo / "pipeline" / "1")
+        choice = RunnerChoice.from_config(config, "cpu")
+        models = {("tiny", v): build_models(choice, repo, "1", None, facts) for v, facts in assets.info["variants"].items()}
+        plan_gpu_memory(models.values())
+        svc = PipelineService(assets, config, models, lora_reader=read_adapter)
+        sinks = [submit(svc, "a red circle", seed=3, steps=5, lora_names=np.array([b"a", b"b"], object),
+                        lora_weights=np.array(weights, np.float32)) for weights in ([1.0, 0.0], [0.0, 0.0], [0.5, 1.5])]
+        drain(svc)
+        images[unet] = [s.image for s in sinks]
+    assert all(np.array_equal(a, b) for a, b in zip(images["inprocess"], images["torch"]))
