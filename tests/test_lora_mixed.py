@@ -149,6 +149,17 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
                             (dict(lora_names=names("a", "a")), "loras[1].name: 'a' is named twice")):
         sink = submit(svc, "a red circle", seed=1, steps=4, **fields)
         assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith(message), sink.error
+    # a steer of the adapters applies from the job's next step: before step 0 it is a fresh request's
+    steered = submit(svc, "a red circle", seed=2, steps=6, request_id="s")
+    svc.steer("s", {"lora_names": names("a", "b"), "lora_weights": np.array([0.8, -0.5], np.float32)})
+    drain(svc)
+    assert np.array_equal(steered.image, alone[2])
+    midway = submit(svc, "a red circle", seed=2, steps=6, request_id="m")
+    for _ in range(3):
+        svc.engine.run_iteration()
+    svc.steer("m", {"lora_names": names("a"), "lora_weights": np.array([1.0], np.float32)})
+    drain(svc)
+    assert not np.array_equal(midway.image, alone[0]) and not np.array_equal(midway.image, alone[1])
     running = submit(svc, "a red circle", seed=1, steps=6, lora_names=names("b"))
     svc.engine.run_iteration()
     with pytest.raises(LoraInUse):

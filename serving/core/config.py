@@ -49,6 +49,7 @@ class PipelineConfig:
     lora_budget_mb: int = 512  # resident adapters' matrices; idle ones beyond it are evicted
     max_loras_per_request: int = 4
     max_lora_file_mb: int = 64  # an uploaded adapter file larger than this is refused (413)
+    lora_columns: int = 256  # the bank's width: resident adapters' ranks summed (the torch runner's fixed bank)
     # regional prompts (serving/core/regions.py)
     max_regions: int = MAX_REGIONS
     default_base_prompt_weight: float = DEFAULT_BASE_WEIGHT

@@ -20,9 +20,12 @@ import threading
 
 import numpy as np
 
+from serving.core.errors import ResourceExhausted
+
 MAX_WEIGHT = 4.0
 DEFAULT_MAX_PER_REQUEST = 4
 DEFAULT_BUDGET_BYTES = 512 * 2**20
+DEFAULT_MAX_COLUMNS = 256
 
 
 class AdapterRejected(ValueError):
@@ -48,7 +51,8 @@ class Bank:
 
 class LoraRegistry:
     def __init__(self, read, layer_shapes: dict, text_layer_shapes: dict | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20):
+                 max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20,
+                 max_columns: int = DEFAULT_MAX_COLUMNS):
         """read(path, name) -> serving.models.adapters.Adapter; layer_shapes, text_layer_shapes: the
         served denoiser's and text encoder's adapted layers {name: (in, out)} (the banks' rows and
         columns; no text layers: adapters with text-encoder parts are refused)."""
@@ -58,6 +62,7 @@ class LoraRegistry:
         self.budget_bytes = budget_bytes
         self.max_per_request = max_per_request
         self.max_file_bytes = max_file_bytes
+        self.max_columns = max_columns  # the bank's width limit (the torch runner's fixed bank)
         self.files = {}  # name -> path: every registered adapter
         self.resident = OrderedDict()  # name -> Adapter, least recently used first
         self.holds = {}  # name -> jobs holding it
@@ -155,11 +160,16 @@ class LoraRegistry:
         if adapter.text and not self.text_layer_shapes:
             raise AdapterRejected(f"{name}: has text-encoder layers, and this model's text encoder takes no LoRA")
         used = sum(a.nbytes for a in self.resident.values())
+        columns = sum(a.rank for a in self.resident.values())
         for old in list(self.resident):  # least recently used first; a held adapter stays
-            if used + adapter.nbytes <= self.budget_bytes:
+            if used + adapter.nbytes <= self.budget_bytes and columns + adapter.rank <= self.max_columns:
                 break
             if not self.holds.get(old):
-                used -= self.resident.pop(old).nbytes
+                evicted = self.resident.pop(old)
+                used, columns = used - evicted.nbytes, columns - evicted.rank
+        if columns + adapter.rank > self.max_columns:
+            raise ResourceExhausted(f"LoRA bank full: the adapters running generations hold take {columns} of "
+                                    f"{self.max_columns} columns, {name!r} needs {adapter.rank}; retry later")
         self.resident[name] = adapter
         self._bank = self._text_bank = None
 

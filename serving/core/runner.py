@@ -49,9 +49,11 @@ class Runner:
         VAE-encodes the input images of image-conditioned ones in one call per image size; steered
         inpainting jobs with a new mask get its image conditioning."""
         if self.lora is not None:  # resident before their texts are encoded, until the job ends (release)
-            for job in jobs:
-                self.lora.hold(job.planned.loras)
-                job.held_loras = job.planned.loras
+            for job in (*jobs, *steered):
+                if job.planned.loras != job.held_loras:  # a new job, or a steer of its adapters (from its next step)
+                    self.lora.hold(job.planned.loras)
+                    self.lora.release(job.held_loras)
+                    job.held_loras = job.planned.loras
         owned = [(s, job.held_loras) for job in (*jobs, *steered) for s in job.plan.unencoded()]
         segments = [s for s, _ in owned]
         for segment, conditioning in zip(segments, self.encode([s.spec for s in segments], [a for _, a in owned])):

@@ -56,7 +56,7 @@ def _lora_registry(config: PipelineConfig, info: dict, reader) -> LoraRegistry |
                             {layer: tuple(shape) for layer, shape in spec["lora_unet_layers"].items()},
                             {layer: tuple(shape) for layer, shape in spec.get("lora_text_encoder_layers", {}).items()},
                             budget_bytes=config.lora_budget_mb * 2**20, max_per_request=config.max_loras_per_request,
-                            max_file_bytes=config.max_lora_file_mb * 2**20)
+                            max_file_bytes=config.max_lora_file_mb * 2**20, max_columns=config.lora_columns)
     if config.lora_dir:
         for path in sorted(Path(config.lora_dir).glob("*.safetensors")):
             registry.register(path.stem, path)

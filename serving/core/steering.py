@@ -35,7 +35,8 @@ from serving.core.request import parse_request
 from serving.core.samplers.base import kept_steps
 
 TEXT_FIELDS = ("prompt", "negative_prompt", "guidance_scale")
-STEERABLE = (*TEXT_FIELDS, *REGION_FIELDS, "mask")
+LORA_FIELDS = ("lora_names", "lora_weights")
+STEERABLE = (*TEXT_FIELDS, *REGION_FIELDS, "mask", *LORA_FIELDS)
 # request parameter of a steer message to the `pipeline` model: the request id of the generation
 STEER_PARAMETER = "steer_request_id"
 
@@ -90,9 +91,11 @@ def parse_steer(inputs: dict, limits):
     replace its regions (a region mode left out keeps theirs), an inpainting request's mask.
     Both raise InvalidInput naming the field."""
     given = {name for name, value in inputs.items() if value is not None}
-    text = {name: inputs[name] for name in TEXT_FIELDS if name in given}
+    text = {name: inputs[name] for name in (*TEXT_FIELDS, *LORA_FIELDS) if name in given}
     parsed = parse_request({"prompt": np.array([b"steer"], np.object_), **text}, limits, default_seed=0)
-    text_changes = {name: getattr(parsed, name) for name in text}
+    text_changes = {name: getattr(parsed, name) for name in text if name in TEXT_FIELDS}
+    if parsed.loras or given & set(LORA_FIELDS):  # adapters named by the fields or the prompt's tags replace the job's
+        text_changes["loras"] = parsed.loras
     for name in ("prompt", "negative_prompt"):
         if name in text_changes:  # syntax now; the steps a schedule counts are checked with the job
             schedule(text_changes[name], 1, name)

@@ -40,6 +40,7 @@ class RunnerChoice:
             max_rows=config.max_rows,
             cuda_graphs=config.cuda_graphs,
             compile=config.torch_compile,
+            lora_columns=config.lora_columns,
         )
         return cls(config.unet, config.text_vae, options)
 
