@@ -34,11 +34,15 @@ def registry(budget=10_000, columns=256, **ranks):
 def test_bank_columns_and_row_scales():
     r, _ = registry(a=2, b=3)
     r.hold((("a", 1.0), ("b", 0.5)))
-    bank = r.bank()
+    rows = [(), (("b", 0.5),), (("a", -2.0), ("b", 1.0))]
+    bank = r.bank(rows)
     assert bank.columns == {"a": (0, 2), "b": (2, 5)} and bank.width == 5
     assert bank.layers["l1"][0].shape == (3, 5) and bank.layers["l2"][1].shape == (5, 4)
-    scales = r.scales([(), (("b", 0.5),), (("a", -2.0), ("b", 1.0))])
-    np.testing.assert_array_equal(scales, [[0, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0.5], [-2, -2, 1, 1, 1]])
+    np.testing.assert_array_equal(r.scales(rows, bank), [[0, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0.5], [-2, -2, 1, 1, 1]])
+    # a call pays for the adapters its rows use: b alone is 3 columns; none is one zero column
+    only_b = r.bank([(("b", 1.0),)])
+    assert only_b.columns == {"b": (0, 3)} and only_b.width == 3
+    assert r.bank([(), ()]).width == 1 and not r.bank([()]).layers["l1"][0].any()
 
 
 def test_idle_adapters_are_evicted_least_recently_used_first_and_read_again_on_demand():

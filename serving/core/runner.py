@@ -119,8 +119,10 @@ class Runner:
         for name in per_job[0]:
             inputs[name] = np.concatenate([values[name] for values in per_job])
         if self.lora is not None:  # every row's adapter weights over the bank's columns (0: none)
-            inputs["lora_scales"] = np.repeat(self.lora.scales([j.held_loras for j in jobs]), rows, axis=0)
-            for layer, (a, b) in self.lora.bank().layers.items():
+            sets = [j.held_loras for j in jobs]
+            bank = self.lora.bank(sets)  # the adapters this call's rows use
+            inputs["lora_scales"] = np.repeat(self.lora.scales(sets, bank), rows, axis=0)
+            for layer, (a, b) in bank.layers.items():
                 inputs[f"lora_A.{layer}"], inputs[f"lora_B.{layer}"] = a, b
         denoise = self.models.regional_unet if is_attention_variant(jobs[0].network) else self.models.unet
         predictions = denoise(sample, **inputs)
