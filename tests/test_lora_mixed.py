@@ -201,3 +201,38 @@ def test_the_torch_runner_serves_the_same_adapter_bytes_as_onnx(tiny_checkpoint,
         drain(svc)
         images[unet] = [s.image for s in sinks]
     assert all(np.array_equal(a, b) for a, b in zip(images["inprocess"], images["torch"]))
+
+
+def test_rows_without_adapters_are_bit_identical_to_a_server_without_lora_support(tiny_checkpoint, tiny_repo, lora_files, tmp_path):
+    """The same requests without adapters through the plain export and the LoRA export (its LoRA
+    graphs in every call), alone and sharing calls with adapter rows: the same bytes."""
+    import shutil
+
+    from image_inputs import drain, service, submit
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.core.config import PipelineConfig
+    from serving.core.service import PipelineAssets, PipelineService
+    from serving.models.onnx import local_variants
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(lora_files["a"], folder / "a.safetensors")
+    params = pipeline_parameters(lora_dir=str(folder))
+    repo = tmp_path / "repo"
+    write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
+    lora = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+                           local_variants(repo), lora_reader=read_adapter)
+    plain = service(tiny_repo)
+    requests = [dict(seed=5, steps=6), dict(seed=6, steps=5, guidance_scale=1.0), dict(seed=7, steps=6, height=48, width=32)]
+    expected = []
+    for fields in requests:
+        expected.append(submit(plain, "a blue square", **fields))
+        drain(plain)
+    alone = [submit(lora, "a blue square", **fields) for fields in requests[:1]]
+    drain(lora)
+    crowd = [submit(lora, "a blue square", **fields) for fields in requests]
+    crowd += [submit(lora, "a red circle", seed=9, steps=6, lora_names=np.array([b"a"], object))]
+    drain(lora)
+    assert np.array_equal(alone[0].image, expected[0].image)
+    assert all(np.array_equal(s.image, e.image) for s, e in zip(crowd, expected))
