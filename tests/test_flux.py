@@ -159,6 +159,21 @@ def test_txt2img_matches_flux_pipeline(svc, pipes, model, seed, steps, height, w
     assert diff <= MAX_MEAN_ABS * 255
 
 
+def test_long_prompts_truncate_for_clip_and_are_refused_past_t5s_length(svc, pipes):
+    """As FluxPipeline: CLIP reads the first 16 tokens (the tiny CLIP's length; 77 for FLUX.1),
+    T5 the whole prompt; only T5's length (24 here, 512 for FLUX.1) refuses a prompt."""
+    long = "a large red circle on the left of a small blue square at the top with a green triangle below the star"
+    assert len(pipes["dev"].tokenizer(long).input_ids) > 16
+    served = generate(svc, long, model="flux", seed=3, steps=4, height=32, width=32)
+    expected = reference(pipes["dev"], prompt=long, height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
+                         latents=packed(x_t(3, 32, 32)))
+    diff = mean_abs(served, expected)
+    print(f"\nflux txt2img with a prompt CLIP truncates: mean abs {diff:.4f}/255")
+    assert diff <= MAX_MEAN_ABS * 255
+    sink = submit(svc, long + " and a cat", model="flux", seed=3, steps=4)
+    assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith("prompt: is 27 tokens long; at most 24"), sink.error
+
+
 @pytest.mark.parametrize("seed, steps, size, strength, guidance, negative", [
     (11, 10, 32, 0.6, 3.5, None),
     (12, 10, 48, 0.65, 2.0, None),  # steps x strength not whole: FluxImg2ImgPipeline keeps 7 steps
