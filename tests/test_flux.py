@@ -8,9 +8,12 @@ default model) into one repository, and checked
 - for its rows: one UNet row per job with distilled guidance, two with true CFG;
 - in a crowd of Flux (dev and schnell) and SD requests of different sizes, steps and guidance
   modes: each request's bytes equal what it gets alone, models never share a denoiser call;
-- steered (prompt, guidance) and with prompt schedules; refused fields (regions on Flux, SDXL's
-  size fields on Flux, true_cfg_scale on SD);
-- run by the torch runner (ONNX parity at two batch sizes) and by a real tritonserver.
+- steered (prompt, guidance, a negative prompt that turns true CFG on) and with prompt
+  schedules; refused fields (regions on Flux, SDXL's size fields on Flux, true_cfg_scale on SD);
+  long prompts (CLIP truncates, T5's length refuses); previews by the model's own fit;
+- run by the torch runner (ONNX parity at two batch sizes) and by a real tritonserver (gRPC
+  streaming and HTTP unary), whose bytes equal the in-process service's.
+Exports two Flux transformers (torch.export, ~20 s each on 2 cores) and the tiny SD once.
 
 "The same latents": the service draws a seed's x_T from serving.core.sampler.noise_generator in
 the unpacked shape (C, H/f, W/f); diffusers gets it packed 2x2 as FluxPipeline._pack_latents
@@ -304,7 +307,10 @@ def test_a_crowd_of_flux_requests_gets_what_each_gets_alone(svc, flux_repo):
     print(f"\ncrowd of {len(CROWD)}: {stats.steps} denoiser calls, {stats.rows} rows (alone: {steps} calls)")
     # batched: calls held several jobs' rows; each call is one model's (the runner of one (model, variant))
     assert stats.steps < steps
-    assert {m for m, _, _, _ in log} == {"flux", "schnell", "sd"}
+    assert {m for m, _, _, _ in log} == {"flux", "schnell", "sd"} and max(rows for _, _, rows, _ in log) >= 3
+    inputs = {"flux": {"sample", "timestep", "pooled_projections", "guidance"}, "schnell": {"sample", "timestep", "pooled_projections"},
+              "sd": {"sample", "timestep"}}
+    assert all(set(call) == inputs[model] for model, _, _, call in log)  # no call mixes models' inputs
     # fairness: every job steps at least once in every len(CROWD) calls from its first step on,
     # and the late arrivals' first steps come within len(CROWD) calls of their arrival
     for sink in sinks:
