@@ -65,7 +65,7 @@ class Runner:
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             noises[id(job)] = job.rng.standard_normal(shape, dtype=np.float32)
             run = job.sampler_run = self.sampler(r.sampler, r.sigma_schedule).start(
-                r.steps, r.strength, r.eta, mu=self.family.shift_mu(r, self.variant))
+                r.steps, r.strength, r.eta, mu=self.family.shift_mu(r, self.variant), kept=r.denoising_steps)
             job.timesteps = run.denoising_timesteps
             job.latents = run.sampler.initial_latents(run, noises[id(job)])
             job.conditioning = guided_conditioning(job)

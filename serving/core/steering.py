@@ -32,7 +32,6 @@ from serving.core.prompt_schedule import joint_schedule, schedule
 from serving.core.regional_prompt import regional_prompt
 from serving.core.regions import FIELDS as REGION_FIELDS, parse_regions
 from serving.core.request import parse_request
-from serving.core.samplers.base import kept_steps
 
 TEXT_FIELDS = ("prompt", "negative_prompt", "guidance_scale")
 LORA_FIELDS = ("lora_names", "lora_weights")
@@ -75,7 +74,7 @@ def prompt_spec(request):
 def denoising_steps(request) -> int:
     """How many denoising steps the job runs (img2img and inpainting: the strength's share),
     which prompt schedules count."""
-    return kept_steps(request.steps, request.strength)
+    return request.denoising_steps
 
 
 def scheduled_texts(request) -> list:
