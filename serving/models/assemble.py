@@ -69,8 +69,9 @@ class ModelCalls:
         self._regional = regional
         self.row_cap = row_cap
 
-    def encode_text(self, input_ids):
-        return self.text_vae.encode_text(input_ids)
+    def encode_text(self, input_ids, **more_ids):
+        """Token ids by input name (input_ids, and SDXL's input_ids_2) -> the text encoder's outputs by name."""
+        return self.text_vae.encode_text(input_ids, **more_ids)
 
     def unet(self, sample, timestep, encoder_hidden_states, **per_row):
         return self._unet(sample, timestep, encoder_hidden_states, **per_row)
