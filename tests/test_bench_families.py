@@ -128,3 +128,11 @@ def test_bench_on_tiny_sdxl_reports_the_family_and_consistent_ratios(sdxl_checkp
     assert 2.0 < levels[16]["unet_rows_per_call"] <= 2 * report["max_active"]
     assert "family sdxl (diffusers StableDiffusionXLPipeline)" in done.stdout
     assert "| server, closed loop, 16 clients |" in done.stdout
+
+
+def test_unet_rows_measures_the_sdxl_unet(sdxl_repo):
+    """--unet-rows feeds every input the exported UNet has (SDXL: text_embeds, time_ids)."""
+    from serving.bench.unet_rows import unet_row_costs
+
+    costs = unet_row_costs(sdxl_repo, 32, rows=(2, 4), rounds=1)
+    assert [c["rows"] for c in costs] == [2, 4] and costs[0]["cpu_vs_first"] == 1.0
