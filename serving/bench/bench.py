@@ -28,6 +28,12 @@ import time
 
 from serving.bench.paths import PATHS
 
+# Before torch loads OpenMP (the diffusers baseline (a) runs in this process): idle threads sleep
+# instead of spinning, as in the server's processes (serving/triton/server.py). With spinning, on
+# 2 cores shared with other work, the tiny SDXL checkpoint's diffusers calls took 6-11 s instead
+# of 0.36 s (2026-12-06), a baseline no user would see on a machine of their own.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def add_arguments(parser):
     parser.add_argument("--checkpoint", help="diffusers checkpoint (default: the shipped model)")
