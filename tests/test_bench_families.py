@@ -93,6 +93,9 @@ def test_the_summary_is_its_definitions():
     assert summary["throughput_c16_over_diffusers"] == pytest.approx(12.0 / 2.0)
     assert summary["latency_over_bare"] == pytest.approx(0.09 / 0.08)
     assert [level["unet_rows_per_call"] for level in summary["levels"]] == [2.0, 28.5]
+    assert summary["cpu_over_bare"] is None  # no CPU times in this report
+    assert family_summary({**_report(), "single_request": {"server_cpu_s": [0.2, 0.1, 0.3], "bare_loop_cpu_s": [0.1, 0.2, 0.4]}}
+                          )["cpu_over_bare"] == pytest.approx(0.2 / 0.2)
     # rows per call from the server's counters (calls, rows) before and after a loop
     assert rows_per_call((10, 20), (110, 2870)) == pytest.approx(28.5)
     assert rows_per_call((10, 20), (10, 20)) is None
@@ -119,6 +122,8 @@ def test_bench_on_tiny_sdxl_reports_the_family_and_consistent_ratios(sdxl_checkp
     single = report["single_request"]
     assert len(single["server_s"]) == len(single["bare_loop_s"]) == 8
     assert summary["latency_over_bare"] == pytest.approx(np.median(single["server_s"]) / np.median(single["bare_loop_s"]))
+    assert len(single["server_cpu_s"]) == len(single["bare_loop_cpu_s"]) == 8
+    assert summary["cpu_over_bare"] == pytest.approx(np.median(single["server_cpu_s"]) / np.median(single["bare_loop_cpu_s"]))
     targets = {t["target"].split(" ")[0]: t for t in report["targets"]}
     assert targets["throughput"]["measured"] == round(summary["throughput_c16_over_diffusers"], 3)
     assert targets["single-request"]["measured"] == round(summary["latency_over_bare"], 3)
