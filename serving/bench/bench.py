@@ -49,6 +49,8 @@ def add_arguments(parser):
                         help="open-loop rates as fractions of max throughput ('': no open loops)")
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="also run (b), the server with step batching off (default: %(default)s)")
+    parser.add_argument("--single-requests", type=int, default=0,
+                        help="single requests to the idle server, each beside one of the bare loop (c) (default: --requests / 4, at least 8)")
     parser.add_argument("--baseline-runs", type=int, default=6, help="requests to the diffusers baseline (a) (the bare loop (c) runs as many as the server's single requests)")
     parser.add_argument("--mix-rounds", type=int, default=2,
                         help="rounds of (mixed kinds, all txt2img) at C=16 after the main C=16 run (default: %(default)s)")
@@ -231,7 +233,8 @@ def run(args) -> int:
     with serving(repos["batched"], args.via, out, "batched") as (client, server):
         closed_loop(client, fields, 2, 4)  # warm-up
         bare = BareLoop(repos["batched"])
-        single = single_request_latencies(client(), bare, fields, max(8, args.requests // 4), server.process.pid)
+        count = args.single_requests or max(8, args.requests // 4)
+        single = single_request_latencies(client(), bare, fields, count, server.process.pid)
         del bare
         report["single_request"] = single
         report["unloaded_latency_s"] = float(np.median(single["server_s"]))
