@@ -94,6 +94,10 @@ def test_the_summary_is_its_definitions():
     assert summary["latency_over_bare"] == pytest.approx(0.09 / 0.08)
     assert [level["unet_rows_per_call"] for level in summary["levels"]] == [2.0, 28.5]
     assert summary["cpu_over_bare"] is None  # no CPU times in this report
+    assert summary["cpu_per_image_diffusers_over_c16"] is None
+    with_cpu = family_summary({**_report(), "a_diffusers_cpu_s": [0.6, 0.4, 0.5],
+                               "runs": [{**r, "server_cpu_s_per_image": 0.25} for r in _report()["runs"]]})
+    assert with_cpu["cpu_per_image_diffusers_over_c16"] == pytest.approx(0.5 / 0.25)
     assert family_summary({**_report(), "single_request": {"server_cpu_s": [0.2, 0.1, 0.3], "bare_loop_cpu_s": [0.1, 0.2, 0.4]}}
                           )["cpu_over_bare"] == pytest.approx(0.2 / 0.2)
     # rows per call from the server's counters (calls, rows) before and after a loop
@@ -124,6 +128,8 @@ def test_bench_on_tiny_sdxl_reports_the_family_and_consistent_ratios(sdxl_checkp
     assert summary["latency_over_bare"] == pytest.approx(np.median(single["server_s"]) / np.median(single["bare_loop_s"]))
     assert len(single["server_cpu_s"]) == len(single["bare_loop_cpu_s"]) == 8
     assert summary["cpu_over_bare"] == pytest.approx(np.median(single["server_cpu_s"]) / np.median(single["bare_loop_cpu_s"]))
+    assert summary["cpu_per_image_diffusers_over_c16"] == pytest.approx(
+        np.median(report["a_diffusers_cpu_s"]) / c16["server_cpu_s_per_image"])
     targets = {t["target"].split(" ")[0]: t for t in report["targets"]}
     assert targets["throughput"]["measured"] == round(summary["throughput_c16_over_diffusers"], 3)
     assert targets["single-request"]["measured"] == round(summary["latency_over_bare"], 3)

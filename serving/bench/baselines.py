@@ -45,16 +45,19 @@ def load_diffusers_pipeline(checkpoint):
     return pipe
 
 
-def diffusers_latencies(checkpoint, prompts, steps, guidance, size) -> list:
+def diffusers_latencies(checkpoint, prompts, steps, guidance, size, cpu: list | None = None) -> list:
+    """Seconds per image, one prompt at a time; `cpu` (a list) gets this process's CPU seconds per image."""
     import torch
 
     pipe = load_diffusers_pipeline(checkpoint)
     latencies = []
     for i, prompt in enumerate(prompts):
-        start = time.perf_counter()
+        started_cpu, start = time.process_time(), time.perf_counter()
         pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
              generator=torch.Generator().manual_seed(i), output_type="np")
         latencies.append(time.perf_counter() - start)
+        if cpu is not None:
+            cpu.append(time.process_time() - started_cpu)
     return latencies
 
 

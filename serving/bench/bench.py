@@ -178,7 +178,7 @@ def run(args) -> int:
     from serving.bench.baselines import BASELINE_ROWS, BareLoop, diffusers_latencies, diffusers_pipeline_class
     from serving.defaults import default_checkpoint
     from serving.bench.loadgen import closed_loop, open_loop
-    from serving.bench.paths import compare_paths, print_paths, serving
+    from serving.bench.paths import compare_paths, cpu_seconds, print_paths, serving
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,8 +222,11 @@ def run(args) -> int:
         print(f"wrote {out / 'paths.json'}")
         return 0
     # the first two calls are warm-up (torch's first calls are slow)
-    diffusers_runs = diffusers_latencies(checkpoint, prompts[:1] * 2 + prompts, args.steps, args.guidance, size)[2:]
+    diffusers_cpu = []
+    diffusers_runs = diffusers_latencies(checkpoint, prompts[:1] * 2 + prompts, args.steps, args.guidance, size,
+                                         cpu=diffusers_cpu)[2:]
     report["a_diffusers_s"] = diffusers_runs
+    report["a_diffusers_cpu_s"] = diffusers_cpu[2:]
     report["a_diffusers_latency_s"] = float(np.median(diffusers_runs))
     report["a_diffusers_throughput"] = 1.0 / report["a_diffusers_latency_s"]
     report["baseline_unet_rows_per_call"] = BASELINE_ROWS
@@ -243,9 +246,11 @@ def run(args) -> int:
               f"({np.median(single['server_cpu_s']):.3f} CPU s), (c) bare loop {report['c_bare_onnx_latency_s']:.3f} s "
               f"({np.median(single['bare_loop_cpu_s']):.3f} CPU s)", flush=True)
         for c in map(int, args.concurrency.split(",")):
-            before = unet_counters(server)
+            before, cpu = unet_counters(server), cpu_seconds(server.process.pid)
             run_ = closed_loop(client, fields, c, args.requests, seed0=1000 * c).summary()
-            runs.append({"server": "batched", **run_, "unet_rows_per_call": rows_per_call(before, unet_counters(server))})
+            cpu = (cpu_seconds(server.process.pid) - cpu) / max(1, run_["completed"])
+            runs.append({"server": "batched", **run_, "unet_rows_per_call": rows_per_call(before, unet_counters(server)),
+                         "server_cpu_s_per_image": cpu})
             print(f"  batched closed C={c}: {runs[-1]['throughput_images_per_s']:.2f} img/s, p50 {runs[-1]['latency_p50_s']:.3f} s, "
                   f"{runs[-1]['unet_rows_per_call'] or 0:.1f} UNet rows per call", flush=True)
         if 16 in map(int, args.concurrency.split(",")):
@@ -306,10 +311,14 @@ def _run(report, server, mode, **match):
 def family_summary(report) -> dict:
     """The per-family numbers: each closed loop's throughput and UNet rows per call, the baselines,
     and the two ratios with targets (throughput at C=16 / (a); single-request latency / (c))."""
+    import numpy as np
+
     levels = [{"concurrency": int(r["offered"]), "throughput_images_per_s": r["throughput_images_per_s"],
-               "latency_p50_s": r["latency_p50_s"], "unet_rows_per_call": r.get("unet_rows_per_call")}
+               "latency_p50_s": r["latency_p50_s"], "unet_rows_per_call": r.get("unet_rows_per_call"),
+               "server_cpu_s_per_image": r.get("server_cpu_s_per_image")}
               for r in _runs(report, "batched", "closed")]
     c16 = _run(report, "batched", "closed", offered=16)
+    a_cpu = float(np.median(report["a_diffusers_cpu_s"])) if report.get("a_diffusers_cpu_s") else None
     return {
         "family": report["family"],
         "diffusers_pipeline": report["diffusers_pipeline"],
@@ -320,8 +329,12 @@ def family_summary(report) -> dict:
         "unloaded_latency_s": report["unloaded_latency_s"],
         "throughput_c16_over_diffusers": c16["throughput_images_per_s"] / report["a_diffusers_throughput"] if c16 else None,
         "latency_over_bare": report["unloaded_latency_s"] / report["c_bare_onnx_latency_s"],
-        # not a target: the same comparison in CPU seconds per request (median), steadier on a busy machine
+        # not targets: the same comparisons in CPU seconds (medians), steadier on a machine busy with
+        # other work: per single request, server / (c); per image, (a) / the server at C=16
         "cpu_over_bare": _cpu_ratio(report.get("single_request", {})),
+        "a_diffusers_cpu_s_per_image": a_cpu,
+        "cpu_per_image_diffusers_over_c16": (a_cpu / c16["server_cpu_s_per_image"]
+                                             if a_cpu and c16 and c16.get("server_cpu_s_per_image") else None),
     }
 
 
@@ -334,24 +347,27 @@ def _cpu_ratio(single: dict):
 
 
 def print_summary(summary) -> None:
-    def rows(value):
-        return "-" if value is None else f"{value:.1f}"
+    def num(value, form=".1f"):
+        return "-" if value is None else format(value, form)
 
+    rows = summary["baseline_unet_rows_per_call"]
     print(f"\nfamily {summary['family']} (diffusers {summary['diffusers_pipeline']})")
-    print("| run | throughput | latency p50 | UNet rows per call |\n|---|---|---|---|")
+    print("| run | throughput | latency p50 | UNet rows per call | CPU s per image |\n|---|---|---|---|---|")
     bare = summary["c_bare_latency_s"]
-    print(f"| (c) bare loop, batch 1, in process | {1 / bare:.2f} img/s | {bare:.3f} s | {summary['baseline_unet_rows_per_call']} |")
+    print(f"| (c) bare loop, batch 1, in process | {1 / bare:.2f} img/s | {bare:.3f} s | {rows} | - |")
     a = summary["a_diffusers_throughput"]
-    print(f"| (a) diffusers {summary['diffusers_pipeline']}, one at a time | {a:.2f} img/s | {1 / a:.3f} s "
-          f"| {summary['baseline_unet_rows_per_call']} |")
-    print(f"| server, 1 client (single-request latency) | - | {summary['unloaded_latency_s']:.3f} s | - |")
+    print(f"| (a) diffusers {summary['diffusers_pipeline']}, one at a time | {a:.2f} img/s | {1 / a:.3f} s | {rows} "
+          f"| {num(summary['a_diffusers_cpu_s_per_image'], '.3f')} |")
+    print(f"| server, 1 client (single-request latency) | - | {summary['unloaded_latency_s']:.3f} s | - | - |")
     for level in summary["levels"]:
         print(f"| server, closed loop, {level['concurrency']} clients | {level['throughput_images_per_s']:.2f} img/s "
-              f"| {level['latency_p50_s']:.3f} s | {rows(level['unet_rows_per_call'])} |")
+              f"| {level['latency_p50_s']:.3f} s | {num(level['unet_rows_per_call'])} "
+              f"| {num(level['server_cpu_s_per_image'], '.3f')} |")
     ratio = summary["throughput_c16_over_diffusers"]
-    print(f"throughput at C=16 / (a): {'-' if ratio is None else f'{ratio:.2f}x'} (target >= 3x); "
-          f"single-request latency / (c): {summary['latency_over_bare']:.2f}x (target <= 1.25x)"
-          + ("" if summary["cpu_over_bare"] is None else f"; CPU per single request / (c): {summary['cpu_over_bare']:.2f}x"))
+    print(f"throughput at C=16 / (a): {num(ratio, '.2f')}x (target >= 3x); single-request latency / (c): "
+          f"{summary['latency_over_bare']:.2f}x (target <= 1.25x)")
+    print(f"in CPU seconds (not targets): (a) per image / server's at C=16: {num(summary['cpu_per_image_diffusers_over_c16'], '.2f')}x; "
+          f"server per single request / (c): {num(summary['cpu_over_bare'], '.2f')}x")
 
 
 def targets(report, args) -> list:
