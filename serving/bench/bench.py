@@ -319,6 +319,7 @@ def family_summary(report) -> dict:
               for r in _runs(report, "batched", "closed")]
     c16 = _run(report, "batched", "closed", offered=16)
     a_cpu = float(np.median(report["a_diffusers_cpu_s"])) if report.get("a_diffusers_cpu_s") else None
+    single = report.get("single_request", {})
     return {
         "family": report["family"],
         "diffusers_pipeline": report["diffusers_pipeline"],
@@ -331,7 +332,9 @@ def family_summary(report) -> dict:
         "latency_over_bare": report["unloaded_latency_s"] / report["c_bare_onnx_latency_s"],
         # not targets: the same comparisons in CPU seconds (medians), steadier on a machine busy with
         # other work: per single request, server / (c); per image, (a) / the server at C=16
-        "cpu_over_bare": _cpu_ratio(report.get("single_request", {})),
+        "c_bare_cpu_s": float(np.median(single["bare_loop_cpu_s"])) if single.get("bare_loop_cpu_s") else None,
+        "unloaded_cpu_s": float(np.median(single["server_cpu_s"])) if single.get("server_cpu_s") else None,
+        "cpu_over_bare": _cpu_ratio(single),
         "a_diffusers_cpu_s_per_image": a_cpu,
         "cpu_per_image_diffusers_over_c16": (a_cpu / c16["server_cpu_s_per_image"]
                                              if a_cpu and c16 and c16.get("server_cpu_s_per_image") else None),
@@ -354,11 +357,13 @@ def print_summary(summary) -> None:
     print(f"\nfamily {summary['family']} (diffusers {summary['diffusers_pipeline']})")
     print("| run | throughput | latency p50 | UNet rows per call | CPU s per image |\n|---|---|---|---|---|")
     bare = summary["c_bare_latency_s"]
-    print(f"| (c) bare loop, batch 1, in process | {1 / bare:.2f} img/s | {bare:.3f} s | {rows} | - |")
+    print(f"| (c) bare loop, batch 1, in process | {1 / bare:.2f} img/s | {bare:.3f} s | {rows} "
+          f"| {num(summary['c_bare_cpu_s'], '.3f')} |")
     a = summary["a_diffusers_throughput"]
     print(f"| (a) diffusers {summary['diffusers_pipeline']}, one at a time | {a:.2f} img/s | {1 / a:.3f} s | {rows} "
           f"| {num(summary['a_diffusers_cpu_s_per_image'], '.3f')} |")
-    print(f"| server, 1 client (single-request latency) | - | {summary['unloaded_latency_s']:.3f} s | - | - |")
+    print(f"| server, 1 client (single-request latency) | - | {summary['unloaded_latency_s']:.3f} s | - "
+          f"| {num(summary['unloaded_cpu_s'], '.3f')} |")
     for level in summary["levels"]:
         print(f"| server, closed loop, {level['concurrency']} clients | {level['throughput_images_per_s']:.2f} img/s "
               f"| {level['latency_p50_s']:.3f} s | {num(level['unet_rows_per_call'])} "
