@@ -63,6 +63,7 @@ class ModelCalls:
         self.lora_text = None  # the text encoder's LoRA graph in this process, where exported (it takes LoRA inputs)
 
     def encode_text(self, input_ids, **more_ids):
+        """Token ids by input name (input_ids, and SDXL's input_ids_2) -> the text encoder's outputs by name."""
         if self.lora_text is not None:
             return self.lora_text(input_ids=input_ids, **more_ids)
         return self.text_vae.encode_text(input_ids, **more_ids)
