@@ -40,7 +40,8 @@ def load_diffusers_pipeline(checkpoint):
     cls = getattr(diffusers, diffusers_pipeline_class(checkpoint))
     extra = {"add_watermarker": False} if "add_watermarker" in inspect.signature(cls.__init__).parameters else {}
     pipe = cls.from_pretrained(checkpoint, local_files_only=True, **extra)
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    if FAMILIES[CheckpointInfo.read(checkpoint).family].guidance == "cfg":  # flow models keep their flow scheduler
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -50,11 +51,14 @@ def diffusers_latencies(checkpoint, prompts, steps, guidance, size, cpu: list | 
     import torch
 
     pipe = load_diffusers_pipeline(checkpoint)
+    info = CheckpointInfo.read(checkpoint)
+    # Flux: the T5 sequence as the served checkpoint's tokenizer sets it (FluxPipeline's default is 512)
+    extra = {"max_sequence_length": info.text_length} if info.family == "flux" else {}
     latencies = []
     for i, prompt in enumerate(prompts):
         started_cpu, start = time.process_time(), time.perf_counter()
         pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-             generator=torch.Generator().manual_seed(i), output_type="np")
+             generator=torch.Generator().manual_seed(i), output_type="np", **extra)
         latencies.append(time.perf_counter() - start)
         if cpu is not None:
             cpu.append(time.process_time() - started_cpu)
@@ -73,10 +77,9 @@ class BareLoop:
         self.family = FAMILIES[self.spec.family]
         self.models = LocalModels(repo, variant=self.spec.name, model=model)
         self.schedule = DDIMSchedule.from_config(self.spec.scheduler_config)
-        folders = {}
-        for folder in self.spec.tokenizers.values():
-            folders.setdefault(folder, PromptTokenizer(assets.tokenizer_dir.parent / folder, self.spec.text_length))
-        self.tokenizers = TextTokenizers({name: folders[f] for name, f in self.spec.tokenizers.items()})
+        self.tokenizers = TextTokenizers({
+            name: PromptTokenizer(assets.tokenizer_dir.parent / folder, self.spec.token_lengths.get(name, self.spec.text_length))
+            for name, folder in self.spec.tokenizers.items()})
         self.text_inputs = self.family.text_inputs()  # text encoder output -> denoiser input
 
     def conditioning(self, prompt: str) -> dict:
@@ -92,6 +95,8 @@ class BareLoop:
         return out
 
     def generate(self, prompt, seed, steps, guidance, size) -> np.ndarray:
+        if self.family.guidance != "cfg":
+            return self._generate_one_row(prompt, seed, steps, guidance, size)
         inputs = self.conditioning(prompt)
         request = SimpleNamespace(height=size, width=size, family_fields={})
         for name, value in self.family.row_inputs(request, self.spec.name).items():
@@ -104,6 +109,25 @@ class BareLoop:
             eps = guided_noise(eps_uncond[None], eps_cond[None], np.array([guidance]))
             t1 = np.array([t])
             x, _ = self.schedule.step(eps, t1, self.schedule.previous_timesteps(t1, np.array([steps])), x, np.zeros(1))
+        return to_uint8(self.models.decode(x)[0])
+
+    def _generate_one_row(self, prompt, seed, steps, guidance, size) -> np.ndarray:
+        """Flux's loop: one row (guidance a model input where the checkpoint is distilled), its
+        flow-matching schedule shifted for the image size, as FluxPipeline runs it."""
+        from serving.core.samplers import make_sampler
+
+        outputs = self.models.encode_text(**self.tokenizers.encode([prompt]))
+        inputs = {self.text_inputs[name]: value for name, value in outputs.items() if name in self.text_inputs}
+        if self.spec.distilled_guidance:
+            inputs["guidance"] = np.full(1, guidance, np.float32)
+        request = SimpleNamespace(height=size, width=size, family_fields={})
+        sampler = make_sampler("flow_match_euler", "default", self.spec.scheduler_config)
+        run = sampler.start(steps, 1.0, 0.0, mu=self.family.shift_mu(request, self.spec))
+        latent = size // self.spec.vae_factor
+        x = noise_generator(seed).standard_normal((1, self.spec.latent_channels, latent, latent), dtype=np.float32)
+        for position in range(steps):
+            out = self.models.unet(x, timestep=np.array([run.timesteps[position]], np.float32), **inputs)
+            x, _ = sampler.step([run], [position], out, x, None)
         return to_uint8(self.models.decode(x)[0])
 
     def latencies(self, prompts, steps, guidance, size) -> list:
