@@ -175,6 +175,8 @@ def run(args) -> int:
     import numpy as np
 
     from families.checkpoint import CheckpointInfo
+    from families import FAMILIES
+    from families.checkpoint import CheckpointInfo
     from serving.bench.baselines import BASELINE_ROWS, BareLoop, diffusers_latencies, diffusers_pipeline_class
     from serving.defaults import default_checkpoint
     from serving.bench.loadgen import closed_loop, open_loop
@@ -229,7 +231,8 @@ def run(args) -> int:
     report["a_diffusers_cpu_s"] = diffusers_cpu[2:]
     report["a_diffusers_latency_s"] = float(np.median(diffusers_runs))
     report["a_diffusers_throughput"] = 1.0 / report["a_diffusers_latency_s"]
-    report["baseline_unet_rows_per_call"] = BASELINE_ROWS
+    # both baselines' rows per call: a prompt with classifier-free guidance (2), or Flux's one row
+    report["baseline_unet_rows_per_call"] = BASELINE_ROWS if FAMILIES[CheckpointInfo.read(checkpoint).family].guidance == "cfg" else 1
     print(f"  (a) diffusers {report['diffusers_pipeline']} {report['a_diffusers_latency_s']:.3f} s", flush=True)
 
     runs = []
