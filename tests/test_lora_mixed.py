@@ -36,6 +36,21 @@ def write_lora(checkpoint, folder, seed, rank, alpha, targets):
     return folder / "pytorch_lora_weights.safetensors"
 
 
+def served_with_loras(checkpoint, folder, repo):
+    """The in-process pipeline (ONNX Runtime, not started: tests drain it) of `checkpoint` exported
+    with LoRA inputs and the adapters of `folder` registered."""
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.core.config import PipelineConfig
+    from serving.core.service import PipelineAssets, PipelineService
+    from serving.models.onnx import local_variants
+
+    params = pipeline_parameters(lora_dir=str(folder))
+    write_repository(checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
+    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+                           local_variants(repo), lora_reader=read_adapter)
+
+
 @pytest.fixture(scope="module")
 def lora_files(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
@@ -99,22 +114,13 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
     import shutil
 
     from image_inputs import drain, submit
-    from export.cli import pipeline_parameters
-    from export.repository import write_repository
-    from serving.core.config import PipelineConfig
     from serving.core.sampler import noise_generator
-    from serving.core.service import LoraInUse, PipelineAssets, PipelineService
-    from serving.models.adapters import read_adapter
-    from serving.models.onnx import local_variants
+    from serving.core.service import LoraInUse
 
     folder = tmp_path / "loras"
     folder.mkdir()
     shutil.copy(lora_files["a"], folder / "a.safetensors")
-    params = pipeline_parameters(lora_dir=str(folder))
-    repo = tmp_path / "repo"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
-    svc = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
-                          local_variants(repo), lora_reader=read_adapter)
+    svc = served_with_loras(tiny_checkpoint, folder, tmp_path / "repo")
     svc.load_lora("b", lora_files["b"].read_bytes())
     assert [e["id"] for e in svc.loras()] == ["a", "b"]
     names = lambda *n: np.array([x.encode() for x in n], object)  # noqa: E731
@@ -209,20 +215,11 @@ def test_rows_without_adapters_are_bit_identical_to_a_server_without_lora_suppor
     import shutil
 
     from image_inputs import drain, service, submit
-    from export.cli import pipeline_parameters
-    from export.repository import write_repository
-    from serving.core.config import PipelineConfig
-    from serving.core.service import PipelineAssets, PipelineService
-    from serving.models.onnx import local_variants
 
     folder = tmp_path / "loras"
     folder.mkdir()
     shutil.copy(lora_files["a"], folder / "a.safetensors")
-    params = pipeline_parameters(lora_dir=str(folder))
-    repo = tmp_path / "repo"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
-    lora = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
-                           local_variants(repo), lora_reader=read_adapter)
+    lora = served_with_loras(tiny_checkpoint, folder, tmp_path / "repo")
     plain = service(tiny_repo)
     requests = [dict(seed=5, steps=6), dict(seed=6, steps=5, guidance_scale=1.0), dict(seed=7, steps=6, height=48, width=32)]
     expected = []
@@ -244,12 +241,7 @@ def test_an_sdxl_adapter_served_equals_diffusers(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from image_inputs import drain, submit
-    from export.cli import pipeline_parameters
-    from export.repository import write_repository
-    from serving.core.config import PipelineConfig
     from serving.core.sampler import noise_generator
-    from serving.core.service import PipelineAssets, PipelineService
-    from serving.models.onnx import local_variants
     from training.tiny_checkpoint import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path / "sdxl", kind="sdxl")
@@ -264,11 +256,7 @@ def test_an_sdxl_adapter_served_equals_diffusers(tmp_path):
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
                                                 weight_name="xl.safetensors",
                                                 unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
-    params = pipeline_parameters(lora_dir=str(folder))
-    repo = tmp_path / "repo"
-    write_repository(checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
-    svc = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
-                          local_variants(repo), lora_reader=read_adapter)
+    svc = served_with_loras(checkpoint, folder, tmp_path / "repo")
     reference = StableDiffusionXLPipeline.from_pretrained(checkpoint)
     reference.set_progress_bar_config(disable=True)
     reference.load_lora_weights(str(folder / "xl.safetensors"), adapter_name="xl")
