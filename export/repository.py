@@ -81,8 +81,8 @@ def write_repository(
             components = {}
             for kind in kinds:
                 contract = contracts[kind]
-                shared = next((m for k, other, m in named if k == kind and all(same_files(other, info, f) for f in contract.folders)
-                               and other.family == info.family), None)
+                shared = next((m for k, other, m in named if k == kind and other.family == info.family
+                               and all(same_files(other, info, f) for f in contract.folders)), None)
                 if shared is None:
                     shared = prefix + (kind if info is first else f"{kind}_{variant}")
                     named.append((kind, info, shared))

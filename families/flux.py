@@ -15,6 +15,8 @@ transformers), as diffusers 0.42.1 runs it, in what differs from the UNet famili
   schnell (no guidance input) ignores guidance_scale;
 - the schedule: flow_match_euler over sigmas linspace(1, 1/steps, steps) (FluxPipeline passes
   these), shifted by mu = calculate_shift(image tokens) when the scheduler shifts dynamically;
+  image-to-image and inpainting keep steps - int(steps - steps x strength) of them (SD3's
+  get_timesteps, which rounds up where SD's rounds down);
 - the VAE's shift factor (latents = (VAE latents - shift) x scaling);
 - the native size is FluxPipeline's default (128 latent cells a side x the VAE factor); sides
   are multiples of twice the VAE factor (the 2x2 packing).
@@ -70,6 +72,11 @@ class Flux(StableDiffusion):
         low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
         slope = (high - low) / (top - base)  # diffusers' calculate_shift
         return tokens * slope + (low - slope * base)
+
+    def kept_steps(self, steps: int, strength: float) -> int:
+        # FluxImg2ImgPipeline's and FluxInpaintPipeline's get_timesteps (SD3's) skip the first
+        # int(steps - steps x strength): the kept steps round up (10 x 0.65 keeps 7, SD's rule 6)
+        return steps - int(max(steps - steps * strength, 0))
 
     def text_outputs(self, info) -> tuple:
         return (TensorSpec("prompt_embeds", "float32", (BATCH, info.text_length, info.text_hidden)),

@@ -117,6 +117,47 @@ class WithLoraInputs(torch.nn.Module):
         return self.module(*args[:count])
 
 
+class StaticBank(torch.nn.Module):
+    """The torch runner's mixed-adapter layers with a fixed-shape bank: every adapted layer's A
+    [in, width] and B [width, out] live in buffers allocated once (a CUDA graph captured with them
+    stays valid: new adapters are copied in place), and the denoiser's last input is the call's
+    scales [rows, width] (a batched input, zero in padding rows). Columns past the registry's
+    bank are zero."""
+
+    def __init__(self, module: torch.nn.Module, layers: dict, width: int):
+        super().__init__()
+        self.module = module
+        self.model = module.model  # the diffusers model, as the other wrappers expose it
+        self.width = width
+        self.wrappers = install_mixed_lora(module.model, list(layers))
+        for i, (name, (fan_in, fan_out)) in enumerate(layers.items()):
+            self.register_buffer(f"a{i}", torch.zeros(fan_in, width))
+            self.register_buffer(f"b{i}", torch.zeros(width, fan_out))
+        self.names = list(layers)
+        self.version = None  # which registry bank the buffers hold
+
+    def load(self, banks: dict, version) -> None:
+        """Copies a registry bank ({layer: (A [in, K], B [K, out])}, K <= width) into the buffers."""
+        if version == self.version:
+            return
+        with torch.no_grad():
+            for i, name in enumerate(self.names):
+                a, b = getattr(self, f"a{i}"), getattr(self, f"b{i}")
+                a.zero_()
+                b.zero_()
+                bank_a, bank_b = banks[name]
+                a[:, : bank_a.shape[1]].copy_(torch.from_numpy(bank_a))
+                b[: bank_b.shape[0]].copy_(torch.from_numpy(bank_b))
+        self.version = version
+
+    def forward(self, *args):
+        for i, name in enumerate(self.names):
+            wrapper = self.wrappers[name]
+            wrapper.bank = (getattr(self, f"a{i}"), getattr(self, f"b{i}"))
+            wrapper.scales = args[-1]
+        return self.module(*args[:-1])
+
+
 def set_call(wrappers: dict, banks: dict, scales: torch.Tensor | None) -> None:
     """Arms every wrapper for one call: its layer's bank (A, B) from `banks` (absent: untouched
     layer) and the call's scales; scales None disarms them all (base layers only)."""

@@ -15,6 +15,8 @@ families subclass this one and override what differs; docs/extending.md):
   guidance_scale is the model's `guidance` input where the checkpoint is guidance-distilled);
 - `checked_inputs`: the token-id inputs whose length refuses a prompt (others truncate);
 - `shift_mu`: a job's resolution-dependent schedule shift (flow matching), or None;
+- `kept_steps`: how many of a run's steps image-to-image and inpainting denoise at a strength
+  (the pipeline's get_timesteps);
 - `token_inputs` / `text_outputs` / `text_inputs`: the exported text encoder's contract and which
   denoiser input each of its outputs feeds;
 - `unet_row_inputs`: the UNet's inputs beyond (sample, timestep, encoder_hidden_states), one row
@@ -71,6 +73,10 @@ class StableDiffusion:
 
     def shift_mu(self, request, variant) -> float | None:
         return None
+
+    def kept_steps(self, steps: int, strength: float) -> int:
+        """The last int(steps x strength) steps (StableDiffusionImg2ImgPipeline's get_timesteps)."""
+        return min(int(steps * strength), steps)
 
     def token_inputs(self, info) -> tuple:
         return token_input_names(len(info.text_encoders))

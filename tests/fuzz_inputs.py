@@ -88,6 +88,9 @@ VALID = {
     "mask_blur": st.integers(0, 4), "keep_unmasked": st.booleans(), "noise_level": st.integers(0, 350),
     "sampler": _texts("ddim", "euler", "Euler a", "DPM++ 2M Karras", "dpmpp_2m_sde", "unipc", "lcm", "heun"),
     "sigma_schedule": _texts("default", "karras"), "guidance_interval": st.floats(0, 1, width=32),
+    "model": _texts("", "tiny", "no-such-model"), "original_size": st.integers(0, 64), "crop_top_left": st.integers(0, 8),
+    "target_size": st.integers(0, 64), "true_cfg_scale": st.floats(0, 5, width=32),
+    "lora_names": _texts("a", "no-such-adapter"), "lora_weights": st.floats(-5, 5, width=32),
 }
 
 
@@ -135,13 +138,17 @@ def request_inputs(draw, streaming=True, typed=False):
     return inputs
 
 
-_FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_]+)(\[\d+\])?: ")
+_FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_]+)(\[\d+\])?(\.name|\.weight)?: ")
+# the request's adapters are refused by their place in the request's list (loras[i].name), whichever
+# field named them (lora_names, lora_weights or a <lora:> tag in the prompt)
+ALIASES = {"loras": "lora_names"}
 
 
 def check_answer(inputs: dict, image, error) -> str:
     """The oracle. An image: uint8 [H, W, 3]. An error: INVALID_ARG whose message starts with
-    the name of a field of the request (`name: ` or `name[i]: `), or UNAVAILABLE for a deadline
-    or a full queue. Returns the outcome's label for the tally."""
+    the name of a field of the request (`name: ` or `name[i]: `, `loras[i].name: `), NOT_FOUND
+    for a model not served, or UNAVAILABLE for a deadline or a full queue. Returns the outcome's
+    label for the tally."""
     if image is not None:
         assert error is None
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) > 0, image.shape
@@ -150,9 +157,12 @@ def check_answer(inputs: dict, image, error) -> str:
     if code == "UNAVAILABLE":
         assert "deadline exceeded" in message or "overloaded" in message, message
         return "UNAVAILABLE"
+    if code == "NOT_FOUND":  # a model the server does not serve, named
+        assert message.startswith("model: no model named"), (message, _summary(inputs))
+        return "NOT_FOUND model"
     assert code == "INVALID_ARG", (code, message, _summary(inputs))
     match = _FIELD_PREFIX.match(message)
-    assert match and match["field"] in SPECS, (message, _summary(inputs))
+    assert match and ALIASES.get(match["field"], match["field"]) in SPECS, (message, _summary(inputs))
     return f"INVALID_ARG {match['field']}"
 
 

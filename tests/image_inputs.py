@@ -41,9 +41,9 @@ def drain(svc, limit=10_000) -> None:
     raise AssertionError("engine did not settle")
 
 
-def submit(svc, prompt, **fields) -> Sink:
+def submit(svc, prompt, request_id=None, **fields) -> Sink:
     sink = Sink()
-    svc.submit(request_arrays(prompt, **fields), sink)
+    svc.submit(request_arrays(prompt, **fields), sink, request_id=request_id)
     return sink
 
 

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from fuzz_inputs import EXTRA_NAMES, SPECS, check_answer, request_inputs
+from fuzz_inputs import ALIASES, EXTRA_NAMES, SPECS, check_answer, request_inputs
 from serving.core.errors import parse_coded_message
 from server_metrics import idle_metrics, metrics, wait_for
 
@@ -74,7 +74,8 @@ def _error(exc):
 def classify(inputs, image, error):
     """check_answer, and for Triton's own refusals (before the pipeline sees the request):
     INVALID_ARG naming one of the request's inputs."""
-    if error is not None and error[0] in TRITON_INVALID and not error[1].split(":")[0].split("[")[0] in SPECS:
+    if error is not None and error[0] in TRITON_INVALID and not ALIASES.get(error[1].split(":")[0].split("[")[0],
+                                                                            error[1].split(":")[0].split("[")[0]) in SPECS:
         named = [n for n in (*SPECS, *EXTRA_NAMES) if f"'{n}'" in error[1]]
         assert named, error  # e.g. unexpected datatype TYPE_FP64 for inference input 'steps'
         return "triton INVALID_ARG"

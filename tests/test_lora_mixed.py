@@ -36,6 +36,21 @@ def write_lora(checkpoint, folder, seed, rank, alpha, targets):
     return folder / "pytorch_lora_weights.safetensors"
 
 
+def served_with_loras(checkpoint, folder, repo):
+    """The in-process pipeline (ONNX Runtime, not started: tests drain it) of `checkpoint` exported
+    with LoRA inputs and the adapters of `folder` registered."""
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.core.config import PipelineConfig
+    from serving.core.service import PipelineAssets, PipelineService
+    from serving.models.onnx import local_variants
+
+    params = pipeline_parameters(lora_dir=str(folder))
+    write_repository(checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
+    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+                           local_variants(repo), lora_reader=read_adapter)
+
+
 @pytest.fixture(scope="module")
 def lora_files(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
@@ -99,22 +114,13 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
     import shutil
 
     from image_inputs import drain, submit
-    from export.cli import pipeline_parameters
-    from export.repository import write_repository
-    from serving.core.config import PipelineConfig
     from serving.core.sampler import noise_generator
-    from serving.core.service import LoraInUse, PipelineAssets, PipelineService
-    from serving.models.adapters import read_adapter
-    from serving.models.onnx import local_variants
+    from serving.core.service import LoraInUse
 
     folder = tmp_path / "loras"
     folder.mkdir()
     shutil.copy(lora_files["a"], folder / "a.safetensors")
-    params = pipeline_parameters(lora_dir=str(folder))
-    repo = tmp_path / "repo"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
-    svc = PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
-                          local_variants(repo), lora_reader=read_adapter)
+    svc = served_with_loras(tiny_checkpoint, folder, tmp_path / "repo")
     svc.load_lora("b", lora_files["b"].read_bytes())
     assert [e["id"] for e in svc.loras()] == ["a", "b"]
     names = lambda *n: np.array([x.encode() for x in n], object)  # noqa: E731
@@ -149,6 +155,17 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
                             (dict(lora_names=names("a", "a")), "loras[1].name: 'a' is named twice")):
         sink = submit(svc, "a red circle", seed=1, steps=4, **fields)
         assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith(message), sink.error
+    # a steer of the adapters applies from the job's next step: before step 0 it is a fresh request's
+    steered = submit(svc, "a red circle", seed=2, steps=6, request_id="s")
+    svc.steer("s", {"lora_names": names("a", "b"), "lora_weights": np.array([0.8, -0.5], np.float32)})
+    drain(svc)
+    assert np.array_equal(steered.image, alone[2])
+    midway = submit(svc, "a red circle", seed=2, steps=6, request_id="m")
+    for _ in range(3):
+        svc.engine.run_iteration()
+    svc.steer("m", {"lora_names": names("a"), "lora_weights": np.array([1.0], np.float32)})
+    drain(svc)
+    assert not np.array_equal(midway.image, alone[0]) and not np.array_equal(midway.image, alone[1])
     running = submit(svc, "a red circle", seed=1, steps=6, lora_names=names("b"))
     svc.engine.run_iteration()
     with pytest.raises(LoraInUse):
@@ -156,3 +173,104 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
     drain(svc)
     svc.unload_lora("b")
     assert running.image is not None and [e["id"] for e in svc.loras()] == ["a"]
+
+
+def test_the_torch_runner_serves_the_same_adapter_bytes_as_onnx(tiny_checkpoint, lora_files, tmp_path):
+    """The torch runner's fixed-shape bank (families/lora.py StaticBank: what keeps CUDA graphs
+    valid) gives the bytes of the in-process ONNX runner's LoRA graph, on CPU."""
+    import shutil
+
+    from image_inputs import drain, submit
+    from export.cli import pipeline_parameters
+    from export.repository import write_repository
+    from serving.core.config import PipelineConfig
+    from serving.core.service import PipelineAssets, PipelineService
+    from serving.models.assemble import RunnerChoice, build_models, plan_gpu_memory
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name, path in lora_files.items():
+        shutil.copy(path, folder / f"{name}.safetensors")
+    images = {}
+    for unet in ("inprocess", "torch"):
+        params = pipeline_parameters(unet=unet, lora_dir=str(folder))
+        repo = tmp_path / f"repo-{unet}"
+        write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
+        config = PipelineConfig.parse({k: str(v) for k, v in params.items()})
+        assets = PipelineAssets.read(repo / "pipeline" / "1")
+        choice = RunnerChoice.from_config(config, "cpu")
+        models = {("tiny", v): build_models(choice, repo, "1", None, facts) for v, facts in assets.info["variants"].items()}
+        plan_gpu_memory(models.values())
+        svc = PipelineService(assets, config, models, lora_reader=read_adapter)
+        sinks = [submit(svc, "a red circle", seed=3, steps=5, lora_names=np.array([b"a", b"b"], object),
+                        lora_weights=np.array(weights, np.float32)) for weights in ([1.0, 0.0], [0.0, 0.0], [0.5, 1.5])]
+        drain(svc)
+        images[unet] = [s.image for s in sinks]
+    assert all(np.array_equal(a, b) for a, b in zip(images["inprocess"], images["torch"]))
+
+
+def test_rows_without_adapters_are_bit_identical_to_a_server_without_lora_support(tiny_checkpoint, tiny_repo, lora_files, tmp_path):
+    """The same requests without adapters through the plain export and the LoRA export (its LoRA
+    graphs in every call), alone and sharing calls with adapter rows: the same bytes."""
+    import shutil
+
+    from image_inputs import drain, service, submit
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(lora_files["a"], folder / "a.safetensors")
+    lora = served_with_loras(tiny_checkpoint, folder, tmp_path / "repo")
+    plain = service(tiny_repo)
+    requests = [dict(seed=5, steps=6), dict(seed=6, steps=5, guidance_scale=1.0), dict(seed=7, steps=6, height=48, width=32)]
+    expected = []
+    for fields in requests:
+        expected.append(submit(plain, "a blue square", **fields))
+        drain(plain)
+    alone = [submit(lora, "a blue square", **fields) for fields in requests[:1]]
+    drain(lora)
+    crowd = [submit(lora, "a blue square", **fields) for fields in requests]
+    crowd += [submit(lora, "a red circle", seed=9, steps=6, lora_names=np.array([b"a"], object))]
+    drain(lora)
+    assert np.array_equal(alone[0].image, expected[0].image)
+    assert all(np.array_equal(s.image, e.image) for s, e in zip(crowd, expected))
+
+
+def test_an_sdxl_adapter_served_equals_diffusers(tmp_path):
+    """SDXL's UNet takes adapters the same way (its text encoders take none yet): the served image
+    equals StableDiffusionXLPipeline's with load_lora_weights + set_adapters, byte for byte."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from image_inputs import drain, submit
+    from serving.core.sampler import noise_generator
+    from training.tiny_checkpoint import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "sdxl", kind="sdxl")
+    torch.manual_seed(5)
+    pipe = StableDiffusionXLPipeline.from_pretrained(checkpoint)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))
+    for name, parameter in pipe.unet.named_parameters():
+        if "lora_B" in name:  # a realistic magnitude: the tiny SDXL is chaotic under huge adapters
+            parameter.data.normal_(0, 0.05)
+    folder = tmp_path / "loras"
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+                                                weight_name="xl.safetensors",
+                                                unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    svc = served_with_loras(checkpoint, folder, tmp_path / "repo")
+    reference = StableDiffusionXLPipeline.from_pretrained(checkpoint)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(folder / "xl.safetensors"), adapter_name="xl")
+    plain = submit(svc, "a red circle", seed=4, steps=6)
+    drain(svc)
+    for weight in (1.0, -0.5):
+        sink = submit(svc, "a red circle", seed=4, steps=6, lora_names=np.array([b"xl"], object),
+                      lora_weights=np.array([weight], np.float32))
+        drain(svc)
+        reference.set_adapters(["xl"], [weight])
+        latents = torch.from_numpy(noise_generator(4).standard_normal((4, 8, 8), dtype=np.float32))[None]
+        image = reference("a red circle", num_inference_steps=6, guidance_scale=5.0, height=32, width=32, latents=latents,
+                          output_type="np").images[0]
+        error = np.abs((image * 255).round() - sink.image).mean()
+        effect = np.abs(sink.image.astype(int) - plain.image).mean()
+        print(f"SDXL adapter at weight {weight}: mean abs vs diffusers {error:.4f} / 255, its effect {effect:.1f} / 255")
+        assert error <= 1.0 and effect > 2.0

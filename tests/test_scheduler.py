@@ -99,8 +99,9 @@ def fake_rows(j, rows):
     return j
 
 
-arrivals = st.lists(  # per iteration: the jobs arriving (latent size, rows, steps)
-    st.lists(st.tuples(st.sampled_from([32, 48, 64]), st.integers(1, 8), st.integers(1, 6)), max_size=3),
+arrivals = st.lists(  # per iteration: the jobs arriving (latent size, rows, steps, served model)
+    st.lists(st.tuples(st.sampled_from([32, 48, 64]), st.integers(1, 8), st.integers(1, 6), st.sampled_from(["sd", "sdxl"])),
+             max_size=3),
     min_size=1, max_size=40,
 )
 
@@ -109,13 +110,15 @@ arrivals = st.lists(  # per iteration: the jobs arriving (latent size, rows, ste
 @given(max_rows=st.integers(2, 8), max_active=st.integers(1, 6), arrivals=arrivals)
 def test_fairness_bound_and_row_cap_over_random_arrivals(max_rows, max_active, arrivals):
     """The docstring's bound (K = max_active): an active job is never left out of more than
-    max_active - 1 consecutive calls; every call fits the row cap, holds one call key, and
-    leaves out no job of its key that would still fit."""
+    max_active - 1 consecutive calls; every call fits the row cap, holds one call key (so one
+    served model: two models' jobs arrive mixed), and leaves out no job of its key that would
+    still fit."""
     scheduler = StepScheduler(SchedulerConfig(max_rows=max_rows, max_active=max_active, max_queue=10_000))
     active, left, waited, arrival = [], {}, {}, 0
     for iteration in range(len(arrivals) + 10_000):
-        for size, rows, steps in (arrivals[iteration] if iteration < len(arrivals) else []):
+        for size, rows, steps, model in (arrivals[iteration] if iteration < len(arrivals) else []):
             j = fake_rows(job(size, arrival=arrival), min(rows, max_rows))
+            j.model = model
             arrival += 1
             left[id(j)] = steps
             scheduler.enqueue(j)
@@ -130,7 +133,7 @@ def test_fairness_bound_and_row_cap_over_random_arrivals(max_rows, max_active, a
         chosen = scheduler.pick(active)
         keys = {j.call_key for j in chosen}
         used = sum(j.rows for j in chosen)
-        assert len(keys) == 1 and used <= max_rows
+        assert len(keys) == 1 and used <= max_rows and len({j.model for j in chosen}) == 1
         for j in active:
             if j not in chosen:
                 assert j.call_key not in keys or used + j.rows > max_rows  # no row wasted

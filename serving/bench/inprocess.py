@@ -6,7 +6,8 @@ from tritonclient.utils import InferenceServerException
 
 from serving.core.config import PipelineConfig
 from serving.client.kserve import request_arrays
-from serving.core.service import PipelineAssets, PipelineService
+from serving.core.service import PipelineAssets, PipelineService, model_infos
+from serving.models.adapters import read_adapter
 from serving.models.assemble import RunnerChoice, build_models, plan_gpu_memory
 
 
@@ -46,9 +47,10 @@ class InProcessPipeline:
         config = PipelineConfig.parse(params)
         choice = RunnerChoice.from_config(config, device)
         assets = PipelineAssets.read(repo / "pipeline" / "1")
-        models = {variant: build_models(choice, repo, "1", None, facts, log=log) for variant, facts in assets.info["variants"].items()}
+        models = {(model, variant): build_models(choice, repo, "1", None, facts, log=log)
+                  for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()}
         plan_gpu_memory(models.values())
-        self.service = PipelineService(assets, config, models).start()
+        self.service = PipelineService(assets, config, models, lora_reader=read_adapter).start()
         self.info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
 
     def client(self):

@@ -49,6 +49,8 @@ class PipelineConfig:
     lora_budget_mb: int = 512  # resident adapters' matrices; idle ones beyond it are evicted
     max_loras_per_request: int = 4
     max_lora_file_mb: int = 64  # an uploaded adapter file larger than this is refused (413)
+    lora_batching: str = "mixed"  # "per_set": a call holds one adapter set (a baseline, what other servers do)
+    lora_columns: int = 256  # the bank's width: resident adapters' ranks summed (the torch runner's fixed bank)
     # regional prompts (serving/core/regions.py)
     max_regions: int = MAX_REGIONS
     default_base_prompt_weight: float = DEFAULT_BASE_WEIGHT
@@ -75,6 +77,8 @@ class PipelineConfig:
             refuse("drain_grace_s", self.drain_grace_s, "must be a finite number >= 0")
         if self.default_region_mode not in REGION_MODES:
             refuse("default_region_mode", self.default_region_mode, f"must be one of {REGION_MODES}")
+        if self.lora_batching not in ("mixed", "per_set"):
+            refuse("lora_batching", self.lora_batching, "must be mixed or per_set")
         if self.max_regions < 1:
             refuse("max_regions", self.max_regions, "must be at least 1")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from families import FAMILIES
 # InvalidInput and the field readers; request.py imports this module in turn (module imports
 # keep the cycle safe in either import order)
 from serving.core import request as fields
@@ -66,7 +67,7 @@ def parse_image_input(inputs: dict, limits, steps: int) -> ImageInput | None:
     spec = limits.variants[variant]
     image = _init_image(inputs, task, spec)
     factor = spec.vae_factor if task == "upscale" else 1
-    strength = _strength(inputs, task, steps) if task in DEFAULT_STRENGTH else 1.0
+    strength = _strength(inputs, task, steps, limits.family) if task in DEFAULT_STRENGTH else 1.0
     return ImageInput(
         task=task,
         variant=variant,
@@ -141,7 +142,7 @@ def _mask(inputs: dict, image: np.ndarray) -> np.ndarray:
     return mask >= MASK_THRESHOLD
 
 
-def _strength(inputs: dict, task: str, steps: int) -> float:
+def _strength(inputs: dict, task: str, steps: int, family: str) -> float:
     value = fields._scalar(inputs, "strength")
     if value is None:
         value = DEFAULT_STRENGTH[task]
@@ -149,9 +150,9 @@ def _strength(inputs: dict, task: str, steps: int) -> float:
         raise fields.InvalidInput("strength", f"must be a finite number in (0, 1], got {value}")
     # the decimal the client wrote: FP32 0.7 is 0.69999999, and int(10 x 0.69999999) = 6 steps, not 7
     strength = float(str(np.float32(value)))
-    if int(steps * strength) < 1:
-        raise fields.InvalidInput("strength", f"leaves no denoising step: int(steps x strength) = int({steps} x {strength}) = 0; "
-                                              f"raise strength or steps")
+    if FAMILIES[family].kept_steps(steps, strength) < 1:
+        raise fields.InvalidInput("strength", f"leaves no denoising step: {steps} steps x strength {strength} keeps 0 "
+                                              f"(family {family}'s rule); raise strength or steps")
     return strength
 
 

@@ -45,6 +45,9 @@ class Job:
     image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     row_inputs: dict = field(default_factory=dict)  # its family's per-row denoiser inputs (SDXL's time_ids)
     held_loras: tuple = ()  # the LoRA adapters it holds resident from admission to its end
+    # a baseline of servers that cannot mix adapters (config lora_batching=per_set, `ldm bench
+    # --loras`): only jobs with the same adapter set share a call
+    lora_per_set: bool = False
     index: int = 0  # denoising steps done
     last_turn: int = -1  # the scheduler's turn when admitted or last stepped (fairness)
     pred_x0: np.ndarray | None = None
@@ -78,7 +81,7 @@ class Job:
     @property
     def call_key(self) -> tuple:
         """Jobs share a UNet call only when their rows fit one input tensor of one network."""
-        return (self.model, self.variant, self.network, self.latents.shape)
+        return (self.model, self.variant, self.network, self.latents.shape, self.held_loras if self.lora_per_set else None)
 
     @property
     def done(self) -> bool:

@@ -9,9 +9,10 @@ used adapters no job holds (a job holds its adapters from admission to its end);
 adapter stays registered and is read again when a request names it. A request names at most
 `max_per_request` adapters, each with a weight in [-MAX_WEIGHT, MAX_WEIGHT].
 
-The bank is rebuilt only when the resident set changes; a call's scales are one row per
-denoiser row: the weight of each of the row's adapters over that adapter's columns, 0 elsewhere,
-so a row without adapters adds exactly 0.
+A call's bank holds the adapters its rows use (cached per adapter set until the resident set
+changes), so a call pays for the adapters it runs; its scales are one row per denoiser row: the
+weight of each of the row's adapters over that adapter's columns, 0 elsewhere, so a row without
+adapters adds exactly 0 (a call without adapters gets one zero column).
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ import threading
 
 import numpy as np
 
+from serving.core.errors import ResourceExhausted
+
 MAX_WEIGHT = 4.0
 DEFAULT_MAX_PER_REQUEST = 4
 DEFAULT_BUDGET_BYTES = 512 * 2**20
+DEFAULT_MAX_COLUMNS = 256
 
 
 class AdapterRejected(ValueError):
@@ -48,7 +52,8 @@ class Bank:
 
 class LoraRegistry:
     def __init__(self, read, layer_shapes: dict, text_layer_shapes: dict | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20):
+                 max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20,
+                 max_columns: int = DEFAULT_MAX_COLUMNS):
         """read(path, name) -> serving.models.adapters.Adapter; layer_shapes, text_layer_shapes: the
         served denoiser's and text encoder's adapted layers {name: (in, out)} (the banks' rows and
         columns; no text layers: adapters with text-encoder parts are refused)."""
@@ -58,11 +63,11 @@ class LoraRegistry:
         self.budget_bytes = budget_bytes
         self.max_per_request = max_per_request
         self.max_file_bytes = max_file_bytes
+        self.max_columns = max_columns  # the bank's width limit (the torch runner's fixed bank)
         self.files = {}  # name -> path: every registered adapter
         self.resident = OrderedDict()  # name -> Adapter, least recently used first
         self.holds = {}  # name -> jobs holding it
-        self._bank = None
-        self._text_bank = None
+        self._banks = {}  # (part, adapter names) -> Bank: the calls' banks, until the resident set changes
         self._lock = threading.Lock()  # registration (control calls) against the engine's reads
 
     def register(self, name: str, path) -> bool:
@@ -72,7 +77,7 @@ class LoraRegistry:
                 return False
             self.files[name] = path
             if self.resident.pop(name, None) is not None:  # a new file under an old name is read again
-                self._bank = self._text_bank = None
+                self._banks.clear()
             return True
 
     def unregister(self, name: str) -> bool:
@@ -82,7 +87,7 @@ class LoraRegistry:
                 return False
             self.files.pop(name, None)
             if self.resident.pop(name, None) is not None:
-                self._bank = self._text_bank = None
+                self._banks.clear()
             return True
 
     def names(self) -> list:
@@ -121,25 +126,26 @@ class LoraRegistry:
             for name, _ in loras:
                 self.holds[name] -= 1
 
-    def bank(self) -> Bank:
+    def bank(self, loras_per_row: list | None = None, part: str = "denoiser") -> Bank:
+        """The bank of a call: the columns of the adapters its rows use (all resident ones when
+        None), so a call pays for the adapters it runs, not for every resident one; cached per set."""
         with self._lock:
-            if self._bank is None:
-                self._bank = self._build(self.layer_shapes, "denoiser")
-            return self._bank
+            names = tuple(sorted({n for loras in loras_per_row for n, _ in loras})) if loras_per_row is not None \
+                else tuple(self.resident)
+            key = (part, names)
+            if key not in self._banks:
+                self._banks[key] = self._build(self.layer_shapes if part == "denoiser" else self.text_layer_shapes, part, names)
+            return self._banks[key]
 
-    def text_bank(self) -> Bank:
-        with self._lock:
-            if self._text_bank is None:
-                self._text_bank = self._build(self.text_layer_shapes, "text")
-            return self._text_bank
+    def text_bank(self, loras_per_row: list | None = None) -> Bank:
+        return self.bank(loras_per_row, "text")
 
     def text_part(self, loras: tuple) -> tuple:
         """The adapters of a set that change the text encoder (the text cache's key part)."""
         return tuple((name, weight) for name, weight in loras if self.resident[name].text)
 
-    def scales(self, loras_per_row: list, bank: Bank | None = None) -> np.ndarray:
-        """[rows, K]: each row's adapter weights over their columns (of the denoiser's bank, or `bank`)."""
-        bank = bank or self.bank()
+    def scales(self, loras_per_row: list, bank: Bank) -> np.ndarray:
+        """[rows, K]: each row's adapter weights over their columns of `bank` (the call's)."""
         out = np.zeros((len(loras_per_row), bank.width), np.float32)
         for row, loras in enumerate(loras_per_row):
             for name, weight in loras:
@@ -155,17 +161,23 @@ class LoraRegistry:
         if adapter.text and not self.text_layer_shapes:
             raise AdapterRejected(f"{name}: has text-encoder layers, and this model's text encoder takes no LoRA")
         used = sum(a.nbytes for a in self.resident.values())
+        columns = sum(a.rank for a in self.resident.values())
         for old in list(self.resident):  # least recently used first; a held adapter stays
-            if used + adapter.nbytes <= self.budget_bytes:
+            if used + adapter.nbytes <= self.budget_bytes and columns + adapter.rank <= self.max_columns:
                 break
             if not self.holds.get(old):
-                used -= self.resident.pop(old).nbytes
+                evicted = self.resident.pop(old)
+                used, columns = used - evicted.nbytes, columns - evicted.rank
+        if columns + adapter.rank > self.max_columns:
+            raise ResourceExhausted(f"LoRA bank full: the adapters running generations hold take {columns} of "
+                                    f"{self.max_columns} columns, {name!r} needs {adapter.rank}; retry later")
         self.resident[name] = adapter
-        self._bank = self._text_bank = None
+        self._banks.clear()
 
-    def _build(self, shapes: dict, part: str) -> Bank:
+    def _build(self, shapes: dict, part: str, names: tuple) -> Bank:
+        used = {name: self.resident[name] for name in names}
         columns, start = {}, 0
-        for name, adapter in self.resident.items():
+        for name, adapter in used.items():
             columns[name] = (start, start + adapter.rank)
             start += adapter.rank
         width = max(start, 1)
@@ -173,7 +185,7 @@ class LoraRegistry:
         for layer, (fan_in, fan_out) in shapes.items():
             a = np.zeros((fan_in, width), np.float32)
             b = np.zeros((width, fan_out), np.float32)
-            for name, adapter in self.resident.items():
+            for name, adapter in used.items():
                 matrices = getattr(adapter, part)
                 if layer in matrices:
                     la, lb = matrices[layer]

@@ -210,11 +210,18 @@ class GenerationRequest:
     guidance_input: bool = False
     true_cfg_scale: float = 1.0
     loras: tuple = ()  # ((adapter name, weight), ...): the fields' and the prompt's <lora:name:weight>
+    family: str = "sd"  # the served model's family (families/)
 
     @property
     def strength(self) -> float:
         """The share of the schedule it denoises (image-to-image and inpainting: less than 1)."""
         return 1.0 if self.image is None else self.image.strength
+
+    @property
+    def denoising_steps(self) -> int:
+        """How many of its steps it denoises (image-to-image and inpainting: the strength's share,
+        by its family's pipeline's rule: families/ `kept_steps`)."""
+        return FAMILIES[self.family].kept_steps(self.steps, self.strength)
 
 
 def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
@@ -270,6 +277,7 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
         guidance_input=limits.distilled_guidance,
         true_cfg_scale=family_fields.get("true_cfg_scale", 1.0),
         loras=_loras(inputs) + prompt_loras,
+        family=limits.family,
     )
 
 

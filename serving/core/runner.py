@@ -49,9 +49,11 @@ class Runner:
         VAE-encodes the input images of image-conditioned ones in one call per image size; steered
         inpainting jobs with a new mask get its image conditioning."""
         if self.lora is not None:  # resident before their texts are encoded, until the job ends (release)
-            for job in jobs:
-                self.lora.hold(job.planned.loras)
-                job.held_loras = job.planned.loras
+            for job in (*jobs, *steered):
+                if job.planned.loras != job.held_loras:  # a new job, or a steer of its adapters (from its next step)
+                    self.lora.hold(job.planned.loras)
+                    self.lora.release(job.held_loras)
+                    job.held_loras = job.planned.loras
         owned = [(s, job.held_loras) for job in (*jobs, *steered) for s in job.plan.unencoded()]
         segments = [s for s, _ in owned]
         for segment, conditioning in zip(segments, self.encode([s.spec for s in segments], [a for _, a in owned])):
@@ -63,7 +65,7 @@ class Runner:
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             noises[id(job)] = job.rng.standard_normal(shape, dtype=np.float32)
             run = job.sampler_run = self.sampler(r.sampler, r.sigma_schedule).start(
-                r.steps, r.strength, r.eta, mu=self.family.shift_mu(r, self.variant))
+                r.steps, r.strength, r.eta, mu=self.family.shift_mu(r, self.variant), kept=r.denoising_steps)
             job.timesteps = run.denoising_timesteps
             job.latents = run.sampler.initial_latents(run, noises[id(job)])
             job.conditioning = guided_conditioning(job)
@@ -117,8 +119,10 @@ class Runner:
         for name in per_job[0]:
             inputs[name] = np.concatenate([values[name] for values in per_job])
         if self.lora is not None:  # every row's adapter weights over the bank's columns (0: none)
-            inputs["lora_scales"] = np.repeat(self.lora.scales([j.held_loras for j in jobs]), rows, axis=0)
-            for layer, (a, b) in self.lora.bank().layers.items():
+            sets = [j.held_loras for j in jobs]
+            bank = self.lora.bank(sets)  # the adapters this call's rows use
+            inputs["lora_scales"] = np.repeat(self.lora.scales(sets, bank), rows, axis=0)
+            for layer, (a, b) in bank.layers.items():
                 inputs[f"lora_A.{layer}"], inputs[f"lora_B.{layer}"] = a, b
         denoise = self.models.regional_unet if is_attention_variant(jobs[0].network) else self.models.unet
         predictions = denoise(sample, **inputs)

@@ -56,7 +56,7 @@ def _lora_registry(config: PipelineConfig, info: dict, reader) -> LoraRegistry |
                             {layer: tuple(shape) for layer, shape in spec["lora_unet_layers"].items()},
                             {layer: tuple(shape) for layer, shape in spec.get("lora_text_encoder_layers", {}).items()},
                             budget_bytes=config.lora_budget_mb * 2**20, max_per_request=config.max_loras_per_request,
-                            max_file_bytes=config.max_lora_file_mb * 2**20)
+                            max_file_bytes=config.max_lora_file_mb * 2**20, max_columns=config.lora_columns)
     if config.lora_dir:
         for path in sorted(Path(config.lora_dir).glob("*.safetensors")):
             registry.register(path.stem, path)
@@ -136,6 +136,7 @@ class PipelineService:
         if self.faults is not None:
             models = {key: self.faults.models(m) for key, m in models.items()}
         self.drain_grace_s = config.drain_grace_s
+        self.lora_per_set = config.lora_batching == "per_set"
         # uploaded adapters: beside the registered folder's, else in a folder of this process
         self.lora_upload_dir = Path(config.lora_dir) if config.lora_dir else Path(tempfile.mkdtemp(prefix="ldm-loras-"))
         # one tokenizer per folder and one text-encoder cache per (model, tokenizers): variants
@@ -213,7 +214,8 @@ class PipelineService:
             served = self.model_of(inputs)
             request = parse_request(inputs, served.limits, default_seed=secrets.randbelow(2**31))
             variant = request.image.variant if request.image is not None else "base"
-            job = Job(request, sink, request_id=request_id or None, model=served.name, variant=variant)
+            job = Job(request, sink, request_id=request_id or None, model=served.name, variant=variant,
+                      lora_per_set=self.lora_per_set)
             self._check(job, request)
         except UnknownModel as exc:
             sink.fail(NOT_FOUND, str(exc))

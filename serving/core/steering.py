@@ -32,10 +32,10 @@ from serving.core.prompt_schedule import joint_schedule, schedule
 from serving.core.regional_prompt import regional_prompt
 from serving.core.regions import FIELDS as REGION_FIELDS, parse_regions
 from serving.core.request import parse_request
-from serving.core.samplers.base import kept_steps
 
 TEXT_FIELDS = ("prompt", "negative_prompt", "guidance_scale")
-STEERABLE = (*TEXT_FIELDS, *REGION_FIELDS, "mask")
+LORA_FIELDS = ("lora_names", "lora_weights")
+STEERABLE = (*TEXT_FIELDS, *REGION_FIELDS, "mask", *LORA_FIELDS)
 # request parameter of a steer message to the `pipeline` model: the request id of the generation
 STEER_PARAMETER = "steer_request_id"
 
@@ -74,7 +74,7 @@ def prompt_spec(request):
 def denoising_steps(request) -> int:
     """How many denoising steps the job runs (img2img and inpainting: the strength's share),
     which prompt schedules count."""
-    return kept_steps(request.steps, request.strength)
+    return request.denoising_steps
 
 
 def scheduled_texts(request) -> list:
@@ -90,9 +90,11 @@ def parse_steer(inputs: dict, limits):
     replace its regions (a region mode left out keeps theirs), an inpainting request's mask.
     Both raise InvalidInput naming the field."""
     given = {name for name, value in inputs.items() if value is not None}
-    text = {name: inputs[name] for name in TEXT_FIELDS if name in given}
+    text = {name: inputs[name] for name in (*TEXT_FIELDS, *LORA_FIELDS) if name in given}
     parsed = parse_request({"prompt": np.array([b"steer"], np.object_), **text}, limits, default_seed=0)
-    text_changes = {name: getattr(parsed, name) for name in text}
+    text_changes = {name: getattr(parsed, name) for name in text if name in TEXT_FIELDS}
+    if parsed.loras or given & set(LORA_FIELDS):  # adapters named by the fields or the prompt's tags replace the job's
+        text_changes["loras"] = parsed.loras
     for name in ("prompt", "negative_prompt"):
         if name in text_changes:  # syntax now; the steps a schedule counts are checked with the job
             schedule(text_changes[name], 1, name)

@@ -98,8 +98,9 @@ class CachedTextEncoder:
             chunk = pending[start : start + size]
             inputs = {n: np.stack([row[k] for _, (row, _) in chunk]) for k, n in enumerate(names)}
             if self.lora is not None:  # every text's adapter weights over the text bank's columns (0: none)
-                bank = self.lora.text_bank()
-                inputs["lora_scales"] = self.lora.scales([adapters for _, (_, adapters) in chunk], bank)
+                sets = [adapters for _, (_, adapters) in chunk]
+                bank = self.lora.text_bank(sets)
+                inputs["lora_scales"] = self.lora.scales(sets, bank)
                 for layer, (a, b) in bank.layers.items():
                     inputs[f"lora_A.{layer}"], inputs[f"lora_B.{layer}"] = a, b
             outputs = self.encode_text(**inputs)

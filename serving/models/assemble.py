@@ -40,6 +40,7 @@ class RunnerChoice:
             max_rows=config.max_rows,
             cuda_graphs=config.cuda_graphs,
             compile=config.torch_compile,
+            lora_columns=config.lora_columns,
         )
         return cls(config.unet, config.text_vae, options)
 
@@ -62,6 +63,7 @@ class ModelCalls:
         self.lora_text = None  # the text encoder's LoRA graph in this process, where exported (it takes LoRA inputs)
 
     def encode_text(self, input_ids, **more_ids):
+        """Token ids by input name (input_ids, and SDXL's input_ids_2) -> the text encoder's outputs by name."""
         if self.lora_text is not None:
             return self.lora_text(input_ids=input_ids, **more_ids)
         return self.text_vae.encode_text(input_ids, **more_ids)
@@ -90,16 +92,29 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
         from serving.models.torch_runner import TorchModels
 
         checkpoint = repo_dir / "pipeline" / version / facts.get("torch_checkpoint", CHECKPOINT_COPY)
-        torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log, plan=False)
+        lora_layers = facts.get("lora_unet_layers") if choice.unet == "torch" else None
+        torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log, plan=False,
+                                   lora_layers={k: tuple(v) for k, v in lora_layers.items()} if lora_layers else None)
     text_vae = torch_models if choice.text_vae == "torch" else bls
     has_regional = "unet_regional" in components
-    if facts.get("lora_unet") and choice.unet != "inprocess":
-        raise ValueError(f"LoRA adapters are served by the in-process UNet runner (unet=inprocess), not unet={choice.unet}: "
-                         "export without --lora/--lora-dir, or with --unet inprocess")
+    if facts.get("lora_unet") and choice.unet == "bls":
+        raise ValueError("LoRA adapters are served by the UNet runners in the pipeline's process (unet=inprocess or "
+                         "torch), not unet=bls: export without --lora/--lora-dir, or with another --unet")
     if choice.unet == "bls":
-        return ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None, torch_models=torch_models)
-    if choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
-        return ModelCalls(text_vae, torch_models.unet, row_cap=torch_models.row_cap, torch_models=torch_models)
+        calls = ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None, torch_models=torch_models)
+    elif choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
+        calls = ModelCalls(text_vae, torch_models.unet, row_cap=torch_models.row_cap, torch_models=torch_models)
+    else:
+        calls = _inprocess_calls(text_vae, repo_dir, version, facts, components, has_regional, torch_models)
+    if facts.get("lora_text_encoder"):  # the text encoder's LoRA graph in this process, whoever runs the rest
+        from serving.models.onnx import OnnxComponent
+
+        calls.lora_text = OnnxComponent(repo_dir / "pipeline" / version / facts["lora_text_encoder"])
+    return calls
+
+
+def _inprocess_calls(text_vae, repo_dir: Path, version: str, facts: dict, components: dict, has_regional: bool,
+                     torch_models) -> ModelCalls:
     from serving.models.onnx import LocalUnet, OnnxComponent
 
     def local(model):
@@ -108,11 +123,8 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
     # with LoRA inputs every call runs the LoRA graph: a row without adapters gets base + 0, exactly
     unet = (LocalUnet(OnnxComponent(repo_dir / "pipeline" / version / facts["lora_unet"])) if facts.get("lora_unet")
             else local(components["unet"]))
-    calls = ModelCalls(text_vae, unet, local(components["unet_regional"]) if has_regional else None,
-                       torch_models=torch_models)
-    if facts.get("lora_text_encoder"):
-        calls.lora_text = OnnxComponent(repo_dir / "pipeline" / version / facts["lora_text_encoder"])
-    return calls
+    return ModelCalls(text_vae, unet, local(components["unet_regional"]) if has_regional else None,
+                      torch_models=torch_models)
 
 
 def plan_gpu_memory(models) -> None:

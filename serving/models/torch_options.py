@@ -41,6 +41,7 @@ class TorchOptions:
     max_rows: int = 32
     cuda_graphs: bool = True  # CUDA only
     compile: bool = False  # torch.compile each module (each bucket compiles on first use: ~1 min on a GPU)
+    lora_columns: int = 256  # the torch runner's fixed LoRA bank width: the resident adapters' ranks summed
 
     @property
     def kind(self) -> str:

@@ -130,10 +130,12 @@ class TorchModels:
     COMPONENTS = ("text_encoder", "unet", "vae")
 
     def __init__(self, checkpoint_dir, options: TorchOptions = TorchOptions(), components=COMPONENTS, log=print,
-                 plan: bool = True):
+                 plan: bool = True, lora_layers: dict | None = None):
         """plan: make the memory plan now; a pipeline serving several models loads them all first
         and plans after (serving/models/assemble.py plan_gpu_memory), so every plan counts the
-        weights of every served checkpoint."""
+        weights of every served checkpoint. lora_layers: the denoiser's layers that take mixed LoRA
+        adapters ({name: (in, out)}, pipeline.json's lora_unet_layers), with a bank of
+        options.lora_columns columns (families/lora.py StaticBank)."""
         from families import torch_module
         from families.checkpoint import CheckpointInfo
         from families.contracts import component_contracts
@@ -153,11 +155,17 @@ class TorchModels:
         buckets = options.unet_buckets()
         vae_buckets = VAE_BUCKETS[options.kind]
         self.calls = {}
+        self.lora = None  # the UNet's StaticBank where it takes LoRA adapters
         with torch.cuda.device(self.device) if options.kind == "cuda" else nullcontext():
             if "text_encoder" in components:
                 self.calls["text_encoder"] = self._call("text_encoder", torch_module("text_encoder", self.info), buckets)
             if "unet" in components:
-                self.calls["unet"] = self._call("unet", torch_module("unet", self.info), buckets)
+                unet = torch_module("unet", self.info)
+                if lora_layers:
+                    from families.lora import StaticBank
+
+                    unet = self.lora = StaticBank(unet, lora_layers, options.lora_columns)
+                self.calls["unet"] = self._call("unet", unet, buckets)
             if "vae" in components:
                 decoder = torch_module("vae_decoder", self.info)  # the encoder shares its AutoencoderKL
                 encoder = decoder.encoder()  # the family's (SDXL: with the VAE's latent statistics)
@@ -189,9 +197,19 @@ class TorchModels:
         return {spec.name: value for spec, value in zip(contract.outputs, outputs)}
 
     def unet(self, sample, timestep, encoder_hidden_states, **inputs):
+        scales = inputs.pop("lora_scales", None)
+        layers = [key.removeprefix("lora_A.") for key in inputs if key.startswith("lora_A.")]
+        banks = {layer: (inputs.pop(f"lora_A.{layer}"), inputs.pop(f"lora_B.{layer}")) for layer in layers}
         inputs = {**inputs, "sample": sample, "timestep": np.asarray(timestep, np.float32).reshape(-1),
                   "encoder_hidden_states": encoder_hidden_states}
-        return self._run("unet", *self._ordered(self.contracts["unet"], inputs))[0]
+        arrays = self._ordered(self.contracts["unet"], inputs)
+        if self.lora is not None:  # the bank into the static buffers (when it changed), the scales as the last input
+            if scales is None or scales.shape[1] > self.lora.width:
+                raise ValueError(f"torch runner: the LoRA bank is {0 if scales is None else scales.shape[1]} columns wide; "
+                                 f"it holds {self.lora.width} (TorchOptions.lora_columns)")
+            self._with_device_call(lambda: self.lora.load(banks, id(next(iter(banks.values()))[0]) if banks else None))
+            arrays.append(np.pad(scales, ((0, 0), (0, self.lora.width - scales.shape[1]))).astype(np.float32))
+        return self._run("unet", *arrays)[0]
 
     def decode(self, latents):
         return self._run("vae_decoder", latents)[0]
@@ -218,6 +236,12 @@ class TorchModels:
     def _run(self, name, *arrays) -> tuple:
         return self._with_device(self._require(name), *arrays)
 
+    def _with_device_call(self, fn):
+        if self.options.kind == "cuda":
+            with torch.cuda.device(self.device):
+                return fn()
+        return fn()
+
     def _with_device(self, call, *arrays) -> tuple:
         if self.options.kind == "cuda":
             with torch.cuda.device(self.device):
@@ -230,8 +254,11 @@ class TorchModels:
         noise level), so a graph captured for them is the one those calls find."""
         sizes = {axis: r[1] for axis, r in self.contracts["unet"].axis_ranges.items()}  # opt: the native size
         sizes["batch"] = rows
-        return {name: tuple(np.zeros(contract.shape(spec, sizes), spec.dtype) for spec in contract.inputs)
-                for name, contract in self.contracts.items() if name in ("text_encoder", "unet", "vae_decoder")}
+        examples = {name: tuple(np.zeros(contract.shape(spec, sizes), spec.dtype) for spec in contract.inputs)
+                    for name, contract in self.contracts.items() if name in ("text_encoder", "unet", "vae_decoder")}
+        if self.lora is not None:  # the LoRA scales are the UNet's last input
+            examples["unet"] += (np.zeros((rows, self.lora.width), np.float32),)
+        return examples
 
     def plan_memory(self, reserve: int | None = None) -> dict:
         """CUDA: measure the VAE decoder's peak at its largest bucket and keep that much free, then

@@ -65,11 +65,14 @@ class Sampler:
         """(timesteps [steps], per-position schedule values), cached per step count (and mu)."""
         raise NotImplementedError
 
-    def start(self, steps: int, strength: float = 1.0, eta: float = 0.0, mu: float | None = None) -> SamplerRun:
+    def start(self, steps: int, strength: float = 1.0, eta: float = 0.0, mu: float | None = None,
+              kept: int | None = None) -> SamplerRun:
         """A job's run of `steps` steps; `mu`: the resolution-dependent shift of flow-matching
-        checkpoints that shift dynamically (their family computes it)."""
+        checkpoints that shift dynamically (their family computes it); `kept`: the steps it
+        denoises where its family's pipeline counts them otherwise (default: kept_steps)."""
         timesteps, values = self._schedule(steps, mu)
-        return SamplerRun(self, steps, timesteps, values, begin=steps - kept_steps(steps, strength), eta=eta)
+        kept = kept_steps(steps, strength) if kept is None else kept
+        return SamplerRun(self, steps, timesteps, values, begin=steps - kept, eta=eta)
 
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return False
@@ -100,7 +103,8 @@ class TrainSigmaSampler(Sampler):
 
 def kept_steps(steps: int, strength: float) -> int:
     """How many of a run's `steps` image-to-image denoises at `strength`: its last
-    int(steps x strength) (diffusers' get_timesteps); the one place this arithmetic lives."""
+    int(steps x strength) (diffusers' SD get_timesteps; families/ `kept_steps` says each
+    family's, which the runner passes to `start`)."""
     return min(int(steps * strength), steps)
 
 

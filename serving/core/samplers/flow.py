@@ -29,7 +29,7 @@ class FlowMatchEuler(Sampler):
     def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
         n = self.num_train_timesteps
         if self.config.get("sigmas_from_steps"):  # FluxPipeline passes linspace(1, 1/steps, steps) itself
-            sigmas = np.linspace(1.0, 1 / steps, steps)
+            sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)  # shifted in float32, as diffusers
         else:
             sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
         if self.dynamic:
