@@ -174,7 +174,7 @@ def test_the_upload_is_read_as_a_stream_within_its_own_limit():
     async def scenario():
         async with TestClient(TestServer(upload_app(1000))) as client:
             async def post(fields):
-                form = FormData()
+                form = FormData(default_to_multipart=True)
                 for name, value, filename in fields:
                     form.add_field(name, value, filename=filename)
                 response = await client.post("/up", data=form)
@@ -187,7 +187,9 @@ def test_the_upload_is_read_as_a_stream_within_its_own_limit():
             assert await post([("name", "a", None)]) == {"code": "INVALID_ARG", "field": "file"}
             assert await post([("file", b"x", "f"), ("file", b"y", "g")]) == {"code": "INVALID_ARG", "field": "file"}
             assert await post([("file", b"x", "f"), ("colour", "red", None)]) == {"code": "INVALID_ARG", "field": "colour"}
-            assert await post([("file", b"x", None)]) == {"code": "INVALID_ARG", "field": "name"}
+            raw = b'--b0\r\nContent-Disposition: form-data; name="file"\r\n\r\nxyz\r\n--b0--\r\n'  # a file part without filename
+            response = await client.post("/up", data=raw, headers={"Content-Type": "multipart/form-data; boundary=b0"})
+            assert await response.json() == {"code": "INVALID_ARG", "field": "name"}
             response = await client.post("/up", json={"file": "x"})
             assert await response.json() == {"code": "INVALID_ARG", "field": "body"}
 
@@ -223,23 +225,23 @@ def test_the_document_declares_the_lora_routes_and_fields():
 
 
 def serve_args(**values):
-    defaults = dict(lora=False, lora_dir="", unet=None)
+    defaults = dict(lora=False, lora_dir="", unet=None, gpu=False, backend="python")
     return argparse.Namespace(**{**defaults, **values})
 
 
 def test_ldm_serve_lora_dir_checks_and_writes_the_folder(tmp_path):
     from serving.triton.serve import check_lora_options, set_lora_dir
 
-    args = serve_args(lora_dir=str(tmp_path))
-    check_lora_options(args)
-    assert args.unet == "inprocess"  # the runner that serves LoRA, when none is given
-    with pytest.raises(ValueError, match="in-process UNet runner"):
-        check_lora_options(serve_args(lora_dir=str(tmp_path), unet="torch"))
+    check_lora_options(serve_args(lora_dir=str(tmp_path)))
+    check_lora_options(serve_args(lora_dir=str(tmp_path), unet="torch"))
+    check_lora_options(serve_args(lora_dir=str(tmp_path), gpu=True, backend="python"))  # torch by default: serves LoRA
+    with pytest.raises(ValueError, match="not bls"):
+        check_lora_options(serve_args(lora_dir=str(tmp_path), unet="bls"))
+    with pytest.raises(ValueError, match="give --unet torch or inprocess"):
+        check_lora_options(serve_args(lora=True, gpu=True, backend="onnxruntime"))
     with pytest.raises(ValueError, match="no folder"):
         check_lora_options(serve_args(lora_dir=str(tmp_path / "missing")))
-    untouched = serve_args(unet="torch")
-    check_lora_options(untouched)
-    assert untouched.unet == "torch"
+    check_lora_options(serve_args(unet="bls"))  # without LoRA: anything goes
 
     repo = tmp_path / "repo"
     (repo / "pipeline" / "1").mkdir(parents=True)

@@ -115,6 +115,7 @@ def to_steer(steer) -> dict:
               if steer.HasField(name)}
     if steer.mask:
         inputs["mask"] = images.Upload(steer.mask, "mask", mask=True)
+    inputs.update(lora_inputs([(lora.name, lora.weight if lora.HasField("weight") else 1.0) for lora in steer.loras]))
 
     def negative(region):  # the generation's current negative prompt is the pipeline's to know
         raise invalid("regions.negative_prompt", "give every region of a steer a negative_prompt, or none")

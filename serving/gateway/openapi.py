@@ -213,10 +213,7 @@ def _live_request(limits: dict) -> dict:
     schema["required"] = ["prompt"]
     props = schema["properties"]
     props["size"] = {"type": "string", "pattern": SIZE_PATTERN, "description": "`WIDTHxHEIGHT` (instead of width and height)"}
-    lora = props["loras"]["items"]
-    lora["required"] = ["name"]
-    lora["properties"]["name"].update(minLength=1, description="an adapter's id (GET /v1/loras)")
-    lora["properties"]["weight"]["default"] = 1
+    _lora_items(props["loras"])
     props["progress_every"]["default"] = 1
     props["preview_every"]["default"] = 2
     schema["dependentSchemas"] = {"size": {"not": {"anyOf": [{"required": ["width"]}, {"required": ["height"]}]}}}
@@ -227,8 +224,17 @@ def _live_request(limits: dict) -> dict:
     return schema
 
 
+def _lora_items(loras: dict) -> None:
+    """A `loras` array of the gRPC messages' JSON: each names its adapter."""
+    lora = loras["items"]
+    lora["required"] = ["name"]
+    lora["properties"]["name"].update(minLength=1, description="an adapter's id (GET /v1/loras)")
+    lora["properties"]["weight"]["default"] = 1
+
+
 def _steer_request(limits: dict) -> dict:
     schema = _message_schema(images_pb2.Steer.DESCRIPTOR, limits)
+    _lora_items(schema["properties"]["loras"])
     schema["minProperties"] = 1
     # every region names its negative prompt, or none does (the generation's is the pipeline's to know)
     schema["properties"]["regions"]["anyOf"] = [{"items": {"required": ["negative_prompt"]}},

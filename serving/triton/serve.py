@@ -25,9 +25,10 @@ sampler get), checked against every exported checkpoint before anything starts.
 
 `--lora-dir DIR` registers every DIR/*.safetensors as a LoRA adapter named by its file's stem
 (requests name them in `loras` or `<lora:NAME:WEIGHT>`; POST /v1/loras adds more at run time,
-docs/loras-api.md); it exports the denoiser with LoRA inputs (as `--lora`), served by the
-in-process UNet runner, which it picks when --unet is not given. A repository served as it is
-(another model exported there) gets the folder in its config when its export has LoRA inputs.
+docs/loras-api.md); it exports the denoiser with LoRA inputs (as `--lora`), served by the UNet
+runners in the pipeline's process (inprocess, torch; refused with bls). A repository served as
+it is (another model exported there) gets the folder in its config when its export has LoRA
+inputs.
 
 Triton's own ports (KServe HTTP and gRPC, metrics) listen on --triton-host, loopback by default
 whatever --host is: they skip the gateway's keys and limits, so they are for the gateway and the
@@ -280,18 +281,20 @@ def set_default_sampler(repo, sampler: str | None) -> None:
 
 
 def check_lora_options(args) -> None:
-    """--lora / --lora-dir: the folder exists, and the UNet runner serves LoRA (the in-process
-    one: picked when --unet is not given). ValueError naming the option."""
+    """--lora / --lora-dir: the folder exists, and the UNet runner serves LoRA (inprocess or
+    torch, not bls: the default with --gpu and a native backend). ValueError naming the option."""
+    from export.cli import default_runners
+
     lora_dir = getattr(args, "lora_dir", "")
     if not (lora_dir or getattr(args, "lora", False)):
         return
     if lora_dir and not Path(lora_dir).is_dir():
         raise ValueError(f"--lora-dir: no folder {lora_dir}")
-    if args.unet is None:
-        args.unet = "inprocess"
-    elif args.unet != "inprocess":
-        raise ValueError(f"--lora-dir/--lora: LoRA adapters are served by the in-process UNet runner; drop --unet {args.unet} "
-                         "or give --unet inprocess")
+    unet = args.unet or default_runners(getattr(args, "gpu", False), getattr(args, "backend", "python"))[0]
+    if unet == "bls":
+        raise ValueError("--lora-dir/--lora: LoRA adapters are served by the UNet runners in the pipeline's process "
+                         "(--unet inprocess or torch), not bls" + ("" if args.unet else " (the default with --gpu and a "
+                                                                     "native backend): give --unet torch or inprocess"))
 
 
 def set_lora_dir(repo, lora_dir) -> None:
