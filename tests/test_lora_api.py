@@ -7,7 +7,8 @@ that request alone (and that to diffusers' load_lora_weights + set_adapters, <= 
 requests shared UNet calls; gRPC ListLoras / LoadLora / UnloadLora and typed Generate; KServe's
 lora_names / lora_weights; `ldm generate --lora`; and the refusals (unknown adapter, NaN or out of
 range weight, too many, an upload over the limit, not safetensors, another model's layers, a
-non-admin key, DELETE or replacing an adapter a running generation uses: 409)."""
+non-admin key, DELETE or replacing an adapter a running generation uses: 409); a live generation
+steered to other adapters."""
 import asyncio
 import base64
 import io
@@ -283,7 +284,7 @@ def test_refusals_name_the_field(served, tmp_path):
 
 
 def test_an_adapter_a_running_generation_uses_is_neither_removed_nor_replaced(served):
-    from serving.client.generations import GenerationsClient
+    from serving.client.generations import GenerationError, GenerationsClient
 
     uploaded(served)
 
@@ -296,10 +297,15 @@ def test_an_adapter_a_running_generation_uses_is_neither_removed_nor_replaced(se
                         break
                 deleted = await asyncio.to_thread(served.call, "DELETE", "/v1/loras/b", ADMIN)
                 replaced = await asyncio.to_thread(served.upload, "b", served.files["a"].read_bytes())
+                steered, _ = await client.steer(running.id, loras=[{"name": "a", "weight": 0.5}])  # from its next step
+                with pytest.raises(GenerationError) as refused:
+                    await client.steer(running.id, loras=[{"name": "zz"}])
                 await client.cancel(running.id)
-            return deleted, replaced
+            return deleted, replaced, steered, refused.value
 
-    deleted, replaced = asyncio.run(asyncio.wait_for(scenario(), 180))
+    deleted, replaced, steered, refused = asyncio.run(asyncio.wait_for(scenario(), 180))
+    assert steered["steer_id"] == 1
+    assert (refused.status, refused.param) == (400, "loras[0].name") and "loaded: a, b, c" in str(refused)
     assert "used by a running generation" in refusal(deleted, 409, None)
     assert refusal(replaced, 409, None)
     assert wait_for(lambda: served.call("DELETE", "/v1/loras/b", ADMIN).status_code == 200, timeout=60)
