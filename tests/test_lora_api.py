@@ -312,3 +312,31 @@ def test_an_adapter_a_running_generation_uses_is_neither_removed_nor_replaced(se
     assert [e["id"] for e in served.call("GET", "/v1/loras").json()["data"]] == ["a", "c"]
     assert "loaded: a, c" in refusal(served.generate(loras=[{"name": "b"}]), 400, "loras[0].name")
     assert served.upload("b", served.files["b"].read_bytes()).status_code == 200  # back, for whatever runs next
+
+
+def test_the_pages_picker_lists_the_adapters_and_sends_the_chosen_ones(served, local):
+    from page_browser import chromium, missing, open_page, page_errors, start
+
+    if missing():
+        pytest.skip(missing())
+    uploaded(served)
+    with chromium() as browser:
+        page = open_page(browser, served.rest_url + "/")
+        page.click("details:has(#api_key) summary")  # the lists need the key
+        page.fill("#api_key", USER)
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_selector("#lora_list .lora[data-name=c]")
+        assert page.eval_on_selector_all("#lora_list .lora", "rows => rows.map(r => r.dataset.name)") == ["a", "b", "c"]
+        page.check("#lora_a")
+        page.fill("#lora_list .lora[data-name=b] input[type=number]", "-0.5")  # a weight typed checks its box
+        with page.expect_request("**/v1/generations") as sent:
+            start(page, PROMPT, seed=3, steps=STEPS, guidance=5.0, size=SIZE)
+        assert json.loads(sent.value.post_data)["loras"] == [{"name": "a", "weight": 1}, {"name": "b", "weight": -0.5}]
+        page.wait_for_function("document.getElementById('status').dataset.state === 'done'")
+        shown = page.eval_on_selector("#gallery .card img", "img => img.src")
+        raw = page.evaluate("async (url) => Array.from(new Uint8Array(await (await fetch(url)).arrayBuffer()))", shown)
+        assert page.text_content("#gallery .card .params").count("a:1, b:-0.5") == 1
+        assert page_errors(page) == []
+        page.context.close()
+    expected = alone(local, PROMPT, 3, [{"name": "a", "weight": 1.0}, {"name": "b", "weight": -0.5}])
+    assert pixels(bytes(raw)).tobytes() == expected.tobytes()  # the page's image is the request's, alone
