@@ -31,8 +31,10 @@ def test_generated_code_is_the_proto_compiled_now(tmp_path):
 def test_the_service_has_a_unary_a_server_streaming_and_a_bidirectional_method():
     service = images_pb2.DESCRIPTOR.services_by_name["Images"]
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "GenerateStream", "Session", "ListSamplers", "ListModels"}
-    for name in ("ListSamplers", "ListModels"):
+    assert set(methods) == {"Generate", "GenerateStream", "Session", "ListSamplers", "ListModels", "ListLoras", "LoadLora",
+                            "UnloadLora"}
+    assert all(not methods[n].client_streaming and not methods[n].server_streaming for n in ("LoadLora", "UnloadLora"))
+    for name in ("ListSamplers", "ListModels", "ListLoras"):
         listing = methods[name]
         assert not listing.client_streaming and not listing.server_streaming
         assert (listing.input_type.name, listing.output_type.name) == (f"{name}Request", f"{name}Response")

@@ -10,6 +10,8 @@ import secrets
 import sys
 import time
 
+from serving.client.loras import lora_pairs
+
 PROTOCOLS = {"gateway": "localhost:50051", "kserve": "localhost:8001", "kserve-http": "localhost:8000"}
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -39,6 +41,8 @@ def add_arguments(parser):
     sdxl.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), help="that crop's corner (default: 0 0)")
     sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                       help="the size the image is meant for (default: the output's)")
+    parser.add_argument("--lora", action="append", metavar="NAME:WEIGHT", help="a LoRA adapter and its weight (default "
+                        "1), repeatable; the gateway's GET /v1/loras lists them (also: <lora:NAME:WEIGHT> in the prompt)")
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="gateway",
                         help="gateway: the typed API (default); kserve / kserve-http: Triton's gRPC / HTTP")
     parser.add_argument("--url", help="server address (default: " + ", ".join(f"{k} {v}" for k, v in PROTOCOLS.items()) + ")")
@@ -125,6 +129,8 @@ def run(args) -> int:
                   guidance_interval=args.guidance_interval, model=args.model, original_size=args.original_size,
                   crop_top_left=args.crop_top_left, target_size=args.target_size)
     try:
+        if args.lora:
+            fields["loras"] = lora_pairs(args.lora)
         fields.update(image_fields(args))
         fields.update(region_fields(args, args.protocol))
     except ValueError as exc:

@@ -8,6 +8,9 @@
         [s["name"] for s in client.samplers() if s["fits_served_model"]]
         [m["id"] for m in client.models()]                    # the served models, the default first
         client.generate("a red circle", model="sdxl", original_size=(1024, 1024), target_size=(1024, 1024))
+        client.load_lora("ink", Path("ink.safetensors"))      # an admin key when the server has keys
+        [a["id"] for a in client.loras()]                     # the adapters the server holds
+        client.generate("a red circle", loras=[("ink", 0.8)]) # or "<lora:ink:0.8>" in the prompt
 
 `generate` is retried (serving/client/retry.py's policy: UNAVAILABLE, jittered backoff) only
 when the request has a seed: then a replay gives the same images, so it is idempotent; without
@@ -24,6 +27,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 import numpy as np
 
+from serving.client.loras import lora_pairs
 from serving.client.retry import RetryPolicy, call_with_retry
 from serving.gateway.protos import images_pb2, images_pb2_grpc
 
@@ -105,7 +109,8 @@ def build_request(prompt: str, n: int = 1, seed: int | None = None, output_forma
     """A GenerateRequest; fields are the message's (images as bytes, numpy arrays or PIL images;
     `regions` as a list of dicts with prompt, negative_prompt, mask; task and region_mode by name;
     `guidance_interval` as (lo, hi); `model` a served model's id; SDXL's `original_size`,
-    `target_size` as (height, width) and `crop_top_left` as (top, left))."""
+    `target_size` as (height, width) and `crop_top_left` as (top, left); `loras` as (name, weight)
+    pairs, {name, weight} dicts or "NAME:WEIGHT" texts)."""
     request = images_pb2.GenerateRequest(prompt=prompt, n=n, output_format=FORMATS[output_format])
     if seed is not None:
         request.seed = seed
@@ -118,6 +123,10 @@ def build_request(prompt: str, n: int = 1, seed: int | None = None, output_forma
             value = TASKS[value]
         elif name == "region_mode":
             value = REGION_MODES[value]
+        elif name == "loras":
+            for lora_name, weight in lora_pairs(value):
+                request.loras.add(name=lora_name, weight=weight)
+            continue
         elif name == "regions":
             for region in value:
                 mask = region.get("mask")
@@ -180,6 +189,29 @@ class ImagesClient:
                      tasks=list(m.tasks), default_sampler=m.default_sampler, default_sigma_schedule=m.default_sigma_schedule,
                      created=m.created)
                 for m in response.models]
+
+    def loras(self, model: str = "") -> list:
+        """The LoRA adapters the server holds (ListLoras; of `model`, default every model's), as
+        dicts: id, model, resident."""
+        response = call_with_retry(lambda: self._call(self.stub.ListLoras, images_pb2.ListLorasRequest(model=model)),
+                                   self.policy)
+        return [dict(id=a.id, model=a.model, resident=a.resident) for a in response.loras]
+
+    def load_lora(self, name: str, file, model: str = "") -> dict:
+        """Uploads a LoRA file (a path or its bytes) under `name` (LoadLora); its entry."""
+        data = file if isinstance(file, (bytes, bytearray)) else Path(file).read_bytes()
+        a = self._call(self.stub.LoadLora, images_pb2.LoadLoraRequest(name=name, file=bytes(data), model=model))
+        return dict(id=a.id, model=a.model, resident=a.resident)
+
+    def unload_lora(self, name: str, model: str = "") -> None:
+        """Removes an adapter (UnloadLora)."""
+        self._call(self.stub.UnloadLora, images_pb2.UnloadLoraRequest(name=name, model=model))
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise ImagesError.from_rpc(error) from None
 
     def samplers(self, model: str = "") -> list:
         """The samplers the server knows (ListSamplers), as dicts: name, description, a1111_names,

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from serving.client.loras import lora_pairs
 from serving.core.errors import parse_coded_message
 from serving.core.request import FIELDS
 from serving.core.steering import STEER_PARAMETER
@@ -46,7 +47,7 @@ def infer_inputs(arrays: dict, module=None) -> list:
     return inputs
 
 
-def request_arrays(prompt, **fields) -> dict:
+def request_arrays(prompt, loras=None, **fields) -> dict:
     """The pipeline's input tensors for `prompt` and the given fields (serving.core.request.FIELDS
     names them); fields left out or None take the server's defaults. A field of shape [1] takes a
     value; a list field (region_prompts) a list of texts; `model` a served model's name (absent:
@@ -55,8 +56,17 @@ def request_arrays(prompt, **fields) -> dict:
     converted to its type. Arrays (`init_image` uint8 [H, W, 3], `mask` uint8 [H, W],
     `region_masks` uint8 [R, H, W], or a fixed-shape field as an ndarray) are sent as given, never
     cast: an array of another dtype or rank raises INVALID_ARG naming the field, as the server
-    would answer."""
+    would answer. `loras` ([(name, weight)], {name, weight} dicts or "NAME:WEIGHT" texts,
+    serving/client/loras.py) gives `lora_names` and `lora_weights` (also given as a list of
+    names and a list of numbers)."""
     specs = {f.name: f for f in FIELDS}
+    if loras:
+        if fields.get("lora_names") is not None or fields.get("lora_weights") is not None:
+            raise TypeError("give loras, or lora_names and lora_weights, not both")
+        pairs = lora_pairs(loras)
+        fields = {**fields, "lora_names": [n for n, _ in pairs], "lora_weights": [w for _, w in pairs]}
+    if isinstance(fields.get("lora_weights"), (list, tuple)):  # FP32 [N]: numbers as float32
+        fields = {**fields, "lora_weights": np.asarray(fields["lora_weights"], dtype=np.float32)}
     unknown = sorted(set(fields) - set(specs))
     if unknown:
         raise TypeError(f"unknown request fields {unknown}; known: {sorted(specs)}")

@@ -2,7 +2,11 @@
 
 API keys are optional and stored hashed: a key file (or the LDM_API_KEY_HASHES environment
 variable) holds lines `NAME sha256:HEX`, the SHA-256 of each key; the keys themselves never
-touch the disk of the server. `ldm gateway --new-key NAME` prints a fresh key and its line.
+touch the disk of the server. `ldm gateway --new-key NAME` prints a fresh key and its line. A
+line ending in ` admin` (`--new-key NAME --admin`) is an admin key: it also may change what the
+server holds (upload and remove LoRA adapters, serving/gateway/loras.py); other keys may not
+(PERMISSION_DENIED / 403). Without keys there are no admins to tell apart: anyone who reaches
+the gateway may.
 Clients send `Authorization: Bearer KEY` (REST; what the OpenAI SDK sends) or gRPC metadata
 `authorization: Bearer KEY`. Without keys the gateway is open, which it allows only on a
 loopback address unless told `--allow-anonymous`.
@@ -22,9 +26,10 @@ import secrets
 import threading
 import time
 
-from serving.gateway.errors import RESOURCE_EXHAUSTED, UNAUTHENTICATED, ApiError
+from serving.gateway.errors import PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAUTHENTICATED, ApiError
 
 HASH_PREFIX = "sha256:"
+ROLES = ("admin",)  # what a key file line may add after the hash
 KEYS_ENV = "LDM_API_KEY_HASHES"
 
 
@@ -48,20 +53,25 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True)
 class ApiKeys:
     names: dict  # key hash -> key name
+    admins: frozenset = frozenset()  # hashes of the admin keys
 
     @classmethod
     def parse(cls, text: str, source: str) -> "ApiKeys":
-        names = {}
+        names, admins = {}, set()
         for number, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             parts = line.split()
-            hex_digest = parts[-1].removeprefix(HASH_PREFIX) if len(parts) == 2 else ""
-            if len(hex_digest) != 64 or not parts[-1].startswith(HASH_PREFIX) or any(c not in "0123456789abcdef" for c in hex_digest):
-                raise ValueError(f"{source}:{number}: expected `NAME sha256:<64 hex digits>` (see ldm gateway --new-key)")
+            hex_digest = parts[1].removeprefix(HASH_PREFIX) if len(parts) in (2, 3) else ""
+            if (len(hex_digest) != 64 or not parts[1].startswith(HASH_PREFIX) or any(c not in "0123456789abcdef" for c in hex_digest)
+                    or parts[2:] not in ([], *[[role] for role in ROLES])):
+                raise ValueError(f"{source}:{number}: expected `NAME sha256:<64 hex digits>`, or with ` admin` after it "
+                                 "(see ldm gateway --new-key)")
             names[parts[1]] = parts[0]
-        return cls(names)
+            if parts[2:] == ["admin"]:
+                admins.add(parts[1])
+        return cls(names, frozenset(admins))
 
     @classmethod
     def load(cls, path=None, environ=os.environ) -> "ApiKeys | None":
@@ -73,12 +83,14 @@ class ApiKeys:
             texts.append((environ[KEYS_ENV].replace(";", "\n"), KEYS_ENV))
         if not texts:
             return None
-        names = {}
+        names, admins = {}, set()
         for text, source in texts:
-            names.update(cls.parse(text, source).names)
+            keys = cls.parse(text, source)
+            names.update(keys.names)
+            admins |= keys.admins
         if not names:
             raise ValueError(f"no API keys in {', '.join(s for _, s in texts)}")
-        return cls(names)
+        return cls(names, frozenset(admins))
 
     def identify(self, credential: str | None) -> str:
         """The key's name; UNAUTHENTICATED for a missing or unknown key."""
@@ -88,6 +100,9 @@ class ApiKeys:
         if name is None:
             raise ApiError(UNAUTHENTICATED, "unknown API key")
         return name
+
+    def is_admin(self, credential: str | None) -> bool:
+        return bool(credential) and hash_key(credential) in self.admins
 
 
 def bearer(header: str | None) -> str | None:
@@ -153,6 +168,13 @@ class Access:
     def identify(self, credential: str | None, address: str) -> str:
         """The caller's name (the key's, or its address); UNAUTHENTICATED without a valid key."""
         return self.keys.identify(credential) if self.keys is not None else address
+
+    def require_admin(self, credential: str | None, what: str) -> None:
+        """PERMISSION_DENIED unless the (already identified) key is an admin key; without keys
+        anyone may."""
+        if self.keys is not None and not self.keys.is_admin(credential):
+            raise ApiError(PERMISSION_DENIED, f"{what} needs an admin key (a key file line ending in ` admin`: "
+                           "ldm gateway --new-key NAME --admin); this key may generate and list")
 
     def charge(self, caller: str, cost: int) -> None:
         if self.limiter is not None:

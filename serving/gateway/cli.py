@@ -15,7 +15,7 @@ def add_gateway_options(parser, prefix: str = "") -> None:
                         help="REST port (OpenAI Images API, /docs, /metrics; default: %(default)s)")
     parser.add_argument(f"--{prefix}grpc-port", type=int, default=DEFAULT_GRPC_PORT,
                         help="gRPC port (ldm.v1.Images, health, reflection; default: %(default)s)")
-    parser.add_argument("--api-keys", help="file of `NAME sha256:HEX` lines (also: env LDM_API_KEY_HASHES); "
+    parser.add_argument("--api-keys", help="file of `NAME sha256:HEX [admin]` lines (also: env LDM_API_KEY_HASHES); "
                         "without keys the gateway is open, which needs a loopback address or --allow-anonymous")
     parser.add_argument("--allow-anonymous", action="store_true", help="serve without API keys on a non-loopback address")
     parser.add_argument("--rate-limit", type=float, default=0.0, help="work units per second per key (per address without "
@@ -56,6 +56,8 @@ def add_arguments(parser):
                         help="or: the other replicas are http://NAME.DOMAIN:REST_PORT (env LDM_PEER_DOMAIN; "
                         "Kubernetes: the headless Service the pods name as their subdomain)")
     parser.add_argument("--new-key", metavar="NAME", help="print a new API key and its line for the key file, then exit")
+    parser.add_argument("--admin", action="store_true", help="with --new-key: an admin key, which may also upload and "
+                        "remove LoRA adapters (its line ends in ` admin`)")
 
 
 def config_from_args(args, triton: str, host: str, rest_port: int, grpc_port: int):
@@ -87,7 +89,7 @@ def run(args) -> int:
 
         key = new_key()
         print(f"key (give it to the client; it is not stored): {key}")
-        print(f"line for the key file:  {args.new_key} {hash_key(key)}")
+        print(f"line for the key file:  {args.new_key} {hash_key(key)}{' admin' if args.admin else ''}")
         return 0
     from serving.gateway.app import serve
     from serving.gateway.telemetry import configure_logging

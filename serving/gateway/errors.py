@@ -4,6 +4,8 @@ A field error names the field of the gateway's own request (`Generation`, which 
 pipeline's input names); each front renames it to what its clients sent (REST: `size` for
 height and width, `image` for init_image, ...).
 """
+import re
+
 import grpc
 
 from serving.core.errors import CANCELLED, INTERNAL, INVALID_ARG, UNAVAILABLE, parse_coded_message
@@ -69,13 +71,17 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError(INVALID_ARG, message, field)
 
 
+# a field the pipeline names: `steps`, `region_prompts[1]`, `loras[0].name`
+FIELD_PATH = re.compile(r"[A-Za-z_]\w*(\[\d+\])?(\.[A-Za-z_]\w*(\[\d+\])?)*")
+
+
 def from_pipeline(text: str) -> ApiError:
     """An error the pipeline answered (`[CODE] field: message`, serving/core/errors.py)."""
     code, message = parse_coded_message(text)
     if code is None:
         return ApiError(INTERNAL, f"pipeline: {text}")
     field = None
-    if code == INVALID_ARG and ": " in message and message.split(": ", 1)[0].isidentifier():
+    if code == INVALID_ARG and ": " in message and FIELD_PATH.fullmatch(message.split(": ", 1)[0]):
         field, message = message.split(": ", 1)
     retry = 1.0 if code == UNAVAILABLE else None
     return ApiError(code if code in GRPC_STATUS else INTERNAL, message, field, retry)

@@ -4,8 +4,14 @@ Its `inputs` use the pipeline's input names (serving/core/request.py FIELDS, and
 the image-conditioning and regional features add); their tensor types come from the served
 model's config, which the gateway reads at start, so this module declares no types of its own.
 A request that uses an input the served pipeline does not declare is UNIMPLEMENTED.
+
+LoRA adapters (`loras: [{name, weight}]` on every front) travel as the pipeline's `lora_names`
+and `lora_weights`, in the request's order; the pipeline adds the prompt's `<lora:name:weight>`
+tags after them, so its error naming `loras[i]` past the request's own adapters is about a tag
+of the prompt (`refused` says so).
 """
 from dataclasses import dataclass, field
+import re
 import secrets
 
 import numpy as np
@@ -19,7 +25,8 @@ MAX_SEED = 2**63 - 1
 PAIRS = {"original_size": "[height, width]", "crop_top_left": "[top, left]", "target_size": "[height, width]"}
 # pipeline inputs -> the GenerateRequest (and Steer) fields they come from
 FIELD_NAMES = {"region_prompts": "regions.prompt", "region_negative_prompts": "regions.negative_prompt",
-               "region_masks": "regions.mask"}
+               "region_masks": "regions.mask", "lora_names": "loras", "lora_weights": "loras"}
+LORA_FIELD = re.compile(r"loras\[(\d+)\](\.\w+)?")
 
 # Triton model-config data types -> numpy
 NUMPY_TYPES = {
@@ -73,6 +80,14 @@ class Generation:
         check_texts({"prompt": self.prompt, **self.inputs})
         return self
 
+    def refused(self, error: ApiError) -> ApiError:
+        """The pipeline's refusal, naming `prompt` where it is about a <lora:> tag of the prompt."""
+        match = LORA_FIELD.fullmatch(error.field or "")
+        if match and int(match.group(1)) >= len(self.inputs.get("lora_names", ())):
+            return ApiError(error.code, f"a <lora:name:weight> tag ({error.field}: the request's loras, then the prompt's "
+                            f"tags): {error.message}", "prompt", error.retry_after_s)
+        return error
+
     def values(self, index: int) -> dict:
         """The pipeline inputs of image `index`, as Python values."""
         values = {"prompt": self.prompt, **self.inputs, "seed": self.seed + index}
@@ -93,6 +108,20 @@ class Generation:
         """Named numpy arrays for image `index`, typed as the served pipeline declares them."""
         self.check_declared(declared)
         return {name: to_array(name, value, declared[name]) for name, value in self.values(index).items()}
+
+
+def lora_inputs(loras: list) -> dict:
+    """The pipeline inputs of a request's adapters, [(name, weight), ...] (none: no inputs);
+    INVALID_ARG naming `loras[i].name` or `loras[i].weight` for what is not a name or a number
+    (the pipeline checks the names it holds, the weights' range, NaN included, and how many)."""
+    if not loras:
+        return {}
+    for i, (name, weight) in enumerate(loras):
+        if not isinstance(name, str) or not name:
+            raise invalid(f"loras[{i}].name", "must be an adapter's name (GET /v1/loras lists them)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise invalid(f"loras[{i}].weight", f"must be a number (default 1), got {weight!r}")
+    return {"lora_names": [name for name, _ in loras], "lora_weights": [float(weight) for _, weight in loras]}
 
 
 def check_texts(inputs: dict) -> None:

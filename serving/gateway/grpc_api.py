@@ -19,10 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from serving.gateway import grpc_session, images, models
+from serving.gateway import grpc_session, images, loras, models
 from serving.gateway.access import bearer
 from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
-from serving.gateway.generation import FIELD_NAMES, PAIRS, Generation
+from serving.gateway.generation import FIELD_NAMES, PAIRS, Generation, lora_inputs
 from serving.gateway.protos import images_pb2, images_pb2_grpc
 from serving.gateway.samplers import served_samplers
 from serving.gateway.service import EncodedImage, ImageService
@@ -60,6 +60,7 @@ def to_generation(request, streaming: bool) -> Generation:
         inputs["mask"] = images.Upload(request.mask, "mask", mask=True)
     # a region left without a negative prompt takes the request's, as when no region names one
     inputs.update(region_inputs(request, lambda region: region.negative_prompt or request.negative_prompt))
+    inputs.update(lora_inputs([(lora.name, lora.weight if lora.HasField("weight") else 1.0) for lora in request.loras]))
     progress_every = request.progress_every if request.HasField("progress_every") else 1
     return Generation(
         prompt=request.prompt,
@@ -96,6 +97,10 @@ def models_message(model) -> "images_pb2.ListModelsResponse":
     return response
 
 
+def lora_message(adapter: dict) -> "images_pb2.LoraInfo":
+    return images_pb2.LoraInfo(id=adapter["id"], model=adapter["model"], resident=bool(adapter["resident"]))
+
+
 def enum_word(words: dict, field: str, value: int) -> str:
     """The word of an enum value; proto3 enums are open, so a client may send a number this
     server does not know: INVALID_ARG naming the field."""
@@ -110,6 +115,7 @@ def to_steer(steer) -> dict:
               if steer.HasField(name)}
     if steer.mask:
         inputs["mask"] = images.Upload(steer.mask, "mask", mask=True)
+    inputs.update(lora_inputs([(lora.name, lora.weight if lora.HasField("weight") else 1.0) for lora in steer.loras]))
 
     def negative(region):  # the generation's current negative prompt is the pipeline's to know
         raise invalid("regions.negative_prompt", "give every region of a steer a negative_prompt, or none")
@@ -246,6 +252,43 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
             try:
                 self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
                 return models_message(self.service.pipeline.require_model())
+            except Exception as exc:
+                await abort(context, outcome, exc, rid)
+
+    async def ListLoras(self, request, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request("grpc.ListLoras", rid) as outcome:
+            try:
+                self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
+                adapters = await loras.list_adapters(self.service, request.model)
+                return images_pb2.ListLorasResponse(loras=[lora_message(a) for a in adapters])
+            except Exception as exc:
+                await abort(context, outcome, exc, rid)
+
+    async def LoadLora(self, request, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request("grpc.LoadLora", rid) as outcome:
+            try:
+                credential = bearer(metadata.get("authorization"))
+                self.service.identify(credential, peer_address(context.peer()))
+                if not request.name:
+                    raise invalid("name", "is required (1-64 letters, digits, '.', '_' or '-')")
+                if not request.file:
+                    raise invalid("file", "is required: the adapter's .safetensors file")
+                return lora_message(await loras.load(self.service, credential, request.name, request.file, request.model))
+            except Exception as exc:
+                await abort(context, outcome, exc, rid)
+
+    async def UnloadLora(self, request, context):
+        rid, metadata = self._start(context)
+        with self.service.metrics.request("grpc.UnloadLora", rid) as outcome:
+            try:
+                credential = bearer(metadata.get("authorization"))
+                self.service.identify(credential, peer_address(context.peer()))
+                if not request.name:
+                    raise invalid("name", "is required")
+                answer = await loras.unload(self.service, credential, request.name, request.model)
+                return images_pb2.UnloadLoraResponse(id=answer["id"], model=answer["model"])
             except Exception as exc:
                 await abort(context, outcome, exc, rid)
 

@@ -11,6 +11,7 @@ tests/test_gateway_openapi.py runs a schema-driven fuzzer (schemathesis) against
 with this document."""
 from google.protobuf.descriptor import FieldDescriptor
 
+from serving.core.lora import DEFAULT_MAX_PER_REQUEST, MAX_WEIGHT
 from serving.core.regions import MAX_REGIONS
 from serving.gateway.generation import FORMATS, MAX_SEED, PAIRS
 from serving.gateway.protos import images_pb2
@@ -19,7 +20,11 @@ from serving.gateway.rest_params import EDITS, GENERATIONS, SIZE, params_of
 KINDS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
          "boolean": {"type": "boolean"}, "file": {"type": "string", "format": "binary"}, "any": {},
          "interval": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2, "maxItems": 2},
-         "pair": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}}
+         "pair": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+         "loras": {"type": "array", "items": {
+             "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                 "name": {"type": "string", "minLength": 1, "description": "an adapter's id (GET /v1/loras)"},
+                 "weight": {"type": "number", "minimum": -MAX_WEIGHT, "maximum": MAX_WEIGHT, "default": 1}}}}}
 ERROR = {"$ref": "#/components/schemas/Error"}
 SIZE_PATTERN = f"^(auto|{SIZE.pattern})$"
 TEXT = {"type": "string", "pattern": r"\S", "description": "holds a visible character"}
@@ -43,11 +48,13 @@ RETRY = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"
 REQUEST_ID = {"X-Request-Id": {"schema": {"type": "string"}, "description": "the request's id (also in the logs)"}}
 
 
-def _errors(*codes) -> dict:
+def _errors(*codes, meanings: dict | None = None) -> dict:
+    """The error answers of `codes`, described by MEANINGS or, for a route's own, `meanings`."""
     answers = {}
     for code in codes:
         headers = {**REQUEST_ID, **(RETRY if code in ("429", "503") else {})}
-        answers[code] = {"description": MEANINGS[code], "headers": headers, "content": {"application/json": {"schema": ERROR}}}
+        answers[code] = {"description": (meanings or {}).get(code, MEANINGS[code]), "headers": headers,
+                         "content": {"application/json": {"schema": ERROR}}}
     return answers
 
 
@@ -67,6 +74,8 @@ def _limits(model) -> dict:
         "progress_every": {"minimum": 0, "maximum": parameter("max_steps", int, 150)},
         "preview_every": {"minimum": 0, "maximum": parameter("max_steps", int, 150)},
         "regions": {"maxItems": parameter("max_regions", int, MAX_REGIONS)},
+        "loras": {"maxItems": parameter("max_loras_per_request", int, DEFAULT_MAX_PER_REQUEST)},
+        "weight": {"minimum": -MAX_WEIGHT, "maximum": MAX_WEIGHT},  # a Lora's (GenerateRequest.loras)
         **{name: {"minItems": 2, "maxItems": 2} for name in PAIRS},  # SDXL's [height, width], [top, left]
         **({"model": {"examples": _served_ids(model)}} if _served_ids(model) else {}),
         "prompt": TEXT,
@@ -81,7 +90,7 @@ def _schema(param, limits: dict, nullable: bool) -> dict:
     for key, value in (("enum", list(param.enum) or None), *bounds, ("default", param.default)):
         if value is not None:
             schema[key] = value
-    if param.to_pipeline or param.name == "prompt":
+    if param.to_pipeline or param.name == "prompt" or param.kind == "loras":
         schema.update({k: v for k, v in limits.get(param.name, {}).items() if k != "description"})
     if param.name == "size":
         schema["pattern"] = SIZE_PATTERN
@@ -103,6 +112,8 @@ def _body(route: str, limits: dict) -> dict:
     properties = {p.name: _schema(p, limits, nullable=route == GENERATIONS) for p in params}
     if route == EDITS:
         properties.update({p.name: {**properties[p.name], "type": "string"} for p in params if p.kind == "any"})
+        properties.update({p.name: {"type": "string", "description": p.description, "x-ldm-extension": True}
+                           for p in params if p.kind == "loras"})
     body = {"type": "object", "additionalProperties": False, "required": [p.name for p in params if p.required],
             "properties": properties}
     if route == GENERATIONS:  # previews are streamed: partial_images > 0 needs stream: true
@@ -202,6 +213,7 @@ def _live_request(limits: dict) -> dict:
     schema["required"] = ["prompt"]
     props = schema["properties"]
     props["size"] = {"type": "string", "pattern": SIZE_PATTERN, "description": "`WIDTHxHEIGHT` (instead of width and height)"}
+    _lora_items(props["loras"])
     props["progress_every"]["default"] = 1
     props["preview_every"]["default"] = 2
     schema["dependentSchemas"] = {"size": {"not": {"anyOf": [{"required": ["width"]}, {"required": ["height"]}]}}}
@@ -212,8 +224,17 @@ def _live_request(limits: dict) -> dict:
     return schema
 
 
+def _lora_items(loras: dict) -> None:
+    """A `loras` array of the gRPC messages' JSON: each names its adapter."""
+    lora = loras["items"]
+    lora["required"] = ["name"]
+    lora["properties"]["name"].update(minLength=1, description="an adapter's id (GET /v1/loras)")
+    lora["properties"]["weight"]["default"] = 1
+
+
 def _steer_request(limits: dict) -> dict:
     schema = _message_schema(images_pb2.Steer.DESCRIPTOR, limits)
+    _lora_items(schema["properties"]["loras"])
     schema["minProperties"] = 1
     # every region names its negative prompt, or none does (the generation's is the pipeline's to know)
     schema["properties"]["regions"]["anyOf"] = [{"items": {"required": ["negative_prompt"]}},
@@ -333,6 +354,73 @@ def _model_paths(ids: list) -> dict:
     }
 
 
+LORA_MEANINGS = {
+    "400": "a parameter is malformed (`param` names it), a file that is not a LoRA of the model (`param`: file; the "
+           "message says why, naming the first layer that does not fit), or a model that takes no LoRA adapters",
+    "403": "not an admin key (uploads and removals take one when the server has keys), or a browser request from "
+           "another origin or to an unknown Host",
+    "404": "no adapter of that name (`param`: name), or no served model of that name (`param`: model)",
+    "409": "the adapter is used by a running generation: retry when it has finished",
+    "413": "the file is over the pipeline's max_lora_file_mb",
+    "501": "the served pipeline takes no LoRA messages (an export made before them)",
+}
+
+
+def _lora() -> dict:
+    return {"type": "object", "required": ["id", "object", "model", "resident"], "properties": {
+        "id": {"type": "string", "description": "what a request's `loras[].name` and `<lora:id:weight>` take"},
+        "object": {"const": "lora"},
+        "model": {"type": "string", "description": "the served model it adapts"},
+        "resident": {"type": "boolean", "description": "read into memory now (an evicted one is read again when named)"}}}
+
+
+def _lora_paths(ids: list) -> dict:
+    model_query = [{"name": "model", "in": "query", "required": False,
+                    "schema": {"type": "string", **({"examples": ids} if ids else {})},
+                    "description": "a served model (default: every model's adapters; for DELETE the default model)"}]
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    lora = {"$ref": "#/components/schemas/Lora"}
+    return {
+        "/v1/loras": {
+            "get": {"summary": "The LoRA adapters the server holds (OpenAI's list shape)", "operationId": "loras_list",
+                    "parameters": model_query,
+                    "responses": {"200": {"description": "OpenAI's list shape", "headers": REQUEST_ID, "content": {
+                        "application/json": {"schema": {"type": "object", "required": ["object", "data"], "properties": {
+                            "object": {"const": "list"}, "data": {"type": "array", "items": lora}}}}}},
+                                  **_errors("400", "401", "403", "404", "500", "503", meanings=LORA_MEANINGS)}},
+            "post": {"summary": "Upload a LoRA adapter (safetensors, diffusers/PEFT or kohya-ss/A1111 keys); replaces "
+                                "one of the same name. With API keys on: an admin key",
+                     "operationId": "loras_upload",
+                     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                         "type": "object", "required": ["file"], "additionalProperties": False, "properties": {
+                             "file": {"type": "string", "format": "binary", "description": "the .safetensors file"},
+                             "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$",
+                                      "description": "default: the file's stem"},
+                             "model": {"type": "string", "description": "default: the server's default model"}}}}}},
+                     "responses": {"200": {"description": "the adapter", "headers": REQUEST_ID,
+                                           "content": {"application/json": {"schema": lora}}},
+                                   **_errors("400", "401", "403", "404", "409", "413", "500", "501", "503",
+                                             meanings=LORA_MEANINGS)}}},
+        "/v1/loras/{name}": {
+            "get": {"summary": "One adapter", "operationId": "loras_retrieve", "parameters": name + model_query,
+                    "responses": {"200": {"description": "the adapter", "headers": REQUEST_ID,
+                                          "content": {"application/json": {"schema": lora}}},
+                                  **_errors("400", "401", "403", "404", "500", "503", meanings=LORA_MEANINGS)}},
+            "delete": {"summary": "Remove an adapter (refused while a running generation uses it). With API keys on: an "
+                                  "admin key",
+                       "operationId": "loras_delete", "parameters": name + model_query,
+                       "responses": {"200": {"description": "removed", "headers": REQUEST_ID, "content": {
+                           "application/json": {"schema": {"type": "object", "required": ["id", "object", "deleted"],
+                                                           "properties": {"id": {"type": "string"},
+                                                                          "object": {"const": "lora"},
+                                                                          "model": {"type": "string"},
+                                                                          "deleted": {"const": True}}}}}},
+                                     **_errors("400", "401", "403", "404", "409", "500", "501", "503",
+                                               meanings=LORA_MEANINGS)}},
+        },
+    }
+
+
 def _readiness() -> dict:
     ready = {"application/json": {"schema": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}}}
     return {"get": {"summary": "readiness: the pipeline behind the gateway is ready", "responses": {
@@ -367,6 +455,7 @@ def document(model=None) -> dict:
                     "schema": {"$ref": "#/components/schemas/SamplerList"}}}},
                               **_errors("401", "403", "404")}}},
             **_model_paths(ids),
+            **_lora_paths(ids),
             **_live_paths(),
             "/healthz": _probe("liveness: the gateway answers"),
             "/readyz": _readiness(),
@@ -391,6 +480,7 @@ def document(model=None) -> dict:
                     "size": {"type": "string"}, "background": {"type": "string"}}},
                 "SamplerList": _sampler_list(),
                 "Model": _model(),
+                "Lora": _lora(),
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["message", "type", "param", "code"], "properties": {
                         "message": {"type": "string"}, "type": {"type": "string"},

@@ -14,6 +14,9 @@ ids in its `steer_applied` output. A steer is a control message: it carries the 
 
 `status` asks the engine whether it admits and how loaded it is (a status message): the
 readiness watch asks it, so a drained or stopped engine makes the gateway not ready.
+
+`loras`, `load_lora` and `unload_lora` send the pipeline's LoRA messages (serving/triton/loras.py),
+control messages too: the adapters the pipeline holds, an uploaded file registered, one removed.
 """
 import asyncio
 from dataclasses import dataclass
@@ -28,8 +31,9 @@ from tritonclient.utils import InferenceServerException
 from serving.client.kserve import infer_inputs
 from serving.core.errors import UNAVAILABLE
 from serving.core.steering import STEER_PARAMETER
+from serving.triton import loras as lora_messages
 from serving.triton.control import CONTROL_PARAMETER, STATUS_PARAMETER
-from serving.gateway.errors import ApiError, from_pipeline
+from serving.gateway.errors import UNIMPLEMENTED, ApiError, from_pipeline
 from serving.gateway.generation import Generation, to_array
 
 MODEL = "pipeline"
@@ -118,27 +122,34 @@ class PipelineClient:
             raise ApiError(UNAVAILABLE, "the pipeline did not answer the status message", retry_after_s=1.0)
         return status
 
-    async def _ask(self, request: dict, answer):
-        """Sends one message (status, steer) on a stream of its own: answer(result) of the first
-        response it is not None for, or None when the stream ends without one; a refusal is
-        raised as ApiError."""
+    async def _ask(self, request: dict, answer, refusal=None, graceful: bool = False):
+        """Sends one message (status, steer, LoRA) on a stream of its own: answer(result) of the
+        first response it is not None for, or None when the stream ends without one; a refusal
+        is raised as ApiError (refusal(text), default from_pipeline). `graceful`: once answered,
+        the stream is half-closed and read to its end rather than cancelled (LoRA messages: see
+        _half_close)."""
         async def requests():
             yield request
             await answered.wait()
 
         answered = asyncio.Event()
         stream = self.client.stream_infer(requests())
+        ended = False
         try:
             async for result, error in _responses(stream):
                 if error is not None:
-                    raise from_pipeline(str(error.message()))
+                    raise (refusal or from_pipeline)(str(error.message()))
                 value = answer(result)
                 if value is not None:
+                    if graceful:
+                        ended = await _half_close(stream, answered)
                     return value
+            ended = True
             return None
         finally:
             answered.set()
-            stream.cancel()
+            if not ended:
+                stream.cancel()
 
     async def load_model(self) -> bool:
         """(Re)reads what the served pipeline declares; False when Triton did not answer."""
@@ -175,7 +186,7 @@ class PipelineClient:
         try:
             async for result, error in _responses(stream):
                 if error is not None:
-                    raise from_pipeline(str(error.message()))
+                    raise generation.refused(from_pipeline(str(error.message())))
                 index = int(result.get_response().id.rsplit("-", 1)[1])
                 image = result.as_numpy("image")
                 applied = result.as_numpy("steer_applied")
@@ -199,6 +210,41 @@ class PipelineClient:
             if pending:  # left early: cancel what is still running
                 stream.cancel()
 
+    def takes_loras(self) -> bool:
+        """Whether the served pipeline takes LoRA messages (its model declares their file input)."""
+        return lora_messages.FILE_INPUT in self.require_model().inputs
+
+    async def loras(self, model: str = "") -> list:
+        """[{"id", "model", "resident"}] of the adapters of `model` ("": every model's)."""
+        if not self.takes_loras():
+            return []
+        return await self._lora_message("list", model=model)
+
+    async def load_lora(self, name: str, data: bytes, model: str = "") -> list:
+        """Registers an adapter file under `name`; the adapters of its model after it."""
+        self._require_loras()
+        return await self._lora_message("load", name, model, {lora_messages.FILE_INPUT: np.array([data], dtype=np.object_)})
+
+    async def unload_lora(self, name: str, model: str = "") -> list:
+        self._require_loras()
+        return await self._lora_message("unload", name, model)
+
+    def _require_loras(self) -> None:
+        if not self.takes_loras():
+            raise ApiError(UNIMPLEMENTED, "the served pipeline takes no LoRA messages (exported before LoRA adapters "
+                           "could be loaded at run time): re-export it (ldm serve does)")
+
+    async def _lora_message(self, action: str, name: str = "", model: str = "", inputs: dict | None = None) -> list:
+        parameters = {lora_messages.ACTION_PARAMETER: action, lora_messages.NAME_PARAMETER: name,
+                      lora_messages.MODEL_PARAMETER: model, CONTROL_PARAMETER: self.control_secret}
+        request = {"model_name": MODEL, "parameters": parameters,
+                   "inputs": infer_inputs(inputs or {"prompt": np.array([b""], dtype=np.object_)})}
+        entries = await self._ask(request, lambda result: lora_messages.decode(result.as_numpy(lora_messages.LIST_OUTPUT)),
+                                  lora_refusal, graceful=True)
+        if entries is None:
+            raise ApiError(UNAVAILABLE, f"the pipeline's stream ended without answering the LoRA {action}", retry_after_s=1.0)
+        return entries
+
     async def steer(self, target: str, fields: dict) -> int:
         """Sends a steer message for Triton request `target`; its steer id (1, 2, ... per
         generation). The pipeline's refusal (NOT_FOUND, FAILED_PRECONDITION, INVALID_ARG naming
@@ -216,6 +262,35 @@ class PipelineClient:
         if steer_id is None:
             raise ApiError(UNAVAILABLE, "the pipeline's stream ended without answering the steer", retry_after_s=1.0)
         return steer_id
+
+
+async def _half_close(stream, answered: asyncio.Event, timeout_s: float = 5.0) -> bool:
+    """Ends a message's stream by half-closing it and reading it to its end (True), instead of
+    cancelling it: a LoRA load's stream cancelled straight after its answer left tritonserver
+    2.51 unable to unload the pipeline at shutdown, now and then. False when it did not end in
+    `timeout_s` (the caller cancels it then)."""
+    answered.set()
+
+    async def rest():
+        async for _ in _responses(stream):
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), timeout_s)
+        return True
+    except (asyncio.TimeoutError, ApiError):
+        return False
+
+
+def lora_refusal(text: str) -> ApiError:
+    """The pipeline's refusal of a LoRA message; its field (name, file, model) named also where
+    the code is not INVALID_ARG (an unknown adapter's NOT_FOUND)."""
+    error = from_pipeline(text)
+    if error.field is None and ": " in error.message:
+        field, message = error.message.split(": ", 1)
+        if field in ("name", "file", "model"):
+            return ApiError(error.code, message, field, error.retry_after_s)
+    return error
 
 
 async def _responses(stream):

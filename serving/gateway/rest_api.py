@@ -1,7 +1,8 @@
 """The REST front (aiohttp): OpenAI's Images API at /v1/images/generations and /v1/images/edits,
 its error shape, server-sent events for `stream: true`; the models they take (/v1/models,
 /v1/models/{id}: OpenAI's Models API) and the samplers (/v1/samplers, in OpenAI's list shape);
-the OpenAPI document (/openapi.json), a page rendering it (/docs),
+the LoRA adapters (/v1/loras: serving/gateway/loras.py); the OpenAPI document (/openapi.json), a
+page rendering it (/docs),
 liveness (/healthz), readiness (/readyz) and metrics (/metrics).
 
 A client that disconnects cancels its request (the handler is cancelled, which closes the
@@ -19,10 +20,10 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.core.errors import CANCELLED, INVALID_ARG
-from serving.gateway import images, models, rest_params
+from serving.gateway import images, loras, models, rest_params
 from serving.gateway.access import bearer
 from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, UNSUPPORTED_MEDIA_TYPE, ApiError, invalid
-from serving.gateway.generation import Generation
+from serving.gateway.generation import Generation, lora_inputs
 from serving.gateway.openapi import document
 from serving.gateway.rest_params import EDITS, GENERATIONS, parse_size
 from serving.gateway.samplers import rest_list, served_samplers
@@ -33,12 +34,12 @@ SERVICE = web.AppKey("service", ImageService)
 DOCS_PAGE = Path(__file__).resolve().parent / "static" / "docs.html"
 # Generation's field names -> the REST parameters they come from
 REST_NAMES = {"height": "size", "width": "size", "init_image": "image", "quality": "output_compression",
-              "preview_every": "partial_images"}
+              "preview_every": "partial_images", "lora_names": "loras", "lora_weights": "loras"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
                404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                429: "rate_limit_error", 501: "not_implemented_error"}
 ERROR_CODES = {"UNAUTHENTICATED": "invalid_api_key", "RESOURCE_EXHAUSTED": "rate_limit_exceeded"}
-LISTS = ("interval", "pair")  # parameter kinds a form gives as `a,b` or as the field twice
+LISTS = ("interval", "pair", "loras")  # parameter kinds a form gives as `a,b` or as the field twice
 
 
 def error_body(error: ApiError) -> dict:
@@ -87,6 +88,7 @@ def to_generation(params: dict, route: str, service: ImageService) -> Generation
     if partial and not stream:
         raise invalid("partial_images", "needs stream: true")
     inputs = {p.name: params[p.name] for p in rest_params.params_of(route) if p.to_pipeline and p.name in params}
+    inputs.update(lora_inputs(params.get("loras")))
     size = parse_size(params.get("size", "auto"))
     if size:
         inputs["height"], inputs["width"] = size
@@ -334,6 +336,7 @@ def build_app(service: ImageService) -> web.Application:
     app.router.add_get("/v1/samplers", samplers)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{id}", get_model)
+    loras.add_routes(app, SERVICE)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
     app.router.add_get("/healthz", healthz)

@@ -8,8 +8,11 @@ user, ...) are accepted and ignored. Our extensions (negative_prompt, seed, step
 guidance_scale, eta, timeout_s, sampler, sigma_schedule, guidance_interval, SDXL's
 original_size, crop_top_left, target_size; for edits strength, mask_blur, keep_unmasked) pass
 through to the pipeline input of the same name, whose limits the served pipeline checks.
+`loras` ([{name, weight}], GET /v1/loras lists the names) becomes the pipeline's lora_names and
+lora_weights (serving/gateway/generation.py lora_inputs).
 """
 from dataclasses import dataclass
+import json
 import math
 import re
 
@@ -27,7 +30,8 @@ BOTH = (GENERATIONS, EDITS)
 @dataclass(frozen=True)
 class Param:
     name: str
-    # string | integer | number | boolean | interval (two numbers [lo, hi]) | pair (two integers) | file | any
+    # string | integer | number | boolean | interval (two numbers [lo, hi]) | pair (two integers) | loras
+    # ([{name, weight}]) | file | any
     kind: str
     description: str
     routes: tuple = BOTH
@@ -87,6 +91,10 @@ PARAMS = (
           "`top,left`.", minimum=0, maximum=MAX_PAIR, to_pipeline=True, extension=True),
     Param("target_size", "pair", "SDXL models only: [height, width] the image is meant for (pixels). Default: the "
           "output's size. In a form: `height,width`.", minimum=1, maximum=MAX_PAIR, to_pipeline=True, extension=True),
+    Param("loras", "loras", "LoRA adapters to apply, [{\"name\": ..., \"weight\": ...}] (GET /v1/loras lists the "
+          "names; weight in [-4, 4], default 1), at most the server's per-request limit (default 4) together with the "
+          "prompt's A1111 tags `<lora:name:weight>`, which also work. In a form: `name:weight,name:weight` or that JSON "
+          "array.", extension=True),
     Param("strength", "number", "How much of the schedule to re-run over the image, (0, 1].", routes=(EDITS,),
           to_pipeline=True, extension=True),
     Param("mask_blur", "integer", "Blur of the mask's edge, pixels.", routes=(EDITS,), to_pipeline=True, extension=True),
@@ -127,6 +135,8 @@ def _typed(param: Param, value, from_form: bool):
         return _interval(param, value, from_form)
     if kind == "pair":
         return _pair(param, value, from_form)
+    if kind == "loras":
+        return parse_loras(value, from_form)
     if from_form and kind != "string":
         value = _from_text(param, value)
     if kind == "string":
@@ -185,6 +195,49 @@ def _pair(param: Param, value, from_form: bool) -> list:
     if not all(param.minimum <= v <= param.maximum for v in value):
         raise invalid(param.name, f"must be two integers in [{param.minimum}, {param.maximum}], got {value}")
     return value
+
+
+def parse_loras(value, from_form: bool) -> list:
+    """[(name, weight), ...] from a JSON array of {name, weight} objects (weight default 1), or in
+    a form from `name:weight,name:weight` (weight optional), a JSON array, or the field repeated;
+    400 naming `loras[i].name` / `loras[i].weight`, or `loras`."""
+    if from_form:
+        texts = value if isinstance(value, list) else [value]
+        items = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise invalid("loras", "must be a form field, not a file")
+            if text.strip().startswith("["):
+                try:
+                    items += json.loads(text)
+                except (json.JSONDecodeError, TypeError, RecursionError):
+                    raise invalid("loras", f"is not a JSON array of {{name, weight}}: {text[:60]!r}") from None
+                continue
+            for entry in filter(None, (t.strip() for t in text.split(","))):
+                name, _, weight = entry.rpartition(":") if ":" in entry else (entry, "", "")
+                try:
+                    items.append({"name": name, **({"weight": float(weight)} if weight else {})})
+                except ValueError:
+                    raise invalid(f"loras[{len(items)}].weight", f"must be a number, got {weight!r}") from None
+        value = items
+    if not isinstance(value, list):
+        raise invalid("loras", "must be an array of {name, weight} objects")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise invalid(f"loras[{i}]", "must be an object {name, weight}")
+        unknown = sorted(set(item) - {"name", "weight"})
+        if unknown:
+            raise invalid(f"loras[{i}].{unknown[0]}", "unknown; an adapter takes name and weight")
+        name, weight = item.get("name"), item.get("weight", 1.0)
+        if not isinstance(name, str) or not name:
+            raise invalid(f"loras[{i}].name", "must be an adapter's name (GET /v1/loras lists them)")
+        if weight is None:
+            weight = 1.0
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise invalid(f"loras[{i}].weight", f"must be a number (default 1), got {weight!r}")
+        out.append((name, float(weight)))
+    return out
 
 
 def _from_text(param: Param, text: str):

@@ -23,6 +23,13 @@ the default model is refreshed from it, keeping the other models it serves.
 `--sampler NAME` sets the pipeline's config parameter default_sampler (what requests naming no
 sampler get), checked against every exported checkpoint before anything starts.
 
+`--lora-dir DIR` registers every DIR/*.safetensors as a LoRA adapter named by its file's stem
+(requests name them in `loras` or `<lora:NAME:WEIGHT>`; POST /v1/loras adds more at run time,
+docs/loras-api.md); it exports the denoiser with LoRA inputs (as `--lora`), served by the UNet
+runners in the pipeline's process (inprocess, torch; refused with bls). A repository served as
+it is (another model exported there) gets the folder in its config when its export has LoRA
+inputs.
+
 Triton's own ports (KServe HTTP and gRPC, metrics) listen on --triton-host, loopback by default
 whatever --host is: they skip the gateway's keys and limits, so they are for the gateway and the
 local operator; opening them takes an explicit --triton-host, with a warning. Each run makes a
@@ -102,11 +109,26 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"ldm serve: --checkpoint: {exc}", file=sys.stderr, flush=True)
         return 2
+    try:
+        check_lora_options(args)
+    except ValueError as exc:
+        print(f"ldm serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     checkpoint = checkpoint_to_export(first, args.repo)
     if checkpoint is not None:
         if first is None:  # the default model, refreshed: the other models the repository serves stay
             others = dict(list(recorded_models(args.repo).items())[1:])
         export_with_options(checkpoint, args, name=name, models=others)
+    elif getattr(args, "lora_dir", ""):
+        try:
+            set_lora_dir(args.repo, args.lora_dir)
+        except ValueError as exc:
+            print(f"ldm serve: --lora-dir: {exc}", file=sys.stderr, flush=True)
+            return 2
+    if getattr(args, "lora_dir", ""):
+        found = sorted(p.stem for p in Path(args.lora_dir).glob("*.safetensors"))
+        print(f"loras: {', '.join(found) or 'none yet'} (from {Path(args.lora_dir).resolve()}; POST /v1/loras adds more)",
+              flush=True)
     print(f"models: {describe_models(args.repo)} (--checkpoint [NAME=]DIR, repeated, to serve others)"
           if len(recorded_models(args.repo)) > 1 else f"model: {served_model(args.repo)} (pass --checkpoint to serve another)",
           flush=True)
@@ -255,6 +277,40 @@ def set_default_sampler(repo, sampler: str | None) -> None:
         del config.parameters["default_sampler"]
     else:
         config.parameters["default_sampler"].string_value = sampler
+    path.write_text(text_format.MessageToString(config))
+
+
+def check_lora_options(args) -> None:
+    """--lora / --lora-dir: the folder exists, and the UNet runner serves LoRA (inprocess or
+    torch, not bls: the default with --gpu and a native backend). ValueError naming the option."""
+    from export.cli import default_runners
+
+    lora_dir = getattr(args, "lora_dir", "")
+    if not (lora_dir or getattr(args, "lora", False)):
+        return
+    if lora_dir and not Path(lora_dir).is_dir():
+        raise ValueError(f"--lora-dir: no folder {lora_dir}")
+    unet = args.unet or default_runners(getattr(args, "gpu", False), getattr(args, "backend", "python"))[0]
+    if unet == "bls":
+        raise ValueError("--lora-dir/--lora: LoRA adapters are served by the UNet runners in the pipeline's process "
+                         "(--unet inprocess or torch), not bls" + ("" if args.unet else " (the default with --gpu and a "
+                                                                     "native backend): give --unet torch or inprocess"))
+
+
+def set_lora_dir(repo, lora_dir) -> None:
+    """Writes `lora_dir` (resolved) as the pipeline's config parameter lora_dir of a repository
+    served as it is; ValueError when its export has no LoRA inputs (re-export it with --checkpoint)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    info = json.loads((Path(repo) / "pipeline" / "1" / "pipeline.json").read_text())
+    models = info.get("models") or {"": info}
+    if not any(m.get("variants", {}).get(m.get("primary"), {}).get("lora_unet") for m in models.values()):
+        raise ValueError(f"the export in {repo} has no LoRA inputs: pass --checkpoint DIR to export it again with them")
+    path = Path(repo) / "pipeline" / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    config.parameters["lora"].string_value = "true"
+    config.parameters["lora_dir"].string_value = str(Path(lora_dir).resolve())
     path.write_text(text_format.MessageToString(config))
 
 

@@ -1,7 +1,8 @@
 // The page's controller: the form -> POST /v1/generations (its SSE stream drives the progress
 // bar, the live preview and the steer log), edits while it runs -> POST .../steer (debounced),
 // Cancel -> DELETE /v1/generations/{id}, results -> the gallery (PNG with its parameters). The
-// model menu is filled from GET /v1/models, the sampler menu from GET /v1/samplers?model=.
+// model menu is filled from GET /v1/models, the sampler menu from GET /v1/samplers?model=, the
+// LoRA picker (a checkbox and a weight per adapter) from GET /v1/loras?model=.
 import { Surface } from "./canvas.js";
 import { fromBase64, withText } from "./png.js";
 import { readEvents } from "./sse.js";
@@ -11,6 +12,7 @@ const STEERABLE = ["prompt", "negative_prompt", "guidance_scale"];
 // fields an error may name -> the control that sets them (to point at it)
 const CONTROL_OF = { mask: "canvas_box", "regions.prompt": "regions", "regions.mask": "regions",
                      "regions.negative_prompt": "regions", region_mode: "regions" };
+const LORA_MAX_WEIGHT = 4;
 
 const $ = (id) => document.getElementById(id);
 const form = $("controls");
@@ -111,13 +113,75 @@ async function loadModels() {
   menu.dataset.loaded = "true";
 }
 
+// ---- the LoRA picker (GET /v1/loras) -------------------------------------------------------
+
+// One row per adapter of the chosen model: a checkbox (use it) and its weight; the choices made
+// are kept across reloads of the list.
+async function loadLoras() {
+  let list;
+  try {
+    const model = $("model").value;
+    const response = await fetch("/v1/loras" + (model ? `?model=${encodeURIComponent(model)}` : ""), { headers: headers() });
+    if (!response.ok) return;  // e.g. 401 until an API key is given
+    list = await response.json();
+  } catch (_) {
+    return;
+  }
+  const chosen = Object.fromEntries(chosenLoras().map((l) => [l.name, l.weight]));
+  const rows = list.data.map((adapter) => loraRow(adapter, chosen[adapter.id]));
+  $("lora_list").replaceChildren(...rows);
+  $("lora_hint").hidden = rows.length > 0;
+  $("loras").dataset.loaded = "true";
+}
+
+function loraRow(adapter, weight) {
+  const row = document.createElement("div");
+  row.className = "lora";
+  row.dataset.name = adapter.id;
+  const use = document.createElement("input");
+  use.type = "checkbox";
+  use.id = `lora_${adapter.id}`;
+  use.checked = weight !== undefined;
+  const label = document.createElement("label");
+  label.htmlFor = use.id;
+  label.textContent = adapter.id;
+  label.title = `adapts ${adapter.model}${adapter.resident ? " (in memory)" : ""}; also <lora:${adapter.id}:weight> in the prompt`;
+  const value = document.createElement("input");
+  value.type = "number";
+  value.min = -LORA_MAX_WEIGHT;
+  value.max = LORA_MAX_WEIGHT;
+  value.step = "0.05";
+  value.value = weight !== undefined ? weight : 1;
+  value.title = `weight in [-${LORA_MAX_WEIGHT}, ${LORA_MAX_WEIGHT}]`;
+  value.addEventListener("input", () => { use.checked = true; });
+  row.append(use, label, value);
+  return row;
+}
+
+// [{name, weight}] of the checked adapters, in the list's order.
+function chosenLoras() {
+  return [...$("lora_list").querySelectorAll(".lora")]
+    .filter((row) => row.querySelector("input[type=checkbox]").checked)
+    .map((row) => ({ name: row.dataset.name, weight: Number(row.querySelector("input[type=number]").value) }));
+}
+
+function setLoras(loras) {
+  const weights = Object.fromEntries((loras || []).map((l) => [l.name, l.weight]));
+  for (const row of $("lora_list").querySelectorAll(".lora")) {
+    const weight = weights[row.dataset.name];
+    row.querySelector("input[type=checkbox]").checked = weight !== undefined;
+    if (weight !== undefined) row.querySelector("input[type=number]").value = weight;
+  }
+}
+
 async function loadMenus() {
   await loadModels();
-  await loadSamplers();
+  await Promise.all([loadSamplers(), loadLoras()]);
 }
 loadMenus();
 $("api_key").addEventListener("change", loadMenus);
 $("model").addEventListener("change", loadSamplers);
+$("model").addEventListener("change", loadLoras);
 $("init_image").addEventListener("change", async () => {
   const file = $("init_image").files[0];
   if (file) await surface.loadImage(file);
@@ -155,6 +219,8 @@ function requestBody() {
   if (values.negative_prompt) body.negative_prompt = values.negative_prompt;
   if ($("sampler").value) body.sampler = $("sampler").value;
   if ($("model").value) body.model = $("model").value;
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
   if (!$("random_seed").checked && $("seed").value !== "") body.seed = Number($("seed").value);
   const size = $("size").value.trim();
   if (size && size !== "auto") body.size = size;
@@ -184,7 +250,8 @@ function showError(error) {
   const box = $("error");
   box.hidden = false;
   box.textContent = error.param ? `${error.param}: ${error.message}` : error.message;
-  const control = error.param && $(CONTROL_OF[error.param] || error.param);
+  const param = error.param && error.param.startsWith("loras") ? "loras" : error.param;
+  const control = param && $(CONTROL_OF[param] || param);
   if (control) control.classList.add("invalid");
 }
 
@@ -409,6 +476,7 @@ function a1111Text(params) {
   const settings = [`Steps: ${params.steps}`, `Sampler: ${sampler}`, `CFG scale: ${params.guidance_scale}`, `Seed: ${params.seed}`];
   if (params.size) settings.push(`Size: ${params.size}`);
   if (params.model) settings.push(`Model: ${params.model}`);
+  if (params.loras) settings.push(`Lora: ${params.loras.map((l) => `${l.name}:${l.weight}`).join(" ")}`);
   if (params.strength !== undefined) settings.push(`Denoising strength: ${params.strength}`);
   for (const s of params.steers || []) settings.push(`Steer ${s.steer_id} at step ${s.step}: ${describe(s).replace(/steer_id: \d+, step: \d+(, )?/, "")}`);
   lines.push(settings.join(", "));
@@ -428,7 +496,8 @@ function addResult(mine, data) {
     const term = document.createElement("dt");
     term.textContent = name;
     const detail = document.createElement("dd");
-    detail.textContent = name === "steers" ? value.map((s) => `${s.steer_id}@${s.step} ${describe(s).replace(/steer_id: \d+, step: \d+(, )?/, "")}`).join("; ")
+    detail.textContent = name === "loras" ? value.map((l) => `${l.name}:${l.weight}`).join(", ")
+      : name === "steers" ? value.map((s) => `${s.steer_id}@${s.step} ${describe(s).replace(/steer_id: \d+, step: \d+(, )?/, "")}`).join("; ")
       : Array.isArray(value) ? value.join("; ") : String(value);
     list.append(term, detail);
   }
@@ -450,6 +519,7 @@ function reuse(params) {
   $("size").value = params.size || "auto";
   if (params.model && [...$("model").options].some((o) => o.value === params.model)) $("model").value = params.model;
   $("sampler").value = params.sampler || "";
-  $("model").dispatchEvent(new Event("change"));  // its samplers (the chosen one kept)
+  setLoras(params.loras);
+  $("model").dispatchEvent(new Event("change"));  // its samplers and adapters (the chosen ones kept)
   for (const id of ["steps", "guidance_scale"]) $(id).dispatchEvent(new Event("input"));
 }

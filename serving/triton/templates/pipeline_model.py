@@ -33,7 +33,12 @@ Drain, cancel and steer messages are control messages: each must carry the contr
 its parameter `control_secret` (serving/triton/control.py), else it gets one FINAL error
 "[PERMISSION_DENIED] ..." and changes nothing. A status message (parameter `engine_status`)
 needs none: its one FINAL response says whether the engine admits (`accepting` BOOL [1]) and its
-load (`active`, `queued` INT32 [1]), what readiness probes and the gateway ask."""
+load (`active`, `queued` INT32 [1]), what readiness probes and the gateway ask.
+
+LoRA messages (parameter `lora_action`: list, load, unload; serving/triton/loras.py) are control
+messages too: each gets one FINAL response, the adapters as JSON in `loras`, or a coded error. A
+load carries its file in the input `lora_file`; it is read on a thread of its own, so generations
+keep being admitted meanwhile. This model declares those two tensors itself (auto_complete_config)."""
 import json
 from pathlib import Path
 import threading
@@ -45,16 +50,18 @@ import triton_python_backend_utils as pb_utils
 from serving.triton.control import STATUS_PARAMETER, authorised, secret_from_env
 from serving.triton.drain import DRAIN_PARAMETER
 from serving.triton.forwarding import CANCEL_PARAMETER, CancelRegistry
+from serving.triton import loras
 from serving.core.config import PipelineConfig
 from serving.core.errors import INTERNAL, INVALID_ARG, PERMISSION_DENIED, coded_message
 from serving.core.metrics import MetricsExporter
 from serving.core.request import InvalidInput
 from serving.core.service import PipelineAssets, PipelineService, model_infos
 from serving.core.steering import STEER_PARAMETER, SteerRefused
+from serving.models.adapters import read_adapter
 from serving.models.assemble import RunnerChoice, build_models, plan_gpu_memory
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CONTROL_PARAMETERS = (DRAIN_PARAMETER, CANCEL_PARAMETER, STEER_PARAMETER)
+CONTROL_PARAMETERS = (DRAIN_PARAMETER, CANCEL_PARAMETER, STEER_PARAMETER, loras.ACTION_PARAMETER)
 
 
 class BlsModels:
@@ -177,6 +184,20 @@ def _inputs(request) -> dict:
 
 
 class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        """Declares the LoRA messages' tensors (serving/triton/loras.py) beside config.pbtxt's."""
+        config = auto_complete_model_config.as_dict()
+        have_inputs = {i["name"] for i in config.get("input", [])}
+        have_outputs = {o["name"] for o in config.get("output", [])}
+        for tensor in loras.CONTROL_INPUTS:
+            if tensor["name"] not in have_inputs:
+                auto_complete_model_config.add_input(dict(tensor))
+        for tensor in loras.CONTROL_OUTPUTS:
+            if tensor["name"] not in have_outputs:
+                auto_complete_model_config.add_output(dict(tensor))
+        return auto_complete_model_config
+
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.cancels = CancelRegistry()  # requests in flight by id, for cancel messages
@@ -200,7 +221,10 @@ class TritonPythonModel:
             for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()
         }
         plan_gpu_memory(models.values())  # once every model's weights are loaded
-        self.service = PipelineService(assets, config, models).start()
+        self.service = PipelineService(assets, config, models, lora_reader=read_adapter)
+        if any(served.lora is not None for served in self.service.models.values()):
+            loras.warm_reader()  # on this thread, before the engine's (serving/triton/loras.py says why)
+        self.service.start()
         self.families = []  # a MetricFamily must outlive its metrics
         self.exporter = MetricsExporter(self._make_metric)
         self.stop_metrics = threading.Event()
@@ -232,6 +256,15 @@ class TritonPythonModel:
                 message = f"{control[0]}: a control message needs the control secret (the gateway or the local operator)"
                 request.get_response_sender().send(pb_utils.InferenceResponse(error=_error(PERMISSION_DENIED, message)),
                                                    flags=FINAL)
+                continue
+            if loras.action_of(parameters) is not None:
+                # its inputs are read here (numpy copies): a load is answered on a thread of its
+                # own (it reads the file), so generations keep being admitted meanwhile
+                job = (parameters, _inputs(request), request.get_response_sender())
+                if loras.action_of(parameters) == "load":
+                    threading.Thread(target=self._lora, args=job, name="ldm-lora", daemon=True).start()
+                else:
+                    self._lora(*job)
                 continue
             target = _target(parameters, CANCEL_PARAMETER)
             if target is not None:
@@ -292,6 +325,18 @@ class TritonPythonModel:
         except Exception as exc:
             response = pb_utils.InferenceResponse(error=_error(INTERNAL, f"pipeline could not steer {target!r}: {exc}"))
         request.get_response_sender().send(response, flags=FINAL)
+
+    def _lora(self, parameters, inputs, sender):
+        """A LoRA message's one FINAL response: the adapters after it, or a coded error."""
+        try:
+            entries = loras.answer(self.service, parameters, inputs)
+            response = pb_utils.InferenceResponse([pb_utils.Tensor(loras.LIST_OUTPUT, loras.encode(entries))])
+        except loras.LoraMessageError as exc:
+            response = pb_utils.InferenceResponse(error=_error(exc.code, str(exc)))
+        except Exception as exc:
+            response = pb_utils.InferenceResponse(error=_error(INTERNAL, f"pipeline could not {loras.action_of(parameters)} "
+                                                                         f"the LoRA adapter: {exc}"))
+        sender.send(response, flags=FINAL)
 
     def finalize(self):
         self.stop_metrics.set()
