@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "gateway": ("serving.gateway.cli", "serve the public API (gRPC ldm.v1.Images, OpenAI-style REST) in front of Triton"),
     "generate": ("serving.client.generate", "ask a running server for an image"),
     "train": ("training.cli", "train the default model from scratch"),
+    "train-lora": ("training.lora_train", "train a LoRA adapter (a new concept or a style) for the default model"),
     "eval": ("training.eval_cli", "measure prompt adherence of a checkpoint or a running server"),
     "bench": ("serving.bench.bench", "load-test the server against baselines"),
     "soak": ("serving.bench.soak", "mixed load for N minutes: every request accounted for, memory and fds flat"),
