@@ -140,19 +140,23 @@ def sample_scene(rng: np.random.Generator, two_objects: Optional[bool] = None,
 _FINE = (np.arange(IMAGE_SIZE * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sub-pixel centres
 
 
-def _mask(obj: Obj, x_scale: float = 1.0) -> np.ndarray:
-    """Coverage of `obj` per pixel, in [0, 1]. `x_scale` < 1 draws it narrower (the condensed
-    style of the LoRA adapters); the base model's data always uses 1."""
+def _mask(obj: Obj, x_scale: float = 1.0, y_scale: float = 1.0) -> np.ndarray:
+    """Coverage of `obj` per pixel, in [0, 1]. The scales stretch it about its centre (the LoRA
+    adapters' styles); the base model's data always uses 1."""
     x = _FINE[None, :] - obj.cx
     if x_scale != 1.0:
         x = x / x_scale
     y = _FINE[:, None] - obj.cy
+    if y_scale != 1.0:
+        y = y / y_scale
     h = obj.half
     if obj.shape == "circle":
         fine = x * x + y * y <= h * h
     elif obj.shape == "square":
         fine = (np.abs(x) <= h) & (np.abs(y) <= h)
-    elif obj.shape == "ring":  # a concept shape of the LoRA adapters, never in the base model's data
+    elif obj.shape == "bar":  # concept shapes of the LoRA adapters, never in the base model's data
+        fine = (np.abs(x) <= h * BAR_LENGTH) & (np.abs(y) <= h * BAR_THICKNESS)
+    elif obj.shape == "ring":
         outer = h + RING_EXTRA
         fine = (x * x + y * y <= outer * outer) & (x * x + y * y >= (RING_INNER * outer) ** 2)
     else:  # isosceles triangle pointing up, base 2h, height 2h, centred on its bounding box
@@ -163,11 +167,11 @@ def _mask(obj: Obj, x_scale: float = 1.0) -> np.ndarray:
 
 def render(scene: Scene, style: Optional[str] = None) -> np.ndarray:
     """uint8 [64, 64, 3]. `style` (a name in STYLES) is for the LoRA adapters' training data only."""
-    x_scale = STYLES[style] if style is not None else 1.0
+    scales = STYLES[style] if style is not None else (1.0, 1.0)
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     image[:] = BACKGROUND_COLOURS[scene.background]
     for obj in scene.objects:
-        cover = _mask(obj, x_scale)[..., None]
+        cover = _mask(obj, *scales)[..., None]
         image = image * (1 - cover) + np.asarray(OBJECT_COLOURS[obj.colour], np.float32) * cover
     return np.round(image).astype(np.uint8)
 
@@ -189,16 +193,19 @@ def eval_scenes(count: int, held_out: bool, seed: int = 1234):
 # byte-identical with or without them (tests/test_lora_train.py hashes them). Nothing here is in
 # SHAPES, vocabulary() or HELD_OUT_COMBOS.
 
-# A shape the base model never saw. "ring" is not in the shipped tokenizer's vocabulary: it
-# tokenizes to <unk> (so does any unknown word), which is why the concept adapter trains a
+# Shapes the base model never saw. Neither word is in the shipped tokenizer's vocabulary: each
+# tokenizes to <unk> (as does any unknown word), which is why a concept adapter trains a
 # text-encoder part too (docs/loras.md).
-CONCEPT_SHAPES = ("ring",)
+CONCEPT_SHAPES = ("bar", "ring")
+BAR_LENGTH, BAR_THICKNESS = 1.2, 0.5  # a bar's half-width and half-height, in half-extents
 RING_EXTRA = 1.0  # a ring's outer radius is the object's half-extent plus this (pixels)
 RING_INNER = 0.5  # inner radius / outer radius: a small ring's hole is ~7 px, which the VAE keeps
-# Ring colours never rendered while training the concept adapter: its held-out prompts.
-CONCEPT_HELD_OUT = frozenset({("blue", "ring"), ("yellow", "ring")})
-# Styles: name -> horizontal scale of every shape (same height, same centre, same colours).
-STYLES = {"condensed": 0.75}
+# Concept colours never rendered while training a concept adapter: its held-out prompts.
+CONCEPT_HELD_OUT = frozenset({("blue", "bar"), ("yellow", "bar"), ("blue", "ring"), ("yellow", "ring")})
+# Styles: name -> (horizontal, vertical) scale of every shape about its centre (same colours,
+# same centres). "tall": 1.25 times taller, as wide (a large object near the top or bottom edge
+# loses up to ~3 px to the frame).
+STYLES = {"tall": (1.0, 1.25)}
 
 
 def sample_concept_scene(rng: np.random.Generator, concept: str = "ring", two_objects: Optional[bool] = None,

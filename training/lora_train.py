@@ -8,8 +8,8 @@ Two kinds (training/data.py holds both worlds, as additions to the base model's)
   adapter does not draw rings where none is asked for). The ring colours of CONCEPT_HELD_OUT
   are never rendered: they are the held-out prompts. "ring" is not in the shipped tokenizer's
   vocabulary (it is <unk>), so by default the adapter has a text-encoder part as well.
-- `--style condensed`: the base model's scenes drawn in a style (every shape narrower, same
-  height, centre, colour), captions unchanged: the adapter changes how, not what.
+- `--style tall`: the base model's scenes drawn in a style (every shape 1.25 times taller, same
+  width, centre, colour), captions unchanged: the adapter changes how, not what.
 
 What is trained: PEFT LoRA (LoraConfig) on the UNet's attention projections (to_q, to_k, to_v,
 to_out.0) and, with --text-encoder, on the CLIP text encoder's (q_proj, k_proj, v_proj,
@@ -59,6 +59,8 @@ def add_arguments(parser) -> None:
     te.add_argument("--text-encoder", dest="text_encoder", action="store_true", default=None,
                     help="also train the text encoder's attention projections (default for --concept)")
     te.add_argument("--no-text-encoder", dest="text_encoder", action="store_false")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also write the adapter every N steps (FILE-stepN.safetensors; 0: only at the end)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 
 
@@ -76,7 +78,8 @@ def run(args) -> int:
                          alpha=args.alpha or rank, steps=args.steps or defaults["steps"], seed=args.seed,
                          batch_size=args.batch, lr=args.lr, pool_size=args.pool,
                          text_encoder=defaults["text_encoder"] if args.text_encoder is None else args.text_encoder,
-                         log=log)
+                         log=log, save_every=args.save_every,
+                         save=lambda pipe, step: save_lora(pipe, args.out.with_name(f"{args.out.stem}-step{step}.safetensors")))
     save_lora(adapter, args.out)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
     if args.kohya:
@@ -116,7 +119,7 @@ def encode_pool(vae, rng, size: int, concept, style, chunk: int = 256):
 
 def train_lora(checkpoint, concept=None, style=None, rank: int = 8, alpha: float = None, steps: int = 1200,
                seed: int = 0, batch_size: int = 32, lr: float = 1e-3, pool_size: int = 4096,
-               text_encoder: bool = False, log=print, warmup: int = 50):
+               text_encoder: bool = False, log=print, warmup: int = 50, save_every: int = 0, save=None):
     """Fine-tunes LoRA adapters of `checkpoint` on one concept or one style; returns the pipeline
     with the adapters in place (PEFT adapter "default" on its UNet and, with text_encoder, on its
     text encoder). Deterministic for a given seed and thread count."""
@@ -178,6 +181,8 @@ def train_lora(checkpoint, concept=None, style=None, rank: int = 8, alpha: float
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps:
             log(f"lora step {step}/{steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e}")
+        if save_every and save and step % save_every == 0 and step < steps:
+            save(pipe, step)
     unet.eval()
     encoder.eval()
     return pipe
