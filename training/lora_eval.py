@@ -3,18 +3,18 @@
 `load_lora_weights` and combined by `set_adapters(names, weights)`, images read by the project's
 evaluator (training/evaluate.py) and by a reader that also knows the adapters' concept and style.
 
-    python -m training.lora_eval --concept checkpoints/loras/ring.safetensors \\
+    python -m training.lora_eval --concept checkpoints/loras/bar.safetensors \\
         --style checkpoints/loras/tall.safetensors [--kohya-style checkpoints/loras/tall-kohya.safetensors] \\
         [--prompts 100] [--grid docs/loras.png]
 
 Measures (guidance 5, 25 DDIM steps, image i with seed i, as `ldm eval`):
-- concept: on the concept's held-out prompts (a ring in a colour never rendered as a ring in
-  training, alone or next to a seen object), how often a ring of the asked colour is drawn, by
+- concept: on the concept's held-out prompts (a bar in a colour never rendered as a bar in
+  training, alone or next to a seen object), how often a bar of the asked colour is drawn, by
   the base model and with the concept adapter at weight 1; and whole-prompt accuracy;
 - style: the base model's own held-out prompts (eval_scenes(held_out=True)), scored by
   training/evaluate.py unchanged: the base, the style adapter at weight 0 (bytes compared), at
   weight 1; and how tall the drawn objects are (box width / height; the style draws 0.8);
-- both adapters in one request, on the concept prompts: rings drawn and objects drawn tall.
+- both adapters in one request, on the concept prompts: the concept drawn and objects drawn tall.
 """
 import argparse
 import json
@@ -137,93 +137,91 @@ def concept_scores(scenes, images) -> dict:
 
 
 def style_scores(images) -> dict:
-    """Box width / height of every object read (the base model draws ~1, the tall style 0.8)."""
-    aspects = [o.width / o.height for image in images for o in read_objects(image)[1]]
-    if not aspects:
-        return {"objects": 0, "median_aspect": float("nan"), "tall": float("nan")}
-    return {"objects": len(aspects), "median_aspect": float(np.median(aspects)),
-            "tall": float(np.mean(np.array(aspects) <= TALL_ASPECT))}
+    """Box width / height of the objects read: of the base shapes (the base model draws ~1, the
+    tall style 0.8) and, apart, of the concept shapes (a bar is 2.4 wide, 1.9 in the tall style)."""
+    base, concept = [], []
+    for image in images:
+        for o in read_objects(image)[1]:
+            (concept if o.shape in CONCEPT_SHAPES else base).append(o.width / o.height)
+    return {"objects": len(base), "median_aspect": float(np.median(base)) if base else float("nan"),
+            "tall": float(np.mean(np.array(base) <= TALL_ASPECT)) if base else float("nan"),
+            "concept_objects": len(concept),
+            "concept_median_aspect": float(np.median(concept)) if concept else float("nan")}
 
 
-def evaluate_adapters(checkpoint, concept_file, style_file, prompts: int = 100, steps: int = 25,
-                      guidance: float = 5.0, kohya_style_file=None, log=print) -> dict:
-    """Every number of docs/loras.md's measurements; returns them (and the images, for grids)."""
+def _scores(scenes, images, *parts) -> dict:
+    out = {}
+    for part in parts:
+        if part == "evaluator":  # training/evaluate.py, unchanged
+            out.update({k: v for k, v in score(scenes, images).items() if k != "passed"})
+        elif part == "concept":
+            out.update(concept_scores(scenes, images))
+        elif part == "style":
+            out.update(style_scores(images))
+        elif part == "concept shapes drawn":
+            out[part] = float(np.mean([any(o.shape in CONCEPT_SHAPES for o in read_objects(im)[1]) for im in images]))
+    return out
+
+
+def evaluate_adapters(checkpoint, concept_file, style_file, concept: str = "bar", prompts: int = 100, steps: int = 25,
+                      guidance: float = 5.0, kohya_style_file=None, log=print):
+    """Every number of docs/loras.md's measurements: (numbers, images by "<adapters>/<prompt set>",
+    the concept's held-out scenes, the base model's held-out scenes)."""
     from training.generate import load_pipeline, pipeline_images
 
     pipe = load_pipeline(checkpoint)
-    concept_set = concept_eval_scenes(prompts, held_out=True)
-    base_set = eval_scenes(prompts, held_out=True)
+    sets = {"concept": concept_eval_scenes(prompts, held_out=True, concept=concept),
+            "held-out": eval_scenes(prompts, held_out=True)}
     seeds = list(range(prompts))
-
-    def generate(scenes):
-        return pipeline_images(pipe, [s.caption for s in scenes], seeds, guidance, steps)
-
     out, images = {}, {}
-    images["base/concept"] = generate(concept_set)
-    out["base on concept prompts"] = concept_scores(concept_set, images["base/concept"])
-    log(f"base on concept prompts: {out['base on concept prompts']}")
-    images["base/held-out"] = generate(base_set)
-    out["base held-out"] = {k: v for k, v in score(base_set, images["base/held-out"]).items() if k != "passed"}
-    out["base held-out"].update(style_scores(images["base/held-out"]))
-    log(f"base held-out: {out['base held-out']}")
 
+    def run(adapters, weights, prompt_set, *parts):
+        if adapters:
+            pipe.set_adapters(adapters, weights)
+        label = "+".join(f"{a}:{w:g}" for a, w in zip(adapters, weights)) or "base"
+        key = f"{label}/{prompt_set}"
+        images[key] = pipeline_images(pipe, [s.caption for s in sets[prompt_set]], seeds, guidance, steps)
+        out[key] = _scores(sets[prompt_set], images[key], *parts)
+        log(f"{key}: {out[key]}")
+        return key
+
+    run([], [], "concept", "concept", "style")
+    run([], [], "held-out", "evaluator", "style", "concept shapes drawn")
     pipe.load_lora_weights(str(concept_file), adapter_name="concept")
     pipe.load_lora_weights(str(style_file), adapter_name="style")
-    pipe.set_adapters(["concept"], [1.0])
-    images["concept/concept"] = generate(concept_set)
-    out["concept adapter on concept prompts"] = concept_scores(concept_set, images["concept/concept"])
-    log(f"concept adapter on concept prompts: {out['concept adapter on concept prompts']}")
-    held_images = generate(base_set)
-    out["concept adapter on base held-out"] = {k: v for k, v in score(base_set, held_images).items() if k != "passed"}
-    out["concept adapter on base held-out"]["rings drawn"] = float(np.mean(
-        [any(o.shape == "ring" for o in read_objects(im)[1]) for im in held_images]))
-    log(f"concept adapter on base held-out: {out['concept adapter on base held-out']}")
-
-    pipe.set_adapters(["style"], [0.0])
-    zero = generate(base_set)
-    out["style adapter at 0: equal bytes to base"] = bool(np.array_equal(zero, images["base/held-out"]))
-    log(f"style adapter at weight 0 equals the base byte for byte: {out['style adapter at 0: equal bytes to base']}")
-    pipe.set_adapters(["style"], [1.0])
-    images["style/held-out"] = generate(base_set)
-    out["style adapter held-out"] = {k: v for k, v in score(base_set, images["style/held-out"]).items() if k != "passed"}
-    out["style adapter held-out"].update(style_scores(images["style/held-out"]))
-    log(f"style adapter held-out: {out['style adapter held-out']}")
-
-    pipe.set_adapters(["concept", "style"], [1.0, 1.0])
-    images["both/concept"] = generate(concept_set)
-    out["both adapters on concept prompts"] = concept_scores(concept_set, images["both/concept"])
-    out["both adapters on concept prompts"].update(style_scores(images["both/concept"]))
-    log(f"both adapters on concept prompts: {out['both adapters on concept prompts']}")
-    out["concept adapter on concept prompts"].update(style_scores(images["concept/concept"]))
-
+    run(["concept"], [1.0], "concept", "concept", "style")
+    run(["concept"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
+    run(["style"], [0.0], "held-out", "evaluator")
+    out["style:0 equals base, byte for byte"] = bool(np.array_equal(images["style:0/held-out"], images["base/held-out"]))
+    run(["style"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
+    run(["concept", "style"], [1.0, 1.0], "concept", "concept", "style")
     if kohya_style_file:
-        pipe.delete_adapters(["concept", "style"])
         pipe.load_lora_weights(str(kohya_style_file), adapter_name="style_kohya")
-        pipe.set_adapters(["style_kohya"], [1.0])
-        kohya = generate(base_set)
-        diff = np.abs(kohya.astype(np.int16) - images["style/held-out"]).astype(np.float64)
-        out["kohya style file vs diffusers file (uint8)"] = {"mean_abs": float(diff.mean()), "max_abs": float(diff.max())}
-        log(f"kohya style file vs diffusers file: {out['kohya style file vs diffusers file (uint8)']}")
-    base_acc = out["base held-out"]["prompt_accuracy"]
+        run(["style_kohya"], [1.0], "held-out", "evaluator")
+        diff = np.abs(images["style_kohya:1/held-out"].astype(np.int16) - images["style:1/held-out"])
+        out["kohya style file vs diffusers file, uint8"] = {"mean_abs": float(diff.mean()), "max_abs": int(diff.max())}
+    base, style = out["base/held-out"]["prompt_accuracy"], out["style:1/held-out"]["prompt_accuracy"]
+    alone, both = out["concept:1/concept"], out["concept:1+style:1/concept"]
     out["targets"] = {
-        f"concept adapter draws the concept >= {CONCEPT_TARGET:.0%}": out["concept adapter on concept prompts"]["drawn"] >= CONCEPT_TARGET,
-        f"base draws it <= {BASE_CONCEPT_LIMIT:.0%}": out["base on concept prompts"]["drawn"] <= BASE_CONCEPT_LIMIT,
-        "style at weight 0 equals the base": out["style adapter at 0: equal bytes to base"],
-        f"style at weight 1 drops held-out accuracy by <= {STYLE_DROP_LIMIT * 100:.0f} points":
-            base_acc - out["style adapter held-out"]["prompt_accuracy"] <= STYLE_DROP_LIMIT + 1e-9,
-        "both adapters in one request both act (rings drawn >= 90%, objects tall >= 50%)":
-            out["both adapters on concept prompts"]["drawn"] >= CONCEPT_TARGET
-            and out["both adapters on concept prompts"]["tall"] >= 0.5,
+        f"concept adapter at 1 draws the concept in >= {CONCEPT_TARGET:.0%} of held-out prompts": alone["drawn"] >= CONCEPT_TARGET,
+        f"base model draws it in <= {BASE_CONCEPT_LIMIT:.0%}": out["base/concept"]["drawn"] <= BASE_CONCEPT_LIMIT,
+        "style adapter at 0 gives the base's bytes": out["style:0 equals base, byte for byte"],
+        f"style adapter at 1 lowers held-out accuracy by <= {STYLE_DROP_LIMIT * 100:.0f} points":
+            base - style <= STYLE_DROP_LIMIT + 1e-9,
+        # Both act: the concept is drawn as often as the target asks, the other objects are drawn
+        # tall, and the concept objects are taller than the concept adapter alone draws them.
+        "both adapters in one request both act": both["drawn"] >= CONCEPT_TARGET and both["tall"] >= 0.5
+            and both["concept_median_aspect"] <= 0.9 * alone["concept_median_aspect"],
     }
-    return out, images, concept_set, base_set
+    return out, images, sets["concept"], sets["held-out"]
 
 
 def write_grid(images, concept_set, base_set, path: Path, columns: int = 8) -> None:
     """Rows: base / concept adapter / both on concept prompts; base / style adapter on held-out prompts."""
     from PIL import Image, ImageDraw, ImageFont
 
-    rows = [("base", "base/concept"), ("+ring", "concept/concept"), ("+ring +tall", "both/concept"),
-            ("base", "base/held-out"), ("+tall", "style/held-out")]
+    rows = [("base", "base/concept"), ("concept:1", "concept:1/concept"), ("concept:1 style:1", "concept:1+style:1/concept"),
+            ("base", "base/held-out"), ("style:1", "style:1/held-out")]
     cell, label_w = 96, 110
     sheet = Image.new("RGB", (label_w + columns * cell, len(rows) * cell + 30), "white")
     draw = ImageDraw.Draw(sheet)
@@ -245,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/ldm-shapes"))
     parser.add_argument("--concept", type=Path, required=True, help="the concept adapter (diffusers/PEFT file)")
     parser.add_argument("--style", type=Path, required=True, help="the style adapter (diffusers/PEFT file)")
+    parser.add_argument("--concept-shape", choices=CONCEPT_SHAPES, default="bar", help="the shape --concept teaches")
     parser.add_argument("--kohya-style", type=Path, help="the style adapter in kohya form: compared with --style")
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--steps", type=int, default=25)
@@ -254,8 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out, images, concept_set, base_set = evaluate_adapters(args.checkpoint, args.concept, args.style, args.prompts,
-                                                           args.steps, args.guidance, args.kohya_style)
+    out, images, concept_set, base_set = evaluate_adapters(args.checkpoint, args.concept, args.style, args.concept_shape,
+                                                           args.prompts, args.steps, args.guidance, args.kohya_style)
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

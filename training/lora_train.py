@@ -213,3 +213,11 @@ def save_lora(pipe, path: Path) -> None:
         path.parent, unet_lora_layers=unet, text_encoder_lora_layers=text, weight_name=path.name,
         unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict() if text else None)
+
+
+if __name__ == "__main__":  # python -m training.lora_train ... (the same as ldm train-lora ...)
+    import sys
+
+    from serving.cli import main
+
+    sys.exit(main(["train-lora", *sys.argv[1:]]))
