@@ -54,6 +54,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--text-encoder-lr", type=float, help="learning rate of the text-encoder part (default: --lr)")
     parser.add_argument("--pool", type=int, default=4096, help="scenes encoded once into the latent pool")
     te = parser.add_mutually_exclusive_group()
     te.add_argument("--text-encoder", dest="text_encoder", action="store_true", default=None,
@@ -76,7 +77,7 @@ def run(args) -> int:
 
     adapter = train_lora(args.checkpoint, concept=args.concept, style=args.style, rank=rank,
                          alpha=args.alpha or rank, steps=args.steps or defaults["steps"], seed=args.seed,
-                         batch_size=args.batch, lr=args.lr, pool_size=args.pool,
+                         batch_size=args.batch, lr=args.lr, text_encoder_lr=args.text_encoder_lr, pool_size=args.pool,
                          text_encoder=defaults["text_encoder"] if args.text_encoder is None else args.text_encoder,
                          log=log, save_every=args.save_every,
                          save=lambda pipe, step: save_lora(pipe, args.out.with_name(f"{args.out.stem}-step{step}.safetensors")))
@@ -118,7 +119,8 @@ def encode_pool(vae, rng, size: int, concept, style, chunk: int = 256):
 
 
 def train_lora(checkpoint, concept=None, style=None, rank: int = 8, alpha: float = None, steps: int = 1200,
-               seed: int = 0, batch_size: int = 32, lr: float = 1e-3, pool_size: int = 4096,
+               seed: int = 0, batch_size: int = 32, lr: float = 1e-3, text_encoder_lr: float = None,
+               pool_size: int = 4096,
                text_encoder: bool = False, log=print, warmup: int = 50, save_every: int = 0, save=None):
     """Fine-tunes LoRA adapters of `checkpoint` on one concept or one style; returns the pipeline
     with the adapters in place (PEFT adapter "default" on its UNet and, with text_encoder, on its
@@ -144,11 +146,16 @@ def train_lora(checkpoint, concept=None, style=None, rank: int = 8, alpha: float
         # whose loading side (load_adapter, used by diffusers' load_lora_weights) has no gate.
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                            target_modules=TEXT_ENCODER_TARGETS), encoder, "default")
-    params = [p for m in (unet, encoder) for p in m.parameters() if p.requires_grad]
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for p in encoder.parameters() if p.requires_grad]
+    params = unet_params + text_params
+    text_encoder_lr = lr if text_encoder_lr is None else text_encoder_lr
     what = f"concept {concept!r}" if concept else f"style {style!r}"
     log(f"lora {what}: rank {rank}, alpha {alpha:g}, {sum(p.numel() for p in params) / 1e3:.1f} k params "
-        f"(text encoder part: {'yes' if text_encoder else 'no'}); {steps} steps x {batch_size}, lr {lr:g}, seed {seed}")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        f"(text encoder part: {f'yes, lr {text_encoder_lr:g}' if text_encoder else 'no'}); {steps} steps x {batch_size}, "
+        f"lr {lr:g}, seed {seed}")
+    groups = [{"params": unet_params, "lr": lr}] + ([{"params": text_params, "lr": text_encoder_lr}] if text_params else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
     noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
