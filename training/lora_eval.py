@@ -1,0 +1,267 @@
+"""What the LoRA adapters do, measured in process with diffusers: the base pipeline
+(StableDiffusionPipeline.from_pretrained(checkpoints/ldm-shapes)), the adapters loaded by
+`load_lora_weights` and combined by `set_adapters(names, weights)`, images read by the project's
+evaluator (training/evaluate.py) and by a reader that also knows the adapters' concept and style.
+
+    python -m training.lora_eval --concept checkpoints/loras/bar.safetensors \\
+        --style checkpoints/loras/tall.safetensors [--kohya-style checkpoints/loras/tall-kohya.safetensors] \\
+        [--prompts 100] [--grid docs/loras.png]
+
+Measures (guidance 5, 25 DDIM steps, image i with seed i, as `ldm eval`):
+- concept: on the concept's held-out prompts (a bar in a colour never rendered as a bar in
+  training, alone or next to a seen object), how often a bar of the asked colour is drawn, by
+  the base model and with the concept adapter at weight 1; and whole-prompt accuracy;
+- style: the base model's own held-out prompts (eval_scenes(held_out=True)), scored by
+  training/evaluate.py unchanged: the base, the style adapter at weight 0 (bytes compared), at
+  weight 1; and how tall the drawn objects are (box width / height; the style draws 0.8);
+- both adapters in one request, on the concept prompts: the concept drawn and objects drawn tall.
+"""
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.data import CONCEPT_SHAPES, IMAGE_SIZE, STYLES, Scene, concept_eval_scenes, eval_scenes
+from training.evaluate import (_NAMES, _PALETTE, CENTRE_RADIUS, LARGE_EXTENT, MAX_COLOUR_DISTANCE, MIN_AREA,
+                               MIN_INTERIOR, SQUARE_CORNERS, TRIANGLE_LOWER_HALF, _interior, _regions, _relation,
+                               score)
+
+RING_MIN_HOLE = 3  # pixels enclosed by an object's region (not its colour, not reachable from outside)
+BAR_MIN_ASPECT = 1.6  # box width / height from which an object is a bar (drawn: 2.4, with the tall style 1.9)
+TALL_ASPECT = (1.0 + STYLES["tall"][0] / STYLES["tall"][1]) / 2  # box width / height at most this: drawn tall
+CONCEPT_TARGET, BASE_CONCEPT_LIMIT, STYLE_DROP_LIMIT = 0.90, 0.10, 0.05
+
+
+@dataclass(frozen=True)
+class Found:
+    """An object as training/evaluate.py reads it, plus its box and the area of its holes."""
+    colour: str
+    shape: str  # the evaluator's circle / square / triangle; "ring" when it has a hole, "bar" when wide
+    size: str
+    cx: float
+    cy: float
+    area: int
+    width: int
+    height: int
+    hole: int
+
+    @property
+    def position(self) -> str:
+        dx, dy = self.cx - IMAGE_SIZE / 2, self.cy - IMAGE_SIZE / 2
+        if abs(dx) < CENTRE_RADIUS and abs(dy) < CENTRE_RADIUS:
+            return "centre"
+        if abs(dx) >= abs(dy):
+            return "left" if dx < 0 else "right"
+        return "top" if dy < 0 else "bottom"
+
+
+def _hole_area(box: np.ndarray) -> int:
+    """Pixels of a region's bounding box that are not the region and cannot reach the box's
+    outside without crossing it (4-connected)."""
+    free = ~np.pad(box, 1)
+    outside = next(_regions(free))  # the scan starts at (0, 0), which is in the padding
+    return int(free.sum()) - len(outside)
+
+
+def read_objects(image: np.ndarray):
+    """training/evaluate.read_image's reading (same palette, thresholds, regions and features),
+    with each object's box and holes: (background name or None, list of Found, largest first)."""
+    dist = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - _PALETTE, axis=-1)
+    labels = np.where(dist.min(-1) <= MAX_COLOUR_DISTANCE, dist.argmin(-1), -1)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    border = border[border >= 0]
+    background = _NAMES[np.bincount(border).argmax()] if len(border) else None
+    objects = []
+    for index, name in enumerate(_NAMES):
+        if name == background:
+            continue
+        mask = labels == index
+        interior = _interior(mask)
+        for pixels in _regions(mask):
+            ys, xs = np.array(pixels).T
+            if len(pixels) < MIN_AREA or interior[ys, xs].sum() < MIN_INTERIOR:
+                continue
+            bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+            lower = np.mean(ys + 0.5 > (ys.min() + ys.max() + 1) / 2)
+            box = np.zeros((bh, bw), bool)
+            box[ys - ys.min(), xs - xs.min()] = True
+            k = max(2, min(bw, bh) // 6)
+            corners = np.mean([box[:k, :k], box[:k, -k:], box[-k:, :k], box[-k:, -k:]])
+            shape = "triangle" if lower >= TRIANGLE_LOWER_HALF else "square" if corners >= SQUARE_CORNERS else "circle"
+            hole = _hole_area(box)
+            if hole >= RING_MIN_HOLE:
+                shape = "ring"
+            elif bw >= BAR_MIN_ASPECT * bh:
+                shape = "bar"
+            size = "large" if max(bw, bh) >= LARGE_EXTENT else "small"
+            objects.append(Found(name, shape, size, (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2,
+                                 len(pixels), int(bw), int(bh), hole))
+    return background, sorted(objects, key=lambda o: -o.area)
+
+
+def check(scene: Scene, image: np.ndarray) -> dict:
+    """training/evaluate.check's attributes, read by read_objects (so "ring" and "bar" are shapes)."""
+    background, found = read_objects(image)
+    result = {"background": background == scene.background, "count": len(found) == len(scene.objects)}
+    if len(scene.objects) == 1:
+        want, got = scene.objects[0], (found[0] if found else None)
+        result["colour"] = got is not None and got.colour == want.colour
+        result["shape"] = got is not None and got.shape == want.shape
+        result["size"] = got is not None and got.size == scene.size
+        result["position"] = got is not None and got.position == scene.position
+        return result
+    by_colour = {}
+    for obj in found:
+        by_colour.setdefault(obj.colour, obj)
+    matched = [by_colour.get(o.colour) for o in scene.objects]
+    for i, (want, got) in enumerate(zip(scene.objects, matched)):
+        result[f"colour {i + 1}"] = got is not None
+        result[f"shape {i + 1}"] = got is not None and got.shape == want.shape
+    result["relation"] = None not in matched and _relation(*matched) == scene.relation
+    return result
+
+
+def concept_scores(scenes, images) -> dict:
+    """drawn: share of images with an object of the concept's colour read as the concept (the
+    scene's object whose shape is in CONCEPT_SHAPES); prompt_accuracy: every stated attribute
+    right (check above)."""
+    drawn, passed = [], []
+    for scene, image in zip(scenes, images):
+        want = next(o for o in scene.objects if o.shape in CONCEPT_SHAPES)
+        _, found = read_objects(image)
+        drawn.append(any(o.colour == want.colour and o.shape == want.shape for o in found))
+        passed.append(all(check(scene, image).values()))
+    return {"drawn": float(np.mean(drawn)), "prompt_accuracy": float(np.mean(passed)), "count": len(drawn)}
+
+
+def style_scores(images) -> dict:
+    """Box width / height of the objects read: of the base shapes (the base model draws ~1, the
+    tall style 0.8) and, apart, of the concept shapes (a bar is 2.4 wide, 1.9 in the tall style)."""
+    base, concept = [], []
+    for image in images:
+        for o in read_objects(image)[1]:
+            (concept if o.shape in CONCEPT_SHAPES else base).append(o.width / o.height)
+    return {"objects": len(base), "median_aspect": float(np.median(base)) if base else float("nan"),
+            "tall": float(np.mean(np.array(base) <= TALL_ASPECT)) if base else float("nan"),
+            "concept_objects": len(concept),
+            "concept_median_aspect": float(np.median(concept)) if concept else float("nan")}
+
+
+def _scores(scenes, images, *parts) -> dict:
+    out = {}
+    for part in parts:
+        if part == "evaluator":  # training/evaluate.py, unchanged
+            out.update({k: v for k, v in score(scenes, images).items() if k != "passed"})
+        elif part == "concept":
+            out.update(concept_scores(scenes, images))
+        elif part == "style":
+            out.update(style_scores(images))
+        elif part == "concept shapes drawn":
+            out[part] = float(np.mean([any(o.shape in CONCEPT_SHAPES for o in read_objects(im)[1]) for im in images]))
+    return out
+
+
+def evaluate_adapters(checkpoint, concept_file, style_file, concept: str = "bar", prompts: int = 100, steps: int = 25,
+                      guidance: float = 5.0, kohya_style_file=None, log=print):
+    """Every number of docs/loras.md's measurements: (numbers, images by "<adapters>/<prompt set>",
+    the concept's held-out scenes, the base model's held-out scenes)."""
+    from training.generate import load_pipeline, pipeline_images
+
+    pipe = load_pipeline(checkpoint)
+    sets = {"concept": concept_eval_scenes(prompts, held_out=True, concept=concept),
+            "held-out": eval_scenes(prompts, held_out=True)}
+    seeds = list(range(prompts))
+    out, images = {}, {}
+
+    def run(adapters, weights, prompt_set, *parts):
+        if adapters:
+            pipe.set_adapters(adapters, weights)
+        label = "+".join(f"{a}:{w:g}" for a, w in zip(adapters, weights)) or "base"
+        key = f"{label}/{prompt_set}"
+        images[key] = pipeline_images(pipe, [s.caption for s in sets[prompt_set]], seeds, guidance, steps)
+        out[key] = _scores(sets[prompt_set], images[key], *parts)
+        log(f"{key}: {out[key]}")
+        return key
+
+    run([], [], "concept", "concept", "style")
+    run([], [], "held-out", "evaluator", "style", "concept shapes drawn")
+    pipe.load_lora_weights(str(concept_file), adapter_name="concept")
+    pipe.load_lora_weights(str(style_file), adapter_name="style")
+    run(["concept"], [1.0], "concept", "concept", "style")
+    run(["concept"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
+    run(["style"], [0.0], "held-out", "evaluator")
+    out["style:0 equals base, byte for byte"] = bool(np.array_equal(images["style:0/held-out"], images["base/held-out"]))
+    run(["style"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
+    run(["concept", "style"], [1.0, 1.0], "concept", "concept", "style")
+    if kohya_style_file:
+        pipe.load_lora_weights(str(kohya_style_file), adapter_name="style_kohya")
+        run(["style_kohya"], [1.0], "held-out", "evaluator")
+        diff = np.abs(images["style_kohya:1/held-out"].astype(np.int16) - images["style:1/held-out"])
+        out["kohya style file vs diffusers file, uint8"] = {"mean_abs": float(diff.mean()), "max_abs": int(diff.max())}
+    base, style = out["base/held-out"]["prompt_accuracy"], out["style:1/held-out"]["prompt_accuracy"]
+    alone, both = out["concept:1/concept"], out["concept:1+style:1/concept"]
+    out["targets"] = {
+        f"concept adapter at 1 draws the concept in >= {CONCEPT_TARGET:.0%} of held-out prompts": alone["drawn"] >= CONCEPT_TARGET,
+        f"base model draws it in <= {BASE_CONCEPT_LIMIT:.0%}": out["base/concept"]["drawn"] <= BASE_CONCEPT_LIMIT,
+        "style adapter at 0 gives the base's bytes": out["style:0 equals base, byte for byte"],
+        f"style adapter at 1 lowers held-out accuracy by <= {STYLE_DROP_LIMIT * 100:.0f} points":
+            base - style <= STYLE_DROP_LIMIT + 1e-9,
+        # Both act: the concept is drawn as often as the target asks, the other objects are drawn
+        # tall, and the concept objects are taller than the concept adapter alone draws them.
+        "both adapters in one request both act": both["drawn"] >= CONCEPT_TARGET and both["tall"] >= 0.5
+            and both["concept_median_aspect"] <= 0.9 * alone["concept_median_aspect"],
+    }
+    return out, images, sets["concept"], sets["held-out"]
+
+
+def write_grid(images, concept_set, base_set, path: Path, columns: int = 8) -> None:
+    """Rows: base / concept adapter / both on concept prompts; base / style adapter on held-out prompts."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = [("base", "base/concept"), ("concept:1", "concept:1/concept"), ("concept:1 style:1", "concept:1+style:1/concept"),
+            ("base", "base/held-out"), ("style:1", "style:1/held-out")]
+    cell, label_w = 96, 110
+    sheet = Image.new("RGB", (label_w + columns * cell, len(rows) * cell + 30), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=11)
+    for r, (label, key) in enumerate(rows):
+        draw.text((4, r * cell + cell // 2 - 6), label, fill=(0, 0, 0), font=font)
+        for c in range(columns):
+            sheet.paste(Image.fromarray(images[key][c]).resize((cell - 4, cell - 4), Image.NEAREST),
+                        (label_w + c * cell, r * cell + 2))
+    draw.text((4, len(rows) * cell + 6), "rows 1-3: " + concept_set[0].caption + " ...; rows 4-5: " +
+              base_set[0].caption + " ...", fill=(0, 0, 0), font=font)
+    sheet.save(path, optimize=True)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/ldm-shapes"))
+    parser.add_argument("--concept", type=Path, required=True, help="the concept adapter (diffusers/PEFT file)")
+    parser.add_argument("--style", type=Path, required=True, help="the style adapter (diffusers/PEFT file)")
+    parser.add_argument("--concept-shape", choices=CONCEPT_SHAPES, default="bar", help="the shape --concept teaches")
+    parser.add_argument("--kohya-style", type=Path, help="the style adapter in kohya form: compared with --style")
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--grid", type=Path, help="write a sample grid PNG here")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out, images, concept_set, base_set = evaluate_adapters(args.checkpoint, args.concept, args.style, args.concept_shape,
+                                                           args.prompts, args.steps, args.guidance, args.kohya_style)
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    if args.grid:
+        write_grid(images, concept_set, base_set, args.grid)
+    return 0 if all(out["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
