@@ -218,8 +218,16 @@ def save_lora(pipe, path: Path) -> None:
     unet, text = adapter_state_dicts(pipe)
     StableDiffusionPipeline.save_lora_weights(
         path.parent, unet_lora_layers=unet, text_encoder_lora_layers=text, weight_name=path.name,
-        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict() if text else None)
+        unet_lora_adapter_metadata=_metadata(pipe.unet),
+        text_encoder_lora_adapter_metadata=_metadata(pipe.text_encoder) if text else None)
+
+
+def _metadata(module) -> dict:
+    """The LoraConfig of adapter "default" as a dict; PEFT keeps target_modules as a set, whose
+    order varies with the interpreter's hash seed: sorted, the same run writes the same bytes."""
+    config = module.peft_config["default"].to_dict()
+    return {key: sorted(value) if isinstance(value, (set, list)) and all(isinstance(v, str) for v in value) else value
+            for key, value in config.items()}
 
 
 if __name__ == "__main__":  # python -m training.lora_train ... (the same as ldm train-lora ...)
