@@ -2,7 +2,8 @@
 the image-conditioned tasks (inpainting, img2img recolouring: training/edit_eval.py);
 `ldm eval --regions`: regional-prompt adherence (training/regional_eval_cli.py);
 `ldm eval --sampler S --steps N`: one sampler setting's held-out adherence and images/s through
-the service; `ldm eval --sampler-table`: every setting of training/sampler_eval.py.
+the service; `ldm eval --sampler-table`: every setting of training/sampler_eval.py;
+`ldm eval --loras`: the LoRA adapters of checkpoints/loras through the service (training/lora_eval.py).
 
 The evaluator is validated on ground-truth renders first; below 98% its scores do not count and
 the command fails. With --require-targets a missed target also fails the command.
@@ -36,6 +37,18 @@ def add_arguments(parser) -> None:
                         help="scenes per image-conditioned set (inpainting, recolouring; 0: skip them)")
     parser.add_argument("--require-targets", action="store_true", help="exit 1 if a target is missed")
     regional_eval_cli.add_arguments(parser)
+    loras = parser.add_argument_group("LoRA adapters (--loras: through the service, --url or a server this command starts)")
+    loras.add_argument("--loras", action="store_true",
+                       help="measure the concept and style adapters (docs/loras.md): the concept drawn, the style's "
+                       "effect on held-out adherence, both in one request")
+    loras.add_argument("--lora-dir", type=Path, default=Path("checkpoints/loras"),
+                       help="the adapters the started server loads (default: %(default)s)")
+    loras.add_argument("--concept-lora", default="bar", help="the concept adapter's name on the server (default: %(default)s)")
+    loras.add_argument("--style-lora", default="tall", help="the style adapter's name (default: %(default)s)")
+    loras.add_argument("--kohya-style-lora", default="tall-kohya",
+                       help="the style adapter in kohya form, compared with --style-lora ('': skip; default: %(default)s)")
+    loras.add_argument("--lora-json", type=Path, help="write the numbers here")
+    loras.add_argument("--lora-grid", type=Path, help="write a sample grid PNG here")
 
 
 def run(args) -> int:
@@ -47,6 +60,8 @@ def run(args) -> int:
         return sampler_table(args.checkpoint, args.prompts, args.table_out)
     if args.sampler:
         return sampler_setting(args)
+    if args.loras:
+        return lora_adapters(args)
     accuracy = evaluator_accuracy()
     print(f"evaluator accuracy on ground-truth renders: {accuracy:.1%} (must be >= {EVALUATOR_MIN_ACCURACY:.0%})")
     if accuracy < EVALUATOR_MIN_ACCURACY:
@@ -132,6 +147,43 @@ def sampler_setting(args) -> int:
         row = measure(url, args.sampler, args.sigma_schedule, args.steps, tuple(args.guidance_interval), args.prompts)
         return report([row], target=False)
 
+    return with_service(args, run)
+
+
+def lora_adapters(args) -> int:
+    """The adapters' measurements of training/lora_eval.py through the service: each image one
+    request naming its adapters in `loras`, 16 concurrent clients."""
+    import json
+
+    from training.lora_eval import evaluate_adapters, service_generator, write_grid
+
+    names = {"concept": args.concept_lora, "style": args.style_lora}
+    if args.kohya_style_lora:
+        names["style_kohya"] = args.kohya_style_lora
+
+    def run(url):
+        print(f"LoRA adapters through the service at {url}: {names}; {args.prompts} prompts per set, {args.steps} steps, "
+              f"guidance 5, seeds 0..{args.prompts - 1}, 16 concurrent requests", flush=True)
+        generate = service_generator(url, names, steps=args.steps, protocol=args.protocol)
+        out, images, concept_set, base_set = evaluate_adapters(generate, prompts=args.prompts,
+                                                               kohya_style=bool(args.kohya_style_lora),
+                                                               log=lambda line: print(line, flush=True))
+        print(json.dumps(out, indent=2))
+        if args.lora_json:
+            args.lora_json.write_text(json.dumps(out, indent=2) + "\n")
+        if args.lora_grid:
+            write_grid(images, concept_set, base_set, args.lora_grid)
+        print("\n| target | result |\n|---|---|")
+        for name, passed in out["targets"].items():
+            print(f"| {name} | {'PASS' if passed else 'FAIL'} |")
+        return 1 if args.require_targets and not all(out["targets"].values()) else 0
+
+    return with_service(args, run, lora_dir=args.lora_dir)
+
+
+def with_service(args, run, lora_dir=None) -> int:
+    """run(grpc url) against --url, or against a server this command starts on --checkpoint
+    (with the adapters of `lora_dir` when given) and stops."""
     if args.url:
         return run(args.url)
     import tempfile
@@ -142,6 +194,7 @@ def sampler_setting(args) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "model_repository"
-        write_repository(args.checkpoint, repo, pipeline_parameters=pipeline_parameters(max_queue=256), log=lambda *a: None)
+        params = pipeline_parameters(max_queue=256, lora_dir=str(Path(lora_dir).resolve()) if lora_dir else "")
+        write_repository(args.checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
             return run(server.grpc_url)

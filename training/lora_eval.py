@@ -1,11 +1,17 @@
-"""What the LoRA adapters do, measured in process with diffusers: the base pipeline
-(StableDiffusionPipeline.from_pretrained(checkpoints/ldm-shapes)), the adapters loaded by
-`load_lora_weights` and combined by `set_adapters(names, weights)`, images read by the project's
-evaluator (training/evaluate.py) and by a reader that also knows the adapters' concept and style.
+"""What the LoRA adapters do, measured with the project's evaluator (training/evaluate.py) and a
+reader that also knows the adapters' concept and style, in two ways that run the same prompts:
+
+- in process with diffusers: the base pipeline (StableDiffusionPipeline.from_pretrained
+  (checkpoints/ldm-shapes)), the adapters loaded by `load_lora_weights` and combined by
+  `set_adapters(names, weights)`:
 
     python -m training.lora_eval --concept checkpoints/loras/bar.safetensors \\
         --style checkpoints/loras/tall.safetensors [--kohya-style checkpoints/loras/tall-kohya.safetensors] \\
         [--prompts 100] [--grid docs/loras.png]
+
+- through the service, each image one request naming its adapters in `loras`, 16 at a time:
+  `ldm eval --loras` (training/eval_cli.py; starts a server with --lora-dir checkpoints/loras,
+  or measures the one at --url).
 
 Measures (guidance 5, 25 DDIM steps, image i with seed i, as `ldm eval`):
 - concept: on the concept's held-out prompts (a bar in a colour never rendered as a bar in
@@ -163,40 +169,85 @@ def _scores(scenes, images, *parts) -> dict:
     return out
 
 
-def evaluate_adapters(checkpoint, concept_file, style_file, concept: str = "bar", prompts: int = 100, steps: int = 25,
-                      guidance: float = 5.0, kohya_style_file=None, log=print):
-    """Every number of docs/loras.md's measurements: (numbers, images by "<adapters>/<prompt set>",
-    the concept's held-out scenes, the base model's held-out scenes)."""
+def diffusers_generator(checkpoint, files: dict, steps: int = 25, guidance: float = 5.0):
+    """generate(captions, seeds, adapters) in process: diffusers' pipeline, the adapter files
+    ({role: path}) loaded by `load_lora_weights` under their roles and combined per call by
+    `set_adapters(roles, weights)`; no adapters: the base pipeline (LoRA layers disabled)."""
     from training.generate import load_pipeline, pipeline_images
 
     pipe = load_pipeline(checkpoint)
+    loaded = False
+
+    def generate(captions, seeds, adapters):
+        nonlocal loaded
+        if adapters and not loaded:
+            for role, path in files.items():
+                pipe.load_lora_weights(str(path), adapter_name=role)
+            loaded = True
+        if adapters:
+            pipe.enable_lora()
+            pipe.set_adapters([r for r, _ in adapters], [w for _, w in adapters])
+        elif loaded:
+            pipe.disable_lora()
+        return pipeline_images(pipe, captions, seeds, guidance, steps)
+
+    return generate
+
+
+def service_generator(url: str, names: dict, steps: int = 25, guidance: float = 5.0, concurrency: int = 16,
+                      protocol: str = "grpc"):
+    """generate(captions, seeds, adapters) through the service at `url`: each image one request
+    (seed i, `loras` naming the server's adapters by role: {role: name}), `concurrency` at a time,
+    as users send them; the server mixes their rows in its denoiser calls."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    from serving.client.kserve import LdmClient
+
+    local = threading.local()  # a client streams one request at a time: one client per thread
+
+    def generate(captions, seeds, adapters):
+        loras = [(names[role], weight) for role, weight in adapters] or None
+
+        def one(i):
+            if not hasattr(local, "client"):
+                local.client = LdmClient(url, protocol=protocol)
+            return local.client.generate(captions[i], seed=int(seeds[i]), steps=steps, guidance_scale=guidance,
+                                   height=IMAGE_SIZE, width=IMAGE_SIZE, loras=loras)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            return np.stack(list(pool.map(one, range(len(captions)))))
+
+    return generate
+
+
+def evaluate_adapters(generate, concept: str = "bar", prompts: int = 100, kohya_style: bool = False, log=print):
+    """Every number of docs/loras.md's measurements, made by `generate(captions, seeds, adapters)`
+    (adapters: [(role, weight)] with roles "concept", "style" and, with kohya_style,
+    "style_kohya"): (numbers, images by "<adapters>/<prompt set>", the concept's held-out scenes,
+    the base model's held-out scenes)."""
     sets = {"concept": concept_eval_scenes(prompts, held_out=True, concept=concept),
             "held-out": eval_scenes(prompts, held_out=True)}
     seeds = list(range(prompts))
     out, images = {}, {}
 
     def run(adapters, weights, prompt_set, *parts):
-        if adapters:
-            pipe.set_adapters(adapters, weights)
         label = "+".join(f"{a}:{w:g}" for a, w in zip(adapters, weights)) or "base"
         key = f"{label}/{prompt_set}"
-        images[key] = pipeline_images(pipe, [s.caption for s in sets[prompt_set]], seeds, guidance, steps)
+        images[key] = generate([s.caption for s in sets[prompt_set]], seeds, list(zip(adapters, weights)))
         out[key] = _scores(sets[prompt_set], images[key], *parts)
         log(f"{key}: {out[key]}")
         return key
 
     run([], [], "concept", "concept", "style")
     run([], [], "held-out", "evaluator", "style", "concept shapes drawn")
-    pipe.load_lora_weights(str(concept_file), adapter_name="concept")
-    pipe.load_lora_weights(str(style_file), adapter_name="style")
     run(["concept"], [1.0], "concept", "concept", "style")
     run(["concept"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
     run(["style"], [0.0], "held-out", "evaluator")
     out["style:0 equals base, byte for byte"] = bool(np.array_equal(images["style:0/held-out"], images["base/held-out"]))
     run(["style"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
     run(["concept", "style"], [1.0, 1.0], "concept", "concept", "style")
-    if kohya_style_file:
-        pipe.load_lora_weights(str(kohya_style_file), adapter_name="style_kohya")
+    if kohya_style:
         run(["style_kohya"], [1.0], "held-out", "evaluator")
         diff = np.abs(images["style_kohya:1/held-out"].astype(np.int16) - images["style:1/held-out"])
         out["kohya style file vs diffusers file, uint8"] = {"mean_abs": float(diff.mean()), "max_abs": int(diff.max())}
@@ -253,8 +304,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out, images, concept_set, base_set = evaluate_adapters(args.checkpoint, args.concept, args.style, args.concept_shape,
-                                                           args.prompts, args.steps, args.guidance, args.kohya_style)
+    files = {"concept": args.concept, "style": args.style, **({"style_kohya": args.kohya_style} if args.kohya_style else {})}
+    generate = diffusers_generator(args.checkpoint, files, args.steps, args.guidance)
+    out, images, concept_set, base_set = evaluate_adapters(generate, args.concept_shape, args.prompts, bool(args.kohya_style))
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
