@@ -69,6 +69,15 @@ def add_arguments(parser):
                         help="measure steering instead: steer-to-effect latency at 1 and 16 generations, cost of a steered job")
     parser.add_argument("--steer-rounds", type=int, default=4,
                         help="--steer: rounds at C=16 (16 steers each); C=1 runs 8 times as many (default: %(default)s)")
+    parser.add_argument("--loras", action="store_true",
+                        help="measure LoRA mixing instead (in process): C=16 with adapters spread over the requests vs "
+                        "no adapters vs one adapter set per UNet call, and the per-call overhead by rank and adapter count")
+    parser.add_argument("--lora-adapters", type=int, default=4, help="--loras: distinct adapters (default: %(default)s)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="--loras: their rank (default: %(default)s)")
+    parser.add_argument("--lora-rounds", type=int, default=3, help="--loras: interleaved rounds (default: %(default)s)")
+    parser.add_argument("--lora-sweep-ranks", default="4,16,64", help="--loras: ranks of the overhead sweep (default: %(default)s)")
+    parser.add_argument("--lora-sweep-counts", default="1,4,8",
+                        help="--loras: adapters per call in the overhead sweep (default: %(default)s)")
     from serving.bench.overload import add_arguments as add_overload_arguments
 
     add_overload_arguments(parser)
@@ -174,7 +183,6 @@ def mixed_workload(fields: dict, size: int) -> list:
 def run(args) -> int:
     import numpy as np
 
-    from families.checkpoint import CheckpointInfo
     from families import FAMILIES
     from families.checkpoint import CheckpointInfo
     from serving.bench.baselines import BASELINE_ROWS, BareLoop, diffusers_latencies, diffusers_pipeline_class
@@ -201,6 +209,19 @@ def run(args) -> int:
         from serving.bench.overload import run_overload
 
         return run_overload(args, checkpoint, out)
+    if args.loras:
+        from serving.bench.loras import run_loras, table
+
+        concurrency = int(args.concurrency.split(",")[-1])
+        print(f"bench --loras: {checkpoint}, {args.requests} requests at C={concurrency}, {args.lora_adapters} adapters of "
+              f"rank {args.lora_rank}, {args.steps} steps, {args.lora_rounds} rounds", flush=True)
+        results = run_loras(checkpoint, out, requests=args.requests, concurrency=concurrency, adapters=args.lora_adapters,
+                            rank=args.lora_rank, steps=args.steps, rounds=args.lora_rounds,
+                            sweep_ranks=[int(r) for r in args.lora_sweep_ranks.split(",")],
+                            sweep_counts=[int(c) for c in args.lora_sweep_counts.split(",")])
+        print(table(results))
+        print(f"written: {out / 'loras.json'}")
+        return 0
     info = CheckpointInfo.read(checkpoint)
     size = args.size or info.native_size
     fields = dict(prompt=PROMPTS[0], steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
