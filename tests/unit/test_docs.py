@@ -143,6 +143,11 @@ def test_every_relative_link_resolves(path):
     assert broken_links(path) == []
 
 
+def test_the_readme_stays_short():
+    """The README is read in five minutes; the details live in docs/ (issue 23)."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+
+
 def test_the_index_links_every_page():
     index = ROOT / "docs" / "README.md"
     linked = {(index.parent / target.partition("#")[0]).resolve() for _, target in links(index)
