@@ -3,7 +3,7 @@ preview, and a generation steered mid-run (beside the same seed unsteered in the
 Exports the shipped default model, starts tritonserver and the gateway on free ports, drives the
 page in headless Chromium (tests/page_browser.py), stops both.
 
-    .venv/bin/python tests/page_screenshots.py [--out docs/screenshots] [--checkpoint checkpoints/ldm-shapes]
+    .venv/bin/python tests/page_screenshots.py [--out docs/results/screenshots] [--checkpoint checkpoints/ldm-shapes]
 """
 import argparse
 from pathlib import Path
@@ -41,7 +41,7 @@ def shoot(url: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "screenshots")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "ldm-shapes")
     args = parser.parse_args()
     if missing():

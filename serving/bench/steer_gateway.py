@@ -12,7 +12,7 @@ has a prompt not used before (`ldm bench --steer`'s, serving/bench/steer.py, whi
 same at the Triton level), so each costs its text-encoder call.
 
     ldm serve &    # or any gateway
-    python -m serving.bench.steer_gateway --url http://127.0.0.1:8080 --out docs/bench/steer-gateway.json
+    python -m serving.bench.steer_gateway --url http://127.0.0.1:8080 --out docs/results/bench/steer-gateway.json
 """
 import argparse
 import asyncio

@@ -10,8 +10,9 @@ so no answer can race another. A failure touches the jobs it belongs to alone: a
 that raises fails the jobs of that call; a sink that raises (client gone) ends its own job.
 
 `steer` (also called from Triton's thread) changes a queued or running job's prompt, negative
-prompt or guidance scale; the next iteration's admission batch encodes the new texts together
-with the new jobs' and installs them from the job's next step (serving/core/steering.py).
+prompt, guidance scale, regions, inpainting mask or LoRA adapters (serving/core/steering.py
+`STEERABLE`); the next iteration's admission batch encodes the new texts (and a new mask's
+masked image) together with the new jobs' and installs them from the job's next step.
 """
 from dataclasses import dataclass
 import threading
