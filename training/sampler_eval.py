@@ -1,7 +1,7 @@
 """Quality per step, through the service: for each sampler setting, the held-out whole-prompt
 adherence at guidance 5 and the images/s of the same run (the held-out prompts sent by 16
 concurrent clients). `ldm eval --sampler-table` starts a server on the default model and prints
-the table of SETTINGS (docs/features/samplers.md holds the last one); `ldm eval --sampler S
+the table of SETTINGS (docs/samplers.md holds the last one); `ldm eval --sampler S
 --steps N [--sigma-schedule K] [--guidance-interval LO HI]` measures one setting.
 
 The target (issue on samplers): some setting reaches DDIM-25's held-out adherence within 2

@@ -1,4 +1,4 @@
-"""Samplers per request (DESIGN: a sampler is a pure, vectorised update with per-job state).
+"""Samplers per request: each a pure, vectorised update with per-job state.
 
 A `Sampler` is made once per served checkpoint (its scheduler config) and shared by every job;
 what a job walks through is its own `SamplerRun` (schedule position and the history a multistep
