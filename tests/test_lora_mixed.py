@@ -38,14 +38,14 @@ def write_lora(checkpoint, folder, seed, rank, alpha, targets):
 
 def served_with_loras(checkpoint, folder, repo):
     """The in-process pipeline (ONNX Runtime, not started: tests drain it) of `checkpoint` exported
-    with LoRA inputs and the adapters of `folder` registered."""
+    with LoRA inputs and the adapters of `folder` (if any) registered."""
     from export.cli import pipeline_parameters
     from export.repository import write_repository
     from serving.core.config import PipelineConfig
     from serving.core.service import PipelineAssets, PipelineService
     from serving.models.onnx import local_variants
 
-    params = pipeline_parameters(lora_dir=str(folder))
+    params = pipeline_parameters(lora=True, lora_dir=str(folder) if folder else "")
     write_repository(checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
     return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
                            local_variants(repo), lora_reader=read_adapter)
@@ -274,3 +274,13 @@ def test_an_sdxl_adapter_served_equals_diffusers(tmp_path):
         effect = np.abs(sink.image.astype(int) - plain.image).mean()
         print(f"SDXL adapter at weight {weight}: mean abs vs diffusers {error:.4f} / 255, its effect {effect:.1f} / 255")
         assert error <= 1.0 and effect > 2.0
+
+
+def test_uploads_without_a_folder_go_to_a_temporary_one_removed_at_stop(tiny_checkpoint, lora_files, tmp_path):
+    svc = served_with_loras(tiny_checkpoint, None, tmp_path / "repo")
+    assert svc.lora_upload_dir is None  # nothing made for a service that receives no upload
+    svc.load_lora("b", lora_files["b"].read_bytes())
+    folder = svc.lora_upload_dir
+    assert [e["id"] for e in svc.loras()] == ["b"] and len(list(folder.rglob("b.safetensors"))) == 1
+    svc.stop(grace_s=0)
+    assert not folder.exists()

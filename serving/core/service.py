@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 import re
 import secrets
+import shutil
 import tempfile
 
 from serving.core.engine import Engine, ShuttingDown
@@ -137,8 +138,10 @@ class PipelineService:
             models = {key: self.faults.models(m) for key, m in models.items()}
         self.drain_grace_s = config.drain_grace_s
         self.lora_per_set = config.lora_batching == "per_set"
-        # uploaded adapters: beside the registered folder's, else in a folder of this process
-        self.lora_upload_dir = Path(config.lora_dir) if config.lora_dir else Path(tempfile.mkdtemp(prefix="ldm-loras-"))
+        # uploaded adapters: beside the registered folder's, else in a temporary folder made at
+        # the first upload and removed by stop()
+        self.lora_upload_dir = Path(config.lora_dir) if config.lora_dir else None
+        self._temporary_upload_dir = None
         # one tokenizer per folder and one text-encoder cache per (model, tokenizers): variants
         # that share their text encoder share its cache
         tokenizers, encoders, runners = {}, {}, {}
@@ -198,7 +201,10 @@ class PipelineService:
         the generations in flight finish for up to `grace_s` seconds (default: the pipeline's
         config.pbtxt parameter drain_grace_s, 120), then fails those left with UNAVAILABLE.
         Returns whether the engine's worker ended."""
-        return self.engine.stop(self.drain_grace_s if grace_s is None else grace_s)
+        ended = self.engine.stop(self.drain_grace_s if grace_s is None else grace_s)
+        if self._temporary_upload_dir is not None:
+            shutil.rmtree(self._temporary_upload_dir, ignore_errors=True)
+        return ended
 
     @property
     def accepting(self) -> bool:
@@ -251,6 +257,8 @@ class PipelineService:
             raise InvalidInput("name", f"must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         if len(data) > served.lora.max_file_bytes:
             raise LoraTooLarge(f"file: {len(data)} bytes; at most {served.lora.max_file_bytes} bytes per adapter file")
+        if self.lora_upload_dir is None:
+            self.lora_upload_dir = self._temporary_upload_dir = Path(tempfile.mkdtemp(prefix="ldm-loras-"))
         folder = self.lora_upload_dir / served.name
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.safetensors"
