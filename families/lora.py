@@ -130,7 +130,7 @@ class StaticBank(torch.nn.Module):
         self.model = module.model  # the diffusers model, as the other wrappers expose it
         self.width = width
         self.wrappers = install_mixed_lora(module.model, list(layers))
-        for i, (name, (fan_in, fan_out)) in enumerate(layers.items()):
+        for i, (fan_in, fan_out) in enumerate(layers.values()):
             self.register_buffer(f"a{i}", torch.zeros(fan_in, width))
             self.register_buffer(f"b{i}", torch.zeros(width, fan_out))
         self.names = list(layers)

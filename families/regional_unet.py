@@ -65,7 +65,7 @@ def install_regional_attention(unet) -> int:
     cross-attention layers became regional."""
     levels = len(unet.config.block_out_channels) - 1  # downsamplings between the first and last block
     processors, regional = {}, 0
-    for name, attn in unet.attn_processors.items():
+    for name in unet.attn_processors:
         module = unet.get_submodule(name.removesuffix(".processor"))
         if not module.is_cross_attention:
             processors[name] = SelfAttention()

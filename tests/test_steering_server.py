@@ -19,13 +19,14 @@ def steered_generation(server, steer, steps=150, **fields):
         request_id = f"steer-test-{uuid.uuid4().hex}"
         started, result = threading.Event(), {}
 
+        # both closures run within this iteration (the thread is joined before the next)
         def on_progress(generation):
             if len(generation.progress) >= 3:
-                started.set()
+                started.set()  # noqa: B023
 
         def run():
             with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
-                result["generation"] = client.run(A, on_progress=on_progress, request_id=request_id, seed=5, steps=steps,
+                result["generation"] = client.run(A, on_progress=on_progress, request_id=request_id, seed=5, steps=steps,  # noqa: B023
                                                   progress_every=1, **fields)
 
         thread = threading.Thread(target=run)

@@ -62,7 +62,7 @@ async def one_generation(client, index: int, args) -> dict:
             if pending is None and len(samples) < args.steers and done >= next_at:
                 pending = {"sent": time.monotonic(), "done_at_send": done}
                 pending["task"] = asyncio.create_task(
-                    _steer(client, live.id, next(NEW_PROMPTS), pending, lambda: done))
+                    _steer(client, live.id, next(NEW_PROMPTS), pending, lambda: done))  # noqa: B023 (read later: the count then)
     return {"samples": samples, "step_s": statistics.median(step_times) if step_times else None}
 
 

@@ -31,7 +31,8 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 
 T = TypeVar("T")

@@ -159,7 +159,7 @@ class Engine:
             except Exception as exc:  # a failed text-encoder (or VAE-encoder) call fails these jobs, not the server
                 traceback.print_exc()
                 steering = set(map(id, steered))
-                self._retire(admitted + steered, lambda job: self._fail_by_model(
+                self._retire(admitted + steered, lambda job, exc=exc: self._fail_by_model(
                     job, "text encoding of a steer failed" if id(job) in steering else "text encoding failed", exc))
         for job in self.active:  # the conditioning of each job's next step (a switch is an assignment)
             job.conditioning = guided_conditioning(job)
@@ -173,7 +173,7 @@ class Engine:
             self.runner.step(chosen)
         except Exception as exc:
             traceback.print_exc()
-            self._retire(chosen, lambda job: self._fail_by_model(job, "denoising step failed", exc))
+            self._retire(chosen, lambda job, exc=exc: self._fail_by_model(job, "denoising step failed", exc))
             return True
         self.stats.on_step(sum(j.rows for j in chosen), time.perf_counter() - started)
         self.stats.rows_saved += saved
@@ -223,7 +223,7 @@ class Engine:
                     traceback.print_exc()
                     broken.append((job, exc))
         for job, exc in broken:
-            self._retire([job], lambda j: self._answer(j, INTERNAL, f"progress report failed: {exc}", failed=True))
+            self._retire([job], lambda j, exc=exc: self._answer(j, INTERNAL, f"progress report failed: {exc}", failed=True))
 
     def _retire(self, jobs: list, action) -> None:
         gone = set(map(id, jobs))

@@ -11,7 +11,6 @@ are out it can only reset the stream, which they see as INTERNAL."""
 from collections import namedtuple
 import math
 
-import numpy as np
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 import grpc

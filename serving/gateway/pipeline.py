@@ -21,7 +21,7 @@ control messages too: the adapters the pipeline holds, an uploaded file register
 import asyncio
 from dataclasses import dataclass
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -278,7 +278,7 @@ async def _half_close(stream, answered: asyncio.Event, timeout_s: float = 5.0) -
     try:
         await asyncio.wait_for(rest(), timeout_s)
         return True
-    except (asyncio.TimeoutError, ApiError):
+    except (TimeoutError, ApiError):
         return False
 
 

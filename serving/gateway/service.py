@@ -9,7 +9,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import math
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from serving.core.errors import CANCELLED, UNAVAILABLE
 from serving.core.regions import MAX_REGIONS

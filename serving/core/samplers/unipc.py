@@ -4,7 +4,6 @@ previous predictor made, using this step's model output, then a predictor (UniP)
 noise level; first order at a job's first step and at its last."""
 import numpy as np
 
-from serving.core.samplers.base import per_row
 from serving.core.samplers.vp import VPSolver
 
 
