@@ -18,7 +18,7 @@ class _Waiter:
         self.done = threading.Event()
         self.image = self.error = None
 
-    def progress(self, step, total, preview):
+    def progress(self, step, total, preview, steer_applied=()):
         pass
 
     def finish(self, image, seed):

@@ -1,29 +1,13 @@
-"""One generation request in flight, and where its results go. Imports nothing from Triton."""
+"""One generation request in flight, and where its results go (a ResultSink:
+serving/core/interfaces.py). Imports nothing from Triton."""
 from dataclasses import dataclass, field
 import time
-from typing import Protocol
 
 import numpy as np
 
+from serving.core.interfaces import ResultSink
 from serving.core.request import GenerationRequest
 from serving.core.steering import prompt_spec
-
-
-class ResultSink(Protocol):
-    """Receives a job's outputs, from the engine's worker thread: progress any number of times,
-    then one final answer, finish or fail, once. Any method may raise (a client gone): the
-    engine then ends that job alone; after a finish that raised it calls fail once, as a last
-    word (the image did not reach the client; a sender closed by the raise refuses it)."""
-
-    def progress(self, step: int, total: int, preview: np.ndarray | None, steer_applied: tuple = ()) -> None:
-        """steer_applied: the steers (ids) first used by the step just done; the engine passes
-        it only when there are some."""
-
-    def finish(self, image: np.ndarray, seed: int) -> None: ...
-
-    def fail(self, code: str, message: str) -> None: ...
-
-    def cancelled(self) -> bool: ...
 
 
 @dataclass(eq=False)

@@ -111,7 +111,7 @@ class RegionalAttentionPrompt(RegionalPrompt):
 
     @property
     def network(self) -> str:
-        return self.regions.unet_variant
+        return self.regions.network
 
     @property
     def rows(self) -> int:

@@ -36,7 +36,7 @@ from serving.core.request import InvalidInput, decode_text, is_blank
 
 MODES = REGION_MODES
 DEFAULT_MODE = "latent"
-ATTENTION_VARIANT = "regional"  # the UNet with region-weighted cross-attention (families/regional_unet.py)
+REGIONAL_NETWORK = "regional"  # the UNet with region-weighted cross-attention (families/regional_unet.py)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Regions:
         return len(self.prompts)
 
     @property
-    def unet_variant(self) -> str:
+    def network(self) -> str:
         """Latent mode's rows are ordinary text rows (they share calls with plain jobs); attention
         mode's rows need the regional UNet with K = R + 1 contexts per row, and only rows with the
         same K fit one input tensor."""
@@ -92,11 +92,11 @@ class Regions:
 
 def regional_network(contexts: int) -> str:
     """The regional UNet taking `contexts` (K) contexts per row."""
-    return f"{ATTENTION_VARIANT}/{contexts}"
+    return f"{REGIONAL_NETWORK}/{contexts}"
 
 
-def is_attention_variant(variant: str) -> bool:
-    return variant.startswith(ATTENTION_VARIANT + "/")
+def is_regional_network(network: str) -> bool:
+    return network.startswith(REGIONAL_NETWORK + "/")
 
 
 FIELDS = ("region_prompts", "region_negative_prompts", "region_divisions", "region_masks", "base_prompt_weight", "region_mode")

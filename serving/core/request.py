@@ -89,7 +89,7 @@ MAX_CONDITIONING_SIZE = 16384  # pixels: the largest original/target side or cro
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestLimits:
     """Defaults and limits, from the pipeline's config.pbtxt parameters and the checkpoint."""
 
     size_multiple: int  # pixels; the VAE factor times the UNet's downsampling
@@ -122,7 +122,7 @@ class Limits:
         return variant.scheduler_config if variant is not None else {}
 
     @classmethod
-    def from_config(cls, config: "PipelineConfig", pipeline_info: dict) -> "Limits":
+    def from_config(cls, config: "PipelineConfig", pipeline_info: dict) -> "RequestLimits":
         """A served model's limits: the pipeline's configuration over its checkpoint's facts
         (its entry of pipeline.json's models table)."""
         from serving.core.regions import RegionLimits  # imported here: regions imports this module
@@ -224,7 +224,7 @@ class GenerationRequest:
         return FAMILIES[self.family].kept_steps(self.steps, self.strength)
 
 
-def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
+def parse_request(inputs: dict, limits: RequestLimits, default_seed: int) -> GenerationRequest:
     """Build a request from named input arrays (missing optional inputs are absent or None)."""
     check_text_sizes(inputs, limits.max_prompt_bytes)
     prompt, prompt_loras = lora_tags(_text(inputs, "prompt", required=True))
@@ -330,7 +330,7 @@ def _family_fields(inputs: dict, family: str, max_guidance_scale: float) -> dict
     return out
 
 
-def parse_sampler(inputs: dict, limits: Limits, steps: int) -> tuple:
+def parse_sampler(inputs: dict, limits: RequestLimits, steps: int) -> tuple:
     """(sampler, sigma schedule) of a request: `sampler` by our name or A1111's display name,
     `sigma_schedule` (default: the name's); refused when it does not fit the served model."""
     name = _text(inputs, "sampler", required=False)

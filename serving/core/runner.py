@@ -21,7 +21,7 @@ import numpy as np
 
 from families import FAMILIES
 from serving.core.image_jobs import admit_image_jobs, steer_masks
-from serving.core.regions import is_attention_variant
+from serving.core.regions import is_regional_network
 from serving.core.sampler import DDIMSchedule, noise_generator
 from serving.core.samplers import make_sampler
 from serving.core.text import CachedTextEncoder
@@ -124,7 +124,7 @@ class Runner:
             inputs["lora_scales"] = np.repeat(self.lora.scales(sets, bank), rows, axis=0)
             for layer, (a, b) in bank.layers.items():
                 inputs[f"lora_A.{layer}"], inputs[f"lora_B.{layer}"] = a, b
-        denoise = self.models.regional_unet if is_attention_variant(jobs[0].network) else self.models.unet
+        denoise = self.models.regional_unet if is_regional_network(jobs[0].network) else self.models.unet
         predictions = denoise(sample, **inputs)
         bounds = np.cumsum([0] + rows)
         outputs = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class BatchingConfig:
     max_rows: int = 32  # UNet rows per call (2 per request with guidance)
     max_active: int = 16  # requests holding latents at once
     max_queue: int = 64  # requests waiting for admission; more are refused
@@ -35,7 +35,7 @@ class QueueFull(Exception):
 
 
 class StepScheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: BatchingConfig):
         self.config = config
         self.waiting = deque()
         self.turn = 0  # admissions and calls so far

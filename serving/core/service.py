@@ -19,9 +19,9 @@ from serving.core.lora import AdapterRejected, LoraRefused, LoraRegistry
 from serving.core.preview import LatentPreview, ModelPreviews
 from serving.core.regional_prompt import check_regional_job
 from serving.core.config import PipelineConfig, refuse
-from serving.core.request import InvalidInput, Limits, parse_request, text_field
+from serving.core.request import InvalidInput, RequestLimits, parse_request, text_field
 from serving.core.runner import Runner
-from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
+from serving.core.scheduler import QueueFull, BatchingConfig, StepScheduler
 from serving.core.steering import STEERABLE, parse_steer, scheduled_texts
 from serving.core.text import CachedTextEncoder, PromptTokenizer, TextTokenizers
 from serving.core.variants import VariantRunners
@@ -81,7 +81,7 @@ class UnknownModel(LookupError):
 MAX_PLAIN_JOB_ROWS = 2  # a prompt with classifier-free guidance; regional jobs are checked at submit
 
 
-def check_batching(config: SchedulerConfig, variants: dict) -> None:
+def check_batching(config: BatchingConfig, variants: dict) -> None:
     """Refuses batching parameters the exported models cannot serve, naming the parameter. The
     text encoder's and VAE's calls are split to their max batch (serving/core/runner.py); a UNet
     call is never split, so the row cap must fit the UNet's max batch and one whole job."""
@@ -105,7 +105,7 @@ class ServedModel:
     per variant."""
 
     name: str
-    limits: Limits
+    limits: RequestLimits
     tokenizers: dict  # variant -> TextTokenizers
     lora: LoraRegistry | None = None  # its LoRA adapters, where its denoiser takes them
 
@@ -144,7 +144,7 @@ class PipelineService:
         tokenizers, encoders, runners = {}, {}, {}
         self.models = {}
         for model, info in infos.items():
-            limits = Limits.from_config(config, {**info, "name": model})
+            limits = RequestLimits.from_config(config, {**info, "name": model})
             missing = sorted(set(limits.variants) - {v for m, v in models if m == model})
             if missing:
                 raise ValueError(f"no models given for variants {missing} of model {model!r} of this repository")
@@ -167,7 +167,7 @@ class PipelineService:
                                               lora=served.lora if spec.lora_unet else None)
         previews = {model: LatentPreview.from_info(info) for model, info in infos.items()}  # each model's own
         preview = ModelPreviews(previews) if any(p is not None for p in previews.values()) else None
-        batching = config.scheduler()
+        batching = config.batching()
         check_batching(batching, {key: spec for key, spec in self._variant_specs()})
         # what the UNets' device can serve (GPU memory plan)
         caps = [cap for m in models.values() if (cap := getattr(m, "row_cap", None)) is not None]
@@ -180,7 +180,7 @@ class PipelineService:
         self.engine.stats.row_cap = batching.max_rows
 
     @property
-    def limits(self) -> Limits:
+    def limits(self) -> RequestLimits:
         """The default model's limits."""
         return self.models[self.default_model].limits
 

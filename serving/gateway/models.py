@@ -29,7 +29,10 @@ OPENAI_IMAGE_MODELS = re.compile(r"(dall-e-[0-9]+|gpt-image-[0-9a-z.-]+|chatgpt-
 
 
 @dataclass(frozen=True)
-class ServedModel:
+class ListedModel:
+    """A served model as the API lists it (GET /v1/models, the gRPC ListModels): the gateway's view
+    of the pipeline's `models` table (serving/core/service.py ServedModel is the pipeline's own)."""
+
     id: str
     family: str
     default: bool
@@ -63,7 +66,7 @@ def _parse(table: str, configured: str, scheduler: str, native: int, max_size: i
         entries = [{"id": DEFAULT_ID, "family": "sd", "default": True, "native_size": native,
                     "max_size": max_size or 2 * native, "scheduler_config": scheduler,
                     "tasks": ["txt2img"] + (["img2img", "inpaint"] if image_input else [])}]
-    models = [ServedModel(
+    models = [ListedModel(
         id=str(e["id"]), family=str(e.get("family", "sd")), default=bool(e.get("default")),
         native_size=int(e.get("native_size") or 0), max_size=int(e.get("max_size") or 0), tasks=tuple(e.get("tasks", ())),
         scheduler_config=e.get("scheduler_config") if isinstance(e.get("scheduler_config"), dict) else None,
@@ -85,7 +88,7 @@ def _default_sampler(configured: str, scheduler) -> tuple | None:
         return None
 
 
-def find(models: list, name: str) -> ServedModel:
+def find(models: list, name: str) -> ListedModel:
     """The served model `name` names; NOT_FOUND naming it. The default model for "" and for
     OpenAI's image model names no served model has."""
     for served in models:
@@ -96,7 +99,7 @@ def find(models: list, name: str) -> ServedModel:
     raise not_found(models, name)
 
 
-def lookup(models: list, name: str) -> ServedModel:
+def lookup(models: list, name: str) -> ListedModel:
     """A served model by its id only (GET /v1/models/{id}): NOT_FOUND naming anything else."""
     for served in models:
         if served.id == name:
@@ -109,7 +112,7 @@ def not_found(models: list, name: str) -> ApiError:
     return ApiError(NOT_FOUND, f"no model named {name[:200]!r}; this server serves {served} (GET /v1/models)", "model")
 
 
-def resolve(inputs: dict, pipeline_model: PipelineModel) -> ServedModel:
+def resolve(inputs: dict, pipeline_model: PipelineModel) -> ListedModel:
     """The model a generation's inputs name (its `model`, if any, taken out); puts back the
     served model's id when the request named one and the pipeline takes `model`, so that the
     pipeline runs it; the default model otherwise goes unnamed (any pipeline serves it)."""
@@ -121,7 +124,7 @@ def resolve(inputs: dict, pipeline_model: PipelineModel) -> ServedModel:
     return served
 
 
-def rest_entry(served: ServedModel, created: int) -> dict:
+def rest_entry(served: ListedModel, created: int) -> dict:
     """One model in OpenAI's model object shape, with this server's facts beside."""
     sampler, schedule = served.default_sampler or (None, None)
     return {"id": served.id, "object": "model", "created": created, "owned_by": OWNER, "family": served.family,
