@@ -55,8 +55,10 @@ class TextConditioning:
     def combine(self, predictions: np.ndarray) -> np.ndarray:
         """[rows, C, h, w] predictions of this job's rows -> its noise estimate [C, h, w]."""
         if self.uncond is None:
-            return predictions[0]
-        return guided_noise(predictions[1:2], predictions[0:1], np.array([self.guidance_scale]))[0]
+            out: np.ndarray = predictions[0]
+            return out
+        out = guided_noise(predictions[1:2], predictions[0:1], np.array([self.guidance_scale]))[0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,10 @@ class TrueCfgConditioning:
 
     def combine(self, predictions: np.ndarray) -> np.ndarray:
         if self.uncond is None:
-            return predictions[0]
-        return guided_noise(predictions[1:2], predictions[0:1], np.array([self.true_cfg_scale]))[0]
+            out: np.ndarray = predictions[0]
+            return out
+        out = guided_noise(predictions[1:2], predictions[0:1], np.array([self.true_cfg_scale]))[0]
+        return out
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ scheduler, the request limits of each served model (serving/core/request.py Requ
 regions' limits. Parameters written for other readers (the gateway's `models`, `native_size`,
 `scheduler_config`) are left to them.
 """
+from typing import Any, NoReturn
 from dataclasses import dataclass, fields
 import math
 
@@ -83,17 +84,17 @@ class PipelineConfig:
             refuse("max_regions", self.max_regions, "must be at least 1")
 
 
-def config_parameter(params: dict, key: str, cast, default):
+def config_parameter(params: dict, key: str, cast: Any, default: Any) -> Any:
     """One parameter of another model's config.pbtxt (the unary front's) as `cast`, or `default`."""
     raw = params.get(key, "")
     return default if raw == "" else _cast(key, str(raw), cast)
 
 
-def refuse(key: str, value, why: str):
+def refuse(key: str, value: Any, why: str) -> NoReturn:
     raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
 
 
-def _cast(name: str, raw: str, kind):
+def _cast(name: str, raw: str, kind: Any) -> Any:
     if kind is bool:
         if raw.lower() not in ("true", "false"):
             refuse(name, raw, "must be true or false")

@@ -11,6 +11,7 @@ blur (sigma in pixels) of the thresholded mask used when the original pixels are
 (`keep_unmasked`): pixels the blurred mask does not reach are the input's, exactly.
 """
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class ImageInput:
     output_size: tuple  # (height, width) of the result
 
 
-def parse_image_input(inputs: dict, limits, steps: int) -> ImageInput | None:
+def parse_image_input(inputs: dict, limits: Any, steps: int) -> ImageInput | None:
     """The image part of a request, or None for text-to-image; `limits.variants` says which
     tasks this server can run."""
     given = [n for n in IMAGE_FIELDS if inputs.get(n) is not None]
@@ -98,7 +99,8 @@ def output_side(inputs: dict, name: str, image: ImageInput) -> int:
     if value != expected:
         source = "4 x init_image's" if image.task == "upscale" else "init_image's"
         raise fields.InvalidInput(name, f"must be {expected} ({source} {name}) or be omitted, got {value}")
-    return value
+    size: int = value
+    return size
 
 
 def _task(inputs: dict, given: list) -> str:
@@ -114,7 +116,7 @@ def _task(inputs: dict, given: list) -> str:
     return "txt2img"
 
 
-def _init_image(inputs: dict, task: str, spec) -> np.ndarray:
+def _init_image(inputs: dict, task: str, spec: Any) -> np.ndarray:
     value = inputs.get("init_image")
     if value is None:
         raise fields.InvalidInput("init_image", f"is required for task {task}")

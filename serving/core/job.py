@@ -1,5 +1,6 @@
 """One generation request in flight, and where its results go (a ResultSink:
 serving/core/interfaces.py). Imports nothing from Triton."""
+from typing import Any
 from dataclasses import dataclass, field
 import time
 
@@ -22,11 +23,11 @@ class Job:
     rng: np.random.Generator | None = None
     latents: np.ndarray | None = None  # float32 [C, h, w]
     timesteps: np.ndarray | None = None  # the UNet timesteps of the steps it runs
-    sampler_run: object | None = None  # serving.core.samplers.SamplerRun: its own schedule and solver state
-    plan: object | None = None  # serving.core.steering.ConditioningPlan: the conditioning of each step
+    sampler_run: Any = None  # serving.core.samplers.SamplerRun: its own schedule and solver state
+    plan: Any = None  # serving.core.steering.ConditioningPlan: the conditioning of each step
     planned: GenerationRequest | None = None  # the request `plan` was made from, under the engine's lock
-    conditioning: object | None = None  # the plan's conditioning of the next step (rows, contexts, combine)
-    image_conditioning: object | None = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
+    conditioning: Any = None  # the plan's conditioning of the next step (rows, contexts, combine)
+    image_conditioning: Any = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
     row_inputs: dict = field(default_factory=dict)  # its family's per-row denoiser inputs (SDXL's time_ids)
     held_loras: tuple = ()  # the LoRA adapters it holds resident from admission to its end
     # a baseline of servers that cannot mix adapters (config lora_batching=per_set, `ldm bench
@@ -43,7 +44,8 @@ class Job:
     def rows(self) -> int:
         """UNet rows this job adds to its next call (all in the same call): a steer that turns
         guidance on or off changes them from the step it applies."""
-        return (self.conditioning or prompt_spec(self.request)).rows
+        rows: int = (self.conditioning or prompt_spec(self.request)).rows
+        return rows
 
     def denoiser_inputs(self) -> dict:
         """Input name -> the value each of its rows gets: its family's, its image conditioning's."""
@@ -53,6 +55,7 @@ class Job:
 
     @property
     def latent_shape(self) -> tuple:
+        assert self.latents is not None, "admitted jobs only"
         return self.latents.shape
 
     @property
@@ -60,15 +63,17 @@ class Job:
         """Which network of its variant its rows go to: "base", or "regional/K" for regions in
         attention mode (the regional UNet, K contexts per row); a steer of its regions changes
         it from the step it applies, as `rows`."""
-        return (self.conditioning or prompt_spec(self.request)).network
+        network: str = (self.conditioning or prompt_spec(self.request)).network
+        return network
 
     @property
     def call_key(self) -> tuple:
         """Jobs share a UNet call only when their rows fit one input tensor of one network."""
-        return (self.model, self.variant, self.network, self.latents.shape, self.held_loras if self.lora_per_set else None)
+        return (self.model, self.variant, self.network, self.latent_shape, self.held_loras if self.lora_per_set else None)
 
     @property
     def done(self) -> bool:
+        assert self.timesteps is not None, "admitted jobs only"
         return self.index >= len(self.timesteps)
 
     @property

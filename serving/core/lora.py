@@ -14,6 +14,7 @@ changes), so a call pays for the adapters it runs; its scales are one row per de
 weight of each of the row's adapters over that adapter's columns, 0 elsewhere, so a row without
 adapters adds exactly 0 (a call without adapters gets one zero column).
 """
+from typing import Any
 from collections import OrderedDict
 from dataclasses import dataclass
 import math
@@ -51,9 +52,9 @@ class Bank:
 
 
 class LoraRegistry:
-    def __init__(self, read, layer_shapes: dict, text_layer_shapes: dict | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    def __init__(self, read: Any, layer_shapes: dict, text_layer_shapes: dict | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
                  max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20,
-                 max_columns: int = DEFAULT_MAX_COLUMNS):
+                 max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
         """read(path, name) -> serving.models.adapters.Adapter; layer_shapes, text_layer_shapes: the
         served denoiser's and text encoder's adapted layers {name: (in, out)} (the banks' rows and
         columns; no text layers: adapters with text-encoder parts are refused)."""
@@ -64,13 +65,13 @@ class LoraRegistry:
         self.max_per_request = max_per_request
         self.max_file_bytes = max_file_bytes
         self.max_columns = max_columns  # the bank's width limit (the torch runner's fixed bank)
-        self.files = {}  # name -> path: every registered adapter
-        self.resident = OrderedDict()  # name -> Adapter, least recently used first
-        self.holds = {}  # name -> jobs holding it
-        self._banks = {}  # (part, adapter names) -> Bank: the calls' banks, until the resident set changes
+        self.files: dict[str, Any] = {}  # name -> path: every registered adapter
+        self.resident: OrderedDict[str, Any] = OrderedDict()  # name -> Adapter, least recently used first
+        self.holds: dict[str, int] = {}  # name -> jobs holding it
+        self._banks: dict[tuple[str, tuple[str, ...]], Bank] = {}  # (part, adapter names) -> Bank: the calls' banks, until the resident set changes
         self._lock = threading.Lock()  # registration (control calls) against the engine's reads
 
-    def register(self, name: str, path) -> bool:
+    def register(self, name: str, path: Any) -> bool:
         """Registers (or replaces) an adapter file; False (nothing done) when replacing one a job holds."""
         with self._lock:
             if self.holds.get(name):

@@ -3,23 +3,26 @@
 Running the VAE decoder for every preview would cost as much as a denoising step; a per-
 checkpoint linear fit (made at export time, `export/preview_fit.py`) costs a few multiplies.
 """
+from typing import Any
+
 import numpy as np
 
 
 class LatentPreview:
-    def __init__(self, weights, bias):
+    def __init__(self, weights: Any, bias: Any) -> None:
         self.weights = np.asarray(weights, dtype=np.float32)  # [C, 3]
         self.bias = np.asarray(bias, dtype=np.float32)  # [3]
 
     @classmethod
-    def from_info(cls, info: dict):
+    def from_info(cls, info: dict) -> "LatentPreview | None":
         fit = info.get("preview")
         return cls(fit["weights"], fit["bias"]) if fit else None
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
         """uint8 [h, w, 3] from latents [C, h, w]."""
         rgb = np.einsum("chw,ck->hwk", latents.astype(np.float32), self.weights) + self.bias
-        return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+        out: np.ndarray = (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return out
 
 
 class ModelPreviews:

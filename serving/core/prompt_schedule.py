@@ -26,6 +26,7 @@ would otherwise make one text per step.
 from dataclasses import dataclass
 import math
 import re
+from typing import Any
 
 from serving.core.request import InvalidInput
 
@@ -49,7 +50,8 @@ class _Alternation:
     options: tuple
 
     def text(self, step: int) -> str:
-        return self.options[step % len(self.options)]
+        out: str = self.options[step % len(self.options)]
+        return out
 
 
 class _SyntaxError(Exception):
@@ -66,7 +68,7 @@ def schedule(text: str, steps: int, field: str = "prompt") -> list:
         parts = _parse(text, steps)
     except _SyntaxError as exc:
         raise InvalidInput(field, str(exc)) from None
-    out = []
+    out: list[tuple[int, str]] = []
     for step in range(steps):
         current = "".join(p if isinstance(p, str) else p.text(step) for p in parts)
         if not out or out[-1][1] != current:
@@ -86,7 +88,8 @@ def joint_schedule(prompt: str, negative_prompt: str, steps: int) -> list:
 
 
 def _text_at(entries: list, step: int) -> str:
-    return [text for start, text in entries if start <= step][-1]
+    out: str = [text for start, text in entries if start <= step][-1]
+    return out
 
 
 def _parse(text: str, steps: int) -> list:
@@ -114,7 +117,9 @@ def _parse(text: str, steps: int) -> list:
 
 def _bracket(text: str, opening: int, steps: int) -> tuple:
     """The part of the bracket opened at `opening`, and the index after its `]`."""
-    pieces, starts, separators = [[]], [opening + 1], []  # separators: (character, position)
+    pieces: list[list[str]] = [[]]
+    starts = [opening + 1]
+    separators: list[tuple[str, int]] = []  # (character, position)
     i = opening + 1
     while i < len(text):
         c = text[i]
@@ -136,7 +141,7 @@ def _bracket(text: str, opening: int, steps: int) -> tuple:
     raise _SyntaxError("'[' is never closed", opening)
 
 
-def _bracket_part(pieces: list, separators: list, opening: int, steps: int):
+def _bracket_part(pieces: list, separators: list[tuple[str, int]], opening: int, steps: int) -> Any:
     if not separators:
         raise _SyntaxError("brackets need ':' (prompt editing) or '|' (alternation); [word] emphasis is not supported",
                            opening)

@@ -14,6 +14,7 @@ with the negatives n_k), to the regional UNet, whose cross-attention mixes the c
 then classifier-free guidance as for a plain prompt.
 """
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,7 @@ class RegionalConditioning:
 
     @property
     def negatives(self) -> int:
+        assert self.uncond is not None  # with guidance only
         return len(next(iter(self.uncond.values())))
 
     def inputs(self) -> dict:
@@ -54,7 +56,8 @@ class RegionalConditioning:
         if self.uncond is not None:
             uncond = predictions[count:][self.negative_of]
             guided = uncond + np.float32(self.guidance_scale) * (guided - uncond)
-        return (self.weights[:, None] * guided).sum(axis=0)
+        out: np.ndarray = (self.weights[:, None] * guided).sum(axis=0)
+        return out
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class RegionalAttentionConditioning(TextConditioning):
     weights: np.ndarray  # [K, h, w]
 
     @property
-    def network(self) -> str:
+    def network(self) -> str:  # type: ignore[override]  # the base class's is a class attribute
         return regional_network(len(self.weights))
 
     def inputs(self) -> dict:
@@ -94,7 +97,7 @@ class RegionalPrompt(TextPrompt):
         texts = [self.prompt, *self.regions.prompts]
         return texts + [negative_text(n) for n in self._distinct_negatives()] if self.uses_guidance else texts
 
-    def build(self, embeddings: list) -> RegionalConditioning:
+    def build(self, embeddings: list) -> RegionalConditioning:  # type: ignore[override]  # another conditioning kind
         count = self.regions.count + 1
         cond = stack(embeddings[:count])
         if not self.uses_guidance:
@@ -110,7 +113,7 @@ class RegionalAttentionPrompt(RegionalPrompt):
     """Attention mode."""
 
     @property
-    def network(self) -> str:
+    def network(self) -> str:  # type: ignore[override]  # the base class's is a class attribute
         return self.regions.network
 
     @property
@@ -121,20 +124,20 @@ class RegionalAttentionPrompt(RegionalPrompt):
         texts = [self.prompt, *self.regions.prompts]
         return texts + [negative_text(n) for n in self.negatives] if self.uses_guidance else texts
 
-    def build(self, embeddings: list) -> RegionalAttentionConditioning:
+    def build(self, embeddings: list) -> RegionalAttentionConditioning:  # type: ignore[override]  # another conditioning kind
         count = self.regions.count + 1
         uncond = stack(embeddings[count:]) if self.uses_guidance else None
         return RegionalAttentionConditioning(stack(embeddings[:count]), uncond, self.guidance_scale,
                                              self.regions.weights)
 
 
-def regional_prompt(request) -> RegionalPrompt:
+def regional_prompt(request: Any) -> RegionalPrompt:
     """The prompt spec of a request with regions (a GenerationRequest whose `regions` is set)."""
     kind = RegionalPrompt if request.regions.mode == "latent" else RegionalAttentionPrompt
     return kind(request.prompt, request.negative_prompt, request.guidance_scale, request.regions)
 
 
-def check_regional_job(job, check_tokens, max_rows: int, limits=None) -> None:
+def check_regional_job(job: Any, check_tokens: Any, max_rows: int, limits: Any = None) -> None:
     """Refuses a regional job whose texts are too long for the text encoder, whose rows would
     not fit one UNet call (the scheduler never splits a job's rows), or in attention mode on a
     model without the regional UNet (`limits`: its model's RegionLimits)."""

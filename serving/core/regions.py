@@ -25,8 +25,10 @@ grid (vae_factor pixels per cell), context 0 (the base prompt) gets U + b(1 - U)
 region r gets (1 - b) m_r, where U is the uncovered share and b the base weight: the K = R + 1
 weights of every cell sum to 1.
 """
+from collections.abc import Iterator
 from dataclasses import dataclass
 import math
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +50,7 @@ class RegionLimits:
     attention: bool = True  # whether the repository has the regional UNet
 
     @classmethod
-    def from_config(cls, config, pipeline_info: dict) -> "RegionLimits":
+    def from_config(cls, config: Any, pipeline_info: dict) -> "RegionLimits":
         """A served model's region limits: the pipeline's PipelineConfig (serving/core/config.py)
         over the model's pipeline.json facts (whether it has the regional UNet)."""
         limits = cls(
@@ -82,7 +84,7 @@ class Regions:
         same K fit one input tensor."""
         return "base" if self.mode == "latent" else regional_network(self.count + 1)
 
-    def texts_to_check(self):
+    def texts_to_check(self) -> Iterator[tuple[str, str]]:
         """(field, text) of every region text, for the token-length check."""
         for i, text in enumerate(self.prompts):
             yield f"region_prompts[{i}]", text
@@ -149,7 +151,8 @@ def region_weights(masks: np.ndarray, base_weight: float, vae_factor: int) -> np
     cells = masks.reshape(count, height // f, f, width // f, f).mean(axis=(2, 4))
     uncovered = np.clip(1.0 - cells.sum(axis=0), 0.0, 1.0)
     base = uncovered + base_weight * (1.0 - uncovered)
-    return np.concatenate([base[None], (1.0 - base_weight) * cells]).astype(np.float32)
+    out: np.ndarray = np.concatenate([base[None], (1.0 - base_weight) * cells]).astype(np.float32)
+    return out
 
 
 def division_masks(divisions: str, count: int, height: int, width: int) -> np.ndarray:
@@ -203,7 +206,7 @@ def _edges(ratios: list, size: int) -> list:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _texts(inputs, name, limit, allow_empty=False):
+def _texts(inputs: dict, name: str, limit: int, allow_empty: bool = False) -> list[str] | None:
     value = inputs.get(name)
     if value is None:
         return None
@@ -219,14 +222,14 @@ def _texts(inputs, name, limit, allow_empty=False):
     return texts
 
 
-def _text(inputs, name):
+def _text(inputs: dict, name: str) -> str:
     array = np.asarray(inputs[name])
     if array.size != 1:
         raise InvalidInput(name, f"must hold exactly one value, got shape {list(array.shape)}")
     return decode_text(name, array.reshape(-1)[0])
 
 
-def _masks(value, count, height, width):
+def _masks(value: Any, count: int, height: int, width: int) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype != np.uint8:
         raise InvalidInput("region_masks", f"must be UINT8 (0 outside, 255 inside), got {array.dtype}")
@@ -235,10 +238,11 @@ def _masks(value, count, height, width):
     empty = [i for i in range(count) if not array[i].any()]
     if empty:
         raise InvalidInput("region_masks", f"region {empty[0]} is empty (all zeros)")
-    return array.astype(np.float32) / 255.0
+    masks: np.ndarray = array.astype(np.float32) / 255.0
+    return masks
 
 
-def _base_weight(inputs, default):
+def _base_weight(inputs: dict, default: float) -> float:
     value = inputs.get("base_prompt_weight")
     if value is None:
         return default

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 import math
 import re
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -156,7 +156,7 @@ class RequestLimits:
         """Refuses defaults and limits that contradict each other or the exported models, naming
         the config.pbtxt parameter (a bad default would otherwise fail requests later, deep in a
         model call)."""
-        def refuse(key, value, why):
+        def refuse(key: str, value: Any, why: str) -> NoReturn:
             raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
 
         train_steps = min((int(v.scheduler_config.get("num_train_timesteps", 1000)) for v in self.variants.values()),
@@ -405,7 +405,7 @@ def is_blank(text: str) -> bool:
     return all(unicodedata.category(c) in _INVISIBLE for c in text)
 
 
-def _scalar(inputs: dict, name: str):
+def _scalar(inputs: dict, name: str) -> Any:
     value = inputs.get(name)
     if value is None:
         return None
@@ -420,7 +420,7 @@ def text_field(inputs: dict, name: str) -> str:
     return _text(inputs, name, required=False)
 
 
-def _text(inputs, name, required):
+def _text(inputs: dict, name: str, required: bool) -> str:
     value = _scalar(inputs, name)
     if value is None:
         if required:
@@ -429,7 +429,7 @@ def _text(inputs, name, required):
     return decode_text(name, value)
 
 
-def decode_text(name, value) -> str:
+def decode_text(name: str, value: Any) -> str:
     """One BYTES element as text."""
     if isinstance(value, bytes):
         try:
@@ -441,7 +441,7 @@ def decode_text(name, value) -> str:
     raise InvalidInput(name, "must be a string (BYTES)")
 
 
-def _integer(inputs, name, default, low, high):
+def _integer(inputs: dict, name: str, default: Any, low: float, high: float) -> Any:
     value = _scalar(inputs, name)
     if value is None:
         return default
@@ -453,7 +453,7 @@ def _integer(inputs, name, default, low, high):
     return value
 
 
-def _real(inputs, name, default, low, high):
+def _real(inputs: dict, name: str, default: Any, low: float, high: float) -> Any:
     value = _scalar(inputs, name)
     if value is None:
         return default

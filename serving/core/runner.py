@@ -16,11 +16,13 @@ runner concatenates them by name and never asks which family or task a job is. A
 its guidance interval contributes its conditional rows only.
 """
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
 from families import FAMILIES
 from serving.core.image_jobs import admit_image_jobs, steer_masks
+from serving.core.interfaces import RunnerModels
 from serving.core.regions import is_regional_network
 from serving.core.sampler import DDIMSchedule, noise_generator
 from serving.core.samplers import make_sampler
@@ -29,21 +31,21 @@ from serving.core.variants import VariantSpec
 
 
 class Runner:
-    def __init__(self, models, variant: VariantSpec, text_encoder: CachedTextEncoder, lora=None):
+    def __init__(self, models: RunnerModels, variant: VariantSpec, text_encoder: CachedTextEncoder, lora: Any = None) -> None:
         """lora: the model's LoraRegistry (serving/core/lora.py) where this variant's denoiser takes
         mixed LoRA inputs, else None."""
         self.models = models
         self.lora = lora
         self.variant = variant
         self.family = FAMILIES[variant.family]
-        self.samplers = {}  # (name, sigma schedule) -> Sampler, made on first use
+        self.samplers: dict[tuple[str, str], Any] = {}  # (name, sigma schedule) -> Sampler, made on first use
         self.low_res_schedule = (DDIMSchedule.from_config(variant.low_res_scheduler_config)
                                  if variant.low_res_scheduler_config else None)
         self.text_encoder = text_encoder
         self.latent_channels = variant.latent_channels
         self.vae_factor = variant.vae_factor
 
-    def admit(self, jobs: list, steered: list = ()) -> None:
+    def admit(self, jobs: list, steered: list | tuple = ()) -> None:
         """Text-encodes the new texts of the new jobs' and the steered jobs' plans
         (serving/core/steering.py) in one call, draws the new jobs' starting latents, and
         VAE-encodes the input images of image-conditioned ones in one call per image size; steered
@@ -79,7 +81,7 @@ class Runner:
         if masked:
             steer_masks(masked, self.models.encode_image, self.variant.name, self.vae_factor, max_batch)
 
-    def sampler(self, name: str, sigma_schedule: str):
+    def sampler(self, name: str, sigma_schedule: str) -> Any:
         key = (name, sigma_schedule)
         if key not in self.samplers:
             self.samplers[key] = make_sampler(name, sigma_schedule, self.variant.scheduler_config)
@@ -158,7 +160,7 @@ class Runner:
     def decode(self, jobs: list) -> list:
         """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size (more past the
         VAE decoder's max batch size)."""
-        images = [None] * len(jobs)
+        images: list[Any] = [None] * len(jobs)
         by_shape = defaultdict(list)
         for i, job in enumerate(jobs):
             by_shape[job.latent_shape].append(i)
@@ -174,7 +176,7 @@ class Runner:
         return images
 
 
-def guided_conditioning(job):
+def guided_conditioning(job: Any) -> Any:
     """The conditioning of the job's next step: its plan's, without the unconditional rows
     outside its guidance interval (fractions of the steps it runs: step i of n is guided when
     lo <= i / n < hi)."""
@@ -188,4 +190,5 @@ def guided_conditioning(job):
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """[0, 1] floats to bytes, rounding as diffusers' numpy_to_pil does."""
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    out: np.ndarray = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return out

@@ -7,6 +7,7 @@ Imports nothing from Triton or torch.
 """
 from dataclasses import dataclass
 import math
+from typing import Any
 
 import numpy as np
 
@@ -55,8 +56,9 @@ class DDIMSchedule:
         if self.timestep_spacing == "leading":
             ratio = n // steps
             return (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
-        ratio = n / steps
-        return np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
+        spacing = n / steps
+        out: np.ndarray = np.round(np.arange(n, 0, -spacing)).astype(np.int64) - 1
+        return out
 
     def strength_timesteps(self, num_inference_steps: int, strength: float) -> np.ndarray:
         """The tail of an `num_inference_steps` run that image-to-image denoises: the last
@@ -72,9 +74,11 @@ class DDIMSchedule:
 
     def previous_timesteps(self, timesteps: np.ndarray, num_inference_steps: np.ndarray) -> np.ndarray:
         """t - T/steps per row, as diffusers computes the previous timestep (negative: the end)."""
-        return timesteps - self.num_train_timesteps // num_inference_steps
+        out: np.ndarray = timesteps - self.num_train_timesteps // num_inference_steps
+        return out
 
-    def step(self, model_output, timesteps, prev_timesteps, latents, eta, noise=None):
+    def step(self, model_output: np.ndarray, timesteps: Any, prev_timesteps: Any, latents: np.ndarray, eta: Any,
+             noise: np.ndarray | None = None) -> tuple:
         """One DDIM update for every row.
 
         model_output, latents: float32 [B, C, H, W]; timesteps, prev_timesteps: int [B];
@@ -91,7 +95,7 @@ class DDIMSchedule:
         )
         beta_t = 1.0 - alpha_t
 
-        def per_row(values):
+        def per_row(values: np.ndarray) -> np.ndarray:
             return values.astype(np.float32)[:, None, None, None]
 
         eps = model_output.astype(np.float32)
@@ -140,7 +144,7 @@ def _betas(config: dict, n: int) -> np.ndarray:
     if schedule == "scaled_linear":
         return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
     if schedule == "squaredcos_cap_v2":
-        def alpha_bar(t):
+        def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
@@ -155,13 +159,15 @@ def _rescaled_to_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     root = (root - last) * first / (first - last)
     alphas_cumprod = root**2
     alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
-    return 1.0 - alphas
+    out: np.ndarray = 1.0 - alphas
+    return out
 
 
 def guided_noise(eps_uncond: np.ndarray, eps_cond: np.ndarray, guidance_scale: np.ndarray) -> np.ndarray:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u), one scale per row."""
     scale = np.asarray(guidance_scale, dtype=np.float32)[:, None, None, None]
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+    out: np.ndarray = eps_uncond + scale * (eps_cond - eps_uncond)
+    return out
 
 
 def noise_generator(seed: int) -> np.random.Generator:

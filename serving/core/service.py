@@ -1,7 +1,8 @@
 """The pipeline behind the Triton `pipeline` model, as plain Python: turns named input arrays
 into validated jobs (and steers of running jobs) for the engine. The Triton model only adapts
 tensors and response senders."""
-from collections.abc import Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 import json
 import os
@@ -14,17 +15,18 @@ from serving.core.engine import Engine, ShuttingDown
 from families import FAMILIES
 from serving.core.errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
+from serving.core.interfaces import ResultSink, RunnerModels
 from serving.core.job import Job
 from serving.core.lora import AdapterRejected, LoraRefused, LoraRegistry
 from serving.core.preview import LatentPreview, ModelPreviews
 from serving.core.regional_prompt import check_regional_job
 from serving.core.config import PipelineConfig, refuse
-from serving.core.request import InvalidInput, RequestLimits, parse_request, text_field
+from serving.core.request import GenerationRequest, InvalidInput, RequestLimits, parse_request, text_field
 from serving.core.runner import Runner
 from serving.core.scheduler import QueueFull, BatchingConfig, StepScheduler
 from serving.core.steering import STEERABLE, parse_steer, scheduled_texts
 from serving.core.text import CachedTextEncoder, PromptTokenizer, TextTokenizers
-from serving.core.variants import VariantRunners
+from serving.core.variants import VariantRunners, VariantSpec
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class PipelineAssets:
     scheduler_config: dict
 
     @classmethod
-    def read(cls, version_dir) -> "PipelineAssets":
+    def read(cls, version_dir: Any) -> "PipelineAssets":
         version_dir = Path(version_dir)
         return cls(
             info=json.loads((version_dir / "pipeline.json").read_text()),
@@ -45,7 +47,7 @@ class PipelineAssets:
         )
 
 
-def _lora_registry(config: PipelineConfig, info: dict, reader) -> LoraRegistry | None:
+def _lora_registry(config: PipelineConfig, info: dict, reader: Any) -> LoraRegistry | None:
     """The model's adapter registry, with the folder's adapters registered, where its primary
     variant's denoiser was exported with LoRA inputs and a reader is given."""
     spec = info["variants"][info["primary"]]
@@ -116,14 +118,15 @@ def model_infos(info: dict) -> dict:
     return info.get("models") or {info.get("name", ""): info}
 
 
-def _by_model_and_variant(models, default_model: str, primary: str) -> dict:
+def _by_model_and_variant(models: Any, default_model: str, primary: str) -> dict:
     if not isinstance(models, Mapping):
         return {(default_model, primary): models}
     return {key if isinstance(key, tuple) else (default_model, key): value for key, value in models.items()}
 
 
 class PipelineService:
-    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models, lora_reader=None):
+    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models: "RunnerModels | Mapping[Any, RunnerModels]",
+                 lora_reader: Any = None) -> None:
         """config: the pipeline's parameters (PipelineConfig.parse of config.pbtxt's); models: the
         runner models of each served model's UNet variants, {(model, variant): models}; for a
         repository with one model also {variant: models}, or one models object when that model
@@ -184,7 +187,7 @@ class PipelineService:
         """The default model's limits."""
         return self.models[self.default_model].limits
 
-    def _variant_specs(self):
+    def _variant_specs(self) -> Iterator[tuple[str, VariantSpec]]:
         for model, served in self.models.items():
             for name, spec in served.limits.variants.items():
                 yield f"{model}/{name}", spec
@@ -205,7 +208,7 @@ class PipelineService:
         """False from the moment `stop` is called: readiness should report it."""
         return self.engine.accepting
 
-    def submit(self, inputs: dict, sink, request_id: str | None = None) -> None:
+    def submit(self, inputs: dict, sink: ResultSink, request_id: str | None = None) -> None:
         """Validates and queues one request; a rejected request gets its error through `sink`.
         A request with an id can be steered by it (`steer`)."""
         if self.faults is not None:
@@ -247,6 +250,7 @@ class PipelineService:
         """Registers an uploaded adapter file under `name` (replacing one of that name not in use),
         after reading it once: a file that is not a LoRA for the model is refused (InvalidInput)."""
         served = self._lora_model(model)
+        assert served.lora is not None  # _lora_model refuses a model without
         if not LORA_NAME.fullmatch(name):
             raise InvalidInput("name", f"must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         if len(data) > served.lora.max_file_bytes:
@@ -267,6 +271,7 @@ class PipelineService:
 
     def unload_lora(self, name: str, model: str = "") -> None:
         served = self._lora_model(model)
+        assert served.lora is not None  # _lora_model refuses a model without
         if name not in served.lora.files:
             raise UnknownModel(f"name: no adapter named {name!r}; loaded: {', '.join(served.lora.names()) or 'none'}")
         if not served.lora.unregister(name):
@@ -303,7 +308,7 @@ class PipelineService:
         limits = self.models[job.model].limits if job is not None else self.limits
         return self.engine.steer(request_id, parse_steer(inputs, limits), self._check)
 
-    def _check(self, job: Job, request) -> None:
+    def _check(self, job: Job, request: GenerationRequest) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text
         encoder's length, regions' rows within one UNet call, regions on a family that serves them."""
         served = self.models[job.model]

@@ -15,6 +15,7 @@ layouts differ): the job's call key carries both.
 """
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 TASKS = ("txt2img", "img2img", "inpaint", "upscale")
 VARIANT_NAMES = {"base": "text-to-image", "inpaint": "inpainting", "upscale": "x4-upscaler"}
@@ -55,11 +56,13 @@ class VariantSpec:
         if "variants" not in info:
             raise ValueError("pipeline.json has no variants table (an export by an older version): re-run `ldm export`")
         fields = cls.__dataclass_fields__
-        return {name: cls(name=name, **{k: tuple(v) if k in ("text_outputs", "checked_inputs") else v for k, v in facts.items() if k in fields})
-                for name, facts in info["variants"].items()}
+        kept: dict[str, dict[str, Any]] = {
+            name: {k: tuple(v) if k in ("text_outputs", "checked_inputs") else v for k, v in facts.items() if k in fields}
+            for name, facts in info["variants"].items()}
+        return {name: cls(name=name, **values) for name, values in kept.items()}
 
 
-def variant_for(task: str, available) -> str | None:
+def variant_for(task: str, available: Any) -> str | None:
     """The variant `task` runs on among `available`, or None when none can run it. Inpainting
     prefers an inpainting UNet and falls back to latent blending with the base one."""
     if task == "inpaint" and "inpaint" in available:
@@ -72,10 +75,10 @@ class VariantRunners:
     """The engine's runner (admit, step, decode) over several models' variants: each job goes to
     the Runner of its (model, variant); a step's jobs share one call key, hence one of them."""
 
-    def __init__(self, runners: dict):
+    def __init__(self, runners: dict) -> None:
         self.runners = runners
 
-    def admit(self, jobs: list, steered: list = ()) -> None:
+    def admit(self, jobs: list, steered: list | tuple = ()) -> None:
         new, changed = _by_variant(jobs), _by_variant(steered)
         for variant in {**new, **changed}:
             self.runners[variant].admit(new.get(variant, []), changed.get(variant, []))
@@ -88,18 +91,18 @@ class VariantRunners:
             self.runners[key].release(group)
 
     def decode(self, jobs: list) -> list:
-        images = {}
+        images: dict[int, Any] = {}
         for variant, group in _by_variant(jobs).items():
             for job, image in zip(group, self.runners[variant].decode(group)):
                 images[id(job)] = image
         return [images[id(job)] for job in jobs]
 
 
-def _runner_key(job) -> tuple:
+def _runner_key(job: Any) -> tuple:
     return (job.model, job.variant)
 
 
-def _by_variant(jobs: list) -> dict:
+def _by_variant(jobs: list | tuple) -> dict:
     groups = defaultdict(list)
     for job in jobs:
         groups[_runner_key(job)].append(job)

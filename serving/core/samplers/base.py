@@ -18,6 +18,7 @@ Coefficients are per-row scalars computed from each run's schedule (a short loop
 max_rows rows); the tensor arithmetic is one vectorised expression over all rows. Schedules are
 float32 where diffusers keeps them in float32 tensors, so results agree with its schedulers.
 """
+from typing import Any
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -108,7 +109,7 @@ def kept_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
-def per_row(values) -> np.ndarray:
+def per_row(values: Any) -> np.ndarray:
     """[B] scalars -> float32 [B, 1, 1, 1], to scale rows of [B, C, h, w]."""
     return np.asarray(values, dtype=np.float64).astype(np.float32)[:, None, None, None]
 
@@ -124,13 +125,15 @@ def sigma_alphas_cumprod(config: dict) -> np.ndarray:
 
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     """sigma_t = sqrt((1 - alpha-bar) / alpha-bar), ascending in t (float32, as diffusers)."""
-    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
+    out: np.ndarray = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
+    return out
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) eq. 5: noise levels spaced evenly in sigma^(1/rho), descending."""
     ramp = np.linspace(0, 1, steps)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    out: np.ndarray = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return out
 
 
 def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
@@ -141,19 +144,22 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_train_sigmas.shape[0] - 2)
     high = low + 1
     w = np.clip((log_train_sigmas[low] - log_sigma) / (log_train_sigmas[low] - log_train_sigmas[high]), 0, 1)
-    return ((1 - w) * low + w * high).reshape(np.shape(sigmas))
+    out: np.ndarray = ((1 - w) * low + w * high).reshape(np.shape(sigmas))
+    return out
 
 
-def vp_alpha_sigma(sigma: float) -> tuple:
+def vp_alpha_sigma(sigma: float | np.floating) -> tuple:
     """(alpha_t, sigma_t) of the variance-preserving process at VE noise level sigma."""
     alpha = 1.0 / np.sqrt(np.float64(sigma) ** 2 + 1)
     return alpha, np.float64(sigma) * alpha
 
 
-def x0_from_vp(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha, sigma) -> np.ndarray:
+def x0_from_vp(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha: Any, sigma: Any) -> np.ndarray:
     """The predicted clean latents from a model output at VP noise level (alpha, sigma) per row."""
     if prediction_type == "epsilon":
-        return (sample - per_row(sigma) * model_output) / per_row(alpha)
+        out: np.ndarray = (sample - per_row(sigma) * model_output) / per_row(alpha)
+        return out
     if prediction_type == "v_prediction":
-        return per_row(alpha) * sample - per_row(sigma) * model_output
+        out = per_row(alpha) * sample - per_row(sigma) * model_output
+        return out
     return model_output.astype(np.float32)

@@ -1,4 +1,6 @@
 """DDIM (serving/core/sampler.py's update, unchanged) behind the sampler protocol."""
+from typing import Any
+
 import numpy as np
 
 from serving.core.sampler import DDIMSchedule
@@ -19,13 +21,15 @@ class DDIM(Sampler):
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return run.eta > 0
 
-    def add_noise(self, run, clean, noise, position):
+    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
         if position >= run.steps:
             return clean
         return self.schedule.add_noise(clean, noise, int(run.timesteps[position]))
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
+             noise: np.ndarray | None) -> tuple:
         t = np.array([r.values[p] for r, p in zip(runs, positions)], dtype=np.int64)
         steps = np.array([r.steps for r in runs])
         eta = np.array([r.eta for r in runs])
-        return self.schedule.step(model_output, t, self.schedule.previous_timesteps(t, steps), latents, eta, noise)
+        out: tuple[Any, ...] = self.schedule.step(model_output, t, self.schedule.previous_timesteps(t, steps), latents, eta, noise)
+        return out

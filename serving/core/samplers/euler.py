@@ -2,6 +2,7 @@
 sample_euler_ancestral) in sigma space, as diffusers' EulerDiscreteScheduler and
 EulerAncestralDiscreteScheduler compute them: latents live at scale sqrt(sigma^2 + 1), the UNet
 sees them divided by it, and its timestep is the sigma's (fractional, for Karras sigmas)."""
+from typing import Any
 import numpy as np
 
 from serving.core.samplers.base import SamplerRun, TrainSigmaSampler, karras_sigmas, per_row, sigma_to_t
@@ -26,27 +27,31 @@ class Euler(TrainSigmaSampler):
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return timesteps.astype(np.float32).astype(np.float64), sigmas
 
-    def initial_latents(self, run, noise):
+    def initial_latents(self, run: SamplerRun, noise: np.ndarray) -> np.ndarray:
         sigma_max = np.float32(run.values.max())
         scale = sigma_max if self.spacing in ("linspace", "trailing") else np.float32((sigma_max**2 + 1) ** 0.5)
         return (noise * scale).astype(np.float32)
 
-    def input_scale(self, run, position):
+    def input_scale(self, run: SamplerRun, position: int) -> float:
         sigma = np.float32(run.values[position])
         return float(np.float32(1.0) / np.float32((sigma**2 + 1) ** 0.5))
 
-    def add_noise(self, run, clean, noise, position):
-        return (clean + noise * run.values[position]).astype(np.float32)
+    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
+        out: np.ndarray = (clean + noise * run.values[position]).astype(np.float32)
+        return out
 
-    def x0(self, model_output, sample, sigma):
+    def x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: Any) -> np.ndarray:
         if self.prediction_type == "epsilon":
-            return sample - per_row(sigma) * model_output
+            out: np.ndarray = sample - per_row(sigma) * model_output
+            return out
         if self.prediction_type == "v_prediction":
             s = np.asarray(sigma, np.float64)
-            return model_output * per_row(-s / (s**2 + 1) ** 0.5) + sample / per_row(s**2 + 1)
+            out = model_output * per_row(-s / (s**2 + 1) ** 0.5) + sample / per_row(s**2 + 1)
+            return out
         return model_output.astype(np.float32)
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
+             noise: np.ndarray | None) -> tuple:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_next = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         x0 = self.x0(model_output, latents, sigma)
@@ -63,7 +68,8 @@ class EulerAncestral(Euler):
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return True
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
+             noise: np.ndarray | None) -> tuple:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_to = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5

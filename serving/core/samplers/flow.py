@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from serving.core.samplers.base import Sampler, per_row
+from serving.core.samplers.base import Sampler, per_row, SamplerRun
 
 
 class FlowMatchEuler(Sampler):
@@ -42,13 +42,14 @@ class FlowMatchEuler(Sampler):
         timesteps = (sigmas * n).astype(np.float64)
         return timesteps, np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
-    def add_noise(self, run, clean, noise, position):
+    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
         if position >= run.steps:
             return clean
         sigma = np.float32(run.values[position])
         return (sigma * noise + (np.float32(1.0) - sigma) * clean).astype(np.float32)
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
+             noise: np.ndarray | None) -> tuple:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_next = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         x0 = (latents - per_row(sigma) * model_output).astype(np.float32)

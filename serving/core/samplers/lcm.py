@@ -7,7 +7,7 @@ of the served contract."""
 import numpy as np
 
 from serving.core.sampler import train_alphas_cumprod
-from serving.core.samplers.base import Sampler, per_row
+from serving.core.samplers.base import Sampler, per_row, SamplerRun
 
 SIGMA_DATA = 0.5
 
@@ -29,16 +29,17 @@ class LCM(Sampler):
         timesteps = origin[indices]
         return timesteps.astype(np.float64), timesteps.astype(np.int64)
 
-    def draws_noise(self, run, position):
+    def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return position != run.steps - 1
 
-    def add_noise(self, run, clean, noise, position):
+    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
         if position >= run.steps:
             return clean
         alpha = np.float64(self.alphas_cumprod[run.values[position]])
         return (np.float32(alpha**0.5) * clean + np.float32((1 - alpha) ** 0.5) * noise).astype(np.float32)
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
+             noise: np.ndarray | None) -> tuple:
         t = np.array([r.values[p] for r, p in zip(runs, positions)])
         t_prev = np.array([r.values[p + 1] if p + 1 < r.steps else r.values[p] for r, p in zip(runs, positions)])
         alpha_t = self.alphas_cumprod[t].astype(np.float64)

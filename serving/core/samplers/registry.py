@@ -1,6 +1,8 @@
 """Sampler names, their A1111 display names, which checkpoints they fit, and the default one a
 checkpoint's scheduler config picks."""
-from serving.core.samplers.base import PREDICTION_TYPES
+from typing import Any
+
+from serving.core.samplers.base import PREDICTION_TYPES, Sampler
 from serving.core.samplers.ddim import DDIM
 from serving.core.samplers.dpm import DPMSolverPP2M, DPMSolverPP2MSDE
 from serving.core.samplers.euler import Euler, EulerAncestral
@@ -80,7 +82,7 @@ def fitting(scheduler_config: dict) -> list:
     return [name for name, cls in SAMPLERS.items() if cls.fits == kind]
 
 
-def make_sampler(name: str, sigma_schedule: str, scheduler_config: dict):
+def make_sampler(name: str, sigma_schedule: str, scheduler_config: dict) -> Sampler:
     error = fit_error(name, scheduler_config)
     if error:
         raise ValueError(error)
@@ -124,7 +126,7 @@ def describe_samplers(scheduler_config: dict | None = None) -> list:
     models it fits (and whether it fits the served one)."""
     out = []
     for name, cls in SAMPLERS.items():
-        entry = {
+        entry: dict[str, Any] = {
             "name": name,
             "description": DESCRIPTIONS[name],
             "a1111_names": [n for n, (s, _) in A1111_NAMES.items() if s == name],

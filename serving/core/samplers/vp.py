@@ -4,7 +4,7 @@ DPMSolverMultistepScheduler and UniPCMultistepScheduler space them, sigmas inter
 the update runs in the variance-preserving (alpha_t, sigma_t) and log-SNR lambda terms."""
 import numpy as np
 
-from serving.core.samplers.base import TrainSigmaSampler, karras_sigmas, sigma_to_t, vp_alpha_sigma, x0_from_vp
+from serving.core.samplers.base import TrainSigmaSampler, karras_sigmas, sigma_to_t, vp_alpha_sigma, x0_from_vp, SamplerRun
 
 
 class VPSolver(TrainSigmaSampler):
@@ -27,19 +27,19 @@ class VPSolver(TrainSigmaSampler):
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return timesteps.astype(np.int64).astype(np.float64), sigmas
 
-    def add_noise(self, run, clean, noise, position):
+    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
         if position >= run.steps:
             return clean
         alpha, sigma = vp_alpha_sigma(np.float32(run.values[position]))
         return (np.float32(alpha) * clean + np.float32(sigma) * noise).astype(np.float32)
 
-    def lam(self, run, position: int) -> tuple:
+    def lam(self, run: SamplerRun, position: int) -> tuple:
         """(alpha_t, sigma_t, lambda_t) at a position (lambda = +inf at the final sigma 0)."""
         alpha, sigma = vp_alpha_sigma(run.values[position])
         with np.errstate(divide="ignore"):
             return alpha, sigma, np.log(alpha) - np.log(sigma)
 
-    def convert(self, runs, positions, model_output, latents) -> np.ndarray:
+    def convert(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray) -> np.ndarray:
         """The data prediction x_0 of every row (the solvers' model output)."""
         alphas, sigmas = zip(*(vp_alpha_sigma(r.values[p]) for r, p in zip(runs, positions)))
         return x0_from_vp(self.prediction_type, model_output, latents, np.array(alphas), np.array(sigmas)).astype(np.float32)
