@@ -75,8 +75,10 @@ class Scene:
         bg = f"a {self.background} background"
         first = self.objects[0]
         if len(self.objects) == 1:
+            assert self.position is not None  # one-object scenes have one
             return f"a {self.size} {first.colour} {first.shape} {POSITIONS[self.position][0]} {bg}"
         second = self.objects[1]
+        assert self.relation is not None  # two-object scenes have one
         relation = RELATIONS[self.relation][0]
         return f"a {first.colour} {first.shape} {relation} a {second.colour} {second.shape} on {bg}"
 

@@ -11,6 +11,7 @@ lists which step first used each steer.
 """
 from dataclasses import dataclass, field
 import queue
+from typing import Any
 import threading
 
 import numpy as np
@@ -38,7 +39,9 @@ def infer_inputs(arrays: dict, module=None) -> list:
     """tritonclient InferInputs (of `module`: tritonclient.grpc by default, or tritonclient.http)
     holding the named arrays."""
     if module is None:
-        import tritonclient.grpc as module
+        import tritonclient.grpc
+
+        module = tritonclient.grpc
     inputs = []
     for name, value in arrays.items():
         tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
@@ -122,7 +125,7 @@ class LdmClient:
         self.unary = unary or protocol == "http"
         self.timeout_s = timeout_s
         self.control_secret = control_secret or ""
-        self._steerer = None  # (client, its stream's responses), opened by the first steer
+        self._steerer: tuple[Any, queue.Queue] | None = None  # (client, its stream's responses), opened by the first steer
         self._steer_lock = threading.Lock()
         if protocol == "grpc":
             import tritonclient.grpc as module
@@ -207,7 +210,7 @@ class LdmClient:
     def _stream(self, arrays, on_progress, request_id="") -> GenerationResult:
         responses = queue.Queue()
         self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        generation = GenerationResult(None, 0)
+        generation = GenerationResult(None, 0)  # type: ignore[arg-type]  # the final response fills it
         try:
             try:
                 self.client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), request_id=request_id)

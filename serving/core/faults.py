@@ -12,6 +12,7 @@ Each fault fires once, on the N-th call (counted from 1 over every UNet variant 
                           broke at the last step)
 Never set in production: it exists to be tested against.
 """
+from typing import TYPE_CHECKING
 import threading
 
 from serving.core.interfaces import Array, ResultSink, RunnerModels
@@ -99,3 +100,7 @@ class FaultySink:
 
     def cancelled(self) -> bool:
         return self.inner.cancelled()
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)
+    _checked: tuple[type[RunnerModels], type[ResultSink]] = (FaultyModels, FaultySink)

@@ -53,7 +53,7 @@ def served_models(model: PipelineModel | None) -> list:
 
 
 @functools.lru_cache(maxsize=16)  # read on every request: parsed once per served pipeline
-def _parse(table: str, configured: str, scheduler: str, native: int, max_size: int, image_input: bool) -> tuple:
+def _parse(table: str, configured: str, scheduler: str | None, native: int, max_size: int, image_input: bool) -> tuple:
     try:
         entries = json.loads(table or "null")
     except ValueError:

@@ -161,7 +161,7 @@ def run(args) -> int:
         print('try:   ldm generate "a red circle" -o out.png' + ('' if gateway else ' --protocol kserve'), flush=True)
         stubs = server.stub_pids()
         while not signals.acquire(timeout=1.0):
-            for name, process in (("tritonserver", server.process), ("gateway", gateway and gateway.process)):
+            for name, process in (("tritonserver", server.process), ("gateway", gateway.process if gateway is not None else None)):
                 if process is not None and process.poll() is not None:
                     print(f"{name} exited with code {process.returncode}", flush=True)
                     return 1
