@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lint and type checks (idempotent): ruff's lint rules, ruff's format check, mypy (strict on
-# serving/core). The tools are pinned in pyproject.toml's `test` extra (scripts/setup.sh) and installed into .venv
-# when absent or at another version. Exits non-zero on any finding; runs all three first.
+# serving/core; configuration in pyproject.toml). The tools are pinned here and in pyproject.toml's
+# `test` extra (scripts/setup.sh installs that); installed into .venv when absent or at another
+# version. Runs all three, then exits non-zero if any found something.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUFF=0.17.6
@@ -19,7 +20,7 @@ status=0
 echo "== ruff check"
 "$PY" -m ruff check . || status=1
 echo "== ruff format --check"
-"$PY" -m ruff format --check . || status=1
+"$PY" -m ruff format --check --output-format concise . || status=1
 echo "== mypy"
 "$PY" -m mypy || status=1
 exit $status

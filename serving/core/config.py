@@ -58,7 +58,7 @@ class PipelineConfig:
     default_region_mode: str = "latent"
 
     @classmethod
-    def parse(cls, params: dict) -> "PipelineConfig":
+    def parse(cls, params: dict[str, Any]) -> "PipelineConfig":
         """From config.pbtxt's string parameters; absent or empty ones take their defaults."""
         values = {}
         for spec in fields(cls):
@@ -84,7 +84,7 @@ class PipelineConfig:
             refuse("max_regions", self.max_regions, "must be at least 1")
 
 
-def config_parameter(params: dict, key: str, cast: Any, default: Any) -> Any:
+def config_parameter(params: dict[str, Any], key: str, cast: Any, default: Any) -> Any:
     """One parameter of another model's config.pbtxt (the unary front's) as `cast`, or `default`."""
     raw = params.get(key, "")
     return default if raw == "" else _cast(key, str(raw), cast)

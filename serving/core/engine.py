@@ -68,7 +68,7 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.preview = preview  # callable(pred_x0 [C,h,w], model name) -> uint8 image or None; or None
-        self.active: list = []
+        self.active: list[Any] = []
         self.stats = EngineStats()
         self.registry = GenerationRegistry()  # jobs by request id, for steers
         self._lock = threading.Condition()
@@ -191,7 +191,7 @@ class Engine:
             self._finish(finished)
         return True
 
-    def _finish(self, jobs: list) -> None:
+    def _finish(self, jobs: list[Any]) -> None:
         self._retire(jobs, lambda job: None)  # out of the active set before anything can raise
         try:
             images = self.runner.decode(jobs)
@@ -211,7 +211,7 @@ class Engine:
                 continue
             self.stats.completed += 1
 
-    def _report_progress(self, jobs: list) -> None:
+    def _report_progress(self, jobs: list[Any]) -> None:
         """Progress and previews as each request asked, and always for a step that first used
         a steer (even the last: its report comes before the image)."""
         broken = []
@@ -233,7 +233,7 @@ class Engine:
         for job, error in broken:
             self._retire([job], partial(self._answer, code=INTERNAL, message=f"progress report failed: {error}", failed=True))
 
-    def _retire(self, jobs: list, action: Callable[[Job], None]) -> None:
+    def _retire(self, jobs: list[Any], action: Callable[[Job], None]) -> None:
         gone = set(map(id, jobs))
         self.active = [j for j in self.active if id(j) not in gone]
         self._release(jobs)
@@ -244,7 +244,7 @@ class Engine:
             action(job)
         self.stats.active = len(self.active)
 
-    def _release(self, jobs: list) -> None:
+    def _release(self, jobs: list[Any]) -> None:
         """What admission took for the jobs (their LoRA adapters' residency), given back once."""
         release = getattr(self.runner, "release", None)  # test runners may hold nothing
         if release is not None:

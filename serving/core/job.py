@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from serving.core.interfaces import ResultSink
+from serving.core.interfaces import Array, ResultSink
 from serving.core.request import GenerationRequest
 from serving.core.steering import prompt_spec
 
@@ -21,24 +21,24 @@ class Job:
     variant: str = "base"  # which UNet variant of its model (channel layout: base, inpaint, upscale) runs it
     # filled in on admission
     rng: np.random.Generator | None = None
-    latents: np.ndarray | None = None  # float32 [C, h, w]
-    timesteps: np.ndarray | None = None  # the UNet timesteps of the steps it runs
+    latents: Array | None = None  # float32 [C, h, w]
+    timesteps: Array | None = None  # the UNet timesteps of the steps it runs
     sampler_run: Any = None  # serving.core.samplers.SamplerRun: its own schedule and solver state
     plan: Any = None  # serving.core.steering.ConditioningPlan: the conditioning of each step
     planned: GenerationRequest | None = None  # the request `plan` was made from, under the engine's lock
     conditioning: Any = None  # the plan's conditioning of the next step (rows, contexts, combine)
     image_conditioning: Any = None  # serving.core.image_jobs: extra UNet channels, latent blend, paste-back
-    row_inputs: dict = field(default_factory=dict)  # its family's per-row denoiser inputs (SDXL's time_ids)
-    held_loras: tuple = ()  # the LoRA adapters it holds resident from admission to its end
+    row_inputs: dict[str, Any] = field(default_factory=dict)  # its family's per-row denoiser inputs (SDXL's time_ids)
+    held_loras: tuple[Any, ...] = ()  # the LoRA adapters it holds resident from admission to its end
     # a baseline of servers that cannot mix adapters (config lora_batching=per_set, `ldm bench
     # --loras`): only jobs with the same adapter set share a call
     lora_per_set: bool = False
     index: int = 0  # denoising steps done
     last_turn: int = -1  # the scheduler's turn when admitted or last stepped (fairness)
-    pred_x0: np.ndarray | None = None
+    pred_x0: Array | None = None
     answered: bool = False  # its final answer (finish or fail) was given: nothing follows
     steers: int = 0  # steers accepted (the last steer id)
-    pending_steers: list = field(default_factory=list)  # ids accepted since the last plan
+    pending_steers: list[Any] = field(default_factory=list)  # ids accepted since the last plan
 
     @property
     def rows(self) -> int:
@@ -47,14 +47,14 @@ class Job:
         rows: int = (self.conditioning or prompt_spec(self.request)).rows
         return rows
 
-    def denoiser_inputs(self) -> dict:
+    def denoiser_inputs(self) -> dict[str, Any]:
         """Input name -> the value each of its rows gets: its family's, its image conditioning's."""
         if self.image_conditioning is None:
             return self.row_inputs
         return {**self.row_inputs, **self.image_conditioning.row_inputs}
 
     @property
-    def latent_shape(self) -> tuple:
+    def latent_shape(self) -> tuple[Any, ...]:
         assert self.latents is not None, "admitted jobs only"
         return self.latents.shape
 
@@ -67,7 +67,7 @@ class Job:
         return network
 
     @property
-    def call_key(self) -> tuple:
+    def call_key(self) -> tuple[Any, ...]:
         """Jobs share a UNet call only when their rows fit one input tensor of one network."""
         return (self.model, self.variant, self.network, self.latent_shape, self.held_loras if self.lora_per_set else None)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from families import FAMILIES
 from serving.core.image_jobs import admit_image_jobs, steer_masks
-from serving.core.interfaces import RunnerModels
+from serving.core.interfaces import Array, RunnerModels
 from serving.core.regions import is_regional_network
 from serving.core.sampler import DDIMSchedule, noise_generator
 from serving.core.samplers import make_sampler
@@ -45,7 +45,7 @@ class Runner:
         self.latent_channels = variant.latent_channels
         self.vae_factor = variant.vae_factor
 
-    def admit(self, jobs: list, steered: list | tuple = ()) -> None:
+    def admit(self, jobs: list[Any], steered: list[Any] | tuple[Any, ...] = ()) -> None:
         """Text-encodes the new texts of the new jobs' and the steered jobs' plans
         (serving/core/steering.py) in one call, draws the new jobs' starting latents, and
         VAE-encodes the input images of image-conditioned ones in one call per image size; steered
@@ -87,7 +87,7 @@ class Runner:
             self.samplers[key] = make_sampler(name, sigma_schedule, self.variant.scheduler_config)
         return self.samplers[key]
 
-    def encode(self, prompts: list, loras: list | None = None) -> list:
+    def encode(self, prompts: list[Any], loras: list[Any] | None = None) -> list[Any]:
         """The conditioning of each prompt (anything with texts() and build()), from one
         text-encoder call over all their texts; loras: each prompt's job's adapter set."""
         texts = [t for p in prompts for t in p.texts()]
@@ -100,7 +100,7 @@ class Runner:
             start += count
         return out
 
-    def step(self, jobs: list) -> None:
+    def step(self, jobs: list[Any]) -> None:
         """One denoising step for every job in `jobs` (one call key) with one UNet call: each
         job's rows sit together, and its conditioning combines their predictions; then each
         sampler updates the rows of its jobs."""
@@ -150,14 +150,14 @@ class Runner:
                 if job.image_conditioning is not None:
                     job.image_conditioning.after_step(job)
 
-    def release(self, jobs: list) -> None:
+    def release(self, jobs: list[Any]) -> None:
         """Jobs that ended (finished, failed, cancelled): their adapters may be evicted again."""
         if self.lora is not None:
             for job in jobs:
                 self.lora.release(job.held_loras)
                 job.held_loras = ()
 
-    def decode(self, jobs: list) -> list:
+    def decode(self, jobs: list[Any]) -> list[Any]:
         """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size (more past the
         VAE decoder's max batch size)."""
         images: list[Any] = [None] * len(jobs)
@@ -188,7 +188,7 @@ def guided_conditioning(job: Any) -> Any:
     return conditioning if lo <= fraction < hi else conditioning.unguided()
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: Array) -> Array:
     """[0, 1] floats to bytes, rounding as diffusers' numpy_to_pil does."""
-    out: np.ndarray = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    out: Array = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
     return out

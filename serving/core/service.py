@@ -33,9 +33,9 @@ from serving.core.variants import VariantRunners, VariantSpec
 class PipelineAssets:
     """What `ldm export` writes into pipeline/1/: facts about the checkpoint and its tokenizer."""
 
-    info: dict
+    info: dict[str, Any]
     tokenizer_dir: Path
-    scheduler_config: dict
+    scheduler_config: dict[str, Any]
 
     @classmethod
     def read(cls, version_dir: Any) -> "PipelineAssets":
@@ -47,7 +47,7 @@ class PipelineAssets:
         )
 
 
-def _lora_registry(config: PipelineConfig, info: dict, reader: Any) -> LoraRegistry | None:
+def _lora_registry(config: PipelineConfig, info: dict[str, Any], reader: Any) -> LoraRegistry | None:
     """The model's adapter registry, with the folder's adapters registered, where its primary
     variant's denoiser was exported with LoRA inputs and a reader is given."""
     spec = info["variants"][info["primary"]]
@@ -83,7 +83,7 @@ class UnknownModel(LookupError):
 MAX_PLAIN_JOB_ROWS = 2  # a prompt with classifier-free guidance; regional jobs are checked at submit
 
 
-def check_batching(config: BatchingConfig, variants: dict) -> None:
+def check_batching(config: BatchingConfig, variants: dict[str, Any]) -> None:
     """Refuses batching parameters the exported models cannot serve, naming the parameter. The
     text encoder's and VAE's calls are split to their max batch (serving/core/runner.py); a UNet
     call is never split, so the row cap must fit the UNet's max batch and one whole job."""
@@ -108,17 +108,17 @@ class ServedModel:
 
     name: str
     limits: RequestLimits
-    tokenizers: dict  # variant -> TextTokenizers
+    tokenizers: dict[str, Any]  # variant -> TextTokenizers
     lora: LoraRegistry | None = None  # its LoRA adapters, where its denoiser takes them
 
 
-def model_infos(info: dict) -> dict:
+def model_infos(info: dict[str, Any]) -> dict[str, Any]:
     """{model name: its pipeline.json facts}: the `models` table, or the one model of an export
     made before there could be several."""
     return info.get("models") or {info.get("name", ""): info}
 
 
-def _by_model_and_variant(models: Any, default_model: str, primary: str) -> dict:
+def _by_model_and_variant(models: Any, default_model: str, primary: str) -> dict[tuple[str, str], Any]:
     if not isinstance(models, Mapping):
         return {(default_model, primary): models}
     return {key if isinstance(key, tuple) else (default_model, key): value for key, value in models.items()}
@@ -208,7 +208,7 @@ class PipelineService:
         """False from the moment `stop` is called: readiness should report it."""
         return self.engine.accepting
 
-    def submit(self, inputs: dict, sink: ResultSink, request_id: str | None = None) -> None:
+    def submit(self, inputs: dict[str, Any], sink: ResultSink, request_id: str | None = None) -> None:
         """Validates and queues one request; a rejected request gets its error through `sink`.
         A request with an id can be steered by it (`steer`)."""
         if self.faults is not None:
@@ -237,7 +237,7 @@ class PipelineService:
 
     # --- LoRA adapters at run time (the gateway's POST/DELETE/GET /v1/loras, through control messages)
 
-    def loras(self, model: str = "") -> list:
+    def loras(self, model: str = "") -> list[Any]:
         """[{"id", "model", "resident"}] of every adapter registered for `model` (all models when "")."""
         out = []
         for name, served in self.models.items():
@@ -283,7 +283,7 @@ class PipelineService:
             raise InvalidInput("model", f"model {served.name!r} takes no LoRA adapters (export it with --lora or --lora-dir)")
         return served
 
-    def model_of(self, inputs: dict) -> ServedModel:
+    def model_of(self, inputs: dict[str, Any]) -> ServedModel:
         """The served model a request names in `model` (empty or absent: the default model)."""
         name = text_field(inputs, "model")
         if not name:
@@ -292,7 +292,7 @@ class PipelineService:
             raise UnknownModel(f"model: no model named {name!r}; this server serves {', '.join(self.models)}")
         return self.models[name]
 
-    def steer(self, request_id: str, inputs: dict) -> int:
+    def steer(self, request_id: str, inputs: dict[str, Any]) -> int:
         """Steers the generation named `request_id` with the inputs given (any of STEERABLE:
         texts, guidance, regions, an inpainting mask), validated as a new request's; returns the
         steer id. Raises InvalidInput, or SteerRefused (NOT_FOUND, FAILED_PRECONDITION)."""

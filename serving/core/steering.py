@@ -54,7 +54,7 @@ class Segment:
 class Switch:
     from_step: int
     segment: Segment
-    steer_ids: tuple = ()  # steers whose change this switch first applies
+    steer_ids: tuple[Any, ...] = ()  # steers whose change this switch first applies
 
 
 class SteerRefused(Exception):
@@ -82,13 +82,13 @@ def denoising_steps(request: Any) -> int:
     return steps
 
 
-def scheduled_texts(request: Any) -> list:
+def scheduled_texts(request: Any) -> list[Any]:
     """[(from_step, prompt, negative_prompt)] of the request's prompt schedules; raises
     InvalidInput on malformed syntax."""
     return joint_schedule(request.prompt, request.negative_prompt, denoising_steps(request))
 
 
-def parse_steer(inputs: dict, limits: Any) -> Any:
+def parse_steer(inputs: dict[str, Any], limits: Any) -> Any:
     """Parses a steer's inputs (named arrays, as a request's), each range-checked as a new
     request's field. Texts and guidance are checked now, before the job is looked up; returns
     steered(request) -> `request` with all of them: regions parsed at the request's size, which
@@ -118,7 +118,7 @@ def parse_steer(inputs: dict, limits: Any) -> Any:
     return steered
 
 
-def conditioning_plan(request: Any, start: int, steer_ids: tuple = ()) -> list:
+def conditioning_plan(request: Any, start: int, steer_ids: tuple[Any, ...] = ()) -> list[Any]:
     """The switches that run `request` from step `start` on; the first starts at `start` and
     carries `steer_ids`."""
     entries = scheduled_texts(request)
@@ -132,7 +132,7 @@ def conditioning_plan(request: Any, start: int, steer_ids: tuple = ()) -> list:
 
 
 class ConditioningPlan:
-    def __init__(self, switches: list) -> None:
+    def __init__(self, switches: list[Any]) -> None:
         self.switches = switches
 
     def at(self, step: int) -> Switch:
@@ -142,11 +142,11 @@ class ConditioningPlan:
     def conditioning_at(self, step: int) -> Any:
         return self.at(step).segment.conditioning
 
-    def steers_first_used_at(self, step: int) -> tuple:
+    def steers_first_used_at(self, step: int) -> tuple[Any, ...]:
         switch = self.at(step)
         return switch.steer_ids if switch.from_step == step else ()
 
-    def replace_from(self, switches: list) -> None:
+    def replace_from(self, switches: list[Any]) -> None:
         """Installs `switches` from their first step on. Steer ids of a replaced switch at that
         very step were never used (that step has not run): the new switch carries them too."""
         start = switches[0].from_step
@@ -156,7 +156,7 @@ class ConditioningPlan:
             switches = [replace(switches[0], steer_ids=unused + switches[0].steer_ids), *switches[1:]]
         self.switches = kept + switches
 
-    def unencoded(self) -> list:
+    def unencoded(self) -> list[Any]:
         """Distinct segments that still need their text encoding."""
         return list({id(s.segment): s.segment for s in self.switches if s.segment.conditioning is None}.values())
 

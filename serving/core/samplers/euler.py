@@ -5,13 +5,14 @@ sees them divided by it, and its timestep is the sigma's (fractional, for Karras
 from typing import Any
 import numpy as np
 
+from serving.core.interfaces import Array
 from serving.core.samplers.base import SamplerRun, TrainSigmaSampler, karras_sigmas, per_row, sigma_to_t
 
 
 class Euler(TrainSigmaSampler):
     name = "euler"
 
-    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
+    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple[Any, ...]:
         n = self.num_train_timesteps
         if self.spacing == "linspace":
             timesteps = np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
@@ -27,7 +28,7 @@ class Euler(TrainSigmaSampler):
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return timesteps.astype(np.float32).astype(np.float64), sigmas
 
-    def initial_latents(self, run: SamplerRun, noise: np.ndarray) -> np.ndarray:
+    def initial_latents(self, run: SamplerRun, noise: Array) -> Array:
         sigma_max = np.float32(run.values.max())
         scale = sigma_max if self.spacing in ("linspace", "trailing") else np.float32((sigma_max**2 + 1) ** 0.5)
         return (noise * scale).astype(np.float32)
@@ -36,13 +37,13 @@ class Euler(TrainSigmaSampler):
         sigma = np.float32(run.values[position])
         return float(np.float32(1.0) / np.float32((sigma**2 + 1) ** 0.5))
 
-    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
-        out: np.ndarray = (clean + noise * run.values[position]).astype(np.float32)
+    def add_noise(self, run: SamplerRun, clean: Array, noise: Array, position: int) -> Array:
+        out: Array = (clean + noise * run.values[position]).astype(np.float32)
         return out
 
-    def x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: Any) -> np.ndarray:
+    def x0(self, model_output: Array, sample: Array, sigma: Any) -> Array:
         if self.prediction_type == "epsilon":
-            out: np.ndarray = sample - per_row(sigma) * model_output
+            out: Array = sample - per_row(sigma) * model_output
             return out
         if self.prediction_type == "v_prediction":
             s = np.asarray(sigma, np.float64)
@@ -50,8 +51,8 @@ class Euler(TrainSigmaSampler):
             return out
         return model_output.astype(np.float32)
 
-    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
-             noise: np.ndarray | None) -> tuple:
+    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
+             noise: Array | None) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_next = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         x0 = self.x0(model_output, latents, sigma)
@@ -68,8 +69,8 @@ class EulerAncestral(Euler):
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return True
 
-    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
-             noise: np.ndarray | None) -> tuple:
+    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
+             noise: Array | None) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_to = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
