@@ -53,18 +53,18 @@ def served_models(model: PipelineModel | None) -> list:
 
 
 @functools.lru_cache(maxsize=16)  # read on every request: parsed once per served pipeline
-def _parse(table: str, configured: str, scheduler: str | None, native: int, max_size: int, image_input: bool) -> tuple:
+def _parse(table: str, configured: str, scheduler_config: str | None, native: int, max_size: int, image_input: bool) -> tuple:
     try:
         entries = json.loads(table or "null")
     except ValueError:
         entries = None
     if not isinstance(entries, list) or not entries:  # an export of one model, before the table
         try:
-            scheduler = json.loads(scheduler or "null")
+            noise_schedule = json.loads(scheduler_config or "null")
         except ValueError:
-            scheduler = None
+            noise_schedule = None
         entries = [{"id": DEFAULT_ID, "family": "sd", "default": True, "native_size": native,
-                    "max_size": max_size or 2 * native, "scheduler_config": scheduler,
+                    "max_size": max_size or 2 * native, "scheduler_config": noise_schedule,
                     "tasks": ["txt2img"] + (["img2img", "inpaint"] if image_input else [])}]
     models = [ListedModel(
         id=str(e["id"]), family=str(e.get("family", "sd")), default=bool(e.get("default")),
@@ -77,13 +77,13 @@ def _parse(table: str, configured: str, scheduler: str | None, native: int, max_
     return tuple(sorted(models, key=lambda m: not m.default))
 
 
-def _default_sampler(configured: str, scheduler) -> tuple | None:
+def _default_sampler(configured: str, scheduler_config) -> tuple | None:
     """What a request naming no sampler gets on a model with this scheduler config (the pipeline's
     own rule, serving/core/samplers/registry.py); None when it cannot be said."""
-    if not isinstance(scheduler, dict):
+    if not isinstance(scheduler_config, dict):
         return None
     try:
-        return served_default(configured, scheduler)
+        return served_default(configured, scheduler_config)
     except ValueError:  # the pipeline refuses to load with it; nothing to say here
         return None
 
