@@ -2,7 +2,9 @@
 from pathlib import Path
 
 from export.triton_config import BACKENDS
-from serving.core.regions import DEFAULT_BASE_WEIGHT, DEFAULT_MODE, MAX_REGIONS
+from families.contracts import MAX_REGIONS
+from serving.core.config import DEFAULT_BASE_WEIGHT
+from serving.core.regions import DEFAULT_MODE
 from serving.models.assemble import TEXT_VAE_RUNNERS, UNET_RUNNERS
 
 

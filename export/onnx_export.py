@@ -93,6 +93,7 @@ def _export_dynamo(module, args: tuple, contract: ComponentContract, path: Path)
     program = torch.onnx.export(module, args, input_names=[s.name for s in contract.inputs],
                                 output_names=[s.name for s in contract.outputs], dynamic_shapes=shapes,
                                 opset_version=max(OPSET, 18), dynamo=True, verbose=False)
+    assert program is not None  # dynamo=True returns the program
     program.save(str(path))
 
 

@@ -293,9 +293,9 @@ def write_pipeline_config(repo, parameters: dict, gpu: bool = False) -> None:
     """(Re)writes the pipeline's config.pbtxt: its placement, runners, defaults, limits and batching;
     and the checkpoint's scheduler config (parameter scheduler_config), which the gateway lists
     the samplers that fit the served model by (GET /v1/samplers)."""
-    scheduler = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
-    if scheduler.is_file() and "scheduler_config" not in parameters:
-        parameters = {**parameters, "scheduler_config": json.dumps(json.loads(scheduler.read_text()), sort_keys=True)}
+    config_file = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
+    if config_file.is_file() and "scheduler_config" not in parameters:
+        parameters = {**parameters, "scheduler_config": json.dumps(json.loads(config_file.read_text()), sort_keys=True)}
     _write(Path(repo) / "pipeline" / "config.pbtxt", to_pbtxt(pipeline_config(parameters, gpu)))
 
 

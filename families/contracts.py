@@ -183,7 +183,7 @@ def regional_unet_contract(unet: ComponentContract, max_batch: int) -> Component
 def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict, seed: int) -> dict:
     """Random inputs in each tensor's valid range, for tracing and parity checks."""
     rng = np.random.default_rng(seed)
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for spec in contract.inputs:
         shape = contract.shape(spec, sizes)
         if spec.name.startswith("input_ids"):  # input_ids, input_ids_2: each encoder's own vocabulary
@@ -192,6 +192,7 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
         elif spec.name == "timestep":
             out[spec.name] = rng.uniform(0, info.scheduler_config.get("num_train_timesteps", 1000), shape).astype(np.float32)
         elif spec.name == "class_labels":
+            assert info.max_noise_level is not None  # an upscaler's
             out[spec.name] = rng.integers(0, info.max_noise_level + 1, shape)
         elif spec.name == "images":
             out[spec.name] = rng.random(shape, dtype=np.float32)

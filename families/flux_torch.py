@@ -59,6 +59,7 @@ def load_module(name: str, info) -> torch.nn.Module:
 
     from families import sd_torch
 
+    module: torch.nn.Module
     if name == "text_encoder":
         module = FluxTextEncoders(CLIPTextModel.from_pretrained(info.path / "text_encoder"),
                                   T5EncoderModel.from_pretrained(info.path / "text_encoder_2"))

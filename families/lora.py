@@ -18,6 +18,7 @@ For the per-layer alpha / rank, the PEFT convention (scaling = lora_alpha / r, k
 rank) is taken from PEFT's own LoraLayer.scaling after diffusers' loader has read the file
 (serving/models/adapters.py), so no scaling rule is written here.
 """
+from typing import Any
 import torch
 
 
@@ -27,7 +28,7 @@ class MixedLora(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Module, name: str):
         super().__init__()
-        self.base = base
+        self.base: Any = base  # a Linear or Conv2d (torch types other attributes as Tensor | Module)
         self.name = name
         self.bank = None  # (A [in, K], B [K, out]) tensors, or None: no adapter touches this layer
         self.scales = None  # [rows, K] for the current call
@@ -59,7 +60,7 @@ def adaptable(module: torch.nn.Module) -> bool:
         isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1)
 
 
-def install_mixed_lora(model: torch.nn.Module, names) -> dict:
+def install_mixed_lora(model: Any, names) -> dict:
     """Replaces the named adaptable layers of `model` by MixedLora wrappers; returns {name: wrapper}."""
     wrappers = {}
     for name in names:
@@ -130,7 +131,7 @@ class StaticBank(torch.nn.Module):
         self.model = module.model  # the diffusers model, as the other wrappers expose it
         self.width = width
         self.wrappers = install_mixed_lora(module.model, list(layers))
-        for i, (name, (fan_in, fan_out)) in enumerate(layers.items()):
+        for i, (fan_in, fan_out) in enumerate(layers.values()):
             self.register_buffer(f"a{i}", torch.zeros(fan_in, width))
             self.register_buffer(f"b{i}", torch.zeros(width, fan_out))
         self.names = list(layers)

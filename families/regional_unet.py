@@ -11,6 +11,7 @@ everything else are untouched. This is the Regional Prompter's "Attention" mode 
 weights (its rectangles are 0/1 masks; its base ratio is folded into the weights by
 serving/core/regions.py).
 """
+from typing import Any
 import re
 
 import torch
@@ -64,8 +65,9 @@ def install_regional_attention(unet) -> int:
     """Puts the regional processors into a diffusers UNet2DConditionModel; returns how many
     cross-attention layers became regional."""
     levels = len(unet.config.block_out_channels) - 1  # downsamplings between the first and last block
-    processors, regional = {}, 0
-    for name, attn in unet.attn_processors.items():
+    processors: dict[str, Any] = {}
+    regional = 0
+    for name in unet.attn_processors:
         module = unet.get_submodule(name.removesuffix(".processor"))
         if not module.is_cross_attention:
             processors[name] = SelfAttention()

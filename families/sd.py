@@ -35,15 +35,15 @@ from families.contracts import BATCH, TensorSpec, token_input_names
 
 class StableDiffusion:
     name = "sd"
-    pipelines = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionUpscalePipeline",
+    pipelines: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionUpscalePipeline",
                  "StableDiffusionImg2ImgPipeline")
     denoiser_folder = "unet"
-    text_folders = (("text_encoder", "tokenizer"),)
+    text_folders: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
     regional_attention = True
     sdpa_processor = True  # the torch runner gives the denoiser diffusers' AttnProcessor2_0
     regions = True  # regional prompts in latent mode
     lora = True  # LoRA adapters on the denoiser (families/lora.py)
-    request_fields = ()
+    request_fields: tuple[str, ...] = ()
     guidance = "cfg"
     default_guidance_scale = 5.0
 

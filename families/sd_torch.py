@@ -69,6 +69,7 @@ class VaeEncoder(torch.nn.Module):
 def load_module(name: str, info: CheckpointInfo) -> torch.nn.Module:
     """The torch module of component `name` (text_encoder, unet, unet_regional, vae_decoder,
     vae_encoder), in eval mode, float32."""
+    module: torch.nn.Module
     if name == "text_encoder":
         module = TextEncoder(CLIPTextModel.from_pretrained(info.path / "text_encoder"))
     elif name == "unet":

@@ -140,6 +140,7 @@ def load_module(name: str, info) -> torch.nn.Module:
 
     from families import sd_torch
 
+    module: torch.nn.Module
     if name == "text_encoder":
         module = SdxlTextEncoders(CLIPTextModel.from_pretrained(info.path / "text_encoder"),
                                   CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2"))

@@ -3,7 +3,6 @@ present, else a tiny random-weight checkpoint built from configs (nothing is dow
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from serving.triton.server import PROJECT_ROOT
 
@@ -27,7 +26,7 @@ def default_checkpoint(log=print) -> Path:
     return tiny
 
 
-def served_model(repo) -> Optional[Path]:
+def served_model(repo) -> Path | None:
     """The checkpoint the repository was exported from, or None if it holds no export."""
     from export.repository import has_artifacts
 
@@ -36,7 +35,7 @@ def served_model(repo) -> Optional[Path]:
     return Path(json.loads((Path(repo) / "pipeline" / "1" / "pipeline.json").read_text())["checkpoint"])
 
 
-def checkpoint_to_export(requested, repo, log=print) -> Optional[Path]:
+def checkpoint_to_export(requested, repo, log=print) -> Path | None:
     """What `ldm serve` exports before it starts (the export is cached, so an unchanged
     checkpoint costs nothing): the requested one; else the default model, so a retrained or newly
     pulled checkpoint is served and not a stale export of it (or of the tiny fallback); None, to

@@ -14,7 +14,7 @@ def test_what_export_writes_parses_to_typed_values():
     assert (config.max_rows, config.max_active, config.max_queue, config.step_batching) == (32, 16, 64, True)
     assert isinstance(config.drain_grace_s, float) and config.drain_grace_s == 120.0
     assert config.default_size is None and config.default_sampler == ""
-    assert config.scheduler().max_rows == 32
+    assert config.batching().max_rows == 32
 
 
 def test_absent_and_empty_parameters_take_the_defaults():

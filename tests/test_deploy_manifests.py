@@ -315,8 +315,8 @@ def test_load_balancers_route_to_the_gateway(objects, overlay):
         route = _one(objs, kind)
         assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
         listener = route["spec"]["parentRefs"][0]["sectionName"]
-        assert any(l["name"] == listener and {"kind": kind} in l["allowedRoutes"]["kinds"]
-                   for l in gateway["spec"]["listeners"])
+        assert any(entry["name"] == listener and {"kind": kind} in entry["allowedRoutes"]["kinds"]
+                   for entry in gateway["spec"]["listeners"])
         backend = route["spec"]["rules"][0]["backendRefs"][0]
         assert (backend["name"], backend["port"]) == ("ldm-triton", port), kind
     grpc_route = _one(objs, "GRPCRoute")

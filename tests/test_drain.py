@@ -105,7 +105,8 @@ def _status(fn) -> str:
     try:
         fn()
     except Exception as exc:
-        return str(exc.status()) if callable(getattr(exc, "status", None)) else type(exc).__name__
+        status = getattr(exc, "status", None)
+        return str(status()) if callable(status) else type(exc).__name__
     return "image"
 
 

@@ -135,8 +135,8 @@ class DeadlineSink(RecordingSink):
 
     job = None
 
-    def progress(self, step, total, preview):
-        super().progress(step, total, preview)
+    def progress(self, step, total, preview, steer_applied=()):
+        super().progress(step, total, preview, steer_applied)
         while (left := self.job.deadline - time.monotonic()) >= 0:  # until the deadline has passed
             time.sleep(left + 0.001)
 

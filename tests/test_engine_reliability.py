@@ -23,11 +23,11 @@ class BrokenSink(RecordingSink):
         self.on = on
         self.calls = []
 
-    def progress(self, step, total, preview):
+    def progress(self, step, total, preview, steer_applied=()):
         self.calls.append("progress")
         if self.on == "progress":
             raise RuntimeError("stream closed")
-        super().progress(step, total, preview)
+        super().progress(step, total, preview, steer_applied)
 
     def finish(self, image, seed):
         self.calls.append("finish")

@@ -23,7 +23,7 @@ class WaitingSink:
         self.answers = []
         self.image = self.error = None
 
-    def progress(self, step, total, preview):
+    def progress(self, step, total, preview, steer_applied=()):
         assert not self.done.is_set(), "progress after the final answer"
 
     def finish(self, image, seed):

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import queue
 
 from hypothesis import HealthCheck, given, settings, strategies as st
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -74,8 +73,8 @@ def _error(exc):
 def classify(inputs, image, error):
     """check_answer, and for Triton's own refusals (before the pipeline sees the request):
     INVALID_ARG naming one of the request's inputs."""
-    if error is not None and error[0] in TRITON_INVALID and not ALIASES.get(error[1].split(":")[0].split("[")[0],
-                                                                            error[1].split(":")[0].split("[")[0]) in SPECS:
+    if error is not None and error[0] in TRITON_INVALID and ALIASES.get(error[1].split(":")[0].split("[")[0],
+                                                                            error[1].split(":")[0].split("[")[0]) not in SPECS:
         named = [n for n in (*SPECS, *EXTRA_NAMES) if f"'{n}'" in error[1]]
         assert named, error  # e.g. unexpected datatype TYPE_FP64 for inference input 'steps'
         return "triton INVALID_ARG"

@@ -2,7 +2,6 @@
 gateway in front of a tritonserver whose pipeline holds two jobs, refusing the third itself."""
 import asyncio
 import json
-from pathlib import Path
 import re
 import shutil
 import socket

@@ -16,7 +16,6 @@ import urllib.request
 import zlib
 
 import grpc
-import numpy as np
 from PIL import Image
 import pytest
 
@@ -158,7 +157,7 @@ def test_huge_masks_for_a_running_generation_are_refused_from_their_headers(prob
                 for regions in (16, 8):
                     body = json.dumps({"regions": [{"prompt": "x", "mask": mask}] * regions}).encode()
                     path = f"/v1/generations/{live.id}/steer"
-                    answers.append(await asyncio.to_thread(measured, probing, lambda: post(probing, path, body, key=PROBE_KEY)))
+                    answers.append(await asyncio.to_thread(measured, probing, lambda path=path, body=body: post(probing, path, body, key=PROBE_KEY)))
                 await client.cancel(live.id)
                 return answers
 

@@ -71,7 +71,7 @@ def test_owner_urls_come_from_the_peer_table_or_one_dns_label_under_the_peer_dom
     assert table.is_mine("r0.abc") and not table.is_mine("r1.abc")
     assert table.url_of("r1.abc") == "http://10.0.0.2:8080"
     for foreign in ("r9.abc", "evil.com:80.abc", "10.0.0.9:8080/x.abc", "R1.abc", ".abc"):
-        assert code_of(lambda: table.url_of(foreign)) == NOT_FOUND, foreign
+        assert code_of(lambda foreign=foreign: table.url_of(foreign)) == NOT_FOUND, foreign
     dns = Replicas("pod-a", peer_domain="ldm-triton-peers.ns.svc.cluster.local", peer_port=8080)
     assert dns.url_of("pod-b-7f9c.abc") == "http://pod-b-7f9c.ldm-triton-peers.ns.svc.cluster.local:8080"
     for foreign in ("evil.com.abc", "a_b.abc", "x@y.abc", "-a.abc", "a" * 64 + ".abc"):

@@ -213,7 +213,6 @@ def test_an_uncoded_error_in_a_handler_is_the_documented_json_with_the_request_i
     """The middleware's guard, in a real aiohttp server whose handler fails in a way nobody coded."""
     import asyncio
 
-    from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
     from serving.gateway.pipeline import PipelineClient

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from serving.client.kserve import request_arrays
-from serving.core.request import InvalidInput, Limits, parse_request
+from serving.core.request import InvalidInput, RequestLimits, parse_request
 from serving.core.variants import VariantSpec
 
 
@@ -14,8 +14,8 @@ def spec(name, vae_factor=4, size_multiple=8, max_size=64, max_noise_level=None)
                        scheduler_config={}, max_noise_level=max_noise_level)
 
 
-BASE = Limits(size_multiple=8, default_size=32, max_size=64, max_prompt_tokens=16, variants={"base": spec("base")})
-ALL = Limits(size_multiple=8, default_size=32, max_size=64, max_prompt_tokens=16,
+BASE = RequestLimits(size_multiple=8, default_size=32, max_size=64, max_prompt_tokens=16, variants={"base": spec("base")})
+ALL = RequestLimits(size_multiple=8, default_size=32, max_size=64, max_prompt_tokens=16,
              variants={"base": spec("base"), "inpaint": spec("inpaint"), "upscale": spec("upscale", max_noise_level=350)})
 IMAGE = np.zeros((32, 48, 3), np.uint8)
 MASK = np.zeros((32, 48), np.uint8)

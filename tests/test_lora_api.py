@@ -162,7 +162,7 @@ def test_uploads_by_an_admin_key_then_sixteen_mixed_requests_each_equal_the_requ
     rows, steps = (after[k] - before[k] for k in ("ldm_unet_rows_total", "ldm_unet_steps_total"))
     assert rows > 2 * steps, rows / steps  # requests with different adapters shared UNet calls
     images = [pixels(a.data[0].b64_json) for a in answers]
-    for ((loras, tags, weights), seed), image in zip(requests_, images):
+    for ((loras, tags, _weights), seed), image in zip(requests_, images):
         expected = alone(local, PROMPT + tags, seed, loras)
         assert image.tobytes() == expected.tobytes(), (loras, tags, seed)
     # the same adapter set by fields, by tags or both gives the same image (seeds 3, 4, 5 differ: compare alone)

@@ -72,7 +72,7 @@ def test_weights_sum_to_one_overlaps_share_and_uncovered_cells_take_the_base_pro
 def test_parsed_regions_carry_prompts_weights_and_defaults():
     regions = parse_regions(inputs(region_divisions="1,1"), LIMITS, 64, 32)
     assert regions.prompts == tuple(TWO) and regions.negative_prompts is None
-    assert regions.base_weight == 0.2 and regions.mode == "latent" and regions.unet_variant == "base"
+    assert regions.base_weight == 0.2 and regions.mode == "latent" and regions.network == "base"
     assert regions.weights.shape == (3, 16, 8)
     np.testing.assert_allclose(regions.weights[1, :, :4], 0.8)
     np.testing.assert_allclose(regions.weights[1, :, 4:], 0.0)
@@ -80,7 +80,7 @@ def test_parsed_regions_carry_prompts_weights_and_defaults():
     masks[0, :32], masks[1, 32:] = 255, 128  # a soft mask counts by its value
     attention = parse_regions(inputs(region_masks=masks, base_prompt_weight=np.array([0.0], np.float32),
                                      region_mode="attention", region_negative_prompts=texts("blue", "")), LIMITS, 64, 32)
-    assert attention.unet_variant == "regional/3" and attention.negative_prompts == ("blue", "")
+    assert attention.network == "regional/3" and attention.negative_prompts == ("blue", "")
     np.testing.assert_allclose(attention.weights[:, 12, 0], [1 - 128 / 255, 0.0, 128 / 255], rtol=1e-6)
     assert parse_regions({"prompt": texts("x")}, LIMITS, 64, 64) is None
 

@@ -5,7 +5,7 @@ import pytest
 
 from serving.core.job import Job
 from serving.core.request import GenerationRequest
-from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
+from serving.core.scheduler import QueueFull, BatchingConfig, StepScheduler
 
 
 def job(size=32, guidance=5.0, arrival=0.0):
@@ -16,7 +16,7 @@ def job(size=32, guidance=5.0, arrival=0.0):
 
 
 def test_admission_is_bounded_and_in_arrival_order():
-    scheduler = StepScheduler(SchedulerConfig(max_active=3, max_queue=4))
+    scheduler = StepScheduler(BatchingConfig(max_active=3, max_queue=4))
     jobs = [job(arrival=i) for i in range(4)]
     for j in jobs:
         scheduler.enqueue(j)
@@ -29,7 +29,7 @@ def test_admission_is_bounded_and_in_arrival_order():
 
 
 def test_row_cap_bounds_each_call_and_everyone_gets_a_turn():
-    scheduler = StepScheduler(SchedulerConfig(max_rows=5))
+    scheduler = StepScheduler(BatchingConfig(max_rows=5))
     active = [job(arrival=i) for i in range(4)] + [job(guidance=1.0, arrival=4)]
     steps = {id(j): 0 for j in active}
     for _ in range(6):
@@ -42,7 +42,7 @@ def test_row_cap_bounds_each_call_and_everyone_gets_a_turn():
 
 
 def test_one_latent_size_per_call_and_sizes_alternate():
-    scheduler = StepScheduler(SchedulerConfig(max_rows=32))
+    scheduler = StepScheduler(BatchingConfig(max_rows=32))
     small = [job(32, arrival=0), job(32, arrival=2)]
     large = [job(64, arrival=1)]
     active = small + large
@@ -54,13 +54,13 @@ def test_one_latent_size_per_call_and_sizes_alternate():
 
 
 def test_single_job_larger_than_the_cap_still_runs():
-    scheduler = StepScheduler(SchedulerConfig(max_rows=1))
+    scheduler = StepScheduler(BatchingConfig(max_rows=1))
     only = job(guidance=7.5)
     assert scheduler.pick([only]) == [only]
 
 
 def test_request_at_a_time_mode():
-    scheduler = StepScheduler(SchedulerConfig(step_batching=False))
+    scheduler = StepScheduler(BatchingConfig(step_batching=False))
     jobs = [job(arrival=i) for i in range(3)]
     for j in jobs:
         scheduler.enqueue(j)
@@ -70,7 +70,7 @@ def test_request_at_a_time_mode():
 
 
 def test_a_stream_of_new_jobs_of_one_size_does_not_starve_a_running_job_of_another():
-    scheduler = StepScheduler(SchedulerConfig(max_rows=32, max_active=4, max_queue=64))
+    scheduler = StepScheduler(BatchingConfig(max_rows=32, max_active=4, max_queue=64))
     running = job(64, arrival=0)
     scheduler.enqueue(running)
     active = scheduler.admit([])
@@ -86,7 +86,7 @@ def test_a_stream_of_new_jobs_of_one_size_does_not_starve_a_running_job_of_anoth
 
 
 def test_a_smaller_job_fills_the_rows_a_larger_one_left():
-    scheduler = StepScheduler(SchedulerConfig(max_rows=3))
+    scheduler = StepScheduler(BatchingConfig(max_rows=3))
     leader, two, one = job(arrival=0), job(arrival=1), job(guidance=1.0, arrival=2)  # 2, 2 and 1 rows
     assert scheduler.pick([leader, two, one]) == [leader, one]
 
@@ -113,7 +113,7 @@ def test_fairness_bound_and_row_cap_over_random_arrivals(max_rows, max_active, a
     max_active - 1 consecutive calls; every call fits the row cap, holds one call key (so one
     served model: two models' jobs arrive mixed), and leaves out no job of its key that would
     still fit."""
-    scheduler = StepScheduler(SchedulerConfig(max_rows=max_rows, max_active=max_active, max_queue=10_000))
+    scheduler = StepScheduler(BatchingConfig(max_rows=max_rows, max_active=max_active, max_queue=10_000))
     active, left, waited, arrival = [], {}, {}, 0
     for iteration in range(len(arrivals) + 10_000):
         for size, rows, steps, model in (arrivals[iteration] if iteration < len(arrivals) else []):

@@ -19,11 +19,11 @@ def steered_generation(server, steer, steps=150, **fields):
         request_id = f"steer-test-{uuid.uuid4().hex}"
         started, result = threading.Event(), {}
 
-        def on_progress(generation):
+        def on_progress(generation, started=started):
             if len(generation.progress) >= 3:
                 started.set()
 
-        def run():
+        def run(result=result, request_id=request_id, on_progress=on_progress):
             with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
                 result["generation"] = client.run(A, on_progress=on_progress, request_id=request_id, seed=5, steps=steps,
                                                   progress_every=1, **fields)

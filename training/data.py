@@ -9,7 +9,6 @@ Some colour-shape combinations are held out: training scenes never contain them,
 the evaluation can measure compositional generalisation on them.
 """
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -67,17 +66,19 @@ class Obj:
 class Scene:
     background: str
     objects: tuple  # of Obj; one or two
-    size: Optional[str] = None  # one-object scenes
-    position: Optional[str] = None  # one-object scenes
-    relation: Optional[str] = None  # two-object scenes: objects[0] <relation> objects[1]
+    size: str | None = None  # one-object scenes
+    position: str | None = None  # one-object scenes
+    relation: str | None = None  # two-object scenes: objects[0] <relation> objects[1]
 
     @property
     def caption(self) -> str:
         bg = f"a {self.background} background"
         first = self.objects[0]
         if len(self.objects) == 1:
+            assert self.position is not None  # one-object scenes have one
             return f"a {self.size} {first.colour} {first.shape} {POSITIONS[self.position][0]} {bg}"
         second = self.objects[1]
+        assert self.relation is not None  # two-object scenes have one
         relation = RELATIONS[self.relation][0]
         return f"a {first.colour} {first.shape} {relation} a {second.colour} {second.shape} on {bg}"
 
@@ -95,7 +96,7 @@ def vocabulary():
     return sorted(words)
 
 
-def _combo(rng, held_out: Optional[bool]):
+def _combo(rng, held_out: bool | None):
     """A (colour, shape) pair; held_out=None means any seen combo, True forces a held-out one."""
     if held_out:
         combos = sorted(HELD_OUT_COMBOS)
@@ -104,7 +105,7 @@ def _combo(rng, held_out: Optional[bool]):
     return combos[rng.integers(len(combos))]
 
 
-def sample_scene(rng: np.random.Generator, two_objects: Optional[bool] = None,
+def sample_scene(rng: np.random.Generator, two_objects: bool | None = None,
                  held_out: bool = False) -> Scene:
     """A random scene. held_out=False: only seen combos (training and the 'seen' eval set);
     held_out=True: the (first) object is a held-out combo, any second one is seen."""
@@ -165,7 +166,7 @@ def _mask(obj: Obj, x_scale: float = 1.0, y_scale: float = 1.0) -> np.ndarray:
     return fine.reshape(IMAGE_SIZE, s, IMAGE_SIZE, s).mean(axis=(1, 3))
 
 
-def render(scene: Scene, style: Optional[str] = None) -> np.ndarray:
+def render(scene: Scene, style: str | None = None) -> np.ndarray:
     """uint8 [64, 64, 3]. `style` (a name in STYLES) is for the LoRA adapters' training data only."""
     scales = STYLES[style] if style is not None else (1.0, 1.0)
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
@@ -208,7 +209,7 @@ CONCEPT_HELD_OUT = frozenset({("blue", "bar"), ("yellow", "bar"), ("blue", "ring
 STYLES = {"tall": (1.0, 1.25)}
 
 
-def sample_concept_scene(rng: np.random.Generator, concept: str = "ring", two_objects: Optional[bool] = None,
+def sample_concept_scene(rng: np.random.Generator, concept: str = "ring", two_objects: bool | None = None,
                          held_out: bool = False) -> Scene:
     """A scene of the same grammar with `concept` as one object's shape: alone (size, position)
     or next to a seen colour-shape combination (relation; the concept first or second).

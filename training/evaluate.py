@@ -10,6 +10,7 @@ fills the corners of its box where a circle leaves them empty (a fill ratio pi/4
 separate them: a small circle's box is only ~10 pixels wide). Size comes from the bounding-box extent, position
 from the bounding-box centre.
 """
+from typing import Any
 from collections import deque
 from dataclasses import dataclass
 
@@ -123,7 +124,7 @@ def check(scene: Scene, image: np.ndarray) -> dict:
     by_colour = {}
     for obj in found:  # largest first, so a stray speck does not replace the real object
         by_colour.setdefault(obj.colour, obj)
-    matched = [by_colour.get(o.colour) for o in scene.objects]
+    matched: list[Any] = [by_colour.get(o.colour) for o in scene.objects]
     for i, (want, got) in enumerate(zip(scene.objects, matched)):
         result[f"colour {i + 1}"] = got is not None
         result[f"shape {i + 1}"] = got is not None and got.shape == want.shape

@@ -23,6 +23,7 @@ get_peft_model_state_dict and diffusers' convert_state_dict_to_diffusers (keys `
 `StableDiffusionPipeline.load_lora_weights(file)` loads it. `--kohya FILE` writes the same
 adapter in kohya-ss/A1111 form as well (training/lora_formats.py).
 """
+from typing import Any
 import math
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from training.data import CONCEPT_SHAPES, STYLES, render, sample_concept_scene, 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CONCEPT_FRACTION = 0.5  # share of concept scenes in the concept adapter's pool; the rest: base scenes
-DEFAULTS = {  # per kind: rank, steps, text-encoder part
+DEFAULTS: dict[str, dict[str, Any]] = {  # per kind: rank, steps, text-encoder part
     "concept": {"rank": 8, "steps": 1200, "text_encoder": True},
     "style": {"rank": 8, "steps": 1200, "text_encoder": False},
 }

@@ -16,6 +16,7 @@ each in the region that covers the centre of its box, and calls region r right w
 r's colour is there with r's shape and no object of another region's colour is there. An image is
 right when every region is, the background is, and it holds no other objects.
 """
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,7 @@ class RegionScene:
 
     def request_fields(self) -> dict:
         """The region fields of this scene's request (LdmClient / request_arrays names)."""
-        fields = {"region_prompts": self.region_prompts}
+        fields: dict[str, Any] = {"region_prompts": self.region_prompts}
         if self.layout.divisions is not None:
             fields["region_divisions"] = self.layout.divisions
         else:

@@ -4,6 +4,7 @@ diffusers components, training/regional_generate.py) or through the running serv
 The evaluator is validated on ground-truth renders of every layout first; below 98% the command
 fails. With --require-targets a missed target also fails it.
 """
+from typing import Any
 from pathlib import Path
 
 from training.eval_suite import EVALUATOR_MIN_ACCURACY
@@ -26,6 +27,7 @@ def run(args) -> int:
     if accuracy < EVALUATOR_MIN_ACCURACY:
         print("evaluator not valid: scores would not count")
         return 1
+    generate: Any
     if args.url:
         generate, source = ServiceGenerator(args.url, args.protocol), f"service at {args.url} ({args.protocol})"
     elif args.checkpoint.joinpath("model_index.json").exists():
@@ -76,7 +78,7 @@ def regional_grid(results, modes, path: Path) -> None:
         for mask, obj in zip(masks, scenes[0].objects):
             tint = tint * (1 - 0.6 * mask[..., None]) + 0.6 * mask[..., None] * np.array(OBJECT_COLOURS[obj.colour])
         images.append(tint.round().astype(np.uint8))
-        captions.append(f"{layout.name}: {layout.divisions or layout.mask + ' masks'}")
+        captions.append(f"{layout.name}: {layout.divisions or str(layout.mask) + ' masks'}")
         cells = [(mode, i) for i in range(2) for mode in modes][: COLUMNS - 1]
         for mode, i in cells:
             images.append(results[(layout.name, mode)]["images"][i])

@@ -84,7 +84,6 @@ class RegionalReference:
         return (w * guided).sum(1)
 
     def _attention_step(self, x, t, contexts, uncond, weights, g):
-        count = len(contexts[0])
         cond = torch.stack(contexts)  # [N, K, L, D]
         context = torch.cat([cond, uncond[None, None].expand_as(cond)])
         w = torch.stack(weights)

@@ -57,6 +57,7 @@ def measure(url: str, sampler: str, schedule: str, steps: int, interval=(0.0, 1.
     row = {"sampler": sampler, "sigma_schedule": schedule, "steps": steps, "guidance_interval": list(interval),
            "prompt_accuracy": result["prompt_accuracy"], "images_per_s": prompts / seconds, "prompts": prompts}
     if metrics_url:
+        assert before is not None
         after = settled_counters(metrics_url)
         row["unet_rows_per_image"] = (after["ldm_unet_rows_total"] - before["ldm_unet_rows_total"]) / prompts
         row["rows_saved_per_image"] = (after["ldm_unet_rows_saved_total"] - before["ldm_unet_rows_saved_total"]) / prompts

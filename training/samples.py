@@ -29,7 +29,7 @@ def draw_grid(images, captions, held_out, path: Path) -> None:
     font = ImageFont.load_default(size=10)
     for i, (image, caption, held) in enumerate(zip(images, captions, held_out)):
         x, y = (i % COLUMNS) * CELL, (i // COLUMNS) * (CELL + TEXT_H)
-        sheet.paste(Image.fromarray(image).resize((CELL, CELL), Image.NEAREST), (x, y))
+        sheet.paste(Image.fromarray(image).resize((CELL, CELL), Image.Resampling.NEAREST), (x, y))
         text = ("[held-out] " if held else "") + caption
         colour = HELD_OUT_MARK if held else (0, 0, 0)
         for k, line in enumerate(_wrap(text, CELL - 4, draw, font)[:4]):

@@ -12,6 +12,7 @@ A stage whose expected time (from the UNet timings) no longer fits the time budg
 says so. If tritonserver cannot start here, stage 3 runs the same engine without Triton and says so.
 `--device cpu --small` runs the identical code path on the tiny checkpoint (the CI test).
 """
+from typing import Any
 import argparse
 import json
 import os
@@ -64,7 +65,7 @@ class Report:
         self.path = out / "gpu_bench.json"
         self.started = time.monotonic()
         self.budget_s = budget_s
-        self.data = {"stages": {}, "skipped": []}
+        self.data: dict[str, Any] = {"stages": {}, "skipped": []}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -145,7 +146,7 @@ def unet_ceiling(checkpoint, args, rows_per_level: dict, buckets: tuple) -> dict
 
     options = TorchOptions(device=args.device, buckets=buckets, max_rows=buckets[-1], compile=args.compile)
     models = TorchModels(checkpoint, options, components=("unet",), log=say)
-    out = {"memory_plan": models.memory_plan, "levels": {}}
+    out: dict[str, Any] = {"memory_plan": models.memory_plan, "levels": {}}
     for clients, rows in rows_per_level.items():
         sample, timestep, context = models.native_examples(rows)["unet"]
         sample = np.random.default_rng(0).standard_normal(sample.shape, dtype=np.float32)

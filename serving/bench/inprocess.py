@@ -1,5 +1,6 @@
 """The engine without Triton, behind the client's generate(): what the GPU benchmark measures
 when tritonserver cannot start on a machine, and the serving overhead Triton adds otherwise."""
+from typing import TYPE_CHECKING
 import threading
 
 from tritonclient.utils import InferenceServerException
@@ -18,7 +19,7 @@ class _Waiter:
         self.done = threading.Event()
         self.image = self.error = None
 
-    def progress(self, step, total, preview):
+    def progress(self, step, total, preview, steer_applied=()):
         pass
 
     def finish(self, image, seed):
@@ -72,3 +73,9 @@ class EngineClient:
             code, message = waiter.error
             raise InferenceServerException(message, status=code)
         return waiter.image
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)
+    from serving.core.interfaces import ResultSink
+
+    _checked: type[ResultSink] = _Waiter

@@ -9,6 +9,7 @@
 3. The server at concurrency 16: all plain requests, and mixes with every fourth request
    regional (R = 2, halves) in each mode, on one server, taking turns for several rounds.
 """
+from typing import TYPE_CHECKING
 import json
 from pathlib import Path
 import time
@@ -192,3 +193,9 @@ def run_regional(args, checkpoint, out: Path) -> int:
     (out / "regional.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'regional.json'}")
     return 0
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)
+    from serving.core.interfaces import ResultSink
+
+    _checked: type[ResultSink] = _Sink

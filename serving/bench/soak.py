@@ -15,6 +15,7 @@ stubs' together must stay within +-10% of their values at the end of the warm-up
 the server's ldm_* counters (the change over the run) are compared with the client's own
 counts.
 """
+from typing import Any
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class RequestMaker:
     def make(self, rng: random.Random) -> tuple:
         kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
         side = rng.choice(self.sizes)
-        fields = dict(prompt=rng.choice(PROMPTS), seed=rng.randrange(2**31), steps=rng.randint(1, self.max_steps),
+        fields: dict[str, Any] = dict(prompt=rng.choice(PROMPTS), seed=rng.randrange(2**31), steps=rng.randint(1, self.max_steps),
                       guidance_scale=round(rng.uniform(1.0, 8.0), 2), height=side, width=side)
         if kind == "img2img":
             fields.update(task="img2img", strength=0.6, steps=max(2, fields["steps"]),

@@ -14,6 +14,7 @@ same at the Triton level), so each costs its text-encoder call.
     ldm serve &    # or any gateway
     python -m serving.bench.steer_gateway --url http://127.0.0.1:8080 --out docs/results/bench/steer-gateway.json
 """
+from typing import Any
 import argparse
 import asyncio
 import itertools
@@ -37,7 +38,7 @@ async def one_generation(client, index: int, args) -> dict:
         body["size"] = f"{args.size}x{args.size}"
     async with client.start(body) as live:
         done, last_progress_at, next_at = 0, None, args.first_at
-        pending = None  # the steer in flight: {"sent", "task"; once answered "ack", "done_at_ack", "steer_id"}
+        pending: dict[str, Any] | None = None  # the steer in flight: {"sent", "task"; once answered "ack", "done_at_ack", "steer_id"}
         async for event in live:
             now = time.monotonic()
             if event.name == "generation.progress":
@@ -62,7 +63,7 @@ async def one_generation(client, index: int, args) -> dict:
             if pending is None and len(samples) < args.steers and done >= next_at:
                 pending = {"sent": time.monotonic(), "done_at_send": done}
                 pending["task"] = asyncio.create_task(
-                    _steer(client, live.id, next(NEW_PROMPTS), pending, lambda: done))
+                    _steer(client, live.id, next(NEW_PROMPTS), pending, lambda: done))  # noqa: B023 (read later: the count then)
     return {"samples": samples, "step_s": statistics.median(step_times) if step_times else None}
 
 

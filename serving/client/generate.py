@@ -149,7 +149,9 @@ def run(args) -> int:
         if not callable(status):
             raise
         bar.close()
-        message = exc.message() if callable(getattr(exc, "message", None)) else getattr(exc, "message", exc)
+        message = getattr(exc, "message", exc)
+        if callable(message):
+            message = message()
         print(f"\nerror ({str(status()).removeprefix('StatusCode.')}): {message}", file=sys.stderr)
         return 2
     bar.close()

@@ -31,7 +31,7 @@ class GenerationError(Exception):
         self.param, self.code = error.get("param"), error.get("code")
 
 
-class LiveGeneration:
+class GenerationStream:
     def __init__(self, response: aiohttp.ClientResponse):
         self.response = response
         self.id = response.headers["X-Generation-Id"]
@@ -69,7 +69,7 @@ class GenerationsClient:
         async with self.session.post(f"{self.base_url}/v1/generations", json=body) as response:
             if response.status != 200:
                 raise GenerationError(response.status, await _body(response), response.headers)
-            yield LiveGeneration(response)
+            yield GenerationStream(response)
 
     async def steer(self, generation_id: str, **fields) -> tuple:
         """(the answer's JSON {id, steer_id}, its headers); GenerationError unless 202."""

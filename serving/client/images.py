@@ -20,7 +20,7 @@ Errors raise `ImagesError` with the gRPC code name and, for a bad field, its nam
 from dataclasses import dataclass
 import io
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 from google.rpc import error_details_pb2

@@ -6,11 +6,12 @@ Errors raise tritonclient's InferenceServerException whose status() is the error
 (INVALID_ARG, UNAVAILABLE, CANCELLED, NOT_FOUND, FAILED_PRECONDITION, ...).
 
 Steering (gRPC): run a generation with a `request_id`, and call `steer(request_id, prompt=...)`
-from any thread (or another client of the same server) while it streams; `Generation.steered`
+from any thread (or another client of the same server) while it streams; `GenerationResult.steered`
 lists which step first used each steer.
 """
 from dataclasses import dataclass, field
 import queue
+from typing import Any
 import threading
 
 import numpy as np
@@ -26,7 +27,7 @@ STREAM_MODEL, UNARY_MODEL = "pipeline", "pipeline_unary"
 
 
 @dataclass
-class Generation:
+class GenerationResult:
     image: np.ndarray  # uint8 [H, W, 3]
     seed: int
     progress: list = field(default_factory=list)  # (step, total_steps) per progress response
@@ -38,7 +39,9 @@ def infer_inputs(arrays: dict, module=None) -> list:
     """tritonclient InferInputs (of `module`: tritonclient.grpc by default, or tritonclient.http)
     holding the named arrays."""
     if module is None:
-        import tritonclient.grpc as module
+        import tritonclient.grpc
+
+        module = tritonclient.grpc
     inputs = []
     for name, value in arrays.items():
         tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
@@ -122,7 +125,7 @@ class LdmClient:
         self.unary = unary or protocol == "http"
         self.timeout_s = timeout_s
         self.control_secret = control_secret or ""
-        self._steerer = None  # (client, its stream's responses), opened by the first steer
+        self._steerer: tuple[Any, queue.Queue] | None = None  # (client, its stream's responses), opened by the first steer
         self._steer_lock = threading.Lock()
         if protocol == "grpc":
             import tritonclient.grpc as module
@@ -150,7 +153,7 @@ class LdmClient:
         """uint8 [H, W, 3] image for `prompt`; see request_arrays for the fields."""
         return self.run(prompt, **fields).image
 
-    def run(self, prompt, on_progress=None, request_id=None, **fields) -> Generation:
+    def run(self, prompt, on_progress=None, request_id=None, **fields) -> GenerationResult:
         """request_id (streaming only): the id `steer` names this generation by."""
         arrays = request_arrays(prompt, **fields)
         if self.unary:
@@ -162,7 +165,7 @@ class LdmClient:
             except InferenceServerException as exc:
                 code, message = parse_coded_message(str(exc.message()))
                 raise InferenceServerException(message, status=code or exc.status()) from None
-            return Generation(result.as_numpy("image"), int(result.as_numpy("seed")[0]))
+            return GenerationResult(result.as_numpy("image"), int(result.as_numpy("seed")[0]))
         return self._stream(arrays, on_progress, request_id or "")
 
     def steer(self, generation_id: str, prompt=None, **fields) -> int:
@@ -204,10 +207,10 @@ class LdmClient:
     def _outputs(self, names):
         return [self.module.InferRequestedOutput(n) for n in names]
 
-    def _stream(self, arrays, on_progress, request_id="") -> Generation:
+    def _stream(self, arrays, on_progress, request_id="") -> GenerationResult:
         responses = queue.Queue()
         self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        generation = Generation(None, 0)
+        generation = GenerationResult(None, 0)  # type: ignore[arg-type]  # the final response fills it
         try:
             try:
                 self.client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), request_id=request_id)

@@ -31,7 +31,8 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 
 T = TypeVar("T")
@@ -43,8 +44,9 @@ RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "502", "503", "504"})
 def status_code(error: BaseException) -> str:
     """"UNAVAILABLE" for "StatusCode.UNAVAILABLE" (gRPC transport) and "UNAVAILABLE" (the
     pipeline's coded errors); the exception's class name for errors without a status."""
-    if callable(getattr(error, "status", None)):
-        return str(error.status()).removeprefix("StatusCode.")
+    status = getattr(error, "status", None)
+    if callable(status):
+        return str(status()).removeprefix("StatusCode.")
     return type(error).__name__
 
 

@@ -15,14 +15,16 @@ a conditioning's `inputs` stacks them over its rows, and the runner concatenates
 inputs by name into one denoiser call. An empty negative prompt is the text None: the
 family's unconditional embedding (serving/core/text.py).
 """
+from typing import Any
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from serving.core.interfaces import Array
 from serving.core.sampler import guided_noise
 
 
-def stack(embeddings: list) -> dict:
+def stack(embeddings: list[Any]) -> dict[str, Any]:
     """Embeddings (dicts of per-text values) -> input name -> [len(embeddings), ...]."""
     return {name: np.stack([e[name] for e in embeddings]) for name in embeddings[0]}
 
@@ -34,8 +36,8 @@ def negative_text(text: str) -> str | None:
 
 @dataclass(frozen=True)
 class TextConditioning:
-    cond: dict  # embedding of the prompt
-    uncond: dict | None  # embedding of the negative prompt; None without guidance
+    cond: dict[str, Any]  # embedding of the prompt
+    uncond: dict[str, Any] | None  # embedding of the negative prompt; None without guidance
     guidance_scale: float
     # which network of the job's variant its rows go to (serving/core/job.py `Job.network`)
     network = "base"
@@ -44,7 +46,7 @@ class TextConditioning:
     def rows(self) -> int:
         return 1 if self.uncond is None else 2
 
-    def inputs(self) -> dict:
+    def inputs(self) -> dict[str, Any]:
         """Input name -> [rows, ...]: the conditional row first."""
         return stack([self.cond] if self.uncond is None else [self.cond, self.uncond])
 
@@ -52,11 +54,13 @@ class TextConditioning:
         """The same conditioning without its unconditional row (outside a guidance interval)."""
         return replace(self, uncond=None)
 
-    def combine(self, predictions: np.ndarray) -> np.ndarray:
+    def combine(self, predictions: Array) -> Array:
         """[rows, C, h, w] predictions of this job's rows -> its noise estimate [C, h, w]."""
         if self.uncond is None:
-            return predictions[0]
-        return guided_noise(predictions[1:2], predictions[0:1], np.array([self.guidance_scale]))[0]
+            out: Array = predictions[0]
+            return out
+        out = guided_noise(predictions[1:2], predictions[0:1], np.array([self.guidance_scale]))[0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,8 @@ class TrueCfgConditioning:
     true CFG; where the checkpoint is guidance-distilled every row carries guidance_scale as the
     denoiser's `guidance` input."""
 
-    cond: dict
-    uncond: dict | None  # the negative prompt's embedding with true CFG, else None
+    cond: dict[str, Any]
+    uncond: dict[str, Any] | None  # the negative prompt's embedding with true CFG, else None
     true_cfg_scale: float
     guidance: float | None  # the guidance input of each row; None: the model takes none
     network = "base"
@@ -75,7 +79,7 @@ class TrueCfgConditioning:
     def rows(self) -> int:
         return 1 if self.uncond is None else 2
 
-    def inputs(self) -> dict:
+    def inputs(self) -> dict[str, Any]:
         inputs = stack([self.cond] if self.uncond is None else [self.cond, self.uncond])
         if self.guidance is not None:
             inputs["guidance"] = np.full(self.rows, self.guidance, np.float32)
@@ -84,10 +88,12 @@ class TrueCfgConditioning:
     def unguided(self) -> "TrueCfgConditioning":
         return replace(self, uncond=None)
 
-    def combine(self, predictions: np.ndarray) -> np.ndarray:
+    def combine(self, predictions: Array) -> Array:
         if self.uncond is None:
-            return predictions[0]
-        return guided_noise(predictions[1:2], predictions[0:1], np.array([self.true_cfg_scale]))[0]
+            out: Array = predictions[0]
+            return out
+        out = guided_noise(predictions[1:2], predictions[0:1], np.array([self.true_cfg_scale]))[0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,10 @@ class TrueCfgPrompt:
     def rows(self) -> int:
         return 2 if self.uses_guidance else 1
 
-    def texts(self) -> list:
+    def texts(self) -> list[Any]:
         return [self.prompt, self.negative_prompt] if self.uses_guidance else [self.prompt]
 
-    def build(self, embeddings: list) -> TrueCfgConditioning:
+    def build(self, embeddings: list[Any]) -> TrueCfgConditioning:
         return TrueCfgConditioning(embeddings[0], embeddings[1] if self.uses_guidance else None, self.true_cfg_scale,
                                    self.guidance_scale if self.guidance_input else None)
 
@@ -132,10 +138,10 @@ class TextPrompt:
     def rows(self) -> int:
         return 2 if self.uses_guidance else 1
 
-    def texts(self) -> list:
+    def texts(self) -> list[Any]:
         """The texts to encode, in the order `build` takes their embeddings."""
         return [self.prompt, negative_text(self.negative_prompt)] if self.uses_guidance else [self.prompt]
 
-    def build(self, embeddings: list) -> TextConditioning:
+    def build(self, embeddings: list[Any]) -> TextConditioning:
         uncond = embeddings[1] if self.uses_guidance else None
         return TextConditioning(embeddings[0], uncond, self.guidance_scale)

@@ -3,15 +3,16 @@ them: export/cli.py pipeline_parameters). Imports nothing from Triton.
 
 Every parameter has its type and default here; a malformed value is refused at load naming the
 parameter. The readers take the typed object: the runners (serving/models/assemble.py), the
-scheduler, the request limits of each served model (serving/core/request.py Limits) and the
+scheduler, the request limits of each served model (serving/core/request.py RequestLimits) and the
 regions' limits. Parameters written for other readers (the gateway's `models`, `native_size`,
 `scheduler_config`) are left to them.
 """
+from typing import Any, NoReturn
 from dataclasses import dataclass, fields
 import math
 
 from families.contracts import MAX_REGIONS
-from serving.core.scheduler import SchedulerConfig
+from serving.core.scheduler import BatchingConfig
 
 DEFAULT_BASE_WEIGHT = 0.2  # regions: the base prompt's share of every cell
 REGION_MODES = ("latent", "attention")
@@ -27,9 +28,9 @@ class PipelineConfig:
     cuda_graphs: bool = True
     # batching and shutdown
     step_batching: bool = True
-    max_rows: int = SchedulerConfig.max_rows
-    max_active: int = SchedulerConfig.max_active
-    max_queue: int = SchedulerConfig.max_queue
+    max_rows: int = BatchingConfig.max_rows
+    max_active: int = BatchingConfig.max_active
+    max_queue: int = BatchingConfig.max_queue
     drain_grace_s: float = 120.0  # below the Deployment's terminationGracePeriodSeconds
     # request defaults and limits (per model: sizes default to each checkpoint's)
     default_size: int | None = None
@@ -57,7 +58,7 @@ class PipelineConfig:
     default_region_mode: str = "latent"
 
     @classmethod
-    def parse(cls, params: dict) -> "PipelineConfig":
+    def parse(cls, params: dict[str, Any]) -> "PipelineConfig":
         """From config.pbtxt's string parameters; absent or empty ones take their defaults."""
         values = {}
         for spec in fields(cls):
@@ -69,8 +70,8 @@ class PipelineConfig:
         config._check()
         return config
 
-    def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_rows, self.max_active, self.max_queue, self.step_batching)
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(self.max_rows, self.max_active, self.max_queue, self.step_batching)
 
     def _check(self) -> None:
         if not 0 <= self.drain_grace_s < math.inf:
@@ -83,17 +84,17 @@ class PipelineConfig:
             refuse("max_regions", self.max_regions, "must be at least 1")
 
 
-def config_parameter(params: dict, key: str, cast, default):
+def config_parameter(params: dict[str, Any], key: str, cast: Any, default: Any) -> Any:
     """One parameter of another model's config.pbtxt (the unary front's) as `cast`, or `default`."""
     raw = params.get(key, "")
     return default if raw == "" else _cast(key, str(raw), cast)
 
 
-def refuse(key: str, value, why: str):
+def refuse(key: str, value: Any, why: str) -> NoReturn:
     raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
 
 
-def _cast(name: str, raw: str, kind):
+def _cast(name: str, raw: str, kind: Any) -> Any:
     if kind is bool:
         if raw.lower() not in ("true", "false"):
             refuse(name, raw, "must be true or false")

@@ -14,16 +14,20 @@ prompt, guidance scale, regions, inpainting mask or LoRA adapters (serving/core/
 `STEERABLE`); the next iteration's admission batch encodes the new texts (and a new mask's
 masked image) together with the new jobs' and installs them from the job's next step.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 import threading
 import time
 import traceback
+from typing import Any
 
 from serving.core.errors import CANCELLED, INTERNAL, UNAVAILABLE, ResourceExhausted
 from serving.core.job import Job
 from serving.core.request import InvalidInput
 from serving.core.runner import Runner, guided_conditioning
 from serving.core.scheduler import QueueFull, StepScheduler
+from serving.core.variants import VariantRunners
 from serving.core.steering import GenerationRegistry, plan_pending_steers
 
 SHUTTING_DOWN = "server is shutting down"
@@ -61,16 +65,16 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: Runner, scheduler: StepScheduler, preview=None):
+    def __init__(self, runner: Runner | VariantRunners, scheduler: StepScheduler, preview: Any = None) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.preview = preview  # callable(pred_x0 [C,h,w], model name) -> uint8 image or None; or None
-        self.active: list = []
+        self.active: list[Any] = []
         self.stats = EngineStats()
         self.registry = GenerationRegistry()  # jobs by request id, for steers
         self._lock = threading.Condition()
         self._accepting = True
-        self._drain_until = None  # time.monotonic() when the drain's grace ends; None: not draining
+        self._drain_until: float | None = None  # time.monotonic() when the drain's grace ends; None: not draining
         self._thread = threading.Thread(target=self._loop, name="ldm-engine", daemon=True)
 
     def start(self) -> "Engine":
@@ -101,7 +105,7 @@ class Engine:
             self.stats.queued = len(self.scheduler.waiting)
             self._lock.notify()
 
-    def steer(self, request_id: str, steer, check) -> int:
+    def steer(self, request_id: str, steer: Callable[[Any], Any], check: Callable[[Job, Any], None]) -> int:
         """Accepts a steer of the queued or running job named `request_id`: its request becomes
         `steer(request)` (serving/core/steering.py `parse_steer`) at once, so a later steer
         builds on it; `steer` and `check(job, steered_request)` validate it (raise InvalidInput).
@@ -116,7 +120,8 @@ class Engine:
             job.pending_steers.append(job.steers)
             self.stats.steers += 1
             self._lock.notify()
-            return job.steers
+            steers: int = job.steers
+            return steers
 
     def stop(self, grace_s: float = 0.0, join_timeout_s: float = 10.0) -> bool:
         """Drains, then stops the worker. At once `submit` raises ShuttingDown (the caller
@@ -160,8 +165,11 @@ class Engine:
             except Exception as exc:  # a failed text-encoder (or VAE-encoder) call fails these jobs, not the server
                 traceback.print_exc()
                 steering = set(map(id, steered))
-                self._retire(admitted + steered, lambda job: self._fail_by_model(
-                    job, "text encoding of a steer failed" if id(job) in steering else "text encoding failed", exc))
+                def fail(job: Job, exc: Exception = exc) -> None:
+                    self._fail_by_model(
+                        job, "text encoding of a steer failed" if id(job) in steering else "text encoding failed", exc)
+
+                self._retire(admitted + steered, fail)
         for job in self.active:  # the conditioning of each job's next step (a switch is an assignment)
             job.conditioning = guided_conditioning(job)
         self.stats.active = len(self.active)
@@ -174,7 +182,7 @@ class Engine:
             self.runner.step(chosen)
         except Exception as exc:
             traceback.print_exc()
-            self._retire(chosen, lambda job: self._fail_by_model(job, "denoising step failed", exc))
+            self._retire(chosen, partial(self._fail_by_model, what="denoising step failed", exc=exc))
             return True
         self.stats.on_step(sum(j.rows for j in chosen), time.perf_counter() - started)
         self.stats.rows_saved += saved
@@ -184,7 +192,7 @@ class Engine:
             self._finish(finished)
         return True
 
-    def _finish(self, jobs: list) -> None:
+    def _finish(self, jobs: list[Any]) -> None:
         self._retire(jobs, lambda job: None)  # out of the active set before anything can raise
         try:
             images = self.runner.decode(jobs)
@@ -204,7 +212,7 @@ class Engine:
                 continue
             self.stats.completed += 1
 
-    def _report_progress(self, jobs: list) -> None:
+    def _report_progress(self, jobs: list[Any]) -> None:
         """Progress and previews as each request asked, and always for a step that first used
         a steer (even the last: its report comes before the image)."""
         broken = []
@@ -223,10 +231,10 @@ class Engine:
                 except Exception as exc:  # this job's stream broke, or its preview: it alone ends
                     traceback.print_exc()
                     broken.append((job, exc))
-        for job, exc in broken:
-            self._retire([job], lambda j: self._answer(j, INTERNAL, f"progress report failed: {exc}", failed=True))
+        for job, error in broken:
+            self._retire([job], partial(self._answer, code=INTERNAL, message=f"progress report failed: {error}", failed=True))
 
-    def _retire(self, jobs: list, action) -> None:
+    def _retire(self, jobs: list[Any], action: Callable[[Job], None]) -> None:
         gone = set(map(id, jobs))
         self.active = [j for j in self.active if id(j) not in gone]
         self._release(jobs)
@@ -237,7 +245,7 @@ class Engine:
             action(job)
         self.stats.active = len(self.active)
 
-    def _release(self, jobs: list) -> None:
+    def _release(self, jobs: list[Any]) -> None:
         """What admission took for the jobs (their LoRA adapters' residency), given back once."""
         release = getattr(self.runner, "release", None)  # test runners may hold nothing
         if release is not None:
@@ -247,7 +255,7 @@ class Engine:
                 traceback.print_exc()
 
     def _drop_ended_waiting(self) -> None:
-        reasons = {}
+        reasons: dict[int, str | None] = {}
         for job in self.scheduler.remove_waiting(lambda j: reasons.setdefault(id(j), _ended(j)) is not None):
             self._end(job, reasons[id(job)])
 
@@ -257,7 +265,7 @@ class Engine:
             reasons = {id(j): reason for j, reason in ended}
             self._retire([j for j, _ in ended], lambda job: self._end(job, reasons[id(job)]))
 
-    def _end(self, job: Job, reason: str) -> None:
+    def _end(self, job: Job, reason: str | None) -> None:
         if reason == CANCELLED:
             self.stats.cancelled += 1
             self._answer(job, CANCELLED, "request was cancelled")
@@ -291,7 +299,7 @@ class Engine:
             self.stats.queued = 0
         for job in waiting:
             self._answer(job, UNAVAILABLE, SHUTTING_DOWN)
-        while self.active and time.monotonic() < self._drain_until:
+        while self.active and self._drain_until is not None and time.monotonic() < self._drain_until:
             try:
                 self.run_iteration()
             except Exception:
@@ -324,7 +332,7 @@ class Engine:
         self._drain()
 
 
-def _ended(job: Job):
+def _ended(job: Job) -> str | None:
     """CANCELLED or UNAVAILABLE (deadline) when the job must leave now, else None."""
     try:
         if job.sink.cancelled():

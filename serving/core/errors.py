@@ -27,7 +27,7 @@ def coded_message(code: str, message: str) -> str:
     return f"[{code}] {message}"
 
 
-def parse_coded_message(text: str) -> tuple:
+def parse_coded_message(text: str) -> tuple[str | None, str]:
     """(code, message) from `coded_message` text; code is None for other text."""
     if text.startswith("[") and "] " in text:
         code, message = text[1:].split("] ", 1)

@@ -12,7 +12,10 @@ Each fault fires once, on the N-th call (counted from 1 over every UNet variant 
                           broke at the last step)
 Never set in production: it exists to be tested against.
 """
+from typing import TYPE_CHECKING
 import threading
+
+from serving.core.interfaces import Array, ResultSink, RunnerModels
 
 FAULTS_ENV = "LDM_FAULTS"
 KINDS = ("text", "unet", "vae", "finish")
@@ -33,7 +36,7 @@ class FaultPlan:
                 raise ValueError(f"{FAULTS_ENV}: {item!r} is not <kind>_raise_at_call=N with kind in {KINDS}, N >= 1")
             self.at[kind] = int(value)
         self.calls = dict.fromkeys(KINDS, 0)
-        self.fired = []  # (kind, call) in order
+        self.fired: list[tuple[str, int]] = []  # (kind, call) in order
         self._lock = threading.Lock()
 
     def tick(self, kind: str) -> None:
@@ -47,53 +50,57 @@ class FaultPlan:
         print(f"{FAULTS_ENV}: injecting {kind} fault at call {call}", flush=True)
         raise InjectedFault(f"injected fault: {kind} call {call}")
 
-    def models(self, models):
+    def models(self, models: RunnerModels) -> "FaultyModels":
         return FaultyModels(models, self)
 
-    def sink(self, sink):
+    def sink(self, sink: ResultSink) -> ResultSink:
         return FaultySink(sink, self) if "finish" in self.at else sink
 
 
 class FaultyModels:
     """A runner's models object (serving/core/runner.py) whose calls tick the plan first."""
 
-    def __init__(self, models, plan: FaultPlan):
+    def __init__(self, models: RunnerModels, plan: FaultPlan):
         self.inner, self.plan = models, plan
-        self.row_cap = getattr(models, "row_cap", None)
+        self.row_cap: int | None = getattr(models, "row_cap", None)
 
-    def encode_text(self, *ids, **more_ids):
+    def encode_text(self, input_ids: Array, **more_ids: Array) -> dict[str, Array]:
         self.plan.tick("text")
-        return self.inner.encode_text(*ids, **more_ids)
+        return self.inner.encode_text(input_ids, **more_ids)
 
-    def unet(self, *args, **kwargs):
+    def unet(self, sample: Array, timestep: Array, encoder_hidden_states: Array, **per_row: Array) -> Array:
         self.plan.tick("unet")
-        return self.inner.unet(*args, **kwargs)
+        return self.inner.unet(sample, timestep, encoder_hidden_states, **per_row)
 
-    def regional_unet(self, *args, **kwargs):
+    def regional_unet(self, sample: Array, timestep: Array, encoder_hidden_states: Array, **per_row: Array) -> Array:
         self.plan.tick("unet")
-        return self.inner.regional_unet(*args, **kwargs)
+        return self.inner.regional_unet(sample, timestep, encoder_hidden_states, **per_row)
 
-    def decode(self, latents):
+    def decode(self, latents: Array) -> Array:
         self.plan.tick("vae")
         return self.inner.decode(latents)
 
-    def encode_image(self, images):
+    def encode_image(self, images: Array) -> tuple[Array, Array]:
         return self.inner.encode_image(images)
 
 
 class FaultySink:
-    def __init__(self, sink, plan: FaultPlan):
+    def __init__(self, sink: ResultSink, plan: FaultPlan):
         self.inner, self.plan = sink, plan
 
-    def progress(self, step, total, preview, steer_applied=()):
+    def progress(self, step: int, total: int, preview: Array | None, steer_applied: tuple[int, ...] = ()) -> None:
         self.inner.progress(step, total, preview, steer_applied)
 
-    def finish(self, image, seed):
+    def finish(self, image: Array, seed: int) -> None:
         self.plan.tick("finish")
         self.inner.finish(image, seed)
 
-    def fail(self, code, message):
+    def fail(self, code: str, message: str) -> None:
         self.inner.fail(code, message)
 
-    def cancelled(self):
+    def cancelled(self) -> bool:
         return self.inner.cancelled()
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)
+    _checked: tuple[type[RunnerModels], type[ResultSink]] = (FaultyModels, FaultySink)

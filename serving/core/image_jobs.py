@@ -24,9 +24,11 @@ pixel (torch's nearest interpolation, which diffusers uses).
 """
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import numpy as np
 
+from serving.core.interfaces import Array
 from serving.core.sampler import DDIMSchedule, image_noise_generator
 
 
@@ -35,11 +37,11 @@ class LatentBlend:
     """Latent-blend inpainting's per-step hook: keep the init latents (noised to the step)
     outside the mask."""
 
-    init_latents: np.ndarray  # [C, h, w]
-    noise: np.ndarray  # the job's x_T
-    mask: np.ndarray  # float32 [1, h, w], 1 = repaint
+    init_latents: Any  # [C, h, w]
+    noise: Array  # the job's x_T
+    mask: Any  # float32 [1, h, w], 1 = repaint (None until _inpaint_conditioning sets it)
 
-    def apply(self, job) -> None:
+    def apply(self, job: Any) -> None:
         run = job.sampler_run  # noised to the next step's level (clean after the last step)
         kept = run.sampler.add_noise(run, self.init_latents, self.noise, run.begin + job.index)
         job.latents = ((1 - self.mask) * kept + self.mask * job.latents).astype(np.float32)
@@ -50,25 +52,26 @@ class ImageConditioning:
     """A job's image conditioning: extra UNet input channels for each of its rows, a per-step
     latent edit, and the paste-back of the input's pixels."""
 
-    channels: np.ndarray | None = None  # [C_extra, h, w] after the latents of each row (inpaint, upscale UNets)
-    row_inputs: dict = field(default_factory=dict)  # further UNet inputs per row: the upscaler's class_labels
+    channels: Array | None = None  # [C_extra, h, w] after the latents of each row (inpaint, upscale UNets)
+    row_inputs: dict[str, Any] = field(default_factory=dict)  # further UNet inputs per row: the upscaler's class_labels
     blend: LatentBlend | None = None  # inpaint with the base UNet
-    paste_mask: np.ndarray | None = None  # float32 [H, W], 1 = generated; where 0 the output is the input
-    init_image: np.ndarray | None = None  # uint8 [H, W, 3], for the paste-back
+    paste_mask: Array | None = None  # float32 [H, W], 1 = generated; where 0 the output is the input
+    init_image: Array | None = None  # uint8 [H, W, 3], for the paste-back
     source: object = None  # the request's ImageInput it was made from (a mask steer replaces that)
 
-    def after_step(self, job) -> None:
+    def after_step(self, job: Any) -> None:
         if self.blend is not None:
             self.blend.apply(job)
 
-    def finish(self, image: np.ndarray) -> np.ndarray:
+    def finish(self, image: Array) -> Array:
         if self.paste_mask is None:
             return image
         weight = self.paste_mask[..., None]
-        return np.round(weight * image + (1 - weight) * self.init_image.astype(np.float32)).astype(np.uint8)
+        assert self.init_image is not None  # set with paste_mask
+        return cast(Array, np.round(weight * image + (1 - weight) * self.init_image.astype(np.float32)).astype(np.uint8))
 
 
-def admit_image_jobs(jobs: list, noises: dict, encode_image, layout: str, vae_factor: int,
+def admit_image_jobs(jobs: list[Any], noises: dict[int, Any], encode_image: Any, layout: str, vae_factor: int,
                      low_res_schedule: DDIMSchedule | None = None, max_batch: int | None = None) -> None:
     """Sets the starting latents and image conditioning of image-conditioned jobs whose sampler
     run (its strength's share of the schedule) and starting latents from noise are already set;
@@ -96,7 +99,7 @@ def admit_image_jobs(jobs: list, noises: dict, encode_image, layout: str, vae_fa
             job.image_conditioning = _inpaint_conditioning(image, vae_factor, blend=LatentBlend(init, noise, None))
 
 
-def steer_masks(jobs: list, encode_image, layout: str, vae_factor: int, max_batch: int | None = None) -> None:
+def steer_masks(jobs: list[Any], encode_image: Any, layout: str, vae_factor: int, max_batch: int | None = None) -> None:
     """Gives inpainting jobs whose mask a steer changed (the image input of the request their
     plan was made from, job.planned, is no longer their conditioning's source) the image
     conditioning of that mask, from their next step. Their
@@ -113,12 +116,12 @@ def steer_masks(jobs: list, encode_image, layout: str, vae_factor: int, max_batc
         job.image_conditioning = _inpaint_conditioning(job.planned.image, vae_factor, masked_latents=masked)
 
 
-def _posterior(encoded: list, rng: np.random.Generator) -> list:
+def _posterior(encoded: list[Any], rng: np.random.Generator) -> list[Any]:
     """Samples of the VAE posteriors [(mean, std)] of a job's images, in order, from its image stream."""
     return [mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for mean, std in encoded]
 
 
-def _inpaint_conditioning(image, vae_factor: int, masked_latents: np.ndarray | None = None,
+def _inpaint_conditioning(image: Any, vae_factor: int, masked_latents: Array | None = None,
                           blend: LatentBlend | None = None) -> ImageConditioning:
     """Inpainting's conditioning for `image`'s mask: with `masked_latents`, the 9-channel UNet's
     channels (mask at latent size, masked-image latents); else latent blending with `blend`'s
@@ -128,6 +131,7 @@ def _inpaint_conditioning(image, vae_factor: int, masked_latents: np.ndarray | N
     if masked_latents is not None:
         conditioning.channels = np.concatenate([mask, masked_latents])
     else:
+        assert blend is not None  # one of the two is given
         conditioning.blend = replace(blend, mask=mask)
     if image.keep_unmasked:
         conditioning.paste_mask = gaussian_blur(image.mask.astype(np.float32), image.mask_blur)
@@ -135,12 +139,13 @@ def _inpaint_conditioning(image, vae_factor: int, masked_latents: np.ndarray | N
     return conditioning
 
 
-def _needs_init_latents(image, layout: str) -> bool:
+def _needs_init_latents(image: Any, layout: str) -> bool:
     # the 9-channel UNet sees the masked image; the init latents only start a partial schedule
-    return image.task in ("img2img", "inpaint") and (layout != "inpaint" or image.strength < 1.0)
+    needs: bool = image.task in ("img2img", "inpaint") and (layout != "inpaint" or image.strength < 1.0)
+    return needs
 
 
-def _images_to_encode(image, layout: str) -> list:
+def _images_to_encode(image: Any, layout: str) -> list[Any]:
     """float32 [H, W, 3] images in [0, 1], in the order their posterior samples are drawn."""
     pixels = image.init_image.astype(np.float32) / 255
     out = [pixels] if _needs_init_latents(image, layout) else []
@@ -150,15 +155,15 @@ def _images_to_encode(image, layout: str) -> list:
     return out
 
 
-def _encode(jobs: list, encode_image, layout: str, max_batch: int | None) -> dict:
+def _encode(jobs: list[Any], encode_image: Any, layout: str, max_batch: int | None) -> dict[int, list[Any]]:
     """{id(job): [(mean, std) per image it needs]}, from one encoder call per image size (more
     when they exceed the encoder's max batch)."""
     wanted = {id(job): _images_to_encode(job.planned.image, layout) for job in jobs}
-    by_shape = defaultdict(list)
+    by_shape: defaultdict[tuple[Any, ...], list[Any]] = defaultdict(list)
     for key, images in wanted.items():
         for k, pixels in enumerate(images):
             by_shape[pixels.shape].append((key, k, pixels))
-    out = {key: [None] * len(images) for key, images in wanted.items()}
+    out: dict[int, list[Any]] = {key: [None] * len(images) for key, images in wanted.items()}
     for group in by_shape.values():
         size = max_batch or len(group)
         for start in range(0, len(group), size):
@@ -169,14 +174,15 @@ def _encode(jobs: list, encode_image, layout: str, max_batch: int | None) -> dic
     return out
 
 
-def _upscale_conditioning(image, rng: np.random.Generator, low_res_schedule: DDIMSchedule) -> ImageConditioning:
+def _upscale_conditioning(image: Any, rng: np.random.Generator, low_res_schedule: DDIMSchedule | None) -> ImageConditioning:
+    assert low_res_schedule is not None  # an upscale variant's runner has one
     low_res = image.init_image.astype(np.float32).transpose(2, 0, 1) / 255 * 2 - 1
     noise = rng.standard_normal(low_res.shape, dtype=np.float32)
     return ImageConditioning(channels=low_res_schedule.add_noise(low_res, noise, image.noise_level),
                              row_inputs={"class_labels": np.int64(image.noise_level)})
 
 
-def gaussian_blur(mask: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_blur(mask: Array, sigma: float) -> Array:
     """float32 [H, W] blurred by a Gaussian of `sigma` pixels truncated at 3 sigma (edges
     replicated); sigma 0 returns the mask. Far from the mask the result is exactly 0."""
     if sigma <= 0:

@@ -11,6 +11,7 @@ blur (sigma in pixels) of the thresholded mask used when the original pixels are
 (`keep_unmasked`): pixels the blurred mask does not reach are the input's, exactly.
 """
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from families import FAMILIES
 # InvalidInput and the field readers; request.py imports this module in turn (module imports
 # keep the cycle safe in either import order)
 from serving.core import request as fields
+from serving.core.interfaces import Array
 from serving.core.variants import TASKS, VARIANT_NAMES, variant_for
 
 IMAGE_FIELDS = ("init_image", "mask", "strength", "mask_blur", "keep_unmasked", "noise_level")
@@ -38,16 +40,16 @@ DEFAULT_NOISE_LEVEL = 20  # StableDiffusionUpscalePipeline's
 class ImageInput:
     task: str  # img2img, inpaint or upscale
     variant: str  # the UNet variant the task runs on (serving/core/variants.py)
-    init_image: np.ndarray  # uint8 [H, W, 3]
-    mask: np.ndarray | None  # inpaint: bool [H, W], True = repaint
+    init_image: Array  # uint8 [H, W, 3]
+    mask: Array | None  # inpaint: bool [H, W], True = repaint
     strength: float  # img2img, inpaint: the share of the schedule that is denoised
     mask_blur: int  # inpaint: sigma of the paste-back mask's blur, pixels
     keep_unmasked: bool  # inpaint: paste the input back outside the (blurred) mask
     noise_level: int  # upscale: noise added to the low-res input, passed as the UNet's class label
-    output_size: tuple  # (height, width) of the result
+    output_size: tuple[Any, ...]  # (height, width) of the result
 
 
-def parse_image_input(inputs: dict, limits, steps: int) -> ImageInput | None:
+def parse_image_input(inputs: dict[str, Any], limits: Any, steps: int) -> ImageInput | None:
     """The image part of a request, or None for text-to-image; `limits.variants` says which
     tasks this server can run."""
     given = [n for n in IMAGE_FIELDS if inputs.get(n) is not None]
@@ -82,7 +84,7 @@ def parse_image_input(inputs: dict, limits, steps: int) -> ImageInput | None:
     )
 
 
-def steered_mask(image: ImageInput | None, inputs: dict) -> ImageInput:
+def steered_mask(image: ImageInput | None, inputs: dict[str, Any]) -> ImageInput:
     """An inpainting request's image input with the steer's `mask` (checked as a request's)."""
     if image is None or image.task != "inpaint":
         raise fields.InvalidInput("mask", f"can be steered in an inpainting generation only; this one is "
@@ -90,7 +92,7 @@ def steered_mask(image: ImageInput | None, inputs: dict) -> ImageInput:
     return replace(image, mask=_mask(inputs, image.init_image))
 
 
-def output_side(inputs: dict, name: str, image: ImageInput) -> int:
+def output_side(inputs: dict[str, Any], name: str, image: ImageInput) -> int:
     """`height` or `width` of an image-conditioned request: the image's (4x for the x4 upscaler);
     a value given must agree."""
     expected = image.output_size[0 if name == "height" else 1]
@@ -98,10 +100,11 @@ def output_side(inputs: dict, name: str, image: ImageInput) -> int:
     if value != expected:
         source = "4 x init_image's" if image.task == "upscale" else "init_image's"
         raise fields.InvalidInput(name, f"must be {expected} ({source} {name}) or be omitted, got {value}")
-    return value
+    size: int = value
+    return size
 
 
-def _task(inputs: dict, given: list) -> str:
+def _task(inputs: dict[str, Any], given: list[Any]) -> str:
     task = fields._text(inputs, "task", required=False)
     if task:
         if task not in TASKS:
@@ -114,7 +117,7 @@ def _task(inputs: dict, given: list) -> str:
     return "txt2img"
 
 
-def _init_image(inputs: dict, task: str, spec) -> np.ndarray:
+def _init_image(inputs: dict[str, Any], task: str, spec: Any) -> Array:
     value = inputs.get("init_image")
     if value is None:
         raise fields.InvalidInput("init_image", f"is required for task {task}")
@@ -132,7 +135,7 @@ def _init_image(inputs: dict, task: str, spec) -> np.ndarray:
     return image
 
 
-def _mask(inputs: dict, image: np.ndarray) -> np.ndarray:
+def _mask(inputs: dict[str, Any], image: Array) -> Array:
     value = inputs.get("mask")
     if value is None:
         raise fields.InvalidInput("mask", "is required for task inpaint")
@@ -142,7 +145,7 @@ def _mask(inputs: dict, image: np.ndarray) -> np.ndarray:
     return mask >= MASK_THRESHOLD
 
 
-def _strength(inputs: dict, task: str, steps: int, family: str) -> float:
+def _strength(inputs: dict[str, Any], task: str, steps: int, family: str) -> float:
     value = fields._scalar(inputs, "strength")
     if value is None:
         value = DEFAULT_STRENGTH[task]
@@ -156,7 +159,7 @@ def _strength(inputs: dict, task: str, steps: int, family: str) -> float:
     return strength
 
 
-def _boolean(inputs: dict, name: str, default: bool) -> bool:
+def _boolean(inputs: dict[str, Any], name: str, default: bool) -> bool:
     value = fields._scalar(inputs, name)
     if value is None:
         return default
@@ -165,5 +168,5 @@ def _boolean(inputs: dict, name: str, default: bool) -> bool:
     return bool(value)
 
 
-def _describe(array: np.ndarray) -> str:
+def _describe(array: Array) -> str:
     return f"{array.dtype} {list(array.shape)}"

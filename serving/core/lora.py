@@ -14,6 +14,7 @@ changes), so a call pays for the adapters it runs; its scales are one row per de
 weight of each of the row's adapters over that adapter's columns, 0 elsewhere, so a row without
 adapters adds exactly 0 (a call without adapters gets one zero column).
 """
+from typing import Any
 from collections import OrderedDict
 from dataclasses import dataclass
 import math
@@ -22,6 +23,7 @@ import threading
 import numpy as np
 
 from serving.core.errors import ResourceExhausted
+from serving.core.interfaces import Array
 
 MAX_WEIGHT = 4.0
 DEFAULT_MAX_PER_REQUEST = 4
@@ -45,15 +47,15 @@ class LoraRefused(ValueError):
 class Bank:
     """The resident adapters' matrices: layer -> (A [in, K], B [K, out]); columns: name -> (start, stop)."""
 
-    layers: dict
-    columns: dict
+    layers: dict[str, Any]
+    columns: dict[str, Any]
     width: int  # K: at least 1 (a zero column) so every graph input keeps its shape rank
 
 
 class LoraRegistry:
-    def __init__(self, read, layer_shapes: dict, text_layer_shapes: dict | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    def __init__(self, read: Any, layer_shapes: dict[str, Any], text_layer_shapes: dict[str, Any] | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
                  max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20,
-                 max_columns: int = DEFAULT_MAX_COLUMNS):
+                 max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
         """read(path, name) -> serving.models.adapters.Adapter; layer_shapes, text_layer_shapes: the
         served denoiser's and text encoder's adapted layers {name: (in, out)} (the banks' rows and
         columns; no text layers: adapters with text-encoder parts are refused)."""
@@ -64,13 +66,13 @@ class LoraRegistry:
         self.max_per_request = max_per_request
         self.max_file_bytes = max_file_bytes
         self.max_columns = max_columns  # the bank's width limit (the torch runner's fixed bank)
-        self.files = {}  # name -> path: every registered adapter
-        self.resident = OrderedDict()  # name -> Adapter, least recently used first
-        self.holds = {}  # name -> jobs holding it
-        self._banks = {}  # (part, adapter names) -> Bank: the calls' banks, until the resident set changes
+        self.files: dict[str, Any] = {}  # name -> path: every registered adapter
+        self.resident: OrderedDict[str, Any] = OrderedDict()  # name -> Adapter, least recently used first
+        self.holds: dict[str, int] = {}  # name -> jobs holding it
+        self._banks: dict[tuple[str, tuple[str, ...]], Bank] = {}  # (part, adapter names) -> Bank: the calls' banks, until the resident set changes
         self._lock = threading.Lock()  # registration (control calls) against the engine's reads
 
-    def register(self, name: str, path) -> bool:
+    def register(self, name: str, path: Any) -> bool:
         """Registers (or replaces) an adapter file; False (nothing done) when replacing one a job holds."""
         with self._lock:
             if self.holds.get(name):
@@ -90,10 +92,10 @@ class LoraRegistry:
                 self._banks.clear()
             return True
 
-    def names(self) -> list:
+    def names(self) -> list[Any]:
         return sorted(self.files)
 
-    def check(self, loras: tuple) -> None:
+    def check(self, loras: tuple[Any, ...]) -> None:
         """Refuses an adapter set a request may not use, naming the field."""
         if len(loras) > self.max_per_request:
             raise LoraRefused("loras", f"names {len(loras)} adapters; at most {self.max_per_request} per request")
@@ -108,7 +110,7 @@ class LoraRegistry:
             if not (math.isfinite(weight) and -MAX_WEIGHT <= weight <= MAX_WEIGHT):
                 raise LoraRefused(f"loras[{i}].weight", f"must be a finite number in [{-MAX_WEIGHT}, {MAX_WEIGHT}], got {weight}")
 
-    def hold(self, loras: tuple) -> None:
+    def hold(self, loras: tuple[Any, ...]) -> None:
         """A job starts using its adapters: they are made resident and cannot be evicted until `release`."""
         with self._lock:
             for name, _ in loras:
@@ -121,12 +123,12 @@ class LoraRegistry:
                     self.holds[name] -= 1
                 raise
 
-    def release(self, loras: tuple) -> None:
+    def release(self, loras: tuple[Any, ...]) -> None:
         with self._lock:
             for name, _ in loras:
                 self.holds[name] -= 1
 
-    def bank(self, loras_per_row: list | None = None, part: str = "denoiser") -> Bank:
+    def bank(self, loras_per_row: list[Any] | None = None, part: str = "denoiser") -> Bank:
         """The bank of a call: the columns of the adapters its rows use (all resident ones when
         None), so a call pays for the adapters it runs, not for every resident one; cached per set."""
         with self._lock:
@@ -137,14 +139,14 @@ class LoraRegistry:
                 self._banks[key] = self._build(self.layer_shapes if part == "denoiser" else self.text_layer_shapes, part, names)
             return self._banks[key]
 
-    def text_bank(self, loras_per_row: list | None = None) -> Bank:
+    def text_bank(self, loras_per_row: list[Any] | None = None) -> Bank:
         return self.bank(loras_per_row, "text")
 
-    def text_part(self, loras: tuple) -> tuple:
+    def text_part(self, loras: tuple[Any, ...]) -> tuple[Any, ...]:
         """The adapters of a set that change the text encoder (the text cache's key part)."""
         return tuple((name, weight) for name, weight in loras if self.resident[name].text)
 
-    def scales(self, loras_per_row: list, bank: Bank) -> np.ndarray:
+    def scales(self, loras_per_row: list[Any], bank: Bank) -> Array:
         """[rows, K]: each row's adapter weights over their columns of `bank` (the call's)."""
         out = np.zeros((len(loras_per_row), bank.width), np.float32)
         for row, loras in enumerate(loras_per_row):
@@ -174,7 +176,7 @@ class LoraRegistry:
         self.resident[name] = adapter
         self._banks.clear()
 
-    def _build(self, shapes: dict, part: str, names: tuple) -> Bank:
+    def _build(self, shapes: dict[str, Any], part: str, names: tuple[Any, ...]) -> Bank:
         used = {name: self.resident[name] for name in names}
         columns, start = {}, 0
         for name, adapter in used.items():

@@ -3,6 +3,8 @@
 The Triton model copies EngineStats into python-backend custom metrics (they appear on Triton's
 metrics port next to its own nv_* metrics). Counters go up by the change since the last copy."""
 
+from typing import Any
+
 # (metric name, EngineStats attribute, kind, help)
 METRICS = (
     ("ldm_queue_length", "queued", "gauge", "requests waiting for admission"),
@@ -26,11 +28,11 @@ METRICS = (
 class MetricsExporter:
     """Copies stats into metric objects made by `make(name, help, kind) -> object with set/increment`."""
 
-    def __init__(self, make):
+    def __init__(self, make: Any) -> None:
         self.metrics = {name: (attr, kind, make(name, help_text, kind)) for name, attr, kind, help_text in METRICS}
         self.exported = {name: 0 for name in self.metrics}
 
-    def update(self, stats) -> None:
+    def update(self, stats: Any) -> None:
         for name, (attr, kind, metric) in self.metrics.items():
             value = getattr(stats, attr)
             if kind == "gauge":

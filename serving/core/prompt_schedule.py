@@ -26,6 +26,7 @@ would otherwise make one text per step.
 from dataclasses import dataclass
 import math
 import re
+from typing import Any
 
 from serving.core.request import InvalidInput
 
@@ -46,10 +47,11 @@ class _Edit:
 
 @dataclass(frozen=True)
 class _Alternation:
-    options: tuple
+    options: tuple[Any, ...]
 
     def text(self, step: int) -> str:
-        return self.options[step % len(self.options)]
+        out: str = self.options[step % len(self.options)]
+        return out
 
 
 class _SyntaxError(Exception):
@@ -57,7 +59,7 @@ class _SyntaxError(Exception):
         super().__init__(f"prompt schedule syntax: {what} at position {position}")
 
 
-def schedule(text: str, steps: int, field: str = "prompt") -> list:
+def schedule(text: str, steps: int, field: str = "prompt") -> list[Any]:
     """[(from_step, text)]: the text each run of steps uses, from step 0, consecutive texts
     distinct. Raises InvalidInput(field, "prompt schedule syntax: <what> at position N")."""
     if not any(c in text for c in "[]\\"):
@@ -66,7 +68,7 @@ def schedule(text: str, steps: int, field: str = "prompt") -> list:
         parts = _parse(text, steps)
     except _SyntaxError as exc:
         raise InvalidInput(field, str(exc)) from None
-    out = []
+    out: list[tuple[int, str]] = []
     for step in range(steps):
         current = "".join(p if isinstance(p, str) else p.text(step) for p in parts)
         if not out or out[-1][1] != current:
@@ -78,18 +80,19 @@ def schedule(text: str, steps: int, field: str = "prompt") -> list:
     return out
 
 
-def joint_schedule(prompt: str, negative_prompt: str, steps: int) -> list:
+def joint_schedule(prompt: str, negative_prompt: str, steps: int) -> list[Any]:
     """[(from_step, prompt text, negative prompt text)]: both fields' schedules merged."""
     positive, negative = schedule(prompt, steps, "prompt"), schedule(negative_prompt, steps, "negative_prompt")
     starts = sorted({s for s, _ in positive} | {s for s, _ in negative})
     return [(s, _text_at(positive, s), _text_at(negative, s)) for s in starts]
 
 
-def _text_at(entries: list, step: int) -> str:
-    return [text for start, text in entries if start <= step][-1]
+def _text_at(entries: list[Any], step: int) -> str:
+    out: str = [text for start, text in entries if start <= step][-1]
+    return out
 
 
-def _parse(text: str, steps: int) -> list:
+def _parse(text: str, steps: int) -> list[Any]:
     """Plain strings, _Edit and _Alternation parts, in order."""
     parts, plain = [], []
     i = 0
@@ -112,9 +115,11 @@ def _parse(text: str, steps: int) -> list:
     return [p for p in parts if p != ""]
 
 
-def _bracket(text: str, opening: int, steps: int) -> tuple:
+def _bracket(text: str, opening: int, steps: int) -> tuple[Any, ...]:
     """The part of the bracket opened at `opening`, and the index after its `]`."""
-    pieces, starts, separators = [[]], [opening + 1], []  # separators: (character, position)
+    pieces: list[list[str]] = [[]]
+    starts = [opening + 1]
+    separators: list[tuple[str, int]] = []  # (character, position)
     i = opening + 1
     while i < len(text):
         c = text[i]
@@ -136,7 +141,7 @@ def _bracket(text: str, opening: int, steps: int) -> tuple:
     raise _SyntaxError("'[' is never closed", opening)
 
 
-def _bracket_part(pieces: list, separators: list, opening: int, steps: int):
+def _bracket_part(pieces: list[Any], separators: list[tuple[str, int]], opening: int, steps: int) -> Any:
     if not separators:
         raise _SyntaxError("brackets need ':' (prompt editing) or '|' (alternation); [word] emphasis is not supported",
                            opening)

@@ -14,20 +14,22 @@ with the negatives n_k), to the regional UNet, whose cross-attention mixes the c
 then classifier-free guidance as for a plain prompt.
 """
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from serving.core.conditioning import TextConditioning, TextPrompt, negative_text, stack
+from serving.core.interfaces import Array
 from serving.core.regions import Regions, regional_network
 from serving.core.request import InvalidInput
 
 
 @dataclass(frozen=True)
 class RegionalConditioning:
-    cond: dict  # input name -> [K, ...]: base prompt, then each region
-    uncond: dict | None  # input name -> [N, ...]: the distinct negative prompts; None without guidance
-    negative_of: np.ndarray | None  # [K]: the uncond row each context is guided against
-    weights: np.ndarray  # [K, h, w]
+    cond: dict[str, Any]  # input name -> [K, ...]: base prompt, then each region
+    uncond: dict[str, Any] | None  # input name -> [N, ...]: the distinct negative prompts; None without guidance
+    negative_of: Array | None  # [K]: the uncond row each context is guided against
+    weights: Array  # [K, h, w]
     guidance_scale: float
     network = "base"  # latent mode's rows are ordinary text rows
 
@@ -37,9 +39,10 @@ class RegionalConditioning:
 
     @property
     def negatives(self) -> int:
+        assert self.uncond is not None  # with guidance only
         return len(next(iter(self.uncond.values())))
 
-    def inputs(self) -> dict:
+    def inputs(self) -> dict[str, Any]:
         if self.uncond is None:
             return self.cond
         return {name: np.concatenate([self.cond[name], self.uncond[name]]) for name in self.cond}
@@ -48,13 +51,14 @@ class RegionalConditioning:
         """Only the conditional rows (outside a guidance interval): the regions' weighted sum."""
         return replace(self, uncond=None, negative_of=None)
 
-    def combine(self, predictions: np.ndarray) -> np.ndarray:
+    def combine(self, predictions: Array) -> Array:
         count = len(self.weights)
         guided = predictions[:count]
         if self.uncond is not None:
             uncond = predictions[count:][self.negative_of]
             guided = uncond + np.float32(self.guidance_scale) * (guided - uncond)
-        return (self.weights[:, None] * guided).sum(axis=0)
+        out: Array = (self.weights[:, None] * guided).sum(axis=0)
+        return out
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,13 @@ class RegionalAttentionConditioning(TextConditioning):
     """cond and uncond are embeddings whose context is [K, L, D]: each row carries all contexts to
     the regional UNet; with the region weights [rows, K, h, w] (both rows mix their contexts alike)."""
 
-    weights: np.ndarray  # [K, h, w]
+    weights: Array  # [K, h, w]
 
     @property
-    def network(self) -> str:
+    def network(self) -> str:  # type: ignore[override]  # the base class's is a class attribute
         return regional_network(len(self.weights))
 
-    def inputs(self) -> dict:
+    def inputs(self) -> dict[str, Any]:
         return {**super().inputs(), "region_weights": np.broadcast_to(self.weights, (self.rows, *self.weights.shape))}
 
 
@@ -79,22 +83,22 @@ class RegionalPrompt(TextPrompt):
     regions: Regions
 
     @property
-    def negatives(self) -> list:
+    def negatives(self) -> list[Any]:
         """The negative prompt of each context."""
         return [self.negative_prompt] + list(self.regions.negative_prompts or [self.negative_prompt] * self.regions.count)
 
-    def _distinct_negatives(self) -> list:
+    def _distinct_negatives(self) -> list[Any]:
         return list(dict.fromkeys(self.negatives))
 
     @property
     def rows(self) -> int:
         return self.regions.count + 1 + (len(self._distinct_negatives()) if self.uses_guidance else 0)
 
-    def texts(self) -> list:
+    def texts(self) -> list[Any]:
         texts = [self.prompt, *self.regions.prompts]
         return texts + [negative_text(n) for n in self._distinct_negatives()] if self.uses_guidance else texts
 
-    def build(self, embeddings: list) -> RegionalConditioning:
+    def build(self, embeddings: list[Any]) -> RegionalConditioning:  # type: ignore[override]  # another conditioning kind
         count = self.regions.count + 1
         cond = stack(embeddings[:count])
         if not self.uses_guidance:
@@ -110,31 +114,31 @@ class RegionalAttentionPrompt(RegionalPrompt):
     """Attention mode."""
 
     @property
-    def network(self) -> str:
-        return self.regions.unet_variant
+    def network(self) -> str:  # type: ignore[override]  # the base class's is a class attribute
+        return self.regions.network
 
     @property
     def rows(self) -> int:
         return 2 if self.uses_guidance else 1
 
-    def texts(self) -> list:
+    def texts(self) -> list[Any]:
         texts = [self.prompt, *self.regions.prompts]
         return texts + [negative_text(n) for n in self.negatives] if self.uses_guidance else texts
 
-    def build(self, embeddings: list) -> RegionalAttentionConditioning:
+    def build(self, embeddings: list[Any]) -> RegionalAttentionConditioning:  # type: ignore[override]  # another conditioning kind
         count = self.regions.count + 1
         uncond = stack(embeddings[count:]) if self.uses_guidance else None
         return RegionalAttentionConditioning(stack(embeddings[:count]), uncond, self.guidance_scale,
                                              self.regions.weights)
 
 
-def regional_prompt(request) -> RegionalPrompt:
+def regional_prompt(request: Any) -> RegionalPrompt:
     """The prompt spec of a request with regions (a GenerationRequest whose `regions` is set)."""
     kind = RegionalPrompt if request.regions.mode == "latent" else RegionalAttentionPrompt
     return kind(request.prompt, request.negative_prompt, request.guidance_scale, request.regions)
 
 
-def check_regional_job(job, check_tokens, max_rows: int, limits=None) -> None:
+def check_regional_job(job: Any, check_tokens: Any, max_rows: int, limits: Any = None) -> None:
     """Refuses a regional job whose texts are too long for the text encoder, whose rows would
     not fit one UNet call (the scheduler never splits a job's rows), or in attention mode on a
     model without the regional UNet (`limits`: its model's RegionLimits)."""

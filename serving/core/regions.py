@@ -25,18 +25,21 @@ grid (vae_factor pixels per cell), context 0 (the base prompt) gets U + b(1 - U)
 region r gets (1 - b) m_r, where U is the uncovered share and b the base weight: the K = R + 1
 weights of every cell sum to 1.
 """
+from collections.abc import Iterator
 from dataclasses import dataclass
 import math
+from typing import Any
 
 import numpy as np
 
 from families.contracts import MAX_REGIONS
 from serving.core.config import DEFAULT_BASE_WEIGHT, REGION_MODES
+from serving.core.interfaces import Array
 from serving.core.request import InvalidInput, decode_text, is_blank
 
 MODES = REGION_MODES
 DEFAULT_MODE = "latent"
-ATTENTION_VARIANT = "regional"  # the UNet with region-weighted cross-attention (families/regional_unet.py)
+REGIONAL_NETWORK = "regional"  # the UNet with region-weighted cross-attention (families/regional_unet.py)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class RegionLimits:
     attention: bool = True  # whether the repository has the regional UNet
 
     @classmethod
-    def from_config(cls, config, pipeline_info: dict) -> "RegionLimits":
+    def from_config(cls, config: Any, pipeline_info: dict[str, Any]) -> "RegionLimits":
         """A served model's region limits: the pipeline's PipelineConfig (serving/core/config.py)
         over the model's pipeline.json facts (whether it has the regional UNet)."""
         limits = cls(
@@ -65,9 +68,9 @@ class RegionLimits:
 
 @dataclass(frozen=True, eq=False)
 class Regions:
-    prompts: tuple  # of str, one per region
-    negative_prompts: tuple | None  # of str, one per region; None: each takes the request's negative prompt
-    weights: np.ndarray  # float32 [R + 1, h, w]: the base prompt's share of each latent cell, then each region's
+    prompts: tuple[Any, ...]  # of str, one per region
+    negative_prompts: tuple[Any, ...] | None  # of str, one per region; None: each takes the request's negative prompt
+    weights: Array  # float32 [R + 1, h, w]: the base prompt's share of each latent cell, then each region's
     base_weight: float
     mode: str
 
@@ -76,13 +79,13 @@ class Regions:
         return len(self.prompts)
 
     @property
-    def unet_variant(self) -> str:
+    def network(self) -> str:
         """Latent mode's rows are ordinary text rows (they share calls with plain jobs); attention
         mode's rows need the regional UNet with K = R + 1 contexts per row, and only rows with the
         same K fit one input tensor."""
         return "base" if self.mode == "latent" else regional_network(self.count + 1)
 
-    def texts_to_check(self):
+    def texts_to_check(self) -> Iterator[tuple[str, str]]:
         """(field, text) of every region text, for the token-length check."""
         for i, text in enumerate(self.prompts):
             yield f"region_prompts[{i}]", text
@@ -92,17 +95,17 @@ class Regions:
 
 def regional_network(contexts: int) -> str:
     """The regional UNet taking `contexts` (K) contexts per row."""
-    return f"{ATTENTION_VARIANT}/{contexts}"
+    return f"{REGIONAL_NETWORK}/{contexts}"
 
 
-def is_attention_variant(variant: str) -> bool:
-    return variant.startswith(ATTENTION_VARIANT + "/")
+def is_regional_network(network: str) -> bool:
+    return network.startswith(REGIONAL_NETWORK + "/")
 
 
 FIELDS = ("region_prompts", "region_negative_prompts", "region_divisions", "region_masks", "base_prompt_weight", "region_mode")
 
 
-def parse_regions(inputs: dict, limits: RegionLimits | None, height: int, width: int) -> Regions | None:
+def parse_regions(inputs: dict[str, Any], limits: RegionLimits | None, height: int, width: int) -> Regions | None:
     """The request's regions, or None when it has no `region_prompts` (and no other region field).
     limits None: this pipeline serves no regions."""
     if limits is None:
@@ -139,7 +142,7 @@ def parse_regions(inputs: dict, limits: RegionLimits | None, height: int, width:
                    region_weights(masks, base_weight, limits.vae_factor), base_weight, mode)
 
 
-def region_weights(masks: np.ndarray, base_weight: float, vae_factor: int) -> np.ndarray:
+def region_weights(masks: Array, base_weight: float, vae_factor: int) -> Array:
     """float32 [R + 1, h, w] from pixel masks [R, H, W] in [0, 1] (see the module docstring)."""
     masks = masks.astype(np.float64)
     total = masks.sum(axis=0)
@@ -149,10 +152,11 @@ def region_weights(masks: np.ndarray, base_weight: float, vae_factor: int) -> np
     cells = masks.reshape(count, height // f, f, width // f, f).mean(axis=(2, 4))
     uncovered = np.clip(1.0 - cells.sum(axis=0), 0.0, 1.0)
     base = uncovered + base_weight * (1.0 - uncovered)
-    return np.concatenate([base[None], (1.0 - base_weight) * cells]).astype(np.float32)
+    out: Array = np.concatenate([base[None], (1.0 - base_weight) * cells]).astype(np.float32)
+    return out
 
 
-def division_masks(divisions: str, count: int, height: int, width: int) -> np.ndarray:
+def division_masks(divisions: str, count: int, height: int, width: int) -> Array:
     """float32 [count, height, width] 0/1 masks of the cells of a divisions string."""
     rows = _division_rows(divisions)
     cells = sum(len(columns) for _, columns in rows)
@@ -170,7 +174,7 @@ def division_masks(divisions: str, count: int, height: int, width: int) -> np.nd
     return masks
 
 
-def _division_rows(divisions: str) -> list:
+def _division_rows(divisions: str) -> list[Any]:
     """[(row ratio, [column ratios])] of the accepted syntax; anything else is refused."""
     if ";" not in divisions:
         return [(1.0, _ratios(divisions, divisions))]
@@ -181,7 +185,7 @@ def _division_rows(divisions: str) -> list:
     return rows
 
 
-def _ratios(part: str, whole: str) -> list:
+def _ratios(part: str, whole: str) -> list[Any]:
     values = []
     for item in part.split(","):
         try:
@@ -197,13 +201,13 @@ def _ratios(part: str, whole: str) -> list:
     return values
 
 
-def _edges(ratios: list, size: int) -> list:
+def _edges(ratios: list[Any], size: int) -> list[Any]:
     """Pixel [start, end) of each part when `size` is split by `ratios`."""
     bounds = np.round(np.cumsum([0.0] + ratios) / sum(ratios) * size).astype(int)
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _texts(inputs, name, limit, allow_empty=False):
+def _texts(inputs: dict[str, Any], name: str, limit: int, allow_empty: bool = False) -> list[str] | None:
     value = inputs.get(name)
     if value is None:
         return None
@@ -219,14 +223,14 @@ def _texts(inputs, name, limit, allow_empty=False):
     return texts
 
 
-def _text(inputs, name):
+def _text(inputs: dict[str, Any], name: str) -> str:
     array = np.asarray(inputs[name])
     if array.size != 1:
         raise InvalidInput(name, f"must hold exactly one value, got shape {list(array.shape)}")
     return decode_text(name, array.reshape(-1)[0])
 
 
-def _masks(value, count, height, width):
+def _masks(value: Any, count: int, height: int, width: int) -> Array:
     array = np.asarray(value)
     if array.dtype != np.uint8:
         raise InvalidInput("region_masks", f"must be UINT8 (0 outside, 255 inside), got {array.dtype}")
@@ -235,10 +239,11 @@ def _masks(value, count, height, width):
     empty = [i for i in range(count) if not array[i].any()]
     if empty:
         raise InvalidInput("region_masks", f"region {empty[0]} is empty (all zeros)")
-    return array.astype(np.float32) / 255.0
+    masks: Array = array.astype(np.float32) / 255.0
+    return masks
 
 
-def _base_weight(inputs, default):
+def _base_weight(inputs: dict[str, Any], default: float) -> float:
     value = inputs.get("base_prompt_weight")
     if value is None:
         return default

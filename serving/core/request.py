@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 import math
 import re
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class Field:
 
     name: str
     dtype: str  # numpy dtype name; "bytes" for UTF-8 text
-    dims: tuple = (1,)  # Triton dims (-1: any size)
+    dims: tuple[Any, ...] = (1,)  # Triton dims (-1: any size)
     required: bool = False
     streaming_only: bool = False  # progress responses exist only on the decoupled stream
 
@@ -89,7 +89,7 @@ MAX_CONDITIONING_SIZE = 16384  # pixels: the largest original/target side or cro
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestLimits:
     """Defaults and limits, from the pipeline's config.pbtxt parameters and the checkpoint."""
 
     size_multiple: int  # pixels; the VAE factor times the UNet's downsampling
@@ -107,22 +107,22 @@ class Limits:
     max_prompt_bytes: int = 4096
     regions: "RegionLimits | None" = None
     # the UNet variants served, by name (serving/core/variants.py); none: text-to-image only
-    variants: dict = field(default_factory=dict)
+    variants: dict[str, Any] = field(default_factory=dict)
     # (sampler, sigma schedule) of requests that name none: config parameter default_sampler
     # (`ldm serve --sampler`), else the checkpoint's scheduler class
-    default_sampler: tuple = ("ddim", "default")
+    default_sampler: tuple[Any, ...] = ("ddim", "default")
     family: str = "sd"  # the served model's family (families/): which family fields it reads
     distilled_guidance: bool = False  # its denoiser takes guidance_scale as an input (Flux dev)
     model: str = ""  # the served model's name
 
     @property
-    def scheduler_config(self) -> dict:
+    def scheduler_config(self) -> dict[str, Any]:
         """The served checkpoint's scheduler config (its base variant's)."""
         variant = self.variants.get("base") or next(iter(self.variants.values()), None)
         return variant.scheduler_config if variant is not None else {}
 
     @classmethod
-    def from_config(cls, config: "PipelineConfig", pipeline_info: dict) -> "Limits":
+    def from_config(cls, config: "PipelineConfig", pipeline_info: dict[str, Any]) -> "RequestLimits":
         """A served model's limits: the pipeline's configuration over its checkpoint's facts
         (its entry of pipeline.json's models table)."""
         from serving.core.regions import RegionLimits  # imported here: regions imports this module
@@ -156,7 +156,7 @@ class Limits:
         """Refuses defaults and limits that contradict each other or the exported models, naming
         the config.pbtxt parameter (a bad default would otherwise fail requests later, deep in a
         model call)."""
-        def refuse(key, value, why):
+        def refuse(key: str, value: Any, why: str) -> NoReturn:
             raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
 
         train_steps = min((int(v.scheduler_config.get("num_train_timesteps", 1000)) for v in self.variants.values()),
@@ -201,15 +201,15 @@ class GenerationRequest:
     image: "image_request.ImageInput | None" = None  # img2img, inpaint, upscale; None: text-to-image
     sampler: str = "ddim"  # serving/core/samplers: its name
     sigma_schedule: str = "default"
-    guidance_interval: tuple = (0.0, 1.0)  # fractions of the run with classifier-free guidance
-    family_fields: dict = field(default_factory=dict)  # the family's own fields given (SDXL's sizes)
+    guidance_interval: tuple[Any, ...] = (0.0, 1.0)  # fractions of the run with classifier-free guidance
+    family_fields: dict[str, Any] = field(default_factory=dict)  # the family's own fields given (SDXL's sizes)
     # how its rows are guided (families/: `guidance`): "cfg" (guidance_scale > 1: an unconditional
     # row), or "true_cfg" (one row; the negative prompt's row only with true_cfg_scale > 1), with
     # guidance_scale as a denoiser input where the checkpoint is guidance-distilled
     guidance_rule: str = "cfg"
     guidance_input: bool = False
     true_cfg_scale: float = 1.0
-    loras: tuple = ()  # ((adapter name, weight), ...): the fields' and the prompt's <lora:name:weight>
+    loras: tuple[Any, ...] = ()  # ((adapter name, weight), ...): the fields' and the prompt's <lora:name:weight>
     family: str = "sd"  # the served model's family (families/)
 
     @property
@@ -224,7 +224,7 @@ class GenerationRequest:
         return FAMILIES[self.family].kept_steps(self.steps, self.strength)
 
 
-def parse_request(inputs: dict, limits: Limits, default_seed: int) -> GenerationRequest:
+def parse_request(inputs: dict[str, Any], limits: RequestLimits, default_seed: int) -> GenerationRequest:
     """Build a request from named input arrays (missing optional inputs are absent or None)."""
     check_text_sizes(inputs, limits.max_prompt_bytes)
     prompt, prompt_loras = lora_tags(_text(inputs, "prompt", required=True))
@@ -284,7 +284,7 @@ def parse_request(inputs: dict, limits: Limits, default_seed: int) -> Generation
 LORA_TAG = re.compile(r"<lora:([^:<>]+):([^:<>]+)>", re.IGNORECASE)
 
 
-def lora_tags(prompt: str) -> tuple:
+def lora_tags(prompt: str) -> tuple[Any, ...]:
     """(the prompt without its A1111 <lora:name:weight> tags, ((name, weight), ...)): the tags are
     removed before encoding, as A1111 does; a malformed weight is refused naming `prompt`."""
     loras = []
@@ -298,7 +298,7 @@ def lora_tags(prompt: str) -> tuple:
     return " ".join(LORA_TAG.sub(" ", prompt).split()), tuple(loras)
 
 
-def _loras(inputs: dict) -> tuple:
+def _loras(inputs: dict[str, Any]) -> tuple[Any, ...]:
     names, weights = inputs.get("lora_names"), inputs.get("lora_weights")
     if names is None and weights is None:
         return ()
@@ -309,7 +309,7 @@ def _loras(inputs: dict) -> tuple:
     return tuple((n, float(w)) for n, w in zip(names, weights))
 
 
-def _family_fields(inputs: dict, family: str, max_guidance_scale: float) -> dict:
+def _family_fields(inputs: dict[str, Any], family: str, max_guidance_scale: float) -> dict[str, Any]:
     """The family fields given (sizes as (a, b) pairs); refused for a family that does not read them."""
     out = {}
     for name in FAMILY_FIELDS:
@@ -330,7 +330,7 @@ def _family_fields(inputs: dict, family: str, max_guidance_scale: float) -> dict
     return out
 
 
-def parse_sampler(inputs: dict, limits: Limits, steps: int) -> tuple:
+def parse_sampler(inputs: dict[str, Any], limits: RequestLimits, steps: int) -> tuple[Any, ...]:
     """(sampler, sigma schedule) of a request: `sampler` by our name or A1111's display name,
     `sigma_schedule` (default: the name's); refused when it does not fit the served model."""
     name = _text(inputs, "sampler", required=False)
@@ -352,7 +352,7 @@ def parse_sampler(inputs: dict, limits: Limits, steps: int) -> tuple:
     return name, schedule
 
 
-def _guidance_interval(inputs: dict) -> tuple:
+def _guidance_interval(inputs: dict[str, Any]) -> tuple[Any, ...]:
     value = inputs.get("guidance_interval")
     if value is None:
         return (0.0, 1.0)
@@ -366,7 +366,7 @@ def _guidance_interval(inputs: dict) -> tuple:
     return (lo, hi)
 
 
-def _default_sampler(configured: str, scheduler_config: dict) -> tuple:
+def _default_sampler(configured: str, scheduler_config: dict[str, Any]) -> tuple[Any, ...]:
     """config parameter default_sampler (a name or A1111 name; `ldm serve --sampler`), else the
     sampler the checkpoint's scheduler class names; refused at load when it does not fit."""
     try:
@@ -378,7 +378,7 @@ def _default_sampler(configured: str, scheduler_config: dict) -> tuple:
 TEXT_FIELDS = {f.name: f.dims for f in FIELDS if f.dtype == "bytes"}
 
 
-def check_text_sizes(inputs: dict, max_bytes: int) -> None:
+def check_text_sizes(inputs: dict[str, Any], max_bytes: int) -> None:
     """Refuses any text input longer than `max_bytes` UTF-8 bytes, before it is decoded (a
     multi-megabyte prompt would hold the tokenizer's lock, shared with the engine, for long)."""
     for name, dims in TEXT_FIELDS.items():
@@ -405,7 +405,7 @@ def is_blank(text: str) -> bool:
     return all(unicodedata.category(c) in _INVISIBLE for c in text)
 
 
-def _scalar(inputs: dict, name: str):
+def _scalar(inputs: dict[str, Any], name: str) -> Any:
     value = inputs.get(name)
     if value is None:
         return None
@@ -415,12 +415,12 @@ def _scalar(inputs: dict, name: str):
     return array.reshape(-1)[0]
 
 
-def text_field(inputs: dict, name: str) -> str:
+def text_field(inputs: dict[str, Any], name: str) -> str:
     """An optional text input ("" when absent)."""
     return _text(inputs, name, required=False)
 
 
-def _text(inputs, name, required):
+def _text(inputs: dict[str, Any], name: str, required: bool) -> str:
     value = _scalar(inputs, name)
     if value is None:
         if required:
@@ -429,7 +429,7 @@ def _text(inputs, name, required):
     return decode_text(name, value)
 
 
-def decode_text(name, value) -> str:
+def decode_text(name: str, value: Any) -> str:
     """One BYTES element as text."""
     if isinstance(value, bytes):
         try:
@@ -441,7 +441,7 @@ def decode_text(name, value) -> str:
     raise InvalidInput(name, "must be a string (BYTES)")
 
 
-def _integer(inputs, name, default, low, high):
+def _integer(inputs: dict[str, Any], name: str, default: Any, low: float, high: float) -> Any:
     value = _scalar(inputs, name)
     if value is None:
         return default
@@ -453,7 +453,7 @@ def _integer(inputs, name, default, low, high):
     return value
 
 
-def _real(inputs, name, default, low, high):
+def _real(inputs: dict[str, Any], name: str, default: Any, low: float, high: float) -> Any:
     value = _scalar(inputs, name)
     if value is None:
         return default

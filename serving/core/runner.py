@@ -16,12 +16,14 @@ runner concatenates them by name and never asks which family or task a job is. A
 its guidance interval contributes its conditional rows only.
 """
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
 from families import FAMILIES
 from serving.core.image_jobs import admit_image_jobs, steer_masks
-from serving.core.regions import is_attention_variant
+from serving.core.interfaces import Array, RunnerModels
+from serving.core.regions import is_regional_network
 from serving.core.sampler import DDIMSchedule, noise_generator
 from serving.core.samplers import make_sampler
 from serving.core.text import CachedTextEncoder
@@ -29,21 +31,21 @@ from serving.core.variants import VariantSpec
 
 
 class Runner:
-    def __init__(self, models, variant: VariantSpec, text_encoder: CachedTextEncoder, lora=None):
+    def __init__(self, models: RunnerModels, variant: VariantSpec, text_encoder: CachedTextEncoder, lora: Any = None) -> None:
         """lora: the model's LoraRegistry (serving/core/lora.py) where this variant's denoiser takes
         mixed LoRA inputs, else None."""
         self.models = models
         self.lora = lora
         self.variant = variant
         self.family = FAMILIES[variant.family]
-        self.samplers = {}  # (name, sigma schedule) -> Sampler, made on first use
+        self.samplers: dict[tuple[str, str], Any] = {}  # (name, sigma schedule) -> Sampler, made on first use
         self.low_res_schedule = (DDIMSchedule.from_config(variant.low_res_scheduler_config)
                                  if variant.low_res_scheduler_config else None)
         self.text_encoder = text_encoder
         self.latent_channels = variant.latent_channels
         self.vae_factor = variant.vae_factor
 
-    def admit(self, jobs: list, steered: list = ()) -> None:
+    def admit(self, jobs: list[Any], steered: list[Any] | tuple[Any, ...] = ()) -> None:
         """Text-encodes the new texts of the new jobs' and the steered jobs' plans
         (serving/core/steering.py) in one call, draws the new jobs' starting latents, and
         VAE-encodes the input images of image-conditioned ones in one call per image size; steered
@@ -79,13 +81,13 @@ class Runner:
         if masked:
             steer_masks(masked, self.models.encode_image, self.variant.name, self.vae_factor, max_batch)
 
-    def sampler(self, name: str, sigma_schedule: str):
+    def sampler(self, name: str, sigma_schedule: str) -> Any:
         key = (name, sigma_schedule)
         if key not in self.samplers:
             self.samplers[key] = make_sampler(name, sigma_schedule, self.variant.scheduler_config)
         return self.samplers[key]
 
-    def encode(self, prompts: list, loras: list | None = None) -> list:
+    def encode(self, prompts: list[Any], loras: list[Any] | None = None) -> list[Any]:
         """The conditioning of each prompt (anything with texts() and build()), from one
         text-encoder call over all their texts; loras: each prompt's job's adapter set."""
         texts = [t for p in prompts for t in p.texts()]
@@ -98,7 +100,7 @@ class Runner:
             start += count
         return out
 
-    def step(self, jobs: list) -> None:
+    def step(self, jobs: list[Any]) -> None:
         """One denoising step for every job in `jobs` (one call key) with one UNet call: each
         job's rows sit together, and its conditioning combines their predictions; then each
         sampler updates the rows of its jobs."""
@@ -124,7 +126,7 @@ class Runner:
             inputs["lora_scales"] = np.repeat(self.lora.scales(sets, bank), rows, axis=0)
             for layer, (a, b) in bank.layers.items():
                 inputs[f"lora_A.{layer}"], inputs[f"lora_B.{layer}"] = a, b
-        denoise = self.models.regional_unet if is_attention_variant(jobs[0].network) else self.models.unet
+        denoise = self.models.regional_unet if is_regional_network(jobs[0].network) else self.models.unet
         predictions = denoise(sample, **inputs)
         bounds = np.cumsum([0] + rows)
         outputs = np.stack([j.conditioning.combine(predictions[a:b]) for j, a, b in zip(jobs, bounds[:-1], bounds[1:])])
@@ -148,17 +150,17 @@ class Runner:
                 if job.image_conditioning is not None:
                     job.image_conditioning.after_step(job)
 
-    def release(self, jobs: list) -> None:
+    def release(self, jobs: list[Any]) -> None:
         """Jobs that ended (finished, failed, cancelled): their adapters may be evicted again."""
         if self.lora is not None:
             for job in jobs:
                 self.lora.release(job.held_loras)
                 job.held_loras = ()
 
-    def decode(self, jobs: list) -> list:
+    def decode(self, jobs: list[Any]) -> list[Any]:
         """uint8 [H, W, 3] images of finished jobs, one VAE call per latent size (more past the
         VAE decoder's max batch size)."""
-        images = [None] * len(jobs)
+        images: list[Any] = [None] * len(jobs)
         by_shape = defaultdict(list)
         for i, job in enumerate(jobs):
             by_shape[job.latent_shape].append(i)
@@ -174,7 +176,7 @@ class Runner:
         return images
 
 
-def guided_conditioning(job):
+def guided_conditioning(job: Any) -> Any:
     """The conditioning of the job's next step: its plan's, without the unconditional rows
     outside its guidance interval (fractions of the steps it runs: step i of n is guided when
     lo <= i / n < hi)."""
@@ -186,6 +188,7 @@ def guided_conditioning(job):
     return conditioning if lo <= fraction < hi else conditioning.unguided()
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: Array) -> Array:
     """[0, 1] floats to bytes, rounding as diffusers' numpy_to_pil does."""
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    out: Array = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return out

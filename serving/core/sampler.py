@@ -7,15 +7,18 @@ Imports nothing from Triton or torch.
 """
 from dataclasses import dataclass
 import math
+from typing import Any
 
 import numpy as np
+
+from serving.core.interfaces import Array
 
 
 @dataclass(frozen=True)
 class DDIMSchedule:
     """The noise schedule a checkpoint was trained with (its scheduler config)."""
 
-    alphas_cumprod: np.ndarray  # float64 [num_train_timesteps]
+    alphas_cumprod: Array  # float64 [num_train_timesteps]
     final_alpha_cumprod: float
     num_train_timesteps: int
     timestep_spacing: str
@@ -24,7 +27,7 @@ class DDIMSchedule:
     clip_sample_range: float | None  # None: no clipping of the predicted x0
 
     @classmethod
-    def from_config(cls, config: dict) -> "DDIMSchedule":
+    def from_config(cls, config: dict[str, Any]) -> "DDIMSchedule":
         n = int(config.get("num_train_timesteps", 1000))
         alphas_cumprod = train_alphas_cumprod(config)
         if config.get("thresholding", False):
@@ -45,7 +48,7 @@ class DDIMSchedule:
             clip_sample_range=float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None,
         )
 
-    def timesteps(self, num_inference_steps: int) -> np.ndarray:
+    def timesteps(self, num_inference_steps: int) -> Array:
         """The descending timesteps of an `num_inference_steps` run (as diffusers' set_timesteps)."""
         n, steps = self.num_train_timesteps, num_inference_steps
         if not 1 <= steps <= n:
@@ -55,26 +58,29 @@ class DDIMSchedule:
         if self.timestep_spacing == "leading":
             ratio = n // steps
             return (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
-        ratio = n / steps
-        return np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
+        spacing = n / steps
+        out: Array = np.round(np.arange(n, 0, -spacing)).astype(np.int64) - 1
+        return out
 
-    def strength_timesteps(self, num_inference_steps: int, strength: float) -> np.ndarray:
+    def strength_timesteps(self, num_inference_steps: int, strength: float) -> Array:
         """The tail of an `num_inference_steps` run that image-to-image denoises: the last
         int(steps x strength) timesteps (diffusers' get_timesteps)."""
         kept = min(int(num_inference_steps * strength), num_inference_steps)
         return self.timesteps(num_inference_steps)[num_inference_steps - kept :]
 
-    def add_noise(self, samples: np.ndarray, noise: np.ndarray, timestep: int) -> np.ndarray:
+    def add_noise(self, samples: Array, noise: Array, timestep: int) -> Array:
         """The forward process q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise.
         At zero terminal SNR alpha_bar is exactly 0 at the last timestep, so this is the noise itself."""
         alpha = self.alphas_cumprod[int(timestep)]
         return (np.float32(np.sqrt(alpha)) * samples + np.float32(np.sqrt(1.0 - alpha)) * noise).astype(np.float32)
 
-    def previous_timesteps(self, timesteps: np.ndarray, num_inference_steps: np.ndarray) -> np.ndarray:
+    def previous_timesteps(self, timesteps: Array, num_inference_steps: Array) -> Array:
         """t - T/steps per row, as diffusers computes the previous timestep (negative: the end)."""
-        return timesteps - self.num_train_timesteps // num_inference_steps
+        out: Array = timesteps - self.num_train_timesteps // num_inference_steps
+        return out
 
-    def step(self, model_output, timesteps, prev_timesteps, latents, eta, noise=None):
+    def step(self, model_output: Array, timesteps: Any, prev_timesteps: Any, latents: Array, eta: Any,
+             noise: Array | None = None) -> tuple[Any, ...]:
         """One DDIM update for every row.
 
         model_output, latents: float32 [B, C, H, W]; timesteps, prev_timesteps: int [B];
@@ -91,12 +97,14 @@ class DDIMSchedule:
         )
         beta_t = 1.0 - alpha_t
 
-        def per_row(values):
+        def per_row(values: Array) -> Array:
             return values.astype(np.float32)[:, None, None, None]
 
         eps = model_output.astype(np.float32)
         x_t = latents.astype(np.float32)
         # (12) predicted x_0 and the noise direction, from the model's parameterisation
+        x0: Array
+        eps_hat: Array
         if self.prediction_type == "epsilon":
             x0 = (x_t - per_row(np.sqrt(beta_t)) * eps) / per_row(np.sqrt(alpha_t))
             eps_hat = eps
@@ -121,7 +129,7 @@ class DDIMSchedule:
         return x_prev.astype(np.float32), x0.astype(np.float32)
 
 
-def train_alphas_cumprod(config: dict) -> np.ndarray:
+def train_alphas_cumprod(config: dict[str, Any]) -> Array:
     """alpha-bar of every training timestep (float64), from a scheduler config's betas."""
     n = int(config.get("num_train_timesteps", 1000))
     betas = _betas(config, n)
@@ -130,7 +138,7 @@ def train_alphas_cumprod(config: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas)
 
 
-def _betas(config: dict, n: int) -> np.ndarray:
+def _betas(config: dict[str, Any], n: int) -> Array:
     if config.get("trained_betas") is not None:
         return np.asarray(config["trained_betas"], dtype=np.float64)
     start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
@@ -140,14 +148,14 @@ def _betas(config: dict, n: int) -> np.ndarray:
     if schedule == "scaled_linear":
         return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
     if schedule == "squaredcos_cap_v2":
-        def alpha_bar(t):
+        def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
     raise ValueError(f"scheduler config: unknown beta_schedule {schedule!r}")
 
 
-def _rescaled_to_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+def _rescaled_to_zero_terminal_snr(betas: Array) -> Array:
     """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so the last timestep carries
     no signal (SNR 0) while the first keeps its value; the betas that give that alpha_bar."""
     root = np.sqrt(np.cumprod(1.0 - betas))
@@ -155,13 +163,15 @@ def _rescaled_to_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     root = (root - last) * first / (first - last)
     alphas_cumprod = root**2
     alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
-    return 1.0 - alphas
+    out: Array = 1.0 - alphas
+    return out
 
 
-def guided_noise(eps_uncond: np.ndarray, eps_cond: np.ndarray, guidance_scale: np.ndarray) -> np.ndarray:
+def guided_noise(eps_uncond: Array, eps_cond: Array, guidance_scale: Array) -> Array:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u), one scale per row."""
     scale = np.asarray(guidance_scale, dtype=np.float32)[:, None, None, None]
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+    out: Array = eps_uncond + scale * (eps_cond - eps_uncond)
+    return out
 
 
 def noise_generator(seed: int) -> np.random.Generator:

@@ -18,12 +18,18 @@ leader, a member of S, and gives it a turn above s; jobs admitted later get one 
 so S loses a member with every call and gains none, and J, in S, steps within |S| calls.
 (tests/test_scheduler.py checks it over random arrivals, keys and row counts.)
 """
+from typing import TYPE_CHECKING, Any
 from collections import deque
 from dataclasses import dataclass
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from serving.core.job import Job
+
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class BatchingConfig:
     max_rows: int = 32  # UNet rows per call (2 per request with guidance)
     max_active: int = 16  # requests holding latents at once
     max_queue: int = 64  # requests waiting for admission; more are refused
@@ -35,20 +41,20 @@ class QueueFull(Exception):
 
 
 class StepScheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: BatchingConfig):
         self.config = config
-        self.waiting = deque()
+        self.waiting: deque[Job] = deque()
         self.turn = 0  # admissions and calls so far
 
-    def enqueue(self, job) -> None:
+    def enqueue(self, job: "Job") -> None:
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFull(f"admission queue is full ({self.config.max_queue} waiting)")
         self.waiting.append(job)
 
-    def admit(self, active: list) -> list:
+    def admit(self, active: list["Job"]) -> list["Job"]:
         """Waiting jobs that join the active set now, in arrival order."""
         limit = self.config.max_active if self.config.step_batching else 1
-        admitted = []
+        admitted: list[Job] = []
         while self.waiting and len(active) + len(admitted) < limit:
             job = self.waiting.popleft()
             self.turn += 1
@@ -56,7 +62,7 @@ class StepScheduler:
             admitted.append(job)
         return admitted
 
-    def pick(self, active: list) -> list:
+    def pick(self, active: list["Job"]) -> list["Job"]:
         """The active jobs that take one denoising step in this iteration's UNet call."""
         self.turn += 1
         if not active:
@@ -77,7 +83,7 @@ class StepScheduler:
             job.last_turn = self.turn
         return chosen
 
-    def remove_waiting(self, predicate) -> list:
+    def remove_waiting(self, predicate: "Callable[[Job], Any]") -> list["Job"]:
         """Takes out waiting jobs matching `predicate` (cancelled, past deadline)."""
         removed = [j for j in self.waiting if predicate(j)]
         for job in removed:

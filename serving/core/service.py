@@ -1,7 +1,8 @@
 """The pipeline behind the Triton `pipeline` model, as plain Python: turns named input arrays
 into validated jobs (and steers of running jobs) for the engine. The Triton model only adapts
 tensors and response senders."""
-from collections.abc import Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 import json
 import os
@@ -15,29 +16,30 @@ from serving.core.engine import Engine, ShuttingDown
 from families import FAMILIES
 from serving.core.errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE
 from serving.core.faults import FAULTS_ENV, FaultPlan
+from serving.core.interfaces import ResultSink, RunnerModels
 from serving.core.job import Job
 from serving.core.lora import AdapterRejected, LoraRefused, LoraRegistry
 from serving.core.preview import LatentPreview, ModelPreviews
 from serving.core.regional_prompt import check_regional_job
 from serving.core.config import PipelineConfig, refuse
-from serving.core.request import InvalidInput, Limits, parse_request, text_field
+from serving.core.request import GenerationRequest, InvalidInput, RequestLimits, parse_request, text_field
 from serving.core.runner import Runner
-from serving.core.scheduler import QueueFull, SchedulerConfig, StepScheduler
+from serving.core.scheduler import QueueFull, BatchingConfig, StepScheduler
 from serving.core.steering import STEERABLE, parse_steer, scheduled_texts
 from serving.core.text import CachedTextEncoder, PromptTokenizer, TextTokenizers
-from serving.core.variants import VariantRunners
+from serving.core.variants import VariantRunners, VariantSpec
 
 
 @dataclass(frozen=True)
 class PipelineAssets:
     """What `ldm export` writes into pipeline/1/: facts about the checkpoint and its tokenizer."""
 
-    info: dict
+    info: dict[str, Any]
     tokenizer_dir: Path
-    scheduler_config: dict
+    scheduler_config: dict[str, Any]
 
     @classmethod
-    def read(cls, version_dir) -> "PipelineAssets":
+    def read(cls, version_dir: Any) -> "PipelineAssets":
         version_dir = Path(version_dir)
         return cls(
             info=json.loads((version_dir / "pipeline.json").read_text()),
@@ -46,7 +48,7 @@ class PipelineAssets:
         )
 
 
-def _lora_registry(config: PipelineConfig, info: dict, reader) -> LoraRegistry | None:
+def _lora_registry(config: PipelineConfig, info: dict[str, Any], reader: Any) -> LoraRegistry | None:
     """The model's adapter registry, with the folder's adapters registered, where its primary
     variant's denoiser was exported with LoRA inputs and a reader is given."""
     spec = info["variants"][info["primary"]]
@@ -82,7 +84,7 @@ class UnknownModel(LookupError):
 MAX_PLAIN_JOB_ROWS = 2  # a prompt with classifier-free guidance; regional jobs are checked at submit
 
 
-def check_batching(config: SchedulerConfig, variants: dict) -> None:
+def check_batching(config: BatchingConfig, variants: dict[str, Any]) -> None:
     """Refuses batching parameters the exported models cannot serve, naming the parameter. The
     text encoder's and VAE's calls are split to their max batch (serving/core/runner.py); a UNet
     call is never split, so the row cap must fit the UNet's max batch and one whole job."""
@@ -106,25 +108,26 @@ class ServedModel:
     per variant."""
 
     name: str
-    limits: Limits
-    tokenizers: dict  # variant -> TextTokenizers
+    limits: RequestLimits
+    tokenizers: dict[str, Any]  # variant -> TextTokenizers
     lora: LoraRegistry | None = None  # its LoRA adapters, where its denoiser takes them
 
 
-def model_infos(info: dict) -> dict:
+def model_infos(info: dict[str, Any]) -> dict[str, Any]:
     """{model name: its pipeline.json facts}: the `models` table, or the one model of an export
     made before there could be several."""
     return info.get("models") or {info.get("name", ""): info}
 
 
-def _by_model_and_variant(models, default_model: str, primary: str) -> dict:
+def _by_model_and_variant(models: Any, default_model: str, primary: str) -> dict[tuple[str, str], Any]:
     if not isinstance(models, Mapping):
         return {(default_model, primary): models}
     return {key if isinstance(key, tuple) else (default_model, key): value for key, value in models.items()}
 
 
 class PipelineService:
-    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models, lora_reader=None):
+    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models: "RunnerModels | Mapping[Any, RunnerModels]",
+                 lora_reader: Any = None) -> None:
         """config: the pipeline's parameters (PipelineConfig.parse of config.pbtxt's); models: the
         runner models of each served model's UNet variants, {(model, variant): models}; for a
         repository with one model also {variant: models}, or one models object when that model
@@ -147,7 +150,7 @@ class PipelineService:
         tokenizers, encoders, runners = {}, {}, {}
         self.models = {}
         for model, info in infos.items():
-            limits = Limits.from_config(config, {**info, "name": model})
+            limits = RequestLimits.from_config(config, {**info, "name": model})
             missing = sorted(set(limits.variants) - {v for m, v in models if m == model})
             if missing:
                 raise ValueError(f"no models given for variants {missing} of model {model!r} of this repository")
@@ -170,7 +173,7 @@ class PipelineService:
                                               lora=served.lora if spec.lora_unet else None)
         previews = {model: LatentPreview.from_info(info) for model, info in infos.items()}  # each model's own
         preview = ModelPreviews(previews) if any(p is not None for p in previews.values()) else None
-        batching = config.scheduler()
+        batching = config.batching()
         check_batching(batching, {key: spec for key, spec in self._variant_specs()})
         # what the UNets' device can serve (GPU memory plan)
         caps = [cap for m in models.values() if (cap := getattr(m, "row_cap", None)) is not None]
@@ -183,11 +186,11 @@ class PipelineService:
         self.engine.stats.row_cap = batching.max_rows
 
     @property
-    def limits(self) -> Limits:
+    def limits(self) -> RequestLimits:
         """The default model's limits."""
         return self.models[self.default_model].limits
 
-    def _variant_specs(self):
+    def _variant_specs(self) -> Iterator[tuple[str, VariantSpec]]:
         for model, served in self.models.items():
             for name, spec in served.limits.variants.items():
                 yield f"{model}/{name}", spec
@@ -211,7 +214,7 @@ class PipelineService:
         """False from the moment `stop` is called: readiness should report it."""
         return self.engine.accepting
 
-    def submit(self, inputs: dict, sink, request_id: str | None = None) -> None:
+    def submit(self, inputs: dict[str, Any], sink: ResultSink, request_id: str | None = None) -> None:
         """Validates and queues one request; a rejected request gets its error through `sink`.
         A request with an id can be steered by it (`steer`)."""
         if self.faults is not None:
@@ -240,7 +243,7 @@ class PipelineService:
 
     # --- LoRA adapters at run time (the gateway's POST/DELETE/GET /v1/loras, through control messages)
 
-    def loras(self, model: str = "") -> list:
+    def loras(self, model: str = "") -> list[Any]:
         """[{"id", "model", "resident"}] of every adapter registered for `model` (all models when "")."""
         out = []
         for name, served in self.models.items():
@@ -253,6 +256,7 @@ class PipelineService:
         """Registers an uploaded adapter file under `name` (replacing one of that name not in use),
         after reading it once: a file that is not a LoRA for the model is refused (InvalidInput)."""
         served = self._lora_model(model)
+        assert served.lora is not None  # _lora_model refuses a model without
         if not LORA_NAME.fullmatch(name):
             raise InvalidInput("name", f"must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         if len(data) > served.lora.max_file_bytes:
@@ -275,6 +279,7 @@ class PipelineService:
 
     def unload_lora(self, name: str, model: str = "") -> None:
         served = self._lora_model(model)
+        assert served.lora is not None  # _lora_model refuses a model without
         if name not in served.lora.files:
             raise UnknownModel(f"name: no adapter named {name!r}; loaded: {', '.join(served.lora.names()) or 'none'}")
         if not served.lora.unregister(name):
@@ -286,7 +291,7 @@ class PipelineService:
             raise InvalidInput("model", f"model {served.name!r} takes no LoRA adapters (export it with --lora or --lora-dir)")
         return served
 
-    def model_of(self, inputs: dict) -> ServedModel:
+    def model_of(self, inputs: dict[str, Any]) -> ServedModel:
         """The served model a request names in `model` (empty or absent: the default model)."""
         name = text_field(inputs, "model")
         if not name:
@@ -295,7 +300,7 @@ class PipelineService:
             raise UnknownModel(f"model: no model named {name!r}; this server serves {', '.join(self.models)}")
         return self.models[name]
 
-    def steer(self, request_id: str, inputs: dict) -> int:
+    def steer(self, request_id: str, inputs: dict[str, Any]) -> int:
         """Steers the generation named `request_id` with the inputs given (any of STEERABLE:
         texts, guidance, regions, an inpainting mask), validated as a new request's; returns the
         steer id. Raises InvalidInput, or SteerRefused (NOT_FOUND, FAILED_PRECONDITION)."""
@@ -311,7 +316,7 @@ class PipelineService:
         limits = self.models[job.model].limits if job is not None else self.limits
         return self.engine.steer(request_id, parse_steer(inputs, limits), self._check)
 
-    def _check(self, job: Job, request) -> None:
+    def _check(self, job: Job, request: GenerationRequest) -> None:
         """What parse_request cannot see: texts (each text of a prompt schedule) within the text
         encoder's length, regions' rows within one UNet call, regions on a family that serves them."""
         served = self.models[job.model]

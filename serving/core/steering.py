@@ -22,6 +22,7 @@ admission batches), so the engine can tell which step first used it.
 from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from serving.core.regional_prompt import regional_prompt
 from serving.core.regions import FIELDS as REGION_FIELDS, parse_regions
 from serving.core.request import parse_request
 
+if TYPE_CHECKING:
+    from serving.core.job import Job
+
 TEXT_FIELDS = ("prompt", "negative_prompt", "guidance_scale")
 LORA_FIELDS = ("lora_names", "lora_weights")
 STEERABLE = (*TEXT_FIELDS, *REGION_FIELDS, "mask", *LORA_FIELDS)
@@ -42,15 +46,15 @@ STEER_PARAMETER = "steer_request_id"
 
 @dataclass(eq=False)
 class Segment:
-    spec: object  # prompt spec: texts(), rows, build()
-    conditioning: object | None = None  # set by the runner's text encoding
+    spec: Any  # prompt spec: texts(), rows, build()
+    conditioning: Any = None  # set by the runner's text encoding
 
 
 @dataclass(frozen=True)
 class Switch:
     from_step: int
     segment: Segment
-    steer_ids: tuple = ()  # steers whose change this switch first applies
+    steer_ids: tuple[Any, ...] = ()  # steers whose change this switch first applies
 
 
 class SteerRefused(Exception):
@@ -61,7 +65,7 @@ class SteerRefused(Exception):
         self.code = code
 
 
-def prompt_spec(request):
+def prompt_spec(request: Any) -> Any:
     """The prompt spec of a request's (unscheduled) texts."""
     if request.regions is not None:
         return regional_prompt(request)
@@ -71,19 +75,20 @@ def prompt_spec(request):
     return TextPrompt(request.prompt, request.negative_prompt, request.guidance_scale)
 
 
-def denoising_steps(request) -> int:
+def denoising_steps(request: Any) -> int:
     """How many denoising steps the job runs (img2img and inpainting: the strength's share),
     which prompt schedules count."""
-    return request.denoising_steps
+    steps: int = request.denoising_steps
+    return steps
 
 
-def scheduled_texts(request) -> list:
+def scheduled_texts(request: Any) -> list[Any]:
     """[(from_step, prompt, negative_prompt)] of the request's prompt schedules; raises
     InvalidInput on malformed syntax."""
     return joint_schedule(request.prompt, request.negative_prompt, denoising_steps(request))
 
 
-def parse_steer(inputs: dict, limits):
+def parse_steer(inputs: dict[str, Any], limits: Any) -> Any:
     """Parses a steer's inputs (named arrays, as a request's), each range-checked as a new
     request's field. Texts and guidance are checked now, before the job is looked up; returns
     steered(request) -> `request` with all of them: regions parsed at the request's size, which
@@ -99,7 +104,7 @@ def parse_steer(inputs: dict, limits):
         if name in text_changes:  # syntax now; the steps a schedule counts are checked with the job
             schedule(text_changes[name], 1, name)
 
-    def steered(request):
+    def steered(request: Any) -> Any:
         changes = dict(text_changes)
         regions = {name: inputs[name] for name in REGION_FIELDS if name in given}
         if regions:
@@ -113,7 +118,7 @@ def parse_steer(inputs: dict, limits):
     return steered
 
 
-def conditioning_plan(request, start: int, steer_ids: tuple = ()) -> list:
+def conditioning_plan(request: Any, start: int, steer_ids: tuple[Any, ...] = ()) -> list[Any]:
     """The switches that run `request` from step `start` on; the first starts at `start` and
     carries `steer_ids`."""
     entries = scheduled_texts(request)
@@ -127,20 +132,21 @@ def conditioning_plan(request, start: int, steer_ids: tuple = ()) -> list:
 
 
 class ConditioningPlan:
-    def __init__(self, switches: list):
+    def __init__(self, switches: list[Any]) -> None:
         self.switches = switches
 
     def at(self, step: int) -> Switch:
-        return self.switches[bisect_right([s.from_step for s in self.switches], step) - 1]
+        switch: Switch = self.switches[bisect_right([s.from_step for s in self.switches], step) - 1]
+        return switch
 
-    def conditioning_at(self, step: int):
+    def conditioning_at(self, step: int) -> Any:
         return self.at(step).segment.conditioning
 
-    def steers_first_used_at(self, step: int) -> tuple:
+    def steers_first_used_at(self, step: int) -> tuple[Any, ...]:
         switch = self.at(step)
         return switch.steer_ids if switch.from_step == step else ()
 
-    def replace_from(self, switches: list) -> None:
+    def replace_from(self, switches: list[Any]) -> None:
         """Installs `switches` from their first step on. Steer ids of a replaced switch at that
         very step were never used (that step has not run): the new switch carries them too."""
         start = switches[0].from_step
@@ -150,12 +156,12 @@ class ConditioningPlan:
             switches = [replace(switches[0], steer_ids=unused + switches[0].steer_ids), *switches[1:]]
         self.switches = kept + switches
 
-    def unencoded(self) -> list:
+    def unencoded(self) -> list[Any]:
         """Distinct segments that still need their text encoding."""
         return list({id(s.segment): s.segment for s in self.switches if s.segment.conditioning is None}.values())
 
 
-def plan_pending_steers(job) -> None:
+def plan_pending_steers(job: "Job") -> None:
     """Gives an admitted or steered job the plan of its current request from its next step,
     carrying the ids of the steers accepted since its last plan. Called under the engine's lock."""
     ids, job.pending_steers = tuple(job.pending_steers), []
@@ -171,24 +177,24 @@ class GenerationRegistry:
     """Jobs by request id while queued or running, and the ids of the last `remember` that
     ended (so a late steer hears FAILED_PRECONDITION, not NOT_FOUND); bounded."""
 
-    def __init__(self, remember: int = 4096):
-        self.running = {}
-        self.ended = OrderedDict()
+    def __init__(self, remember: int = 4096) -> None:
+        self.running: dict[str, Job] = {}
+        self.ended: OrderedDict[str, bool] = OrderedDict()
         self.remember = remember
 
-    def add(self, job) -> None:
+    def add(self, job: "Job") -> None:
         if job.request_id:
             self.ended.pop(job.request_id, None)
             self.running[job.request_id] = job
 
-    def end(self, job) -> None:
+    def end(self, job: "Job") -> None:
         if job.request_id and self.running.get(job.request_id) is job:
             del self.running[job.request_id]
             self.ended[job.request_id] = True
             while len(self.ended) > self.remember:
                 self.ended.popitem(last=False)
 
-    def find(self, request_id: str):
+    def find(self, request_id: str) -> "Job":
         """The running job with this id; raises SteerRefused when there is none."""
         job = self.running.get(request_id)
         if job is None:

@@ -1,15 +1,17 @@
 """Prompt tokenization with the checkpoint's own tokenizer (CLIP BPE or our word-level one)."""
+from typing import Any
 from collections import OrderedDict
 import threading
 
 import numpy as np
 from transformers import AutoTokenizer
 
+from serving.core.interfaces import Array
 from serving.core.request import InvalidInput
 
 
 class PromptTokenizer:
-    def __init__(self, tokenizer_dir, max_tokens: int):
+    def __init__(self, tokenizer_dir: Any, max_tokens: int) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.max_tokens = max_tokens
         # A fast tokenizer stores padding/truncation settings per call: validation (Triton's
@@ -25,20 +27,21 @@ class PromptTokenizer:
                 field, f"is {count} tokens long; at most {self.max_tokens} tokens (special tokens included)"
             )
 
-    def encode(self, texts) -> np.ndarray:
+    def encode(self, texts: Any) -> Array:
         """int64 [len(texts), max_tokens], padded as StableDiffusionPipeline pads."""
         with self.lock:
             ids = self.tokenizer(
                 list(texts), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="np"
             ).input_ids
-        return ids.astype(np.int64)
+        out: Array = ids.astype(np.int64)
+        return out
 
 
 class TextTokenizers:
     """The tokenizers of a text encoder component, one per token-id input (SDXL's two encoders read
     one prompt through two tokenizers): input name -> PromptTokenizer."""
 
-    def __init__(self, tokenizers: dict, checked: tuple | None = None):
+    def __init__(self, tokenizers: dict[str, Any], checked: tuple[Any, ...] | None = None):
         self.tokenizers = tokenizers
         # the inputs whose length refuses a prompt; the others truncate it, as the family's
         # pipeline does (Flux's CLIP)
@@ -48,7 +51,7 @@ class TextTokenizers:
         for name in self.checked:
             self.tokenizers[name].check(field, text)
 
-    def encode(self, texts) -> dict:
+    def encode(self, texts: Any) -> dict[str, Any]:
         """Input name -> int64 [len(texts), max_tokens]."""
         return {name: tokenizer.encode(texts) for name, tokenizer in self.tokenizers.items()}
 
@@ -64,8 +67,8 @@ class CachedTextEncoder:
     the unconditional embedding of a job without a negative prompt: the encoding of "", or zeros
     where the family's checkpoint says so (SDXL's force_zeros_for_empty_prompt)."""
 
-    def __init__(self, tokenizers: TextTokenizers, encode_text, outputs: dict, zero_unconditional: bool = False,
-                 capacity: int = 1024, max_batch: int | None = None, lora=None):
+    def __init__(self, tokenizers: TextTokenizers, encode_text: Any, outputs: dict[str, Any], zero_unconditional: bool = False,
+                 capacity: int = 1024, max_batch: int | None = None, lora: Any = None) -> None:
         """lora: the model's LoraRegistry where the text encoder takes mixed LoRA inputs: a text is
         encoded with the text-encoder parts of its job's adapters, and cached per adapter set."""
         self.tokenizers = tokenizers
@@ -75,11 +78,11 @@ class CachedTextEncoder:
         self.capacity = capacity
         self.max_batch = max_batch  # rows one text-encoder call takes (its model's max batch size); None: any
         self.lora = lora
-        self.cache = OrderedDict()
+        self.cache: OrderedDict[bytes, Any] = OrderedDict()
         self.calls = 0  # text-encoder calls made (rows encoded: self.rows)
         self.rows = 0
 
-    def encode(self, texts, loras: list | None = None) -> list:
+    def encode(self, texts: Any, loras: list[Any] | None = None) -> list[Any]:
         """One embedding per text, in order; loras: each text's adapter set (its job's), where
         the text encoder takes LoRA inputs."""
         texts = list(texts)

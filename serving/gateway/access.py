@@ -102,7 +102,9 @@ class ApiKeys:
         return name
 
     def is_admin(self, credential: str | None) -> bool:
-        return bool(credential) and hash_key(credential) in self.admins
+        if not credential:
+            return False
+        return hash_key(credential) in self.admins
 
 
 def bearer(header: str | None) -> str | None:
@@ -176,10 +178,10 @@ class Access:
             raise ApiError(PERMISSION_DENIED, f"{what} needs an admin key (a key file line ending in ` admin`: "
                            "ldm gateway --new-key NAME --admin); this key may generate and list")
 
-    def charge(self, caller: str, cost: int) -> None:
+    def charge(self, caller: str, cost: float) -> None:
         if self.limiter is not None:
             self.limiter.charge(caller, cost)
 
-    def refund(self, caller: str, cost: int) -> None:
+    def refund(self, caller: str, cost: float) -> None:
         if self.limiter is not None:
             self.limiter.refund(caller, cost)

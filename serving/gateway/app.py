@@ -14,6 +14,7 @@ page are added by serving/gateway/rest_live.py).
 import asyncio
 from dataclasses import dataclass, field
 import logging
+from typing import Any
 import signal
 
 from aiohttp import web
@@ -73,10 +74,11 @@ class Gateway:
         self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter),
                                     GatewayMetrics(), config.limits, config.replica_name,
                                     Capacity(config.admission_wait_s, share=config.max_key_share))
-        self.grpc_server = None
-        self.runner = None
-        self.rest_port = self.grpc_port = None
-        self._watch_task = None
+        self.grpc_server: Any = None
+        self.runner: web.AppRunner | None = None
+        self.rest_port: int | None = None
+        self.grpc_port: int | None = None
+        self._watch_task: asyncio.Task | None = None
 
     async def start(self) -> "Gateway":
         size = self.config.limits.max_body_bytes
@@ -94,11 +96,12 @@ class Gateway:
         config = self.config
         browser.install(app, BrowserGuard.of(config.host, config.keys is not None, config.allowed_hosts,
                                              config.allowed_origins, config.peer_domain))
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=self.config.drain_s)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.host, self.config.rest_port)
+        runner = self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                             shutdown_timeout=self.config.drain_s)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.rest_port)
         await site.start()
-        self.rest_port = site._server.sockets[0].getsockname()[1]
+        self.rest_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # started: a Server
         self._watch_task = asyncio.create_task(self._watch())
         return self
 
@@ -111,11 +114,11 @@ class Gateway:
                 if ready and not self.service.ready:
                     ready = await pipeline.load_model()
                     if ready:
-                        log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(pipeline.model.inputs)))
-                        model = pipeline.model
+                        model = pipeline.require_model()
+                        log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(model.inputs)))
                         self.service.capacity.configure(model.parameter("max_active", int, 16),
                                                         model.parameter("max_queue", int, 64))
-                if ready:
+                if ready and status is not None:
                     self.service.capacity.observe(status.active + status.queued)
             except Exception:  # whatever broke, the watch goes on: not ready until Triton answers
                 log.exception("asking %s whether the pipeline is ready failed", pipeline.url)

@@ -76,7 +76,9 @@ class Capacity:
         if self.slots is None:
             return True
         used, mine = self.in_flight + self.external, self.by_caller[caller]
-        return (used + n <= self.slots or used == 0) and (mine + n <= self.caller_cap() or mine == 0)
+        cap = self.caller_cap()
+        assert cap is not None  # slots are known
+        return (used + n <= self.slots or used == 0) and (mine + n <= cap or mine == 0)
 
     def _first_admissible(self):
         """The oldest waiter that fits now, or None."""

@@ -90,6 +90,7 @@ class Generation:
 
     def values(self, index: int) -> dict:
         """The pipeline inputs of image `index`, as Python values."""
+        assert self.seed is not None, "validate() draws the seed"
         values = {"prompt": self.prompt, **self.inputs, "seed": self.seed + index}
         if self.progress_every:
             values["progress_every"] = self.progress_every
@@ -110,7 +111,7 @@ class Generation:
         return {name: to_array(name, value, declared[name]) for name, value in self.values(index).items()}
 
 
-def lora_inputs(loras: list) -> dict:
+def lora_inputs(loras: list | None) -> dict:
     """The pipeline inputs of a request's adapters, [(name, weight), ...] (none: no inputs);
     INVALID_ARG naming `loras[i].name` or `loras[i].weight` for what is not a name or a number
     (the pipeline checks the names it holds, the weights' range, NaN included, and how many)."""
@@ -146,7 +147,7 @@ def to_array(name: str, value, data_type: str) -> np.ndarray:
     if dtype is np.object_:
         return np.array([v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values], dtype=np.object_)
     if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
+        info = np.iinfo(dtype)  # type: ignore[type-var]  # an integer dtype here
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise invalid(name, f"must be an integer, got {v!r}")

@@ -8,10 +8,10 @@ The request id travels in the trailing metadata (`x-request-id`) and in the mess
 early headers: a proxy (nginx, an Ingress) that has not yet sent response headers answers a
 replica that dies mid-call with 502, which clients see as UNAVAILABLE and retry; once headers
 are out it can only reset the stream, which they see as INTERNAL."""
+from typing import Any
 from collections import namedtuple
 import math
 
-import numpy as np
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 import grpc
@@ -127,7 +127,7 @@ def to_steer(steer) -> dict:
 def region_inputs(message, negative_of) -> dict:
     """The region inputs of a GenerateRequest or Steer; negative_of(region) is the negative
     prompt of a region without one when others have one."""
-    inputs = {}
+    inputs: dict[str, Any] = {}
     if message.regions:
         inputs["region_prompts"] = [r.prompt for r in message.regions]
         if any(r.negative_prompt for r in message.regions):

@@ -116,4 +116,4 @@ def resized(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 image or mask at (height, width), bilinear."""
     if array.shape[:2] == (height, width):
         return array
-    return np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))

@@ -10,6 +10,7 @@ Only the caller that started a generation may steer or cancel it; to anyone else
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 import re
 import secrets
 
@@ -38,7 +39,7 @@ class LiveGeneration:
     n: int = 1
     cancelled: bool = False  # by DELETE or a Session's cancel
     started: asyncio.Event = field(default_factory=asyncio.Event)  # the pipeline has answered (or it ended)
-    _stream: object = field(default=None, repr=False)  # the Triton stream, once open
+    _stream: Any = field(default=None, repr=False)  # the Triton stream, once open
     steer_budget: SteerBudget = field(default_factory=SteerBudget)  # its steers' caps (serving/gateway/costs.py)
 
     def triton_ids(self) -> list:

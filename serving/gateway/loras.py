@@ -151,7 +151,8 @@ async def read_upload(request, limit: int) -> tuple:
     if request.content_length is not None and request.content_length > limit + FORM_SLACK_BYTES:
         raise ApiError(TOO_LARGE, f"the upload is {request.content_length} bytes; an adapter file may have at most "
                        f"{limit} bytes (the pipeline's max_lora_file_mb)", "file")
-    fields, filename = {}, None
+    fields: dict[str, bytes | str] = {}
+    filename = None
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:

@@ -29,7 +29,10 @@ OPENAI_IMAGE_MODELS = re.compile(r"(dall-e-[0-9]+|gpt-image-[0-9a-z.-]+|chatgpt-
 
 
 @dataclass(frozen=True)
-class ServedModel:
+class ListedModel:
+    """A served model as the API lists it (GET /v1/models, the gRPC ListModels): the gateway's view
+    of the pipeline's `models` table (serving/core/service.py ServedModel is the pipeline's own)."""
+
     id: str
     family: str
     default: bool
@@ -50,20 +53,20 @@ def served_models(model: PipelineModel | None) -> list:
 
 
 @functools.lru_cache(maxsize=16)  # read on every request: parsed once per served pipeline
-def _parse(table: str, configured: str, scheduler: str, native: int, max_size: int, image_input: bool) -> tuple:
+def _parse(table: str, configured: str, scheduler_config: str | None, native: int, max_size: int, image_input: bool) -> tuple:
     try:
         entries = json.loads(table or "null")
     except ValueError:
         entries = None
     if not isinstance(entries, list) or not entries:  # an export of one model, before the table
         try:
-            scheduler = json.loads(scheduler or "null")
+            noise_schedule = json.loads(scheduler_config or "null")
         except ValueError:
-            scheduler = None
+            noise_schedule = None
         entries = [{"id": DEFAULT_ID, "family": "sd", "default": True, "native_size": native,
-                    "max_size": max_size or 2 * native, "scheduler_config": scheduler,
+                    "max_size": max_size or 2 * native, "scheduler_config": noise_schedule,
                     "tasks": ["txt2img"] + (["img2img", "inpaint"] if image_input else [])}]
-    models = [ServedModel(
+    models = [ListedModel(
         id=str(e["id"]), family=str(e.get("family", "sd")), default=bool(e.get("default")),
         native_size=int(e.get("native_size") or 0), max_size=int(e.get("max_size") or 0), tasks=tuple(e.get("tasks", ())),
         scheduler_config=e.get("scheduler_config") if isinstance(e.get("scheduler_config"), dict) else None,
@@ -74,18 +77,18 @@ def _parse(table: str, configured: str, scheduler: str, native: int, max_size: i
     return tuple(sorted(models, key=lambda m: not m.default))
 
 
-def _default_sampler(configured: str, scheduler) -> tuple | None:
+def _default_sampler(configured: str, scheduler_config) -> tuple | None:
     """What a request naming no sampler gets on a model with this scheduler config (the pipeline's
     own rule, serving/core/samplers/registry.py); None when it cannot be said."""
-    if not isinstance(scheduler, dict):
+    if not isinstance(scheduler_config, dict):
         return None
     try:
-        return served_default(configured, scheduler)
+        return served_default(configured, scheduler_config)
     except ValueError:  # the pipeline refuses to load with it; nothing to say here
         return None
 
 
-def find(models: list, name: str) -> ServedModel:
+def find(models: list, name: str) -> ListedModel:
     """The served model `name` names; NOT_FOUND naming it. The default model for "" and for
     OpenAI's image model names no served model has."""
     for served in models:
@@ -96,7 +99,7 @@ def find(models: list, name: str) -> ServedModel:
     raise not_found(models, name)
 
 
-def lookup(models: list, name: str) -> ServedModel:
+def lookup(models: list, name: str) -> ListedModel:
     """A served model by its id only (GET /v1/models/{id}): NOT_FOUND naming anything else."""
     for served in models:
         if served.id == name:
@@ -109,7 +112,7 @@ def not_found(models: list, name: str) -> ApiError:
     return ApiError(NOT_FOUND, f"no model named {name[:200]!r}; this server serves {served} (GET /v1/models)", "model")
 
 
-def resolve(inputs: dict, pipeline_model: PipelineModel) -> ServedModel:
+def resolve(inputs: dict, pipeline_model: PipelineModel) -> ListedModel:
     """The model a generation's inputs name (its `model`, if any, taken out); puts back the
     served model's id when the request named one and the pipeline takes `model`, so that the
     pipeline runs it; the default model otherwise goes unnamed (any pipeline serves it)."""
@@ -121,7 +124,7 @@ def resolve(inputs: dict, pipeline_model: PipelineModel) -> ServedModel:
     return served
 
 
-def rest_entry(served: ServedModel, created: int) -> dict:
+def rest_entry(served: ListedModel, created: int) -> dict:
     """One model in OpenAI's model object shape, with this server's facts beside."""
     sampler, schedule = served.default_sampler or (None, None)
     return {"id": served.id, "object": "model", "created": created, "owned_by": OWNER, "family": served.family,

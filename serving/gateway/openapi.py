@@ -9,15 +9,16 @@ Every status a route answers is declared; each server-sent event of the streams 
 `POST /v1/generations` links to its steer and DELETE by its X-Generation-Id header.
 tests/test_gateway_openapi.py runs a schema-driven fuzzer (schemathesis) against a real gateway
 with this document."""
+from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 
 from serving.core.lora import DEFAULT_MAX_PER_REQUEST, MAX_WEIGHT
-from serving.core.regions import MAX_REGIONS
+from families.contracts import MAX_REGIONS
 from serving.gateway.generation import FORMATS, MAX_SEED, PAIRS
 from serving.gateway.protos import images_pb2
 from serving.gateway.rest_params import EDITS, GENERATIONS, SIZE, params_of
 
-KINDS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
+KINDS: dict[str, dict[str, Any]] = {"string": {"type": "string"}, "integer": {"type": "integer"}, "number": {"type": "number"},
          "boolean": {"type": "boolean"}, "file": {"type": "string", "format": "binary"}, "any": {},
          "interval": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2, "maxItems": 2},
          "pair": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
@@ -184,7 +185,7 @@ def _operation(route: str, summary: str, content_type: str, event: str) -> dict:
     }
 
 
-PROTO_KINDS = {FieldDescriptor.TYPE_STRING: {"type": "string"}, FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+PROTO_KINDS: dict[int, dict[str, Any]] = {FieldDescriptor.TYPE_STRING: {"type": "string"}, FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
                FieldDescriptor.TYPE_FLOAT: {"type": "number"}, FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
                FieldDescriptor.TYPE_INT32: {"type": "integer", "minimum": -2**31, "maximum": 2**31 - 1},
                FieldDescriptor.TYPE_UINT64: {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},

@@ -21,7 +21,7 @@ control messages too: the adapters the pipeline holds, an uploaded file register
 import asyncio
 from dataclasses import dataclass
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -40,7 +40,7 @@ MODEL = "pipeline"
 
 
 @dataclass
-class Progress:
+class PipelineProgress:
     index: int
     step: int
     total_steps: int
@@ -166,7 +166,7 @@ class PipelineClient:
         return self.model
 
     async def generate(self, generation: Generation, request_id: str, attach=None) -> AsyncIterator:
-        """Progress and Finished events until all n images are in; raises ApiError. `attach` is
+        """PipelineProgress and Finished events until all n images are in; raises ApiError. `attach` is
         given the Triton stream once it is open (what a DELETE cancels)."""
         declared = self.require_model().inputs
         arrays = [generation.arrays(i, declared) for i in range(generation.n)]
@@ -196,7 +196,7 @@ class PipelineClient:
                     first_step.setdefault(index, elapsed)
                     step, total = int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0])
                     totals[index] = total
-                    yield Progress(index, step, total, result.as_numpy("preview"), elapsed, steered)
+                    yield PipelineProgress(index, step, total, result.as_numpy("preview"), elapsed, steered)
                     continue
                 pending.discard(index)
                 seed = int(result.as_numpy("seed")[0])
@@ -278,7 +278,7 @@ async def _half_close(stream, answered: asyncio.Event, timeout_s: float = 5.0) -
     try:
         await asyncio.wait_for(rest(), timeout_s)
         return True
-    except (asyncio.TimeoutError, ApiError):
+    except (TimeoutError, ApiError):
         return False
 
 

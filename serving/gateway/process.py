@@ -21,7 +21,7 @@ class GatewayProcess:
         self.grpc_port = grpc_port or spare[1]
         self.log_file = log_file
         self.extra_args = list(extra_args)
-        self.process = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def rest_url(self) -> str:

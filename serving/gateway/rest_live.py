@@ -13,6 +13,7 @@ the field), as for /v1/images; after that an error is an `error` event ending th
 A steer or DELETE for another replica's generation is forwarded to it (serving/gateway/replicas.py).
 Their answers say which gateway took the call (`X-Ldm-Replica`) and which ran it (`X-Ldm-Owner`).
 """
+from typing import Any
 import base64
 import json
 from pathlib import Path
@@ -46,7 +47,7 @@ ENUMS = {
 }
 # the JSON values each proto field type takes, and their name (an integer field: an integral number too)
 NUMBER = ((int, float), "a number")
-JSON_TYPES = {FieldDescriptor.TYPE_STRING: (str, "a string"), FieldDescriptor.TYPE_BYTES: (str, "a base64 string"),
+JSON_TYPES: dict[int, tuple[Any, str]] = {FieldDescriptor.TYPE_STRING: (str, "a string"), FieldDescriptor.TYPE_BYTES: (str, "a base64 string"),
               FieldDescriptor.TYPE_BOOL: (bool, "true or false"), FieldDescriptor.TYPE_FLOAT: NUMBER,
               FieldDescriptor.TYPE_DOUBLE: NUMBER, FieldDescriptor.TYPE_INT32: NUMBER, FieldDescriptor.TYPE_UINT64: NUMBER}
 NOT_TAKEN = {"n": "a live generation makes one image; leave n out"}
@@ -150,9 +151,9 @@ async def create(request):
         except ConnectionResetError:
             raise
         except Exception as exc:  # after the headers: an error event ends the stream
-            error = exc if isinstance(exc, ApiError) else unexpected(exc, request["rid"])
-            outcome.code = error.code
-            await _send(response, "error", error_body(error.renamed(renames)))
+            failure = exc if isinstance(exc, ApiError) else unexpected(exc, request["rid"])
+            outcome.code = failure.code
+            await _send(response, "error", error_body(failure.renamed(renames)))
         finally:  # a client gone while an event was being written: cancel the generation now
             await events.aclose()
         await response.write_eof()

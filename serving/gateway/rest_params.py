@@ -214,11 +214,11 @@ def parse_loras(value, from_form: bool) -> list:
                     raise invalid("loras", f"is not a JSON array of {{name, weight}}: {text[:60]!r}") from None
                 continue
             for entry in filter(None, (t.strip() for t in text.split(","))):
-                name, _, weight = entry.rpartition(":") if ":" in entry else (entry, "", "")
+                adapter, _, amount = entry.rpartition(":") if ":" in entry else (entry, "", "")
                 try:
-                    items.append({"name": name, **({"weight": float(weight)} if weight else {})})
+                    items.append({"name": adapter, **({"weight": float(amount)} if amount else {})})
                 except ValueError:
-                    raise invalid(f"loras[{len(items)}].weight", f"must be a number, got {weight!r}") from None
+                    raise invalid(f"loras[{len(items)}].weight", f"must be a number, got {amount!r}") from None
         value = items
     if not isinstance(value, list):
         raise invalid("loras", "must be an array of {name, weight} objects")

@@ -29,6 +29,7 @@ def served_samplers(model: PipelineModel | None, name: str = "") -> ServedSample
         return ServedSamplers(describe_samplers(None), None)
     served = find(models, name)
     default = served.default_sampler
+    assert model is not None  # it listed models
     configured = model.parameters.get("default_sampler", "")
     if served.scheduler_config is None and configured:  # an export without its scheduler config: the name alone
         try:

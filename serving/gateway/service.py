@@ -9,10 +9,10 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import math
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from serving.core.errors import CANCELLED, UNAVAILABLE
-from serving.core.regions import MAX_REGIONS
+from families.contracts import MAX_REGIONS
 from serving.core.steering import STEERABLE  # the pipeline inputs a steer may give
 from serving.gateway import images
 from serving.gateway.access import Access
@@ -211,7 +211,8 @@ class ImageService:
                 live.started.set()
                 yield event
         except asyncio.CancelledError:
-            if not live.cancelled or asyncio.current_task().cancelling():
+            task = asyncio.current_task()
+            if not live.cancelled or (task is not None and task.cancelling()):
                 raise  # the caller went away: nothing to report to
             raise ApiError(CANCELLED, f"generation {live.id} was cancelled") from None
         finally:
@@ -260,7 +261,7 @@ def encoded(event: Finished, generation: Generation) -> EncodedImage:
 
 def preview_png(preview, generation: Generation) -> bytes:
     """A preview at the request's size when it gave one, else at the latent resolution it has."""
-    size = generation.inputs.get("height"), generation.inputs.get("width")
-    if all(size):
-        preview = images.resized(preview, *size)
+    height, width = generation.inputs.get("height"), generation.inputs.get("width")
+    if height and width:
+        preview = images.resized(preview, height, width)
     return images.encode(preview, "png")

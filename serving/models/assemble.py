@@ -11,6 +11,7 @@
 The torch runner reads the checkpoint copy `ldm export` puts in pipeline/1/checkpoint, and runs
 on the device of the pipeline's Triton instance (KIND_GPU: cuda:<device id>; KIND_CPU: cpu).
 """
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
     if choice.unet == "bls":
         calls = ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None, torch_models=torch_models)
     elif choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
+        assert torch_models is not None  # unet=torch is a torch component
         calls = ModelCalls(text_vae, torch_models.unet, row_cap=torch_models.row_cap, torch_models=torch_models)
     else:
         calls = _inprocess_calls(text_vae, repo_dir, version, facts, components, has_regional, torch_models)
@@ -138,3 +140,9 @@ def plan_gpu_memory(models) -> None:
     for m in models:
         if m.torch_models is not None and m._unet == m.torch_models.unet:
             m.row_cap = m.torch_models.row_cap
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)
+    from serving.core.interfaces import RunnerModels
+
+    _checked: type[RunnerModels] = ModelCalls

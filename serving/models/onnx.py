@@ -1,4 +1,5 @@
 """ONNX Runtime sessions for the exported components, usable in any process."""
+from typing import TYPE_CHECKING
 import json
 from pathlib import Path
 
@@ -86,16 +87,22 @@ class LocalModels:
         self.text_encoder = OnnxComponent(repo / "pipeline" / "1" / facts["lora_text_encoder"], threads) \
             if facts.get("lora_text_encoder") else session("text_encoder")
         # with LoRA inputs (export --lora) every call runs the LoRA graph (serving/core/lora.py)
-        self.unet = LocalUnet(OnnxComponent(repo / "pipeline" / "1" / facts["lora_unet"], threads)) if facts.get("lora_unet") \
-            else LocalUnet(session("unet"))
+        self._unet = LocalUnet(OnnxComponent(repo / "pipeline" / "1" / facts["lora_unet"], threads)) \
+            if facts.get("lora_unet") else LocalUnet(session("unet"))
         # regions' attention mode (the base variant's, where exported)
-        self.regional_unet = LocalUnet(session("unet_regional")) if "unet_regional" in components else None
+        self._regional = LocalUnet(session("unet_regional")) if "unet_regional" in components else None
         self.vae_decoder = session("vae_decoder")
         self.vae_encoder = session("vae_encoder") if "vae_encoder" in components else None
 
     def encode_text(self, input_ids, **more_ids):
         """Token ids by input name (input_ids, input_ids_2, ...) -> the text encoder's outputs by name."""
         return self.text_encoder(input_ids=input_ids, **more_ids)
+
+    def unet(self, sample, timestep, encoder_hidden_states, **per_row):
+        return self._unet(sample, timestep, encoder_hidden_states, **per_row)
+
+    def regional_unet(self, sample, timestep, encoder_hidden_states, **per_row):
+        return self._regional(sample, timestep, encoder_hidden_states, **per_row)
 
     def decode(self, latents):
         return self.vae_decoder(latents=latents)["images"]
@@ -113,3 +120,9 @@ def local_variants(repo_dir, threads: int = 0) -> dict:
     sessions = {}
     return {(model, name): LocalModels(repo_dir, threads, name, sessions, model)
             for model, facts in info["models"].items() for name in facts["variants"]}
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)
+    from serving.core.interfaces import RunnerModels
+
+    _checked: type[RunnerModels] = LocalModels

@@ -12,6 +12,7 @@ models (group norm and attention are per row, there is no batch norm), so paddin
 the real rows. Bucketing also bounds the shapes a kernel ever sees, which is what keeps a row's
 result independent of its batch-mates on CPU (see torch_options.CPU_MIN_BUCKET).
 """
+from typing import Any
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +42,7 @@ class BucketedCall:
         self.device = device
         self.dtype = dtype  # floating inputs are cast to it; outputs come back as float32
         self.graphs = {}  # (bucket, per-row shapes and dtypes) -> CapturedGraph
-        self.pool = None
+        self.pool: Any = None
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
@@ -171,7 +172,7 @@ class TorchModels:
                 encoder = decoder.encoder()  # the family's (SDXL: with the VAE's latent statistics)
                 self.calls["vae_decoder"] = self._call("vae_decoder", decoder, vae_buckets)
                 self.calls["vae_encoder"] = self._call("vae_encoder", encoder, vae_buckets)
-        self.memory_plan = None
+        self.memory_plan: dict[str, Any] | None = None
         self.row_cap = self.calls["unet"].buckets[-1] if "unet" in self.calls else None
         if plan:
             self.plan_memory()
@@ -268,7 +269,7 @@ class TorchModels:
         UNet's calls chunk at the largest captured bucket: its row cap. CPU (or graphs off): no
         graphs and nothing to measure; the row cap is the largest bucket."""
         with torch.cuda.device(self.device) if self.options.kind == "cuda" else nullcontext():
-            plan = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            plan: dict[str, Any] = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                     "weight_bytes": self.weight_bytes(), "graphs": {name: [] for name in self.calls}}
             if self.options.kind == "cuda" and self.options.cuda_graphs:
                 reserve = self.vae_peak_bytes() if reserve is None else reserve

@@ -19,7 +19,7 @@ gateway, serving/gateway/, cancels on disconnect).
 """
 from collections import OrderedDict
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 # request parameter of a cancel message to `pipeline`: the id of the request to cancel
 CANCEL_PARAMETER = "cancel_request_id"

@@ -161,7 +161,7 @@ def run(args) -> int:
         print('try:   ldm generate "a red circle" -o out.png' + ('' if gateway else ' --protocol kserve'), flush=True)
         stubs = server.stub_pids()
         while not signals.acquire(timeout=1.0):
-            for name, process in (("tritonserver", server.process), ("gateway", gateway and gateway.process)):
+            for name, process in (("tritonserver", server.process), ("gateway", gateway.process if gateway is not None else None)):
                 if process is not None and process.poll() is not None:
                     print(f"{name} exited with code {process.returncode}", flush=True)
                     return 1
@@ -243,9 +243,9 @@ def scheduler_configs(repo) -> dict:
         if isinstance(config, dict):
             configs[name] = config
     if not configs:  # an export of one model, before the models table
-        scheduler = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
-        if scheduler.is_file():
-            configs[""] = json.loads(scheduler.read_text())
+        config_file = Path(repo) / "pipeline" / "1" / "scheduler_config.json"
+        if config_file.is_file():
+            configs[""] = json.loads(config_file.read_text())
     return configs
 
 
@@ -260,9 +260,9 @@ def set_default_sampler(repo, sampler: str | None) -> None:
 
     if sampler is not None:
         configs = scheduler_configs(repo)
-        for name, scheduler in configs.items():
+        for name, scheduler_config in configs.items():
             try:
-                served_default(sampler, scheduler)
+                served_default(sampler, scheduler_config)
             except ValueError as exc:
                 if len(configs) < 2:
                     raise

@@ -181,7 +181,7 @@ class TritonServer:
         self.grpc_port = grpc_port or spare[1]
         self.metrics_port = metrics_port or spare[2]
         self.log_file = log_file
-        self.process = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def http_url(self):
@@ -217,6 +217,7 @@ class TritonServer:
         """The live python-backend stub processes of `model` of this server."""
         from serving.triton.stubs import stub_pids
 
+        assert self.process is not None, "a started server"
         return stub_pids(model, group=self.process.pid)
 
     def stop(self, timeout: float | None = None) -> int | None:

@@ -18,11 +18,13 @@ Coefficients are per-row scalars computed from each run's schedule (a short loop
 max_rows rows); the tensor arithmetic is one vectorised expression over all rows. Schedules are
 float32 where diffusers keeps them in float32 tensors, so results agree with its schedulers.
 """
+from typing import Any
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 
+from serving.core.interfaces import Array
 from serving.core.sampler import train_alphas_cumprod
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -34,16 +36,16 @@ class SamplerRun:
 
     sampler: "Sampler"
     steps: int  # the schedule's length (the request's steps)
-    timesteps: np.ndarray  # [steps] the UNet's timestep at each position (float64)
-    values: np.ndarray  # the sampler's schedule at each position (sigmas: [steps + 1], the last 0)
+    timesteps: Array  # [steps] the UNet's timestep at each position (float64)
+    values: Array  # the sampler's schedule at each position (sigmas: [steps + 1], the last 0)
     begin: int = 0  # first position it denoises
     eta: float = 0.0  # DDIM's eta
-    history: list = field(default_factory=list)  # multistep solvers: converted model outputs, newest last
-    last_sample: np.ndarray | None = None  # UniPC: the sample its corrector starts from
+    history: list[Any] = field(default_factory=list)  # multistep solvers: converted model outputs, newest last
+    last_sample: Array | None = None  # UniPC: the sample its corrector starts from
     order: int = 0  # UniPC: the order of its last predictor
 
     @property
-    def denoising_timesteps(self) -> np.ndarray:
+    def denoising_timesteps(self) -> Array:
         """The UNet timesteps of the steps this job runs."""
         return self.timesteps[self.begin:]
 
@@ -54,14 +56,14 @@ class Sampler:
     name = ""
     fits = "diffusion"  # "diffusion": epsilon / v / sample models; "flow": flow-matching models
 
-    def __init__(self, config: dict, sigma_schedule: str = "default"):
+    def __init__(self, config: dict[str, Any], sigma_schedule: str = "default"):
         self.config = config
         self.sigma_schedule = sigma_schedule
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
         self._schedule = lru_cache(maxsize=256)(self._make_schedule)
 
-    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
+    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple[Any, ...]:
         """(timesteps [steps], per-position schedule values), cached per step count (and mu)."""
         raise NotImplementedError
 
@@ -77,17 +79,17 @@ class Sampler:
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return False
 
-    def initial_latents(self, run: SamplerRun, noise: np.ndarray) -> np.ndarray:
+    def initial_latents(self, run: SamplerRun, noise: Array) -> Array:
         return noise
 
     def input_scale(self, run: SamplerRun, position: int) -> float:
         return 1.0
 
-    def add_noise(self, run: SamplerRun, clean: np.ndarray, noise: np.ndarray, position: int) -> np.ndarray:
+    def add_noise(self, run: SamplerRun, clean: Array, noise: Array, position: int) -> Array:
         raise NotImplementedError
 
-    def step(self, runs: list, positions: list, model_output: np.ndarray, latents: np.ndarray,
-             noise: np.ndarray | None) -> tuple:
+    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
+             noise: Array | None) -> tuple[Any, ...]:
         raise NotImplementedError
 
 
@@ -95,7 +97,7 @@ class TrainSigmaSampler(Sampler):
     """A sampler whose schedule interpolates the training sigmas at its timesteps (Euler, the
     VP solvers); `timestep_spacing` defaults to diffusers' linspace for them."""
 
-    def __init__(self, config: dict, sigma_schedule: str = "default"):
+    def __init__(self, config: dict[str, Any], sigma_schedule: str = "default"):
         super().__init__(config, sigma_schedule)
         self.train_sigmas = train_sigmas(sigma_alphas_cumprod(config))
         self.spacing = config.get("timestep_spacing", "linspace")
@@ -108,12 +110,12 @@ def kept_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
-def per_row(values) -> np.ndarray:
+def per_row(values: Any) -> Array:
     """[B] scalars -> float32 [B, 1, 1, 1], to scale rows of [B, C, h, w]."""
     return np.asarray(values, dtype=np.float64).astype(np.float32)[:, None, None, None]
 
 
-def sigma_alphas_cumprod(config: dict) -> np.ndarray:
+def sigma_alphas_cumprod(config: dict[str, Any]) -> Array:
     """alpha-bar as diffusers' sigma-space schedulers hold it: float32, and at zero terminal SNR
     the last value is 2^-24 instead of 0 (an infinite sigma otherwise)."""
     alphas_cumprod = train_alphas_cumprod(config).astype(np.float32)
@@ -122,18 +124,20 @@ def sigma_alphas_cumprod(config: dict) -> np.ndarray:
     return alphas_cumprod
 
 
-def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+def train_sigmas(alphas_cumprod: Array) -> Array:
     """sigma_t = sqrt((1 - alpha-bar) / alpha-bar), ascending in t (float32, as diffusers)."""
-    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
+    out: Array = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
+    return out
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> Array:
     """Karras et al. (2022) eq. 5: noise levels spaced evenly in sigma^(1/rho), descending."""
     ramp = np.linspace(0, 1, steps)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    out: Array = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return out
 
 
-def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
+def sigma_to_t(sigmas: Array, log_train_sigmas: Array) -> Array:
     """The (fractional) training timestep of each sigma: linear interpolation in log sigma
     between the two training timesteps around it."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
@@ -141,19 +145,22 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_train_sigmas.shape[0] - 2)
     high = low + 1
     w = np.clip((log_train_sigmas[low] - log_sigma) / (log_train_sigmas[low] - log_train_sigmas[high]), 0, 1)
-    return ((1 - w) * low + w * high).reshape(np.shape(sigmas))
+    out: Array = ((1 - w) * low + w * high).reshape(np.shape(sigmas))
+    return out
 
 
-def vp_alpha_sigma(sigma: float) -> tuple:
+def vp_alpha_sigma(sigma: float | np.floating[Any]) -> tuple[Any, ...]:
     """(alpha_t, sigma_t) of the variance-preserving process at VE noise level sigma."""
     alpha = 1.0 / np.sqrt(np.float64(sigma) ** 2 + 1)
     return alpha, np.float64(sigma) * alpha
 
 
-def x0_from_vp(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha, sigma) -> np.ndarray:
+def x0_from_vp(prediction_type: str, model_output: Array, sample: Array, alpha: Any, sigma: Any) -> Array:
     """The predicted clean latents from a model output at VP noise level (alpha, sigma) per row."""
     if prediction_type == "epsilon":
-        return (sample - per_row(sigma) * model_output) / per_row(alpha)
+        out: Array = (sample - per_row(sigma) * model_output) / per_row(alpha)
+        return out
     if prediction_type == "v_prediction":
-        return per_row(alpha) * sample - per_row(sigma) * model_output
+        out = per_row(alpha) * sample - per_row(sigma) * model_output
+        return out
     return model_output.astype(np.float32)

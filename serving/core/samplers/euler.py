@@ -2,15 +2,17 @@
 sample_euler_ancestral) in sigma space, as diffusers' EulerDiscreteScheduler and
 EulerAncestralDiscreteScheduler compute them: latents live at scale sqrt(sigma^2 + 1), the UNet
 sees them divided by it, and its timestep is the sigma's (fractional, for Karras sigmas)."""
+from typing import Any
 import numpy as np
 
+from serving.core.interfaces import Array
 from serving.core.samplers.base import SamplerRun, TrainSigmaSampler, karras_sigmas, per_row, sigma_to_t
 
 
 class Euler(TrainSigmaSampler):
     name = "euler"
 
-    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
+    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple[Any, ...]:
         n = self.num_train_timesteps
         if self.spacing == "linspace":
             timesteps = np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
@@ -26,27 +28,31 @@ class Euler(TrainSigmaSampler):
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return timesteps.astype(np.float32).astype(np.float64), sigmas
 
-    def initial_latents(self, run, noise):
+    def initial_latents(self, run: SamplerRun, noise: Array) -> Array:
         sigma_max = np.float32(run.values.max())
         scale = sigma_max if self.spacing in ("linspace", "trailing") else np.float32((sigma_max**2 + 1) ** 0.5)
         return (noise * scale).astype(np.float32)
 
-    def input_scale(self, run, position):
+    def input_scale(self, run: SamplerRun, position: int) -> float:
         sigma = np.float32(run.values[position])
         return float(np.float32(1.0) / np.float32((sigma**2 + 1) ** 0.5))
 
-    def add_noise(self, run, clean, noise, position):
-        return (clean + noise * run.values[position]).astype(np.float32)
+    def add_noise(self, run: SamplerRun, clean: Array, noise: Array, position: int) -> Array:
+        out: Array = (clean + noise * run.values[position]).astype(np.float32)
+        return out
 
-    def x0(self, model_output, sample, sigma):
+    def x0(self, model_output: Array, sample: Array, sigma: Any) -> Array:
         if self.prediction_type == "epsilon":
-            return sample - per_row(sigma) * model_output
+            out: Array = sample - per_row(sigma) * model_output
+            return out
         if self.prediction_type == "v_prediction":
             s = np.asarray(sigma, np.float64)
-            return model_output * per_row(-s / (s**2 + 1) ** 0.5) + sample / per_row(s**2 + 1)
+            out = model_output * per_row(-s / (s**2 + 1) ** 0.5) + sample / per_row(s**2 + 1)
+            return out
         return model_output.astype(np.float32)
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
+             noise: Array | None) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_next = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         x0 = self.x0(model_output, latents, sigma)
@@ -63,7 +69,8 @@ class EulerAncestral(Euler):
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return True
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
+             noise: Array | None) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_to = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5

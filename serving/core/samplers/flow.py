@@ -5,18 +5,20 @@ num_train_timesteps (fractional). Sigmas are shifted by the checkpoint's `shift`
 `use_dynamic_shifting`, by exp(mu) for a resolution-dependent mu the family passes to `start`.
 Unshifted sigmas are the scheduler's default spacing, or linspace(1, 1/steps, steps) where the
 family's scheduler config says its pipeline passes those (`sigmas_from_steps`: Flux)."""
+from typing import Any
 import math
 
 import numpy as np
 
-from serving.core.samplers.base import Sampler, per_row
+from serving.core.interfaces import Array
+from serving.core.samplers.base import Sampler, per_row, SamplerRun
 
 
 class FlowMatchEuler(Sampler):
     name = "flow_match_euler"
     fits = "flow"
 
-    def __init__(self, config: dict, sigma_schedule: str = "default"):
+    def __init__(self, config: dict[str, Any], sigma_schedule: str = "default"):
         super().__init__(config, sigma_schedule)
         self.shift = float(config.get("shift", 1.0))
         self.dynamic = bool(config.get("use_dynamic_shifting", False))
@@ -26,7 +28,7 @@ class FlowMatchEuler(Sampler):
             train = self.shift * train / (1 + (self.shift - 1) * train)
         self.sigma_max, self.sigma_min = float(train[0]), float(train[-1])
 
-    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
+    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple[Any, ...]:
         n = self.num_train_timesteps
         if self.config.get("sigmas_from_steps"):  # FluxPipeline passes linspace(1, 1/steps, steps) itself
             sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)  # shifted in float32, as diffusers
@@ -42,14 +44,15 @@ class FlowMatchEuler(Sampler):
         timesteps = (sigmas * n).astype(np.float64)
         return timesteps, np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
-    def add_noise(self, run, clean, noise, position):
+    def add_noise(self, run: SamplerRun, clean: Array, noise: Array, position: int) -> Array:
         if position >= run.steps:
             return clean
         sigma = np.float32(run.values[position])
         return (sigma * noise + (np.float32(1.0) - sigma) * clean).astype(np.float32)
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
+             noise: Array | None) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_next = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
-        x0 = (latents - per_row(sigma) * model_output).astype(np.float32)
+        x0: Array = (latents - per_row(sigma) * model_output).astype(np.float32)
         return (latents + per_row(sigma_next - sigma) * model_output).astype(np.float32), x0

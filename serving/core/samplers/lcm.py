@@ -4,10 +4,12 @@ clean latents through the consistency boundary condition and re-noises them to t
 with fresh noise from the job's seed stream (none after the last). Needs an LCM-distilled UNet or
 LCM-LoRA to give good images; the UNet's optional guidance embedding (timestep_cond) is not part
 of the served contract."""
+from typing import Any
 import numpy as np
 
+from serving.core.interfaces import Array
 from serving.core.sampler import train_alphas_cumprod
-from serving.core.samplers.base import Sampler, per_row
+from serving.core.samplers.base import Sampler, per_row, SamplerRun
 
 SIGMA_DATA = 0.5
 
@@ -15,30 +17,31 @@ SIGMA_DATA = 0.5
 class LCM(Sampler):
     name = "lcm"
 
-    def __init__(self, config: dict, sigma_schedule: str = "default"):
+    def __init__(self, config: dict[str, Any], sigma_schedule: str = "default"):
         super().__init__(config, sigma_schedule)
         self.alphas_cumprod = train_alphas_cumprod(config).astype(np.float32)
         self.original_steps = int(config.get("original_inference_steps", 50))
         self.timestep_scaling = float(config.get("timestep_scaling", 10.0))
         self.clip_sample_range = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
 
-    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
+    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple[Any, ...]:
         k = self.num_train_timesteps // self.original_steps
         origin = (np.arange(1, self.original_steps + 1) * k - 1)[::-1]
         indices = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
         timesteps = origin[indices]
         return timesteps.astype(np.float64), timesteps.astype(np.int64)
 
-    def draws_noise(self, run, position):
+    def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return position != run.steps - 1
 
-    def add_noise(self, run, clean, noise, position):
+    def add_noise(self, run: SamplerRun, clean: Array, noise: Array, position: int) -> Array:
         if position >= run.steps:
             return clean
         alpha = np.float64(self.alphas_cumprod[run.values[position]])
         return (np.float32(alpha**0.5) * clean + np.float32((1 - alpha) ** 0.5) * noise).astype(np.float32)
 
-    def step(self, runs, positions, model_output, latents, noise):
+    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
+             noise: Array | None) -> tuple[Any, ...]:
         t = np.array([r.values[p] for r, p in zip(runs, positions)])
         t_prev = np.array([r.values[p + 1] if p + 1 < r.steps else r.values[p] for r, p in zip(runs, positions)])
         alpha_t = self.alphas_cumprod[t].astype(np.float64)

@@ -1,6 +1,8 @@
 """Sampler names, their A1111 display names, which checkpoints they fit, and the default one a
 checkpoint's scheduler config picks."""
-from serving.core.samplers.base import PREDICTION_TYPES
+from typing import Any
+
+from serving.core.samplers.base import PREDICTION_TYPES, Sampler
 from serving.core.samplers.ddim import DDIM
 from serving.core.samplers.dpm import DPMSolverPP2M, DPMSolverPP2MSDE
 from serving.core.samplers.euler import Euler, EulerAncestral
@@ -37,7 +39,7 @@ DESCRIPTIONS = {
 }
 
 
-def resolve_name(value: str, sigma_schedule: str | None) -> tuple:
+def resolve_name(value: str, sigma_schedule: str | None) -> tuple[Any, ...]:
     """(sampler, sigma schedule) from a request's `sampler` (our name or an A1111 display name,
     any case) and its `sigma_schedule` (None: the A1111 name's, else "default"); raises
     ValueError naming the field and the valid names."""
@@ -59,12 +61,12 @@ def resolve_name(value: str, sigma_schedule: str | None) -> tuple:
     return name, schedule
 
 
-def model_kind(scheduler_config: dict) -> str:
+def model_kind(scheduler_config: dict[str, Any]) -> str:
     """"flow" for flow-matching checkpoints, else "diffusion"."""
     return "flow" if "FlowMatch" in scheduler_config.get("_class_name", "") else "diffusion"
 
 
-def fit_error(name: str, scheduler_config: dict) -> str | None:
+def fit_error(name: str, scheduler_config: dict[str, Any]) -> str | None:
     """Why sampler `name` cannot run this checkpoint, or None."""
     kind = model_kind(scheduler_config)
     if SAMPLERS[name].fits != kind:
@@ -75,19 +77,19 @@ def fit_error(name: str, scheduler_config: dict) -> str | None:
     return None
 
 
-def fitting(scheduler_config: dict) -> list:
+def fitting(scheduler_config: dict[str, Any]) -> list[Any]:
     kind = model_kind(scheduler_config)
     return [name for name, cls in SAMPLERS.items() if cls.fits == kind]
 
 
-def make_sampler(name: str, sigma_schedule: str, scheduler_config: dict):
+def make_sampler(name: str, sigma_schedule: str, scheduler_config: dict[str, Any]) -> Sampler:
     error = fit_error(name, scheduler_config)
     if error:
         raise ValueError(error)
     return SAMPLERS[name](scheduler_config, sigma_schedule)
 
 
-def default_sampler_name(scheduler_config: dict) -> tuple:
+def default_sampler_name(scheduler_config: dict[str, Any]) -> tuple[Any, ...]:
     """(sampler, sigma schedule) the checkpoint's scheduler config names (diffusers' class);
     DDIM for any other class, as before samplers were chosen per request."""
     cls = scheduler_config.get("_class_name", "")
@@ -108,7 +110,7 @@ def default_sampler_name(scheduler_config: dict) -> tuple:
     return "ddim", "default"
 
 
-def served_default(configured: str, scheduler_config: dict) -> tuple:
+def served_default(configured: str, scheduler_config: dict[str, Any]) -> tuple[Any, ...]:
     """(sampler, sigma schedule) a request naming none gets: `configured` (the pipeline's
     default_sampler parameter, `ldm serve --sampler`; a name or A1111 name), else what the
     checkpoint's scheduler class names. ValueError when the name is unknown or does not fit."""
@@ -119,12 +121,12 @@ def served_default(configured: str, scheduler_config: dict) -> tuple:
     return pair
 
 
-def describe_samplers(scheduler_config: dict | None = None) -> list:
+def describe_samplers(scheduler_config: dict[str, Any] | None = None) -> list[Any]:
     """What `GET /v1/samplers` lists: each sampler with its parameters, A1111 names and the
     models it fits (and whether it fits the served one)."""
     out = []
     for name, cls in SAMPLERS.items():
-        entry = {
+        entry: dict[str, Any] = {
             "name": name,
             "description": DESCRIPTIONS[name],
             "a1111_names": [n for n, (s, _) in A1111_NAMES.items() if s == name],

@@ -2,13 +2,15 @@
 DPMSolverMultistepScheduler and UniPCMultistepScheduler space them, sigmas interpolated at them
 (or Karras sigmas, their timesteps rounded), a final sigma of 0; latents stay at unit scale and
 the update runs in the variance-preserving (alpha_t, sigma_t) and log-SNR lambda terms."""
+from typing import Any
 import numpy as np
 
-from serving.core.samplers.base import TrainSigmaSampler, karras_sigmas, sigma_to_t, vp_alpha_sigma, x0_from_vp
+from serving.core.interfaces import Array
+from serving.core.samplers.base import TrainSigmaSampler, karras_sigmas, sigma_to_t, vp_alpha_sigma, x0_from_vp, SamplerRun
 
 
 class VPSolver(TrainSigmaSampler):
-    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple:
+    def _make_schedule(self, steps: int, mu: float | None = None) -> tuple[Any, ...]:
         n = self.num_train_timesteps
         if self.spacing == "linspace":
             timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
@@ -27,19 +29,19 @@ class VPSolver(TrainSigmaSampler):
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return timesteps.astype(np.int64).astype(np.float64), sigmas
 
-    def add_noise(self, run, clean, noise, position):
+    def add_noise(self, run: SamplerRun, clean: Array, noise: Array, position: int) -> Array:
         if position >= run.steps:
             return clean
         alpha, sigma = vp_alpha_sigma(np.float32(run.values[position]))
         return (np.float32(alpha) * clean + np.float32(sigma) * noise).astype(np.float32)
 
-    def lam(self, run, position: int) -> tuple:
+    def lam(self, run: SamplerRun, position: int) -> tuple[Any, ...]:
         """(alpha_t, sigma_t, lambda_t) at a position (lambda = +inf at the final sigma 0)."""
         alpha, sigma = vp_alpha_sigma(run.values[position])
         with np.errstate(divide="ignore"):
             return alpha, sigma, np.log(alpha) - np.log(sigma)
 
-    def convert(self, runs, positions, model_output, latents) -> np.ndarray:
+    def convert(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array) -> Array:
         """The data prediction x_0 of every row (the solvers' model output)."""
         alphas, sigmas = zip(*(vp_alpha_sigma(r.values[p]) for r, p in zip(runs, positions)))
         return x0_from_vp(self.prediction_type, model_output, latents, np.array(alphas), np.array(sigmas)).astype(np.float32)

@@ -39,6 +39,7 @@ LoRA messages (parameter `lora_action`: list, load, unload; serving/triton/loras
 messages too: each gets one FINAL response, the adapters as JSON in `loras`, or a coded error. A
 load carries its file in the input `lora_file`; it is read on a thread of its own, so generations
 keep being admitted meanwhile. This model declares those two tensors itself (auto_complete_config)."""
+from typing import TYPE_CHECKING
 import json
 from pathlib import Path
 import threading
@@ -342,3 +343,9 @@ class TritonPythonModel:
         self.stop_metrics.set()
         self.metrics_thread.join()
         self.service.stop()
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)
+    from serving.core.interfaces import ResultSink, RunnerModels
+
+    _checked: tuple[type[RunnerModels], type[ResultSink]] = (BlsModels, TritonSink)
