@@ -335,7 +335,7 @@ def test_openapi_documents_the_live_endpoints(gateway):
     assert {"prompt", "size", "progress_every", "preview_every", "seed", "steps", "guidance_scale"} <= set(body["properties"])
     assert "n" not in body["properties"]
     assert set(spec["components"]["schemas"]["SteerRequest"]["properties"]) == {
-        "prompt", "negative_prompt", "guidance_scale", "regions", "region_divisions", "base_prompt_weight", "region_mode", "mask"}
+        "prompt", "negative_prompt", "guidance_scale", "regions", "region_divisions", "base_prompt_weight", "region_mode", "mask", "loras"}
     responses = paths["/v1/generations/{id}/steer"]["post"]["responses"]
     assert {"202", "400", "404", "409"} <= set(responses)
 

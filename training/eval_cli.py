@@ -81,7 +81,7 @@ def run(args) -> int:
         return 1
     print(f"generating from {source}: {args.prompts} prompts per set, {args.steps} DDIM steps, seeds 0..{args.prompts - 1}")
     results = adherence(generate, args.prompts, steps=args.steps)
-    print(f"\n| set | guidance | attribute accuracy | whole-prompt accuracy |\n|---|---|---|---|")
+    print("\n| set | guidance | attribute accuracy | whole-prompt accuracy |\n|---|---|---|---|")
     for (name, g), r in results.items():
         print(f"| {name} | {g:g} | {r['attribute_accuracy']:.1%} | {r['prompt_accuracy']:.1%} |")
     if args.grid and pipe is not None:
@@ -89,10 +89,11 @@ def run(args) -> int:
 
         sample_grid(pipe, args.grid, steps=args.steps)
         print(f"\nsample grid written to {args.grid}")
-    psnr_db = vae_psnr(pipe.vae) if pipe is not None else None
-    if psnr_db is None:
+    if pipe is None:
         print("\nVAE PSNR: needs --checkpoint (the service does not expose its VAE)")
+        psnr_db = None
     else:
+        psnr_db = vae_psnr(pipe.vae)
         print(f"\nVAE PSNR on 256 held-out images: {psnr_db:.2f} dB")
         ceiling = reconstruction_adherence(pipe.vae)
         print(f"evaluator on VAE reconstructions of ground-truth renders (the ceiling for this VAE): "

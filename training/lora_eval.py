@@ -125,7 +125,7 @@ def check(scene: Scene, image: np.ndarray) -> dict:
     for i, (want, got) in enumerate(zip(scene.objects, matched)):
         result[f"colour {i + 1}"] = got is not None
         result[f"shape {i + 1}"] = got is not None and got.shape == want.shape
-    result["relation"] = None not in matched and _relation(*matched) == scene.relation
+    result["relation"] = None not in matched and _relation(*matched) == scene.relation  # type: ignore[arg-type]
     return result
 
 
@@ -280,7 +280,7 @@ def write_grid(images, concept_set, base_set, path: Path, columns: int = 8) -> N
     for r, (label, key) in enumerate(rows):
         draw.text((4, r * cell + cell // 2 - 6), label, fill=(0, 0, 0), font=font)
         for c in range(columns):
-            sheet.paste(Image.fromarray(images[key][c]).resize((cell - 4, cell - 4), Image.NEAREST),
+            sheet.paste(Image.fromarray(images[key][c]).resize((cell - 4, cell - 4), Image.Resampling.NEAREST),
                         (label_w + c * cell, r * cell + 2))
     draw.text((4, len(rows) * cell + 6), "rows 1-3: " + concept_set[0].caption + " ...; rows 4-5: " +
               base_set[0].caption + " ...", fill=(0, 0, 0), font=font)

@@ -281,8 +281,8 @@ def run(args) -> int:
             # alternated with all-txt2img runs, so load from elsewhere on the machine weighs on both
             for k in range(args.mix_rounds):
                 for workload, load in (("mixed", mixed_workload(fields, size)), ("txt2img", fields)):
-                    run_ = closed_loop(client, load, 16, args.requests, seed0=16000 + 1000 * k)
-                    runs.append({"server": "batched", "workload": workload, **run_.summary()})
+                    mix_run = closed_loop(client, load, 16, args.requests, seed0=16000 + 1000 * k)
+                    runs.append({"server": "batched", "workload": workload, **mix_run.summary()})
                     print(f"  batched closed C=16, {workload} (mix round {k + 1}): {runs[-1]['throughput_images_per_s']:.2f} img/s", flush=True)
         max_throughput = max(r["throughput_images_per_s"] for r in runs if "workload" not in r)
         report["max_throughput"] = max_throughput

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 import shutil
 import time
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def run_loras(checkpoint, out: Path, requests: int = 48, concurrency: int = 16, 
         load.append(fields)
     with_adapters = [dict(f, lora_names=np.array([names[i % (adapters + 1) - 1].encode()], object))
                      if i % (adapters + 1) else dict(f) for i, f in enumerate(load)]  # every adapter, and none
-    results = {"checkpoint": str(checkpoint), "requests": requests, "concurrency": concurrency, "adapters": adapters,
+    results: dict[str, Any] = {"checkpoint": str(checkpoint), "requests": requests, "concurrency": concurrency, "adapters": adapters,
                "rank": rank, "steps": steps, "rounds": rounds}
     loads = {"plain": (pipeline_parameters(), load), "mixed": (pipeline_parameters(lora_dir=str(folder)), with_adapters),
              "per_set": ({**pipeline_parameters(lora_dir=str(folder)), "lora_batching": "per_set"}, with_adapters)}

@@ -144,7 +144,7 @@ class PipelineService:
         # uploaded adapters: beside the registered folder's, else in a temporary folder made at
         # the first upload and removed by stop()
         self.lora_upload_dir = Path(config.lora_dir) if config.lora_dir else None
-        self._temporary_upload_dir = None
+        self._temporary_upload_dir: Path | None = None
         # one tokenizer per folder and one text-encoder cache per (model, tokenizers): variants
         # that share their text encoder share its cache
         tokenizers, encoders, runners = {}, {}, {}

@@ -2,7 +2,7 @@
 its #anchor when it names a heading of a Markdown page), every `ldm <subcommand>` the docs show
 is a real subcommand whose `--help` answers, and no page cites a design file readers do not
 have. Runs from the repository root: `pytest tests/unit/test_docs.py`."""
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 import re
 import shlex
@@ -59,7 +59,7 @@ def slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-@lru_cache(maxsize=None)
+@cache
 def anchors(path: Path) -> frozenset:
     prose, _ = split_code(path.read_text(encoding="utf-8"))
     seen, found = {}, set()
@@ -115,7 +115,7 @@ def ldm_commands(path: Path) -> list:
     return [(number, m.group(1), text.strip()) for number, text in snippets for m in LDM_COMMAND.finditer(text)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def ldm_help(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serving.cli", *args, "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
