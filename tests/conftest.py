@@ -38,6 +38,15 @@ def tiny_repo(tmp_path_factory, tiny_checkpoint):
     return repo
 
 
+@pytest.fixture(scope="module")
+def models(tiny_repo):
+    """The tiny repository's models in this process (ONNX Runtime), for tests/support/fakes.py's
+    make_service. A module that needs other models (the torch runner) defines its own `models`."""
+    from serving.models.onnx import LocalModels
+
+    return LocalModels(tiny_repo)
+
+
 @pytest.fixture(scope="session")
 def server(tiny_repo, tmp_path_factory):
     from serving.triton.server import TritonServer

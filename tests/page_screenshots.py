@@ -1,7 +1,7 @@
 """Screenshots of the gateway's page for docs/page.md: idle, mid-generation with its live
 preview, and a generation steered mid-run (beside the same seed unsteered in the gallery).
 Exports the shipped default model, starts tritonserver and the gateway on free ports, drives the
-page in headless Chromium (tests/page_browser.py), stops both.
+page in headless Chromium (tests/support/page_browser.py), stops both.
 
     .venv/bin/python tests/page_screenshots.py [--out docs/screenshots] [--checkpoint checkpoints/ldm-shapes]
 """
@@ -11,9 +11,9 @@ import sys
 import tempfile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from page_browser import chromium, missing, open_page, start, wait_for_step  # noqa: E402
+from tests.support.page_browser import chromium, missing, open_page, start, wait_for_step  # noqa: E402
 
 PROMPT = "a large red circle on the left of a black background"
 STEERED = "a small blue square at the top right"

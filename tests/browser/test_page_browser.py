@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from page_browser import TIMEOUT_MS, chromium, missing, open_page, page_errors, previews, set_range, start, wait_for_step
-from server_metrics import idle_metrics, metrics, wait_for
+from tests.support.page_browser import TIMEOUT_MS, chromium, missing, open_page, page_errors, previews, set_range, start, wait_for_step
+from tests.support.server_metrics import idle_metrics, metrics, wait_for
 from serving.client.kserve import LdmClient
 from serving.gateway import images
 

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from training.package import MAX_BYTES, folder_bytes
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 
 
 @pytest.fixture(scope="module")

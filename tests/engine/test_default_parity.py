@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from serving.core.sampler import noise_generator
-from tests.image_inputs import generate, service
+from tests.support.image_inputs import generate, service
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 PROMPT = "a large red circle on the left of a black background"
 MAX_MEAN_ABS = 0.01 / 255
 

@@ -11,7 +11,7 @@ from serving.core.errors import ResourceExhausted
 from serving.core.faults import FaultPlan
 from serving.core.service import PipelineAssets
 from serving.core.text import CachedTextEncoder
-from tests.test_engine import RecordingSink, drain, make_service, models, request  # noqa: F401 (models: a fixture)
+from tests.support.fakes import RecordingSink, drain, make_service, request
 
 
 class BrokenSink(RecordingSink):

@@ -30,7 +30,7 @@ from PIL import Image
 import pytest
 import torch
 
-from image_inputs import Sink, drain, generate, half_mask, photo, service, submit
+from tests.support.image_inputs import Sink, drain, generate, half_mask, photo, service, submit
 from serving.client.kserve import request_arrays
 from serving.core.sampler import image_noise_generator, noise_generator
 

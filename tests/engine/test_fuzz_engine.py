@@ -11,8 +11,8 @@ import threading
 from hypothesis import HealthCheck, given, settings, strategies as st
 import pytest
 
-from fuzz_inputs import check_answer, request_inputs
-from tests.test_engine import make_service, models  # noqa: F401 (models: a fixture)
+from tests.support.fuzz_inputs import check_answer, request_inputs
+from tests.support.fakes import make_service
 
 BATCH = 25  # requests submitted together (they share the engine's batches)
 

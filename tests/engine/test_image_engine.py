@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from image_inputs import drain, half_mask, photo, service, submit
+from tests.support.image_inputs import drain, half_mask, photo, service, submit
 
 PROMPT = "a large red circle on the left"
 IMAGE, LOW_RES = photo(32, 1), photo(8, 2)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionUpscalePipeline
 
-from image_inputs import generate, half_mask, one_object_scene, photo, service
+from tests.support.image_inputs import generate, half_mask, one_object_scene, photo, service
 from serving.core.sampler import image_noise_generator, noise_generator
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 PROMPT = "a large blue circle on the left of a black background"
 TINY_PROMPT = "a large red circle on the left"
 MAX_MEAN_ABS = 1 / 255

@@ -13,27 +13,10 @@ from peft import LoraConfig, get_peft_model_state_dict
 
 from families.lora import install_mixed_lora, set_call
 from serving.models.adapters import AdapterError, read_adapter
+from tests.support.loras import ADAPTERS, write_lora
 
 
-ADAPTERS = {  # name: (seed, rank, alpha, targets)
-    "a": (1, 4, 8, ["to_q", "to_k", "to_v", "to_out.0"]),
-    "b": (2, 2, 2, ["to_q", "to_v", "proj_in", "proj_out", "ff.net.2"]),
-}
 ROWS = [(0.0, 0.0), (1.0, 0.0), (0.0, 0.7), (0.8, -0.5)]  # (weight of a, weight of b) per row
-
-
-def write_lora(checkpoint, folder, seed, rank, alpha, targets):
-    """A LoRA in diffusers' format with random non-zero weights, saved by diffusers itself."""
-    torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"))
-    for name, parameter in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.2)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers,
-                                              unet_lora_adapter_metadata={"r": rank, "lora_alpha": alpha, "target_modules": targets})
-    return folder / "pytorch_lora_weights.safetensors"
 
 
 def served_with_loras(checkpoint, folder, repo):
@@ -113,7 +96,7 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
     pipeline with the same adapters and weights, alone or in a crowd, by fields or by <lora:> tags."""
     import shutil
 
-    from image_inputs import drain, submit
+    from tests.support.image_inputs import drain, submit
     from serving.core.sampler import noise_generator
     from serving.core.service import LoraInUse
 
@@ -180,7 +163,7 @@ def test_the_torch_runner_serves_the_same_adapter_bytes_as_onnx(tiny_checkpoint,
     valid) gives the bytes of the in-process ONNX runner's LoRA graph, on CPU."""
     import shutil
 
-    from image_inputs import drain, submit
+    from tests.support.image_inputs import drain, submit
     from export.cli import pipeline_parameters
     from export.repository import write_repository
     from serving.core.config import PipelineConfig
@@ -214,7 +197,7 @@ def test_rows_without_adapters_are_bit_identical_to_a_server_without_lora_suppor
     graphs in every call), alone and sharing calls with adapter rows: the same bytes."""
     import shutil
 
-    from image_inputs import drain, service, submit
+    from tests.support.image_inputs import drain, service, submit
 
     folder = tmp_path / "loras"
     folder.mkdir()
@@ -240,7 +223,7 @@ def test_an_sdxl_adapter_served_equals_diffusers(tmp_path):
     equals StableDiffusionXLPipeline's with load_lora_weights + set_adapters, byte for byte."""
     from diffusers import StableDiffusionXLPipeline
 
-    from image_inputs import drain, submit
+    from tests.support.image_inputs import drain, submit
     from serving.core.sampler import noise_generator
     from training.tiny_checkpoint import write_tiny_checkpoint
 

@@ -5,7 +5,7 @@ import pytest
 
 from serving.client.kserve import request_arrays
 from serving.core.regions import RegionLimits, parse_regions
-from tests.test_engine import RecordingSink, drain, make_service, models  # noqa: F401 (models: a fixture)
+from tests.support.fakes import RecordingSink, drain, make_service
 
 BASE = "a red circle to the left of a blue square"
 REGIONS = dict(region_prompts=["a small red circle on the left", "a blue square on the right"], region_divisions="1,1")

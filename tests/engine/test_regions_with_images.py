@@ -4,7 +4,7 @@ kept half is the input's, and the image is bit-identical alone and inside a mixe
 import numpy as np
 import pytest
 
-from image_inputs import drain, half_mask, photo, service, submit
+from tests.support.image_inputs import drain, half_mask, photo, service, submit
 
 PROMPT = "a grey background"
 IMAGE = photo(32, 1)

@@ -20,10 +20,10 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from serving.core.sampler import image_noise_generator, noise_generator
-from tests.image_inputs import generate, one_object_scene, service
-from tests.test_samplers import REFERENCES
+from tests.support.image_inputs import generate, one_object_scene, service
+from tests.support.samplers import REFERENCES
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 PROMPT = "a large red circle on the left of a black background"
 SAMPLERS = [("euler", "default"), ("euler", "karras"), ("euler_ancestral", "default"), ("dpmpp_2m", "default"),
             ("dpmpp_2m", "karras"), ("dpmpp_2m_sde", "default"), ("unipc", "default"), ("unipc", "karras"),

@@ -11,7 +11,7 @@
 import numpy as np
 import pytest
 
-from image_inputs import Sink, drain, half_mask, photo, service, submit
+from tests.support.image_inputs import Sink, drain, half_mask, photo, service, submit
 from serving.client.kserve import request_arrays
 
 PROMPT = "a large red circle on the left"

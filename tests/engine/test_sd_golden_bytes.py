@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from image_inputs import Sink, half_mask, one_object_scene, photo, service
+from tests.support.image_inputs import Sink, half_mask, one_object_scene, photo, service
 from serving.client.kserve import request_arrays
 
-GOLDEN = Path(__file__).parent / "data" / "sd_golden_bytes.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "sd_golden_bytes.json"
 RECORD = os.environ.get("LDM_RECORD_GOLDEN") == "1"
 
 PROMPT = "a large red circle on the left"

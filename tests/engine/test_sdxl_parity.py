@@ -35,13 +35,13 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
 from export.cli import pipeline_parameters
-from image_inputs import Sink, drain, generate, half_mask, photo, service, submit
+from tests.support.image_inputs import Sink, drain, generate, half_mask, photo, service, submit
 from serving.core.config import PipelineConfig
 from serving.client.kserve import request_arrays
 from serving.core.errors import INVALID_ARG
 from serving.core.request import InvalidInput
 from serving.core.sampler import image_noise_generator, noise_generator
-from test_samplers import REFERENCES
+from tests.support.samplers import REFERENCES
 
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"

@@ -12,17 +12,16 @@ a time. Every exactness claim is a byte comparison.
 import numpy as np
 import pytest
 
-from serving.core.config import PipelineConfig
 from serving.core.errors import FAILED_PRECONDITION, NOT_FOUND
 from serving.core.request import InvalidInput
 from serving.core.runner import to_uint8
 from serving.core.sampler import DDIMSchedule, guided_noise, noise_generator
-from serving.core.service import PipelineAssets, PipelineService
+from serving.core.service import PipelineAssets
 from serving.core.steering import GenerationRegistry, SteerRefused
 from serving.core.text import PromptTokenizer
 from serving.core.variants import VariantSpec
 from serving.models.torch_runner import TorchModels
-from test_engine import RecordingSink, drain, request
+from tests.support.fakes import RecordingSink, drain, make_service, request
 
 A, B = "a red circle on the left", "a blue square at the top"
 NEGATIVE = "a green triangle"
@@ -32,10 +31,6 @@ STEPS = 10
 @pytest.fixture(scope="module")
 def models(tiny_checkpoint):
     return TorchModels(tiny_checkpoint, log=lambda *a: None)
-
-
-def make_service(repo, models, **params):
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}), models)
 
 
 def steer_inputs(prompt=None, negative_prompt=None, guidance_scale=None):

@@ -15,15 +15,16 @@ claim is a byte comparison.
 import numpy as np
 import pytest
 
-from image_inputs import half_mask, photo
-from image_inputs import service as onnx_service
+from tests.support.image_inputs import half_mask, photo
+from tests.support.image_inputs import service as onnx_service
 from serving.client.kserve import request_arrays
 from serving.core.request import InvalidInput
 from serving.core.regions import RegionLimits, parse_regions
 from serving.core.runner import to_uint8
 from serving.core.sampler import guided_noise, image_noise_generator, noise_generator
-from test_engine import RecordingSink, drain
-from test_steering_engine import A, STEPS, Reference, make_service, models, run_to_step  # noqa: F401 (models: a fixture)
+from tests.support.fakes import RecordingSink, drain
+from tests.support.fakes import make_service
+from test_steering_engine import A, STEPS, Reference, models, run_to_step  # noqa: F401 (models: a fixture)
 
 REGIONS = dict(region_prompts=["a small red circle", "a blue square"], region_divisions="1,1", base_prompt_weight=0.3)
 THREE = dict(region_prompts=["a cat", "a green triangle", "a dog"], region_divisions="1,1,1")

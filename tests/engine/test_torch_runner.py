@@ -12,7 +12,7 @@ from serving.models.assemble import RunnerChoice
 from serving.models.onnx import LocalModels
 from serving.models.torch_options import TorchOptions, default_buckets, parse_buckets
 from serving.models.torch_runner import BucketedCall, TorchModels, _key
-from test_engine import RecordingSink, alone_and_in_a_crowd, drain, request
+from tests.support.fakes import RecordingSink, alone_and_in_a_crowd, drain, request
 
 DEFAULT_MODEL_PROMPTS = [
     ("a large red circle on the left of a black background", 5.0),

@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from server_metrics import wait_for
+from tests.support.server_metrics import wait_for
 from serving.client.images import ImagesClient, ImagesError
 from serving.gateway.access import ApiKeys, RateLimiter, hash_key, is_loopback, new_key
 from serving.gateway.app import GatewayConfig

@@ -11,7 +11,7 @@ import pytest
 
 from serving.gateway.capacity import Capacity
 from serving.gateway.errors import ApiError
-from server_metrics import metrics, wait_for
+from tests.support.server_metrics import metrics, wait_for
 
 
 def run(coroutine):

@@ -18,7 +18,7 @@ import pytest
 from serving.client.generations import GenerationError, GenerationsClient
 from serving.client.kserve import LdmClient
 from serving.gateway.protos import images_pb2, images_pb2_grpc
-from server_metrics import idle_metrics, metrics, wait_for
+from tests.support.server_metrics import idle_metrics, metrics, wait_for
 
 PROMPT = "a small green square at the top"
 OTHER = "a large red circle on the left"

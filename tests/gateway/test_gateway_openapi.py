@@ -20,7 +20,7 @@ EXAMPLES = 10  # per operation and phase: the run stays within about a minute on
 # the documented "retry" answers (503) are not server errors; where the document cannot say all
 # a generation needs (a real image in a base64 field, a prompt schedule's grammar, sizes in the
 # served model's multiples), a schema-valid request may still be refused 400
-FUZZ_CONFIG = Path(__file__).parent / "openapi_fuzz.toml"
+FUZZ_CONFIG = Path(__file__).resolve().parents[1] / "openapi_fuzz.toml"
 
 
 def fetch_document(gateway) -> dict:

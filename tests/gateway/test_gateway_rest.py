@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 import pytest
 
 from serving.client.kserve import LdmClient
-from server_metrics import idle_metrics, metrics, wait_for
+from tests.support.server_metrics import idle_metrics, metrics, wait_for
 
 PROMPT = "a small green square at the top"
 

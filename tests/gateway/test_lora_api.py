@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from serving.triton.server import TritonServer
-from server_metrics import idle_metrics, metrics, wait_for
+from tests.support.server_metrics import idle_metrics, metrics, wait_for
 
 PROMPT = "a red circle"
 STEPS = 6
@@ -68,7 +68,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def lora_files(tiny_checkpoint, tmp_path_factory):
-    from test_lora_mixed import ADAPTERS, write_lora
+    from tests.support.loras import ADAPTERS, write_lora
 
     root = tmp_path_factory.mktemp("lora-files")
     return {name: write_lora(tiny_checkpoint, root / name, *spec) for name, spec in ADAPTERS.items()}
@@ -124,7 +124,7 @@ def uploaded(served):
 
 
 def alone(svc, prompt, seed, loras) -> np.ndarray:
-    from image_inputs import generate
+    from tests.support.image_inputs import generate
 
     fields = {}
     if loras:
@@ -315,7 +315,7 @@ def test_an_adapter_a_running_generation_uses_is_neither_removed_nor_replaced(se
 
 
 def test_the_pages_picker_lists_the_adapters_and_sends_the_chosen_ones(served, local):
-    from page_browser import chromium, missing, open_page, page_errors, start
+    from tests.support.page_browser import chromium, missing, open_page, page_errors, start
 
     if missing():
         pytest.skip(missing())

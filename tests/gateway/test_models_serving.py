@@ -222,7 +222,7 @@ def test_ldm_generate_model_and_sdxl_sizes_through_the_gateway_and_kserve(served
 
 
 def test_the_page_picks_a_model_from_v1_models(served):
-    from page_browser import chromium, missing, open_page, start
+    from tests.support.page_browser import chromium, missing, open_page, start
 
     if missing() is not None:
         pytest.skip(missing())

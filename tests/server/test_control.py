@@ -22,7 +22,7 @@ from serving.triton.control import CONTROL_PARAMETER, SECRET_ENV, SECRET_FILE_EN
 from serving.triton.drain import DRAIN_PARAMETER, drain
 from serving.triton.forwarding import CANCEL_PARAMETER
 from serving.triton.server import PROJECT_ROOT
-from tests.server_metrics import wait_for
+from tests.support.server_metrics import wait_for
 
 
 def test_authorised_needs_the_exact_secret():

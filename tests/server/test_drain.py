@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 
 from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.triton.server import PROJECT_ROOT, free_ports
-from tests.server_metrics import wait_for
+from tests.support.server_metrics import wait_for
 
 LONG = dict(steps=150, height=64, width=64, progress_every=1)  # the tiny model's step cap, largest size
 

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.core.faults import FAULTS_ENV
 from serving.triton.server import TritonServer
-from server_metrics import metrics, wait_for
+from tests.support.server_metrics import metrics, wait_for
 
 TIMEOUT_S = 60.0  # every request must end within this (the tiny model answers in well under a second)
 
@@ -43,7 +43,7 @@ def counters(server):
 def test_a_faulty_sink_passes_the_steers_a_step_applied():
     """A steered job's progress carries `steer_applied`: the wrapper must take and pass it."""
     from serving.core.faults import FaultPlan
-    from test_engine import RecordingSink
+    from tests.support.fakes import RecordingSink
 
     inner = RecordingSink()
     sink = FaultPlan("finish_raise_at_call=2").sink(inner)

@@ -15,9 +15,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from fuzz_inputs import ALIASES, EXTRA_NAMES, SPECS, check_answer, request_inputs
+from tests.support.fuzz_inputs import ALIASES, EXTRA_NAMES, SPECS, check_answer, request_inputs
 from serving.core.errors import parse_coded_message
-from server_metrics import idle_metrics, metrics, wait_for
+from tests.support.server_metrics import idle_metrics, metrics, wait_for
 
 TIMEOUT_S = 120.0  # no request may take longer (the tiny model answers in well under a second)
 BATCH = 10  # requests in flight at once, one client each

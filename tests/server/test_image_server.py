@@ -13,8 +13,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from image_inputs import generate, half_mask, photo, service
-from server_metrics import idle_metrics, metrics, wait_for
+from tests.support.image_inputs import generate, half_mask, photo, service
+from tests.support.server_metrics import idle_metrics, metrics, wait_for
 from serving.client.kserve import LdmClient
 
 PROMPT = "a large red circle on the left"

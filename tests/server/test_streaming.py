@@ -13,7 +13,7 @@ from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
 from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.triton.server import TritonServer
-from server_metrics import idle_metrics, metrics, wait_for
+from tests.support.server_metrics import idle_metrics, metrics, wait_for
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
 

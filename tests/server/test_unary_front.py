@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from export.triton_config import to_pbtxt, unary_config
 from serving.client.kserve import LdmClient
 from serving.triton.server import TritonServer
-from tests.server_metrics import metrics, wait_for
+from tests.support.server_metrics import metrics, wait_for
 
 LIMIT = 2
 

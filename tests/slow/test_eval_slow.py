@@ -7,7 +7,7 @@ import pytest
 from training.eval_suite import adherence, checkpoint_generator, evaluator_accuracy, service_generator, vae_psnr
 from training.generate import load_pipeline
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 # Floors under the full-eval numbers in docs/model-card.md (attribute accuracy at g=5: seen
 # 99.7-99.9%, held-out 97.0-98.3%), with room for 10 seeds, yet far above what prompt-blind
 # images would score (random colour and shape: ~1/6, ~1/3).

@@ -6,7 +6,7 @@ import pytest
 
 from training.edit_eval import evaluate_inpainting, evaluate_recolouring, service_editor
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 
 
 @pytest.mark.slow

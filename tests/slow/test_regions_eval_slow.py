@@ -6,7 +6,7 @@ import pytest
 
 from training.regional_eval import LAYOUTS, ReferenceGenerator, ServiceGenerator, evaluator_accuracy, regional_adherence
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "ldm-shapes"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 TARGETED = tuple(layout for layout in LAYOUTS if layout.target is not None)
 # Floors under the full eval's latent-mode numbers in docs/model-card.md, with room for 8 scenes a
 # layout, and far above what prompt-blind images would score (right colour in a region: ~1/6).

@@ -8,13 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from serving.core.samplers import A1111_NAMES, SAMPLERS, default_sampler_name, make_sampler, resolve_name
 from serving.core.samplers.registry import fit_error
+from tests.support.samplers import REFERENCES
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -24,15 +22,6 @@ CONFIGS = {
     # the shipped model's: zero terminal SNR, v-prediction, trailing
     "zero-snr-v-trailing": {**SD, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
                             "timestep_spacing": "trailing"},
-}
-REFERENCES = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
 }
 SHAPE = (4, 8, 8)
 
