@@ -8,7 +8,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from serving.triton.server import free_port
+from serving.triton.server import free_ports
 
 LDM = [sys.executable, "-m", "serving.cli"]
 
@@ -18,7 +18,7 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
     the gateway (default), Triton's gRPC and Triton's HTTP; -n writes n files; SIGTERM stops all.
     `ldm serve --sampler` sets the default sampler; `ldm generate --sampler --guidance-interval`
     picks one per request."""
-    ports = [free_port() for _ in range(5)]
+    ports = free_ports(5)  # distinct by construction (all bound at once, none handed out before)
     repo = tmp_path / "repo"
     serve = subprocess.Popen(
         LDM + ["serve", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo), "--http-port", str(ports[0]),
@@ -101,7 +101,7 @@ def test_serve_refuses_a_sampler_that_does_not_fit_before_starting(tiny_repo, tm
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)  # someone else's model: served as it is, not re-exported
     before = (repo / "pipeline" / "config.pbtxt").read_text()
-    ports = [str(free_port()) for _ in range(5)]
+    ports = [str(port) for port in free_ports(5)]
     for sampler, why in (("flow_match_euler", "does not fit"), ("DPM++ 3M", "unknown sampler")):
         refused = subprocess.run(
             LDM + ["serve", "--repo", str(repo), "--sampler", sampler, "--http-port", ports[0], "--grpc-port", ports[1],
