@@ -48,12 +48,21 @@ def models(tiny_repo):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_repo, tmp_path_factory):
-    from serving.triton.server import TritonServer
+def triton_servers(tmp_path_factory):
+    """Every real tritonserver of the run starts through this factory (tests/support/triton.py):
+    shared ones live for the session, a module's own stop with its fixture; none outlives it."""
+    from tests.support.triton import TritonServers
 
-    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    with TritonServer(tiny_repo, log_file=log) as running:
-        yield running
+    servers = TritonServers(tmp_path_factory.mktemp("triton-logs"))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def server(triton_servers, tiny_repo):
+    """The session's tritonserver on the tiny checkpoint. Tests that use it leave no state behind
+    (no adapters, no drain); one that must, starts its own with triton_servers.running."""
+    return triton_servers.shared(tiny_repo, "tritonserver")
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +102,11 @@ def variant_repo(tmp_path_factory, tiny_checkpoint, tiny_inpaint_checkpoint, tin
 
 
 @pytest.fixture(scope="session")
-def variant_server(variant_repo, tmp_path_factory):
-    from serving.triton.server import TritonServer
+def variant_server(triton_servers, variant_repo):
+    return triton_servers.shared(variant_repo, "tritonserver-variants")
 
-    log = tmp_path_factory.mktemp("logs") / "tritonserver-variants.log"
-    with TritonServer(variant_repo, log_file=log) as running:
-        yield running
+
+@pytest.fixture(scope="session")
+def default_server(triton_servers, default_repo):
+    """A tritonserver on the shipped default model (the slow evaluations' requests only read)."""
+    return triton_servers.shared(default_repo, "tritonserver-default")

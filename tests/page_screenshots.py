@@ -55,6 +55,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         repo = Path(work) / "model_repository"
         write_repository(args.checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
+        # a script, not a test (no pytest fixtures here): it starts its own server, not through
+        # tests/support/triton.py
         with TritonServer(repo, log_file=Path(work) / "tritonserver.log") as server, \
                 GatewayProcess(server.grpc_url, log_file=Path(work) / "gateway.log",
                                control_secret=server.control_secret) as gateway:

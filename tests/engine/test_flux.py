@@ -524,9 +524,8 @@ def test_torch_runner_serves_flux_beside_onnx_sd(torch_flux, flux_repo, svc):
 
 # --- 6. through tritonserver ------------------------------------------------------------------
 
-def test_tritonserver_serves_sd_and_flux_side_by_side(flux_repo, svc, tmp_path):
+def test_tritonserver_serves_sd_and_flux_side_by_side(flux_repo, svc, triton_servers):
     from serving.client.kserve import LdmClient
-    from serving.triton.server import TritonServer
 
     fields = dict(seed=3, steps=4, height=32, width=48, guidance_scale=3.5)
     cases = {"flux": dict(model="flux", **fields),
@@ -534,7 +533,7 @@ def test_tritonserver_serves_sd_and_flux_side_by_side(flux_repo, svc, tmp_path):
              "schnell": dict(model="schnell", seed=4, steps=2, height=32, width=32),
              "sd": dict(seed=5, steps=4, height=32, width=32, guidance_scale=5.0)}
     expected = {name: generate(svc, PROMPT, **case) for name, case in cases.items()}
-    with TritonServer(flux_repo, log_file=tmp_path / "tritonserver.log") as server:
+    with triton_servers.running(flux_repo, "tritonserver-flux") as server:
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
             client = LdmClient(url, protocol=protocol)
             try:

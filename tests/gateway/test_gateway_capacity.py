@@ -107,11 +107,10 @@ def test_a_bad_wait_is_refused():
 # --- a real gateway in front of a pipeline of two slots ----------------------------------------
 
 @pytest.fixture(scope="module")
-def two_slot_stack(tiny_repo, tmp_path_factory):
+def two_slot_stack(tiny_repo, tmp_path_factory, triton_servers):
     """The tiny repository with max_active 1 and max_queue 1, served, with a gateway in front
     (whose one caller here, this address, may hold every slot)."""
     from serving.gateway.process import GatewayProcess
-    from serving.triton.server import TritonServer
 
     work = tmp_path_factory.mktemp("capacity")
     repo = work / "repo"
@@ -122,7 +121,7 @@ def two_slot_stack(tiny_repo, tmp_path_factory):
         text, count = re.subn(rf'(key: "{key}"\s*value \{{\s*string_value: )"\d+"', rf'\1"{value}"', text)
         assert count == 1, key
     config.write_text(text)
-    with TritonServer(repo, log_file=work / "tritonserver.log") as server, \
+    with triton_servers.running(repo, "tritonserver-capacity") as server, \
             GatewayProcess(server.grpc_url, log_file=work / "gateway.log", control_secret=server.control_secret,
                            extra_args=["--admission-wait-s", "0.2", "--max-key-share", "1"]) as gateway:
         yield server, gateway

@@ -21,7 +21,6 @@ from PIL import Image
 import pytest
 import requests
 
-from serving.triton.server import TritonServer
 from tests.support.server_metrics import idle_metrics, metrics, wait_for
 
 PROMPT = "a red circle"
@@ -75,7 +74,8 @@ def lora_files(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoint, lora_files, tmp_path_factory):
+def served(tiny_checkpoint, lora_files, tmp_path_factory, triton_servers):
+    """A server of this module's own: its tests upload, replace and delete adapters in it."""
     from export.cli import pipeline_parameters
     from export.repository import write_repository
     from serving.gateway.access import hash_key
@@ -90,7 +90,7 @@ def served(tiny_checkpoint, lora_files, tmp_path_factory):
     write_repository(tiny_checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
     keys = folder / "keys"
     keys.write_text(f"admin {hash_key(ADMIN)} admin\nuser {hash_key(USER)}\n")
-    with TritonServer(repo, log_file=folder / "triton.log") as server:
+    with triton_servers.running(repo, "tritonserver-lora-api") as server:
         with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", control_secret=server.control_secret,
                             extra_args=["--api-keys", str(keys)]) as gateway:
             yield Served(server, gateway, repo, params, lora_files, folder)

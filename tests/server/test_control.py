@@ -42,12 +42,12 @@ def test_secret_from_env_and_its_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_repo, tmp_path_factory):
+def stack(tiny_repo, tmp_path_factory, triton_servers):
+    """A server of this module's own: its last test drains the engine for good."""
     from serving.gateway.process import GatewayProcess
-    from serving.triton.server import TritonServer
 
     logs = tmp_path_factory.mktemp("control-logs")
-    with TritonServer(tiny_repo, log_file=logs / "tritonserver.log") as server, \
+    with triton_servers.running(tiny_repo, "tritonserver-control") as server, \
             GatewayProcess(server.grpc_url, log_file=logs / "gateway.log", control_secret=server.control_secret) as gateway:
         yield server, gateway
 

@@ -18,7 +18,6 @@ from tritonclient.utils import InferenceServerException
 
 from serving.client.kserve import LdmClient, infer_inputs, request_arrays
 from serving.core.faults import FAULTS_ENV
-from serving.triton.server import TritonServer
 from tests.support.server_metrics import metrics, wait_for
 
 TIMEOUT_S = 60.0  # every request must end within this (the tiny model answers in well under a second)
@@ -53,19 +52,11 @@ def test_a_faulty_sink_passes_the_steers_a_step_applied():
 
 
 @pytest.fixture(scope="module")
-def faulty_server(tiny_repo, tmp_path_factory):
+def faulty_server(tiny_repo, triton_servers):
+    """A server of this module's own: its faults are injected through its environment."""
     plan = "unet_raise_at_call=3,vae_raise_at_call=2,finish_raise_at_call=3"
-    saved = os.environ.get(FAULTS_ENV)
-    os.environ[FAULTS_ENV] = plan  # the server's environment is copied when it starts
-    try:
-        server = TritonServer(tiny_repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver-faults.log").start()
-    finally:
-        if saved is None:
-            os.environ.pop(FAULTS_ENV)
-        else:
-            os.environ[FAULTS_ENV] = saved
-    yield server
-    server.stop()
+    with triton_servers.running(tiny_repo, "tritonserver-faults", env={FAULTS_ENV: plan}) as server:
+        yield server
 
 
 def test_model_and_delivery_faults_touch_their_own_requests_alone(faulty_server):
@@ -111,7 +102,7 @@ def test_a_client_that_closes_its_stream_at_the_last_step_touches_nothing_else(f
     assert outcome(faulty_server.grpc_url, steps=2, seed=9)[0] == "image"
 
 
-def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
+def test_killing_the_pipeline_stub_mid_load(tiny_repo, triton_servers):
     """What Triton 2.51's python backend does when the stub process of the decoupled `pipeline`
     dies, as this test found it (docs/reliability.md tables it): the requests the stub held get
     no answer at all (their response senders died with it) and end at their client's timeout
@@ -120,7 +111,8 @@ def test_killing_the_pipeline_stub_mid_load(tiny_repo, tmp_path):
     stub nor marks the model unready: server and model keep reporting ready. Only a probe that
     runs a generation notices. The assertions pin that behaviour, so a Triton that changes it
     fails here and gets looked at."""
-    server = TritonServer(tiny_repo, log_file=tmp_path / "tritonserver.log").start()
+    # a server of this test's own (its stub is killed), stopped here: how it stops is asserted
+    server = triton_servers.start(tiny_repo, "tritonserver-stub-killed")
     client_timeout_s = 10.0  # none of these gets an answer: keep the waits short
     try:
         [stub] = server.stub_pids()

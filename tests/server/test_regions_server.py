@@ -11,7 +11,6 @@ from tritonclient.utils import InferenceServerException
 from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
 from serving.client.kserve import LdmClient
-from serving.triton.server import TritonServer
 
 BASE = "a red circle to the left of a blue square"
 TWO = ["a small red circle on the left", "a blue square on the right"]
@@ -87,12 +86,12 @@ def test_served_regional_image_is_bit_identical_alone_and_in_a_crowd_of_plain_re
 
 
 @pytest.fixture(scope="module")
-def bls_server(tiny_repo, tmp_path_factory):
+def bls_server(tiny_repo, tmp_path_factory, triton_servers):
     """The tiny model with the UNets reached over BLS (Triton models unet and unet_regional)."""
     repo = tmp_path_factory.mktemp("bls") / "repo"
     shutil.copytree(tiny_repo, repo)
     write_pipeline_config(repo, pipeline_parameters(unet="bls"))
-    with TritonServer(repo, log_file=repo.parent / "tritonserver.log") as server:
+    with triton_servers.running(repo, "tritonserver-bls") as server:
         yield server
 
 

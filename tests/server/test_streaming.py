@@ -12,20 +12,19 @@ from tritonclient.utils import InferenceServerException
 from export.cli import pipeline_parameters
 from export.repository import write_pipeline_config
 from serving.client.kserve import LdmClient, infer_inputs, request_arrays
-from serving.triton.server import TritonServer
 from tests.support.server_metrics import idle_metrics, metrics, wait_for
 
 MAX_ACTIVE, MAX_QUEUE = 2, 4
 
 
 @pytest.fixture(scope="module")
-def small_server(tiny_repo, tmp_path_factory):
+def small_server(tiny_repo, tmp_path_factory, triton_servers):
     """The tiny model with a small admission bound, to overload it on purpose."""
     repo = tmp_path_factory.mktemp("small") / "repo"
     shutil.copytree(tiny_repo, repo)
     params = pipeline_parameters(max_active=MAX_ACTIVE, max_queue=MAX_QUEUE)
     write_pipeline_config(repo, params)
-    with TritonServer(repo, log_file=repo.parent / "tritonserver.log") as server:
+    with triton_servers.running(repo, "tritonserver-small") as server:
         yield server
 
 

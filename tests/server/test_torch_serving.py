@@ -25,10 +25,8 @@ def torch_repo(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def torch_server(torch_repo, tmp_path_factory):
-    from serving.triton.server import TritonServer
-
-    with TritonServer(torch_repo, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log") as running:
+def torch_server(torch_repo, triton_servers):
+    with triton_servers.running(torch_repo, "tritonserver-torch") as running:
         yield running
 
 

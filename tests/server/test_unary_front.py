@@ -13,18 +13,17 @@ from tritonclient.utils import InferenceServerException
 
 from export.triton_config import to_pbtxt, unary_config
 from serving.client.kserve import LdmClient
-from serving.triton.server import TritonServer
 from tests.support.server_metrics import metrics, wait_for
 
 LIMIT = 2
 
 
 @pytest.fixture(scope="module")
-def front_server(tiny_repo, tmp_path_factory):
+def front_server(tiny_repo, tmp_path_factory, triton_servers):
     repo = tmp_path_factory.mktemp("front") / "repo"
     shutil.copytree(tiny_repo, repo)
     (repo / "pipeline_unary" / "config.pbtxt").write_text(to_pbtxt(unary_config(max_in_flight=LIMIT)))
-    with TritonServer(repo, log_file=repo.parent / "tritonserver.log") as server:
+    with triton_servers.running(repo, "tritonserver-front") as server:
         yield server
 
 

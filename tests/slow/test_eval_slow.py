@@ -25,15 +25,9 @@ def test_small_eval_of_the_shipped_checkpoint():
 
 
 @pytest.mark.slow
-def test_small_eval_through_the_service(tmp_path):
-    from export.cli import pipeline_parameters
-    from export.repository import write_repository
-    from serving.triton.server import TritonServer
-
-    repo = tmp_path / "model_repository"
-    write_repository(CHECKPOINT, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
-    with TritonServer(repo, log_file=tmp_path / "tritonserver.log") as server:
-        results = adherence(service_generator(server.grpc_url, "grpc"), count=10, guidances=(5.0,))
+def test_small_eval_through_the_service(default_server):
+    server = default_server  # the shipped model, exported once (conftest.default_repo)
+    results = adherence(service_generator(server.grpc_url, "grpc"), count=10, guidances=(5.0,))
     # The service draws its own noise from the seed, so images differ from diffusers'; the
     # model is the same, so the same floors hold.
     assert results[("seen", 5.0)]["attribute_accuracy"] >= SEEN_FLOOR

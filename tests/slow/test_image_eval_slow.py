@@ -10,17 +10,11 @@ CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 
 
 @pytest.mark.slow
-def test_small_image_task_eval_through_the_service(tmp_path):
-    from export.cli import pipeline_parameters
-    from export.repository import write_repository
-    from serving.triton.server import TritonServer
-
-    repo = tmp_path / "model_repository"
-    write_repository(CHECKPOINT, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
-    with TritonServer(repo, log_file=tmp_path / "tritonserver.log") as server:
-        edit = service_editor(server.grpc_url, "grpc")
-        inpaint = evaluate_inpainting(edit, 10)
-        recolour = evaluate_recolouring(edit, 10, strengths=(0.3, 0.9))
+def test_small_image_task_eval_through_the_service(default_server):
+    server = default_server  # the shipped model, exported once (conftest.default_repo)
+    edit = service_editor(server.grpc_url, "grpc")
+    inpaint = evaluate_inpainting(edit, 10)
+    recolour = evaluate_recolouring(edit, 10, strengths=(0.3, 0.9))
     # docs/model-card.md, 100 scenes: inpainting 100% whole-prompt, the kept half identical in every
     # result; recolouring 62% at strength 0.3 and 100% at 0.9 (shift 1.05 -> 2.91 px)
     assert inpaint["prompt_accuracy"] >= 0.8 and inpaint["kept_half_identical"] == 1.0

@@ -28,12 +28,6 @@ def test_small_regional_eval_in_process():
 
 
 @pytest.mark.slow
-def test_small_regional_eval_through_the_service(tmp_path):
-    from export.cli import pipeline_parameters
-    from export.repository import write_repository
-    from serving.triton.server import TritonServer
-
-    repo = tmp_path / "model_repository"
-    write_repository(CHECKPOINT, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
-    with TritonServer(repo, log_file=tmp_path / "tritonserver.log") as server:
-        check(regional_adherence(ServiceGenerator(server.grpc_url, "grpc"), 8, modes=("latent",), layouts=TARGETED))
+def test_small_regional_eval_through_the_service(default_server):
+    server = default_server  # the shipped model, exported once (conftest.default_repo)
+    check(regional_adherence(ServiceGenerator(server.grpc_url, "grpc"), 8, modes=("latent",), layouts=TARGETED))

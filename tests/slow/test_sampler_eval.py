@@ -25,13 +25,13 @@ def test_a_miss_says_by_how_much(capsys):
 
 
 @pytest.mark.slow
-def test_one_setting_through_a_real_server(default_repo, tmp_path):
-    from serving.triton.server import TritonServer
+def test_one_setting_through_a_real_server(default_server):
     from training.sampler_eval import measure
 
-    with TritonServer(default_repo, log_file=tmp_path / "tritonserver.log") as server:
-        result = measure(server.grpc_url, "dpmpp_2m", "karras", 10, (0.0, 0.8), prompts=8, concurrency=4,
-                         metrics_url=server.metrics_url)
+    # the shared server: measure counts UNet rows as a delta of settled counters
+    server = default_server
+    result = measure(server.grpc_url, "dpmpp_2m", "karras", 10, (0.0, 0.8), prompts=8, concurrency=4,
+                     metrics_url=server.metrics_url)
     assert 0.0 <= result["prompt_accuracy"] <= 1.0
     assert result["unet_rows_per_image"] == 10 + 8  # guided for steps 0-7 of 10
     assert result["rows_saved_per_image"] == 2
