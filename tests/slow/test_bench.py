@@ -23,15 +23,50 @@ def test_bench_reports_every_target(tiny_checkpoint, tmp_path):
     assert "| target | measured | required | met |" in done.stdout
 
 
-def test_steer_bench_measures_every_steer_on_a_real_server(server):
-    from serving.bench.steer import measure, targets
+def test_steer_bench_measures_every_steer_on_a_real_server(server, monkeypatch):
+    """The steer bench's report against its definitions, recomputed from the generations it ran
+    (recorded by wrapping the bench's own per-generation function)."""
+    import numpy as np
 
+    from serving.bench import steer as bench
+
+    runs = []  # (steer_after, what the generation returned), in the order they ended
+    real = bench._generation
+
+    def recording(url, fields, seed, steer_after, control_secret):
+        out = real(url, fields, seed, steer_after, control_secret)
+        runs.append((steer_after, out))
+        return out
+
+    monkeypatch.setattr(bench, "_generation", recording)
     fields = dict(prompt="a red circle", steps=150, guidance_scale=5.0, progress_every=1)
-    report = measure(server.grpc_url, fields, {1: 2, 3: 1}, server.control_secret, log=lambda m: None)
+    levels = {1: 2, 3: 1}  # concurrency: rounds
+    report = bench.measure(server.grpc_url, fields, levels, server.control_secret, log=lambda m: None)
     assert [level["concurrency"] for level in report["levels"]] == [1, 3]
-    for level in report["levels"]:
-        assert level["steers"] + level["missed"] == 2 * (level["concurrency"] == 1) + 3 * (level["concurrency"] == 3)
-        assert level["steers"] > 0 and level["steps"]["n"] == level["steers"] and level["steps"]["p50"] >= 0
+    for level, (concurrency, rounds) in zip(report["levels"], levels.items()):
+        warm_up, measured = runs[:concurrency], runs[concurrency:concurrency + 2 * rounds * concurrency]
+        del runs[:concurrency + 2 * rounds * concurrency]
+        assert all(after is None for after, _ in warm_up)
+        steered = [out for after, out in measured if after is not None]
+        plain = [out for after, out in measured if after is None]
+        assert len(steered) == len(plain) == rounds * concurrency
+        steers = [out["steer"] for out in steered if "steer" in out]
+        assert level["steers"] == len(steers) > 0 and level["missed"] == len(steered) - len(steers)
+        for steer, (after, _) in zip(steers, [(a, o) for a, o in measured if a is not None and "steer" in o]):
+            # the steer is sent once `after` steps were seen; k - s by definition; k is a step of the run
+            assert steer["seen_at_ack"] >= after and steer["steps"] == steer["first_step"] - steer["seen_at_ack"]
+            assert 0 <= steer["first_step"] < fields["steps"] and steer["ack_rtt_ms"] > 0
+        for key in ("steps", "ms", "ack_rtt_ms"):
+            values = np.array([steer[key] for steer in steers], dtype=float)
+            got = level[key]
+            assert got["n"] == len(steers) and got["p50"] == pytest.approx(np.median(values))
+            assert got["p95"] == pytest.approx(np.percentile(values, 95)) and got["max"] == values.max()
+            assert got["p50"] <= got["p95"] <= got["max"]
+        gaps_ms = [1000 * g for out in plain + steered for g in out["gaps_s"]]
+        assert level["step_ms"] == pytest.approx(np.median(gaps_ms)) and level["step_ms"] > 0
+        assert level["total_s_steered"] == pytest.approx(np.mean([out["total_s"] for out in steered if "steer" in out]))
+        assert level["total_s_unsteered"] == pytest.approx(np.mean([out["total_s"] for out in plain]))
+        assert level["cost_ratio"] == pytest.approx(level["total_s_steered"] / level["total_s_unsteered"])
+        assert level["target_ms_p50"] == pytest.approx(2 * level["step_ms"] + level["text_encoder_ms"])
         assert level["text_encoder_calls"] > 0  # steers bring new texts (steers of one iteration share a call)
-        assert level["total_s_steered"] > 0 and level["total_s_unsteered"] > 0
-    assert len(targets(report)) == 10
+    assert runs == [] and len(bench.targets(report)) == 10
