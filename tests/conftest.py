@@ -10,6 +10,16 @@ from export.cli import pipeline_parameters  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+LAYERS = ("unit", "engine", "server", "gateway", "deploy", "browser")
+
+
+def pytest_collection_modifyitems(items):
+    """Each test marked with its layer, the folder it is in (pyproject.toml lists them): -m unit."""
+    for item in items:
+        parts = item.path.relative_to(item.config.rootpath).parts
+        if len(parts) > 2 and parts[0] == "tests" and parts[1] in LAYERS:
+            item.add_marker(parts[1])
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
