@@ -112,7 +112,7 @@ def test_checkov_finds_nothing(rendered, tmp_path):
 def test_probes_ask_the_engine_and_the_stub(objects, overlay):
     triton = _container(objects[overlay])
     # readiness: the engine itself admits (Triton's /v2/health/ready stays 200 once a drain has
-    # stopped it; tests/test_control.py runs `ldm ready` against a drained server)
+    # stopped it; tests/server/test_control.py runs `ldm ready` against a drained server)
     import argparse
 
     from serving.triton import readiness
@@ -124,7 +124,7 @@ def test_probes_ask_the_engine_and_the_stub(objects, overlay):
         readiness.add_arguments(parser)
         assert parser.parse_args(command[2:]).url == "127.0.0.1:8001"
     # liveness: the pipeline's python stub itself (Triton stays "live" when it has died;
-    # tests/test_drain.py runs this command against a server whose stub is killed)
+    # tests/server/test_drain.py runs this command against a server whose stub is killed)
     command = triton["livenessProbe"]["exec"]["command"]
     assert command[:2] == ["ldm", "stub-check"], command
     from serving.triton import stubs

@@ -1,7 +1,7 @@
 """The default model (checkpoints/ldm-shapes), exported and run by the pipeline's engine in
 this process (ONNX Runtime), matches diffusers' StableDiffusionPipeline given the same initial
 latents: DDIM, eta 0, 25 steps, its zero-terminal-SNR v-prediction schedule. The tiny random
-checkpoint's parity (tests/test_server.py) is loose; on the trained weights the match is
+checkpoint's parity (tests/server/test_server.py) is loose; on the trained weights the match is
 within 0.01/255 mean absolute difference."""
 from pathlib import Path
 

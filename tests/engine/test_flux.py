@@ -20,7 +20,7 @@ the unpacked shape (C, H/f, W/f); diffusers gets it packed 2x2 as FluxPipeline._
 packs (txt2img), or as the noise its randn_tensor draws (img2img, inpainting: those pipelines
 noise the image latents themselves), with its VAE posterior samples replaced by the service's
 draws from the seed's image stream (serving.core.sampler.image_noise_generator), as
-tests/test_image_parity.py does for SD.
+tests/engine/test_image_parity.py does for SD.
 """
 import itertools
 import sys

@@ -1,5 +1,5 @@
 """Fuzzing the pipeline in process: hostile inputs over every field of the contract
-(tests/fuzz_inputs.py) through PipelineService.submit into the running engine (its worker
+(tests/support/fuzz_inputs.py) through PipelineService.submit into the running engine (its worker
 thread, ONNX Runtime on the tiny checkpoint). Every request gets exactly one answer, an image
 or a coded error naming a field; the worker thread survives; the engine ends empty.
 

@@ -14,7 +14,7 @@ CPU's instruction set, so another CPU (or another onnxruntime) may give other la
 JSON says what recorded it. Re-record (only when a change of the images is intended, or on
 another machine before a refactor starts):
 
-    LDM_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests/test_sd_golden_bytes.py
+    LDM_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests/engine/test_sd_golden_bytes.py
 
 which rewrites each case's hash from the images of the code as it is (cases dropped from the table:
 delete the JSON first), then checks the crowds against it.

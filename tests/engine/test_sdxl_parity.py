@@ -9,7 +9,7 @@ and "sdxl-inpaint") exported beside the tiny SD one in one repository and served
   noise_generator draw (passed as `latents=`, or as the pipeline's randn_tensor draw where it
   noises an image), the per-step draws of ancestral samplers follow it from the same stream, and
   the VAE posterior samples come from the seed's image stream, in the order the pipelines draw
-  them (as tests/test_sampler_parity.py and tests/test_image_parity.py do for SD). Target: mean
+  them (as tests/engine/test_sampler_parity.py and tests/engine/test_image_parity.py do for SD). Target: mean
   abs difference <= 1/255 on the uint8 images; each case prints its number;
 - batch invariance: a crowd of SDXL requests of every kind, and SD requests of the other model of
   the same server, each gives the bytes it gives alone; the two models never share a UNet call;
@@ -118,7 +118,7 @@ def reference(cls, path, monkeypatch, sampler, schedule, seed, height, width, po
     pipe, config = pipeline(cls, path)
     scheduler_cls, extra = REFERENCES[sampler]
     scheduler = scheduler_cls.from_config({**config, **extra, **({"use_karras_sigmas": True} if schedule == "karras" else {})})
-    if cls is StableDiffusionXLPipeline:  # as tests/test_sampler_parity.py: no timestep lookup (img2img pins it itself)
+    if cls is StableDiffusionXLPipeline:  # as tests/engine/test_sampler_parity.py: no timestep lookup (img2img pins it itself)
         set_timesteps = scheduler.set_timesteps
 
         def pinned(*args, **kwargs):

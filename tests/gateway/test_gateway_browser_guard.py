@@ -1,7 +1,7 @@
 """The REST front's browser defences over plain HTTP against a real gateway without keys (the
 session's, on loopback): JSON bodies must say application/json, a foreign Origin or an unknown
 Host name (DNS rebinding) is refused before anything runs, and the pages carry a CSP that
-forbids framing. The real-browser check is tests/test_page_browser.py."""
+forbids framing. The real-browser check is tests/browser/test_page_browser.py."""
 import http.client
 import json
 

@@ -125,7 +125,7 @@ def test_rest_delete_cancels_and_later_calls_answer_409(gateway, server):
     assert "generation.completed" not in [e.name for e in events]
     assert [(e.status, e.code) for e in late] == [(409, "failed_precondition")] * 2
     # at least: an earlier test's cancelled generation may still be counted meanwhile (exact
-    # one-answer counts are tests/test_faults.py's)
+    # one-answer counts are tests/server/test_faults.py's)
     assert wait_for(lambda: metrics(server)["ldm_cancellations_total"] >= before + 1), (before, metrics(server))
     assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
 

@@ -176,7 +176,7 @@ def test_a_grace_shorter_than_the_work_fails_the_rest_with_unavailable_once(tiny
 
 def test_a_dead_pipeline_stub_stops_the_replica_for_its_supervisor_to_restart(tiny_repo, tmp_path):
     # Triton 2.51 neither restarts a dead python stub nor reports its model unready
-    # (tests/test_faults.py): `ldm serve` notices and exits 1 with nothing left running
+    # (tests/server/test_faults.py): `ldm serve` notices and exits 1 with nothing left running
     serve = Serve(tiny_repo, tmp_path / "tritonserver.log", grace_s=120, gateway=False)
     try:
         serve.wait_line("ready", timeout=240)

@@ -1,6 +1,6 @@
 """Fuzzing a real tritonserver (the session's, tiny checkpoint) over its KServe endpoints: the
 decoupled `pipeline` over a gRPC stream, and `pipeline_unary` over HTTP, with the hostile
-inputs of tests/fuzz_inputs.py sent as raw tensors (no client-side checks). Every request ends
+inputs of tests/support/fuzz_inputs.py sent as raw tensors (no client-side checks). Every request ends
 in one answer within its timeout: an image, or an error naming a field (Triton's own checks of
 dtype, shape and unknown inputs name the input too); the server stays ready; the images the
 clients received are exactly those the engine counted as completed."""

@@ -1,9 +1,9 @@
 """The unary front `pipeline_unary` against a real tritonserver: its own bound on requests in
 flight (`max_in_flight`, each holds a forwarding thread) answers UNAVAILABLE at once when it is
-full, and frees its places as requests end. (Its cancellation: tests/test_streaming.py
+full, and frees its places as requests end. (Its cancellation: tests/server/test_streaming.py
 test_unary_grpc_cancel_reaches_the_engine; Triton 2.51's HTTP endpoint does not notice a client
 that disconnects, see serving/triton/forwarding.py: the gateway cancels on disconnect,
-tests/test_gateway_rest.py.)"""
+tests/gateway/test_gateway_rest.py.)"""
 from concurrent.futures import ThreadPoolExecutor
 import shutil
 import time

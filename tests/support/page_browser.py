@@ -1,6 +1,6 @@
 """Driving the gateway's page (serving/gateway/static/index.html) in a real headless Chromium:
 Debian's `chromium` package, driven by Playwright's Python package as a driver only (it never
-downloads a browser: scripts/browser-setup.sh installs both). Used by tests/test_page_browser.py
+downloads a browser: scripts/browser-setup.sh installs both). Used by tests/browser/test_page_browser.py
 and tests/page_screenshots.py."""
 from contextlib import contextmanager
 import os

@@ -1,6 +1,6 @@
 """The client retry policy (serving/client/retry.py): which errors are replayed, how often, and
 what is counted. The real-failure path (a replica killed under load) is exercised in
-tests/test_deploy_loadbalance.py; here a callable raises tritonclient's own exception."""
+tests/deploy/test_deploy_loadbalance.py; here a callable raises tritonclient's own exception."""
 import random
 
 import pytest
