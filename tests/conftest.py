@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny random checkpoint, its model repository, and a real tritonserver."""
+"""Shared fixtures: a tiny random checkpoint, its model repositories, the factory every real
+tritonserver starts through (tests/support/triton.py) and the session's servers and gateway.
+Tests live in layer folders (unit, engine, server, gateway, deploy, browser, slow); their shared
+helpers in tests/support."""
 import os
 
 # before torch loads OpenMP: idle threads sleep instead of spinning (see serving/triton/server.py)

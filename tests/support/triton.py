@@ -9,6 +9,12 @@ one per session).
   because the module configures it (admission bounds, BLS, injected faults), or leaves state in it
   that must not reach other tests (uploaded LoRAs, a drained engine, a killed stub).
 
+Not started here, on purpose: tests of `ldm serve` itself (tests/server/test_cli.py, test_drain.py,
+tests/gateway/test_models_serving.py, the replicas of tests/lb/replicas.py) run it as a user does,
+in its own process, which starts its own tritonserver; tests/server/test_gpu_bench.py and
+tests/slow/test_bench.py run bench programs that start theirs (what they measure includes it);
+tests/page_screenshots.py is a script, outside pytest.
+
 Every server is stopped by the PID of its process group (TritonServer.stop: SIGTERM, then SIGKILL
 after its exit timeout), and at the session's end the factory kills any group still alive, so no
 tritonserver or python stub outlives the run. Ports come from serving.triton.server.free_ports
