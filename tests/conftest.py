@@ -3,6 +3,7 @@ tritonserver starts through (tests/support/triton.py) and the session's servers 
 Tests live in layer folders (unit, engine, server, gateway, deploy, browser, slow); their shared
 helpers in tests/support."""
 import os
+from pathlib import Path
 
 # before torch loads OpenMP: idle threads sleep instead of spinning (see serving/triton/server.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -18,10 +19,14 @@ LAYERS = ("unit", "engine", "server", "gateway", "deploy", "browser")
 
 def pytest_collection_modifyitems(items):
     """Each test marked with its layer, the folder it is in (pyproject.toml lists them): -m unit."""
+    tests = Path(__file__).resolve().parent
     for item in items:
-        parts = item.path.relative_to(item.config.rootpath).parts
-        if len(parts) > 2 and parts[0] == "tests" and parts[1] in LAYERS:
-            item.add_marker(parts[1])
+        try:
+            layer = item.path.resolve().relative_to(tests).parts[0]
+        except ValueError:
+            continue
+        if layer in LAYERS:
+            item.add_marker(layer)
 
 
 @pytest.fixture(scope="session")
