@@ -1,5 +1,9 @@
-"""Shared fixtures: a tiny random checkpoint, its model repository, and a real tritonserver."""
+"""Shared fixtures: a tiny random checkpoint, its model repositories, the factory every real
+tritonserver starts through (tests/support/triton.py) and the session's servers and gateway.
+Tests live in layer folders (unit, engine, server, gateway, deploy, browser, slow); their shared
+helpers in tests/support."""
 import os
+from pathlib import Path
 
 # before torch loads OpenMP: idle threads sleep instead of spinning (see serving/triton/server.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -9,6 +13,20 @@ import pytest  # noqa: E402
 from export.cli import pipeline_parameters  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LAYERS = ("unit", "engine", "server", "gateway", "deploy", "browser")
+
+
+def pytest_collection_modifyitems(items):
+    """Each test marked with its layer, the folder it is in (pyproject.toml lists them): -m unit."""
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            layer = item.path.resolve().relative_to(tests).parts[0]
+        except ValueError:
+            continue
+        if layer in LAYERS:
+            item.add_marker(layer)
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +56,31 @@ def tiny_repo(tmp_path_factory, tiny_checkpoint):
     return repo
 
 
-@pytest.fixture(scope="session")
-def server(tiny_repo, tmp_path_factory):
-    from serving.triton.server import TritonServer
+@pytest.fixture(scope="module")
+def models(tiny_repo):
+    """The tiny repository's models in this process (ONNX Runtime), for tests/support/fakes.py's
+    make_service. A module that needs other models (the torch runner) defines its own `models`."""
+    from serving.models.onnx import LocalModels
 
-    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-    with TritonServer(tiny_repo, log_file=log) as running:
-        yield running
+    return LocalModels(tiny_repo)
+
+
+@pytest.fixture(scope="session")
+def triton_servers(tmp_path_factory):
+    """Every real tritonserver of the run starts through this factory (tests/support/triton.py):
+    shared ones live for the session, a module's own stop with its fixture; none outlives it."""
+    from tests.support.triton import TritonServers
+
+    servers = TritonServers(tmp_path_factory.mktemp("triton-logs"))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def server(triton_servers, tiny_repo):
+    """The session's tritonserver on the tiny checkpoint. Tests that use it leave no state behind
+    (no adapters, no drain); one that must, starts its own with triton_servers.running."""
+    return triton_servers.shared(tiny_repo, "tritonserver")
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +120,11 @@ def variant_repo(tmp_path_factory, tiny_checkpoint, tiny_inpaint_checkpoint, tin
 
 
 @pytest.fixture(scope="session")
-def variant_server(variant_repo, tmp_path_factory):
-    from serving.triton.server import TritonServer
+def variant_server(triton_servers, variant_repo):
+    return triton_servers.shared(variant_repo, "tritonserver-variants")
 
-    log = tmp_path_factory.mktemp("logs") / "tritonserver-variants.log"
-    with TritonServer(variant_repo, log_file=log) as running:
-        yield running
+
+@pytest.fixture(scope="session")
+def default_server(triton_servers, default_repo):
+    """A tritonserver on the shipped default model (the slow evaluations' requests only read)."""
+    return triton_servers.shared(default_repo, "tritonserver-default")

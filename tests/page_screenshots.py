@@ -1,7 +1,7 @@
 """Screenshots of the gateway's page for docs/page.md: idle, mid-generation with its live
 preview, and a generation steered mid-run (beside the same seed unsteered in the gallery).
 Exports the shipped default model, starts tritonserver and the gateway on free ports, drives the
-page in headless Chromium (tests/page_browser.py), stops both.
+page in headless Chromium (tests/support/page_browser.py), stops both.
 
     .venv/bin/python tests/page_screenshots.py [--out docs/results/screenshots] [--checkpoint checkpoints/ldm-shapes]
 """
@@ -11,9 +11,9 @@ import sys
 import tempfile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from page_browser import chromium, missing, open_page, start, wait_for_step  # noqa: E402
+from tests.support.page_browser import chromium, missing, open_page, start, wait_for_step  # noqa: E402
 
 PROMPT = "a large red circle on the left of a black background"
 STEERED = "a small blue square at the top right"
@@ -55,6 +55,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         repo = Path(work) / "model_repository"
         write_repository(args.checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
+        # a script, not a test (no pytest fixtures here): it starts its own server, not through
+        # tests/support/triton.py
         with TritonServer(repo, log_file=Path(work) / "tritonserver.log") as server, \
                 GatewayProcess(server.grpc_url, log_file=Path(work) / "gateway.log",
                                control_secret=server.control_secret) as gateway:

@@ -23,22 +23,42 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+# Every port this process hands out, so it never hands one out twice: a port checked free and
+# released can be free again when the next caller asks, before the server it was meant for binds it
+# (a tritonserver takes seconds), and the kernel may offer it again.
+_PORTS_LOCK = threading.Lock()
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct free ports (all bound at once, so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """n distinct ports, each free when checked (bound, all at once) and none handed out before by
+    this process, so no two callers (a tritonserver, its gateway, a test's own `ldm serve`) ever
+    get the same one, whether or not the first has bound it yet. A port handed out before is kept
+    bound while the next is asked for, so the kernel offers another."""
+    with _PORTS_LOCK:
+        sockets, ports = [], []
+        try:
+            while len(ports) < n:
+                if len(sockets) >= n + 1000:
+                    raise RuntimeError(f"no {n} free ports not handed out before on {host}")
+                s = socket.socket()
+                sockets.append(s)
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+                if port not in _PORTS_GIVEN:
+                    ports.append(port)
+            _PORTS_GIVEN.update(ports)
+            return ports
+        finally:
+            for s in sockets:
+                s.close()
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
 """The loopback load-balancing scenario: replicas behind nginx, load spread, one replica
-crashed mid-load. Returns a report (dict) that tests/test_deploy_loadbalance.py asserts on
+crashed mid-load. Returns a report (dict) that tests/deploy/test_deploy_loadbalance.py asserts on
 and `python -m tests.lb.demo` prints. Calls go to each replica's gateway (ldm.v1.Images).
 
 Counts per replica come from each replica's own Triton metric
