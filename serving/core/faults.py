@@ -1,5 +1,5 @@
 """Test hook: faults injected into a served pipeline, to show that each failure touches only the
-requests it belongs to (tests/test_faults.py). Off unless the pipeline's process has the
+requests it belongs to (tests/server/test_faults.py). Off unless the pipeline's process has the
 environment variable LDM_FAULTS set when the model loads, e.g.
 
     LDM_FAULTS="unet_raise_at_call=3,vae_raise_at_call=2,finish_raise_at_call=3"

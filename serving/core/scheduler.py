@@ -16,7 +16,7 @@ consecutive calls, from its admission on. Proof: let s be job J's `last_turn` an
 jobs whose `last_turn` is at most s (J among them, so |S| <= max_active). A call steps its
 leader, a member of S, and gives it a turn above s; jobs admitted later get one above s too;
 so S loses a member with every call and gains none, and J, in S, steps within |S| calls.
-(tests/test_scheduler.py checks it over random arrivals, keys and row counts.)
+(tests/unit/test_scheduler.py checks it over random arrivals, keys and row counts.)
 """
 from typing import TYPE_CHECKING, Any
 from collections import deque

@@ -8,7 +8,7 @@ slots (the operator's KServe clients). An image is admitted while they leave roo
 
 One caller (a key; its address without keys) may hold at most `share` of the slots, so one key
 cannot take the queue: another key's request finds room as soon as the pipeline has some
-(tests/test_gateway_capacity.py checks it as a property over two keys).
+(tests/gateway/test_gateway_capacity.py checks it as a property over two keys).
 
 A request that finds no room waits up to `wait_s` for one, behind the waiting requests that
 could use it (a sleeping coroutine: no CPU), then is refused UNAVAILABLE with Retry-After. Why wait rather than

@@ -7,7 +7,7 @@ parameters) are declared from the model the gateway read at start, when it has o
 Every status a route answers is declared; each server-sent event of the streams has its schema
 (its name and its JSON data: `sse`), and the answer of
 `POST /v1/generations` links to its steer and DELETE by its X-Generation-Id header.
-tests/test_gateway_openapi.py runs a schema-driven fuzzer (schemathesis) against a real gateway
+tests/gateway/test_gateway_openapi.py runs a schema-driven fuzzer (schemathesis) against a real gateway
 with this document."""
 from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
