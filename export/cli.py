@@ -1,4 +1,5 @@
 """`ldm export CHECKPOINT_DIR [--repo model_repository]`."""
+
 from pathlib import Path
 
 from export.triton_config import BACKENDS
@@ -9,52 +10,98 @@ from serving.models.assemble import TEXT_VAE_RUNNERS, UNET_RUNNERS
 
 
 def add_arguments(parser):
-    parser.add_argument("checkpoint", help="a diffusers pipeline folder (text-to-image, inpainting or x4-upscaler: "
-                        "the UNet's layout is read from its config)")
+    parser.add_argument(
+        "checkpoint",
+        help="a diffusers pipeline folder (text-to-image, inpainting or x4-upscaler: "
+        "the UNet's layout is read from its config)",
+    )
     parser.add_argument("--repo", default="model_repository", help="model repository to write (default: %(default)s)")
     add_repository_options(parser)
 
 
 def add_repository_options(parser):
     """How the repository is written; `ldm serve` takes the same options for its export."""
-    parser.add_argument("--backend", choices=BACKENDS, default="python",
-                        help="python: python-backend models running ONNX Runtime (the PyPI Triton); "
-                             "onnxruntime/tensorrt: native backends of the NGC Triton image")
-    parser.add_argument("--gpu", action="store_true",
-                        help="place the pipeline and component instances on the GPU (KIND_GPU), with the CUDA "
-                             "memory pool their BLS tensors need; the torch runner becomes the default")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="python",
+        help="python: python-backend models running ONNX Runtime (the PyPI Triton); "
+        "onnxruntime/tensorrt: native backends of the NGC Triton image",
+    )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="place the pipeline and component instances on the GPU (KIND_GPU), with the CUDA "
+        "memory pool their BLS tensors need; the torch runner becomes the default",
+    )
     # image-conditioned generation: extra UNet variants beside the primary checkpoint's
-    parser.add_argument("--inpaint-checkpoint", help="an inpainting checkpoint (9-channel UNet, StableDiffusionInpaintPipeline) "
-                        "to serve task inpaint with; without it inpainting blends latents with the base UNet")
-    parser.add_argument("--upscale-checkpoint", help="an x4 upscaler checkpoint (StableDiffusionUpscalePipeline) to serve "
-                        "task upscale with")
+    parser.add_argument(
+        "--inpaint-checkpoint",
+        help="an inpainting checkpoint (9-channel UNet, StableDiffusionInpaintPipeline) "
+        "to serve task inpaint with; without it inpainting blends latents with the base UNet",
+    )
+    parser.add_argument(
+        "--upscale-checkpoint",
+        help="an x4 upscaler checkpoint (StableDiffusionUpscalePipeline) to serve task upscale with",
+    )
     parser.add_argument("--max-size", type=int, help="largest image side served (default: twice the native size)")
-    parser.add_argument("--unet", choices=UNET_RUNNERS,
-                        help="how the pipeline runs the UNet each step: inprocess (ONNX Runtime), bls (the unet "
-                             "model), torch (in process, CUDA graphs on GPU). Default: torch with --gpu and the "
-                             "python backend, bls with --gpu and a native backend, else inprocess")
-    parser.add_argument("--text-vae", choices=TEXT_VAE_RUNNERS,
-                        help="how the pipeline runs the text encoder and VAE: bls (their models) or torch (in "
-                             "process). Default: torch with --gpu and the python backend, else bls")
-    parser.add_argument("--torch-buckets", default="",
-                        help="row buckets of the torch runner, e.g. 1,2,4,8,16,32 (default: powers of two up to "
-                             "--max-rows, from 1 on GPU and 4 on CPU)")
-    parser.add_argument("--torch-compile", action="store_true", help="torch.compile the torch runner's modules "
-                        "(about a minute per bucket at start-up on a GPU)")
+    parser.add_argument(
+        "--unet",
+        choices=UNET_RUNNERS,
+        help="how the pipeline runs the UNet each step: inprocess (ONNX Runtime), bls (the unet "
+        "model), torch (in process, CUDA graphs on GPU). Default: torch with --gpu and the "
+        "python backend, bls with --gpu and a native backend, else inprocess",
+    )
+    parser.add_argument(
+        "--text-vae",
+        choices=TEXT_VAE_RUNNERS,
+        help="how the pipeline runs the text encoder and VAE: bls (their models) or torch (in "
+        "process). Default: torch with --gpu and the python backend, else bls",
+    )
+    parser.add_argument(
+        "--torch-buckets",
+        default="",
+        help="row buckets of the torch runner, e.g. 1,2,4,8,16,32 (default: powers of two up to "
+        "--max-rows, from 1 on GPU and 4 on CPU)",
+    )
+    parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="torch.compile the torch runner's modules (about a minute per bucket at start-up on a GPU)",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="torch runner on GPU without CUDA graphs")
     parser.add_argument("--no-step-batching", action="store_true", help="serve one request at a time (a baseline)")
     parser.add_argument("--max-rows", type=int, default=32, help="UNet rows per call (default: %(default)s)")
     parser.add_argument("--max-active", type=int, default=16, help="requests denoising at once (default: %(default)s)")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get UNAVAILABLE (default: %(default)s)")
-    parser.add_argument("--lora", action="store_true", help="export the denoiser with mixed LoRA adapter inputs, so requests "
-                        "can name adapters (loras); implied by --lora-dir")
-    parser.add_argument("--lora-dir", default="", help="a folder of LoRA .safetensors files registered at start, each named "
-                        "by its file's stem (implies --lora)")
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting; more get UNAVAILABLE (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="export the denoiser with mixed LoRA adapter inputs, so requests "
+        "can name adapters (loras); implied by --lora-dir",
+    )
+    parser.add_argument(
+        "--lora-dir",
+        default="",
+        help="a folder of LoRA .safetensors files registered at start, each named by its file's stem (implies --lora)",
+    )
 
 
-def pipeline_parameters(unet="inprocess", step_batching=True, max_rows=32, max_active=16, max_queue=64,
-                        text_vae="bls", torch_buckets="", torch_compile=False, cuda_graphs=True, lora=False,
-                        lora_dir="") -> dict:
+def pipeline_parameters(
+    unet="inprocess",
+    step_batching=True,
+    max_rows=32,
+    max_active=16,
+    max_queue=64,
+    text_vae="bls",
+    torch_buckets="",
+    torch_compile=False,
+    cuda_graphs=True,
+    lora=False,
+    lora_dir="",
+) -> dict:
     """The pipeline's config.pbtxt parameters: runners, batching knobs, then request defaults and limits."""
     return {
         "unet": unet,
@@ -93,9 +140,17 @@ def default_runners(gpu: bool, backend: str) -> tuple:
 def parameters_from_args(args) -> dict:
     unet, text_vae = default_runners(args.gpu, args.backend)
     return pipeline_parameters(
-        args.unet or unet, not args.no_step_batching, args.max_rows, args.max_active, args.max_queue,
-        text_vae=args.text_vae or text_vae, torch_buckets=args.torch_buckets, torch_compile=args.torch_compile,
-        cuda_graphs=not args.no_cuda_graphs, lora=args.lora, lora_dir=str(Path(args.lora_dir).resolve()) if args.lora_dir else "",
+        args.unet or unet,
+        not args.no_step_batching,
+        args.max_rows,
+        args.max_active,
+        args.max_queue,
+        text_vae=args.text_vae or text_vae,
+        torch_buckets=args.torch_buckets,
+        torch_compile=args.torch_compile,
+        cuda_graphs=not args.no_cuda_graphs,
+        lora=args.lora,
+        lora_dir=str(Path(args.lora_dir).resolve()) if args.lora_dir else "",
     )
 
 

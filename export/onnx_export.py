@@ -1,4 +1,5 @@
 """Export one component to ONNX, check it against torch, and skip the work when nothing changed."""
+
 import hashlib
 import json
 from pathlib import Path
@@ -89,10 +90,19 @@ def _export_dynamo(module, args: tuple, contract: ComponentContract, path: Path)
             dims[axis] = 2 * Dim(f"{axis}_half", min=max(1, low // 2), max=high // 2)
         else:
             dims[axis] = Dim(axis, min=max(low, 2) if axis == "batch" else low, max=high)
-    shapes = {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in contract.inputs}
-    program = torch.onnx.export(module, args, input_names=[s.name for s in contract.inputs],
-                                output_names=[s.name for s in contract.outputs], dynamic_shapes=shapes,
-                                opset_version=max(OPSET, 18), dynamo=True, verbose=False)
+    shapes = {
+        spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in contract.inputs
+    }
+    program = torch.onnx.export(
+        module,
+        args,
+        input_names=[s.name for s in contract.inputs],
+        output_names=[s.name for s in contract.outputs],
+        dynamic_shapes=shapes,
+        opset_version=max(OPSET, 18),
+        dynamo=True,
+        verbose=False,
+    )
     assert program is not None  # dynamo=True returns the program
     program.save(str(path))
 

@@ -6,6 +6,7 @@ pinned host memory; both must hold the largest call's inputs and outputs, or the
 fails the call ("Failed to allocate memory from CUDA memory pool"). Triton's defaults are 64 MiB
 and 256 MiB; the sizes here are computed from the components' contracts at their largest batch
 and image size, twice over (a request and its reply in flight at once)."""
+
 import numpy as np
 
 from families.contracts import HEIGHT, IMAGE_HEIGHT, IMAGE_WIDTH, WIDTH, ComponentContract

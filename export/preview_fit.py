@@ -1,4 +1,5 @@
 """Fits the latent-to-RGB preview map of a checkpoint from its own VAE decoder."""
+
 import numpy as np
 
 # The decoder is convolutional, so a small latent fits the same per-cell map as the native size

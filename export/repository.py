@@ -12,6 +12,7 @@ shared. pipeline/1/pipeline.json's models table names each model's family and ea
 models, tokenizers and schedule. A base primary of a family with regions' attention mode also
 gets the regional UNet from its UNet's weights.
 """
+
 from dataclasses import replace
 import filecmp
 import json
@@ -67,8 +68,10 @@ def write_repository(
     parameters = pipeline_parameters or {}
     served = served_components(parameters)
     primary = next(iter(checkpoints[default].values()))
-    log(f"exporting {', '.join(f'{m}={next(iter(i.values())).path}' for m, i in checkpoints.items())} -> {repo} "
-        f"({backend} backend{', GPU' if gpu else ''}; models: {', '.join(served) or 'none'})")
+    log(
+        f"exporting {', '.join(f'{m}={next(iter(i.values())).path}' for m, i in checkpoints.items())} -> {repo} "
+        f"({backend} backend{', GPU' if gpu else ''}; models: {', '.join(served) or 'none'})"
+    )
     stamps, named, model_contracts, tables = {}, [], {}, {}
     for model, infos in checkpoints.items():
         first = next(iter(infos.values()))
@@ -77,12 +80,22 @@ def write_repository(
         tables[model] = {}
         for variant, info in infos.items():
             contracts = component_contracts(info, size, MAX_BATCH)
-            kinds = VARIANT_COMPONENTS[variant] + (("unet_regional",) if info is first and "unet_regional" in contracts else ())
+            kinds = VARIANT_COMPONENTS[variant] + (
+                ("unet_regional",) if info is first and "unet_regional" in contracts else ()
+            )
             components = {}
             for kind in kinds:
                 contract = contracts[kind]
-                shared = next((m for k, other, m in named if k == kind and other.family == info.family
-                               and all(same_files(other, info, f) for f in contract.folders)), None)
+                shared = next(
+                    (
+                        m
+                        for k, other, m in named
+                        if k == kind
+                        and other.family == info.family
+                        and all(same_files(other, info, f) for f in contract.folders)
+                    ),
+                    None,
+                )
                 if shared is None:
                     shared = prefix + (kind if info is first else f"{kind}_{variant}")
                     named.append((kind, info, shared))
@@ -97,10 +110,25 @@ def write_repository(
     for old in [*pipeline_dir.glob(f"{CHECKPOINT_COPY}*"), *pipeline_dir.glob("*tokenizer*")]:
         shutil.rmtree(old)
     lora = parameters.get("lora") == "true"
-    model_infos = {model: _model_info(model, model == default, infos, tables[model], served, pipeline_dir, repo,
-                                      max_size or 2 * next(iter(infos.values())).native_size, lora, log)
-                   for model, infos in checkpoints.items()}
-    placement = {"gpu": gpu, **(bls_pool_bytes(model_contracts, tuple(model_contracts), primary.vae_factor) if gpu else {})}
+    model_infos = {
+        model: _model_info(
+            model,
+            model == default,
+            infos,
+            tables[model],
+            served,
+            pipeline_dir,
+            repo,
+            max_size or 2 * next(iter(infos.values())).native_size,
+            lora,
+            log,
+        )
+        for model, infos in checkpoints.items()
+    }
+    placement = {
+        "gpu": gpu,
+        **(bls_pool_bytes(model_contracts, tuple(model_contracts), primary.vae_factor) if gpu else {}),
+    }
     pipeline_info = {
         **model_infos[default],  # readers of an export with one model find its facts at the top
         "served": list(served),
@@ -112,42 +140,86 @@ def write_repository(
     _write(pipeline_dir / "scheduler_config.json", json.dumps(primary.scheduler_config, indent=1))
     _copy(TEMPLATES / "pipeline_model.py", pipeline_dir / "model.py")
     # the gateway prices work relative to the native size (serving/gateway/costs.py) and lists the models
-    write_pipeline_config(repo, {**parameters, "native_size": primary.native_size,
-                                 "models": json.dumps(model_list(model_infos, default))}, gpu)
+    write_pipeline_config(
+        repo,
+        {**parameters, "native_size": primary.native_size, "models": json.dumps(model_list(model_infos, default))},
+        gpu,
+    )
     if gpu:
-        log(f"  tritonserver needs --cuda-memory-pool-byte-size=<gpu>:{placement['cuda_memory_pool_bytes']} "
-            f"--pinned-memory-pool-byte-size={placement['pinned_memory_pool_bytes']} (ldm serve passes them)")
+        log(
+            f"  tritonserver needs --cuda-memory-pool-byte-size=<gpu>:{placement['cuda_memory_pool_bytes']} "
+            f"--pinned-memory-pool-byte-size={placement['pinned_memory_pool_bytes']} (ldm serve passes them)"
+        )
     _copy(TEMPLATES / "pipeline_unary_model.py", repo / "pipeline_unary" / "1" / "model.py")
     _write(repo / "pipeline_unary" / "config.pbtxt", to_pbtxt(unary_config()))
     log(f"model repository ready: {repo}")
     return stamps
 
 
-def _model_info(model: str, is_default: bool, infos: dict, table: dict, served: tuple, pipeline_dir: Path, repo: Path,
-                max_size: int, lora: bool, log) -> dict:
+def _model_info(
+    model: str,
+    is_default: bool,
+    infos: dict,
+    table: dict,
+    served: tuple,
+    pipeline_dir: Path,
+    repo: Path,
+    max_size: int,
+    lora: bool,
+    log,
+) -> dict:
     """One model's entry of pipeline.json: its family, its default variant's sizes and its variants."""
     first = next(iter(infos.values()))
     prefix = "" if is_default else f"{model}-"
     copies = _copy_checkpoints_for_torch(infos, first, pipeline_dir, served, prefix)
-    facts = {variant: _variant_facts(info, table[variant], served, _tokenizers(info, first, variant, pipeline_dir, prefix),
-                                     copies.get(variant), repo, max_size)
-             for variant, info in infos.items()}
+    facts = {
+        variant: _variant_facts(
+            info,
+            table[variant],
+            served,
+            _tokenizers(info, first, variant, pipeline_dir, prefix),
+            copies.get(variant),
+            repo,
+            max_size,
+        )
+        for variant, info in infos.items()
+    }
     family = FAMILIES[first.family]
-    if lora and family.lora:  # the primary variant's denoiser and text encoder with mixed-adapter inputs, run in process
+    if (
+        lora and family.lora
+    ):  # the primary variant's denoiser and text encoder with mixed-adapter inputs, run in process
         contracts = component_contracts(first, max_size, MAX_BATCH)
-        for component, layers in (("unet", family.lora_layers(first)), ("text_encoder", family.text_lora_layers(first))):
+        for component, layers in (
+            ("unet", family.lora_layers(first)),
+            ("text_encoder", family.text_lora_layers(first)),
+        ):
             if not layers:
                 continue
             contract = lora_contract(contracts[component], layers)
-            export_component(replace(contract, name=f"{prefix}{contract.name}"), first, pipeline_dir / f"{prefix}{contract.name}.onnx",
-                             log=log)
+            export_component(
+                replace(contract, name=f"{prefix}{contract.name}"),
+                first,
+                pipeline_dir / f"{prefix}{contract.name}.onnx",
+                log=log,
+            )
             facts[first.layout][f"lora_{component}"] = f"{prefix}{contract.name}.onnx"
             facts[first.layout][f"lora_{component}_layers"] = {layer: list(shape) for layer, shape in layers.items()}
     head = facts[first.layout]
     return {
         "family": first.family,
         "checkpoint": head["checkpoint"],
-        **{k: head[k] for k in ("text_length", "latent_channels", "vae_factor", "size_multiple", "native_size", "max_size", "preview")},
+        **{
+            k: head[k]
+            for k in (
+                "text_length",
+                "latent_channels",
+                "vae_factor",
+                "size_multiple",
+                "native_size",
+                "max_size",
+                "preview",
+            )
+        },
         "regional_unet": "unet_regional" in head["components"] and "unet_regional" in served,  # regions' attention mode
         "primary": first.layout,
         "variants": facts,
@@ -157,10 +229,18 @@ def _model_info(model: str, is_default: bool, infos: dict, table: dict, served: 
 def model_list(model_infos: dict, default: str) -> list:
     """What GET /v1/models lists (the pipeline's config parameter `models`): each model's name,
     family, sizes, tasks and scheduler config (the gateway derives its samplers from it)."""
-    return [{"id": model, "family": info["family"], "default": model == default, "native_size": info["native_size"],
-             "max_size": info["max_size"], "tasks": [t for t in TASKS if variant_for(t, info["variants"])],
-             "scheduler_config": info["variants"][info["primary"]]["scheduler_config"]}
-            for model, info in model_infos.items()]
+    return [
+        {
+            "id": model,
+            "family": info["family"],
+            "default": model == default,
+            "native_size": info["native_size"],
+            "max_size": info["max_size"],
+            "tasks": [t for t in TASKS if variant_for(t, info["variants"])],
+            "scheduler_config": info["variants"][info["primary"]]["scheduler_config"],
+        }
+        for model, info in model_infos.items()
+    ]
 
 
 def read_variants(checkpoint, extra: dict) -> dict:
@@ -175,13 +255,17 @@ def read_variants(checkpoint, extra: dict) -> dict:
             raise ValueError(f"unknown variant {name!r}; variants are {LAYOUTS}")
         info = CheckpointInfo.read(path)
         if info.layout != name:
-            raise ValueError(f"{name} checkpoint {path}: its UNet has the {info.layout} layout "
-                             f"(in_channels={info.unet_in_channels}), not {name}")
+            raise ValueError(
+                f"{name} checkpoint {path}: its UNet has the {info.layout} layout "
+                f"(in_channels={info.unet_in_channels}), not {name}"
+            )
         if name in infos:
             raise ValueError(f"two {name} checkpoints: {infos[name].path} and {path}")
         if info.latent_channels != primary.latent_channels:
-            raise ValueError(f"{name} checkpoint {path}: {info.latent_channels} latent channels, "
-                             f"the primary checkpoint has {primary.latent_channels}")
+            raise ValueError(
+                f"{name} checkpoint {path}: {info.latent_channels} latent channels, "
+                f"the primary checkpoint has {primary.latent_channels}"
+            )
         infos[name] = info
     return infos
 
@@ -229,8 +313,9 @@ def _remove_stale_models(repo: Path, exported: set) -> None:
             shutil.rmtree(model)
 
 
-def _copy_checkpoints_for_torch(infos: dict, primary: CheckpointInfo, pipeline_dir: Path, served: tuple,
-                                prefix: str) -> dict:
+def _copy_checkpoints_for_torch(
+    infos: dict, primary: CheckpointInfo, pipeline_dir: Path, served: tuple, prefix: str
+) -> dict:
     """{variant: folder in pipeline/1/} of the checkpoint copies the torch runner loads, when it
     runs any component: it serves wherever the repository goes (a container mounts the
     repository, not the checkpoint)."""
@@ -256,8 +341,15 @@ def _tokenizers(info: CheckpointInfo, primary: CheckpointInfo, variant: str, pip
     return out
 
 
-def _variant_facts(info: CheckpointInfo, components: dict, served: tuple, tokenizers: dict, torch_copy: str | None,
-                   repo: Path, max_size: int) -> dict:
+def _variant_facts(
+    info: CheckpointInfo,
+    components: dict,
+    served: tuple,
+    tokenizers: dict,
+    torch_copy: str | None,
+    repo: Path,
+    max_size: int,
+) -> dict:
     """What the pipeline needs to run one variant: its models, tokenizer, schedule and sizes."""
     latent_size = info.native_size // info.vae_factor
     facts = {
@@ -277,8 +369,12 @@ def _variant_facts(info: CheckpointInfo, components: dict, served: tuple, tokeni
         "size_multiple": info.size_multiple,
         "native_size": info.native_size,
         "max_size": max_size,
-        "preview": fit_preview(_preview_decoder(repo, info, components["vae_decoder"], served), info.latent_channels,
-                               latent_size, info.vae_factor),
+        "preview": fit_preview(
+            _preview_decoder(repo, info, components["vae_decoder"], served),
+            info.latent_channels,
+            latent_size,
+            info.vae_factor,
+        ),
         "scheduler_config": info.scheduler_config,
     }
     if torch_copy is not None:
@@ -326,8 +422,11 @@ def has_artifacts(repo) -> bool:
     models = {m for facts in variants for kind, m in facts["components"].items() if kind in served}
     # components run by torch in the pipeline's process load from its copy of the checkpoint
     copies = {facts["torch_checkpoint"] for facts in variants if "torch_checkpoint" in facts}
-    return (bool(variants) and all((repo / m / "1" / "model.onnx").is_file() for m in models)
-            and all((repo / "pipeline" / "1" / c).is_dir() for c in copies))
+    return (
+        bool(variants)
+        and all((repo / m / "1" / "model.onnx").is_file() for m in models)
+        and all((repo / "pipeline" / "1" / c).is_dir() for c in copies)
+    )
 
 
 def _preview_decoder(repo: Path, info: CheckpointInfo, model: str, served: tuple):

@@ -4,6 +4,7 @@ Plans are specific to the GPU and TensorRT version they are built on, so they ar
 serving node (`ldm export --backend tensorrt` there, or the deployment's init Job), never shipped.
 Neither the development machines nor the lent GPU machine have TensorRT: there the export says so.
 """
+
 import shutil
 import subprocess
 

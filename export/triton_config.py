@@ -1,13 +1,20 @@
 """Triton model configurations, generated from the export contracts and written as config.pbtxt
 with Triton's own protobuf schema (so a typo cannot produce a config Triton would refuse)."""
+
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from families.contracts import ComponentContract
 from serving.core.request import FIELDS
 
-DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "uint8": mc.TYPE_UINT8, "bool": mc.TYPE_BOOL,
-          "bytes": mc.TYPE_STRING}
+DTYPES = {
+    "float32": mc.TYPE_FP32,
+    "int64": mc.TYPE_INT64,
+    "int32": mc.TYPE_INT32,
+    "uint8": mc.TYPE_UINT8,
+    "bool": mc.TYPE_BOOL,
+    "bytes": mc.TYPE_STRING,
+}
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 
 PIPELINE_OUTPUTS = (

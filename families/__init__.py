@@ -3,6 +3,7 @@
 encoding, per-row denoiser inputs, request fields). This package is the bottom layer: it imports
 nothing from export/ or serving/. How to add a family: docs/extending.md.
 """
+
 from families.flux import Flux
 from families.sd import StableDiffusion
 from families.sdxl import StableDiffusionXL

@@ -8,6 +8,7 @@ family the UNet's input layout says which kind of checkpoint it is (`layout`):
 - "upscale": StableDiffusionUpscalePipeline's (x4 upscaler) takes cat(latents, noised low-res RGB
   image) (in_channels = latent channels + 3) and the noise level as class labels.
 """
+
 from dataclasses import dataclass
 import json
 from pathlib import Path
@@ -95,8 +96,14 @@ def _text_encoder(path: Path, folder: str, tokenizer: str) -> TextEncoderInfo:
     if "max_position_embeddings" in config:  # CLIP's learned positions bound it; T5's relative ones do not
         length = min(length, int(config["max_position_embeddings"]))
     projected = "WithProjection" in str(config.get("architectures", "")) and "projection_dim" in config
-    return TextEncoderInfo(folder, tokenizer, int(config["vocab_size"]), int(config.get("hidden_size", config.get("d_model", 0))),
-                           length, int(config["projection_dim"]) if projected else None)
+    return TextEncoderInfo(
+        folder,
+        tokenizer,
+        int(config["vocab_size"]),
+        int(config.get("hidden_size", config.get("d_model", 0))),
+        length,
+        int(config["projection_dim"]) if projected else None,
+    )
 
 
 def unet_layout(unet_config: dict, latent_channels: int) -> str:

@@ -4,6 +4,7 @@ A contract names the tensors a component takes and returns, which axes are dynam
 a valid sample input, and the min/opt/max shapes an optimiser (TensorRT) should build for.
 ONNX export, parity checks, Triton configs and the TensorRT command are all generated from it.
 """
+
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -51,9 +52,7 @@ class ComponentContract:
     def profile(self) -> dict:
         """Input name -> (min shape, opt shape, max shape)."""
         return {
-            spec.name: tuple(
-                self.shape(spec, {axis: r[k] for axis, r in self.axis_ranges.items()}) for k in range(3)
-            )
+            spec.name: tuple(self.shape(spec, {axis: r[k] for axis, r in self.axis_ranges.items()}) for k in range(3))
             for spec in self.inputs
         }
 
@@ -88,8 +87,10 @@ def component_contracts(info: CheckpointInfo, max_image_size: int, max_batch: di
             name="text_encoder",
             component="text_encoder",
             folders=tuple(e.folder for e in info.text_encoders),
-            inputs=tuple(TensorSpec(name, "int64", (BATCH, encoder.length))
-                         for name, encoder in zip(family.token_inputs(info), info.text_encoders)),
+            inputs=tuple(
+                TensorSpec(name, "int64", (BATCH, encoder.length))
+                for name, encoder in zip(family.token_inputs(info), info.text_encoders)
+            ),
             outputs=family.text_outputs(info),
             max_batch_size=max_batch["text_encoder"],
             axis_ranges=batch_axis("text_encoder"),
@@ -151,12 +152,18 @@ def lora_contract(contract: ComponentContract, layers: dict) -> ComponentContrac
     lora_B.<layer> [K, out]; named <component>_lora."""
     banks = []
     for layer, (fan_in, fan_out) in layers.items():
-        banks += [TensorSpec(f"lora_A.{layer}", "float32", (fan_in, LORA_COLUMNS)),
-                  TensorSpec(f"lora_B.{layer}", "float32", (LORA_COLUMNS, fan_out))]
+        banks += [
+            TensorSpec(f"lora_A.{layer}", "float32", (fan_in, LORA_COLUMNS)),
+            TensorSpec(f"lora_B.{layer}", "float32", (LORA_COLUMNS, fan_out)),
+        ]
     name = f"{contract.component}_lora"
-    return replace(contract, name=name, component=name,
-                   inputs=(*contract.inputs, TensorSpec("lora_scales", "float32", (BATCH, LORA_COLUMNS)), *banks),
-                   axis_ranges={**contract.axis_ranges, LORA_COLUMNS: (1, 16, MAX_LORA_COLUMNS)})
+    return replace(
+        contract,
+        name=name,
+        component=name,
+        inputs=(*contract.inputs, TensorSpec("lora_scales", "float32", (BATCH, LORA_COLUMNS)), *banks),
+        axis_ranges={**contract.axis_ranges, LORA_COLUMNS: (1, 16, MAX_LORA_COLUMNS)},
+    )
 
 
 def token_input_names(encoders: int) -> tuple:
@@ -173,8 +180,12 @@ def regional_unet_contract(unet: ComponentContract, max_batch: int) -> Component
         unet,
         name="unet_regional",
         component="unet_regional",
-        inputs=(sample, timestep, TensorSpec(context.name, context.dtype, (batch, CONTEXTS, length, hidden)),
-                TensorSpec("region_weights", "float32", (BATCH, CONTEXTS, HEIGHT, WIDTH))),
+        inputs=(
+            sample,
+            timestep,
+            TensorSpec(context.name, context.dtype, (batch, CONTEXTS, length, hidden)),
+            TensorSpec("region_weights", "float32", (BATCH, CONTEXTS, HEIGHT, WIDTH)),
+        ),
         max_batch_size=max_batch,
         axis_ranges={**unet.axis_ranges, BATCH: (1, min(4, max_batch), max_batch), CONTEXTS: (1, 3, MAX_REGIONS + 1)},
     )
@@ -190,7 +201,9 @@ def sample_inputs(contract: ComponentContract, info: CheckpointInfo, sizes: dict
             encoder = info.text_encoders[token_input_names(len(info.text_encoders)).index(spec.name)]
             out[spec.name] = rng.integers(0, encoder.vocab_size, shape, dtype=np.int64)
         elif spec.name == "timestep":
-            out[spec.name] = rng.uniform(0, info.scheduler_config.get("num_train_timesteps", 1000), shape).astype(np.float32)
+            out[spec.name] = rng.uniform(0, info.scheduler_config.get("num_train_timesteps", 1000), shape).astype(
+                np.float32
+            )
         elif spec.name == "class_labels":
             assert info.max_noise_level is not None  # an upscaler's
             out[spec.name] = rng.integers(0, info.max_noise_level + 1, shape)

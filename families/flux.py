@@ -22,6 +22,7 @@ transformers), as diffusers 0.42.1 runs it, in what differs from the UNet famili
   are multiples of twice the VAE factor (the 2x2 packing).
 Regional prompts are not served for Flux (INVALID_ARG region_prompts).
 """
+
 from families.contracts import BATCH, TensorSpec
 from families.sd import StableDiffusion
 
@@ -79,8 +80,10 @@ class Flux(StableDiffusion):
         return steps - int(max(steps - steps * strength, 0))
 
     def text_outputs(self, info) -> tuple:
-        return (TensorSpec("prompt_embeds", "float32", (BATCH, info.text_length, info.text_hidden)),
-                TensorSpec("pooled_projections", "float32", (BATCH, info.pooled_dim)))
+        return (
+            TensorSpec("prompt_embeds", "float32", (BATCH, info.text_length, info.text_hidden)),
+            TensorSpec("pooled_projections", "float32", (BATCH, info.pooled_dim)),
+        )
 
     def text_inputs(self) -> dict:
         return {"prompt_embeds": "encoder_hidden_states", "pooled_projections": "pooled_projections"}

@@ -10,6 +10,7 @@ each mirroring a piece of diffusers 0.42.1's FluxPipeline.
   [B, C, h, w]. Packing is a permutation and the flow-matching update is elementwise, so
   sampling the unpacked latents gives what FluxPipeline gives on the packed ones.
 """
+
 import torch
 
 
@@ -39,13 +40,24 @@ class FluxDenoiser(torch.nn.Module):
         rows = torch.arange(height // 2, dtype=sample.dtype, device=sample.device)
         columns = torch.arange(width // 2, dtype=sample.dtype, device=sample.device)
         img_ids = torch.stack(
-            [torch.zeros(height // 2, width // 2, dtype=sample.dtype, device=sample.device),
-             rows[:, None].expand(height // 2, width // 2), columns[None, :].expand(height // 2, width // 2)], dim=-1
+            [
+                torch.zeros(height // 2, width // 2, dtype=sample.dtype, device=sample.device),
+                rows[:, None].expand(height // 2, width // 2),
+                columns[None, :].expand(height // 2, width // 2),
+            ],
+            dim=-1,
         ).reshape(-1, 3)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, dtype=sample.dtype, device=sample.device)
-        out = self.model(hidden_states=tokens, timestep=timestep / 1000, guidance=guidance,
-                         pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
-                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        out = self.model(
+            hidden_states=tokens,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
         out = out.reshape(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(batch, channels, height, width)
 
@@ -61,8 +73,10 @@ def load_module(name: str, info) -> torch.nn.Module:
 
     module: torch.nn.Module
     if name == "text_encoder":
-        module = FluxTextEncoders(CLIPTextModel.from_pretrained(info.path / "text_encoder"),
-                                  T5EncoderModel.from_pretrained(info.path / "text_encoder_2"))
+        module = FluxTextEncoders(
+            CLIPTextModel.from_pretrained(info.path / "text_encoder"),
+            T5EncoderModel.from_pretrained(info.path / "text_encoder_2"),
+        )
     elif name == "unet":
         module = FluxDenoiser(FluxTransformer2DModel.from_pretrained(info.path / "transformer"))
     else:

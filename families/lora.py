@@ -18,6 +18,7 @@ For the per-layer alpha / rank, the PEFT convention (scaling = lora_alpha / r, k
 rank) is taken from PEFT's own LoraLayer.scaling after diffusers' loader has read the file
 (serving/models/adapters.py), so no scaling rule is written here.
 """
+
 from typing import Any
 import torch
 
@@ -57,7 +58,8 @@ class MixedLora(torch.nn.Module):
 
 def adaptable(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) or (
-        isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1)
+        isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+    )
 
 
 def install_mixed_lora(model: Any, names) -> dict:
@@ -82,8 +84,10 @@ def adaptable_layers(model: torch.nn.Module) -> dict:
             out[name] = (module.in_features, module.out_features)
         elif adaptable(module) and not name.endswith(".base"):
             linear = isinstance(module, torch.nn.Linear)
-            out[name] = (module.in_features if linear else module.in_channels,
-                         module.out_features if linear else module.out_channels)
+            out[name] = (
+                module.in_features if linear else module.in_channels,
+                module.out_features if linear else module.out_channels,
+            )
     return out
 
 
@@ -113,7 +117,7 @@ class WithLoraInputs(torch.nn.Module):
 
     def forward(self, *args):
         count = len(args) - 1 - 2 * len(self.layers)
-        scales, banks = args[count], args[count + 1:]
+        scales, banks = args[count], args[count + 1 :]
         set_call(self.wrappers, {name: (banks[2 * i], banks[2 * i + 1]) for i, name in enumerate(self.layers)}, scales)
         return self.module(*args[:count])
 

@@ -11,6 +11,7 @@ everything else are untouched. This is the Regional Prompter's "Attention" mode 
 weights (its rectangles are 0/1 masks; its base ratio is folded into the weights by
 serving/core/regions.py).
 """
+
 from typing import Any
 import re
 
@@ -23,8 +24,9 @@ class SelfAttention(AttnProcessor2_0):
     """diffusers' processor for self-attention layers: region weights reach every attention
     layer through cross_attention_kwargs, and self-attention does not use them."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 region_weights=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, region_weights=None
+    ):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
@@ -35,8 +37,9 @@ class RegionalCrossAttention:
     def __init__(self, factor: int):
         self.factor = factor
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 region_weights=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, region_weights=None
+    ):
         # hidden_states [B, N, C]; encoder_hidden_states [B, K, L, D]; region_weights [B, K, h, w]
         batch, tokens, _ = hidden_states.shape
         contexts, length = encoder_hidden_states.shape[1], encoder_hidden_states.shape[2]
@@ -72,8 +75,14 @@ def install_regional_attention(unet) -> int:
         if not module.is_cross_attention:
             processors[name] = SelfAttention()
             continue
-        if module.spatial_norm is not None or module.group_norm is not None or module.norm_cross or \
-                module.residual_connection or module.rescale_output_factor != 1.0 or module.norm_q is not None:
+        if (
+            module.spatial_norm is not None
+            or module.group_norm is not None
+            or module.norm_cross
+            or module.residual_connection
+            or module.rescale_output_factor != 1.0
+            or module.norm_q is not None
+        ):
             raise ValueError(f"{name}: this cross-attention layout is not supported by the regional UNet")
         match = _BLOCK.match(name)
         if match is None:
@@ -99,5 +108,10 @@ class RegionalUNet(torch.nn.Module):
         self.model = unet
 
     def forward(self, sample, timestep, encoder_hidden_states, region_weights):
-        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                          cross_attention_kwargs={"region_weights": region_weights}, return_dict=False)[0]
+        return self.model(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            cross_attention_kwargs={"region_weights": region_weights},
+            return_dict=False,
+        )[0]

@@ -35,8 +35,12 @@ from families.contracts import BATCH, TensorSpec, token_input_names
 
 class StableDiffusion:
     name = "sd"
-    pipelines: tuple[str, ...] = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionUpscalePipeline",
-                 "StableDiffusionImg2ImgPipeline")
+    pipelines: tuple[str, ...] = (
+        "StableDiffusionPipeline",
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionUpscalePipeline",
+        "StableDiffusionImg2ImgPipeline",
+    )
     denoiser_folder = "unet"
     text_folders: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
     regional_attention = True
@@ -62,8 +66,11 @@ class StableDiffusion:
     def text_facts(self, encoders: tuple) -> dict:
         """The context is every encoder's hidden states side by side (one length for all); the
         pooled input, where there is one, is the projected encoder's."""
-        return {"text_length": min(e.length for e in encoders), "text_hidden": sum(e.hidden for e in encoders),
-                "pooled_dim": next((e.projection for e in encoders if e.projection), None)}
+        return {
+            "text_length": min(e.length for e in encoders),
+            "text_hidden": sum(e.hidden for e in encoders),
+            "pooled_dim": next((e.projection for e in encoders if e.projection), None),
+        }
 
     def checked_inputs(self, info) -> tuple:
         return self.token_inputs(info)
@@ -143,6 +150,3 @@ class StableDiffusion:
             layers = self.lora_layers(info) if base == "unet" else self.text_lora_layers(info)
             return WithLoraInputs(load_module(base, info), layers).eval()
         return load_module(component, info)
-
-
-

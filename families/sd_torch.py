@@ -1,4 +1,5 @@
 """torch modules with exactly the inputs and outputs of each export contract."""
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
@@ -23,8 +24,9 @@ class UNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
         # class_labels: the x4 upscaler's noise level per row; other layouts have no such input
-        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
-                          return_dict=False)[0]
+        return self.model(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels, return_dict=False
+        )[0]
 
 
 class VaeDecoder(torch.nn.Module):

@@ -17,6 +17,7 @@ Stable Diffusion 1.x/2.x (families/sd.py), as diffusers 0.42.1's StableDiffusion
 Regions run in latent mode (rows per region, with each region's own text_embeds); attention mode's
 regional UNet is not exported for SDXL (INVALID_ARG region_mode).
 """
+
 import json
 
 import numpy as np
@@ -35,25 +36,35 @@ class StableDiffusionXL(StableDiffusion):
     request_fields = TIME_ID_FIELDS
 
     def text_outputs(self, info) -> tuple:
-        return (TensorSpec("prompt_embeds", "float32", (BATCH, info.text_length, info.text_hidden)),
-                TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)))
+        return (
+            TensorSpec("prompt_embeds", "float32", (BATCH, info.text_length, info.text_hidden)),
+            TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)),
+        )
 
     def text_inputs(self) -> dict:
         return {"prompt_embeds": "encoder_hidden_states", "text_embeds": "text_embeds"}
 
     def unet_row_inputs(self, info) -> tuple:
-        return (TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)),
-                TensorSpec("time_ids", "float32", (BATCH, 6)))
+        return (
+            TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)),
+            TensorSpec("time_ids", "float32", (BATCH, 6)),
+        )
 
     def check(self, model_index: dict, path) -> None:
         """Refuses the SDXL pipelines this family does not serve, before their folders are read:
         the refiner (`requires_aesthetics_score`: 5 time ids ending in an aesthetic score, the
         unconditional rows with another score; and only `text_encoder_2`)."""
-        missing = [folder for folder, _ in self.text_folders if folder in model_index and not any(model_index[folder] or [None])]
+        missing = [
+            folder
+            for folder, _ in self.text_folders
+            if folder in model_index and not any(model_index[folder] or [None])
+        ]
         if model_index.get("requires_aesthetics_score") or missing:
             why = "requires_aesthetics_score" if model_index.get("requires_aesthetics_score") else f"no {missing[0]}"
-            raise ValueError(f"{path or 'checkpoint'}: an SDXL refiner-style pipeline ({why}) is not served; the SDXL "
-                             f"family serves base-style checkpoints (two text encoders, 6 time ids)")
+            raise ValueError(
+                f"{path or 'checkpoint'}: an SDXL refiner-style pipeline ({why}) is not served; the SDXL "
+                f"family serves base-style checkpoints (two text encoders, 6 time ids)"
+            )
 
     def vae_fp32(self, info) -> bool:
         config = json.loads((info.path / "vae" / "config.json").read_text())

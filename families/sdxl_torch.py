@@ -21,6 +21,7 @@ exported from it, or the torch runner calling it, computes what the pipeline com
   which the encoder contract's (mean, std) carry (StableDiffusionXLInpaintPipeline's own encoding
   ignores the statistics, a diffusers inconsistency; the served inpainting uses img2img's).
 """
+
 import torch
 
 from families.sd_torch import VaeDecoder, VaeEncoder
@@ -78,9 +79,13 @@ class SdxlUNet(torch.nn.Module):
         self.model = model
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-                          return_dict=False)[0]
+        return self.model(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )[0]
 
 
 def latent_statistics(vae):
@@ -128,8 +133,10 @@ class SdxlVaeEncoder(VaeEncoder):
         if self.latents_mean is None:
             return super().forward(images)
         posterior = self.vae.encode(images.permute(0, 3, 1, 2) * 2 - 1, return_dict=False)[0]
-        return ((posterior.mean - self.latents_mean) * self.scaling_factor / self.latents_std,
-                posterior.std * self.scaling_factor / self.latents_std)
+        return (
+            (posterior.mean - self.latents_mean) * self.scaling_factor / self.latents_std,
+            posterior.std * self.scaling_factor / self.latents_std,
+        )
 
 
 def load_module(name: str, info) -> torch.nn.Module:
@@ -142,8 +149,10 @@ def load_module(name: str, info) -> torch.nn.Module:
 
     module: torch.nn.Module
     if name == "text_encoder":
-        module = SdxlTextEncoders(CLIPTextModel.from_pretrained(info.path / "text_encoder"),
-                                  CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2"))
+        module = SdxlTextEncoders(
+            CLIPTextModel.from_pretrained(info.path / "text_encoder"),
+            CLIPTextModelWithProjection.from_pretrained(info.path / "text_encoder_2"),
+        )
     elif name == "unet":
         module = SdxlUNet(UNet2DConditionModel.from_pretrained(info.path / "unet"))
     elif name in ("vae_decoder", "vae_encoder"):

@@ -4,6 +4,7 @@ Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. M
 imported lazily so `ldm generate` does not pay for torch, and a subcommand whose module is not
 present in this checkout is simply not offered.
 """
+
 import argparse
 import importlib
 import importlib.util
@@ -15,11 +16,20 @@ SUBCOMMANDS = {
     "drain": ("serving.triton.drain", "drain a running server: admit nothing, let the generations in flight finish"),
     "ready": ("serving.triton.readiness", "exit 1 unless the pipeline's engine admits generations (a readiness probe)"),
     "control-secret": ("serving.triton.control", "write a new control secret to a file (for drain, cancel, steer)"),
-    "stub-check": ("serving.triton.stubs", "exit 1 unless the pipeline's python stub process is alive (a liveness probe)"),
-    "gateway": ("serving.gateway.cli", "serve the public API (gRPC ldm.v1.Images, OpenAI-style REST) in front of Triton"),
+    "stub-check": (
+        "serving.triton.stubs",
+        "exit 1 unless the pipeline's python stub process is alive (a liveness probe)",
+    ),
+    "gateway": (
+        "serving.gateway.cli",
+        "serve the public API (gRPC ldm.v1.Images, OpenAI-style REST) in front of Triton",
+    ),
     "generate": ("serving.client.generate", "ask a running server for an image"),
     "train": ("training.cli", "train the default model from scratch"),
-    "tiny-checkpoint": ("training.tiny_cli", "write a tiny random-weight checkpoint of a family (sd, sdxl, flux) for tests and benchmarks"),
+    "tiny-checkpoint": (
+        "training.tiny_cli",
+        "write a tiny random-weight checkpoint of a family (sd, sdxl, flux) for tests and benchmarks",
+    ),
     "train-lora": ("training.lora_train", "train a LoRA adapter (a new concept or a style) for the default model"),
     "eval": ("training.eval_cli", "measure prompt adherence of a checkpoint or a running server"),
     "bench": ("serving.bench.bench", "load-test the server against baselines"),

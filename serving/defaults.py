@@ -1,5 +1,6 @@
 """Where the default model comes from: the trained checkpoint shipped in checkpoints/ when
 present, else a tiny random-weight checkpoint built from configs (nothing is downloaded)."""
+
 import json
 import os
 from pathlib import Path

@@ -2,6 +2,7 @@
 tritonserver starts through (tests/support/triton.py) and the session's servers and gateway.
 Tests live in layer folders (unit, engine, server, gateway, deploy, browser, slow); their shared
 helpers in tests/support."""
+
 import os
 from pathlib import Path
 
@@ -114,8 +115,13 @@ def variant_repo(tmp_path_factory, tiny_checkpoint, tiny_inpaint_checkpoint, tin
     from export.repository import write_repository
 
     repo = tmp_path_factory.mktemp("variant-repo") / "model_repository"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None,
-                     variants={"inpaint": tiny_inpaint_checkpoint, "upscale": tiny_upscale_checkpoint})
+    write_repository(
+        tiny_checkpoint,
+        repo,
+        pipeline_parameters=pipeline_parameters(),
+        log=lambda *a: None,
+        variants={"inpaint": tiny_inpaint_checkpoint, "upscale": tiny_upscale_checkpoint},
+    )
     return repo
 
 

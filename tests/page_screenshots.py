@@ -5,6 +5,7 @@ page in headless Chromium (tests/support/page_browser.py), stops both.
 
     .venv/bin/python tests/page_screenshots.py [--out docs/results/screenshots] [--checkpoint checkpoints/ldm-shapes]
 """
+
 import argparse
 from pathlib import Path
 import sys
@@ -57,9 +58,12 @@ def main() -> None:
         write_repository(args.checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
         # a script, not a test (no pytest fixtures here): it starts its own server, not through
         # tests/support/triton.py
-        with TritonServer(repo, log_file=Path(work) / "tritonserver.log") as server, \
-                GatewayProcess(server.grpc_url, log_file=Path(work) / "gateway.log",
-                               control_secret=server.control_secret) as gateway:
+        with (
+            TritonServer(repo, log_file=Path(work) / "tritonserver.log") as server,
+            GatewayProcess(
+                server.grpc_url, log_file=Path(work) / "gateway.log", control_secret=server.control_secret
+            ) as gateway,
+        ):
             shoot(gateway.rest_url + "/", args.out)
     for name in ("idle", "generating", "steered"):
         print(args.out / f"{name}.png")

@@ -14,6 +14,7 @@ evaluator after reconstruction): with the edge term 80% / 87% / 92% at 1,000 / 1
 steps, without it 71.5% / 77.5% / 94%; PSNR 42.3 vs 38.3 dB at 3,000. It gets there sooner and
 sharper; at the end the two read about the same. No patch discriminator: 2 CPU cores cannot afford a second network.
 """
+
 import math
 
 import numpy as np
@@ -59,6 +60,7 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 between the horizontal and vertical pixel differences of the two images: a rounded
     corner or a blurred edge costs little in pixel loss (few pixels) but a lot here."""
+
     def diffs(im):
         return im[..., 1:, :] - im[..., :-1, :], im[..., 1:] - im[..., :-1]
 
@@ -113,8 +115,9 @@ def latent_scaling_factor(vae: AutoencoderKL, rng: np.random.Generator, count: i
     return float(1.0 / z.std())
 
 
-def _fit(vae: AutoencoderKL, params: list, steps: int, batch_size: int, lr: float, rng, log, name: str,
-         eval_every: int) -> None:
+def _fit(
+    vae: AutoencoderKL, params: list, steps: int, batch_size: int, lr: float, rng, log, name: str, eval_every: int
+) -> None:
     """AdamW over `params` (warm-up, cosine to 0) on fresh seen-combo scenes; logs held-out
     PSNR and the evaluator's accuracy on reconstructions every `eval_every` steps (0: never)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -136,8 +139,10 @@ def _fit(vae: AutoencoderKL, params: list, steps: int, batch_size: int, lr: floa
         if eval_every and (step % eval_every == 0 or step == steps):
             vae.eval()
             ceiling = reconstruction_adherence(vae)
-            log(f"{name} step {step}/{steps} loss {loss.item():.4f} held-out PSNR {psnr(test, reconstruct(vae, test)):.2f} dB"
-                f"; evaluator on reconstructions: seen {ceiling['seen']:.1%}, held-out {ceiling['held-out']:.1%}")
+            log(
+                f"{name} step {step}/{steps} loss {loss.item():.4f} held-out PSNR {psnr(test, reconstruct(vae, test)):.2f} dB"
+                f"; evaluator on reconstructions: seen {ceiling['seen']:.1%}, held-out {ceiling['held-out']:.1%}"
+            )
             vae.train()
     vae.eval()
 
@@ -153,8 +158,9 @@ def train_vae(steps: int, batch_size: int, lr: float, seed: int, log, eval_every
     return vae
 
 
-def finetune_decoder(vae: AutoencoderKL, steps: int, batch_size: int, lr: float, seed: int, log,
-                     eval_every: int = 250) -> AutoencoderKL:
+def finetune_decoder(
+    vae: AutoencoderKL, steps: int, batch_size: int, lr: float, seed: int, log, eval_every: int = 250
+) -> AutoencoderKL:
     """More training for the decoder alone, the encoder frozen (as SD's ft-MSE decoder): the latent
     space, and so the scaling factor and any UNet trained on it, stay the same."""
     torch.manual_seed(seed)

@@ -5,6 +5,7 @@ checked against fp32).
 Work files (logs, intermediate pipelines, sample grids) go to --work. One stage at a time is
 possible: each reads what the previous ones left in --work.
 """
+
 import time
 from pathlib import Path
 
@@ -27,9 +28,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tune after the VAE")
     parser.add_argument("--decoder-lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=9000, help="text encoder + UNet steps")
-    parser.add_argument("--stop-after", type=int, help="end the ldm stage at this step (LR schedule still over --steps)")
-    parser.add_argument("--resume", nargs=2, metavar=("FOLDER", "STEP"),
-                        help="continue the ldm stage from a pipeline saved at STEP (e.g. after --stop-after)")
+    parser.add_argument(
+        "--stop-after", type=int, help="end the ldm stage at this step (LR schedule still over --steps)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs=2,
+        metavar=("FOLDER", "STEP"),
+        help="continue the ldm stage from a pipeline saved at STEP (e.g. after --stop-after)",
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--save-every", type=int, default=500, help="steps between saved pipelines and sample grids")
@@ -56,8 +63,19 @@ def run(args) -> int:
         log(f"vae saved, latent scaling factor {vae.config.scaling_factor:.4f}")
     if args.stage in ("all", "ldm"):
         vae = AutoencoderKL.from_pretrained(args.work / "vae")
-        train_ldm(vae, args.steps, args.batch, args.lr, args.seed, log, args.work, args.save_every, sample_grid,
-                  args.stop_after, (args.resume[0], int(args.resume[1])) if args.resume else None)
+        train_ldm(
+            vae,
+            args.steps,
+            args.batch,
+            args.lr,
+            args.seed,
+            log,
+            args.work,
+            args.save_every,
+            sample_grid,
+            args.stop_after,
+            (args.resume[0], int(args.resume[1])) if args.resume else None,
+        )
     if args.stage in ("all", "package"):
         report = package_checkpoint(args.work / "pipeline", args.out)
         log(f"checkpoint written to {args.out}: {report}")

@@ -8,6 +8,7 @@ anti-aliased (4x supersampling) so the autoencoder is not asked to reproduce ali
 Some colour-shape combinations are held out: training scenes never contain them, anywhere, so
 the evaluation can measure compositional generalisation on them.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,8 +106,7 @@ def _combo(rng, held_out: bool | None):
     return combos[rng.integers(len(combos))]
 
 
-def sample_scene(rng: np.random.Generator, two_objects: bool | None = None,
-                 held_out: bool = False) -> Scene:
+def sample_scene(rng: np.random.Generator, two_objects: bool | None = None, held_out: bool = False) -> Scene:
     """A random scene. held_out=False: only seen combos (training and the 'seen' eval set);
     held_out=True: the (first) object is a held-out combo, any second one is seen."""
     if two_objects is None:
@@ -209,8 +209,9 @@ CONCEPT_HELD_OUT = frozenset({("blue", "bar"), ("yellow", "bar"), ("blue", "ring
 STYLES = {"tall": (1.0, 1.25)}
 
 
-def sample_concept_scene(rng: np.random.Generator, concept: str = "ring", two_objects: bool | None = None,
-                         held_out: bool = False) -> Scene:
+def sample_concept_scene(
+    rng: np.random.Generator, concept: str = "ring", two_objects: bool | None = None, held_out: bool = False
+) -> Scene:
     """A scene of the same grammar with `concept` as one object's shape: alone (size, position)
     or next to a seen colour-shape combination (relation; the concept first or second).
     held_out=True: the concept's colour is one of CONCEPT_HELD_OUT's, else one of the others."""
@@ -226,8 +227,9 @@ def sample_concept_scene(rng: np.random.Generator, concept: str = "ring", two_ob
         _, x, y = POSITIONS[position]
         jx, jy = rng.integers(-POSITION_JITTER, POSITION_JITTER + 1, size=2)
         half = SIZES[size] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
-        return Scene(background, (Obj(colour, concept, float(x + jx), float(y + jy), float(half)),),
-                     size=size, position=position)
+        return Scene(
+            background, (Obj(colour, concept, float(x + jx), float(y + jy), float(half)),), size=size, position=position
+        )
     first = (colour, concept)
     second = _combo(rng, False)
     while second[0] == first[0]:

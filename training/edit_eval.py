@@ -15,6 +15,7 @@ checkpoint in process (`checkpoint_editor`), or the running service (`service_ed
   far the object moved (bounding-box centre, pixels). More strength should follow the prompt
   more and the input less: both curves rise with strength.
 """
+
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -88,23 +89,34 @@ def recolour_cases(count: int) -> list:
 def evaluate_inpainting(edit, count: int, steps: int = 25, guidance_scale: float = 5.0) -> dict:
     cases = inpaint_cases(count)
     inputs = [c.init_image for c in cases]
-    images = edit([c.scene.caption for c in cases], range(count), inputs, [c.mask for c in cases], 1.0, guidance_scale, steps)
+    images = edit(
+        [c.scene.caption for c in cases], range(count), inputs, [c.mask for c in cases], 1.0, guidance_scale, steps
+    )
     kept_pixels = [np.array_equal(im[c.kept_half], x[c.kept_half]) for c, im, x in zip(cases, images, inputs)]
     kept_object = [_same_object(x, im, c.kept_half) for c, im, x in zip(cases, images, inputs)]
     result = score([c.scene for c in cases], images)
-    return {**result, "kept_half_identical": float(np.mean(kept_pixels)), "kept_object_read_back": float(np.mean(kept_object))}
+    return {
+        **result,
+        "kept_half_identical": float(np.mean(kept_pixels)),
+        "kept_object_read_back": float(np.mean(kept_object)),
+    }
 
 
 def _same_object(before: np.ndarray, after: np.ndarray, region: np.ndarray) -> bool:
     """The evaluator reads the same object (colour, shape, size; centre within a pixel) in
     `region` of both images."""
+
     def found(image):
         _, objects = read_image(np.where(region[..., None], image, image[0, 0]))
         return objects[0] if objects else None
 
     a, b = found(before), found(after)
-    return (a is not None and b is not None and (a.colour, a.shape, a.size) == (b.colour, b.shape, b.size)
-            and max(abs(a.cx - b.cx), abs(a.cy - b.cy)) <= MAX_KEPT_SHIFT)
+    return (
+        a is not None
+        and b is not None
+        and (a.colour, a.shape, a.size) == (b.colour, b.shape, b.size)
+        and max(abs(a.cx - b.cx), abs(a.cy - b.cy)) <= MAX_KEPT_SHIFT
+    )
 
 
 def evaluate_recolouring(edit, count: int, strengths=STRENGTHS, steps: int = 25, guidance_scale: float = 5.0) -> dict:
@@ -122,8 +134,11 @@ def evaluate_recolouring(edit, count: int, strengths=STRENGTHS, steps: int = 25,
             objects = read_image(image)[1]
             if objects:
                 shifts.append(float(np.hypot(objects[0].cx - origin.cx, objects[0].cy - origin.cy)))
-        out[strength] = {"prompt_accuracy": score([t for _, t in cases], images)["prompt_accuracy"],
-                         "mean_shift_px": float(np.mean(shifts)) if shifts else float("nan"), "lost": count - len(shifts)}
+        out[strength] = {
+            "prompt_accuracy": score([t for _, t in cases], images)["prompt_accuracy"],
+            "mean_shift_px": float(np.mean(shifts)) if shifts else float("nan"),
+            "lost": count - len(shifts),
+        }
     return out
 
 
@@ -147,13 +162,21 @@ def checkpoint_editor(pipe, batch_size: int = 32):
         seeds, out = list(seeds), []
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
-            kwargs = dict(prompt=[prompts[i] for i in chunk], image=[Image.fromarray(init_images[i]) for i in chunk],
-                          strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=[torch.Generator().manual_seed(int(seeds[i])) for i in chunk], output_type="np")
+            kwargs = dict(
+                prompt=[prompts[i] for i in chunk],
+                image=[Image.fromarray(init_images[i]) for i in chunk],
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator().manual_seed(int(seeds[i])) for i in chunk],
+                output_type="np",
+            )
             if masks is None:
                 images = img2img(**kwargs).images
             else:
-                images = inpaint(mask_image=[Image.fromarray(masks[i]) for i in chunk], height=64, width=64, **kwargs).images
+                images = inpaint(
+                    mask_image=[Image.fromarray(masks[i]) for i in chunk], height=64, width=64, **kwargs
+                ).images
             out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
         return np.concatenate(out)
 
@@ -166,8 +189,13 @@ def service_editor(url: str, protocol: str, workers: int = 8):
 
     def edit(prompts, seeds, init_images, masks, strength, guidance_scale, steps):
         def one(i):
-            fields = dict(init_image=init_images[i], strength=strength, seed=int(seeds[i]), steps=steps,
-                          guidance_scale=guidance_scale)
+            fields = dict(
+                init_image=init_images[i],
+                strength=strength,
+                seed=int(seeds[i]),
+                steps=steps,
+                guidance_scale=guidance_scale,
+            )
             if masks is not None:
                 fields["mask"] = masks[i]
             with LdmClient(url, protocol=protocol) as client:

@@ -3,6 +3,7 @@
 A generator is any `generate(prompts, seeds, guidance_scale, steps) -> uint8 [N, 64, 64, 3]`:
 the checkpoint in process (`checkpoint_generator`) or the running service (`service_generator`).
 """
+
 from dataclasses import dataclass
 from math import comb
 
@@ -49,8 +50,12 @@ def service_generator(url: str, protocol: str):
     client = LdmClient(url, protocol=protocol)
 
     def generate(prompts, seeds, guidance_scale, steps):
-        return np.stack([client.generate(p, seed=int(s), steps=steps, guidance_scale=guidance_scale,
-                                         height=64, width=64) for p, s in zip(prompts, seeds)])
+        return np.stack(
+            [
+                client.generate(p, seed=int(s), steps=steps, guidance_scale=guidance_scale, height=64, width=64)
+                for p, s in zip(prompts, seeds)
+            ]
+        )
 
     return generate
 
@@ -97,12 +102,22 @@ def targets(results, vae_psnr_db=None):
         only_g5 = sum(a and not b for a, b in zip(g5["passed"], g1["passed"]))
         only_g1 = sum(b and not a for a, b in zip(g5["passed"], g1["passed"]))
         p = mcnemar_p(only_g5, only_g1)
-        measured.append(f"{name} {g5['prompt_accuracy'] - g1['prompt_accuracy']:+.1%} "
-                        f"({only_g5} prompts pass only at g=5, {only_g1} only at g=1; p={p:.2g})")
+        measured.append(
+            f"{name} {g5['prompt_accuracy'] - g1['prompt_accuracy']:+.1%} "
+            f"({only_g5} prompts pass only at g=5, {only_g1} only at g=1; p={p:.2g})"
+        )
         passed = passed and only_g5 > only_g1 and p < GUIDANCE_SIGNIFICANCE
-    out.append(Target(f"g=5 beats g=1 on both sets (paired McNemar, p < {GUIDANCE_SIGNIFICANCE:g})",
-                      "; ".join(measured), passed))
+    out.append(
+        Target(
+            f"g=5 beats g=1 on both sets (paired McNemar, p < {GUIDANCE_SIGNIFICANCE:g})", "; ".join(measured), passed
+        )
+    )
     if vae_psnr_db is not None:
-        out.append(Target(f"VAE PSNR on held-out images >= {PSNR_TARGET:.0f} dB", f"{vae_psnr_db:.2f} dB",
-                          vae_psnr_db >= PSNR_TARGET))
+        out.append(
+            Target(
+                f"VAE PSNR on held-out images >= {PSNR_TARGET:.0f} dB",
+                f"{vae_psnr_db:.2f} dB",
+                vae_psnr_db >= PSNR_TARGET,
+            )
+        )
     return out

@@ -10,6 +10,7 @@ fills the corners of its box where a circle leaves them empty (a fill ratio pi/4
 separate them: a small circle's box is only ~10 pixels wide). Size comes from the bounding-box extent, position
 from the bounding-box centre.
 """
+
 from typing import Any
 from collections import deque
 from dataclasses import dataclass
@@ -97,8 +98,9 @@ def read_image(image: np.ndarray):
             corners = np.mean([box[:k, :k], box[:k, -k:], box[-k:, :k], box[-k:, -k:]])
             shape = "triangle" if lower >= TRIANGLE_LOWER_HALF else "square" if corners >= SQUARE_CORNERS else "circle"
             size = "large" if max(bw, bh) >= LARGE_EXTENT else "small"
-            objects.append(Detected(name, shape, size, (xs.min() + xs.max() + 1) / 2,
-                                    (ys.min() + ys.max() + 1) / 2, len(pixels)))
+            objects.append(
+                Detected(name, shape, size, (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2, len(pixels))
+            )
     return background, sorted(objects, key=lambda o: -o.area)
 
 

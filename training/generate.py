@@ -1,5 +1,6 @@
 """Images from a diffusers pipeline in process, the way the eval and the sample grids need them:
 a list of prompts, one seed per image, uint8 output."""
+
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -15,8 +16,9 @@ def load_pipeline(path) -> StableDiffusionPipeline:
 
 
 @torch.no_grad()
-def pipeline_images(pipe, prompts, seeds, guidance_scale: float, steps: int = 25,
-                    batch_size: int = 32, size: int = 64) -> np.ndarray:
+def pipeline_images(
+    pipe, prompts, seeds, guidance_scale: float, steps: int = 25, batch_size: int = 32, size: int = 64
+) -> np.ndarray:
     """uint8 [N, size, size, 3]; image i depends only on (prompts[i], seeds[i]), not its batch."""
     out = []
     for i in range(0, len(prompts), batch_size):

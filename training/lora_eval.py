@@ -22,6 +22,7 @@ Measures (guidance 5, 25 DDIM steps, image i with seed i, as `ldm eval`):
   weight 1; and how tall the drawn objects are (box width / height; the style draws 0.8);
 - both adapters in one request, on the concept prompts: the concept drawn and objects drawn tall.
 """
+
 import argparse
 import json
 from dataclasses import dataclass
@@ -30,9 +31,21 @@ from pathlib import Path
 import numpy as np
 
 from training.data import CONCEPT_SHAPES, IMAGE_SIZE, STYLES, Scene, concept_eval_scenes, eval_scenes
-from training.evaluate import (_NAMES, _PALETTE, CENTRE_RADIUS, LARGE_EXTENT, MAX_COLOUR_DISTANCE, MIN_AREA,
-                               MIN_INTERIOR, SQUARE_CORNERS, TRIANGLE_LOWER_HALF, _interior, _regions, _relation,
-                               score)
+from training.evaluate import (
+    _NAMES,
+    _PALETTE,
+    CENTRE_RADIUS,
+    LARGE_EXTENT,
+    MAX_COLOUR_DISTANCE,
+    MIN_AREA,
+    MIN_INTERIOR,
+    SQUARE_CORNERS,
+    TRIANGLE_LOWER_HALF,
+    _interior,
+    _regions,
+    _relation,
+    score,
+)
 
 RING_MIN_HOLE = 3  # pixels enclosed by an object's region (not its colour, not reachable from outside)
 BAR_MIN_ASPECT = 1.6  # box width / height from which an object is a bar (drawn: 2.4, with the tall style 1.9)
@@ -43,6 +56,7 @@ CONCEPT_TARGET, BASE_CONCEPT_LIMIT, STYLE_DROP_LIMIT = 0.90, 0.10, 0.05
 @dataclass(frozen=True)
 class Found:
     """An object as training/evaluate.py reads it, plus its box and the area of its holes."""
+
     colour: str
     shape: str  # the evaluator's circle / square / triangle; "ring" when it has a hole, "bar" when wide
     size: str
@@ -102,8 +116,19 @@ def read_objects(image: np.ndarray):
             elif bw >= BAR_MIN_ASPECT * bh:
                 shape = "bar"
             size = "large" if max(bw, bh) >= LARGE_EXTENT else "small"
-            objects.append(Found(name, shape, size, (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2,
-                                 len(pixels), int(bw), int(bh), hole))
+            objects.append(
+                Found(
+                    name,
+                    shape,
+                    size,
+                    (xs.min() + xs.max() + 1) / 2,
+                    (ys.min() + ys.max() + 1) / 2,
+                    len(pixels),
+                    int(bw),
+                    int(bh),
+                    hole,
+                )
+            )
     return background, sorted(objects, key=lambda o: -o.area)
 
 
@@ -149,10 +174,13 @@ def style_scores(images) -> dict:
     for image in images:
         for o in read_objects(image)[1]:
             (concept if o.shape in CONCEPT_SHAPES else base).append(o.width / o.height)
-    return {"objects": len(base), "median_aspect": float(np.median(base)) if base else float("nan"),
-            "tall": float(np.mean(np.array(base) <= TALL_ASPECT)) if base else float("nan"),
-            "concept_objects": len(concept),
-            "concept_median_aspect": float(np.median(concept)) if concept else float("nan")}
+    return {
+        "objects": len(base),
+        "median_aspect": float(np.median(base)) if base else float("nan"),
+        "tall": float(np.mean(np.array(base) <= TALL_ASPECT)) if base else float("nan"),
+        "concept_objects": len(concept),
+        "concept_median_aspect": float(np.median(concept)) if concept else float("nan"),
+    }
 
 
 def _scores(scenes, images, *parts) -> dict:
@@ -194,8 +222,9 @@ def diffusers_generator(checkpoint, files: dict, steps: int = 25, guidance: floa
     return generate
 
 
-def service_generator(url: str, names: dict, steps: int = 25, guidance: float = 5.0, concurrency: int = 16,
-                      protocol: str = "grpc"):
+def service_generator(
+    url: str, names: dict, steps: int = 25, guidance: float = 5.0, concurrency: int = 16, protocol: str = "grpc"
+):
     """generate(captions, seeds, adapters) through the service at `url`: each image one request
     (seed i, `loras` naming the server's adapters by role: {role: name}), `concurrency` at a time,
     as users send them; the server mixes their rows in its denoiser calls."""
@@ -212,8 +241,15 @@ def service_generator(url: str, names: dict, steps: int = 25, guidance: float = 
         def one(i):
             if not hasattr(local, "client"):
                 local.client = LdmClient(url, protocol=protocol)
-            return local.client.generate(captions[i], seed=int(seeds[i]), steps=steps, guidance_scale=guidance,
-                                   height=IMAGE_SIZE, width=IMAGE_SIZE, loras=loras)
+            return local.client.generate(
+                captions[i],
+                seed=int(seeds[i]),
+                steps=steps,
+                guidance_scale=guidance,
+                height=IMAGE_SIZE,
+                width=IMAGE_SIZE,
+                loras=loras,
+            )
 
         with ThreadPoolExecutor(concurrency) as pool:
             return np.stack(list(pool.map(one, range(len(captions)))))
@@ -226,8 +262,10 @@ def evaluate_adapters(generate, concept: str = "bar", prompts: int = 100, kohya_
     (adapters: [(role, weight)] with roles "concept", "style" and, with kohya_style,
     "style_kohya"): (numbers, images by "<adapters>/<prompt set>", the concept's held-out scenes,
     the base model's held-out scenes)."""
-    sets = {"concept": concept_eval_scenes(prompts, held_out=True, concept=concept),
-            "held-out": eval_scenes(prompts, held_out=True)}
+    sets = {
+        "concept": concept_eval_scenes(prompts, held_out=True, concept=concept),
+        "held-out": eval_scenes(prompts, held_out=True),
+    }
     seeds = list(range(prompts))
     out, images = {}, {}
 
@@ -244,7 +282,9 @@ def evaluate_adapters(generate, concept: str = "bar", prompts: int = 100, kohya_
     run(["concept"], [1.0], "concept", "concept", "style")
     run(["concept"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
     run(["style"], [0.0], "held-out", "evaluator")
-    out["style:0 equals base, byte for byte"] = bool(np.array_equal(images["style:0/held-out"], images["base/held-out"]))
+    out["style:0 equals base, byte for byte"] = bool(
+        np.array_equal(images["style:0/held-out"], images["base/held-out"])
+    )
     run(["style"], [1.0], "held-out", "evaluator", "style", "concept shapes drawn")
     run(["concept", "style"], [1.0, 1.0], "concept", "concept", "style")
     if kohya_style:
@@ -254,15 +294,17 @@ def evaluate_adapters(generate, concept: str = "bar", prompts: int = 100, kohya_
     base, style = out["base/held-out"]["prompt_accuracy"], out["style:1/held-out"]["prompt_accuracy"]
     alone, both = out["concept:1/concept"], out["concept:1+style:1/concept"]
     out["targets"] = {
-        f"concept adapter at 1 draws the concept in >= {CONCEPT_TARGET:.0%} of held-out prompts": alone["drawn"] >= CONCEPT_TARGET,
+        f"concept adapter at 1 draws the concept in >= {CONCEPT_TARGET:.0%} of held-out prompts": alone["drawn"]
+        >= CONCEPT_TARGET,
         f"base model draws it in <= {BASE_CONCEPT_LIMIT:.0%}": out["base/concept"]["drawn"] <= BASE_CONCEPT_LIMIT,
         "style adapter at 0 gives the base's bytes": out["style:0 equals base, byte for byte"],
-        f"style adapter at 1 lowers held-out accuracy by <= {STYLE_DROP_LIMIT * 100:.0f} points":
-            base - style <= STYLE_DROP_LIMIT + 1e-9,
+        f"style adapter at 1 lowers held-out accuracy by <= {STYLE_DROP_LIMIT * 100:.0f} points": base - style
+        <= STYLE_DROP_LIMIT + 1e-9,
         # Both act: the concept is drawn as often as the target asks, the other objects are drawn
         # tall, and the concept objects are taller than the concept adapter alone draws them.
-        "both adapters in one request both act": both["drawn"] >= CONCEPT_TARGET and both["tall"] >= 0.5
-            and both["concept_median_aspect"] <= 0.9 * alone["concept_median_aspect"],
+        "both adapters in one request both act": both["drawn"] >= CONCEPT_TARGET
+        and both["tall"] >= 0.5
+        and both["concept_median_aspect"] <= 0.9 * alone["concept_median_aspect"],
     }
     return out, images, sets["concept"], sets["held-out"]
 
@@ -271,8 +313,13 @@ def write_grid(images, concept_set, base_set, path: Path, columns: int = 8) -> N
     """Rows: base / concept adapter / both on concept prompts; base / style adapter on held-out prompts."""
     from PIL import Image, ImageDraw, ImageFont
 
-    rows = [("base", "base/concept"), ("concept:1", "concept:1/concept"), ("concept:1 style:1", "concept:1+style:1/concept"),
-            ("base", "base/held-out"), ("style:1", "style:1/held-out")]
+    rows = [
+        ("base", "base/concept"),
+        ("concept:1", "concept:1/concept"),
+        ("concept:1 style:1", "concept:1+style:1/concept"),
+        ("base", "base/held-out"),
+        ("style:1", "style:1/held-out"),
+    ]
     cell, label_w = 96, 110
     sheet = Image.new("RGB", (label_w + columns * cell, len(rows) * cell + 30), "white")
     draw = ImageDraw.Draw(sheet)
@@ -280,10 +327,16 @@ def write_grid(images, concept_set, base_set, path: Path, columns: int = 8) -> N
     for r, (label, key) in enumerate(rows):
         draw.text((4, r * cell + cell // 2 - 6), label, fill=(0, 0, 0), font=font)
         for c in range(columns):
-            sheet.paste(Image.fromarray(images[key][c]).resize((cell - 4, cell - 4), Image.Resampling.NEAREST),
-                        (label_w + c * cell, r * cell + 2))
-    draw.text((4, len(rows) * cell + 6), "rows 1-3: " + concept_set[0].caption + " ...; rows 4-5: " +
-              base_set[0].caption + " ...", fill=(0, 0, 0), font=font)
+            sheet.paste(
+                Image.fromarray(images[key][c]).resize((cell - 4, cell - 4), Image.Resampling.NEAREST),
+                (label_w + c * cell, r * cell + 2),
+            )
+    draw.text(
+        (4, len(rows) * cell + 6),
+        "rows 1-3: " + concept_set[0].caption + " ...; rows 4-5: " + base_set[0].caption + " ...",
+        fill=(0, 0, 0),
+        font=font,
+    )
     sheet.save(path, optimize=True)
 
 
@@ -304,9 +357,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    files = {"concept": args.concept, "style": args.style, **({"style_kohya": args.kohya_style} if args.kohya_style else {})}
+    files = {
+        "concept": args.concept,
+        "style": args.style,
+        **({"style_kohya": args.kohya_style} if args.kohya_style else {}),
+    }
     generate = diffusers_generator(args.checkpoint, files, args.steps, args.guidance)
-    out, images, concept_set, base_set = evaluate_adapters(generate, args.concept_shape, args.prompts, bool(args.kohya_style))
+    out, images, concept_set, base_set = evaluate_adapters(
+        generate, args.concept_shape, args.prompts, bool(args.kohya_style)
+    )
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

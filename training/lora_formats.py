@@ -16,6 +16,7 @@ Only the writer is here. Reading goes through diffusers' own converter
 `_convert_non_diffusers_lora_to_diffusers`); tests/engine/test_lora_train.py checks that diffusers'
 loading of what `to_kohya` writes gives the same UNet outputs as loading the diffusers file.
 """
+
 import json
 import re
 from pathlib import Path
@@ -28,7 +29,8 @@ _ROLE = re.compile(
     r"^(?P<module>.+?)\.(?:"
     r"lora_(?P<peft>[AB])(?:\.[^.]+)?\.weight"  # PEFT: to_q.lora_A.weight, to_q.lora_A.default.weight
     r"|(?:lora|lora_linear_layer)\.(?P<diffusers>down|up)\.weight"  # diffusers: to_q.lora.down.weight
-    r")$")
+    r")$"
+)
 # diffusers' legacy attention-processor spelling: attn1.processor.to_q_lora.down.weight
 _PROCESSOR = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
 
@@ -38,7 +40,7 @@ def _split(key: str, default_part: str):
     part = default_part
     for name in PARTS:
         if key.startswith(name + "."):
-            part, key = name, key[len(name) + 1:]
+            part, key = name, key[len(name) + 1 :]
             break
     key = key.removeprefix("base_model.model.")
     m = _PROCESSOR.match(key)
@@ -108,8 +110,12 @@ def save_kohya(diffusers_file, kohya_file) -> None:
     kohya = to_kohya(state, alphas or None)
     Path(kohya_file).parent.mkdir(parents=True, exist_ok=True)
     ranks = sorted({int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")})
-    save_file(kohya, str(kohya_file), metadata={
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": ",".join(map(str, ranks)),
-        "ss_network_alpha": ",".join(sorted({f"{a:g}" for a in alphas.values()})) or "rank",
-    })
+    save_file(
+        kohya,
+        str(kohya_file),
+        metadata={
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": ",".join(map(str, ranks)),
+            "ss_network_alpha": ",".join(sorted({f"{a:g}" for a in alphas.values()})) or "rank",
+        },
+    )

@@ -23,6 +23,7 @@ get_peft_model_state_dict and diffusers' convert_state_dict_to_diffusers (keys `
 `StableDiffusionPipeline.load_lora_weights(file)` loads it. `--kohya FILE` writes the same
 adapter in kohya-ss/A1111 form as well (training/lora_formats.py).
 """
+
 from typing import Any
 import math
 import time
@@ -47,7 +48,9 @@ def add_arguments(parser) -> None:
     what.add_argument("--concept", choices=CONCEPT_SHAPES, help="teach a new shape word")
     what.add_argument("--style", choices=sorted(STYLES), help="teach a drawing style")
     parser.add_argument("--out", type=Path, required=True, help="the adapter's .safetensors file (diffusers/PEFT keys)")
-    parser.add_argument("--kohya", type=Path, help="also write it in kohya-ss/A1111 form (lora_unet_*, lora_te_*, alpha)")
+    parser.add_argument(
+        "--kohya", type=Path, help="also write it in kohya-ss/A1111 form (lora_unet_*, lora_te_*, alpha)"
+    )
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/ldm-shapes"))
     parser.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
@@ -58,11 +61,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-encoder-lr", type=float, help="learning rate of the text-encoder part (default: --lr)")
     parser.add_argument("--pool", type=int, default=4096, help="scenes encoded once into the latent pool")
     te = parser.add_mutually_exclusive_group()
-    te.add_argument("--text-encoder", dest="text_encoder", action="store_true", default=None,
-                    help="also train the text encoder's attention projections (default for --concept)")
+    te.add_argument(
+        "--text-encoder",
+        dest="text_encoder",
+        action="store_true",
+        default=None,
+        help="also train the text encoder's attention projections (default for --concept)",
+    )
     te.add_argument("--no-text-encoder", dest="text_encoder", action="store_false")
-    parser.add_argument("--save-every", type=int, default=0,
-                        help="also write the adapter every N steps (FILE-stepN.safetensors; 0: only at the end)")
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also write the adapter every N steps (FILE-stepN.safetensors; 0: only at the end)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 
 
@@ -76,12 +88,23 @@ def run(args) -> int:
     def log(message: str) -> None:
         print(f"[{time.time() - start:6.0f}s] {message}", flush=True)
 
-    adapter = train_lora(args.checkpoint, concept=args.concept, style=args.style, rank=rank,
-                         alpha=args.alpha or rank, steps=args.steps or defaults["steps"], seed=args.seed,
-                         batch_size=args.batch, lr=args.lr, text_encoder_lr=args.text_encoder_lr, pool_size=args.pool,
-                         text_encoder=defaults["text_encoder"] if args.text_encoder is None else args.text_encoder,
-                         log=log, save_every=args.save_every,
-                         save=lambda pipe, step: save_lora(pipe, args.out.with_name(f"{args.out.stem}-step{step}.safetensors")))
+    adapter = train_lora(
+        args.checkpoint,
+        concept=args.concept,
+        style=args.style,
+        rank=rank,
+        alpha=args.alpha or rank,
+        steps=args.steps or defaults["steps"],
+        seed=args.seed,
+        batch_size=args.batch,
+        lr=args.lr,
+        text_encoder_lr=args.text_encoder_lr,
+        pool_size=args.pool,
+        text_encoder=defaults["text_encoder"] if args.text_encoder is None else args.text_encoder,
+        log=log,
+        save_every=args.save_every,
+        save=lambda pipe, step: save_lora(pipe, args.out.with_name(f"{args.out.stem}-step{step}.safetensors")),
+    )
     save_lora(adapter, args.out)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
     if args.kohya:
@@ -119,10 +142,24 @@ def encode_pool(vae, rng, size: int, concept, style, chunk: int = 256):
     return torch.cat(means), torch.cat(stds), captions
 
 
-def train_lora(checkpoint, concept=None, style=None, rank: int = 8, alpha: float = None, steps: int = 1200,
-               seed: int = 0, batch_size: int = 32, lr: float = 1e-3, text_encoder_lr: float = None,
-               pool_size: int = 4096,
-               text_encoder: bool = False, log=print, warmup: int = 50, save_every: int = 0, save=None):
+def train_lora(
+    checkpoint,
+    concept=None,
+    style=None,
+    rank: int = 8,
+    alpha: float = None,
+    steps: int = 1200,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    text_encoder_lr: float = None,
+    pool_size: int = 4096,
+    text_encoder: bool = False,
+    log=print,
+    warmup: int = 50,
+    save_every: int = 0,
+    save=None,
+):
     """Fine-tunes LoRA adapters of `checkpoint` on one concept or one style; returns the pipeline
     with the adapters in place (PEFT adapter "default" on its UNet and, with text_encoder, on its
     text encoder). Deterministic for a given seed and thread count."""
@@ -145,20 +182,28 @@ def train_lora(checkpoint, concept=None, style=None, rank: int = 8, alpha: float
         # What transformers' CLIPTextModel.add_adapter does (peft's inject_adapter_in_model, which
         # also sets `peft_config` on the model), without its PEFT >= 0.22 gate: we run peft 0.21,
         # whose loading side (load_adapter, used by diffusers' load_lora_weights) has no gate.
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                           target_modules=TEXT_ENCODER_TARGETS), encoder, "default")
+        inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS),
+            encoder,
+            "default",
+        )
     unet_params = [p for p in unet.parameters() if p.requires_grad]
     text_params = [p for p in encoder.parameters() if p.requires_grad]
     params = unet_params + text_params
     text_encoder_lr = lr if text_encoder_lr is None else text_encoder_lr
     what = f"concept {concept!r}" if concept else f"style {style!r}"
-    log(f"lora {what}: rank {rank}, alpha {alpha:g}, {sum(p.numel() for p in params) / 1e3:.1f} k params "
+    log(
+        f"lora {what}: rank {rank}, alpha {alpha:g}, {sum(p.numel() for p in params) / 1e3:.1f} k params "
         f"(text encoder part: {f'yes, lr {text_encoder_lr:g}' if text_encoder else 'no'}); {steps} steps x {batch_size}, "
-        f"lr {lr:g}, seed {seed}")
-    groups = [{"params": unet_params, "lr": lr}] + ([{"params": text_params, "lr": text_encoder_lr}] if text_params else [])
+        f"lr {lr:g}, seed {seed}"
+    )
+    groups = [{"params": unet_params, "lr": lr}] + (
+        [{"params": text_params, "lr": text_encoder_lr}] if text_params else []
+    )
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+        opt, lambda i: min(1.0, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    )
     noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     alphas_cumprod = noise_sched.alphas_cumprod
     pool_mean, pool_std, pool_captions = encode_pool(vae, rng, pool_size, concept, style)
@@ -218,17 +263,23 @@ def save_lora(pipe, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     unet, text = adapter_state_dicts(pipe)
     StableDiffusionPipeline.save_lora_weights(
-        path.parent, unet_lora_layers=unet, text_encoder_lora_layers=text, weight_name=path.name,
+        path.parent,
+        unet_lora_layers=unet,
+        text_encoder_lora_layers=text,
+        weight_name=path.name,
         unet_lora_adapter_metadata=_metadata(pipe.unet),
-        text_encoder_lora_adapter_metadata=_metadata(pipe.text_encoder) if text else None)
+        text_encoder_lora_adapter_metadata=_metadata(pipe.text_encoder) if text else None,
+    )
 
 
 def _metadata(module) -> dict:
     """The LoraConfig of adapter "default" as a dict; PEFT keeps target_modules as a set, whose
     order varies with the interpreter's hash seed: sorted, the same run writes the same bytes."""
     config = module.peft_config["default"].to_dict()
-    return {key: sorted(value) if isinstance(value, (set, list)) and all(isinstance(v, str) for v in value) else value
-            for key, value in config.items()}
+    return {
+        key: sorted(value) if isinstance(value, (set, list)) and all(isinstance(v, str) for v in value) else value
+        for key, value in config.items()
+    }
 
 
 if __name__ == "__main__":  # python -m training.lora_train ... (the same as ldm train-lora ...)

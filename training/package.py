@@ -3,6 +3,7 @@ the bytes; fp32 everywhere would exceed the 30 MB budget), accepted only if imag
 it match the fp32 weights. The text encoder and VAE stay fp32: transformers keeps a checkpoint's
 dtype on load, and a plain `from_pretrained` must give an all-fp32 pipeline on CPU (diffusers
 upcasts the UNet itself)."""
+
 import shutil
 from pathlib import Path
 

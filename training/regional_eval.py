@@ -16,14 +16,27 @@ each in the region that covers the centre of its box, and calls region r right w
 r's colour is there with r's shape and no object of another region's colour is there. An image is
 right when every region is, the background is, and it holds no other objects.
 """
+
 from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
 
 from serving.core.regions import division_masks
-from training.data import (BACKGROUND_COLOURS, HELD_OUT_COMBOS, IMAGE_SIZE, OBJECT_COLOURS, POSITION_JITTER,
-                           POSITIONS, RELATIONS, SHAPES, SIZE_JITTER, SIZES, Obj, Scene)
+from training.data import (
+    BACKGROUND_COLOURS,
+    HELD_OUT_COMBOS,
+    IMAGE_SIZE,
+    OBJECT_COLOURS,
+    POSITION_JITTER,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZE_JITTER,
+    SIZES,
+    Obj,
+    Scene,
+)
 from training.evaluate import _relation, read_image
 
 SMALL = "small"
@@ -63,12 +76,19 @@ QUADRANT_CENTRES = ((16, 16), (48, 16), (16, 48), (48, 48))
 LAYOUTS = (
     Layout("halves", (("left",), ("right",)), divisions="1,1", large_objects=True, target=0.90),
     Layout("three columns", (("left",), ("centre",), ("right",)), divisions="1,1,1", base_pair=(0, 2), target=0.80),
-    Layout("row over two columns", (("top",), ("left",), ("right",)), divisions="3;5,1,1", base_pair=(1, 2),
-           target=0.80),
-    Layout("row, two columns, row", (("top",), ("left",), ("right",), ("bottom",)), divisions="3;2,1,1;3",
-           base_pair=(0, 3), target=0.80),
-    Layout("quadrants", (("top",), ("top",), ("bottom",), ("bottom",)), divisions="1,1,1;1,1,1",
-           anchors=QUADRANT_CENTRES),
+    Layout(
+        "row over two columns", (("top",), ("left",), ("right",)), divisions="3;5,1,1", base_pair=(1, 2), target=0.80
+    ),
+    Layout(
+        "row, two columns, row",
+        (("top",), ("left",), ("right",), ("bottom",)),
+        divisions="3;2,1,1;3",
+        base_pair=(0, 3),
+        target=0.80,
+    ),
+    Layout(
+        "quadrants", (("top",), ("top",), ("bottom",), ("bottom",)), divisions="1,1,1;1,1,1", anchors=QUADRANT_CENTRES
+    ),
     Layout("disc", (("centre",), ("left", "right", "top", "bottom")), mask="disc"),
     Layout("L", (("left", "bottom"), ("right", "top")), mask="L"),
 )
@@ -85,8 +105,10 @@ class RegionScene:
     @property
     def region_prompts(self) -> list:
         bg = f"a {self.background} background"
-        return [f"a {size} {o.colour} {o.shape} {POSITIONS[p][0]} {bg}"
-                for o, size, p in zip(self.objects, self.sizes, self.positions)]
+        return [
+            f"a {size} {o.colour} {o.shape} {POSITIONS[p][0]} {bg}"
+            for o, size, p in zip(self.objects, self.sizes, self.positions)
+        ]
 
     @property
     def base_prompt(self) -> str:
@@ -175,15 +197,24 @@ def evaluator_accuracy(count: int = 200) -> float:
     """Whole-image accuracy of the evaluator on ground-truth renders of every layout."""
     from training.data import render
 
-    passed = [check_regions(s, render(s.scene))["whole"] for layout in LAYOUTS for s in region_scenes(layout, count, seed=99)]
+    passed = [
+        check_regions(s, render(s.scene))["whole"] for layout in LAYOUTS for s in region_scenes(layout, count, seed=99)
+    ]
     return float(np.mean(passed))
 
 
 SINGLE_CAPTION = "single caption"
 
 
-def regional_adherence(generate, count: int, modes=("latent", "attention"), guidance_scale: float = 5.0, steps: int = 25,
-                       base_weight: float = 0.2, layouts=LAYOUTS) -> dict:
+def regional_adherence(
+    generate,
+    count: int,
+    modes=("latent", "attention"),
+    guidance_scale: float = 5.0,
+    steps: int = 25,
+    base_weight: float = 0.2,
+    layouts=LAYOUTS,
+) -> dict:
     """{(layout name, mode): score, with the images}; scene i of a layout uses seed i in every
     mode. `generate` is a ReferenceGenerator or a ServiceGenerator (below). For halves, mode
     SINGLE_CAPTION is the whole-image caption alone, without regions, for comparison."""
@@ -219,10 +250,25 @@ class ReferenceGenerator:
         from serving.core.regions import RegionLimits, parse_regions
 
         limits = RegionLimits(vae_factor=self.reference.vae_factor)
-        items = [(s.base_prompt, parse_regions(request_arrays(s.base_prompt, base_prompt_weight=base_weight, **s.request_fields()),
-                                               limits, IMAGE_SIZE, IMAGE_SIZE), seed) for s, seed in zip(scenes, seeds)]
-        return np.concatenate([self.reference.images(items[i : i + self.batch], guidance_scale, steps, mode)
-                               for i in range(0, len(items), self.batch)])
+        items = [
+            (
+                s.base_prompt,
+                parse_regions(
+                    request_arrays(s.base_prompt, base_prompt_weight=base_weight, **s.request_fields()),
+                    limits,
+                    IMAGE_SIZE,
+                    IMAGE_SIZE,
+                ),
+                seed,
+            )
+            for s, seed in zip(scenes, seeds)
+        ]
+        return np.concatenate(
+            [
+                self.reference.images(items[i : i + self.batch], guidance_scale, steps, mode)
+                for i in range(0, len(items), self.batch)
+            ]
+        )
 
     def plain(self, prompts, seeds, guidance_scale, steps):
         return self.reference.plain_images(prompts, seeds, guidance_scale, steps)
@@ -251,11 +297,23 @@ class ServiceGenerator:
             return np.stack(list(pool.map(run, calls)))
 
     def regional(self, scenes, seeds, mode, guidance_scale, steps, base_weight):
-        common = dict(steps=steps, guidance_scale=guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE, region_mode=mode,
-                      base_prompt_weight=base_weight)
-        return self._map([lambda c, s=s, seed=seed: c.generate(s.base_prompt, seed=int(seed), **common, **s.request_fields())
-                          for s, seed in zip(scenes, seeds)])
+        common = dict(
+            steps=steps,
+            guidance_scale=guidance_scale,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            region_mode=mode,
+            base_prompt_weight=base_weight,
+        )
+        return self._map(
+            [
+                lambda c, s=s, seed=seed: c.generate(s.base_prompt, seed=int(seed), **common, **s.request_fields())
+                for s, seed in zip(scenes, seeds)
+            ]
+        )
 
     def plain(self, prompts, seeds, guidance_scale, steps):
         common = dict(steps=steps, guidance_scale=guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE)
-        return self._map([lambda c, p=p, seed=seed: c.generate(p, seed=int(seed), **common) for p, seed in zip(prompts, seeds)])
+        return self._map(
+            [lambda c, p=p, seed=seed: c.generate(p, seed=int(seed), **common) for p, seed in zip(prompts, seeds)]
+        )

@@ -4,12 +4,20 @@ diffusers components, training/regional_generate.py) or through the running serv
 The evaluator is validated on ground-truth renders of every layout first; below 98% the command
 fails. With --require-targets a missed target also fails it.
 """
+
 from typing import Any
 from pathlib import Path
 
 from training.eval_suite import EVALUATOR_MIN_ACCURACY
-from training.regional_eval import (LAYOUTS, SINGLE_CAPTION, ReferenceGenerator, ServiceGenerator, evaluator_accuracy,
-                                    region_scenes, regional_adherence)
+from training.regional_eval import (
+    LAYOUTS,
+    SINGLE_CAPTION,
+    ReferenceGenerator,
+    ServiceGenerator,
+    evaluator_accuracy,
+    region_scenes,
+    regional_adherence,
+)
 
 
 def add_arguments(parser) -> None:
@@ -22,8 +30,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     accuracy = evaluator_accuracy()
-    print(f"region evaluator on ground-truth renders of {len(LAYOUTS)} layouts: {accuracy:.1%} "
-          f"(must be >= {EVALUATOR_MIN_ACCURACY:.0%})")
+    print(
+        f"region evaluator on ground-truth renders of {len(LAYOUTS)} layouts: {accuracy:.1%} "
+        f"(must be >= {EVALUATOR_MIN_ACCURACY:.0%})"
+    )
     if accuracy < EVALUATOR_MIN_ACCURACY:
         print("evaluator not valid: scores would not count")
         return 1
@@ -39,10 +49,14 @@ def run(args) -> int:
         print(f"no checkpoint at {args.checkpoint} and no --url")
         return 1
     modes = tuple(args.region_modes.split(","))
-    print(f"generating from {source}: {args.region_scenes} scenes per layout, {args.steps} DDIM steps, guidance 5, "
-          f"base_prompt_weight {args.base_weight}, seeds 0..{args.region_scenes - 1}")
+    print(
+        f"generating from {source}: {args.region_scenes} scenes per layout, {args.steps} DDIM steps, guidance 5, "
+        f"base_prompt_weight {args.base_weight}, seeds 0..{args.region_scenes - 1}"
+    )
     results = regional_adherence(generate, args.region_scenes, modes, steps=args.steps, base_weight=args.base_weight)
-    print("\n| layout | regions | mode | per-region accuracy | colour / shape / clean | whole image | target | result |")
+    print(
+        "\n| layout | regions | mode | per-region accuracy | colour / shape / clean | whole image | target | result |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     missed = False
     for layout in LAYOUTS:
@@ -54,8 +68,10 @@ def run(args) -> int:
                 met = r["region_accuracy"] >= layout.target
                 verdict = "PASS" if met else f"FAIL (by {layout.target - r['region_accuracy']:.1%})"
                 missed = missed or not met
-            print(f"| {layout.name} | {layout.count} | {mode} | {r['region_accuracy']:.1%} | {r['colour']:.0%} / "
-                  f"{r['shape']:.0%} / {r['clean']:.0%} | {r['image_accuracy']:.1%} | {target} | {verdict} |")
+            print(
+                f"| {layout.name} | {layout.count} | {mode} | {r['region_accuracy']:.1%} | {r['colour']:.0%} / "
+                f"{r['shape']:.0%} / {r['clean']:.0%} | {r['image_accuracy']:.1%} | {target} | {verdict} |"
+            )
     if args.grid:
         regional_grid(results, modes, args.grid)
         print(f"\nsample grid written to {args.grid}")
@@ -83,5 +99,7 @@ def regional_grid(results, modes, path: Path) -> None:
         for mode, i in cells:
             images.append(results[(layout.name, mode)]["images"][i])
             scene = scenes[i]
-            captions.append(f"{mode}: " + ", ".join(f"{o.colour} {o.shape} {p}" for o, p in zip(scene.objects, scene.positions)))
+            captions.append(
+                f"{mode}: " + ", ".join(f"{o.colour} {o.shape} {p}" for o, p in zip(scene.objects, scene.positions))
+            )
     draw_grid(images, captions, [False] * len(images), path)

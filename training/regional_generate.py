@@ -9,6 +9,7 @@ The starting noise is the service's (serving.core.sampler.noise_generator), so w
 a served image and this one start from the same latents; DDIM is diffusers' DDIMScheduler. The
 negative prompt is "" (the eval's), and the images of one call have the same number of regions.
 """
+
 import copy
 
 import numpy as np
@@ -68,8 +69,15 @@ class RegionalReference:
     def plain_images(self, prompts, seeds, guidance_scale: float, steps: int, size: int = 64) -> np.ndarray:
         """The prompts without regions, from the same starting noise (diffusers' pipeline)."""
         x = self._noise(seeds, size)
-        pixels = self.pipe(list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-                           latents=torch.from_numpy(x), output_type="np").images
+        pixels = self.pipe(
+            list(prompts),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            latents=torch.from_numpy(x),
+            output_type="np",
+        ).images
         return (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
 
     def _latent_step(self, x, t, contexts, uncond, weights, g):

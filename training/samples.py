@@ -1,4 +1,5 @@
 """Sample grids: prompts -> generations, captioned, held-out colour-shape combos marked."""
+
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont

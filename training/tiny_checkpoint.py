@@ -27,12 +27,21 @@ Kinds, one per UNet layout:
 - "flux-schnell": the same without the guidance input and with a static shift of 1 (schnell's).
 Sizes follow diffusers' own tiny SDXL test configs, adapted (not copied).
 """
+
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline,
-                       StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLInpaintPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from training.tokenizer import build_word_tokenizer
@@ -109,9 +118,14 @@ def build_tiny_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline
     base = build_tiny_pipeline(seed)
     torch.manual_seed(seed + 1)
     return StableDiffusionInpaintPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=_unet(2 * LATENT_CHANNELS + 1), scheduler=base.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=_unet(2 * LATENT_CHANNELS + 1),
+        scheduler=base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -119,14 +133,29 @@ def build_tiny_upscale_pipeline(seed: int = 0) -> StableDiffusionUpscalePipeline
     base = build_tiny_pipeline(seed)
     torch.manual_seed(seed + 2)
     # the schedules of SD's x4 upscaler (its scheduler and low_res_scheduler configs)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
-                              prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    low_res_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
-                                      beta_schedule="scaled_linear")
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    low_res_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"
+    )
     return StableDiffusionUpscalePipeline(
-        vae=_vae(scaling_factor=0.08333), text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=_unet(LATENT_CHANNELS + 3, num_class_embeds=1000), low_res_scheduler=low_res_scheduler,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, watermarker=None,
+        vae=_vae(scaling_factor=0.08333),
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=_unet(LATENT_CHANNELS + 3, num_class_embeds=1000),
+        low_res_scheduler=low_res_scheduler,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
         max_noise_level=MAX_NOISE_LEVEL,
     )
 
@@ -158,12 +187,19 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     # 2 layers: the UNet reads the penultimate hidden states, the pooled output the last
     text_encoder = CLIPTextModel(text_config(tokenizer, SDXL_TEXT_HIDDEN[0], 2 * SDXL_TEXT_HIDDEN[0], 2))
     text_encoder_2 = CLIPTextModelWithProjection(
-        text_config(tokenizer_2, SDXL_TEXT_HIDDEN[1], 2 * SDXL_TEXT_HIDDEN[1], 2, projection_dim=SDXL_PROJECTION_DIM))
+        text_config(tokenizer_2, SDXL_TEXT_HIDDEN[1], 2 * SDXL_TEXT_HIDDEN[1], 2, projection_dim=SDXL_PROJECTION_DIM)
+    )
     vae = _vae(scaling_factor=SDXL_VAE_SCALING)
     unet = _sdxl_unet(LATENT_CHANNELS)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=build_scheduler(), force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=build_scheduler(),
+        force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
 
@@ -172,9 +208,16 @@ def build_tiny_sdxl_inpaint_pipeline(seed: int = 0) -> StableDiffusionXLInpaintP
     base = build_tiny_sdxl_pipeline(seed)
     torch.manual_seed(seed + 4)
     return StableDiffusionXLInpaintPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2, unet=_sdxl_unet(2 * LATENT_CHANNELS + 1), scheduler=base.scheduler,
-        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2,
+        unet=_sdxl_unet(2 * LATENT_CHANNELS + 1),
+        scheduler=base.scheduler,
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
 
 
@@ -190,8 +233,14 @@ def _flux_scheduler(dynamic: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if dynamic:  # FLUX.1-dev's scheduler config
-        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                               base_image_seq_len=256, max_image_seq_len=4096)
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
     return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)  # FLUX.1-schnell's
 
 
@@ -203,28 +252,69 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
     tokenizer = build_word_tokenizer(VOCABULARY, TEXT_MAX_LENGTH)
     tokenizer_2 = build_word_tokenizer(VOCABULARY + list(SDXL_TOKENIZER_2_EXTRA_WORDS), FLUX_T5_LENGTH)
     text_encoder = CLIPTextModel(text_config(tokenizer, TEXT_HIDDEN, 2 * TEXT_HIDDEN, 2))
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=FLUX_T5_HIDDEN, d_kv=12, d_ff=96, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=FLUX_T5_HIDDEN,
+            d_kv=12,
+            d_ff=96,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+        )
+    )
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=FLUX_T5_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
-        guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_T5_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
-        latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=IMAGE_SIZE, scaling_factor=FLUX_VAE_SCALING,
-        shift_factor=FLUX_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False)
-    return FluxPipeline(scheduler=_flux_scheduler(guidance), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=FLUX_VAE_SCALING,
+        shift_factor=FLUX_VAE_SHIFT,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return FluxPipeline(
+        scheduler=_flux_scheduler(guidance),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
 
 
 def write_tiny_checkpoint(path, seed: int = 0, kind: str = "base") -> Path:
-    builders = {"base": build_tiny_pipeline, "inpaint": build_tiny_inpaint_pipeline,
-                "upscale": build_tiny_upscale_pipeline, "sdxl": build_tiny_sdxl_pipeline,
-                "sdxl-inpaint": build_tiny_sdxl_inpaint_pipeline, "flux": build_tiny_flux_pipeline,
-                "flux-schnell": lambda seed: build_tiny_flux_pipeline(seed, guidance=False)}
+    builders = {
+        "base": build_tiny_pipeline,
+        "inpaint": build_tiny_inpaint_pipeline,
+        "upscale": build_tiny_upscale_pipeline,
+        "sdxl": build_tiny_sdxl_pipeline,
+        "sdxl-inpaint": build_tiny_sdxl_inpaint_pipeline,
+        "flux": build_tiny_flux_pipeline,
+        "flux-schnell": lambda seed: build_tiny_flux_pipeline(seed, guidance=False),
+    }
     if kind not in builders:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)

@@ -12,6 +12,7 @@ it with a fresh latent sample and noise: the VAE encoder costs more per image (~
 a UNet training step, and the world is small (a few thousand distinct captions), so a pool of
 16k scenes already shows each caption several times.
 """
+
 import copy
 import math
 from pathlib import Path
@@ -31,8 +32,9 @@ CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0  # low-noise steps weigh at most this (Min-SNR, Hang et al. 2023)
 
 
-def text_config(tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN, layers: int = 3,
-                **extra) -> CLIPTextConfig:
+def text_config(
+    tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN, layers: int = 3, **extra
+) -> CLIPTextConfig:
     """A CLIP text config sized for `tokenizer`'s vocabulary and special tokens, 4 heads; `extra`
     (projection_dim) for CLIPTextModelWithProjection."""
     return CLIPTextConfig(
@@ -49,8 +51,9 @@ def text_config(tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN
     )
 
 
-def build_text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN,
-                       layers: int = 3) -> CLIPTextModel:
+def build_text_encoder(
+    tokenizer, hidden: int = TEXT_HIDDEN, mlp: int = 4 * TEXT_HIDDEN, layers: int = 3
+) -> CLIPTextModel:
     """A CLIPTextModel sized for `tokenizer`'s vocabulary and special tokens, 4 heads."""
     return CLIPTextModel(text_config(tokenizer, hidden, mlp, layers))
 
@@ -114,8 +117,9 @@ def make_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline
 
 def tokenize(tokenizer, captions) -> torch.Tensor:
     # The same call StableDiffusionPipeline.encode_prompt makes.
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def grid_prompts():
@@ -146,9 +150,21 @@ def encode_pool(vae, rng, size: int, log, chunk: int = 256):
     return torch.cat(means), torch.cat(stds), captions
 
 
-def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_dir: Path,
-              save_every: int, sample_grid, stop_after=None, resume=None, pool_size: int = 16384,
-              ema_decay: float = 0.999):
+def train_ldm(
+    vae,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log,
+    out_dir: Path,
+    save_every: int,
+    sample_grid,
+    stop_after=None,
+    resume=None,
+    pool_size: int = 16384,
+    ema_decay: float = 0.999,
+):
     """Train; every `save_every` steps (and at the end) write the EMA pipeline to
     out_dir/pipeline and call sample_grid(pipeline, path). `stop_after` ends training early
     without changing the LR schedule (which is laid out over `steps`). `resume=(folder, step)`
@@ -170,13 +186,16 @@ def train_ldm(vae, steps: int, batch_size: int, lr: float, seed: int, log, out_d
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = 200
+
     def lr_factor(i):
         s = i + first - 1  # the global step
         return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    log(f"ldm: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
-        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params; {steps} steps x {batch_size}")
+    log(
+        f"ldm: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params; {steps} steps x {batch_size}"
+    )
     pool_mean, pool_std, pool_captions = encode_pool(vae, rng, pool_size, log)
     running = None
     for step in range(first, last + 1):

@@ -8,6 +8,7 @@
     call per step of the UNet runner the in-process server uses (ONNX Runtime, LocalUnet) with the
     family's per-row inputs (SDXL: text_embeds and time_ids per row), the VAE decoder; no server,
     no scheduler: the floor of overhead. Both have guidance, so each UNet call has 2 rows."""
+
 from types import SimpleNamespace
 import time
 
@@ -57,8 +58,16 @@ def diffusers_latencies(checkpoint, prompts, steps, guidance, size, cpu: list | 
     latencies = []
     for i, prompt in enumerate(prompts):
         started_cpu, start = time.process_time(), time.perf_counter()
-        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-             generator=torch.Generator().manual_seed(i), output_type="np", **extra)
+        pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(i),
+            output_type="np",
+            **extra,
+        )
         latencies.append(time.perf_counter() - start)
         if cpu is not None:
             cpu.append(time.process_time() - started_cpu)
@@ -77,9 +86,14 @@ class BareLoop:
         self.family = FAMILIES[self.spec.family]
         self.models = LocalModels(repo, variant=self.spec.name, model=model)
         self.schedule = DDIMSchedule.from_config(self.spec.scheduler_config)
-        self.tokenizers = TextTokenizers({
-            name: PromptTokenizer(assets.tokenizer_dir.parent / folder, self.spec.token_lengths.get(name, self.spec.text_length))
-            for name, folder in self.spec.tokenizers.items()})
+        self.tokenizers = TextTokenizers(
+            {
+                name: PromptTokenizer(
+                    assets.tokenizer_dir.parent / folder, self.spec.token_lengths.get(name, self.spec.text_length)
+                )
+                for name, folder in self.spec.tokenizers.items()
+            }
+        )
         self.text_inputs = self.family.text_inputs()  # text encoder output -> denoiser input
 
     def conditioning(self, prompt: str) -> dict:
@@ -104,8 +118,9 @@ class BareLoop:
         latent = size // self.spec.vae_factor
         x = noise_generator(seed).standard_normal((1, self.spec.latent_channels, latent, latent), dtype=np.float32)
         for t in self.schedule.timesteps(steps):
-            eps_cond, eps_uncond = self.models.unet(np.concatenate([x, x]), timestep=np.full(BASELINE_ROWS, t, np.float32),
-                                                    **inputs)
+            eps_cond, eps_uncond = self.models.unet(
+                np.concatenate([x, x]), timestep=np.full(BASELINE_ROWS, t, np.float32), **inputs
+            )
             eps = guided_noise(eps_uncond[None], eps_cond[None], np.array([guidance]))
             t1 = np.array([t])
             x, _ = self.schedule.step(eps, t1, self.schedule.previous_timesteps(t1, np.array([steps])), x, np.zeros(1))

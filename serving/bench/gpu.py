@@ -12,6 +12,7 @@ A stage whose expected time (from the UNet timings) no longer fits the time budg
 says so. If tritonserver cannot start here, stage 3 runs the same engine without Triton and says so.
 `--device cpu --small` runs the identical code path on the tiny checkpoint (the CI test).
 """
+
 from typing import Any
 import argparse
 import json
@@ -42,7 +43,9 @@ PROMPT = "a large red circle on the left of a black background"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m serving.bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out/gpu-bench"), help="JSON and logs (default: $OUT)")
-    parser.add_argument("--work", default="/tmp/ldm-gpu-bench", help="checkpoint and repository (large; not under --out)")
+    parser.add_argument(
+        "--work", default="/tmp/ldm-gpu-bench", help="checkpoint and repository (large; not under --out)"
+    )
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--small", action="store_true", help="the tiny checkpoint, few steps and requests (CPU test)")
     parser.add_argument("--steps", type=int)
@@ -73,7 +76,9 @@ class Report:
     def fits(self, stage: str, expected_s: float) -> bool:
         if self.elapsed() + expected_s <= self.budget_s:
             return True
-        self.data["skipped"].append({"stage": stage, "expected_s": round(expected_s, 1), "elapsed_s": round(self.elapsed(), 1)})
+        self.data["skipped"].append(
+            {"stage": stage, "expected_s": round(expected_s, 1), "elapsed_s": round(self.elapsed(), 1)}
+        )
         say(f"SKIPPED {stage}: expected {expected_s:.0f} s, {self.budget_s - self.elapsed():.0f} s of the budget left")
         self.save()
         return False
@@ -96,9 +101,15 @@ def environment(device: str) -> dict:
     import torch
     import transformers
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "transformers": transformers.__version__, "numpy": np.__version__, "device": device,
-           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "device": device,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -128,8 +139,15 @@ def diffusers_one_at_a_time(checkpoint, args, size: int, runs: int) -> dict:
     latencies = []
     for i in range(runs + 1):  # the first is a warm-up
         start = time.perf_counter()
-        pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size,
-             generator=torch.Generator(args.device).manual_seed(i), output_type="np")
+        pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator(args.device).manual_seed(i),
+            output_type="np",
+        )
         _synchronize(args.device)
         latencies.append(time.perf_counter() - start)
     del pipe
@@ -159,9 +177,14 @@ def unet_ceiling(checkpoint, args, rows_per_level: dict, buckets: tuple) -> dict
             models.unet(sample, timestep + 500, context)
         _synchronize(args.device)
         seconds = (time.perf_counter() - start) / repeats
-        out["levels"][str(clients)] = {"rows": rows, "ms_per_step": seconds * 1e3,
-                                       "ceiling_images_per_s": clients / (args.steps * seconds)}
-        say(f"UNet alone, {rows} rows: {seconds * 1e3:.1f} ms/step -> ceiling {clients / (args.steps * seconds):.2f} img/s at C={clients}")
+        out["levels"][str(clients)] = {
+            "rows": rows,
+            "ms_per_step": seconds * 1e3,
+            "ceiling_images_per_s": clients / (args.steps * seconds),
+        }
+        say(
+            f"UNet alone, {rows} rows: {seconds * 1e3:.1f} ms/step -> ceiling {clients / (args.steps * seconds):.2f} img/s at C={clients}"
+        )
     del models
     _release(args.device)
     return out
@@ -172,8 +195,13 @@ def export_repository(checkpoint, args, repo: Path, buckets: tuple) -> None:
     from export.repository import write_repository
 
     params = pipeline_parameters(
-        unet="torch", text_vae="torch", max_rows=buckets[-1], max_active=args.max_active, max_queue=512,
-        torch_buckets=",".join(map(str, buckets)), torch_compile=args.compile,
+        unet="torch",
+        text_vae="torch",
+        max_rows=buckets[-1],
+        max_active=args.max_active,
+        max_queue=512,
+        torch_buckets=",".join(map(str, buckets)),
+        torch_compile=args.compile,
     )
     params.update(default_steps=args.steps, default_guidance_scale=args.guidance)
     write_repository(checkpoint, repo, gpu=args.device == "cuda", pipeline_parameters=params, log=say)
@@ -199,8 +227,10 @@ def serve_and_load(target, args, report: Report, fields: dict, step_ms: dict) ->
             break
         run = closed_loop(target, fields, clients, requests, seed0=1000 * clients).summary()
         result["closed"][str(clients)] = run
-        say(f"closed loop C={clients}: {run['throughput_images_per_s']:.2f} img/s, p50 {run['latency_p50_s']:.3f} s, "
-            f"p99 {run['latency_p99_s']:.3f} s, errors {run['errors']}")
+        say(
+            f"closed loop C={clients}: {run['throughput_images_per_s']:.2f} img/s, p50 {run['latency_p50_s']:.3f} s, "
+            f"p99 {run['latency_p99_s']:.3f} s, errors {run['errors']}"
+        )
         report.stage("server", result)
     if result["closed"]:
         best = max(r["throughput_images_per_s"] for r in result["closed"].values())
@@ -209,8 +239,10 @@ def serve_and_load(target, args, report: Report, fields: dict, step_ms: dict) ->
         if report.fits("Poisson at 80% of max", requests / rate + 2 * unloaded["latency_p99_s"]):
             run = open_loop(target, fields, rate, requests, seed0=7).summary()
             result["poisson_80"] = {"rate": rate, **run}
-            say(f"Poisson {rate:.2f} req/s (80% of {best:.2f}): p50 {run['latency_p50_s']:.3f} s, "
-                f"p99 {run['latency_p99_s']:.3f} s, {run['throughput_images_per_s']:.2f} img/s, errors {run['errors']}")
+            say(
+                f"Poisson {rate:.2f} req/s (80% of {best:.2f}): p50 {run['latency_p50_s']:.3f} s, "
+                f"p99 {run['latency_p99_s']:.3f} s, {run['throughput_images_per_s']:.2f} img/s, errors {run['errors']}"
+            )
             report.stage("server", result)
     return result
 
@@ -241,18 +273,30 @@ def targets(data: dict) -> list:
     for name, key, op, required, stretch in TARGETS:
         value = values.get(key)
         met = None if value is None else (value >= required if op == ">=" else value <= required)
-        stretch_met = None if value is None or stretch is None else (value >= stretch if op == ">=" else value <= stretch)
-        rows.append({"target": name, "measured": value, "required": f"{op} {required}", "met": met,
-                     "stretch": None if stretch is None else f"{op} {stretch}", "stretch_met": stretch_met,
-                     "measured_over_required": None if value is None else value / required})
+        stretch_met = (
+            None if value is None or stretch is None else (value >= stretch if op == ">=" else value <= stretch)
+        )
+        rows.append(
+            {
+                "target": name,
+                "measured": value,
+                "required": f"{op} {required}",
+                "met": met,
+                "stretch": None if stretch is None else f"{op} {stretch}",
+                "stretch_met": stretch_met,
+                "measured_over_required": None if value is None else value / required,
+            }
+        )
     return rows
 
 
 def print_table(data: dict) -> None:
     stages = data["stages"]
     env = stages.get("environment", {})
-    print(f"\n## GPU table: {env.get('gpu', env.get('device'))}, {env.get('date_utc')} UTC, "
-          f"torch {env.get('torch')}, transformers {env.get('transformers')}, diffusers {env.get('diffusers')}")
+    print(
+        f"\n## GPU table: {env.get('gpu', env.get('device'))}, {env.get('date_utc')} UTC, "
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, diffusers {env.get('diffusers')}"
+    )
     server = stages.get("server", {})
     print(f"server path: {server.get('path', 'not run')}; memory plan: {server.get('row_cap', '?')} rows cap")
     print("\n| run | throughput (img/s) | p50 / p99 (s) |\n|---|---|---|")
@@ -261,22 +305,34 @@ def print_table(data: dict) -> None:
         print(f"| diffusers one at a time | {d['throughput']:.2f} | {d['latency_s']:.3f} |")
     if "unloaded" in server:
         u = server["unloaded"]
-        print(f"| server, batch 1 unloaded | {u['throughput_images_per_s']:.2f} | {u['latency_p50_s']:.3f} / {u['latency_p99_s']:.3f} |")
+        print(
+            f"| server, batch 1 unloaded | {u['throughput_images_per_s']:.2f} | {u['latency_p50_s']:.3f} / {u['latency_p99_s']:.3f} |"
+        )
     ceiling = stages.get("unet_ceiling", {}).get("levels", {})
     for clients, run in server.get("closed", {}).items():
         c = ceiling.get(clients)
-        extra = f" (UNet ceiling {c['ceiling_images_per_s']:.2f}, {c['ms_per_step']:.1f} ms/step at {c['rows']} rows)" if c else ""
-        print(f"| server, closed loop C={clients} | {run['throughput_images_per_s']:.2f}{extra} | "
-              f"{run['latency_p50_s']:.3f} / {run['latency_p99_s']:.3f} |")
+        extra = (
+            f" (UNet ceiling {c['ceiling_images_per_s']:.2f}, {c['ms_per_step']:.1f} ms/step at {c['rows']} rows)"
+            if c
+            else ""
+        )
+        print(
+            f"| server, closed loop C={clients} | {run['throughput_images_per_s']:.2f}{extra} | "
+            f"{run['latency_p50_s']:.3f} / {run['latency_p99_s']:.3f} |"
+        )
     if "poisson_80" in server:
         p = server["poisson_80"]
-        print(f"| server, Poisson {p['rate']:.2f} req/s (80% of max) | {p['throughput_images_per_s']:.2f} | "
-              f"{p['latency_p50_s']:.3f} / {p['latency_p99_s']:.3f} |")
+        print(
+            f"| server, Poisson {p['rate']:.2f} req/s (80% of max) | {p['throughput_images_per_s']:.2f} | "
+            f"{p['latency_p50_s']:.3f} / {p['latency_p99_s']:.3f} |"
+        )
     print("\n| target | measured | required | met | stretch | met |\n|---|---|---|---|---|---|")
     for row in data.get("targets", []):
         value = "n/a" if row["measured"] is None else f"{row['measured']:.3f}"
-        print(f"| {row['target']} | {value} | {row['required']} | {_yes(row['met'])} | {row['stretch'] or ''} | "
-              f"{_yes(row['stretch_met']) if row['stretch'] else ''} |")
+        print(
+            f"| {row['target']} | {value} | {row['required']} | {_yes(row['met'])} | {row['stretch'] or ''} | "
+            f"{_yes(row['stretch_met']) if row['stretch'] else ''} |"
+        )
     print(f"\nanchors (the project's standalone H200 probe, 2026-11-26; README GPU path): {json.dumps(ANCHORS)}")
     if data["skipped"]:
         print(f"skipped for the time budget: {[s['stage'] for s in data['skipped']]}")
@@ -319,8 +375,16 @@ def main(argv=None) -> int:
 
     info = CheckpointInfo.read(checkpoint)
     size = info.native_size
-    report.stage("checkpoint", {"path": str(checkpoint), "size": size, "steps": args.steps, "guidance": args.guidance,
-                                "seconds": round(time.monotonic() - started, 1)})
+    report.stage(
+        "checkpoint",
+        {
+            "path": str(checkpoint),
+            "size": size,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "seconds": round(time.monotonic() - started, 1),
+        },
+    )
     say(f"checkpoint {checkpoint} ({size} px) in {time.monotonic() - started:.0f} s")
 
     report.stage("diffusers", diffusers_one_at_a_time(checkpoint, args, size, runs=1 if args.small else 3))
@@ -362,14 +426,22 @@ def run_server_stage(repo: Path, args, report: Report, fields: dict, step_ms: di
             result = serve_and_load(pipeline.client, args, report, fields, step_ms)
         finally:
             pipeline.stop()
-        return {"path": f"engine in process, no Triton (tritonserver failed: {str(exc).splitlines()[0]})",
-                "row_cap": pipeline.service.engine.stats.row_cap, **result}
+        return {
+            "path": f"engine in process, no Triton (tritonserver failed: {str(exc).splitlines()[0]})",
+            "row_cap": pipeline.service.engine.stats.row_cap,
+            **result,
+        }
     try:
         startup = time.monotonic() - started
         row_cap = row_cap_metric(server.metrics_url)
         say(f"tritonserver ready in {startup:.0f} s (model load and graph capture); row cap {row_cap}")
         result = serve_and_load(server.grpc_url, args, report, fields, step_ms)
-        return {"path": "tritonserver (gRPC stream) with the torch runner", "startup_s": startup, "row_cap": row_cap, **result}
+        return {
+            "path": "tritonserver (gRPC stream) with the torch runner",
+            "startup_s": startup,
+            "row_cap": row_cap,
+            **result,
+        }
     finally:
         server.stop()
 

@@ -1,5 +1,6 @@
 """The engine without Triton, behind the client's generate(): what the GPU benchmark measures
 when tritonserver cannot start on a machine, and the serving overhead Triton adds otherwise."""
+
 from typing import TYPE_CHECKING
 import threading
 
@@ -48,8 +49,11 @@ class InProcessPipeline:
         config = PipelineConfig.parse(params)
         choice = RunnerChoice.from_config(config, device)
         assets = PipelineAssets.read(repo / "pipeline" / "1")
-        models = {(model, variant): build_models(choice, repo, "1", None, facts, log=log)
-                  for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()}
+        models = {
+            (model, variant): build_models(choice, repo, "1", None, facts, log=log)
+            for model, info in model_infos(assets.info).items()
+            for variant, facts in info["variants"].items()
+        }
         plan_gpu_memory(models.values())
         self.service = PipelineService(assets, config, models, lora_reader=read_adapter).start()
         self.info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())

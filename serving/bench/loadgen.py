@@ -2,6 +2,7 @@
 
 Each worker thread keeps its own client (a gRPC stream serves one request at a time). `url` is a
 server's gRPC address, or a factory of clients with the same generate(**fields)."""
+
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import threading

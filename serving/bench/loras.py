@@ -15,6 +15,7 @@ product; adapters resident but unused by the call cost nothing).
 The adapters are random LoRAs of the checkpoint (diffusers' own saver, PEFT layers on the
 attention projections): their weights do not change the cost, only their rank and number do.
 """
+
 from concurrent.futures import ThreadPoolExecutor
 import json
 from pathlib import Path
@@ -24,7 +25,11 @@ from typing import Any
 
 import numpy as np
 
-PROMPTS = ("a large red circle on the left", "a small blue square at the top", "a green triangle to the left of a red square")
+PROMPTS = (
+    "a large red circle on the left",
+    "a small blue square at the top",
+    "a green triangle to the left of a red square",
+)
 
 
 def random_lora(checkpoint, folder: Path, seed: int, rank: int) -> Path:
@@ -39,8 +44,12 @@ def random_lora(checkpoint, folder: Path, seed: int, rank: int) -> Path:
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian"))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=f"lora{seed}.safetensors",
-                                              unet_lora_adapter_metadata={"r": rank, "lora_alpha": rank, "target_modules": targets})
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=layers,
+        weight_name=f"lora{seed}.safetensors",
+        unet_lora_adapter_metadata={"r": rank, "lora_alpha": rank, "target_modules": targets},
+    )
     return folder / f"lora{seed}.safetensors"
 
 
@@ -63,12 +72,24 @@ def in_process(repo: Path, params: dict):
     from serving.models.onnx import local_variants
 
     config = PipelineConfig.parse({k: str(v) for k, v in params.items()})
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), config, local_variants(repo),
-                           lora_reader=read_adapter).start()
+    return PipelineService(
+        PipelineAssets.read(repo / "pipeline" / "1"), config, local_variants(repo), lora_reader=read_adapter
+    ).start()
 
 
-def run_loras(checkpoint, out: Path, requests: int = 48, concurrency: int = 16, adapters: int = 4, rank: int = 16,
-              steps: int = 10, rounds: int = 3, sweep_ranks=(4, 16, 64), sweep_counts=(1, 4, 8), log=print) -> dict:
+def run_loras(
+    checkpoint,
+    out: Path,
+    requests: int = 48,
+    concurrency: int = 16,
+    adapters: int = 4,
+    rank: int = 16,
+    steps: int = 10,
+    rounds: int = 3,
+    sweep_ranks=(4, 16, 64),
+    sweep_counts=(1, 4, 8),
+    log=print,
+) -> dict:
     from export.cli import pipeline_parameters
     from export.repository import write_repository
 
@@ -82,19 +103,33 @@ def run_loras(checkpoint, out: Path, requests: int = 48, concurrency: int = 16, 
     for i in range(requests):
         fields = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "steps": steps, "guidance_scale": 5.0}
         load.append(fields)
-    with_adapters = [dict(f, lora_names=np.array([names[i % (adapters + 1) - 1].encode()], object))
-                     if i % (adapters + 1) else dict(f) for i, f in enumerate(load)]  # every adapter, and none
-    results: dict[str, Any] = {"checkpoint": str(checkpoint), "requests": requests, "concurrency": concurrency, "adapters": adapters,
-               "rank": rank, "steps": steps, "rounds": rounds}
-    loads = {"plain": (pipeline_parameters(), load), "mixed": (pipeline_parameters(lora_dir=str(folder)), with_adapters),
-             "per_set": ({**pipeline_parameters(lora_dir=str(folder)), "lora_batching": "per_set"}, with_adapters)}
+    with_adapters = [
+        dict(f, lora_names=np.array([names[i % (adapters + 1) - 1].encode()], object))
+        if i % (adapters + 1)
+        else dict(f)
+        for i, f in enumerate(load)
+    ]  # every adapter, and none
+    results: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "requests": requests,
+        "concurrency": concurrency,
+        "adapters": adapters,
+        "rank": rank,
+        "steps": steps,
+        "rounds": rounds,
+    }
+    loads = {
+        "plain": (pipeline_parameters(), load),
+        "mixed": (pipeline_parameters(lora_dir=str(folder)), with_adapters),
+        "per_set": ({**pipeline_parameters(lora_dir=str(folder)), "lora_batching": "per_set"}, with_adapters),
+    }
     services = {}
     try:
         for label, (params, batch) in loads.items():
             repo = out / f"repo-{'plain' if label == 'plain' else 'lora'}"
             write_repository(checkpoint, repo, pipeline_parameters=params, log=lambda *a: None)
             services[label] = in_process(repo, params)
-            closed_loop(services[label], batch[: concurrency], concurrency)  # warm-up: sessions, adapters resident
+            closed_loop(services[label], batch[:concurrency], concurrency)  # warm-up: sessions, adapters resident
         rates = {label: [] for label in loads}
         rows = {label: [0, 0] for label in loads}
         for _ in range(rounds):  # interleaved, so a noisy moment of a shared machine hits every mode alike
@@ -108,9 +143,13 @@ def run_loras(checkpoint, out: Path, requests: int = 48, concurrency: int = 16, 
         for service in services.values():
             service.stop()
     for label in loads:
-        results[label] = {"images_per_s": round(float(np.median(rates[label])), 3),
-                          "rows_per_call": round(rows[label][0] / max(1, rows[label][1]), 2)}
-        log(f"{label}: {results[label]['images_per_s']} img/s (median of {rounds}), {results[label]['rows_per_call']} rows per UNet call")
+        results[label] = {
+            "images_per_s": round(float(np.median(rates[label])), 3),
+            "rows_per_call": round(rows[label][0] / max(1, rows[label][1]), 2),
+        }
+        log(
+            f"{label}: {results[label]['images_per_s']} img/s (median of {rounds}), {results[label]['rows_per_call']} rows per UNet call"
+        )
     results["mixed_vs_plain"] = round(results["mixed"]["images_per_s"] / results["plain"]["images_per_s"], 3)
     results["mixed_vs_per_set"] = round(results["mixed"]["images_per_s"] / results["per_set"]["images_per_s"], 3)
     results["overhead"] = call_overhead(out / "repo-plain", out / "repo-lora", sweep_ranks, sweep_counts)
@@ -130,10 +169,13 @@ def call_overhead(plain_repo: Path, lora_repo: Path, ranks, counts, rows: int = 
     lora = OnnxComponent(lora_repo / "pipeline" / "1" / facts["lora_unet"])
     side = plain_info["native_size"] // plain_info["vae_factor"]
     rng = np.random.default_rng(0)
-    base = {"sample": rng.standard_normal((rows, plain_info["latent_channels"], side, side), dtype=np.float32),
-            "timestep": np.full(rows, 500.0, np.float32),
-            "encoder_hidden_states": rng.standard_normal((rows, plain_info["text_length"], plain.session.get_inputs()[2].shape[2]),
-                                                         dtype=np.float32)}
+    base = {
+        "sample": rng.standard_normal((rows, plain_info["latent_channels"], side, side), dtype=np.float32),
+        "timestep": np.full(rows, 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (rows, plain_info["text_length"], plain.session.get_inputs()[2].shape[2]), dtype=np.float32
+        ),
+    }
 
     def median(component, inputs):
         times = []
@@ -153,21 +195,34 @@ def call_overhead(plain_repo: Path, lora_repo: Path, ranks, counts, rows: int = 
                 inputs[f"lora_A.{layer}"] = (0.01 * rng.standard_normal((fan_in, width))).astype(np.float32)
                 inputs[f"lora_B.{layer}"] = (0.01 * rng.standard_normal((width, fan_out))).astype(np.float32)
             seconds = median(lora, inputs)
-            out.append({"rank": rank, "adapters": count, "columns": width, "plain_s": round(plain_s, 5),
-                        "lora_s": round(seconds, 5), "overhead": round(seconds / plain_s - 1, 3)})
+            out.append(
+                {
+                    "rank": rank,
+                    "adapters": count,
+                    "columns": width,
+                    "plain_s": round(plain_s, 5),
+                    "lora_s": round(seconds, 5),
+                    "overhead": round(seconds / plain_s - 1, 3),
+                }
+            )
     return out
 
 
 def table(results: dict) -> str:
-    lines = [f"LoRA mixing, {results['requests']} requests at C={results['concurrency']}, {results['adapters']} adapters "
-             f"of rank {results['rank']} spread over them (and none), {results['steps']} steps, median of {results['rounds']} "
-             f"interleaved rounds:",
-             f"  plain (no LoRA inputs, no adapters): {results['plain']['images_per_s']} img/s, {results['plain']['rows_per_call']} rows/call",
-             f"  mixed adapters in one call:          {results['mixed']['images_per_s']} img/s, {results['mixed']['rows_per_call']} rows/call"
-             f"  -> {results['mixed_vs_plain']}x plain (target >= 0.8)",
-             f"  one adapter set per call (baseline): {results['per_set']['images_per_s']} img/s, {results['per_set']['rows_per_call']} rows/call"
-             f"  -> mixed is {results['mixed_vs_per_set']}x (target >= 2)",
-             "  UNet call with the LoRA graph vs plain, 16 rows with adapters: rank x adapters in the call = columns: overhead"]
-    lines += [f"    {o['rank']:>3} x {o['adapters']} = {o['columns']:>4}: {o['lora_s'] * 1000:.1f} ms vs {o['plain_s'] * 1000:.1f} ms "
-              f"({o['overhead']:+.1%})" for o in results["overhead"]]
+    lines = [
+        f"LoRA mixing, {results['requests']} requests at C={results['concurrency']}, {results['adapters']} adapters "
+        f"of rank {results['rank']} spread over them (and none), {results['steps']} steps, median of {results['rounds']} "
+        f"interleaved rounds:",
+        f"  plain (no LoRA inputs, no adapters): {results['plain']['images_per_s']} img/s, {results['plain']['rows_per_call']} rows/call",
+        f"  mixed adapters in one call:          {results['mixed']['images_per_s']} img/s, {results['mixed']['rows_per_call']} rows/call"
+        f"  -> {results['mixed_vs_plain']}x plain (target >= 0.8)",
+        f"  one adapter set per call (baseline): {results['per_set']['images_per_s']} img/s, {results['per_set']['rows_per_call']} rows/call"
+        f"  -> mixed is {results['mixed_vs_per_set']}x (target >= 2)",
+        "  UNet call with the LoRA graph vs plain, 16 rows with adapters: rank x adapters in the call = columns: overhead",
+    ]
+    lines += [
+        f"    {o['rank']:>3} x {o['adapters']} = {o['columns']:>4}: {o['lora_s'] * 1000:.1f} ms vs {o['plain_s'] * 1000:.1f} ms "
+        f"({o['overhead']:+.1%})"
+        for o in results["overhead"]
+    ]
     return "\n".join(lines)

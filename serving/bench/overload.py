@@ -7,6 +7,7 @@ whenever they are refused (a 503 or 429, whatever Retry-After says, as naive cli
 phase runs `--overload-seconds` after a warm-up; goodput is the images answered 200 within the
 phase over its length. Target: storm goodput >= 85% of the 16-client goodput.
 """
+
 import asyncio
 from dataclasses import dataclass, field
 import json
@@ -28,10 +29,16 @@ class Phase:
     refusal_s: list = field(default_factory=list)  # how long each refusal took to come
 
     def summary(self) -> dict:
-        return {"clients": self.clients, "seconds": self.seconds, "images": self.images,
-                "goodput_images_per_s": self.images / self.seconds, "refusals": self.refusals,
-                "refusals_per_s": self.refusals / self.seconds, "refusal_p50_s": float(np.percentile(self.refusal_s, 50)) if self.refusal_s else None,
-                "errors": self.errors}
+        return {
+            "clients": self.clients,
+            "seconds": self.seconds,
+            "images": self.images,
+            "goodput_images_per_s": self.images / self.seconds,
+            "refusals": self.refusals,
+            "refusals_per_s": self.refusals / self.seconds,
+            "refusal_p50_s": float(np.percentile(self.refusal_s, 50)) if self.refusal_s else None,
+            "errors": self.errors,
+        }
 
 
 async def _client(session, url: str, body: bytes, phase: Phase, counting: asyncio.Event, stop: asyncio.Event):
@@ -66,8 +73,10 @@ async def run_phase(rest_url: str, fields: dict, clients: int, seconds: float, w
     body = json.dumps(fields).encode()
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=timeout) as session:
-        tasks = [asyncio.create_task(_client(session, rest_url + "/v1/images/generations", body, phase, counting, stop))
-                 for _ in range(clients)]
+        tasks = [
+            asyncio.create_task(_client(session, rest_url + "/v1/images/generations", body, phase, counting, stop))
+            for _ in range(clients)
+        ]
         await asyncio.sleep(warmup_s)
         counting.set()
         await asyncio.sleep(seconds)
@@ -79,13 +88,24 @@ async def run_phase(rest_url: str, fields: dict, clients: int, seconds: float, w
 
 
 def add_arguments(parser):
-    parser.add_argument("--overload", action="store_true",
-                        help="measure goodput under a retry storm instead: --overload-clients well-behaved clients, then "
-                             "--storm-clients that resend at once when refused, against one server (REST)")
-    parser.add_argument("--overload-clients", type=int, default=16, help="--overload: the calm phase's clients (default: %(default)s)")
-    parser.add_argument("--storm-clients", type=int, default=100, help="--overload: the storm's clients (default: %(default)s)")
-    parser.add_argument("--overload-seconds", type=float, default=60.0,
-                        help="--overload: counted seconds per phase, after a warm-up of a quarter of it (default: %(default)s)")
+    parser.add_argument(
+        "--overload",
+        action="store_true",
+        help="measure goodput under a retry storm instead: --overload-clients well-behaved clients, then "
+        "--storm-clients that resend at once when refused, against one server (REST)",
+    )
+    parser.add_argument(
+        "--overload-clients", type=int, default=16, help="--overload: the calm phase's clients (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--storm-clients", type=int, default=100, help="--overload: the storm's clients (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--overload-seconds",
+        type=float,
+        default=60.0,
+        help="--overload: counted seconds per phase, after a warm-up of a quarter of it (default: %(default)s)",
+    )
 
 
 def run_overload(args, checkpoint: Path, out: Path) -> int:
@@ -101,23 +121,45 @@ def run_overload(args, checkpoint: Path, out: Path) -> int:
     repo = out / "repo-overload"
     write_repository(checkpoint, repo, pipeline_parameters=pipeline_parameters(unet=args.unet), log=lambda *a: None)
     warmup_s = args.overload_seconds / 4
-    print(f"bench --overload: {checkpoint}, {size}x{size}, {args.steps} steps; {args.overload_clients} clients, then "
-          f"{args.storm_clients} that resend at once when refused; {args.overload_seconds:g} s each after "
-          f"{warmup_s:g} s of warm-up", flush=True)
-    with TritonServer(repo, log_file=out / "tritonserver-overload.log") as server, \
-            GatewayProcess(server.grpc_url, log_file=out / "gateway-overload.log",
-                           control_secret=server.control_secret) as gateway:
-        phases = [asyncio.run(run_phase(gateway.rest_url, fields, clients, args.overload_seconds, warmup_s))
-                  for clients in (args.overload_clients, args.storm_clients)]
+    print(
+        f"bench --overload: {checkpoint}, {size}x{size}, {args.steps} steps; {args.overload_clients} clients, then "
+        f"{args.storm_clients} that resend at once when refused; {args.overload_seconds:g} s each after "
+        f"{warmup_s:g} s of warm-up",
+        flush=True,
+    )
+    with (
+        TritonServer(repo, log_file=out / "tritonserver-overload.log") as server,
+        GatewayProcess(
+            server.grpc_url, log_file=out / "gateway-overload.log", control_secret=server.control_secret
+        ) as gateway,
+    ):
+        phases = [
+            asyncio.run(run_phase(gateway.rest_url, fields, clients, args.overload_seconds, warmup_s))
+            for clients in (args.overload_clients, args.storm_clients)
+        ]
     calm, storm = (p.summary() for p in phases)
     ratio = storm["goodput_images_per_s"] / calm["goodput_images_per_s"] if calm["goodput_images_per_s"] else 0.0
-    report = {"checkpoint": str(checkpoint), "size": size, "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
-              "calm": calm, "storm": storm, "ratio": ratio, "target": TARGET_RATIO, "met": ratio >= TARGET_RATIO}
+    report = {
+        "checkpoint": str(checkpoint),
+        "size": size,
+        "steps": args.steps,
+        "date": time.strftime("%Y-%m-%d"),
+        "calm": calm,
+        "storm": storm,
+        "ratio": ratio,
+        "target": TARGET_RATIO,
+        "met": ratio >= TARGET_RATIO,
+    }
     for name, p in (("calm", calm), ("storm", storm)):
         refusal = f" (p50 {p['refusal_p50_s']:.2f} s)" if p["refusal_p50_s"] is not None else ""
-        print(f"{name:5s} {p['clients']:4d} clients: {p['goodput_images_per_s']:.2f} img/s ({p['images']} images), "
-              f"{p['refusals_per_s']:.1f} refusals/s{refusal}, errors {p['errors']}", flush=True)
-    print(f"storm goodput / calm goodput = {ratio:.2f} (target >= {TARGET_RATIO}): {'met' if report['met'] else 'NOT met'}")
+        print(
+            f"{name:5s} {p['clients']:4d} clients: {p['goodput_images_per_s']:.2f} img/s ({p['images']} images), "
+            f"{p['refusals_per_s']:.1f} refusals/s{refusal}, errors {p['errors']}",
+            flush=True,
+        )
+    print(
+        f"storm goodput / calm goodput = {ratio:.2f} (target >= {TARGET_RATIO}): {'met' if report['met'] else 'NOT met'}"
+    )
     (out / "overload.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'overload.json'}")
     return 0 if report["met"] else 1

@@ -13,6 +13,7 @@ On a machine shared with other work wall-clock ratios are noisy, so it also repo
 time the server (tritonserver and its stubs) and the gateway process spent per image in each
 path's loops: the gateway's share of the work, whatever else the machine is doing.
 """
+
 from contextlib import contextmanager
 import http.client
 import json
@@ -57,7 +58,9 @@ class GatewayRest:
         body = {"prompt": prompt, "seed": seed, **fields}
         if height or width:
             body["size"] = f"{width}x{height}"
-        self.connection.request("POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"})
+        self.connection.request(
+            "POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"}
+        )
         response = self.connection.getresponse()
         data = response.read()
         if response.status != 200:
@@ -90,20 +93,34 @@ def serving(repo, path: str, log_dir, name: str):
         if not path.startswith("gateway"):
             yield client_factory(path, server), server
             return
-        with GatewayProcess(server.grpc_url, log_file=log_dir / f"gateway-{name}.log", control_secret=server.control_secret) as gateway:
+        with GatewayProcess(
+            server.grpc_url, log_file=log_dir / f"gateway-{name}.log", control_secret=server.control_secret
+        ) as gateway:
             yield client_factory(path, server, gateway), server
 
 
-def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 16, requests: int = 48,
-                  single_requests: int = 16, rounds: int = 2, log=print) -> dict:
+def compare_paths(
+    repo,
+    fields: dict,
+    log_dir,
+    paths=PATHS,
+    concurrency: int = 16,
+    requests: int = 48,
+    single_requests: int = 16,
+    rounds: int = 2,
+    log=print,
+) -> dict:
     """Single-request latency and closed-loop throughput of each path, with ratios to triton-grpc."""
     from serving.gateway.process import GatewayProcess
     from serving.triton.server import TritonServer
 
     paths = list(paths)
-    with TritonServer(repo, log_file=log_dir / "tritonserver-paths.log") as server, \
-            GatewayProcess(server.grpc_url, log_file=log_dir / "gateway-paths.log",
-                           control_secret=server.control_secret) as gateway:
+    with (
+        TritonServer(repo, log_file=log_dir / "tritonserver-paths.log") as server,
+        GatewayProcess(
+            server.grpc_url, log_file=log_dir / "gateway-paths.log", control_secret=server.control_secret
+        ) as gateway,
+    ):
         factories = {p: client_factory(p, server, gateway) for p in paths}
         for p in paths:
             closed_loop(factories[p], fields, 2, 4)  # warm-up: connections, first calls
@@ -126,22 +143,30 @@ def compare_paths(repo, fields: dict, log_dir, paths=PATHS, concurrency: int = 1
             log(f"  {p} closed C={concurrency}: {loops[p][-1]['throughput_images_per_s']:.2f} img/s")
     rows = []
     for p in paths:
-        rows.append({
-            "path": p,
-            "latency_p50_s": float(np.median(latencies[p])),
-            "latency_mean_s": float(np.mean(latencies[p])),
-            "throughput_images_per_s": float(np.mean([r["throughput_images_per_s"] for r in loops[p]])),
-            "errors": {k: v for r in loops[p] for k, v in r["errors"].items()},
-            "server_cpu_s_per_image": cpu[p]["server"] / max(1, cpu[p]["images"]),
-            "gateway_cpu_s_per_image": cpu[p]["gateway"] / max(1, cpu[p]["images"]),
-            "runs": loops[p],
-        })
+        rows.append(
+            {
+                "path": p,
+                "latency_p50_s": float(np.median(latencies[p])),
+                "latency_mean_s": float(np.mean(latencies[p])),
+                "throughput_images_per_s": float(np.mean([r["throughput_images_per_s"] for r in loops[p]])),
+                "errors": {k: v for r in loops[p] for k, v in r["errors"].items()},
+                "server_cpu_s_per_image": cpu[p]["server"] / max(1, cpu[p]["images"]),
+                "gateway_cpu_s_per_image": cpu[p]["gateway"] / max(1, cpu[p]["images"]),
+                "runs": loops[p],
+            }
+        )
     base = next(r for r in rows if r["path"] == BASELINE)
     for r in rows:
         r["latency_ratio"] = r["latency_p50_s"] / base["latency_p50_s"]
         r["throughput_ratio"] = r["throughput_images_per_s"] / base["throughput_images_per_s"]
-    return {"concurrency": concurrency, "requests": requests, "single_requests": single_requests, "rounds": rounds, "paths": rows,
-            "targets": path_targets(rows, concurrency)}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "single_requests": single_requests,
+        "rounds": rounds,
+        "paths": rows,
+        "targets": path_targets(rows, concurrency),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -162,21 +187,39 @@ def path_targets(rows: list, concurrency: int) -> list:
     targets = []
     if "gateway" in by_path:
         g = by_path["gateway"]
-        targets.append((f"single-request latency, gateway / {BASELINE}", g["latency_ratio"], "<= 1.05", g["latency_ratio"] <= 1.05))
-        targets.append((f"throughput at C={concurrency}, gateway / {BASELINE}", g["throughput_ratio"], ">= 0.95",
-                        g["throughput_ratio"] >= 0.95))
+        targets.append(
+            (f"single-request latency, gateway / {BASELINE}", g["latency_ratio"], "<= 1.05", g["latency_ratio"] <= 1.05)
+        )
+        targets.append(
+            (
+                f"throughput at C={concurrency}, gateway / {BASELINE}",
+                g["throughput_ratio"],
+                ">= 0.95",
+                g["throughput_ratio"] >= 0.95,
+            )
+        )
     if "triton-http" in by_path:
         h = by_path["triton-http"]
-        targets.append((f"throughput at C={concurrency}, triton-http / {BASELINE}", h["throughput_ratio"], ">= 0.90",
-                        h["throughput_ratio"] >= 0.90))
+        targets.append(
+            (
+                f"throughput at C={concurrency}, triton-http / {BASELINE}",
+                h["throughput_ratio"],
+                ">= 0.90",
+                h["throughput_ratio"] >= 0.90,
+            )
+        )
     return [{"target": t, "measured": round(v, 3), "required": req, "met": bool(ok)} for t, v, req, ok in targets]
 
 
 def print_paths(report: dict) -> None:
-    print(f"\n| path | latency p50 (1 client) | vs {BASELINE} | throughput (C={report['concurrency']}) | vs {BASELINE} "
-          "| CPU per image: server / gateway | errors |")
+    print(
+        f"\n| path | latency p50 (1 client) | vs {BASELINE} | throughput (C={report['concurrency']}) | vs {BASELINE} "
+        "| CPU per image: server / gateway | errors |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in report["paths"]:
-        print(f"| {r['path']} | {r['latency_p50_s']:.3f} s | {r['latency_ratio']:.3f}x | "
-              f"{r['throughput_images_per_s']:.2f} img/s | {r['throughput_ratio']:.3f}x | "
-              f"{r['server_cpu_s_per_image'] * 1000:.0f} / {r['gateway_cpu_s_per_image'] * 1000:.1f} ms | {r['errors'] or '-'} |")
+        print(
+            f"| {r['path']} | {r['latency_p50_s']:.3f} s | {r['latency_ratio']:.3f}x | "
+            f"{r['throughput_images_per_s']:.2f} img/s | {r['throughput_ratio']:.3f}x | "
+            f"{r['server_cpu_s_per_image'] * 1000:.0f} / {r['gateway_cpu_s_per_image'] * 1000:.1f} ms | {r['errors'] or '-'} |"
+        )

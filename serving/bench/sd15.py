@@ -4,6 +4,7 @@ encoder (77 tokens x 768, vocabulary 49,408) have SD-1.5's architectures and its
 every kernel, shape and byte count of a denoising step is SD-1.5's. The tokenizer is our small
 word-level one padded to SD's 77 tokens (CLIP's BPE files cannot be fetched here); it only maps
 words to ids, which costs nothing next to the models. The images are noise: this is for timing."""
+
 from pathlib import Path
 
 import torch
@@ -72,8 +73,14 @@ def build_sd15_pipeline(device: str = "cpu", seed: int = 0) -> StableDiffusionPi
         prediction_type="epsilon",
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

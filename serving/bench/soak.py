@@ -15,6 +15,7 @@ stubs' together must stay within +-10% of their values at the end of the warm-up
 the server's ldm_* counters (the change over the run) are compared with the client's own
 counts.
 """
+
 from typing import Any
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -38,16 +39,31 @@ PROMPTS = [  # inside the default model's grammar
 ]
 # kind -> share of the requests
 MIX = {
-    "grpc": 0.30, "http": 0.15, "img2img": 0.08, "regional": 0.07,
-    "cancel": 0.12, "timeout": 0.08, "invalid": 0.20,
+    "grpc": 0.30,
+    "http": 0.15,
+    "img2img": 0.08,
+    "regional": 0.07,
+    "cancel": 0.12,
+    "timeout": 0.08,
+    "invalid": 0.20,
 }
 # the codes each kind may end with besides its image (UNAVAILABLE: the queue was full)
 ALLOWED_ERRORS = {
-    "grpc": {"UNAVAILABLE"}, "http": {"UNAVAILABLE"}, "img2img": {"UNAVAILABLE"}, "regional": {"UNAVAILABLE"},
-    "cancel": {"UNAVAILABLE"}, "timeout": {"UNAVAILABLE"}, "invalid": {"INVALID_ARG"},
+    "grpc": {"UNAVAILABLE"},
+    "http": {"UNAVAILABLE"},
+    "img2img": {"UNAVAILABLE"},
+    "regional": {"UNAVAILABLE"},
+    "cancel": {"UNAVAILABLE"},
+    "timeout": {"UNAVAILABLE"},
+    "invalid": {"INVALID_ARG"},
 }
-COUNTERS = ("ldm_images_completed_total", "ldm_cancellations_total", "ldm_deadline_expirations_total",
-            "ldm_rejections_total", "ldm_failures_total")
+COUNTERS = (
+    "ldm_images_completed_total",
+    "ldm_cancellations_total",
+    "ldm_deadline_expirations_total",
+    "ldm_rejections_total",
+    "ldm_failures_total",
+)
 TOLERANCE = 0.10  # RSS and open fds after the warm-up: within +-10% of the warm-up's last sample
 
 
@@ -57,10 +73,18 @@ def add_arguments(parser):
     parser.add_argument("--repo", help="serve this exported repository instead of exporting one")
     parser.add_argument("--out", default="out/soak", help="folder for the repository, logs and soak.json")
     parser.add_argument("--concurrency", type=int, default=6, help="client threads (default: %(default)s)")
-    parser.add_argument("--max-steps", type=int, default=25, help="largest step count of a generation (default: %(default)s)")
-    parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between RSS/fd samples (default: %(default)s)")
-    parser.add_argument("--warmup-fraction", type=float, default=0.2,
-                        help="share of the run before RSS and fds must stay flat (default: %(default)s)")
+    parser.add_argument(
+        "--max-steps", type=int, default=25, help="largest step count of a generation (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sample-s", type=float, default=10.0, help="seconds between RSS/fd samples (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=0.2,
+        help="share of the run before RSS and fds must stay flat (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -75,8 +99,9 @@ class RequestMaker:
     """Request i of the mix: (kind, fields, expected image side) from a seeded generator."""
 
     def __init__(self, size: int, size_multiple: int, max_size: int, max_steps: int):
-        self.sizes = sorted({s for s in (size - size_multiple, size, size + size_multiple, max_size)
-                             if size_multiple <= s <= max_size})
+        self.sizes = sorted(
+            {s for s in (size - size_multiple, size, size + size_multiple, max_size) if size_multiple <= s <= max_size}
+        )
         self.size, self.max_steps = size, max_steps
 
     @classmethod
@@ -87,11 +112,21 @@ class RequestMaker:
     def make(self, rng: random.Random) -> tuple:
         kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
         side = rng.choice(self.sizes)
-        fields: dict[str, Any] = dict(prompt=rng.choice(PROMPTS), seed=rng.randrange(2**31), steps=rng.randint(1, self.max_steps),
-                      guidance_scale=round(rng.uniform(1.0, 8.0), 2), height=side, width=side)
+        fields: dict[str, Any] = dict(
+            prompt=rng.choice(PROMPTS),
+            seed=rng.randrange(2**31),
+            steps=rng.randint(1, self.max_steps),
+            guidance_scale=round(rng.uniform(1.0, 8.0), 2),
+            height=side,
+            width=side,
+        )
         if kind == "img2img":
-            fields.update(task="img2img", strength=0.6, steps=max(2, fields["steps"]),
-                          init_image=np.random.default_rng(fields["seed"]).integers(0, 256, (side, side, 3), dtype=np.uint8))
+            fields.update(
+                task="img2img",
+                strength=0.6,
+                steps=max(2, fields["steps"]),
+                init_image=np.random.default_rng(fields["seed"]).integers(0, 256, (side, side, 3), dtype=np.uint8),
+            )
         elif kind == "regional":
             fields.update(region_prompts=["a red circle", "a blue square"], region_divisions="1,1")
         elif kind == "cancel":
@@ -103,11 +138,21 @@ class RequestMaker:
         return kind, fields, side
 
     def bad_inputs(self) -> list:
-        return [dict(steps=0), dict(steps=100_000), dict(guidance_scale=math.nan), dict(guidance_scale=math.inf),
-                dict(height=self.size + 1), dict(width=100_000), dict(prompt=""), dict(prompt="\u200b\u200b"),
-                dict(eta=-1.0), dict(timeout_s=-5.0), dict(region_mode="nonsense", region_prompts=["a", "b"],
-                                                            region_divisions="1,1"),
-                dict(task="img2img"), dict(region_prompts=["a", "b"], region_divisions="1,1,1")]
+        return [
+            dict(steps=0),
+            dict(steps=100_000),
+            dict(guidance_scale=math.nan),
+            dict(guidance_scale=math.inf),
+            dict(height=self.size + 1),
+            dict(width=100_000),
+            dict(prompt=""),
+            dict(prompt="\u200b\u200b"),
+            dict(eta=-1.0),
+            dict(timeout_s=-5.0),
+            dict(region_mode="nonsense", region_prompts=["a", "b"], region_divisions="1,1"),
+            dict(task="img2img"),
+            dict(region_prompts=["a", "b"], region_divisions="1,1,1"),
+        ]
 
 
 def send(grpc_url: str, http_url: str, kind: str, fields: dict, side: int, timeout_s: float) -> str:
@@ -175,7 +220,9 @@ def flatness(samples: list, warmup_s: float) -> dict:
             values = [s[name][measure] for s in after]
             low, high = min(values), max(values)
             report[f"{name} {measure}"] = {
-                "at_warmup_end": start, "min": low, "max": high,
+                "at_warmup_end": start,
+                "min": low,
+                "max": high,
                 "flat": start * (1 - TOLERANCE) <= low and high <= start * (1 + TOLERANCE),
             }
     return report
@@ -214,16 +261,30 @@ def account(outcomes: list, before: dict, after: dict) -> dict:
         "by_kind": {f"{k} {r}": n for (k, r), n in sorted(by_kind.items())},
         "lost": sum(n for r, n in results.items() if r.startswith("lost")),
         "server_counter_deltas": delta,
-        "client": {"images": images, "cancelled": cancelled, "timeouts_answered": timeouts,
-                   "unavailable_other": unavailable_other,
-                   "invalid_arg": results["error:INVALID_ARG"]},
+        "client": {
+            "images": images,
+            "cancelled": cancelled,
+            "timeouts_answered": timeouts,
+            "unavailable_other": unavailable_other,
+            "invalid_arg": results["error:INVALID_ARG"],
+        },
         "counters_consistent": checks,
     }
 
 
-def soak(grpc_url: str, http_url: str, metrics_url: str, server_pid: int, seconds: float, maker: RequestMaker,
-         concurrency: int = 6, sample_s: float = 10.0, warmup_fraction: float = 0.2, seed: int = 0,
-         log=print) -> dict:
+def soak(
+    grpc_url: str,
+    http_url: str,
+    metrics_url: str,
+    server_pid: int,
+    seconds: float,
+    maker: RequestMaker,
+    concurrency: int = 6,
+    sample_s: float = 10.0,
+    warmup_fraction: float = 0.2,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """Runs the mix for `seconds` against a running server; returns the report."""
     outcomes, lock = [], threading.Lock()
     stop = threading.Event()
@@ -247,8 +308,10 @@ def soak(grpc_url: str, http_url: str, metrics_url: str, server_pid: int, second
             samples.append({"t": time.monotonic() - start, "tree": process_tree(server_pid)})
             with lock:
                 done = len(outcomes)
-            log(f"soak t={samples[-1]['t']:.0f}s requests={done} " + " ".join(
-                f"[{n}: {v['rss_mb']:.0f} MB, {v['fds']} fds]" for n, v in samples[-1]["tree"].items()))
+            log(
+                f"soak t={samples[-1]['t']:.0f}s requests={done} "
+                + " ".join(f"[{n}: {v['rss_mb']:.0f} MB, {v['fds']} fds]" for n, v in samples[-1]["tree"].items())
+            )
             if stop.wait(sample_s):
                 samples.append({"t": time.monotonic() - start, "tree": process_tree(server_pid)})
                 return
@@ -267,12 +330,21 @@ def soak(grpc_url: str, http_url: str, metrics_url: str, server_pid: int, second
     time.sleep(1.5)  # the pipeline copies its counters to the metrics port every 0.5 s
     after = counters(metrics_url)
     report = account(outcomes, before, after)
-    report.update(seconds=time.monotonic() - start, concurrency=concurrency, mix=MIX,
-                  latency_s={kind: _quantiles([o.seconds for o in outcomes if o.kind == kind and o.result == "image"])
-                             for kind in MIX},
-                  memory_and_fds=flatness(samples, seconds * warmup_fraction), samples=samples)
-    report["passed"] = (report["lost"] == 0 and all(report["counters_consistent"].values())
-                        and all(v["flat"] for v in report["memory_and_fds"].values()))
+    report.update(
+        seconds=time.monotonic() - start,
+        concurrency=concurrency,
+        mix=MIX,
+        latency_s={
+            kind: _quantiles([o.seconds for o in outcomes if o.kind == kind and o.result == "image"]) for kind in MIX
+        },
+        memory_and_fds=flatness(samples, seconds * warmup_fraction),
+        samples=samples,
+    )
+    report["passed"] = (
+        report["lost"] == 0
+        and all(report["counters_consistent"].values())
+        and all(v["flat"] for v in report["memory_and_fds"].values())
+    )
     return report
 
 
@@ -286,11 +358,15 @@ def print_summary(report: dict, log=print) -> None:
     log(f"soak: {report['requests']} requests in {report['seconds']:.0f} s, lost {report['lost']}")
     log("  results: " + ", ".join(f"{k} {v}" for k, v in report["results"].items()))
     log("  server counter deltas: " + ", ".join(f"{k} {v:.0f}" for k, v in report["server_counter_deltas"].items()))
-    log("  counters consistent with the client: " + ", ".join(f"{k} {'yes' if v else 'NO'}"
-                                                             for k, v in report["counters_consistent"].items()))
+    log(
+        "  counters consistent with the client: "
+        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["counters_consistent"].items())
+    )
     for name, v in report["memory_and_fds"].items():
-        log(f"  {name}: {v['at_warmup_end']:.1f} at warm-up end, then {v['min']:.1f}..{v['max']:.1f} "
-            f"({'flat' if v['flat'] else 'NOT flat'} within +-{TOLERANCE:.0%})")
+        log(
+            f"  {name}: {v['at_warmup_end']:.1f} at warm-up end, then {v['min']:.1f}..{v['max']:.1f} "
+            f"({'flat' if v['flat'] else 'NOT flat'} within +-{TOLERANCE:.0%})"
+        )
     log(f"soak {'PASSED' if report['passed'] else 'FAILED'}")
 
 
@@ -309,9 +385,19 @@ def run(args) -> int:
     maker = RequestMaker.for_repository(repo, args.max_steps)
     print(f"soak: {args.minutes} min, {args.concurrency} clients, sizes {maker.sizes}, repository {repo}", flush=True)
     with TritonServer(repo, log_file=out / "tritonserver.log") as server:
-        report = soak(server.grpc_url, server.http_url, server.metrics_url, server.process.pid, args.minutes * 60,
-                      maker, args.concurrency, args.sample_s, args.warmup_fraction, args.seed,
-                      log=lambda m: print(m, flush=True))
+        report = soak(
+            server.grpc_url,
+            server.http_url,
+            server.metrics_url,
+            server.process.pid,
+            args.minutes * 60,
+            maker,
+            args.concurrency,
+            args.sample_s,
+            args.warmup_fraction,
+            args.seed,
+            log=lambda m: print(m, flush=True),
+        )
     report["repository"] = str(repo)
     (out / "soak.json").write_text(json.dumps(report, indent=1))
     print_summary(report, log=lambda m: print(m, flush=True))

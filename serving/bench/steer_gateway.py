@@ -14,6 +14,7 @@ same at the Triton level), so each costs its text-encoder call.
     ldm serve &    # or any gateway
     python -m serving.bench.steer_gateway --url http://127.0.0.1:8080 --out docs/results/bench/steer-gateway.json
 """
+
 from typing import Any
 import argparse
 import asyncio
@@ -38,7 +39,9 @@ async def one_generation(client, index: int, args) -> dict:
         body["size"] = f"{args.size}x{args.size}"
     async with client.start(body) as live:
         done, last_progress_at, next_at = 0, None, args.first_at
-        pending: dict[str, Any] | None = None  # the steer in flight: {"sent", "task"; once answered "ack", "done_at_ack", "steer_id"}
+        pending: dict[str, Any] | None = (
+            None  # the steer in flight: {"sent", "task"; once answered "ack", "done_at_ack", "steer_id"}
+        )
         async for event in live:
             now = time.monotonic()
             if event.name == "generation.progress":
@@ -52,18 +55,23 @@ async def one_generation(client, index: int, args) -> dict:
                 break
             if pending and "ack" in pending and pending["steer_id"] in steered:
                 effect, step = steered[pending["steer_id"]]
-                samples.append({"ack_to_effect_ms": 1000 * (effect - pending["ack"]),
-                                "send_to_effect_ms": 1000 * (effect - pending["sent"]),
-                                "delay_steps": step - pending["done_at_ack"], "steer_id": pending["steer_id"],
-                                "done_at_send": pending["done_at_send"], "done_at_ack": pending["done_at_ack"],
-                                "step": step})
+                samples.append(
+                    {
+                        "ack_to_effect_ms": 1000 * (effect - pending["ack"]),
+                        "send_to_effect_ms": 1000 * (effect - pending["sent"]),
+                        "delay_steps": step - pending["done_at_ack"],
+                        "steer_id": pending["steer_id"],
+                        "done_at_send": pending["done_at_send"],
+                        "done_at_ack": pending["done_at_ack"],
+                        "step": step,
+                    }
+                )
                 pending, next_at = None, done + args.gap
                 if len(samples) == args.steers:
                     await client.cancel(live.id)
             if pending is None and len(samples) < args.steers and done >= next_at:
                 pending = {"sent": time.monotonic(), "done_at_send": done}
-                pending["task"] = asyncio.create_task(
-                    _steer(client, live.id, next(NEW_PROMPTS), pending, lambda: done))  # noqa: B023 (read later: the count then)
+                pending["task"] = asyncio.create_task(_steer(client, live.id, next(NEW_PROMPTS), pending, lambda: done))  # noqa: B023 (read later: the count then)
     return {"samples": samples, "step_s": statistics.median(step_times) if step_times else None}
 
 
@@ -85,13 +93,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="denoising steps per generation (default: %(default)s)")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     parser.add_argument("--steers", type=int, default=4, help="steers per generation (default: %(default)s)")
-    parser.add_argument("--first-at", type=int, default=3, help="first steer after this many steps (default: %(default)s)")
+    parser.add_argument(
+        "--first-at", type=int, default=3, help="first steer after this many steps (default: %(default)s)"
+    )
     parser.add_argument("--gap", type=int, default=8, help="steps between a steer's effect and the next steer")
     parser.add_argument("--rounds", type=int, default=8, help="at concurrency 1: generations one after another")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args(argv)
-    report = {"url": args.url, "steps": args.steps, "steers_per_generation": args.steers, "gap_steps": args.gap,
-              "load_average_1m_at_start": os.getloadavg()[0], "cpus": os.cpu_count(), "levels": []}
+    report = {
+        "url": args.url,
+        "steps": args.steps,
+        "steers_per_generation": args.steers,
+        "gap_steps": args.gap,
+        "load_average_1m_at_start": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "levels": [],
+    }
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         results = asyncio.run(_sequential(args) if concurrency == 1 else _concurrent(args, concurrency))
         report["levels"].append({**_level_report(concurrency, results), "load_average_1m_after": os.getloadavg()[0]})
@@ -114,13 +131,17 @@ async def _concurrent(args, concurrency: int) -> list:
 
 def _level_report(concurrency: int, results: list) -> dict:
     samples = [s for r in results for s in r["samples"]]
-    return {"concurrency": concurrency, "generations": len(results), "steers": len(samples),
-            "ack_to_effect_ms": summary([s["ack_to_effect_ms"] for s in samples]),
-            "send_to_effect_ms": summary([s["send_to_effect_ms"] for s in samples]),
-            "delay_steps": summary([s["delay_steps"] for s in samples]),
-            "steps_from_send": summary([s["step"] - s["done_at_send"] for s in samples]),
-            "step_ms_median": 1000 * statistics.median(r["step_s"] for r in results if r["step_s"]),
-            "samples": samples}
+    return {
+        "concurrency": concurrency,
+        "generations": len(results),
+        "steers": len(samples),
+        "ack_to_effect_ms": summary([s["ack_to_effect_ms"] for s in samples]),
+        "send_to_effect_ms": summary([s["send_to_effect_ms"] for s in samples]),
+        "delay_steps": summary([s["delay_steps"] for s in samples]),
+        "steps_from_send": summary([s["step"] - s["done_at_send"] for s in samples]),
+        "step_ms_median": 1000 * statistics.median(r["step_s"] for r in results if r["step_s"]),
+        "samples": samples,
+    }
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ inputs are made from the exported model's own input list (SDXL: text_embeds and 
 
 Row counts take turns over the rounds, so the machine's load falls on all alike; reported per
 row count: the median CPU milliseconds of one call (all threads) and the fastest wall time."""
+
 import json
 from pathlib import Path
 import time
@@ -43,8 +44,15 @@ def unet_row_costs(repo, size: int, rows=ROWS, rounds: int = 7) -> list:
             cpu[n].append(1000 * (time.process_time() - started_cpu))
             wall[n].append(1000 * (time.perf_counter() - started))
     base = float(np.median(cpu[rows[0]]))
-    return [{"rows": n, "cpu_ms": round(float(np.median(cpu[n])), 1), "wall_ms_fastest": round(min(wall[n]), 1),
-             "cpu_vs_first": round(float(np.median(cpu[n])) / base, 2)} for n in rows]
+    return [
+        {
+            "rows": n,
+            "cpu_ms": round(float(np.median(cpu[n])), 1),
+            "wall_ms_fastest": round(min(wall[n]), 1),
+            "cpu_vs_first": round(float(np.median(cpu[n])) / base, 2),
+        }
+        for n in rows
+    ]
 
 
 def run_unet_rows(args, checkpoint, out: Path) -> int:
@@ -58,13 +66,20 @@ def run_unet_rows(args, checkpoint, out: Path) -> int:
     repo = out / "repo-batched"
     write_repository(checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None)
     costs = unet_row_costs(repo, size)
-    print(f"UNet call cost by rows, in process (ONNX Runtime), {checkpoint.name} {size}x{size}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"UNet call cost by rows, in process (ONNX Runtime), {checkpoint.name} {size}x{size}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     print("| rows | CPU ms per call (median) | vs 2 rows | wall ms (fastest) |\n|---|---|---|---|")
     for c in costs:
         print(f"| {c['rows']} | {c['cpu_ms']} | {c['cpu_vs_first']}x | {c['wall_ms_fastest']} |")
-    report = {"checkpoint": str(checkpoint), "size": size, "cpus": os.cpu_count(),
-              "load_average_1min": os.getloadavg()[0], "costs": costs}
+    report = {
+        "checkpoint": str(checkpoint),
+        "size": size,
+        "cpus": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "costs": costs,
+    }
     (out / "unet_rows.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'unet_rows.json'}")
     return 0

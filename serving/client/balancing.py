@@ -4,6 +4,7 @@ replica, calls rotated round robin. In the cluster the target is the headless Se
 pod, each pod's gateway); on loopback it is a static list, `ipv4:127.0.0.1:P1,127.0.0.1:P2`.
 The balancing policy is the same, given by the gRPC service config below.
 """
+
 import json
 
 from serving.client.images import ImagesClient
@@ -17,7 +18,8 @@ def loopback_target(addresses: list[str]) -> str:
     return "ipv4:" + ",".join(addresses)
 
 
-def round_robin_client(target: str, timeout_s: float = 600.0, policy: RetryPolicy = RetryPolicy(),
-                       api_key: str | None = None) -> ImagesClient:
+def round_robin_client(
+    target: str, timeout_s: float = 600.0, policy: RetryPolicy = RetryPolicy(), api_key: str | None = None
+) -> ImagesClient:
     """An ImagesClient whose channel balances per call over every address of `target`."""
     return ImagesClient(target, api_key=api_key, timeout_s=timeout_s, policy=policy, channel_options=CHANNEL_OPTIONS)

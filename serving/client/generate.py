@@ -4,6 +4,7 @@ By default it talks to the gateway's typed API (gRPC ldm.v1.Images, serving/clie
 `--protocol kserve` / `kserve-http` use Triton's own protocols (serving/client/kserve.py).
 With -n N it writes N files, out-0.png ... out-(N-1).png, of seeds seed ... seed+N-1.
 """
+
 import os
 from pathlib import Path
 import secrets
@@ -18,10 +19,15 @@ SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp
 
 def add_arguments(parser):
     parser.add_argument("prompt")
-    parser.add_argument("-o", "--output", default="out.png", help="file to write; .png, .jpg or .webp (default: %(default)s)")
+    parser.add_argument(
+        "-o", "--output", default="out.png", help="file to write; .png, .jpg or .webp (default: %(default)s)"
+    )
     parser.add_argument("-n", type=int, default=1, help="images to make (files out-0.png, out-1.png, ...; default: 1)")
-    parser.add_argument("--model", help="which served model (the gateway's GET /v1/models, or ListModels, lists them; "
-                        "default: the server's default model)")
+    parser.add_argument(
+        "--model",
+        help="which served model (the gateway's GET /v1/models, or ListModels, lists them; "
+        "default: the server's default model)",
+    )
     parser.add_argument("--negative", help="negative prompt")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: random)")
     parser.add_argument("--steps", type=int)
@@ -29,39 +35,94 @@ def add_arguments(parser):
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
-    parser.add_argument("--sampler", help='ddim, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, '
-                        'flow_match_euler, or an A1111 name ("DPM++ 2M Karras", "Euler a"); default: the server\'s')
-    parser.add_argument("--sigma-schedule", choices=("default", "karras"),
-                        help="sigma spacing of the Euler, DPM++ and UniPC samplers")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                        help="classifier-free guidance only from LO to HI (fractions of the run, e.g. 0.2 0.8)")
+    parser.add_argument(
+        "--sampler",
+        help="ddim, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, "
+        'flow_match_euler, or an A1111 name ("DPM++ 2M Karras", "Euler a"); default: the server\'s',
+    )
+    parser.add_argument(
+        "--sigma-schedule", choices=("default", "karras"), help="sigma spacing of the Euler, DPM++ and UniPC samplers"
+    )
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="classifier-free guidance only from LO to HI (fractions of the run, e.g. 0.2 0.8)",
+    )
     sdxl = parser.add_argument_group("SDXL size conditioning (models of family sdxl only)")
-    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                      help="the size the image is said to have had before cropping (default: the output's)")
-    sdxl.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), help="that crop's corner (default: 0 0)")
-    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                      help="the size the image is meant for (default: the output's)")
-    parser.add_argument("--lora", action="append", metavar="NAME:WEIGHT", help="a LoRA adapter and its weight (default "
-                        "1), repeatable; the gateway's GET /v1/loras lists them (also: <lora:NAME:WEIGHT> in the prompt)")
-    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="gateway",
-                        help="gateway: the typed API (default); kserve / kserve-http: Triton's gRPC / HTTP")
-    parser.add_argument("--url", help="server address (default: " + ", ".join(f"{k} {v}" for k, v in PROTOCOLS.items()) + ")")
-    parser.add_argument("--api-key", default=os.environ.get("LDM_API_KEY"), help="the gateway's API key (default: $LDM_API_KEY)")
+    sdxl.add_argument(
+        "--original-size",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        help="the size the image is said to have had before cropping (default: the output's)",
+    )
+    sdxl.add_argument(
+        "--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), help="that crop's corner (default: 0 0)"
+    )
+    sdxl.add_argument(
+        "--target-size",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        help="the size the image is meant for (default: the output's)",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME:WEIGHT",
+        help="a LoRA adapter and its weight (default "
+        "1), repeatable; the gateway's GET /v1/loras lists them (also: <lora:NAME:WEIGHT> in the prompt)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default="gateway",
+        help="gateway: the typed API (default); kserve / kserve-http: Triton's gRPC / HTTP",
+    )
+    parser.add_argument(
+        "--url", help="server address (default: " + ", ".join(f"{k} {v}" for k, v in PROTOCOLS.items()) + ")"
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("LDM_API_KEY"), help="the gateway's API key (default: $LDM_API_KEY)"
+    )
     regions = parser.add_argument_group("regional prompts (README: Regional prompts)")
-    regions.add_argument("--region", action="append", metavar="PROMPT", help="a region's prompt (repeat, in region order)")
-    regions.add_argument("--region-negative", action="append", metavar="PROMPT", help="a region's negative prompt (repeat)")
-    regions.add_argument("--divide", metavar="RATIOS", help='regions by division: "1,1" two columns, "1,2;1,1,1" a row over two')
-    regions.add_argument("--region-mask", action="append", metavar="PATH",
-                         help="a region's mask, an image of the output's size (white = inside; repeat, one per region)")
-    regions.add_argument("--base-weight", type=float, help="share of the whole-image prompt inside regions (default 0.2)")
+    regions.add_argument(
+        "--region", action="append", metavar="PROMPT", help="a region's prompt (repeat, in region order)"
+    )
+    regions.add_argument(
+        "--region-negative", action="append", metavar="PROMPT", help="a region's negative prompt (repeat)"
+    )
+    regions.add_argument(
+        "--divide", metavar="RATIOS", help='regions by division: "1,1" two columns, "1,2;1,1,1" a row over two'
+    )
+    regions.add_argument(
+        "--region-mask",
+        action="append",
+        metavar="PATH",
+        help="a region's mask, an image of the output's size (white = inside; repeat, one per region)",
+    )
+    regions.add_argument(
+        "--base-weight", type=float, help="share of the whole-image prompt inside regions (default 0.2)"
+    )
     regions.add_argument("--region-mode", choices=("latent", "attention"), help="how regions condition the UNet")
     # image-conditioned generation (README: img2img, inpainting, upscaling)
     images = parser.add_argument_group("image-conditioned generation")
-    images.add_argument("--init-image", help="PNG/JPEG to start from (img2img; with --mask: inpaint; with --task upscale: the low-res input)")
+    images.add_argument(
+        "--init-image",
+        help="PNG/JPEG to start from (img2img; with --mask: inpaint; with --task upscale: the low-res input)",
+    )
     images.add_argument("--mask", help="greyscale PNG of the image's size: white (>= 128) is repainted, black kept")
-    images.add_argument("--strength", type=float, help="share of the schedule denoised, 0 < s <= 1 (img2img 0.75, inpaint 1)")
-    images.add_argument("--mask-blur", type=int, help="Gaussian blur (pixels) of the mask's edge when pasting the input back")
-    images.add_argument("--no-keep-unmasked", action="store_true", help="do not paste the input's pixels back outside the mask")
+    images.add_argument(
+        "--strength", type=float, help="share of the schedule denoised, 0 < s <= 1 (img2img 0.75, inpaint 1)"
+    )
+    images.add_argument(
+        "--mask-blur", type=int, help="Gaussian blur (pixels) of the mask's edge when pasting the input back"
+    )
+    images.add_argument(
+        "--no-keep-unmasked", action="store_true", help="do not paste the input's pixels back outside the mask"
+    )
     images.add_argument("--task", choices=("txt2img", "img2img", "inpaint", "upscale"), help="default: from the inputs")
     images.add_argument("--noise-level", type=int, help="upscale: noise added to the low-res input (default 20)")
 
@@ -80,7 +141,9 @@ class StepBar:
         from tqdm import tqdm
 
         self.n, self.steps = n, steps
-        self.bar = tqdm(total=n * steps if steps else None, unit="step", desc="generating", file=sys.stderr, leave=False)
+        self.bar = tqdm(
+            total=n * steps if steps else None, unit="step", desc="generating", file=sys.stderr, leave=False
+        )
         self.done, self.totals = {}, {}
 
     def step(self, index: int, step: int, total: int) -> None:
@@ -109,9 +172,15 @@ def image_fields(args) -> dict:
     def read(path, mode):
         return None if path is None else np.asarray(Image.open(path).convert(mode))
 
-    return dict(init_image=read(args.init_image, "RGB"), mask=read(args.mask, "L"), strength=args.strength,
-                mask_blur=args.mask_blur, keep_unmasked=False if args.no_keep_unmasked else None, task=args.task,
-                noise_level=args.noise_level)
+    return dict(
+        init_image=read(args.init_image, "RGB"),
+        mask=read(args.mask, "L"),
+        strength=args.strength,
+        mask_blur=args.mask_blur,
+        keep_unmasked=False if args.no_keep_unmasked else None,
+        task=args.task,
+        noise_level=args.noise_level,
+    )
 
 
 def run(args) -> int:
@@ -124,10 +193,21 @@ def run(args) -> int:
         return 2
     url = args.url or PROTOCOLS[args.protocol]
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    fields = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                  width=args.width, eta=args.eta, sampler=args.sampler, sigma_schedule=args.sigma_schedule,
-                  guidance_interval=args.guidance_interval, model=args.model, original_size=args.original_size,
-                  crop_top_left=args.crop_top_left, target_size=args.target_size)
+    fields = dict(
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        eta=args.eta,
+        sampler=args.sampler,
+        sigma_schedule=args.sigma_schedule,
+        guidance_interval=args.guidance_interval,
+        model=args.model,
+        original_size=args.original_size,
+        crop_top_left=args.crop_top_left,
+        target_size=args.target_size,
+    )
     try:
         if args.lora:
             fields["loras"] = lora_pairs(args.lora)
@@ -213,13 +293,20 @@ def region_fields(args, protocol: str) -> dict:
         masks = np.stack(images)
     shared = dict(region_divisions=args.divide, base_prompt_weight=args.base_weight, region_mode=args.region_mode)
     if protocol != "gateway":
-        return dict(region_prompts=args.region, region_negative_prompts=args.region_negative, region_masks=masks, **shared)
+        return dict(
+            region_prompts=args.region, region_negative_prompts=args.region_negative, region_masks=masks, **shared
+        )
     if not args.region:
         if args.region_negative or masks is not None:
             raise ValueError("--region-negative and --region-mask need --region")
         return {}
     negatives = args.region_negative or []
-    regions = [{"prompt": prompt, "negative_prompt": negatives[i] if i < len(negatives) else "",
-                "mask": masks[i] if masks is not None and i < len(masks) else None}
-               for i, prompt in enumerate(args.region)]
+    regions = [
+        {
+            "prompt": prompt,
+            "negative_prompt": negatives[i] if i < len(negatives) else "",
+            "mask": masks[i] if masks is not None and i < len(masks) else None,
+        }
+        for i, prompt in enumerate(args.region)
+    ]
     return dict(regions=regions, **shared)

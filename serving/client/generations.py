@@ -10,6 +10,7 @@ and read its server-sent events, steer it, cancel it.
 Errors before the stream starts, and errors of steer / cancel, raise `GenerationError` with the
 HTTP status and the OpenAI-shaped body; an `error` event is an Event like any other, the last.
 """
+
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 import json

@@ -17,6 +17,7 @@ when the request has a seed: then a replay gives the same images, so it is idemp
 one the server draws a seed and a replay would be a different request. Streams are not retried.
 Errors raise `ImagesError` with the gRPC code name and, for a bad field, its name.
 """
+
 from dataclasses import dataclass
 import io
 from pathlib import Path
@@ -31,10 +32,18 @@ from serving.client.loras import lora_pairs
 from serving.client.retry import RetryPolicy, call_with_retry
 from serving.gateway.protos import images_pb2, images_pb2_grpc
 
-FORMATS = {"png": images_pb2.IMAGE_FORMAT_PNG, "jpeg": images_pb2.IMAGE_FORMAT_JPEG, "webp": images_pb2.IMAGE_FORMAT_WEBP}
+FORMATS = {
+    "png": images_pb2.IMAGE_FORMAT_PNG,
+    "jpeg": images_pb2.IMAGE_FORMAT_JPEG,
+    "webp": images_pb2.IMAGE_FORMAT_WEBP,
+}
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
-TASKS = {"txt2img": images_pb2.TASK_TXT2IMG, "img2img": images_pb2.TASK_IMG2IMG, "inpaint": images_pb2.TASK_INPAINT,
-         "upscale": images_pb2.TASK_UPSCALE}
+TASKS = {
+    "txt2img": images_pb2.TASK_TXT2IMG,
+    "img2img": images_pb2.TASK_IMG2IMG,
+    "inpaint": images_pb2.TASK_INPAINT,
+    "upscale": images_pb2.TASK_UPSCALE,
+}
 REGION_MODES = {"latent": images_pb2.REGION_MODE_LATENT, "attention": images_pb2.REGION_MODE_ATTENTION}
 IMAGE_FIELDS = ("init_image", "mask")
 
@@ -90,8 +99,15 @@ class Progress:
 
 
 def _image(message) -> Image:
-    return Image(message.index, message.seed, message.data, FORMAT_NAMES.get(message.format, "png"), message.width,
-                 message.height, message.timings.total_s)
+    return Image(
+        message.index,
+        message.seed,
+        message.data,
+        FORMAT_NAMES.get(message.format, "png"),
+        message.width,
+        message.height,
+        message.timings.total_s,
+    )
 
 
 def _image_bytes(value) -> bytes:
@@ -130,8 +146,11 @@ def build_request(prompt: str, n: int = 1, seed: int | None = None, output_forma
         elif name == "regions":
             for region in value:
                 mask = region.get("mask")
-                request.regions.add(prompt=region["prompt"], negative_prompt=region.get("negative_prompt", ""),
-                                    mask=_image_bytes(mask) if mask is not None else b"")
+                request.regions.add(
+                    prompt=region["prompt"],
+                    negative_prompt=region.get("negative_prompt", ""),
+                    mask=_image_bytes(mask) if mask is not None else b"",
+                )
             continue
         field = images_pb2.GenerateRequest.DESCRIPTOR.fields_by_name.get(name)
         if field is None:
@@ -144,8 +163,14 @@ def build_request(prompt: str, n: int = 1, seed: int | None = None, output_forma
 
 
 class ImagesClient:
-    def __init__(self, url: str = "localhost:50051", api_key: str | None = None, timeout_s: float = 600.0,
-                 policy: RetryPolicy = RetryPolicy(), channel_options=()):
+    def __init__(
+        self,
+        url: str = "localhost:50051",
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        policy: RetryPolicy = RetryPolicy(),
+        channel_options=(),
+    ):
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1), *channel_options]
         self.channel = grpc.insecure_channel(url, options=options)
         self.stub = images_pb2_grpc.ImagesStub(self.channel)
@@ -178,23 +203,37 @@ class ImagesClient:
     def models(self) -> list:
         """The models the server serves (ListModels), the default first, as dicts: id, family,
         is_default, native_size, max_size, tasks, default_sampler, default_sigma_schedule, created."""
+
         def call():
             try:
-                return self.stub.ListModels(images_pb2.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata)
+                return self.stub.ListModels(
+                    images_pb2.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata
+                )
             except grpc.RpcError as error:
                 raise ImagesError.from_rpc(error) from None
 
         response = call_with_retry(call, self.policy)
-        return [dict(id=m.id, family=m.family, is_default=m.is_default, native_size=m.native_size, max_size=m.max_size,
-                     tasks=list(m.tasks), default_sampler=m.default_sampler, default_sigma_schedule=m.default_sigma_schedule,
-                     created=m.created)
-                for m in response.models]
+        return [
+            dict(
+                id=m.id,
+                family=m.family,
+                is_default=m.is_default,
+                native_size=m.native_size,
+                max_size=m.max_size,
+                tasks=list(m.tasks),
+                default_sampler=m.default_sampler,
+                default_sigma_schedule=m.default_sigma_schedule,
+                created=m.created,
+            )
+            for m in response.models
+        ]
 
     def loras(self, model: str = "") -> list:
         """The LoRA adapters the server holds (ListLoras; of `model`, default every model's), as
         dicts: id, model, resident."""
-        response = call_with_retry(lambda: self._call(self.stub.ListLoras, images_pb2.ListLorasRequest(model=model)),
-                                   self.policy)
+        response = call_with_retry(
+            lambda: self._call(self.stub.ListLoras, images_pb2.ListLorasRequest(model=model)), self.policy
+        )
         return [dict(id=a.id, model=a.model, resident=a.resident) for a in response.loras]
 
     def load_lora(self, name: str, file, model: str = "") -> dict:
@@ -217,24 +256,37 @@ class ImagesClient:
         """The samplers the server knows (ListSamplers), as dicts: name, description, a1111_names,
         sigma_schedules, fits, parameters, fits_served_model (whether it fits `model`, default the
         server's default model; None when the server does not say)."""
+
         def call():
             try:
-                return self.stub.ListSamplers(images_pb2.ListSamplersRequest(model=model), timeout=self.timeout_s,
-                                              metadata=self.metadata)
+                return self.stub.ListSamplers(
+                    images_pb2.ListSamplersRequest(model=model), timeout=self.timeout_s, metadata=self.metadata
+                )
             except grpc.RpcError as error:
                 raise ImagesError.from_rpc(error) from None
 
         response = call_with_retry(call, self.policy)
-        return [dict(name=s.name, description=s.description, a1111_names=list(s.a1111_names),
-                     sigma_schedules=list(s.sigma_schedules), fits=s.fits, parameters=list(s.parameters),
-                     fits_served_model=s.fits_served_model if s.HasField("fits_served_model") else None)
-                for s in response.samplers]
+        return [
+            dict(
+                name=s.name,
+                description=s.description,
+                a1111_names=list(s.a1111_names),
+                sigma_schedules=list(s.sigma_schedules),
+                fits=s.fits,
+                parameters=list(s.parameters),
+                fits_served_model=s.fits_served_model if s.HasField("fits_served_model") else None,
+            )
+            for s in response.samplers
+        ]
 
-    def stream(self, prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields) -> Iterator:
+    def stream(
+        self, prompt: str, n: int = 1, seed: int | None = None, output_format: str = "png", **fields
+    ) -> Iterator:
         """Progress events (every `progress_every` steps, default 1), then each Image as it is done.
         Leaving the loop early cancels the generation."""
-        call = self.stub.GenerateStream(build_request(prompt, n, seed, output_format, **fields), timeout=self.timeout_s,
-                                        metadata=self.metadata)
+        call = self.stub.GenerateStream(
+            build_request(prompt, n, seed, output_format, **fields), timeout=self.timeout_s, metadata=self.metadata
+        )
         try:
             for event in call:
                 if event.HasField("image"):

@@ -9,6 +9,7 @@ Steering (gRPC): run a generation with a `request_id`, and call `steer(request_i
 from any thread (or another client of the same server) while it streams; `GenerationResult.steered`
 lists which step first used each steer.
 """
+
 from dataclasses import dataclass, field
 import queue
 from typing import Any
@@ -82,12 +83,17 @@ def request_arrays(prompt, loras=None, **fields) -> dict:
             values = value if spec.dims != (1,) else [value]
             value = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=np.object_)
         elif spec.dims != (1,):
-            if isinstance(value, (list, tuple)) and -1 not in spec.dims and all(
-                    isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
+            if (
+                isinstance(value, (list, tuple))
+                and -1 not in spec.dims
+                and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value)
+            ):
                 value = _fixed_shape(name, value, spec)
             value = np.asarray(value)
-            if value.dtype != np.dtype(spec.dtype) or value.ndim != len(spec.dims) or any(
-                d != -1 and d != n for d, n in zip(spec.dims, value.shape)
+            if (
+                value.dtype != np.dtype(spec.dtype)
+                or value.ndim != len(spec.dims)
+                or any(d != -1 and d != n for d, n in zip(spec.dims, value.shape))
             ):
                 shape = ", ".join("N" if d == -1 else str(d) for d in spec.dims)
                 raise InferenceServerException(
@@ -106,14 +112,22 @@ def _fixed_shape(name: str, values, spec) -> np.ndarray:
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         if not all(float(v).is_integer() and info.min <= v <= info.max for v in values):
-            raise InferenceServerException(f"{name}: must be {np_to_triton_dtype(dtype)} integers, got {list(values)}",
-                                           status="INVALID_ARG")
+            raise InferenceServerException(
+                f"{name}: must be {np_to_triton_dtype(dtype)} integers, got {list(values)}", status="INVALID_ARG"
+            )
     return np.array(values, dtype=dtype)
 
 
 class LdmClient:
-    def __init__(self, url: str, protocol: str = "grpc", unary: bool = False, timeout_s: float = 600.0,
-                 channel_args=None, control_secret: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "grpc",
+        unary: bool = False,
+        timeout_s: float = 600.0,
+        channel_args=None,
+        control_secret: str | None = None,
+    ):
         """channel_args (gRPC only): grpc channel options, e.g. a round-robin service config;
         they replace tritonclient's defaults, so repeat its message-size limits. control_secret:
         the server's (serving/triton/control.py), which `steer` needs: Triton's port is the
@@ -125,7 +139,9 @@ class LdmClient:
         self.unary = unary or protocol == "http"
         self.timeout_s = timeout_s
         self.control_secret = control_secret or ""
-        self._steerer: tuple[Any, queue.Queue] | None = None  # (client, its stream's responses), opened by the first steer
+        self._steerer: tuple[Any, queue.Queue] | None = (
+            None  # (client, its stream's responses), opened by the first steer
+        )
         self._steer_lock = threading.Lock()
         if protocol == "grpc":
             import tritonclient.grpc as module
@@ -179,11 +195,17 @@ class LdmClient:
         arrays = request_arrays(prompt, **fields)
         with self._steer_lock:
             client, responses = self.open_steering()
-            client.async_stream_infer(STREAM_MODEL, self._inputs(arrays), parameters={STEER_PARAMETER: generation_id, CONTROL_PARAMETER: self.control_secret})
+            client.async_stream_infer(
+                STREAM_MODEL,
+                self._inputs(arrays),
+                parameters={STEER_PARAMETER: generation_id, CONTROL_PARAMETER: self.control_secret},
+            )
             try:
                 result, error = responses.get(timeout=self.timeout_s)
             except queue.Empty:
-                raise InferenceServerException(f"no steer answer within {self.timeout_s} s", status="DEADLINE_EXCEEDED") from None
+                raise InferenceServerException(
+                    f"no steer answer within {self.timeout_s} s", status="DEADLINE_EXCEEDED"
+                ) from None
         if error is not None:
             code, message = parse_coded_message(str(error.message()))
             raise InferenceServerException(message, status=code or error.status())
@@ -231,7 +253,9 @@ class LdmClient:
                 try:
                     result, error = responses.get(timeout=self.timeout_s)
                 except queue.Empty:
-                    raise InferenceServerException(f"no response within {self.timeout_s} s", status="DEADLINE_EXCEEDED") from None
+                    raise InferenceServerException(
+                        f"no response within {self.timeout_s} s", status="DEADLINE_EXCEEDED"
+                    ) from None
                 if error is not None:
                     code, message = parse_coded_message(str(error.message()))
                     raise InferenceServerException(message, status=code or error.status())

@@ -27,6 +27,7 @@ the same replica do not come back in lockstep. At most `max_attempts` calls in a
 4: the first call and 3 retries). A load balancer that has marked the failed replica down
 sends the replay elsewhere; with client-side balancing the gRPC channel does.
 """
+
 import random
 import threading
 import time
@@ -40,9 +41,8 @@ T = TypeVar("T")
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE", "502", "503", "504"})
 
 
-
 def status_code(error: BaseException) -> str:
-    """"UNAVAILABLE" for "StatusCode.UNAVAILABLE" (gRPC transport) and "UNAVAILABLE" (the
+    """ "UNAVAILABLE" for "StatusCode.UNAVAILABLE" (gRPC transport) and "UNAVAILABLE" (the
     pipeline's coded errors); the exception's class name for errors without a status."""
     status = getattr(error, "status", None)
     if callable(status):
@@ -74,23 +74,34 @@ class RetryPolicy:
 @dataclass
 class RetryStats:
     """Counts over all calls through one RetryingClient (thread-safe)."""
-    calls: int = 0            # generate() calls made by the user
-    attempts: int = 0         # requests actually sent (calls + retries)
-    retried: int = 0          # calls that needed at least one retry
-    recovered: int = 0        # retried calls that finally succeeded
-    gave_up: int = 0          # calls that failed after retries or with a non-retryable error
+
+    calls: int = 0  # generate() calls made by the user
+    attempts: int = 0  # requests actually sent (calls + retries)
+    retried: int = 0  # calls that needed at least one retry
+    recovered: int = 0  # retried calls that finally succeeded
+    gave_up: int = 0  # calls that failed after retries or with a non-retryable error
     errors: dict = field(default_factory=dict)  # status -> count of failed attempts
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def as_dict(self) -> dict:
         with self._lock:
-            return {"calls": self.calls, "attempts": self.attempts, "retried": self.retried,
-                    "recovered": self.recovered, "gave_up": self.gave_up, "errors": dict(self.errors)}
+            return {
+                "calls": self.calls,
+                "attempts": self.attempts,
+                "retried": self.retried,
+                "recovered": self.recovered,
+                "gave_up": self.gave_up,
+                "errors": dict(self.errors),
+            }
 
 
-def call_with_retry(fn: Callable[[], T], policy: RetryPolicy = RetryPolicy(),
-                    stats: RetryStats | None = None, sleep: Callable[[float], None] = time.sleep,
-                    rng: random.Random | None = None) -> T:
+def call_with_retry(
+    fn: Callable[[], T],
+    policy: RetryPolicy = RetryPolicy(),
+    stats: RetryStats | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> T:
     """Call fn() until it succeeds, fails with a non-retryable error, or attempts run out."""
     stats = stats if stats is not None else RetryStats()
     rng = rng or random.Random()

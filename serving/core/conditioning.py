@@ -15,6 +15,7 @@ a conditioning's `inputs` stacks them over its rows, and the runner concatenates
 inputs by name into one denoiser call. An empty negative prompt is the text None: the
 family's unconditional embedding (serving/core/text.py).
 """
+
 from typing import Any
 from dataclasses import dataclass, replace
 
@@ -118,8 +119,12 @@ class TrueCfgPrompt:
         return [self.prompt, self.negative_prompt] if self.uses_guidance else [self.prompt]
 
     def build(self, embeddings: list[Any]) -> TrueCfgConditioning:
-        return TrueCfgConditioning(embeddings[0], embeddings[1] if self.uses_guidance else None, self.true_cfg_scale,
-                                   self.guidance_scale if self.guidance_input else None)
+        return TrueCfgConditioning(
+            embeddings[0],
+            embeddings[1] if self.uses_guidance else None,
+            self.true_cfg_scale,
+            self.guidance_scale if self.guidance_input else None,
+        )
 
 
 @dataclass(frozen=True)

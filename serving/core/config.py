@@ -7,6 +7,7 @@ scheduler, the request limits of each served model (serving/core/request.py Requ
 regions' limits. Parameters written for other readers (the gateway's `models`, `native_size`,
 `scheduler_config`) are left to them.
 """
+
 from typing import Any, NoReturn
 from dataclasses import dataclass, fields
 import math

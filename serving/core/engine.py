@@ -14,6 +14,7 @@ prompt, guidance scale, regions, inpainting mask or LoRA adapters (serving/core/
 `STEERABLE`); the next iteration's admission batch encodes the new texts (and a new mask's
 masked image) together with the new jobs' and installs them from the job's next step.
 """
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -94,8 +95,10 @@ class Engine:
             if not self._accepting:
                 raise ShuttingDown(SHUTTING_DOWN)
             if job.request_id and job.request_id in self.registry.running:
-                raise InvalidInput("request_id", f"{job.request_id!r} names a generation already queued or running; "
-                                   "request ids must be unique")
+                raise InvalidInput(
+                    "request_id",
+                    f"{job.request_id!r} names a generation already queued or running; request ids must be unique",
+                )
             try:
                 self.scheduler.enqueue(job)
             except QueueFull:
@@ -165,9 +168,11 @@ class Engine:
             except Exception as exc:  # a failed text-encoder (or VAE-encoder) call fails these jobs, not the server
                 traceback.print_exc()
                 steering = set(map(id, steered))
+
                 def fail(job: Job, exc: Exception = exc) -> None:
                     self._fail_by_model(
-                        job, "text encoding of a steer failed" if id(job) in steering else "text encoding failed", exc)
+                        job, "text encoding of a steer failed" if id(job) in steering else "text encoding failed", exc
+                    )
 
                 self._retire(admitted + steered, fail)
         for job in self.active:  # the conditioning of each job's next step (a switch is an assignment)
@@ -219,7 +224,9 @@ class Engine:
         for job in jobs:
             r = job.request
             applied = job.plan.steers_first_used_at(job.index - 1)
-            want_preview = not job.done and self.preview is not None and r.preview_every and job.index % r.preview_every == 0
+            want_preview = (
+                not job.done and self.preview is not None and r.preview_every and job.index % r.preview_every == 0
+            )
             want_progress = not job.done and r.progress_every and job.index % r.progress_every == 0
             if want_preview or want_progress or applied:
                 try:
@@ -232,7 +239,9 @@ class Engine:
                     traceback.print_exc()
                     broken.append((job, exc))
         for job, error in broken:
-            self._retire([job], partial(self._answer, code=INTERNAL, message=f"progress report failed: {error}", failed=True))
+            self._retire(
+                [job], partial(self._answer, code=INTERNAL, message=f"progress report failed: {error}", failed=True)
+            )
 
     def _retire(self, jobs: list[Any], action: Callable[[Job], None]) -> None:
         gone = set(map(id, jobs))
@@ -271,7 +280,11 @@ class Engine:
             self._answer(job, CANCELLED, "request was cancelled")
         else:
             self.stats.expired += 1
-            self._answer(job, UNAVAILABLE, f"deadline exceeded: timeout_s={job.request.timeout_s} passed before the image was ready")
+            self._answer(
+                job,
+                UNAVAILABLE,
+                f"deadline exceeded: timeout_s={job.request.timeout_s} passed before the image was ready",
+            )
 
     def _fail_by_model(self, job: Job, what: str, exc: Exception) -> None:
         """A model call failed: INTERNAL (this request broke a model, a replay would too), or

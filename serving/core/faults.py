@@ -12,6 +12,7 @@ Each fault fires once, on the N-th call (counted from 1 over every UNet variant 
                           broke at the last step)
 Never set in production: it exists to be tested against.
 """
+
 from typing import TYPE_CHECKING
 import threading
 

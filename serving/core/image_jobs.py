@@ -22,6 +22,7 @@ The VAE posterior is sampled (mean + std x noise from the request's image stream
 samples it; the mask at latent size is the thresholded mask sampled at each cell's top-left
 pixel (torch's nearest interpolation, which diffusers uses).
 """
+
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -68,11 +69,20 @@ class ImageConditioning:
             return image
         weight = self.paste_mask[..., None]
         assert self.init_image is not None  # set with paste_mask
-        return cast(Array, np.round(weight * image + (1 - weight) * self.init_image.astype(np.float32)).astype(np.uint8))
+        return cast(
+            Array, np.round(weight * image + (1 - weight) * self.init_image.astype(np.float32)).astype(np.uint8)
+        )
 
 
-def admit_image_jobs(jobs: list[Any], noises: dict[int, Any], encode_image: Any, layout: str, vae_factor: int,
-                     low_res_schedule: DDIMSchedule | None = None, max_batch: int | None = None) -> None:
+def admit_image_jobs(
+    jobs: list[Any],
+    noises: dict[int, Any],
+    encode_image: Any,
+    layout: str,
+    vae_factor: int,
+    low_res_schedule: DDIMSchedule | None = None,
+    max_batch: int | None = None,
+) -> None:
     """Sets the starting latents and image conditioning of image-conditioned jobs whose sampler
     run (its strength's share of the schedule) and starting latents from noise are already set;
     `noises`: {id(job): its x_T draw}. `layout` is their variant's (base, inpaint, upscale);
@@ -108,7 +118,9 @@ def steer_masks(jobs: list[Any], encode_image: Any, layout: str, vae_factor: int
     what a fresh request with the new mask gives."""
     if layout != "inpaint":  # latent blending: the same init latents and noise, the new mask
         for job in jobs:
-            job.image_conditioning = _inpaint_conditioning(job.planned.image, vae_factor, blend=job.image_conditioning.blend)
+            job.image_conditioning = _inpaint_conditioning(
+                job.planned.image, vae_factor, blend=job.image_conditioning.blend
+            )
         return
     latents = _encode(jobs, encode_image, layout, max_batch)
     for job in jobs:
@@ -121,8 +133,9 @@ def _posterior(encoded: list[Any], rng: np.random.Generator) -> list[Any]:
     return [mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for mean, std in encoded]
 
 
-def _inpaint_conditioning(image: Any, vae_factor: int, masked_latents: Array | None = None,
-                          blend: LatentBlend | None = None) -> ImageConditioning:
+def _inpaint_conditioning(
+    image: Any, vae_factor: int, masked_latents: Array | None = None, blend: LatentBlend | None = None
+) -> ImageConditioning:
     """Inpainting's conditioning for `image`'s mask: with `masked_latents`, the 9-channel UNet's
     channels (mask at latent size, masked-image latents); else latent blending with `blend`'s
     init latents and noise; and the paste-back."""
@@ -174,12 +187,16 @@ def _encode(jobs: list[Any], encode_image: Any, layout: str, max_batch: int | No
     return out
 
 
-def _upscale_conditioning(image: Any, rng: np.random.Generator, low_res_schedule: DDIMSchedule | None) -> ImageConditioning:
+def _upscale_conditioning(
+    image: Any, rng: np.random.Generator, low_res_schedule: DDIMSchedule | None
+) -> ImageConditioning:
     assert low_res_schedule is not None  # an upscale variant's runner has one
     low_res = image.init_image.astype(np.float32).transpose(2, 0, 1) / 255 * 2 - 1
     noise = rng.standard_normal(low_res.shape, dtype=np.float32)
-    return ImageConditioning(channels=low_res_schedule.add_noise(low_res, noise, image.noise_level),
-                             row_inputs={"class_labels": np.int64(image.noise_level)})
+    return ImageConditioning(
+        channels=low_res_schedule.add_noise(low_res, noise, image.noise_level),
+        row_inputs={"class_labels": np.int64(image.noise_level)},
+    )
 
 
 def gaussian_blur(mask: Array, sigma: float) -> Array:

@@ -10,12 +10,14 @@ binarises its inpainting mask at 0.5 the same way). Soft edges come from `mask_b
 blur (sigma in pixels) of the thresholded mask used when the original pixels are pasted back
 (`keep_unmasked`): pixels the blurred mask does not reach are the input's, exactly.
 """
+
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from families import FAMILIES
+
 # InvalidInput and the field readers; request.py imports this module in turn (module imports
 # keep the cycle safe in either import order)
 from serving.core import request as fields
@@ -58,7 +60,9 @@ def parse_image_input(inputs: dict[str, Any], limits: Any, steps: int) -> ImageI
     if variant is None:
         wanted = "upscale" if task == "upscale" else "base"
         held = ", ".join(f"{name} ({VARIANT_NAMES[name]})" for name in limits.variants) or "text-to-image only"
-        raise fields.InvalidInput("task", f"{task} needs the {wanted} variant ({VARIANT_NAMES[wanted]} UNet); this server holds: {held}")
+        raise fields.InvalidInput(
+            "task", f"{task} needs the {wanted} variant ({VARIANT_NAMES[wanted]} UNet); this server holds: {held}"
+        )
     if task == "txt2img":
         if given:
             raise fields.InvalidInput(given[0], "is for tasks img2img, inpaint and upscale, not txt2img")
@@ -79,7 +83,8 @@ def parse_image_input(inputs: dict[str, Any], limits: Any, steps: int) -> ImageI
         mask_blur=fields._integer(inputs, "mask_blur", 0, 0, MAX_MASK_BLUR),
         keep_unmasked=_boolean(inputs, "keep_unmasked", True),
         noise_level=fields._integer(inputs, "noise_level", DEFAULT_NOISE_LEVEL, 0, spec.max_noise_level)
-        if task == "upscale" else DEFAULT_NOISE_LEVEL,
+        if task == "upscale"
+        else DEFAULT_NOISE_LEVEL,
         output_size=(image.shape[0] * factor, image.shape[1] * factor),
     )
 
@@ -87,8 +92,11 @@ def parse_image_input(inputs: dict[str, Any], limits: Any, steps: int) -> ImageI
 def steered_mask(image: ImageInput | None, inputs: dict[str, Any]) -> ImageInput:
     """An inpainting request's image input with the steer's `mask` (checked as a request's)."""
     if image is None or image.task != "inpaint":
-        raise fields.InvalidInput("mask", f"can be steered in an inpainting generation only; this one is "
-                                          f"{image.task if image is not None else 'txt2img'}")
+        raise fields.InvalidInput(
+            "mask",
+            f"can be steered in an inpainting generation only; this one is "
+            f"{image.task if image is not None else 'txt2img'}",
+        )
     return replace(image, mask=_mask(inputs, image.init_image))
 
 
@@ -130,8 +138,11 @@ def _init_image(inputs: dict[str, Any], task: str, spec: Any) -> Array:
     height, width = image.shape[:2]
     if any(side % multiple or not multiple <= side <= largest for side in (height, width)):
         note = f" (the output is {factor}x that)" if factor > 1 else ""
-        raise fields.InvalidInput("init_image", f"is {height}x{width} pixels; height and width must be multiples of "
-                                                f"{multiple} in [{multiple}, {largest}]{note}")
+        raise fields.InvalidInput(
+            "init_image",
+            f"is {height}x{width} pixels; height and width must be multiples of "
+            f"{multiple} in [{multiple}, {largest}]{note}",
+        )
     return image
 
 
@@ -141,7 +152,9 @@ def _mask(inputs: dict[str, Any], image: Array) -> Array:
         raise fields.InvalidInput("mask", "is required for task inpaint")
     mask = np.asarray(value)
     if mask.dtype != np.uint8 or mask.shape != image.shape[:2]:
-        raise fields.InvalidInput("mask", f"must be UINT8 [H, W] of init_image's size {list(image.shape[:2])}, got {_describe(mask)}")
+        raise fields.InvalidInput(
+            "mask", f"must be UINT8 [H, W] of init_image's size {list(image.shape[:2])}, got {_describe(mask)}"
+        )
     return mask >= MASK_THRESHOLD
 
 
@@ -154,8 +167,11 @@ def _strength(inputs: dict[str, Any], task: str, steps: int, family: str) -> flo
     # the decimal the client wrote: FP32 0.7 is 0.69999999, and int(10 x 0.69999999) = 6 steps, not 7
     strength = float(str(np.float32(value)))
     if FAMILIES[family].kept_steps(steps, strength) < 1:
-        raise fields.InvalidInput("strength", f"leaves no denoising step: {steps} steps x strength {strength} keeps 0 "
-                                              f"(family {family}'s rule); raise strength or steps")
+        raise fields.InvalidInput(
+            "strength",
+            f"leaves no denoising step: {steps} steps x strength {strength} keeps 0 "
+            f"(family {family}'s rule); raise strength or steps",
+        )
     return strength
 
 

@@ -5,6 +5,7 @@ serving/models/, serving/triton/templates/pipeline_model.py) and the sink a job'
 
 mypy checks every implementation against these: each one's module (or test) assigns an instance,
 or passes one, where the Protocol is the declared type. Imports nothing from Triton."""
+
 from typing import Any, Protocol, TypeAlias
 
 import numpy as np

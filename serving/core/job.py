@@ -1,5 +1,6 @@
 """One generation request in flight, and where its results go (a ResultSink:
 serving/core/interfaces.py). Imports nothing from Triton."""
+
 from typing import Any
 from dataclasses import dataclass, field
 import time
@@ -69,7 +70,13 @@ class Job:
     @property
     def call_key(self) -> tuple[Any, ...]:
         """Jobs share a UNet call only when their rows fit one input tensor of one network."""
-        return (self.model, self.variant, self.network, self.latent_shape, self.held_loras if self.lora_per_set else None)
+        return (
+            self.model,
+            self.variant,
+            self.network,
+            self.latent_shape,
+            self.held_loras if self.lora_per_set else None,
+        )
 
     @property
     def done(self) -> bool:

@@ -14,6 +14,7 @@ changes), so a call pays for the adapters it runs; its scales are one row per de
 weight of each of the row's adapters over that adapter's columns, 0 elsewhere, so a row without
 adapters adds exactly 0 (a call without adapters gets one zero column).
 """
+
 from typing import Any
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -53,9 +54,16 @@ class Bank:
 
 
 class LoraRegistry:
-    def __init__(self, read: Any, layer_shapes: dict[str, Any], text_layer_shapes: dict[str, Any] | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                 max_per_request: int = DEFAULT_MAX_PER_REQUEST, max_file_bytes: int = 64 * 2**20,
-                 max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
+    def __init__(
+        self,
+        read: Any,
+        layer_shapes: dict[str, Any],
+        text_layer_shapes: dict[str, Any] | None = None,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        max_per_request: int = DEFAULT_MAX_PER_REQUEST,
+        max_file_bytes: int = 64 * 2**20,
+        max_columns: int = DEFAULT_MAX_COLUMNS,
+    ) -> None:
         """read(path, name) -> serving.models.adapters.Adapter; layer_shapes, text_layer_shapes: the
         served denoiser's and text encoder's adapted layers {name: (in, out)} (the banks' rows and
         columns; no text layers: adapters with text-encoder parts are refused)."""
@@ -69,7 +77,9 @@ class LoraRegistry:
         self.files: dict[str, Any] = {}  # name -> path: every registered adapter
         self.resident: OrderedDict[str, Any] = OrderedDict()  # name -> Adapter, least recently used first
         self.holds: dict[str, int] = {}  # name -> jobs holding it
-        self._banks: dict[tuple[str, tuple[str, ...]], Bank] = {}  # (part, adapter names) -> Bank: the calls' banks, until the resident set changes
+        self._banks: dict[
+            tuple[str, tuple[str, ...]], Bank
+        ] = {}  # (part, adapter names) -> Bank: the calls' banks, until the resident set changes
         self._lock = threading.Lock()  # registration (control calls) against the engine's reads
 
     def register(self, name: str, path: Any) -> bool:
@@ -108,7 +118,9 @@ class LoraRegistry:
                 raise LoraRefused(f"loras[{i}].name", f"{name!r} is named twice")
             seen.add(name)
             if not (math.isfinite(weight) and -MAX_WEIGHT <= weight <= MAX_WEIGHT):
-                raise LoraRefused(f"loras[{i}].weight", f"must be a finite number in [{-MAX_WEIGHT}, {MAX_WEIGHT}], got {weight}")
+                raise LoraRefused(
+                    f"loras[{i}].weight", f"must be a finite number in [{-MAX_WEIGHT}, {MAX_WEIGHT}], got {weight}"
+                )
 
     def hold(self, loras: tuple[Any, ...]) -> None:
         """A job starts using its adapters: they are made resident and cannot be evicted until `release`."""
@@ -132,11 +144,16 @@ class LoraRegistry:
         """The bank of a call: the columns of the adapters its rows use (all resident ones when
         None), so a call pays for the adapters it runs, not for every resident one; cached per set."""
         with self._lock:
-            names = tuple(sorted({n for loras in loras_per_row for n, _ in loras})) if loras_per_row is not None \
+            names = (
+                tuple(sorted({n for loras in loras_per_row for n, _ in loras}))
+                if loras_per_row is not None
                 else tuple(self.resident)
+            )
             key = (part, names)
             if key not in self._banks:
-                self._banks[key] = self._build(self.layer_shapes if part == "denoiser" else self.text_layer_shapes, part, names)
+                self._banks[key] = self._build(
+                    self.layer_shapes if part == "denoiser" else self.text_layer_shapes, part, names
+                )
             return self._banks[key]
 
     def text_bank(self, loras_per_row: list[Any] | None = None) -> Bank:
@@ -171,8 +188,10 @@ class LoraRegistry:
                 evicted = self.resident.pop(old)
                 used, columns = used - evicted.nbytes, columns - evicted.rank
         if columns + adapter.rank > self.max_columns:
-            raise ResourceExhausted(f"LoRA bank full: the adapters running generations hold take {columns} of "
-                                    f"{self.max_columns} columns, {name!r} needs {adapter.rank}; retry later")
+            raise ResourceExhausted(
+                f"LoRA bank full: the adapters running generations hold take {columns} of "
+                f"{self.max_columns} columns, {name!r} needs {adapter.rank}; retry later"
+            )
         self.resident[name] = adapter
         self._banks.clear()
 
@@ -192,7 +211,7 @@ class LoraRegistry:
                 if layer in matrices:
                     la, lb = matrices[layer]
                     first = columns[name][0]
-                    a[:, first:first + la.shape[1]] = la
-                    b[first:first + la.shape[1]] = lb
+                    a[:, first : first + la.shape[1]] = la
+                    b[first : first + la.shape[1]] = lb
             layers[layer] = (a, b)
         return Bank(layers, columns, width)

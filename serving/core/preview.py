@@ -3,6 +3,7 @@
 Running the VAE decoder for every preview would cost as much as a denoising step; a per-
 checkpoint linear fit (made at export time, `export/preview_fit.py`) costs a few multiplies.
 """
+
 from typing import Any
 
 import numpy as np

@@ -23,6 +23,7 @@ supported (parentheses are plain text). A schedule may use at most MAX_SCHEDULE_
 texts: each is tokenized and encoded (for a steer under the engine's lock), and an alternation
 would otherwise make one text per step.
 """
+
 from dataclasses import dataclass
 import math
 import re
@@ -75,8 +76,11 @@ def schedule(text: str, steps: int, field: str = "prompt") -> list[Any]:
             out.append((step, current))
     distinct = len({text for _, text in out})
     if distinct > MAX_SCHEDULE_TEXTS:
-        raise InvalidInput(field, f"a prompt schedule may use at most {MAX_SCHEDULE_TEXTS} distinct texts, this one "
-                                  f"uses {distinct} over {steps} steps")
+        raise InvalidInput(
+            field,
+            f"a prompt schedule may use at most {MAX_SCHEDULE_TEXTS} distinct texts, this one "
+            f"uses {distinct} over {steps} steps",
+        )
     return out
 
 
@@ -143,8 +147,9 @@ def _bracket(text: str, opening: int, steps: int) -> tuple[Any, ...]:
 
 def _bracket_part(pieces: list[Any], separators: list[tuple[str, int]], opening: int, steps: int) -> Any:
     if not separators:
-        raise _SyntaxError("brackets need ':' (prompt editing) or '|' (alternation); [word] emphasis is not supported",
-                           opening)
+        raise _SyntaxError(
+            "brackets need ':' (prompt editing) or '|' (alternation); [word] emphasis is not supported", opening
+        )
     kinds = {c for c, _ in separators}
     if len(kinds) > 1:
         mixed = next(position for c, position in separators if c != separators[0][0])

@@ -13,6 +13,7 @@ Attention mode: two rows (one without guidance), each with all K contexts (the u
 with the negatives n_k), to the regional UNet, whose cross-attention mixes the contexts by W;
 then classifier-free guidance as for a plain prompt.
 """
+
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -85,7 +86,9 @@ class RegionalPrompt(TextPrompt):
     @property
     def negatives(self) -> list[Any]:
         """The negative prompt of each context."""
-        return [self.negative_prompt] + list(self.regions.negative_prompts or [self.negative_prompt] * self.regions.count)
+        return [self.negative_prompt] + list(
+            self.regions.negative_prompts or [self.negative_prompt] * self.regions.count
+        )
 
     def _distinct_negatives(self) -> list[Any]:
         return list(dict.fromkeys(self.negatives))
@@ -105,8 +108,9 @@ class RegionalPrompt(TextPrompt):
             return RegionalConditioning(cond, None, None, self.regions.weights, self.guidance_scale)
         distinct = self._distinct_negatives()
         negative_of = np.array([distinct.index(n) for n in self.negatives])
-        return RegionalConditioning(cond, stack(embeddings[count:]), negative_of, self.regions.weights,
-                                    self.guidance_scale)
+        return RegionalConditioning(
+            cond, stack(embeddings[count:]), negative_of, self.regions.weights, self.guidance_scale
+        )
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,9 @@ class RegionalAttentionPrompt(RegionalPrompt):
     def build(self, embeddings: list[Any]) -> RegionalAttentionConditioning:  # type: ignore[override]  # another conditioning kind
         count = self.regions.count + 1
         uncond = stack(embeddings[count:]) if self.uses_guidance else None
-        return RegionalAttentionConditioning(stack(embeddings[:count]), uncond, self.guidance_scale,
-                                             self.regions.weights)
+        return RegionalAttentionConditioning(
+            stack(embeddings[:count]), uncond, self.guidance_scale, self.regions.weights
+        )
 
 
 def regional_prompt(request: Any) -> RegionalPrompt:
@@ -146,11 +151,16 @@ def check_regional_job(job: Any, check_tokens: Any, max_rows: int, limits: Any =
     if regions is None:
         return
     if regions.mode == "attention" and limits is not None and not limits.attention:
-        raise InvalidInput("region_mode", f"attention needs the regional UNet, which model {job.model!r} does not have; "
-                                          f"use region_mode latent")
+        raise InvalidInput(
+            "region_mode",
+            f"attention needs the regional UNet, which model {job.model!r} does not have; use region_mode latent",
+        )
     if regions.mode == "attention" and job.variant != "base":
-        raise InvalidInput("region_mode", f"attention needs the base UNet (the regional UNet is exported from it); "
-                                          f"a {job.variant} request takes region_mode latent")
+        raise InvalidInput(
+            "region_mode",
+            f"attention needs the base UNet (the regional UNet is exported from it); "
+            f"a {job.variant} request takes region_mode latent",
+        )
     for field, text in regions.texts_to_check():
         check_tokens(field, text)
     if job.rows > max_rows:

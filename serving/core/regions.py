@@ -25,6 +25,7 @@ grid (vae_factor pixels per cell), context 0 (the base prompt) gets U + b(1 - U)
 region r gets (1 - b) m_r, where U is the uncovered share and b the base weight: the K = R + 1
 weights of every cell sum to 1.
 """
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 import math
@@ -62,7 +63,9 @@ class RegionLimits:
             default_mode=config.default_region_mode,
         )
         if limits.default_mode == "attention" and not limits.attention:
-            raise ValueError("pipeline config.pbtxt parameter default_region_mode=attention needs the regional UNet; re-run ldm export")
+            raise ValueError(
+                "pipeline config.pbtxt parameter default_region_mode=attention needs the regional UNet; re-run ldm export"
+            )
         return limits
 
 
@@ -102,7 +105,14 @@ def is_regional_network(network: str) -> bool:
     return network.startswith(REGIONAL_NETWORK + "/")
 
 
-FIELDS = ("region_prompts", "region_negative_prompts", "region_divisions", "region_masks", "base_prompt_weight", "region_mode")
+FIELDS = (
+    "region_prompts",
+    "region_negative_prompts",
+    "region_divisions",
+    "region_masks",
+    "base_prompt_weight",
+    "region_mode",
+)
 
 
 def parse_regions(inputs: dict[str, Any], limits: RegionLimits | None, height: int, width: int) -> Regions | None:
@@ -121,7 +131,9 @@ def parse_regions(inputs: dict[str, Any], limits: RegionLimits | None, height: i
         return None
     negatives = _texts(inputs, "region_negative_prompts", limits.max_regions, allow_empty=True)
     if negatives is not None and len(negatives) != len(prompts):
-        raise InvalidInput("region_negative_prompts", f"must hold one text per region ({len(prompts)}), got {len(negatives)}")
+        raise InvalidInput(
+            "region_negative_prompts", f"must hold one text per region ({len(prompts)}), got {len(negatives)}"
+        )
     has_masks, has_divisions = inputs.get("region_masks") is not None, inputs.get("region_divisions") is not None
     if has_masks and has_divisions:
         raise InvalidInput("region_masks", "give region_masks or region_divisions, not both")
@@ -136,10 +148,18 @@ def parse_regions(inputs: dict[str, Any], limits: RegionLimits | None, height: i
     if mode not in MODES:
         raise InvalidInput("region_mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "attention" and not limits.attention:
-        raise InvalidInput("region_mode", "attention needs the regional UNet, which this model repository was exported "
-                                          "without (re-run ldm export); latent works")
-    return Regions(tuple(prompts), None if negatives is None else tuple(negatives),
-                   region_weights(masks, base_weight, limits.vae_factor), base_weight, mode)
+        raise InvalidInput(
+            "region_mode",
+            "attention needs the regional UNet, which this model repository was exported "
+            "without (re-run ldm export); latent works",
+        )
+    return Regions(
+        tuple(prompts),
+        None if negatives is None else tuple(negatives),
+        region_weights(masks, base_weight, limits.vae_factor),
+        base_weight,
+        mode,
+    )
 
 
 def region_weights(masks: Array, base_weight: float, vae_factor: int) -> Array:
@@ -168,7 +188,9 @@ def division_masks(divisions: str, count: int, height: int, width: int) -> Array
     for (top, bottom), (_, columns) in zip(row_edges, rows):
         for left, right in _edges(columns, width):
             if bottom <= top or right <= left:
-                raise InvalidInput("region_divisions", f"region {index} of {divisions!r} gets no pixels at {width}x{height}")
+                raise InvalidInput(
+                    "region_divisions", f"region {index} of {divisions!r} gets no pixels at {width}x{height}"
+                )
             masks[index, top:bottom, left:right] = 1.0
             index += 1
     return masks
@@ -195,7 +217,7 @@ def _ratios(part: str, whole: str) -> list[Any]:
         if not math.isfinite(value) or value <= 0:
             raise InvalidInput(
                 "region_divisions",
-                f"{whole!r}: {item.strip()!r} is not a positive number (accepted: ratios like \"1,1\" or \"1,2;1,1,1\")",
+                f'{whole!r}: {item.strip()!r} is not a positive number (accepted: ratios like "1,1" or "1,2;1,1,1")',
             )
         values.append(value)
     return values
@@ -235,7 +257,10 @@ def _masks(value: Any, count: int, height: int, width: int) -> Array:
     if array.dtype != np.uint8:
         raise InvalidInput("region_masks", f"must be UINT8 (0 outside, 255 inside), got {array.dtype}")
     if array.shape != (count, height, width):
-        raise InvalidInput("region_masks", f"must have shape [{count}, {height}, {width}] (regions, height, width), got {list(array.shape)}")
+        raise InvalidInput(
+            "region_masks",
+            f"must have shape [{count}, {height}, {width}] (regions, height, width), got {list(array.shape)}",
+        )
     empty = [i for i in range(count) if not array[i].any()]
     if empty:
         raise InvalidInput("region_masks", f"region {empty[0]} is empty (all zeros)")

@@ -2,6 +2,7 @@
 
 Every rejection names the field and the allowed range, so a client can fix its request.
 """
+
 from dataclasses import dataclass, field, replace
 import math
 import re
@@ -84,7 +85,12 @@ FIELDS = (
     Field("lora_names", "bytes", dims=(-1,)),
     Field("lora_weights", "float32", dims=(-1,)),
 )
-FAMILY_FIELDS = ("original_size", "crop_top_left", "target_size", "true_cfg_scale")  # read by the families that declare them
+FAMILY_FIELDS = (
+    "original_size",
+    "crop_top_left",
+    "target_size",
+    "true_cfg_scale",
+)  # read by the families that declare them
 MAX_CONDITIONING_SIZE = 16384  # pixels: the largest original/target side or crop offset accepted
 
 
@@ -136,8 +142,11 @@ class RequestLimits:
             max_prompt_tokens=int(pipeline_info["text_length"]),
             default_steps=config.default_steps,
             max_steps=config.max_steps,
-            default_guidance_scale=(config.default_guidance_scale if config.default_guidance_scale is not None
-                                    else FAMILIES[pipeline_info.get("family", "sd")].default_guidance_scale),
+            default_guidance_scale=(
+                config.default_guidance_scale
+                if config.default_guidance_scale is not None
+                else FAMILIES[pipeline_info.get("family", "sd")].default_guidance_scale
+            ),
             max_guidance_scale=config.max_guidance_scale,
             default_eta=config.default_eta,
             max_prompt_bytes=config.max_prompt_bytes,
@@ -145,8 +154,11 @@ class RequestLimits:
             variants=VariantSpec.table(pipeline_info),
             family=pipeline_info.get("family", "sd"),
             model=pipeline_info.get("name", ""),
-            distilled_guidance=bool(pipeline_info["variants"][pipeline_info["primary"]].get("distilled_guidance", False))
-            if "variants" in pipeline_info else False,
+            distilled_guidance=bool(
+                pipeline_info["variants"][pipeline_info["primary"]].get("distilled_guidance", False)
+            )
+            if "variants" in pipeline_info
+            else False,
         )
         limits = replace(limits, default_sampler=_default_sampler(config.default_sampler, limits.scheduler_config))
         limits.check(int(pipeline_info["max_size"]))
@@ -156,30 +168,43 @@ class RequestLimits:
         """Refuses defaults and limits that contradict each other or the exported models, naming
         the config.pbtxt parameter (a bad default would otherwise fail requests later, deep in a
         model call)."""
+
         def refuse(key: str, value: Any, why: str) -> NoReturn:
             raise ValueError(f"pipeline config.pbtxt parameter {key}={value!r} {why}")
 
-        train_steps = min((int(v.scheduler_config.get("num_train_timesteps", 1000)) for v in self.variants.values()),
-                          default=1000)
+        train_steps = min(
+            (int(v.scheduler_config.get("num_train_timesteps", 1000)) for v in self.variants.values()), default=1000
+        )
         if not 1 <= self.max_steps <= train_steps:
             refuse("max_steps", self.max_steps, f"must be in [1, {train_steps}] (the schedule's num_train_timesteps)")
         if not 1 <= self.default_steps <= self.max_steps:
             refuse("default_steps", self.default_steps, f"must be in [1, max_steps={self.max_steps}]")
         m = self.size_multiple
         if not m <= self.max_size <= exported_max_size or self.max_size % m:
-            refuse("max_size", self.max_size, f"must be a multiple of {m} in [{m}, {exported_max_size}] (the exported models' largest size)")
+            refuse(
+                "max_size",
+                self.max_size,
+                f"must be a multiple of {m} in [{m}, {exported_max_size}] (the exported models' largest size)",
+            )
         if not m <= self.default_size <= self.max_size or self.default_size % m:
             refuse("default_size", self.default_size, f"must be a multiple of {m} in [{m}, max_size={self.max_size}]")
         if not (math.isfinite(self.max_guidance_scale) and self.max_guidance_scale >= 0):
             refuse("max_guidance_scale", self.max_guidance_scale, "must be a finite number >= 0")
-        if not (math.isfinite(self.default_guidance_scale) and 0 <= self.default_guidance_scale <= self.max_guidance_scale):
-            refuse("default_guidance_scale", self.default_guidance_scale, f"must be in [0, max_guidance_scale={self.max_guidance_scale}]")
+        if not (
+            math.isfinite(self.default_guidance_scale) and 0 <= self.default_guidance_scale <= self.max_guidance_scale
+        ):
+            refuse(
+                "default_guidance_scale",
+                self.default_guidance_scale,
+                f"must be in [0, max_guidance_scale={self.max_guidance_scale}]",
+            )
         if not (math.isfinite(self.default_eta) and 0 <= self.default_eta <= 1):
             refuse("default_eta", self.default_eta, "must be in [0, 1]")
         if self.max_prompt_bytes < 1:
             refuse("max_prompt_bytes", self.max_prompt_bytes, "must be at least 1")
-        if self.regions is not None and not (math.isfinite(self.regions.default_base_weight)
-                                             and 0 <= self.regions.default_base_weight <= 1):
+        if self.regions is not None and not (
+            math.isfinite(self.regions.default_base_weight) and 0 <= self.regions.default_base_weight <= 1
+        ):
             refuse("default_base_prompt_weight", self.regions.default_base_weight, "must be in [0, 1]")
 
 
@@ -244,7 +269,8 @@ def parse_request(inputs: dict[str, Any], limits: RequestLimits, default_seed: i
         value = _integer(inputs, name, limits.default_size, limits.size_multiple, limits.max_size)
         if value % limits.size_multiple:
             raise InvalidInput(
-                name, f"must be a multiple of {limits.size_multiple} in [{limits.size_multiple}, {limits.max_size}], got {value}"
+                name,
+                f"must be a multiple of {limits.size_multiple} in [{limits.size_multiple}, {limits.max_size}], got {value}",
             )
         sizes[name] = value
     progress_every = _integer(inputs, "progress_every", 0, 0, limits.max_steps)
@@ -292,7 +318,9 @@ def lora_tags(prompt: str) -> tuple[Any, ...]:
         try:
             loras.append((match.group(1).strip(), float(match.group(2))))
         except ValueError:
-            raise InvalidInput("prompt", f"<lora:{match.group(1)}:{match.group(2)}>: the weight must be a number") from None
+            raise InvalidInput(
+                "prompt", f"<lora:{match.group(1)}:{match.group(2)}>: the weight must be a number"
+            ) from None
     if not loras:
         return prompt, ()
     return " ".join(LORA_TAG.sub(" ", prompt).split()), tuple(loras)
@@ -302,10 +330,14 @@ def _loras(inputs: dict[str, Any]) -> tuple[Any, ...]:
     names, weights = inputs.get("lora_names"), inputs.get("lora_weights")
     if names is None and weights is None:
         return ()
-    names = [decode_text("lora_names", n) for n in np.asarray(names if names is not None else [], dtype=object).reshape(-1)]
+    names = [
+        decode_text("lora_names", n) for n in np.asarray(names if names is not None else [], dtype=object).reshape(-1)
+    ]
     weights = np.asarray(weights if weights is not None else np.ones(len(names)), dtype=np.float64).reshape(-1)
     if len(weights) != len(names):
-        raise InvalidInput("lora_weights", f"must hold one weight per name in lora_names ({len(names)}), got {len(weights)}")
+        raise InvalidInput(
+            "lora_weights", f"must hold one weight per name in lora_names ({len(names)}), got {len(weights)}"
+        )
     return tuple((n, float(w)) for n, w in zip(names, weights))
 
 
@@ -324,8 +356,15 @@ def _family_fields(inputs: dict[str, Any], family: str, max_guidance_scale: floa
             continue
         array = np.asarray(value)
         low = 0 if name == "crop_top_left" else 1
-        if array.size != 2 or array.dtype.kind not in "iu" or not all(low <= v <= MAX_CONDITIONING_SIZE for v in array.reshape(-1)):
-            raise InvalidInput(name, f"must be two integers in [{low}, {MAX_CONDITIONING_SIZE}] (pixels), got {array.reshape(-1).tolist()}")
+        if (
+            array.size != 2
+            or array.dtype.kind not in "iu"
+            or not all(low <= v <= MAX_CONDITIONING_SIZE for v in array.reshape(-1))
+        ):
+            raise InvalidInput(
+                name,
+                f"must be two integers in [{low}, {MAX_CONDITIONING_SIZE}] (pixels), got {array.reshape(-1).tolist()}",
+            )
         out[name] = tuple(int(v) for v in array.reshape(-1))
     return out
 
@@ -348,7 +387,10 @@ def parse_sampler(inputs: dict[str, Any], limits: RequestLimits, steps: int) -> 
     if name == "lcm":  # LCM picks its timesteps among original_inference_steps
         limit = int(limits.scheduler_config.get("original_inference_steps", 50))
         if steps > limit:
-            raise InvalidInput("steps", f"must be at most {limit} with sampler lcm (the checkpoint's original_inference_steps), got {steps}")
+            raise InvalidInput(
+                "steps",
+                f"must be at most {limit} with sampler lcm (the checkpoint's original_inference_steps), got {steps}",
+            )
     return name, schedule
 
 
@@ -362,7 +404,9 @@ def _guidance_interval(inputs: dict[str, Any]) -> tuple[Any, ...]:
     # the decimal an FP32 tensor carries (0.8, not 0.800000011920929), as for strength
     lo, hi = (float(str(np.float32(v))) for v in array.reshape(-1))
     if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
-        raise InvalidInput("guidance_interval", f"must be two numbers [lo, hi] with 0 <= lo < hi <= 1, got [{lo}, {hi}]")
+        raise InvalidInput(
+            "guidance_interval", f"must be two numbers [lo, hi] with 0 <= lo < hi <= 1, got [{lo}, {hi}]"
+        )
     return (lo, hi)
 
 
@@ -389,10 +433,18 @@ def check_text_sizes(inputs: dict[str, Any], max_bytes: int) -> None:
         if array.dtype != object:
             continue  # not text: the field's own parser names it
         for i, item in enumerate(array.reshape(-1)):
-            size = len(item) if isinstance(item, bytes) else len(item.encode("utf-8", "replace")) if isinstance(item, str) else 0
+            size = (
+                len(item)
+                if isinstance(item, bytes)
+                else len(item.encode("utf-8", "replace"))
+                if isinstance(item, str)
+                else 0
+            )
             if size > max_bytes:
-                raise InvalidInput(name if dims == (1,) else f"{name}[{i}]",
-                                   f"is {size} bytes long; at most {max_bytes} UTF-8 bytes (max_prompt_bytes)")
+                raise InvalidInput(
+                    name if dims == (1,) else f"{name}[{i}]",
+                    f"is {size} bytes long; at most {max_bytes} UTF-8 bytes (max_prompt_bytes)",
+                )
 
 
 # what a blank text is made of: separators (Z*), controls and format characters (Cc, Cf: zero-width

@@ -15,6 +15,7 @@ latents at admission, edits latents after each update and pastes pixels back at 
 runner concatenates them by name and never asks which family or task a job is. A job outside
 its guidance interval contributes its conditional rows only.
 """
+
 from collections import defaultdict
 from typing import Any
 
@@ -31,7 +32,9 @@ from serving.core.variants import VariantSpec
 
 
 class Runner:
-    def __init__(self, models: RunnerModels, variant: VariantSpec, text_encoder: CachedTextEncoder, lora: Any = None) -> None:
+    def __init__(
+        self, models: RunnerModels, variant: VariantSpec, text_encoder: CachedTextEncoder, lora: Any = None
+    ) -> None:
         """lora: the model's LoraRegistry (serving/core/lora.py) where this variant's denoiser takes
         mixed LoRA inputs, else None."""
         self.models = models
@@ -39,8 +42,9 @@ class Runner:
         self.variant = variant
         self.family = FAMILIES[variant.family]
         self.samplers: dict[tuple[str, str], Any] = {}  # (name, sigma schedule) -> Sampler, made on first use
-        self.low_res_schedule = (DDIMSchedule.from_config(variant.low_res_scheduler_config)
-                                 if variant.low_res_scheduler_config else None)
+        self.low_res_schedule = (
+            DDIMSchedule.from_config(variant.low_res_scheduler_config) if variant.low_res_scheduler_config else None
+        )
         self.text_encoder = text_encoder
         self.latent_channels = variant.latent_channels
         self.vae_factor = variant.vae_factor
@@ -67,7 +71,8 @@ class Runner:
             shape = (self.latent_channels, r.height // self.vae_factor, r.width // self.vae_factor)
             noises[id(job)] = job.rng.standard_normal(shape, dtype=np.float32)
             run = job.sampler_run = self.sampler(r.sampler, r.sigma_schedule).start(
-                r.steps, r.strength, r.eta, mu=self.family.shift_mu(r, self.variant), kept=r.denoising_steps)
+                r.steps, r.strength, r.eta, mu=self.family.shift_mu(r, self.variant), kept=r.denoising_steps
+            )
             job.timesteps = run.denoising_timesteps
             job.latents = run.sampler.initial_latents(run, noises[id(job)])
             job.conditioning = guided_conditioning(job)
@@ -75,9 +80,20 @@ class Runner:
         max_batch = self.variant.max_batch.get("vae_encoder")
         images = [j for j in jobs if j.request.image is not None]
         if images:
-            admit_image_jobs(images, noises, self.models.encode_image, self.variant.name, self.vae_factor,
-                             self.low_res_schedule, max_batch)
-        masked = [j for j in steered if j.image_conditioning is not None and j.image_conditioning.source is not j.planned.image]
+            admit_image_jobs(
+                images,
+                noises,
+                self.models.encode_image,
+                self.variant.name,
+                self.vae_factor,
+                self.low_res_schedule,
+                max_batch,
+            )
+        masked = [
+            j
+            for j in steered
+            if j.image_conditioning is not None and j.image_conditioning.source is not j.planned.image
+        ]
         if masked:
             steer_masks(masked, self.models.encode_image, self.variant.name, self.vae_factor, max_batch)
 
@@ -115,9 +131,13 @@ class Runner:
         if channels and channels[0] is not None:  # concat-conditioned UNets: every job of the call has them
             sample = np.concatenate([sample, np.repeat(np.stack(channels), rows, axis=0)], axis=1)
         inputs = {"timestep": np.repeat(t, rows)}
-        per_job = [{**j.conditioning.inputs(), **{name: np.repeat(value[None], n, axis=0)
-                                                  for name, value in j.denoiser_inputs().items()}}
-                   for j, n in zip(jobs, rows)]
+        per_job = [
+            {
+                **j.conditioning.inputs(),
+                **{name: np.repeat(value[None], n, axis=0) for name, value in j.denoiser_inputs().items()},
+            }
+            for j, n in zip(jobs, rows)
+        ]
         for name in per_job[0]:
             inputs[name] = np.concatenate([values[name] for values in per_job])
         if self.lora is not None:  # every row's adapter weights over the bank's columns (0: none)
@@ -139,10 +159,17 @@ class Runner:
             noise = None
             drawn = [sampler.draws_noise(runs[i], positions[i]) for i in members]
             if any(drawn):  # from each job's own seed stream, in its step order: batch-invariant
-                noise = np.stack([j.rng.standard_normal(j.latent_shape, dtype=np.float32) if d
-                                  else np.zeros(j.latent_shape, np.float32) for j, d in zip(group, drawn)])
-            prev, x0 = sampler.step([runs[i] for i in members], [positions[i] for i in members], outputs[members],
-                                    latents[members], noise)
+                noise = np.stack(
+                    [
+                        j.rng.standard_normal(j.latent_shape, dtype=np.float32)
+                        if d
+                        else np.zeros(j.latent_shape, np.float32)
+                        for j, d in zip(group, drawn)
+                    ]
+                )
+            prev, x0 = sampler.step(
+                [runs[i] for i in members], [positions[i] for i in members], outputs[members], latents[members], noise
+            )
             for k, job in enumerate(group):
                 job.latents = prev[k]
                 job.pred_x0 = x0[k]
@@ -165,8 +192,11 @@ class Runner:
         for i, job in enumerate(jobs):
             by_shape[job.latent_shape].append(i)
         size = self.variant.max_batch.get("vae_decoder")
-        calls = [group[start : start + (size or len(group))] for group in by_shape.values()
-                 for start in range(0, len(group), size or len(group))]
+        calls = [
+            group[start : start + (size or len(group))]
+            for group in by_shape.values()
+            for start in range(0, len(group), size or len(group))
+        ]
         for indices in calls:
             pixels = self.models.decode(np.stack([jobs[i].latents for i in indices]))
             for i, image in zip(indices, pixels):

@@ -5,6 +5,7 @@ of their own schedules can share one UNet call. Numbers in comments refer to the
 the DDIM paper; the arithmetic follows diffusers' `DDIMScheduler.step` so results agree with it.
 Imports nothing from Triton or torch.
 """
+
 from dataclasses import dataclass
 import math
 from typing import Any
@@ -79,8 +80,15 @@ class DDIMSchedule:
         out: Array = timesteps - self.num_train_timesteps // num_inference_steps
         return out
 
-    def step(self, model_output: Array, timesteps: Any, prev_timesteps: Any, latents: Array, eta: Any,
-             noise: Array | None = None) -> tuple[Any, ...]:
+    def step(
+        self,
+        model_output: Array,
+        timesteps: Any,
+        prev_timesteps: Any,
+        latents: Array,
+        eta: Any,
+        noise: Array | None = None,
+    ) -> tuple[Any, ...]:
         """One DDIM update for every row.
 
         model_output, latents: float32 [B, C, H, W]; timesteps, prev_timesteps: int [B];
@@ -148,6 +156,7 @@ def _betas(config: dict[str, Any], n: int) -> Array:
     if schedule == "scaled_linear":
         return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
     if schedule == "squaredcos_cap_v2":
+
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 

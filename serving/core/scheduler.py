@@ -18,6 +18,7 @@ leader, a member of S, and gives it a turn above s; jobs admitted later get one 
 so S loses a member with every call and gains none, and J, in S, steps within |S| calls.
 (tests/unit/test_scheduler.py checks it over random arrivals, keys and row counts.)
 """
+
 from typing import TYPE_CHECKING, Any
 from collections import deque
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 """The pipeline behind the Triton `pipeline` model, as plain Python: turns named input arrays
 into validated jobs (and steers of running jobs) for the engine. The Triton model only adapts
 tensors and response senders."""
+
 from typing import Any
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -55,11 +56,15 @@ def _lora_registry(config: PipelineConfig, info: dict[str, Any], reader: Any) ->
     if not config.lora or not spec.get("lora_unet") or reader is None:
         return None
     checkpoint = Path(info["checkpoint"])
-    registry = LoraRegistry(lambda path, name: reader(path, name, checkpoint),
-                            {layer: tuple(shape) for layer, shape in spec["lora_unet_layers"].items()},
-                            {layer: tuple(shape) for layer, shape in spec.get("lora_text_encoder_layers", {}).items()},
-                            budget_bytes=config.lora_budget_mb * 2**20, max_per_request=config.max_loras_per_request,
-                            max_file_bytes=config.max_lora_file_mb * 2**20, max_columns=config.lora_columns)
+    registry = LoraRegistry(
+        lambda path, name: reader(path, name, checkpoint),
+        {layer: tuple(shape) for layer, shape in spec["lora_unet_layers"].items()},
+        {layer: tuple(shape) for layer, shape in spec.get("lora_text_encoder_layers", {}).items()},
+        budget_bytes=config.lora_budget_mb * 2**20,
+        max_per_request=config.max_loras_per_request,
+        max_file_bytes=config.max_lora_file_mb * 2**20,
+        max_columns=config.lora_columns,
+    )
     if config.lora_dir:
         for path in sorted(Path(config.lora_dir).glob("*.safetensors")):
             registry.register(path.stem, path)
@@ -93,13 +98,20 @@ def check_batching(config: BatchingConfig, variants: dict[str, Any]) -> None:
     if config.max_queue < 1:
         refuse("max_queue", config.max_queue, "must be at least 1")
     if config.max_rows < MAX_PLAIN_JOB_ROWS:
-        refuse("max_rows", config.max_rows, f"must be at least {MAX_PLAIN_JOB_ROWS} (the UNet rows of one request with guidance)")
+        refuse(
+            "max_rows",
+            config.max_rows,
+            f"must be at least {MAX_PLAIN_JOB_ROWS} (the UNet rows of one request with guidance)",
+        )
     for name, spec in variants.items():
         for component in ("unet", "unet_regional"):
             largest = spec.max_batch.get(component)
             if largest is not None and config.max_rows > largest:
-                refuse("max_rows", config.max_rows,
-                       f"exceeds the {spec.components[component]} model's max batch size {largest} (variant {name})")
+                refuse(
+                    "max_rows",
+                    config.max_rows,
+                    f"exceeds the {spec.components[component]} model's max batch size {largest} (variant {name})",
+                )
 
 
 @dataclass
@@ -126,8 +138,13 @@ def _by_model_and_variant(models: Any, default_model: str, primary: str) -> dict
 
 
 class PipelineService:
-    def __init__(self, assets: PipelineAssets, config: PipelineConfig, models: "RunnerModels | Mapping[Any, RunnerModels]",
-                 lora_reader: Any = None) -> None:
+    def __init__(
+        self,
+        assets: PipelineAssets,
+        config: PipelineConfig,
+        models: "RunnerModels | Mapping[Any, RunnerModels]",
+        lora_reader: Any = None,
+    ) -> None:
         """config: the pipeline's parameters (PipelineConfig.parse of config.pbtxt's); models: the
         runner models of each served model's UNet variants, {(model, variant): models}; for a
         repository with one model also {variant: models}, or one models object when that model
@@ -159,18 +176,25 @@ class PipelineService:
                 lengths = {n: spec.token_lengths.get(n, spec.text_length) for n in spec.tokenizers}
                 for n, folder in spec.tokenizers.items():
                     if (folder, lengths[n]) not in tokenizers:
-                        tokenizers[folder, lengths[n]] = PromptTokenizer(assets.tokenizer_dir.parent / folder, lengths[n])
-                served.tokenizers[name] = TextTokenizers({n: tokenizers[f, lengths[n]] for n, f in spec.tokenizers.items()},
-                                                         checked=spec.checked_inputs)
+                        tokenizers[folder, lengths[n]] = PromptTokenizer(
+                            assets.tokenizer_dir.parent / folder, lengths[n]
+                        )
+                served.tokenizers[name] = TextTokenizers(
+                    {n: tokenizers[f, lengths[n]] for n, f in spec.tokenizers.items()}, checked=spec.checked_inputs
+                )
                 key = (spec.components["text_encoder"], tuple(spec.tokenizers.items()))
                 if key not in encoders:
                     encoders[key] = CachedTextEncoder(
-                        served.tokenizers[name], models[model, name].encode_text,
+                        served.tokenizers[name],
+                        models[model, name].encode_text,
                         dict(zip(spec.text_outputs, FAMILIES[spec.family].text_inputs().values())),
-                        zero_unconditional=spec.zero_empty_negative, max_batch=spec.max_batch.get("text_encoder"),
-                        lora=served.lora if spec.lora_text_encoder else None)
-                runners[model, name] = Runner(models[model, name], spec, encoders[key],
-                                              lora=served.lora if spec.lora_unet else None)
+                        zero_unconditional=spec.zero_empty_negative,
+                        max_batch=spec.max_batch.get("text_encoder"),
+                        lora=served.lora if spec.lora_text_encoder else None,
+                    )
+                runners[model, name] = Runner(
+                    models[model, name], spec, encoders[key], lora=served.lora if spec.lora_unet else None
+                )
         previews = {model: LatentPreview.from_info(info) for model, info in infos.items()}  # each model's own
         preview = ModelPreviews(previews) if any(p is not None for p in previews.values()) else None
         batching = config.batching()
@@ -179,8 +203,10 @@ class PipelineService:
         caps = [cap for m in models.values() if (cap := getattr(m, "row_cap", None)) is not None]
         if caps and min(caps) < batching.max_rows:
             if min(caps) < MAX_PLAIN_JOB_ROWS:
-                raise ValueError(f"the UNet's GPU memory plan fits {min(caps)} rows per call; a request with guidance needs "
-                                 f"{MAX_PLAIN_JOB_ROWS} (lower torch_buckets' smallest size or use a larger GPU)")
+                raise ValueError(
+                    f"the UNet's GPU memory plan fits {min(caps)} rows per call; a request with guidance needs "
+                    f"{MAX_PLAIN_JOB_ROWS} (lower torch_buckets' smallest size or use a larger GPU)"
+                )
             batching = replace(batching, max_rows=min(caps))
         self.engine = Engine(VariantRunners(runners), StepScheduler(batching), preview=preview)
         self.engine.stats.row_cap = batching.max_rows
@@ -223,8 +249,14 @@ class PipelineService:
             served = self.model_of(inputs)
             request = parse_request(inputs, served.limits, default_seed=secrets.randbelow(2**31))
             variant = request.image.variant if request.image is not None else "base"
-            job = Job(request, sink, request_id=request_id or None, model=served.name, variant=variant,
-                      lora_per_set=self.lora_per_set)
+            job = Job(
+                request,
+                sink,
+                request_id=request_id or None,
+                model=served.name,
+                variant=variant,
+                lora_per_set=self.lora_per_set,
+            )
             self._check(job, request)
         except UnknownModel as exc:
             sink.fail(NOT_FOUND, str(exc))
@@ -248,8 +280,10 @@ class PipelineService:
         out = []
         for name, served in self.models.items():
             if served.lora is not None and model in ("", name):
-                out += [{"id": adapter, "model": name, "resident": adapter in served.lora.resident}
-                        for adapter in served.lora.names()]
+                out += [
+                    {"id": adapter, "model": name, "resident": adapter in served.lora.resident}
+                    for adapter in served.lora.names()
+                ]
         return out
 
     def load_lora(self, name: str, data: bytes, model: str = "") -> None:
@@ -288,7 +322,9 @@ class PipelineService:
     def _lora_model(self, model: str) -> ServedModel:
         served = self.model_of({"model": model} if model else {})
         if served.lora is None:
-            raise InvalidInput("model", f"model {served.name!r} takes no LoRA adapters (export it with --lora or --lora-dir)")
+            raise InvalidInput(
+                "model", f"model {served.name!r} takes no LoRA adapters (export it with --lora or --lora-dir)"
+            )
         return served
 
     def model_of(self, inputs: dict[str, Any]) -> ServedModel:
@@ -323,14 +359,19 @@ class PipelineService:
         family = served.limits.family
         if request.loras:
             if served.lora is None or not served.limits.variants[job.variant].lora_unet:
-                raise InvalidInput("loras", f"model {job.model!r} ({job.variant} UNet) takes no LoRA adapters"
-                                   + ("" if served.lora is not None else "; export it with --lora or --lora-dir"))
+                raise InvalidInput(
+                    "loras",
+                    f"model {job.model!r} ({job.variant} UNet) takes no LoRA adapters"
+                    + ("" if served.lora is not None else "; export it with --lora or --lora-dir"),
+                )
             try:
                 served.lora.check(request.loras)
             except LoraRefused as exc:
                 raise InvalidInput(exc.field, str(exc).split(": ", 1)[1]) from None
         if request.regions is not None and not FAMILIES[family].regions:
-            raise InvalidInput("region_prompts", f"regional prompts are not served for family {family} (model {job.model!r})")
+            raise InvalidInput(
+                "region_prompts", f"regional prompts are not served for family {family} (model {job.model!r})"
+            )
         tokenizer = self.models[job.model].tokenizers[job.variant]
         checked = set()
         for _, prompt, negative in scheduled_texts(request):
@@ -338,5 +379,9 @@ class PipelineService:
                 if (field, text) not in checked:
                     checked.add((field, text))
                     tokenizer.check(field, text)
-        check_regional_job(replace(job, request=request, conditioning=None), tokenizer.check, self.engine.scheduler.config.max_rows,
-                           self.models[job.model].limits.regions)
+        check_regional_job(
+            replace(job, request=request, conditioning=None),
+            tokenizer.check,
+            self.engine.scheduler.config.max_rows,
+            self.models[job.model].limits.regions,
+        )

@@ -19,6 +19,7 @@ Two things write plans, the same way (`conditioning_plan`):
 The first switch a steer installs carries its steer id (several, when steers arrived between two
 admission batches), so the engine can tell which step first used it.
 """
+
 from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -70,8 +71,13 @@ def prompt_spec(request: Any) -> Any:
     if request.regions is not None:
         return regional_prompt(request)
     if request.guidance_rule == "true_cfg":
-        return TrueCfgPrompt(request.prompt, request.negative_prompt, request.guidance_scale, request.true_cfg_scale,
-                             request.guidance_input)
+        return TrueCfgPrompt(
+            request.prompt,
+            request.negative_prompt,
+            request.guidance_scale,
+            request.true_cfg_scale,
+            request.guidance_input,
+        )
     return TextPrompt(request.prompt, request.negative_prompt, request.guidance_scale)
 
 

@@ -1,4 +1,5 @@
 """Prompt tokenization with the checkpoint's own tokenizer (CLIP BPE or our word-level one)."""
+
 from typing import Any
 from collections import OrderedDict
 import threading
@@ -67,8 +68,16 @@ class CachedTextEncoder:
     the unconditional embedding of a job without a negative prompt: the encoding of "", or zeros
     where the family's checkpoint says so (SDXL's force_zeros_for_empty_prompt)."""
 
-    def __init__(self, tokenizers: TextTokenizers, encode_text: Any, outputs: dict[str, Any], zero_unconditional: bool = False,
-                 capacity: int = 1024, max_batch: int | None = None, lora: Any = None) -> None:
+    def __init__(
+        self,
+        tokenizers: TextTokenizers,
+        encode_text: Any,
+        outputs: dict[str, Any],
+        zero_unconditional: bool = False,
+        capacity: int = 1024,
+        max_batch: int | None = None,
+        lora: Any = None,
+    ) -> None:
         """lora: the model's LoraRegistry where the text encoder takes mixed LoRA inputs: a text is
         encoded with the text-encoder parts of its job's adapters, and cached per adapter set."""
         self.tokenizers = tokenizers
@@ -110,7 +119,9 @@ class CachedTextEncoder:
             self.calls += 1
             self.rows += len(chunk)
             for i, (key, _) in enumerate(chunk):
-                self.cache[key] = {self.outputs[name]: value[i] for name, value in outputs.items() if name in self.outputs}
+                self.cache[key] = {
+                    self.outputs[name]: value[i] for name, value in outputs.items() if name in self.outputs
+                }
         out = []
         for text, key in zip(texts, keys):
             self.cache.move_to_end(key)

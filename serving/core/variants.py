@@ -13,6 +13,7 @@ trained with (`ldm export` shares the components that are identical between vari
 Jobs of different models or variants never share a UNet call (their networks and channel
 layouts differ): the job's call key carries both.
 """
+
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +43,12 @@ class VariantSpec:
     family: str = "sd"  # families/ FAMILIES
     text_outputs: tuple[Any, ...] = ("last_hidden_state",)  # the text encoder's outputs, in its contract's order
     zero_empty_negative: bool = False  # SDXL's force_zeros_for_empty_prompt
-    token_lengths: dict[str, Any] = field(default_factory=dict)  # token-id input -> ids per prompt (default: text_length)
-    checked_inputs: tuple[Any, ...] = ("input_ids",)  # the token-id inputs whose length refuses a prompt (others truncate)
+    token_lengths: dict[str, Any] = field(
+        default_factory=dict
+    )  # token-id input -> ids per prompt (default: text_length)
+    checked_inputs: tuple[Any, ...] = (
+        "input_ids",
+    )  # the token-id inputs whose length refuses a prompt (others truncate)
     distilled_guidance: bool = False  # the denoiser takes guidance_scale as an input (Flux dev)
     lora_unet: str | None = None  # the denoiser with mixed LoRA inputs (a file beside pipeline.json), where exported
     lora_unet_layers: dict[str, Any] = field(default_factory=dict)  # its adapted layers: name -> (in, out)
@@ -57,8 +62,11 @@ class VariantSpec:
             raise ValueError("pipeline.json has no variants table (an export by an older version): re-run `ldm export`")
         fields = cls.__dataclass_fields__
         kept: dict[str, dict[str, Any]] = {
-            name: {k: tuple(v) if k in ("text_outputs", "checked_inputs") else v for k, v in facts.items() if k in fields}
-            for name, facts in info["variants"].items()}
+            name: {
+                k: tuple(v) if k in ("text_outputs", "checked_inputs") else v for k, v in facts.items() if k in fields
+            }
+            for name, facts in info["variants"].items()
+        }
         return {name: cls(name=name, **values) for name, values in kept.items()}
 
 

@@ -16,6 +16,7 @@ second up to `burst`; a request costs its work in units of the pipeline's defaul
 a fraction of one (serving/gateway/costs.py). Empty: RESOURCE_EXHAUSTED / HTTP 429 with the
 seconds until enough tokens are back.
 """
+
 from collections import OrderedDict
 from dataclasses import dataclass
 import hashlib
@@ -64,10 +65,16 @@ class ApiKeys:
                 continue
             parts = line.split()
             hex_digest = parts[1].removeprefix(HASH_PREFIX) if len(parts) in (2, 3) else ""
-            if (len(hex_digest) != 64 or not parts[1].startswith(HASH_PREFIX) or any(c not in "0123456789abcdef" for c in hex_digest)
-                    or parts[2:] not in ([], *[[role] for role in ROLES])):
-                raise ValueError(f"{source}:{number}: expected `NAME sha256:<64 hex digits>`, or with ` admin` after it "
-                                 "(see ldm gateway --new-key)")
+            if (
+                len(hex_digest) != 64
+                or not parts[1].startswith(HASH_PREFIX)
+                or any(c not in "0123456789abcdef" for c in hex_digest)
+                or parts[2:] not in ([], *[[role] for role in ROLES])
+            ):
+                raise ValueError(
+                    f"{source}:{number}: expected `NAME sha256:<64 hex digits>`, or with ` admin` after it "
+                    "(see ldm gateway --new-key)"
+                )
             names[parts[1]] = parts[0]
             if parts[2:] == ["admin"]:
                 admins.add(parts[1])
@@ -148,9 +155,13 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
             wait = bucket.take(cost, now)
         if wait:
-            raise ApiError(RESOURCE_EXHAUSTED, f"rate limit of {self.rate:g} work units/s (burst {self.burst:g}; a unit: "
-                           "one image of the pipeline's default steps, size and guidance) "
-                           f"reached for {caller}; retry in {wait:.1f} s", retry_after_s=wait)
+            raise ApiError(
+                RESOURCE_EXHAUSTED,
+                f"rate limit of {self.rate:g} work units/s (burst {self.burst:g}; a unit: "
+                "one image of the pipeline's default steps, size and guidance) "
+                f"reached for {caller}; retry in {wait:.1f} s",
+                retry_after_s=wait,
+            )
 
     def refund(self, caller: str, cost: float) -> None:
         """Gives back what `charge` took for a request refused before it ran."""
@@ -175,8 +186,11 @@ class Access:
         """PERMISSION_DENIED unless the (already identified) key is an admin key; without keys
         anyone may."""
         if self.keys is not None and not self.keys.is_admin(credential):
-            raise ApiError(PERMISSION_DENIED, f"{what} needs an admin key (a key file line ending in ` admin`: "
-                           "ldm gateway --new-key NAME --admin); this key may generate and list")
+            raise ApiError(
+                PERMISSION_DENIED,
+                f"{what} needs an admin key (a key file line ending in ` admin`: "
+                "ldm gateway --new-key NAME --admin); this key may generate and list",
+            )
 
     def charge(self, caller: str, cost: float) -> None:
         if self.limiter is not None:

@@ -11,6 +11,7 @@ Adding to it: a new gRPC service is one more `add_*_to_server` in `start`; a RES
 page is one more `app.router.add_*` on `build_app`'s application (the live generations and the
 page are added by serving/gateway/rest_live.py).
 """
+
 import asyncio
 from dataclasses import dataclass, field
 import logging
@@ -61,8 +62,10 @@ class GatewayConfig:
         Replicas(self.replica_name, self.peers, self.peer_domain)  # raises ValueError for a bad name
         Capacity(self.admission_wait_s, share=self.max_key_share)  # and for a bad admission wait or share
         if self.keys is None and not self.allow_anonymous and not is_loopback(self.host):
-            raise ValueError(f"the gateway would listen on {self.host} without API keys: give --api-keys FILE (or "
-                             "LDM_API_KEY_HASHES), or --allow-anonymous to serve anyone who can reach it")
+            raise ValueError(
+                f"the gateway would listen on {self.host} without API keys: give --api-keys FILE (or "
+                "LDM_API_KEY_HASHES), or --allow-anonymous to serve anyone who can reach it"
+            )
 
 
 class Gateway:
@@ -71,9 +74,14 @@ class Gateway:
         self.config = config
         limiter = RateLimiter(config.rate, config.burst) if config.rate > 0 else None
         self.replicas = Replicas(config.replica_name, config.peers, config.peer_domain, config.rest_port or 8080)
-        self.service = ImageService(PipelineClient(config.triton, config.control_secret), Access(config.keys, limiter),
-                                    GatewayMetrics(), config.limits, config.replica_name,
-                                    Capacity(config.admission_wait_s, share=config.max_key_share))
+        self.service = ImageService(
+            PipelineClient(config.triton, config.control_secret),
+            Access(config.keys, limiter),
+            GatewayMetrics(),
+            config.limits,
+            config.replica_name,
+            Capacity(config.admission_wait_s, share=config.max_key_share),
+        )
         self.grpc_server: Any = None
         self.runner: web.AppRunner | None = None
         self.rest_port: int | None = None
@@ -82,8 +90,9 @@ class Gateway:
 
     async def start(self) -> "Gateway":
         size = self.config.limits.max_body_bytes
-        self.grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", size),
-                                                    ("grpc.max_send_message_length", -1)])
+        self.grpc_server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", -1)]
+        )
         self.health = add_services(self.grpc_server, self.service)
         await set_serving(self.health, False)
         self.grpc_port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
@@ -94,10 +103,15 @@ class Gateway:
         app = build_app(self.service)
         add_routes(app, self.replicas)
         config = self.config
-        browser.install(app, BrowserGuard.of(config.host, config.keys is not None, config.allowed_hosts,
-                                             config.allowed_origins, config.peer_domain))
-        runner = self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                             shutdown_timeout=self.config.drain_s)
+        browser.install(
+            app,
+            BrowserGuard.of(
+                config.host, config.keys is not None, config.allowed_hosts, config.allowed_origins, config.peer_domain
+            ),
+        )
+        runner = self.runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=self.config.drain_s
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.rest_port)
         await site.start()
@@ -116,8 +130,9 @@ class Gateway:
                     if ready:
                         model = pipeline.require_model()
                         log.info("pipeline at %s is ready; it takes %s", pipeline.url, ", ".join(sorted(model.inputs)))
-                        self.service.capacity.configure(model.parameter("max_active", int, 16),
-                                                        model.parameter("max_queue", int, 64))
+                        self.service.capacity.configure(
+                            model.parameter("max_active", int, 16), model.parameter("max_queue", int, 64)
+                        )
                 if ready and status is not None:
                     self.service.capacity.observe(status.active + status.queued)
             except Exception:  # whatever broke, the watch goes on: not ready until Triton answers
@@ -148,8 +163,10 @@ class Gateway:
 async def serve(config: GatewayConfig, announce=print) -> None:
     """Runs the gateway until SIGTERM or SIGINT."""
     gateway = await Gateway(config).start()
-    announce(f"gateway ready  REST http://{config.host}:{gateway.rest_port}  gRPC {config.host}:{gateway.grpc_port}  "
-             f"(Triton {config.triton}; API keys {'on' if config.keys else 'off'}; replica {config.replica_name})")
+    announce(
+        f"gateway ready  REST http://{config.host}:{gateway.rest_port}  gRPC {config.host}:{gateway.grpc_port}  "
+        f"(Triton {config.triton}; API keys {'on' if config.keys else 'off'}; replica {config.replica_name})"
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

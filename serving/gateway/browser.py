@@ -18,6 +18,7 @@ that confine its own pages.
   (`frame-ancestors 'none'`); the pages get a Content-Security-Policy allowing their own files
   only (/docs: its inline script and style by hash).
 """
+
 import base64
 from dataclasses import dataclass
 import hashlib
@@ -34,8 +35,9 @@ LOOPBACK_NAMES = ("localhost",)
 WILDCARDS = ("", "0.0.0.0", "::")
 STATIC = Path(__file__).resolve().parent / "static"
 FRAMING = "frame-ancestors 'none'"
-PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'self'; "
-               + FRAMING)
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'self'; " + FRAMING
+)
 
 
 def _inline_hashes(page: Path, tag: str) -> str:
@@ -44,9 +46,13 @@ def _inline_hashes(page: Path, tag: str) -> str:
     return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'" for body in blocks)
 
 
-DOCS_POLICY = PAGE_POLICY.replace("default-src 'self';", (
-    f"default-src 'self'; script-src 'self' {_inline_hashes(STATIC / 'docs.html', 'script')}; "
-    f"style-src 'self' {_inline_hashes(STATIC / 'docs.html', 'style')};"))
+DOCS_POLICY = PAGE_POLICY.replace(
+    "default-src 'self';",
+    (
+        f"default-src 'self'; script-src 'self' {_inline_hashes(STATIC / 'docs.html', 'script')}; "
+        f"style-src 'self' {_inline_hashes(STATIC / 'docs.html', 'style')};"
+    ),
+)
 POLICIES = {"/": PAGE_POLICY, "/docs": DOCS_POLICY}
 
 
@@ -88,14 +94,20 @@ class BrowserGuard:
         host = request.headers.get("Host", "")
         name = host_name(host)
         if self.hosts is not None and not (is_ip(name) or name in self.hosts or name.endswith(self.suffixes)):
-            raise ApiError(PERMISSION_DENIED, f"this gateway does not answer to the name {name!r}; add it with "
-                           "--allowed-hosts", "Host")
+            raise ApiError(
+                PERMISSION_DENIED,
+                f"this gateway does not answer to the name {name!r}; add it with --allowed-hosts",
+                "Host",
+            )
         origin = request.headers.get("Origin")
         if origin is None or origin.lower() in self.origins:
             return
         if urlsplit(origin).netloc.lower() != host.lower():
-            raise ApiError(PERMISSION_DENIED, f"requests from pages at {origin} are not allowed; add the origin with "
-                           "--allowed-origins", "Origin")
+            raise ApiError(
+                PERMISSION_DENIED,
+                f"requests from pages at {origin} are not allowed; add the origin with --allowed-origins",
+                "Origin",
+            )
 
 
 def install(app: web.Application, guard: BrowserGuard) -> None:

@@ -22,6 +22,7 @@ start and frees them when it ends), so nothing is reserved that a call which nev
 leak. The REST and unary gRPC fronts make them with no await between; a Session's generation
 starts in a task of its own, so a few may pass the check together, and the engine's own queue
 bound refuses any excess (UNAVAILABLE)."""
+
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ class _Waiter:
 class Capacity:
     def __init__(self, wait_s: float = 2.0, max_waiting: int = 1024, share: float = 0.5):
         if not 0 <= wait_s < math.inf or max_waiting < 0 or not 0 < share <= 1:
-            raise ValueError(f"admission wait must be a finite number of seconds >= 0 (got {wait_s}), the waiting "
-                             f"bound >= 0 (got {max_waiting}) and a key's share in (0, 1] (got {share})")
+            raise ValueError(
+                f"admission wait must be a finite number of seconds >= 0 (got {wait_s}), the waiting "
+                f"bound >= 0 (got {max_waiting}) and a key's share in (0, 1] (got {share})"
+            )
         self.wait_s = wait_s
         self.max_waiting = max_waiting
         self.share = share
@@ -122,5 +125,9 @@ class Capacity:
             waiter.woken.set()
 
     def _refusal(self) -> ApiError:
-        return ApiError(UNAVAILABLE, f"the pipeline is full ({self.in_flight + self.external} of {self.slots} slots "
-                        f"taken, {self.waiting} requests waiting); retry later", retry_after_s=max(1.0, self.wait_s))
+        return ApiError(
+            UNAVAILABLE,
+            f"the pipeline is full ({self.in_flight + self.external} of {self.slots} slots "
+            f"taken, {self.waiting} requests waiting); retry later",
+            retry_after_s=max(1.0, self.wait_s),
+        )

@@ -15,6 +15,7 @@ A steer re-encodes the texts it gives (a schedule's every distinct text) under t
 and a mask steer runs the VAE encoder: STEER_UNITS, MASK_STEER_UNITS. Each live generation also
 takes at most MAX_STEERS steers, at most STEERS_PER_S per second in bursts of STEER_BURST
 (`SteerBudget`)."""
+
 from dataclasses import dataclass, field
 import time
 
@@ -64,14 +65,21 @@ class SteerBudget:
         """Counts one steer; RESOURCE_EXHAUSTED (with the wait) past either bound."""
         now = time.monotonic() if now is None else now
         if self.used >= MAX_STEERS:
-            raise ApiError(RESOURCE_EXHAUSTED, f"generation {generation_id} has had its {MAX_STEERS} steers; "
-                           "start a new one", retry_after_s=60.0)
+            raise ApiError(
+                RESOURCE_EXHAUSTED,
+                f"generation {generation_id} has had its {MAX_STEERS} steers; start a new one",
+                retry_after_s=60.0,
+            )
         self.tokens = min(STEER_BURST, self.tokens + (now - self.at) * STEERS_PER_S)
         self.at = now
         if self.tokens < 1:
             wait = (1 - self.tokens) / STEERS_PER_S
-            raise ApiError(RESOURCE_EXHAUSTED, f"generation {generation_id} takes at most {STEERS_PER_S:g} steers per "
-                           f"second (bursts of {STEER_BURST:g}); retry in {wait:.2f} s", retry_after_s=wait)
+            raise ApiError(
+                RESOURCE_EXHAUSTED,
+                f"generation {generation_id} takes at most {STEERS_PER_S:g} steers per "
+                f"second (bursts of {STEER_BURST:g}); retry in {wait:.2f} s",
+                retry_after_s=wait,
+            )
         self.tokens -= 1
         self.used += 1
 

@@ -4,6 +4,7 @@ A field error names the field of the gateway's own request (`Generation`, which 
 pipeline's input names); each front renames it to what its clients sent (REST: `size` for
 height and width, `image` for init_image, ...).
 """
+
 import re
 
 import grpc
@@ -17,7 +18,9 @@ TOO_LARGE = "TOO_LARGE"  # request body or image over the gateway's limits
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 NOT_FOUND = "NOT_FOUND"  # no generation with that id (never had one, or forgotten)
 FAILED_PRECONDITION = "FAILED_PRECONDITION"  # the generation has finished: too late to steer or cancel it
-PERMISSION_DENIED = "PERMISSION_DENIED"  # a browser request from a foreign page, or to an unknown Host (serving/gateway/browser.py)
+PERMISSION_DENIED = (
+    "PERMISSION_DENIED"  # a browser request from a foreign page, or to an unknown Host (serving/gateway/browser.py)
+)
 UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"  # a JSON body without Content-Type: application/json
 
 GRPC_STATUS = {

@@ -10,6 +10,7 @@ and `lora_weights`, in the request's order; the pipeline adds the prompt's `<lor
 tags after them, so its error naming `loras[i]` past the request's own adapters is about a tag
 of the prompt (`refused` says so).
 """
+
 from dataclasses import dataclass, field
 import re
 import secrets
@@ -24,8 +25,13 @@ FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**63 - 1
 PAIRS = {"original_size": "[height, width]", "crop_top_left": "[top, left]", "target_size": "[height, width]"}
 # pipeline inputs -> the GenerateRequest (and Steer) fields they come from
-FIELD_NAMES = {"region_prompts": "regions.prompt", "region_negative_prompts": "regions.negative_prompt",
-               "region_masks": "regions.mask", "lora_names": "loras", "lora_weights": "loras"}
+FIELD_NAMES = {
+    "region_prompts": "regions.prompt",
+    "region_negative_prompts": "regions.negative_prompt",
+    "region_masks": "regions.mask",
+    "lora_names": "loras",
+    "lora_weights": "loras",
+}
 LORA_FIELD = re.compile(r"loras\[(\d+)\](\.\w+)?")
 
 # Triton model-config data types -> numpy
@@ -66,7 +72,9 @@ class Generation:
             raise invalid("quality", f"must be in [1, 100], got {self.quality}")
         interval = self.inputs.get("guidance_interval")
         if interval is not None and len(interval) != 2:  # its tensor is [2]: Triton would refuse another shape
-            raise invalid("guidance_interval", f"must be two numbers [lo, hi] (fractions of the run), got {len(interval)}")
+            raise invalid(
+                "guidance_interval", f"must be two numbers [lo, hi] (fractions of the run), got {len(interval)}"
+            )
         for name, meaning in PAIRS.items():  # SDXL's size conditioning: INT32 [2] each
             pair = self.inputs.get(name)
             if pair is not None and len(pair) != 2:
@@ -84,8 +92,13 @@ class Generation:
         """The pipeline's refusal, naming `prompt` where it is about a <lora:> tag of the prompt."""
         match = LORA_FIELD.fullmatch(error.field or "")
         if match and int(match.group(1)) >= len(self.inputs.get("lora_names", ())):
-            return ApiError(error.code, f"a <lora:name:weight> tag ({error.field}: the request's loras, then the prompt's "
-                            f"tags): {error.message}", "prompt", error.retry_after_s)
+            return ApiError(
+                error.code,
+                f"a <lora:name:weight> tag ({error.field}: the request's loras, then the prompt's "
+                f"tags): {error.message}",
+                "prompt",
+                error.retry_after_s,
+            )
         return error
 
     def values(self, index: int) -> dict:
@@ -102,8 +115,12 @@ class Generation:
         """UNIMPLEMENTED naming the first input the served pipeline does not take."""
         for name in self.values(0):
             if name not in declared:
-                raise ApiError(UNIMPLEMENTED, "the served pipeline does not take this input (its model "
-                               "has no such feature deployed); leave it out", name)
+                raise ApiError(
+                    UNIMPLEMENTED,
+                    "the served pipeline does not take this input (its model "
+                    "has no such feature deployed); leave it out",
+                    name,
+                )
 
     def arrays(self, index: int, declared: dict) -> dict:
         """Named numpy arrays for image `index`, typed as the served pipeline declares them."""

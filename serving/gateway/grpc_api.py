@@ -8,6 +8,7 @@ The request id travels in the trailing metadata (`x-request-id`) and in the mess
 early headers: a proxy (nginx, an Ingress) that has not yet sent response headers answers a
 replica that dies mid-call with 502, which clients see as UNAVAILABLE and retry; once headers
 are out it can only reset the stream, which they see as INTERNAL."""
+
 from typing import Any
 from collections import namedtuple
 import math
@@ -29,15 +30,38 @@ from serving.gateway.service import EncodedImage, ImageService
 from serving.gateway.telemetry import REQUEST_ID_HEADER, request_id, unexpected
 
 SERVICE = images_pb2.DESCRIPTOR.services_by_name["Images"].full_name
-FORMATS = {images_pb2.IMAGE_FORMAT_UNSPECIFIED: "png", images_pb2.IMAGE_FORMAT_PNG: "png",
-           images_pb2.IMAGE_FORMAT_JPEG: "jpeg", images_pb2.IMAGE_FORMAT_WEBP: "webp"}
-FORMAT_ENUM = {"png": images_pb2.IMAGE_FORMAT_PNG, "jpeg": images_pb2.IMAGE_FORMAT_JPEG, "webp": images_pb2.IMAGE_FORMAT_WEBP}
-TASKS = {images_pb2.TASK_TXT2IMG: "txt2img", images_pb2.TASK_IMG2IMG: "img2img",
-         images_pb2.TASK_INPAINT: "inpaint", images_pb2.TASK_UPSCALE: "upscale"}
+FORMATS = {
+    images_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
+    images_pb2.IMAGE_FORMAT_PNG: "png",
+    images_pb2.IMAGE_FORMAT_JPEG: "jpeg",
+    images_pb2.IMAGE_FORMAT_WEBP: "webp",
+}
+FORMAT_ENUM = {
+    "png": images_pb2.IMAGE_FORMAT_PNG,
+    "jpeg": images_pb2.IMAGE_FORMAT_JPEG,
+    "webp": images_pb2.IMAGE_FORMAT_WEBP,
+}
+TASKS = {
+    images_pb2.TASK_TXT2IMG: "txt2img",
+    images_pb2.TASK_IMG2IMG: "img2img",
+    images_pb2.TASK_INPAINT: "inpaint",
+    images_pb2.TASK_UPSCALE: "upscale",
+}
 REGION_MODES = {images_pb2.REGION_MODE_LATENT: "latent", images_pb2.REGION_MODE_ATTENTION: "attention"}
 # optional scalar fields of GenerateRequest that are pipeline inputs of the same name
-SCALARS = ("steps", "guidance_scale", "height", "width", "eta", "timeout_s", "strength", "mask_blur",
-           "keep_unmasked", "noise_level", "base_prompt_weight")
+SCALARS = (
+    "steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "eta",
+    "timeout_s",
+    "strength",
+    "mask_blur",
+    "keep_unmasked",
+    "noise_level",
+    "base_prompt_weight",
+)
 
 
 def to_generation(request, streaming: bool) -> Generation:
@@ -91,9 +115,17 @@ def models_message(model) -> "images_pb2.ListModelsResponse":
     response = images_pb2.ListModelsResponse()
     for served in models.served_models(model):
         sampler, schedule = served.default_sampler or ("", "")
-        response.models.add(id=served.id, family=served.family, is_default=served.default, native_size=served.native_size,
-                            max_size=served.max_size, tasks=served.tasks, default_sampler=sampler,
-                            default_sigma_schedule=schedule, created=model.read_at)
+        response.models.add(
+            id=served.id,
+            family=served.family,
+            is_default=served.default,
+            native_size=served.native_size,
+            max_size=served.max_size,
+            tasks=served.tasks,
+            default_sampler=sampler,
+            default_sigma_schedule=schedule,
+            created=model.read_at,
+        )
     return response
 
 
@@ -111,8 +143,11 @@ def enum_word(words: dict, field: str, value: int) -> str:
 
 def to_steer(steer) -> dict:
     """The pipeline inputs of a Steer (the fields it gives); images as Uploads."""
-    inputs = {name: getattr(steer, name) for name in ("prompt", "negative_prompt", "guidance_scale", "base_prompt_weight")
-              if steer.HasField(name)}
+    inputs = {
+        name: getattr(steer, name)
+        for name in ("prompt", "negative_prompt", "guidance_scale", "base_prompt_weight")
+        if steer.HasField(name)
+    }
     if steer.mask:
         inputs["mask"] = images.Upload(steer.mask, "mask", mask=True)
     inputs.update(lora_inputs([(lora.name, lora.weight if lora.HasField("weight") else 1.0) for lora in steer.loras]))
@@ -148,8 +183,15 @@ def to_message(image: EncodedImage):
     timings = images_pb2.Timings(total_s=image.total_s)
     if image.first_step_s is not None:
         timings.first_step_s = image.first_step_s
-    return images_pb2.GeneratedImage(index=image.index, seed=image.seed, data=image.data, format=FORMAT_ENUM[image.output_format],
-                                     width=image.width, height=image.height, timings=timings)
+    return images_pb2.GeneratedImage(
+        index=image.index,
+        seed=image.seed,
+        data=image.data,
+        format=FORMAT_ENUM[image.output_format],
+        width=image.width,
+        height=image.height,
+        timings=timings,
+    )
 
 
 class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
@@ -275,7 +317,9 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                     raise invalid("name", "is required (1-64 letters, digits, '.', '_' or '-')")
                 if not request.file:
                     raise invalid("file", "is required: the adapter's .safetensors file")
-                return lora_message(await loras.load(self.service, credential, request.name, request.file, request.model))
+                return lora_message(
+                    await loras.load(self.service, credential, request.name, request.file, request.model)
+                )
             except Exception as exc:
                 await abort(context, outcome, exc, rid)
 
@@ -297,8 +341,16 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         with self.service.metrics.request(grpc_session.ROUTE, rid) as outcome:
             try:
                 caller = self.service.identify(bearer(metadata.get("authorization")), peer_address(context.peer()))
-                async for event in grpc_session.session(self.service, request_iterator, caller, rid, outcome,
-                                                        lambda request: to_generation(request, True), to_steer, to_message):
+                async for event in grpc_session.session(
+                    self.service,
+                    request_iterator,
+                    caller,
+                    rid,
+                    outcome,
+                    lambda request: to_generation(request, True),
+                    to_steer,
+                    to_message,
+                ):
                     yield event
             except Exception as exc:
                 await abort(context, outcome, exc, rid)
@@ -317,4 +369,3 @@ async def set_serving(health_servicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE):
         await health_servicer.set(name, status)
-

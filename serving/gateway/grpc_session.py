@@ -8,6 +8,7 @@ ends after the image, or with the generation's error as its status. A steer that
 unexpected way is acknowledged INTERNAL and the reader reads on; a reader that fails ends the
 call INTERNAL (never a call that goes on deaf to its steers and cancel).
 """
+
 import asyncio
 
 from serving.gateway.errors import GRPC_STATUS, ApiError, invalid
@@ -20,8 +21,9 @@ ROUTE = "grpc.Session"
 _END = object()
 
 
-async def session(service: ImageService, request_iterator, caller: str, rid: str, outcome, to_generation, to_steer,
-                  to_message):
+async def session(
+    service: ImageService, request_iterator, caller: str, rid: str, outcome, to_generation, to_steer, to_message
+):
     """Yields the call's GenerateEvents; raises ApiError for the call's status."""
     first = await anext(aiter(request_iterator), None)
     if first is None or not first.HasField("start"):
@@ -46,8 +48,14 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
                     service.cancel(live.id, caller)
                     return
                 if not message.HasField("steer"):
-                    await queue.put(images_pb2.SteerAck(sequence=sequence, error_code="INVALID_ARGUMENT",
-                                                        error_message="only the first message may be `start`", field="start"))
+                    await queue.put(
+                        images_pb2.SteerAck(
+                            sequence=sequence,
+                            error_code="INVALID_ARGUMENT",
+                            error_message="only the first message may be `start`",
+                            field="start",
+                        )
+                    )
                     continue
                 sequence += 1
                 await queue.put(await acknowledged(sequence, message.steer))
@@ -57,13 +65,19 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
     async def acknowledged(sequence: int, steer):
         """The SteerAck of one steer: its id, or the error (a steer's failure never ends the call)."""
         try:
-            return images_pb2.SteerAck(sequence=sequence, steer_id=await service.steer(live.id, caller, to_steer(steer)))
+            return images_pb2.SteerAck(
+                sequence=sequence, steer_id=await service.steer(live.id, caller, to_steer(steer))
+            )
         except ApiError as refused:  # (an `as` name is unbound after its block)
             error = refused.renamed(FIELD_NAMES)
         except Exception as exc:
             error = unexpected(exc, rid)
-        return images_pb2.SteerAck(sequence=sequence, error_code=GRPC_STATUS[error.code].name,
-                                   error_message=error.message, field=error.field or "")
+        return images_pb2.SteerAck(
+            sequence=sequence,
+            error_code=GRPC_STATUS[error.code].name,
+            error_message=error.message,
+            field=error.field or "",
+        )
 
     tasks = [asyncio.create_task(pump()), asyncio.create_task(read())]
     started = False
@@ -76,9 +90,15 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
                 raise item
             if not started:
                 started = True
-                total = item.total_steps if isinstance(item, ProgressEvent) else generation.inputs.get("steps", service.default_steps())
-                yield images_pb2.GenerateEvent(started=images_pb2.Started(generation_id=live.id, seed=generation.seed,
-                                                                          total_steps=total), request_id=rid)
+                total = (
+                    item.total_steps
+                    if isinstance(item, ProgressEvent)
+                    else generation.inputs.get("steps", service.default_steps())
+                )
+                yield images_pb2.GenerateEvent(
+                    started=images_pb2.Started(generation_id=live.id, seed=generation.seed, total_steps=total),
+                    request_id=rid,
+                )
             if isinstance(item, images_pb2.SteerAck):
                 yield images_pb2.GenerateEvent(steer_ack=item, request_id=rid)
             elif isinstance(item, SteerApplied):
@@ -97,5 +117,6 @@ async def session(service: ImageService, request_iterator, caller: str, rid: str
 
 def progress_message(event: ProgressEvent):
     """The Progress message of a progress event (GenerateStream and Session send the same)."""
-    return images_pb2.Progress(index=event.index, step=event.step, total_steps=event.total_steps,
-                               preview=event.preview or b"")
+    return images_pb2.Progress(
+        index=event.index, step=event.step, total_steps=event.total_steps, preview=event.preview or b""
+    )

@@ -6,6 +6,7 @@ the order): `declare` reads only the header (format, width, height; Pillow's `Im
 lazy) and checks the pixel limit; `decode` expands the pixels, which the service runs in its
 bounded pool after the request was charged, never on the event loop.
 """
+
 from dataclasses import dataclass
 import io
 
@@ -42,7 +43,9 @@ class Upload:
         image = self._open()
         self.width, self.height = image.size
         if self.width * self.height > max_pixels:
-            raise ApiError(TOO_LARGE, f"is {self.width}x{self.height}: more than this server's {max_pixels} pixels", self.field)
+            raise ApiError(
+                TOO_LARGE, f"is {self.width}x{self.height}: more than this server's {max_pixels} pixels", self.field
+            )
         if max(self.width, self.height) > max_side:
             raise ApiError(TOO_LARGE, f"is {self.width}x{self.height}: a side over {max_side} pixels", self.field)
         return self.width * self.height

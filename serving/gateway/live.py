@@ -7,6 +7,7 @@ A generation id is `<replica>.<token>`: the name of the replica whose gateway an
 random bits, so an id cannot be guessed. Image i of a generation is Triton request `<id>-<i>`.
 Only the caller that started a generation may steer or cancel it; to anyone else it is unknown.
 """
+
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -68,8 +69,11 @@ class LiveTable:
 
     def add(self, generation: LiveGeneration) -> LiveGeneration:
         if len(self._live) >= self.max_live:
-            raise ApiError(UNAVAILABLE, f"this replica runs {self.max_live} live generations already; retry later",
-                           retry_after_s=2.0)
+            raise ApiError(
+                UNAVAILABLE,
+                f"this replica runs {self.max_live} live generations already; retry later",
+                retry_after_s=2.0,
+            )
         self._live[generation.id] = generation
         return generation
 

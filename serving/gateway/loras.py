@@ -20,6 +20,7 @@ FAILED_PRECONDITION), an unknown adapter (404 naming `name`). The upload is read
 file part capped at that limit, whatever the gateway's --max-body-mb (adapters are often larger
 than a request body); over gRPC LoadLora's message is capped by --max-body-mb too.
 """
+
 from pathlib import Path
 
 from aiohttp import web
@@ -51,8 +52,11 @@ def max_file_bytes(service) -> int:
 
 def _ready(service) -> None:
     if not service.ready:
-        raise ApiError(UNAVAILABLE, f"the pipeline at {service.pipeline.url} is not ready (starting or shutting down); "
-                       "retry later", retry_after_s=2.0)
+        raise ApiError(
+            UNAVAILABLE,
+            f"the pipeline at {service.pipeline.url} is not ready (starting or shutting down); retry later",
+            retry_after_s=2.0,
+        )
 
 
 async def list_adapters(service, model: str = "") -> list:
@@ -66,8 +70,11 @@ async def load(service, credential: str | None, name: str, data: bytes, model: s
     _ready(service)
     limit = max_file_bytes(service)
     if len(data) > limit:
-        raise ApiError(TOO_LARGE, f"{len(data)} bytes; at most {limit} bytes per adapter file (the pipeline's "
-                       "max_lora_file_mb)", "file")
+        raise ApiError(
+            TOO_LARGE,
+            f"{len(data)} bytes; at most {limit} bytes per adapter file (the pipeline's max_lora_file_mb)",
+            "file",
+        )
     adapters = await service.pipeline.load_lora(name, data, model)
     return _find(adapters, name)
 
@@ -88,6 +95,7 @@ def _find(adapters: list, name: str) -> dict:
 
 
 # ---- REST ----------------------------------------------------------------------------------
+
 
 def add_routes(app: web.Application, service_key) -> None:
     """The /v1/loras routes on the REST application (its ImageService under `service_key`)."""
@@ -127,7 +135,9 @@ def add_routes(app: web.Application, service_key) -> None:
         service = request.app[service_key]
         with service.metrics.request("rest.loras.delete", request["rid"]):
             credential = credential_of(request, service)
-            return web.json_response(await unload(service, credential, request.match_info["name"], _query(request, "model")))
+            return web.json_response(
+                await unload(service, credential, request.match_info["name"], _query(request, "model"))
+            )
 
     app.router.add_get("/v1/loras", get_list)
     app.router.add_post("/v1/loras", post)
@@ -149,8 +159,12 @@ async def read_upload(request, limit: int) -> tuple:
     if not request.content_type.startswith("multipart/form-data"):
         raise invalid("body", "must be multipart/form-data with a `file` part (and optional `name`, `model`)")
     if request.content_length is not None and request.content_length > limit + FORM_SLACK_BYTES:
-        raise ApiError(TOO_LARGE, f"the upload is {request.content_length} bytes; an adapter file may have at most "
-                       f"{limit} bytes (the pipeline's max_lora_file_mb)", "file")
+        raise ApiError(
+            TOO_LARGE,
+            f"the upload is {request.content_length} bytes; an adapter file may have at most "
+            f"{limit} bytes (the pipeline's max_lora_file_mb)",
+            "file",
+        )
     fields: dict[str, bytes | str] = {}
     filename = None
     try:
@@ -165,8 +179,12 @@ async def read_upload(request, limit: int) -> tuple:
             data = await _read_part(part, cap)
             if data is None:
                 if key == "file":
-                    raise ApiError(TOO_LARGE, f"over {limit} bytes; an adapter file may have at most {limit} bytes (the "
-                                   "pipeline's max_lora_file_mb)", "file")
+                    raise ApiError(
+                        TOO_LARGE,
+                        f"over {limit} bytes; an adapter file may have at most {limit} bytes (the "
+                        "pipeline's max_lora_file_mb)",
+                        "file",
+                    )
                 raise invalid(key, f"at most {cap} bytes")
             if key == "file":
                 filename = part.filename
@@ -182,7 +200,9 @@ async def read_upload(request, limit: int) -> tuple:
         raise invalid("file", "is required: the adapter's .safetensors file")
     name = fields.get("name") or (Path(filename).stem if filename else "")
     if not name:
-        raise invalid("name", "is required when the file part has no filename (the adapter is named by the file's stem)")
+        raise invalid(
+            "name", "is required when the file part has no filename (the adapter is named by the file's stem)"
+        )
     return name, fields["file"], fields.get("model", "")
 
 

@@ -13,6 +13,7 @@ wrappers send by default) also mean the default model, unless a served model has
 clients written for OpenAI keep working; any other name is NOT_FOUND naming it. Before
 several models could be served, the gateway accepted any `model` and ignored it.
 """
+
 from dataclasses import dataclass, replace
 import functools
 import json
@@ -48,12 +49,22 @@ def served_models(model: PipelineModel | None) -> list:
     if model is None:
         return []
     p = model.parameters
-    return list(_parse(p.get("models", ""), p.get("default_sampler", ""), p.get("scheduler_config", ""),
-                       model.parameter("native_size", int, 0), model.parameter("max_size", int, 0), "init_image" in model.inputs))
+    return list(
+        _parse(
+            p.get("models", ""),
+            p.get("default_sampler", ""),
+            p.get("scheduler_config", ""),
+            model.parameter("native_size", int, 0),
+            model.parameter("max_size", int, 0),
+            "init_image" in model.inputs,
+        )
+    )
 
 
 @functools.lru_cache(maxsize=16)  # read on every request: parsed once per served pipeline
-def _parse(table: str, configured: str, scheduler_config: str | None, native: int, max_size: int, image_input: bool) -> tuple:
+def _parse(
+    table: str, configured: str, scheduler_config: str | None, native: int, max_size: int, image_input: bool
+) -> tuple:
     try:
         entries = json.loads(table or "null")
     except ValueError:
@@ -63,15 +74,31 @@ def _parse(table: str, configured: str, scheduler_config: str | None, native: in
             noise_schedule = json.loads(scheduler_config or "null")
         except ValueError:
             noise_schedule = None
-        entries = [{"id": DEFAULT_ID, "family": "sd", "default": True, "native_size": native,
-                    "max_size": max_size or 2 * native, "scheduler_config": noise_schedule,
-                    "tasks": ["txt2img"] + (["img2img", "inpaint"] if image_input else [])}]
-    models = [ListedModel(
-        id=str(e["id"]), family=str(e.get("family", "sd")), default=bool(e.get("default")),
-        native_size=int(e.get("native_size") or 0), max_size=int(e.get("max_size") or 0), tasks=tuple(e.get("tasks", ())),
-        scheduler_config=e.get("scheduler_config") if isinstance(e.get("scheduler_config"), dict) else None,
-        default_sampler=_default_sampler(configured, e.get("scheduler_config")),
-    ) for e in entries if isinstance(e, dict) and "id" in e]
+        entries = [
+            {
+                "id": DEFAULT_ID,
+                "family": "sd",
+                "default": True,
+                "native_size": native,
+                "max_size": max_size or 2 * native,
+                "scheduler_config": noise_schedule,
+                "tasks": ["txt2img"] + (["img2img", "inpaint"] if image_input else []),
+            }
+        ]
+    models = [
+        ListedModel(
+            id=str(e["id"]),
+            family=str(e.get("family", "sd")),
+            default=bool(e.get("default")),
+            native_size=int(e.get("native_size") or 0),
+            max_size=int(e.get("max_size") or 0),
+            tasks=tuple(e.get("tasks", ())),
+            scheduler_config=e.get("scheduler_config") if isinstance(e.get("scheduler_config"), dict) else None,
+            default_sampler=_default_sampler(configured, e.get("scheduler_config")),
+        )
+        for e in entries
+        if isinstance(e, dict) and "id" in e
+    ]
     if models and not any(m.default for m in models):  # the first is the default (export/repository.py)
         models[0] = replace(models[0], default=True)
     return tuple(sorted(models, key=lambda m: not m.default))
@@ -127,9 +154,19 @@ def resolve(inputs: dict, pipeline_model: PipelineModel) -> ListedModel:
 def rest_entry(served: ListedModel, created: int) -> dict:
     """One model in OpenAI's model object shape, with this server's facts beside."""
     sampler, schedule = served.default_sampler or (None, None)
-    return {"id": served.id, "object": "model", "created": created, "owned_by": OWNER, "family": served.family,
-            "native_size": served.native_size, "max_size": served.max_size, "tasks": list(served.tasks),
-            "default_sampler": sampler, "default_sigma_schedule": schedule, "default": served.default}
+    return {
+        "id": served.id,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNER,
+        "family": served.family,
+        "native_size": served.native_size,
+        "max_size": served.max_size,
+        "tasks": list(served.tasks),
+        "default_sampler": sampler,
+        "default_sigma_schedule": schedule,
+        "default": served.default,
+    }
 
 
 def rest_list(models: list, created: int) -> dict:

@@ -18,6 +18,7 @@ readiness watch asks it, so a drained or stopped engine makes the gateway not re
 `loras`, `load_lora` and `unload_lora` send the pipeline's LoRA messages (serving/triton/loras.py),
 control messages too: the adapters the pipeline holds, an uploaded file registered, one removed.
 """
+
 import asyncio
 from dataclasses import dataclass
 import time
@@ -109,14 +110,18 @@ class PipelineClient:
 
     async def status(self) -> EngineStatus:
         """The engine's status message answer; raises ApiError when Triton does not give one."""
+
         def answer(result):
             values = [result.as_numpy(name) for name in ("accepting", "active", "queued")]
             if any(v is None for v in values):
                 return None  # a pipeline exported before status messages: it cannot say
             return EngineStatus(bool(values[0][0]), int(values[1][0]), int(values[2][0]))
 
-        request = {"model_name": MODEL, "inputs": infer_inputs({"prompt": np.array([b""], dtype=np.object_)}),
-                   "parameters": {STATUS_PARAMETER: "1"}}
+        request = {
+            "model_name": MODEL,
+            "inputs": infer_inputs({"prompt": np.array([b""], dtype=np.object_)}),
+            "parameters": {STATUS_PARAMETER: "1"},
+        }
         status = await self._ask(request, answer)
         if status is None:
             raise ApiError(UNAVAILABLE, "the pipeline did not answer the status message", retry_after_s=1.0)
@@ -128,6 +133,7 @@ class PipelineClient:
         is raised as ApiError (refusal(text), default from_pipeline). `graceful`: once answered,
         the stream is half-closed and read to its end rather than cancelled (LoRA messages: see
         _half_close)."""
+
         async def requests():
             yield request
             await answered.wait()
@@ -200,8 +206,9 @@ class PipelineClient:
                     continue
                 pending.discard(index)
                 seed = int(result.as_numpy("seed")[0])
-                yield Finished(index, image, seed, time.monotonic() - start, first_step.get(index), steered,
-                               totals.get(index))
+                yield Finished(
+                    index, image, seed, time.monotonic() - start, first_step.get(index), steered, totals.get(index)
+                )
                 if not pending:
                     return
             raise ApiError(UNAVAILABLE, f"the pipeline's stream ended with {len(pending)} image(s) missing")
@@ -223,7 +230,9 @@ class PipelineClient:
     async def load_lora(self, name: str, data: bytes, model: str = "") -> list:
         """Registers an adapter file under `name`; the adapters of its model after it."""
         self._require_loras()
-        return await self._lora_message("load", name, model, {lora_messages.FILE_INPUT: np.array([data], dtype=np.object_)})
+        return await self._lora_message(
+            "load", name, model, {lora_messages.FILE_INPUT: np.array([data], dtype=np.object_)}
+        )
 
     async def unload_lora(self, name: str, model: str = "") -> list:
         self._require_loras()
@@ -231,18 +240,34 @@ class PipelineClient:
 
     def _require_loras(self) -> None:
         if not self.takes_loras():
-            raise ApiError(UNIMPLEMENTED, "the served pipeline takes no LoRA messages (exported before LoRA adapters "
-                           "could be loaded at run time): re-export it (ldm serve does)")
+            raise ApiError(
+                UNIMPLEMENTED,
+                "the served pipeline takes no LoRA messages (exported before LoRA adapters "
+                "could be loaded at run time): re-export it (ldm serve does)",
+            )
 
     async def _lora_message(self, action: str, name: str = "", model: str = "", inputs: dict | None = None) -> list:
-        parameters = {lora_messages.ACTION_PARAMETER: action, lora_messages.NAME_PARAMETER: name,
-                      lora_messages.MODEL_PARAMETER: model, CONTROL_PARAMETER: self.control_secret}
-        request = {"model_name": MODEL, "parameters": parameters,
-                   "inputs": infer_inputs(inputs or {"prompt": np.array([b""], dtype=np.object_)})}
-        entries = await self._ask(request, lambda result: lora_messages.decode(result.as_numpy(lora_messages.LIST_OUTPUT)),
-                                  lora_refusal, graceful=True)
+        parameters = {
+            lora_messages.ACTION_PARAMETER: action,
+            lora_messages.NAME_PARAMETER: name,
+            lora_messages.MODEL_PARAMETER: model,
+            CONTROL_PARAMETER: self.control_secret,
+        }
+        request = {
+            "model_name": MODEL,
+            "parameters": parameters,
+            "inputs": infer_inputs(inputs or {"prompt": np.array([b""], dtype=np.object_)}),
+        }
+        entries = await self._ask(
+            request,
+            lambda result: lora_messages.decode(result.as_numpy(lora_messages.LIST_OUTPUT)),
+            lora_refusal,
+            graceful=True,
+        )
         if entries is None:
-            raise ApiError(UNAVAILABLE, f"the pipeline's stream ended without answering the LoRA {action}", retry_after_s=1.0)
+            raise ApiError(
+                UNAVAILABLE, f"the pipeline's stream ended without answering the LoRA {action}", retry_after_s=1.0
+            )
         return entries
 
     async def steer(self, target: str, fields: dict) -> int:
@@ -256,8 +281,12 @@ class PipelineClient:
             steer_id = result.as_numpy("steer_id")
             return None if steer_id is None else int(steer_id.reshape(-1)[0])
 
-        request = {"model_name": MODEL, "inputs": infer_inputs(named), "request_id": f"{target}-steer",
-                   "parameters": {STEER_PARAMETER: target, CONTROL_PARAMETER: self.control_secret}}
+        request = {
+            "model_name": MODEL,
+            "inputs": infer_inputs(named),
+            "request_id": f"{target}-steer",
+            "parameters": {STEER_PARAMETER: target, CONTROL_PARAMETER: self.control_secret},
+        }
         steer_id = await self._ask(request, answer)
         if steer_id is None:
             raise ApiError(UNAVAILABLE, "the pipeline's stream ended without answering the steer", retry_after_s=1.0)
@@ -301,6 +330,6 @@ async def _responses(stream):
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.CANCELLED:
             raise asyncio.CancelledError() from None
-        raise ApiError(UNAVAILABLE, f"lost the pipeline's stream: {exc.code().name} {exc.details()}", retry_after_s=1.0) from None
-
-
+        raise ApiError(
+            UNAVAILABLE, f"lost the pipeline's stream: {exc.code().name} {exc.details()}", retry_after_s=1.0
+        ) from None

@@ -1,4 +1,5 @@
 """Starting and stopping a gateway process (what `ldm serve`, `ldm bench` and the tests use)."""
+
 import os
 import signal
 import subprocess
@@ -11,8 +12,16 @@ from serving.triton.server import PROJECT_ROOT, free_ports, wait_until_ok
 class GatewayProcess:
     """`ldm gateway` as a child process on the given (or free) ports."""
 
-    def __init__(self, triton_url: str, rest_port=None, grpc_port=None, host="127.0.0.1", log_file=None, extra_args=(),
-                 control_secret: str | None = None):
+    def __init__(
+        self,
+        triton_url: str,
+        rest_port=None,
+        grpc_port=None,
+        host="127.0.0.1",
+        log_file=None,
+        extra_args=(),
+        control_secret: str | None = None,
+    ):
         self.triton_url = triton_url
         self.control_secret = control_secret  # the pipeline's (serving/triton/control.py): steers need it
         self.host = host
@@ -32,8 +41,21 @@ class GatewayProcess:
         return f"{self.host}:{self.grpc_port}"
 
     def command(self) -> list:
-        return [sys.executable, "-m", "serving.cli", "gateway", "--triton", self.triton_url, "--host", self.host,
-                "--rest-port", str(self.rest_port), "--grpc-port", str(self.grpc_port), *self.extra_args]
+        return [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "gateway",
+            "--triton",
+            self.triton_url,
+            "--host",
+            self.host,
+            "--rest-port",
+            str(self.rest_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            *self.extra_args,
+        ]
 
     def start(self, timeout: float = 60.0, ready: bool = True) -> "GatewayProcess":
         """Starts it; waits until it answers (and, with `ready`, until its pipeline is ready)."""
@@ -42,8 +64,9 @@ class GatewayProcess:
         if self.control_secret:
             env[SECRET_ENV] = self.control_secret
         output = open(self.log_file, "ab") if self.log_file else None
-        self.process = subprocess.Popen(self.command(), env=env, stdout=output, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(), env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
         if output:
             output.close()
         try:
@@ -54,7 +77,9 @@ class GatewayProcess:
         return self
 
     def wait(self, ready: bool, timeout: float) -> None:
-        wait_until_ok(self.process, self.rest_url + ("/readyz" if ready else "/healthz"), timeout, "ldm gateway", self.log_file)
+        wait_until_ok(
+            self.process, self.rest_url + ("/readyz" if ready else "/healthz"), timeout, "ldm gateway", self.log_file
+        )
 
     def stop(self, timeout: float = 45.0) -> int | None:
         """SIGTERM (the gateway drains, 30 s at most by default), then SIGKILL."""

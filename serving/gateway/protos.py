@@ -7,6 +7,7 @@ generator's version, so an edited .proto is regenerated and a stale module is ne
 fill the cache ahead of time. Import the modules from here:
 `from serving.gateway.protos import images_pb2, images_pb2_grpc`.
 """
+
 import hashlib
 import importlib
 import os
@@ -55,8 +56,15 @@ def ensure_generated(proto_root: Path = PROTO_ROOT) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # written aside and renamed: another process may be generating the same folder
     scratch = Path(tempfile.mkdtemp(prefix=".proto-", dir=target.parent))
-    protoc([f"-I{proto_root}", f"--python_out={scratch}", f"--pyi_out={scratch}", f"--grpc_python_out={scratch}",
-            *[str(Path(proto_root) / s) for s in SOURCES]])
+    protoc(
+        [
+            f"-I{proto_root}",
+            f"--python_out={scratch}",
+            f"--pyi_out={scratch}",
+            f"--grpc_python_out={scratch}",
+            *[str(Path(proto_root) / s) for s in SOURCES],
+        ]
+    )
     package = scratch
     for part in PACKAGE.split("."):  # regular packages, so that no other `ldm` on sys.path shadows them
         package = package / part

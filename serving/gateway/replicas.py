@@ -17,6 +17,7 @@ A live generation dies with its pod's gateway, so a forward that finds the owner
 resolves to nothing: a deleted pod; nothing listens at its address) answers 404 like any
 unknown id, not 503: retrying would never reach it (`owner_gone`).
 """
+
 from dataclasses import dataclass, field
 import re
 import socket
@@ -78,4 +79,7 @@ def owner_gone(exc: Exception) -> bool:
     cause = getattr(exc, "os_error", None)
     if isinstance(cause, ConnectionRefusedError):
         return True
-    return isinstance(cause, socket.gaierror) and cause.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
+    return isinstance(cause, socket.gaierror) and cause.errno in (
+        socket.EAI_NONAME,
+        getattr(socket, "EAI_NODATA", None),
+    )

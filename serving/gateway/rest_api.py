@@ -8,6 +8,7 @@ liveness (/healthz), readiness (/readyz) and metrics (/metrics).
 A client that disconnects cancels its request (the handler is cancelled, which closes the
 pipeline stream). Every response carries `X-Request-Id`.
 """
+
 import base64
 import json
 import math
@@ -22,7 +23,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serving.core.errors import CANCELLED, INVALID_ARG
 from serving.gateway import images, loras, models, rest_params
 from serving.gateway.access import bearer
-from serving.gateway.errors import HTTP_STATUS, NOT_FOUND, TOO_LARGE, UNIMPLEMENTED, UNSUPPORTED_MEDIA_TYPE, ApiError, invalid
+from serving.gateway.errors import (
+    HTTP_STATUS,
+    NOT_FOUND,
+    TOO_LARGE,
+    UNIMPLEMENTED,
+    UNSUPPORTED_MEDIA_TYPE,
+    ApiError,
+    invalid,
+)
 from serving.gateway.generation import Generation, lora_inputs
 from serving.gateway.openapi import document
 from serving.gateway.rest_params import EDITS, GENERATIONS, parse_size
@@ -33,11 +42,25 @@ from serving.gateway.telemetry import request_id, unexpected
 SERVICE = web.AppKey("service", ImageService)
 DOCS_PAGE = Path(__file__).resolve().parent / "static" / "docs.html"
 # Generation's field names -> the REST parameters they come from
-REST_NAMES = {"height": "size", "width": "size", "init_image": "image", "quality": "output_compression",
-              "preview_every": "partial_images", "lora_names": "loras", "lora_weights": "loras"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-               404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-               429: "rate_limit_error", 501: "not_implemented_error"}
+REST_NAMES = {
+    "height": "size",
+    "width": "size",
+    "init_image": "image",
+    "quality": "output_compression",
+    "preview_every": "partial_images",
+    "lora_names": "loras",
+    "lora_weights": "loras",
+}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented_error",
+}
 ERROR_CODES = {"UNAUTHENTICATED": "invalid_api_key", "RESOURCE_EXHAUSTED": "rate_limit_exceeded"}
 LISTS = ("interval", "pair", "loras")  # parameter kinds a form gives as `a,b` or as the field twice
 
@@ -45,9 +68,19 @@ LISTS = ("interval", "pair", "loras")  # parameter kinds a form gives as `a,b` o
 def error_body(error: ApiError) -> dict:
     status = HTTP_STATUS.get(error.code, 500)
     # OpenAI's code for a model it does not have
-    code = "model_not_found" if error.code == NOT_FOUND and error.field == "model" else ERROR_CODES.get(error.code, error.code.lower())
-    return {"error": {"message": str(error), "type": ERROR_TYPES.get(status, "server_error"), "param": error.field,
-                      "code": code}}
+    code = (
+        "model_not_found"
+        if error.code == NOT_FOUND and error.field == "model"
+        else ERROR_CODES.get(error.code, error.code.lower())
+    )
+    return {
+        "error": {
+            "message": str(error),
+            "type": ERROR_TYPES.get(status, "server_error"),
+            "param": error.field,
+            "code": code,
+        }
+    }
 
 
 def error_response(error: ApiError) -> web.Response:
@@ -96,16 +129,25 @@ def to_generation(params: dict, route: str, service: ImageService) -> Generation
     if partial:
         steps = inputs.get("steps") or service.default_steps()
         preview_every = max(1, steps // (partial + 1))
-    return Generation(prompt=params["prompt"], inputs=inputs, n=params.get("n", 1), seed=params.get("seed"),
-                      output_format=params.get("output_format", "png"), quality=max(1, params.get("output_compression", 90)),
-                      preview_every=preview_every)
+    return Generation(
+        prompt=params["prompt"],
+        inputs=inputs,
+        n=params.get("n", 1),
+        seed=params.get("seed"),
+        output_format=params.get("output_format", "png"),
+        quality=max(1, params.get("output_compression", 90)),
+        preview_every=preview_every,
+    )
 
 
 def add_edit_images(generation: Generation, params: dict, service: ImageService) -> None:
     """init_image (and mask) from the uploads, not yet read: `admit` checks their headers."""
     if "init_image" not in service.pipeline.require_model().inputs:
-        raise ApiError(UNIMPLEMENTED, "image edits need a pipeline with image conditioning (an init_image input); "
-                       "the served pipeline has none", "image")
+        raise ApiError(
+            UNIMPLEMENTED,
+            "image edits need a pipeline with image conditioning (an init_image input); the served pipeline has none",
+            "image",
+        )
     generation.inputs["init_image"] = images.Upload(_upload(params["image"], "image"), "init_image")
     if "mask" in params:
         generation.inputs["mask"] = images.Upload(_upload(params["mask"], "mask"), "mask", mask=True)
@@ -136,7 +178,9 @@ def _upload(value, name: str) -> bytes:
 
 
 def _too_large(request) -> ApiError:
-    return ApiError(TOO_LARGE, f"request body over this server's {request.app[SERVICE].limits.max_body_bytes} bytes", "body")
+    return ApiError(
+        TOO_LARGE, f"request body over this server's {request.app[SERVICE].limits.max_body_bytes} bytes", "body"
+    )
 
 
 async def _form(request) -> dict:
@@ -217,14 +261,19 @@ async def _answer(request, route: str, event_type: str, params: dict, generation
                 done[event.index] = event
         outcome.images = len(done)
         ordered = [done[i] for i in sorted(done)]
-        return web.json_response({
-            "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(i.data).decode(), "seed": i.seed} for i in ordered],
-            "background": "opaque", "output_format": generation.output_format, "size": _size(ordered[0]),
-        })
+        return web.json_response(
+            {
+                "created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(i.data).decode(), "seed": i.seed} for i in ordered],
+                "background": "opaque",
+                "output_format": generation.output_format,
+                "size": _size(ordered[0]),
+            }
+        )
     first = await anext(events)  # an early error is still an HTTP status, not an event
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Request-Id": rid})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": rid}
+    )
     await response.prepare(request)
     try:
         await _stream(response, event_type, params.get("partial_images", 0), generation, _chain(first, events), outcome)
@@ -248,14 +297,31 @@ async def _stream(response, event_type: str, partial_limit: int, generation: Gen
             if event.preview is None or sent >= partial_limit:
                 continue
             partials[event.index] = sent + 1
-            await _send(response, f"{event_type}.partial_image", {
-                "type": f"{event_type}.partial_image", "b64_json": base64.b64encode(event.preview).decode(),
-                "partial_image_index": sent, "output_format": "png", **common})
+            await _send(
+                response,
+                f"{event_type}.partial_image",
+                {
+                    "type": f"{event_type}.partial_image",
+                    "b64_json": base64.b64encode(event.preview).decode(),
+                    "partial_image_index": sent,
+                    "output_format": "png",
+                    **common,
+                },
+            )
         else:
             outcome.images += 1
-            await _send(response, f"{event_type}.completed", {
-                "type": f"{event_type}.completed", "b64_json": base64.b64encode(event.data).decode(), "seed": event.seed,
-                "size": _size(event), "output_format": generation.output_format, **common})
+            await _send(
+                response,
+                f"{event_type}.completed",
+                {
+                    "type": f"{event_type}.completed",
+                    "b64_json": base64.b64encode(event.data).decode(),
+                    "seed": event.seed,
+                    "size": _size(event),
+                    "output_format": generation.output_format,
+                    **common,
+                },
+            )
 
 
 async def _chain(first, rest):

@@ -13,6 +13,7 @@ the field), as for /v1/images; after that an error is an `error` event ending th
 A steer or DELETE for another replica's generation is forwarded to it (serving/gateway/replicas.py).
 Their answers say which gateway took the call (`X-Ldm-Replica`) and which ran it (`X-Ldm-Owner`).
 """
+
 from typing import Any
 import base64
 import json
@@ -47,16 +48,22 @@ ENUMS = {
 }
 # the JSON values each proto field type takes, and their name (an integer field: an integral number too)
 NUMBER = ((int, float), "a number")
-JSON_TYPES: dict[int, tuple[Any, str]] = {FieldDescriptor.TYPE_STRING: (str, "a string"), FieldDescriptor.TYPE_BYTES: (str, "a base64 string"),
-              FieldDescriptor.TYPE_BOOL: (bool, "true or false"), FieldDescriptor.TYPE_FLOAT: NUMBER,
-              FieldDescriptor.TYPE_DOUBLE: NUMBER, FieldDescriptor.TYPE_INT32: NUMBER, FieldDescriptor.TYPE_UINT64: NUMBER}
+JSON_TYPES: dict[int, tuple[Any, str]] = {
+    FieldDescriptor.TYPE_STRING: (str, "a string"),
+    FieldDescriptor.TYPE_BYTES: (str, "a base64 string"),
+    FieldDescriptor.TYPE_BOOL: (bool, "true or false"),
+    FieldDescriptor.TYPE_FLOAT: NUMBER,
+    FieldDescriptor.TYPE_DOUBLE: NUMBER,
+    FieldDescriptor.TYPE_INT32: NUMBER,
+    FieldDescriptor.TYPE_UINT64: NUMBER,
+}
 NOT_TAKEN = {"n": "a live generation makes one image; leave n out"}
 # Generation's field names -> what a REST client sent
 REST_NAMES = {**grpc_api.FIELD_NAMES}
 # where json_format's ParseError says the bad field is: `... at GenerateRequest.regions[0].mask`,
 # `... has no field named "colour" ...`, `Failed to parse regions field: Failed to parse mask field`
 _AT_PATH = re.compile(r'at (?:GenerateRequest|Steer)\.([\w.\[\]]+)|no field named "(\w+)"')
-_NESTED = re.compile(r'Failed to parse (\w+) field')
+_NESTED = re.compile(r"Failed to parse (\w+) field")
 
 
 def check_json_types(value: dict, message, path: str = "") -> None:
@@ -78,7 +85,9 @@ def check_json_types(value: dict, message, path: str = "") -> None:
                 check_json_types(element, field.message_type, f"{where}.")
                 continue
             types, name_of_type = JSON_TYPES[field.type]
-            if not isinstance(element, types) or (isinstance(element, bool) and field.type != FieldDescriptor.TYPE_BOOL):
+            if not isinstance(element, types) or (
+                isinstance(element, bool) and field.type != FieldDescriptor.TYPE_BOOL
+            ):
                 raise invalid(where, f"must be {name_of_type}")
 
 
@@ -136,11 +145,22 @@ async def create(request):
             first = await anext(events)  # a refused request is still an HTTP status
         except ApiError as error:  # answered here: the middleware's names are /v1/images'
             return error_response(outcome.failed(error).renamed(renames))
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-            "X-Request-Id": request["rid"], "X-Generation-Id": live.id, "X-Ldm-Replica": service.replica})
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "X-Request-Id": request["rid"],
+                "X-Generation-Id": live.id,
+                "X-Ldm-Replica": service.replica,
+            }
+        )
         await response.prepare(request)
-        total = first.total_steps if isinstance(first, ProgressEvent) else generation.inputs.get("steps", service.default_steps())
+        total = (
+            first.total_steps
+            if isinstance(first, ProgressEvent)
+            else generation.inputs.get("steps", service.default_steps())
+        )
         await _send(response, "generation.created", {"id": live.id, "seed": generation.seed, "total_steps": total})
         try:
             await _send(response, *_sse(live.id, first, generation))
@@ -169,8 +189,13 @@ def _sse(generation_id: str, event, generation) -> tuple:
             data["preview_b64"] = base64.b64encode(event.preview).decode()
         return "generation.progress", data
     timings = {"total_s": event.total_s, "first_step_s": event.first_step_s}
-    return "generation.completed", {"id": generation_id, "b64_json": base64.b64encode(event.data).decode(),
-                                    "seed": event.seed, "output_format": event.output_format, "timings": timings}
+    return "generation.completed", {
+        "id": generation_id,
+        "b64_json": base64.b64encode(event.data).decode(),
+        "seed": event.seed,
+        "output_format": event.output_format,
+        "timings": timings,
+    }
 
 
 async def steer(request):
@@ -195,8 +220,11 @@ def to_steer_message(body: dict):
     check_json_types(body, images_pb2.Steer.DESCRIPTOR)
     body = dict(body)
     if not body:
-        raise invalid("body", "give at least one field to steer: prompt, negative_prompt, guidance_scale, regions "
-                              "(with region_divisions or their masks), base_prompt_weight, region_mode, mask")
+        raise invalid(
+            "body",
+            "give at least one field to steer: prompt, negative_prompt, guidance_scale, regions "
+            "(with region_divisions or their masks), base_prompt_weight, region_mode, mask",
+        )
     if "region_mode" in body:
         words = ENUMS["region_mode"]
         if not isinstance(body["region_mode"], str) or body["region_mode"] not in words:
@@ -241,21 +269,28 @@ async def _on_owner(request, route: str, here, suffix: str):
 
 
 async def _forward(request, url: str, owner: str) -> web.Response:
-    headers = {FORWARDED_HEADER: request.app[REPLICAS].name, "X-Request-Id": request["rid"], "Content-Type": "application/json"}
+    headers = {
+        FORWARDED_HEADER: request.app[REPLICAS].name,
+        "X-Request-Id": request["rid"],
+        "Content-Type": "application/json",
+    }
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]
     body = await request.read()
     try:
-        async with request.app[PEER_SESSION].request(request.method, url, data=body, headers=headers,
-                                                     allow_redirects=False) as answer:
+        async with request.app[PEER_SESSION].request(
+            request.method, url, data=body, headers=headers, allow_redirects=False
+        ) as answer:
             payload = await answer.read()
             return web.Response(body=payload, status=answer.status, content_type="application/json")
     except (aiohttp.ClientError, TimeoutError) as exc:
         if owner_gone(exc):
-            raise ApiError(NOT_FOUND, f"no generation with id {request.match_info['id']} (its replica {owner} is gone)") \
-                from None
-        raise ApiError(UNAVAILABLE, f"cannot reach replica {owner}, which runs this generation: {exc}",
-                       retry_after_s=1.0) from None
+            raise ApiError(
+                NOT_FOUND, f"no generation with id {request.match_info['id']} (its replica {owner} is gone)"
+            ) from None
+        raise ApiError(
+            UNAVAILABLE, f"cannot reach replica {owner}, which runs this generation: {exc}", retry_after_s=1.0
+        ) from None
 
 
 async def page(request):

@@ -11,6 +11,7 @@ through to the pipeline input of the same name, whose limits the served pipeline
 `loras` ([{name, weight}], GET /v1/loras lists the names) becomes the pipeline's lora_names and
 lora_weights (serving/gateway/generation.py lora_inputs).
 """
+
 from dataclasses import dataclass
 import json
 import math
@@ -49,57 +50,171 @@ PAIRS = ("original_size", "crop_top_left", "target_size")
 
 PARAMS = (
     Param("prompt", "string", "What to draw.", required=True),
-    Param("model", "string", "The served model (GET /v1/models lists them); default: the server's default model, "
-          "which OpenAI's own model names (dall-e-2, dall-e-3, gpt-image-*) also mean. Any other name is 404.",
-          to_pipeline=True),
-    Param("image", "file", "The image to edit: PNG, JPEG or WebP. Transparent pixels are repainted when no mask is given.",
-          routes=(EDITS,), required=True),
-    Param("mask", "file", "PNG/WebP whose fully transparent pixels (alpha 0) mark where to repaint (OpenAI's rule); "
-          "without alpha, luminance 255 = repaint. Resized to the image.", routes=(EDITS,)),
+    Param(
+        "model",
+        "string",
+        "The served model (GET /v1/models lists them); default: the server's default model, "
+        "which OpenAI's own model names (dall-e-2, dall-e-3, gpt-image-*) also mean. Any other name is 404.",
+        to_pipeline=True,
+    ),
+    Param(
+        "image",
+        "file",
+        "The image to edit: PNG, JPEG or WebP. Transparent pixels are repainted when no mask is given.",
+        routes=(EDITS,),
+        required=True,
+    ),
+    Param(
+        "mask",
+        "file",
+        "PNG/WebP whose fully transparent pixels (alpha 0) mark where to repaint (OpenAI's rule); "
+        "without alpha, luminance 255 = repaint. Resized to the image.",
+        routes=(EDITS,),
+    ),
     Param("n", "integer", "Number of images; image i uses seed + i.", minimum=1, maximum=MAX_IMAGES, default=1),
-    Param("size", "string", "`WIDTHxHEIGHT` in pixels (multiples of the model's size multiple, within its maximum), "
-          "or `auto` for the model's native size (edits: the image's size).", default="auto"),
-    Param("response_format", "string", "Only `b64_json`: this server stores no images to link to (`url` is refused).",
-          enum=("b64_json",), default="b64_json"),
+    Param(
+        "size",
+        "string",
+        "`WIDTHxHEIGHT` in pixels (multiples of the model's size multiple, within its maximum), "
+        "or `auto` for the model's native size (edits: the image's size).",
+        default="auto",
+    ),
+    Param(
+        "response_format",
+        "string",
+        "Only `b64_json`: this server stores no images to link to (`url` is refused).",
+        enum=("b64_json",),
+        default="b64_json",
+    ),
     Param("output_format", "string", "Encoding of the returned images.", enum=FORMATS, default="png"),
     Param("output_compression", "integer", "JPEG/WebP quality, 0-100.", minimum=0, maximum=100, default=90),
-    Param("stream", "boolean", "Server-sent events: partial images, then one completed event per image.", default=False),
-    Param("partial_images", "integer", "With stream: previews to send per image before it completes "
-          "(coarse, from the running latents).", minimum=0, maximum=3, default=0),
-    Param("background", "string", "Only opaque backgrounds are made (`transparent` is refused).", enum=("auto", "opaque"),
-          default="auto"),
+    Param(
+        "stream", "boolean", "Server-sent events: partial images, then one completed event per image.", default=False
+    ),
+    Param(
+        "partial_images",
+        "integer",
+        "With stream: previews to send per image before it completes (coarse, from the running latents).",
+        minimum=0,
+        maximum=3,
+        default=0,
+    ),
+    Param(
+        "background",
+        "string",
+        "Only opaque backgrounds are made (`transparent` is refused).",
+        enum=("auto", "opaque"),
+        default="auto",
+    ),
     Param("negative_prompt", "string", "What to steer away from.", to_pipeline=True, extension=True),
-    Param("seed", "integer", "Seed of the first image (random when absent); same request and seed, same image.",
-          minimum=0, extension=True),
+    Param(
+        "seed",
+        "integer",
+        "Seed of the first image (random when absent); same request and seed, same image.",
+        minimum=0,
+        extension=True,
+    ),
     Param("steps", "integer", "Denoising steps (the pipeline's default and limits).", to_pipeline=True, extension=True),
-    Param("guidance_scale", "number", "Classifier-free guidance scale; <= 1 disables guidance.", to_pipeline=True, extension=True),
+    Param(
+        "guidance_scale",
+        "number",
+        "Classifier-free guidance scale; <= 1 disables guidance.",
+        to_pipeline=True,
+        extension=True,
+    ),
     Param("eta", "number", "DDIM eta in [0, 1].", to_pipeline=True, extension=True),
-    Param("timeout_s", "number", "Give up (503) when the images are not ready within this many seconds.",
-          to_pipeline=True, extension=True),
-    Param("sampler", "string", "Sampler: ddim, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, "
-          "flow_match_euler, or an A1111 name (\"DPM++ 2M Karras\", \"Euler a\", ...), any case; GET /v1/samplers lists "
-          "them and which fit the served model. Default: the server's.", to_pipeline=True, extension=True),
-    Param("sigma_schedule", "string", "Sigma spacing of the Euler, DPM++ and UniPC samplers (default: the one the "
-          "sampler's name implies, else `default`).", enum=SIGMA_SCHEDULES, to_pipeline=True, extension=True),
-    Param("guidance_interval", "interval", "[lo, hi]: classifier-free guidance only during this part of the run "
-          "(fractions of the steps, 0 <= lo < hi <= 1); default the whole run. In a form: `lo,hi`.",
-          minimum=0, maximum=1, to_pipeline=True, extension=True),
-    Param("original_size", "pair", "SDXL models only: [height, width] the image is said to have had before cropping "
-          "(pixels; SDXL's size conditioning). Default: the output's size. In a form: `height,width`.",
-          minimum=1, maximum=MAX_PAIR, to_pipeline=True, extension=True),
-    Param("crop_top_left", "pair", "SDXL models only: [top, left] of the crop (pixels). Default: [0, 0]. In a form: "
-          "`top,left`.", minimum=0, maximum=MAX_PAIR, to_pipeline=True, extension=True),
-    Param("target_size", "pair", "SDXL models only: [height, width] the image is meant for (pixels). Default: the "
-          "output's size. In a form: `height,width`.", minimum=1, maximum=MAX_PAIR, to_pipeline=True, extension=True),
-    Param("loras", "loras", "LoRA adapters to apply, [{\"name\": ..., \"weight\": ...}] (GET /v1/loras lists the "
-          "names; weight in [-4, 4], default 1), at most the server's per-request limit (default 4) together with the "
-          "prompt's A1111 tags `<lora:name:weight>`, which also work. In a form: `name:weight,name:weight` or that JSON "
-          "array.", extension=True),
-    Param("strength", "number", "How much of the schedule to re-run over the image, (0, 1].", routes=(EDITS,),
-          to_pipeline=True, extension=True),
-    Param("mask_blur", "integer", "Blur of the mask's edge, pixels.", routes=(EDITS,), to_pipeline=True, extension=True),
-    Param("keep_unmasked", "boolean", "Paste the unmasked pixels of the image back after decoding.", routes=(EDITS,),
-          to_pipeline=True, extension=True),
+    Param(
+        "timeout_s",
+        "number",
+        "Give up (503) when the images are not ready within this many seconds.",
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "sampler",
+        "string",
+        "Sampler: ddim, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, "
+        'flow_match_euler, or an A1111 name ("DPM++ 2M Karras", "Euler a", ...), any case; GET /v1/samplers lists '
+        "them and which fit the served model. Default: the server's.",
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "sigma_schedule",
+        "string",
+        "Sigma spacing of the Euler, DPM++ and UniPC samplers (default: the one the "
+        "sampler's name implies, else `default`).",
+        enum=SIGMA_SCHEDULES,
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "guidance_interval",
+        "interval",
+        "[lo, hi]: classifier-free guidance only during this part of the run "
+        "(fractions of the steps, 0 <= lo < hi <= 1); default the whole run. In a form: `lo,hi`.",
+        minimum=0,
+        maximum=1,
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "original_size",
+        "pair",
+        "SDXL models only: [height, width] the image is said to have had before cropping "
+        "(pixels; SDXL's size conditioning). Default: the output's size. In a form: `height,width`.",
+        minimum=1,
+        maximum=MAX_PAIR,
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "crop_top_left",
+        "pair",
+        "SDXL models only: [top, left] of the crop (pixels). Default: [0, 0]. In a form: `top,left`.",
+        minimum=0,
+        maximum=MAX_PAIR,
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "target_size",
+        "pair",
+        "SDXL models only: [height, width] the image is meant for (pixels). Default: the "
+        "output's size. In a form: `height,width`.",
+        minimum=1,
+        maximum=MAX_PAIR,
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "loras",
+        "loras",
+        'LoRA adapters to apply, [{"name": ..., "weight": ...}] (GET /v1/loras lists the '
+        "names; weight in [-4, 4], default 1), at most the server's per-request limit (default 4) together with the "
+        "prompt's A1111 tags `<lora:name:weight>`, which also work. In a form: `name:weight,name:weight` or that JSON "
+        "array.",
+        extension=True,
+    ),
+    Param(
+        "strength",
+        "number",
+        "How much of the schedule to re-run over the image, (0, 1].",
+        routes=(EDITS,),
+        to_pipeline=True,
+        extension=True,
+    ),
+    Param(
+        "mask_blur", "integer", "Blur of the mask's edge, pixels.", routes=(EDITS,), to_pipeline=True, extension=True
+    ),
+    Param(
+        "keep_unmasked",
+        "boolean",
+        "Paste the unmasked pixels of the image back after decoding.",
+        routes=(EDITS,),
+        to_pipeline=True,
+        extension=True,
+    ),
 ) + tuple(
     Param(name, "any", "Accepted for compatibility with OpenAI's API; does not change what this server makes.")
     for name in ("quality", "moderation", "style", "user", "safety_identifier", "input_fidelity")
@@ -172,8 +287,11 @@ def _interval(param: Param, value, from_form: bool) -> list:
             value = [float(t) for t in texts]
         except (TypeError, ValueError):
             raise invalid(param.name, f"must be two numbers lo,hi, got {value!r}") from None
-    if (not isinstance(value, list) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)):
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)
+    ):
         raise invalid(param.name, f"must be two finite numbers [lo, hi], got {value!r}")
     return [float(v) for v in value]
 
@@ -189,8 +307,11 @@ def _pair(param: Param, value, from_form: bool) -> list:
             raise invalid(param.name, f"must be two integers a,b, got {value!r}") from None
     if isinstance(value, list):
         value = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
-    if (not isinstance(value, list) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+    ):
         raise invalid(param.name, f"must be two integers [a, b], got {value!r}")
     if not all(param.minimum <= v <= param.maximum for v in value):
         raise invalid(param.name, f"must be two integers in [{param.minimum}, {param.maximum}], got {value}")
@@ -249,7 +370,9 @@ def _from_text(param: Param, text: str):
         if param.kind == "number":
             return float(text)
     except ValueError:
-        raise invalid(param.name, f"must be a{'n integer' if param.kind == 'integer' else ' number'}, got {text!r}") from None
+        raise invalid(
+            param.name, f"must be a{'n integer' if param.kind == 'integer' else ' number'}, got {text!r}"
+        ) from None
     if text.lower() in ("true", "1"):
         return True
     if text.lower() in ("false", "0"):

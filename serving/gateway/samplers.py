@@ -7,6 +7,7 @@ start (serving/gateway/models.py): each model's scheduler config (written by `ld
 `default_sampler` (`ldm serve --sampler`). The list is for the model a request names
 (`?model=` / ListSamplersRequest.model; none: the default model). A repository exported before
 samplers has no scheduler config: the list then leaves fits_served_model out."""
+
 from dataclasses import dataclass
 
 from serving.core.samplers import describe_samplers
@@ -42,5 +43,9 @@ def served_samplers(model: PipelineModel | None, name: str = "") -> ServedSample
 def rest_list(served: ServedSamplers) -> dict:
     """OpenAI's list shape: {"object": "list", "data": [...]} and the served default."""
     default = served.default or (None, None)
-    return {"object": "list", "data": [{"object": "sampler", **entry} for entry in served.samplers],
-            "default_sampler": default[0], "default_sigma_schedule": default[1]}
+    return {
+        "object": "list",
+        "data": [{"object": "sampler", **entry} for entry in served.samplers],
+        "default_sampler": default[0],
+        "default_sigma_schedule": default[1],
+    }

@@ -5,6 +5,7 @@ stream, image encoding, metrics. A front turns its wire format into a `Generatio
 Live generations (REST `/v1/generations`, gRPC `Session`) are admitted with `start_live`, which
 gives them an id and a place in the live table; their events include `SteerApplied`, and
 `steer` / `cancel` act on them by id."""
+
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,8 +65,15 @@ class EncodedImage:
 
 
 class ImageService:
-    def __init__(self, pipeline: PipelineClient, access: Access = None, metrics: GatewayMetrics = None,
-                 limits: Limits = Limits(), replica: str = "local", capacity: Capacity = None):
+    def __init__(
+        self,
+        pipeline: PipelineClient,
+        access: Access = None,
+        metrics: GatewayMetrics = None,
+        limits: Limits = Limits(),
+        replica: str = "local",
+        capacity: Capacity = None,
+    ):
         self.pipeline = pipeline
         self.access = access or Access()
         self.metrics = metrics or GatewayMetrics()
@@ -89,8 +97,11 @@ class ImageService:
         A front hands an admitted generation to `events` at once, which takes its slots."""
         generation.validate()
         if not self.ready:
-            raise ApiError(UNAVAILABLE, f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); "
-                           "retry later", retry_after_s=2.0)
+            raise ApiError(
+                UNAVAILABLE,
+                f"the pipeline at {self.pipeline.url} is not ready (starting or shutting down); retry later",
+                retry_after_s=2.0,
+            )
         resolve(generation.inputs, self.pipeline.require_model())
         generation.check_declared(self.pipeline.require_model().inputs)
         self.check_uploads(generation.inputs)
@@ -119,8 +130,12 @@ class ImageService:
         found = images.uploads(inputs)
         total = sum(upload.declare(self.limits.max_image_pixels) for upload in found)
         if total > self.limits.max_request_pixels:
-            raise ApiError(TOO_LARGE, f"the images of one request may have {self.limits.max_request_pixels} pixels "
-                           f"together, these have {total}", found[0].field)
+            raise ApiError(
+                TOO_LARGE,
+                f"the images of one request may have {self.limits.max_request_pixels} pixels "
+                f"together, these have {total}",
+                found[0].field,
+            )
 
     async def decode(self, generation: Generation, work=images.decode_inputs) -> None:
         """Replaces the generation's Uploads (checked by `admit`) by their pixels: work(inputs)
@@ -256,7 +271,9 @@ class ImageService:
 def encoded(event: Finished, generation: Generation) -> EncodedImage:
     height, width = event.image.shape[:2]
     data = images.encode(event.image, generation.output_format, generation.quality)
-    return EncodedImage(event.index, event.seed, data, generation.output_format, height, width, event.total_s, event.first_step_s)
+    return EncodedImage(
+        event.index, event.seed, data, generation.output_format, height, width, event.total_s, event.first_step_s
+    )
 
 
 def preview_png(preview, generation: Generation) -> bytes:

@@ -7,6 +7,7 @@ filter), and begins each image's Triton request id (`triton_prefix`), which adds
 clients choose their ids, and two requests must never share a Triton id (the pipeline finds a
 generation by it, and refuses an id already running).
 """
+
 import asyncio
 from contextlib import contextmanager
 import contextvars
@@ -77,17 +78,33 @@ class GatewayMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ldm_gateway_requests", "requests by route and outcome code", ["route", "code"], registry=r)
+        self.requests = Counter(
+            "ldm_gateway_requests", "requests by route and outcome code", ["route", "code"], registry=r
+        )
         self.images = Counter("ldm_gateway_images", "images returned", ["route"], registry=r)
         self.in_flight = Gauge("ldm_gateway_in_flight_requests", "requests being handled", ["route"], registry=r)
-        self.total = Histogram("ldm_gateway_request_seconds", "time from receiving a request to its last image or error",
-                               ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.total = Histogram(
+            "ldm_gateway_request_seconds",
+            "time from receiving a request to its last image or error",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "ldm_gateway_queue_wait_seconds",
             "streams with progress: time until an image's first denoising step was done "
-            "(waiting for admission, text encoding, one step)", ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.first_preview = Histogram("ldm_gateway_first_preview_seconds", "streams with previews: time to the first preview",
-                                       ["route"], buckets=LATENCY_BUCKETS, registry=r)
+            "(waiting for admission, text encoding, one step)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_preview = Histogram(
+            "ldm_gateway_first_preview_seconds",
+            "streams with previews: time to the first preview",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     @contextmanager
     def request(self, route: str, rid: str):

@@ -10,6 +10,7 @@ into B, so a call's scale matrix carries only the request's weight).
 
 An adapter whose layers do not fit the served model is refused naming the first such layer.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +71,18 @@ def read_adapter(path, name: str, checkpoint_dir) -> Adapter:
         _check_layers(path.name, prefix, own, adaptable_layers(model))
         with torch.no_grad():
             if prefix == DENOISER_PREFIX:
-                model.load_lora_adapter(own, prefix=prefix, network_alphas=alphas, adapter_name=name, metadata=metadata,
-                                        low_cpu_mem_usage=True)
+                model.load_lora_adapter(
+                    own,
+                    prefix=prefix,
+                    network_alphas=alphas,
+                    adapter_name=name,
+                    metadata=metadata,
+                    low_cpu_mem_usage=True,
+                )
             else:
-                StableDiffusionPipeline.load_lora_into_text_encoder(own, alphas, model, prefix=prefix, adapter_name=name,
-                                                                     metadata=metadata, low_cpu_mem_usage=True)
+                StableDiffusionPipeline.load_lora_into_text_encoder(
+                    own, alphas, model, prefix=prefix, adapter_name=name, metadata=metadata, low_cpu_mem_usage=True
+                )
         parts[prefix] = _layers(model, own, prefix, name)
     ranks = [a.shape[1] for part in parts.values() for a, _ in part.values()]
     nbytes = sum(a.nbytes + b.nbytes for part in parts.values() for a, b in part.values())
@@ -87,16 +95,21 @@ def _layers(model, state: dict, prefix: str, adapter: str) -> dict:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.tuners.lora import LoraLayer
 
-    weights = convert_unet_state_dict_to_peft({k.removeprefix(f"{prefix}."): v for k, v in state.items()}) \
-        if prefix == DENOISER_PREFIX else _text_peft_keys(state, prefix)
+    weights = (
+        convert_unet_state_dict_to_peft({k.removeprefix(f"{prefix}."): v for k, v in state.items()})
+        if prefix == DENOISER_PREFIX
+        else _text_peft_keys(state, prefix)
+    )
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             a = weights[f"{name}.lora_A.weight"].float().numpy()  # [r, in] (a 1x1 conv: [r, in, 1, 1])
             b = weights[f"{name}.lora_B.weight"].float().numpy()  # [out, r]
             scaling = float(module.scaling[adapter])
-            out[name] = (np.ascontiguousarray(a.reshape(a.shape[0], -1).T),
-                         np.ascontiguousarray((b.reshape(b.shape[0], -1) * scaling).T))
+            out[name] = (
+                np.ascontiguousarray(a.reshape(a.shape[0], -1).T),
+                np.ascontiguousarray((b.reshape(b.shape[0], -1) * scaling).T),
+            )
     return out
 
 
@@ -105,15 +118,20 @@ def _text_peft_keys(state: dict, prefix: str) -> dict:
 
     # files made with transformers 4 name CLIP's layers text_model.encoder...; transformers 5's
     # model has no text_model level (diffusers' loader drops that prefix the same way)
-    return convert_state_dict_to_peft({k.removeprefix(f"{prefix}.").removeprefix("text_model."): v for k, v in state.items()})
+    return convert_state_dict_to_peft(
+        {k.removeprefix(f"{prefix}.").removeprefix("text_model."): v for k, v in state.items()}
+    )
 
 
 def _check_layers(file: str, prefix: str, state: dict, layers: dict) -> None:
     """Refuses the first layer of the file the served model has not, or whose shape differs."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    weights = convert_unet_state_dict_to_peft({k.removeprefix(f"{prefix}."): v for k, v in state.items()}) \
-        if prefix == DENOISER_PREFIX else _text_peft_keys(state, prefix)
+    weights = (
+        convert_unet_state_dict_to_peft({k.removeprefix(f"{prefix}."): v for k, v in state.items()})
+        if prefix == DENOISER_PREFIX
+        else _text_peft_keys(state, prefix)
+    )
     for key in sorted(weights):
         if not key.endswith(".lora_A.weight"):
             continue
@@ -123,5 +141,7 @@ def _check_layers(file: str, prefix: str, state: dict, layers: dict) -> None:
         a, b = weights[key], weights[f"{layer}.lora_B.weight"]
         fan_in, fan_out = layers[layer]
         if a.reshape(a.shape[0], -1).shape[1] != fan_in or b.shape[0] != fan_out:
-            raise AdapterError(f"{file}: layer {prefix}.{layer} is {a.shape[1]} -> {b.shape[0]} in the file, "
-                               f"{fan_in} -> {fan_out} in the served model")
+            raise AdapterError(
+                f"{file}: layer {prefix}.{layer} is {a.shape[1]} -> {b.shape[0]} in the file, "
+                f"{fan_in} -> {fan_out} in the served model"
+            )

@@ -11,6 +11,7 @@
 The torch runner reads the checkpoint copy `ldm export` puts in pipeline/1/checkpoint, and runs
 on the device of the pipeline's Triton instance (KIND_GPU: cuda:<device id>; KIND_CPU: cpu).
 """
+
 from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,9 @@ class RunnerChoice:
 
     @property
     def torch_components(self) -> tuple:
-        return (("text_encoder", "vae") if self.text_vae == "torch" else ()) + (("unet",) if self.unet == "torch" else ())
+        return (("text_encoder", "vae") if self.text_vae == "torch" else ()) + (
+            ("unet",) if self.unet == "torch" else ()
+        )
 
 
 class ModelCalls:
@@ -94,13 +97,21 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
 
         checkpoint = repo_dir / "pipeline" / version / facts.get("torch_checkpoint", CHECKPOINT_COPY)
         lora_layers = facts.get("lora_unet_layers") if choice.unet == "torch" else None
-        torch_models = TorchModels(checkpoint, choice.torch, choice.torch_components, log=log, plan=False,
-                                   lora_layers={k: tuple(v) for k, v in lora_layers.items()} if lora_layers else None)
+        torch_models = TorchModels(
+            checkpoint,
+            choice.torch,
+            choice.torch_components,
+            log=log,
+            plan=False,
+            lora_layers={k: tuple(v) for k, v in lora_layers.items()} if lora_layers else None,
+        )
     text_vae = torch_models if choice.text_vae == "torch" else bls
     has_regional = "unet_regional" in components
     if facts.get("lora_unet") and choice.unet == "bls":
-        raise ValueError("LoRA adapters are served by the UNet runners in the pipeline's process (unet=inprocess or "
-                         "torch), not unet=bls: export without --lora/--lora-dir, or with another --unet")
+        raise ValueError(
+            "LoRA adapters are served by the UNet runners in the pipeline's process (unet=inprocess or "
+            "torch), not unet=bls: export without --lora/--lora-dir, or with another --unet"
+        )
     if choice.unet == "bls":
         calls = ModelCalls(text_vae, bls.unet, bls.regional_unet if has_regional else None, torch_models=torch_models)
     elif choice.unet == "torch":  # regions in latent mode only: no regional UNet is exported for it
@@ -115,18 +126,23 @@ def build_models(choice: RunnerChoice, repo_dir, version: str, bls, facts: dict,
     return calls
 
 
-def _inprocess_calls(text_vae, repo_dir: Path, version: str, facts: dict, components: dict, has_regional: bool,
-                     torch_models) -> ModelCalls:
+def _inprocess_calls(
+    text_vae, repo_dir: Path, version: str, facts: dict, components: dict, has_regional: bool, torch_models
+) -> ModelCalls:
     from serving.models.onnx import LocalUnet, OnnxComponent
 
     def local(model):
         return LocalUnet(OnnxComponent(repo_dir / model / "1" / "model.onnx"))
 
     # with LoRA inputs every call runs the LoRA graph: a row without adapters gets base + 0, exactly
-    unet = (LocalUnet(OnnxComponent(repo_dir / "pipeline" / version / facts["lora_unet"])) if facts.get("lora_unet")
-            else local(components["unet"]))
-    return ModelCalls(text_vae, unet, local(components["unet_regional"]) if has_regional else None,
-                      torch_models=torch_models)
+    unet = (
+        LocalUnet(OnnxComponent(repo_dir / "pipeline" / version / facts["lora_unet"]))
+        if facts.get("lora_unet")
+        else local(components["unet"])
+    )
+    return ModelCalls(
+        text_vae, unet, local(components["unet_regional"]) if has_regional else None, torch_models=torch_models
+    )
 
 
 def plan_gpu_memory(models) -> None:

@@ -1,4 +1,5 @@
 """ONNX Runtime sessions for the exported components, usable in any process."""
+
 from typing import TYPE_CHECKING
 import json
 from pathlib import Path
@@ -60,16 +61,23 @@ class LocalUnet:
 
     def __call__(self, sample, timestep, encoder_hidden_states, **inputs):
         """inputs: the family's other per-row inputs, by name."""
-        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                              **inputs)["noise_pred"]
+        return self.component(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, **inputs)[
+            "noise_pred"
+        ]
 
 
 class LocalModels:
     """One UNet variant's components of a model repository, run in this process (a Runner's
     models); `sessions` (model name -> OnnxComponent) lets variants share components."""
 
-    def __init__(self, repo_dir, threads: int = 0, variant: str | None = None, sessions: dict | None = None,
-                 model: str | None = None):
+    def __init__(
+        self,
+        repo_dir,
+        threads: int = 0,
+        variant: str | None = None,
+        sessions: dict | None = None,
+        model: str | None = None,
+    ):
         repo = Path(repo_dir)
         info = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
         info = info["models"][model or info["default_model"]]
@@ -84,11 +92,17 @@ class LocalModels:
             return sessions[name]
 
         # with LoRA inputs the text encoder runs its LoRA graph, as the denoiser
-        self.text_encoder = OnnxComponent(repo / "pipeline" / "1" / facts["lora_text_encoder"], threads) \
-            if facts.get("lora_text_encoder") else session("text_encoder")
+        self.text_encoder = (
+            OnnxComponent(repo / "pipeline" / "1" / facts["lora_text_encoder"], threads)
+            if facts.get("lora_text_encoder")
+            else session("text_encoder")
+        )
         # with LoRA inputs (export --lora) every call runs the LoRA graph (serving/core/lora.py)
-        self._unet = LocalUnet(OnnxComponent(repo / "pipeline" / "1" / facts["lora_unet"], threads)) \
-            if facts.get("lora_unet") else LocalUnet(session("unet"))
+        self._unet = (
+            LocalUnet(OnnxComponent(repo / "pipeline" / "1" / facts["lora_unet"], threads))
+            if facts.get("lora_unet")
+            else LocalUnet(session("unet"))
+        )
         # regions' attention mode (the base variant's, where exported)
         self._regional = LocalUnet(session("unet_regional")) if "unet_regional" in components else None
         self.vae_decoder = session("vae_decoder")
@@ -118,8 +132,11 @@ def local_variants(repo_dir, threads: int = 0) -> dict:
     component loaded once."""
     info = json.loads((Path(repo_dir) / "pipeline" / "1" / "pipeline.json").read_text())
     sessions = {}
-    return {(model, name): LocalModels(repo_dir, threads, name, sessions, model)
-            for model, facts in info["models"].items() for name in facts["variants"]}
+    return {
+        (model, name): LocalModels(repo_dir, threads, name, sessions, model)
+        for model, facts in info["models"].items()
+        for name in facts["variants"]
+    }
 
 
 if TYPE_CHECKING:  # mypy checks the implementations against the core's Protocols (serving/core/interfaces.py)

@@ -1,4 +1,5 @@
 """Options of the torch runner (serving/models/torch_runner.py), readable without importing torch."""
+
 from dataclasses import dataclass
 
 CUDA_MIN_BUCKET = 1

@@ -12,6 +12,7 @@ models (group norm and attention are per row, there is no batch norm), so paddin
 the real rows. Bucketing also bounds the shapes a kernel ever sees, which is what keeps a row's
 result independent of its batch-mates on CPU (see torch_options.CPU_MIN_BUCKET).
 """
+
 from typing import Any
 from collections import defaultdict
 from contextlib import nullcontext
@@ -130,8 +131,15 @@ class TorchModels:
 
     COMPONENTS = ("text_encoder", "unet", "vae")
 
-    def __init__(self, checkpoint_dir, options: TorchOptions = TorchOptions(), components=COMPONENTS, log=print,
-                 plan: bool = True, lora_layers: dict | None = None):
+    def __init__(
+        self,
+        checkpoint_dir,
+        options: TorchOptions = TorchOptions(),
+        components=COMPONENTS,
+        log=print,
+        plan: bool = True,
+        lora_layers: dict | None = None,
+    ):
         """plan: make the memory plan now; a pipeline serving several models loads them all first
         and plans after (serving/models/assemble.py plan_gpu_memory), so every plan counts the
         weights of every served checkpoint. lora_layers: the denoiser's layers that take mixed LoRA
@@ -159,7 +167,9 @@ class TorchModels:
         self.lora = None  # the UNet's StaticBank where it takes LoRA adapters
         with torch.cuda.device(self.device) if options.kind == "cuda" else nullcontext():
             if "text_encoder" in components:
-                self.calls["text_encoder"] = self._call("text_encoder", torch_module("text_encoder", self.info), buckets)
+                self.calls["text_encoder"] = self._call(
+                    "text_encoder", torch_module("text_encoder", self.info), buckets
+                )
             if "unet" in components:
                 unet = torch_module("unet", self.info)
                 if lora_layers:
@@ -201,13 +211,19 @@ class TorchModels:
         scales = inputs.pop("lora_scales", None)
         layers = [key.removeprefix("lora_A.") for key in inputs if key.startswith("lora_A.")]
         banks = {layer: (inputs.pop(f"lora_A.{layer}"), inputs.pop(f"lora_B.{layer}")) for layer in layers}
-        inputs = {**inputs, "sample": sample, "timestep": np.asarray(timestep, np.float32).reshape(-1),
-                  "encoder_hidden_states": encoder_hidden_states}
+        inputs = {
+            **inputs,
+            "sample": sample,
+            "timestep": np.asarray(timestep, np.float32).reshape(-1),
+            "encoder_hidden_states": encoder_hidden_states,
+        }
         arrays = self._ordered(self.contracts["unet"], inputs)
         if self.lora is not None:  # the bank into the static buffers (when it changed), the scales as the last input
             if scales is None or scales.shape[1] > self.lora.width:
-                raise ValueError(f"torch runner: the LoRA bank is {0 if scales is None else scales.shape[1]} columns wide; "
-                                 f"it holds {self.lora.width} (TorchOptions.lora_columns)")
+                raise ValueError(
+                    f"torch runner: the LoRA bank is {0 if scales is None else scales.shape[1]} columns wide; "
+                    f"it holds {self.lora.width} (TorchOptions.lora_columns)"
+                )
             self._with_device_call(lambda: self.lora.load(banks, id(next(iter(banks.values()))[0]) if banks else None))
             arrays.append(np.pad(scales, ((0, 0), (0, self.lora.width - scales.shape[1]))).astype(np.float32))
         return self._run("unet", *arrays)[0]
@@ -255,8 +271,11 @@ class TorchModels:
         noise level), so a graph captured for them is the one those calls find."""
         sizes = {axis: r[1] for axis, r in self.contracts["unet"].axis_ranges.items()}  # opt: the native size
         sizes["batch"] = rows
-        examples = {name: tuple(np.zeros(contract.shape(spec, sizes), spec.dtype) for spec in contract.inputs)
-                    for name, contract in self.contracts.items() if name in ("text_encoder", "unet", "vae_decoder")}
+        examples = {
+            name: tuple(np.zeros(contract.shape(spec, sizes), spec.dtype) for spec in contract.inputs)
+            for name, contract in self.contracts.items()
+            if name in ("text_encoder", "unet", "vae_decoder")
+        }
         if self.lora is not None:  # the LoRA scales are the UNet's last input
             examples["unet"] += (np.zeros((rows, self.lora.width), np.float32),)
         return examples
@@ -269,8 +288,12 @@ class TorchModels:
         UNet's calls chunk at the largest captured bucket: its row cap. CPU (or graphs off): no
         graphs and nothing to measure; the row cap is the largest bucket."""
         with torch.cuda.device(self.device) if self.options.kind == "cuda" else nullcontext():
-            plan: dict[str, Any] = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                    "weight_bytes": self.weight_bytes(), "graphs": {name: [] for name in self.calls}}
+            plan: dict[str, Any] = {
+                "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "weight_bytes": self.weight_bytes(),
+                "graphs": {name: [] for name in self.calls},
+            }
             if self.options.kind == "cuda" and self.options.cuda_graphs:
                 reserve = self.vae_peak_bytes() if reserve is None else reserve
                 plan["vae_reserve_bytes"] = reserve
@@ -337,8 +360,10 @@ class TorchModels:
         reserve = plan.get("vae_reserve_bytes")
         reserve_text = f", VAE reserve {reserve / 2**30:.2f} GiB" if reserve else ""
         weights = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in plan["weight_bytes"].items())
-        self.log(f"torch runner for {self.info.path.name} on {plan['device']} ({plan['dtype']}): weights {weights}; "
-                 f"row cap {cap}, buckets {unet.buckets if unet else ()}, graphs {plan['graphs']}{free_text}{reserve_text}")
+        self.log(
+            f"torch runner for {self.info.path.name} on {plan['device']} ({plan['dtype']}): weights {weights}; "
+            f"row cap {cap}, buckets {unet.buckets if unet else ()}, graphs {plan['graphs']}{free_text}{reserve_text}"
+        )
 
 
 def free_bytes(device: torch.device) -> int:
@@ -346,4 +371,3 @@ def free_bytes(device: torch.device) -> int:
     returned its unused cached blocks (graph pools stay held)."""
     torch.cuda.empty_cache()
     return torch.cuda.mem_get_info(device)[0]
-

@@ -12,6 +12,7 @@ message: nothing reaches it but generations.
 
 A status message (STATUS_PARAMETER) only reads the engine's state (accepting, active, queued):
 it needs no secret, so readiness probes can ask it."""
+
 import hmac
 import os
 from pathlib import Path

@@ -15,6 +15,7 @@ A drain message is a control message: it carries the control secret (serving/tri
 which `ldm drain` reads from LDM_CONTROL_SECRET, else the file LDM_CONTROL_SECRET_FILE names, else
 the file `ldm serve` left for the server on that gRPC port.
 """
+
 import queue
 import time
 
@@ -27,12 +28,19 @@ DEFAULT_GRACE_S = 120.0
 
 def add_arguments(parser):
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton's gRPC address (default: %(default)s)")
-    parser.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S,
-                        help="how long the generations in flight may finish; those left then get UNAVAILABLE "
-                             "(default: %(default)s)")
-    parser.add_argument("--delay-s", type=float, default=0.0,
-                        help="keep admitting this long first (a Kubernetes preStop hook: while the endpoint's "
-                             "removal reaches the load balancers; default: %(default)s)")
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="how long the generations in flight may finish; those left then get UNAVAILABLE (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--delay-s",
+        type=float,
+        default=0.0,
+        help="keep admitting this long first (a Kubernetes preStop hook: while the endpoint's "
+        "removal reaches the load balancers; default: %(default)s)",
+    )
 
 
 def control_secret_for(url: str) -> str:
@@ -42,8 +50,10 @@ def control_secret_for(url: str) -> str:
         return secret
     path = secret_file(int(url.rsplit(":", 1)[1]))
     if not path.is_file():
-        raise RuntimeError(f"no control secret: set LDM_CONTROL_SECRET or LDM_CONTROL_SECRET_FILE, or run this as the "
-                           f"user of the `ldm serve` that wrote {path}")
+        raise RuntimeError(
+            f"no control secret: set LDM_CONTROL_SECRET or LDM_CONTROL_SECRET_FILE, or run this as the "
+            f"user of the `ldm serve` that wrote {path}"
+        )
     return path.read_text().strip()
 
 
@@ -62,8 +72,12 @@ class Drain:
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
         prompt = grpcclient.InferInput("prompt", [1], "BYTES")  # required by the config, ignored
         prompt.set_data_from_numpy(np.array([b""], dtype=np.object_))
-        self.client.async_stream_infer("pipeline", [prompt], parameters={DRAIN_PARAMETER: str(grace_s), CONTROL_PARAMETER: control_secret},
-                                       enable_empty_final_response=True)
+        self.client.async_stream_infer(
+            "pipeline",
+            [prompt],
+            parameters={DRAIN_PARAMETER: str(grace_s), CONTROL_PARAMETER: control_secret},
+            enable_empty_final_response=True,
+        )
 
     def _next(self, timeout: float):
         try:

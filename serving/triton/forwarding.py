@@ -17,6 +17,7 @@ request cancelled when its client cancels; its HTTP endpoint (2.51) does not not
 that disconnects, so a Triton-HTTP caller that leaves is bounded by its `timeout_s` only (the
 gateway, serving/gateway/, cancels on disconnect).
 """
+
 from collections import OrderedDict
 import threading
 from collections.abc import Callable

@@ -28,6 +28,7 @@ it (serving/gateway/pipeline.py does): a load's stream cancelled straight after 
 tritonserver 2.51 unable to unload the pipeline at shutdown in 5 of 6 runs (its model never
 finalized; the server exits after its exit timeout), 0 of 16 since. The same stall still shows
 now and then after other traffic, LoRA or not (a stream cancelled mid-generation, ...)."""
+
 import json
 import re
 

@@ -5,6 +5,7 @@ message has stopped the pipeline's engine: the python backend of Triton 2.51 can
 model unready, and unloading it needs Triton's explicit model-control mode, which opens the
 repository API. So this asks the engine itself with a status message (serving/triton/control.py;
 it needs no secret): ready when Triton says the model is ready and the engine admits."""
+
 import queue
 
 DEFAULT_URL = "127.0.0.1:8001"
@@ -45,7 +46,9 @@ def engine_ready(url: str, timeout_s: float = 5.0) -> tuple:
 
 def add_arguments(parser):
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton's gRPC address (default: %(default)s)")
-    parser.add_argument("--timeout-s", type=float, default=5.0, help="how long to wait for answers (default: %(default)s)")
+    parser.add_argument(
+        "--timeout-s", type=float, default=5.0, help="how long to wait for answers (default: %(default)s)"
+    )
 
 
 def run(args) -> int:

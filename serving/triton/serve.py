@@ -35,6 +35,7 @@ whatever --host is: they skip the gateway's keys and limits, so they are for the
 local operator; opening them takes an explicit --triton-host, with a warning. Each run makes a
 new control secret (serving/triton/control.py) for tritonserver and the gateway, and leaves it,
 readable by this user only, where `ldm drain` looks for it; the file goes when the run ends."""
+
 import json
 from pathlib import Path
 import re
@@ -51,24 +52,38 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", action="append", metavar="[NAME=]DIR",
-                        help="diffusers checkpoint to serve, exported if changed; repeat it to serve several side by side, "
-                        "the first being the default model; NAME (default: the folder's name) is what requests and GET "
-                        "/v1/models call it (default: the shipped model, unless --repo holds another model exported there)")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="diffusers checkpoint to serve, exported if changed; repeat it to serve several side by side, "
+        "the first being the default model; NAME (default: the folder's name) is what requests and GET "
+        "/v1/models call it (default: the shipped model, unless --repo holds another model exported there)",
+    )
     parser.add_argument("--repo", default=str(DEFAULT_REPO), help="model repository (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="the gateway's address (default: %(default)s)")
-    parser.add_argument("--triton-host", default="127.0.0.1",
-                        help="Triton's address (KServe and metrics ports: no keys, no limits; default: %(default)s)")
+    parser.add_argument(
+        "--triton-host",
+        default="127.0.0.1",
+        help="Triton's address (KServe and metrics ports: no keys, no limits; default: %(default)s)",
+    )
     parser.add_argument("--http-port", type=int, default=8000, help="Triton's KServe HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton's KServe gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
     parser.add_argument("--log-file", help="write tritonserver's log here instead of the terminal")
-    parser.add_argument("--sampler", help="sampler of requests that name none: ddim, euler, euler_ancestral, dpmpp_2m, "
-                        "dpmpp_2m_sde, unipc, lcm, flow_match_euler or an A1111 name (\"DPM++ 2M Karras\"); default: "
-                        "the checkpoint's scheduler. Refused when it does not fit the model")
-    parser.add_argument("--drain-grace-s", type=float, default=DEFAULT_GRACE_S,
-                        help="on SIGTERM, how long the generations in flight may finish before those left get "
-                             "UNAVAILABLE (default: %(default)s)")
+    parser.add_argument(
+        "--sampler",
+        help="sampler of requests that name none: ddim, euler, euler_ancestral, dpmpp_2m, "
+        'dpmpp_2m_sde, unipc, lcm, flow_match_euler or an A1111 name ("DPM++ 2M Karras"); default: '
+        "the checkpoint's scheduler. Refused when it does not fit the model",
+    )
+    parser.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="on SIGTERM, how long the generations in flight may finish before those left get "
+        "UNAVAILABLE (default: %(default)s)",
+    )
     from export.cli import add_repository_options
     from serving.gateway.cli import add_gateway_options
 
@@ -82,11 +97,28 @@ def gateway_arguments(args) -> list:
     """The gateway options of `ldm serve` as `ldm gateway` arguments. The gateway's own drain
     lasts at least the pipeline's grace and 10 s more, so its calls in flight get their answers."""
     drain_s = max(args.drain_s, args.drain_grace_s + 10)
-    extra = ["--rate-limit", str(args.rate_limit), "--burst", str(args.burst), "--max-body-mb", str(args.max_body_mb),
-             "--max-image-pixels", str(args.max_image_pixels), "--drain-s", str(drain_s),
-             "--admission-wait-s", str(args.admission_wait_s), "--max-key-share", str(args.max_key_share),
-             "--max-request-pixels", str(args.max_request_pixels), "--allowed-hosts", args.allowed_hosts,
-             "--allowed-origins", args.allowed_origins]
+    extra = [
+        "--rate-limit",
+        str(args.rate_limit),
+        "--burst",
+        str(args.burst),
+        "--max-body-mb",
+        str(args.max_body_mb),
+        "--max-image-pixels",
+        str(args.max_image_pixels),
+        "--drain-s",
+        str(drain_s),
+        "--admission-wait-s",
+        str(args.admission_wait_s),
+        "--max-key-share",
+        str(args.max_key_share),
+        "--max-request-pixels",
+        str(args.max_request_pixels),
+        "--allowed-hosts",
+        args.allowed_hosts,
+        "--allowed-origins",
+        args.allowed_origins,
+    ]
     if args.api_keys:
         extra += ["--api-keys", args.api_keys]
     if args.allow_anonymous:
@@ -127,11 +159,16 @@ def run(args) -> int:
             return 2
     if getattr(args, "lora_dir", ""):
         found = sorted(p.stem for p in Path(args.lora_dir).glob("*.safetensors"))
-        print(f"loras: {', '.join(found) or 'none yet'} (from {Path(args.lora_dir).resolve()}; POST /v1/loras adds more)",
-              flush=True)
-    print(f"models: {describe_models(args.repo)} (--checkpoint [NAME=]DIR, repeated, to serve others)"
-          if len(recorded_models(args.repo)) > 1 else f"model: {served_model(args.repo)} (pass --checkpoint to serve another)",
-          flush=True)
+        print(
+            f"loras: {', '.join(found) or 'none yet'} (from {Path(args.lora_dir).resolve()}; POST /v1/loras adds more)",
+            flush=True,
+        )
+    print(
+        f"models: {describe_models(args.repo)} (--checkpoint [NAME=]DIR, repeated, to serve others)"
+        if len(recorded_models(args.repo)) > 1
+        else f"model: {served_model(args.repo)} (pass --checkpoint to serve another)",
+        flush=True,
+    )
     try:
         set_default_sampler(args.repo, args.sampler)
     except ValueError as exc:
@@ -140,12 +177,23 @@ def run(args) -> int:
     # Triton is stopped only once drained; its exit timeout still outlasts the grace, in case
     # the drain message could not be delivered and Triton's own shutdown has to wait instead
     if not is_loopback(args.triton_host):
-        print(f"warning: Triton's ports listen on {args.triton_host}: whoever reaches them runs generations without a key "
-              "or a limit (control messages still need the control secret)", flush=True)
+        print(
+            f"warning: Triton's ports listen on {args.triton_host}: whoever reaches them runs generations without a key "
+            "or a limit (control messages still need the control secret)",
+            flush=True,
+        )
     secret = new_secret()
     secret_path = write_secret(secret_file(args.grpc_port), secret)
-    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.triton_host, args.log_file,
-                          exit_timeout_s=int(args.drain_grace_s) + 30, control_secret=secret)
+    server = TritonServer(
+        args.repo,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        args.triton_host,
+        args.log_file,
+        exit_timeout_s=int(args.drain_grace_s) + 30,
+        control_secret=secret,
+    )
     gateway, exit_s = None, None
     signals = threading.Semaphore(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,20 +202,35 @@ def run(args) -> int:
     server.start()
     try:
         if not args.no_gateway:
-            gateway = GatewayProcess(server.grpc_url, args.gateway_rest_port, args.gateway_grpc_port, args.host,
-                                     extra_args=gateway_arguments(args), control_secret=secret).start()
+            gateway = GatewayProcess(
+                server.grpc_url,
+                args.gateway_rest_port,
+                args.gateway_grpc_port,
+                args.host,
+                extra_args=gateway_arguments(args),
+                control_secret=secret,
+            ).start()
         public = f"gateway REST http://{args.host}:{gateway.rest_port}  gRPC {gateway.grpc_url}  |  " if gateway else ""
-        print(f"ready  {public}Triton gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}", flush=True)
-        print('try:   ldm generate "a red circle" -o out.png' + ('' if gateway else ' --protocol kserve'), flush=True)
+        print(
+            f"ready  {public}Triton gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}",
+            flush=True,
+        )
+        print('try:   ldm generate "a red circle" -o out.png' + ("" if gateway else " --protocol kserve"), flush=True)
         stubs = server.stub_pids()
         while not signals.acquire(timeout=1.0):
-            for name, process in (("tritonserver", server.process), ("gateway", gateway.process if gateway is not None else None)):
+            for name, process in (
+                ("tritonserver", server.process),
+                ("gateway", gateway.process if gateway is not None else None),
+            ):
                 if process is not None and process.poll() is not None:
                     print(f"{name} exited with code {process.returncode}", flush=True)
                     return 1
             if stubs and not set(stubs) <= set(server.stub_pids()):
-                print(f"the pipeline's python stub (pid {stubs}) died and Triton does not restart it: "
-                      "stopping, for the supervisor to restart this replica", flush=True)
+                print(
+                    f"the pipeline's python stub (pid {stubs}) died and Triton does not restart it: "
+                    "stopping, for the supervisor to restart this replica",
+                    flush=True,
+                )
                 return 1
         exit_s = drain(server, gateway, args.drain_grace_s, signals)
     finally:
@@ -191,8 +254,9 @@ def checkpoints(values: list) -> tuple:
         if "=" in text and not Path(text).is_dir():
             name, path = text.split("=", 1)
             if not MODEL_NAME.fullmatch(name):
-                raise ValueError(f"{text!r}: NAME must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
-                                 "or digit")
+                raise ValueError(
+                    f"{text!r}: NAME must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+                )
         named.append((name, Path(path)))
     if not named:
         return None, None, {}
@@ -200,11 +264,14 @@ def checkpoints(values: list) -> tuple:
     for i, (name, path) in enumerate(named):
         model = name or default_name(path)
         if i and not MODEL_NAME.fullmatch(model):  # the default model's name prefixes nothing
-            raise ValueError(f"{str(path)!r}: the folder's name {model!r} cannot name a model (1-64 letters, digits, '.', "
-                             "'_' or '-'): give one, --checkpoint NAME=DIR")
+            raise ValueError(
+                f"{str(path)!r}: the folder's name {model!r} cannot name a model (1-64 letters, digits, '.', "
+                "'_' or '-'): give one, --checkpoint NAME=DIR"
+            )
         if model in seen:
-            raise ValueError(f"two models named {model!r} ({seen[model]} and {path}): name them apart, "
-                             "--checkpoint NAME=DIR")
+            raise ValueError(
+                f"two models named {model!r} ({seen[model]} and {path}): name them apart, --checkpoint NAME=DIR"
+            )
         seen[model] = path
     (name, first), rest = named[0], named[1:]
     return name, first, {n or default_name(p): p for n, p in rest}
@@ -229,8 +296,10 @@ def recorded_models(repo) -> dict:
 def describe_models(repo) -> str:
     info = json.loads((Path(repo) / "pipeline" / "1" / "pipeline.json").read_text())
     default = info.get("default_model")
-    return ", ".join(f"{name} ({model.get('family', 'sd')}{', default' if name == default else ''}) = {model['checkpoint']}"
-                     for name, model in info["models"].items())
+    return ", ".join(
+        f"{name} ({model.get('family', 'sd')}{', default' if name == default else ''}) = {model['checkpoint']}"
+        for name, model in info["models"].items()
+    )
 
 
 def scheduler_configs(repo) -> dict:
@@ -292,9 +361,11 @@ def check_lora_options(args) -> None:
         raise ValueError(f"--lora-dir: no folder {lora_dir}")
     unet = args.unet or default_runners(getattr(args, "gpu", False), getattr(args, "backend", "python"))[0]
     if unet == "bls":
-        raise ValueError("--lora-dir/--lora: LoRA adapters are served by the UNet runners in the pipeline's process "
-                         "(--unet inprocess or torch), not bls" + ("" if args.unet else " (the default with --gpu and a "
-                                                                     "native backend): give --unet torch or inprocess"))
+        raise ValueError(
+            "--lora-dir/--lora: LoRA adapters are served by the UNet runners in the pipeline's process "
+            "(--unet inprocess or torch), not bls"
+            + ("" if args.unet else " (the default with --gpu and a native backend): give --unet torch or inprocess")
+        )
 
 
 def set_lora_dir(repo, lora_dir) -> None:

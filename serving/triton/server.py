@@ -13,6 +13,7 @@ header whose value is a per-process random key nothing holds: the gateway and th
 none of them, and a caller that reaches the ports cannot register memory regions or change the
 logs. Inference, health, metadata, model config and statistics stay open on the address bound.
 """
+
 import json
 import os
 from pathlib import Path
@@ -112,8 +113,9 @@ def restricted_flags() -> list:
     return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
 
-def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0, exit_timeout_s=15,
-                           control_secret=None):
+def server_command_and_env(
+    repo, http_port, grpc_port, metrics_port, host="127.0.0.1", log_verbose=0, exit_timeout_s=15, control_secret=None
+):
     from serving.triton.control import SECRET_ENV
 
     env = dict(os.environ)
@@ -138,7 +140,10 @@ def server_command_and_env(repo, http_port, grpc_port, metrics_port, host="127.0
             libs, backends = [str(root / "lib")], root / "backends"
         else:
             root = _pytriton_dir()
-            libs, backends = [str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "bin")], _python_backend_dir()
+            libs, backends = (
+                [str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "bin")],
+                _python_backend_dir(),
+            )
         binary = str(root / "bin" / "tritonserver")
         libs = [sysconfig.get_config_var("LIBDIR")] + libs
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, libs + [env.get("LD_LIBRARY_PATH")]))
@@ -167,7 +172,9 @@ def wait_until_ok(process, url: str, timeout: float, name: str, log_file=None) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode} before it was ready" + log_tail(log_file, name))
+            raise RuntimeError(
+                f"{name} exited with code {process.returncode} before it was ready" + log_tail(log_file, name)
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -181,15 +188,26 @@ def wait_until_ok(process, url: str, timeout: float, name: str, log_file=None) -
 def log_tail(log_file, name: str, lines: int = 30) -> str:
     if not log_file or not Path(log_file).exists():
         return ""
-    return f"\n--- {name} log (tail) ---\n" + "\n".join(Path(log_file).read_text(errors="replace").splitlines()[-lines:])
+    return f"\n--- {name} log (tail) ---\n" + "\n".join(
+        Path(log_file).read_text(errors="replace").splitlines()[-lines:]
+    )
 
 
 class TritonServer:
     """A tritonserver child process on the given (or free) ports, with a new control secret
     unless given one."""
 
-    def __init__(self, repo, http_port=None, grpc_port=None, metrics_port=None, host="127.0.0.1", log_file=None,
-                 exit_timeout_s: int = 15, control_secret: str | None = None):
+    def __init__(
+        self,
+        repo,
+        http_port=None,
+        grpc_port=None,
+        metrics_port=None,
+        host="127.0.0.1",
+        log_file=None,
+        exit_timeout_s: int = 15,
+        control_secret: str | None = None,
+    ):
         from serving.triton.control import new_secret
 
         self.repo = Path(repo)
@@ -216,11 +234,20 @@ class TritonServer:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
-        command, env = server_command_and_env(self.repo, self.http_port, self.grpc_port, self.metrics_port, self.host,
-                                              exit_timeout_s=self.exit_timeout_s, control_secret=self.control_secret)
+        command, env = server_command_and_env(
+            self.repo,
+            self.http_port,
+            self.grpc_port,
+            self.metrics_port,
+            self.host,
+            exit_timeout_s=self.exit_timeout_s,
+            control_secret=self.control_secret,
+        )
         output = open(self.log_file, "ab") if self.log_file else None
         # own process group: a Ctrl-C in the terminal reaches us, and we stop the server ourselves
-        self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
         if output:
             output.close()
         try:
@@ -231,7 +258,9 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        wait_until_ok(self.process, f"http://{self.host}:{self.http_port}/v2/health/ready", timeout, "tritonserver", self.log_file)
+        wait_until_ok(
+            self.process, f"http://{self.host}:{self.http_port}/v2/health/ready", timeout, "tritonserver", self.log_file
+        )
 
     def stub_pids(self, model: str = "pipeline") -> list:
         """The live python-backend stub processes of `model` of this server."""

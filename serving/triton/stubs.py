@@ -4,6 +4,7 @@ Triton 2.51 neither restarts a python stub that died (killed, out of memory) nor
 model unready: every request fails while the server looks ready and live. `ldm serve` watches
 the pipeline's stub itself; where tritonserver runs alone (the Kubernetes triton container), this
 command is its liveness probe, so the kubelet restarts the container."""
+
 import os
 from pathlib import Path
 

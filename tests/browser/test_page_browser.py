@@ -3,6 +3,7 @@
 steer acknowledged then applied, cancel, download a PNG carrying its parameters, and an
 inpainting edit from an uploaded image and a painted mask. Every wait is on the page's state
 (a selector or a condition), never a sleep."""
+
 import base64
 import io
 import json
@@ -14,7 +15,17 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from tests.support.page_browser import TIMEOUT_MS, chromium, missing, open_page, page_errors, previews, set_range, start, wait_for_step
+from tests.support.page_browser import (
+    TIMEOUT_MS,
+    chromium,
+    missing,
+    open_page,
+    page_errors,
+    previews,
+    set_range,
+    start,
+    wait_for_step,
+)
 from tests.support.server_metrics import idle_metrics, metrics, wait_for
 from serving.client.kserve import LdmClient
 from serving.gateway import images
@@ -49,9 +60,9 @@ def png_texts(data: bytes) -> dict:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     texts, offset, types = {}, 8, []
     while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
-        body = data[offset + 8:offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        body = data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
         assert crc == zlib.crc32(kind + body), f"bad CRC in the {kind} chunk"
         types.append(kind)
         if kind == b"tEXt":
@@ -123,8 +134,16 @@ def test_the_sampler_menu_lists_the_samplers_and_a_generation_uses_the_chosen_on
     assert json.loads(png_texts(data)["ldm-serving"])["sampler"] == "DPM++ 2M Karras"
     assert "Steps: 12, Sampler: DPM++ 2M Karras, CFG scale: 5" in png_texts(data)["parameters"]
     with LdmClient(server.grpc_url) as kserve:
-        expected = kserve.generate(PROMPT, seed=9, steps=12, guidance_scale=5.0, height=32, width=32,
-                                   sampler="dpmpp_2m", sigma_schedule="karras")
+        expected = kserve.generate(
+            PROMPT,
+            seed=9,
+            steps=12,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            sampler="dpmpp_2m",
+            sigma_schedule="karras",
+        )
     np.testing.assert_array_equal(pixels(data), expected)
 
 
@@ -205,7 +224,9 @@ def test_init_image_and_a_painted_mask_make_an_inpainting_edit(page, server, tmp
     assert mask[:, 24].min() == 255 and mask[:, :16].max() == 0  # the stroke is repainted, the left half kept
     data = download(page, page.locator("#gallery .card").first)
     with LdmClient(server.grpc_url) as kserve:
-        expected = kserve.generate(PROMPT, seed=9, steps=12, guidance_scale=7.5, init_image=init, mask=mask, strength=0.8)
+        expected = kserve.generate(
+            PROMPT, seed=9, steps=12, guidance_scale=7.5, init_image=init, mask=mask, strength=0.8
+        )
     np.testing.assert_array_equal(pixels(data), expected)
 
 
@@ -233,8 +254,16 @@ def test_rectangles_drawn_with_prompts_are_sent_as_region_masks(page, server):
     data = download(page, page.locator("#gallery .card").first)
     assert json.loads(png_texts(data)["ldm-serving"])["regions"] == ["a red circle", "a blue square"]
     with LdmClient(server.grpc_url) as kserve:
-        expected = kserve.generate(PROMPT, seed=6, steps=10, guidance_scale=5.0, height=32, width=32,
-                                   region_prompts=["a red circle", "a blue square"], region_masks=masks)
+        expected = kserve.generate(
+            PROMPT,
+            seed=6,
+            steps=10,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            region_prompts=["a red circle", "a blue square"],
+            region_masks=masks,
+        )
     np.testing.assert_array_equal(pixels(data), expected)
 
 

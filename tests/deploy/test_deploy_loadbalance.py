@@ -8,6 +8,7 @@ when one replica is SIGKILLed mid-load, only the calls running on it fail, with 
 UNAVAILABLE; nginx stops sending to it; calls started afterwards succeed at the first attempt;
 the retry policy recovers the failed ones; every process started is gone afterwards.
 """
+
 import json
 
 import pytest
@@ -32,11 +33,18 @@ def report(tiny_repo, tmp_path_factory) -> dict:
     from serving.client.images import ImagesClient
 
     result = run_scenario(
-        tiny_repo, tmp_path_factory.mktemp("lb-run"),
+        tiny_repo,
+        tmp_path_factory.mktemp("lb-run"),
         make_client=lambda url: ImagesClient(url, timeout_s=60, policy=ONE_ATTEMPT),
-        n_replicas=N_REPLICAS, spread_requests=18, client_side_requests=12,
-        failover_requests=AFTER_CRASH, concurrency=CONCURRENCY, kill_when_running=3,
-        gen_kwargs=GEN, ready_timeout_s=150, phase_timeout_s=90,
+        n_replicas=N_REPLICAS,
+        spread_requests=18,
+        client_side_requests=12,
+        failover_requests=AFTER_CRASH,
+        concurrency=CONCURRENCY,
+        kill_when_running=3,
+        gen_kwargs=GEN,
+        ready_timeout_s=150,
+        phase_timeout_s=90,
     )
     print("\nload-balancing report:\n" + json.dumps(result, indent=1))
     return result

@@ -5,6 +5,7 @@ validated against the Kubernetes OpenAPI schemas bundled in kubernetes-validate 
 unknown fields are errors), manifests and Dockerfile are linted with checkov, and the
 properties the deployment depends on are asserted on the rendered objects.
 """
+
 import json
 import re
 import subprocess
@@ -64,6 +65,7 @@ def _matches(selector: dict, labels: dict) -> bool:
 
 # --- schema validation and lint -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("target", OVERLAYS + ["monitoring"])
 def test_every_object_validates_strictly(rendered, objects, target, tmp_path):
     validator = require("kubernetes-validate")
@@ -88,15 +90,26 @@ def test_checkov_finds_nothing(rendered, tmp_path):
     (tmp_path / "Dockerfile").write_text((REPO / "deploy" / "Dockerfile").read_text())
     # --skip-download: no calls to the vendor's platform; the built-in checks run offline.
     done = subprocess.run(
-        [checkov, "-d", str(tmp_path), "--framework", "kubernetes", "dockerfile",
-         "--skip-download", "--output", "json"],
-        capture_output=True, text=True, timeout=300)
+        [
+            checkov,
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "dockerfile",
+            "--skip-download",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     reports = json.loads(done.stdout)
     reports = reports if isinstance(reports, list) else [reports]
     by_type = {r["check_type"]: r for r in reports}
     assert set(by_type) == {"kubernetes", "dockerfile"}, done.stdout[:2000]
-    failed = [(c["check_id"], c["resource"], c["check_name"])
-              for r in reports for c in r["results"]["failed_checks"]]
+    failed = [(c["check_id"], c["resource"], c["check_name"]) for r in reports for c in r["results"]["failed_checks"]]
     assert failed == [], failed
     assert all(r["summary"]["passed"] > 0 for r in reports)
     # Every suppression is a documented annotation with a reason, not a blanket skip.
@@ -107,6 +120,7 @@ def test_checkov_finds_nothing(rendered, tmp_path):
 
 
 # --- properties of the Deployment -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_ask_the_engine_and_the_stub(objects, overlay):
@@ -268,6 +282,7 @@ def test_gpu_overlay_requests_gpus_and_tolerates_taint(objects):
 
 # --- objects that refer to the Deployment's pods --------------------------------------------
 
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_selectors_reach_the_deployment_pods(objects, overlay):
     objs = objects[overlay]
@@ -284,7 +299,11 @@ def test_selectors_reach_the_deployment_pods(objects, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ports_are_named_and_resolve(objects, overlay):
     objs = objects[overlay]
-    assert {p["name"]: p["containerPort"] for p in _container(objs)["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert {p["name"]: p["containerPort"] for p in _container(objs)["ports"]} == {
+        "http": 8000,
+        "grpc": 8001,
+        "metrics": 8002,
+    }
     container_ports = {p["name"]: p["containerPort"] for c in _pod_spec(objs)["containers"] for p in c["ports"]}
     # the Services expose the gateway only: Triton's own protocols stay inside the pod
     for name in ("ldm-triton", "ldm-triton-headless"):
@@ -315,8 +334,10 @@ def test_load_balancers_route_to_the_gateway(objects, overlay):
         route = _one(objs, kind)
         assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
         listener = route["spec"]["parentRefs"][0]["sectionName"]
-        assert any(entry["name"] == listener and {"kind": kind} in entry["allowedRoutes"]["kinds"]
-                   for entry in gateway["spec"]["listeners"])
+        assert any(
+            entry["name"] == listener and {"kind": kind} in entry["allowedRoutes"]["kinds"]
+            for entry in gateway["spec"]["listeners"]
+        )
         backend = route["spec"]["rules"][0]["backendRefs"][0]
         assert (backend["name"], backend["port"]) == ("ldm-triton", port), kind
     grpc_route = _one(objs, "GRPCRoute")
@@ -327,11 +348,16 @@ def test_load_balancers_route_to_the_gateway(objects, overlay):
         grpc_ingress = _one(objs, "Ingress", "ldm-triton-grpc")
         assert grpc_ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
         path = grpc_ingress["spec"]["rules"][0]["http"]["paths"][0]
-        assert path["path"] == "/ldm.v1.Images" and path["backend"]["service"] == {"name": "ldm-triton", "port": {"name": "api"}}
+        assert path["path"] == "/ldm.v1.Images" and path["backend"]["service"] == {
+            "name": "ldm-triton",
+            "port": {"name": "api"},
+        }
         rest_ingress = _one(objs, "Ingress", "ldm-rest")
         assert rest_ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTP"
         backends = {p["path"]: p["backend"]["service"] for p in rest_ingress["spec"]["rules"][0]["http"]["paths"]}
-        assert set(backends) == paths and all(b == {"name": "ldm-triton", "port": {"name": "rest"}} for b in backends.values())
+        assert set(backends) == paths and all(
+            b == {"name": "ldm-triton", "port": {"name": "rest"}} for b in backends.values()
+        )
 
 
 def test_local_nginx_config_mirrors_the_ingress(objects):
@@ -390,6 +416,7 @@ def test_hpa_scales_the_deployment_on_the_queue_metric(objects, overlay):
 
 # --- hygiene over every object --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("target", OVERLAYS + ["monitoring"])
 def test_no_latest_tags_no_inline_secrets_right_namespace(objects, target):
     expected_ns = "monitoring" if target == "monitoring" else NAMESPACE
@@ -404,8 +431,9 @@ def test_no_latest_tags_no_inline_secrets_right_namespace(objects, target):
             assert not image.endswith(":latest") and ":latest@" not in image, image
             for env in c.get("env", []):
                 # (a *_FILE variable names where a secret is, not the secret)
-                if re.search(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", env["name"], re.I) and \
-                        not env["name"].endswith("_FILE"):
+                if re.search(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", env["name"], re.I) and not env["name"].endswith(
+                    "_FILE"
+                ):
                     assert "value" not in env, f"{env['name']} must come from a Secret (valueFrom)"
         text = json.dumps(obj)
         assert not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|AKIA[0-9A-Z]{16}", text)
@@ -422,7 +450,10 @@ def test_gateways_reach_the_pod_that_runs_a_live_generation(objects, overlay):
     gateway = _container(objs, "gateway")
     args = dict(a.removeprefix("--").split("=", 1) for a in gateway["args"][1:])
     env = {e["name"]: e for e in gateway["env"]}
-    assert args["replica-name"] == "$(POD_NAME)" and env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert (
+        args["replica-name"] == "$(POD_NAME)"
+        and env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    )
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     peers = _one(objs, "Service", spec["subdomain"])
     assert args["peer-domain"] == f"{spec['subdomain']}.$(POD_NAMESPACE).svc.cluster.local"
@@ -431,5 +462,8 @@ def test_gateways_reach_the_pod_that_runs_a_live_generation(objects, overlay):
     pod_labels = _one(objs, "Deployment", "ldm-triton")["spec"]["template"]["metadata"]["labels"]
     policy = _one(objs, "NetworkPolicy")["spec"]
     for rules, side in ((policy["ingress"], "from"), (policy["egress"], "to")):
-        assert any(any(_matches(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), pod_labels) for peer in rule[side])
-                   and {p["port"] for p in rule["ports"]} == {"rest"} for rule in rules), side
+        assert any(
+            any(_matches(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), pod_labels) for peer in rule[side])
+            and {p["port"] for p in rule["ports"]} == {"rest"}
+            for rule in rules
+        ), side

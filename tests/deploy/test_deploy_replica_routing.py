@@ -5,6 +5,7 @@ A generation started through the load balancer is steered through it until a ste
 the other replica; that gateway forwards it to the owner, which applies it (the stream reports
 the steer at a step). A DELETE through the balancer cancels it wherever it lands; ids naming no
 replica are 404 and are never fetched from; every process started is gone afterwards."""
+
 import asyncio
 
 import psutil
@@ -63,7 +64,7 @@ def test_steer_and_delete_through_the_balancer_reach_the_owner(fleet):
     assert forwarded, "no steer landed on the other replica"
     steered = [e.data for e in events if e.name == "generation.steered"]
     assert sorted(s["steer_id"] for s in steered) == list(range(1, len(steers) + 1))
-    (answer, headers), = deletes
+    ((answer, headers),) = deletes
     assert answer["status"] == "cancelled" and headers["X-Ldm-Owner"] == owner
     assert events[-1].name == "error" and events[-1].data["error"]["code"] == "cancelled"
 

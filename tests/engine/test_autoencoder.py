@@ -1,4 +1,5 @@
 """First-stage training pieces: the edge loss and the decoder-only fine-tune."""
+
 import numpy as np
 import torch
 
@@ -8,6 +9,7 @@ from training.data import eval_scenes, render
 
 def test_edge_loss_is_zero_on_equal_images_and_grows_with_blur():
     x = to_tensor(np.stack([render(s) for s in eval_scenes(4, held_out=False)]))
+
     def blur(k):
         return torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
 

@@ -1,6 +1,7 @@
 """`ldm bench` per family (issue 19 part 6): the baselines are the family's (diffusers pipeline
 class, text encoding, per-row inputs) and the report's numbers are what their definitions say.
 No wall-clock value is asserted; the end-to-end run is slow (it starts a tritonserver)."""
+
 import json
 import subprocess
 import sys
@@ -25,7 +26,9 @@ def sdxl_repo(tmp_path_factory, sdxl_checkpoint):
     from export.repository import write_repository
 
     repo = tmp_path_factory.mktemp("bench-sdxl-repo") / "model_repository"
-    write_repository(sdxl_checkpoint, repo, pipeline_parameters=pipeline_parameters(unet="inprocess"), log=lambda *a: None)
+    write_repository(
+        sdxl_checkpoint, repo, pipeline_parameters=pipeline_parameters(unet="inprocess"), log=lambda *a: None
+    )
     return repo
 
 
@@ -49,8 +52,15 @@ def test_the_bare_loop_draws_the_family_pipelines_image(family, request):
     for guidance in (1.0, 5.0):
         image = bare.generate(PROMPT, 3, 6, guidance, 32)
         latents = torch.from_numpy(noise_generator(3).standard_normal((1, 4, 8, 8), dtype=np.float32))
-        reference = pipe(PROMPT, num_inference_steps=6, guidance_scale=guidance, height=32, width=32, latents=latents,
-                         output_type="np").images[0]
+        reference = pipe(
+            PROMPT,
+            num_inference_steps=6,
+            guidance_scale=guidance,
+            height=32,
+            width=32,
+            latents=latents,
+            output_type="np",
+        ).images[0]
         reference = (np.clip(reference, 0, 1) * 255).round().astype(np.uint8)
         assert np.abs(image.astype(int) - reference).mean() <= 1.0, (family, guidance)
 
@@ -75,12 +85,18 @@ def test_sdxl_bare_loop_conditioning_zero_negative_and_time_ids(sdxl_repo):
 def _report(c16_throughput=12.0, diffusers_latency=0.5):
     run = {"server": "batched", "mode": "closed", "latency_p50_s": 0.1}
     return {
-        "family": "sdxl", "diffusers_pipeline": "StableDiffusionXLPipeline",
-        "a_diffusers_latency_s": diffusers_latency, "a_diffusers_throughput": 1 / diffusers_latency,
-        "c_bare_onnx_latency_s": 0.08, "unloaded_latency_s": 0.09, "baseline_unet_rows_per_call": 2,
-        "runs": [{**run, "offered": 1, "throughput_images_per_s": 9.0, "unet_rows_per_call": 2.0},
-                 {**run, "offered": 16, "throughput_images_per_s": c16_throughput, "unet_rows_per_call": 28.5},
-                 {**run, "offered": 16, "workload": "txt2img", "throughput_images_per_s": 99.0}],
+        "family": "sdxl",
+        "diffusers_pipeline": "StableDiffusionXLPipeline",
+        "a_diffusers_latency_s": diffusers_latency,
+        "a_diffusers_throughput": 1 / diffusers_latency,
+        "c_bare_onnx_latency_s": 0.08,
+        "unloaded_latency_s": 0.09,
+        "baseline_unet_rows_per_call": 2,
+        "runs": [
+            {**run, "offered": 1, "throughput_images_per_s": 9.0, "unet_rows_per_call": 2.0},
+            {**run, "offered": 16, "throughput_images_per_s": c16_throughput, "unet_rows_per_call": 28.5},
+            {**run, "offered": 16, "workload": "txt2img", "throughput_images_per_s": 99.0},
+        ],
     }
 
 
@@ -95,11 +111,17 @@ def test_the_summary_is_its_definitions():
     assert [level["unet_rows_per_call"] for level in summary["levels"]] == [2.0, 28.5]
     assert summary["cpu_over_bare"] is None  # no CPU times in this report
     assert summary["cpu_per_image_diffusers_over_c16"] is None
-    with_cpu = family_summary({**_report(), "a_diffusers_cpu_s": [0.6, 0.4, 0.5],
-                               "runs": [{**r, "server_cpu_s_per_image": 0.25} for r in _report()["runs"]]})
+    with_cpu = family_summary(
+        {
+            **_report(),
+            "a_diffusers_cpu_s": [0.6, 0.4, 0.5],
+            "runs": [{**r, "server_cpu_s_per_image": 0.25} for r in _report()["runs"]],
+        }
+    )
     assert with_cpu["cpu_per_image_diffusers_over_c16"] == pytest.approx(0.5 / 0.25)
-    assert family_summary({**_report(), "single_request": {"server_cpu_s": [0.2, 0.1, 0.3], "bare_loop_cpu_s": [0.1, 0.2, 0.4]}}
-                          )["cpu_over_bare"] == pytest.approx(0.2 / 0.2)
+    assert family_summary(
+        {**_report(), "single_request": {"server_cpu_s": [0.2, 0.1, 0.3], "bare_loop_cpu_s": [0.1, 0.2, 0.4]}}
+    )["cpu_over_bare"] == pytest.approx(0.2 / 0.2)
     # rows per call from the server's counters (calls, rows) before and after a loop
     assert rows_per_call((10, 20), (110, 2870)) == pytest.approx(28.5)
     assert rows_per_call((10, 20), (10, 20)) is None
@@ -108,10 +130,34 @@ def test_the_summary_is_its_definitions():
 @pytest.mark.slow
 def test_bench_on_tiny_sdxl_reports_the_family_and_consistent_ratios(sdxl_checkpoint, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "bench", "--checkpoint", str(sdxl_checkpoint), "--out", str(tmp_path),
-         "--steps", "4", "--requests", "16", "--concurrency", "1,16", "--baseline-runs", "2", "--rss-requests", "0",
-         "--mix-rounds", "1", "--load-fractions", "", "--no-sequential"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "bench",
+            "--checkpoint",
+            str(sdxl_checkpoint),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "4",
+            "--requests",
+            "16",
+            "--concurrency",
+            "1,16",
+            "--baseline-runs",
+            "2",
+            "--rss-requests",
+            "0",
+            "--mix-rounds",
+            "1",
+            "--load-fractions",
+            "",
+            "--no-sequential",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -122,14 +168,21 @@ def test_bench_on_tiny_sdxl_reports_the_family_and_consistent_ratios(sdxl_checkp
     # the ratios are throughput / baseline and latency / baseline of this JSON
     c16 = next(r for r in report["runs"] if r["mode"] == "closed" and r["offered"] == 16 and "workload" not in r)
     assert report["a_diffusers_latency_s"] == pytest.approx(float(np.median(report["a_diffusers_s"])))
-    assert summary["throughput_c16_over_diffusers"] == pytest.approx(c16["throughput_images_per_s"] * report["a_diffusers_latency_s"])
+    assert summary["throughput_c16_over_diffusers"] == pytest.approx(
+        c16["throughput_images_per_s"] * report["a_diffusers_latency_s"]
+    )
     single = report["single_request"]
     assert len(single["server_s"]) == len(single["bare_loop_s"]) == 8
-    assert summary["latency_over_bare"] == pytest.approx(np.median(single["server_s"]) / np.median(single["bare_loop_s"]))
+    assert summary["latency_over_bare"] == pytest.approx(
+        np.median(single["server_s"]) / np.median(single["bare_loop_s"])
+    )
     assert len(single["server_cpu_s"]) == len(single["bare_loop_cpu_s"]) == 8
-    assert summary["cpu_over_bare"] == pytest.approx(np.median(single["server_cpu_s"]) / np.median(single["bare_loop_cpu_s"]))
+    assert summary["cpu_over_bare"] == pytest.approx(
+        np.median(single["server_cpu_s"]) / np.median(single["bare_loop_cpu_s"])
+    )
     assert summary["cpu_per_image_diffusers_over_c16"] == pytest.approx(
-        np.median(report["a_diffusers_cpu_s"]) / c16["server_cpu_s_per_image"])
+        np.median(report["a_diffusers_cpu_s"]) / c16["server_cpu_s_per_image"]
+    )
     targets = {t["target"].split(" ")[0]: t for t in report["targets"]}
     assert targets["throughput"]["measured"] == round(summary["throughput_c16_over_diffusers"], 3)
     assert targets["single-request"]["measured"] == round(summary["latency_over_bare"], 3)

@@ -1,13 +1,38 @@
 """`ldm bench --loras` (serving/bench/loras.py) on a small load: its report is its definitions."""
+
 import json
 
 from serving.cli import main
 
 
 def test_bench_loras_reports_its_definitions(tmp_path):
-    assert main(["bench", "--loras", "--out", str(tmp_path), "--requests", "6", "--concurrency", "3",
-                 "--lora-adapters", "2", "--lora-rank", "4", "--steps", "3", "--lora-rounds", "1",
-                 "--lora-sweep-ranks", "4,8", "--lora-sweep-counts", "1,2"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--loras",
+                "--out",
+                str(tmp_path),
+                "--requests",
+                "6",
+                "--concurrency",
+                "3",
+                "--lora-adapters",
+                "2",
+                "--lora-rank",
+                "4",
+                "--steps",
+                "3",
+                "--lora-rounds",
+                "1",
+                "--lora-sweep-ranks",
+                "4,8",
+                "--lora-sweep-counts",
+                "1,2",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "loras.json").read_text())
     assert (report["requests"], report["concurrency"], report["adapters"], report["rank"]) == (6, 3, 2, 4)
     assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == ["lora0.safetensors", "lora1.safetensors"]

@@ -1,4 +1,5 @@
 """The shipped default model: loads offline with plain diffusers and generates the right size."""
+
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +30,24 @@ def test_checkpoint_is_small_safetensors_with_ddim():
 def test_loads_as_fp32_standard_components(pipe):
     assert isinstance(pipe.scheduler, DDIMScheduler)
     # the classes the exporter reads; fp32 although the UNet ships fp16 weights
-    for module, name in ((pipe.text_encoder, "CLIPTextModel"), (pipe.unet, "UNet2DConditionModel"),
-                         (pipe.vae, "AutoencoderKL")):
+    for module, name in (
+        (pipe.text_encoder, "CLIPTextModel"),
+        (pipe.unet, "UNet2DConditionModel"),
+        (pipe.vae, "AutoencoderKL"),
+    ):
         assert type(module).__name__ == name and module.dtype == torch.float32
 
 
 def test_generates_a_64x64_image_in_a_few_steps(pipe):
-    image = pipe("a large red circle on the left of a black background", height=64, width=64,
-                 num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
-                 output_type="np").images[0]
+    image = pipe(
+        "a large red circle on the left of a black background",
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (64, 64, 3)
     assert np.isfinite(image).all() and image.std() > 0.01
 

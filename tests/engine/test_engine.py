@@ -1,5 +1,6 @@
 """The engine in this process (ONNX Runtime, no server): batch invariance, progress, cancellation,
 deadlines and every-request-ends, driven one iteration at a time."""
+
 import time
 
 import numpy as np

@@ -1,6 +1,7 @@
 """Regression tests of the engine's promise (in process, ONNX Runtime on the tiny checkpoint):
 every accepted job ends in exactly one final answer, a failure touches only its own jobs,
 the drain answers everyone once, and bad configurations are refused at load, named."""
+
 from dataclasses import replace
 import threading
 
@@ -49,7 +50,11 @@ def test_a_finish_that_raises_ends_its_own_job_alone(tiny_repo, models, broken_a
         service.submit(request("a red circle", i, steps=3), sink)
     drain(service)
     broken = sinks[broken_at]
-    assert broken.calls == ["finish", "fail"] and broken.error[0] == "INTERNAL" and "could not be delivered" in broken.error[1]
+    assert (
+        broken.calls == ["finish", "fail"]
+        and broken.error[0] == "INTERNAL"
+        and "could not be delivered" in broken.error[1]
+    )
     for sink in sinks:
         if sink is not broken:
             assert sink.image is not None and sink.ends == 1
@@ -88,9 +93,14 @@ def test_a_failing_preview_ends_its_own_job_alone(tiny_repo, models):
     assert healthy.image is not None and healthy.ends == 1 and len(healthy.previews) == 3
 
 
-@pytest.mark.parametrize("fault, what", [("unet_raise_at_call=2", "denoising step failed"),
-                                         ("vae_raise_at_call=1", "VAE decoding failed"),
-                                         ("text_raise_at_call=1", "text encoding failed")])
+@pytest.mark.parametrize(
+    "fault, what",
+    [
+        ("unet_raise_at_call=2", "denoising step failed"),
+        ("vae_raise_at_call=1", "VAE decoding failed"),
+        ("text_raise_at_call=1", "text encoding failed"),
+    ],
+)
 def test_a_model_failure_is_internal_for_its_call_alone_and_serving_goes_on(tiny_repo, models, fault, what):
     service = make_service(tiny_repo, FaultPlan(fault).models(models))
     victims = [RecordingSink(), RecordingSink()]
@@ -196,22 +206,31 @@ def test_drain_grace_comes_from_the_pipeline_parameter(tiny_repo, models):
         make_service(tiny_repo, models, drain_grace_s=-1)
 
 
-@pytest.mark.parametrize("params, named", [
-    (dict(max_active=0), r"parameter max_active=0 must be at least 1"),
-    (dict(max_queue=0), r"parameter max_queue=0 must be at least 1"),
-    (dict(max_rows=1), r"parameter max_rows=1 must be at least 2"),
-    (dict(max_rows=65), r"parameter max_rows=65 exceeds the unet model's max batch size 64"),
-    (dict(default_steps=151), r"parameter default_steps=151 must be in \[1, max_steps=150\]"),
-    (dict(max_steps=1001), r"parameter max_steps=1001 must be in \[1, 1000\]"),
-    (dict(default_steps=0), r"parameter default_steps=0 must be"),
-    (dict(default_size=30), r"parameter default_size=30 must be a multiple of 8"),
-    (dict(max_size=4096), r"parameter max_size=4096 must be a multiple of 8 in \[8, 64\]"),
-    (dict(default_size=48, max_size=40), r"parameter default_size=48 must be a multiple of 8 in \[8, max_size=40\]"),
-    (dict(default_guidance_scale=60), r"parameter default_guidance_scale=60.0 must be in \[0, max_guidance_scale=50.0\]"),
-    (dict(default_eta="nan"), r"parameter default_eta=nan must be in \[0, 1\]"),
-    (dict(max_prompt_bytes=0), r"parameter max_prompt_bytes=0 must be at least 1"),
-    (dict(default_base_prompt_weight=2), r"parameter default_base_prompt_weight=2.0 must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "params, named",
+    [
+        (dict(max_active=0), r"parameter max_active=0 must be at least 1"),
+        (dict(max_queue=0), r"parameter max_queue=0 must be at least 1"),
+        (dict(max_rows=1), r"parameter max_rows=1 must be at least 2"),
+        (dict(max_rows=65), r"parameter max_rows=65 exceeds the unet model's max batch size 64"),
+        (dict(default_steps=151), r"parameter default_steps=151 must be in \[1, max_steps=150\]"),
+        (dict(max_steps=1001), r"parameter max_steps=1001 must be in \[1, 1000\]"),
+        (dict(default_steps=0), r"parameter default_steps=0 must be"),
+        (dict(default_size=30), r"parameter default_size=30 must be a multiple of 8"),
+        (dict(max_size=4096), r"parameter max_size=4096 must be a multiple of 8 in \[8, 64\]"),
+        (
+            dict(default_size=48, max_size=40),
+            r"parameter default_size=48 must be a multiple of 8 in \[8, max_size=40\]",
+        ),
+        (
+            dict(default_guidance_scale=60),
+            r"parameter default_guidance_scale=60.0 must be in \[0, max_guidance_scale=50.0\]",
+        ),
+        (dict(default_eta="nan"), r"parameter default_eta=nan must be in \[0, 1\]"),
+        (dict(max_prompt_bytes=0), r"parameter max_prompt_bytes=0 must be at least 1"),
+        (dict(default_base_prompt_weight=2), r"parameter default_base_prompt_weight=2.0 must be in \[0, 1\]"),
+    ],
+)
 def test_contradicting_parameters_are_refused_at_load_by_name(tiny_repo, models, params, named):
     with pytest.raises(ValueError, match=named):
         make_service(tiny_repo, models, **params)
@@ -227,8 +246,15 @@ def test_text_encoder_calls_are_split_to_its_max_batch(tiny_repo, models):
         return models.encode_text(input_ids)
 
     tokenizers = make_service(tiny_repo, models).models["tiny"].tokenizers["base"]
-    texts = ["a blue square", "a green triangle at the top", "a yellow star", "a small purple circle", "two cats",
-             "an orange square on the right", "a white circle"]
+    texts = [
+        "a blue square",
+        "a green triangle at the top",
+        "a yellow star",
+        "a small purple circle",
+        "two cats",
+        "an orange square on the right",
+        "a white circle",
+    ]
     outputs = {"last_hidden_state": "encoder_hidden_states"}
     split = CachedTextEncoder(tokenizers, encode_ids, outputs, max_batch=3).encode(texts)
     whole = CachedTextEncoder(tokenizers, models.encode_text, outputs).encode(texts)
@@ -295,7 +321,11 @@ def test_text_longer_than_the_byte_cap_is_refused_before_tokenizing(tiny_repo, m
     arrays = request("a red circle", 1)
     arrays[field] = np.array([value.encode()], object)
     service.submit(arrays, sink)
-    assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith(f"{field}: is ") and "at most 4096 UTF-8 bytes" in sink.error[1]
+    assert (
+        sink.error[0] == "INVALID_ARG"
+        and sink.error[1].startswith(f"{field}: is ")
+        and "at most 4096 UTF-8 bytes" in sink.error[1]
+    )
     assert calls == []
 
 
@@ -306,7 +336,10 @@ def test_region_prompt_byte_cap_names_the_region(tiny_repo, models):
     arrays["region_prompts"] = np.array([b"a cat", b"b" * 65], object)
     arrays["region_divisions"] = np.array([b"1,1"], object)
     service.submit(arrays, sink)
-    assert sink.error == ("INVALID_ARG", "region_prompts[1]: is 65 bytes long; at most 64 UTF-8 bytes (max_prompt_bytes)")
+    assert sink.error == (
+        "INVALID_ARG",
+        "region_prompts[1]: is 65 bytes long; at most 64 UTF-8 bytes (max_prompt_bytes)",
+    )
 
 
 @pytest.mark.parametrize("prompt", ["\u200b", "\u200b\u200c\u200d\u2060\ufeff", " \u3000\u00a0\t\n", "\u202e\u2066"])
@@ -320,7 +353,9 @@ def test_prompts_of_invisible_characters_are_empty(tiny_repo, models, prompt):
     arrays["region_prompts"] = np.array([b"a cat", prompt.encode()], object)
     arrays["region_divisions"] = np.array([b"1,1"], object)
     service.submit(arrays, regional)
-    assert regional.error[0] == "INVALID_ARG" and regional.error[1].startswith("region_prompts: text 1 must not be empty")
+    assert regional.error[0] == "INVALID_ARG" and regional.error[1].startswith(
+        "region_prompts: text 1 must not be empty"
+    )
 
 
 def test_assets_carry_each_components_max_batch(tiny_repo):

@@ -1,4 +1,5 @@
 """ONNX exports against torch, the export cache, and the generated Triton configs."""
+
 import json
 import os
 import shutil
@@ -64,7 +65,9 @@ def test_every_generated_config_parses(tiny_repo):
     # the native size, for the gateway's work units (serving/gateway/costs.py)
     assert params.pop("native_size") == "32"
     models = json.loads(params.pop("models"))
-    assert [(m["id"], m["family"], m["default"], m["tasks"]) for m in models] == [("tiny", "sd", True, ["txt2img", "img2img", "inpaint"])]
+    assert [(m["id"], m["family"], m["default"], m["tasks"]) for m in models] == [
+        ("tiny", "sd", True, ["txt2img", "img2img", "inpaint"])
+    ]
     assert params == {k: str(v) for k, v in pipeline_parameters().items()}
     unet_inputs = {i.name: i for i in configs["unet"].input}
     assert list(unet_inputs["timestep"].dims) == [1] and unet_inputs["timestep"].HasField("reshape")
@@ -76,7 +79,11 @@ def test_native_backend_configs_parse(backend, info):
     for contract in component_contracts(info, 2 * info.native_size, MAX_BATCH).values():
         config = text_format.Parse(to_pbtxt(component_config(contract, backend, gpu=True)), mc.ModelConfig())
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-        expected = {"python": ("python", ""), "onnxruntime": ("", "onnxruntime_onnx"), "tensorrt": ("", "tensorrt_plan")}
+        expected = {
+            "python": ("python", ""),
+            "onnxruntime": ("", "onnxruntime_onnx"),
+            "tensorrt": ("", "tensorrt_plan"),
+        }
         assert (config.backend, config.platform) == expected[backend]
         assert [i.name for i in config.input] == [s.name for s in contract.inputs]
 

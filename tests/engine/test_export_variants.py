@@ -1,6 +1,7 @@
 """Export of a repository holding several UNet variants: layouts detected from the UNet config,
 each variant's UNet with its own contract (checked against torch), identical components shared,
 the variants table the pipeline reads."""
+
 from dataclasses import replace
 import json
 import shutil
@@ -17,7 +18,9 @@ from families.sd_torch import load_module
 
 
 def test_layouts_are_read_from_the_unet_config(tiny_checkpoint, tiny_inpaint_checkpoint, tiny_upscale_checkpoint):
-    base, inpaint, upscale = (CheckpointInfo.read(p) for p in (tiny_checkpoint, tiny_inpaint_checkpoint, tiny_upscale_checkpoint))
+    base, inpaint, upscale = (
+        CheckpointInfo.read(p) for p in (tiny_checkpoint, tiny_inpaint_checkpoint, tiny_upscale_checkpoint)
+    )
     assert (base.layout, base.unet_in_channels, base.latent_channels) == ("base", 4, 4)
     assert (inpaint.layout, inpaint.unet_in_channels, inpaint.latent_channels) == ("inpaint", 9, 4)
     assert (upscale.layout, upscale.unet_in_channels, upscale.max_noise_level) == ("upscale", 7, 350)
@@ -30,10 +33,20 @@ def test_variants_share_identical_components_and_list_their_models(variant_repo)
     assert info["primary"] == "base"
     assert table == {
         # the base also gets the regional UNet (regions' attention mode) from its UNet's weights
-        "base": {"text_encoder": "text_encoder", "unet": "unet", "unet_regional": "unet_regional",
-                 "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"},
+        "base": {
+            "text_encoder": "text_encoder",
+            "unet": "unet",
+            "unet_regional": "unet_regional",
+            "vae_decoder": "vae_decoder",
+            "vae_encoder": "vae_encoder",
+        },
         # the tiny inpainting checkpoint has the base's text encoder and VAE; the upscaler its own VAE
-        "inpaint": {"text_encoder": "text_encoder", "unet": "unet_inpaint", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"},
+        "inpaint": {
+            "text_encoder": "text_encoder",
+            "unet": "unet_inpaint",
+            "vae_decoder": "vae_decoder",
+            "vae_encoder": "vae_encoder",
+        },
         "upscale": {"text_encoder": "text_encoder", "unet": "unet_upscale", "vae_decoder": "vae_decoder_upscale"},
     }
     assert {facts["tokenizers"]["input_ids"] for facts in info["variants"].values()} == {"tokenizer"}
@@ -55,7 +68,9 @@ def test_variant_unet_configs_declare_their_channels(variant_repo):
     assert [o.dims for o in config("unet_upscale").output][0] == [4, -1, -1]
 
 
-@pytest.mark.parametrize("fixture, model", [("tiny_inpaint_checkpoint", "unet_inpaint"), ("tiny_upscale_checkpoint", "unet_upscale")])
+@pytest.mark.parametrize(
+    "fixture, model", [("tiny_inpaint_checkpoint", "unet_inpaint"), ("tiny_upscale_checkpoint", "unet_upscale")]
+)
 def test_variant_unets_match_torch(request, variant_repo, fixture, model):
     info = CheckpointInfo.read(request.getfixturevalue(fixture))
     contract = replace(component_contracts(info, 64, MAX_BATCH)["unet"], name=model)
@@ -65,7 +80,9 @@ def test_variant_unets_match_torch(request, variant_repo, fixture, model):
 
 def test_a_checkpoint_of_another_layout_is_refused(tiny_checkpoint, tiny_upscale_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="inpaint checkpoint .*: its UNet has the upscale layout"):
-        write_repository(tiny_checkpoint, tmp_path / "repo", variants={"inpaint": tiny_upscale_checkpoint}, log=lambda *a: None)
+        write_repository(
+            tiny_checkpoint, tmp_path / "repo", variants={"inpaint": tiny_upscale_checkpoint}, log=lambda *a: None
+        )
 
 
 def test_a_variant_checkpoint_alone_is_a_repository(tiny_inpaint_checkpoint, tmp_path):
@@ -82,4 +99,12 @@ def test_a_re_export_without_variants_removes_their_models(variant_repo, tiny_ch
     shutil.copytree(variant_repo, repo)
     stamps = write_repository(tiny_checkpoint, repo, log=lambda *a: None)
     assert not any(s["exported"] for s in stamps.values())  # the base's exports are reused
-    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "pipeline_unary", "text_encoder", "unet", "unet_regional", "vae_decoder", "vae_encoder"]
+    assert sorted(p.name for p in repo.iterdir()) == [
+        "pipeline",
+        "pipeline_unary",
+        "text_encoder",
+        "unet",
+        "unet_regional",
+        "vae_decoder",
+        "vae_encoder",
+    ]

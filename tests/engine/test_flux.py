@@ -22,6 +22,7 @@ noise the image latents themselves), with its VAE posterior samples replaced by 
 draws from the seed's image stream (serving.core.sampler.image_noise_generator), as
 tests/engine/test_image_parity.py does for SD.
 """
+
 import itertools
 import sys
 
@@ -41,6 +42,7 @@ T5_LENGTH = 24  # the tiny Flux's T5 tokenizer length (training/tiny_checkpoint.
 
 
 # --- fixtures ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def flux_checkpoint(tmp_path_factory):
@@ -64,8 +66,15 @@ def flux_repo(tmp_path_factory, tiny_checkpoint, flux_checkpoint, schnell_checkp
     from export.repository import write_repository
 
     repo = tmp_path_factory.mktemp("flux-repo") / "model_repository"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(), log=lambda *a: None, max_size=64,
-                     name="sd", models={"flux": flux_checkpoint, "schnell": schnell_checkpoint})
+    write_repository(
+        tiny_checkpoint,
+        repo,
+        pipeline_parameters=pipeline_parameters(),
+        log=lambda *a: None,
+        max_size=64,
+        name="sd",
+        models={"flux": flux_checkpoint, "schnell": schnell_checkpoint},
+    )
     return repo
 
 
@@ -80,14 +89,19 @@ def pipes(flux_checkpoint, schnell_checkpoint):
     from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
     dev = FluxPipeline.from_pretrained(flux_checkpoint)
-    out = {"dev": dev, "schnell": FluxPipeline.from_pretrained(schnell_checkpoint),
-           "img2img": FluxImg2ImgPipeline(**dev.components), "inpaint": FluxInpaintPipeline(**dev.components)}
+    out = {
+        "dev": dev,
+        "schnell": FluxPipeline.from_pretrained(schnell_checkpoint),
+        "img2img": FluxImg2ImgPipeline(**dev.components),
+        "inpaint": FluxInpaintPipeline(**dev.components),
+    }
     for pipe in out.values():
         pipe.set_progress_bar_config(disable=True)
     return out
 
 
 # --- references -------------------------------------------------------------------------------
+
 
 def x_t(seed, height, width) -> np.ndarray:
     """The service's x_T for a seed: the PCG64 draw in the unpacked latent shape."""
@@ -153,12 +167,22 @@ def test_txt2img_matches_flux_pipeline(svc, pipes, model, seed, steps, height, w
         fields.update(negative_prompt=negative, true_cfg_scale=true_cfg)
     served = generate(svc, PROMPT, **fields)
     assert served.shape == (height, width, 3)
-    expected = reference(pipes["dev" if model == "flux" else "schnell"], prompt=PROMPT, negative_prompt=negative,
-                         true_cfg_scale=true_cfg or 1.0, height=height, width=width, num_inference_steps=steps,
-                         guidance_scale=guidance, latents=packed(x_t(seed, height, width)))
+    expected = reference(
+        pipes["dev" if model == "flux" else "schnell"],
+        prompt=PROMPT,
+        negative_prompt=negative,
+        true_cfg_scale=true_cfg or 1.0,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=packed(x_t(seed, height, width)),
+    )
     diff = mean_abs(served, expected)
-    print(f"\n{model} txt2img {height}x{width} steps {steps} guidance {guidance} true_cfg {true_cfg}: mean abs {diff:.4f}/255 "
-          f"(max {np.abs(served.astype(int) - expected).max()})")
+    print(
+        f"\n{model} txt2img {height}x{width} steps {steps} guidance {guidance} true_cfg {true_cfg}: mean abs {diff:.4f}/255 "
+        f"(max {np.abs(served.astype(int) - expected).max()})"
+    )
     assert diff <= MAX_MEAN_ABS * 255
 
 
@@ -168,30 +192,56 @@ def test_long_prompts_truncate_for_clip_and_are_refused_past_t5s_length(svc, pip
     long = "a large red circle on the left of a small blue square at the top with a green triangle below the star"
     assert len(pipes["dev"].tokenizer(long).input_ids) > 16
     served = generate(svc, long, model="flux", seed=3, steps=4, height=32, width=32)
-    expected = reference(pipes["dev"], prompt=long, height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
-                         latents=packed(x_t(3, 32, 32)))
+    expected = reference(
+        pipes["dev"],
+        prompt=long,
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        latents=packed(x_t(3, 32, 32)),
+    )
     diff = mean_abs(served, expected)
     print(f"\nflux txt2img with a prompt CLIP truncates: mean abs {diff:.4f}/255")
     assert diff <= MAX_MEAN_ABS * 255
     sink = submit(svc, long + " and a cat", model="flux", seed=3, steps=4)
-    assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith("prompt: is 27 tokens long; at most 24"), sink.error
+    assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith("prompt: is 27 tokens long; at most 24"), (
+        sink.error
+    )
 
 
-@pytest.mark.parametrize("seed, steps, size, strength, guidance, negative", [
-    (11, 10, 32, 0.6, 3.5, None),
-    (12, 10, 48, 0.65, 2.0, None),  # steps x strength not whole: FluxImg2ImgPipeline keeps 7 steps
-    (13, 7, 32, 0.3, 3.5, NEGATIVE),
-])
-def test_img2img_matches_flux_img2img_pipeline(svc, pipes, monkeypatch, seed, steps, size, strength, guidance, negative):
+@pytest.mark.parametrize(
+    "seed, steps, size, strength, guidance, negative",
+    [
+        (11, 10, 32, 0.6, 3.5, None),
+        (12, 10, 48, 0.65, 2.0, None),  # steps x strength not whole: FluxImg2ImgPipeline keeps 7 steps
+        (13, 7, 32, 0.3, 3.5, NEGATIVE),
+    ],
+)
+def test_img2img_matches_flux_img2img_pipeline(
+    svc, pipes, monkeypatch, seed, steps, size, strength, guidance, negative
+):
     image = photo(size, seed)
     fields = dict(model="flux", init_image=image, strength=strength, seed=seed, steps=steps, guidance_scale=guidance)
     if negative is not None:
         fields.update(negative_prompt=negative, true_cfg_scale=3.0)
     served = generate(svc, PROMPT, **fields)
     posterior = image_noise_generator(seed).standard_normal((4, size // 4, size // 4), dtype=np.float32)
-    expected = reference(pipes["img2img"], monkeypatch, [x_t(seed, size, size)], [posterior], prompt=PROMPT,
-                         negative_prompt=negative, true_cfg_scale=3.0 if negative else 1.0, image=Image.fromarray(image),
-                         strength=strength, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance)
+    expected = reference(
+        pipes["img2img"],
+        monkeypatch,
+        [x_t(seed, size, size)],
+        [posterior],
+        prompt=PROMPT,
+        negative_prompt=negative,
+        true_cfg_scale=3.0 if negative else 1.0,
+        image=Image.fromarray(image),
+        strength=strength,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+    )
     diff = mean_abs(served, expected)
     print(f"\nflux img2img {size}px steps {steps} strength {strength}: mean abs {diff:.4f}/255")
     assert diff <= MAX_MEAN_ABS * 255
@@ -202,21 +252,52 @@ def test_img2img_matches_flux_img2img_pipeline(svc, pipes, monkeypatch, seed, st
 def test_latent_blend_inpainting_matches_flux_inpaint_pipeline(svc, pipes, monkeypatch, seed, steps, strength):
     size = 32
     image, mask = photo(size, seed), half_mask(size, "left")
-    served = generate(svc, PROMPT, model="flux", init_image=image, mask=mask, strength=strength, keep_unmasked=False,
-                      seed=seed, steps=steps, guidance_scale=3.5)
+    served = generate(
+        svc,
+        PROMPT,
+        model="flux",
+        init_image=image,
+        mask=mask,
+        strength=strength,
+        keep_unmasked=False,
+        seed=seed,
+        steps=steps,
+        guidance_scale=3.5,
+    )
     posterior = image_noise_generator(seed).standard_normal((4, size // 4, size // 4), dtype=np.float32)
-    expected = reference(pipes["inpaint"], monkeypatch, [x_t(seed, size, size)], [posterior], prompt=PROMPT,
-                         image=Image.fromarray(image), mask_image=Image.fromarray(mask), strength=strength, height=size,
-                         width=size, num_inference_steps=steps, guidance_scale=3.5)
+    expected = reference(
+        pipes["inpaint"],
+        monkeypatch,
+        [x_t(seed, size, size)],
+        [posterior],
+        prompt=PROMPT,
+        image=Image.fromarray(image),
+        mask_image=Image.fromarray(mask),
+        strength=strength,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+    )
     diff = mean_abs(served, expected)
     print(f"\nflux latent-blend inpainting steps {steps} strength {strength}: mean abs {diff:.4f}/255")
     assert diff <= MAX_MEAN_ABS * 255
-    kept = generate(svc, PROMPT, model="flux", init_image=image, mask=mask, strength=strength, seed=seed, steps=steps,
-                    guidance_scale=3.5)
-    assert np.array_equal(kept[:, size // 2:], image[:, size // 2:])  # keep_unmasked: the input outside the mask
+    kept = generate(
+        svc,
+        PROMPT,
+        model="flux",
+        init_image=image,
+        mask=mask,
+        strength=strength,
+        seed=seed,
+        steps=steps,
+        guidance_scale=3.5,
+    )
+    assert np.array_equal(kept[:, size // 2 :], image[:, size // 2 :])  # keep_unmasked: the input outside the mask
 
 
 # --- 2. one row per job -----------------------------------------------------------------------
+
 
 class Recording:
     """Wraps a runner's models: logs every denoiser call as (model, variant, rows, its inputs)."""
@@ -239,13 +320,17 @@ def recording(repo, log, **params):
     return svc
 
 
-@pytest.mark.parametrize("model, fields, rows", [
-    ("flux", dict(guidance_scale=3.5), 1),
-    ("flux", dict(guidance_scale=3.5, negative_prompt=NEGATIVE), 1),  # a negative prompt alone: no true CFG
-    ("flux", dict(guidance_scale=3.5, negative_prompt=NEGATIVE, true_cfg_scale=4.0), 2),
-    ("schnell", dict(guidance_scale=3.5), 1),
-    ("sd", dict(guidance_scale=5.0), 2),  # SD's classifier-free guidance, for contrast
-], ids=["distilled", "negative-alone", "true-cfg", "schnell", "sd"])
+@pytest.mark.parametrize(
+    "model, fields, rows",
+    [
+        ("flux", dict(guidance_scale=3.5), 1),
+        ("flux", dict(guidance_scale=3.5, negative_prompt=NEGATIVE), 1),  # a negative prompt alone: no true CFG
+        ("flux", dict(guidance_scale=3.5, negative_prompt=NEGATIVE, true_cfg_scale=4.0), 2),
+        ("schnell", dict(guidance_scale=3.5), 1),
+        ("sd", dict(guidance_scale=5.0), 2),  # SD's classifier-free guidance, for contrast
+    ],
+    ids=["distilled", "negative-alone", "true-cfg", "schnell", "sd"],
+)
 def test_rows_per_job(flux_repo, model, fields, rows):
     log = []
     svc = recording(flux_repo, log)
@@ -265,10 +350,24 @@ def test_rows_per_job(flux_repo, model, fields, rows):
 CROWD = [  # (prompt, fields): Flux dev (distilled, true CFG, img2img), schnell and SD, sizes and steps mixed
     ("a red circle", dict(model="flux", seed=31, steps=6, height=32, width=32, guidance_scale=3.5)),
     ("a blue square", dict(model="flux", seed=32, steps=4, height=48, width=48, guidance_scale=2.0)),
-    ("a green star", dict(model="flux", seed=33, steps=5, height=32, width=32, guidance_scale=4.0, negative_prompt=NEGATIVE,
-                          true_cfg_scale=3.0)),
+    (
+        "a green star",
+        dict(
+            model="flux",
+            seed=33,
+            steps=5,
+            height=32,
+            width=32,
+            guidance_scale=4.0,
+            negative_prompt=NEGATIVE,
+            true_cfg_scale=3.0,
+        ),
+    ),
     ("a yellow circle", dict(model="flux", seed=34, steps=3, height=32, width=64, guidance_scale=1.5)),
-    ("a purple square", dict(model="flux", seed=35, steps=8, init_image=photo(32, 35), strength=0.65, guidance_scale=3.5)),
+    (
+        "a purple square",
+        dict(model="flux", seed=35, steps=8, init_image=photo(32, 35), strength=0.65, guidance_scale=3.5),
+    ),
     ("a cat", dict(model="schnell", seed=36, steps=2, height=32, width=32)),
     ("a dog", dict(model="schnell", seed=37, steps=4, height=48, width=48)),
     ("a white star", dict(model="flux", seed=38, steps=7, height=32, width=32, guidance_scale=3.5)),
@@ -308,8 +407,11 @@ def test_a_crowd_of_flux_requests_gets_what_each_gets_alone(svc, flux_repo):
     # batched: calls held several jobs' rows; each call is one model's (the runner of one (model, variant))
     assert stats.steps < steps
     assert {m for m, _, _, _ in log} == {"flux", "schnell", "sd"} and max(rows for _, _, rows, _ in log) >= 3
-    inputs = {"flux": {"sample", "timestep", "pooled_projections", "guidance"}, "schnell": {"sample", "timestep", "pooled_projections"},
-              "sd": {"sample", "timestep"}}
+    inputs = {
+        "flux": {"sample", "timestep", "pooled_projections", "guidance"},
+        "schnell": {"sample", "timestep", "pooled_projections"},
+        "sd": {"sample", "timestep"},
+    }
     assert all(set(call) == inputs[model] for model, _, _, call in log)  # no call mixes models' inputs
     # fairness: every job steps at least once in every len(CROWD) calls from its first step on,
     # and the late arrivals' first steps come within len(CROWD) calls of their arrival
@@ -327,14 +429,27 @@ JOB_IDS = itertools.count()
 
 def steer_arrays(**fields) -> dict:
     """A steer's inputs: the named fields alone, typed as a request's."""
-    return {k: v for k, v in request_arrays(fields.get("prompt", "x"), **{k: v for k, v in fields.items() if k != "prompt"}).items()
-            if k in fields}
+    return {
+        k: v
+        for k, v in request_arrays(
+            fields.get("prompt", "x"), **{k: v for k, v in fields.items() if k != "prompt"}
+        ).items()
+        if k in fields
+    }
 
 
 def steered(svc, prompt, steer_at=None, steer=None, **fields) -> Sink:
     """One Flux job, steered with `steer` (request fields) after `steer_at` steps (0: before admission)."""
     sink, job = Sink(), f"job-{next(JOB_IDS)}"
-    fields = {"model": "flux", "seed": 7, "steps": STEER_STEPS, "height": 32, "width": 32, "guidance_scale": 3.5, **fields}
+    fields = {
+        "model": "flux",
+        "seed": 7,
+        "steps": STEER_STEPS,
+        "height": 32,
+        "width": 32,
+        "guidance_scale": 3.5,
+        **fields,
+    }
     svc.submit(request_arrays(prompt, **fields), sink, request_id=job)
     if steer_at is not None:
         while svc.engine.registry.running[job].index < steer_at:
@@ -365,21 +480,35 @@ def switched_reference(pipe, plan, steps=STEER_STEPS, seed=7, size=32) -> np.nda
 
     handle = pipe.transformer.register_forward_pre_hook(swap, with_kwargs=True)
     try:
-        return reference(pipe, prompt=A, height=size, width=size, num_inference_steps=steps, guidance_scale=3.5,
-                         latents=packed(x_t(seed, size, size)))
+        return reference(
+            pipe,
+            prompt=A,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+            latents=packed(x_t(seed, size, size)),
+        )
     finally:
         handle.remove()
 
 
-@pytest.mark.parametrize("k, steer", [(2, dict(prompt=B)), (3, dict(guidance_scale=7.0)),
-                                      (4, dict(prompt=B, guidance_scale=1.5))], ids=["prompt", "guidance", "both"])
+@pytest.mark.parametrize(
+    "k, steer",
+    [(2, dict(prompt=B)), (3, dict(guidance_scale=7.0)), (4, dict(prompt=B, guidance_scale=1.5))],
+    ids=["prompt", "guidance", "both"],
+)
 def test_steering_a_flux_job_equals_k_steps_of_a_then_b(svc, pipes, k, steer):
     served = steered(svc, A, steer_at=k, steer=steer).image
-    expected = switched_reference(pipes["dev"], lambda i: (A, 3.5) if i < k else (steer.get("prompt", A), steer.get("guidance_scale", 3.5)))
+    expected = switched_reference(
+        pipes["dev"], lambda i: (A, 3.5) if i < k else (steer.get("prompt", A), steer.get("guidance_scale", 3.5))
+    )
     unsteered = switched_reference(pipes["dev"], lambda i: (A, 3.5))
     diff = mean_abs(served, expected)
-    print(f"\nflux steered at step {k} with {steer}: mean abs {diff:.4f}/255 vs FluxPipeline switched at {k} "
-          f"({mean_abs(served, unsteered):.2f}/255 from the unsteered image)")
+    print(
+        f"\nflux steered at step {k} with {steer}: mean abs {diff:.4f}/255 vs FluxPipeline switched at {k} "
+        f"({mean_abs(served, unsteered):.2f}/255 from the unsteered image)"
+    )
     assert diff <= MAX_MEAN_ABS * 255
     # the tiny random model barely reads its text (the steer moves the image by < 1/255): the
     # reference must still be far closer than the unsteered image
@@ -388,7 +517,9 @@ def test_steering_a_flux_job_equals_k_steps_of_a_then_b(svc, pipes, k, steer):
 
 def test_steer_before_step_0_equals_a_fresh_request(svc):
     steer = dict(prompt=B, guidance_scale=5.0)
-    assert steered(svc, A, steer_at=0, steer=steer).image.tobytes() == steered(svc, B, guidance_scale=5.0).image.tobytes()
+    assert (
+        steered(svc, A, steer_at=0, steer=steer).image.tobytes() == steered(svc, B, guidance_scale=5.0).image.tobytes()
+    )
 
 
 def test_prompt_schedules_equal_the_live_steer(svc, pipes):
@@ -418,13 +549,16 @@ def test_a_negative_prompt_steer_turns_true_cfg_on_from_that_step(svc):
     assert live.image.tobytes() != steered(svc, A, true_cfg_scale=4.0).image.tobytes()
 
 
-@pytest.mark.parametrize("model, fields, name", [
-    ("flux", dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1"), "region_prompts"),
-    ("schnell", dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1"), "region_prompts"),
-    ("flux", dict(original_size=np.array([64, 64], np.int32)), "original_size"),
-    ("flux", dict(crop_top_left=np.array([0, 0], np.int32)), "crop_top_left"),
-    ("sd", dict(true_cfg_scale=4.0, negative_prompt=NEGATIVE), "true_cfg_scale"),
-])
+@pytest.mark.parametrize(
+    "model, fields, name",
+    [
+        ("flux", dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1"), "region_prompts"),
+        ("schnell", dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1"), "region_prompts"),
+        ("flux", dict(original_size=np.array([64, 64], np.int32)), "original_size"),
+        ("flux", dict(crop_top_left=np.array([0, 0], np.int32)), "crop_top_left"),
+        ("sd", dict(true_cfg_scale=4.0, negative_prompt=NEGATIVE), "true_cfg_scale"),
+    ],
+)
 def test_fields_the_family_does_not_read_are_refused(svc, model, fields, name):
     sink = submit(svc, PROMPT, model=model, seed=1, steps=2, **fields)
     assert sink.error is not None and sink.error[0] == "INVALID_ARG" and sink.error[1].startswith(name), sink.error
@@ -468,6 +602,7 @@ def test_a_flux_job_is_previewed_by_its_own_models_fit(svc, flux_repo):
 
 # --- 5. the torch runner ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def torch_flux(flux_checkpoint):
     from serving.models.torch_options import TorchOptions
@@ -486,11 +621,13 @@ def test_torch_runner_matches_the_onnx_models(torch_flux, flux_repo):
     worst = {}
     for rows, (h, w) in ((1, (8, 8)), (5, (8, 16))):
         ids = {"input_ids": rng.integers(0, 40, (rows, 16)), "input_ids_2": rng.integers(0, 40, (rows, T5_LENGTH))}
-        unet = dict(sample=rng.standard_normal((rows, 4, h, w), dtype=np.float32),
-                    timestep=rng.uniform(0, 1000, rows).astype(np.float32),
-                    encoder_hidden_states=rng.standard_normal((rows, T5_LENGTH, 48), dtype=np.float32),
-                    pooled_projections=rng.standard_normal((rows, 32), dtype=np.float32),
-                    guidance=rng.uniform(1, 8, rows).astype(np.float32))
+        unet = dict(
+            sample=rng.standard_normal((rows, 4, h, w), dtype=np.float32),
+            timestep=rng.uniform(0, 1000, rows).astype(np.float32),
+            encoder_hidden_states=rng.standard_normal((rows, T5_LENGTH, 48), dtype=np.float32),
+            pooled_projections=rng.standard_normal((rows, 32), dtype=np.float32),
+            guidance=rng.uniform(1, 8, rows).astype(np.float32),
+        )
         latents = rng.standard_normal((rows, 4, h, w), dtype=np.float32)
         images = rng.random((rows, 4 * h, 4 * w, 3), dtype=np.float32)
         text_t, text_o = torch_flux.encode_text(**ids), onnx.encode_text(**ids)
@@ -524,14 +661,17 @@ def test_torch_runner_serves_flux_beside_onnx_sd(torch_flux, flux_repo, svc):
 
 # --- 6. through tritonserver ------------------------------------------------------------------
 
+
 def test_tritonserver_serves_sd_and_flux_side_by_side(flux_repo, svc, triton_servers):
     from serving.client.kserve import LdmClient
 
     fields = dict(seed=3, steps=4, height=32, width=48, guidance_scale=3.5)
-    cases = {"flux": dict(model="flux", **fields),
-             "flux-true-cfg": dict(model="flux", negative_prompt=NEGATIVE, true_cfg_scale=3.0, **fields),
-             "schnell": dict(model="schnell", seed=4, steps=2, height=32, width=32),
-             "sd": dict(seed=5, steps=4, height=32, width=32, guidance_scale=5.0)}
+    cases = {
+        "flux": dict(model="flux", **fields),
+        "flux-true-cfg": dict(model="flux", negative_prompt=NEGATIVE, true_cfg_scale=3.0, **fields),
+        "schnell": dict(model="schnell", seed=4, steps=2, height=32, width=32),
+        "sd": dict(seed=5, steps=4, height=32, width=32, guidance_scale=5.0),
+    }
     expected = {name: generate(svc, PROMPT, **case) for name, case in cases.items()}
     with triton_servers.running(flux_repo, "tritonserver-flux") as server:
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):

@@ -5,6 +5,7 @@ or a coded error naming a field; the worker thread survives; the engine ends emp
 
 The default suite runs FUZZ_BATCHES batches; `-m slow` runs the 10,000-case figure of
 docs/reliability.md (its command prints the tally)."""
+
 from collections import Counter
 import threading
 
@@ -49,8 +50,12 @@ def fuzzed_service(tiny_repo, models):
 
 
 def run_fuzz(service, batches, tally):
-    @settings(max_examples=batches, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+    @settings(
+        max_examples=batches,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
     @given(st.lists(request_inputs(), min_size=BATCH, max_size=BATCH))
     def fuzz(batch):
         sinks = [WaitingSink() for _ in batch]

@@ -1,4 +1,5 @@
 """`ldm export --gpu` and `--backend tensorrt`: what can be checked without a GPU or TensorRT."""
+
 import argparse
 from dataclasses import replace
 import json
@@ -23,13 +24,16 @@ def options(*argv):
     return parser.parse_args(list(argv))
 
 
-@pytest.mark.parametrize("argv, runners", [
-    ((), ("inprocess", "bls")),
-    (("--gpu",), ("torch", "torch")),
-    (("--gpu", "--backend", "tensorrt"), ("bls", "bls")),
-    (("--gpu", "--backend", "onnxruntime", "--unet", "torch"), ("torch", "bls")),
-    (("--unet", "torch", "--text-vae", "torch", "--torch-buckets", "4,8", "--torch-compile"), ("torch", "torch")),
-])
+@pytest.mark.parametrize(
+    "argv, runners",
+    [
+        ((), ("inprocess", "bls")),
+        (("--gpu",), ("torch", "torch")),
+        (("--gpu", "--backend", "tensorrt"), ("bls", "bls")),
+        (("--gpu", "--backend", "onnxruntime", "--unet", "torch"), ("torch", "bls")),
+        (("--unet", "torch", "--text-vae", "torch", "--torch-buckets", "4,8", "--torch-compile"), ("torch", "torch")),
+    ],
+)
 def test_runner_defaults_follow_placement_and_backend(argv, runners):
     params = parameters_from_args(options(*argv))
     assert (params["unet"], params["text_vae"]) == runners
@@ -43,8 +47,9 @@ def parse(path):
 
 def test_gpu_export_places_the_pipeline_on_the_gpu_with_the_torch_runner(tiny_checkpoint, tmp_path):
     repo = tmp_path / "repo"
-    write_repository(tiny_checkpoint, repo, gpu=True, pipeline_parameters=parameters_from_args(options("--gpu")),
-                     log=lambda *a: None)
+    write_repository(
+        tiny_checkpoint, repo, gpu=True, pipeline_parameters=parameters_from_args(options("--gpu")), log=lambda *a: None
+    )
     pipeline = parse(repo / "pipeline" / "config.pbtxt")
     assert pipeline.instance_group[0].kind == GPU and pipeline.instance_group[0].count == 1
     assert {k: v.string_value for k, v in pipeline.parameters.items()}["unet"] == "torch"
@@ -55,13 +60,18 @@ def test_gpu_export_places_the_pipeline_on_the_gpu_with_the_torch_runner(tiny_ch
     assert has_artifacts(repo)
     from serving.triton.server import repository_flags
 
-    assert repository_flags(repo) == [f"--cuda-memory-pool-byte-size=0:{64 * 2**20}", f"--pinned-memory-pool-byte-size={256 * 2**20}"]
+    assert repository_flags(repo) == [
+        f"--cuda-memory-pool-byte-size=0:{64 * 2**20}",
+        f"--pinned-memory-pool-byte-size={256 * 2**20}",
+    ]
 
 
 def test_native_backend_gpu_export_serves_components_as_gpu_models(tiny_checkpoint, tmp_path):
     repo = tmp_path / "repo"
     params = parameters_from_args(options("--gpu", "--backend", "onnxruntime"))
-    write_repository(tiny_checkpoint, repo, backend="onnxruntime", gpu=True, pipeline_parameters=params, log=lambda *a: None)
+    write_repository(
+        tiny_checkpoint, repo, backend="onnxruntime", gpu=True, pipeline_parameters=params, log=lambda *a: None
+    )
     for name in MAX_BATCH:
         config = parse(repo / name / "config.pbtxt")
         assert config.platform == "onnxruntime_onnx" and config.instance_group[0].kind == GPU
@@ -83,7 +93,9 @@ def test_memory_pools_hold_the_largest_bls_call_twice(tiny_checkpoint):
     assert pools["cuda_memory_pool_bytes"] == 2 * largest == pools["pinned_memory_pool_bytes"]
     assert bls_pool_bytes(contracts, (), 8)["cuda_memory_pool_bytes"] == 64 * 2**20
     assert server_flags({"gpu": True, **pools}, 2)[:2] == [
-        f"--cuda-memory-pool-byte-size=0:{2 * largest}", f"--cuda-memory-pool-byte-size=1:{2 * largest}"]
+        f"--cuda-memory-pool-byte-size=0:{2 * largest}",
+        f"--cuda-memory-pool-byte-size=1:{2 * largest}",
+    ]
     assert server_flags({"gpu": False}, 2) == []
 
 
@@ -106,6 +118,20 @@ def test_ldm_export_with_tensorrt_stops_with_the_reason(tiny_checkpoint, tmp_pat
 
     if shutil.which("trtexec") or importlib.util.find_spec("tensorrt"):
         pytest.skip("TensorRT is installed here")
-    assert main(["export", str(tiny_checkpoint), "--repo", str(tmp_path / "repo"), "--backend", "tensorrt", "--gpu",
-                 "--text-vae", "torch"]) == 2  # one ONNX export (the unet) before the plan
+    assert (
+        main(
+            [
+                "export",
+                str(tiny_checkpoint),
+                "--repo",
+                str(tmp_path / "repo"),
+                "--backend",
+                "tensorrt",
+                "--gpu",
+                "--text-vae",
+                "torch",
+            ]
+        )
+        == 2
+    )  # one ONNX export (the unet) before the plan
     assert "ldm export: TensorRT is not installed here" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Image-conditioned jobs in the engine, in this process (ONNX Runtime): every kind is the same
 alone and inside a crowd of mixed kinds (bit for bit), input images are VAE-encoded in one call
 per admission, and jobs of different UNet variants never share a call but all progress."""
+
 from dataclasses import replace
 
 import pytest
@@ -47,7 +48,7 @@ def test_every_kind_is_bit_identical_alone_and_in_a_mixed_crowd(request, repo_fi
     for _ in range(3):  # the crowd is mid-flight when the targets join
         svc.engine.run_iteration()
     together = {kind: submit(svc, PROMPT, **fields) for kind, fields in kinds.items()}
-    crowd_sinks += [submit(svc, PROMPT, **f) for f in crowd[len(crowd) // 2:]]
+    crowd_sinks += [submit(svc, PROMPT, **f) for f in crowd[len(crowd) // 2 :]]
     drain(svc)
     assert all(s.image is not None and s.ends == 1 for s in crowd_sinks + list(together.values()))
     rows, steps = svc.engine.stats.rows - before[0], svc.engine.stats.steps - before[1]
@@ -108,7 +109,9 @@ def test_variants_never_share_a_call_and_each_gets_its_turn(variant_repo):
     log = []
     svc = recording_service(variant_repo, log)
     for fields in (KINDS["txt2img"], KINDS["inpaint"], KINDS["upscale"], KINDS["img2img"]):
-        submit(svc, PROMPT, **{**fields, "steps": 30, "strength": 1.0} if "strength" in fields else {**fields, "steps": 30})
+        submit(
+            svc, PROMPT, **{**fields, "steps": 30, "strength": 1.0} if "strength" in fields else {**fields, "steps": 30}
+        )
     for _ in range(9):
         svc.engine.run_iteration()
     calls = [e for e in log if e[0] == "unet"]

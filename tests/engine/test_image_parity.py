@@ -4,6 +4,7 @@ StableDiffusionInpaintPipeline (4-channel UNet) on the default model; 9-channel 
 the x4 upscaler on tiny random checkpoints. "The same noise": diffusers' draws are replaced by
 the ones the service makes from the request's seed (x_T; VAE posterior samples and the
 upscaler's low-res noise from the seed's image stream), in the order each pipeline draws them."""
+
 import sys
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def reference(pipe, monkeypatch, noises, posteriors, **call) -> np.ndarray:
     noises, posteriors = [torch.from_numpy(n) for n in noises], [torch.from_numpy(p) for p in posteriors]
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: noises.pop(0).reshape(shape))
     if hasattr(module, "retrieve_latents"):
+
         def sample(output, generator=None, sample_mode="sample"):
             eps = posteriors.pop(0) if posteriors else torch.zeros_like(output.latent_dist.mean[0])
             return output.latent_dist.mean + output.latent_dist.std * eps[None]
@@ -76,8 +78,17 @@ def test_img2img_matches_diffusers_on_the_default_model(shapes, monkeypatch, str
     served = generate(shapes, PROMPT, init_image=image, strength=strength, seed=seed, steps=25, guidance_scale=5.0)
     x_t, posterior = draws(seed, (4, 16, 16), posteriors=1)
     pipe = load(StableDiffusionImg2ImgPipeline, CHECKPOINT)
-    expected = reference(pipe, monkeypatch, [x_t], posterior, prompt=PROMPT, image=Image.fromarray(image),
-                         strength=strength, num_inference_steps=25, guidance_scale=5.0)
+    expected = reference(
+        pipe,
+        monkeypatch,
+        [x_t],
+        posterior,
+        prompt=PROMPT,
+        image=Image.fromarray(image),
+        strength=strength,
+        num_inference_steps=25,
+        guidance_scale=5.0,
+    )
     diff = mean_abs(served, expected)
     print(f"img2img strength {strength} vs diffusers: mean abs {diff * 255:.4f}/255")
     assert diff <= MAX_MEAN_ABS
@@ -88,22 +99,45 @@ def test_img2img_matches_diffusers_on_the_default_model(shapes, monkeypatch, str
 def test_latent_blend_inpainting_matches_diffusers_on_the_default_model(shapes, monkeypatch, strength):
     image, _ = one_object_scene()
     caption = "a red circle to the left of a yellow square on a black background"
-    diff = inpainting_difference(shapes, CHECKPOINT, monkeypatch, caption, image, half_mask(64), strength, seed=8, steps=25,
-                                 posteriors=1)
+    diff = inpainting_difference(
+        shapes, CHECKPOINT, monkeypatch, caption, image, half_mask(64), strength, seed=8, steps=25, posteriors=1
+    )
     print(f"latent-blend inpainting strength {strength} vs diffusers: mean abs {diff * 255:.4f}/255")
     assert diff <= MAX_MEAN_ABS
 
 
-def inpainting_difference(svc, checkpoint, monkeypatch, prompt, image, mask, strength, seed, steps, posteriors) -> float:
+def inpainting_difference(
+    svc, checkpoint, monkeypatch, prompt, image, mask, strength, seed, steps, posteriors
+) -> float:
     """Mean abs difference of the served inpainting (no paste-back) from diffusers' given the same noise."""
-    served = generate(svc, prompt, init_image=image, mask=mask, strength=strength, keep_unmasked=False, seed=seed,
-                      steps=steps, guidance_scale=5.0)
+    served = generate(
+        svc,
+        prompt,
+        init_image=image,
+        mask=mask,
+        strength=strength,
+        keep_unmasked=False,
+        seed=seed,
+        steps=steps,
+        guidance_scale=5.0,
+    )
     size = image.shape[0]
     x_t, posterior = draws(seed, (4, size // 4, size // 4), posteriors=posteriors)
     pipe = load(StableDiffusionInpaintPipeline, checkpoint)
-    expected = reference(pipe, monkeypatch, [x_t], posterior, prompt=prompt, image=Image.fromarray(image),
-                         mask_image=Image.fromarray(mask), strength=strength, num_inference_steps=steps, guidance_scale=5.0,
-                         height=size, width=size)
+    expected = reference(
+        pipe,
+        monkeypatch,
+        [x_t],
+        posterior,
+        prompt=prompt,
+        image=Image.fromarray(image),
+        mask_image=Image.fromarray(mask),
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        height=size,
+        width=size,
+    )
     return mean_abs(served, expected)
 
 
@@ -145,8 +179,18 @@ def test_img2img_at_full_strength_is_txt2img_bit_for_bit(shapes):
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_inpainting_unet_matches_diffusers(variants, tiny_inpaint_checkpoint, monkeypatch, strength):
     # the 9-channel UNet sees the masked image; the init image is encoded only to start a partial schedule
-    diff = inpainting_difference(variants, tiny_inpaint_checkpoint, monkeypatch, TINY_PROMPT, photo(32, 1), half_mask(32, "left"),
-                                 strength, seed=13, steps=12, posteriors=1 if strength == 1.0 else 2)
+    diff = inpainting_difference(
+        variants,
+        tiny_inpaint_checkpoint,
+        monkeypatch,
+        TINY_PROMPT,
+        photo(32, 1),
+        half_mask(32, "left"),
+        strength,
+        seed=13,
+        steps=12,
+        posteriors=1 if strength == 1.0 else 2,
+    )
     print(f"9-channel inpainting strength {strength} vs diffusers: mean abs {diff * 255:.4f}/255")
     assert diff <= MAX_MEAN_ABS
 
@@ -154,14 +198,31 @@ def test_inpainting_unet_matches_diffusers(variants, tiny_inpaint_checkpoint, mo
 @pytest.mark.parametrize("noise_level", [20, 150])
 def test_upscale_matches_diffusers(variants, tiny_upscale_checkpoint, monkeypatch, noise_level):
     low_res, seed = photo(8, 2), 17
-    served = generate(variants, TINY_PROMPT, task="upscale", init_image=low_res, noise_level=noise_level, seed=seed,
-                      steps=12, guidance_scale=5.0)
+    served = generate(
+        variants,
+        TINY_PROMPT,
+        task="upscale",
+        init_image=low_res,
+        noise_level=noise_level,
+        seed=seed,
+        steps=12,
+        guidance_scale=5.0,
+    )
     assert served.shape == (32, 32, 3)
     x_t, low_res_noise = draws(seed, (4, 8, 8), low_res_shape=(3, 8, 8))
     pipe = load(StableDiffusionUpscalePipeline, tiny_upscale_checkpoint)
-    expected = reference(pipe, monkeypatch, [low_res_noise], [], prompt=TINY_PROMPT, image=Image.fromarray(low_res),
-                         noise_level=noise_level, num_inference_steps=12, guidance_scale=5.0,
-                         latents=torch.from_numpy(x_t)[None])
+    expected = reference(
+        pipe,
+        monkeypatch,
+        [low_res_noise],
+        [],
+        prompt=TINY_PROMPT,
+        image=Image.fromarray(low_res),
+        noise_level=noise_level,
+        num_inference_steps=12,
+        guidance_scale=5.0,
+        latents=torch.from_numpy(x_t)[None],
+    )
     diff = mean_abs(served, expected)
     print(f"upscale noise_level {noise_level} vs diffusers: mean abs {diff * 255:.4f}/255")
     assert diff <= MAX_MEAN_ABS

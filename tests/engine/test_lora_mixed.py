@@ -4,6 +4,7 @@ layers (attention projections, 1x1-conv proj_in/proj_out, feed-forward), read by
 serving/models/adapters.py, give in one batched UNet call for each row what diffusers'
 load_lora_weights + set_adapters(names, weights) gives for that row alone; a row without
 adapters is bit-identical to the UNet without LoRA layers."""
+
 import numpy as np
 import pytest
 import torch
@@ -38,7 +39,7 @@ def test_mixed_rows_equal_diffusers_set_adapters_row_by_row(tiny_checkpoint, lor
         for adapter in adapters:
             if name in adapter.denoiser:
                 a, b = adapter.denoiser[name]
-                bank_a[:, start:start + a.shape[1]], bank_b[start:start + a.shape[1]] = a, b
+                bank_a[:, start : start + a.shape[1]], bank_b[start : start + a.shape[1]] = a, b
             start += adapter.rank
         banks[name] = (torch.from_numpy(bank_a), torch.from_numpy(bank_b))
     scales = torch.tensor([[w for w, a in zip(row, adapters) for _ in range(a.rank)] for row in ROWS])
@@ -56,9 +57,11 @@ def test_mixed_rows_equal_diffusers_set_adapters_row_by_row(tiny_checkpoint, lor
     for i, weights in enumerate(ROWS):
         reference.set_adapters(list(ADAPTERS), list(weights))
         with torch.no_grad():
-            alone = reference.unet(x[i:i + 1], t[i:i + 1], encoder_hidden_states=context[i:i + 1]).sample[0]
+            alone = reference.unet(x[i : i + 1], t[i : i + 1], encoder_hidden_states=context[i : i + 1]).sample[0]
         error = float((alone - mixed[i]).abs().max())
-        print(f"row {i} weights {weights}: max abs vs diffusers {error:.2e}, adapters' effect {float((alone - plain[i]).abs().max()):.3f}")
+        print(
+            f"row {i} weights {weights}: max abs vs diffusers {error:.2e}, adapters' effect {float((alone - plain[i]).abs().max()):.3f}"
+        )
         assert error < 1e-4
         if any(weights):
             assert float((alone - plain[i]).abs().max()) > 0.1  # the adapters act
@@ -67,8 +70,13 @@ def test_mixed_rows_equal_diffusers_set_adapters_row_by_row(tiny_checkpoint, lor
 def test_a_lora_for_another_model_is_refused_naming_its_first_layer(tiny_checkpoint, tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"unet.down_blocks.9.attentions.0.proj_in.lora.down.weight": torch.zeros(2, 32),
-               "unet.down_blocks.9.attentions.0.proj_in.lora.up.weight": torch.zeros(32, 2)}, tmp_path / "other.safetensors")
+    save_file(
+        {
+            "unet.down_blocks.9.attentions.0.proj_in.lora.down.weight": torch.zeros(2, 32),
+            "unet.down_blocks.9.attentions.0.proj_in.lora.up.weight": torch.zeros(32, 2),
+        },
+        tmp_path / "other.safetensors",
+    )
     with pytest.raises(AdapterError, match=r"layer unet.down_blocks.9.attentions.0.proj_in is not a layer"):
         read_adapter(tmp_path / "other.safetensors", "other", tiny_checkpoint)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
@@ -76,7 +84,9 @@ def test_a_lora_for_another_model_is_refused_naming_its_first_layer(tiny_checkpo
         read_adapter(tmp_path / "junk.safetensors", "junk", tiny_checkpoint)
 
 
-def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_removed(tiny_checkpoint, lora_files, tmp_path):
+def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_removed(
+    tiny_checkpoint, lora_files, tmp_path
+):
     """Through the in-process pipeline (ONNX Runtime, the LoRA graph): each request equals diffusers'
     pipeline with the same adapters and weights, alone or in a crowd, by fields or by <lora:> tags."""
     import shutil
@@ -92,8 +102,11 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
     svc.load_lora("b", lora_files["b"].read_bytes())
     assert [e["id"] for e in svc.loras()] == ["a", "b"]
     names = lambda *n: np.array([x.encode() for x in n], object)  # noqa: E731
-    requests = [({}, (0.0, 0.0)), (dict(lora_names=names("a")), (1.0, 0.0)),
-                (dict(lora_names=names("a", "b"), lora_weights=np.array([0.8, -0.5], np.float32)), (0.8, -0.5))]
+    requests = [
+        ({}, (0.0, 0.0)),
+        (dict(lora_names=names("a")), (1.0, 0.0)),
+        (dict(lora_names=names("a", "b"), lora_weights=np.array([0.8, -0.5], np.float32)), (0.8, -0.5)),
+    ]
     alone = []
     for seed, (fields, _) in enumerate(requests):
         sink = submit(svc, "a red circle", seed=seed, steps=6, **fields)
@@ -112,15 +125,24 @@ def test_served_adapters_equal_diffusers_and_can_be_uploaded_replaced_and_remove
     for seed, (_, weights) in enumerate(requests):
         reference.set_adapters(list(ADAPTERS), list(weights))
         latents = torch.from_numpy(noise_generator(seed).standard_normal((4, 8, 8), dtype=np.float32))[None]
-        image = reference("a red circle", num_inference_steps=6, guidance_scale=5.0, height=32, width=32, latents=latents,
-                          output_type="np").images[0]
+        image = reference(
+            "a red circle",
+            num_inference_steps=6,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            latents=latents,
+            output_type="np",
+        ).images[0]
         error = np.abs((image * 255).round() - alone[seed]).mean()
         print(f"weights {weights}: mean abs vs diffusers {error:.4f} / 255")
         assert error <= 1.0
     # refusals name the field; an adapter a queued job will hold cannot be removed while it runs
-    for fields, message in ((dict(lora_names=names("zz")), "loras[0].name: no adapter named 'zz'; loaded: a, b"),
-                            (dict(lora_names=names("a"), lora_weights=np.array([np.nan], np.float32)), "loras[0].weight"),
-                            (dict(lora_names=names("a", "a")), "loras[1].name: 'a' is named twice")):
+    for fields, message in (
+        (dict(lora_names=names("zz")), "loras[0].name: no adapter named 'zz'; loaded: a, b"),
+        (dict(lora_names=names("a"), lora_weights=np.array([np.nan], np.float32)), "loras[0].weight"),
+        (dict(lora_names=names("a", "a")), "loras[1].name: 'a' is named twice"),
+    ):
         sink = submit(svc, "a red circle", seed=1, steps=4, **fields)
         assert sink.error[0] == "INVALID_ARG" and sink.error[1].startswith(message), sink.error
     # a steer of the adapters applies from the job's next step: before step 0 it is a fresh request's
@@ -167,17 +189,30 @@ def test_the_torch_runner_serves_the_same_adapter_bytes_as_onnx(tiny_checkpoint,
         config = PipelineConfig.parse({k: str(v) for k, v in params.items()})
         assets = PipelineAssets.read(repo / "pipeline" / "1")
         choice = RunnerChoice.from_config(config, "cpu")
-        models = {("tiny", v): build_models(choice, repo, "1", None, facts) for v, facts in assets.info["variants"].items()}
+        models = {
+            ("tiny", v): build_models(choice, repo, "1", None, facts) for v, facts in assets.info["variants"].items()
+        }
         plan_gpu_memory(models.values())
         svc = PipelineService(assets, config, models, lora_reader=read_adapter)
-        sinks = [submit(svc, "a red circle", seed=3, steps=5, lora_names=np.array([b"a", b"b"], object),
-                        lora_weights=np.array(weights, np.float32)) for weights in ([1.0, 0.0], [0.0, 0.0], [0.5, 1.5])]
+        sinks = [
+            submit(
+                svc,
+                "a red circle",
+                seed=3,
+                steps=5,
+                lora_names=np.array([b"a", b"b"], object),
+                lora_weights=np.array(weights, np.float32),
+            )
+            for weights in ([1.0, 0.0], [0.0, 0.0], [0.5, 1.5])
+        ]
         drain(svc)
         images[unet] = [s.image for s in sinks]
     assert all(np.array_equal(a, b) for a, b in zip(images["inprocess"], images["torch"]))
 
 
-def test_rows_without_adapters_are_bit_identical_to_a_server_without_lora_support(tiny_checkpoint, tiny_repo, lora_files, tmp_path):
+def test_rows_without_adapters_are_bit_identical_to_a_server_without_lora_support(
+    tiny_checkpoint, tiny_repo, lora_files, tmp_path
+):
     """The same requests without adapters through the plain export and the LoRA export (its LoRA
     graphs in every call), alone and sharing calls with adapter rows: the same bytes."""
     import shutil
@@ -189,7 +224,11 @@ def test_rows_without_adapters_are_bit_identical_to_a_server_without_lora_suppor
     shutil.copy(lora_files["a"], folder / "a.safetensors")
     lora = served_with_loras(tiny_checkpoint, folder, tmp_path / "repo")
     plain = service(tiny_repo)
-    requests = [dict(seed=5, steps=6), dict(seed=6, steps=5, guidance_scale=1.0), dict(seed=7, steps=6, height=48, width=32)]
+    requests = [
+        dict(seed=5, steps=6),
+        dict(seed=6, steps=5, guidance_scale=1.0),
+        dict(seed=7, steps=6, height=48, width=32),
+    ]
     expected = []
     for fields in requests:
         expected.append(submit(plain, "a blue square", **fields))
@@ -221,9 +260,12 @@ def test_an_sdxl_adapter_served_equals_diffusers(tmp_path):
         if "lora_B" in name:  # a realistic magnitude: the tiny SDXL is chaotic under huge adapters
             parameter.data.normal_(0, 0.05)
     folder = tmp_path / "loras"
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
-                                                weight_name="xl.safetensors",
-                                                unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8, "target_modules": targets})
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        weight_name="xl.safetensors",
+        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8, "target_modules": targets},
+    )
     svc = served_with_loras(checkpoint, folder, tmp_path / "repo")
     reference = StableDiffusionXLPipeline.from_pretrained(checkpoint)
     reference.set_progress_bar_config(disable=True)
@@ -231,16 +273,31 @@ def test_an_sdxl_adapter_served_equals_diffusers(tmp_path):
     plain = submit(svc, "a red circle", seed=4, steps=6)
     drain(svc)
     for weight in (1.0, -0.5):
-        sink = submit(svc, "a red circle", seed=4, steps=6, lora_names=np.array([b"xl"], object),
-                      lora_weights=np.array([weight], np.float32))
+        sink = submit(
+            svc,
+            "a red circle",
+            seed=4,
+            steps=6,
+            lora_names=np.array([b"xl"], object),
+            lora_weights=np.array([weight], np.float32),
+        )
         drain(svc)
         reference.set_adapters(["xl"], [weight])
         latents = torch.from_numpy(noise_generator(4).standard_normal((4, 8, 8), dtype=np.float32))[None]
-        image = reference("a red circle", num_inference_steps=6, guidance_scale=5.0, height=32, width=32, latents=latents,
-                          output_type="np").images[0]
+        image = reference(
+            "a red circle",
+            num_inference_steps=6,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            latents=latents,
+            output_type="np",
+        ).images[0]
         error = np.abs((image * 255).round() - sink.image).mean()
         effect = np.abs(sink.image.astype(int) - plain.image).mean()
-        print(f"SDXL adapter at weight {weight}: mean abs vs diffusers {error:.4f} / 255, its effect {effect:.1f} / 255")
+        print(
+            f"SDXL adapter at weight {weight}: mean abs vs diffusers {error:.4f} / 255, its effect {effect:.1f} / 255"
+        )
         assert error <= 1.0 and effect > 2.0
 
 

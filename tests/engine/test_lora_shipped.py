@@ -3,6 +3,7 @@ style in diffusers/PEFT and kohya-ss form) served on the shipped model: each req
 diffusers' StableDiffusionPipeline with the same files loaded by load_lora_weights and combined
 by set_adapters, given the same initial latents (the seed's PCG64 draw), within 1/255 mean abs;
 in a crowd each request's bytes equal what it gets alone."""
+
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
@@ -26,8 +27,10 @@ def test_shipped_adapters_served_equal_diffusers(tmp_path):
     def fields(adapters):
         if not adapters:
             return {}
-        return {"lora_names": np.array([n.encode() for n in adapters], object),
-                "lora_weights": np.array(list(adapters.values()), np.float32)}
+        return {
+            "lora_names": np.array([n.encode() for n in adapters], object),
+            "lora_weights": np.array(list(adapters.values()), np.float32),
+        }
 
     alone = []
     for seed, adapters in enumerate(REQUESTS):
@@ -52,8 +55,9 @@ def test_shipped_adapters_served_equal_diffusers(tmp_path):
         else:
             reference.disable_lora()
         latents = torch.from_numpy(noise_generator(seed).standard_normal((4, 16, 16), dtype=np.float32))[None]
-        image = reference(PROMPT, num_inference_steps=8, guidance_scale=5.0, height=64, width=64, latents=latents,
-                          output_type="np").images[0]
+        image = reference(
+            PROMPT, num_inference_steps=8, guidance_scale=5.0, height=64, width=64, latents=latents, output_type="np"
+        ).images[0]
         error = np.abs((image * 255).round() - alone[seed]).mean()
         effect = np.abs(alone[seed].astype(int) - alone[0]).mean()
         print(f"{adapters or 'no adapters'}: mean abs vs diffusers {error:.4f} / 255, effect {effect:.1f} / 255")

@@ -2,6 +2,7 @@
 adapters' worlds in training/data.py and the shipped adapters under checkpoints/loras/.
 
 Fast: a few optimizer steps on a handful of scenes of the shipped checkpoint."""
+
 import hashlib
 from pathlib import Path
 
@@ -9,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import (CONCEPT_HELD_OUT, CONCEPT_SHAPES, concept_eval_scenes, eval_scenes, render, sample_concept_scene,
-                           training_batch, vocabulary)
+from training.data import (
+    CONCEPT_HELD_OUT,
+    CONCEPT_SHAPES,
+    concept_eval_scenes,
+    eval_scenes,
+    render,
+    sample_concept_scene,
+    training_batch,
+    vocabulary,
+)
 
 CHECKPOINT = Path("checkpoints/ldm-shapes")
 LORAS = Path("checkpoints/loras")
@@ -52,8 +61,10 @@ def test_concept_scenes_and_reader():
         image = render(scene)
         bg, found = read_objects(image)
         ref_bg, ref = read_image(image)
-        assert (bg, [(o.colour, o.shape, o.size, o.cx, o.cy) for o in found]) == \
-            (ref_bg, [(o.colour, o.shape, o.size, o.cx, o.cy) for o in ref])
+        assert (bg, [(o.colour, o.shape, o.size, o.cx, o.cy) for o in found]) == (
+            ref_bg,
+            [(o.colour, o.shape, o.size, o.cx, o.cy) for o in ref],
+        )
         styled = read_objects(render(scene, "tall"))[1]
         assert all(o.width < o.height for o in styled)  # the tall style
 
@@ -86,8 +97,9 @@ def test_training_is_deterministic(trained):
 def _unet_out(pipe, prompt="a large red ring on the left of a black background"):
     """The UNet's output for fixed latents, timestep and this prompt's (adapted) text encoding."""
     with torch.no_grad():
-        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            [prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         context = pipe.text_encoder(ids)[0]
         latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         return pipe.unet(latents, torch.tensor([500]), context).sample
@@ -116,8 +128,9 @@ def test_kohya_writer_against_diffusers_converter(tmp_path):
     from training.lora_formats import save_kohya, to_kohya
     from training.lora_train import save_lora, train_lora
 
-    pipe = train_lora(CHECKPOINT, concept="ring", text_encoder=True, seed=4, log=lambda *a: None,
-                      **{**TINY, "alpha": 5.0, "steps": 1})
+    pipe = train_lora(
+        CHECKPOINT, concept="ring", text_encoder=True, seed=4, log=lambda *a: None, **{**TINY, "alpha": 5.0, "steps": 1}
+    )
     diffusers_file, kohya_file = tmp_path / "a.safetensors", tmp_path / "a-kohya.safetensors"
     save_lora(pipe, diffusers_file)
     save_kohya(diffusers_file, kohya_file)

@@ -1,5 +1,6 @@
 """The regional UNet's torch processor against the checkpoint's own UNet (its ONNX export is
 checked against this processor in test_export.py)."""
+
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -17,8 +18,10 @@ def test_one_context_or_one_hot_weights_give_the_checkpoints_unet_exactly(tiny_c
     contexts = torch.randn(3, 2, 16, 32)
     with torch.no_grad():
         second = base(sample, t, encoder_hidden_states=contexts[:, 1]).sample
-        assert torch.equal(regional(sample, t, contexts[:, :1], torch.ones(3, 1, 8, 8)),
-                           base(sample, t, encoder_hidden_states=contexts[:, 0]).sample)
+        assert torch.equal(
+            regional(sample, t, contexts[:, :1], torch.ones(3, 1, 8, 8)),
+            base(sample, t, encoder_hidden_states=contexts[:, 0]).sample,
+        )
         one_hot = torch.zeros(3, 2, 8, 8)
         one_hot[:, 1] = 1
         assert torch.equal(regional(sample, t, contexts, one_hot), second)

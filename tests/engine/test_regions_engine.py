@@ -1,5 +1,6 @@
 """Regional prompts in the engine (this process, ONNX Runtime, tiny checkpoint): each mode against
 the torch reference, batch invariance among plain requests, text encoding, and the row limit."""
+
 import numpy as np
 import pytest
 
@@ -27,13 +28,17 @@ def test_regional_image_matches_the_torch_reference(tiny_repo, tiny_checkpoint, 
 
     pipe = load_pipeline(tiny_checkpoint)
     fields = dict(REGIONS, region_mode=mode, base_prompt_weight=0.3)
-    served = [run_alone(make_service(tiny_repo, models), BASE, seed=seed, steps=12, guidance_scale=5.0, **fields)
-              for seed in (5, 6)]
+    served = [
+        run_alone(make_service(tiny_repo, models), BASE, seed=seed, steps=12, guidance_scale=5.0, **fields)
+        for seed in (5, 6)
+    ]
     regions = parse_regions(request_arrays(BASE, **fields), RegionLimits(vae_factor=4), 32, 32)
     reference = RegionalReference(pipe).images([(BASE, regions, 5), (BASE, regions, 6)], 5.0, 12, mode, size=32)
     for got, want in zip(served, reference):
         difference = np.abs(got.astype(int) - want.astype(int))
-        print(f"{mode}: served vs torch reference, mean abs difference {difference.mean():.4f}/255 (max {difference.max()})")
+        print(
+            f"{mode}: served vs torch reference, mean abs difference {difference.mean():.4f}/255 (max {difference.max()})"
+        )
         assert difference.mean() <= 2.0
     plain = run_alone(make_service(tiny_repo, models), BASE, seed=5, steps=12, guidance_scale=5.0)
     assert np.abs(plain.astype(int) - served[0].astype(int)).mean() > 2.0  # the regions changed the image
@@ -45,22 +50,57 @@ def test_one_region_over_everything_with_no_base_share_is_that_prompt_alone(tiny
     service = make_service(tiny_repo, models)
     fields = dict(seed=9, steps=10, guidance_scale=5.0)
     plain = run_alone(service, "a blue square on the right", **fields)
-    regional = run_alone(service, "a red circle", region_prompts=["a blue square on the right"], region_divisions="1",
-                         base_prompt_weight=0.0, **fields)
+    regional = run_alone(
+        service,
+        "a red circle",
+        region_prompts=["a blue square on the right"],
+        region_divisions="1",
+        base_prompt_weight=0.0,
+        **fields,
+    )
     np.testing.assert_array_equal(regional, plain)
 
 
-CROWD = [("a blue square", 1, dict(steps=20, guidance_scale=7.5)),
-         ("a green triangle at the top", 2, dict(steps=8, guidance_scale=1.0)),
-         ("a yellow star", 3, dict(steps=15, guidance_scale=3.0, eta=0.5)),
-         ("a small purple circle", 4, dict(steps=12, guidance_scale=5.0)),
-         ("two cats", 5, dict(steps=30, guidance_scale=5.0, height=48, width=48)),
-         ("an orange square", 6, dict(steps=14, guidance_scale=5.0, region_prompts=["a cat", "a dog", "a horse"],
-                                      region_divisions="1,1,1", region_mode="attention")),
-         ("a white circle", 7, dict(steps=18, guidance_scale=5.0, region_prompts=["a red star"], region_divisions="1",
-                                    region_negative_prompts=["blue"])),
-         ("a black background", 8, dict(steps=12, guidance_scale=5.0, region_prompts=["a cat", "a dog"],
-                                         region_divisions="1,1", region_mode="attention"))]
+CROWD = [
+    ("a blue square", 1, dict(steps=20, guidance_scale=7.5)),
+    ("a green triangle at the top", 2, dict(steps=8, guidance_scale=1.0)),
+    ("a yellow star", 3, dict(steps=15, guidance_scale=3.0, eta=0.5)),
+    ("a small purple circle", 4, dict(steps=12, guidance_scale=5.0)),
+    ("two cats", 5, dict(steps=30, guidance_scale=5.0, height=48, width=48)),
+    (
+        "an orange square",
+        6,
+        dict(
+            steps=14,
+            guidance_scale=5.0,
+            region_prompts=["a cat", "a dog", "a horse"],
+            region_divisions="1,1,1",
+            region_mode="attention",
+        ),
+    ),
+    (
+        "a white circle",
+        7,
+        dict(
+            steps=18,
+            guidance_scale=5.0,
+            region_prompts=["a red star"],
+            region_divisions="1",
+            region_negative_prompts=["blue"],
+        ),
+    ),
+    (
+        "a black background",
+        8,
+        dict(
+            steps=12,
+            guidance_scale=5.0,
+            region_prompts=["a cat", "a dog"],
+            region_divisions="1,1",
+            region_mode="attention",
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -92,13 +132,19 @@ def test_region_prompts_are_encoded_with_the_batch_and_identical_texts_once(tiny
     sinks = [RecordingSink() for _ in range(3)]
     service.submit(request_arrays(BASE, seed=1, steps=2, **REGIONS), sinks[0])
     service.submit(request_arrays(BASE, seed=2, steps=2, region_mode="attention", **REGIONS), sinks[1])
-    service.submit(request_arrays("a cat", seed=3, steps=2, region_prompts=["a dog", "a blue square on the right"],
-                                  region_divisions="1;1"), sinks[2])
+    service.submit(
+        request_arrays(
+            "a cat", seed=3, steps=2, region_prompts=["a dog", "a blue square on the right"], region_divisions="1;1"
+        ),
+        sinks[2],
+    )
     drain(service)
     assert all(s.image is not None for s in sinks)
     # one call for the admission batch; distinct texts: BASE, 2 regions, "", "a cat", "a dog"
     assert encoder.calls == 1 and encoder.rows == 6
-    service.submit(request_arrays("a dog", seed=4, steps=2, region_prompts=["a cat"], region_divisions="1"), RecordingSink())
+    service.submit(
+        request_arrays("a dog", seed=4, steps=2, region_prompts=["a cat"], region_divisions="1"), RecordingSink()
+    )
     drain(service)
     assert encoder.calls == 1  # every text was cached
 

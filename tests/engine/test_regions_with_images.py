@@ -1,6 +1,7 @@
 """Regions and image conditioning in one request: a regional inpainting (latent blending on the
 base UNet, or the 9-channel inpainting UNet) and a regional img2img run like any other job: the
 kept half is the input's, and the image is bit-identical alone and inside a mixed crowd."""
+
 import numpy as np
 import pytest
 
@@ -13,8 +14,11 @@ REQUESTS = {
     "regional inpaint": dict(init_image=IMAGE, mask=half_mask(32), seed=3, steps=10, guidance_scale=5.0, **REGIONS),
     "regional img2img": dict(init_image=IMAGE, strength=0.7, seed=4, steps=10, guidance_scale=5.0, **REGIONS),
 }
-CROWD = [dict(seed=11, steps=12), dict(init_image=photo(32, 5), mask=half_mask(32, "left"), seed=12, steps=9),
-         dict(seed=13, steps=8, **REGIONS)]
+CROWD = [
+    dict(seed=11, steps=12),
+    dict(init_image=photo(32, 5), mask=half_mask(32, "left"), seed=12, steps=9),
+    dict(seed=13, steps=8, **REGIONS),
+]
 
 
 @pytest.mark.parametrize("repo_fixture", ["tiny_repo", "variant_repo"])

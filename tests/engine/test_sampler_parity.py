@@ -9,6 +9,7 @@ their position by looking the timestep up in the schedule, and rounded Karras / 
 repeat there. The reference therefore pins the begin index after set_timesteps (what its img2img
 pipeline does anyway); a job's position is its own step count in our samplers, so there is no
 lookup to fail. Where diffusers works, pinning changes nothing."""
+
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -25,9 +26,17 @@ from tests.support.samplers import REFERENCES
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "ldm-shapes"
 PROMPT = "a large red circle on the left of a black background"
-SAMPLERS = [("euler", "default"), ("euler", "karras"), ("euler_ancestral", "default"), ("dpmpp_2m", "default"),
-            ("dpmpp_2m", "karras"), ("dpmpp_2m_sde", "default"), ("unipc", "default"), ("unipc", "karras"),
-            ("lcm", "default")]
+SAMPLERS = [
+    ("euler", "default"),
+    ("euler", "karras"),
+    ("euler_ancestral", "default"),
+    ("dpmpp_2m", "default"),
+    ("dpmpp_2m", "karras"),
+    ("dpmpp_2m_sde", "default"),
+    ("unipc", "default"),
+    ("unipc", "karras"),
+    ("lcm", "default"),
+]
 
 
 @lru_cache(maxsize=4)
@@ -54,14 +63,23 @@ def reference(cls, checkpoint, monkeypatch, sampler, schedule, seed, size, **cal
     rng = noise_generator(seed)  # x_T, then the per-step draws, as the job draws them
     shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     x_t = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))[None]
-    monkeypatch.setattr(sys.modules[scheduler_cls.__module__], "randn_tensor",
-                        lambda shape, **kw: torch.from_numpy(rng.standard_normal(shape[1:], dtype=np.float32))[None], raising=False)
+    monkeypatch.setattr(
+        sys.modules[scheduler_cls.__module__],
+        "randn_tensor",
+        lambda shape, **kw: torch.from_numpy(rng.standard_normal(shape[1:], dtype=np.float32))[None],
+        raising=False,
+    )
     pipe_module = sys.modules[cls.__module__]
     if cls is StableDiffusionImg2ImgPipeline:
         posterior = torch.from_numpy(image_noise_generator(seed).standard_normal(shape, dtype=np.float32))
         monkeypatch.setattr(pipe_module, "randn_tensor", lambda shape, **kw: x_t.reshape(shape))
-        monkeypatch.setattr(pipe_module, "retrieve_latents",
-                            lambda out, generator=None, sample_mode="sample": out.latent_dist.mean + out.latent_dist.std * posterior[None])
+        monkeypatch.setattr(
+            pipe_module,
+            "retrieve_latents",
+            lambda out, generator=None, sample_mode="sample": (
+                out.latent_dist.mean + out.latent_dist.std * posterior[None]
+            ),
+        )
     else:
         call["latents"] = x_t
     with torch.no_grad():
@@ -89,12 +107,32 @@ def compare(svc, checkpoint, monkeypatch, sampler, schedule, steps, guidance, im
         image, _ = one_object_scene()
         image = np.asarray(Image.fromarray(image).resize((size, size)))
         served = generate(svc, PROMPT, init_image=image, strength=0.7, **fields)
-        expected = reference(StableDiffusionImg2ImgPipeline, checkpoint, monkeypatch, sampler, schedule, seed, size,
-                             image=Image.fromarray(image), strength=0.7, num_inference_steps=steps, guidance_scale=guidance)
+        expected = reference(
+            StableDiffusionImg2ImgPipeline,
+            checkpoint,
+            monkeypatch,
+            sampler,
+            schedule,
+            seed,
+            size,
+            image=Image.fromarray(image),
+            strength=0.7,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+        )
     else:
         served = generate(svc, PROMPT, height=size, width=size, **fields)
-        expected = reference(StableDiffusionPipeline, checkpoint, monkeypatch, sampler, schedule, seed, size,
-                             num_inference_steps=steps, guidance_scale=guidance)
+        expected = reference(
+            StableDiffusionPipeline,
+            checkpoint,
+            monkeypatch,
+            sampler,
+            schedule,
+            seed,
+            size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+        )
     assert served.std() > 1.0  # a picture, not a blank that would match any blank
     return mean_abs(served, expected)
 
@@ -103,8 +141,9 @@ def compare(svc, checkpoint, monkeypatch, sampler, schedule, steps, guidance, im
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("sampler,schedule", SAMPLERS)
-def test_sampler_on_the_tiny_checkpoint_matches_diffusers(tiny, tiny_checkpoint, monkeypatch, sampler, schedule, steps,
-                                                          guidance, img2img):
+def test_sampler_on_the_tiny_checkpoint_matches_diffusers(
+    tiny, tiny_checkpoint, monkeypatch, sampler, schedule, steps, guidance, img2img
+):
     diff = compare(tiny, tiny_checkpoint, monkeypatch, sampler, schedule, steps, guidance, img2img, size=32)
     assert diff <= 1 / 255, f"{diff * 255:.4f}/255"
 
@@ -113,20 +152,25 @@ def test_sampler_on_the_tiny_checkpoint_matches_diffusers(tiny, tiny_checkpoint,
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("sampler,schedule", SAMPLERS)
-def test_sampler_on_the_shipped_model_matches_diffusers(shipped, monkeypatch, sampler, schedule, steps, guidance, img2img):
+def test_sampler_on_the_shipped_model_matches_diffusers(
+    shipped, monkeypatch, sampler, schedule, steps, guidance, img2img
+):
     diff = compare(shipped, CHECKPOINT, monkeypatch, sampler, schedule, steps, guidance, img2img, size=64)
     print(f"{sampler} {schedule} {steps} steps guidance {guidance}: {diff * 255:.4f}/255")
     assert diff <= 0.05 / 255, f"{diff * 255:.4f}/255"
 
 
-@pytest.mark.parametrize("sampler,schedule,error", [("dpmpp_2m", "karras", IndexError), ("unipc", "karras", AssertionError)])
+@pytest.mark.parametrize(
+    "sampler,schedule,error", [("dpmpp_2m", "karras", IndexError), ("unipc", "karras", AssertionError)]
+)
 def test_unpinned_diffusers_fails_where_the_docs_say(shipped, sampler, schedule, error):
     """diffusers 0.42.1 on the shipped model at 25 steps, as it runs (no pinned begin index):
     the failures docs/samplers.md describes; ours serves the same request."""
     pipe, checkpoint_config = pipeline(StableDiffusionPipeline, str(CHECKPOINT))
     scheduler_cls, extra = REFERENCES[sampler]
-    pipe.scheduler = scheduler_cls.from_config({**checkpoint_config, **extra,
-                                                **({"use_karras_sigmas": True} if schedule == "karras" else {})})
+    pipe.scheduler = scheduler_cls.from_config(
+        {**checkpoint_config, **extra, **({"use_karras_sigmas": True} if schedule == "karras" else {})}
+    )
     latents = torch.from_numpy(noise_generator(3).standard_normal((4, 16, 16), dtype=np.float32))[None]
     with pytest.raises(error), torch.no_grad():
         pipe(PROMPT, num_inference_steps=25, guidance_scale=5.0, latents=latents, output_type="np")

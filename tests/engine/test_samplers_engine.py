@@ -8,6 +8,7 @@
   steps, per sampler: each steered job alone equals itself steered inside a crowd;
 - a guidance interval runs the conditional row alone outside it (fewer UNet rows, counted),
   and the whole-run interval changes nothing."""
+
 import numpy as np
 import pytest
 
@@ -15,8 +16,16 @@ from tests.support.image_inputs import Sink, drain, half_mask, photo, service, s
 from serving.client.kserve import request_arrays
 
 PROMPT = "a large red circle on the left"
-SAMPLERS = [("ddim", "default"), ("euler", "default"), ("euler_ancestral", "default"), ("dpmpp_2m", "karras"),
-            ("dpmpp_2m_sde", "default"), ("unipc", "default"), ("lcm", "default"), ("dpmpp_2m", "default")]
+SAMPLERS = [
+    ("ddim", "default"),
+    ("euler", "default"),
+    ("euler_ancestral", "default"),
+    ("dpmpp_2m", "karras"),
+    ("dpmpp_2m_sde", "default"),
+    ("unipc", "default"),
+    ("lcm", "default"),
+    ("dpmpp_2m", "default"),
+]
 TASKS = {
     "schedule": dict(prompt="[a red circle:a blue square:4] on the left", steps=9),
     "img2img": dict(init_image=photo(32, 1), strength=0.6, steps=12),
@@ -39,8 +48,10 @@ def run_alone(svc, prompt=PROMPT, **fields) -> np.ndarray:
 
 
 def test_eight_samplers_in_one_crowd_equal_each_alone(svc):
-    requests = [dict(sampler=s, sigma_schedule=k, steps=n, seed=40 + i, guidance_scale=5.0)
-                for i, ((s, k), n) in enumerate(zip(SAMPLERS, [25, 10, 15, 20, 12, 18, 6, 14]))]
+    requests = [
+        dict(sampler=s, sigma_schedule=k, steps=n, seed=40 + i, guidance_scale=5.0)
+        for i, ((s, k), n) in enumerate(zip(SAMPLERS, [25, 10, 15, 20, 12, 18, 6, 14]))
+    ]
     alone = [run_alone(svc, **r) for r in requests]
     sinks = [submit(svc, PROMPT, **r) for r in requests[:4]]
     for _ in range(3):  # the first four are running when the others arrive
@@ -55,8 +66,10 @@ def test_eight_samplers_in_one_crowd_equal_each_alone(svc):
 
 @pytest.mark.parametrize("sampler,schedule", SAMPLERS[:7])
 def test_every_task_works_with_every_sampler_alone_and_in_a_crowd(svc, sampler, schedule):
-    requests = {task: dict(fields, sampler=sampler, sigma_schedule=schedule, seed=i, guidance_scale=5.0)
-                for i, (task, fields) in enumerate(TASKS.items())}
+    requests = {
+        task: dict(fields, sampler=sampler, sigma_schedule=schedule, seed=i, guidance_scale=5.0)
+        for i, (task, fields) in enumerate(TASKS.items())
+    }
     alone = {task: run_alone(svc, **{"prompt": PROMPT, **r}) for task, r in requests.items()}
     for task, image in alone.items():
         assert np.isfinite(image).all() and image.std() > 1.0, task
@@ -73,8 +86,10 @@ def test_a_steer_before_step_0_equals_a_fresh_request_with_every_sampler(svc, sa
     fresh = run_alone(svc, "a blue square at the top", **{**fields, "guidance_scale": 3.0})
     sink = Sink()
     svc.submit(request_arrays(PROMPT, **fields), sink, request_id="steered")
-    svc.steer("steered", {"prompt": np.array([b"a blue square at the top"], object),
-                          "guidance_scale": np.array([3.0], np.float32)})
+    svc.steer(
+        "steered",
+        {"prompt": np.array([b"a blue square at the top"], object), "guidance_scale": np.array([3.0], np.float32)},
+    )
     drain(svc)
     assert sink.error is None, sink.error
     assert sink.image.tobytes() == fresh.tobytes()
@@ -102,10 +117,11 @@ def base_svc(tiny_repo):
 
 
 STEERED = {  # request fields, and what a steer after 3 steps changes
-    "regions": (dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1"),
-                dict(region_prompts=["a cat", "a green triangle", "a dog"], region_divisions="1,1,1")),
-    "mask": (dict(init_image=photo(32, 1), mask=half_mask(32), strength=0.8),
-             dict(mask=half_mask(32, "left"))),
+    "regions": (
+        dict(region_prompts=["a red circle", "a blue square"], region_divisions="1,1"),
+        dict(region_prompts=["a cat", "a green triangle", "a dog"], region_divisions="1,1,1"),
+    ),
+    "mask": (dict(init_image=photo(32, 1), mask=half_mask(32), strength=0.8), dict(mask=half_mask(32, "left"))),
     "prompt": (dict(), dict(prompt="a blue square at the top", guidance_scale=2.0)),
 }
 
@@ -141,8 +157,10 @@ def run_steered(svc, requests: dict) -> dict:
 def test_steers_of_regions_mask_and_prompt_mid_run_with_every_sampler(base_svc, sampler, schedule):
     """With latent-blend inpainting: each steered job alone equals itself steered at the same step
     inside a crowd of the others."""
-    requests = {kind: (dict(fields, sampler=sampler, sigma_schedule=schedule, seed=i, steps=9, guidance_scale=5.0), steer)
-                for i, (kind, (fields, steer)) in enumerate(STEERED.items())}
+    requests = {
+        kind: (dict(fields, sampler=sampler, sigma_schedule=schedule, seed=i, steps=9, guidance_scale=5.0), steer)
+        for i, (kind, (fields, steer)) in enumerate(STEERED.items())
+    }
     alone = {kind: run_steered(base_svc, {kind: request})[kind] for kind, request in requests.items()}
     together = run_steered(base_svc, requests)
     for kind, image in alone.items():

@@ -19,6 +19,7 @@ another machine before a refactor starts):
 which rewrites each case's hash from the images of the code as it is (cases dropped from the table:
 delete the JSON first), then checks the crowds against it.
 """
+
 import hashlib
 import json
 import os
@@ -63,41 +64,74 @@ CASES = {
     "txt2img_lcm": Case("tiny_repo", dict(sampler="lcm", seed=7, steps=6, guidance_scale=1.5)),  # fits eps models
     "txt2img_no_guidance": Case("tiny_repo", dict(seed=8, steps=10, guidance_scale=1.0)),  # one UNet row
     "txt2img_guidance_interval": Case(  # unconditional row left out at steps 0, 1, 8, 9
-        "tiny_repo", dict(sampler="dpmpp_2m", guidance_interval=np.array([0.2, 0.8], np.float32), seed=9, steps=10, **G5)),
-    "txt2img_non_square": Case("tiny_repo", dict(height=32, width=48, negative_prompt="a green triangle", seed=10,
-                                                 steps=10, **G5)),
+        "tiny_repo",
+        dict(sampler="dpmpp_2m", guidance_interval=np.array([0.2, 0.8], np.float32), seed=9, steps=10, **G5),
+    ),
+    "txt2img_non_square": Case(
+        "tiny_repo", dict(height=32, width=48, negative_prompt="a green triangle", seed=10, steps=10, **G5)
+    ),
     "img2img": Case("tiny_repo", dict(init_image=IMAGE, strength=0.6, seed=11, steps=12, **G5)),
-    "inpaint_blend": Case("tiny_repo", dict(init_image=IMAGE, mask=half_mask(32), mask_blur=2, seed=12, steps=10,
-                                            guidance_scale=7.5)),
-    "inpaint_blend_no_paste": Case("tiny_repo", dict(init_image=IMAGE, mask=half_mask(32, "left"), strength=0.8,
-                                                     keep_unmasked=False, seed=13, steps=10, **G5)),
+    "inpaint_blend": Case(
+        "tiny_repo", dict(init_image=IMAGE, mask=half_mask(32), mask_blur=2, seed=12, steps=10, guidance_scale=7.5)
+    ),
+    "inpaint_blend_no_paste": Case(
+        "tiny_repo",
+        dict(init_image=IMAGE, mask=half_mask(32, "left"), strength=0.8, keep_unmasked=False, seed=13, steps=10, **G5),
+    ),
     "regions_latent": Case("tiny_repo", dict(REGIONS, region_mode="latent", seed=14, steps=10, **G5)),
     "regions_attention": Case("tiny_repo", dict(REGIONS, region_mode="attention", seed=15, steps=10, **G5)),
-    "prompt_schedule": Case("tiny_repo", dict(seed=16, steps=10, **G5), prompt="[a red circle:a blue square:4] on the left"),
-    "prompt_alternation": Case("tiny_repo", dict(negative_prompt="[green|] square", seed=17, steps=10, **G5),
-                               prompt="a [red|blue] circle"),
-    "steer_prompt": Case("tiny_repo", dict(seed=18, steps=10, **G5), steer_at=4, steer=dict(prompt="a blue square at the top")),
+    "prompt_schedule": Case(
+        "tiny_repo", dict(seed=16, steps=10, **G5), prompt="[a red circle:a blue square:4] on the left"
+    ),
+    "prompt_alternation": Case(
+        "tiny_repo", dict(negative_prompt="[green|] square", seed=17, steps=10, **G5), prompt="a [red|blue] circle"
+    ),
+    "steer_prompt": Case(
+        "tiny_repo", dict(seed=18, steps=10, **G5), steer_at=4, steer=dict(prompt="a blue square at the top")
+    ),
     "steer_guidance": Case("tiny_repo", dict(seed=19, steps=10, **G5), steer_at=3, steer=dict(guidance_scale=2.0)),
     "steer_regions": Case("tiny_repo", dict(seed=20, steps=10, **G5), steer_at=3, steer=REGIONS),
-    "steer_blend_mask": Case("tiny_repo", dict(init_image=IMAGE, mask=half_mask(32), strength=0.8, seed=21, steps=10, **G5),
-                             steer_at=4, steer=dict(mask=half_mask(32, "left"))),
+    "steer_blend_mask": Case(
+        "tiny_repo",
+        dict(init_image=IMAGE, mask=half_mask(32), strength=0.8, seed=21, steps=10, **G5),
+        steer_at=4,
+        steer=dict(mask=half_mask(32, "left")),
+    ),
     # variant_repo: the same base checkpoint plus a 9-channel inpainting UNet and an x4 upscaler
     "variant_txt2img": Case("variant_repo", dict(seed=30, steps=10, **G5)),  # base variant beside the others
-    "inpaint_9ch": Case("variant_repo", dict(init_image=IMAGE, mask=half_mask(32), mask_blur=2, seed=31, steps=10,
-                                             guidance_scale=7.5)),
+    "inpaint_9ch": Case(
+        "variant_repo", dict(init_image=IMAGE, mask=half_mask(32), mask_blur=2, seed=31, steps=10, guidance_scale=7.5)
+    ),
     "upscale": Case("variant_repo", dict(task="upscale", init_image=LOW_RES, noise_level=40, seed=32, steps=10, **G5)),
-    "steer_mask_9ch": Case("variant_repo", dict(init_image=IMAGE, mask=half_mask(32), strength=0.8, mask_blur=1, seed=33,
-                                                steps=10, **G5), steer_at=4, steer=dict(mask=half_mask(32, "left"))),
+    "steer_mask_9ch": Case(
+        "variant_repo",
+        dict(init_image=IMAGE, mask=half_mask(32), strength=0.8, mask_blur=1, seed=33, steps=10, **G5),
+        steer_at=4,
+        steer=dict(mask=half_mask(32, "left")),
+    ),
     # default_repo: the shipped trained model (checkpoints/ldm-shapes, v-prediction), its own sampler default
     "default_txt2img": Case("default_repo", dict(seed=41, steps=12, height=64, width=64, **G5), prompt=CAPTION),
-    "default_img2img": Case("default_repo", dict(init_image=SCENE, strength=0.6, seed=42, steps=12, **G5),
-                            prompt="a large blue square on the right"),
+    "default_img2img": Case(
+        "default_repo",
+        dict(init_image=SCENE, strength=0.6, seed=42, steps=12, **G5),
+        prompt="a large blue square on the right",
+    ),
 }
 # submitted together (half of them while the others run) and drained: each must keep its alone bytes
 CROWDS = {
-    "tiny_repo": ["txt2img_ddim_eta", "txt2img_dpmpp_2m_karras", "txt2img_no_guidance", "txt2img_non_square",
-                  "img2img", "inpaint_blend", "regions_latent", "regions_attention", "prompt_schedule",
-                  "steer_prompt", "steer_guidance"],
+    "tiny_repo": [
+        "txt2img_ddim_eta",
+        "txt2img_dpmpp_2m_karras",
+        "txt2img_no_guidance",
+        "txt2img_non_square",
+        "img2img",
+        "inpaint_blend",
+        "regions_latent",
+        "regions_attention",
+        "prompt_schedule",
+        "steer_prompt",
+        "steer_guidance",
+    ],
     "variant_repo": ["variant_txt2img", "inpaint_9ch", "upscale", "steer_mask_9ch"],
 }
 
@@ -114,7 +148,7 @@ def run_cases(svc, names, join_after=None) -> dict:
     """Runs CASES[names] in `svc` ({name: uint8 image}), each steered once it has done exactly
     its steer_at steps; join_after: submit the second half after that many iterations."""
     names = list(names)
-    first, later = (names, []) if join_after is None else (names[: len(names) // 2], names[len(names) // 2:])
+    first, later = (names, []) if join_after is None else (names[: len(names) // 2], names[len(names) // 2 :])
     sinks, pending = {}, {}
 
     def submit(name):
@@ -161,16 +195,25 @@ def recorded() -> dict:
 def record(name: str, image: np.ndarray) -> None:
     """LDM_RECORD_GOLDEN=1: stores this case's hash (read-modify-write, one case per test)."""
     data = recorded() if GOLDEN.is_file() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
     import onnxruntime
 
-    data["recorded_with"] = {"commit": commit, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-                             "machine": platform.machine(), "cpu": cpu_model(), "python": platform.python_version()}
+    data["recorded_with"] = {
+        "commit": commit,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+    }
     data["cases"] = {**data.get("cases", {}), name: {"sha256": digest(image), "shape": list(image.shape)}}
     cases = ",\n".join(f"    {json.dumps(n)}: {json.dumps(c)}" for n, c in sorted(data["cases"].items()))
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)  # one case a line: a re-record's diff names the cases it moved
-    GOLDEN.write_text(f'{{\n  "recorded_with": {json.dumps(data["recorded_with"])},\n  "cases": {{\n{cases}\n  }}\n}}\n')
+    GOLDEN.write_text(
+        f'{{\n  "recorded_with": {json.dumps(data["recorded_with"])},\n  "cases": {{\n{cases}\n  }}\n}}\n'
+    )
 
 
 def cpu_model() -> str:
@@ -185,7 +228,8 @@ def expect(name: str, image: np.ndarray) -> None:
     assert list(image.shape) == want["shape"], name
     assert digest(image) == want["sha256"], (
         f"{name}: the image's bytes changed since {recorded()['recorded_with']}; if another machine or onnxruntime "
-        "recorded them, re-record at the commit before your change (LDM_RECORD_GOLDEN=1)")
+        "recorded them, re-record at the commit before your change (LDM_RECORD_GOLDEN=1)"
+    )
 
 
 @pytest.fixture(scope="module")

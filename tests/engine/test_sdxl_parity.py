@@ -24,6 +24,7 @@ and "sdxl-inpaint") exported beside the tiny SD one in one repository and served
 
 Run with -s to see the measured differences.
 """
+
 import json
 import shutil
 import sys
@@ -72,8 +73,9 @@ def checkpoints(tmp_path_factory):
     stats = root / "tiny-sdxl-stats"  # the same checkpoint, its VAE config with latent statistics
     shutil.copytree(base, stats)
     config = json.loads((stats / "vae" / "config.json").read_text())
-    (stats / "vae" / "config.json").write_text(json.dumps({**config, "latents_mean": LATENTS_MEAN,
-                                                           "latents_std": LATENTS_STD}))
+    (stats / "vae" / "config.json").write_text(
+        json.dumps({**config, "latents_mean": LATENTS_MEAN, "latents_std": LATENTS_STD})
+    )
     return base, write_tiny_checkpoint(root / "tiny-sdxl-inpaint", kind="sdxl-inpaint"), stats
 
 
@@ -87,8 +89,15 @@ def repo(tmp_path_factory, checkpoints, tiny_checkpoint):
 
     sdxl, sdxl_inpaint, stats = checkpoints
     path = tmp_path_factory.mktemp("sdxl-repo") / "model_repository"
-    write_repository(sdxl, path, pipeline_parameters=pipeline_parameters(), log=lambda *a: None, name=MODEL,
-                     variants={"inpaint": sdxl_inpaint}, models={SD_MODEL: tiny_checkpoint, BLEND_MODEL: sdxl, STATS_MODEL: stats})
+    write_repository(
+        sdxl,
+        path,
+        pipeline_parameters=pipeline_parameters(),
+        log=lambda *a: None,
+        name=MODEL,
+        variants={"inpaint": sdxl_inpaint},
+        models={SD_MODEL: tiny_checkpoint, BLEND_MODEL: sdxl, STATS_MODEL: stats},
+    )
     return path
 
 
@@ -117,8 +126,12 @@ def reference(cls, path, monkeypatch, sampler, schedule, seed, height, width, po
     samples from the image stream)."""
     pipe, config = pipeline(cls, path)
     scheduler_cls, extra = REFERENCES[sampler]
-    scheduler = scheduler_cls.from_config({**config, **extra, **({"use_karras_sigmas": True} if schedule == "karras" else {})})
-    if cls is StableDiffusionXLPipeline:  # as tests/engine/test_sampler_parity.py: no timestep lookup (img2img pins it itself)
+    scheduler = scheduler_cls.from_config(
+        {**config, **extra, **({"use_karras_sigmas": True} if schedule == "karras" else {})}
+    )
+    if (
+        cls is StableDiffusionXLPipeline
+    ):  # as tests/engine/test_sampler_parity.py: no timestep lookup (img2img pins it itself)
         set_timesteps = scheduler.set_timesteps
 
         def pinned(*args, **kwargs):
@@ -131,9 +144,12 @@ def reference(cls, path, monkeypatch, sampler, schedule, seed, height, width, po
     rng = noise_generator(seed)
     shape = (4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     x_t = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))[None]
-    monkeypatch.setattr(sys.modules[scheduler_cls.__module__], "randn_tensor",
-                        lambda shape, **kw: torch.from_numpy(rng.standard_normal(shape[1:], dtype=np.float32))[None],
-                        raising=False)
+    monkeypatch.setattr(
+        sys.modules[scheduler_cls.__module__],
+        "randn_tensor",
+        lambda shape, **kw: torch.from_numpy(rng.standard_normal(shape[1:], dtype=np.float32))[None],
+        raising=False,
+    )
     module = sys.modules[cls.__module__]
     if cls is StableDiffusionXLPipeline:
         call["latents"] = x_t
@@ -166,8 +182,13 @@ def check(name, served, expected, limit=MAX_MEAN_ABS) -> float:
     return diff
 
 
-SAMPLERS = [("ddim", "default"), ("euler", "default"), ("euler_ancestral", "default"), ("dpmpp_2m", "karras"),
-            ("unipc", "default")]
+SAMPLERS = [
+    ("ddim", "default"),
+    ("euler", "default"),
+    ("euler_ancestral", "default"),
+    ("dpmpp_2m", "karras"),
+    ("unipc", "default"),
+]
 TEXT_CASES = {  # (guidance, negative prompt)
     "no-guidance": (1.0, ""),
     "empty-negative": (5.0, ""),  # force_zeros_for_empty_prompt: diffusers' negative_prompt=None
@@ -179,19 +200,50 @@ TEXT_CASES = {  # (guidance, negative prompt)
 @pytest.mark.parametrize("sampler,schedule", SAMPLERS)
 def test_txt2img_matches_diffusers(svc, checkpoints, monkeypatch, sampler, schedule, text):
     guidance, negative = TEXT_CASES[text]
-    served = generate(svc, PROMPT, negative_prompt=negative, sampler=sampler, sigma_schedule=schedule, seed=3,
-                      steps=STEPS, guidance_scale=guidance)
-    expected = reference(StableDiffusionXLPipeline, checkpoints[0], monkeypatch, sampler, schedule, 3, 32, 32,
-                         prompt=PROMPT, negative_prompt=negative or None, num_inference_steps=STEPS,
-                         guidance_scale=guidance)
+    served = generate(
+        svc,
+        PROMPT,
+        negative_prompt=negative,
+        sampler=sampler,
+        sigma_schedule=schedule,
+        seed=3,
+        steps=STEPS,
+        guidance_scale=guidance,
+    )
+    expected = reference(
+        StableDiffusionXLPipeline,
+        checkpoints[0],
+        monkeypatch,
+        sampler,
+        schedule,
+        3,
+        32,
+        32,
+        prompt=PROMPT,
+        negative_prompt=negative or None,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+    )
     check(f"txt2img {sampler} {schedule} {text}", served, expected)
 
 
 def test_an_empty_negative_prompt_is_zeros_not_the_encoding_of_empty_text(svc, checkpoints, monkeypatch):
     """The test above can tell the two apart: diffusers' negative_prompt="" (encoded) is another image."""
     served = generate(svc, PROMPT, seed=3, steps=STEPS, guidance_scale=5.0)
-    encoded = reference(StableDiffusionXLPipeline, checkpoints[0], monkeypatch, "ddim", "default", 3, 32, 32,
-                        prompt=PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=5.0)
+    encoded = reference(
+        StableDiffusionXLPipeline,
+        checkpoints[0],
+        monkeypatch,
+        "ddim",
+        "default",
+        3,
+        32,
+        32,
+        prompt=PROMPT,
+        negative_prompt="",
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+    )
     diff = mean_abs(served, encoded)
     print(f"\nempty negative served vs diffusers negative_prompt='': {diff * 255:.4f}/255")
     assert diff > 2 * MAX_MEAN_ABS
@@ -199,12 +251,32 @@ def test_an_empty_negative_prompt_is_zeros_not_the_encoding_of_empty_text(svc, c
 
 @pytest.mark.parametrize("sampler,schedule", [("ddim", "default"), ("euler_ancestral", "default")])
 def test_size_conditioning_matches_diffusers(svc, checkpoints, monkeypatch, sampler, schedule):
-    fields = dict(negative_prompt=NEGATIVE, sampler=sampler, sigma_schedule=schedule, seed=4, steps=STEPS,
-                  guidance_scale=5.0, height=40, width=32)
+    fields = dict(
+        negative_prompt=NEGATIVE,
+        sampler=sampler,
+        sigma_schedule=schedule,
+        seed=4,
+        steps=STEPS,
+        guidance_scale=5.0,
+        height=40,
+        width=32,
+    )
     served = generate(svc, PROMPT, **SIZES, **fields)
-    expected = reference(StableDiffusionXLPipeline, checkpoints[0], monkeypatch, sampler, schedule, 4, 40, 32,
-                         prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0,
-                         **DIFFUSERS_SIZES)
+    expected = reference(
+        StableDiffusionXLPipeline,
+        checkpoints[0],
+        monkeypatch,
+        sampler,
+        schedule,
+        4,
+        40,
+        32,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        **DIFFUSERS_SIZES,
+    )
     check(f"txt2img 40x32 {sampler} with original_size/crop_top_left/target_size", served, expected)
     # the fields do reach the UNet: without them (defaults: the output size, (0, 0)) the image differs
     assert mean_abs(served, generate(svc, PROMPT, **fields)) > 0
@@ -213,16 +285,48 @@ def test_size_conditioning_matches_diffusers(svc, checkpoints, monkeypatch, samp
     assert generate(svc, PROMPT, **explicit, **fields).tobytes() == generate(svc, PROMPT, **fields).tobytes()
 
 
-@pytest.mark.parametrize("sampler,schedule,sizes", [("ddim", "default", False), ("euler_ancestral", "default", False),
-                                                    ("dpmpp_2m", "karras", False), ("unipc", "default", True)])
+@pytest.mark.parametrize(
+    "sampler,schedule,sizes",
+    [
+        ("ddim", "default", False),
+        ("euler_ancestral", "default", False),
+        ("dpmpp_2m", "karras", False),
+        ("unipc", "default", True),
+    ],
+)
 def test_img2img_matches_diffusers(svc, checkpoints, monkeypatch, sampler, schedule, sizes):
     image, seed = photo(32, 1), 5
-    served = generate(svc, PROMPT, init_image=image, strength=0.7, negative_prompt=NEGATIVE, sampler=sampler,
-                      sigma_schedule=schedule, seed=seed, steps=STEPS, guidance_scale=5.0, **(SIZES if sizes else {}))
-    expected = reference(StableDiffusionXLImg2ImgPipeline, checkpoints[0], monkeypatch, sampler, schedule, seed, 32, 32,
-                         posteriors=1, prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(image),
-                         strength=0.7, num_inference_steps=STEPS, guidance_scale=5.0,
-                         **(DIFFUSERS_SIZES if sizes else {}))
+    served = generate(
+        svc,
+        PROMPT,
+        init_image=image,
+        strength=0.7,
+        negative_prompt=NEGATIVE,
+        sampler=sampler,
+        sigma_schedule=schedule,
+        seed=seed,
+        steps=STEPS,
+        guidance_scale=5.0,
+        **(SIZES if sizes else {}),
+    )
+    expected = reference(
+        StableDiffusionXLImg2ImgPipeline,
+        checkpoints[0],
+        monkeypatch,
+        sampler,
+        schedule,
+        seed,
+        32,
+        32,
+        posteriors=1,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=Image.fromarray(image),
+        strength=0.7,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        **(DIFFUSERS_SIZES if sizes else {}),
+    )
     check(f"img2img strength 0.7 {sampler} {schedule}{' with sizes' if sizes else ''}", served, expected)
     assert mean_abs(served, image) > 0
 
@@ -237,12 +341,36 @@ def test_inpainting_matches_diffusers(svc, checkpoints, monkeypatch, unet, stren
     image, mask, seed = photo(32, 1), half_mask(32, "left"), 6
     path = checkpoints[1] if unet == "9-channel" else checkpoints[0]
     posteriors = 1 if unet == "latent-blend" or strength == 1.0 else 2
-    served = generate(svc, PROMPT, model=MODEL if unet == "9-channel" else BLEND_MODEL, init_image=image, mask=mask,
-                      strength=strength, keep_unmasked=False, sampler=sampler, seed=seed, steps=STEPS, guidance_scale=5.0)
-    expected = reference(StableDiffusionXLInpaintPipeline, path, monkeypatch, sampler, "default", seed, 32, 32,
-                         posteriors=posteriors, prompt=PROMPT, image=Image.fromarray(image),
-                         mask_image=Image.fromarray(mask), strength=strength, num_inference_steps=STEPS,
-                         guidance_scale=5.0)
+    served = generate(
+        svc,
+        PROMPT,
+        model=MODEL if unet == "9-channel" else BLEND_MODEL,
+        init_image=image,
+        mask=mask,
+        strength=strength,
+        keep_unmasked=False,
+        sampler=sampler,
+        seed=seed,
+        steps=STEPS,
+        guidance_scale=5.0,
+    )
+    expected = reference(
+        StableDiffusionXLInpaintPipeline,
+        path,
+        monkeypatch,
+        sampler,
+        "default",
+        seed,
+        32,
+        32,
+        posteriors=posteriors,
+        prompt=PROMPT,
+        image=Image.fromarray(image),
+        mask_image=Image.fromarray(mask),
+        strength=strength,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+    )
     check(f"inpaint {unet} strength {strength} {sampler}", served, expected)
 
 
@@ -256,11 +384,25 @@ def test_a_vae_with_latent_statistics_matches_diffusers(svc, checkpoints, monkey
     if task == "img2img":
         fields.update(init_image=image, strength=0.7)
         served = generate(svc, PROMPT, model=STATS_MODEL, **fields)
-        expected = reference(StableDiffusionXLImg2ImgPipeline, checkpoints[2], monkeypatch, "ddim", "default", seed, 32,
-                             32, posteriors=1, image=Image.fromarray(image), strength=0.7, **call)
+        expected = reference(
+            StableDiffusionXLImg2ImgPipeline,
+            checkpoints[2],
+            monkeypatch,
+            "ddim",
+            "default",
+            seed,
+            32,
+            32,
+            posteriors=1,
+            image=Image.fromarray(image),
+            strength=0.7,
+            **call,
+        )
     else:
         served = generate(svc, PROMPT, model=STATS_MODEL, **fields)
-        expected = reference(StableDiffusionXLPipeline, checkpoints[2], monkeypatch, "ddim", "default", seed, 32, 32, **call)
+        expected = reference(
+            StableDiffusionXLPipeline, checkpoints[2], monkeypatch, "ddim", "default", seed, 32, 32, **call
+        )
     check(f"{task} with a VAE with latents_mean/latents_std", served, expected)
     assert mean_abs(served, generate(svc, PROMPT, **fields)) > 2 * MAX_MEAN_ABS  # the statistics matter
 
@@ -271,18 +413,44 @@ REGIONS = dict(region_prompts=["a red circle", "a blue square"], region_division
 CROWD = [  # (prompt, fields): SDXL requests of every kind, size and sampler; SD requests of the other model
     (PROMPT, dict(seed=11, steps=7, guidance_scale=5.0)),
     (PROMPT, dict(seed=12, steps=5, guidance_scale=1.0, height=40, width=32, sampler="euler_ancestral")),
-    (B, dict(seed=13, steps=6, negative_prompt=NEGATIVE, sampler="dpmpp_2m", sigma_schedule="karras", height=48, width=48,
-             **SIZES)),
+    (
+        B,
+        dict(
+            seed=13,
+            steps=6,
+            negative_prompt=NEGATIVE,
+            sampler="dpmpp_2m",
+            sigma_schedule="karras",
+            height=48,
+            width=48,
+            **SIZES,
+        ),
+    ),
     (PROMPT, dict(seed=14, steps=8, init_image=photo(32, 3), strength=0.6, sampler="unipc", guidance_scale=5.0)),
     (PROMPT, dict(seed=15, steps=6, init_image=photo(32, 4), mask=half_mask(32), mask_blur=2, guidance_scale=7.5)),
-    (PROMPT, dict(model=BLEND_MODEL, seed=16, steps=7, init_image=photo(48, 5), mask=half_mask(48, "left"), strength=0.8,
-                  sampler="euler", guidance_scale=5.0)),
+    (
+        PROMPT,
+        dict(
+            model=BLEND_MODEL,
+            seed=16,
+            steps=7,
+            init_image=photo(48, 5),
+            mask=half_mask(48, "left"),
+            strength=0.8,
+            sampler="euler",
+            guidance_scale=5.0,
+        ),
+    ),
     (PROMPT, dict(model=BLEND_MODEL, seed=17, steps=4, guidance_scale=3.0)),
     (PROMPT, dict(seed=18, steps=6, guidance_scale=5.0, negative_prompt=NEGATIVE, **REGIONS)),
     (B, dict(seed=19, steps=5, eta=0.5, guidance_scale=5.0)),
     (SD_PROMPT, dict(model=SD_MODEL, seed=20, steps=6, guidance_scale=5.0)),
-    (SD_PROMPT, dict(model=SD_MODEL, seed=21, steps=8, init_image=photo(32, 6), strength=0.7, sampler="euler",
-                     guidance_scale=5.0)),
+    (
+        SD_PROMPT,
+        dict(
+            model=SD_MODEL, seed=21, steps=8, init_image=photo(32, 6), strength=0.7, sampler="euler", guidance_scale=5.0
+        ),
+    ),
     (SD_PROMPT, dict(model=SD_MODEL, seed=22, steps=5, height=48, width=32, guidance_scale=1.0)),
 ]
 
@@ -319,8 +487,11 @@ def test_every_request_is_bit_identical_alone_and_in_a_mixed_crowd_and_models_ne
         assert sink.image.tobytes() == image.tobytes(), (i, CROWD[i][1], mean_abs(sink.image, image) * 255)
     # one runner per call (the Recording of one (model, variant)), and that runner's inputs only
     widths = {(key[0], width, extra) for key, _, width, extra in log}
-    assert widths == {(MODEL, 64, ("text_embeds", "time_ids")), (BLEND_MODEL, 64, ("text_embeds", "time_ids")),
-                      (SD_MODEL, 32, ())}, widths
+    assert widths == {
+        (MODEL, 64, ("text_embeds", "time_ids")),
+        (BLEND_MODEL, 64, ("text_embeds", "time_ids")),
+        (SD_MODEL, 32, ()),
+    }, widths
     assert {key for key, *_ in log} == {(MODEL, "base"), (MODEL, "inpaint"), (BLEND_MODEL, "base"), (SD_MODEL, "base")}
     rows, calls = sum(r for _, r, *_ in log), len(log)
     print(f"\nmixed crowd: {calls} UNet calls, {rows / calls:.1f} rows per call")
@@ -328,6 +499,7 @@ def test_every_request_is_bit_identical_alone_and_in_a_mixed_crowd_and_models_ne
 
 
 # --- regions and steering --------------------------------------------------------------------------
+
 
 class Loop:
     """A written-out SDXL denoising loop over diffusers' modules (the tiny SDXL pipeline's text
@@ -358,16 +530,23 @@ class Loop:
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
         for i, t in enumerate(scheduler.timesteps):
             texts, weights, negatives, guidance = plan(i)
-            rows = [self.embed(text) for text in texts] + [self.embed(n) for n in negatives] if guidance > 1 else \
-                [self.embed(text) for text in texts]
+            rows = (
+                [self.embed(text) for text in texts] + [self.embed(n) for n in negatives]
+                if guidance > 1
+                else [self.embed(text) for text in texts]
+            )
             embeds, pooled = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
             model_in = scheduler.scale_model_input(x, t).expand(len(rows), -1, -1, -1)
-            out = self.pipe.unet(model_in, t, encoder_hidden_states=embeds,
-                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(rows), -1)},
-                                 return_dict=False)[0]
+            out = self.pipe.unet(
+                model_in,
+                t,
+                encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(rows), -1)},
+                return_dict=False,
+            )[0]
             cond = out[: len(texts)]
             if guidance > 1:
-                uncond = out[len(texts):]
+                uncond = out[len(texts) :]
                 cond = uncond + guidance * (cond - uncond)
             eps = (torch.from_numpy(weights)[:, None] * cond).sum(0, keepdim=True)
             x = scheduler.step(eps, t, x, return_dict=False)[0]
@@ -381,7 +560,7 @@ def halves_weights(base_weight, size=32) -> np.ndarray:
     side = size // 4
     weights = np.zeros((3, side, side), np.float32)
     weights[0] = base_weight
-    weights[1, :, : side // 2] = weights[2, :, side // 2:] = 1 - base_weight
+    weights[1, :, : side // 2] = weights[2, :, side // 2 :] = 1 - base_weight
     return weights
 
 
@@ -401,7 +580,9 @@ def test_latent_regions_match_the_written_out_loop(svc, loop, negatives):
     texts = [PROMPT, *REGIONS["region_prompts"]]
     guided_against = [NEGATIVE, *(None if n == "" else n for n in negatives or [NEGATIVE, NEGATIVE])]
     expected = loop.image(lambda i: (texts, halves_weights(0.3), guided_against, 5.0), seed=9)
-    check(f"regions latent {'with region negatives' if negatives else 'request negative'} vs the loop", served, expected)
+    check(
+        f"regions latent {'with region negatives' if negatives else 'request negative'} vs the loop", served, expected
+    )
     assert mean_abs(served, generate(svc, PROMPT, negative_prompt=NEGATIVE, seed=9, steps=STEPS)) > 0
 
 
@@ -424,8 +605,11 @@ def steered(svc, k, steer, **fields) -> np.ndarray:
     return sink.image
 
 
-@pytest.mark.parametrize("k,steer", [(2, dict(prompt=B)), (4, dict(prompt=B, negative_prompt=""))],
-                         ids=["prompt", "prompt-and-empty-negative"])
+@pytest.mark.parametrize(
+    "k,steer",
+    [(2, dict(prompt=B)), (4, dict(prompt=B, negative_prompt=""))],
+    ids=["prompt", "prompt-and-empty-negative"],
+)
 def test_a_steer_at_step_k_is_k_steps_of_a_then_b(svc, checkpoints, monkeypatch, loop, k, steer):
     """Against diffusers' StableDiffusionXLPipeline whose prompt embeddings (both rows, and the
     pooled text_embeds) are replaced after step k - 1 (callback_on_step_end); and the loop."""
@@ -437,20 +621,44 @@ def test_a_steer_at_step_k_is_k_steps_of_a_then_b(svc, checkpoints, monkeypatch,
 
     def swap(pipe, i, t, tensors):
         if i == k - 1:  # diffusers' rows: [uncond, cond]
-            return {"prompt_embeds": torch.cat([uncond, cond]), "add_text_embeds": torch.cat([uncond_pooled, cond_pooled])}
+            return {
+                "prompt_embeds": torch.cat([uncond, cond]),
+                "add_text_embeds": torch.cat([uncond_pooled, cond_pooled]),
+            }
         return {}
 
-    expected = reference(StableDiffusionXLPipeline, checkpoints[0], monkeypatch, "ddim", "default", seed, 32, 32,
-                         prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0,
-                         callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"])
+    expected = reference(
+        StableDiffusionXLPipeline,
+        checkpoints[0],
+        monkeypatch,
+        "ddim",
+        "default",
+        seed,
+        32,
+        32,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"],
+    )
     check(f"steer at step {k} ({', '.join(steer)}) vs diffusers", served, expected)
-    written = loop.image(lambda i: ([PROMPT] if i < k else [steer["prompt"]], np.ones((1, 8, 8), np.float32),
-                                    [NEGATIVE if i < k else negative], 5.0), seed=seed)
+    written = loop.image(
+        lambda i: (
+            [PROMPT] if i < k else [steer["prompt"]],
+            np.ones((1, 8, 8), np.float32),
+            [NEGATIVE if i < k else negative],
+            5.0,
+        ),
+        seed=seed,
+    )
     check(f"steer at step {k} ({', '.join(steer)}) vs the loop", served, written)
     assert mean_abs(served, generate(svc, PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=STEPS)) > 0
 
 
 # --- the torch runner ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def torch_models(checkpoints):
@@ -471,15 +679,19 @@ def test_torch_runner_components_match_onnx(repo, checkpoints, torch_models, bat
     rng = np.random.default_rng(batch)
     ids = {name: rng.integers(0, 40, (batch, 16)) for name in ("input_ids", "input_ids_2")}
     latent = (batch, 4, 8, 10)  # a non-square latent
-    unet_inputs = dict(timestep=rng.uniform(0, 1000, batch).astype(np.float32),
-                       encoder_hidden_states=rng.standard_normal((batch, 16, 64), dtype=np.float32),
-                       text_embeds=rng.standard_normal((batch, 16), dtype=np.float32),
-                       time_ids=rng.integers(0, 64, (batch, 6)).astype(np.float32))
+    unet_inputs = dict(
+        timestep=rng.uniform(0, 1000, batch).astype(np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, 16, 64), dtype=np.float32),
+        text_embeds=rng.standard_normal((batch, 16), dtype=np.float32),
+        time_ids=rng.integers(0, 64, (batch, 6)).astype(np.float32),
+    )
     sample = rng.standard_normal(latent, dtype=np.float32)
     sample_9 = rng.standard_normal((batch, 9, 8, 10), dtype=np.float32)
     images = rng.random((batch, 32, 40, 3), dtype=np.float32)
-    pairs = {f"encode_text {name}": (torch_models.encode_text(**ids)[name], onnx.encode_text(**ids)[name])
-             for name in ("prompt_embeds", "text_embeds")}
+    pairs = {
+        f"encode_text {name}": (torch_models.encode_text(**ids)[name], onnx.encode_text(**ids)[name])
+        for name in ("prompt_embeds", "text_embeds")
+    }
     pairs["unet"] = (torch_models.unet(sample, **unet_inputs), onnx.unet(sample, **unet_inputs))
     pairs["unet 9-channel"] = (torch_inpaint.unet(sample_9, **unet_inputs), onnx_inpaint.unet(sample_9, **unet_inputs))
     pairs["decode"] = (torch_models.decode(sample), onnx.decode(sample))
@@ -512,6 +724,7 @@ def test_torch_runner_serves_the_tiny_sdxl(repo, svc, torch_models):
 
 # --- what the family declares for deployments ------------------------------------------------------
 
+
 def test_the_sdxl_vae_stays_fp32_where_the_rest_builds_fp16(checkpoints, tiny_checkpoint, tmp_path):
     """force_upcast (diffusers' default; SDXL base's VAE overflows in FP16): the VAE's contracts say
     FP32, so TensorRT builds them without --fp16 and the torch runner on CUDA keeps them FP32; an
@@ -523,8 +736,9 @@ def test_the_sdxl_vae_stays_fp32_where_the_rest_builds_fp16(checkpoints, tiny_ch
     from families.contracts import component_contracts
 
     def fp16(info):
-        contracts = component_contracts(info, 64, {k: 4 for k in ("text_encoder", "unet", "unet_regional", "vae_decoder",
-                                                                 "vae_encoder")})
+        contracts = component_contracts(
+            info, 64, {k: 4 for k in ("text_encoder", "unet", "unet_regional", "vae_decoder", "vae_encoder")}
+        )
         flags = {name: "--fp16" in trtexec_command(c, "m.onnx", "m.plan") for name, c in contracts.items()}
         assert flags == {name: c.fp16 for name, c in contracts.items()}
         return flags
@@ -538,16 +752,22 @@ def test_the_sdxl_vae_stays_fp32_where_the_rest_builds_fp16(checkpoints, tiny_ch
     assert all(fp16(replace(sdxl, path=tmp_path)).values())
 
 
-@pytest.mark.parametrize("change,why", [({"requires_aesthetics_score": True}, "requires_aesthetics_score"),
-                                        ({"text_encoder": [None, None], "tokenizer": [None, None]}, "no text_encoder")])
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        ({"requires_aesthetics_score": True}, "requires_aesthetics_score"),
+        ({"text_encoder": [None, None], "tokenizer": [None, None]}, "no text_encoder"),
+    ],
+)
 def test_a_refiner_style_sdxl_checkpoint_is_refused_naming_why(checkpoints, tmp_path, change, why):
     """StableDiffusionXLImg2ImgPipeline folders like the SDXL refiner (5 time ids with an aesthetic
     score, one text encoder) are refused when read, not served with the wrong time ids."""
     from families.checkpoint import CheckpointInfo
 
     index = json.loads((checkpoints[0] / "model_index.json").read_text())
-    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline",
-                                                           **change}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline", **change})
+    )
     with pytest.raises(ValueError, match=f"refiner-style pipeline \\({why}\\) is not served"):
         CheckpointInfo.read(tmp_path)
 
@@ -558,13 +778,17 @@ def test_previews_use_the_map_of_the_jobs_own_model(repo):
     from serving.core.preview import LatentPreview
     from serving.core.service import model_infos
 
-    maps = {model: LatentPreview.from_info(info)
-            for model, info in model_infos(json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())).items()}
+    maps = {
+        model: LatentPreview.from_info(info)
+        for model, info in model_infos(json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())).items()
+    }
     svc = service(repo)
     made, real = [], svc.engine.preview
     svc.engine.preview = lambda latents, model: made.append((model, latents, real(latents, model))) or made[-1][2]
-    sinks = [submit(svc, prompt, model=model, seed=2, steps=4, preview_every=2)
-             for model, prompt in ((MODEL, PROMPT), (SD_MODEL, SD_PROMPT))]
+    sinks = [
+        submit(svc, prompt, model=model, seed=2, steps=4, preview_every=2)
+        for model, prompt in ((MODEL, PROMPT), (SD_MODEL, SD_PROMPT))
+    ]
     drain(svc)
     assert all(s.error is None for s in sinks) and sorted(m for m, *_ in made) == [SD_MODEL, MODEL]
     for model, latents, preview in made:
@@ -580,8 +804,11 @@ def test_a_steer_is_checked_with_its_jobs_own_model(svc):
         sink = Sink()
         svc.submit(request_arrays(prompt, model=model, seed=3, steps=4, **REGIONS), sink, request_id=f"regions-{model}")
         svc.engine.run_iteration()
-        inputs = {name: value for name, value in request_arrays("x", region_mode="attention", **REGIONS).items()
-                  if name != "prompt"}
+        inputs = {
+            name: value
+            for name, value in request_arrays("x", region_mode="attention", **REGIONS).items()
+            if name != "prompt"
+        }
         if accepted:
             assert svc.steer(f"regions-{model}", inputs) == 1
         else:
@@ -592,17 +819,27 @@ def test_a_steer_is_checked_with_its_jobs_own_model(svc):
         assert sink.error is None and sink.image is not None, sink.error
 
 
-@pytest.mark.parametrize("model,fields,code,field", [
-    (SD_MODEL, dict(original_size=int2(64, 64)), INVALID_ARG, "original_size"),  # SDXL's fields only
-    (MODEL, dict(crop_top_left=int2(-1, 0)), INVALID_ARG, "crop_top_left"),
-    (MODEL, dict(target_size=np.array([32, 32, 1], np.int32)), INVALID_ARG, "target_size"),  # sent as is
-    (MODEL, dict(task="upscale", init_image=photo(8, 1)), INVALID_ARG, "task"),  # no x4 upscaler for SDXL
-    ("no-such-model", {}, "NOT_FOUND", "no-such-model"),
-])
+@pytest.mark.parametrize(
+    "model,fields,code,field",
+    [
+        (SD_MODEL, dict(original_size=int2(64, 64)), INVALID_ARG, "original_size"),  # SDXL's fields only
+        (MODEL, dict(crop_top_left=int2(-1, 0)), INVALID_ARG, "crop_top_left"),
+        (MODEL, dict(target_size=np.array([32, 32, 1], np.int32)), INVALID_ARG, "target_size"),  # sent as is
+        (MODEL, dict(task="upscale", init_image=photo(8, 1)), INVALID_ARG, "task"),  # no x4 upscaler for SDXL
+        ("no-such-model", {}, "NOT_FOUND", "no-such-model"),
+    ],
+)
 def test_what_a_model_does_not_serve_is_refused_naming_it(svc, model, fields, code, field):
     sink = Sink()
-    svc.submit({**request_arrays(PROMPT, model=model, seed=1, steps=2, **{k: v for k, v in fields.items() if k != "target_size"}),
-                **{k: v for k, v in fields.items() if k == "target_size"}}, sink)
+    svc.submit(
+        {
+            **request_arrays(
+                PROMPT, model=model, seed=1, steps=2, **{k: v for k, v in fields.items() if k != "target_size"}
+            ),
+            **{k: v for k, v in fields.items() if k == "target_size"},
+        },
+        sink,
+    )
     drain(svc)
     assert sink.error is not None and sink.error[0] == code and field in sink.error[1], sink.error
 

@@ -9,6 +9,7 @@ a time. Every exactness claim is a byte comparison.
 - steering one job in a crowd changes no other job's image;
 - steer ids are reported at the step that first used them; errors are coded.
 """
+
 import numpy as np
 import pytest
 
@@ -84,12 +85,20 @@ class Reference:
             prompt, negative, guidance = plan(i)
             texts = [prompt, negative] if guidance > 1.0 else [prompt]
             context = self.models.encode_text(input_ids=self.tokenizer.encode(texts))["last_hidden_state"]
-            rows = self.models.unet(np.repeat(latents[None], len(texts), axis=0), timestep=np.full(len(texts), t, np.float32),
-                                    encoder_hidden_states=context)
+            rows = self.models.unet(
+                np.repeat(latents[None], len(texts), axis=0),
+                timestep=np.full(len(texts), t, np.float32),
+                encoder_hidden_states=context,
+            )
             eps = guided_noise(rows[1:2], rows[0:1], np.array([guidance]))[0] if guidance > 1.0 else rows[0]
             t_row = np.array([t])
-            prev, _ = self.schedule.step(eps[None], t_row, self.schedule.previous_timesteps(t_row, np.array([steps])),
-                                         latents[None], np.array([0.0]))
+            prev, _ = self.schedule.step(
+                eps[None],
+                t_row,
+                self.schedule.previous_timesteps(t_row, np.array([steps])),
+                latents[None],
+                np.array([0.0]),
+            )
             latents = prev[0]
         return to_uint8(self.models.decode(latents[None])[0])
 
@@ -105,8 +114,11 @@ def test_plain_request_equals_the_reference_loop(tiny_repo, models, reference):
     assert served.image.tobytes() == reference.image(lambda i: (A, NEGATIVE, 5.0)).tobytes()
 
 
-@pytest.mark.parametrize("steer", [dict(prompt=B), dict(prompt=B, negative_prompt="", guidance_scale=8.0),
-                                   dict(guidance_scale=1.0)], ids=["prompt", "all-fields", "guidance-off"])
+@pytest.mark.parametrize(
+    "steer",
+    [dict(prompt=B), dict(prompt=B, negative_prompt="", guidance_scale=8.0), dict(guidance_scale=1.0)],
+    ids=["prompt", "all-fields", "guidance-off"],
+)
 def test_steer_before_step_0_equals_a_fresh_request(tiny_repo, models, steer):
     steered = generate(tiny_repo, models, A, negative_prompt=NEGATIVE, steer_at=0, steer=steer)
     fresh = {"prompt": A, "negative_prompt": NEGATIVE, "guidance_scale": 5.0, **steer}
@@ -127,8 +139,11 @@ def test_steer_at_step_k_equals_a_for_k_steps_then_b(tiny_repo, models, referenc
 def test_steer_that_turns_guidance_off_changes_the_rows_from_that_step(tiny_repo, models, reference):
     service = make_service(tiny_repo, models)
     sink = RecordingSink()
-    service.submit(request(A, 7, steps=STEPS, guidance_scale=5.0, negative_prompt=NEGATIVE, progress_every=1), sink,
-                   request_id="job")
+    service.submit(
+        request(A, 7, steps=STEPS, guidance_scale=5.0, negative_prompt=NEGATIVE, progress_every=1),
+        sink,
+        request_id="job",
+    )
     run_to_step(service, "job", 3)
     assert service.engine.stats.last_rows == 2
     service.steer("job", steer_inputs(prompt=B, guidance_scale=1.0))
@@ -147,8 +162,9 @@ def test_schedule_equals_the_live_steer_and_alternation_the_reference(tiny_repo,
     assert scheduled.image.tobytes() == live.image.tobytes() == fraction.image.tobytes()
     assert scheduled.steered == []  # a schedule is no steer
     alternating = generate(tiny_repo, models, "a [red|blue] circle", negative_prompt="[green|] square")
-    expected = reference.image(lambda i: (("a red circle", "green square") if i % 2 == 0 else ("a blue circle", " square"))
-                               + (5.0,))
+    expected = reference.image(
+        lambda i: (("a red circle", "green square") if i % 2 == 0 else ("a blue circle", " square")) + (5.0,)
+    )
     assert alternating.image.tobytes() == expected.tobytes()
 
 
@@ -162,11 +178,13 @@ def test_alternation_encodes_each_distinct_text_once(tiny_repo, models):
 
 
 def test_steering_one_job_in_a_crowd_changes_no_other_image(tiny_repo, models):
-    crowd = [("a blue square", 1, dict(steps=12, guidance_scale=7.5)),
-             ("a green triangle at the top", 2, dict(steps=8, guidance_scale=1.0)),
-             ("a yellow star", 3, dict(steps=15, guidance_scale=3.0, eta=0.5)),
-             ("two cats", 5, dict(steps=10, guidance_scale=5.0, height=48, width=48)),
-             ("a white circle", 7, dict(steps=9, guidance_scale=2.0))]
+    crowd = [
+        ("a blue square", 1, dict(steps=12, guidance_scale=7.5)),
+        ("a green triangle at the top", 2, dict(steps=8, guidance_scale=1.0)),
+        ("a yellow star", 3, dict(steps=15, guidance_scale=3.0, eta=0.5)),
+        ("two cats", 5, dict(steps=10, guidance_scale=5.0, height=48, width=48)),
+        ("a white circle", 7, dict(steps=9, guidance_scale=2.0)),
+    ]
 
     def run(steer):
         service = make_service(tiny_repo, models)
@@ -252,8 +270,10 @@ def test_malformed_schedule_in_a_request_is_invalid_arg(tiny_repo, models):
     service = make_service(tiny_repo, models)
     sink = RecordingSink()
     service.submit(request("a [red:blue:x] circle", 1, steps=4), sink)
-    assert sink.error == ("INVALID_ARG", "prompt: prompt schedule syntax: 'when' must be a non-negative number, got 'x' "
-                                         "at position 12")
+    assert sink.error == (
+        "INVALID_ARG",
+        "prompt: prompt schedule syntax: 'when' must be a non-negative number, got 'x' at position 12",
+    )
 
 
 def test_registry_remembers_a_bounded_number_of_ended_ids():
@@ -292,7 +312,9 @@ def test_failed_encoding_of_a_steer_ends_that_job_with_unavailable_only(tiny_rep
     encoder.encode_text = broken
     service.steer("steered", steer_inputs(prompt="a yellow star"))
     drain(service)
-    assert steered.ends == 1 and steered.error[0] == "INTERNAL" and "text encoding of a steer failed" in steered.error[1]
+    assert (
+        steered.ends == 1 and steered.error[0] == "INTERNAL" and "text encoding of a steer failed" in steered.error[1]
+    )
     assert other.image is not None and other.ends == 1
     with pytest.raises(SteerRefused) as info:
         service.steer("steered", steer_inputs(prompt=B))

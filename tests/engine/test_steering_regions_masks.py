@@ -12,6 +12,7 @@ claim is a byte comparison.
   fresh request with the new mask; in a crowd it changes no other image;
 - bad steers are refused naming the field, and the job runs on unchanged.
 """
+
 import numpy as np
 import pytest
 
@@ -42,8 +43,11 @@ def steer_arrays(**fields):
 def run(svc, prompt, steer_at=None, steer=None, **fields):
     """One request alone, steered with `steer` (request fields) once it has done `steer_at` steps."""
     sink = RecordingSink()
-    svc.submit(request_arrays(prompt, **{"seed": 7, "steps": STEPS, "guidance_scale": 5.0, "progress_every": 1, **fields}), sink,
-               request_id="job")
+    svc.submit(
+        request_arrays(prompt, **{"seed": 7, "steps": STEPS, "guidance_scale": 5.0, "progress_every": 1, **fields}),
+        sink,
+        request_id="job",
+    )
     if steer_at is not None:
         run_to_step(svc, "job", steer_at)
         assert svc.steer("job", steer_arrays(**steer)) == 1
@@ -79,12 +83,17 @@ class SteeredReference(Reference):
                 guided = uncond + np.float32(guidance) * (conds - uncond)
                 eps = (regions.weights[:, None] * guided).sum(axis=0)
             t_row = np.array([t])
-            prev, _ = self.schedule.step(eps[None], t_row, self.schedule.previous_timesteps(t_row, np.array([steps])),
-                                         latents[None], np.array([0.0]))
+            prev, _ = self.schedule.step(
+                eps[None],
+                t_row,
+                self.schedule.previous_timesteps(t_row, np.array([steps])),
+                latents[None],
+                np.array([0.0]),
+            )
             latents = prev[0]
             if mask is not None:  # keep the init latents, noised to the next timestep, outside the mask
                 kept = self.schedule.add_noise(init, noise, timesteps[i + 1]) if i + 1 < steps else init
-                cells = (mask[::self.spec.vae_factor, ::self.spec.vae_factor] >= 128)[None].astype(np.float32)
+                cells = (mask[:: self.spec.vae_factor, :: self.spec.vae_factor] >= 128)[None].astype(np.float32)
                 latents = ((1 - cells) * kept + cells * latents).astype(np.float32)
         image = to_uint8(self.models.decode(latents[None])[0])
         if inpaint is None:
@@ -169,15 +178,21 @@ def test_mask_steered_before_step_0_equals_a_fresh_request(request, repo_fixture
     steered = run(svc, A, steer_at=1, steer=dict(mask=half_mask(32, "left")), mask=half_mask(32, "right"), **fields)
     # latent blending reuses the init latents; the 9-channel UNet's masked image is encoded again
     assert encodes == ([2, 2] if repo_fixture == "variant_repo" else [1])
-    at_0 = run(onnx_service(repo), A, steer_at=0, steer=dict(mask=half_mask(32, "left")), mask=half_mask(32, "right"), **fields)
+    at_0 = run(
+        onnx_service(repo), A, steer_at=0, steer=dict(mask=half_mask(32, "left")), mask=half_mask(32, "right"), **fields
+    )
     fresh = run(onnx_service(repo), A, mask=half_mask(32, "left"), **fields)
     assert at_0.image.tobytes() == fresh.image.tobytes()
     assert steered.image.tobytes() != fresh.image.tobytes()
 
 
 def test_steering_one_mask_in_a_crowd_changes_no_other_image(variant_repo):
-    crowd = [dict(seed=1, steps=12), dict(init_image=IMAGE, mask=half_mask(32), seed=2, steps=12),
-             dict(init_image=photo(32, 3), strength=0.6, seed=3, steps=12), dict(seed=4, steps=9, **REGIONS)]
+    crowd = [
+        dict(seed=1, steps=12),
+        dict(init_image=IMAGE, mask=half_mask(32), seed=2, steps=12),
+        dict(init_image=photo(32, 3), strength=0.6, seed=3, steps=12),
+        dict(seed=4, steps=9, **REGIONS),
+    ]
 
     def images(steer):
         svc = onnx_service(variant_repo)
@@ -205,11 +220,13 @@ def test_bad_region_and_mask_steers_are_refused_naming_the_field(tiny_repo):
     refused = [
         (dict(base_prompt_weight=0.5), "base_prompt_weight", "needs region_prompts"),
         (dict(region_prompts=["a cat"]), "region_divisions", "need region_divisions or region_masks"),
-        (dict(region_prompts=["a cat", "a dog"], region_masks=np.full((2, 16, 16), 255, np.uint8)), "region_masks",
-         "must have shape [2, 32, 32]"),
+        (
+            dict(region_prompts=["a cat", "a dog"], region_masks=np.full((2, 16, 16), 255, np.uint8)),
+            "region_masks",
+            "must have shape [2, 32, 32]",
+        ),
         (dict(region_prompts=["a cat", "a dog"], region_divisions="1,1,1"), "region_divisions", "makes 3 regions"),
-        (dict(region_prompts=["a", "b", "c", "d", "e"], region_divisions="1,1,1,1,1"), "region_prompts",
-         "max_rows=6"),
+        (dict(region_prompts=["a", "b", "c", "d", "e"], region_divisions="1,1,1,1,1"), "region_prompts", "max_rows=6"),
         (dict(mask=half_mask(32)), "mask", "inpainting generation only; this one is txt2img"),
     ]
     for fields, field, message in refused:
@@ -217,7 +234,9 @@ def test_bad_region_and_mask_steers_are_refused_naming_the_field(tiny_repo):
             svc.steer("job", steer_arrays(**fields))
         assert bad.value.field == field and message in str(bad.value), str(bad.value)
     inpainting = RecordingSink()
-    svc.submit(request_arrays(A, steps=6, seed=2, init_image=IMAGE, mask=half_mask(32)), inpainting, request_id="inpaint")
+    svc.submit(
+        request_arrays(A, steps=6, seed=2, init_image=IMAGE, mask=half_mask(32)), inpainting, request_id="inpaint"
+    )
     svc.engine.run_iteration()
     with pytest.raises(InvalidInput) as bad:
         svc.steer("inpaint", steer_arrays(mask=half_mask(16)))

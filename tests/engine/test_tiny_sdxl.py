@@ -2,20 +2,30 @@
 diffusers' SDXL pipelines load and run them, the per-row inputs their UNet gets, determinism, and
 ONNX export probes (TorchScript exporter, opset 17) of the wrappers in families/sdxl_torch.py
 checked in ONNX Runtime against torch at two batch sizes. Notes: docs/families-sdxl-notes.md."""
+
 import time
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from families.sdxl_torch import SdxlTextEncoder, SdxlTextEncoders, SdxlTextEncoderWithProjection, SdxlUNet
-from training.tiny_checkpoint import (IMAGE_SIZE, SDXL_PROJECTION_DIM, SDXL_TEXT_HIDDEN, TEXT_MAX_LENGTH,
-                                      write_tiny_checkpoint)
+from training.tiny_checkpoint import (
+    IMAGE_SIZE,
+    SDXL_PROJECTION_DIM,
+    SDXL_TEXT_HIDDEN,
+    TEXT_MAX_LENGTH,
+    write_tiny_checkpoint,
+)
 
 PROMPT = "a red circle above a blue square"
 STEPS = 4
@@ -44,9 +54,14 @@ def _capture_unet_calls(pipe) -> list:
 
     def hook(module, args, kwargs):
         sample, timestep = args[:2]
-        calls.append({"sample": sample.clone(), "timestep": torch.as_tensor(timestep).clone(),
-                      "encoder_hidden_states": kwargs["encoder_hidden_states"].clone(),
-                      **{k: v.clone() for k, v in kwargs["added_cond_kwargs"].items()}})
+        calls.append(
+            {
+                "sample": sample.clone(),
+                "timestep": torch.as_tensor(timestep).clone(),
+                "encoder_hidden_states": kwargs["encoder_hidden_states"].clone(),
+                **{k: v.clone() for k, v in kwargs["added_cond_kwargs"].items()},
+            }
+        )
 
     pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     return calls
@@ -75,8 +90,13 @@ def test_txt2img_rows_text_encoding_and_time_ids(sdxl_checkpoint):
     assert pipe.config.force_zeros_for_empty_prompt
     assert pipe.unet.config.addition_embed_type == "text_time"
     calls = _capture_unet_calls(pipe)
-    images = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
-                  output_type="np").images
+    images = pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     _assert_image(images)
     assert len(calls) == STEPS
     first = calls[0]
@@ -90,8 +110,12 @@ def test_txt2img_rows_text_encoding_and_time_ids(sdxl_checkpoint):
     # force_zeros_for_empty_prompt and no negative prompt: the uncond row's embeds AND pooled are zeros
     assert not first["encoder_hidden_states"][0].any() and not first["text_embeds"][0].any()
     # the cond row: penultimate hidden states of both encoders concatenated, pooled of the second
-    ids = [tok(PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+    ids = [
+        tok(
+            PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        for tok in (pipe.tokenizer, pipe.tokenizer_2)
+    ]
     assert not torch.equal(ids[0], ids[1])  # each encoder reads its own tokenizer's ids
     with torch.no_grad():
         hidden, pooled = SdxlTextEncoders(pipe.text_encoder, pipe.text_encoder_2).eval()(*ids)
@@ -102,8 +126,16 @@ def test_txt2img_rows_text_encoding_and_time_ids(sdxl_checkpoint):
         for name in ("encoder_hidden_states", "text_embeds", "time_ids"):
             assert torch.equal(call[name], first[name])
     calls.clear()
-    pipe(PROMPT, negative_prompt="a green star", num_inference_steps=1, guidance_scale=5.0,
-         original_size=(64, 48), crops_coords_top_left=(4, 2), target_size=(32, 24), output_type="latent")
+    pipe(
+        PROMPT,
+        negative_prompt="a green star",
+        num_inference_steps=1,
+        guidance_scale=5.0,
+        original_size=(64, 48),
+        crops_coords_top_left=(4, 2),
+        target_size=(32, 24),
+        output_type="latent",
+    )
     assert calls[0]["time_ids"].tolist() == [[64.0, 48.0, 4.0, 2.0, 32.0, 24.0]] * 2
     # with a negative prompt the uncond row is encoded, not zeros
     assert calls[0]["encoder_hidden_states"][0].abs().sum() > 0 and calls[0]["text_embeds"][0].abs().sum() > 0
@@ -122,8 +154,12 @@ def test_a_bare_loop_over_the_wrappers_gives_the_pipelines_image(sdxl_checkpoint
     latents = torch.randn(1, 4, IMAGE_SIZE // 4, IMAGE_SIZE // 4, generator=torch.Generator().manual_seed(3))
     want = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, latents=latents.clone(), output_type="np").images
 
-    ids = [tok(PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+    ids = [
+        tok(
+            PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        for tok in (pipe.tokenizer, pipe.tokenizer_2)
+    ]
     hidden, pooled = SdxlTextEncoders(pipe.text_encoder, pipe.text_encoder_2).eval()(*ids)
     hidden = torch.cat([torch.zeros_like(hidden), hidden])  # rows [uncond, cond]
     pooled = torch.cat([torch.zeros_like(pooled), pooled])
@@ -145,8 +181,15 @@ def test_img2img_and_inpainting_pipelines_draw(sdxl_checkpoint, sdxl_inpaint_che
     img2img = _load(StableDiffusionXLImg2ImgPipeline, sdxl_checkpoint)
     assert not img2img.config.requires_aesthetics_score
     calls = _capture_unet_calls(img2img)
-    images = img2img(PROMPT, image=_init_image(), strength=0.75, num_inference_steps=STEPS, guidance_scale=5.0,
-                     generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = img2img(
+        PROMPT,
+        image=_init_image(),
+        strength=0.75,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     _assert_image(images)
     assert len(calls) == 3  # strength 0.75 of 4 steps
     assert calls[0]["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
@@ -155,8 +198,16 @@ def test_img2img_and_inpainting_pipelines_draw(sdxl_checkpoint, sdxl_inpaint_che
         inpaint = _load(StableDiffusionXLInpaintPipeline, path)
         assert inpaint.unet.config.in_channels == channels
         calls = _capture_unet_calls(inpaint)
-        images = inpaint(PROMPT, image=_init_image(), mask_image=_mask(), strength=1.0, num_inference_steps=STEPS,
-                         guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+        images = inpaint(
+            PROMPT,
+            image=_init_image(),
+            mask_image=_mask(),
+            strength=1.0,
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
         _assert_image(images)
         assert calls[0]["sample"].shape == (2, channels, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
 
@@ -165,8 +216,9 @@ def test_the_inpainting_kind_shares_the_encoders_and_vae(sdxl_checkpoint, sdxl_i
     for component in ("text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler"):
         for a in sorted((sdxl_checkpoint / component).iterdir()):
             assert a.read_bytes() == (sdxl_inpaint_checkpoint / component / a.name).read_bytes(), a
-    assert (sdxl_checkpoint / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != \
-        (sdxl_inpaint_checkpoint / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (sdxl_checkpoint / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != (
+        sdxl_inpaint_checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sdxl-inpaint"])
@@ -182,12 +234,21 @@ def test_writing_twice_gives_identical_files(kind, tmp_path):
 
 # --- export probes ------------------------------------------------------------------------------
 
+
 def _export(module, inputs: dict, outputs: list, dynamic: dict, path) -> float:
     start = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=outputs,
-                          dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module,
+            tuple(inputs.values()),
+            str(path),
+            input_names=list(inputs),
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=17,
+            dynamo=False,
+        )
     return time.perf_counter() - start
 
 
@@ -222,8 +283,14 @@ def test_unet_exports_with_per_row_timestep_and_named_inputs(kind, sdxl_checkpoi
     channels = unet.config.in_channels
     generator = torch.Generator().manual_seed(0)
     batch, h, w = ("batch", "height", "width")
-    dynamic = {"sample": {0: batch, 2: h, 3: w}, "timestep": {0: batch}, "encoder_hidden_states": {0: batch},
-               "text_embeds": {0: batch}, "time_ids": {0: batch}, "noise_pred": {0: batch, 2: h, 3: w}}
+    dynamic = {
+        "sample": {0: batch, 2: h, 3: w},
+        "timestep": {0: batch},
+        "encoder_hidden_states": {0: batch},
+        "text_embeds": {0: batch},
+        "time_ids": {0: batch},
+        "noise_pred": {0: batch, 2: h, 3: w},
+    }
     onnx_path = tmp_path / "unet.onnx"
     seconds = _export(module, _unet_inputs(2, 8, 8, channels, generator), ["noise_pred"], dynamic, onnx_path)
     errors = {}
@@ -237,7 +304,7 @@ def test_unet_exports_with_per_row_timestep_and_named_inputs(kind, sdxl_checkpoi
             session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
             batched = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
             for i in range(5):
-                alone = session.run(None, {k: v[i:i + 1].numpy() for k, v in inputs.items()})[0]
+                alone = session.run(None, {k: v[i : i + 1].numpy() for k, v in inputs.items()})[0]
                 assert np.abs(alone[0] - batched[i]).max() < 1e-4
     print(f"\nSDXL {kind} UNet ({channels} ch): export {seconds:.2f} s, ORT vs torch max abs {errors}")
 
@@ -246,7 +313,8 @@ def test_text_encoders_export(sdxl_checkpoint, tmp_path):
     generator = torch.Generator().manual_seed(0)
     first = SdxlTextEncoder(CLIPTextModel.from_pretrained(sdxl_checkpoint / "text_encoder", local_files_only=True))
     second = SdxlTextEncoderWithProjection(
-        CLIPTextModelWithProjection.from_pretrained(sdxl_checkpoint / "text_encoder_2", local_files_only=True))
+        CLIPTextModelWithProjection.from_pretrained(sdxl_checkpoint / "text_encoder_2", local_files_only=True)
+    )
     vocab = first.model.config.vocab_size
     eos = first.model.config.eos_token_id
 
@@ -256,13 +324,15 @@ def test_text_encoders_export(sdxl_checkpoint, tmp_path):
         for i in range(batch):
             n = 2 + i
             rows[i, 0] = first.model.config.bos_token_id
-            rows[i, 1:1 + n] = torch.randint(4, vocab, (n,), generator=generator)
+            rows[i, 1 : 1 + n] = torch.randint(4, vocab, (n,), generator=generator)
             rows[i, 1 + n] = eos
         return {"input_ids": rows}
 
     results = {}
-    for name, module, outputs in (("text_encoder", first, ["hidden_states"]),
-                                  ("text_encoder_2", second, ["hidden_states", "text_embeds"])):
+    for name, module, outputs in (
+        ("text_encoder", first, ["hidden_states"]),
+        ("text_encoder_2", second, ["hidden_states", "text_embeds"]),
+    ):
         module = module.float().eval()
         onnx_path = tmp_path / f"{name}.onnx"
         dynamic = {"input_ids": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}

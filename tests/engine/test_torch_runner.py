@@ -2,6 +2,7 @@
 
 Parity with the ONNX runner and with diffusers, bucket padding, batch invariance, the row cap,
 and a CUDA out-of-memory error injected into a step."""
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +32,11 @@ def onnx_models(tiny_repo):
 
 
 def service(repo, models, **params):
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}), models)
+    return PipelineService(
+        PipelineAssets.read(repo / "pipeline" / "1"),
+        PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+        models,
+    )
 
 
 def generate(repo, models, jobs, **params) -> list:
@@ -56,19 +61,31 @@ def test_buckets():
 
 
 def test_runner_choice_names_bad_parameters():
-    choice = RunnerChoice.from_config(PipelineConfig.parse({"unet": "torch", "text_vae": "bls", "torch_buckets": "2,4"}), "cpu")
+    choice = RunnerChoice.from_config(
+        PipelineConfig.parse({"unet": "torch", "text_vae": "bls", "torch_buckets": "2,4"}), "cpu"
+    )
     assert choice.torch_components == ("unet",) and choice.torch.unet_buckets() == (2, 4)
-    assert RunnerChoice.from_config(PipelineConfig.parse({"text_vae": "torch"}), "cuda:1").torch_components == ("text_encoder", "vae")
-    for params, name in (({"unet": "trt"}, "unet"), ({"text_vae": "onnx"}, "text_vae"), ({"cuda_graphs": "yes"}, "cuda_graphs"),
-                         ({"max_rows": "many"}, "max_rows")):
+    assert RunnerChoice.from_config(PipelineConfig.parse({"text_vae": "torch"}), "cuda:1").torch_components == (
+        "text_encoder",
+        "vae",
+    )
+    for params, name in (
+        ({"unet": "trt"}, "unet"),
+        ({"text_vae": "onnx"}, "text_vae"),
+        ({"cuda_graphs": "yes"}, "cuda_graphs"),
+        ({"max_rows": "many"}, "max_rows"),
+    ):
         with pytest.raises(ValueError, match=f"parameter {name}="):
             RunnerChoice.from_config(PipelineConfig.parse(params), "cpu")
 
 
 def unet_inputs(rows, seed=0, size=8):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((rows, 4, size, size), dtype=np.float32), rng.uniform(0, 1000, rows).astype(np.float32),
-            rng.standard_normal((rows, 16, 32), dtype=np.float32))
+    return (
+        rng.standard_normal((rows, 4, size, size), dtype=np.float32),
+        rng.uniform(0, 1000, rows).astype(np.float32),
+        rng.standard_normal((rows, 16, 32), dtype=np.float32),
+    )
 
 
 def test_padded_rows_never_change_real_rows(torch_models):
@@ -77,7 +94,9 @@ def test_padded_rows_never_change_real_rows(torch_models):
     served = call(sample, timestep, context)[0]  # padded with a zero row to bucket 4
     garbage = unet_inputs(1, seed=9)
     with torch.inference_mode():
-        direct = call.fn(*(torch.from_numpy(np.concatenate([a, g])) for a, g in zip((sample, timestep, context), garbage)))
+        direct = call.fn(
+            *(torch.from_numpy(np.concatenate([a, g])) for a, g in zip((sample, timestep, context), garbage))
+        )
     assert served.shape == (3, 4, 8, 8)
     np.testing.assert_array_equal(served, direct[:3].numpy())
 
@@ -93,7 +112,9 @@ def test_rows_do_not_depend_on_the_bucket_or_chunking(torch_models):
         assert crowd.shape[0] == rows
         np.testing.assert_array_equal(crowd[:2], alone)
     small = BucketedCall("unet", torch_models.calls["unet"].fn, (4,), torch.device("cpu"), torch.float32)
-    np.testing.assert_array_equal(small(sample[:9], timestep[:9], context[:9])[0], torch_models.unet(sample[:9], timestep[:9], context[:9]))
+    np.testing.assert_array_equal(
+        small(sample[:9], timestep[:9], context[:9])[0], torch_models.unet(sample[:9], timestep[:9], context[:9])
+    )
 
 
 def test_components_match_the_onnx_runner(torch_models, onnx_models):
@@ -103,7 +124,10 @@ def test_components_match_the_onnx_runner(torch_models, onnx_models):
     latents = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
     images = rng.random((2, 32, 32, 3), dtype=np.float32)
     pairs = {
-        "encode_text": (torch_models.encode_text(ids)["last_hidden_state"], onnx_models.encode_text(ids)["last_hidden_state"]),
+        "encode_text": (
+            torch_models.encode_text(ids)["last_hidden_state"],
+            onnx_models.encode_text(ids)["last_hidden_state"],
+        ),
         "unet": (torch_models.unet(sample, timestep, context), onnx_models.unet(sample, timestep, context)),
         "decode": (torch_models.decode(latents), onnx_models.decode(latents)),
     }
@@ -136,7 +160,10 @@ def test_default_model_matches_the_onnx_runner_and_diffusers(default_model_repo)
     from serving.core.sampler import noise_generator
     from serving.defaults import TRAINED_CHECKPOINT
 
-    jobs = [(prompt, 40 + i, dict(steps=25, guidance_scale=guidance)) for i, (prompt, guidance) in enumerate(DEFAULT_MODEL_PROMPTS)]
+    jobs = [
+        (prompt, 40 + i, dict(steps=25, guidance_scale=guidance))
+        for i, (prompt, guidance) in enumerate(DEFAULT_MODEL_PROMPTS)
+    ]
     served = generate(default_model_repo, TorchModels(TRAINED_CHECKPOINT, log=lambda *a: None), jobs)
     onnx = generate(default_model_repo, LocalModels(default_model_repo), jobs)
     pipe = StableDiffusionPipeline.from_pretrained(TRAINED_CHECKPOINT)
@@ -144,8 +171,15 @@ def test_default_model_matches_the_onnx_runner_and_diffusers(default_model_repo)
     pipe.set_progress_bar_config(disable=True)
     for (prompt, seed, fields), image, onnx_image in zip(jobs, served, onnx):
         latents = noise_generator(seed).standard_normal((4, 16, 16), dtype=np.float32)[None]
-        reference = pipe(prompt, num_inference_steps=25, guidance_scale=fields["guidance_scale"], height=64, width=64,
-                         latents=torch.from_numpy(latents), output_type="np").images[0]
+        reference = pipe(
+            prompt,
+            num_inference_steps=25,
+            guidance_scale=fields["guidance_scale"],
+            height=64,
+            width=64,
+            latents=torch.from_numpy(latents),
+            output_type="np",
+        ).images[0]
         reference = (reference * 255).round().astype(np.uint8)
         for other, name in ((onnx_image, "ONNX runner"), (reference, "diffusers")):
             diff = np.abs(image.astype(int) - other.astype(int)).mean()
@@ -191,7 +225,9 @@ def test_row_cap_lowers_the_scheduler_rows(tiny_repo, tiny_checkpoint):
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager(tiny_checkpoint):
-    compiled = TorchModels(tiny_checkpoint, TorchOptions(compile=True, buckets=(4,)), components=("unet",), log=lambda *a: None)
+    compiled = TorchModels(
+        tiny_checkpoint, TorchOptions(compile=True, buckets=(4,)), components=("unet",), log=lambda *a: None
+    )
     eager = TorchModels(tiny_checkpoint, TorchOptions(buckets=(4,)), components=("unet",), log=lambda *a: None)
     inputs = unet_inputs(3)
     assert np.abs(compiled.unet(*inputs) - eager.unet(*inputs)).max() <= 1e-4
@@ -204,14 +240,18 @@ def test_the_upscalers_unet_calls_use_the_one_call_its_graphs_are_captured_for(t
     models = TorchModels(tiny_upscale_checkpoint, log=lambda *a: None)
     used = []
     run = models._with_device
-    models._with_device = lambda call, *arrays: used.append((call, _key(call.bucket(len(arrays[0])), arrays))) or \
-        run(call, *arrays)
+    models._with_device = lambda call, *arrays: (
+        used.append((call, _key(call.bucket(len(arrays[0])), arrays))) or run(call, *arrays)
+    )
     info, rows = models.info, 2
     latent = info.native_size // info.vae_factor
     for label in (20, 350):
-        out = models.unet(np.zeros((rows, info.unet_in_channels, latent, latent), np.float32), np.array([5, 5]),
-                          np.zeros((rows, info.text_length, info.text_hidden), np.float32),
-                          class_labels=np.full(rows, label, np.int64))
+        out = models.unet(
+            np.zeros((rows, info.unet_in_channels, latent, latent), np.float32),
+            np.array([5, 5]),
+            np.zeros((rows, info.text_length, info.text_hidden), np.float32),
+            class_labels=np.full(rows, label, np.int64),
+        )
         assert out.shape == (rows, info.latent_channels, latent, latent)
     (first, key), (second, _) = used
     assert first is second is models.calls["unet"]

@@ -1,5 +1,6 @@
 """API keys (hashed at rest), the per-key token bucket, body and image limits, and the gateway's
 metrics: units, then a gateway process started with keys and tight limits."""
+
 import json
 import re
 import urllib.error
@@ -75,17 +76,29 @@ RATE, BURST = 0.2, 3
 def guarded(server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("guarded")
     (folder / "keys").write_text(f"tester {hash_key(KEY)}\n")
-    extra = ["--api-keys", str(folder / "keys"), "--rate-limit", str(RATE), "--burst", str(BURST),
-             "--max-body-mb", "0.01", "--max-image-pixels", "1024"]
-    with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=extra,
-                        control_secret=server.control_secret) as running:
+    extra = [
+        "--api-keys",
+        str(folder / "keys"),
+        "--rate-limit",
+        str(RATE),
+        "--burst",
+        str(BURST),
+        "--max-body-mb",
+        "0.01",
+        "--max-image-pixels",
+        "1024",
+    ]
+    with GatewayProcess(
+        server.grpc_url, log_file=folder / "gateway.log", extra_args=extra, control_secret=server.control_secret
+    ) as running:
         yield running
 
 
 def rest(gateway, body, key=None, raw=None):
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(gateway.rest_url + "/v1/images/generations", data=raw or json.dumps(body).encode(),
-                                     headers=headers)
+    request = urllib.request.Request(
+        gateway.rest_url + "/v1/images/generations", data=raw or json.dumps(body).encode(), headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, dict(response.headers), json.loads(response.read())
@@ -104,7 +117,10 @@ def test_keys_limits_and_metrics_through_a_guarded_gateway(guarded):
     assert status == 413 and body["error"]["param"] == "body"
     with ImagesClient(guarded.grpc_url, api_key=KEY) as client, pytest.raises(ImagesError) as info:
         client.generate(PROMPT, steps=2, init_image=np.zeros((40, 40, 3), np.uint8))  # 1600 > 1024 pixels
-    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "init_image") and "1024 pixels" in info.value.message
+    assert (info.value.code, info.value.field) == (
+        "INVALID_ARGUMENT",
+        "init_image",
+    ) and "1024 pixels" in info.value.message
 
     # the bucket holds BURST default images (one work unit each: the pipeline's default steps,
     # size and guidance): two requests of 2 and 1 images pass, the next is refused
@@ -116,8 +132,9 @@ def test_keys_limits_and_metrics_through_a_guarded_gateway(guarded):
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded" and int(headers["Retry-After"]) >= 1
     channel = grpc.insecure_channel(guarded.grpc_url)
     with pytest.raises(grpc.RpcError) as info:
-        images_pb2_grpc.ImagesStub(channel).Generate(images_pb2.GenerateRequest(prompt=PROMPT),
-                                                     metadata=(("authorization", f"Bearer {KEY}"),))
+        images_pb2_grpc.ImagesStub(channel).Generate(
+            images_pb2.GenerateRequest(prompt=PROMPT), metadata=(("authorization", f"Bearer {KEY}"),)
+        )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = rpc_status.from_call(info.value).details
     assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
@@ -132,7 +149,9 @@ def test_keys_limits_and_metrics_through_a_guarded_gateway(guarded):
     text, counts = scrape()
     assert counts[("rest.generations", "UNAUTHENTICATED")] == 1 and counts[("grpc.Generate", "UNAUTHENTICATED")] == 1
     assert counts[("rest.generations", "OK")] == 1 and counts[("grpc.Generate", "OK")] == 1
-    assert counts[("rest.generations", "RESOURCE_EXHAUSTED")] == 1 and counts[("grpc.Generate", "RESOURCE_EXHAUSTED")] == 1
+    assert (
+        counts[("rest.generations", "RESOURCE_EXHAUSTED")] == 1 and counts[("grpc.Generate", "RESOURCE_EXHAUSTED")] == 1
+    )
     images = {m["route"]: float(v) for m, v in _samples(text, "ldm_gateway_images_total")}
     assert images == {"rest.generations": 2.0, "grpc.Generate": 1.0}
     in_flight = {m["route"]: float(v) for m, v in _samples(text, "ldm_gateway_in_flight_requests")}
@@ -167,7 +186,9 @@ def test_without_a_ready_pipeline_requests_are_unavailable_with_retry_after(tmp_
     from serving.triton.server import free_ports
 
     nobody, rest_port, grpc_port = free_ports(3)
-    gateway = GatewayProcess(f"127.0.0.1:{nobody}", rest_port, grpc_port, log_file=tmp_path / "gateway.log").start(ready=False)
+    gateway = GatewayProcess(f"127.0.0.1:{nobody}", rest_port, grpc_port, log_file=tmp_path / "gateway.log").start(
+        ready=False
+    )
     try:
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(gateway.rest_url + "/readyz")
@@ -189,14 +210,22 @@ def test_new_key_prints_a_key_and_its_hashed_line_and_open_gateways_stay_on_loop
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "serving.cli", "gateway", "--new-key", "alice"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "gateway", "--new-key", "alice"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     key = re.search(r"key .*: (\S+)", done.stdout).group(1)
     line = re.search(r"key file:\s+(alice sha256:[0-9a-f]{64})", done.stdout).group(1)
     assert ApiKeys.parse(line, "printed").identify(key) == "alice" and key not in line
-    refused = subprocess.run([sys.executable, "-m", "serving.cli", "gateway", "--host", "0.0.0.0"],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "gateway", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and "--allow-anonymous" in refused.stderr
 
 
@@ -206,14 +235,22 @@ def test_a_steer_or_delete_forwarded_to_a_gone_owner_is_404(tmp_path):
     from serving.triton.server import free_ports
 
     nobody, gone, rest_port, grpc_port = free_ports(4)
-    gateway = GatewayProcess(f"127.0.0.1:{nobody}", rest_port, grpc_port, log_file=tmp_path / "gateway.log",
-                             extra_args=["--replica-name", "here", "--peers", f"gone=http://127.0.0.1:{gone}"]).start(ready=False)
+    gateway = GatewayProcess(
+        f"127.0.0.1:{nobody}",
+        rest_port,
+        grpc_port,
+        log_file=tmp_path / "gateway.log",
+        extra_args=["--replica-name", "here", "--peers", f"gone=http://127.0.0.1:{gone}"],
+    ).start(ready=False)
     try:
         generation = "gone." + "0" * 32
-        for method, path, body in (("POST", f"/v1/generations/{generation}/steer", b'{"prompt": "a blue square"}'),
-                                   ("DELETE", f"/v1/generations/{generation}", None)):
-            request = urllib.request.Request(gateway.rest_url + path, data=body, method=method,
-                                             headers={"Content-Type": "application/json"})
+        for method, path, body in (
+            ("POST", f"/v1/generations/{generation}/steer", b'{"prompt": "a blue square"}'),
+            ("DELETE", f"/v1/generations/{generation}", None),
+        ):
+            request = urllib.request.Request(
+                gateway.rest_url + path, data=body, method=method, headers={"Content-Type": "application/json"}
+            )
             with pytest.raises(urllib.error.HTTPError) as info:
                 urllib.request.urlopen(request, timeout=30)
             answer = json.loads(info.value.read())

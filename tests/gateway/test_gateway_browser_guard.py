@@ -2,6 +2,7 @@
 session's, on loopback): JSON bodies must say application/json, a foreign Origin or an unknown
 Host name (DNS rebinding) is refused before anything runs, and the pages carry a CSP that
 forbids framing. The real-browser check is tests/browser/test_page_browser.py."""
+
 import http.client
 import json
 
@@ -48,16 +49,27 @@ def test_json_routes_take_only_declared_json(gateway, path):
 def test_a_foreign_origin_is_refused_and_the_gateways_own_is_answered(gateway):
     json_type = {"Content-Type": "application/json"}
     for origin in ("http://attacker.example", "null", f"http://localhost:{gateway.rest_port + 1}"):
-        error_of(ask(gateway, "POST", "/v1/images/generations", GENERATE, {**json_type, "Origin": origin}), 403, "Origin")
+        error_of(
+            ask(gateway, "POST", "/v1/images/generations", GENERATE, {**json_type, "Origin": origin}), 403, "Origin"
+        )
     own = f"http://{gateway.host}:{gateway.rest_port}"
     status, _, body = ask(gateway, "POST", "/v1/images/generations", GENERATE, {**json_type, "Origin": own})
     assert status == 200 and len(json.loads(body)["data"]) == 1
 
 
 def test_an_unknown_host_name_is_refused_loopback_names_and_addresses_are_answered(gateway):
-    error_of(ask(gateway, "GET", "/openapi.json", headers={"Host": f"rebound.attacker.example:{gateway.rest_port}"}),
-             403, "Host")
-    for host in ("localhost", f"localhost:{gateway.rest_port}", f"127.0.0.1:{gateway.rest_port}", "[::1]", "10.1.2.3:80"):
+    error_of(
+        ask(gateway, "GET", "/openapi.json", headers={"Host": f"rebound.attacker.example:{gateway.rest_port}"}),
+        403,
+        "Host",
+    )
+    for host in (
+        "localhost",
+        f"localhost:{gateway.rest_port}",
+        f"127.0.0.1:{gateway.rest_port}",
+        "[::1]",
+        "10.1.2.3:80",
+    ):
         assert ask(gateway, "GET", "/healthz", headers={"Host": host})[0] == 200, host
 
 
@@ -67,7 +79,10 @@ def test_pages_forbid_framing_and_scripts_from_elsewhere(gateway):
         assert status == 200 and headers["X-Content-Type-Options"] == "nosniff", path
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
     _, headers, _ = ask(gateway, "GET", "/")
-    assert "default-src 'self'" in headers["Content-Security-Policy"] and "unsafe-inline" not in headers["Content-Security-Policy"]
+    assert (
+        "default-src 'self'" in headers["Content-Security-Policy"]
+        and "unsafe-inline" not in headers["Content-Security-Policy"]
+    )
 
 
 def test_the_guard_checks_hosts_only_without_keys_unless_told():

@@ -1,5 +1,6 @@
 """Load shedding at the gateway (serving/gateway/capacity.py): units over asyncio, then a real
 gateway in front of a tritonserver whose pipeline holds two jobs, refusing the third itself."""
+
 import asyncio
 import json
 import re
@@ -22,6 +23,7 @@ def test_without_the_pipelines_slots_everything_is_admitted():
         capacity = Capacity(wait_s=0.0)
         capacity.take(1000)
         await capacity.wait_for_room(8)
+
     run(scenario())
 
 
@@ -35,6 +37,7 @@ def test_a_full_pipeline_refuses_after_the_wait_with_retry_after():
         assert info.value.code == "UNAVAILABLE" and info.value.retry_after_s >= 1
         assert "2 of 2 slots taken" in info.value.message
         assert capacity.in_flight == 2 and capacity.waiting == 0
+
     run(scenario())
 
 
@@ -63,6 +66,7 @@ def test_waiters_get_freed_slots_in_order_and_never_exceed_them():
         capacity.release(2)
         await asyncio.gather(*tasks)
         assert admitted == [0, 1, 2] and max(peak) <= 2
+
     run(scenario())
 
 
@@ -78,6 +82,7 @@ def test_slots_held_by_others_count_and_a_newcomer_queues_behind_waiters():
         await waiter
         capacity.take(1)
         assert not capacity.room(1)
+
     run(scenario())
 
 
@@ -95,6 +100,7 @@ def test_past_the_waiting_bound_refusals_are_immediate():
         with pytest.raises(asyncio.CancelledError):
             await first
         assert capacity.waiting == 0
+
     run(scenario())
 
 
@@ -104,6 +110,7 @@ def test_a_bad_wait_is_refused():
 
 
 # --- a real gateway in front of a pipeline of two slots ----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def two_slot_stack(tiny_repo, tmp_path_factory, triton_servers):
@@ -120,9 +127,15 @@ def two_slot_stack(tiny_repo, tmp_path_factory, triton_servers):
         text, count = re.subn(rf'(key: "{key}"\s*value \{{\s*string_value: )"\d+"', rf'\1"{value}"', text)
         assert count == 1, key
     config.write_text(text)
-    with triton_servers.running(repo, "tritonserver-capacity") as server, \
-            GatewayProcess(server.grpc_url, log_file=work / "gateway.log", control_secret=server.control_secret,
-                           extra_args=["--admission-wait-s", "0.2", "--max-key-share", "1"]) as gateway:
+    with (
+        triton_servers.running(repo, "tritonserver-capacity") as server,
+        GatewayProcess(
+            server.grpc_url,
+            log_file=work / "gateway.log",
+            control_secret=server.control_secret,
+            extra_args=["--admission-wait-s", "0.2", "--max-key-share", "1"],
+        ) as gateway,
+    ):
         yield server, gateway
 
 
@@ -130,8 +143,10 @@ def _long_generation(gateway) -> socket.socket:
     body = json.dumps({"prompt": "a red circle", "steps": 150, "size": "64x64"}).encode()
     host, port = gateway.rest_url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)))
-    connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    connection.sendall(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
     return connection
 
 
@@ -148,9 +163,12 @@ def test_the_gateway_refuses_what_the_pipeline_cannot_hold_before_triton_sees_it
         connections.append(_long_generation(gateway))
         assert wait_for(lambda: metrics(server)["ldm_queue_length"] == 1)
         rejected = metrics(server).get("ldm_rejections_total", 0)
-        request = urllib.request.Request(gateway.rest_url + "/v1/images/generations", method="POST",
-                                         data=json.dumps({"prompt": "a blue square", "steps": 2}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            gateway.rest_url + "/v1/images/generations",
+            method="POST",
+            data=json.dumps({"prompt": "a blue square", "steps": 2}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(request, timeout=30)
         answer = json.loads(info.value.read())

@@ -1,6 +1,7 @@
 """The gateway's gRPC API (ldm.v1.Images) against a real tritonserver: images equal to Triton's
 own for the same seeds, streams, coded errors with field violations, health, reflection, and
 cancellation reaching the engine."""
+
 import io
 import queue
 
@@ -28,7 +29,9 @@ def client(gateway):
 
 def test_n_images_are_tritons_images_for_consecutive_seeds(client, server):
     images = client.generate(PROMPT, n=3, seed=40, steps=5)
-    assert [(i.index, i.seed, i.format, i.width, i.height) for i in images] == [(k, 40 + k, "png", 32, 32) for k in range(3)]
+    assert [(i.index, i.seed, i.format, i.width, i.height) for i in images] == [
+        (k, 40 + k, "png", 32, 32) for k in range(3)
+    ]
     with LdmClient(server.grpc_url) as kserve:
         for image in images:
             np.testing.assert_array_equal(image.array(), kserve.generate(PROMPT, seed=image.seed, steps=5))
@@ -53,15 +56,18 @@ def test_stream_reports_progress_and_previews_then_each_image(client):
         assert PILImage.open(io.BytesIO(previews[0].preview)).size == (48, 48)
 
 
-@pytest.mark.parametrize("fields, code, field", [
-    (dict(steps=0), "INVALID_ARGUMENT", "steps"),
-    (dict(n=9), "INVALID_ARGUMENT", "n"),
-    (dict(height=36), "INVALID_ARGUMENT", "height"),
-    (dict(quality=0), "INVALID_ARGUMENT", "quality"),
-    (dict(init_image=np.zeros((32, 32, 3), np.uint8), strength=1.5), "INVALID_ARGUMENT", "strength"),
-    (dict(regions=[{"prompt": "a cat"}]), "INVALID_ARGUMENT", "region_divisions"),
-    (dict(init_image=b"not an image"), "INVALID_ARGUMENT", "init_image"),
-])
+@pytest.mark.parametrize(
+    "fields, code, field",
+    [
+        (dict(steps=0), "INVALID_ARGUMENT", "steps"),
+        (dict(n=9), "INVALID_ARGUMENT", "n"),
+        (dict(height=36), "INVALID_ARGUMENT", "height"),
+        (dict(quality=0), "INVALID_ARGUMENT", "quality"),
+        (dict(init_image=np.zeros((32, 32, 3), np.uint8), strength=1.5), "INVALID_ARGUMENT", "strength"),
+        (dict(regions=[{"prompt": "a cat"}]), "INVALID_ARGUMENT", "region_divisions"),
+        (dict(init_image=b"not an image"), "INVALID_ARGUMENT", "init_image"),
+    ],
+)
 def test_errors_are_status_codes_naming_the_field(client, fields, code, field):
     with pytest.raises(ImagesError) as info:
         client.generate(PROMPT, steps=fields.pop("steps", 2), **fields)
@@ -73,12 +79,17 @@ def test_health_follows_the_pipeline_and_reflection_lists_the_service(gateway):
     channel = grpc.insecure_channel(gateway.grpc_url)
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "ldm.v1.Images"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     (listing,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in listing.list_services_response.service}
     assert {"ldm.v1.Images", "grpc.health.v1.Health"} <= names
-    (found,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="ldm.v1.Images")]))
+    (found,) = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="ldm.v1.Images")])
+    )
     served = descriptor_pb2.FileDescriptorProto.FromString(found.file_descriptor_response.file_descriptor_proto[0])
     assert served == descriptor_pb2.FileDescriptorProto.FromString(images_pb2.DESCRIPTOR.serialized_pb)
     channel.close()
@@ -87,8 +98,9 @@ def test_health_follows_the_pipeline_and_reflection_lists_the_service(gateway):
 def test_request_id_is_returned_and_taken_from_the_client(gateway):
     channel = grpc.insecure_channel(gateway.grpc_url)
     stub = images_pb2_grpc.ImagesStub(channel)
-    response, call = stub.Generate.with_call(images_pb2.GenerateRequest(prompt=PROMPT, steps=2),
-                                             metadata=(("x-request-id", "my-request-7"),))
+    response, call = stub.Generate.with_call(
+        images_pb2.GenerateRequest(prompt=PROMPT, steps=2), metadata=(("x-request-id", "my-request-7"),)
+    )
     assert response.request_id == "my-request-7"
     assert ("x-request-id", "my-request-7") in call.trailing_metadata()
     with pytest.raises(grpc.RpcError) as info:  # errors carry it too

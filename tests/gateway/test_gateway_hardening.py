@@ -2,6 +2,7 @@
 limit): images are checked from their headers before anything is decoded (the issue's probe of
 16 lossless WebP masks of 4096² leaves memory flat and /healthz fast), every refusal is the
 documented JSON or gRPC status with the request id, and nothing refused is charged."""
+
 import asyncio
 import base64
 import collections
@@ -46,7 +47,9 @@ def probing(server, tmp_path_factory):
     more than `guarded`'s whole bucket)."""
     folder = tmp_path_factory.mktemp("probing")
     (folder / "keys").write_text(f"tester {hash_key(KEY)}\nprober {hash_key(PROBE_KEY)}\n")
-    with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", extra_args=["--api-keys", str(folder / "keys")]) as running:
+    with GatewayProcess(
+        server.grpc_url, log_file=folder / "gateway.log", extra_args=["--api-keys", str(folder / "keys")]
+    ) as running:
         yield running
 
 
@@ -59,11 +62,16 @@ def huge_mask() -> str:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height and whose pixels are missing."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def post(gateway, path, raw: bytes, key=KEY, content_type="application/json", headers=None):
@@ -138,8 +146,9 @@ def test_the_issues_probe_16_huge_masks_to_an_unknown_id_leaves_memory_flat_and_
     body = json.dumps({"regions": [{"prompt": "x", "mask": mask}] * 16}).encode()
     assert len(body) < 15_000
     unknown = f"{replica_of(probing)}.{'0' * 32}"
-    answer, growth_mb, slowest_s = measured(probing, lambda: post(probing, f"/v1/generations/{unknown}/steer", body,
-                                                                   key=PROBE_KEY))
+    answer, growth_mb, slowest_s = measured(
+        probing, lambda: post(probing, f"/v1/generations/{unknown}/steer", body, key=PROBE_KEY)
+    )
     assert_error(answer, 404, None)
     print(f"probe: +{growth_mb:.1f} MB peak, slowest /healthz {slowest_s * 1000:.1f} ms")
     assert growth_mb <= MEMORY_BOUND_MB and slowest_s <= HEALTHZ_BOUND_S
@@ -157,7 +166,11 @@ def test_huge_masks_for_a_running_generation_are_refused_from_their_headers(prob
                 for regions in (16, 8):
                     body = json.dumps({"regions": [{"prompt": "x", "mask": mask}] * regions}).encode()
                     path = f"/v1/generations/{live.id}/steer"
-                    answers.append(await asyncio.to_thread(measured, probing, lambda path=path, body=body: post(probing, path, body, key=PROBE_KEY)))
+                    answers.append(
+                        await asyncio.to_thread(
+                            measured, probing, lambda path=path, body=body: post(probing, path, body, key=PROBE_KEY)
+                        )
+                    )
                 await client.cancel(live.id)
                 return answers
 
@@ -192,7 +205,9 @@ def refused(gateway, method: str, request):
 def test_hostile_inputs_are_coded_errors_naming_the_field_and_nothing_refused_is_charged(guarded):
     generations = "/v1/images/generations"
     assert_error(post(guarded, generations, json.dumps({"prompt": PROMPT, "size": "\u00b2x64"}).encode()), 400, "size")
-    assert_error(post(guarded, generations, json.dumps({"prompt": PROMPT, "size": "9" * 5000 + "x64"}).encode()), 400, "size")
+    assert_error(
+        post(guarded, generations, json.dumps({"prompt": PROMPT, "size": "9" * 5000 + "x64"}).encode()), 400, "size"
+    )
     # a lone surrogate, as JSON may spell it; json.dumps writes it escaped
     assert_error(post(guarded, generations, b'{"prompt": "a \\ud800 cat", "steps": 2}'), 400, "prompt")
     assert_error(post(guarded, "/v1/generations", b'{"prompt": "a \\ud800 cat", "steps": 2}'), 400, "prompt")
@@ -205,33 +220,49 @@ def test_hostile_inputs_are_coded_errors_naming_the_field_and_nothing_refused_is
     assert_error(post(guarded, "/v1/generations", deep), 400, "body")
     bomb = png_header_only(20_000, 20_000)
     boundary = "hardening"
-    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n{PROMPT}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"bomb.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + bomb + f"\r\n--{boundary}--\r\n".encode()
-    assert_error(post(guarded, "/v1/images/edits", form, content_type=f"multipart/form-data; boundary={boundary}"), 413, "image")
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n{PROMPT}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="bomb.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + bomb
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    assert_error(
+        post(guarded, "/v1/images/edits", form, content_type=f"multipart/form-data; boundary={boundary}"), 413, "image"
+    )
     live = {"prompt": PROMPT, "steps": 2, "init_image": base64.b64encode(bomb).decode()}
     assert_error(post(guarded, "/v1/generations", json.dumps(live).encode()), 413, "init_image")
 
-    for request, field in ((images_pb2.GenerateRequest(prompt=PROMPT, steps=2, task=99), "task"),
-                           (images_pb2.GenerateRequest(prompt=PROMPT, steps=2, output_format=7), "output_format"),
-                           (images_pb2.GenerateRequest(prompt=PROMPT, steps=2, region_mode=5,
-                                                       regions=[images_pb2.Region(prompt="x")]), "region_mode"),
-                           (images_pb2.GenerateRequest(prompt=PROMPT, steps=2, init_image=bomb), "init_image"),
-                           (images_pb2.GenerateRequest(prompt=f"[a:b:{'9' * 400}]", steps=2), "prompt")):
+    for request, field in (
+        (images_pb2.GenerateRequest(prompt=PROMPT, steps=2, task=99), "task"),
+        (images_pb2.GenerateRequest(prompt=PROMPT, steps=2, output_format=7), "output_format"),
+        (
+            images_pb2.GenerateRequest(prompt=PROMPT, steps=2, region_mode=5, regions=[images_pb2.Region(prompt="x")]),
+            "region_mode",
+        ),
+        (images_pb2.GenerateRequest(prompt=PROMPT, steps=2, init_image=bomb), "init_image"),
+        (images_pb2.GenerateRequest(prompt=f"[a:b:{'9' * 400}]", steps=2), "prompt"),
+    ):
         for method in ("Generate", "GenerateStream"):
             code, fields, rid = refused(guarded, method, request)
             assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, [field]) and rid, (method, field)
 
     # every token is still there: a request for the whole bucket passes
-    status, _, body = post(guarded, generations, json.dumps({"prompt": PROMPT, "n": BURST}).encode())  # one work unit each
+    status, _, body = post(
+        guarded, generations, json.dumps({"prompt": PROMPT, "n": BURST}).encode()
+    )  # one work unit each
     assert status == 200 and len(body["data"]) == BURST, body
 
 
 def test_a_session_acknowledges_hostile_steers_and_still_hears_its_cancel(probing):
     """A decompression-bomb mask and an unknown enum value are acknowledged INVALID_ARGUMENT
     naming the field (the reader reads on), and the later cancel ends the call CANCELLED."""
-    hostile = [images_pb2.Steer(mask=png_header_only(20_000, 20_000)),
-               images_pb2.Steer(region_mode=9, regions=[images_pb2.Region(prompt="x")], region_divisions="1")]
+    hostile = [
+        images_pb2.Steer(mask=png_header_only(20_000, 20_000)),
+        images_pb2.Steer(region_mode=9, regions=[images_pb2.Region(prompt="x")], region_divisions="1"),
+    ]
 
     def on_event(event, send):
         kind = event.WhichOneof("event")
@@ -242,10 +273,17 @@ def test_a_session_acknowledges_hostile_steers_and_still_hears_its_cancel(probin
             send(images_pb2.SessionRequest(cancel=images_pb2.Cancel()))
 
     start = images_pb2.GenerateRequest(prompt=PROMPT, steps=150, height=64, width=64, seed=2)
-    events, code = grpc_session(probing, [images_pb2.SessionRequest(start=start)], on_event,
-                                metadata=(("authorization", f"Bearer {PROBE_KEY}"),))
-    acks = [(e.steer_ack.sequence, e.steer_ack.error_code, e.steer_ack.field) for e in events
-            if not isinstance(e, grpc.RpcError) and e.WhichOneof("event") == "steer_ack"]
+    events, code = grpc_session(
+        probing,
+        [images_pb2.SessionRequest(start=start)],
+        on_event,
+        metadata=(("authorization", f"Bearer {PROBE_KEY}"),),
+    )
+    acks = [
+        (e.steer_ack.sequence, e.steer_ack.error_code, e.steer_ack.field)
+        for e in events
+        if not isinstance(e, grpc.RpcError) and e.WhichOneof("event") == "steer_ack"
+    ]
     assert acks == [(1, "INVALID_ARGUMENT", "mask"), (2, "INVALID_ARGUMENT", "region_mode")]
     assert code == grpc.StatusCode.CANCELLED
 
@@ -274,9 +312,16 @@ def test_a_sessions_reader_survives_an_uncoded_steer_failure_and_dies_loudly(ser
         service.ready = True
         events, ended, arrived = [], None, collections.defaultdict(asyncio.Event)
         try:
-            async for event in grpc_session.session(service, messages(arrived), "tester", "rid-1", Outcome(),
-                                                    lambda request: grpc_api.to_generation(request, True), faulty_steer,
-                                                    grpc_api.to_message):
+            async for event in grpc_session.session(
+                service,
+                messages(arrived),
+                "tester",
+                "rid-1",
+                Outcome(),
+                lambda request: grpc_api.to_generation(request, True),
+                faulty_steer,
+                grpc_api.to_message,
+            ):
                 events.append(event)
                 arrived[event.WhichOneof("event")].set()
         except ApiError as error:

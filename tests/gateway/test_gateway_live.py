@@ -2,6 +2,7 @@
 (server-sent events, steer, DELETE) and the gRPC Session: events in order, steers acknowledged
 and reported at a step, cancellation, 404 / 409 / 400 naming the field, the page's routes, and
 the server serving on afterwards."""
+
 import asyncio
 import base64
 import io
@@ -61,7 +62,9 @@ def test_rest_stream_is_created_progress_with_previews_then_tritons_image(gatewa
     done = events[-1].data
     assert done["seed"] == 21 and done["output_format"] == "png" and done["timings"]["total_s"] > 0
     with LdmClient(server.grpc_url) as kserve:
-        np.testing.assert_array_equal(pixels(done["b64_json"]), kserve.generate(PROMPT, seed=21, steps=6, height=48, width=32))
+        np.testing.assert_array_equal(
+            pixels(done["b64_json"]), kserve.generate(PROMPT, seed=21, steps=6, height=48, width=32)
+        )
 
 
 def test_rest_steer_is_acknowledged_then_reported_at_the_step_that_used_it(gateway):
@@ -72,7 +75,9 @@ def test_rest_steer_is_acknowledged_then_reported_at_the_step_that_used_it(gatew
 
                 async def act(event):
                     if event.name == "generation.progress" and not acks:
-                        acks.append((event.data["step"], (await client.steer(live.id, prompt=OTHER, guidance_scale=3.0))[0]))
+                        acks.append(
+                            (event.data["step"], (await client.steer(live.id, prompt=OTHER, guidance_scale=3.0))[0])
+                        )
                     if event.name == "generation.steered" and event.data["steer_id"] == 1:
                         first_used.append(event.data["step"])
                     # the second steer once the first was used (progress events can be buffered
@@ -81,6 +86,7 @@ def test_rest_steer_is_acknowledged_then_reported_at_the_step_that_used_it(gatew
                         acks.append((event.data["step"], (await client.steer(live.id, negative_prompt="blurry"))[0]))
                     if event.name == "generation.steered" and event.data["steer_id"] == 2:
                         await client.cancel(live.id)  # seen both: no need to run 150 steps
+
                 return acks, await collect(live, act)
 
     acks, events = run(scenario())
@@ -110,6 +116,7 @@ def test_rest_delete_cancels_and_later_calls_answer_409(gateway, server):
                 async def act(event):
                     if event.name == "generation.progress" and not answers:
                         answers.append(await client.cancel(live.id))
+
                 events = await collect(live, act)
             late = []
             for call in (client.cancel(live.id), client.steer(live.id, prompt=OTHER)):
@@ -130,9 +137,14 @@ def test_rest_delete_cancels_and_later_calls_answer_409(gateway, server):
     assert wait_for(lambda: metrics(server)["ldm_active_requests"] == 0)
 
 
-@pytest.mark.parametrize("path", ["/v1/generations/{replica}.0123456789abcdef0123456789abcdef",
-                                  "/v1/generations/no-such-replica.0123456789abcdef0123456789abcdef",
-                                  "/v1/generations/example.com:80%2Fsteal"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/generations/{replica}.0123456789abcdef0123456789abcdef",
+        "/v1/generations/no-such-replica.0123456789abcdef0123456789abcdef",
+        "/v1/generations/example.com:80%2Fsteal",
+    ],
+)
 def test_unknown_ids_are_404(gateway, path):
     async def scenario():
         async with GenerationsClient(gateway.rest_url) as client:
@@ -150,16 +162,19 @@ def test_unknown_ids_are_404(gateway, path):
         assert failure.body["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("body, param, text", [
-    ({"n": 2}, "n", "one image"),
-    ({"steps": 0}, "steps", "[1, 150]"),
-    ({"size": "big"}, "size", "WIDTHxHEIGHT"),
-    ({"size": "36x32"}, "size", "multiple of 8"),
-    ({"output_format": "gif"}, "output_format", "png"),
-    ({"colour": "red"}, "colour", "colour"),
-    ({"guidance_scale": "high"}, "guidance_scale", "guidance_scale"),
-    ({"seed": -1}, "seed", "seed"),
-])
+@pytest.mark.parametrize(
+    "body, param, text",
+    [
+        ({"n": 2}, "n", "one image"),
+        ({"steps": 0}, "steps", "[1, 150]"),
+        ({"size": "big"}, "size", "WIDTHxHEIGHT"),
+        ({"size": "36x32"}, "size", "multiple of 8"),
+        ({"output_format": "gif"}, "output_format", "png"),
+        ({"colour": "red"}, "colour", "colour"),
+        ({"guidance_scale": "high"}, "guidance_scale", "guidance_scale"),
+        ({"seed": -1}, "seed", "seed"),
+    ],
+)
 def test_bad_start_is_400_naming_the_field_and_the_gateway_serves_on(gateway, body, param, text):
     async def scenario():
         async with GenerationsClient(gateway.rest_url) as client:
@@ -174,12 +189,15 @@ def test_bad_start_is_400_naming_the_field_and_the_gateway_serves_on(gateway, bo
     assert names[-1] == "generation.completed"
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"guidance_scale": "high"}, "guidance_scale"),
-    ({"prompt": 3}, "prompt"),
-    ({"steps": 4}, "steps"),
-    ({}, "body"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"guidance_scale": "high"}, "guidance_scale"),
+        ({"prompt": 3}, "prompt"),
+        ({"steps": 4}, "steps"),
+        ({}, "body"),
+    ],
+)
 def test_bad_steer_is_400_naming_the_field_and_the_generation_goes_on(gateway, fields, param):
     async def scenario():
         async with GenerationsClient(gateway.rest_url) as client:
@@ -191,6 +209,7 @@ def test_bad_steer_is_400_naming_the_field_and_the_generation_goes_on(gateway, f
                         with pytest.raises(GenerationError) as info:
                             await client.steer(live.id, **fields)
                         errors.append(info.value)
+
                 return errors, await collect(live, act)
 
     (error,), events = run(scenario())
@@ -210,6 +229,7 @@ def test_steer_refused_by_the_pipeline_names_the_field(gateway):
                             await client.steer(live.id, guidance_scale=1e9)
                         errors.append(info.value)
                         await client.cancel(live.id)
+
                 await collect(live, act)
                 return errors
 
@@ -269,10 +289,18 @@ def test_grpc_session_steers_reports_the_step_and_cancels(gateway):
     kinds = [e.WhichOneof("event") for e in events[:-1]]
     assert kinds[0] == "started" and kinds[1] == "progress" and "image" not in kinds
     started = events[0].started
-    assert re.fullmatch(r"[a-z0-9-]+\.[0-9a-f]{32}", started.generation_id) and (started.seed, started.total_steps) == (4, 150)
+    assert re.fullmatch(r"[a-z0-9-]+\.[0-9a-f]{32}", started.generation_id) and (started.seed, started.total_steps) == (
+        4,
+        150,
+    )
     acks = [e.steer_ack for e in events[:-1] if e.WhichOneof("event") == "steer_ack"]
     assert (acks[0].sequence, acks[0].steer_id, acks[0].error_code) == (1, 1, "")
-    assert (acks[1].sequence, acks[1].steer_id, acks[1].error_code, acks[1].field) == (2, 0, "INVALID_ARGUMENT", "guidance_scale")
+    assert (acks[1].sequence, acks[1].steer_id, acks[1].error_code, acks[1].field) == (
+        2,
+        0,
+        "INVALID_ARGUMENT",
+        "guidance_scale",
+    )
     (steered,) = [e.steered for e in events[:-1] if e.WhichOneof("event") == "steered"]
     assert steered.steer_id == 1 and steered.step >= sent[0]
 
@@ -286,11 +314,14 @@ def test_grpc_session_without_steers_is_the_streams_image(gateway):
     np.testing.assert_array_equal(np.asarray(PILImage.open(io.BytesIO(events[-1].image.data)).convert("RGB")), expected)
 
 
-@pytest.mark.parametrize("first, field", [
-    (start(prompt=PROMPT, steps=0), "steps"),
-    (start(prompt=PROMPT, steps=2, n=2), "n"),
-    (images_pb2.SessionRequest(steer=images_pb2.Steer(prompt=OTHER)), "start"),
-])
+@pytest.mark.parametrize(
+    "first, field",
+    [
+        (start(prompt=PROMPT, steps=0), "steps"),
+        (start(prompt=PROMPT, steps=2, n=2), "n"),
+        (images_pb2.SessionRequest(steer=images_pb2.Steer(prompt=OTHER)), "start"),
+    ],
+)
 def test_grpc_session_bad_start_is_invalid_argument_naming_the_field(gateway, first, field):
     from grpc_status import rpc_status
     from google.rpc import error_details_pb2
@@ -317,6 +348,7 @@ def test_page_routes_serve_the_static_folder_only(gateway):
     status, kind, body = get("/static/README.txt")
     assert status == 200 and b"URL layout" in body
     from serving.gateway.rest_live import STATIC
+
     status, kind, body = get("/")
     if (STATIC / "index.html").is_file():
         assert status == 200 and kind.startswith("text/html")
@@ -332,10 +364,21 @@ def test_openapi_documents_the_live_endpoints(gateway):
     assert "post" in paths["/v1/generations"] and "post" in paths["/v1/generations/{id}/steer"]
     assert "delete" in paths["/v1/generations/{id}"]
     body = spec["components"]["schemas"]["LiveGenerationRequest"]
-    assert {"prompt", "size", "progress_every", "preview_every", "seed", "steps", "guidance_scale"} <= set(body["properties"])
+    assert {"prompt", "size", "progress_every", "preview_every", "seed", "steps", "guidance_scale"} <= set(
+        body["properties"]
+    )
     assert "n" not in body["properties"]
     assert set(spec["components"]["schemas"]["SteerRequest"]["properties"]) == {
-        "prompt", "negative_prompt", "guidance_scale", "regions", "region_divisions", "base_prompt_weight", "region_mode", "mask", "loras"}
+        "prompt",
+        "negative_prompt",
+        "guidance_scale",
+        "regions",
+        "region_divisions",
+        "base_prompt_weight",
+        "region_mode",
+        "mask",
+        "loras",
+    }
     responses = paths["/v1/generations/{id}/steer"]["post"]["responses"]
     assert {"202", "400", "404", "409"} <= set(responses)
 
@@ -362,7 +405,7 @@ def test_closing_the_stream_cancels_the_generation(gateway, server):
 def mask_png(size: int, right_half: bool) -> bytes:
     pixels = np.zeros((size, size), np.uint8)
     if right_half:
-        pixels[:, size // 2:] = 255
+        pixels[:, size // 2 :] = 255
     else:
         pixels[:, : size // 2] = 255
     buffer = io.BytesIO()
@@ -382,9 +425,12 @@ def test_rest_steer_replaces_the_regions_and_a_bad_region_mask_is_400(gateway):
                     if event.name == "generation.progress" and not answers:
                         answers.append(await client.steer(live.id, **regions))
                         with pytest.raises(GenerationError) as info:
-                            await client.steer(live.id, regions=[{"prompt": "a cat", "mask": base64.b64encode(
-                                mask_png(32, True)).decode()}])  # the generation is 64x64
+                            await client.steer(
+                                live.id,
+                                regions=[{"prompt": "a cat", "mask": base64.b64encode(mask_png(32, True)).decode()}],
+                            )  # the generation is 64x64
                         errors.append(info.value)
+
                 return answers, errors, await collect(live, act)
 
     ((answer, _),), (error,), events = run(scenario())
@@ -396,7 +442,9 @@ def test_rest_steer_replaces_the_regions_and_a_bad_region_mask_is_400(gateway):
 
 def test_grpc_session_steers_an_inpainting_mask(gateway):
     picture = io.BytesIO()
-    PILImage.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(picture, format="PNG")
+    PILImage.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        picture, format="PNG"
+    )
     sent = []
 
     def on_event(event, send):

@@ -2,6 +2,7 @@
 gateway: the server-sent events match their declared schemas, 405 answers say `Allow`, and a
 schema-driven fuzzer (schemathesis, all its checks, the stateful phase following the document's
 links) finds nothing within a bounded run."""
+
 import asyncio
 import json
 from pathlib import Path
@@ -59,7 +60,12 @@ def test_server_sent_events_match_their_declared_schemas(gateway):
             return seen, text
 
     seen, text = asyncio.run(asyncio.wait_for(scenario(), 240))
-    assert {e.name for e in seen} == {"generation.created", "generation.progress", "generation.steered", "generation.completed"}
+    assert {e.name for e in seen} == {
+        "generation.created",
+        "generation.progress",
+        "generation.steered",
+        "generation.completed",
+    }
     for event in seen:
         live[event.name].validate(event.data)
     blocks = [block.split("\n", 1) for block in text.strip().split("\n\n")]
@@ -81,10 +87,26 @@ def test_a_schema_driven_fuzzer_finds_nothing(gateway, tmp_path):
     """schemathesis (tests/openapi_fuzz.toml) over the published document: every check, every
     phase (examples, coverage, fuzzing, and the stateful phase following the document's links),
     EXAMPLES examples each."""
-    command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(FUZZ_CONFIG), "run",
-               gateway.rest_url + "/openapi.json", "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
-               "--max-examples", str(EXAMPLES), "--workers", "1", "--request-timeout", "120", "--seed", "1",
-               "--no-color"]
+    command = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "--config-file",
+        str(FUZZ_CONFIG),
+        "run",
+        gateway.rest_url + "/openapi.json",
+        "--checks",
+        "all",
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "--max-examples",
+        str(EXAMPLES),
+        "--workers",
+        "1",
+        "--request-timeout",
+        "120",
+        "--seed",
+        "1",
+        "--no-color",
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache stays there
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1], run.stdout[-4000:]

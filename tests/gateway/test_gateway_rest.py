@@ -1,6 +1,7 @@
 """The gateway's REST front with the real `openai` SDK (images.generate, streaming, images.edit)
 and plain HTTP: OpenAI's shapes, our extension fields, errors naming the field, the OpenAPI
 document and its page, request ids, and a disconnect cancelling the generation."""
+
 import base64
 import io
 import json
@@ -31,8 +32,11 @@ def pixels(b64: str) -> np.ndarray:
 
 
 def post(gateway, path, body: dict, headers=None):
-    request = urllib.request.Request(gateway.rest_url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        gateway.rest_url + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, dict(response.headers), json.loads(response.read())
@@ -41,8 +45,15 @@ def post(gateway, path, body: dict, headers=None):
 
 
 def test_sdk_generate_gives_tritons_images_with_our_extension_fields(sdk, server):
-    result = sdk.images.generate(model="tiny", prompt=PROMPT, n=2, size="32x48", response_format="b64_json",
-                                 output_format="png", extra_body={"seed": 11, "steps": 4, "guidance_scale": 3.0})
+    result = sdk.images.generate(
+        model="tiny",
+        prompt=PROMPT,
+        n=2,
+        size="32x48",
+        response_format="b64_json",
+        output_format="png",
+        extra_body={"seed": 11, "steps": 4, "guidance_scale": 3.0},
+    )
     assert len(result.data) == 2 and result.size == "32x48" and result.output_format == "png"
     with LdmClient(server.grpc_url) as kserve:
         for i, image in enumerate(result.data):
@@ -51,8 +62,9 @@ def test_sdk_generate_gives_tritons_images_with_our_extension_fields(sdk, server
 
 
 def test_sdk_streaming_sends_partial_images_then_completed(sdk, server):
-    stream = sdk.images.generate(prompt=PROMPT, stream=True, partial_images=2, size="32x32",
-                                 extra_body={"seed": 5, "steps": 6})
+    stream = sdk.images.generate(
+        prompt=PROMPT, stream=True, partial_images=2, size="32x32", extra_body={"seed": 5, "steps": 6}
+    )
     events = list(stream)
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
@@ -68,8 +80,12 @@ def test_sdk_edit_repaints_the_transparent_pixels_and_keeps_the_others(sdk):
     rgba[:, :16, 3] = 255  # left half opaque red, right half transparent
     picture = io.BytesIO()
     PILImage.fromarray(rgba, "RGBA").save(picture, format="PNG")
-    result = sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32",
-                             extra_body={"seed": 3, "steps": 4})
+    result = sdk.images.edit(
+        image=("in.png", picture.getvalue(), "image/png"),
+        prompt=PROMPT,
+        size="32x32",
+        extra_body={"seed": 3, "steps": 4},
+    )
     edited = pixels(result.data[0].b64_json)
     assert edited.shape == (32, 32, 3)
     kept = edited[:, :8]  # far from the mask's (blurred) edge: pasted back exactly
@@ -81,24 +97,33 @@ def test_sdk_edit_is_the_grpc_fronts_img2img_for_the_same_image_and_seed(sdk, ga
     from serving.client.images import ImagesClient
 
     picture = io.BytesIO()
-    PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(picture, format="PNG")
-    result = sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32",
-                             extra_body={"seed": 9, "steps": 4, "strength": 0.7})
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        picture, format="PNG"
+    )
+    result = sdk.images.edit(
+        image=("in.png", picture.getvalue(), "image/png"),
+        prompt=PROMPT,
+        size="32x32",
+        extra_body={"seed": 9, "steps": 4, "strength": 0.7},
+    )
     with ImagesClient(gateway.grpc_url) as client:
         (expected,) = client.generate(PROMPT, seed=9, steps=4, strength=0.7, init_image=picture.getvalue())
     np.testing.assert_array_equal(pixels(result.data[0].b64_json), expected.array())
 
 
-@pytest.mark.parametrize("body, param, text", [
-    ({"steps": 0}, "steps", "[1, 150]"),
-    ({"size": "36x32"}, "size", "multiple of 8"),
-    ({"size": "big"}, "size", "WIDTHxHEIGHT"),
-    ({"n": 9}, "n", "[1, 8]"),
-    ({"response_format": "url"}, "response_format", "b64_json"),
-    ({"colour": "red"}, "colour", "unknown parameter"),
-    ({"guidance_scale": "high"}, "guidance_scale", "number"),
-    ({"partial_images": 2}, "partial_images", "stream"),
-])
+@pytest.mark.parametrize(
+    "body, param, text",
+    [
+        ({"steps": 0}, "steps", "[1, 150]"),
+        ({"size": "36x32"}, "size", "multiple of 8"),
+        ({"size": "big"}, "size", "WIDTHxHEIGHT"),
+        ({"n": 9}, "n", "[1, 8]"),
+        ({"response_format": "url"}, "response_format", "b64_json"),
+        ({"colour": "red"}, "colour", "unknown parameter"),
+        ({"guidance_scale": "high"}, "guidance_scale", "number"),
+        ({"partial_images": 2}, "partial_images", "stream"),
+    ],
+)
 def test_bad_requests_are_400_in_openais_shape_naming_the_param(gateway, body, param, text):
     status, headers, answer = post(gateway, "/v1/images/generations", {"prompt": PROMPT, "steps": 2, **body})
     assert status == 400, answer
@@ -114,7 +139,9 @@ def test_sdk_raises_bad_request_with_the_param(sdk):
 
 
 def test_request_id_header_is_echoed_or_made(gateway):
-    status, headers, _ = post(gateway, "/v1/images/generations", {"prompt": PROMPT, "steps": 2}, {"X-Request-Id": "abc-123"})
+    status, headers, _ = post(
+        gateway, "/v1/images/generations", {"prompt": PROMPT, "steps": 2}, {"X-Request-Id": "abc-123"}
+    )
     assert status == 200 and headers["X-Request-Id"] == "abc-123"
     _, headers, _ = post(gateway, "/v1/images/generations", {"prompt": PROMPT, "steps": 2}, {"X-Request-Id": "bad id!"})
     assert re.fullmatch(r"[0-9a-f]{32}", headers["X-Request-Id"])
@@ -124,12 +151,16 @@ def test_openapi_document_and_its_page_need_nothing_from_elsewhere(gateway):
     spec = json.loads(urllib.request.urlopen(gateway.rest_url + "/openapi.json").read())
     assert spec["openapi"].startswith("3.")
     body = spec["components"]["schemas"]["GenerationsRequest"]
-    assert body["required"] == ["prompt"] and {"n", "size", "stream", "partial_images", "seed", "steps"} <= set(body["properties"])
+    assert body["required"] == ["prompt"] and {"n", "size", "stream", "partial_images", "seed", "steps"} <= set(
+        body["properties"]
+    )
     assert "image" in spec["components"]["schemas"]["EditsRequest"]["properties"]
     page = urllib.request.urlopen(gateway.rest_url + "/docs").read().decode()
     assert "/openapi.json" in page
     # no script, style, image or font from another origin
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "@import" not in page and "url(" not in page
+    assert (
+        not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "@import" not in page and "url(" not in page
+    )
 
 
 def test_requests_with_the_same_request_id_run_side_by_side(gateway, server):
@@ -140,11 +171,14 @@ def test_requests_with_the_same_request_id_run_side_by_side(gateway, server):
     host, port = gateway.rest_url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)))
     try:
-        connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                           b"X-Request-Id: same-id\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        connection.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"X-Request-Id: same-id\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
         assert wait_for(lambda: metrics(server)["ldm_active_requests"] >= 1)
-        status, headers, answer = post(gateway, "/v1/images/generations", {"prompt": PROMPT, "steps": 2},
-                                       {"X-Request-Id": "same-id"})
+        status, headers, answer = post(
+            gateway, "/v1/images/generations", {"prompt": PROMPT, "steps": 2}, {"X-Request-Id": "same-id"}
+        )
         assert status == 200 and headers["X-Request-Id"] == "same-id", answer
     finally:
         connection.close()  # cancels the long one
@@ -157,8 +191,10 @@ def test_a_client_that_disconnects_cancels_its_generation(gateway, server):
     body = json.dumps({"prompt": PROMPT, "steps": 150, "n": 2, "size": "64x64"}).encode()
     host, port = gateway.rest_url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)))
-    connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    connection.sendall(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
     assert wait_for(lambda: metrics(server)["ldm_active_requests"] >= 1)
     connection.close()
     assert wait_for(lambda: metrics(server)["ldm_cancellations_total"] == before["ldm_cancellations_total"] + 2)

@@ -9,6 +9,7 @@ lora_names / lora_weights; `ldm generate --lora`; and the refusals (unknown adap
 range weight, too many, an upload over the limit, not safetensors, another model's layers, a
 non-admin key, DELETE or replacing an adapter a running generation uses: 409); a live generation
 steered to other adapters."""
+
 import asyncio
 import base64
 import io
@@ -33,9 +34,9 @@ SETS = [
     ([{"name": "a"}], "", (1.0, 0.0, 0.0)),
     ([{"name": "b", "weight": 0.7}], "", (0.0, 0.7, 0.0)),
     ([{"name": "a", "weight": 0.8}, {"name": "b", "weight": -0.5}], "", (0.8, -0.5, 0.0)),
-    ([], " <lora:a:0.8> <lora:b:-0.5>", (0.8, -0.5, 0.0)),       # by tags only
+    ([], " <lora:a:0.8> <lora:b:-0.5>", (0.8, -0.5, 0.0)),  # by tags only
     ([{"name": "b", "weight": -0.5}], " <lora:a:0.8>", (0.8, -0.5, 0.0)),  # a field and a tag
-    ([{"name": "c", "weight": 1.5}], "", (0.0, 0.0, 1.5)),       # the folder's adapter
+    ([{"name": "c", "weight": 1.5}], "", (0.0, 0.0, 1.5)),  # the folder's adapter
     ([], " <lora:c:-1>", (0.0, 0.0, -1.0)),
 ]
 
@@ -47,7 +48,14 @@ def pixels(data) -> np.ndarray:
 
 class Served:
     def __init__(self, server, gateway, repo, params, files, folder):
-        self.server, self.gateway, self.repo, self.params, self.files, self.folder = server, gateway, repo, params, files, folder
+        self.server, self.gateway, self.repo, self.params, self.files, self.folder = (
+            server,
+            gateway,
+            repo,
+            params,
+            files,
+            folder,
+        )
         self.rest_url = gateway.rest_url
 
     def call(self, method, path, key=USER, headers=(), **kwargs):
@@ -61,8 +69,11 @@ class Served:
         return self.call("POST", "/v1/loras", key, files={"file": (filename or f"{name}.safetensors", data)}, data=form)
 
     def generate(self, prompt=PROMPT, seed=0, **body):
-        return self.call("POST", "/v1/images/generations",
-                         json={"prompt": prompt, "size": SIZE, "steps": STEPS, "seed": seed, **body})
+        return self.call(
+            "POST",
+            "/v1/images/generations",
+            json={"prompt": prompt, "size": SIZE, "steps": STEPS, "seed": seed, **body},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +102,12 @@ def served(tiny_checkpoint, lora_files, tmp_path_factory, triton_servers):
     keys = folder / "keys"
     keys.write_text(f"admin {hash_key(ADMIN)} admin\nuser {hash_key(USER)}\n")
     with triton_servers.running(repo, "tritonserver-lora-api") as server:
-        with GatewayProcess(server.grpc_url, log_file=folder / "gateway.log", control_secret=server.control_secret,
-                            extra_args=["--api-keys", str(keys)]) as gateway:
+        with GatewayProcess(
+            server.grpc_url,
+            log_file=folder / "gateway.log",
+            control_secret=server.control_secret,
+            extra_args=["--api-keys", str(keys)],
+        ) as gateway:
             yield Served(server, gateway, repo, params, lora_files, folder)
 
 
@@ -107,9 +122,12 @@ def local(served, tmp_path_factory):
     own = tmp_path_factory.mktemp("local-loras")  # its uploads beside its own copy of the folder
     shutil.copy(served.files["a"], own / "c.safetensors")
     params = {**served.params, "lora_dir": str(own)}
-    svc = PipelineService(PipelineAssets.read(served.repo / "pipeline" / "1"),
-                          PipelineConfig.parse({k: str(v) for k, v in params.items()}), local_variants(served.repo),
-                          lora_reader=read_adapter)
+    svc = PipelineService(
+        PipelineAssets.read(served.repo / "pipeline" / "1"),
+        PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+        local_variants(served.repo),
+        lora_reader=read_adapter,
+    )
     for name in ("a", "b"):
         svc.load_lora(name, served.files[name].read_bytes())
     return svc
@@ -128,12 +146,16 @@ def alone(svc, prompt, seed, loras) -> np.ndarray:
 
     fields = {}
     if loras:
-        fields = dict(lora_names=[lora["name"] for lora in loras],
-                      lora_weights=np.array([lora.get("weight", 1.0) for lora in loras], np.float32))
+        fields = dict(
+            lora_names=[lora["name"] for lora in loras],
+            lora_weights=np.array([lora.get("weight", 1.0) for lora in loras], np.float32),
+        )
     return generate(svc, prompt, seed=seed, steps=STEPS, height=32, width=32, **fields)
 
 
-def test_uploads_by_an_admin_key_then_sixteen_mixed_requests_each_equal_the_request_alone(served, local, tiny_checkpoint):
+def test_uploads_by_an_admin_key_then_sixteen_mixed_requests_each_equal_the_request_alone(
+    served, local, tiny_checkpoint
+):
     listed = served.call("GET", "/v1/loras").json()
     assert listed == {"object": "list", "data": [{"id": "c", "object": "lora", "model": "tiny", "resident": False}]}
     refused = served.upload("a", served.files["a"].read_bytes(), key=USER)
@@ -141,8 +163,16 @@ def test_uploads_by_an_admin_key_then_sixteen_mixed_requests_each_equal_the_requ
     assert served.upload("a", b"x", key=None).status_code == 401
     # named by the file's stem; then with a name given for diffusers' own file name
     answer = served.upload(None, served.files["a"].read_bytes(), filename="a.safetensors")
-    assert answer.status_code == 200 and answer.json() == {"id": "a", "object": "lora", "model": "tiny", "resident": False}
-    assert served.upload("b", served.files["b"].read_bytes(), filename="pytorch_lora_weights.safetensors").status_code == 200
+    assert answer.status_code == 200 and answer.json() == {
+        "id": "a",
+        "object": "lora",
+        "model": "tiny",
+        "resident": False,
+    }
+    assert (
+        served.upload("b", served.files["b"].read_bytes(), filename="pytorch_lora_weights.safetensors").status_code
+        == 200
+    )
     assert [e["id"] for e in served.call("GET", "/v1/loras").json()["data"]] == ["a", "b", "c"]
     assert served.call("GET", "/v1/loras/b").json()["model"] == "tiny"
 
@@ -150,14 +180,23 @@ def test_uploads_by_an_admin_key_then_sixteen_mixed_requests_each_equal_the_requ
     before = idle_metrics(served.server)
 
     async def crowd():
-        async with openai.AsyncOpenAI(base_url=served.rest_url + "/v1", api_key=USER, max_retries=0, timeout=300) as sdk:
-            calls = [sdk.images.generate(prompt=PROMPT + tags, size=SIZE,
-                                         extra_body={"seed": seed, "steps": STEPS, **({"loras": loras} if loras else {})})
-                     for (loras, tags, _), seed in requests_]
+        async with openai.AsyncOpenAI(
+            base_url=served.rest_url + "/v1", api_key=USER, max_retries=0, timeout=300
+        ) as sdk:
+            calls = [
+                sdk.images.generate(
+                    prompt=PROMPT + tags,
+                    size=SIZE,
+                    extra_body={"seed": seed, "steps": STEPS, **({"loras": loras} if loras else {})},
+                )
+                for (loras, tags, _), seed in requests_
+            ]
             return await asyncio.gather(*calls)
 
     answers = asyncio.run(crowd())
-    assert wait_for(lambda: metrics(served.server)["ldm_images_completed_total"] >= before["ldm_images_completed_total"] + 16)
+    assert wait_for(
+        lambda: metrics(served.server)["ldm_images_completed_total"] >= before["ldm_images_completed_total"] + 16
+    )
     after = metrics(served.server)
     rows, steps = (after[k] - before[k] for k in ("ldm_unet_rows_total", "ldm_unet_steps_total"))
     assert rows > 2 * steps, rows / steps  # requests with different adapters shared UNet calls
@@ -184,11 +223,18 @@ def check_against_diffusers(checkpoint, files, requests_, images):
     reference.set_progress_bar_config(disable=True)
     for name in ("a", "b"):
         reference.load_lora_weights(str(files[name]), adapter_name=name)
-    for ((_, tags, (a, b, c)), seed), image in list(zip(requests_, images))[:len(SETS)]:
+    for ((_, tags, (a, b, c)), seed), image in list(zip(requests_, images))[: len(SETS)]:
         reference.set_adapters(["a", "b"], [a + c, b])
         latents = torch.from_numpy(noise_generator(seed).standard_normal((4, 8, 8), dtype=np.float32))[None]
-        expected = reference(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, height=32, width=32, latents=latents,
-                             output_type="np").images[0]
+        expected = reference(
+            PROMPT,
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            latents=latents,
+            output_type="np",
+        ).images[0]
         error = np.abs((expected * 255).round() - image).mean()
         assert error <= 1.0, (tags, (a, b, c), error)
 
@@ -200,7 +246,10 @@ def test_grpc_lists_loads_and_unloads_and_generates_with_loras_as_rest_kserve_an
 
     uploaded(served)
     fields = dict(seed=5, steps=STEPS, height=32, width=32)
-    with ImagesClient(served.gateway.grpc_url, api_key=ADMIN) as admin, ImagesClient(served.gateway.grpc_url, api_key=USER) as user:
+    with (
+        ImagesClient(served.gateway.grpc_url, api_key=ADMIN) as admin,
+        ImagesClient(served.gateway.grpc_url, api_key=USER) as user,
+    ):
         assert {a["id"] for a in user.loras()} >= {"a", "b", "c"}
         assert admin.load_lora("g", served.files["b"]) == {"id": "g", "model": "tiny", "resident": False}
         with pytest.raises(ImagesError) as info:
@@ -224,8 +273,31 @@ def test_grpc_lists_loads_and_unloads_and_generates_with_loras_as_rest_kserve_an
         by_kserve = kserve.generate(PROMPT, loras=["b:0.7"], **fields)
     assert by_kserve.tobytes() == by_rest.tobytes()
     out = tmp_path / "cli.png"
-    assert main(["generate", PROMPT, "--lora", "b:0.7", "--seed", "5", "--steps", str(STEPS), "--height", "32", "--width",
-                 "32", "--url", served.gateway.grpc_url, "--api-key", USER, "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                PROMPT,
+                "--lora",
+                "b:0.7",
+                "--seed",
+                "5",
+                "--steps",
+                str(STEPS),
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--url",
+                served.gateway.grpc_url,
+                "--api-key",
+                USER,
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert pixels(out.read_bytes()).tobytes() == by_rest.tobytes()
 
 
@@ -252,10 +324,16 @@ def test_refusals_name_the_field(served, tmp_path):
     message = refusal(served.generate(loras=[{"name": "zz"}]), 400, "loras[0].name")
     assert "no adapter named 'zz'; loaded: a, b, c" in message
     assert "no adapter named 'zz'" in refusal(served.generate(prompt=PROMPT + " <lora:zz:1>"), 400, "prompt")
-    nan = served.call("POST", "/v1/images/generations", data='{"prompt": "x", "steps": 2, "loras": [{"name": "a", "weight": NaN}]}',
-                      headers={"Content-Type": "application/json"})
+    nan = served.call(
+        "POST",
+        "/v1/images/generations",
+        data='{"prompt": "x", "steps": 2, "loras": [{"name": "a", "weight": NaN}]}',
+        headers={"Content-Type": "application/json"},
+    )
     assert "finite number in [-4.0, 4.0], got nan" in refusal(nan, 400, "loras[0].weight")
-    assert "[-4.0, 4.0], got 5.0" in refusal(served.generate(loras=[{"name": "a", "weight": 5}]), 400, "loras[0].weight")
+    assert "[-4.0, 4.0], got 5.0" in refusal(
+        served.generate(loras=[{"name": "a", "weight": 5}]), 400, "loras[0].weight"
+    )
     assert "got -4.5" in refusal(served.generate(prompt=PROMPT + " <lora:a:-4.5>"), 400, "prompt")
     many = [{"name": n} for n in ("a", "b", "c")] * 2
     assert "at most 4 per request" in refusal(served.generate(loras=many[:5]), 400, "loras")
@@ -264,14 +342,22 @@ def test_refusals_name_the_field(served, tmp_path):
     # the edits form takes `name:weight,...`
     image = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image, format="PNG")
-    edit = served.call("POST", "/v1/images/edits", files={"image": ("i.png", image.getvalue())},
-                       data={"prompt": PROMPT, "steps": "2", "loras": "a:0.5,zz:1"})
+    edit = served.call(
+        "POST",
+        "/v1/images/edits",
+        files={"image": ("i.png", image.getvalue())},
+        data={"prompt": PROMPT, "steps": "2", "loras": "a:0.5,zz:1"},
+    )
     assert "loaded: a, b, c" in refusal(edit, 400, "loras[1].name")
     # uploads: over the 1 MB limit (before the pipeline reads it), not safetensors, another model's layers, a bad name
     assert "at most 1048576 bytes" in refusal(served.upload("big", b"\0" * (2 * 2**20)), 413, "file")
     assert "not a LoRA file" in refusal(served.upload("junk", b"not a safetensors file"), 400, "file")
-    other = save({"unet.down_blocks.9.attentions.0.proj_in.lora.down.weight": np.zeros((2, 32), np.float32),
-                  "unet.down_blocks.9.attentions.0.proj_in.lora.up.weight": np.zeros((32, 2), np.float32)})
+    other = save(
+        {
+            "unet.down_blocks.9.attentions.0.proj_in.lora.down.weight": np.zeros((2, 32), np.float32),
+            "unet.down_blocks.9.attentions.0.proj_in.lora.up.weight": np.zeros((32, 2), np.float32),
+        }
+    )
     message = refusal(served.upload("other", other), 400, "file")
     assert "layer unet.down_blocks.9.attentions.0.proj_in is not a layer" in message and ".partial" not in message
     assert "letters, digits" in refusal(served.upload("a b", served.files["a"].read_bytes()), 400, "name")

@@ -5,6 +5,7 @@ ListModels list both with their families; the SDK generates with model="sdxl" an
 default, and the images are Triton's for the same inputs; an unknown model is 404 / NOT_FOUND
 naming it; an SDXL field sent to the SD model is 400 / INVALID_ARGUMENT naming the field;
 samplers per model; `ldm generate --model`; the page's model menu."""
+
 import base64
 import io
 import json
@@ -49,10 +50,27 @@ def served(tiny_checkpoint, sdxl_checkpoint, tmp_path_factory):
     """`ldm serve` with both checkpoints on free ports, until the module's tests are done."""
     folder = tmp_path_factory.mktemp("two-models")
     ports = free_ports(5)
-    command = LDM + ["serve", "--checkpoint", str(tiny_checkpoint), "--checkpoint", f"sdxl={sdxl_checkpoint}",
-                     "--repo", str(folder / "repo"), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-                     "--metrics-port", str(ports[2]), "--gateway-rest-port", str(ports[3]),
-                     "--gateway-grpc-port", str(ports[4]), "--log-file", str(folder / "triton.log")]
+    command = LDM + [
+        "serve",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--checkpoint",
+        f"sdxl={sdxl_checkpoint}",
+        "--repo",
+        str(folder / "repo"),
+        "--http-port",
+        str(ports[0]),
+        "--grpc-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--gateway-rest-port",
+        str(ports[3]),
+        "--gateway-grpc-port",
+        str(ports[4]),
+        "--log-file",
+        str(folder / "triton.log"),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -90,8 +108,9 @@ def get(served, path):
 
 
 def post(served, path, body):
-    request = urllib.request.Request(served.rest_url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        served.rest_url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read().decode()
@@ -122,8 +141,12 @@ def test_the_sdk_generates_with_each_model_and_the_images_are_tritons(served, sd
         result = sdk.images.generate(prompt=PROMPT, size="32x32", extra_body={"seed": 3, **FAST}, **model)
         return pixels(result.data[0].b64_json)
 
-    default, named_default, openai_name, sdxl = generate(), generate(model="tiny"), generate(model="dall-e-2"), \
-        generate(model="sdxl")
+    default, named_default, openai_name, sdxl = (
+        generate(),
+        generate(model="tiny"),
+        generate(model="dall-e-2"),
+        generate(model="sdxl"),
+    )
     with LdmClient(served.kserve_url) as kserve:
         np.testing.assert_array_equal(default, kserve.generate(PROMPT, seed=3, height=32, width=32, **FAST))
         np.testing.assert_array_equal(sdxl, kserve.generate(PROMPT, model="sdxl", seed=3, height=32, width=32, **FAST))
@@ -139,8 +162,12 @@ def test_an_unknown_model_is_404_or_not_found_naming_it(served, sdk):
     assert body["param"] == "model" and body["code"] == "model_not_found"
     assert "'sdxl-turbo'" in body["message"] and "tiny, sdxl" in body["message"]
     with pytest.raises(openai.NotFoundError, match="sdxl-turbo"):
-        sdk.images.edit(image=("in.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png"), prompt=PROMPT,
-                        model="sdxl-turbo", extra_body=FAST)
+        sdk.images.edit(
+            image=("in.png", png(np.zeros((32, 32, 3), np.uint8)), "image/png"),
+            prompt=PROMPT,
+            model="sdxl-turbo",
+            extra_body=FAST,
+        )
     status, body = post(served, "/v1/generations", {"prompt": PROMPT, "model": "sdxl-turbo", **FAST})
     assert status == 404 and body["error"]["param"] == "model" and "'sdxl-turbo'" in body["error"]["message"]
     with ImagesClient(served.grpc_url) as client:
@@ -160,9 +187,13 @@ def test_sdxl_fields_condition_the_sdxl_model_and_are_refused_naming_the_field_f
             client.generate(PROMPT, original_size=(64, 64), **FAST)
         assert (grpc_info.value.code, grpc_info.value.field) == ("INVALID_ARGUMENT", "original_size")
         via_grpc = client.generate(PROMPT, model="sdxl", seed=4, height=32, width=32, **SDXL_SIZES, **FAST)[0].array()
-    result = sdk.images.generate(prompt=PROMPT, model="sdxl", size="32x32", extra_body={"seed": 4, **SDXL_SIZES, **FAST})
+    result = sdk.images.generate(
+        prompt=PROMPT, model="sdxl", size="32x32", extra_body={"seed": 4, **SDXL_SIZES, **FAST}
+    )
     conditioned = pixels(result.data[0].b64_json)
-    plain = pixels(sdk.images.generate(prompt=PROMPT, model="sdxl", size="32x32", extra_body={"seed": 4, **FAST}).data[0].b64_json)
+    plain = pixels(
+        sdk.images.generate(prompt=PROMPT, model="sdxl", size="32x32", extra_body={"seed": 4, **FAST}).data[0].b64_json
+    )
     with LdmClient(served.kserve_url) as kserve:
         expected = kserve.generate(PROMPT, model="sdxl", seed=4, height=32, width=32, **SDXL_SIZES, **FAST)
     np.testing.assert_array_equal(conditioned, expected)
@@ -173,8 +204,12 @@ def test_sdxl_fields_condition_the_sdxl_model_and_are_refused_naming_the_field_f
 def test_an_edit_names_its_model_too(served, sdk):
     y, x = np.mgrid[0:32, 0:32]
     picture = np.stack([x * 8, y * 8, 255 - x * 8], -1).astype(np.uint8)
-    result = sdk.images.edit(image=("in.png", png(picture), "image/png"), prompt=PROMPT, model="sdxl",
-                             extra_body={"seed": 2, "strength": 0.6, **FAST})
+    result = sdk.images.edit(
+        image=("in.png", png(picture), "image/png"),
+        prompt=PROMPT,
+        model="sdxl",
+        extra_body={"seed": 2, "strength": 0.6, **FAST},
+    )
     with LdmClient(served.kserve_url) as kserve:
         expected = kserve.generate(PROMPT, model="sdxl", init_image=picture, strength=0.6, seed=2, **FAST)
     np.testing.assert_array_equal(pixels(result.data[0].b64_json), expected)
@@ -183,7 +218,10 @@ def test_an_edit_names_its_model_too(served, sdk):
 def test_grpc_list_models_and_generate_with_a_model(served, sdk):
     with ImagesClient(served.grpc_url) as client:
         listed = client.models()
-        assert [(m["id"], m["family"], m["is_default"]) for m in listed] == [("tiny", "sd", True), ("sdxl", "sdxl", False)]
+        assert [(m["id"], m["family"], m["is_default"]) for m in listed] == [
+            ("tiny", "sd", True),
+            ("sdxl", "sdxl", False),
+        ]
         assert listed[1]["native_size"] == 32 and listed[1]["default_sampler"] == "ddim"
         image = client.generate(PROMPT, model="sdxl", seed=6, height=32, width=32, **FAST)[0]
         assert [s["name"] for s in client.samplers(model="sdxl") if s["fits_served_model"]]
@@ -200,24 +238,55 @@ def test_samplers_and_live_generations_take_the_model(served):
     assert {s["name"]: s["fits_served_model"] for s in samplers["data"]}["flow_match_euler"] is False
     status, body = get(served, "/v1/samplers?model=nope")
     assert status == 404 and body["error"]["param"] == "model"
-    status, events = post(served, "/v1/generations", {"prompt": PROMPT, "model": "sdxl", "seed": 6, "size": "32x32",
-                                                      "preview_every": 0, **FAST})
+    status, events = post(
+        served,
+        "/v1/generations",
+        {"prompt": PROMPT, "model": "sdxl", "seed": 6, "size": "32x32", "preview_every": 0, **FAST},
+    )
     assert status == 200 and "event: generation.completed" in events
 
 
 def test_ldm_generate_model_and_sdxl_sizes_through_the_gateway_and_kserve(served, tmp_path):
     sizes = ["--original-size", "64", "48", "--crop-top-left", "8", "0", "--target-size", "32", "32"]
     for protocol, url in (("gateway", served.grpc_url), ("kserve", served.kserve_url)):
-        done = subprocess.run(LDM + ["generate", PROMPT, "-o", str(tmp_path / f"{protocol}.png"), "--seed", "4", "--steps", "3",
-                                     "--height", "32", "--width", "32", "--model", "sdxl", *sizes, "--protocol", protocol,
-                                     "--url", url], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            LDM
+            + [
+                "generate",
+                PROMPT,
+                "-o",
+                str(tmp_path / f"{protocol}.png"),
+                "--seed",
+                "4",
+                "--steps",
+                "3",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--model",
+                "sdxl",
+                *sizes,
+                "--protocol",
+                protocol,
+                "--url",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
     with LdmClient(served.kserve_url) as kserve:
         expected = kserve.generate(PROMPT, model="sdxl", seed=4, height=32, width=32, **SDXL_SIZES, **FAST)
     for protocol in ("gateway", "kserve"):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{protocol}.png").convert("RGB")), expected)
-    unknown = subprocess.run(LDM + ["generate", PROMPT, "-o", str(tmp_path / "x.png"), "--model", "nope", "--url",
-                                    served.grpc_url], capture_output=True, text=True, timeout=60)
+    unknown = subprocess.run(
+        LDM + ["generate", PROMPT, "-o", str(tmp_path / "x.png"), "--model", "nope", "--url", served.grpc_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr and "'nope'" in unknown.stderr
 
 

@@ -3,6 +3,7 @@ its A1111 name over REST (the `openai` SDK) is the same image as by our name ove
 or unfitting names are refused naming `sampler`; GET /v1/samplers and ListSamplers list them;
 guidance intervals pass through; and 8 requests with 8 samplers and step counts, each joining
 while the others run, give each the bytes it gets alone."""
+
 import base64
 import io
 import json
@@ -44,9 +45,15 @@ def get(gateway, path):
 
 
 def test_an_a1111_name_over_rest_is_our_name_over_grpc(sdk, client):
-    result = sdk.images.generate(prompt=PROMPT, size="32x32", output_format="png",
-                                 extra_body={"sampler": "DPM++ 2M Karras", "steps": 10, "seed": 7})
-    (image,) = client.generate(PROMPT, seed=7, steps=10, height=32, width=32, sampler="dpmpp_2m", sigma_schedule="karras")
+    result = sdk.images.generate(
+        prompt=PROMPT,
+        size="32x32",
+        output_format="png",
+        extra_body={"sampler": "DPM++ 2M Karras", "steps": 10, "seed": 7},
+    )
+    (image,) = client.generate(
+        PROMPT, seed=7, steps=10, height=32, width=32, sampler="dpmpp_2m", sigma_schedule="karras"
+    )
     assert base64.b64decode(result.data[0].b64_json) == image.data
     (ddim,) = client.generate(PROMPT, seed=7, steps=10, height=32, width=32, sampler="ddim")
     assert ddim.data != image.data  # the sampler changed the image
@@ -67,10 +74,13 @@ def test_sampler_fields_reach_the_pipeline_as_triton_clients_send_them(client, s
 def test_an_edit_takes_a_sampler_and_an_interval_in_its_form(sdk, client):
     """/v1/images/edits is multipart: the SDK sends a list as the field repeated (`name[]`)."""
     picture = io.BytesIO()
-    PILImage.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(picture, format="PNG")
+    PILImage.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        picture, format="PNG"
+    )
     fields = dict(seed=4, steps=6, strength=0.7, sampler="Euler a", guidance_interval=[0.1, 0.7])
-    result = sdk.images.edit(image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32",
-                             extra_body=fields)
+    result = sdk.images.edit(
+        image=("in.png", picture.getvalue(), "image/png"), prompt=PROMPT, size="32x32", extra_body=fields
+    )
     (expected,) = client.generate(PROMPT, init_image=picture.getvalue(), **fields)
     assert base64.b64decode(result.data[0].b64_json) == expected.data
 
@@ -88,7 +98,10 @@ def test_unknown_and_unfitting_samplers_are_refused_naming_the_field(sdk, client
     # flow matching on the tiny epsilon/v checkpoint
     with pytest.raises(ImagesError) as unfit:
         client.generate(PROMPT, seed=1, steps=4, sampler="flow_match_euler")
-    assert (unfit.value.code, unfit.value.field) == ("INVALID_ARGUMENT", "sampler") and "does not fit" in unfit.value.message
+    assert (unfit.value.code, unfit.value.field) == (
+        "INVALID_ARGUMENT",
+        "sampler",
+    ) and "does not fit" in unfit.value.message
     with pytest.raises(openai.BadRequestError) as bad_schedule:
         sdk.images.generate(prompt=PROMPT, extra_body={"sampler": "ddim", "sigma_schedule": "karras", "steps": 4})
     assert bad_schedule.value.body["param"] == "sigma_schedule"
@@ -105,11 +118,18 @@ def test_v1_samplers_lists_them_in_openais_list_shape(gateway):
     fits = {s["name"]: s["fits_served_model"] for s in listed["data"]}
     assert fits == {name: name != "flow_match_euler" for name in SAMPLER_NAMES}
     for entry in listed["data"]:
-        assert entry["object"] == "sampler" and entry["description"] and entry["fits"] and "steps" in entry["parameters"]
+        assert (
+            entry["object"] == "sampler" and entry["description"] and entry["fits"] and "steps" in entry["parameters"]
+        )
     by_name = {s["name"]: s for s in listed["data"]}
     assert by_name["euler_ancestral"]["a1111_names"] == ["Euler a"]
-    assert "DPM++ 2M Karras" in by_name["dpmpp_2m"]["a1111_names"] and "karras" in by_name["dpmpp_2m"]["sigma_schedules"]
-    assert (listed["default_sampler"], listed["default_sigma_schedule"]) == ("ddim", "default")  # a DDIMScheduler checkpoint
+    assert (
+        "DPM++ 2M Karras" in by_name["dpmpp_2m"]["a1111_names"] and "karras" in by_name["dpmpp_2m"]["sigma_schedules"]
+    )
+    assert (listed["default_sampler"], listed["default_sigma_schedule"]) == (
+        "ddim",
+        "default",
+    )  # a DDIMScheduler checkpoint
     status, document = get(gateway, "/openapi.json")
     assert "/v1/samplers" in document["paths"]
     for route in ("GenerationsRequest", "EditsRequest", "LiveGenerationRequest"):
@@ -124,14 +144,26 @@ def test_list_samplers_over_grpc_is_the_rest_list(client, gateway):
 
 
 def test_a_live_generation_takes_a_sampler(gateway, client):
-    body = {"prompt": PROMPT, "seed": 5, "steps": 5, "sampler": "UniPC", "guidance_interval": [0, 0.6],
-            "preview_every": 0}
-    request = urllib.request.Request(gateway.rest_url + "/v1/generations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "prompt": PROMPT,
+        "seed": 5,
+        "steps": 5,
+        "sampler": "UniPC",
+        "guidance_interval": [0, 0.6],
+        "preview_every": 0,
+    }
+    request = urllib.request.Request(
+        gateway.rest_url + "/v1/generations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         events = response.read().decode()
-    completed = [json.loads(line[len("data: "):]) for line in events.splitlines()
-                 if line.startswith("data: ") and '"b64_json"' in line]
+    completed = [
+        json.loads(line[len("data: ") :])
+        for line in events.splitlines()
+        if line.startswith("data: ") and '"b64_json"' in line
+    ]
     (image,) = client.generate(PROMPT, seed=5, steps=5, sampler="unipc", guidance_interval=[0, 0.6])
     assert base64.b64decode(completed[0]["b64_json"]) == image.data
 

@@ -6,6 +6,7 @@ requests sent / completed / failed / retried and each replica's share. Without -
 exports the tiny random checkpoint into a temporary folder first (seconds). Everything it
 starts is stopped before it exits.
 """
+
 import argparse
 import json
 import sys
@@ -16,13 +17,16 @@ from tests.lb.scenario import run_scenario
 
 
 def _table(title: str, phase: dict) -> str:
-    lines = [f"{title}:",
-             f"  requests sent {phase['sent']}, completed {phase['completed']}, "
-             f"failed attempts {phase['failed_attempts']}"
-             + "".join(f" ({k}: {v})" for k, v in phase["failed_by_status"].items()) + ", "
-             f"retried {phase['retried']} (recovered {phase['recovered_by_retry']}), "
-             f"failed after retries {phase['failed_finally']}",
-             "  per replica (its nv_inference_request_success):"]
+    lines = [
+        f"{title}:",
+        f"  requests sent {phase['sent']}, completed {phase['completed']}, "
+        f"failed attempts {phase['failed_attempts']}"
+        + "".join(f" ({k}: {v})" for k, v in phase["failed_by_status"].items())
+        + ", "
+        f"retried {phase['retried']} (recovered {phase['recovered_by_retry']}), "
+        f"failed after retries {phase['failed_finally']}",
+        "  per replica (its nv_inference_request_success):",
+    ]
     for name, n in phase["per_replica"].items():
         lines.append(f"    {name:<26} {n:>4}  {phase['share'][name]:>6.1%}")
     return "\n".join(lines)
@@ -55,9 +59,12 @@ def main(argv=None) -> int:
             repo = Path(tmp) / "repo"
             write_repository(Path(tmp) / "checkpoint", repo, log=lambda *a: None)
         report = run_scenario(
-            repo, Path(tmp) / "run",
+            repo,
+            Path(tmp) / "run",
             make_client=lambda url: ImagesClient(url, timeout_s=60, policy=ONE_ATTEMPT),
-            n_replicas=args.replicas, spread_requests=args.requests, failover_requests=args.requests,
+            n_replicas=args.replicas,
+            spread_requests=args.requests,
+            failover_requests=args.requests,
             client_side_requests=args.requests,
             concurrency=args.concurrency,
             gen_kwargs={"steps": args.steps, "height": args.size, "width": args.size},
@@ -68,15 +75,22 @@ def main(argv=None) -> int:
     print(_table("phase 1, all replicas up, through nginx", report["spread"]))
     print(_table("phase 1b, no proxy, client-side round robin", report["client_side"]))
     print(_table(f"phase 2, {f['victim']} killed (SIGKILL) mid-load", f))
-    print(f"  calls running on {f['victim']} when it died: {f['victim_calls_failed_by_kill']} failed "
-          f"(coded {', '.join(f['failed_by_status']) or '-'}), {f['victim_calls_cut_after_image']} had their image already")
-    print(f"  calls started after the crash: {f['started_after_kill']}, needing a retry: "
-          f"{f['started_after_kill_needing_retry']}; nginx calls that tried {f['victim']} after it died: "
-          f"{f['nginx_after_kill_tried_victim']}, served by it: {f['nginx_after_kill_served_by_victim']}")
+    print(
+        f"  calls running on {f['victim']} when it died: {f['victim_calls_failed_by_kill']} failed "
+        f"(coded {', '.join(f['failed_by_status']) or '-'}), {f['victim_calls_cut_after_image']} had their image already"
+    )
+    print(
+        f"  calls started after the crash: {f['started_after_kill']}, needing a retry: "
+        f"{f['started_after_kill_needing_retry']}; nginx calls that tried {f['victim']} after it died: "
+        f"{f['nginx_after_kill_tried_victim']}, served by it: {f['nginx_after_kill_served_by_victim']}"
+    )
     if args.json:
         print(json.dumps(report, indent=1))
-    ok = (report["spread"]["failed_finally"] == 0 and f["failed_finally"] == 0
-          and f["nginx_after_kill_served_by_victim"] == 0)
+    ok = (
+        report["spread"]["failed_finally"] == 0
+        and f["failed_finally"] == 0
+        and f["nginx_after_kill_served_by_victim"] == 0
+    )
     return 0 if ok else 1
 
 

@@ -4,6 +4,7 @@ Bounded by construction: a fixed number of requests, a fixed number of worker th
 deadline for the whole run. Every request goes through serving.client.retry.call_with_retry, and
 what happened to it (attempts, errors, times) is recorded for the report and the test.
 """
+
 import itertools
 import threading
 import time
@@ -15,11 +16,11 @@ from serving.client.retry import RetryPolicy, RetryStats, call_with_retry
 @dataclass
 class RequestRecord:
     index: int
-    started: float            # time.time() of the first attempt
+    started: float  # time.time() of the first attempt
     ended: float = 0.0
     ok: bool = False
     attempts: int = 0
-    errors: dict = field(default_factory=dict)   # status -> failed attempts
+    errors: dict = field(default_factory=dict)  # status -> failed attempts
     final_error: str | None = None
     messages: list = field(default_factory=list)  # error text of each failed attempt
 
@@ -28,8 +29,15 @@ class LoadRun:
     """`concurrency` threads send up to `n_requests` generations (seeds 0, 1, ...) through the
     client; stop_after() ends the run early after a given number of further requests."""
 
-    def __init__(self, make_client, n_requests: int, concurrency: int, gen_kwargs: dict,
-                 policy: RetryPolicy = RetryPolicy(), prompt: str = "a red circle"):
+    def __init__(
+        self,
+        make_client,
+        n_requests: int,
+        concurrency: int,
+        gen_kwargs: dict,
+        policy: RetryPolicy = RetryPolicy(),
+        prompt: str = "a red circle",
+    ):
         self.make_client = make_client
         self.n_requests = n_requests
         self.concurrency = concurrency
@@ -82,6 +90,7 @@ class LoadRun:
                     except Exception as error:
                         record.messages.append(f"{time.time():.3f} {error}")
                         raise
+
                 try:
                     call_with_retry(attempt, self.policy, stats)
                     record.ok = True

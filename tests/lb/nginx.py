@@ -5,6 +5,7 @@ Renders deploy/nginx/ldm-grpc-lb.conf.template (NginxRestLB: ldm-rest-lb.conf.te
 private prefix directory and runs nginx in the foreground as a child process, so stopping it
 is one signal to one PID.
 """
+
 import re
 import signal
 import socket
@@ -64,8 +65,9 @@ class NginxGrpcLB:
         # -e: error log before the config is read (else nginx tries /var/log/nginx first).
         base = [nginx, "-p", str(self.prefix), "-e", str(self.prefix / "error.log"), "-c", str(conf)]
         subprocess.run(base + ["-t", "-q"], check=True, capture_output=True, text=True)
-        self.proc = subprocess.Popen(base + ["-g", "daemon off; master_process on;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            base + ["-g", "daemon off; master_process on;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -100,15 +102,17 @@ class NginxGrpcLB:
         """Parsed access-log lines: end and start time, status, grpc status, upstream list."""
         if not self.access_log.exists():
             return []
-        pattern = re.compile(r"^(?P<t>[\d.]+) (?P<uri>\S+) status=(?P<status>\d+) grpc=(?P<grpc>\S*) "
-                             r"grpc_headers=(?P<grpc_headers>\S*) rt=(?P<rt>[\d.]+) upstream=(?P<upstream>.*) upstream_status=(?P<ustatus>.*)$")
+        pattern = re.compile(
+            r"^(?P<t>[\d.]+) (?P<uri>\S+) status=(?P<status>\d+) grpc=(?P<grpc>\S*) "
+            r"grpc_headers=(?P<grpc_headers>\S*) rt=(?P<rt>[\d.]+) upstream=(?P<upstream>.*) upstream_status=(?P<ustatus>.*)$"
+        )
         entries = []
         for line in self.access_log.read_text().splitlines():
             m = pattern.match(line)
             if m:
                 d = m.groupdict()
-                d["t"] = float(d["t"])                   # when the call ended
-                d["start"] = d["t"] - float(d["rt"])     # when nginx received it
+                d["t"] = float(d["t"])  # when the call ended
+                d["start"] = d["t"] - float(d["rt"])  # when nginx received it
                 # the call's grpc-status wherever it was sent; "" when none reached the client
                 d["grpc"] = next((g for g in (d["grpc"], d.pop("grpc_headers")) if g not in ("", "-")), "")
                 # "a:1, b:2" when nginx moved the call to another replica.

@@ -5,6 +5,7 @@ A replica is `ldm serve` plus what it starts: tritonserver (with its python-back
 the gateway, the replica's public gRPC address, as in a pod. Its processes are recorded by PID
 once it is ready, and crashing or stopping it signals exactly those PIDs.
 """
+
 import os
 import re
 import signal
@@ -42,15 +43,38 @@ class Replica:
     def start(self, repo: Path, checkpoint: Path | None = None, env: dict | None = None) -> "Replica":
         # `python -m serving.cli` rather than the `ldm` script: the script may belong to another
         # checkout's install; this runs the code of the tree the caller imports.
-        command = [sys.executable, "-m", "serving.cli", "serve", "--repo", str(repo),
-                   "--host", "127.0.0.1", "--http-port", str(self.http_port),
-                   "--grpc-port", str(self.triton_grpc_port), "--metrics-port", str(self.metrics_port),
-                   "--gateway-rest-port", str(self.rest_port), "--gateway-grpc-port", str(self.grpc_port)]
+        command = [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.triton_grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--gateway-rest-port",
+            str(self.rest_port),
+            "--gateway-grpc-port",
+            str(self.grpc_port),
+        ]
         if checkpoint is not None:
             command += ["--checkpoint", str(checkpoint)]
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
         log.close()
         return self
 
@@ -139,13 +163,18 @@ class Replica:
                 text = r.read().decode()
         except OSError:
             return None
-        values = [float(m.group(1)) for m in re.finditer(
-            rf'^{re.escape(name)}{{[^}}]*model="{re.escape(model)}"[^}}]*}} ([0-9.eE+-]+)$', text, re.M)]
+        values = [
+            float(m.group(1))
+            for m in re.finditer(
+                rf'^{re.escape(name)}{{[^}}]*model="{re.escape(model)}"[^}}]*}} ([0-9.eE+-]+)$', text, re.M
+            )
+        ]
         return sum(values) if values else None
 
 
-def start_replicas(n: int, repo: Path, workdir: Path, timeout_s: float = 120,
-                   checkpoint: Path | None = None) -> list[Replica]:
+def start_replicas(
+    n: int, repo: Path, workdir: Path, timeout_s: float = 120, checkpoint: Path | None = None
+) -> list[Replica]:
     """Start n replicas concurrently and wait until all are ready; on failure stop them all.
     Each gateway is told its name and its peers' REST URLs (env LDM_REPLICA_NAME, LDM_PEERS),
     as a pod is (deploy/k8s), so a steer or DELETE reaching the wrong one is forwarded."""
@@ -153,7 +182,7 @@ def start_replicas(n: int, repo: Path, workdir: Path, timeout_s: float = 120,
     replicas = []
     try:
         ports = free_ports(5 * n)
-        fleet = [Replica(f"replica-{i}", *ports[5 * i: 5 * i + 5], workdir / f"replica-{i}.log") for i in range(n)]
+        fleet = [Replica(f"replica-{i}", *ports[5 * i : 5 * i + 5], workdir / f"replica-{i}.log") for i in range(n)]
         peers = ",".join(f"{r.name}=http://127.0.0.1:{r.rest_port}" for r in fleet)
         for r in fleet:
             replicas.append(r.start(repo, checkpoint, env={"LDM_REPLICA_NAME": r.name, "LDM_PEERS": peers}))

@@ -3,6 +3,7 @@
 Tests call `require(name)`: in CI (env CI set) a missing tool fails the test, since CI
 installs them; on a developer machine it skips with the reason and the install command.
 """
+
 import os
 import shutil
 import sys

@@ -1,4 +1,5 @@
 """The commands a user types: `ldm serve` in its own process, `ldm generate`, and Ctrl-C/SIGTERM."""
+
 import signal
 import subprocess
 import sys
@@ -21,10 +22,31 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
     ports = free_ports(5)  # distinct by construction (all bound at once, none handed out before)
     repo = tmp_path / "repo"
     serve = subprocess.Popen(
-        LDM + ["serve", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo), "--http-port", str(ports[0]),
-               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--gateway-rest-port", str(ports[3]),
-               "--gateway-grpc-port", str(ports[4]), "--log-file", str(tmp_path / "triton.log"), "--sampler", "Euler a"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        LDM
+        + [
+            "serve",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--repo",
+            str(repo),
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+            "--metrics-port",
+            str(ports[2]),
+            "--gateway-rest-port",
+            str(ports[3]),
+            "--gateway-grpc-port",
+            str(ports[4]),
+            "--log-file",
+            str(tmp_path / "triton.log"),
+            "--sampler",
+            "Euler a",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         lines = []
@@ -46,9 +68,24 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
         for protocol, port in urls.items():
             out = tmp_path / f"{protocol}.png"
             done = subprocess.run(
-                LDM + ["generate", "a red circle", "-o", str(out), "--seed", "5", "--steps", "4",
-                       "--protocol", protocol, "--url", f"127.0.0.1:{port}"],
-                capture_output=True, text=True, timeout=120,
+                LDM
+                + [
+                    "generate",
+                    "a red circle",
+                    "-o",
+                    str(out),
+                    "--seed",
+                    "5",
+                    "--steps",
+                    "4",
+                    "--protocol",
+                    protocol,
+                    "--url",
+                    f"127.0.0.1:{port}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             assert done.returncode == 0, done.stderr
             assert f"wrote {out} (32x32, seed 5)" in done.stdout and " ms via " in done.stdout
@@ -57,31 +94,77 @@ def test_serve_generate_and_clean_shutdown(tiny_checkpoint, tmp_path):
         assert all(np.array_equal(pixels["gateway"], other) for other in pixels.values())
 
         picked = {}
-        for name, extra in (("explicit", ["--sampler", "euler_ancestral"]),
-                            ("dpm-gateway", ["--sampler", "DPM++ 2M Karras", "--guidance-interval", "0.2", "0.8"]),
-                            ("dpm-kserve", ["--sampler", "dpmpp_2m", "--sigma-schedule", "karras", "--guidance-interval", "0.2",
-                                            "0.8", "--protocol", "kserve", "--url", f"127.0.0.1:{ports[1]}"])):
+        for name, extra in (
+            ("explicit", ["--sampler", "euler_ancestral"]),
+            ("dpm-gateway", ["--sampler", "DPM++ 2M Karras", "--guidance-interval", "0.2", "0.8"]),
+            (
+                "dpm-kserve",
+                [
+                    "--sampler",
+                    "dpmpp_2m",
+                    "--sigma-schedule",
+                    "karras",
+                    "--guidance-interval",
+                    "0.2",
+                    "0.8",
+                    "--protocol",
+                    "kserve",
+                    "--url",
+                    f"127.0.0.1:{ports[1]}",
+                ],
+            ),
+        ):
             out = tmp_path / f"{name}.png"
             url = [] if "--url" in extra else ["--url", f"127.0.0.1:{ports[4]}"]
-            done = subprocess.run(LDM + ["generate", "a red circle", "-o", str(out), "--seed", "5", "--steps", "4", *extra, *url],
-                                  capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                LDM + ["generate", "a red circle", "-o", str(out), "--seed", "5", "--steps", "4", *extra, *url],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert done.returncode == 0, done.stderr
             picked[name] = np.asarray(Image.open(out))
         assert np.array_equal(picked["explicit"], pixels["gateway"])  # the served default is `ldm serve --sampler`'s
         assert np.array_equal(picked["dpm-gateway"], picked["dpm-kserve"])
         assert not np.array_equal(picked["dpm-gateway"], pixels["gateway"])
-        unknown = subprocess.run(LDM + ["generate", "x", "--sampler", "DPM++ 3M", "--url", f"127.0.0.1:{ports[4]}"],
-                                 capture_output=True, text=True, timeout=60)
+        unknown = subprocess.run(
+            LDM + ["generate", "x", "--sampler", "DPM++ 3M", "--url", f"127.0.0.1:{ports[4]}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert unknown.returncode == 2 and "INVALID_ARGUMENT" in unknown.stderr and "sampler" in unknown.stderr
 
-        many = subprocess.run(LDM + ["generate", "a red circle", "-n", "3", "-o", str(tmp_path / "many.webp"), "--seed", "8",
-                                     "--steps", "3", "--url", f"127.0.0.1:{ports[4]}"], capture_output=True, text=True, timeout=120)
+        many = subprocess.run(
+            LDM
+            + [
+                "generate",
+                "a red circle",
+                "-n",
+                "3",
+                "-o",
+                str(tmp_path / "many.webp"),
+                "--seed",
+                "8",
+                "--steps",
+                "3",
+                "--url",
+                f"127.0.0.1:{ports[4]}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert many.returncode == 0, many.stderr
         assert [Image.open(tmp_path / f"many-{i}.webp").format for i in range(3)] == ["WEBP"] * 3
         assert "seed 10" in many.stdout and "step" in many.stderr  # the progress bar
 
-        bad = subprocess.run(LDM + ["generate", "x", "--steps", "0", "--url", f"127.0.0.1:{ports[4]}"],
-                             capture_output=True, text=True, timeout=60)
+        bad = subprocess.run(
+            LDM + ["generate", "x", "--steps", "0", "--url", f"127.0.0.1:{ports[4]}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "steps" in bad.stderr
 
         serve.send_signal(signal.SIGTERM)
@@ -104,10 +187,31 @@ def test_serve_refuses_a_sampler_that_does_not_fit_before_starting(tiny_repo, tm
     ports = [str(port) for port in free_ports(5)]
     for sampler, why in (("flow_match_euler", "does not fit"), ("DPM++ 3M", "unknown sampler")):
         refused = subprocess.run(
-            LDM + ["serve", "--repo", str(repo), "--sampler", sampler, "--http-port", ports[0], "--grpc-port", ports[1],
-                   "--metrics-port", ports[2], "--gateway-rest-port", ports[3], "--gateway-grpc-port", ports[4]],
-            capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2 and why in refused.stderr and "starting tritonserver" not in refused.stdout, refused
+            LDM
+            + [
+                "serve",
+                "--repo",
+                str(repo),
+                "--sampler",
+                sampler,
+                "--http-port",
+                ports[0],
+                "--grpc-port",
+                ports[1],
+                "--metrics-port",
+                ports[2],
+                "--gateway-rest-port",
+                ports[3],
+                "--gateway-grpc-port",
+                ports[4],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2 and why in refused.stderr and "starting tritonserver" not in refused.stdout, (
+            refused
+        )
     assert (repo / "pipeline" / "config.pbtxt").read_text() == before
 
 
@@ -141,8 +245,18 @@ def test_ldm_serve_forwards_every_gateway_option():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--max-request-pixels", "1234", "--allowed-hosts", "a.example,b.example",
-                              "--allowed-origins", "https://c.example", "--max-key-share", "0.25"])
+    args = parser.parse_args(
+        [
+            "--max-request-pixels",
+            "1234",
+            "--allowed-hosts",
+            "a.example,b.example",
+            "--allowed-origins",
+            "https://c.example",
+            "--max-key-share",
+            "0.25",
+        ]
+    )
     forwarded = gateway_arguments(args)
     pairs = dict(zip(forwarded[::2], forwarded[1::2]))
     assert pairs["--max-request-pixels"] == "1234" and pairs["--max-key-share"] == "0.25"

@@ -4,6 +4,7 @@ the end stops the engine for good).
 
 The regressions: one KServe message with `drain_grace_s=0` and no key used to stop the engine for
 good while Triton's and the gateway's readiness kept saying ready."""
+
 import os
 import queue
 import stat
@@ -18,7 +19,14 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from serving.client.kserve import LdmClient, infer_inputs, request_arrays
-from serving.triton.control import CONTROL_PARAMETER, SECRET_ENV, SECRET_FILE_ENV, authorised, secret_from_env, write_secret
+from serving.triton.control import (
+    CONTROL_PARAMETER,
+    SECRET_ENV,
+    SECRET_FILE_ENV,
+    authorised,
+    secret_from_env,
+    write_secret,
+)
 from serving.triton.drain import DRAIN_PARAMETER, drain
 from serving.triton.forwarding import CANCEL_PARAMETER
 from serving.triton.server import PROJECT_ROOT
@@ -47,8 +55,10 @@ def stack(tiny_repo, tmp_path_factory, triton_servers):
     from serving.gateway.process import GatewayProcess
 
     logs = tmp_path_factory.mktemp("control-logs")
-    with triton_servers.running(tiny_repo, "tritonserver-control") as server, \
-            GatewayProcess(server.grpc_url, log_file=logs / "gateway.log", control_secret=server.control_secret) as gateway:
+    with (
+        triton_servers.running(tiny_repo, "tritonserver-control") as server,
+        GatewayProcess(server.grpc_url, log_file=logs / "gateway.log", control_secret=server.control_secret) as gateway,
+    ):
         yield server, gateway
 
 
@@ -58,8 +68,9 @@ def _message(url: str, parameters: dict) -> list:
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
     try:
-        client.async_stream_infer("pipeline", infer_inputs(request_arrays("x")), parameters=parameters,
-                                  enable_empty_final_response=True)
+        client.async_stream_infer(
+            "pipeline", infer_inputs(request_arrays("x")), parameters=parameters, enable_empty_final_response=True
+        )
         got = [answers.get(timeout=60)]
         while got[-1][1] is None and not got[-1][0].get_response().parameters["triton_final_response"].bool_param:
             got.append(answers.get(timeout=60))
@@ -70,7 +81,7 @@ def _message(url: str, parameters: dict) -> list:
 
 
 def _refused(answers: list, field: str) -> bool:
-    (result, error), = answers
+    ((result, error),) = answers
     return error is not None and str(error.message()).startswith(f"[PERMISSION_DENIED] {field}:")
 
 
@@ -84,8 +95,13 @@ def _ready(url: str) -> bool:
 
 def _ldm_ready(server) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-    return subprocess.run([sys.executable, "-m", "serving.cli", "ready", "--url", server.grpc_url], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", "ready", "--url", server.grpc_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_control_messages_without_the_secret_are_refused_and_the_engine_keeps_serving(stack):

@@ -4,6 +4,7 @@ and the gateway beside it) in its own process, long generations in flight, then 
 The drain stops admitting at once (the gateway is not ready, new requests to Triton get
 UNAVAILABLE), the generations in flight finish (or, past the grace, get UNAVAILABLE), every
 request gets exactly one final answer, and no process of the tree is left."""
+
 import os
 import queue
 import signal
@@ -28,14 +29,33 @@ class Serve:
 
     def __init__(self, repo, log, grace_s: float, gateway: bool):
         self.http, self.grpc, self.metrics, self.rest, self.gateway_grpc = free_ports(5)
-        command = [sys.executable, "-m", "serving.cli", "serve", "--repo", str(repo), "--http-port", str(self.http),
-                   "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-file", str(log),
-                   "--drain-grace-s", str(grace_s)]
-        command += ["--gateway-rest-port", str(self.rest), "--gateway-grpc-port", str(self.gateway_grpc)] if gateway \
+        command = [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--http-port",
+            str(self.http),
+            "--grpc-port",
+            str(self.grpc),
+            "--metrics-port",
+            str(self.metrics),
+            "--log-file",
+            str(log),
+            "--drain-grace-s",
+            str(grace_s),
+        ]
+        command += (
+            ["--gateway-rest-port", str(self.rest), "--gateway-grpc-port", str(self.gateway_grpc)]
+            if gateway
             else ["--no-gateway"]
+        )
         env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
         self.lines, self.seen = queue.Queue(), []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -143,7 +163,10 @@ def test_sigterm_stops_admitting_and_finishes_the_generations_in_flight(tiny_rep
         # over its gRPC stream and over HTTP (the unary front), while the four are in flight
         assert wait_for(lambda: not _ready(f"http://127.0.0.1:{serve.rest}/readyz"), timeout=10)
         assert any(s.answers == 0 for s in streams), "the generations ended before the checks: make them longer"
-        with LdmClient(f"127.0.0.1:{serve.grpc}") as grpc, LdmClient(f"127.0.0.1:{serve.http}", protocol="http") as http:
+        with (
+            LdmClient(f"127.0.0.1:{serve.grpc}") as grpc,
+            LdmClient(f"127.0.0.1:{serve.http}", protocol="http") as http,
+        ):
             assert _status(lambda: grpc.generate("a red circle", steps=2)) == "UNAVAILABLE"
             assert _status(lambda: http.generate("a red circle", steps=2)) == "UNAVAILABLE"
 
@@ -184,7 +207,10 @@ def test_a_dead_pipeline_stub_stops_the_replica_for_its_supervisor_to_restart(ti
         tree = serve.tree()
         [stub] = [p for p in tree if any(a.endswith("/pipeline/1/model.py") for a in p.cmdline())]
         check = [sys.executable, "-m", "serving.cli", "stub-check", "--model=pipeline"]  # the k8s liveness probe
-        assert subprocess.run(check, capture_output=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))).returncode == 0
+        assert (
+            subprocess.run(check, capture_output=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))).returncode
+            == 0
+        )
         stub.kill()
         serve.wait_line("the pipeline's python stub", timeout=60)
         assert serve.process.wait(60) == 1
@@ -192,6 +218,9 @@ def test_a_dead_pipeline_stub_stops_the_replica_for_its_supervisor_to_restart(ti
         assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
         # (other servers of this test session may be running: ask for a model only that one has)
         missing = check[:-1] + ["--model=no-such-model"]
-        assert subprocess.run(missing, capture_output=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))).returncode == 1
+        assert (
+            subprocess.run(missing, capture_output=True, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))).returncode
+            == 1
+        )
     finally:
         serve.kill()

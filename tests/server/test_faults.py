@@ -6,6 +6,7 @@ match what the clients got) and that none hangs (each ends within its client tim
 
 Model faults come from the LDM_FAULTS test hook (serving/core/faults.py), set for the server's
 process only. The outcomes are tabled in docs/reliability.md ("Fault injection")."""
+
 from concurrent.futures import ThreadPoolExecutor
 import os
 import queue
@@ -73,11 +74,14 @@ def test_model_and_delivery_faults_touch_their_own_requests_alone(faulty_server)
     with ThreadPoolExecutor(2) as pool:
         pair = list(pool.map(lambda seed: outcome(url, steps=3, seed=seed), (4, 5)))
     assert sorted(code for code, _ in pair) == ["INTERNAL", "image"], pair
-    assert "the image could not be delivered: injected fault: finish call 3" in [m for c, m in pair if c == "INTERNAL"][0]
+    assert (
+        "the image could not be delivered: injected fault: finish call 3" in [m for c, m in pair if c == "INTERNAL"][0]
+    )
     assert outcome(url, steps=2, seed=6)[0] == "image"
     # none answered twice, none lost: 3 images and 3 failures, as the clients saw
-    assert wait_for(lambda: counters(faulty_server)["images_completed"] == 3 and counters(faulty_server)["failures"] == 3), \
-        counters(faulty_server)
+    assert wait_for(
+        lambda: counters(faulty_server)["images_completed"] == 3 and counters(faulty_server)["failures"] == 3
+    ), counters(faulty_server)
 
 
 def test_a_client_that_closes_its_stream_at_the_last_step_touches_nothing_else(faulty_server):
@@ -139,8 +143,10 @@ def test_killing_the_pipeline_stub_mid_load(tiny_repo, triton_servers):
         later = [request(7 + i, 2) for i in range(3)]
         with httpclient.InferenceServerClient(server.http_url) as http:
             ready = http.is_server_ready(), http.is_model_ready("pipeline")
-        print(f"\nkilled the pipeline stub {stub}: held requests {held}; later requests {later}; "
-              f"server, model ready {ready}; pipeline stubs now {server.stub_pids()}")
+        print(
+            f"\nkilled the pipeline stub {stub}: held requests {held}; later requests {later}; "
+            f"server, model ready {ready}; pipeline stubs now {server.stub_pids()}"
+        )
         assert [code for code, _ in held] == ["DEADLINE_EXCEEDED"] * 3
         assert all(code != "image" and "is not healthy" in message for code, message in later)
         assert ready == (True, True) and server.stub_pids() == []

@@ -4,6 +4,7 @@ inputs of tests/support/fuzz_inputs.py sent as raw tensors (no client-side check
 in one answer within its timeout: an image, or an error naming a field (Triton's own checks of
 dtype, shape and unknown inputs name the input too); the server stays ready; the images the
 clients received are exactly those the engine counted as completed."""
+
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 import queue
@@ -73,8 +74,11 @@ def _error(exc):
 def classify(inputs, image, error):
     """check_answer, and for Triton's own refusals (before the pipeline sees the request):
     INVALID_ARG naming one of the request's inputs."""
-    if error is not None and error[0] in TRITON_INVALID and ALIASES.get(error[1].split(":")[0].split("[")[0],
-                                                                            error[1].split(":")[0].split("[")[0]) not in SPECS:
+    if (
+        error is not None
+        and error[0] in TRITON_INVALID
+        and ALIASES.get(error[1].split(":")[0].split("[")[0], error[1].split(":")[0].split("[")[0]) not in SPECS
+    ):
         named = [n for n in (*SPECS, *EXTRA_NAMES) if f"'{n}'" in error[1]]
         assert named, error  # e.g. unexpected datatype TYPE_FP64 for inference input 'steps'
         return "triton INVALID_ARG"
@@ -92,10 +96,16 @@ def fuzz_server(server, cases_per_protocol):
     grpc_inputs = st.one_of(request_inputs(streaming=True), request_inputs(streaming=True, typed=True))
     http_inputs = st.one_of(request_inputs(streaming=False), request_inputs(streaming=False, typed=True))
 
-    @settings(max_examples=cases_per_protocol // BATCH, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
-    @given(grpc_batch=st.lists(grpc_inputs, min_size=BATCH, max_size=BATCH),
-           http_batch=st.lists(http_inputs, min_size=BATCH, max_size=BATCH))
+    @settings(
+        max_examples=cases_per_protocol // BATCH,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
+    @given(
+        grpc_batch=st.lists(grpc_inputs, min_size=BATCH, max_size=BATCH),
+        http_batch=st.lists(http_inputs, min_size=BATCH, max_size=BATCH),
+    )
     def fuzz(grpc_batch, http_batch):
         work = [("grpc", i) for i in grpc_batch] + [("http", i) for i in http_batch]
         with ThreadPoolExecutor(len(work)) as pool:
@@ -107,16 +117,24 @@ def fuzz_server(server, cases_per_protocol):
 
     fuzz()
     with httpclient.InferenceServerClient(server.http_url) as client:
-        assert client.is_server_ready() and client.is_model_ready("pipeline") and client.is_model_ready("pipeline_unary")
+        assert (
+            client.is_server_ready() and client.is_model_ready("pipeline") and client.is_model_ready("pipeline_unary")
+        )
     # no image answered twice, none lost: the engine's count moved by exactly what clients got
     completed = before.get("ldm_images_completed_total", 0) + sum(images.values())
-    assert wait_for(lambda: metrics(server).get("ldm_images_completed_total") == completed), (metrics(server), completed)
+    assert wait_for(lambda: metrics(server).get("ldm_images_completed_total") == completed), (
+        metrics(server),
+        completed,
+    )
     return tally
 
 
 def report(tally):
     total = sum(tally.values())
-    print(f"\nfuzz over gRPC and HTTP: {total} requests; outcomes: " + ", ".join(f"{k} {v}" for k, v in tally.most_common()))
+    print(
+        f"\nfuzz over gRPC and HTTP: {total} requests; outcomes: "
+        + ", ".join(f"{k} {v}" for k, v in tally.most_common())
+    )
 
 
 def test_fuzz_server_over_grpc_and_http(server):

@@ -1,6 +1,7 @@
 """scripts/gpu_bench.sh's program on CPU: `--device cpu --small` runs the code path the GPU run
 takes (checkpoint, diffusers baseline, UNet ceiling, export, tritonserver with the torch runner,
 closed and open loops, targets) on the tiny checkpoint; only the GPU itself is not exercised."""
+
 import json
 
 import pytest
@@ -67,8 +68,12 @@ def test_engine_without_triton_serves_the_load_generator(tiny_checkpoint, tmp_pa
     from serving.bench.loadgen import closed_loop
 
     repo = tmp_path / "repo"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(unet="torch", text_vae="torch"),
-                     log=lambda *a: None)
+    write_repository(
+        tiny_checkpoint,
+        repo,
+        pipeline_parameters=pipeline_parameters(unet="torch", text_vae="torch"),
+        log=lambda *a: None,
+    )
     pipeline = InProcessPipeline(repo, "cpu", log=lambda *a: None)
     try:
         run = closed_loop(pipeline.client, {"prompt": "a red circle", "steps": 3}, 3, 6).summary()

@@ -1,6 +1,7 @@
 """Image-conditioned generation through a real tritonserver (the VAE encoder over BLS): the same
 bytes as in process, alone and inside a crowd of mixed kinds; bad combinations answer
 INVALID_ARG naming the field over gRPC and HTTP, and the server keeps serving."""
+
 from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
@@ -60,7 +61,12 @@ def test_every_kind_served_alone_and_in_a_mixed_crowd_is_bit_identical_to_in_pro
         together = {kind: pool.submit(one, fields) for kind, fields in kinds.items()}
         together = {kind: f.result() for kind, f in together.items()}
         assert all(f.result().dtype == np.uint8 for f in futures)
-    assert wait_for(lambda: metrics(server)["ldm_images_completed_total"] >= before["ldm_images_completed_total"] + len(futures) + len(kinds))
+    assert wait_for(
+        lambda: (
+            metrics(server)["ldm_images_completed_total"]
+            >= before["ldm_images_completed_total"] + len(futures) + len(kinds)
+        )
+    )
     after = metrics(server)
     rows, steps = (after[k] - before[k] for k in ("ldm_unet_rows_total", "ldm_unet_steps_total"))
     assert rows > 2 * steps, rows / steps  # requests really shared UNet calls
@@ -117,10 +123,16 @@ def test_triton_itself_rejects_a_wrong_dtype_or_rank_naming_the_input(server, pr
     module, url = (grpcclient, server.grpc_url) if protocol == "grpc" else (httpclient, server.http_url)
     client = module.InferenceServerClient(url)
     try:
-        for name, value, dtype in (("init_image", IMAGE.astype(np.float32), "FP32"), ("mask", half_mask(32)[None], "UINT8")):
+        for name, value, dtype in (
+            ("init_image", IMAGE.astype(np.float32), "FP32"),
+            ("mask", half_mask(32)[None], "UINT8"),
+        ):
             tensors = []
-            for n, v, t in (("prompt", np.array([b"a red circle"], object), "BYTES"), ("init_image", IMAGE, "UINT8"),
-                            (name, value, dtype)):
+            for n, v, t in (
+                ("prompt", np.array([b"a red circle"], object), "BYTES"),
+                ("init_image", IMAGE, "UINT8"),
+                (name, value, dtype),
+            ):
                 tensor = module.InferInput(n, list(v.shape), t)
                 tensor.set_data_from_numpy(v)
                 tensors.append(tensor)
@@ -141,10 +153,32 @@ def test_ldm_generate_inpaints_an_image_of_your_own(server, tmp_path):
     for protocol, url in (("kserve", server.grpc_url), ("kserve-http", server.http_url)):
         out = tmp_path / f"{protocol}.png"
         done = subprocess.run(
-            [sys.executable, "-m", "serving.cli", "generate", PROMPT, "-o", str(out), "--init-image", str(tmp_path / "photo.png"),
-             "--mask", str(tmp_path / "mask.png"), "--strength", "0.8", "--seed", "5", "--steps", "6",
-             "--protocol", protocol, "--url", url],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "generate",
+                PROMPT,
+                "-o",
+                str(out),
+                "--init-image",
+                str(tmp_path / "photo.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--strength",
+                "0.8",
+                "--seed",
+                "5",
+                "--steps",
+                "6",
+                "--protocol",
+                protocol,
+                "--url",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr
         outputs.append(np.asarray(Image.open(out)))

@@ -1,5 +1,6 @@
 """Regional prompts through a real tritonserver (tiny checkpoint): every bad combination named
 over gRPC and HTTP, bit-identical bytes alone and in a crowd, and the regional UNet over BLS."""
+
 from concurrent.futures import ThreadPoolExecutor
 import shutil
 import threading
@@ -26,8 +27,11 @@ BAD = [
     (dict(region_prompts=["a"] * 9, region_divisions="1,1"), "region_prompts", "1 to 8 texts"),
     (dict(region_prompts=["a", ""], region_divisions="1,1"), "region_prompts", "text 1 must not be empty"),
     (dict(region_prompts=["a", "red " * 20], region_divisions="1,1"), "region_prompts[1]", "at most 16 tokens"),
-    (dict(region_prompts=TWO, region_divisions="1,1", region_negative_prompts=["x"]), "region_negative_prompts",
-     "one text per region"),
+    (
+        dict(region_prompts=TWO, region_divisions="1,1", region_negative_prompts=["x"]),
+        "region_negative_prompts",
+        "one text per region",
+    ),
     (dict(region_prompts=TWO, region_divisions="1,1", base_prompt_weight=2.0), "base_prompt_weight", "[0.0, 1.0]"),
     (dict(region_prompts=TWO, region_divisions="1,1", region_mode="pixel"), "region_mode", "latent, attention"),
     (dict(region_divisions="1,1"), "region_divisions", "needs region_prompts"),
@@ -59,13 +63,23 @@ def test_masks_and_divisions_give_the_same_image_over_grpc_and_http(server):
 
 @pytest.mark.parametrize("mode", ["latent", "attention"])
 def test_served_regional_image_is_bit_identical_alone_and_in_a_crowd_of_plain_requests(server, mode):
-    target = dict(prompt=BASE, seed=77, steps=15, guidance_scale=5.0, region_prompts=TWO, region_divisions="1,1",
-                  region_mode=mode)
-    crowd = [dict(prompt=p, seed=i, steps=s, guidance_scale=g)
-             # long enough (tiny steps take milliseconds) to overlap the target on any machine
-             for i, (p, s, g) in enumerate([("a blue square", 130, 7.5), ("a green star", 125, 1.0),
-                                             ("a yellow circle", 140, 3.0), ("two cats", 135, 5.0),
-                                             ("a white circle", 130, 9.0), ("a black square", 128, 5.0)])]
+    target = dict(
+        prompt=BASE, seed=77, steps=15, guidance_scale=5.0, region_prompts=TWO, region_divisions="1,1", region_mode=mode
+    )
+    crowd = [
+        dict(prompt=p, seed=i, steps=s, guidance_scale=g)
+        # long enough (tiny steps take milliseconds) to overlap the target on any machine
+        for i, (p, s, g) in enumerate(
+            [
+                ("a blue square", 130, 7.5),
+                ("a green star", 125, 1.0),
+                ("a yellow circle", 140, 3.0),
+                ("two cats", 135, 5.0),
+                ("a white circle", 130, 9.0),
+                ("a black square", 128, 5.0),
+            ]
+        )
+    ]
     with LdmClient(server.grpc_url) as client:
         alone = client.generate(**target)
     started = threading.Barrier(len(crowd) + 1)
@@ -75,7 +89,9 @@ def test_served_regional_image_is_bit_identical_alone_and_in_a_crowd_of_plain_re
             if not progress:
                 return client.generate(**fields)
             # the target is sent once every crowd request has reported its first step
-            return client.run(**fields, progress_every=1, on_progress=lambda g: len(g.progress) == 1 and started.wait(timeout=120)).image
+            return client.run(
+                **fields, progress_every=1, on_progress=lambda g: len(g.progress) == 1 and started.wait(timeout=120)
+            ).image
 
     with ThreadPoolExecutor(len(crowd) + 1) as pool:
         futures = [pool.submit(one, fields, True) for fields in crowd]
@@ -96,8 +112,13 @@ def bls_server(tiny_repo, tmp_path_factory, triton_servers):
 
 
 def test_attention_mode_over_bls_gives_the_in_process_bytes(server, bls_server):
-    fields = dict(seed=12, steps=8, region_prompts=["a cat", "a dog", "a horse"], region_divisions="1,2;1,1,1",
-                  region_mode="attention")
+    fields = dict(
+        seed=12,
+        steps=8,
+        region_prompts=["a cat", "a dog", "a horse"],
+        region_divisions="1,2;1,1,1",
+        region_mode="attention",
+    )
     with LdmClient(server.grpc_url) as inprocess, LdmClient(bls_server.grpc_url) as bls:
         np.testing.assert_array_equal(bls.generate(BASE, **fields), inprocess.generate(BASE, **fields))
 
@@ -116,10 +137,32 @@ def test_ldm_generate_with_regions_by_division_and_by_mask(server, gateway, prot
         masks.append(tmp_path / f"mask{i}.png")
         Image.fromarray(mask).save(masks[-1])
     url = gateway.grpc_url if protocol == "gateway" else server.grpc_url
-    common = [sys.executable, "-m", "serving.cli", "generate", BASE, "--seed", "3", "--steps", "5", "--protocol", protocol,
-              "--url", url, "--region", TWO[0], "--region", TWO[1]]
-    for name, extra in (("divide", ["--divide", "1,1"]), ("mask", ["--region-mask", str(masks[0]), "--region-mask", str(masks[1])])):
-        done = subprocess.run(common + extra + ["-o", str(tmp_path / f"{name}.png")], capture_output=True, text=True, timeout=120)
+    common = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "generate",
+        BASE,
+        "--seed",
+        "3",
+        "--steps",
+        "5",
+        "--protocol",
+        protocol,
+        "--url",
+        url,
+        "--region",
+        TWO[0],
+        "--region",
+        TWO[1],
+    ]
+    for name, extra in (
+        ("divide", ["--divide", "1,1"]),
+        ("mask", ["--region-mask", str(masks[0]), "--region-mask", str(masks[1])]),
+    ):
+        done = subprocess.run(
+            common + extra + ["-o", str(tmp_path / f"{name}.png")], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
     with LdmClient(server.grpc_url) as client:
         expected = client.generate(BASE, seed=3, steps=5, region_prompts=TWO, region_divisions="1,1")

@@ -1,4 +1,5 @@
 """End to end with a real tritonserver on the tiny checkpoint."""
+
 import numpy as np
 import pytest
 import torch
@@ -55,8 +56,15 @@ def test_served_image_matches_diffusers_pipeline(grpc, tiny_checkpoint):
         served = grpc.generate(PROMPT, negative_prompt="blue", seed=seed, steps=12, guidance_scale=guidance, eta=0.0)
         latents = noise_generator(seed).standard_normal((4, 8, 8), dtype=np.float32)[None]
         reference = pipe(
-            PROMPT, negative_prompt="blue", num_inference_steps=12, guidance_scale=guidance, height=32, width=32,
-            eta=0.0, latents=torch.from_numpy(latents), output_type="np",
+            PROMPT,
+            negative_prompt="blue",
+            num_inference_steps=12,
+            guidance_scale=guidance,
+            height=32,
+            width=32,
+            eta=0.0,
+            latents=torch.from_numpy(latents),
+            output_type="np",
         ).images[0]
         reference = (reference * 255).round().astype(np.uint8)
         diff = np.abs(served.astype(int) - reference.astype(int)).mean() / 255
@@ -119,5 +127,7 @@ def test_malformed_requests_are_rejected_with_the_input_named(server, inputs, ex
         _raw_infer(server, inputs)
     assert "INVALID_ARGUMENT" in str(info.value.status()), info.value
     assert expected in info.value.message()
-    good = _raw_infer(server, [("prompt", np.array([b"a red circle"], object), "BYTES"), ("steps", np.array([2], np.int32), "INT32")])
+    good = _raw_infer(
+        server, [("prompt", np.array([b"a red circle"], object), "BYTES"), ("steps", np.array([2], np.int32), "INT32")]
+    )
     assert good.as_numpy("image").shape == (32, 32, 3)

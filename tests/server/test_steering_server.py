@@ -1,5 +1,6 @@
 """Steering through a real tritonserver (gRPC streaming, tritonclient): the steer's answer, the
 stream's steer_applied, the coded refusals, and the server serving on."""
+
 import threading
 import uuid
 
@@ -25,8 +26,9 @@ def steered_generation(server, steer, steps=150, **fields):
 
         def run(result=result, request_id=request_id, on_progress=on_progress):
             with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
-                result["generation"] = client.run(A, on_progress=on_progress, request_id=request_id, seed=5, steps=steps,
-                                                  progress_every=1, **fields)
+                result["generation"] = client.run(
+                    A, on_progress=on_progress, request_id=request_id, seed=5, steps=steps, progress_every=1, **fields
+                )
 
         thread = threading.Thread(target=run)
         thread.start()
@@ -49,7 +51,7 @@ def test_steer_is_answered_and_its_first_step_reported_in_the_stream(server):
     generation, steer_id, request_id = steered_generation(server, lambda c, rid: c.steer(rid, prompt=B))
     assert steer_id == 1
     assert len(generation.steered) == 1
-    (applied_id, first_step), = generation.steered
+    ((applied_id, first_step),) = generation.steered
     assert applied_id == 1 and 3 <= first_step < 150
     # the step's own progress response carries it: step count = index + 1
     assert (first_step + 1, 150) in generation.progress
@@ -79,11 +81,19 @@ def test_unknown_and_invalid_steers_are_refused_and_the_server_serves_on(server)
     with LdmClient(server.grpc_url, control_secret=server.control_secret) as client:
         with pytest.raises(InferenceServerException) as info:
             client.steer("no-such-generation", prompt=B)
-        assert info.value.status() == "NOT_FOUND" and "no generation with id 'no-such-generation'" in info.value.message()
-        for fields, field in ((dict(guidance_scale=99.0), "guidance_scale"), (dict(prompt="[a:b"), "prompt"), ({}, "steer")):
+        assert (
+            info.value.status() == "NOT_FOUND" and "no generation with id 'no-such-generation'" in info.value.message()
+        )
+        for fields, field in (
+            (dict(guidance_scale=99.0), "guidance_scale"),
+            (dict(prompt="[a:b"), "prompt"),
+            ({}, "steer"),
+        ):
             with pytest.raises(InferenceServerException) as info:
                 client.steer("no-such-generation", **fields)
-            assert info.value.status() == "INVALID_ARG" and info.value.message().startswith(f"{field}: "), info.value.message()
+            assert info.value.status() == "INVALID_ARG" and info.value.message().startswith(f"{field}: "), (
+                info.value.message()
+            )
         assert client.generate("a blue circle", steps=3, seed=1).shape == (32, 32, 3)
 
 

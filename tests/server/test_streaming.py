@@ -1,4 +1,5 @@
 """Streaming, cancellation, deadlines, overload and metrics against a real tritonserver."""
+
 from concurrent.futures import ThreadPoolExecutor
 import queue
 import shutil
@@ -91,6 +92,7 @@ def test_burst_of_five_times_capacity_every_request_ends(small_server):
     assert set(outcomes) <= {"image", "UNAVAILABLE"}, counts
     # at least the queue's worth is accepted (more when the engine admits some mid-burst)
     assert counts.get("image", 0) >= MAX_QUEUE and counts.get("UNAVAILABLE", 0) >= 1, counts
+
     # metrics are copied out every 0.5 s
     def observed():
         m = metrics(small_server)
@@ -142,8 +144,14 @@ def test_unary_grpc_cancel_reaches_the_engine(small_server):
 
     def blocker(started):
         with LdmClient(small_server.grpc_url) as client:
-            client.run("a blue square", steps=150, height=64, width=64, progress_every=1,
-                       on_progress=lambda generation: started.set())
+            client.run(
+                "a blue square",
+                steps=150,
+                height=64,
+                width=64,
+                progress_every=1,
+                on_progress=lambda generation: started.set(),
+            )
 
     with ThreadPoolExecutor(MAX_ACTIVE) as pool:
         blockers = [pool.submit(blocker, started) for started in running]
@@ -154,7 +162,9 @@ def test_unary_grpc_cancel_reaches_the_engine(small_server):
         call = client.async_infer("pipeline_unary", inputs, callback=lambda result, error: None)
         assert wait_for(lambda: metrics(small_server)["ldm_queue_length"] >= 1)
         call.cancel()
-        assert wait_for(lambda: metrics(small_server)["ldm_cancellations_total"] == before["ldm_cancellations_total"] + 1)
+        assert wait_for(
+            lambda: metrics(small_server)["ldm_cancellations_total"] == before["ldm_cancellations_total"] + 1
+        )
         for b in blockers:
             b.result()
     assert wait_for(lambda: metrics(small_server)["ldm_active_requests"] == 0)
@@ -168,20 +178,38 @@ def test_metrics_describe_the_batch(server):
         client.generate("a red circle", steps=4, guidance_scale=5.0)
     assert wait_for(lambda: metrics(server)["ldm_unet_rows_last_step"] >= 2, timeout=5)
     m = metrics(server)
-    for name in ("ldm_queue_length", "ldm_active_requests", "ldm_step_latency_last_seconds", "ldm_images_completed_total",
-                 "ldm_cancellations_total", "ldm_rejections_total", "ldm_unet_rows_total", "ldm_step_seconds_total"):
+    for name in (
+        "ldm_queue_length",
+        "ldm_active_requests",
+        "ldm_step_latency_last_seconds",
+        "ldm_images_completed_total",
+        "ldm_cancellations_total",
+        "ldm_rejections_total",
+        "ldm_unet_rows_total",
+        "ldm_step_seconds_total",
+    ):
         assert name in m
     assert m["ldm_unet_rows_total"] >= m["ldm_unet_steps_total"] > 0  # 1 row per job without guidance, 2 with
 
 
 def test_served_image_is_the_same_alone_and_in_a_crowd(server):
     target = dict(prompt="a large red circle on the left", seed=77, steps=15, guidance_scale=5.0)
-    crowd = [dict(prompt=p, seed=i, steps=s, guidance_scale=g, eta=e)
-             # long enough (tiny steps take milliseconds) that they overlap the target on any machine
-             for i, (p, s, g, e) in enumerate([("a blue square", 130, 7.5, 0.0), ("a green star", 125, 1.0, 0.0),
-                                                ("a yellow circle", 140, 3.0, 0.5), ("two cats", 135, 5.0, 1.0),
-                                                ("a white circle", 130, 9.0, 0.0), ("a black square", 128, 5.0, 0.0),
-                                                ("an orange star", 133, 2.0, 0.3), ("a purple circle", 126, 5.0, 0.0)])]
+    crowd = [
+        dict(prompt=p, seed=i, steps=s, guidance_scale=g, eta=e)
+        # long enough (tiny steps take milliseconds) that they overlap the target on any machine
+        for i, (p, s, g, e) in enumerate(
+            [
+                ("a blue square", 130, 7.5, 0.0),
+                ("a green star", 125, 1.0, 0.0),
+                ("a yellow circle", 140, 3.0, 0.5),
+                ("two cats", 135, 5.0, 1.0),
+                ("a white circle", 130, 9.0, 0.0),
+                ("a black square", 128, 5.0, 0.0),
+                ("an orange star", 133, 2.0, 0.3),
+                ("a purple circle", 126, 5.0, 0.0),
+            ]
+        )
+    ]
     with LdmClient(server.grpc_url) as client:
         alone = client.generate(**target)
 
@@ -201,6 +229,8 @@ def test_served_image_is_the_same_alone_and_in_a_crowd(server):
         assert all(f.result().shape == (32, 32, 3) for f in futures)
     assert wait_for(lambda: metrics(server)["ldm_unet_steps_total"] > before["ldm_unet_steps_total"])
     after = metrics(server)
-    mean_rows = (after["ldm_unet_rows_total"] - before["ldm_unet_rows_total"]) / (after["ldm_unet_steps_total"] - before["ldm_unet_steps_total"])
+    mean_rows = (after["ldm_unet_rows_total"] - before["ldm_unet_rows_total"]) / (
+        after["ldm_unet_steps_total"] - before["ldm_unet_steps_total"]
+    )
     assert mean_rows > 3, mean_rows  # requests really shared UNet calls
     assert together.tobytes() == alone.tobytes()  # bit-identical, as the README says

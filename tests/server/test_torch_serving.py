@@ -1,4 +1,5 @@
 """A real tritonserver whose pipeline runs every component with the torch runner (CPU here)."""
+
 import json
 import urllib.request
 
@@ -18,8 +19,12 @@ def torch_repo(tiny_checkpoint, tmp_path_factory):
     from export.repository import has_artifacts, write_repository
 
     repo = tmp_path_factory.mktemp("torch") / "repo"
-    write_repository(tiny_checkpoint, repo, pipeline_parameters=pipeline_parameters(unet="torch", text_vae="torch"),
-                     log=lambda *a: None)
+    write_repository(
+        tiny_checkpoint,
+        repo,
+        pipeline_parameters=pipeline_parameters(unet="torch", text_vae="torch"),
+        log=lambda *a: None,
+    )
     assert has_artifacts(repo)
     return repo
 
@@ -48,8 +53,16 @@ def test_served_image_matches_diffusers(torch_server, tiny_checkpoint):
         for seed, guidance in ((31, 5.0), (32, 1.0)):
             served = client.generate(PROMPT, negative_prompt="blue", seed=seed, steps=10, guidance_scale=guidance)
             latents = noise_generator(seed).standard_normal((4, 8, 8), dtype=np.float32)[None]
-            reference = pipe(PROMPT, negative_prompt="blue", num_inference_steps=10, guidance_scale=guidance, height=32,
-                             width=32, latents=torch.from_numpy(latents), output_type="np").images[0]
+            reference = pipe(
+                PROMPT,
+                negative_prompt="blue",
+                num_inference_steps=10,
+                guidance_scale=guidance,
+                height=32,
+                width=32,
+                latents=torch.from_numpy(latents),
+                output_type="np",
+            ).images[0]
             reference = (reference * 255).round().astype(np.uint8)
             diff = np.abs(served.astype(int) - reference.astype(int)).mean()
             assert diff <= 1.0, f"seed {seed}: mean abs pixel difference {diff:.3f}/255"

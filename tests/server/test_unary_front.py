@@ -4,6 +4,7 @@ full, and frees its places as requests end. (Its cancellation: tests/server/test
 test_unary_grpc_cancel_reaches_the_engine; Triton 2.51's HTTP endpoint does not notice a client
 that disconnects, see serving/triton/forwarding.py: the gateway cancels on disconnect,
 tests/gateway/test_gateway_rest.py.)"""
+
 from concurrent.futures import ThreadPoolExecutor
 import shutil
 import time

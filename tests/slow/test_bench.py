@@ -1,4 +1,5 @@
 """`ldm bench` end to end on the tiny model (slow: starts three servers)."""
+
 import json
 import subprocess
 import sys
@@ -9,14 +10,44 @@ import pytest
 @pytest.mark.slow
 def test_bench_reports_every_target(tiny_checkpoint, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "bench", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path),
-         "--steps", "5", "--requests", "8", "--concurrency", "1,16", "--baseline-runs", "2", "--rss-requests", "120", "--mix-rounds", "1",
-         "--rss-steps", "2"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "bench",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "5",
+            "--requests",
+            "8",
+            "--concurrency",
+            "1,16",
+            "--baseline-runs",
+            "2",
+            "--rss-requests",
+            "120",
+            "--mix-rounds",
+            "1",
+            "--rss-steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert [t["target"].split(" ")[0] for t in report["targets"]] == ["throughput", "single-request", "p99", "mean", "mixed", "server"]
+    assert [t["target"].split(" ")[0] for t in report["targets"]] == [
+        "throughput",
+        "single-request",
+        "p99",
+        "mean",
+        "mixed",
+        "server",
+    ]
     # every load level served every request (a run where all failed must not pass)
     assert all(r["completed"] > 0 and not r["errors"] for r in report["runs"]), report["runs"]
     assert (tmp_path / "latency_vs_load.png").stat().st_size > 1000
@@ -44,8 +75,8 @@ def test_steer_bench_measures_every_steer_on_a_real_server(server, monkeypatch):
     report = bench.measure(server.grpc_url, fields, levels, server.control_secret, log=lambda m: None)
     assert [level["concurrency"] for level in report["levels"]] == [1, 3]
     for level, (concurrency, rounds) in zip(report["levels"], levels.items()):
-        warm_up, measured = runs[:concurrency], runs[concurrency:concurrency + 2 * rounds * concurrency]
-        del runs[:concurrency + 2 * rounds * concurrency]
+        warm_up, measured = runs[:concurrency], runs[concurrency : concurrency + 2 * rounds * concurrency]
+        del runs[: concurrency + 2 * rounds * concurrency]
         assert all(after is None for after, _ in warm_up)
         steered = [out for after, out in measured if after is not None]
         plain = [out for after, out in measured if after is None]

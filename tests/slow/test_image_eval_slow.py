@@ -1,5 +1,6 @@
 """Small runs of `ldm eval`'s image-conditioned sets on the shipped checkpoint through the service
 (slow: minutes on 2 cores)."""
+
 from pathlib import Path
 
 import pytest

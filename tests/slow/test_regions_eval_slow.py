@@ -1,5 +1,6 @@
 """Small runs of `ldm eval --regions` on the shipped checkpoint, in process and through the
 service (slow: minutes on 2 cores)."""
+
 from pathlib import Path
 
 import pytest

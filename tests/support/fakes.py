@@ -2,6 +2,7 @@
 what the engine tells one request, a PipelineService over an exported repository, a request's
 input arrays, and the loop that runs the engine one iteration at a time until it settles.
 (The `models` fixture, ONNX Runtime over the session's tiny repository, is in tests/conftest.py.)"""
+
 import numpy as np
 
 from serving.core.config import PipelineConfig
@@ -38,14 +39,31 @@ class RecordingSink:
 
 
 def make_service(repo, models, **params):
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}), models)
+    return PipelineService(
+        PipelineAssets.read(repo / "pipeline" / "1"),
+        PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+        models,
+    )
 
 
 def request(prompt, seed, **fields):
     arrays = {"prompt": np.array([prompt.encode()], object), "seed": np.array([seed])}
-    types = {"steps": np.int32, "guidance_scale": np.float32, "eta": np.float32, "height": np.int32, "width": np.int32,
-             "progress_every": np.int32, "preview_every": np.int32, "timeout_s": np.float32}
-    arrays.update({k: np.array([v.encode()], object) if isinstance(v, str) else np.array([v], types[k]) for k, v in fields.items()})
+    types = {
+        "steps": np.int32,
+        "guidance_scale": np.float32,
+        "eta": np.float32,
+        "height": np.int32,
+        "width": np.int32,
+        "progress_every": np.int32,
+        "preview_every": np.int32,
+        "timeout_s": np.float32,
+    }
+    arrays.update(
+        {
+            k: np.array([v.encode()], object) if isinstance(v, str) else np.array([v], types[k])
+            for k, v in fields.items()
+        }
+    )
     return arrays
 
 

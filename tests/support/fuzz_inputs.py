@@ -2,6 +2,7 @@
 each field absent, well-formed, or hostile (another dtype, another shape, empty, NaN/inf, huge
 or negative, odd unicode, invalid UTF-8, huge text), plus inputs the contract does not name;
 and the oracle every answer must satisfy."""
+
 import re
 
 from hypothesis import strategies as st
@@ -11,12 +12,79 @@ from serving.core.request import FIELDS
 
 SPECS = {f.name: f for f in FIELDS}
 EXTRA_NAMES = ("promt", "images", "seed2", "extra")
-WEIRD_TEXT = ["", " ", "\u200b", "\u200b\u200d\ufeff", "\u202e", "\x00", "a\x00b", "🐱" * 3, "\U0010ffff", "e\u0301",
-              "a red circle", "a blue square on the left", "x" * 5000, "é" * 3000, "1,1", "1,2;1,1", "latent",
-              "attention", "txt2img", "img2img", "inpaint", "upscale", "0,0", "nan", "-1", "1e309", ";", ",,,"]
+WEIRD_TEXT = [
+    "",
+    " ",
+    "\u200b",
+    "\u200b\u200d\ufeff",
+    "\u202e",
+    "\x00",
+    "a\x00b",
+    "🐱" * 3,
+    "\U0010ffff",
+    "e\u0301",
+    "a red circle",
+    "a blue square on the left",
+    "x" * 5000,
+    "é" * 3000,
+    "1,1",
+    "1,2;1,1",
+    "latent",
+    "attention",
+    "txt2img",
+    "img2img",
+    "inpaint",
+    "upscale",
+    "0,0",
+    "nan",
+    "-1",
+    "1e309",
+    ";",
+    ",,,",
+]
 INVALID_UTF8 = [b"\xff", b"\xc3", b"a\xed\xa0\x80b", b"\x80" * 10]
-INT_EDGES = [0, 1, -1, 2, 3, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 100, 150, 151, 1000, 2**31 - 1, -2**31, 2**63 - 1, -2**63]
-FLOAT_EDGES = [0.0, -0.0, 0.5, 1.0, 1.5, 5.0, 7.5, 50.0, 50.1, -1.0, 1e-30, 1e30, float("nan"), float("inf"), float("-inf")]
+INT_EDGES = [
+    0,
+    1,
+    -1,
+    2,
+    3,
+    4,
+    8,
+    16,
+    24,
+    32,
+    40,
+    48,
+    56,
+    64,
+    72,
+    100,
+    150,
+    151,
+    1000,
+    2**31 - 1,
+    -(2**31),
+    2**63 - 1,
+    -(2**63),
+]
+FLOAT_EDGES = [
+    0.0,
+    -0.0,
+    0.5,
+    1.0,
+    1.5,
+    5.0,
+    7.5,
+    50.0,
+    50.1,
+    -1.0,
+    1e-30,
+    1e30,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+]
 
 
 TEXT_ITEM = st.one_of(
@@ -25,10 +93,19 @@ TEXT_ITEM = st.one_of(
     st.sampled_from(INVALID_UTF8),
     st.binary(max_size=20),
 )
-GOOD_PROMPT = st.sampled_from(["a red circle", "a blue square on the left", "two cats", "a yellow star"]).map(str.encode)
+GOOD_PROMPT = st.sampled_from(["a red circle", "a blue square on the left", "two cats", "a yellow star"]).map(
+    str.encode
+)
 INTEGER = st.one_of(st.sampled_from(INT_EDGES), st.integers(-5, 200))
 REAL = st.one_of(st.sampled_from(FLOAT_EDGES), st.floats(-2, 60, allow_nan=False, width=32))
-ITEMS = {"bytes": TEXT_ITEM, "int32": INTEGER, "int64": INTEGER, "uint8": INTEGER, "float32": REAL, "bool": st.booleans()}
+ITEMS = {
+    "bytes": TEXT_ITEM,
+    "int32": INTEGER,
+    "int64": INTEGER,
+    "uint8": INTEGER,
+    "float32": REAL,
+    "bool": st.booleans(),
+}
 OTHER_DTYPES = ("bytes", "int32", "int64", "float32", "float64", "bool")
 
 
@@ -77,20 +154,37 @@ def _texts(*texts):
 
 # values a well-meaning client sends (most requests should get past validation into the engine)
 VALID = {
-    "prompt": GOOD_PROMPT, "negative_prompt": _texts("", "blue", "a green triangle"),
-    "seed": st.integers(0, 2**63 - 1), "steps": st.integers(1, 3), "guidance_scale": st.floats(0, 10, width=32),
-    "height": st.sampled_from([8, 16, 24, 32, 48, 64]), "width": st.sampled_from([8, 16, 24, 32, 48, 64]),
-    "eta": st.floats(0, 1, width=32), "progress_every": st.integers(0, 3), "preview_every": st.integers(0, 3),
-    "timeout_s": st.sampled_from([0.0, 60.0, 1e-6]), "region_prompts": _texts("a cat", "a dog"),
-    "region_negative_prompts": _texts("", "blurry"), "region_divisions": _texts("1,1", "1;1", "1,2"),
-    "base_prompt_weight": st.floats(0, 1, width=32), "region_mode": _texts("latent", "attention"),
-    "task": _texts("txt2img", "img2img", "inpaint", "upscale"), "strength": st.floats(0, 1, width=32),
-    "mask_blur": st.integers(0, 4), "keep_unmasked": st.booleans(), "noise_level": st.integers(0, 350),
+    "prompt": GOOD_PROMPT,
+    "negative_prompt": _texts("", "blue", "a green triangle"),
+    "seed": st.integers(0, 2**63 - 1),
+    "steps": st.integers(1, 3),
+    "guidance_scale": st.floats(0, 10, width=32),
+    "height": st.sampled_from([8, 16, 24, 32, 48, 64]),
+    "width": st.sampled_from([8, 16, 24, 32, 48, 64]),
+    "eta": st.floats(0, 1, width=32),
+    "progress_every": st.integers(0, 3),
+    "preview_every": st.integers(0, 3),
+    "timeout_s": st.sampled_from([0.0, 60.0, 1e-6]),
+    "region_prompts": _texts("a cat", "a dog"),
+    "region_negative_prompts": _texts("", "blurry"),
+    "region_divisions": _texts("1,1", "1;1", "1,2"),
+    "base_prompt_weight": st.floats(0, 1, width=32),
+    "region_mode": _texts("latent", "attention"),
+    "task": _texts("txt2img", "img2img", "inpaint", "upscale"),
+    "strength": st.floats(0, 1, width=32),
+    "mask_blur": st.integers(0, 4),
+    "keep_unmasked": st.booleans(),
+    "noise_level": st.integers(0, 350),
     "sampler": _texts("ddim", "euler", "Euler a", "DPM++ 2M Karras", "dpmpp_2m_sde", "unipc", "lcm", "heun"),
-    "sigma_schedule": _texts("default", "karras"), "guidance_interval": st.floats(0, 1, width=32),
-    "model": _texts("", "tiny", "no-such-model"), "original_size": st.integers(0, 64), "crop_top_left": st.integers(0, 8),
-    "target_size": st.integers(0, 64), "true_cfg_scale": st.floats(0, 5, width=32),
-    "lora_names": _texts("a", "no-such-adapter"), "lora_weights": st.floats(-5, 5, width=32),
+    "sigma_schedule": _texts("default", "karras"),
+    "guidance_interval": st.floats(0, 1, width=32),
+    "model": _texts("", "tiny", "no-such-model"),
+    "original_size": st.integers(0, 64),
+    "crop_top_left": st.integers(0, 8),
+    "target_size": st.integers(0, 64),
+    "true_cfg_scale": st.floats(0, 5, width=32),
+    "lora_names": _texts("a", "no-such-adapter"),
+    "lora_weights": st.floats(-5, 5, width=32),
 }
 
 
@@ -120,10 +214,16 @@ def _field(draw, spec, typed=False):
     return _cast([draw(item)], spec.dtype).reshape(1, 1)
 
 
-FIELD_VALUES = {typed: {f.name: (_image(f.dims) if f.dtype == "uint8" and len(f.dims) > 1 else _field(f, typed))
-                        for f in FIELDS} for typed in (False, True)}
-OPTIONAL = {streaming: st.lists(st.sampled_from([f.name for f in FIELDS[1:] if streaming or not f.streaming_only]),
-                                max_size=8, unique=True) for streaming in (True, False)}
+FIELD_VALUES = {
+    typed: {f.name: (_image(f.dims) if f.dtype == "uint8" and len(f.dims) > 1 else _field(f, typed)) for f in FIELDS}
+    for typed in (False, True)
+}
+OPTIONAL = {
+    streaming: st.lists(
+        st.sampled_from([f.name for f in FIELDS[1:] if streaming or not f.streaming_only]), max_size=8, unique=True
+    )
+    for streaming in (True, False)
+}
 
 
 @st.composite
@@ -151,7 +251,9 @@ def check_answer(inputs: dict, image, error) -> str:
     label for the tally."""
     if image is not None:
         assert error is None
-        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) > 0, image.shape
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) > 0, (
+            image.shape
+        )
         return "image"
     code, message = error
     if code == "UNAVAILABLE":

@@ -1,4 +1,5 @@
 """Inputs and an in-process service for the image-conditioned tests (img2img, inpaint, upscale)."""
+
 import numpy as np
 
 from serving.core.config import PipelineConfig
@@ -30,8 +31,11 @@ class Sink:
 
 def service(repo, **params) -> PipelineService:
     """The pipeline of `repo` in this process (ONNX Runtime), every variant loaded."""
-    return PipelineService(PipelineAssets.read(repo / "pipeline" / "1"), PipelineConfig.parse({k: str(v) for k, v in params.items()}),
-                           local_variants(repo))
+    return PipelineService(
+        PipelineAssets.read(repo / "pipeline" / "1"),
+        PipelineConfig.parse({k: str(v) for k, v in params.items()}),
+        local_variants(repo),
+    )
 
 
 def drain(svc, limit=10_000) -> None:
@@ -69,7 +73,7 @@ def half_mask(size: int, side: str = "right") -> np.ndarray:
     """uint8 [size, size]: 255 over one half (repaint), 0 over the other."""
     mask = np.zeros((size, size), np.uint8)
     if side == "right":
-        mask[:, size // 2:] = 255
+        mask[:, size // 2 :] = 255
     else:
         mask[:, : size // 2] = 255
     return mask

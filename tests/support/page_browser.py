@@ -2,13 +2,22 @@
 Debian's `chromium` package, driven by Playwright's Python package as a driver only (it never
 downloads a browser: scripts/browser-setup.sh installs both). Used by tests/browser/test_page_browser.py
 and tests/page_screenshots.py."""
+
 from contextlib import contextmanager
 import os
 from pathlib import Path
 
 CHROMIUM = Path(os.environ.get("LDM_CHROMIUM", "/usr/bin/chromium"))
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 120_000  # a generation on a busy CPU; waits end at the event, not at this
 
 # Records every src the live preview takes, and page errors, from the first script on.
@@ -53,8 +62,9 @@ def open_page(browser, url: str, viewport=(1200, 900), bypass_csp=True):
     """A fresh context and page at `url`, observed (see OBSERVE). Playwright's wait_for_function
     evaluates a string, which the page's Content-Security-Policy forbids (no 'unsafe-eval'): the
     tests that wait so bypass it; test_page_browser checks the page under it once."""
-    context = browser.new_context(accept_downloads=True, viewport={"width": viewport[0], "height": viewport[1]},
-                                  bypass_csp=bypass_csp)
+    context = browser.new_context(
+        accept_downloads=True, viewport={"width": viewport[0], "height": viewport[1]}, bypass_csp=bypass_csp
+    )
     context.set_default_timeout(TIMEOUT_MS)
     context.add_init_script(OBSERVE)
     page = context.new_page()
@@ -81,13 +91,17 @@ def wait_for_step(page, step: int) -> None:
 def set_range(page, selector: str, *values) -> None:
     """Moves a range input as a user drags it: each value in turn (in one go), an input event
     for each, then change."""
-    page.eval_on_selector(selector, """(el, values) => {
+    page.eval_on_selector(
+        selector,
+        """(el, values) => {
         for (const value of values) {
             el.value = value;
             el.dispatchEvent(new Event("input", { bubbles: true }));
         }
         el.dispatchEvent(new Event("change", { bubbles: true }));
-    }""", [str(v) for v in values])
+    }""",
+        [str(v) for v in values],
+    )
 
 
 def start(page, prompt: str, *, seed=7, steps=25, guidance=7.5, size="auto") -> None:

@@ -1,7 +1,12 @@
 """Each sampler's diffusers scheduler (class, extra config): the reference its tests compare with."""
+
 from diffusers import (
-    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-    LCMScheduler, UniPCMultistepScheduler,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
 )
 
 REFERENCES = {

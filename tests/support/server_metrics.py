@@ -1,4 +1,5 @@
 """Reading a real tritonserver's metrics from tests, and waiting on them (no fixed sleeps)."""
+
 import re
 import time
 import urllib.request

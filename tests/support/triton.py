@@ -19,6 +19,7 @@ Every server is stopped by the PID of its process group (TritonServer.stop: SIGT
 after its exit timeout), and at the session's end the factory kills any group still alive, so no
 tritonserver or python stub outlives the run. Ports come from serving.triton.server.free_ports
 (process-wide: no two servers here get the same port)."""
+
 from contextlib import contextmanager
 import os
 from pathlib import Path

@@ -1,6 +1,7 @@
 """The pipeline's configuration is read once into a typed object (serving/core/config.py): what
 `ldm export` writes parses to its declared types, defaults fill what is absent, a malformed value
 is refused naming the parameter, and other readers' parameters are left alone."""
+
 import pytest
 
 from export.cli import pipeline_parameters
@@ -22,13 +23,16 @@ def test_absent_and_empty_parameters_take_the_defaults():
     assert PipelineConfig.parse({"default_size": "48"}).default_size == 48
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"max_rows": "many"}, "max_rows='many' is not a valid int"),
-    ({"cuda_graphs": "yes"}, "cuda_graphs='yes' must be true or false"),
-    ({"drain_grace_s": "inf"}, "drain_grace_s=inf must be a finite number >= 0"),
-    ({"default_region_mode": "pixels"}, "default_region_mode='pixels' must be one of"),
-    ({"max_regions": "0"}, "max_regions=0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_rows": "many"}, "max_rows='many' is not a valid int"),
+        ({"cuda_graphs": "yes"}, "cuda_graphs='yes' must be true or false"),
+        ({"drain_grace_s": "inf"}, "drain_grace_s=inf must be a finite number >= 0"),
+        ({"default_region_mode": "pixels"}, "default_region_mode='pixels' must be one of"),
+        ({"max_regions": "0"}, "max_regions=0 must be at least 1"),
+    ],
+)
 def test_a_malformed_parameter_is_refused_by_name(params, message):
     with pytest.raises(ValueError, match="pipeline config.pbtxt parameter " + message.replace("(", r"\(")):
         PipelineConfig.parse(params)

@@ -1,6 +1,7 @@
 """The client retry policy (serving/client/retry.py): which errors are replayed, how often, and
 what is counted. The real-failure path (a replica killed under load) is exercised in
 tests/deploy/test_deploy_loadbalance.py; here a callable raises tritonclient's own exception."""
+
 import random
 
 import pytest
@@ -17,22 +18,39 @@ def _failing(statuses, result="image", msg="boom"):
         if remaining:
             raise InferenceServerException(msg=msg, status=remaining.pop(0))
         return result
+
     return call
 
 
 def test_unavailable_is_retried_until_success():
     stats, sleeps = RetryStats(), []
     # gRPC transport form, the pipeline's coded form, and a proxy's HTTP status.
-    out = call_with_retry(_failing(["StatusCode.UNAVAILABLE", "UNAVAILABLE", "502"]), RetryPolicy(), stats,
-                          sleeps.append)
+    out = call_with_retry(
+        _failing(["StatusCode.UNAVAILABLE", "UNAVAILABLE", "502"]), RetryPolicy(), stats, sleeps.append
+    )
     assert out == "image"
-    assert stats.as_dict() == {"calls": 1, "attempts": 4, "retried": 1, "recovered": 1, "gave_up": 0,
-                               "errors": {"UNAVAILABLE": 2, "502": 1}}
+    assert stats.as_dict() == {
+        "calls": 1,
+        "attempts": 4,
+        "retried": 1,
+        "recovered": 1,
+        "gave_up": 0,
+        "errors": {"UNAVAILABLE": 2, "502": 1},
+    }
     assert len(sleeps) == 3
 
 
-@pytest.mark.parametrize("status", ["StatusCode.DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
-                                    "INVALID_ARG", "StatusCode.INTERNAL", None])
+@pytest.mark.parametrize(
+    "status",
+    [
+        "StatusCode.DEADLINE_EXCEEDED",
+        "DEADLINE_EXCEEDED",
+        "StatusCode.CANCELLED",
+        "INVALID_ARG",
+        "StatusCode.INTERNAL",
+        None,
+    ],
+)
 def test_other_errors_are_not_retried(status):
     stats = RetryStats()
     with pytest.raises(InferenceServerException):
@@ -43,8 +61,7 @@ def test_other_errors_are_not_retried(status):
 def test_gives_up_after_max_attempts():
     stats = RetryStats()
     with pytest.raises(InferenceServerException):
-        call_with_retry(_failing(["StatusCode.UNAVAILABLE"] * 10), RetryPolicy(max_attempts=3), stats,
-                        lambda s: None)
+        call_with_retry(_failing(["StatusCode.UNAVAILABLE"] * 10), RetryPolicy(max_attempts=3), stats, lambda s: None)
     assert (stats.attempts, stats.retried, stats.recovered, stats.gave_up) == (3, 1, 0, 1)
 
 

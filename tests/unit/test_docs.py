@@ -2,6 +2,7 @@
 its #anchor when it names a heading of a Markdown page), every `ldm <subcommand>` the docs show
 is a real subcommand whose `--help` answers, and no page cites a design file readers do not
 have. Runs from the repository root: `pytest tests/unit/test_docs.py`."""
+
 from functools import cache
 from pathlib import Path
 import re
@@ -117,8 +118,9 @@ def ldm_commands(path: Path) -> list:
 
 @cache
 def ldm_help(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args, "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def subcommands() -> set:
@@ -150,25 +152,35 @@ def test_the_readme_stays_short():
 
 def test_the_index_links_every_page():
     index = ROOT / "docs" / "README.md"
-    linked = {(index.parent / target.partition("#")[0]).resolve() for _, target in links(index)
-              if not EXTERNAL.match(target)}
-    pages = {path.resolve() for path in (ROOT / "docs").rglob("*.md") if path != index
-             and (ROOT / "docs" / "results") not in path.parents}
+    linked = {
+        (index.parent / target.partition("#")[0]).resolve() for _, target in links(index) if not EXTERNAL.match(target)
+    }
+    pages = {
+        path.resolve()
+        for path in (ROOT / "docs").rglob("*.md")
+        if path != index and (ROOT / "docs" / "results") not in path.parents
+    }
     assert sorted(p.relative_to(ROOT).as_posix() for p in pages - linked) == []
 
 
 def test_no_page_cites_a_design_file_readers_do_not_have():
-    cited = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-             for path in [*doc_files(), ROOT / "pyproject.toml"]
-             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-             if any(word in line for word in FORBIDDEN)]
+    cited = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in [*doc_files(), ROOT / "pyproject.toml"]
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if any(word in line for word in FORBIDDEN)
+    ]
     assert cited == []
 
 
 @pytest.mark.parametrize("sub", SHOWN)
 def test_every_ldm_command_shown_exists(sub):
-    where = [f"{path.relative_to(ROOT)}:{number}: {text}" for path in doc_files()
-             for number, shown, text in ldm_commands(path) if shown == sub]
+    where = [
+        f"{path.relative_to(ROOT)}:{number}: {text}"
+        for path in doc_files()
+        for number, shown, text in ldm_commands(path)
+        if shown == sub
+    ]
     assert sub in subcommands(), f"`ldm {sub}` is not a subcommand, shown at:\n" + "\n".join(where)
     result = ldm_help(sub)
     assert result.returncode == 0, f"`ldm {sub} --help` failed:\n{result.stderr[-2000:]}"
@@ -190,7 +202,7 @@ def test_every_flag_shown_is_in_the_help():
                 sub = match.group(1)
                 if sub not in subcommands():
                     continue  # test_every_ldm_command_shown_exists says so
-                rest = line[match.end():].split(" # ")[0]  # up to a shell comment
+                rest = line[match.end() :].split(" # ")[0]  # up to a shell comment
                 rest = re.split(r"[;|&]|\bldm\b", rest)[0]  # up to the next command
                 try:
                     words = shlex.split(rest, comments=True)
@@ -208,19 +220,26 @@ def test_a_broken_link_is_caught(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "there.md").write_text("# A heading\n")
     page = tmp_path / "docs" / "page.md"
-    page.write_text("# Page\n\n[ok](there.md) [ok](there.md#a-heading) [ok](#page) ![ok](there.md)\n"
-                    "[gone](missing.md) ![gone](img/missing.png) [bad anchor](there.md#nowhere)\n"
-                    "[outside](../../shared/DESIGN.md) [web](https://example.com/x.md)\n"
-                    "`[in code](missing-in-span.md)`\n\n```\n[in a block](missing-in-block.md)\n```\n")
+    page.write_text(
+        "# Page\n\n[ok](there.md) [ok](there.md#a-heading) [ok](#page) ![ok](there.md)\n"
+        "[gone](missing.md) ![gone](img/missing.png) [bad anchor](there.md#nowhere)\n"
+        "[outside](../../shared/DESIGN.md) [web](https://example.com/x.md)\n"
+        "`[in code](missing-in-span.md)`\n\n```\n[in a block](missing-in-block.md)\n```\n"
+    )
     problems = broken_links(page, tmp_path)
     assert [p.split(": ", 1)[1] for p in problems] == [
-        "missing.md (no such file)", "img/missing.png (no such file)",
-        "there.md#nowhere (no heading with that anchor)", "../../shared/DESIGN.md (outside the repository)"]
+        "missing.md (no such file)",
+        "img/missing.png (no such file)",
+        "there.md#nowhere (no heading with that anchor)",
+        "../../shared/DESIGN.md (outside the repository)",
+    ]
 
 
 def test_commands_are_read_from_code_only(tmp_path):
     path = tmp_path / "page.md"
-    path.write_text("Run `ldm serve --repo R` or `.venv/bin/ldm bench`; ldm serve in prose, ldm-serving and\n"
-                    "`ldm.v1.Images` are not commands.\n\n"
-                    "```bash\n.venv/bin/ldm export DIR \\\n  --repo model_repository   # ldm eval too\n```\n")
+    path.write_text(
+        "Run `ldm serve --repo R` or `.venv/bin/ldm bench`; ldm serve in prose, ldm-serving and\n"
+        "`ldm.v1.Images` are not commands.\n\n"
+        "```bash\n.venv/bin/ldm export DIR \\\n  --repo model_repository   # ldm eval too\n```\n"
+    )
     assert [sub for _, sub, _ in ldm_commands(path)] == ["export", "eval", "serve", "bench"]

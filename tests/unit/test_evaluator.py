@@ -1,4 +1,5 @@
 """The evaluator that reads generated images: right on ground truth, and it can say no."""
+
 import dataclasses
 
 import numpy as np
@@ -56,8 +57,12 @@ def test_guidance_target_needs_a_significant_paired_win_on_both_sets():
 
     g1 = [True] * 90 + [False] * 10
     better = [True] * 98 + [False] * 2  # 8 more pass, none fewer: p = 2 / 2**8
-    results = {("seen", 1.0): result(g1), ("held-out", 1.0): result(g1),
-               ("seen", 5.0): result(better), ("held-out", 5.0): result(better)}
+    results = {
+        ("seen", 1.0): result(g1),
+        ("held-out", 1.0): result(g1),
+        ("seen", 5.0): result(better),
+        ("held-out", 5.0): result(better),
+    }
     assert targets(results)[2].passed
     results[("held-out", 5.0)] = result(g1)
     assert not targets(results)[2].passed

@@ -1,4 +1,5 @@
 """The unary front's bookkeeping (serving/triton/forwarding.py), without a server."""
+
 import threading
 
 import pytest

@@ -1,5 +1,6 @@
 """Work, not calls (serving/gateway/costs.py), and fair admission across keys
 (serving/gateway/capacity.py) as a property over two keys."""
+
 import asyncio
 
 from hypothesis import given, settings, strategies as st
@@ -14,14 +15,17 @@ from serving.gateway.pipeline import PipelineModel
 MODEL = PipelineModel({}, {"default_steps": "25", "native_size": "64", "default_guidance_scale": "5.0"})
 
 
-@pytest.mark.parametrize("inputs, n, units", [
-    ({}, 1, 1.0),  # the default image: one unit
-    ({"steps": 50}, 2, 4.0),  # twice the steps, two images
-    ({"height": 128, "width": 128}, 1, 4.0),  # four times the pixels
-    ({"guidance_scale": 1.0}, 1, 0.5),  # no guidance: one UNet row
-    ({"region_prompts": ["a", "b", "c"]}, 1, 4.0),  # three regions and the base, each guided
-    ({"steps": 1, "height": 32, "width": 32}, 1, MIN_IMAGE_UNITS),  # every call costs something
-])
+@pytest.mark.parametrize(
+    "inputs, n, units",
+    [
+        ({}, 1, 1.0),  # the default image: one unit
+        ({"steps": 50}, 2, 4.0),  # twice the steps, two images
+        ({"height": 128, "width": 128}, 1, 4.0),  # four times the pixels
+        ({"guidance_scale": 1.0}, 1, 0.5),  # no guidance: one UNet row
+        ({"region_prompts": ["a", "b", "c"]}, 1, 4.0),  # three regions and the base, each guided
+        ({"steps": 1, "height": 32, "width": 32}, 1, MIN_IMAGE_UNITS),  # every call costs something
+    ],
+)
 def test_a_request_costs_its_work(inputs, n, units):
     assert work_units(Generation("a red circle", inputs, n=n), MODEL) == pytest.approx(units)
 
@@ -50,13 +54,18 @@ def test_a_live_generation_takes_a_bounded_number_and_rate_of_steers():
 
 # --- fair admission: one key cannot take the pipeline from another ----------------------------
 
+
 @settings(max_examples=200, deadline=None)
-@given(slots=st.tuples(st.integers(1, 8), st.integers(0, 16)),
-       ops=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["ask", "ask", "done"]), st.integers(1, 4)),
-                    max_size=60))
+@given(
+    slots=st.tuples(st.integers(1, 8), st.integers(0, 16)),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["ask", "ask", "done"]), st.integers(1, 4)), max_size=60
+    ),
+)
 def test_two_keys_share_the_pipeline(slots, ops):
     """Whatever key A does, key B gets room whenever the pipeline has some and B is under its
     share; neither key exceeds its share, and together they never exceed the slots."""
+
     async def scenario():
         capacity = Capacity(wait_s=0.0)  # no waiting: each ask is admitted now or refused now
         capacity.configure(*slots)
@@ -68,8 +77,9 @@ def test_two_keys_share_the_pipeline(slots, ops):
                 continue
             other = "b" if key == "a" else "a"
             used = capacity.in_flight
-            fits = (used + n <= capacity.slots or used == 0) and \
-                (sum(held[key]) + n <= capacity.caller_cap() or not held[key])
+            fits = (used + n <= capacity.slots or used == 0) and (
+                sum(held[key]) + n <= capacity.caller_cap() or not held[key]
+            )
             try:
                 await capacity.wait_for_room(n, key)
             except ApiError:
@@ -83,13 +93,17 @@ def test_two_keys_share_the_pipeline(slots, ops):
             assert capacity.in_flight <= max(capacity.slots, n)
             # the other key's share is never taken by this one
             assert sum(held[key]) <= capacity.caller_cap() or len(held[key]) == 1
-            assert capacity.slots - sum(held[key]) >= min(capacity.slots - capacity.caller_cap(), capacity.slots) or \
-                len(held[key]) == 1, (held, other)
+            assert (
+                capacity.slots - sum(held[key]) >= min(capacity.slots - capacity.caller_cap(), capacity.slots)
+                or len(held[key]) == 1
+            ), (held, other)
+
     asyncio.run(scenario())
 
 
 def test_a_key_at_its_share_does_not_hold_up_another_keys_request():
     """Key A's waiting requests (blocked by A's share) do not queue key B behind them."""
+
     async def scenario():
         capacity = Capacity(wait_s=30.0)
         capacity.configure(running=2, queued=2)  # 4 slots, 2 per key
@@ -112,4 +126,5 @@ def test_a_key_at_its_share_does_not_hold_up_another_keys_request():
             task.cancel()
         await asyncio.gather(*waiting_a[1:], return_exceptions=True)
         assert capacity.waiting == 0
+
     asyncio.run(scenario())

@@ -1,6 +1,7 @@
 """Live generations' pieces without a server: the bounded live table (404 vs 409, per caller),
 generation ids, the replica routing table (no URL ever taken from an id), and the JSON body
 of /v1/generations read as a GenerateRequest, a steer's as a Steer (and its pipeline inputs)."""
+
 import base64
 import io
 import re
@@ -81,7 +82,9 @@ def test_owner_urls_come_from_the_peer_table_or_one_dns_label_under_the_peer_dom
             owner_url = dns.url_of(foreign)
         except ApiError as error:
             assert error.code == NOT_FOUND
-        assert owner_url is None or owner_url.startswith(f"http://{foreign.split('.')[0]}.ldm-triton-peers.ns.svc"), owner_url
+        assert owner_url is None or owner_url.startswith(f"http://{foreign.split('.')[0]}.ldm-triton-peers.ns.svc"), (
+            owner_url
+        )
 
 
 @pytest.mark.parametrize("text", ["r1", "r1=ftp://x", "R1=http://x", "a b=http://x"])
@@ -96,21 +99,39 @@ def test_bad_replica_name_is_refused():
 
 
 def test_rest_body_reads_as_a_generate_request_with_rest_spellings():
-    request = to_request({"prompt": "a cat", "size": "64x32", "output_format": "webp", "seed": 7,
-                          "regions": [{"prompt": "sky"}], "region_mode": "attention", "init_image": "AAEC"})
+    request = to_request(
+        {
+            "prompt": "a cat",
+            "size": "64x32",
+            "output_format": "webp",
+            "seed": 7,
+            "regions": [{"prompt": "sky"}],
+            "region_mode": "attention",
+            "init_image": "AAEC",
+        }
+    )
     assert (request.width, request.height, request.seed) == (64, 32, 7)
     assert request.output_format == 3 and request.region_mode == 2 and request.init_image == b"\x00\x01\x02"
     assert (request.progress_every, request.preview_every) == (1, 2)
     assert request.regions[0].prompt == "sky"
 
 
-@pytest.mark.parametrize("body, field", [
-    ({}, "prompt"), ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "size": "64x64", "width": 64}, "size"),
-    ({"prompt": "x", "steps": "many"}, "steps"), ({"prompt": "x", "regions": [{"mask": 5}]}, "regions.mask"),
-    ({"prompt": "x", "task": "paint"}, "task"), ({"prompt": "x", "colour": 1}, "colour"),
-    ({"prompt": "x", "region_mode": {}}, "region_mode"), ({"prompt": "x", "timeout_s": False}, "timeout_s"),
-    ({"prompt": "x", "steps": None}, "steps"), ({"prompt": "x", "regions": [{"prompt": None}]}, "regions.prompt"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "prompt"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "size": "64x64", "width": 64}, "size"),
+        ({"prompt": "x", "steps": "many"}, "steps"),
+        ({"prompt": "x", "regions": [{"mask": 5}]}, "regions.mask"),
+        ({"prompt": "x", "task": "paint"}, "task"),
+        ({"prompt": "x", "colour": 1}, "colour"),
+        ({"prompt": "x", "region_mode": {}}, "region_mode"),
+        ({"prompt": "x", "timeout_s": False}, "timeout_s"),
+        ({"prompt": "x", "steps": None}, "steps"),
+        ({"prompt": "x", "regions": [{"prompt": None}]}, "regions.prompt"),
+    ],
+)
 def test_rest_body_errors_name_the_field(body, field):
     with pytest.raises(ApiError) as info:
         to_request(body)
@@ -119,7 +140,7 @@ def test_rest_body_errors_name_the_field(body, field):
 
 def mask_png(size, right_half: bool) -> bytes:
     pixels = np.zeros((size, size), np.uint8)
-    pixels[:, size // 2:] = 255 if right_half else 0
+    pixels[:, size // 2 :] = 255 if right_half else 0
     pixels[:, : size // 2] = 0 if right_half else 255
     buffer = io.BytesIO()
     PILImage.fromarray(pixels, "L").save(buffer, format="PNG")
@@ -128,10 +149,16 @@ def mask_png(size, right_half: bool) -> bytes:
 
 def test_steer_body_reads_as_a_steer_and_becomes_pipeline_inputs():
     png = mask_png(8, right_half=True)
-    steer = to_steer_message({"prompt": "a cat", "regions": [{"prompt": "sky", "negative_prompt": "sea"},
-                                                             {"prompt": "grass", "negative_prompt": ""}],
-                              "region_divisions": "1,1", "region_mode": "attention", "base_prompt_weight": 0.4,
-                              "mask": base64.b64encode(png).decode()})
+    steer = to_steer_message(
+        {
+            "prompt": "a cat",
+            "regions": [{"prompt": "sky", "negative_prompt": "sea"}, {"prompt": "grass", "negative_prompt": ""}],
+            "region_divisions": "1,1",
+            "region_mode": "attention",
+            "base_prompt_weight": 0.4,
+            "mask": base64.b64encode(png).decode(),
+        }
+    )
     with pytest.raises(ApiError) as info:  # one region without a negative prompt, the other with one
         grpc_api.to_steer(steer)
     assert info.value.field == "regions.negative_prompt"
@@ -146,10 +173,17 @@ def test_steer_body_reads_as_a_steer_and_becomes_pipeline_inputs():
     assert grpc_api.to_steer(images_pb2.Steer(guidance_scale=0.0)) == {"guidance_scale": 0.0}
 
 
-@pytest.mark.parametrize("body, field", [
-    ({}, "body"), ({"seed": 3}, "seed"), ({"guidance_scale": "high"}, "guidance_scale"),
-    ({"region_mode": "pixel"}, "region_mode"), ({"regions": [{"mask": 5}]}, "regions.mask"), ({"mask": 5}, "mask"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "body"),
+        ({"seed": 3}, "seed"),
+        ({"guidance_scale": "high"}, "guidance_scale"),
+        ({"region_mode": "pixel"}, "region_mode"),
+        ({"regions": [{"mask": 5}]}, "regions.mask"),
+        ({"mask": 5}, "mask"),
+    ],
+)
 def test_steer_body_errors_name_the_field(body, field):
     with pytest.raises(ApiError) as info:
         to_steer_message(body)

@@ -1,4 +1,5 @@
 """The gateway's pieces without a server: Generation, REST parameters, images and masks, errors."""
+
 import io
 import struct
 import zlib
@@ -14,8 +15,16 @@ from serving.gateway.errors import ApiError, from_pipeline
 from serving.gateway.generation import Generation, to_array
 from serving.gateway.grpc_api import peer_address, status_of
 
-DECLARED = {"prompt": "TYPE_STRING", "seed": "TYPE_INT64", "steps": "TYPE_INT32", "guidance_scale": "TYPE_FP32",
-            "height": "TYPE_INT32", "width": "TYPE_INT32", "progress_every": "TYPE_INT32", "preview_every": "TYPE_INT32"}
+DECLARED = {
+    "prompt": "TYPE_STRING",
+    "seed": "TYPE_INT64",
+    "steps": "TYPE_INT32",
+    "guidance_scale": "TYPE_FP32",
+    "height": "TYPE_INT32",
+    "width": "TYPE_INT32",
+    "progress_every": "TYPE_INT32",
+    "preview_every": "TYPE_INT32",
+}
 
 
 def test_generation_gives_typed_arrays_with_consecutive_seeds():
@@ -27,11 +36,17 @@ def test_generation_gives_typed_arrays_with_consecutive_seeds():
     assert int(arrays[0]["progress_every"][0]) == 1 and "preview_every" not in arrays[0]
 
 
-@pytest.mark.parametrize("generation, field", [
-    (Generation("x", n=0), "n"), (Generation("x", n=9), "n"), (Generation("x", seed=-1), "seed"),
-    (Generation("x", n=2, seed=2**63 - 1), "seed"), (Generation("x", output_format="gif"), "output_format"),
-    (Generation("x", quality=101), "quality"),
-])
+@pytest.mark.parametrize(
+    "generation, field",
+    [
+        (Generation("x", n=0), "n"),
+        (Generation("x", n=9), "n"),
+        (Generation("x", seed=-1), "seed"),
+        (Generation("x", n=2, seed=2**63 - 1), "seed"),
+        (Generation("x", output_format="gif"), "output_format"),
+        (Generation("x", quality=101), "quality"),
+    ],
+)
 def test_generation_checks_what_the_gateway_owns(generation, field):
     with pytest.raises(ApiError) as info:
         generation.validate()
@@ -56,14 +71,25 @@ def test_arrays_follow_the_declared_types_and_ranges():
 
 
 def test_rest_params_are_typed_from_json_and_from_forms():
-    parsed = rest_params.parse({"prompt": "x", "n": 2, "stream": True, "guidance_scale": 3, "model": "anything"},
-                               rest_params.GENERATIONS, from_form=False)
+    parsed = rest_params.parse(
+        {"prompt": "x", "n": 2, "stream": True, "guidance_scale": 3, "model": "anything"},
+        rest_params.GENERATIONS,
+        from_form=False,
+    )
     assert parsed == {"prompt": "x", "n": 2, "stream": True, "guidance_scale": 3.0, "model": "anything"}
-    form = rest_params.parse({"prompt": "x", "n": "2", "keep_unmasked": "true", "strength": "0.5", "image": object()},
-                             rest_params.EDITS, from_form=True)
+    form = rest_params.parse(
+        {"prompt": "x", "n": "2", "keep_unmasked": "true", "strength": "0.5", "image": object()},
+        rest_params.EDITS,
+        from_form=True,
+    )
     assert form["n"] == 2 and form["keep_unmasked"] is True and form["strength"] == 0.5
-    for body, field in (({"n": True}, "n"), ({"n": 1.5}, "n"), ({"stream": "yes"}, "stream"),
-                        ({"output_format": "gif"}, "output_format"), ({"strength": 0.5}, "strength")):
+    for body, field in (
+        ({"n": True}, "n"),
+        ({"n": 1.5}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"strength": 0.5}, "strength"),
+    ):
         with pytest.raises(ApiError) as info:
             rest_params.parse({"prompt": "x", **body}, rest_params.GENERATIONS, from_form=False)
         assert info.value.field == field
@@ -118,7 +144,10 @@ def test_grpc_status_carries_a_field_violation():
     decoded = status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"])
     bad = error_details_pb2.BadRequest()
     decoded.details[0].Unpack(bad)
-    assert (bad.field_violations[0].field, bad.field_violations[0].description) == ("steps", "must be in [1, 150], got 0")
+    assert (bad.field_violations[0].field, bad.field_violations[0].description) == (
+        "steps",
+        "must be in [1, 150], got 0",
+    )
 
 
 def test_callers_without_keys_are_their_address_not_their_connection():
@@ -131,15 +160,24 @@ def test_sampler_fields_pass_through_from_rest_json_and_forms_and_from_grpc():
     from serving.gateway import grpc_api
     from serving.gateway.protos import images_pb2
 
-    parsed = rest_params.parse({"prompt": "x", "sampler": "DPM++ 2M Karras", "sigma_schedule": "karras",
-                                "guidance_interval": [0.2, 1]}, rest_params.GENERATIONS, from_form=False)
+    parsed = rest_params.parse(
+        {"prompt": "x", "sampler": "DPM++ 2M Karras", "sigma_schedule": "karras", "guidance_interval": [0.2, 1]},
+        rest_params.GENERATIONS,
+        from_form=False,
+    )
     assert parsed["sampler"] == "DPM++ 2M Karras" and parsed["guidance_interval"] == [0.2, 1.0]
     for text in ("0.2,0.8", "[0.2, 0.8]", ["0.2", "0.8"]):  # `lo,hi`, JSON, or the field twice
-        form = rest_params.parse({"prompt": "x", "image": object(), "guidance_interval": text}, rest_params.EDITS, from_form=True)
+        form = rest_params.parse(
+            {"prompt": "x", "image": object(), "guidance_interval": text}, rest_params.EDITS, from_form=True
+        )
         assert form["guidance_interval"] == [0.2, 0.8]
-    for body, field in (({"guidance_interval": [0.2]}, "guidance_interval"), ({"guidance_interval": "0.2"}, "guidance_interval"),
-                        ({"guidance_interval": [0.1, float("nan")]}, "guidance_interval"),
-                        ({"sigma_schedule": "exponential"}, "sigma_schedule"), ({"sampler": 3}, "sampler")):
+    for body, field in (
+        ({"guidance_interval": [0.2]}, "guidance_interval"),
+        ({"guidance_interval": "0.2"}, "guidance_interval"),
+        ({"guidance_interval": [0.1, float("nan")]}, "guidance_interval"),
+        ({"sigma_schedule": "exponential"}, "sigma_schedule"),
+        ({"sampler": 3}, "sampler"),
+    ):
         with pytest.raises(ApiError) as info:
             rest_params.parse({"prompt": "x", **body}, rest_params.GENERATIONS, from_form=False)
         assert info.value.field == field
@@ -173,7 +211,11 @@ def test_the_sampler_list_says_what_fits_the_served_model_and_its_default():
     assert fits.pop("flow_match_euler") is False and all(fits.values())
     assert (listed["default_sampler"], listed["default_sigma_schedule"]) == ("ddim", "default")
     dpm = next(s for s in listed["data"] if s["name"] == "dpmpp_2m")
-    assert dpm["object"] == "sampler" and "DPM++ 2M Karras" in dpm["a1111_names"] and dpm["sigma_schedules"] == ["default", "karras"]
+    assert (
+        dpm["object"] == "sampler"
+        and "DPM++ 2M Karras" in dpm["a1111_names"]
+        and dpm["sigma_schedules"] == ["default", "karras"]
+    )
     configured = served_samplers(model(scheduler_config=epsilon, default_sampler="DPM++ 2M Karras"))
     assert configured.default == ("dpmpp_2m", "karras")
     flow = served_samplers(model(scheduler_config=json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"})))
@@ -202,8 +244,12 @@ def test_a_decompression_bomb_header_is_too_large_not_an_error():
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     # 4e8 pixels declared, none there
-    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(ApiError) as info:
         images.Upload(data, "init_image").declare(2**40)  # Pillow's own limit (twice 89M pixels) says so
     assert (info.value.code, info.value.field) == ("TOO_LARGE", "init_image")
@@ -232,4 +278,6 @@ def test_an_uncoded_error_in_a_handler_is_the_documented_json_with_the_request_i
 
     status, rid, body = asyncio.run(scenario())
     assert status == 500 and rid == "probe-1"
-    assert body["error"]["code"] == "internal" and "probe-1" in body["error"]["message"] and body["error"]["param"] is None
+    assert (
+        body["error"]["code"] == "internal" and "probe-1" in body["error"]["message"] and body["error"]["param"] is None
+    )

@@ -1,5 +1,6 @@
 """Parsing image-conditioned requests (no models): task inference, routing to variants, and every
 bad combination named by its field."""
+
 import numpy as np
 import pytest
 
@@ -9,14 +10,31 @@ from serving.core.variants import VariantSpec
 
 
 def spec(name, vae_factor=4, size_multiple=8, max_size=64, max_noise_level=None):
-    return VariantSpec(name=name, components={}, tokenizers={"input_ids": "tokenizer"}, text_length=16, latent_channels=4,
-                       vae_factor=vae_factor, size_multiple=size_multiple, native_size=32, max_size=max_size,
-                       scheduler_config={}, max_noise_level=max_noise_level)
+    return VariantSpec(
+        name=name,
+        components={},
+        tokenizers={"input_ids": "tokenizer"},
+        text_length=16,
+        latent_channels=4,
+        vae_factor=vae_factor,
+        size_multiple=size_multiple,
+        native_size=32,
+        max_size=max_size,
+        scheduler_config={},
+        max_noise_level=max_noise_level,
+    )
 
 
-BASE = RequestLimits(size_multiple=8, default_size=32, max_size=64, max_prompt_tokens=16, variants={"base": spec("base")})
-ALL = RequestLimits(size_multiple=8, default_size=32, max_size=64, max_prompt_tokens=16,
-             variants={"base": spec("base"), "inpaint": spec("inpaint"), "upscale": spec("upscale", max_noise_level=350)})
+BASE = RequestLimits(
+    size_multiple=8, default_size=32, max_size=64, max_prompt_tokens=16, variants={"base": spec("base")}
+)
+ALL = RequestLimits(
+    size_multiple=8,
+    default_size=32,
+    max_size=64,
+    max_prompt_tokens=16,
+    variants={"base": spec("base"), "inpaint": spec("inpaint"), "upscale": spec("upscale", max_noise_level=350)},
+)
 IMAGE = np.zeros((32, 48, 3), np.uint8)
 MASK = np.zeros((32, 48), np.uint8)
 
@@ -83,14 +101,18 @@ BAD = [
 def test_bad_combinations_name_the_field(limits, fields, name, expected):
     with pytest.raises(InvalidInput) as info:
         parse(limits, **fields)
-    assert info.value.field == name and str(info.value).startswith(f"{name}: ") and expected in str(info.value), info.value
+    assert info.value.field == name and str(info.value).startswith(f"{name}: ") and expected in str(info.value), (
+        info.value
+    )
 
 
 def test_wrong_dtype_and_rank_are_named_by_the_parser():
     inputs = request_arrays("a red circle")
-    for name, value, expected in (("init_image", IMAGE.astype(np.float32), "must be UINT8 [H, W, 3], got float32"),
-                                  ("init_image", IMAGE[..., 0], "must be UINT8 [H, W, 3], got uint8 [32, 48]"),
-                                  ("keep_unmasked", np.array([1], np.int32), "must be a boolean")):
+    for name, value, expected in (
+        ("init_image", IMAGE.astype(np.float32), "must be UINT8 [H, W, 3], got float32"),
+        ("init_image", IMAGE[..., 0], "must be UINT8 [H, W, 3], got uint8 [32, 48]"),
+        ("keep_unmasked", np.array([1], np.int32), "must be a boolean"),
+    ):
         extra = {"mask": MASK} if name == "keep_unmasked" else {}
         with pytest.raises(InvalidInput) as info:
             parse_request({**inputs, "init_image": IMAGE, **extra, name: value}, BASE, default_seed=1)

@@ -2,6 +2,7 @@
 checks each fake class against its Protocol (scripts/lint.sh); the real implementations carry the
 same check in their own modules. A fake whose method is out of step with the Protocol (a progress
 without steer_applied) fails the type check, not a steer test that happens to reach it."""
+
 from serving.core.interfaces import ResultSink, RunnerModels
 from tests.engine.test_engine import DeadlineSink
 from tests.engine.test_engine_reliability import BlockingModels, BrokenSink

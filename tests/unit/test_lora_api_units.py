@@ -2,6 +2,7 @@
 gRPC, KServe arrays, the clients' NAME:WEIGHT), admin keys, the pipeline's LoRA messages and how
 their refusals are coded, field names of the pipeline's errors, the streamed upload, the OpenAPI
 document, and `ldm serve --lora-dir`'s checks."""
+
 import argparse
 import asyncio
 import json
@@ -24,11 +25,16 @@ def test_rest_loras_from_json_and_from_forms():
     assert parse([{"name": "a"}, {"name": "b", "weight": -0.5}], from_form=False) == [("a", 1.0), ("b", -0.5)]
     assert parse("a:0.8, b", from_form=True) == [("a", 0.8), ("b", 1.0)]
     assert parse(['[{"name": "a", "weight": 2}]', "c:1"], from_form=True) == [("a", 2.0), ("c", 1.0)]
-    for value, from_form, field in (({"name": "a"}, False, "loras"), (["a"], False, "loras[0]"),
-                                    ([{"weight": 1}], False, "loras[0].name"), ([{"name": "a", "weight": "x"}], False, "loras[0].weight"),
-                                    ([{"name": "a", "weight": True}], False, "loras[0].weight"),
-                                    ([{"name": "a", "scale": 1}], False, "loras[0].scale"), ("a:x", True, "loras[0].weight"),
-                                    ("[nope", True, "loras")):
+    for value, from_form, field in (
+        ({"name": "a"}, False, "loras"),
+        (["a"], False, "loras[0]"),
+        ([{"weight": 1}], False, "loras[0].name"),
+        ([{"name": "a", "weight": "x"}], False, "loras[0].weight"),
+        ([{"name": "a", "weight": True}], False, "loras[0].weight"),
+        ([{"name": "a", "scale": 1}], False, "loras[0].scale"),
+        ("a:x", True, "loras[0].weight"),
+        ("[nope", True, "loras"),
+    ):
         with pytest.raises(ApiError) as info:
             parse(value, from_form)
         assert (info.value.code, info.value.field) == ("INVALID_ARG", field), value
@@ -43,7 +49,9 @@ def test_generation_sends_lora_names_and_weights_and_names_a_prompt_tag_refusal_
     assert arrays["lora_names"].tolist() == [b"a", b"b"] and arrays["lora_weights"].dtype == np.float32
     assert np.isnan(arrays["lora_weights"][1])  # the pipeline refuses it, naming loras[1].weight
     assert lora_inputs([]) == {}
-    own = generation.refused(from_pipeline("[INVALID_ARG] loras[1].weight: must be a finite number in [-4.0, 4.0], got nan"))
+    own = generation.refused(
+        from_pipeline("[INVALID_ARG] loras[1].weight: must be a finite number in [-4.0, 4.0], got nan")
+    )
     assert (own.field, own.message) == ("loras[1].weight", "must be a finite number in [-4.0, 4.0], got nan")
     tag = generation.refused(from_pipeline("[INVALID_ARG] loras[2].name: no adapter named 'zz'; loaded: a, b"))
     assert tag.field == "prompt" and "loras[2].name" in tag.message and "no adapter named 'zz'" in tag.message
@@ -68,7 +76,12 @@ def test_client_loras_spellings():
     from serving.client.kserve import request_arrays
     from serving.client.loras import lora_pairs
 
-    assert lora_pairs(["a:0.8", "b", ("c", -1), {"name": "d", "weight": 2}]) == [("a", 0.8), ("b", 1.0), ("c", -1.0), ("d", 2.0)]
+    assert lora_pairs(["a:0.8", "b", ("c", -1), {"name": "d", "weight": 2}]) == [
+        ("a", 0.8),
+        ("b", 1.0),
+        ("c", -1.0),
+        ("d", 2.0),
+    ]
     with pytest.raises(ValueError, match="NAME:WEIGHT"):
         lora_pairs(["a:x"])
     arrays = request_arrays("x", loras=["a:0.5", ("b", -1)])
@@ -130,21 +143,43 @@ def test_lora_messages_answer_lists_and_coded_refusals():
 
     svc = FakeService()
     file = {loras.FILE_INPUT: np.array([b"bytes"], object)}
-    assert loras.answer(svc, {loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "a"}, file) == \
-        [{"id": "a", "model": "m", "resident": False}]
+    assert loras.answer(svc, {loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "a"}, file) == [
+        {"id": "a", "model": "m", "resident": False}
+    ]
     assert svc.loaded == {"a": b"bytes"}
     assert loras.decode(loras.encode(loras.answer(svc, {loras.ACTION_PARAMETER: "list"}, {})))[0]["id"] == "a"
     cases = [
         ({loras.ACTION_PARAMETER: "zap"}, {}, None, "INVALID_ARG", "lora_action: must be one of"),
         ({loras.ACTION_PARAMETER: "load"}, file, None, "INVALID_ARG", "name: is required"),
         ({loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "b"}, {}, None, "INVALID_ARG", "file: a load carries"),
-        ({loras.ACTION_PARAMETER: "list", loras.MODEL_PARAMETER: "x"}, {}, None, "NOT_FOUND", "model: no model named 'x'"),
-        ({loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "b"}, file, LoraTooLarge("file: 5 bytes; at most 4"),
-         "TOO_LARGE", "file: 5 bytes"),
-        ({loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "b"}, file, LoraInUse("'b' is used"), "FAILED_PRECONDITION", "'b'"),
-        ({loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "b"}, file,
-         InvalidInput("file", ".b.0123abcd.partial: not a LoRA file: '/srv/loras/m/.b.0123abcd.partial'"), "INVALID_ARG",
-         "file: b.safetensors: not a LoRA file: the uploaded file"),
+        (
+            {loras.ACTION_PARAMETER: "list", loras.MODEL_PARAMETER: "x"},
+            {},
+            None,
+            "NOT_FOUND",
+            "model: no model named 'x'",
+        ),
+        (
+            {loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "b"},
+            file,
+            LoraTooLarge("file: 5 bytes; at most 4"),
+            "TOO_LARGE",
+            "file: 5 bytes",
+        ),
+        (
+            {loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "b"},
+            file,
+            LoraInUse("'b' is used"),
+            "FAILED_PRECONDITION",
+            "'b'",
+        ),
+        (
+            {loras.ACTION_PARAMETER: "load", loras.NAME_PARAMETER: "b"},
+            file,
+            InvalidInput("file", ".b.0123abcd.partial: not a LoRA file: '/srv/loras/m/.b.0123abcd.partial'"),
+            "INVALID_ARG",
+            "file: b.safetensors: not a LoRA file: the uploaded file",
+        ),
     ]
     for parameters, inputs, refuse, code, start in cases:
         svc.refuse = refuse
@@ -173,6 +208,7 @@ def upload_app(limit: int) -> web.Application:
 def test_the_upload_is_read_as_a_stream_within_its_own_limit():
     async def scenario():
         async with TestClient(TestServer(upload_app(1000))) as client:
+
             async def post(fields):
                 form = FormData(default_to_multipart=True)
                 for name, value, filename in fields:
@@ -181,12 +217,18 @@ def test_the_upload_is_read_as_a_stream_within_its_own_limit():
                 return await response.json()
 
             assert await post([("file", b"x" * 10, "ink.safetensors")]) == {"name": "ink", "size": 10, "model": ""}
-            assert await post([("file", b"x" * 10, "f.bin"), ("name", "a", None), ("model", "m", None)]) == \
-                {"name": "a", "size": 10, "model": "m"}
+            assert await post([("file", b"x" * 10, "f.bin"), ("name", "a", None), ("model", "m", None)]) == {
+                "name": "a",
+                "size": 10,
+                "model": "m",
+            }
             assert await post([("file", b"x" * 5000, "big.safetensors")]) == {"code": "TOO_LARGE", "field": "file"}
             assert await post([("name", "a", None)]) == {"code": "INVALID_ARG", "field": "file"}
             assert await post([("file", b"x", "f"), ("file", b"y", "g")]) == {"code": "INVALID_ARG", "field": "file"}
-            assert await post([("file", b"x", "f"), ("colour", "red", None)]) == {"code": "INVALID_ARG", "field": "colour"}
+            assert await post([("file", b"x", "f"), ("colour", "red", None)]) == {
+                "code": "INVALID_ARG",
+                "field": "colour",
+            }
             raw = b'--b0\r\nContent-Disposition: form-data; name="file"\r\n\r\nxyz\r\n--b0--\r\n'  # a file part without filename
             response = await client.post("/up", data=raw, headers={"Content-Type": "multipart/form-data; boundary=b0"})
             assert await response.json() == {"code": "INVALID_ARG", "field": "name"}
@@ -195,12 +237,14 @@ def test_the_upload_is_read_as_a_stream_within_its_own_limit():
 
             async def stream():  # chunked, no Content-Length: the file part's cap stops it
                 boundary = "b0undary"
-                yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.safetensors\"\r\n\r\n".encode()
+                yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.safetensors"\r\n\r\n'.encode()
                 for _ in range(10):
                     yield b"z" * 500
                 yield f"\r\n--{boundary}--\r\n".encode()
 
-            response = await client.post("/up", data=stream(), headers={"Content-Type": "multipart/form-data; boundary=b0undary"})
+            response = await client.post(
+                "/up", data=stream(), headers={"Content-Type": "multipart/form-data; boundary=b0undary"}
+            )
             assert await response.json() == {"code": "TOO_LARGE", "field": "file"}
 
     asyncio.run(scenario())
@@ -210,9 +254,14 @@ def test_the_document_declares_the_lora_routes_and_fields():
     from serving.gateway.openapi import document
 
     doc = document()
-    assert set(doc["paths"]["/v1/loras"]) == {"get", "post"} and set(doc["paths"]["/v1/loras/{name}"]) == {"get", "delete"}
+    assert set(doc["paths"]["/v1/loras"]) == {"get", "post"} and set(doc["paths"]["/v1/loras/{name}"]) == {
+        "get",
+        "delete",
+    }
     upload = doc["paths"]["/v1/loras"]["post"]
-    assert {"400", "403", "409", "413"} <= set(upload["responses"]) and "admin" in upload["responses"]["403"]["description"]
+    assert {"400", "403", "409", "413"} <= set(upload["responses"]) and "admin" in upload["responses"]["403"][
+        "description"
+    ]
     assert "multipart/form-data" in upload["requestBody"]["content"]
     assert "409" in doc["paths"]["/v1/loras/{name}"]["delete"]["responses"]
     schemas = doc["components"]["schemas"]

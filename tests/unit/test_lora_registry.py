@@ -1,6 +1,7 @@
 """The LoRA registry (serving/core/lora.py) without models: residency under a byte budget and a
 column limit, least-recently-used eviction of idle adapters only, adapters read again on demand
 (nothing lost), the bank's column layout and every row's scales, and the refusals naming the field."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,8 +14,13 @@ LAYERS = {"l1": (3, 2), "l2": (2, 4)}
 
 
 def adapter(name, rank, layers=("l1", "l2"), fill=1.0):
-    matrices = {layer: (np.full((LAYERS[layer][0], rank), fill, np.float32), np.full((rank, LAYERS[layer][1]), fill, np.float32))
-                for layer in layers}
+    matrices = {
+        layer: (
+            np.full((LAYERS[layer][0], rank), fill, np.float32),
+            np.full((rank, LAYERS[layer][1]), fill, np.float32),
+        )
+        for layer in layers
+    }
     return SimpleNamespace(name=name, rank=rank, denoiser=matrices, text={}, nbytes=100 * rank)
 
 
@@ -70,13 +76,16 @@ def test_a_held_adapter_is_never_evicted_and_a_full_bank_is_resource_exhausted()
     assert r.unregister("a") and "a" not in r.names()
 
 
-@pytest.mark.parametrize("loras, field, message", [
-    ((("zz", 1.0),), "loras[0].name", "no adapter named 'zz'; loaded: a, b"),
-    ((("a", float("nan")),), "loras[0].weight", "must be a finite number in [-4.0, 4.0], got nan"),
-    ((("a", 4.5),), "loras[0].weight", "got 4.5"),
-    ((("a", 1.0), ("a", 0.5)), "loras[1].name", "'a' is named twice"),
-    (tuple((f"x{i}", 1.0) for i in range(5)), "loras", "at most 4 per request"),
-])
+@pytest.mark.parametrize(
+    "loras, field, message",
+    [
+        ((("zz", 1.0),), "loras[0].name", "no adapter named 'zz'; loaded: a, b"),
+        ((("a", float("nan")),), "loras[0].weight", "must be a finite number in [-4.0, 4.0], got nan"),
+        ((("a", 4.5),), "loras[0].weight", "got 4.5"),
+        ((("a", 1.0), ("a", 0.5)), "loras[1].name", "'a' is named twice"),
+        (tuple((f"x{i}", 1.0) for i in range(5)), "loras", "at most 4 per request"),
+    ],
+)
 def test_refusals_name_the_field(loras, field, message):
     r, _ = registry(a=2, b=2)
     with pytest.raises(LoraRefused) as refused:

@@ -1,6 +1,7 @@
 """The process-wide port allocator every test and server here picks its ports from
 (serving.triton.server.free_ports): the ports of one call are distinct, no port is handed out twice
 in a process (even once released, before the server it was meant for binds it), and each was free."""
+
 import socket
 import threading
 

@@ -3,6 +3,7 @@ message classes, enums and gRPC stubs the gateway imports are checked, definitio
 against the descriptor protoc parses from proto/ldm/v1/images.proto now (and the service's
 methods against the .proto's text itself), so a stale or hand-edited generated module fails; a
 check that an edited .proto makes the comparison fail shows it can."""
+
 import re
 import shutil
 
@@ -26,9 +27,15 @@ def proto_definitions(file: descriptor_pb2.FileDescriptorProto) -> dict:
     def message(m, prefix):
         name = f"{prefix}.{m.name}"
         defs[f"message {name}"] = {
-            f.name: (f.number, f.type, f.label == f.LABEL_REPEATED, f.type_name.lstrip(".") or None,
-                     m.oneof_decl[f.oneof_index].name if f.HasField("oneof_index") else None)
-            for f in m.field}
+            f.name: (
+                f.number,
+                f.type,
+                f.label == f.LABEL_REPEATED,
+                f.type_name.lstrip(".") or None,
+                m.oneof_decl[f.oneof_index].name if f.HasField("oneof_index") else None,
+            )
+            for f in m.field
+        }
         for nested in m.nested_type:
             message(nested, name)
         for e in m.enum_type:
@@ -41,7 +48,8 @@ def proto_definitions(file: descriptor_pb2.FileDescriptorProto) -> dict:
     for service in file.service:
         defs[f"service {file.package}.{service.name}"] = {
             m.name: (m.input_type.lstrip("."), m.output_type.lstrip("."), m.client_streaming, m.server_streaming)
-            for m in service.method}
+            for m in service.method
+        }
     return defs
 
 
@@ -51,10 +59,15 @@ def module_definitions(module) -> dict:
 
     def message(d):
         defs[f"message {d.full_name}"] = {
-            f.name: (f.number, f.type, f.is_repeated,
-                     (f.message_type or f.enum_type).full_name if (f.message_type or f.enum_type) else None,
-                     f.containing_oneof.name if f.containing_oneof else None)
-            for f in d.fields}
+            f.name: (
+                f.number,
+                f.type,
+                f.is_repeated,
+                (f.message_type or f.enum_type).full_name if (f.message_type or f.enum_type) else None,
+                f.containing_oneof.name if f.containing_oneof else None,
+            )
+            for f in d.fields
+        }
         for nested in d.nested_types:
             message(nested)
         for e in d.enum_types:
@@ -69,7 +82,8 @@ def module_definitions(module) -> dict:
     for service in module.DESCRIPTOR.services_by_name.values():
         defs[f"service {service.full_name}"] = {
             m.name: (m.input_type.full_name, m.output_type.full_name, m.client_streaming, m.server_streaming)
-            for m in service.methods}
+            for m in service.methods
+        }
     return defs
 
 
@@ -93,8 +107,12 @@ def test_the_services_methods_are_the_protos_text():
     """Read from the .proto's text without protoc: every rpc, its streaming and its types."""
     text = protos.PROTO_ROOT.joinpath(protos.SOURCES[0]).read_text()
     text = re.sub(r"//[^\n]*", "", text)
-    rpcs = {m[0]: (f"{protos.PACKAGE}.{m[2]}", f"{protos.PACKAGE}.{m[4]}", bool(m[1]), bool(m[3]))
-            for m in re.findall(r"\brpc\s+(\w+)\s*\(\s*(stream\s+)?(\w+)\s*\)\s*returns\s*\(\s*(stream\s+)?(\w+)\s*\)", text)}
+    rpcs = {
+        m[0]: (f"{protos.PACKAGE}.{m[2]}", f"{protos.PACKAGE}.{m[4]}", bool(m[1]), bool(m[3]))
+        for m in re.findall(
+            r"\brpc\s+(\w+)\s*\(\s*(stream\s+)?(\w+)\s*\)\s*returns\s*\(\s*(stream\s+)?(\w+)\s*\)", text
+        )
+    }
     assert len(rpcs) >= 8 and module_definitions(images_pb2)[f"service {protos.PACKAGE}.Images"] == rpcs
     messages = set(re.findall(r"^message\s+(\w+)", text, re.M))
     assert messages == set(images_pb2.DESCRIPTOR.message_types_by_name)
@@ -110,16 +128,25 @@ def test_the_grpc_stub_calls_each_method_by_its_path_and_types():
             def make(path, request_serializer=None, response_deserializer=None, **_):
                 calls[path] = (kind, request_serializer, response_deserializer)
                 return object()
+
             return make
 
     images_pb2_grpc.ImagesStub(Channel())
     service = images_pb2.DESCRIPTOR.services_by_name["Images"]
-    kinds = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
-             (True, True): "stream_stream"}
-    expected = {f"/{service.full_name}/{m.name}": (kinds[m.client_streaming, m.server_streaming],
-                                                   getattr(images_pb2, m.input_type.name).SerializeToString,
-                                                   getattr(images_pb2, m.output_type.name).FromString)
-                for m in service.methods}
+    kinds = {
+        (False, False): "unary_unary",
+        (False, True): "unary_stream",
+        (True, False): "stream_unary",
+        (True, True): "stream_stream",
+    }
+    expected = {
+        f"/{service.full_name}/{m.name}": (
+            kinds[m.client_streaming, m.server_streaming],
+            getattr(images_pb2, m.input_type.name).SerializeToString,
+            getattr(images_pb2, m.output_type.name).FromString,
+        )
+        for m in service.methods
+    }
     assert calls == expected
     servicer = images_pb2_grpc.ImagesServicer
     assert all(callable(getattr(servicer, m.name, None)) for m in service.methods)
@@ -132,25 +159,40 @@ def test_an_edited_proto_fails_the_comparison(tmp_path):
     shutil.copytree(protos.PROTO_ROOT, root)
     source = root / protos.SOURCES[0]
     text = source.read_text()
-    edited = text.replace("  string region_divisions = 31;", "  string region_divisions = 31;\n  int32 added_field = 99;")
+    edited = text.replace(
+        "  string region_divisions = 31;", "  string region_divisions = 31;\n  int32 added_field = 99;"
+    )
     edited = edited.replace("optional int32 steps = 4;", "optional int32 steps = 98;")
-    edited = re.sub(r"rpc Generate\s*\(\s*GenerateRequest\s*\)\s*returns\s*\(\s*GenerateResponse",
-                    "rpc Generate(GenerateRequest) returns (stream GenerateResponse", edited)
+    edited = re.sub(
+        r"rpc Generate\s*\(\s*GenerateRequest\s*\)\s*returns\s*\(\s*GenerateResponse",
+        "rpc Generate(GenerateRequest) returns (stream GenerateResponse",
+        edited,
+    )
     assert edited.count("added_field") == 1 and "steps = 98" in edited and "(stream GenerateResponse" in edited
     source.write_text(edited)
     found = differences(proto_definitions(compiled(root, tmp_path)), module_definitions(images_pb2))
     assert any(d.startswith("message ldm.v1.GenerateRequest.added_field:") for d in found), found
     assert any(d.startswith("message ldm.v1.GenerateRequest.steps:") for d in found), found
-    assert "service ldm.v1.Images.Generate: .proto ('ldm.v1.GenerateRequest', 'ldm.v1.GenerateResponse', False, True), " \
-        "generated ('ldm.v1.GenerateRequest', 'ldm.v1.GenerateResponse', False, False)" in found, found
+    assert (
+        "service ldm.v1.Images.Generate: .proto ('ldm.v1.GenerateRequest', 'ldm.v1.GenerateResponse', False, True), "
+        "generated ('ldm.v1.GenerateRequest', 'ldm.v1.GenerateResponse', False, False)" in found
+    ), found
     assert len(found) == 3, found
 
 
 def test_the_service_has_a_unary_a_server_streaming_and_a_bidirectional_method():
     service = images_pb2.DESCRIPTOR.services_by_name["Images"]
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "GenerateStream", "Session", "ListSamplers", "ListModels", "ListLoras", "LoadLora",
-                            "UnloadLora"}
+    assert set(methods) == {
+        "Generate",
+        "GenerateStream",
+        "Session",
+        "ListSamplers",
+        "ListModels",
+        "ListLoras",
+        "LoadLora",
+        "UnloadLora",
+    }
     assert all(not methods[n].client_streaming and not methods[n].server_streaming for n in ("LoadLora", "UnloadLora"))
     for name in ("ListSamplers", "ListModels", "ListLoras"):
         listing = methods[name]
@@ -173,7 +215,11 @@ def test_an_edited_proto_is_generated_anew(tmp_path, monkeypatch):
     shutil.copytree(protos.PROTO_ROOT, root)
     source = root / protos.SOURCES[0]
     before = protos.ensure_generated(root)
-    source.write_text(source.read_text().replace("  string region_divisions = 31;", "  string region_divisions = 31;\n  int32 added_field = 99;"))
+    source.write_text(
+        source.read_text().replace(
+            "  string region_divisions = 31;", "  string region_divisions = 31;\n  int32 added_field = 99;"
+        )
+    )
     after = protos.ensure_generated(root)
     assert after != before
     assert "added_field" in (after / "ldm" / "v1" / "images_pb2.pyi").read_text()

@@ -1,5 +1,6 @@
 """The evaluator of regional layouts: right on ground-truth renders, and it says no to objects in
 the wrong region, missing objects, and another region's object."""
+
 import dataclasses
 
 import numpy as np
@@ -30,8 +31,9 @@ def test_wrong_images_fail_the_right_regions():
     scene = region_scenes(layout, 1)[0]
     assert check_regions(scene, render(scene.scene))["whole"]
 
-    swapped = dataclasses.replace(scene, objects=tuple(
-        dataclasses.replace(o, cx=64 - o.cx) for o in scene.objects))  # each object in the other half
+    swapped = dataclasses.replace(
+        scene, objects=tuple(dataclasses.replace(o, cx=64 - o.cx) for o in scene.objects)
+    )  # each object in the other half
     result = check_regions(scene, render(swapped.scene))
     assert [r["passed"] for r in result["regions"]] == [False, False]
     assert [r["clean"] for r in result["regions"]] == [False, False] and not result["whole"]
@@ -41,8 +43,10 @@ def test_wrong_images_fail_the_right_regions():
     assert [r["passed"] for r in result["regions"]] == [True, False] and not result["regions"][1]["colour"]
 
     other_shape = {"circle": "square", "square": "triangle", "triangle": "circle"}
-    wrong = dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], shape=other_shape[scene.objects[0].shape]),
-                                                scene.objects[1]))
+    wrong = dataclasses.replace(
+        scene,
+        objects=(dataclasses.replace(scene.objects[0], shape=other_shape[scene.objects[0].shape]), scene.objects[1]),
+    )
     result = check_regions(scene, render(wrong.scene))
     assert result["regions"][0] == {"colour": True, "shape": False, "clean": True, "passed": False}
 

@@ -1,5 +1,6 @@
 """Regional prompts without models: the request contract (divisions, masks, every bad
 combination named), the weights both modes use, and each mode's rows and combine rule."""
+
 import numpy as np
 import pytest
 
@@ -38,17 +39,20 @@ def test_divisions_follow_regional_prompters_columns_and_rows():
     assert [tuple(np.argwhere(m)[0]) for m in quadrants] == [(0, 0), (0, 32), (32, 0), (32, 32)]
 
 
-@pytest.mark.parametrize("divisions, count, expected", [
-    ("1,1", 3, "makes 2 regions; region_prompts has 3"),
-    ("1,x", 2, "'x' is not a positive number"),
-    ("1,,1", 3, "'' is not a positive number"),
-    ("0,1", 2, "'0' is not a positive number"),
-    ("-1,1", 2, "not a positive number"),
-    ("1,inf", 2, "not a positive number"),
-    ("1,1;", 2, "'' is not a positive number"),
-    ("1 BREAK 1", 2, "not a positive number"),
-    ("1,1000", 2, "region 0 of '1,1000' gets no pixels"),
-])
+@pytest.mark.parametrize(
+    "divisions, count, expected",
+    [
+        ("1,1", 3, "makes 2 regions; region_prompts has 3"),
+        ("1,x", 2, "'x' is not a positive number"),
+        ("1,,1", 3, "'' is not a positive number"),
+        ("0,1", 2, "'0' is not a positive number"),
+        ("-1,1", 2, "not a positive number"),
+        ("1,inf", 2, "not a positive number"),
+        ("1,1;", 2, "'' is not a positive number"),
+        ("1 BREAK 1", 2, "not a positive number"),
+        ("1,1000", 2, "region 0 of '1,1000' gets no pixels"),
+    ],
+)
 def test_bad_divisions_are_named(divisions, count, expected):
     with pytest.raises(InvalidInput, match="region_divisions") as info:
         parse_regions(inputs(["p"] * count, region_divisions=divisions), LIMITS, 64, 64)
@@ -78,8 +82,17 @@ def test_parsed_regions_carry_prompts_weights_and_defaults():
     np.testing.assert_allclose(regions.weights[1, :, 4:], 0.0)
     masks = np.zeros((2, 64, 32), np.uint8)
     masks[0, :32], masks[1, 32:] = 255, 128  # a soft mask counts by its value
-    attention = parse_regions(inputs(region_masks=masks, base_prompt_weight=np.array([0.0], np.float32),
-                                     region_mode="attention", region_negative_prompts=texts("blue", "")), LIMITS, 64, 32)
+    attention = parse_regions(
+        inputs(
+            region_masks=masks,
+            base_prompt_weight=np.array([0.0], np.float32),
+            region_mode="attention",
+            region_negative_prompts=texts("blue", ""),
+        ),
+        LIMITS,
+        64,
+        32,
+    )
     assert attention.network == "regional/3" and attention.negative_prompts == ("blue", "")
     np.testing.assert_allclose(attention.weights[:, 12, 0], [1 - 128 / 255, 0.0, 128 / 255], rtol=1e-6)
     assert parse_regions({"prompt": texts("x")}, LIMITS, 64, 64) is None
@@ -93,11 +106,30 @@ BAD = [
     (dict(region_masks=np.full((2, 32, 64), 255, np.uint8)), TWO, "region_masks", "shape [2, 64, 64]"),
     (dict(region_masks=np.full((3, 64, 64), 255, np.uint8)), TWO, "region_masks", "shape [2, 64, 64]"),
     (dict(region_masks=np.ones((2, 64, 64), np.float32)), TWO, "region_masks", "must be UINT8"),
-    (dict(region_masks=np.stack([np.full((64, 64), 255, np.uint8), np.zeros((64, 64), np.uint8)])), TWO,
-     "region_masks", "region 1 is empty"),
-    (dict(region_divisions="1,1", region_negative_prompts=texts("x")), TWO, "region_negative_prompts", "one text per region (2)"),
-    (dict(region_divisions="1,1", base_prompt_weight=np.array([1.5], np.float32)), TWO, "base_prompt_weight", "[0.0, 1.0]"),
-    (dict(region_divisions="1,1", base_prompt_weight=np.array([np.nan], np.float32)), TWO, "base_prompt_weight", "finite"),
+    (
+        dict(region_masks=np.stack([np.full((64, 64), 255, np.uint8), np.zeros((64, 64), np.uint8)])),
+        TWO,
+        "region_masks",
+        "region 1 is empty",
+    ),
+    (
+        dict(region_divisions="1,1", region_negative_prompts=texts("x")),
+        TWO,
+        "region_negative_prompts",
+        "one text per region (2)",
+    ),
+    (
+        dict(region_divisions="1,1", base_prompt_weight=np.array([1.5], np.float32)),
+        TWO,
+        "base_prompt_weight",
+        "[0.0, 1.0]",
+    ),
+    (
+        dict(region_divisions="1,1", base_prompt_weight=np.array([np.nan], np.float32)),
+        TWO,
+        "base_prompt_weight",
+        "finite",
+    ),
     (dict(region_divisions="1,1", region_mode="pixel"), TWO, "region_mode", "latent, attention"),
     (dict(region_divisions=texts("1", "1")), TWO, "region_divisions", "exactly one value"),
 ]
@@ -110,7 +142,9 @@ def test_bad_region_fields_are_named(fields, prompts, field, expected):
     assert str(info.value).startswith(f"{field}: ") and expected in str(info.value), info.value
 
 
-@pytest.mark.parametrize("field", ["region_divisions", "region_masks", "region_negative_prompts", "base_prompt_weight", "region_mode"])
+@pytest.mark.parametrize(
+    "field", ["region_divisions", "region_masks", "region_negative_prompts", "base_prompt_weight", "region_mode"]
+)
 def test_region_fields_without_region_prompts_are_refused(field):
     with pytest.raises(InvalidInput, match=f"^{field}: needs region_prompts"):
         parse_regions({field: texts("1,1")}, LIMITS, 64, 64)
@@ -138,8 +172,12 @@ def test_latent_mode_rows_and_combine_rule():
 
     unguided = RegionalPrompt("base", "neg", 1.0, regions)
     assert unguided.rows == 3 and unguided.texts() == ["base", *TWO]
-    np.testing.assert_allclose(unguided.build(embeddings[:3]).combine(predictions[:3]),
-                               sum(w[k] * c[k] for k in range(3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        unguided.build(embeddings[:3]).combine(predictions[:3]),
+        sum(w[k] * c[k] for k in range(3)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_region_negatives_add_one_row_per_distinct_text():
@@ -147,7 +185,9 @@ def test_region_negatives_add_one_row_per_distinct_text():
     prompt = RegionalPrompt("base", "neg", 5.0, regions)
     assert prompt.rows == 5 and prompt.texts() == ["base", *TWO, "neg", "green"]
     rng = np.random.default_rng(1)
-    conditioning = prompt.build([{"encoder_hidden_states": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(5)])
+    conditioning = prompt.build(
+        [{"encoder_hidden_states": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(5)]
+    )
     predictions = rng.standard_normal((5, 4, 4, 4)).astype(np.float32)
     c, w = predictions[:3], regions.weights
     u = [predictions[3], predictions[3], predictions[4]]  # base and region 0 against "neg", region 1 against "green"
@@ -160,12 +200,18 @@ def test_attention_mode_is_two_rows_carrying_every_context():
     prompt = RegionalAttentionPrompt("base", "neg", 5.0, regions)
     assert prompt.rows == 2 and prompt.texts() == ["base", *TWO, "neg", "neg", "green"]
     rng = np.random.default_rng(2)
-    conditioning = prompt.build([{"encoder_hidden_states": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(6)])
+    conditioning = prompt.build(
+        [{"encoder_hidden_states": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(6)]
+    )
     inputs = conditioning.inputs()
     assert inputs["encoder_hidden_states"].shape == (2, 3, 16, 8) and inputs["region_weights"].shape == (2, 3, 4, 4)
     predictions = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
-    np.testing.assert_allclose(conditioning.combine(predictions), predictions[1] + 5.0 * (predictions[0] - predictions[1]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        conditioning.combine(predictions),
+        predictions[1] + 5.0 * (predictions[0] - predictions[1]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert RegionalAttentionPrompt("base", "", 0.0, regions).rows == 1
 
 

@@ -1,4 +1,5 @@
 """The DDIM loop against diffusers' DDIMScheduler over whole runs, with the same noise."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +8,13 @@ from diffusers import DDIMScheduler
 from serving.core.sampler import DDIMSchedule
 
 SD_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
 )
 
 
@@ -32,13 +38,20 @@ def run_both(config, steps, eta, shape=(2, 4, 8, 8), seed=0):
     for t in timesteps:
         noise = rng.standard_normal(shape).astype(np.float32)
         ref_out = reference.step(
-            torch.from_numpy(fake_model(x_ref.numpy(), t, ours.alphas_cumprod)), int(t), x_ref, eta=eta,
+            torch.from_numpy(fake_model(x_ref.numpy(), t, ours.alphas_cumprod)),
+            int(t),
+            x_ref,
+            eta=eta,
             variance_noise=torch.from_numpy(noise),
         )
         rows = np.full(shape[0], t)
         x_ours, _ = ours.step(
-            fake_model(x_ours, t, ours.alphas_cumprod), rows, ours.previous_timesteps(rows, np.full(shape[0], steps)),
-            x_ours, np.full(shape[0], eta), noise,
+            fake_model(x_ours, t, ours.alphas_cumprod),
+            rows,
+            ours.previous_timesteps(rows, np.full(shape[0], steps)),
+            x_ours,
+            np.full(shape[0], eta),
+            noise,
         )
         x_ref = ref_out.prev_sample
     return x_ours, x_ref.numpy()
@@ -75,8 +88,12 @@ def test_rows_at_different_timesteps_match_separate_runs():
     batched, _ = schedule.step(eps, t, schedule.previous_timesteps(t, steps), x, eta, noise)
     for i in range(3):
         alone, _ = schedule.step(
-            eps[i : i + 1], t[i : i + 1], schedule.previous_timesteps(t[i : i + 1], steps[i : i + 1]),
-            x[i : i + 1], eta[i : i + 1], noise[i : i + 1],
+            eps[i : i + 1],
+            t[i : i + 1],
+            schedule.previous_timesteps(t[i : i + 1], steps[i : i + 1]),
+            x[i : i + 1],
+            eta[i : i + 1],
+            noise[i : i + 1],
         )
         np.testing.assert_array_equal(batched[i : i + 1], alone)
 

@@ -3,6 +3,7 @@ timesteps the UNet sees, the scaled model inputs and the final latents, for text
 image-to-image starts (diffusers' img2img sets the begin index), several schedule configs, step
 counts, both sigma schedules and mixed rows. A stand-in model keeps latents at a trained model's
 scale. Stochastic samplers get their noise from one stream, in the order both draw it."""
+
 import sys
 
 import numpy as np
@@ -14,14 +15,26 @@ from serving.core.samplers import A1111_NAMES, SAMPLERS, default_sampler_name, m
 from serving.core.samplers.registry import fit_error
 from tests.support.samplers import REFERENCES
 
-SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-          clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+SD = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 CONFIGS = {
     "sd-leading-eps": {**SD, "timestep_spacing": "leading"},
     "sd-linspace-v": {**SD, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
     # the shipped model's: zero terminal SNR, v-prediction, trailing
-    "zero-snr-v-trailing": {**SD, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
-                            "timestep_spacing": "trailing"},
+    "zero-snr-v-trailing": {
+        **SD,
+        "rescale_betas_zero_snr": True,
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+    },
 }
 SHAPE = (4, 8, 8)
 
@@ -87,9 +100,15 @@ def our_runs(samplers, steps, strengths, noises, inits, draw_rng):
             rows = [k for k, i in enumerate(live) if samplers[i] is sampler]
             jobs = [live[k] for k in rows]
             positions = [runs[i].begin + done[i] for i in jobs]
-            noise = np.stack([draw_rng[i]() if sampler.draws_noise(runs[i], p) else np.zeros(SHAPE, np.float32)
-                              for i, p in zip(jobs, positions)])
-            prev, _ = sampler.step([runs[i] for i in jobs], positions, outputs[rows], np.stack([x[i] for i in jobs]), noise)
+            noise = np.stack(
+                [
+                    draw_rng[i]() if sampler.draws_noise(runs[i], p) else np.zeros(SHAPE, np.float32)
+                    for i, p in zip(jobs, positions)
+                ]
+            )
+            prev, _ = sampler.step(
+                [runs[i] for i in jobs], positions, outputs[rows], np.stack([x[i] for i in jobs]), noise
+            )
             for k, i in enumerate(jobs):
                 x[i] = prev[k]
                 done[i] += 1
@@ -103,7 +122,7 @@ def check(name, schedule, config, steps, strength, seed=0):
     draws = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(steps)]
     sampler = make_sampler(name, schedule, config)
     stream = iter(draws)
-    (t, inputs, x), = our_runs([sampler], [steps], [strength], [noise], [init], [lambda: next(stream)])
+    ((t, inputs, x),) = our_runs([sampler], [steps], [strength], [noise], [init], [lambda: next(stream)])
     begin = steps - min(int(steps * strength), steps)
     used = sum(sampler.draws_noise(sampler.start(steps, strength), p) for p in range(begin, steps))
     ref_t, ref_inputs, ref_x, _ = reference_run(name, schedule, config, steps, begin, noise, init, draws[:used])
@@ -114,7 +133,9 @@ def check(name, schedule, config, steps, strength, seed=0):
     np.testing.assert_allclose(x, ref_x, rtol=1e-3, atol=1e-3)
 
 
-CASES = [(name, "default") for name in REFERENCES] + [(n, "karras") for n in ("euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc")]
+CASES = [(name, "default") for name in REFERENCES] + [
+    (n, "karras") for n in ("euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -125,7 +146,10 @@ def test_sampler_matches_its_diffusers_scheduler(name, schedule, config, steps, 
 
 
 def test_flow_match_euler_matches_diffusers_on_a_tiny_configuration():
-    for config, mu in (({"shift": 3.0}, None), ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, 0.8)):
+    for config, mu in (
+        ({"shift": 3.0}, None),
+        ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, 0.8),
+    ):
         reference = FlowMatchEulerDiscreteScheduler(**config)
         ours = make_sampler("flow_match_euler", "default", {"_class_name": "FlowMatchEulerDiscreteScheduler", **config})
         for steps, strength in ((4, 1.0), (12, 1.0), (12, 0.5)):
@@ -138,7 +162,9 @@ def test_flow_match_euler_matches_diffusers_on_a_tiny_configuration():
             np.testing.assert_allclose(run.timesteps, reference.timesteps.numpy(), rtol=1e-6)
             x_ref = torch.from_numpy(noise[None])
             if strength < 1:
-                x_ref = reference.scale_noise(torch.from_numpy(init[None]), reference.timesteps[begin:begin + 1], x_ref)
+                x_ref = reference.scale_noise(
+                    torch.from_numpy(init[None]), reference.timesteps[begin : begin + 1], x_ref
+                )
             x = ours.initial_latents(run, noise) if strength == 1 else ours.add_noise(run, init, noise, begin)
             for p in range(begin, steps):
                 t = reference.timesteps[p]
@@ -151,8 +177,16 @@ def test_mixed_samplers_in_one_call_equal_each_alone():
     """8 jobs, 8 samplers or schedules, different step counts and starts, stepped together
     (joining as the others run): each ends with the latents it gets alone, exactly."""
     config = CONFIGS["zero-snr-v-trailing"]
-    names = [("ddim", "default"), ("euler", "default"), ("euler_ancestral", "default"), ("dpmpp_2m", "default"),
-             ("dpmpp_2m", "karras"), ("dpmpp_2m_sde", "default"), ("unipc", "default"), ("lcm", "default")]
+    names = [
+        ("ddim", "default"),
+        ("euler", "default"),
+        ("euler_ancestral", "default"),
+        ("dpmpp_2m", "default"),
+        ("dpmpp_2m", "karras"),
+        ("dpmpp_2m_sde", "default"),
+        ("unipc", "default"),
+        ("lcm", "default"),
+    ]
     samplers = [make_sampler(n, s, config) for n, s in names]
     steps = [25, 10, 15, 20, 12, 18, 10, 6]
     strengths = [1.0, 1.0, 0.6, 1.0, 0.8, 1.0, 1.0, 1.0]
@@ -163,11 +197,23 @@ def test_mixed_samplers_in_one_call_equal_each_alone():
     def streams():
         return [np.random.default_rng([9, i]) for i in range(len(names))]
 
-    together = our_runs(samplers, steps, strengths, noises, inits,
-                        [lambda g=g: g.standard_normal(SHAPE).astype(np.float32) for g in streams()])
+    together = our_runs(
+        samplers,
+        steps,
+        strengths,
+        noises,
+        inits,
+        [lambda g=g: g.standard_normal(SHAPE).astype(np.float32) for g in streams()],
+    )
     for i, g in enumerate(streams()):
-        alone = our_runs([samplers[i]], [steps[i]], [strengths[i]], [noises[i]], [inits[i]],
-                         [lambda g=g: g.standard_normal(SHAPE).astype(np.float32)])[0]
+        alone = our_runs(
+            [samplers[i]],
+            [steps[i]],
+            [strengths[i]],
+            [noises[i]],
+            [inits[i]],
+            [lambda g=g: g.standard_normal(SHAPE).astype(np.float32)],
+        )[0]
         np.testing.assert_array_equal(together[i][2], alone[2])
 
 
@@ -183,7 +229,12 @@ def test_names_a1111_names_and_fit():
     with pytest.raises(ValueError, match="^sigma_schedule: must be one of default, karras"):
         resolve_name("euler", "exponential")
     assert fit_error("flow_match_euler", CONFIGS["sd-leading-eps"]).startswith("sampler: flow_match_euler does not fit")
-    assert fit_error("euler", {"_class_name": "FlowMatchEulerDiscreteScheduler"}).startswith("sampler: euler does not fit")
+    assert fit_error("euler", {"_class_name": "FlowMatchEulerDiscreteScheduler"}).startswith(
+        "sampler: euler does not fit"
+    )
     assert default_sampler_name({"_class_name": "LCMScheduler"}) == ("lcm", "default")
-    assert default_sampler_name({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}) == ("dpmpp_2m", "karras")
+    assert default_sampler_name({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}) == (
+        "dpmpp_2m",
+        "karras",
+    )
     assert default_sampler_name({"_class_name": "DDIMScheduler"}) == ("ddim", "default")

@@ -1,4 +1,5 @@
 """The step scheduler alone: admission, row cap, latent-size fairness, request-at-a-time mode."""
+
 from hypothesis import given, settings, strategies as st
 import numpy as np
 import pytest
@@ -100,9 +101,12 @@ def fake_rows(j, rows):
 
 
 arrivals = st.lists(  # per iteration: the jobs arriving (latent size, rows, steps, served model)
-    st.lists(st.tuples(st.sampled_from([32, 48, 64]), st.integers(1, 8), st.integers(1, 6), st.sampled_from(["sd", "sdxl"])),
-             max_size=3),
-    min_size=1, max_size=40,
+    st.lists(
+        st.tuples(st.sampled_from([32, 48, 64]), st.integers(1, 8), st.integers(1, 6), st.sampled_from(["sd", "sdxl"])),
+        max_size=3,
+    ),
+    min_size=1,
+    max_size=40,
 )
 
 
@@ -116,7 +120,7 @@ def test_fairness_bound_and_row_cap_over_random_arrivals(max_rows, max_active, a
     scheduler = StepScheduler(BatchingConfig(max_rows=max_rows, max_active=max_active, max_queue=10_000))
     active, left, waited, arrival = [], {}, {}, 0
     for iteration in range(len(arrivals) + 10_000):
-        for size, rows, steps, model in (arrivals[iteration] if iteration < len(arrivals) else []):
+        for size, rows, steps, model in arrivals[iteration] if iteration < len(arrivals) else []:
             j = fake_rows(job(size, arrival=arrival), min(rows, max_rows))
             j.model = model
             arrival += 1

@@ -1,4 +1,5 @@
 """The TensorRT build command carries each contract's min/opt/max shapes (no GPU here to run it)."""
+
 from families.checkpoint import CheckpointInfo
 from families.contracts import component_contracts
 from export.repository import MAX_BATCH

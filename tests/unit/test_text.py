@@ -1,4 +1,5 @@
 """Prompt tokenization shared by Triton's request thread and the engine thread."""
+
 import sys
 import threading
 
@@ -75,10 +76,17 @@ def test_zero_unconditional_is_zeros_for_none_and_the_encoding_for_an_explicit_t
     from serving.core.text import CachedTextEncoder, TextTokenizers
 
     def encode_ids(input_ids):
-        return {"hidden": input_ids[:, :, None].astype(np.float32) + 1, "pooled": input_ids[:, :2].astype(np.float32) + 1}
+        return {
+            "hidden": input_ids[:, :, None].astype(np.float32) + 1,
+            "pooled": input_ids[:, :2].astype(np.float32) + 1,
+        }
 
-    encoder = CachedTextEncoder(TextTokenizers({"input_ids": tokenizer}), encode_ids, {"hidden": "context", "pooled": "pool"},
-                                zero_unconditional=True)
+    encoder = CachedTextEncoder(
+        TextTokenizers({"input_ids": tokenizer}),
+        encode_ids,
+        {"hidden": "context", "pooled": "pool"},
+        zero_unconditional=True,
+    )
     none, empty, prompt = encoder.encode([None, "", "a red circle"])
     assert not none["context"].any() and not none["pool"].any()
     assert empty["context"].any() and prompt["pool"].any()

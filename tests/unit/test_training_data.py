@@ -1,8 +1,19 @@
 """The captioned-shapes generator: captions state what is rendered; held-out combos stay out."""
+
 import numpy as np
 
-from training.data import (BACKGROUND_COLOURS, HELD_OUT_COMBOS, OBJECT_COLOURS, POSITIONS, RELATIONS,
-                           eval_scenes, render, sample_scene, training_batch, vocabulary)
+from training.data import (
+    BACKGROUND_COLOURS,
+    HELD_OUT_COMBOS,
+    OBJECT_COLOURS,
+    POSITIONS,
+    RELATIONS,
+    eval_scenes,
+    render,
+    sample_scene,
+    training_batch,
+    vocabulary,
+)
 from training.tokenizer import build_word_tokenizer
 from training.train import TEXT_MAX_LENGTH
 

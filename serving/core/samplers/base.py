@@ -18,6 +18,7 @@ Coefficients are per-row scalars computed from each run's schedule (a short loop
 max_rows rows); the tensor arithmetic is one vectorised expression over all rows. Schedules are
 float32 where diffusers keeps them in float32 tensors, so results agree with its schedulers.
 """
+
 from typing import Any
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -47,7 +48,7 @@ class SamplerRun:
     @property
     def denoising_timesteps(self) -> Array:
         """The UNet timesteps of the steps this job runs."""
-        return self.timesteps[self.begin:]
+        return self.timesteps[self.begin :]
 
 
 class Sampler:
@@ -67,8 +68,9 @@ class Sampler:
         """(timesteps [steps], per-position schedule values), cached per step count (and mu)."""
         raise NotImplementedError
 
-    def start(self, steps: int, strength: float = 1.0, eta: float = 0.0, mu: float | None = None,
-              kept: int | None = None) -> SamplerRun:
+    def start(
+        self, steps: int, strength: float = 1.0, eta: float = 0.0, mu: float | None = None, kept: int | None = None
+    ) -> SamplerRun:
         """A job's run of `steps` steps; `mu`: the resolution-dependent shift of flow-matching
         checkpoints that shift dynamically (their family computes it); `kept`: the steps it
         denoises where its family's pipeline counts them otherwise (default: kept_steps)."""
@@ -88,8 +90,9 @@ class Sampler:
     def add_noise(self, run: SamplerRun, clean: Array, noise: Array, position: int) -> Array:
         raise NotImplementedError
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         raise NotImplementedError
 
 

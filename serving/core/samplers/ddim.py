@@ -1,4 +1,5 @@
 """DDIM (serving/core/sampler.py's update, unchanged) behind the sampler protocol."""
+
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,13 @@ class DDIM(Sampler):
             return clean
         return self.schedule.add_noise(clean, noise, int(run.timesteps[position]))
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         t = np.array([r.values[p] for r, p in zip(runs, positions)], dtype=np.int64)
         steps = np.array([r.steps for r in runs])
         eta = np.array([r.eta for r in runs])
-        out: tuple[Any, ...] = self.schedule.step(model_output, t, self.schedule.previous_timesteps(t, steps), latents, eta, noise)
+        out: tuple[Any, ...] = self.schedule.step(
+            model_output, t, self.schedule.previous_timesteps(t, steps), latents, eta, noise
+        )
         return out

@@ -2,6 +2,7 @@
 midpoint rule, as diffusers' DPMSolverMultistepScheduler computes them (solver_order 2,
 lower_order_final, final sigma 0): first order at a job's first step and at the last step,
 second order in between from the job's own last data prediction."""
+
 from typing import Any
 import numpy as np
 
@@ -17,8 +18,9 @@ class DPMSolverPP2M(VPSolver):
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return self.sde
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         x0 = self.convert(runs, positions, model_output, latents)
         a, b, c = [], [], []  # prev = a * latents + b * D0 + c * D1 (+ noise term)
         noise_scale, previous = [], []

@@ -2,6 +2,7 @@
 sample_euler_ancestral) in sigma space, as diffusers' EulerDiscreteScheduler and
 EulerAncestralDiscreteScheduler compute them: latents live at scale sqrt(sigma^2 + 1), the UNet
 sees them divided by it, and its timestep is the sigma's (fractional, for Karras sigmas)."""
+
 from typing import Any
 import numpy as np
 
@@ -51,8 +52,9 @@ class Euler(TrainSigmaSampler):
             return out
         return model_output.astype(np.float32)
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_next = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         x0 = self.x0(model_output, latents, sigma)
@@ -69,8 +71,9 @@ class EulerAncestral(Euler):
     def draws_noise(self, run: SamplerRun, position: int) -> bool:
         return True
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_to = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5

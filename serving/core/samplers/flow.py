@@ -5,6 +5,7 @@ num_train_timesteps (fractional). Sigmas are shifted by the checkpoint's `shift`
 `use_dynamic_shifting`, by exp(mu) for a resolution-dependent mu the family passes to `start`.
 Unshifted sigmas are the scheduler's default spacing, or linspace(1, 1/steps, steps) where the
 family's scheduler config says its pipeline passes those (`sigmas_from_steps`: Flux)."""
+
 from typing import Any
 import math
 
@@ -50,8 +51,9 @@ class FlowMatchEuler(Sampler):
         sigma = np.float32(run.values[position])
         return (sigma * noise + (np.float32(1.0) - sigma) * clean).astype(np.float32)
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         sigma = np.array([r.values[p] for r, p in zip(runs, positions)], np.float64)
         sigma_next = np.array([r.values[p + 1] for r, p in zip(runs, positions)], np.float64)
         x0: Array = (latents - per_row(sigma) * model_output).astype(np.float32)

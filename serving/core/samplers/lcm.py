@@ -4,6 +4,7 @@ clean latents through the consistency boundary condition and re-noises them to t
 with fresh noise from the job's seed stream (none after the last). Needs an LCM-distilled UNet or
 LCM-LoRA to give good images; the UNet's optional guidance embedding (timestep_cond) is not part
 of the served contract."""
+
 from typing import Any
 import numpy as np
 
@@ -22,7 +23,9 @@ class LCM(Sampler):
         self.alphas_cumprod = train_alphas_cumprod(config).astype(np.float32)
         self.original_steps = int(config.get("original_inference_steps", 50))
         self.timestep_scaling = float(config.get("timestep_scaling", 10.0))
-        self.clip_sample_range = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+        self.clip_sample_range = (
+            float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+        )
 
     def _make_schedule(self, steps: int, mu: float | None = None) -> tuple[Any, ...]:
         k = self.num_train_timesteps // self.original_steps
@@ -40,8 +43,9 @@ class LCM(Sampler):
         alpha = np.float64(self.alphas_cumprod[run.values[position]])
         return (np.float32(alpha**0.5) * clean + np.float32((1 - alpha) ** 0.5) * noise).astype(np.float32)
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         t = np.array([r.values[p] for r, p in zip(runs, positions)])
         t_prev = np.array([r.values[p + 1] if p + 1 < r.steps else r.values[p] for r, p in zip(runs, positions)])
         alpha_t = self.alphas_cumprod[t].astype(np.float64)

@@ -1,5 +1,6 @@
 """Sampler names, their A1111 display names, which checkpoints they fit, and the default one a
 checkpoint's scheduler config picks."""
+
 from typing import Any
 
 from serving.core.samplers.base import PREDICTION_TYPES, Sampler
@@ -10,8 +11,9 @@ from serving.core.samplers.flow import FlowMatchEuler
 from serving.core.samplers.lcm import LCM
 from serving.core.samplers.unipc import UniPC
 
-SAMPLERS = {cls.name: cls for cls in (DDIM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MSDE, UniPC, LCM,
-                                      FlowMatchEuler)}
+SAMPLERS = {
+    cls.name: cls for cls in (DDIM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MSDE, UniPC, LCM, FlowMatchEuler)
+}
 SIGMA_SCHEDULES = ("default", "karras")
 # samplers whose sigmas Karras spacing can replace (as diffusers' use_karras_sigmas)
 KARRAS = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -62,7 +64,7 @@ def resolve_name(value: str, sigma_schedule: str | None) -> tuple[Any, ...]:
 
 
 def model_kind(scheduler_config: dict[str, Any]) -> str:
-    """"flow" for flow-matching checkpoints, else "diffusion"."""
+    """ "flow" for flow-matching checkpoints, else "diffusion"."""
     return "flow" if "FlowMatch" in scheduler_config.get("_class_name", "") else "diffusion"
 
 
@@ -71,7 +73,9 @@ def fit_error(name: str, scheduler_config: dict[str, Any]) -> str | None:
     kind = model_kind(scheduler_config)
     if SAMPLERS[name].fits != kind:
         what = "a flow-matching" if kind == "flow" else f"a {scheduler_config.get('prediction_type', 'epsilon')}"
-        return f"sampler: {name} does not fit {what} model; samplers that fit it: {', '.join(fitting(scheduler_config))}"
+        return (
+            f"sampler: {name} does not fit {what} model; samplers that fit it: {', '.join(fitting(scheduler_config))}"
+        )
     if kind == "diffusion" and scheduler_config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         return f"sampler: unknown prediction_type {scheduler_config.get('prediction_type')!r}"
     return None
@@ -132,7 +136,8 @@ def describe_samplers(scheduler_config: dict[str, Any] | None = None) -> list[An
             "a1111_names": [n for n, (s, _) in A1111_NAMES.items() if s == name],
             "sigma_schedules": list(SIGMA_SCHEDULES) if name in KARRAS else ["default"],
             "fits": "flow-matching models" if cls.fits == "flow" else "epsilon-, v- and sample-prediction models",
-            "parameters": ["steps", "guidance_scale", "guidance_interval", "sigma_schedule"] + (["eta"] if name == "ddim" else []),
+            "parameters": ["steps", "guidance_scale", "guidance_interval", "sigma_schedule"]
+            + (["eta"] if name == "ddim" else []),
         }
         if scheduler_config is not None:
             entry["fits_served_model"] = fit_error(name, scheduler_config) is None

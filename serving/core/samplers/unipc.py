@@ -2,6 +2,7 @@
 UniPCMultistepScheduler computes it: at each step a corrector (UniC) refines the sample the
 previous predictor made, using this step's model output, then a predictor (UniP) goes to the next
 noise level; first order at a job's first step and at its last."""
+
 from typing import Any
 import numpy as np
 
@@ -14,8 +15,9 @@ class UniPC(VPSolver):
     name = "unipc"
     solver_order = 2
 
-    def step(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array,
-             noise: Array | None) -> tuple[Any, ...]:
+    def step(
+        self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array, noise: Array | None
+    ) -> tuple[Any, ...]:
         x0 = self.convert(runs, positions, model_output, latents)  # from the uncorrected sample, as diffusers
         corrected = latents.copy()
         for i, (run, p) in enumerate(zip(runs, positions)):
@@ -23,7 +25,7 @@ class UniPC(VPSolver):
                 corrected[i] = self._correct(run, p, x0[i], corrected[i])
         prev = np.empty_like(latents)
         for i, (run, p) in enumerate(zip(runs, positions)):
-            run.history = (run.history + [x0[i]])[-self.solver_order:]
+            run.history = (run.history + [x0[i]])[-self.solver_order :]
             done = p - run.begin
             run.order = min(self.solver_order, run.steps - p, done + 1)
             run.last_sample = corrected[i]
@@ -74,5 +76,7 @@ class UniPC(VPSolver):
             rk = (self.lam(run, p - 2)[2] - lambda_s0) / h
             rhos = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), b)
             correction = np.float32(rhos[0]) * ((run.history[-2] - m0) / np.float32(rk))
-        result: Array = (out - np.float32(alpha_t * b_h) * (correction + np.float32(rhos[-1]) * (model_t - m0))).astype(np.float32)
+        result: Array = (out - np.float32(alpha_t * b_h) * (correction + np.float32(rhos[-1]) * (model_t - m0))).astype(
+            np.float32
+        )
         return result

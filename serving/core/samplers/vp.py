@@ -2,11 +2,19 @@
 DPMSolverMultistepScheduler and UniPCMultistepScheduler space them, sigmas interpolated at them
 (or Karras sigmas, their timesteps rounded), a final sigma of 0; latents stay at unit scale and
 the update runs in the variance-preserving (alpha_t, sigma_t) and log-SNR lambda terms."""
+
 from typing import Any
 import numpy as np
 
 from serving.core.interfaces import Array
-from serving.core.samplers.base import TrainSigmaSampler, karras_sigmas, sigma_to_t, vp_alpha_sigma, x0_from_vp, SamplerRun
+from serving.core.samplers.base import (
+    TrainSigmaSampler,
+    karras_sigmas,
+    sigma_to_t,
+    vp_alpha_sigma,
+    x0_from_vp,
+    SamplerRun,
+)
 
 
 class VPSolver(TrainSigmaSampler):
@@ -44,4 +52,6 @@ class VPSolver(TrainSigmaSampler):
     def convert(self, runs: list[Any], positions: list[Any], model_output: Array, latents: Array) -> Array:
         """The data prediction x_0 of every row (the solvers' model output)."""
         alphas, sigmas = zip(*(vp_alpha_sigma(r.values[p]) for r, p in zip(runs, positions)))
-        return x0_from_vp(self.prediction_type, model_output, latents, np.array(alphas), np.array(sigmas)).astype(np.float32)
+        return x0_from_vp(self.prediction_type, model_output, latents, np.array(alphas), np.array(sigmas)).astype(
+            np.float32
+        )

@@ -2,6 +2,7 @@
 
 Copied by `ldm export` into <component>/1/model.py. Requests that Triton batches together
 run as one ONNX Runtime call."""
+
 import json
 from pathlib import Path
 

@@ -39,6 +39,7 @@ LoRA messages (parameter `lora_action`: list, load, unload; serving/triton/loras
 messages too: each gets one FINAL response, the adapters as JSON in `loras`, or a coded error. A
 load carries its file in the input `lora_file`; it is read on a thread of its own, so generations
 keep being admitted meanwhile. This model declares those two tensors itself (auto_complete_config)."""
+
 from typing import TYPE_CHECKING
 import json
 from pathlib import Path
@@ -85,8 +86,11 @@ class BlsModels:
 
     def _denoise(self, component, sample, timestep, encoder_hidden_states, inputs):
         inputs = _per_row({"timestep": timestep, **inputs})
-        return _call(self.components[component], {"sample": sample, "encoder_hidden_states": encoder_hidden_states, **inputs},
-                     ["noise_pred"])[0]
+        return _call(
+            self.components[component],
+            {"sample": sample, "encoder_hidden_states": encoder_hidden_states, **inputs},
+            ["noise_pred"],
+        )[0]
 
     def decode(self, latents):
         return _call(self.components["vae_decoder"], {"latents": latents}, ["images"])[0]
@@ -137,7 +141,10 @@ class TritonSink:
         self.sender.send(pb_utils.InferenceResponse(tensors))
 
     def finish(self, image, seed):
-        tensors = [pb_utils.Tensor("image", np.ascontiguousarray(image)), pb_utils.Tensor("seed", np.array([seed], np.int64))]
+        tensors = [
+            pb_utils.Tensor("image", np.ascontiguousarray(image)),
+            pb_utils.Tensor("seed", np.array([seed], np.int64)),
+        ]
         self._final(pb_utils.InferenceResponse(tensors))
 
     def fail(self, code, message):
@@ -161,7 +168,9 @@ class TritonSink:
 def _error(code, message):
     """A TritonError with the code in its message; Triton has no FAILED_PRECONDITION status."""
     status = getattr(pb_utils.TritonError, code, None)
-    return pb_utils.TritonError(coded_message(code, message), pb_utils.TritonError.UNKNOWN if status is None else status)
+    return pb_utils.TritonError(
+        coded_message(code, message), pb_utils.TritonError.UNKNOWN if status is None else status
+    )
 
 
 def _target(parameters, parameter):
@@ -204,7 +213,9 @@ class TritonPythonModel:
         self.cancels = CancelRegistry()  # requests in flight by id, for cancel messages
         self.control_secret = secret_from_env()  # None: every control message is refused
         if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise pb_utils.TritonModelException("pipeline: config.pbtxt must set model_transaction_policy { decoupled: true }")
+            raise pb_utils.TritonModelException(
+                "pipeline: config.pbtxt must set model_transaction_policy { decoupled: true }"
+            )
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         # the instance's placement decides the torch runner's device
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
@@ -216,10 +227,16 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         assets = PipelineAssets.read(model_dir / args["model_version"])
         models = {
-            (model, variant): build_models(choice, model_dir.parent, args["model_version"],
-                                           BlsModels(facts["components"], facts["text_outputs"]), facts,
-                                           log=lambda m: print(m, flush=True))
-            for model, info in model_infos(assets.info).items() for variant, facts in info["variants"].items()
+            (model, variant): build_models(
+                choice,
+                model_dir.parent,
+                args["model_version"],
+                BlsModels(facts["components"], facts["text_outputs"]),
+                facts,
+                log=lambda m: print(m, flush=True),
+            )
+            for model, info in model_infos(assets.info).items()
+            for variant, facts in info["variants"].items()
         }
         plan_gpu_memory(models.values())  # once every model's weights are loaded
         self.service = PipelineService(assets, config, models, lora_reader=read_adapter)
@@ -234,7 +251,8 @@ class TritonPythonModel:
 
     def _make_metric(self, name, help_text, kind):
         family = pb_utils.MetricFamily(
-            name=name, description=help_text,
+            name=name,
+            description=help_text,
             kind=pb_utils.MetricFamily.GAUGE if kind == "gauge" else pb_utils.MetricFamily.COUNTER,
         )
         self.families.append(family)
@@ -254,9 +272,12 @@ class TritonPythonModel:
                 continue
             control = [p for p in CONTROL_PARAMETERS if p in parameters]
             if control and not authorised(parameters, self.control_secret):
-                message = f"{control[0]}: a control message needs the control secret (the gateway or the local operator)"
-                request.get_response_sender().send(pb_utils.InferenceResponse(error=_error(PERMISSION_DENIED, message)),
-                                                   flags=FINAL)
+                message = (
+                    f"{control[0]}: a control message needs the control secret (the gateway or the local operator)"
+                )
+                request.get_response_sender().send(
+                    pb_utils.InferenceResponse(error=_error(PERMISSION_DENIED, message)), flags=FINAL
+                )
                 continue
             if loras.action_of(parameters) is not None:
                 # its inputs are read here (numpy copies): a load is answered on a thread of its
@@ -275,12 +296,14 @@ class TritonPythonModel:
             try:
                 grace = _drain_grace(parameters)
             except ValueError as exc:
-                request.get_response_sender().send(pb_utils.InferenceResponse(error=_error(INVALID_ARG, f"{DRAIN_PARAMETER}: {exc}")),
-                                                   flags=FINAL)
+                request.get_response_sender().send(
+                    pb_utils.InferenceResponse(error=_error(INVALID_ARG, f"{DRAIN_PARAMETER}: {exc}")), flags=FINAL
+                )
                 continue
             if grace is not None:
-                threading.Thread(target=self._drain, args=(grace, request.get_response_sender()),
-                                 name="ldm-drain", daemon=True).start()
+                threading.Thread(
+                    target=self._drain, args=(grace, request.get_response_sender()), name="ldm-drain", daemon=True
+                ).start()
                 continue
             target = _target(parameters, STEER_PARAMETER)
             if target is not None:
@@ -296,9 +319,11 @@ class TritonPythonModel:
     def _status(self, request):
         """A status message's one FINAL response: whether the engine admits, and its load."""
         stats = self.service.engine.stats
-        tensors = [pb_utils.Tensor("accepting", np.array([self.service.accepting], np.bool_)),
-                   pb_utils.Tensor("active", np.array([stats.active], np.int32)),
-                   pb_utils.Tensor("queued", np.array([stats.queued], np.int32))]
+        tensors = [
+            pb_utils.Tensor("accepting", np.array([self.service.accepting], np.bool_)),
+            pb_utils.Tensor("active", np.array([stats.active], np.int32)),
+            pb_utils.Tensor("queued", np.array([stats.queued], np.int32)),
+        ]
         request.get_response_sender().send(pb_utils.InferenceResponse(tensors), flags=FINAL)
 
     def _drain(self, grace_s, sender):
@@ -335,8 +360,9 @@ class TritonPythonModel:
         except loras.LoraMessageError as exc:
             response = pb_utils.InferenceResponse(error=_error(exc.code, str(exc)))
         except Exception as exc:
-            response = pb_utils.InferenceResponse(error=_error(INTERNAL, f"pipeline could not {loras.action_of(parameters)} "
-                                                                         f"the LoRA adapter: {exc}"))
+            response = pb_utils.InferenceResponse(
+                error=_error(INTERNAL, f"pipeline could not {loras.action_of(parameters)} the LoRA adapter: {exc}")
+            )
         sender.send(response, flags=FINAL)
 
     def finalize(self):

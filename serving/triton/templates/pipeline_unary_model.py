@@ -6,6 +6,7 @@ queue and join the step-level batch like streamed ones (serving/triton/forwardin
 and how cancellation travels).
 
 Copied by `ldm export` into pipeline_unary/1/model.py."""
+
 import json
 import threading
 import uuid
@@ -40,15 +41,22 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(exc)) from None
         self.control_secret = secret_from_env() or ""  # what the pipeline asks of its cancel messages
         self.stopping = threading.Event()
-        self.sweeper = threading.Thread(target=self.forwards.sweep_until, args=(self.stopping, SWEEP_S),
-                                        kwargs={"log": lambda m: print(m, flush=True)}, name="ldm-unary-cancel", daemon=True)
+        self.sweeper = threading.Thread(
+            target=self.forwards.sweep_until,
+            args=(self.stopping, SWEEP_S),
+            kwargs={"log": lambda m: print(m, flush=True)},
+            name="ldm-unary-cancel",
+            daemon=True,
+        )
         self.sweeper.start()
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             request_id = uuid.uuid4().hex
-            if not self.forwards.add(request_id, sender.is_cancelled, lambda rid=request_id: _cancel(rid, self.control_secret)):
+            if not self.forwards.add(
+                request_id, sender.is_cancelled, lambda rid=request_id: _cancel(rid, self.control_secret)
+            ):
                 message = f"server overloaded: {self.forwards.limit} HTTP/unary requests in flight, retry later"
                 sender.send(_error(UNAVAILABLE, coded_message(UNAVAILABLE, message)), flags=FINAL)
                 continue
