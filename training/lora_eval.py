@@ -7,7 +7,7 @@ reader that also knows the adapters' concept and style, in two ways that run the
 
     python -m training.lora_eval --concept checkpoints/loras/bar.safetensors \\
         --style checkpoints/loras/tall.safetensors [--kohya-style checkpoints/loras/tall-kohya.safetensors] \\
-        [--prompts 100] [--grid docs/loras.png]
+        [--prompts 100] [--grid docs/results/loras-diffusers.png]
 
 - through the service, each image one request naming its adapters in `loras`, 16 at a time:
   `ldm eval --loras` (training/eval_cli.py; starts a server with --lora-dir checkpoints/loras,

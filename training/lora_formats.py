@@ -119,3 +119,19 @@ def save_kohya(diffusers_file, kohya_file) -> None:
             "ss_network_alpha": ",".join(sorted({f"{a:g}" for a in alphas.values()})) or "rank",
         },
     )
+    canonical_header(kohya_file)
+
+
+def canonical_header(path) -> None:
+    """Rewrites a safetensors file's header as JSON with sorted keys. safetensors keeps the
+    metadata in a hash map with a random seed per map, so two saves of the same tensors and
+    metadata can order its keys differently; sorted, a seeded run writes the same bytes. Tensor
+    offsets are relative to the data section, which is left as it is."""
+    import struct
+
+    path = Path(path)
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes with spaces
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])

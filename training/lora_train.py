@@ -259,6 +259,8 @@ def save_lora(pipe, path: Path) -> None:
     (the LoraConfig of each part goes into the safetensors metadata, as diffusers' scripts do)."""
     from diffusers import StableDiffusionPipeline
 
+    from training.lora_formats import canonical_header
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     unet, text = adapter_state_dicts(pipe)
@@ -270,6 +272,7 @@ def save_lora(pipe, path: Path) -> None:
         unet_lora_adapter_metadata=_metadata(pipe.unet),
         text_encoder_lora_adapter_metadata=_metadata(pipe.text_encoder) if text else None,
     )
+    canonical_header(path)
 
 
 def _metadata(module) -> dict:
