@@ -73,14 +73,16 @@ def _interior(mask: np.ndarray) -> np.ndarray:
     return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
 
 
-def read_image(image: np.ndarray):
-    """uint8 [H, W, 3] -> (background name or None, list of Detected, largest first)."""
+def read_regions(image: np.ndarray):
+    """uint8 [H, W, 3] -> (background name or None, [(colour name, shape, size, ys, xs, box)]):
+    each object region read (palette colour, size filters), its shape and size by this
+    evaluator's rules, its pixels' coordinates and its bounding box's mask."""
     dist = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - _PALETTE, axis=-1)
     labels = np.where(dist.min(-1) <= MAX_COLOUR_DISTANCE, dist.argmin(-1), -1)
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     border = border[border >= 0]
     background = _NAMES[np.bincount(border).argmax()] if len(border) else None
-    objects = []
+    regions = []
     for index, name in enumerate(_NAMES):
         if name == background:
             continue
@@ -98,9 +100,17 @@ def read_image(image: np.ndarray):
             corners = np.mean([box[:k, :k], box[:k, -k:], box[-k:, :k], box[-k:, -k:]])
             shape = "triangle" if lower >= TRIANGLE_LOWER_HALF else "square" if corners >= SQUARE_CORNERS else "circle"
             size = "large" if max(bw, bh) >= LARGE_EXTENT else "small"
-            objects.append(
-                Detected(name, shape, size, (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2, len(pixels))
-            )
+            regions.append((name, shape, size, ys, xs, box))
+    return background, regions
+
+
+def read_image(image: np.ndarray):
+    """uint8 [H, W, 3] -> (background name or None, list of Detected, largest first)."""
+    background, regions = read_regions(image)
+    objects = [
+        Detected(name, shape, size, (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2, len(xs))
+        for name, shape, size, ys, xs, _ in regions
+    ]
     return background, sorted(objects, key=lambda o: -o.area)
 
 

@@ -31,21 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data import CONCEPT_SHAPES, IMAGE_SIZE, STYLES, Scene, concept_eval_scenes, eval_scenes
-from training.evaluate import (
-    _NAMES,
-    _PALETTE,
-    CENTRE_RADIUS,
-    LARGE_EXTENT,
-    MAX_COLOUR_DISTANCE,
-    MIN_AREA,
-    MIN_INTERIOR,
-    SQUARE_CORNERS,
-    TRIANGLE_LOWER_HALF,
-    _interior,
-    _regions,
-    _relation,
-    score,
-)
+from training.evaluate import CENTRE_RADIUS, _regions, _relation, read_regions, score
 
 RING_MIN_HOLE = 3  # pixels enclosed by an object's region (not its colour, not reachable from outside)
 BAR_MIN_ASPECT = 1.6  # box width / height from which an object is a bar (drawn: 2.4, with the tall style 1.9)
@@ -86,49 +72,20 @@ def _hole_area(box: np.ndarray) -> int:
 
 
 def read_objects(image: np.ndarray):
-    """training/evaluate.read_image's reading (same palette, thresholds, regions and features),
-    with each object's box and holes: (background name or None, list of Found, largest first)."""
-    dist = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - _PALETTE, axis=-1)
-    labels = np.where(dist.min(-1) <= MAX_COLOUR_DISTANCE, dist.argmin(-1), -1)
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    border = border[border >= 0]
-    background = _NAMES[np.bincount(border).argmax()] if len(border) else None
+    """training/evaluate.read_image's reading (read_regions: same palette, thresholds, regions
+    and shape rules), with each object's box and holes, and the adapters' shapes: "ring" when it
+    has a hole, "bar" when wide: (background name or None, list of Found, largest first)."""
+    background, regions = read_regions(image)
     objects = []
-    for index, name in enumerate(_NAMES):
-        if name == background:
-            continue
-        mask = labels == index
-        interior = _interior(mask)
-        for pixels in _regions(mask):
-            ys, xs = np.array(pixels).T
-            if len(pixels) < MIN_AREA or interior[ys, xs].sum() < MIN_INTERIOR:
-                continue
-            bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-            lower = np.mean(ys + 0.5 > (ys.min() + ys.max() + 1) / 2)
-            box = np.zeros((bh, bw), bool)
-            box[ys - ys.min(), xs - xs.min()] = True
-            k = max(2, min(bw, bh) // 6)
-            corners = np.mean([box[:k, :k], box[:k, -k:], box[-k:, :k], box[-k:, -k:]])
-            shape = "triangle" if lower >= TRIANGLE_LOWER_HALF else "square" if corners >= SQUARE_CORNERS else "circle"
-            hole = _hole_area(box)
-            if hole >= RING_MIN_HOLE:
-                shape = "ring"
-            elif bw >= BAR_MIN_ASPECT * bh:
-                shape = "bar"
-            size = "large" if max(bw, bh) >= LARGE_EXTENT else "small"
-            objects.append(
-                Found(
-                    name,
-                    shape,
-                    size,
-                    (xs.min() + xs.max() + 1) / 2,
-                    (ys.min() + ys.max() + 1) / 2,
-                    len(pixels),
-                    int(bw),
-                    int(bh),
-                    hole,
-                )
-            )
+    for name, shape, size, ys, xs, box in regions:
+        bh, bw = box.shape
+        hole = _hole_area(box)
+        if hole >= RING_MIN_HOLE:
+            shape = "ring"
+        elif bw >= BAR_MIN_ASPECT * bh:
+            shape = "bar"
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        objects.append(Found(name, shape, size, cx, cy, len(xs), int(bw), int(bh), hole))
     return background, sorted(objects, key=lambda o: -o.area)
 
 
