@@ -333,6 +333,8 @@ def _loras(inputs: dict[str, Any]) -> tuple[Any, ...]:
     names = [
         decode_text("lora_names", n) for n in np.asarray(names if names is not None else [], dtype=object).reshape(-1)
     ]
+    if weights is not None and np.asarray(weights).dtype.kind not in "iuf":
+        raise InvalidInput("lora_weights", f"must be numbers (FP32), got {np.asarray(weights).dtype}")
     weights = np.asarray(weights if weights is not None else np.ones(len(names)), dtype=np.float64).reshape(-1)
     if len(weights) != len(names):
         raise InvalidInput(

@@ -91,3 +91,26 @@ def test_refusals_name_the_field(loras, field, message):
     with pytest.raises(LoraRefused) as refused:
         r.check(loras)
     assert refused.value.field == field and message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"lora_weights": np.array([b""], object)}, "must be numbers (FP32), got object"),  # found by the fuzzer
+        ({"lora_names": np.array([b"a"], object), "lora_weights": np.array([1.0, 2.0], np.float32)}, "one weight per name"),
+    ],
+)
+def test_lora_fields_of_the_wrong_kind_are_invalid_input_naming_lora_weights(inputs, message):
+    from serving.core.request import InvalidInput, _loras
+
+    with pytest.raises(InvalidInput, match="lora_weights") as refused:
+        _loras(inputs)
+    assert message in str(refused.value)
+
+
+def test_lora_fields_give_name_weight_pairs():
+    from serving.core.request import _loras
+
+    names = np.array([b"a", b"b"], object)
+    assert _loras({"lora_names": names, "lora_weights": np.array([0.5, -1], np.float32)}) == (("a", 0.5), ("b", -1.0))
+    assert _loras({"lora_names": names}) == (("a", 1.0), ("b", 1.0))  # weight 1 by default

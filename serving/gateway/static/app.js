@@ -127,6 +127,14 @@ async function loadLoras() {
   } catch (_) {
     return;
   }
+  const shown = [...$("lora_list").querySelectorAll(".lora")].map((row) => row.dataset.name);
+  if (shown.length && shown.join("\n") === list.data.map((adapter) => adapter.id).join("\n")) {
+    // The same adapters: the rows stay, so a box or weight being set meanwhile is not lost.
+    const labels = $("lora_list").querySelectorAll(".lora label");
+    list.data.forEach((adapter, i) => { labels[i].title = loraTitle(adapter); });
+    $("loras").dataset.loaded = "true";
+    return;
+  }
   const chosen = Object.fromEntries(chosenLoras().map((l) => [l.name, l.weight]));
   const rows = list.data.map((adapter) => loraRow(adapter, chosen[adapter.id]));
   $("lora_list").replaceChildren(...rows);
@@ -145,7 +153,7 @@ function loraRow(adapter, weight) {
   const label = document.createElement("label");
   label.htmlFor = use.id;
   label.textContent = adapter.id;
-  label.title = `adapts ${adapter.model}${adapter.resident ? " (in memory)" : ""}; also <lora:${adapter.id}:weight> in the prompt`;
+  label.title = loraTitle(adapter);
   const value = document.createElement("input");
   value.type = "number";
   value.min = -LORA_MAX_WEIGHT;
@@ -156,6 +164,10 @@ function loraRow(adapter, weight) {
   value.addEventListener("input", () => { use.checked = true; });
   row.append(use, label, value);
   return row;
+}
+
+function loraTitle(adapter) {
+  return `adapts ${adapter.model}${adapter.resident ? " (in memory)" : ""}; also <lora:${adapter.id}:weight> in the prompt`;
 }
 
 // [{name, weight}] of the checked adapters, in the list's order.
