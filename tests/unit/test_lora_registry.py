@@ -97,7 +97,10 @@ def test_refusals_name_the_field(loras, field, message):
     "inputs, message",
     [
         ({"lora_weights": np.array([b""], object)}, "must be numbers (FP32), got object"),  # found by the fuzzer
-        ({"lora_names": np.array([b"a"], object), "lora_weights": np.array([1.0, 2.0], np.float32)}, "one weight per name"),
+        (
+            {"lora_names": np.array([b"a"], object), "lora_weights": np.array([1.0, 2.0], np.float32)},
+            "one weight per name",
+        ),
     ],
 )
 def test_lora_fields_of_the_wrong_kind_are_invalid_input_naming_lora_weights(inputs, message):
