@@ -46,4 +46,5 @@ def test_bench_loras_reports_its_definitions(tmp_path):
     sweep = [(o["rank"], o["adapters"], o["columns"]) for o in report["overhead"]]
     assert sweep == [(4, 1, 4), (4, 2, 8), (8, 1, 8), (8, 2, 16)]
     for o in report["overhead"]:
-        assert o["overhead"] == round(o["lora_s"] / o["plain_s"] - 1, 3)
+        # overhead is computed from the seconds before they are rounded to 5 digits for the report
+        assert abs(o["overhead"] - (o["lora_s"] / o["plain_s"] - 1)) <= 0.002
