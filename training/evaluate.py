@@ -121,9 +121,10 @@ def _relation(a: Detected, b: Detected) -> str:
     return "above" if dy < 0 else "below"
 
 
-def check(scene: Scene, image: np.ndarray) -> dict:
-    """Attribute name -> bool, for every attribute the scene's caption states."""
-    background, found = read_image(image)
+def check(scene: Scene, image: np.ndarray, read=None) -> dict:
+    """Attribute name -> bool, for every attribute the scene's caption states, as `read`
+    (default read_image: (background, objects largest first)) reads the image."""
+    background, found = (read or read_image)(image)
     result = {"background": background == scene.background, "count": len(found) == len(scene.objects)}
     if len(scene.objects) == 1:
         want, got = scene.objects[0], (found[0] if found else None)

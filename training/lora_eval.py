@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from training.data import CONCEPT_SHAPES, IMAGE_SIZE, STYLES, Scene, concept_eval_scenes, eval_scenes
-from training.evaluate import CENTRE_RADIUS, _regions, _relation, read_regions, score
+from training.evaluate import Detected, _regions, read_regions, score
+from training.evaluate import check as evaluate_check
 
 RING_MIN_HOLE = 3  # pixels enclosed by an object's region (not its colour, not reachable from outside)
 BAR_MIN_ASPECT = 1.6  # box width / height from which an object is a bar (drawn: 2.4, with the tall style 1.9)
@@ -40,27 +41,13 @@ CONCEPT_TARGET, BASE_CONCEPT_LIMIT, STYLE_DROP_LIMIT = 0.90, 0.10, 0.05
 
 
 @dataclass(frozen=True)
-class Found:
-    """An object as training/evaluate.py reads it, plus its box and the area of its holes."""
+class Found(Detected):
+    """An object as training/evaluate.py reads it (its shape may also be "ring" when it has a
+    hole, "bar" when wide), plus its box and the area of its holes."""
 
-    colour: str
-    shape: str  # the evaluator's circle / square / triangle; "ring" when it has a hole, "bar" when wide
-    size: str
-    cx: float
-    cy: float
-    area: int
     width: int
     height: int
     hole: int
-
-    @property
-    def position(self) -> str:
-        dx, dy = self.cx - IMAGE_SIZE / 2, self.cy - IMAGE_SIZE / 2
-        if abs(dx) < CENTRE_RADIUS and abs(dy) < CENTRE_RADIUS:
-            return "centre"
-        if abs(dx) >= abs(dy):
-            return "left" if dx < 0 else "right"
-        return "top" if dy < 0 else "bottom"
 
 
 def _hole_area(box: np.ndarray) -> int:
@@ -91,24 +78,7 @@ def read_objects(image: np.ndarray):
 
 def check(scene: Scene, image: np.ndarray) -> dict:
     """training/evaluate.check's attributes, read by read_objects (so "ring" and "bar" are shapes)."""
-    background, found = read_objects(image)
-    result = {"background": background == scene.background, "count": len(found) == len(scene.objects)}
-    if len(scene.objects) == 1:
-        want, got = scene.objects[0], (found[0] if found else None)
-        result["colour"] = got is not None and got.colour == want.colour
-        result["shape"] = got is not None and got.shape == want.shape
-        result["size"] = got is not None and got.size == scene.size
-        result["position"] = got is not None and got.position == scene.position
-        return result
-    by_colour = {}
-    for obj in found:
-        by_colour.setdefault(obj.colour, obj)
-    matched = [by_colour.get(o.colour) for o in scene.objects]
-    for i, (want, got) in enumerate(zip(scene.objects, matched)):
-        result[f"colour {i + 1}"] = got is not None
-        result[f"shape {i + 1}"] = got is not None and got.shape == want.shape
-    result["relation"] = None not in matched and _relation(*matched) == scene.relation  # type: ignore[arg-type]
-    return result
+    return evaluate_check(scene, image, read=read_objects)
 
 
 def concept_scores(scenes, images) -> dict:

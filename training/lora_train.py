@@ -166,7 +166,7 @@ def train_lora(
     from peft import LoraConfig, inject_adapter_in_model
 
     from training.generate import load_pipeline
-    from training.train import CAPTION_DROPOUT, MIN_SNR_GAMMA, tokenize
+    from training.train import batch_loss
 
     if (concept is None) == (style is None):
         raise ValueError("train one concept or one style")
@@ -205,27 +205,23 @@ def train_lora(
         opt, lambda i: min(1.0, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     )
     noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    alphas_cumprod = noise_sched.alphas_cumprod
-    pool_mean, pool_std, pool_captions = encode_pool(vae, rng, pool_size, concept, style)
-    log(f"encoded a pool of {pool_size} scenes, e.g. {pool_captions[0]!r}")
+    pool = encode_pool(vae, rng, pool_size, concept, style)
+    log(f"encoded a pool of {pool_size} scenes, e.g. {pool[2][0]!r}")
     running = None
     unet.train()
     encoder.train(text_encoder)
     for step in range(1, steps + 1):
-        index = torch.from_numpy(rng.integers(0, pool_size, batch_size))
-        captions = ["" if rng.random() < CAPTION_DROPOUT else pool_captions[i] for i in index.tolist()]
-        eps = torch.randn_like(pool_mean[index])
-        latents = (pool_mean[index] + pool_std[index] * eps) * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
-        noisy = noise_sched.add_noise(latents, noise, t)
-        with torch.set_grad_enabled(text_encoder):
-            context = encoder(tokenize(tokenizer, captions)).last_hidden_state
-        pred = unet(noisy, t, context).sample
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        weight = (snr.clamp(max=MIN_SNR_GAMMA) + 1) / (snr + 1)
-        target = noise_sched.get_velocity(latents, noise, t)
-        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = batch_loss(
+            rng,
+            pool,
+            batch_size,
+            vae.config.scaling_factor,
+            noise_sched,
+            tokenizer,
+            encoder,
+            unet,
+            train_text_encoder=text_encoder,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

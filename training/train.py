@@ -150,6 +150,41 @@ def encode_pool(vae, rng, size: int, log, chunk: int = 256):
     return torch.cat(means), torch.cat(stds), captions
 
 
+def batch_loss(
+    rng,
+    pool,
+    batch_size: int,
+    scaling_factor: float,
+    noise_sched,
+    tokenizer,
+    text_encoder,
+    unet,
+    train_text_encoder: bool = True,
+):
+    """The objective on one batch drawn from `pool` (posterior means, stds, captions; captions
+    dropped with CAPTION_DROPOUT): v-prediction, Min-SNR-weighted. The base model's training and
+    `ldm train-lora` share it."""
+    pool_mean, pool_std, pool_captions = pool
+    index = torch.from_numpy(rng.integers(0, len(pool_captions), batch_size))
+    captions = ["" if rng.random() < CAPTION_DROPOUT else pool_captions[i] for i in index.tolist()]
+    eps = torch.randn_like(pool_mean[index])
+    latents = (pool_mean[index] + pool_std[index] * eps) * scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
+    noisy = noise_sched.add_noise(latents, noise, t)
+    with torch.set_grad_enabled(train_text_encoder):
+        context = text_encoder(tokenize(tokenizer, captions)).last_hidden_state
+    pred = unet(noisy, t, context).sample
+    # The v loss is an x0 loss weighted by snr + 1; clamping that weight at gamma + 1 keeps
+    # the easy low-noise steps from dominating (Min-SNR) while the high-noise steps, where
+    # the layout is decided, keep their full weight (plain Min-SNR would weigh them ~snr, i.e. ~0).
+    alphas_cumprod = noise_sched.alphas_cumprod
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    weight = (snr.clamp(max=MIN_SNR_GAMMA) + 1) / (snr + 1)
+    target = noise_sched.get_velocity(latents, noise, t)
+    return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
 def train_ldm(
     vae,
     steps: int,
@@ -182,7 +217,6 @@ def train_ldm(
     ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     vae.requires_grad_(False).eval()
     noise_sched = build_scheduler()
-    alphas_cumprod = noise_sched.alphas_cumprod
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = 200
@@ -199,22 +233,16 @@ def train_ldm(
     pool_mean, pool_std, pool_captions = encode_pool(vae, rng, pool_size, log)
     running = None
     for step in range(first, last + 1):
-        index = torch.from_numpy(rng.integers(0, pool_size, batch_size))
-        captions = ["" if rng.random() < CAPTION_DROPOUT else pool_captions[i] for i in index.tolist()]
-        eps = torch.randn_like(pool_mean[index])
-        latents = (pool_mean[index] + pool_std[index] * eps) * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
-        noisy = noise_sched.add_noise(latents, noise, t)
-        context = text_encoder(tokenize(tokenizer, captions)).last_hidden_state
-        pred = unet(noisy, t, context).sample
-        # The v loss is an x0 loss weighted by snr + 1; clamping that weight at gamma + 1 keeps
-        # the easy low-noise steps from dominating (Min-SNR) while the high-noise steps, where
-        # the layout is decided, keep their full weight (plain Min-SNR would weigh them ~snr, i.e. ~0).
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        weight = (snr.clamp(max=MIN_SNR_GAMMA) + 1) / (snr + 1)
-        target = noise_sched.get_velocity(latents, noise, t)
-        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = batch_loss(
+            rng,
+            (pool_mean, pool_std, pool_captions),
+            batch_size,
+            vae.config.scaling_factor,
+            noise_sched,
+            tokenizer,
+            text_encoder,
+            unet,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
