@@ -497,6 +497,20 @@ def _sampler_list() -> dict:
     }
 
 
+def _list_response(items: dict) -> dict:
+    """A 200 answer in OpenAI's list shape: {"object": "list", "data": [items]}."""
+    schema = {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": items}},
+    }
+    return {
+        "description": "OpenAI's list shape",
+        "headers": REQUEST_ID,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
 def _model() -> dict:
     strings = {"type": "array", "items": {"type": "string"}}
     return {
@@ -561,22 +575,7 @@ def _model_paths(ids: list) -> dict:
                 "objects, with each model's family, sizes, tasks and default sampler",
                 "operationId": "models_list",
                 "responses": {
-                    "200": {
-                        "description": "OpenAI's list shape",
-                        "headers": REQUEST_ID,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["object", "data"],
-                                    "properties": {
-                                        "object": {"const": "list"},
-                                        "data": {"type": "array", "items": model},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "200": _list_response(model),
                     **_errors("401", "403", "503"),
                 },
             }
@@ -646,22 +645,7 @@ def _lora_paths(ids: list) -> dict:
                 "operationId": "loras_list",
                 "parameters": model_query,
                 "responses": {
-                    "200": {
-                        "description": "OpenAI's list shape",
-                        "headers": REQUEST_ID,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["object", "data"],
-                                    "properties": {
-                                        "object": {"const": "list"},
-                                        "data": {"type": "array", "items": lora},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "200": _list_response(lora),
                     **_errors("400", "401", "403", "404", "500", "503", meanings=LORA_MEANINGS),
                 },
             },
